@@ -1,0 +1,1 @@
+"""The coordinator: zone registry, placement, moves."""

@@ -1,0 +1,1 @@
+"""Mirroring every snapshot to a second snapper zone."""

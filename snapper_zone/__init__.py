@@ -1,0 +1,1 @@
+"""Snapper zone daemon and the ZFS layer every part shares."""
