@@ -1,0 +1,213 @@
+"""The one way Snapper runs a subprocess: argv only, never a shell.
+
+``run`` is for short commands whose output fits in memory; ``spawn`` is for
+streams (``zfs send``/``zfs receive``) whose stdin/stdout the caller wires to
+a pipe, a socket or an SSH channel. Either way stderr is kept (bounded) so a
+failure can say what the command said.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import IO
+
+from snapper_zone.errors import CommandNotFound, CommandTimeout
+
+log = logging.getLogger("snapper.proc")
+
+PIPE = asyncio.subprocess.PIPE
+DEVNULL = asyncio.subprocess.DEVNULL
+STDERR_LIMIT = 64 * 1024  # enough for any ZFS message; a chatty child cannot grow memory
+
+# What may be handed to a child as stdin/stdout: a pipe to us, /dev/null, or an fd.
+Wire = int | IO[bytes] | None
+
+
+@dataclass(frozen=True)
+class Completed:
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: bytes
+    stderr: str
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+def _check_argv(argv: Sequence[str]) -> tuple[str, ...]:
+    args = tuple(argv)
+    if not args or not all(isinstance(a, str) for a in args):
+        raise TypeError(f"argv must be a non-empty sequence of str, got {argv!r}")
+    if any("\0" in a for a in args):
+        raise ValueError("argv contains a NUL byte")
+    return args
+
+
+async def _collect_stderr(stream: asyncio.StreamReader) -> str:
+    kept = bytearray()
+    while chunk := await stream.read(65536):
+        kept += chunk
+        if len(kept) > STDERR_LIMIT:
+            del kept[: len(kept) - STDERR_LIMIT]
+    return kept.decode("utf-8", "replace")
+
+
+async def run(
+    argv: Sequence[str],
+    *,
+    input: bytes | None = None,
+    timeout: float | None = 300.0,
+    env: Mapping[str, str] | None = None,
+) -> Completed:
+    """Run a command to completion and return its output; never raises on exit status."""
+    args = _check_argv(argv)
+    start = time.monotonic()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *args,
+            stdin=PIPE if input is not None else DEVNULL,
+            stdout=PIPE,
+            stderr=PIPE,
+            env=dict(env) if env is not None else None,
+        )
+    except FileNotFoundError as exc:
+        raise CommandNotFound(f"{args[0]}: command not found") from exc
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(input), timeout)
+    except (TimeoutError, asyncio.CancelledError) as exc:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        if isinstance(exc, TimeoutError):
+            raise CommandTimeout(f"{' '.join(args[:3])}: no answer in {timeout}s") from exc
+        raise
+    done = Completed(args, proc.returncode or 0, out, err.decode("utf-8", "replace"),
+                     time.monotonic() - start)
+    log.debug("ran %s rc=%d in %.3fs", " ".join(args), done.returncode, done.seconds)
+    return done
+
+
+class Spawned:
+    """A running streaming child. ``wait()`` returns its Completed (stdout empty)."""
+
+    def __init__(self, argv: tuple[str, ...], proc: asyncio.subprocess.Process) -> None:
+        self.argv = argv
+        self.proc = proc
+        self.started = time.monotonic()
+        assert proc.stderr is not None
+        self._stderr = asyncio.ensure_future(_collect_stderr(proc.stderr))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def stdin(self) -> asyncio.StreamWriter:
+        if self.proc.stdin is None:
+            raise RuntimeError(f"{self.argv[0]} was not spawned with stdin=PIPE")
+        return self.proc.stdin
+
+    @property
+    def stdout(self) -> asyncio.StreamReader:
+        if self.proc.stdout is None:
+            raise RuntimeError(f"{self.argv[0]} was not spawned with stdout=PIPE")
+        return self.proc.stdout
+
+    async def wait(self) -> Completed:
+        rc = await self.proc.wait()
+        err = await self._stderr
+        done = Completed(self.argv, rc, b"", err, time.monotonic() - self.started)
+        log.debug("stream %s rc=%d in %.3fs", " ".join(self.argv), rc, done.seconds)
+        return done
+
+    def kill(self) -> None:
+        """SIGKILL if still running; safe to call twice."""
+        if self.proc.returncode is None:
+            try:
+                self.proc.kill()
+            except ProcessLookupError:
+                pass
+
+    async def abort(self) -> Completed:
+        """Kill and reap: used when the other end of a stream failed."""
+        self.kill()
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        return await self.wait()
+
+
+async def spawn(
+    argv: Sequence[str],
+    *,
+    stdin: Wire = DEVNULL,
+    stdout: Wire = DEVNULL,
+    env: Mapping[str, str] | None = None,
+) -> Spawned:
+    """Start a streaming child. ``stdin``/``stdout`` are PIPE, DEVNULL or an fd/file."""
+    args = _check_argv(argv)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *args, stdin=stdin, stdout=stdout, stderr=PIPE,
+            env=dict(env) if env is not None else None,
+        )
+    except FileNotFoundError as exc:
+        raise CommandNotFound(f"{args[0]}: command not found") from exc
+    return Spawned(args, proc)
+
+
+def os_pipe() -> tuple[int, int]:
+    """A kernel pipe for child-to-child streams: bytes never enter Python."""
+    r, w = os.pipe()
+    return r, w
+
+
+class Daemon:
+    """A long-lived background process we started and will stop, by pid.
+
+    Synchronous on purpose: it is supervised from fixtures, the demo and
+    CLI code that may have no event loop running.
+    """
+
+    def __init__(self, argv: Sequence[str], log_path: str,
+                 env: Mapping[str, str] | None = None) -> None:
+        import subprocess
+
+        self.argv = _check_argv(argv)
+        self.log_path = log_path
+        with open(log_path, "ab") as logf:
+            self.popen = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                env=dict(env) if env is not None else None, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, wait up to ``timeout``, then SIGKILL. Returns the exit status."""
+        import signal
+        import subprocess
+
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                return self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+        return self.popen.wait()
+
+    def kill(self) -> int:
+        """SIGKILL: a crash, for fault tests."""
+        if self.popen.poll() is None:
+            self.popen.kill()
+        return self.popen.wait()

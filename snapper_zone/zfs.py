@@ -1,0 +1,575 @@
+"""The ZFS layer: async functions over the ``zfs`` and ``zpool`` commands.
+
+Every part of Snapper (the zone daemon, the CN client, replication, the
+rebalancer and the tests) talks to ZFS through this module and nothing else.
+
+- Names arrive as validated ``Dataset``/``Snapshot``/``Bookmark`` values, so
+  argv is built only from checked strings; no shell is ever involved.
+- Output is read with ``-H -p`` (``zfs get``, which zfs-fuse also has; it
+  lacks ``zfs list -p``), so numbers are exact.
+- Every failure becomes one of the typed errors in ``errors``, decided in one
+  place (``classify``) from ZFS's stderr, and carries argv and stderr.
+- ``send``/``receive`` start streaming children; the caller wires their
+  stdout/stdin to a pipe, socket or SSH channel. ``pipe`` joins a local send
+  to a local receive through a kernel pipe, so bytes never enter Python.
+- What this host's ZFS can do (resumable receive, bookmarks, zvols,
+  ``send -n -P``) is detected once per process and binary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from snapper_zone import proc
+from snapper_zone.errors import (
+    DatasetBusy,
+    DatasetExists,
+    DatasetNotFound,
+    DestinationModified,
+    IncrementalSourceMismatch,
+    InvalidName,
+    OutOfSpace,
+    PartialReceiveExists,
+    ResumeTokenInvalid,
+    ResumeTokenStale,
+    StreamInvalid,
+    UnsupportedFeature,
+    ZfsError,
+)
+from snapper_zone.names import Bookmark, Dataset, Snapshot, check_component, check_user_property
+
+_TOKEN = re.compile(r"[0-9A-Za-z-]{8,65536}")
+_USER_VALUE_MAX = 8191  # ZFS's limit on a user property value (ZAP_MAXVALUELEN - 1)
+_SNAP_PROPS = ("guid", "createtxg", "creation", "used", "referenced", "userrefs")
+
+# Ordered: the first pattern found in stderr decides the error class. More
+# specific phrases come before the generic ones they contain.
+_CLASSIFY: tuple[tuple[re.Pattern[str], type[ZfsError]], ...] = tuple(
+    (re.compile(p, re.I), cls)
+    for p, cls in (
+        (r"(used in the initial send|resume).*no longer exist", ResumeTokenStale),
+        (r"no longer exists?.*resum|cannot resume send", ResumeTokenStale),
+        (r"(invalid|corrupt|bad).{0,20}resume token|resume token.{0,20}(invalid|corrupt)",
+         ResumeTokenInvalid),
+        (r"partially-complete state|contains partially", PartialReceiveExists),
+        (r"has been modified", DestinationModified),
+        (r"does not match incremental source|incremental source .* no longer exists"
+         r"|not an earlier snapshot|destination already has snapshots|"
+         r"does not have snapshots? .*incremental", IncrementalSourceMismatch),
+        (r"out of space|no space left|quota exceeded|insufficient space", OutOfSpace),
+        (r"invalid backup stream|checksum mismatch|invalid stream|incomplete stream"
+         r"|bad magic|unsupported stream|stream ends|premature|unexpected end",
+         StreamInvalid),
+        (r"destination has snapshots|destination '.*' exists|already exists", DatasetExists),
+        (r"dataset is busy|pool or dataset is busy|dependent clones|is held"
+         r"|receive in progress|device busy", DatasetBusy),
+        (r"does not exist|no such pool|no such dataset|could not find any snapshots"
+         r"|cannot open", DatasetNotFound),
+    )
+)
+
+
+def classify(argv: Sequence[str], stderr: str, returncode: int | None) -> ZfsError:
+    """Turn a failed command's stderr into the most specific typed error."""
+    flat = " ".join(stderr.split())
+    for pattern, cls in _CLASSIFY:
+        if pattern.search(flat):
+            return cls(argv, stderr, returncode)
+    return ZfsError(argv, stderr, returncode)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What this host's ZFS can do, found from its own usage text."""
+
+    flavour: str  # "openzfs", "illumos" or "zfs-fuse"
+    resumable_receive: bool  # receive -s / -A, send -t
+    bookmarks: bool
+    zvols: bool
+    send_size_estimate: bool  # send -n -P
+    receive_unmounted: bool  # receive -u
+    holds_list: bool  # zfs holds (zfs-fuse's needs a missing python helper)
+
+    def require(self, feature: str) -> None:
+        if not getattr(self, feature):
+            raise UnsupportedFeature(feature, f"{self.flavour} lacks it")
+
+
+def _flags(usage: str, command: str) -> str:
+    """Single-letter flags listed for ``command`` in usage text, e.g. 'vnsFu'."""
+    letters = ""
+    for m in re.finditer(rf"^\s*{command}\s+((?:\[-[A-Za-z]+\]\s*)+)", usage, re.M):
+        letters += "".join(re.findall(r"\[-([A-Za-z]+)\]", m.group(1)))
+    return letters
+
+
+def parse_capabilities(usage: str, system: str, has_dev_zfs: bool) -> Capabilities:
+    """Pure: capabilities from ``zfs``'s usage text and the platform."""
+    if system == "SunOS":
+        flavour = "illumos"
+    elif has_dev_zfs or re.search(r"^\s*version\b", usage, re.M):
+        flavour = "openzfs"
+    else:
+        flavour = "zfs-fuse"
+    recv = _flags(usage, "receive")
+    send = _flags(usage, "send")
+    return Capabilities(
+        flavour=flavour,
+        resumable_receive="s" in recv and bool(re.search(r"receive\s+-A", usage)),
+        bookmarks=bool(re.search(r"^\s*bookmark\s", usage, re.M)),
+        zvols=flavour != "zfs-fuse",
+        send_size_estimate="n" in send and "P" in send,
+        receive_unmounted="u" in recv,
+        holds_list=flavour != "zfs-fuse",
+    )
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    snapshot: Snapshot
+    guid: int
+    createtxg: int
+    creation: int
+    used: int
+    referenced: int
+    userrefs: int
+    user_props: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.snapshot.name
+
+
+@dataclass(frozen=True)
+class BookmarkInfo:
+    bookmark: Bookmark
+    guid: int
+    createtxg: int
+    creation: int
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    dataset: Dataset
+    type: str  # filesystem | volume
+    guid: int
+    used: int
+    referenced: int
+    available: int
+    resume_token: str | None
+    user_props: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SendSpec:
+    """What to send. Exactly one of ``snapshot`` and ``resume_token``."""
+
+    snapshot: Snapshot | None = None
+    base: Snapshot | Bookmark | None = None  # incremental source
+    intermediates: bool = False  # -I: every snapshot between base and snapshot
+    resume_token: str | None = None
+    compressed: bool = False  # -c -L -e: smaller, but the receiver must be modern
+
+    def __post_init__(self) -> None:
+        if (self.snapshot is None) == (self.resume_token is None):
+            raise InvalidName("a send names a snapshot or a resume token, not both or neither")
+        if self.resume_token is not None and not _TOKEN.fullmatch(self.resume_token):
+            raise InvalidName("malformed resume token")
+        if self.intermediates and not isinstance(self.base, Snapshot):
+            raise InvalidName("-I needs a base snapshot")
+        if self.base is not None and self.snapshot is not None:
+            if self.base.dataset != self.snapshot.dataset:
+                raise InvalidName("incremental base must be of the same dataset")
+
+
+def _check_value(value: str) -> str:
+    if "\0" in value or "\n" in value or len(value.encode()) > _USER_VALUE_MAX:
+        raise InvalidName("user property value must be one line of at most 8191 bytes")
+    return value
+
+
+_caps_cache: dict[str, Capabilities] = {}
+
+
+class Zfs:
+    """One host's ZFS. Cheap to construct; capability detection is cached."""
+
+    def __init__(self, zfs: str = "zfs", zpool: str = "zpool", timeout: float = 300.0) -> None:
+        self.zfs_bin = zfs
+        self.zpool_bin = zpool
+        self.timeout = timeout
+        self._caps_lock = asyncio.Lock()
+
+    # -- plumbing ---------------------------------------------------------
+
+    async def _run(self, *args: str, input: bytes | None = None) -> proc.Completed:
+        done = await proc.run([self.zfs_bin, *args], input=input, timeout=self.timeout)
+        if not done.ok:
+            raise classify(done.argv, done.stderr, done.returncode)
+        return done
+
+    async def _zpool(self, *args: str) -> proc.Completed:
+        done = await proc.run([self.zpool_bin, *args], timeout=self.timeout)
+        if not done.ok:
+            raise classify(done.argv, done.stderr, done.returncode)
+        return done
+
+    async def capabilities(self) -> Capabilities:
+        if (caps := _caps_cache.get(self.zfs_bin)) is not None:
+            return caps
+        async with self._caps_lock:
+            if (caps := _caps_cache.get(self.zfs_bin)) is None:
+                # `zfs` with no command prints its usage and exits non-zero.
+                done = await proc.run([self.zfs_bin, "-?"], timeout=60)
+                usage = done.stdout.decode("utf-8", "replace") + done.stderr
+                caps = parse_capabilities(usage, platform.system(), _has_dev_zfs())
+                _caps_cache[self.zfs_bin] = caps
+        return caps
+
+    # -- datasets ---------------------------------------------------------
+
+    async def create(
+        self,
+        ds: Dataset,
+        *,
+        parents: bool = False,
+        props: Mapping[str, str] | None = None,
+        volsize: int | None = None,
+    ) -> None:
+        args = ["create"]
+        if parents:
+            args.append("-p")
+        for k, v in (props or {}).items():
+            args += ["-o", f"{_check_native_prop(k)}={_check_value(v)}"]
+        if volsize is not None:
+            (await self.capabilities()).require("zvols")
+            args += ["-V", str(int(volsize))]
+        await self._run(*args, str(ds))
+
+    async def destroy(self, target: Dataset | Snapshot | Bookmark, *,
+                      recursive: bool = False) -> None:
+        args = ["destroy"]
+        if recursive:
+            args.append("-r")
+        await self._run(*args, str(target))
+
+    async def exists(self, target: Dataset | Snapshot) -> bool:
+        try:
+            await self._run("get", "-H", "-p", "-o", "value", "guid", str(target))
+        except DatasetNotFound:
+            return False
+        return True
+
+    async def snapshot(self, snaps: Iterable[Snapshot], *, recursive: bool = False,
+                       props: Mapping[str, str] | None = None) -> None:
+        """Atomic: every snapshot named is taken in one transaction group."""
+        names = [str(s) for s in snaps]
+        if not names:
+            return
+        args = ["snapshot"]
+        if recursive:
+            args.append("-r")
+        for k, v in (props or {}).items():
+            args += ["-o", f"{check_user_property(k)}={_check_value(v)}"]
+        await self._run(*args, *names)
+
+    async def rollback(self, snap: Snapshot, *, destroy_later: bool = False) -> None:
+        args = ["rollback"]
+        if destroy_later:
+            args.append("-r")
+        await self._run(*args, str(snap))
+
+    async def _get(self, targets: Sequence[str], props: Sequence[str], *,
+                   depth: int | None = None, recursive: bool = False
+                   ) -> dict[str, dict[str, tuple[str, str]]]:
+        """``zfs get -H -p``: {name: {prop: (value, source)}} in ZFS's order."""
+        args = ["get", "-H", "-p", "-o", "name,property,value,source"]
+        if recursive:
+            args.append("-r")
+        if depth is not None:
+            args += ["-d", str(depth)]
+        done = await self._run(*args, ",".join(props), *targets)
+        rows: dict[str, dict[str, tuple[str, str]]] = {}
+        for line in done.stdout.decode("utf-8", "replace").splitlines():
+            parts = line.split("\t")
+            if len(parts) != 4:
+                continue
+            name, prop, value, source = parts
+            rows.setdefault(name, {})[prop] = (value, source)
+        return rows
+
+    async def get_user_props(self, target: Dataset | Snapshot,
+                             names: Sequence[str]) -> dict[str, str]:
+        """The ``snapper:*`` properties set (locally or received) on target."""
+        props = [check_user_property(n) for n in names]
+        rows = await self._get([str(target)], props)
+        return _user_props(rows.get(str(target), {}), props)
+
+    async def set_user_props(self, target: Dataset | Snapshot, props: Mapping[str, str]) -> None:
+        if not props:
+            return
+        for k, v in props.items():
+            await self._run("set", f"{check_user_property(k)}={_check_value(v)}", str(target))
+
+    async def inherit_user_prop(self, target: Dataset | Snapshot, name: str) -> None:
+        await self._run("inherit", check_user_property(name), str(target))
+
+    async def set_props(self, target: Dataset, props: Mapping[str, str]) -> None:
+        for k, v in props.items():
+            await self._run("set", f"{_check_native_prop(k)}={_check_value(v)}", str(target))
+
+    async def dataset(self, ds: Dataset, user_props: Sequence[str] = ()) -> DatasetInfo:
+        got = await self.datasets(ds, user_props=user_props, depth=0)
+        if not got:
+            raise DatasetNotFound(["zfs", "get", str(ds)], f"cannot open '{ds}': "
+                                  "dataset does not exist")
+        return got[0]
+
+    async def datasets(self, root: Dataset, *, user_props: Sequence[str] = (),
+                       depth: int | None = None) -> list[DatasetInfo]:
+        """``root`` and the filesystems/volumes below it (to ``depth``)."""
+        caps = await self.capabilities()
+        extra = [check_user_property(n) for n in user_props]
+        props = ["type", "guid", "used", "referenced", "available", *extra]
+        if caps.resumable_receive:
+            props.append("receive_resume_token")
+        recursive = depth is None
+        rows = await self._get([str(root)], props, depth=depth, recursive=recursive)
+        out = []
+        for name, p in rows.items():
+            if "@" in name or "#" in name or p.get("type", ("", ""))[0] not in (
+                    "filesystem", "volume"):
+                continue
+            token = p.get("receive_resume_token", ("-", "-"))[0]
+            out.append(DatasetInfo(
+                dataset=Dataset(name), type=p["type"][0], guid=int(p["guid"][0]),
+                used=int(p["used"][0]), referenced=int(p["referenced"][0]),
+                available=int(p["available"][0]),
+                resume_token=None if token in ("-", "") else token,
+                user_props=_user_props(p, extra)))
+        return out
+
+    async def snapshots(self, ds: Dataset, *, user_props: Sequence[str] = (),
+                        recursive: bool = False) -> list[SnapshotInfo]:
+        """Snapshots of ``ds`` (and of its descendants if recursive), oldest first."""
+        extra = [check_user_property(n) for n in user_props]
+        rows = await self._get([str(ds)], [*_SNAP_PROPS, *extra],
+                               depth=None if recursive else 1, recursive=recursive)
+        out = []
+        for name, p in rows.items():
+            if "@" not in name:
+                continue
+            snap = Snapshot.parse(name)
+            if not recursive and snap.dataset != ds:
+                continue
+            out.append(SnapshotInfo(
+                snapshot=snap, guid=int(p["guid"][0]), createtxg=int(p["createtxg"][0]),
+                creation=int(p["creation"][0]), used=int(p["used"][0]),
+                referenced=int(p["referenced"][0]), userrefs=_int(p.get("userrefs")),
+                user_props=_user_props(p, extra)))
+        out.sort(key=lambda s: (s.snapshot.dataset.path, s.createtxg))
+        return out
+
+    async def bookmarks(self, ds: Dataset) -> list[BookmarkInfo]:
+        (await self.capabilities()).require("bookmarks")
+        done = await self._run("list", "-H", "-p", "-t", "bookmark", "-d", "1",
+                               "-o", "name,guid,createtxg,creation", str(ds))
+        out = []
+        for line in done.stdout.decode().splitlines():
+            name, guid, txg, creation = line.split("\t")
+            bm = Bookmark.parse(name)
+            if bm.dataset == ds:
+                out.append(BookmarkInfo(bm, int(guid), int(txg), int(creation)))
+        out.sort(key=lambda b: b.createtxg)
+        return out
+
+    async def bookmark(self, snap: Snapshot, name: str) -> Bookmark:
+        (await self.capabilities()).require("bookmarks")
+        bm = Bookmark(snap.dataset, check_component(name, "bookmark name"))
+        await self._run("bookmark", str(snap), str(bm))
+        return bm
+
+    # -- holds ------------------------------------------------------------
+
+    async def hold(self, tag: str, snaps: Iterable[Snapshot]) -> None:
+        names = [str(s) for s in snaps]
+        if names:
+            await self._run("hold", check_component(tag, "hold tag"), *names)
+
+    async def release(self, tag: str, snaps: Iterable[Snapshot]) -> None:
+        names = [str(s) for s in snaps]
+        if names:
+            await self._run("release", check_component(tag, "hold tag"), *names)
+
+    async def holds(self, snap: Snapshot) -> set[str]:
+        (await self.capabilities()).require("holds_list")
+        done = await self._run("holds", "-H", str(snap))
+        return {line.split("\t")[1] for line in done.stdout.decode().splitlines()
+                if line.count("\t") >= 2}
+
+    # -- streams ----------------------------------------------------------
+
+    async def send_argv(self, spec: SendSpec, *, dry_run: bool = False) -> list[str]:
+        caps = await self.capabilities()
+        args = [self.zfs_bin, "send"]
+        if dry_run:
+            caps.require("send_size_estimate")
+            args += ["-n", "-P"]
+        if spec.compressed and caps.flavour != "zfs-fuse":
+            args += ["-c", "-L", "-e"]
+        if spec.resume_token is not None:
+            caps.require("resumable_receive")
+            return [*args, "-t", spec.resume_token]
+        assert spec.snapshot is not None
+        if spec.base is not None:
+            if isinstance(spec.base, Bookmark):
+                caps.require("bookmarks")
+            args += ["-I" if spec.intermediates else "-i", str(spec.base)]
+        return [*args, str(spec.snapshot)]
+
+    async def send(self, spec: SendSpec, *, stdout: proc.Wire = proc.PIPE) -> proc.Spawned:
+        """Start ``zfs send``; read its stdout or pass an fd. Finish with ``check``."""
+        return await proc.spawn(await self.send_argv(spec), stdout=stdout)
+
+    async def send_size(self, spec: SendSpec) -> int:
+        """Estimated stream size in bytes (``send -n -P``)."""
+        argv = await self.send_argv(spec, dry_run=True)
+        done = await proc.run(argv, timeout=self.timeout)
+        if not done.ok:
+            raise classify(done.argv, done.stderr, done.returncode)
+        text = done.stdout.decode("utf-8", "replace") + "\n" + done.stderr
+        m = re.search(r"^size\s+(\d+)\s*$", text, re.M)
+        if m is None:
+            raise ZfsError(done.argv, text, done.returncode, "no size in send -n -P output")
+        return int(m.group(1))
+
+    async def receive_argv(self, target: Dataset, *, resumable: bool = True,
+                           force: bool = False) -> list[str]:
+        caps = await self.capabilities()
+        args = [self.zfs_bin, "receive"]
+        if resumable and caps.resumable_receive:
+            args.append("-s")
+        if caps.receive_unmounted:
+            args.append("-u")
+        if force:
+            args.append("-F")
+        return [*args, str(target)]
+
+    async def receive(self, target: Dataset, *, stdin: proc.Wire = proc.PIPE,
+                      resumable: bool = True, force: bool = False) -> proc.Spawned:
+        """Start ``zfs receive [-s] [-u] [-F] target``; feed its stdin. Finish with ``check``."""
+        argv = await self.receive_argv(target, resumable=resumable, force=force)
+        return await proc.spawn(argv, stdin=stdin)
+
+    @staticmethod
+    async def check(child: proc.Spawned) -> proc.Completed:
+        """Wait for a streaming child; raise its typed error if it failed."""
+        done = await child.wait()
+        if not done.ok:
+            raise classify(done.argv, done.stderr, done.returncode)
+        return done
+
+    async def pipe(self, spec: SendSpec, target: Dataset, *, resumable: bool = True,
+                   force: bool = False) -> None:
+        """Local ``zfs send | zfs receive`` through a kernel pipe.
+
+        If either side fails the other is killed; the receive's error wins
+        because it says what happened to the target.
+        """
+        r, w = proc.os_pipe()
+        try:
+            sender = await self.send(spec, stdout=w)
+        finally:
+            os.close(w)
+        try:
+            receiver = await self.receive(target, stdin=r, resumable=resumable, force=force)
+        except BaseException:
+            await sender.abort()
+            raise
+        finally:
+            os.close(r)
+        sent, received = await asyncio.gather(sender.wait(), receiver.wait())
+        if not received.ok:
+            raise classify(received.argv, received.stderr, received.returncode)
+        if not sent.ok:
+            raise classify(sent.argv, sent.stderr, sent.returncode)
+
+    async def resume_token(self, ds: Dataset) -> str | None:
+        if not (await self.capabilities()).resumable_receive:
+            return None
+        rows = await self._get([str(ds)], ["receive_resume_token"])
+        value = rows.get(str(ds), {}).get("receive_resume_token", ("-", "-"))[0]
+        return None if value in ("-", "") else value
+
+    async def receive_abort(self, ds: Dataset) -> None:
+        """Discard a partial resumable receive (``zfs receive -A``)."""
+        (await self.capabilities()).require("resumable_receive")
+        await self._run("receive", "-A", str(ds))
+
+    async def resume_token_info(self, token: str) -> dict[str, str]:
+        """Decode a token (``zfs send -nvt``): toname, toguid, fromguid, ..."""
+        argv = await self.send_argv(SendSpec(resume_token=token))
+        done = await proc.run([argv[0], "send", "-n", "-v", "-t", token], timeout=self.timeout)
+        if not done.ok:
+            raise classify(done.argv, done.stderr, done.returncode)
+        info = {}
+        for line in (done.stdout.decode("utf-8", "replace") + done.stderr).splitlines():
+            m = re.match(r"\s*(\w+)\s*=\s*(\S+)\s*$", line)
+            if m:
+                info[m.group(1)] = m.group(2)
+        return info
+
+    # -- pools ------------------------------------------------------------
+
+    async def pool_create(self, pool: str, vdevs: Sequence[str], *, mountpoint: str | None = None,
+                          props: Mapping[str, str] | None = None) -> None:
+        args = ["create", "-f", "-o", "cachefile=none"]
+        for k, v in (props or {}).items():
+            args += ["-O", f"{_check_native_prop(k)}={_check_value(v)}"]
+        if mountpoint is not None:
+            args += ["-m", mountpoint]
+        await self._zpool(*args, check_component(pool, "pool name"), *vdevs)
+
+    async def pool_destroy(self, pool: str) -> None:
+        await self._zpool("destroy", "-f", check_component(pool, "pool name"))
+
+    async def pools(self) -> list[str]:
+        done = await self._zpool("list", "-H", "-o", "name")
+        return done.stdout.decode().split()
+
+    async def available(self, ds: Dataset) -> int:
+        """Bytes that can still be written below ``ds`` (quota and pool aware)."""
+        rows = await self._get([str(ds)], ["available"])
+        return int(rows[str(ds)]["available"][0])
+
+
+def _has_dev_zfs() -> bool:
+    # OpenZFS on Linux has a kernel device; zfs-fuse talks over a socket.
+    return os.path.exists("/dev/zfs")
+
+
+_NATIVE_PROP = re.compile(r"[a-z][a-z0-9_]{0,40}")
+
+
+def _check_native_prop(name: str) -> str:
+    if ":" in name:
+        return check_user_property(name)
+    if not _NATIVE_PROP.fullmatch(name):
+        raise InvalidName(f"invalid property name {name!r}")
+    return name
+
+
+def _int(cell: tuple[str, str] | None) -> int:
+    if cell is None or not cell[0].isdigit():
+        return 0
+    return int(cell[0])
+
+
+def _user_props(row: Mapping[str, tuple[str, str]], names: Sequence[str]) -> dict[str, str]:
+    # An unset user property reads as value "-" with source "-".
+    return {n: row[n][0] for n in names if n in row and row[n][1] != "-"}
