@@ -1,0 +1,532 @@
+"""snapperd's configuration: schema, parsing and validation.
+
+The file is TOML (stdlib ``tomllib``); a ``.json`` file with the same shape is
+accepted too. See ``etc/snapperd.example.toml`` for a documented example.
+
+Every problem is a :class:`ConfigError` naming the file and the dotted field
+(``ssh.port``, ``keys[2].cn_id``, ``vms.<uuid>``), so an operator can fix it
+without reading this code. Unknown fields are errors: a misspelt optional
+field would otherwise silently fall back to its default.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+import tomllib
+import types
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, cast
+from urllib.parse import urlsplit
+
+import asyncssh
+
+__all__ = [
+    "DEFAULT_LISTEN_HOST",
+    "DEFAULT_MAX_CONCURRENT_RECEIVES",
+    "DEFAULT_METADATA_MAX_BYTES",
+    "ConfigError",
+    "Durability",
+    "HTTPConfig",
+    "PeerConfig",
+    "Role",
+    "SSHConfig",
+    "TrustedKey",
+    "ZoneConfig",
+    "load_config",
+    "parse_config",
+]
+
+Role = Literal["cn", "peer", "operator"]
+Durability = Literal["mirrored", "local"]
+
+ROLES: tuple[Role, ...] = ("cn", "peer", "operator")
+DURABILITIES: tuple[Durability, ...] = ("mirrored", "local")
+
+DEFAULT_LISTEN_HOST = "127.0.0.1"
+DEFAULT_MAX_CONCURRENT_RECEIVES = 4
+DEFAULT_METADATA_MAX_BYTES = 256 * 1024
+
+# ZFS's own limit (ZFS_MAX_DATASET_NAME_LEN includes the NUL).
+_MAX_DATASET_LEN = 255
+_UUID_RE = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
+_DATASET_COMPONENT_RE = re.compile(r"[A-Za-z0-9_.:-]+")
+# Zone names and CN ids are opaque labels (a Triton server uuid, a hostname);
+# kept to a safe charset because they end up in logs and metric labels.
+_IDENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used: which file, which field, and why.
+
+    ``field`` is dotted (``ssh.port``, ``keys[0].public_key``), or ``""`` for
+    a problem with the file as a whole (unreadable, not TOML).
+    """
+
+    def __init__(self, path: str, field: str, message: str) -> None:
+        self.path = path
+        self.field = field
+        self.message = message
+        where = f"{path}: {field}" if field else path
+        super().__init__(f"{where}: {message}")
+
+
+@dataclass(frozen=True)
+class SSHConfig:
+    """Where the SSH endpoint listens and the host key it presents."""
+
+    port: int
+    host_key: Path
+    host: str = DEFAULT_LISTEN_HOST
+
+
+@dataclass(frozen=True)
+class HTTPConfig:
+    """Where the HTTP API listens."""
+
+    port: int
+    host: str = DEFAULT_LISTEN_HOST
+
+
+@dataclass(frozen=True)
+class TrustedKey:
+    """A client key snapperd accepts and the role it grants.
+
+    ``cn_id`` is set exactly when ``role == "cn"``; ``zone`` (the peer zone's
+    uuid) exactly when ``role == "peer"``.
+    """
+
+    role: Role
+    public_key: str  # normalised OpenSSH line: "ssh-ed25519 AAAA... [comment]"
+    fingerprint: str  # "SHA256:...", for logs
+    # The SSH wire encoding, what a client presents at auth time (SSHKey.public_data).
+    key_data: bytes = field(repr=False)
+    cn_id: str | None = None
+    zone: str | None = None
+
+    def ssh_key(self) -> asyncssh.SSHKey:
+        return asyncssh.import_public_key(self.public_key)
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """Another snapper zone this one mirrors to (static; the coordinator may add more)."""
+
+    uuid: str
+    ssh_host: str
+    ssh_port: int
+    http_url: str
+
+
+@dataclass(frozen=True)
+class ZoneConfig:
+    """The whole of snapperd's configuration."""
+
+    uuid: str
+    name: str
+    root: str  # the delegated dataset; nothing outside it is ever named
+    ssh: SSHConfig
+    http: HTTPConfig
+    keys: tuple[TrustedKey, ...]
+    durability: Durability = "mirrored"
+    max_concurrent_receives: int = DEFAULT_MAX_CONCURRENT_RECEIVES
+    metadata_max_bytes: int = DEFAULT_METADATA_MAX_BYTES
+    # vm uuid -> cn_id; read-only. Left out of the hash since a mapping has none.
+    vms: Mapping[str, str] = field(default_factory=lambda: types.MappingProxyType({}), hash=False)
+    coordinator_url: str | None = None
+    peers: tuple[PeerConfig, ...] = ()
+
+    def key_for(self, key_data: bytes) -> TrustedKey | None:
+        """The trusted key whose wire encoding is ``key_data`` (``SSHKey.public_data``)."""
+        for k in self.keys:
+            if k.key_data == key_data:
+                return k
+        return None
+
+    def cn_for_vm(self, vm_uuid: str) -> str | None:
+        """The CN a VM belongs to per the static map, or None if unmapped."""
+        return self.vms.get(vm_uuid.lower())
+
+
+# --------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path) -> ZoneConfig:
+    """Read and validate a config file (TOML, or JSON when it ends in ``.json``)."""
+    p = Path(path)
+    src = str(p)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(src, "", f"cannot read: {e.strerror or e}") from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(src, "", f"not UTF-8: {e}") from e
+    data: object
+    if p.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise ConfigError(src, "", f"invalid JSON: {e}") from e
+    else:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(src, "", f"invalid TOML: {e}") from e
+    return parse_config(data, src)
+
+
+def parse_config(data: object, source: str = "<config>") -> ZoneConfig:
+    """Validate an already-decoded config document.
+
+    Pure apart from reading the ``.pub`` files that ``keys[].public_key_file``
+    names. Relative paths (``ssh.host_key``, ``public_key_file``) are resolved
+    against the directory of ``source``, so a config and its keys can move
+    together.
+    """
+    return _Parser(source).zone(data)
+
+
+# --------------------------------------------------------------------------
+# Validation
+
+
+_TOP_FIELDS = (
+    "uuid",
+    "name",
+    "root",
+    "ssh",
+    "http",
+    "durability",
+    "max_concurrent_receives",
+    "metadata_max_bytes",
+    "keys",
+    "vms",
+    "coordinator_url",
+    "peers",
+)
+_SSH_FIELDS = ("host", "port", "host_key")
+_HTTP_FIELDS = ("host", "port")
+_KEY_FIELDS = ("role", "public_key", "public_key_file", "cn_id", "zone")
+_PEER_FIELDS = ("uuid", "ssh_host", "ssh_port", "http_url")
+
+_MISSING = object()
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return type(value).__name__
+
+
+def _is_dataset_name(name: str) -> bool:
+    if not name or len(name) > _MAX_DATASET_LEN or name.startswith("/"):
+        return False
+    # ZFS allows "." and ".." in names, but they read as path tricks; refuse
+    # them outright. '@' and '#' (snapshot, bookmark) fall outside the charset.
+    if ".." in name:
+        return False
+    return all(comp != "." and _DATASET_COMPONENT_RE.fullmatch(comp) for comp in name.split("/"))
+
+
+class _Parser:
+    def __init__(self, source: str) -> None:
+        self.src = source
+        self.base_dir = Path(source).parent
+
+    def err(self, fld: str, message: str) -> ConfigError:
+        return ConfigError(self.src, fld, message)
+
+    # --- structural helpers
+
+    def table(self, fld: str, value: object, allowed: Collection[str]) -> dict[str, object]:
+        if not isinstance(value, dict):
+            what = "the document" if not fld else fld
+            raise self.err(fld, f"{what} must be a table, not {_kind(value)}")
+        for k in value:
+            if not isinstance(k, str):
+                raise self.err(fld, f"field names must be strings, got {k!r}")
+        # Unknown fields first: a typo of a required field ("prot") should be
+        # reported as the typo, not as the required field being missing.
+        for k in value:
+            if k not in allowed:
+                hint = difflib.get_close_matches(k, list(allowed), n=1)
+                tip = f" (did you mean {hint[0]!r}?)" if hint else ""
+                raise self.err(_join(fld, k), f"unknown field{tip}")
+        return cast(dict[str, object], value)
+
+    def required(self, tbl: Mapping[str, object], prefix: str, name: str) -> object:
+        if name not in tbl:
+            raise self.err(_join(prefix, name), "missing required field")
+        return tbl[name]
+
+    def string(self, fld: str, value: object) -> str:
+        if not isinstance(value, str):
+            raise self.err(fld, f"must be a string, not {_kind(value)}")
+        if not value.strip():
+            raise self.err(fld, "must not be empty")
+        return value
+
+    def integer(self, fld: str, value: object, lo: int, hi: int | None = None) -> int:
+        # bool is an int in Python; "port = true" is a mistake, not port 1.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.err(fld, f"must be an integer, not {_kind(value)}")
+        if value < lo or (hi is not None and value > hi):
+            rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+            raise self.err(fld, f"{value} is out of range ({rng})")
+        return value
+
+    def uuid(self, fld: str, value: object) -> str:
+        s = self.string(fld, value)
+        if not _UUID_RE.fullmatch(s):
+            raise self.err(fld, f"{s!r} is not a uuid (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)")
+        # Dataset names are built from VM uuids; one spelling avoids two datasets.
+        return s.lower()
+
+    def ident(self, fld: str, value: object) -> str:
+        s = self.string(fld, value)
+        if not _IDENT_RE.fullmatch(s):
+            raise self.err(
+                fld, f"{s!r} is not a valid id (letters, digits, '_', '.', ':', '-'; max 64)"
+            )
+        return s
+
+    def host(self, fld: str, value: object) -> str:
+        s = self.string(fld, value)
+        if any(c.isspace() for c in s) or len(s) > 255:
+            raise self.err(fld, f"{s!r} is not a host name or address")
+        return s
+
+    def port(self, fld: str, value: object, *, allow_zero: bool) -> int:
+        # A listen port of 0 asks the OS for a free one (tests); a peer's can't be 0.
+        return self.integer(fld, value, 0 if allow_zero else 1, 65535)
+
+    def path(self, fld: str, value: object) -> Path:
+        p = Path(self.string(fld, value))
+        return p if p.is_absolute() else self.base_dir / p
+
+    def url(self, fld: str, value: object) -> str:
+        s = self.string(fld, value)
+        try:
+            parts = urlsplit(s)
+            has_host = bool(parts.hostname)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError as e:
+            raise self.err(fld, f"{s!r} is not a valid URL: {e}") from e
+        if parts.scheme not in ("http", "https") or not has_host:
+            raise self.err(fld, f"{s!r} is not an http(s) URL with a host")
+        return s
+
+    # --- sections
+
+    def zone(self, data: object) -> ZoneConfig:
+        top = self.table("", data, _TOP_FIELDS)
+        zone_uuid = self.uuid("uuid", self.required(top, "", "uuid"))
+        name = self.ident("name", self.required(top, "", "name"))
+
+        root = self.string("root", self.required(top, "", "root"))
+        if not _is_dataset_name(root):
+            raise self.err(
+                "root",
+                f"{root!r} is not a dataset name (components of [A-Za-z0-9_.:-] "
+                "separated by '/'; no leading '/', no '..', no '@' or '#')",
+            )
+
+        ssh = self.ssh(self.required(top, "", "ssh"))
+        http = self.http(self.required(top, "", "http"))
+
+        durability_raw = top.get("durability", "mirrored")
+        durability = self.string("durability", durability_raw)
+        if durability not in DURABILITIES:
+            raise self.err("durability", f"{durability!r} is not one of: mirrored, local")
+
+        max_recv = self.integer(
+            "max_concurrent_receives",
+            top.get("max_concurrent_receives", DEFAULT_MAX_CONCURRENT_RECEIVES),
+            1,
+            1024,
+        )
+        meta_max = self.integer(
+            "metadata_max_bytes",
+            top.get("metadata_max_bytes", DEFAULT_METADATA_MAX_BYTES),
+            1,
+        )
+
+        keys = self.keys(self.required(top, "", "keys"), zone_uuid)
+        vms = self.vms(top.get("vms", {}), keys)
+
+        coordinator = top.get("coordinator_url", _MISSING)
+        coordinator_url = (
+            None if coordinator is _MISSING else self.url("coordinator_url", coordinator)
+        )
+        peers = self.peers(top.get("peers", []), zone_uuid)
+
+        return ZoneConfig(
+            uuid=zone_uuid,
+            name=name,
+            root=root,
+            ssh=ssh,
+            http=http,
+            keys=keys,
+            durability=durability,
+            max_concurrent_receives=max_recv,
+            metadata_max_bytes=meta_max,
+            vms=types.MappingProxyType(vms),
+            coordinator_url=coordinator_url,
+            peers=peers,
+        )
+
+    def ssh(self, value: object) -> SSHConfig:
+        t = self.table("ssh", value, _SSH_FIELDS)
+        return SSHConfig(
+            host=self.host("ssh.host", t.get("host", DEFAULT_LISTEN_HOST)),
+            port=self.port("ssh.port", self.required(t, "ssh", "port"), allow_zero=True),
+            host_key=self.path("ssh.host_key", self.required(t, "ssh", "host_key")),
+        )
+
+    def http(self, value: object) -> HTTPConfig:
+        t = self.table("http", value, _HTTP_FIELDS)
+        return HTTPConfig(
+            host=self.host("http.host", t.get("host", DEFAULT_LISTEN_HOST)),
+            port=self.port("http.port", self.required(t, "http", "port"), allow_zero=True),
+        )
+
+    def keys(self, value: object, own_uuid: str) -> tuple[TrustedKey, ...]:
+        if not isinstance(value, list):
+            raise self.err("keys", f"must be a list of tables ([[keys]]), not {_kind(value)}")
+        out: list[TrustedKey] = []
+        seen: dict[bytes, int] = {}
+        for i, item in enumerate(value):
+            prefix = f"keys[{i}]"
+            key, fld = self.key(prefix, item, own_uuid)
+            if key.key_data in seen:
+                j = seen[key.key_data]
+                raise self.err(fld, f"duplicate key: same key as keys[{j}] ({key.fingerprint})")
+            seen[key.key_data] = i
+            out.append(key)
+        return tuple(out)
+
+    def key(self, prefix: str, value: object, own_uuid: str) -> tuple[TrustedKey, str]:
+        """One [[keys]] entry, and the dotted field its key material came from."""
+        t = self.table(prefix, value, _KEY_FIELDS)
+        role_s = self.string(_join(prefix, "role"), self.required(t, prefix, "role"))
+        if role_s not in ROLES:
+            raise self.err(_join(prefix, "role"), f"{role_s!r} is not one of: cn, peer, operator")
+        role = role_s
+
+        has_line, has_file = "public_key" in t, "public_key_file" in t
+        if has_line == has_file:
+            fld = _join(prefix, "public_key")
+            raise self.err(fld, "give exactly one of public_key, public_key_file")
+        if has_line:
+            fld = _join(prefix, "public_key")
+            text = self.string(fld, t["public_key"])
+        else:
+            fld = _join(prefix, "public_key_file")
+            path = self.path(fld, t["public_key_file"])
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise self.err(fld, f"cannot read {str(path)!r}: {e}") from e
+        ssh_key = self._import_key(fld, text)
+
+        cn_id = zone = None
+        cn_fld, zone_fld = _join(prefix, "cn_id"), _join(prefix, "zone")
+        if role == "cn":
+            cn_id = self.ident(cn_fld, self.required(t, prefix, "cn_id"))
+        elif "cn_id" in t:
+            raise self.err(cn_fld, f"only a key with role 'cn' has a cn_id (role is {role!r})")
+        if role == "peer":
+            zone = self.uuid(zone_fld, self.required(t, prefix, "zone"))
+            if zone == own_uuid:
+                raise self.err(zone_fld, "a peer key cannot name this zone's own uuid")
+        elif "zone" in t:
+            raise self.err(zone_fld, f"only a key with role 'peer' has a zone (role is {role!r})")
+
+        trusted = TrustedKey(
+            role=role,
+            public_key=ssh_key.export_public_key("openssh").decode("ascii").strip(),
+            fingerprint=ssh_key.get_fingerprint(),
+            key_data=ssh_key.public_data,
+            cn_id=cn_id,
+            zone=zone,
+        )
+        return trusted, fld
+
+    def _import_key(self, fld: str, text: str) -> asyncssh.SSHKey:
+        lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+        if len(lines) != 1:
+            raise self.err(fld, "must hold exactly one OpenSSH public key line")
+        try:
+            return asyncssh.import_public_key(lines[0].strip())
+        except Exception as e:  # asyncssh raises several types on junk; all mean "bad key"
+            raise self.err(fld, f"not a usable OpenSSH public key: {e}") from e
+
+    def vms(self, value: object, keys: tuple[TrustedKey, ...]) -> dict[str, str]:
+        if not isinstance(value, dict):
+            raise self.err("vms", f"must be a table of vm_uuid = cn_id, not {_kind(value)}")
+        known_cns = {k.cn_id for k in keys if k.cn_id is not None}
+        out: dict[str, str] = {}
+        for raw_vm, raw_cn in value.items():
+            fld = f"vms.{raw_vm}"
+            vm = self.uuid(fld, raw_vm)
+            cn = self.ident(fld, raw_cn)
+            if vm in out:
+                raise self.err(fld, "duplicate VM (uuids are compared case-insensitively)")
+            # A VM mapped to a CN nobody holds a key for could never be pushed.
+            if cn not in known_cns:
+                raise self.err(fld, f"cn_id {cn!r} has no key with role 'cn'")
+            out[vm] = cn
+        return out
+
+    def peers(self, value: object, own_uuid: str) -> tuple[PeerConfig, ...]:
+        if not isinstance(value, list):
+            raise self.err("peers", f"must be a list of tables ([[peers]]), not {_kind(value)}")
+        out: list[PeerConfig] = []
+        seen: set[str] = set()
+        for i, item in enumerate(value):
+            prefix = f"peers[{i}]"
+            t = self.table(prefix, item, _PEER_FIELDS)
+            uuid_fld = _join(prefix, "uuid")
+            peer_uuid = self.uuid(uuid_fld, self.required(t, prefix, "uuid"))
+            if peer_uuid == own_uuid:
+                raise self.err(uuid_fld, "a zone is not its own peer")
+            if peer_uuid in seen:
+                raise self.err(uuid_fld, f"duplicate peer {peer_uuid}")
+            seen.add(peer_uuid)
+            out.append(
+                PeerConfig(
+                    uuid=peer_uuid,
+                    ssh_host=self.host(
+                        _join(prefix, "ssh_host"), self.required(t, prefix, "ssh_host")
+                    ),
+                    ssh_port=self.port(
+                        _join(prefix, "ssh_port"),
+                        self.required(t, prefix, "ssh_port"),
+                        allow_zero=False,
+                    ),
+                    http_url=self.url(
+                        _join(prefix, "http_url"), self.required(t, prefix, "http_url")
+                    ),
+                )
+            )
+        return tuple(out)
