@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from snapper_zone import proc
-from snapper_zone.errors import SnapperError
+from snapper_zone.errors import DatasetBusy, SnapperError
 from snapper_zone.zfs import Zfs
 
 _counter = itertools.count()
@@ -86,8 +86,15 @@ class FilePool:
     mountpoint: Path | None
 
     async def destroy(self, zfs: Zfs) -> None:
-        if self.name in await zfs.pools():
-            await zfs.pool_destroy(self.name)
+        deadline = time.monotonic() + 30
+        while self.name in await zfs.pools():
+            try:
+                await zfs.pool_destroy(self.name)
+            except DatasetBusy:
+                # zfs-fuse may still be settling a mount it just made
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
         _remove(self.backing)
 
 

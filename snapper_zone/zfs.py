@@ -66,7 +66,7 @@ _CLASSIFY: tuple[tuple[re.Pattern[str], type[ZfsError]], ...] = tuple(
          r"|bad magic|unsupported stream|stream ends|premature|unexpected end",
          StreamInvalid),
         (r"destination has snapshots|destination '.*' exists|already exists", DatasetExists),
-        (r"dataset is busy|pool or dataset is busy|dependent clones|is held"
+        (r"is busy|dependent clones|is held"
          r"|receive in progress|device busy", DatasetBusy),
         (r"does not exist|no such pool|no such dataset|could not find any snapshots"
          r"|cannot open", DatasetNotFound),

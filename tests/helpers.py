@@ -1,0 +1,81 @@
+"""Small helpers for tests that move real data through real ZFS."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+
+from snapper_zone import proc
+from snapper_zone.localpool import FilePool
+from snapper_zone.names import Dataset
+from snapper_zone.zfs import SendSpec, Zfs
+
+
+def mountpoint(pool: FilePool, ds: Dataset) -> Path:
+    assert pool.mountpoint is not None, "pool is not mounted"
+    return pool.mountpoint / ds.relative_to(Dataset(pool.name))
+
+
+def write_random(pool: FilePool, ds: Dataset, name: str, size: int) -> str:
+    """Write ``size`` random bytes into a file of a mounted dataset; return its sha256."""
+    data = os.urandom(size)
+    path = mountpoint(pool, ds) / name
+    path.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+async def send_bytes(zfs: Zfs, spec: SendSpec) -> bytes:
+    child = await zfs.send(spec)
+    data = await child.stdout.read()
+    await zfs.check(child)
+    return data
+
+
+async def receive_bytes(zfs: Zfs, target: Dataset, data: bytes, *,
+                        resumable: bool = True, force: bool = False) -> proc.Completed:
+    """Feed ``data`` to ``zfs receive``; raises the typed error if it fails."""
+    child = await zfs.receive(target, resumable=resumable, force=force)
+    try:
+        child.stdin.write(data)
+        await child.stdin.drain()
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # receive gave up early; its stderr says why
+    finally:
+        child.stdin.close()
+    return await zfs.check(child)
+
+
+def zvol_device(vol: Dataset) -> Path:
+    return Path("/dev/zvol") / vol.path
+
+
+async def _wait_for(path: Path, timeout: float = 30.0) -> None:
+    # udev creates a zvol's device node asynchronously after `zfs create -V`.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await asyncio.to_thread(path.exists):
+        if loop.time() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout}s")
+        await asyncio.sleep(0.05)
+
+
+async def write_device(path: Path, data: bytes) -> None:
+    await _wait_for(path)
+
+    def write() -> None:
+        with open(path, "r+b") as f:
+            f.write(data)
+
+    await asyncio.to_thread(write)
+
+
+async def read_device(path: Path, size: int) -> bytes:
+    await _wait_for(path)
+
+    def read() -> bytes:
+        with open(path, "rb") as f:
+            return f.read(size)
+
+    return await asyncio.to_thread(read)
