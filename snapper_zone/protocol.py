@@ -1,0 +1,230 @@
+"""The SSH command grammar every snapper zone speaks, and its clients build.
+
+An SSH exec request carries one line; it is split on whitespace (no quoting,
+no shell: every token is a validated name or number) and parsed into a typed
+command. The same module builds the lines on the client side, so the CN
+client, the zone-to-zone mirror and an operator's plain ``ssh`` agree.
+
+    receive VM DATASET SNAP [--from BASE] [--size BYTES] [--resume]
+        stdin: a zfs send stream of VM's DATASET at SNAP (incremental from
+        BASE when given; ``--resume`` when it is a ``zfs send -t`` stream).
+    send VM DATASET SNAP [--from BASE]      stdout: a zfs send stream
+    resume-token VM DATASET                 stdout: the token or "-"
+    abort VM DATASET                        discard a partial receive
+    snapshots VM                            stdout: JSON inventory of VM
+    commit VM SNAP DATASET[,DATASET...]     stdin: metadata JSON (may be empty);
+                                            marks the VM snapshot complete
+    metadata VM SNAP                        stdout: the metadata JSON
+    delete VM SNAP                          destroy a VM snapshot (all parts)
+    ping                                    stdout: "pong"
+
+Exit status 0 is success; otherwise stderr holds one JSON line
+``{"code": ..., "message": ...}`` (the same shape as the HTTP API's errors).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from snapper_zone.errors import InvalidName, SnapperError
+from snapper_zone.names import check_component, check_uuid
+
+MAX_LINE = 4096
+
+
+class BadCommand(SnapperError):
+    code = "BadCommand"
+    http_status = 400
+
+
+@dataclass(frozen=True)
+class Receive:
+    vm: str
+    dataset: str
+    snapshot: str
+    base: str | None = None
+    size: int | None = None  # the sender's estimate (send -n -P), for the space check
+    resume: bool = False
+
+
+@dataclass(frozen=True)
+class Send:
+    vm: str
+    dataset: str
+    snapshot: str
+    base: str | None = None
+
+
+@dataclass(frozen=True)
+class ResumeToken:
+    vm: str
+    dataset: str
+
+
+@dataclass(frozen=True)
+class Abort:
+    vm: str
+    dataset: str
+
+
+@dataclass(frozen=True)
+class Snapshots:
+    vm: str
+
+
+@dataclass(frozen=True)
+class Commit:
+    vm: str
+    snapshot: str
+    datasets: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Metadata:
+    vm: str
+    snapshot: str
+
+
+@dataclass(frozen=True)
+class Delete:
+    vm: str
+    snapshot: str
+
+
+@dataclass(frozen=True)
+class Ping:
+    pass
+
+
+Command = Receive | Send | ResumeToken | Abort | Snapshots | Commit | Metadata | Delete | Ping
+
+# verb -> (number of positional args, allowed options and whether each takes a value)
+_GRAMMAR: dict[str, tuple[int, dict[str, bool]]] = {
+    "receive": (3, {"--from": True, "--size": True, "--resume": False}),
+    "send": (3, {"--from": True}),
+    "resume-token": (2, {}),
+    "abort": (2, {}),
+    "snapshots": (1, {}),
+    "commit": (3, {}),
+    "metadata": (2, {}),
+    "delete": (2, {}),
+    "ping": (0, {}),
+}
+
+
+def parse(line: str) -> Command:
+    """Parse one exec line; raise BadCommand (or InvalidName) on anything else."""
+    if len(line) > MAX_LINE:
+        raise BadCommand("command line too long")
+    words = line.split()
+    if not words:
+        raise BadCommand("empty command; try: ping")
+    verb, rest = words[0], words[1:]
+    if verb not in _GRAMMAR:
+        raise BadCommand(f"unknown command {verb[:40]!r}; known: {', '.join(_GRAMMAR)}")
+    nargs, allowed = _GRAMMAR[verb]
+    args: list[str] = []
+    opts: dict[str, str | None] = {}
+    i = 0
+    while i < len(rest):
+        word = rest[i]
+        if word.startswith("--"):
+            if word not in allowed:
+                raise BadCommand(f"{verb}: unknown option {word[:40]!r}")
+            if word in opts:
+                raise BadCommand(f"{verb}: {word} given twice")
+            if allowed[word]:
+                if i + 1 >= len(rest):
+                    raise BadCommand(f"{verb}: {word} needs a value")
+                opts[word] = rest[i + 1]
+                i += 2
+                continue
+            opts[word] = None
+        else:
+            args.append(word)
+        i += 1
+    if len(args) != nargs:
+        raise BadCommand(f"{verb}: expected {nargs} arguments, got {len(args)}")
+    try:
+        return _build(verb, args, opts)
+    except InvalidName:
+        raise
+    except ValueError as exc:
+        raise BadCommand(f"{verb}: {exc}") from exc
+
+
+def _build(verb: str, a: list[str], o: dict[str, str | None]) -> Command:
+    if verb == "ping":
+        return Ping()
+    vm = check_uuid(a[0], "VM uuid")
+    if verb == "snapshots":
+        return Snapshots(vm)
+    if verb in ("receive", "send"):
+        ds = check_component(a[1], "VM dataset")
+        snap = check_component(a[2], "snapshot name")
+        base = check_component(b, "base snapshot") if (b := o.get("--from")) else None
+        if verb == "send":
+            return Send(vm, ds, snap, base)
+        size = o.get("--size")
+        if size is not None and (not size.isdigit() or len(size) > 19):
+            raise ValueError("--size must be a byte count")
+        return Receive(vm, ds, snap, base, int(size) if size else None, "--resume" in o)
+    if verb == "resume-token":
+        return ResumeToken(vm, check_component(a[1], "VM dataset"))
+    if verb == "abort":
+        return Abort(vm, check_component(a[1], "VM dataset"))
+    snap = check_component(a[1], "snapshot name")
+    if verb == "commit":
+        parts = tuple(check_component(d, "VM dataset") for d in a[2].split(","))
+        if len(set(parts)) != len(parts):
+            raise ValueError("a dataset is listed twice")
+        return Commit(vm, snap, parts)
+    if verb == "metadata":
+        return Metadata(vm, snap)
+    return Delete(vm, snap)
+
+
+def format_command(cmd: Command) -> str:
+    """The exec line for ``cmd``; ``parse(format_command(c)) == c``."""
+    match cmd:
+        case Ping():
+            return "ping"
+        case Receive(vm, ds, snap, base, size, resume):
+            line = f"receive {vm} {ds} {snap}"
+            if base:
+                line += f" --from {base}"
+            if size is not None:
+                line += f" --size {size}"
+            return line + (" --resume" if resume else "")
+        case Send(vm, ds, snap, base):
+            return f"send {vm} {ds} {snap}" + (f" --from {base}" if base else "")
+        case ResumeToken(vm, ds):
+            return f"resume-token {vm} {ds}"
+        case Abort(vm, ds):
+            return f"abort {vm} {ds}"
+        case Snapshots(vm):
+            return f"snapshots {vm}"
+        case Commit(vm, snap, parts):
+            return f"commit {vm} {snap} {','.join(parts)}"
+        case Metadata(vm, snap):
+            return f"metadata {vm} {snap}"
+        case Delete(vm, snap):
+            return f"delete {vm} {snap}"
+    raise TypeError(f"not a command: {cmd!r}")
+
+
+def error_line(err: SnapperError) -> str:
+    return json.dumps(err.to_json()) + "\n"
+
+
+def parse_error_line(text: str) -> tuple[str, str]:
+    """(code, message) from a zone's stderr; tolerant of non-JSON text."""
+    for line in reversed(text.strip().splitlines()):
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and "code" in obj:
+            return str(obj["code"]), str(obj.get("message", ""))
+    return "RemoteError", text.strip()[:1000]

@@ -1,0 +1,227 @@
+"""What a snapper zone holds, read from and written to ZFS itself.
+
+Layout under the delegated root (nothing outside it is ever named):
+
+    <root>/<vm_uuid>              container filesystem, one per VM
+    <root>/<vm_uuid>/<dataset>    one per VM dataset (zone root, disk0, ...)
+    <root>/<vm_uuid>@<snap>       exists only once every part of the VM
+                                  snapshot is in: the "complete" marker, and
+                                  the holder of the VM's metadata
+
+ZFS is the truth: there is no index to lose. A VM snapshot whose dataset
+snapshots exist but whose container snapshot does not is incomplete (a push
+in progress or one that died); it is listed as such and never restored.
+
+Metadata (the ``vmadm get`` JSON) is compressed and split over ``snapper:m.N``
+user properties of the container snapshot (ZFS caps a value at 8 KiB).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from snapper_zone.errors import DatasetNotFound, SnapperError
+from snapper_zone.names import Dataset, Snapshot, check_component, check_uuid
+from snapper_zone.zfs import SnapshotInfo, Zfs
+
+P_COMPLETE = "snapper:complete"
+P_PARTS = "snapper:parts"
+P_CREATED = "snapper:created"
+P_SOURCE = "snapper:source"  # who pushed it: "cn:<id>" or "zone:<uuid>"
+P_META_COUNT = "snapper:m.count"
+_CHUNK = 8000
+_MAX_CHUNKS = 64
+_CONTAINER_PROPS = [P_COMPLETE, P_PARTS, P_CREATED, P_SOURCE]
+
+
+class MetadataTooLarge(SnapperError):
+    code = "MetadataTooLarge"
+    http_status = 413
+
+
+class SnapshotNotFound(SnapperError):
+    code = "ResourceNotFound"
+    http_status = 404
+
+
+@dataclass(frozen=True)
+class Part:
+    """One VM dataset's snapshot on this zone."""
+
+    dataset: str
+    guid: int
+    createtxg: int
+    used: int
+    referenced: int
+    userrefs: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "guid": str(self.guid), "createtxg": self.createtxg,
+                "used": self.used, "referenced": self.referenced}
+
+
+@dataclass(frozen=True)
+class VmSnapshot:
+    vm: str
+    name: str
+    complete: bool
+    created: int  # unix seconds
+    parts: Mapping[str, Part]
+    source: str | None = None
+
+    @property
+    def size(self) -> int:
+        return sum(p.used for p in self.parts.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"vm": self.vm, "name": self.name, "complete": self.complete,
+                "created": self.created, "size": self.size, "source": self.source,
+                "datasets": {k: v.to_json() for k, v in sorted(self.parts.items())}}
+
+
+def encode_metadata(meta: Mapping[str, Any], limit: int) -> dict[str, str]:
+    raw = json.dumps(meta, separators=(",", ":"), sort_keys=True).encode()
+    if len(raw) > limit:
+        raise MetadataTooLarge(f"metadata is {len(raw)} bytes; the limit is {limit}")
+    text = base64.b64encode(zlib.compress(raw, 9)).decode()
+    chunks = [text[i : i + _CHUNK] for i in range(0, len(text), _CHUNK)] or [""]
+    if len(chunks) > _MAX_CHUNKS:
+        raise MetadataTooLarge("metadata does not compress enough to store")
+    props = {f"snapper:m.{i}": c for i, c in enumerate(chunks)}
+    props[P_META_COUNT] = str(len(chunks))
+    return props
+
+
+def decode_metadata(props: Mapping[str, str]) -> dict[str, Any] | None:
+    count = props.get(P_META_COUNT)
+    if count is None:
+        return None
+    text = "".join(props.get(f"snapper:m.{i}", "") for i in range(int(count)))
+    obj = json.loads(zlib.decompress(base64.b64decode(text)))
+    return obj if isinstance(obj, dict) else None
+
+
+class ZoneStore:
+    """The delegated root of one zone, seen as VMs and VM snapshots."""
+
+    def __init__(self, zfs: Zfs, root: Dataset, metadata_max_bytes: int = 256 * 1024) -> None:
+        self.zfs = zfs
+        self.root = root
+        self.metadata_max_bytes = metadata_max_bytes
+
+    def vm_dataset(self, vm: str) -> Dataset:
+        return self.root.child(check_uuid(vm, "VM uuid"))
+
+    def part_dataset(self, vm: str, dataset: str) -> Dataset:
+        return self.vm_dataset(vm).child(check_component(dataset, "VM dataset"))
+
+    async def ensure_vm(self, vm: str) -> Dataset:
+        ds = self.vm_dataset(vm)
+        if not await self.zfs.exists(ds):
+            await self.zfs.create(ds)
+        return ds
+
+    async def vms(self) -> list[str]:
+        out = []
+        for info in await self.zfs.datasets(self.root, depth=1):
+            if info.dataset.parent == self.root:
+                out.append(info.dataset.basename)
+        return sorted(out)
+
+    async def snapshots(self, vm: str) -> list[VmSnapshot]:
+        """Every VM snapshot on this zone, complete or not, oldest first."""
+        container = self.vm_dataset(vm)
+        try:
+            infos = await self.zfs.snapshots(container, user_props=_CONTAINER_PROPS,
+                                             recursive=True)
+        except DatasetNotFound:
+            return []
+        marks: dict[str, SnapshotInfo] = {}
+        parts: dict[str, dict[str, Part]] = {}
+        order: dict[str, int] = {}
+        for s in infos:
+            name = s.snapshot.name
+            order[name] = min(order.get(name, s.createtxg), s.createtxg)
+            if s.snapshot.dataset == container:
+                marks[name] = s
+                continue
+            if s.snapshot.dataset.parent != container:
+                continue
+            ds = s.snapshot.dataset.basename
+            parts.setdefault(name, {})[ds] = Part(ds, s.guid, s.createtxg, s.used,
+                                                  s.referenced, s.userrefs)
+        out = []
+        for name in sorted(order, key=lambda n: order[n]):
+            mark = marks.get(name)
+            complete = mark is not None and mark.user_props.get(P_COMPLETE) == "yes"
+            created = int(mark.user_props.get(P_CREATED, mark.creation)) if mark else 0
+            if not created:
+                created = min((infos_creation(infos, container, name)), default=0)
+            out.append(VmSnapshot(vm, name, complete, created, parts.get(name, {}),
+                                  mark.user_props.get(P_SOURCE) if mark else None))
+        return out
+
+    async def snapshot(self, vm: str, name: str) -> VmSnapshot:
+        for s in await self.snapshots(vm):
+            if s.name == name:
+                return s
+        raise SnapshotNotFound(f"VM {vm} has no snapshot {name!r} on this zone")
+
+    async def mark_complete(self, vm: str, name: str, datasets: Sequence[str],
+                            metadata: Mapping[str, Any] | None, source: str) -> VmSnapshot:
+        """Record a VM snapshot as whole: every listed part must be present.
+
+        The container snapshot is taken last, atomically, so a crash before it
+        leaves an incomplete VM snapshot and never a complete-looking partial one.
+        """
+        props = encode_metadata(metadata, self.metadata_max_bytes) if metadata else {}
+        current = {s.name: s for s in await self.snapshots(vm)}
+        have = current.get(name)
+        missing = [d for d in datasets if have is None or d not in have.parts]
+        if missing:
+            raise SnapshotNotFound(f"VM {vm} snapshot {name!r} lacks datasets: "
+                                   f"{', '.join(missing)}")
+        props.update({P_COMPLETE: "yes", P_PARTS: ",".join(sorted(datasets)),
+                      P_CREATED: str(int(time.time())), P_SOURCE: source})
+        snap = Snapshot(self.vm_dataset(vm), name)
+        if have is not None and have.complete:
+            await self.zfs.set_user_props(snap, props)
+        else:
+            await self.zfs.snapshot([snap], props=props)
+        return await self.snapshot(vm, name)
+
+    async def metadata(self, vm: str, name: str) -> dict[str, Any] | None:
+        snap = Snapshot(self.vm_dataset(vm), check_component(name, "snapshot name"))
+        try:
+            count = await self.zfs.get_user_props(snap, [P_META_COUNT])
+        except DatasetNotFound:
+            raise SnapshotNotFound(f"VM {vm} has no complete snapshot {name!r}") from None
+        if P_META_COUNT not in count:
+            return None
+        n = int(count[P_META_COUNT])
+        props = await self.zfs.get_user_props(snap, [P_META_COUNT,
+                                                     *(f"snapper:m.{i}" for i in range(n))])
+        return decode_metadata(props)
+
+    async def delete(self, vm: str, name: str) -> None:
+        """Destroy a VM snapshot: the marker first (no longer complete), then its parts."""
+        snap = await self.snapshot(vm, name)
+        container = self.vm_dataset(vm)
+        if snap.complete or await self.zfs.exists(Snapshot(container, name)):
+            await self.zfs.destroy(Snapshot(container, name))
+        for part in snap.parts:
+            await self.zfs.destroy(Snapshot(container.child(part), name))
+
+    async def available(self) -> int:
+        return await self.zfs.available(self.root)
+
+
+def infos_creation(infos: Sequence[SnapshotInfo], container: Dataset, name: str) -> list[int]:
+    return [s.creation for s in infos if s.snapshot.name == name
+            and s.snapshot.dataset.parent == container]
