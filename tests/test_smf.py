@@ -1,0 +1,166 @@
+"""SMF manifests are valid against illumos' service_bundle DTD; methods work."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SMF = REPO / "smf"
+DTD = REPO.parent / "shared" / "smf" / "service_bundle.dtd.1"
+MANIFESTS = sorted((SMF / "manifests").glob("*.xml"))
+METHODS = sorted(p for p in (SMF / "method").iterdir() if p.is_file())
+
+
+def _ids(paths: list[Path]) -> list[str]:
+    return [p.name for p in paths]
+
+
+def _xmllint() -> str:
+    found = shutil.which("xmllint")
+    # Not a skip: an unvalidated manifest is what this test exists to prevent.
+    assert found, "xmllint not found: apt-get install -y libxml2-utils"
+    return found
+
+
+def _start_exec(manifest: Path) -> str:
+    root = ET.parse(manifest).getroot()
+    starts = [m for m in root.iter("exec_method") if m.get("name") == "start"]
+    assert len(starts) == 1, f"{manifest.name}: expected one start exec_method"
+    exec_ = starts[0].get("exec")
+    assert exec_
+    return exec_
+
+
+def _method_for(manifest: Path) -> Path:
+    exec_path = Path(_start_exec(manifest).split()[0])
+    method = SMF / "method" / exec_path.name
+    assert method.is_file(), f"{manifest.name}: start method {exec_path} has no {method}"
+    return method
+
+
+def test_there_is_a_snapperd_manifest() -> None:
+    assert SMF / "manifests" / "snapperd.xml" in MANIFESTS
+
+
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=_ids(MANIFESTS))
+def test_manifest_valid_against_dtd(manifest: Path) -> None:
+    assert DTD.is_file(), (
+        f"service_bundle DTD missing at {DTD}: it ships in shared/smf/ beside the repo"
+    )
+    res = subprocess.run(
+        [_xmllint(), "--noout", "--nonet", "--dtdvalid", str(DTD), str(manifest)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert res.returncode == 0, f"{manifest.name} is not valid:\n{res.stderr}"
+    assert "validity error" not in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=_ids(MANIFESTS))
+def test_manifest_shape(manifest: Path) -> None:
+    root = ET.parse(manifest).getroot()
+    (service,) = root.findall("service")
+    exec_path = _start_exec(manifest).split()[0]
+    # Installed tree mirrors the repo: <prefix>/smf/method/<name>.
+    assert exec_path.startswith("/"), exec_path
+    assert exec_path.endswith(f"/smf/method/{_method_for(manifest).name}"), exec_path
+
+    stops = [m for m in service.iter("exec_method") if m.get("name") == "stop"]
+    assert [m.get("exec") for m in stops] == [":kill"]
+
+    # A foreground daemon: startd must watch the exec'd child, not wait for an exit.
+    duration = service.find("property_group[@name='startd']/propval[@name='duration']")
+    assert duration is not None and duration.get("value") == "child"
+
+    conf = service.find("property_group[@name='config']/propval[@name='file']")
+    assert conf is not None, "no config/file property"
+    assert conf.get("type") == "astring"
+    assert (conf.get("value") or "").startswith("/")
+
+    assert service.find("instance[@name='default']") is not None
+    fmris = [f.get("value", "") for f in service.iter("service_fmri")]
+    for want in ("svc:/milestone/network", "svc:/system/filesystem/local"):
+        assert any(f == want or f.startswith(want + ":") for f in fmris), fmris
+
+    ctx = service.find("method_context")
+    assert ctx is not None and ctx.get("working_directory", "").startswith("/")
+
+
+@pytest.mark.parametrize("method", METHODS, ids=_ids(METHODS))
+def test_method_script_syntax(method: Path) -> None:
+    assert method.read_text().startswith("#!/bin/sh\n")
+    assert os.access(method, os.X_OK), f"{method} is not executable (git mode 755)"
+    res = subprocess.run(["sh", "-n", str(method)], capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=_ids(MANIFESTS))
+def test_method_reads_config_property(manifest: Path) -> None:
+    text = _method_for(manifest).read_text()
+    assert 'svcprop -p config/file "$SMF_FMRI"' in text
+    assert "exec " in text
+
+
+# --- run the snapperd method off illumos, with stand-ins for svcprop and the daemon
+
+FMRI = "svc:/smartdc/application/snapperd:default"
+
+
+def _stub(bindir: Path, name: str, body: str) -> None:
+    path = bindir / name
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+
+
+def _run_method(tmp_path: Path, conf_value: str | None) -> tuple[subprocess.Popen[str], str, str]:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    if conf_value is None:
+        _stub(bindir, "svcprop", 'echo "svcprop: Couldn\'t find property." >&2\nexit 1\n')
+    else:
+        _stub(
+            bindir,
+            "svcprop",
+            f'[ "$1 $2 $3" = "-p config/file {FMRI}" ] || exit 2\necho "{conf_value}"\n',
+        )
+    # The stand-in daemon reports its pid and argv: same pid as the method == exec'd.
+    _stub(bindir, "snapperd", 'echo "pid=$$"\nfor a in "$@"; do echo "arg=$a"; done\n')
+    env = {"PATH": f"{bindir}:/usr/bin:/bin", "SMF_FMRI": FMRI}
+    proc = subprocess.Popen(
+        [str(SMF / "method" / "snapperd")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out, err = proc.communicate(timeout=30)
+    return proc, out, err
+
+
+def test_method_execs_daemon_with_config(tmp_path: Path) -> None:
+    conf = tmp_path / "snapperd.toml"
+    conf.write_text("# test\n")
+    proc, out, err = _run_method(tmp_path, str(conf))
+    assert proc.returncode == 0, err
+    assert out.splitlines() == [f"pid={proc.pid}", "arg=--config", f"arg={conf}"]
+
+
+def test_method_missing_config_file(tmp_path: Path) -> None:
+    proc, out, err = _run_method(tmp_path, str(tmp_path / "absent.toml"))
+    assert proc.returncode == 96
+    assert "absent.toml" in err and "does not exist" in err
+    assert "pid=" not in out
+
+
+def test_method_property_unset(tmp_path: Path) -> None:
+    proc, out, err = _run_method(tmp_path, None)
+    assert proc.returncode == 96
+    assert "config/file is not set" in err
+    assert "pid=" not in out
