@@ -1,0 +1,92 @@
+"""Transfers in flight: bytes, rate and ETA for ``GET /v1/transfers``.
+
+Also the answer to "is this snapshot in use?": a snapshot that is the base
+or the subject of a running transfer must not be deleted under it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from snapper_zone.metrics import Metrics
+
+_ids = itertools.count(1)
+
+
+@dataclass
+class Transfer:
+    kind: str  # "receive" (CN push), "send" (restore), "mirror-in", "mirror-out"
+    vm: str
+    dataset: str
+    snapshot: str
+    base: str | None
+    peer: str  # who is on the other end, e.g. "cn:<id>", "zone:<uuid>"
+    expected: int | None = None  # bytes, when the sender said (send -n -P)
+    id: int = field(default_factory=lambda: next(_ids))
+    started: float = field(default_factory=time.monotonic)
+    started_wall: float = field(default_factory=time.time)
+    bytes: int = 0
+
+    def add(self, n: int) -> None:
+        self.bytes += n
+
+    @property
+    def elapsed(self) -> float:
+        return max(time.monotonic() - self.started, 1e-6)
+
+    @property
+    def rate(self) -> float:
+        return self.bytes / self.elapsed
+
+    @property
+    def eta(self) -> float | None:
+        if not self.expected or self.rate <= 0:
+            return None
+        return max(self.expected - self.bytes, 0) / self.rate
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "kind": self.kind, "vm": self.vm, "dataset": self.dataset,
+                "snapshot": self.snapshot, "base": self.base, "peer": self.peer,
+                "bytes": self.bytes, "expected": self.expected,
+                "rate": round(self.rate), "eta": None if self.eta is None else round(self.eta, 1),
+                "started": self.started_wall}
+
+
+class TransferRegistry:
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self._active: dict[int, Transfer] = {}
+
+    def start(self, kind: str, vm: str, dataset: str, snapshot: str, base: str | None,
+              peer: str, expected: int | None = None) -> Transfer:
+        t = Transfer(kind, vm, dataset, snapshot, base, peer, expected)
+        self._active[t.id] = t
+        self.metrics.active.labels(kind).inc()
+        return t
+
+    def finish(self, t: Transfer, result: str) -> None:
+        """``result``: "ok" or an error code. Idempotent."""
+        if self._active.pop(t.id, None) is None:
+            return
+        self.metrics.active.labels(t.kind).dec()
+        self.metrics.transfers.labels(t.kind, result).inc()
+        self.metrics.transfer_seconds.labels(t.kind).observe(t.elapsed)
+        counter = self.metrics.bytes_sent if t.kind in ("send", "mirror-out") \
+            else self.metrics.bytes_received
+        counter.labels(t.kind).inc(t.bytes)
+
+    def active(self) -> list[Transfer]:
+        return sorted(self._active.values(), key=lambda t: t.id)
+
+    def in_use(self, vm: str) -> set[str]:
+        """Snapshot names of ``vm`` that a running transfer reads or builds on."""
+        names: set[str] = set()
+        for t in self._active.values():
+            if t.vm == vm:
+                names.add(t.snapshot)
+                if t.base:
+                    names.add(t.base)
+        return names

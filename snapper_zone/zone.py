@@ -1,0 +1,51 @@
+"""One snapper zone's shared state: what the SSH and HTTP endpoints both use."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from snapper_zone.config import ZoneConfig
+from snapper_zone.metrics import Metrics
+from snapper_zone.names import Dataset
+from snapper_zone.store import ZoneStore
+from snapper_zone.transfers import TransferRegistry
+from snapper_zone.zfs import Zfs
+
+
+@dataclass
+class Zone:
+    config: ZoneConfig
+    zfs: Zfs
+    store: ZoneStore
+    metrics: Metrics
+    transfers: TransferRegistry
+    log: logging.Logger
+    # Bounded concurrency: receives beyond the limit wait their turn.
+    receive_slots: asyncio.Semaphore
+    # Two pushes of the same VM never interleave.
+    vm_locks: defaultdict[str, asyncio.Lock] = field(
+        default_factory=lambda: defaultdict(asyncio.Lock))
+
+    @classmethod
+    def from_config(cls, config: ZoneConfig, zfs: Zfs | None = None,
+                    log: logging.Logger | None = None) -> Zone:
+        zfs = zfs or Zfs()
+        metrics = Metrics()
+        return cls(
+            config=config, zfs=zfs,
+            store=ZoneStore(zfs, Dataset(config.root), config.metadata_max_bytes),
+            metrics=metrics, transfers=TransferRegistry(metrics),
+            log=log or logging.getLogger("snapperd"),
+            receive_slots=asyncio.Semaphore(config.max_concurrent_receives))
+
+    def owner_of(self, vm: str) -> str | None:
+        """The CN a VM belongs to, from the static map (the coordinator comes later)."""
+        return self.config.vms.get(vm)
+
+    async def refresh_capacity(self) -> int:
+        free = await self.store.available()
+        self.metrics.pool_free.set(free)
+        return free
