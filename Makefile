@@ -1,0 +1,46 @@
+# Snapper: the two things a newcomer runs on a fresh Debian 12 machine (as root).
+#   make demo   install what is missing, then run a local fleet end to end
+#   make test   install what is missing, then run every test tier
+#
+# Everything installs into .venv; system packages come from Debian's archive.
+
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+APT_PKGS := zfs-fuse openssh-client openssh-server libxml2-utils python3-venv python3-pip \
+            qemu-system-x86 qemu-utils mmdebstrap e2fsprogs
+
+.PHONY: deps demo test test-host test-vm lint bench
+
+$(VENV)/.installed: pyproject.toml
+	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; fi
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test]'
+	touch $@
+
+deps: $(VENV)/.installed
+
+demo: deps
+	$(VENV)/bin/snapper demo
+
+lint: deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+# Host tier: zfs-fuse on file-backed pools (started and stopped by the fixtures).
+test-host: deps
+	$(VPY) -m pytest -rs -q -p no:cacheprovider tests
+
+# OpenZFS 2.3 tier: the tests that touch ZFS, inside a qemu VM (image cached
+# outside the repo; the first build takes about 12 minutes).
+test-vm: deps
+	tools/zvm/test.sh -rs -q -p no:cacheprovider -m zfs tests
+
+test: lint test-host test-vm
+
+bench: deps
+	$(VPY) bench/push_throughput.py
