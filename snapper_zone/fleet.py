@@ -1,0 +1,169 @@
+"""A local fleet on one machine: snapper zones and compute nodes on file-backed pools.
+
+Used by ``snapper demo`` and by multi-zone tests. Every zone is a real
+``snapperd`` process with its own pool, SSH and HTTP port on 127.0.0.1; a
+compute node is a pool (mounted, so VMs can hold real data) and an SSH key.
+Everything it starts it stops, by pid; everything it creates it destroys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+from snapper_zone import localpool, proc
+from snapper_zone.localpool import FilePool
+from snapper_zone.zfs import Zfs
+
+
+@dataclass
+class LocalZone:
+    uuid: str
+    name: str
+    pool: FilePool
+    root: str
+    config_path: Path
+    ready_path: Path
+    host_key_pub: Path
+    daemon: proc.Daemon | None = None
+    ssh_port: int = 0
+    http_port: int = 0
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+
+@dataclass
+class LocalCN:
+    id: str
+    pool: FilePool
+    key_path: Path
+    vms: list[str] = field(default_factory=list)
+
+    @property
+    def dataset_root(self) -> str:
+        return self.pool.name
+
+
+def _keypair(path: Path, comment: str) -> str:
+    key = asyncssh.generate_private_key("ssh-ed25519", comment=comment)
+    key.write_private_key(str(path))
+    os.chmod(path, 0o600)
+    pub: str = key.export_public_key().decode().strip()
+    path.with_suffix(".pub").write_text(pub + "\n")
+    return pub
+
+
+class LocalFleet:
+    """Create with ``await LocalFleet.start(...)``; always ``await fleet.stop()``."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.zfs = Zfs()
+        self.fuse: localpool.ZfsFuse | None = None
+        self.zones: list[LocalZone] = []
+        self.cns: list[LocalCN] = []
+        self.operator_key = workdir / "operator_ed25519"
+
+    @classmethod
+    async def start(cls, workdir: Path, *, zones: int = 3, cns: int = 2, vms_per_cn: int = 2,
+                    pool_size: int = 1 << 30) -> LocalFleet:
+        fleet = cls(workdir)
+        try:
+            await fleet._start(zones, cns, vms_per_cn, pool_size)
+        except BaseException:
+            await fleet.stop()
+            raise
+        return fleet
+
+    async def _start(self, zones: int, cns: int, vms_per_cn: int, pool_size: int) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if localpool.tier() == "fuse":
+            self.fuse = localpool.ZfsFuse(self.workdir / "zfs-fuse")
+            await asyncio.to_thread(self.fuse.start)
+        _keypair(self.operator_key, "operator")
+        for i in range(cns):
+            pool = await localpool.create_pool(self.zfs, self.workdir / "pools", "cn",
+                                               size=pool_size)
+            cn = LocalCN(f"cn{i}", pool, self.workdir / f"cn{i}_ed25519")
+            _keypair(cn.key_path, cn.id)
+            cn.vms = [str(uuid.uuid4()) for _ in range(vms_per_cn)]
+            self.cns.append(cn)
+        for _ in range(zones):
+            await self.add_zone(pool_size)
+        await asyncio.gather(*(self.start_zone(z) for z in self.zones))
+
+    def zone_config(self, zone: LocalZone) -> dict[str, Any]:
+        keys: list[dict[str, str]] = [
+            {"role": "cn", "cn_id": cn.id, "public_key_file": str(cn.key_path) + ".pub"}
+            for cn in self.cns]
+        keys.append({"role": "operator", "public_key_file": str(self.operator_key) + ".pub"})
+        keys += [{"role": "peer", "zone": z.uuid, "public_key_file": str(z.host_key_pub)}
+                 for z in self.zones if z is not zone and z.host_key_pub.exists()]
+        return {
+            "uuid": zone.uuid, "name": zone.name, "root": zone.root,
+            "ssh": {"host": "127.0.0.1", "port": 0,
+                    "host_key": str(zone.host_key_pub.with_suffix(""))},
+            "http": {"host": "127.0.0.1", "port": 0},
+            "keys": keys,
+            "vms": {vm: cn.id for cn in self.cns for vm in cn.vms},
+        }
+
+    async def add_zone(self, pool_size: int = 1 << 30) -> LocalZone:
+        pool = await localpool.create_pool(self.zfs, self.workdir / "pools", "zone",
+                                           size=pool_size, mounted=False)
+        n = len(self.zones)
+        zdir = self.workdir / f"zone{n}"
+        zdir.mkdir(parents=True, exist_ok=True)
+        host_key = zdir / "ssh_host_ed25519_key"
+        _keypair(host_key, f"zone{n}")
+        zone = LocalZone(str(uuid.uuid4()), f"zone{n}", pool, f"{pool.name}/snapper",
+                         zdir / "snapperd.json", zdir / "ready.json",
+                         host_key.with_suffix(".pub"))
+        self.zones.append(zone)
+        return zone
+
+    async def start_zone(self, zone: LocalZone, timeout: float = 60.0) -> None:
+        zone.config_path.write_text(json.dumps(self.zone_config(zone), indent=2))
+        zone.ready_path.unlink(missing_ok=True)
+        zone.daemon = proc.Daemon(
+            [sys.executable, "-m", "snapper_zone.daemon", "--config", str(zone.config_path),
+             "--ready-file", str(zone.ready_path), "--create-root"],
+            str(zone.config_path.with_name("snapperd.log")))
+        deadline = time.monotonic() + timeout
+        while not zone.ready_path.exists():
+            if not zone.daemon.alive():
+                raise RuntimeError(f"{zone.name}'s snapperd exited; see {zone.daemon.log_path}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{zone.name}'s snapperd not ready within {timeout}s")
+            await asyncio.sleep(0.05)
+        ready = json.loads(zone.ready_path.read_text())
+        zone.ssh_port, zone.http_port = int(ready["ssh_port"]), int(ready["http_port"])
+
+    def stop_zone(self, zone: LocalZone) -> None:
+        if zone.daemon is not None:
+            zone.daemon.stop()
+            zone.daemon = None
+
+    async def stop(self) -> None:
+        """Stop every daemon, destroy every pool, stop zfs-fuse if we started it."""
+        for zone in self.zones:
+            self.stop_zone(zone)
+        for pool in [z.pool for z in self.zones] + [c.pool for c in self.cns]:
+            try:
+                await pool.destroy(self.zfs)
+            except Exception as exc:  # keep cleaning; report what is left behind
+                print(f"warning: could not destroy pool {pool.name}: {exc}", file=sys.stderr)
+        if self.fuse is not None:
+            await asyncio.to_thread(self.fuse.stop)
+            self.fuse = None
