@@ -1,0 +1,73 @@
+"""ZoneStore on real ZFS: completeness, metadata, deletion of any snapshot."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from snapper_zone.localpool import FilePool
+from snapper_zone.names import Dataset
+from snapper_zone.store import (
+    MetadataTooLarge,
+    SnapshotNotFound,
+    ZoneStore,
+    decode_metadata,
+    encode_metadata,
+)
+from snapper_zone.zfs import SendSpec, Zfs
+from tests.helpers import write_random
+
+VM = str(uuid.UUID(int=7))
+
+
+@given(st.dictionaries(st.text(max_size=20), st.text(max_size=200), max_size=30))
+def test_metadata_codec_round_trip(meta: dict[str, str]) -> None:
+    props = encode_metadata(meta, 1 << 20)
+    assert all(len(v) <= 8000 for v in props.values())
+    assert decode_metadata(props) == meta
+
+
+def test_metadata_limit() -> None:
+    with pytest.raises(MetadataTooLarge):
+        encode_metadata({"x": "y" * 1000}, 100)
+
+
+async def _pushed(zfs: Zfs, cn_pool: FilePool, store: ZoneStore, snaps: int) -> Dataset:
+    src = Dataset(cn_pool.name).child("vm")
+    await zfs.create(src)
+    await store.ensure_vm(VM)
+    for i in range(1, snaps + 1):
+        write_random(cn_pool, src, f"f{i}", 64 << 10)
+        await zfs.snapshot([src.snapshot(f"s{i}")])
+        base = src.snapshot(f"s{i - 1}") if i > 1 else None
+        await zfs.pipe(SendSpec(src.snapshot(f"s{i}"), base=base), store.part_dataset(VM, "root"))
+    return src
+
+
+@pytest.mark.zfs
+async def test_complete_metadata_and_delete(zfs: Zfs, cn_pool: FilePool,
+                                            zone_pool: FilePool) -> None:
+    store = ZoneStore(zfs, Dataset(zone_pool.name).child("snapper"))
+    await zfs.create(store.root)
+    src = await _pushed(zfs, cn_pool, store, 3)
+    snaps = await store.snapshots(VM)
+    assert [(s.name, s.complete) for s in snaps] == [("s1", False), ("s2", False),
+                                                     ("s3", False)]
+    with pytest.raises(SnapshotNotFound, match="disk0"):
+        await store.mark_complete(VM, "s2", ["root", "disk0"], None, "cn:x")
+    meta = {"uuid": VM, "alias": "web", "big": "x" * 50_000}
+    done = await store.mark_complete(VM, "s2", ["root"], meta, "cn:x")
+    assert done.complete and done.source == "cn:x"
+    assert await store.metadata(VM, "s2") == meta
+    with pytest.raises(SnapshotNotFound):
+        await store.metadata(VM, "s3")  # incomplete: no marker, so no metadata
+    cn_guids = {s.name: s.guid for s in await zfs.snapshots(src)}
+    assert {s.name: s.parts["root"].guid for s in await store.snapshots(VM)} == cn_guids
+    assert await store.vms() == [VM]
+    await store.delete(VM, "s2")  # an intermediate, complete snapshot
+    assert [s.name for s in await store.snapshots(VM)] == ["s1", "s3"]
+    with pytest.raises(SnapshotNotFound):
+        await store.metadata(VM, "s2")
