@@ -1,0 +1,330 @@
+"""What to send for one VM dataset: pure decisions, matched by guid.
+
+No I/O here. The CN client gathers its local versions of a dataset
+(snapshots and bookmarks, each with guid and createtxg) and the zone's
+snapshots of the same dataset (name and guid, oldest first), and asks:
+
+- ``plan_push``: full, incremental from the newest version both sides hold,
+  nothing (the zone already has it), or a typed conflict that says why a
+  plain ``zfs receive`` on the zone would refuse the stream.
+- ``plan_resume``: the zone has a partial receive (a resume token); resume it
+  with ``zfs send -t`` if the CN still has what the token names, otherwise
+  abort it on the zone and plan again from scratch.
+
+Names are never trusted to identify data: two snapshots are "the same" only
+when their guids are equal. Names are carried for messages and argv.
+
+Rules, as ZFS imposes them on a receive without ``-F`` (which Snapper never
+uses on a zone, since it would destroy acknowledged snapshots):
+
+1. An incremental stream is accepted only if its base is the receiver's
+   newest snapshot of that dataset.
+2. A full stream is accepted only if the receiver has no such dataset yet
+   (the zone creates the dataset from a full stream).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+VersionKind = Literal["snapshot", "bookmark"]
+
+
+@dataclass(frozen=True, order=True)
+class Version:
+    """One of the CN's versions of a dataset: a snapshot or a bookmark.
+
+    Ordered by (createtxg, kind, ...) so sorting gives the dataset's history.
+    """
+
+    createtxg: int
+    kind: VersionKind
+    name: str
+    guid: int
+
+    @property
+    def is_snapshot(self) -> bool:
+        return self.kind == "snapshot"
+
+    def __str__(self) -> str:
+        return f"{'@' if self.is_snapshot else '#'}{self.name}"
+
+
+@dataclass(frozen=True)
+class ZoneSnapshot:
+    """One of the zone's snapshots of the dataset (the zone's order is its own)."""
+
+    name: str
+    guid: int
+
+    def __str__(self) -> str:
+        return f"@{self.name}"
+
+
+# -- decisions --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Full:
+    """The zone has no snapshot of this dataset: send everything up to ``target``."""
+
+    target: Version
+
+
+@dataclass(frozen=True)
+class Incremental:
+    """Send ``target`` incrementally from ``base`` (a CN snapshot or bookmark)."""
+
+    base: Version
+    target: Version
+    zone_base: ZoneSnapshot  # the same data on the zone, for the receive command
+
+
+@dataclass(frozen=True)
+class AlreadyThere:
+    """The zone already holds ``target`` (same guid): nothing to send."""
+
+    target: Version
+    zone_snapshot: ZoneSnapshot
+
+
+Plan = Full | Incremental | AlreadyThere
+
+
+class Conflict(Exception):
+    """A push that ZFS on the zone would refuse; carries both sides' histories."""
+
+    code = "PlanConflict"
+
+    def __init__(self, message: str, cn: Sequence[Version], zone: Sequence[ZoneSnapshot]) -> None:
+        super().__init__(message)
+        self.message = message
+        self.cn = tuple(cn)
+        self.zone = tuple(zone)
+
+    def detail(self) -> str:
+        cn = " ".join(str(v) for v in self.cn) or "(none)"
+        zone = " ".join(str(z) for z in self.zone) or "(none)"
+        return f"{self.message}\n  CN:   {cn}\n  zone: {zone}"
+
+
+class NoCommonBase(Conflict):
+    """The zone holds snapshots of the dataset, none of which the CN has (by guid)."""
+
+    code = "NoCommonBase"
+
+
+class Diverged(Conflict):
+    """The zone's newest snapshot is unknown to the CN: it has a tail the CN lacks.
+
+    An incremental from the newest common version would be refused (rule 1),
+    and forcing it would destroy the zone's tail. Someone must decide.
+    """
+
+    code = "Diverged"
+
+    def __init__(self, message: str, cn: Sequence[Version], zone: Sequence[ZoneSnapshot],
+                 common: Version | None, zone_only: Sequence[ZoneSnapshot]) -> None:
+        super().__init__(message, cn, zone)
+        self.common = common
+        self.zone_only = tuple(zone_only)
+
+
+class ZoneAhead(Conflict):
+    """The zone already holds a version newer than the snapshot being pushed."""
+
+    code = "ZoneAhead"
+
+    def __init__(self, message: str, cn: Sequence[Version], zone: Sequence[ZoneSnapshot],
+                 zone_newest: Version) -> None:
+        super().__init__(message, cn, zone)
+        self.zone_newest = zone_newest
+
+
+class BadBase(Conflict):
+    """The base the user named cannot be used (unknown, not older, not on the zone)."""
+
+    code = "BadBase"
+
+
+class TargetNotFound(Conflict):
+    """The snapshot to push is not one of the CN's snapshots."""
+
+    code = "TargetNotFound"
+
+
+# -- planning -----------------------------------------------------------------
+
+
+def history(versions: Iterable[Version]) -> list[Version]:
+    """The CN's versions oldest first (snapshot before its own bookmark at equal txg)."""
+    return sorted(versions)
+
+
+def _by_guid(cn: Sequence[Version]) -> dict[int, Version]:
+    # A bookmark shares its snapshot's guid; prefer the snapshot: every ZFS
+    # can send from a snapshot, only some from a bookmark.
+    out: dict[int, Version] = {}
+    for v in cn:
+        if v.guid not in out or (v.is_snapshot and not out[v.guid].is_snapshot):
+            out[v.guid] = v
+    return out
+
+
+def find_version(cn: Sequence[Version], name: str) -> Version | None:
+    """The CN version called ``name``: the snapshot if there is one, else the bookmark."""
+    named = sorted((not v.is_snapshot, v) for v in cn if v.name == name)
+    return named[0][1] if named else None
+
+
+def plan_push(cn: Sequence[Version], zone: Sequence[ZoneSnapshot], target: str,
+              base: str | None = None) -> Plan:
+    """Decide how to get the CN's snapshot ``target`` onto the zone.
+
+    ``zone`` is the zone's snapshots of the dataset, oldest first. ``base``,
+    when given, is the name of the CN version the user wants as the
+    incremental source; it must be the zone's newest snapshot (by guid).
+    Raises a :class:`Conflict` subclass when no stream would be accepted.
+    """
+    cn = history(cn)
+    zone = list(zone)
+    tgt = next((v for v in cn if v.name == target and v.is_snapshot), None)
+    if tgt is None:
+        raise TargetNotFound(f"the CN has no snapshot @{target}", cn, zone)
+    by_guid = _by_guid(cn)
+    for z in zone:
+        if z.guid == tgt.guid:
+            # Already received (a rerun after a crash between receive and commit).
+            return AlreadyThere(tgt, z)
+
+    if base is not None:
+        return _plan_from_base(cn, zone, tgt, base, by_guid)
+
+    if not zone:
+        return Full(tgt)
+    common = [z for z in zone if z.guid in by_guid]
+    if not common:
+        raise NoCommonBase(
+            f"the zone holds {len(zone)} snapshot(s) of this dataset and the CN has none "
+            "of them (compared by guid); a full send would be refused", cn, zone)
+    newest = zone[-1]
+    if newest.guid not in by_guid:
+        last_common = common[-1]
+        tail = zone[zone.index(last_common) + 1:]
+        raise Diverged(
+            f"the zone's newest snapshot @{newest.name} is not on the CN; the newest "
+            f"common one is {by_guid[last_common.guid]}, and an incremental from it "
+            "would be refused", cn, zone, by_guid[last_common.guid], tail)
+    src = by_guid[newest.guid]
+    if src.createtxg >= tgt.createtxg:
+        raise ZoneAhead(
+            f"the zone already holds {src}, which is not older than @{tgt.name}",
+            cn, zone, src)
+    return Incremental(src, tgt, newest)
+
+
+def _plan_from_base(cn: list[Version], zone: list[ZoneSnapshot], tgt: Version, base: str,
+                    by_guid: dict[int, Version]) -> Plan:
+    src = find_version(cn, base)
+    if src is None:
+        raise BadBase(f"the CN has no snapshot or bookmark named {base!r}", cn, zone)
+    if src.createtxg >= tgt.createtxg:
+        raise BadBase(f"base {src} is not older than @{tgt.name}", cn, zone)
+    on_zone = [z for z in zone if z.guid == src.guid]
+    if not on_zone:
+        raise BadBase(f"base {src} is not on the zone (compared by guid)", cn, zone)
+    newest = zone[-1]
+    if newest.guid != src.guid:
+        if newest.guid in by_guid:
+            raise ZoneAhead(
+                f"the zone's newest snapshot is {by_guid[newest.guid]}, not the base {src}; "
+                "the zone would refuse an incremental from it", cn, zone, by_guid[newest.guid])
+        tail = zone[zone.index(on_zone[-1]) + 1:]
+        raise Diverged(
+            f"the zone's newest snapshot @{newest.name} is not on the CN; an incremental "
+            f"from {src} would be refused", cn, zone, src, tail)
+    return Incremental(src, tgt, on_zone[-1])
+
+
+# -- resuming -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """What a resume token says (``zfs send -nvt TOKEN``)."""
+
+    toguid: int
+    fromguid: int  # 0 for a full stream
+    toname: str  # the sender's dataset@snapshot
+
+    @property
+    def to_snapshot(self) -> str:
+        return self.toname.partition("@")[2]
+
+    @property
+    def to_dataset(self) -> str:
+        return self.toname.partition("@")[0]
+
+    @classmethod
+    def from_zfs(cls, info: dict[str, str]) -> TokenInfo:
+        """From ``Zfs.resume_token_info``; raises ValueError on a malformed answer."""
+        toguid = _guid(info.get("toguid", ""))
+        fromguid = _guid(info.get("fromguid", "0")) if info.get("fromguid") else 0
+        toname = info.get("toname", "")
+        if "@" not in toname:
+            raise ValueError(f"resume token names no snapshot: {toname!r}")
+        return cls(toguid, fromguid, toname)
+
+
+def _guid(text: str) -> int:
+    # `zfs send -nvt` prints guids in hex (0x...) on OpenZFS; accept decimal too.
+    text = text.strip()
+    return int(text, 16) if text.lower().startswith("0x") else int(text)
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Resume the partial receive with ``zfs send -t``; it ends at ``target``."""
+
+    target: Version
+    base: Version | None  # the CN version the token's stream is incremental from
+
+
+@dataclass(frozen=True)
+class AbortPartial:
+    """Discard the zone's partial receive (``zfs receive -A``) and plan afresh."""
+
+    reason: str
+
+
+ResumeDecision = Resume | AbortPartial
+
+
+def plan_resume(cn: Sequence[Version], token: TokenInfo, dataset: str | None = None,
+                zone: Sequence[ZoneSnapshot] = ()) -> ResumeDecision:
+    """Resume if the CN can still produce the rest of the token's stream.
+
+    ``zfs send -t`` needs the token's snapshot itself (a bookmark has no data)
+    and, for an incremental, the base (a snapshot or a bookmark) by guid. If
+    ``dataset`` is given, the token must be for that CN dataset: a token from
+    another sender cannot be resumed from here. A token whose snapshot the
+    zone already holds can only be leftover state: abort it too.
+    """
+    snaps = {v.guid: v for v in cn if v.is_snapshot}
+    target = snaps.get(token.toguid)
+    if dataset is not None and token.to_dataset != dataset:
+        return AbortPartial(f"the partial receive came from {token.to_dataset}, not {dataset}")
+    if target is None:
+        return AbortPartial(f"snapshot @{token.to_snapshot} (guid {token.toguid}) of the "
+                            "partial receive is gone from the CN")
+    if any(z.guid == token.toguid for z in zone):
+        return AbortPartial(f"the zone already holds @{token.to_snapshot}")
+    if token.fromguid == 0:
+        return Resume(target, None)
+    base = _by_guid(cn).get(token.fromguid)
+    if base is None:
+        return AbortPartial(f"the base (guid {token.fromguid}) of the partial receive is "
+                            "gone from the CN")
+    return Resume(target, base)
