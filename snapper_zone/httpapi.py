@@ -1,0 +1,255 @@
+"""snapperd's HTTP API (aiohttp): health, inventory, delete, capacity, transfers, metrics.
+
+Routes::
+
+    GET    /ping                              {"ping": "pong", zone, name, zfs}
+    GET    /v1/vms                            [{uuid, cn, snapshots, complete, bytes}]
+    GET    /v1/vms/{uuid}/snapshots           [VmSnapshot JSON], oldest first
+    GET    /v1/vms/{uuid}/snapshots/{name}    VmSnapshot JSON + "metadata"
+    DELETE /v1/vms/{uuid}/snapshots/{name}    204; 409 ResourceBusy while a transfer uses it
+    GET    /v1/capacity                       {root, available, used, referenced, pool}
+    GET    /v1/transfers                      [Transfer JSON] in flight
+    GET    /metrics                           Prometheus text format
+
+Errors are JSON ``{"code", "message"}`` with a matching status, as Triton's
+restify services answer: every :class:`SnapperError` maps to its own code and
+status; an unknown route is 404 ``ResourceNotFound``, a wrong method 405
+``MethodNotAllowed``, and anything unexpected 500 ``InternalError`` whose
+message names the request id only (the stack goes to the log, not the client).
+
+Names in URLs are validated before a handler runs (422 ``InvalidArgument``),
+so nothing unvalidated ever reaches ZFS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid as _uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from snapper_zone.errors import SnapperError
+from snapper_zone.metrics import CONTENT_TYPE_LATEST
+from snapper_zone.names import Dataset, check_component, check_uuid
+from snapper_zone.zone import Zone
+
+__all__ = ["ZONE", "MethodNotAllowed", "ResourceNotFound", "SnapshotInUse", "make_app"]
+
+ZONE = web.AppKey("zone", Zone)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Listing every VM runs one `zfs get` per VM; bound how many run at once.
+_LIST_CONCURRENCY = 8
+# A client may name its request (restify's x-request-id); otherwise we do.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+class ResourceNotFound(SnapperError):
+    code = "ResourceNotFound"
+    http_status = 404
+
+
+class MethodNotAllowed(SnapperError):
+    code = "MethodNotAllowed"
+    http_status = 405
+
+
+class SnapshotInUse(SnapperError):
+    code = "ResourceBusy"
+    http_status = 409
+
+
+# Every URL parameter and the check it must pass; a route whose parameter has
+# no entry here fails loudly rather than handing an unchecked string to a handler.
+_PARAM_CHECKS: dict[str, Callable[[str], str]] = {
+    "uuid": lambda v: check_uuid(v, "VM uuid"),
+    "name": lambda v: check_component(v, "snapshot name"),
+}
+
+# Status codes aiohttp raises itself (bad requests, oversized bodies...) and
+# the Triton-style code each one answers with.
+_HTTP_CODES = {
+    400: "BadRequest",
+    404: "ResourceNotFound",
+    405: "MethodNotAllowed",
+    408: "RequestTimeout",
+    413: "RequestEntityTooLarge",
+    415: "UnsupportedMediaType",
+    422: "InvalidArgument",
+}
+
+
+def _error_response(status: int, code: str, message: str,
+                    headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"code": code, "message": message}, status=status,
+                             headers=headers)
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("x-request-id", "")
+    return given if _REQUEST_ID.fullmatch(given) else str(_uuid.uuid4())
+
+
+@web.middleware
+async def _errors_and_audit(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Validate URL names, turn every failure into JSON, log every request."""
+    zone = request.app[ZONE]
+    req_id = _request_id(request)
+    start = time.monotonic()
+    response: web.StreamResponse
+    try:
+        for key, value in request.match_info.items():
+            check = _PARAM_CHECKS.get(key)
+            if check is None:
+                raise RuntimeError(f"route parameter {key!r} has no validator")
+            check(value)
+        response = await handler(request)
+    except SnapperError as e:
+        if e.http_status >= 500:
+            zone.log.error("request failed: %s", e.message, exc_info=True,
+                           extra={"req_id": req_id, "code": e.code})
+        response = _error_response(e.http_status, e.code, e.message)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise  # redirects and the like are answers, not errors
+        headers: dict[str, str] = {}
+        if isinstance(e, web.HTTPMethodNotAllowed):
+            headers["Allow"] = ", ".join(sorted(e.allowed_methods))
+            message = f"{request.method} is not allowed on {request.path}"
+        elif e.status == 404:
+            message = f"{request.path} does not exist"
+        else:
+            message = e.reason
+        response = _error_response(e.status, _HTTP_CODES.get(e.status, "HttpError"),
+                                   message, headers)
+    except Exception:
+        # A bug or an unforeseen failure: the stack goes to the log; the
+        # client learns only which request to look up there.
+        zone.log.exception("unexpected error handling request",
+                           extra={"req_id": req_id, "method": request.method,
+                                  "url": request.path_qs})
+        response = _error_response(500, "InternalError",
+                                   f"internal error (request {req_id})")
+    response.headers["x-request-id"] = req_id
+    zone.log.info("handled request", extra={
+        "req_id": req_id, "method": request.method, "url": request.path_qs,
+        "status": response.status, "remote": request.remote,
+        "latency_ms": round((time.monotonic() - start) * 1000, 3)})
+    return response
+
+
+# -- handlers ---------------------------------------------------------------
+
+
+async def ping(request: web.Request) -> web.Response:
+    zone = request.app[ZONE]
+    caps = await zone.zfs.capabilities()
+    return web.json_response({"ping": "pong", "zone": zone.config.uuid,
+                              "name": zone.config.name, "zfs": caps.flavour})
+
+
+async def list_vms(request: web.Request) -> web.Response:
+    zone = request.app[ZONE]
+    root = zone.store.root
+    # One `zfs get` for every VM's space; `used` of the VM's container counts
+    # its datasets and all their snapshots: what the VM costs this zone.
+    infos = [i for i in await zone.zfs.datasets(root, depth=1) if i.dataset.parent == root]
+    limit = asyncio.Semaphore(_LIST_CONCURRENCY)
+
+    async def describe(vm: str, used: int) -> dict[str, Any]:
+        async with limit:
+            snaps = await zone.store.snapshots(vm)
+        return {"uuid": vm, "cn": zone.config.cn_for_vm(vm), "snapshots": len(snaps),
+                "complete": sum(1 for s in snaps if s.complete), "bytes": used}
+
+    vms = await asyncio.gather(*(describe(i.dataset.basename, i.used)
+                                 for i in sorted(infos, key=lambda i: i.dataset.path)))
+    return web.json_response(list(vms))
+
+
+async def _known_vm(zone: Zone, vm: str) -> None:
+    if not await zone.zfs.exists(zone.store.vm_dataset(vm)):
+        raise ResourceNotFound(f"VM {vm} is not on this zone")
+
+
+async def list_snapshots(request: web.Request) -> web.Response:
+    zone = request.app[ZONE]
+    vm = request.match_info["uuid"]
+    snaps = await zone.store.snapshots(vm)
+    if not snaps:
+        # The store lists an unknown VM as empty; tell the two apart.
+        await _known_vm(zone, vm)
+    return web.json_response([s.to_json() for s in snaps])
+
+
+async def get_snapshot(request: web.Request) -> web.Response:
+    zone = request.app[ZONE]
+    vm, name = request.match_info["uuid"], request.match_info["name"]
+    snap = await zone.store.snapshot(vm, name)
+    body = snap.to_json()
+    # Metadata lives on the completion marker; an incomplete snapshot has none yet.
+    body["metadata"] = await zone.store.metadata(vm, name) if snap.complete else None
+    return web.json_response(body)
+
+
+async def delete_snapshot(request: web.Request) -> web.Response:
+    zone = request.app[ZONE]
+    vm, name = request.match_info["uuid"], request.match_info["name"]
+    if name in zone.transfers.in_use(vm):
+        raise SnapshotInUse(f"VM {vm} snapshot {name!r} is in use by a transfer; "
+                            "retry when it has finished")
+    # A transfer starting during the destroy is still safe: ZFS itself refuses
+    # to destroy a snapshot that a running send or receive depends on (busy).
+    await zone.store.delete(vm, name)
+    zone.log.info("deleted snapshot", extra={"vm": vm, "snapshot": name})
+    return web.Response(status=204)
+
+
+async def capacity(request: web.Request) -> web.Response:
+    zone = request.app[ZONE]
+    root = await zone.zfs.dataset(zone.store.root)
+    # The pool's top dataset's `available` is the pool's writable space as ZFS
+    # offers it to datasets (after its reserve); the root may have a quota below it.
+    pool = await zone.zfs.dataset(Dataset(zone.store.root.pool))
+    zone.metrics.pool_free.set(root.available)
+    return web.json_response({
+        "root": str(zone.store.root), "available": root.available, "used": root.used,
+        "referenced": root.referenced,
+        "pool": {"name": zone.store.root.pool, "free": pool.available}})
+
+
+async def transfers(request: web.Request) -> web.Response:
+    zone = request.app[ZONE]
+    return web.json_response([t.to_json() for t in zone.transfers.active()])
+
+
+async def metrics(request: web.Request) -> web.Response:
+    zone = request.app[ZONE]
+    try:
+        await zone.refresh_capacity()
+    except SnapperError:
+        # A scrape must still answer (transfer counters matter most when ZFS
+        # is unwell); the gauge keeps its last value and the log says why.
+        zone.log.warning("cannot refresh pool free space for /metrics", exc_info=True)
+    # CONTENT_TYPE_LATEST carries a charset, which content_type= refuses.
+    return web.Response(body=zone.metrics.render(),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def make_app(zone: Zone) -> web.Application:
+    app = web.Application(middlewares=[_errors_and_audit])
+    app[ZONE] = zone
+    app.router.add_get("/ping", ping)
+    app.router.add_get("/v1/vms", list_vms)
+    app.router.add_get("/v1/vms/{uuid}/snapshots", list_snapshots)
+    app.router.add_get("/v1/vms/{uuid}/snapshots/{name}", get_snapshot)
+    app.router.add_delete("/v1/vms/{uuid}/snapshots/{name}", delete_snapshot)
+    app.router.add_get("/v1/capacity", capacity)
+    app.router.add_get("/v1/transfers", transfers)
+    app.router.add_get("/metrics", metrics)
+    return app

@@ -1,0 +1,244 @@
+"""The HTTP API, served for real on loopback, over a zone pool on real ZFS."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncssh
+import pytest
+from aiohttp.test_utils import TestServer
+
+from snapper_zone.config import parse_config
+from snapper_zone.httpapi import make_app
+from snapper_zone.localpool import FilePool
+from snapper_zone.names import Dataset
+from snapper_zone.zfs import Capabilities, SendSpec, Zfs
+from snapper_zone.zone import Zone
+from tests.helpers import write_random
+
+pytestmark = pytest.mark.zfs
+
+ZONE_UUID = "bd932c2b-caae-495a-abf2-fb958111c3fb"
+VM = "74c59c61-4559-4ca2-b1ef-0ca22f2f936a"
+OTHER_VM = "7250abe7-581d-4b91-9ae1-5601a17f5dff"
+META = {"uuid": VM, "alias": "web0", "brand": "joyent", "ram": 1024}
+
+
+@dataclass
+class Api:
+    zone: Zone
+    server: TestServer
+    http: aiohttp.ClientSession
+    cn_pool: FilePool
+    cn: Dataset  # the simulated CN's dataset for VM's "root"
+
+    def url(self, path: str) -> str:
+        return str(self.server.make_url(path))
+
+    async def call(self, method: str, path: str) -> tuple[int, Any]:
+        async with self.http.request(method, self.url(path)) as r:
+            body = await r.json() if r.content_type == "application/json" else await r.text()
+            return r.status, body
+
+
+async def push(api: Api, name: str, base: str | None) -> None:
+    """What a CN push amounts to on the zone: receive the dataset, then mark it whole."""
+    cn_snap = api.cn.snapshot(name)
+    spec = SendSpec(cn_snap, base=api.cn.snapshot(base) if base else None)
+    await api.zone.zfs.pipe(spec, api.zone.store.part_dataset(VM, "root"))
+    await api.zone.store.mark_complete(VM, name, ["root"], {**META, "snap": name}, "cn:test")
+
+
+@pytest.fixture
+async def api(zfs: Zfs, cn_pool: FilePool, zone_pool: FilePool,
+              tmp_path: Path) -> AsyncIterator[Api]:
+    key = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+    config = parse_config({
+        "uuid": ZONE_UUID, "name": "snapper0", "root": f"{zone_pool.name}/snapper",
+        "ssh": {"port": 0, "host_key": str(tmp_path / "host_key")},
+        "http": {"port": 0},
+        "keys": [{"role": "operator", "public_key": key}],
+    }, str(tmp_path / "snapperd.toml"))
+    await zfs.create(Dataset(config.root))
+    zone = Zone.from_config(config, zfs)
+    await zone.store.ensure_vm(VM)
+
+    cn = Dataset(cn_pool.name).child(VM)
+    await zfs.create(cn)
+    for i in (1, 2, 3):
+        write_random(cn_pool, cn, f"f{i}", 256 << 10)
+        await zfs.snapshot([cn.snapshot(f"s{i}")])
+
+    server = TestServer(make_app(zone), host="127.0.0.1")
+    await server.start_server()
+    async with aiohttp.ClientSession() as http:
+        a = Api(zone, server, http, cn_pool, cn)
+        for name, base in (("s1", None), ("s2", "s1"), ("s3", "s2")):
+            await push(a, name, base)
+        yield a
+    await server.close()
+
+
+async def test_ping(api: Api, caps: Capabilities) -> None:
+    status, body = await api.call("GET", "/ping")
+    assert status == 200
+    assert body == {"ping": "pong", "zone": ZONE_UUID, "name": "snapper0", "zfs": caps.flavour}
+
+
+async def test_inventory_guids_equal_the_cns(api: Api) -> None:
+    cn_guids = {s.name: str(s.guid) for s in await api.zone.zfs.snapshots(api.cn)}
+
+    status, vms = await api.call("GET", "/v1/vms")
+    assert status == 200
+    assert len(vms) == 1
+    (vm,) = vms
+    assert (vm["uuid"], vm["snapshots"], vm["complete"]) == (VM, 3, 3)
+    assert vm["bytes"] > 3 * (256 << 10)
+
+    status, snaps = await api.call("GET", f"/v1/vms/{VM}/snapshots")
+    assert status == 200
+    assert [s["name"] for s in snaps] == ["s1", "s2", "s3"]
+    for s in snaps:
+        assert s["vm"] == VM and s["complete"] is True and s["source"] == "cn:test"
+        assert s["datasets"]["root"]["guid"] == cn_guids[s["name"]]
+        assert s["created"] > 0 and s["size"] >= 0
+
+
+async def test_one_snapshot_with_metadata(api: Api) -> None:
+    status, snap = await api.call("GET", f"/v1/vms/{VM}/snapshots/s2")
+    assert status == 200
+    assert snap["name"] == "s2" and snap["complete"] is True
+    assert snap["metadata"] == {**META, "snap": "s2"}
+    assert set(snap["datasets"]) == {"root"}
+
+
+async def test_delete_intermediate_keeps_the_others(api: Api) -> None:
+    before = {s["name"]: s for s in (await api.call("GET", f"/v1/vms/{VM}/snapshots"))[1]}
+
+    async with api.http.delete(api.url(f"/v1/vms/{VM}/snapshots/s2")) as r:
+        assert r.status == 204
+        assert await r.read() == b""
+
+    status, snaps = await api.call("GET", f"/v1/vms/{VM}/snapshots")
+    assert status == 200
+    assert [s["name"] for s in snaps] == ["s1", "s3"]
+    for s in snaps:
+        assert s["datasets"]["root"]["guid"] == before[s["name"]]["datasets"]["root"]["guid"]
+    status, body = await api.call("GET", f"/v1/vms/{VM}/snapshots/s2")
+    assert (status, body["code"]) == (404, "ResourceNotFound")
+
+    # The chain still takes the next incremental from the newest snapshot.
+    write_random(api.cn_pool, api.cn, "f4", 64 << 10)
+    await api.zone.zfs.snapshot([api.cn.snapshot("s4")])
+    await push(api, "s4", "s3")
+    status, snaps = await api.call("GET", f"/v1/vms/{VM}/snapshots")
+    assert [s["name"] for s in snaps] == ["s1", "s3", "s4"]
+
+
+async def test_delete_refused_while_a_transfer_uses_it(api: Api) -> None:
+    t = api.zone.transfers.start("send", VM, "root", "s3", base="s1", peer="cn:test",
+                                 expected=1 << 20)
+    try:
+        for name in ("s1", "s3"):  # the base and the subject
+            status, body = await api.call("DELETE", f"/v1/vms/{VM}/snapshots/{name}")
+            assert status == 409
+            assert body["code"] == "ResourceBusy" and name in body["message"]
+        t.add(4096)
+        status, active = await api.call("GET", "/v1/transfers")
+        assert status == 200
+        assert [(x["id"], x["vm"], x["snapshot"], x["base"], x["bytes"]) for x in active] == [
+            (t.id, VM, "s3", "s1", 4096)]
+        assert active[0]["rate"] >= 0 and active[0]["expected"] == 1 << 20
+        # A snapshot the transfer does not touch may go.
+        assert (await api.call("DELETE", f"/v1/vms/{VM}/snapshots/s2"))[0] == 204
+    finally:
+        api.zone.transfers.finish(t, "ok")
+    status, snaps = await api.call("GET", f"/v1/vms/{VM}/snapshots")
+    assert [s["name"] for s in snaps] == ["s1", "s3"]
+    assert (await api.call("GET", "/v1/transfers")) == (200, [])
+    assert (await api.call("DELETE", f"/v1/vms/{VM}/snapshots/s1"))[0] == 204
+
+
+async def test_unknown_vm_is_404(api: Api) -> None:
+    for method, path in (("GET", f"/v1/vms/{OTHER_VM}/snapshots"),
+                         ("GET", f"/v1/vms/{OTHER_VM}/snapshots/s1"),
+                         ("DELETE", f"/v1/vms/{OTHER_VM}/snapshots/s1"),
+                         ("DELETE", f"/v1/vms/{VM}/snapshots/nosuch")):
+        status, body = await api.call(method, path)
+        assert status == 404, (method, path)
+        assert body["code"] == "ResourceNotFound" and body["message"]
+
+
+@pytest.mark.parametrize("path", [
+    "/v1/vms/not-a-uuid/snapshots",
+    f"/v1/vms/{VM.upper()}/snapshots",
+    "/v1/vms/..%2F..%2Fetc/snapshots",
+    f"/v1/vms/{VM}/snapshots/-rf",
+    f"/v1/vms/{VM}/snapshots/a%40b",
+    f"/v1/vms/{VM}/snapshots/a..b",
+])
+async def test_bad_names_are_422(api: Api, path: str) -> None:
+    for method in ("GET", "DELETE") if path.count("/") == 5 else ("GET",):
+        status, body = await api.call(method, path)
+        assert status == 422, (method, path, body)
+        assert body["code"] == "InvalidArgument"
+    status, snaps = await api.call("GET", f"/v1/vms/{VM}/snapshots")
+    assert len(snaps) == 3  # nothing was touched
+
+
+async def test_unknown_route_and_wrong_method(api: Api) -> None:
+    status, body = await api.call("GET", "/v1/nothing-here")
+    assert (status, body["code"]) == (404, "ResourceNotFound")
+    async with api.http.post(api.url("/v1/vms")) as r:
+        assert r.status == 405
+        assert (await r.json())["code"] == "MethodNotAllowed"
+        assert "GET" in r.headers["Allow"]
+
+
+async def test_unexpected_error_is_500_without_internals(
+        api: Api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    async def broken(vm: str) -> None:
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(api.zone.store, "snapshots", broken)
+    with caplog.at_level(logging.INFO, logger="snapperd"):
+        async with api.http.get(api.url(f"/v1/vms/{VM}/snapshots")) as r:
+            body = await r.json()
+            req_id = r.headers["x-request-id"]
+    assert r.status == 500
+    assert body["code"] == "InternalError"
+    assert "secret" not in body["message"] and req_id in body["message"]
+    logged = [rec for rec in caplog.records if getattr(rec, "req_id", None) == req_id]
+    assert any(rec.exc_info and "secret" in str(rec.exc_info[1]) for rec in logged)
+
+
+async def test_every_request_logged(api: Api, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="snapperd"):
+        await api.call("GET", "/ping")
+        await api.call("GET", "/nope")
+    audit = [r.__dict__ for r in caplog.records if r.getMessage() == "handled request"]
+    assert [(a["method"], a["url"], a["status"]) for a in audit] == [
+        ("GET", "/ping", 200), ("GET", "/nope", 404)]
+    assert all(a["latency_ms"] >= 0 and a["req_id"] for a in audit)
+
+
+async def test_capacity_and_metrics(api: Api) -> None:
+    status, cap = await api.call("GET", "/v1/capacity")
+    assert status == 200
+    assert cap["root"] == str(api.zone.store.root)
+    assert cap["available"] > 0 and cap["used"] > 3 * (256 << 10) and cap["referenced"] > 0
+    assert cap["pool"]["name"] == api.zone.store.root.pool and cap["pool"]["free"] > 0
+
+    async with api.http.get(api.url("/metrics")) as r:
+        assert r.status == 200
+        assert r.content_type == "text/plain"
+        text = await r.text()
+    m = re.search(r"^snapper_pool_free_bytes (\S+)$", text, re.M)
+    assert m is not None and float(m.group(1)) > 0
+    assert "snapper_active_transfers" in text
