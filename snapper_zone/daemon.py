@@ -1,0 +1,243 @@
+"""``snapperd --config FILE``: the daemon of one snapper zone (SSH streams + HTTP API).
+
+Exit status: 0 after a clean stop (SIGTERM/SIGINT), 2 for a problem an
+operator must fix before a restart can help (bad config or arguments, a
+missing delegated root), 1 for anything else that stops it.
+Logs are bunyan JSON lines on stderr (SMF captures them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn, cast
+
+import asyncssh
+from aiohttp import web
+
+from snapper_zone.config import ConfigError, ZoneConfig, load_config
+from snapper_zone.errors import SnapperError
+from snapper_zone.httpapi import make_app
+from snapper_zone.log import parse_level, setup_logging
+from snapper_zone.names import Dataset
+from snapper_zone.zfs import Zfs
+from snapper_zone.zone import Zone
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+# SMF's stop method (:kill) waits 60 s before SIGKILL; the HTTP drain plus the
+# transfer grace period stay well inside it by default.
+DEFAULT_GRACE = 30.0
+HTTP_DRAIN = 5.0
+_POLL = 0.1  # how often the grace period looks at the transfer registry
+
+# snapper_zone.sshserver.start_ssh_server, imported lazily (see _start_ssh).
+StartSsh = Callable[[Zone], Awaitable[asyncssh.SSHAcceptor]]
+
+
+class StartupError(Exception):
+    """The daemon cannot start; ``status`` is its exit status."""
+
+    def __init__(self, message: str, status: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse exits by itself; main() returns its status instead.
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        raise StartupError(f"{self.prog}: {message}", EXIT_USAGE)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="snapperd", description="Snapper zone daemon: receives, keeps and "
+                "serves VM snapshots in this zone's delegated ZFS dataset.")
+    p.add_argument("--config", required=True, metavar="FILE",
+                   help="snapperd config (TOML, or JSON if it ends in .json)")
+    p.add_argument("--log-level", default="info",
+                   help="trace, debug, info, warn, error or fatal (default: info)")
+    p.add_argument("--ready-file", type=Path, metavar="PATH",
+                   help='once both listeners are up, write {"pid", "ssh_port", "http_port"} '
+                   "here (atomically)")
+    p.add_argument("--create-root", action="store_true",
+                   help="create the delegated root dataset if missing (development and "
+                   "demos; in production it must already exist)")
+    p.add_argument("--grace", type=float, default=DEFAULT_GRACE, metavar="SECONDS",
+                   help="on SIGTERM, how long in-flight transfers may run on "
+                   f"(default: {DEFAULT_GRACE:g})")
+    return p
+
+
+def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Readers see the old file or the whole new one, never a part."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def ensure_host_key(path: Path, log: logging.Logger) -> None:
+    """Generate an ed25519 host key (mode 0600) at ``path`` unless one is there."""
+    if path.exists():
+        if path.stat().st_mode & 0o077:
+            log.warning("host key is readable by others; chmod 600 it", extra={"path": path})
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = asyncssh.generate_private_key("ssh-ed25519", comment="snapperd host key")
+    write_atomically(path, key.export_private_key(), mode=0o600)
+    with contextlib.suppress(OSError):
+        write_atomically(path.with_name(path.name + ".pub"), key.export_public_key())
+    log.info("generated SSH host key", extra={"path": path,
+                                              "fingerprint": key.get_fingerprint()})
+
+
+async def ensure_root(zfs: Zfs, root: Dataset, create: bool, log: logging.Logger) -> None:
+    if await zfs.exists(root):
+        return
+    if not create:
+        raise StartupError(f"delegated root dataset {root} does not exist: delegate it to "
+                           "this zone (or run with --create-root for a demo)", EXIT_USAGE)
+    try:
+        await zfs.create(root, parents=True)
+    except SnapperError as e:
+        raise StartupError(f"cannot create root dataset {root}: {e}", EXIT_USAGE) from e
+    log.info("created root dataset", extra={"root": str(root)})
+
+
+async def _start_ssh(zone: Zone) -> asyncssh.SSHAcceptor | None:
+    # Imported lazily: the SSH endpoint is its own module, and this one must
+    # not fail to import while it is being written. Only its absence is
+    # tolerated (HTTP-only, loudly logged); any error inside it is fatal.
+    try:
+        module = importlib.import_module("snapper_zone.sshserver")
+    except ModuleNotFoundError as e:
+        if e.name != "snapper_zone.sshserver":
+            raise
+        zone.log.error("SSH endpoint missing from this build (snapper_zone.sshserver); "
+                       "serving HTTP only")
+        return None
+    start = cast(StartSsh, module.start_ssh_server)
+    return await start(zone)
+
+
+async def _wait_for_transfers(zone: Zone, grace: float) -> None:
+    deadline = time.monotonic() + grace
+    if zone.transfers.active():
+        zone.log.info("waiting for transfers in flight",
+                      extra={"transfers": len(zone.transfers.active()), "grace": grace})
+    # The registry has no "became empty" event; polling it with a deadline is
+    # the wait itself, not a stand-in for one.
+    while zone.transfers.active() and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(_POLL)
+    if left := zone.transfers.active():
+        zone.log.warning("grace period over; cutting transfers in flight (each resumes "
+                         "or restarts from its last complete snapshot)",
+                         extra={"transfers": [t.to_json() for t in left]})
+
+
+async def serve(config: ZoneConfig, args: argparse.Namespace, log: logging.Logger) -> int:
+    zfs = Zfs()
+    zone = Zone.from_config(config, zfs, log)
+    await ensure_root(zfs, zone.store.root, args.create_root, log)
+    caps = await zfs.capabilities()
+    ensure_host_key(config.ssh.host_key, log)
+
+    stop = asyncio.Event()
+    received: list[str] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig.name)
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+    acceptor: asyncssh.SSHAcceptor | None = None
+    # aiohttp's access log would repeat the API's own audit line for each request.
+    runner = web.AppRunner(make_app(zone), access_log=None, shutdown_timeout=HTTP_DRAIN)
+    try:
+        acceptor = await _start_ssh(zone)
+        await runner.setup()
+        site = web.TCPSite(runner, config.http.host, config.http.port)
+        await site.start()
+        http_port = int(runner.addresses[0][1])
+        ssh_port = acceptor.get_port() if acceptor is not None else None
+        log.info("snapperd started", extra={
+            "zone": config.uuid, "zone_name": config.name, "root": config.root,
+            "zfs": caps.flavour, "ssh_port": ssh_port, "http_port": http_port,
+            "ssh_host": config.ssh.host, "http_host": config.http.host})
+        if args.ready_file is not None:
+            ready: dict[str, Any] = {"pid": os.getpid(), "ssh_port": ssh_port,
+                                     "http_port": http_port}
+            write_atomically(args.ready_file, json.dumps(ready).encode() + b"\n")
+
+        await stop.wait()
+        log.info("stopping", extra={"signal": received[0] if received else None})
+    finally:
+        # Stop accepting on both endpoints first, so nothing new starts. Open
+        # SSH connections stay up through the grace period: they carry the
+        # transfers being waited for. (Not wait_closed(): on newer Pythons it
+        # waits for every connection, which is the grace period's job.)
+        if acceptor is not None:
+            acceptor.close()
+        await runner.cleanup()  # stops listening, lets requests in flight finish
+    await _wait_for_transfers(zone, args.grace)
+    log.info("stopped")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        try:
+            level = parse_level(args.log_level)
+        except ValueError as e:
+            raise StartupError(f"snapperd: --log-level: {e}", EXIT_USAGE) from e
+        try:
+            config = load_config(args.config)
+        except ConfigError as e:
+            raise StartupError(f"snapperd: config error: {e}", EXIT_USAGE) from e
+    except StartupError as e:
+        print(e, file=sys.stderr)
+        return e.status
+
+    log = setup_logging("snapperd", level)
+    try:
+        return asyncio.run(serve(config, args, log))
+    # From here on stderr carries only bunyan lines, so failures are logged, not printed.
+    except StartupError as e:
+        log.critical(str(e))
+        return e.status
+    except (SnapperError, OSError):
+        # e.g. ZFS not answering, a port already taken.
+        log.critical("snapperd cannot run", exc_info=True)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

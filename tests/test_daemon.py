@@ -1,0 +1,193 @@
+"""snapperd as a real process: ready file, HTTP, bunyan logs, clean SIGTERM, exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import stat
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncssh
+import pytest
+
+from snapper_zone import proc
+from snapper_zone.localpool import FilePool
+from snapper_zone.names import Dataset
+from snapper_zone.zfs import Zfs
+
+REPO = Path(__file__).resolve().parent.parent
+ZONE_UUID = "bd932c2b-caae-495a-abf2-fb958111c3fb"
+STOP_BOUND = 15.0  # seconds from SIGTERM to exit with nothing in flight
+READY_BOUND = 60.0
+HAVE_SSH = importlib.util.find_spec("snapper_zone.sshserver") is not None
+
+
+def write_config(tmp_path: Path, root: str, **overrides: Any) -> Path:
+    key = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+    http = overrides.pop("http_port", 0)
+    conf = tmp_path / "snapperd.toml"
+    conf.write_text(f"""
+uuid = "{ZONE_UUID}"
+name = "snapper-test"
+root = "{root}"
+[ssh]
+port = 0
+host_key = "keys/ssh_host_ed25519_key"
+[http]
+port = {http}
+[[keys]]
+role = "operator"
+public_key = "{key}"
+""")
+    return conf
+
+
+def snapperd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "snapper_zone.daemon", *args]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def _read_ready(ready: Path) -> dict[str, Any] | None:
+    try:
+        info: dict[str, Any] = json.loads(ready.read_text())
+    except FileNotFoundError:
+        return None
+    return info
+
+
+def _log_of(daemon: proc.Daemon) -> str:
+    return Path(daemon.log_path).read_text()
+
+
+async def wait_ready(daemon: proc.Daemon, ready: Path) -> dict[str, Any]:
+    """Poll for the ready file (it appears atomically), failing fast if the daemon dies."""
+    deadline = time.monotonic() + READY_BOUND
+    while (info := _read_ready(ready)) is None:
+        if not daemon.alive():
+            pytest.fail("snapperd exited before ready:\n" + _log_of(daemon))
+        if time.monotonic() > deadline:
+            pytest.fail(f"snapperd not ready in {READY_BOUND}s:\n" + _log_of(daemon))
+        await asyncio.sleep(0.05)
+    return info
+
+
+def log_records(path: Path) -> list[dict[str, Any]]:
+    """Every line of the daemon's stderr, each of which must be one bunyan record."""
+    records = []
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        assert isinstance(rec, dict)
+        assert {"v", "name", "hostname", "pid", "level", "msg", "time"} <= rec.keys(), rec
+        records.append(rec)
+    return records
+
+
+@pytest.fixture
+def started() -> Iterator[list[proc.Daemon]]:
+    """Daemons a test started: each is stopped by its pid if the test left it running."""
+    daemons: list[proc.Daemon] = []
+    yield daemons
+    for d in daemons:
+        d.stop(timeout=10)
+
+
+@pytest.mark.zfs
+async def test_daemon_serves_and_stops_cleanly(zfs: Zfs, zone_pool: FilePool, tmp_path: Path,
+                                               started: list[proc.Daemon]) -> None:
+    root = f"{zone_pool.name}/snapper"
+    conf = write_config(tmp_path, root)
+    ready = tmp_path / "ready.json"
+    log_path = tmp_path / "snapperd.log"
+    daemon = proc.Daemon(snapperd("--config", str(conf), "--ready-file", str(ready),
+                                  "--create-root", "--log-level", "debug"),
+                         str(log_path), env=env())
+    started.append(daemon)
+
+    info = await wait_ready(daemon, ready)
+    assert info["pid"] == daemon.pid
+    assert isinstance(info["http_port"], int) and info["http_port"] > 0
+    if HAVE_SSH:
+        assert isinstance(info["ssh_port"], int) and info["ssh_port"] > 0
+        reader, writer = await asyncio.open_connection("127.0.0.1", info["ssh_port"])
+        banner = await asyncio.wait_for(reader.readline(), 10)
+        writer.close()
+        assert banner.startswith(b"SSH-2.0-")
+    else:
+        assert info["ssh_port"] is None
+
+    assert await zfs.exists(Dataset(root))
+    key = tmp_path / "keys" / "ssh_host_ed25519_key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert asyncssh.read_private_key(str(key)).algorithm == b"ssh-ed25519"
+
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{info['http_port']}/ping") as r:
+            assert r.status == 200
+            assert await r.json() == {"ping": "pong", "zone": ZONE_UUID,
+                                      "name": "snapper-test",
+                                      "zfs": (await zfs.capabilities()).flavour}
+        async with http.get(f"http://127.0.0.1:{info['http_port']}/v1/vms") as r:
+            assert (r.status, await r.json()) == (200, [])
+
+    t0 = time.monotonic()
+    assert daemon.stop(timeout=STOP_BOUND) == 0
+    assert time.monotonic() - t0 < STOP_BOUND
+
+    records = log_records(log_path)
+    assert all(r["name"] == "snapperd" and r["pid"] == daemon.pid for r in records)
+    msgs = [r["msg"] for r in records]
+    (start,) = [r for r in records if r["msg"] == "snapperd started"]
+    assert (start["http_port"], start["ssh_port"]) == (info["http_port"], info["ssh_port"])
+    assert start["level"] == 30 and start["zone"] == ZONE_UUID and start["root"] == root
+    audit = [r for r in records if r["msg"] == "handled request"]
+    assert [(a["method"], a["url"], a["status"]) for a in audit] == [
+        ("GET", "/ping", 200), ("GET", "/v1/vms", 200)]
+    assert {"created root dataset", "generated SSH host key", "stopping", "stopped"} <= set(msgs)
+    assert msgs[-1] == "stopped"
+
+
+@pytest.mark.zfs
+async def test_missing_root_is_exit_2_without_create_root(
+        zone_pool: FilePool, tmp_path: Path) -> None:
+    conf = write_config(tmp_path, f"{zone_pool.name}/absent")
+    done = await proc.run(snapperd("--config", str(conf)), env=env(), timeout=60)
+    assert done.returncode == 2, done.stderr
+    (rec,) = [json.loads(line) for line in done.stderr.splitlines()]
+    assert rec["level"] == 60
+    assert f"{zone_pool.name}/absent" in rec["msg"] and "does not exist" in rec["msg"]
+
+
+@pytest.mark.parametrize(("edit", "field"), [
+    (lambda t: t.replace("port = 0", 'port = "twenty-two"', 1), "ssh.port"),
+    (lambda t: t.replace('name = "snapper-test"', 'nmae = "x"'), "nmae"),
+    (lambda t: t.replace('role = "operator"', 'role = "admin"'), "keys[0].role"),
+])
+async def test_bad_config_is_exit_2_naming_the_field(tmp_path: Path, edit: Any,
+                                                     field: str) -> None:
+    conf = write_config(tmp_path, "tank/snapper")
+    conf.write_text(edit(conf.read_text()))
+    done = await proc.run(snapperd("--config", str(conf)), env=env(), timeout=60)
+    assert done.returncode == 2
+    assert str(conf) in done.stderr and field in done.stderr, done.stderr
+
+
+async def test_usage_errors_are_exit_2(tmp_path: Path) -> None:
+    done = await proc.run(snapperd(), env=env(), timeout=60)
+    assert done.returncode == 2 and "--config" in done.stderr
+    missing = tmp_path / "nope.toml"
+    done = await proc.run(snapperd("--config", str(missing)), env=env(), timeout=60)
+    assert done.returncode == 2 and str(missing) in done.stderr
+    conf = write_config(tmp_path, "tank/snapper")
+    done = await proc.run(snapperd("--config", str(conf), "--log-level", "loud"),
+                          env=env(), timeout=60)
+    assert done.returncode == 2 and "log level" in done.stderr
