@@ -5,6 +5,7 @@ Routes::
     GET    /ping                              {"ping": "pong", zone, name, zfs}
     GET    /v1/vms                            [{uuid, cn, snapshots, complete, bytes}]
     GET    /v1/vms/{uuid}/snapshots           [VmSnapshot JSON], oldest first
+                                              (?metadata=true: each with "metadata")
     GET    /v1/vms/{uuid}/snapshots/{name}    VmSnapshot JSON + "metadata"
     DELETE /v1/vms/{uuid}/snapshots/{name}    204; 409 ResourceBusy while a transfer uses it
     GET    /v1/capacity                       {root, available, used, referenced, pool}
@@ -32,9 +33,10 @@ from typing import Any
 
 from aiohttp import web
 
-from snapper_zone.errors import SnapperError
+from snapper_zone.errors import InvalidName, SnapperError
 from snapper_zone.metrics import CONTENT_TYPE_LATEST
 from snapper_zone.names import Dataset, check_component, check_uuid
+from snapper_zone.store import P_META_COUNT, decode_metadata
 from snapper_zone.zone import Zone
 
 __all__ = ["ZONE", "MethodNotAllowed", "ResourceNotFound", "SnapshotInUse", "make_app"]
@@ -153,12 +155,24 @@ async def ping(request: web.Request) -> web.Response:
                               "name": zone.config.name, "zfs": caps.flavour})
 
 
+def _is_vm(name: str) -> bool:
+    try:
+        check_uuid(name)
+    except InvalidName:
+        return False
+    return True
+
+
 async def list_vms(request: web.Request) -> web.Response:
     zone = request.app[ZONE]
     root = zone.store.root
     # One `zfs get` for every VM's space; `used` of the VM's container counts
     # its datasets and all their snapshots: what the VM costs this zone.
-    infos = [i for i in await zone.zfs.datasets(root, depth=1) if i.dataset.parent == root]
+    children = [i for i in await zone.zfs.datasets(root, depth=1) if i.dataset.parent == root]
+    infos = [i for i in children if _is_vm(i.dataset.basename)]
+    if stray := sorted(i.dataset.basename for i in children if i not in infos):
+        # Not ours (someone's hand-made dataset): one bad name must not hide every VM.
+        zone.log.warning("datasets under the root that are not VMs", extra={"stray": stray})
     limit = asyncio.Semaphore(_LIST_CONCURRENCY)
 
     async def describe(vm: str, used: int) -> dict[str, Any]:
@@ -172,6 +186,31 @@ async def list_vms(request: web.Request) -> web.Response:
     return web.json_response(list(vms))
 
 
+async def _all_metadata(zone: Zone, vm: str) -> dict[str, dict[str, Any] | None]:
+    """Every snapshot's metadata in two `zfs get`s, however many snapshots there are.
+
+    The first reads each marker's chunk count, the second every chunk up to the
+    largest count (``store.metadata`` per snapshot would be two calls each).
+    """
+    container = zone.store.vm_dataset(vm)
+    counts = {s.snapshot.name: int(s.user_props[P_META_COUNT])
+              for s in await zone.zfs.snapshots(container, user_props=[P_META_COUNT])
+              if P_META_COUNT in s.user_props}
+    if not counts:
+        return {}
+    chunks = [P_META_COUNT, *(f"snapper:m.{i}" for i in range(max(counts.values())))]
+    return {s.snapshot.name: decode_metadata(s.user_props)
+            for s in await zone.zfs.snapshots(container, user_props=chunks)
+            if s.snapshot.name in counts}
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    value = request.query.get(name, "false").lower()
+    if value not in ("true", "false", "1", "0"):
+        raise InvalidName(f"invalid {name} {value!r}: expected true or false")
+    return value in ("true", "1")
+
+
 async def _known_vm(zone: Zone, vm: str) -> None:
     if not await zone.zfs.exists(zone.store.vm_dataset(vm)):
         raise ResourceNotFound(f"VM {vm} is not on this zone")
@@ -180,11 +219,17 @@ async def _known_vm(zone: Zone, vm: str) -> None:
 async def list_snapshots(request: web.Request) -> web.Response:
     zone = request.app[ZONE]
     vm = request.match_info["uuid"]
+    with_metadata = _flag(request, "metadata")
     snaps = await zone.store.snapshots(vm)
     if not snaps:
         # The store lists an unknown VM as empty; tell the two apart.
         await _known_vm(zone, vm)
-    return web.json_response([s.to_json() for s in snaps])
+    body = [s.to_json() for s in snaps]
+    if with_metadata and snaps:
+        meta = await _all_metadata(zone, vm)
+        for s in body:
+            s["metadata"] = meta.get(s["name"]) if s["complete"] else None
+    return web.json_response(body)
 
 
 async def get_snapshot(request: web.Request) -> web.Response:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import logging
 import os
 import stat
 import sys
@@ -17,13 +18,17 @@ import aiohttp
 import asyncssh
 import pytest
 
+from snapper_zone import daemon as daemon_mod
 from snapper_zone import proc
+from snapper_zone.config import parse_config
 from snapper_zone.localpool import FilePool
 from snapper_zone.names import Dataset
 from snapper_zone.zfs import Zfs
+from snapper_zone.zone import Zone
 
 REPO = Path(__file__).resolve().parent.parent
 ZONE_UUID = "bd932c2b-caae-495a-abf2-fb958111c3fb"
+VM = "74c59c61-4559-4ca2-b1ef-0ca22f2f936a"
 STOP_BOUND = 15.0  # seconds from SIGTERM to exit with nothing in flight
 READY_BOUND = 60.0
 HAVE_SSH = importlib.util.find_spec("snapper_zone.sshserver") is not None
@@ -191,3 +196,35 @@ async def test_usage_errors_are_exit_2(tmp_path: Path) -> None:
     done = await proc.run(snapperd("--config", str(conf), "--log-level", "loud"),
                           env=env(), timeout=60)
     assert done.returncode == 2 and "log level" in done.stderr
+
+
+def _zone(tmp_path: Path) -> Zone:
+    key = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+    return Zone.from_config(parse_config({
+        "uuid": ZONE_UUID, "name": "z", "root": "tank/snapper",
+        "ssh": {"port": 0, "host_key": str(tmp_path / "k")}, "http": {"port": 0},
+        "keys": [{"role": "operator", "public_key": key}]}))
+
+
+async def test_grace_period_ends_when_the_last_transfer_does(tmp_path: Path) -> None:
+    zone = _zone(tmp_path)
+    await asyncio.wait_for(daemon_mod._wait_for_transfers(zone, 30), 1)  # nothing in flight
+
+    t = zone.transfers.start("receive", VM, "root", "s2", "s1", "cn:test")
+    waiter = asyncio.create_task(daemon_mod._wait_for_transfers(zone, 30))
+    await asyncio.sleep(0)  # let it see the transfer and start waiting
+    assert not waiter.done()
+    zone.transfers.finish(t, "ok")
+    await asyncio.wait_for(waiter, 5)  # long before the 30 s grace
+
+
+async def test_grace_period_is_bounded(tmp_path: Path,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    zone = _zone(tmp_path)
+    zone.transfers.start("receive", VM, "root", "s2", "s1", "cn:test")
+    t0 = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="snapperd"):
+        await asyncio.wait_for(daemon_mod._wait_for_transfers(zone, 0.3), 5)
+    assert 0.3 <= time.monotonic() - t0 < 5
+    (cut,) = [r for r in caplog.records if r.getMessage().startswith("grace period over")]
+    assert [x["snapshot"] for x in cut.__dict__["transfers"]] == ["s2"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -92,22 +93,38 @@ async def test_ping(api: Api, caps: Capabilities) -> None:
 
 
 async def test_inventory_guids_equal_the_cns(api: Api) -> None:
+    # An incomplete VM snapshot (a push still in progress) and a dataset that
+    # is not a VM, both as a zone may really have them.
+    write_random(api.cn_pool, api.cn, "f4", 64 << 10)
+    await api.zone.zfs.snapshot([api.cn.snapshot("s4")])
+    await api.zone.zfs.pipe(SendSpec(api.cn.snapshot("s4"), base=api.cn.snapshot("s3")),
+                            api.zone.store.part_dataset(VM, "root"))
+    await api.zone.zfs.create(api.zone.store.root.child("stray"))
     cn_guids = {s.name: str(s.guid) for s in await api.zone.zfs.snapshots(api.cn)}
 
     status, vms = await api.call("GET", "/v1/vms")
     assert status == 200
     assert len(vms) == 1
     (vm,) = vms
-    assert (vm["uuid"], vm["snapshots"], vm["complete"]) == (VM, 3, 3)
+    assert (vm["uuid"], vm["snapshots"], vm["complete"], vm["cn"]) == (VM, 4, 3, None)
     assert vm["bytes"] > 3 * (256 << 10)
 
     status, snaps = await api.call("GET", f"/v1/vms/{VM}/snapshots")
     assert status == 200
-    assert [s["name"] for s in snaps] == ["s1", "s2", "s3"]
+    assert [(s["name"], s["complete"]) for s in snaps] == [
+        ("s1", True), ("s2", True), ("s3", True), ("s4", False)]
     for s in snaps:
-        assert s["vm"] == VM and s["complete"] is True and s["source"] == "cn:test"
+        assert s["vm"] == VM and "metadata" not in s
         assert s["datasets"]["root"]["guid"] == cn_guids[s["name"]]
-        assert s["created"] > 0 and s["size"] >= 0
+        assert s["size"] >= 0
+    assert all(s["created"] > 0 and s["source"] == "cn:test" for s in snaps[:3])
+
+    status, snaps = await api.call("GET", f"/v1/vms/{VM}/snapshots?metadata=true")
+    assert status == 200
+    assert [s["metadata"] for s in snaps] == [
+        {**META, "snap": "s1"}, {**META, "snap": "s2"}, {**META, "snap": "s3"}, None]
+    status, body = await api.call("GET", f"/v1/vms/{VM}/snapshots?metadata=yes-please")
+    assert (status, body["code"]) == (422, "InvalidArgument")
 
 
 async def test_one_snapshot_with_metadata(api: Api) -> None:
@@ -242,3 +259,14 @@ async def test_capacity_and_metrics(api: Api) -> None:
     m = re.search(r"^snapper_pool_free_bytes (\S+)$", text, re.M)
     assert m is not None and float(m.group(1)) > 0
     assert "snapper_active_transfers" in text
+
+
+async def test_metadata_over_several_chunks(api: Api) -> None:
+    # Incompressible, so it spans several snapper:m.N properties.
+    big = {**META, "customer_metadata": {"blob": os.urandom(12000).hex()}}
+    await api.zone.store.mark_complete(VM, "s2", ["root"], big, "cn:test")
+    status, one = await api.call("GET", f"/v1/vms/{VM}/snapshots/s2")
+    assert (status, one["metadata"]) == (200, big)
+    status, snaps = await api.call("GET", f"/v1/vms/{VM}/snapshots?metadata=1")
+    assert [s["metadata"] for s in snaps] == [
+        {**META, "snap": "s1"}, big, {**META, "snap": "s3"}]
