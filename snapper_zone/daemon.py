@@ -103,6 +103,11 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
 def ensure_host_key(path: Path, log: logging.Logger) -> None:
     """Generate an ed25519 host key (mode 0600) at ``path`` unless one is there."""
     if path.exists():
+        try:
+            asyncssh.read_private_key(str(path))
+        except (OSError, asyncssh.KeyImportError) as e:
+            raise StartupError(f"ssh.host_key {path} is not a usable private key: {e}",
+                               EXIT_USAGE) from e
         if path.stat().st_mode & 0o077:
             log.warning("host key is readable by others; chmod 600 it", extra={"path": path})
         return
@@ -233,8 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StartupError as e:
         log.critical(str(e))
         return e.status
-    except (SnapperError, OSError):
-        # e.g. ZFS not answering, a port already taken.
+    except Exception:
+        # ZFS not answering, a port already taken, a bug: logged with its stack
+        # as one bunyan record rather than a bare traceback.
         log.critical("snapperd cannot run", exc_info=True)
         return EXIT_FAILED
 

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import logging
 import os
+import socket
 import stat
 import sys
 import time
@@ -228,3 +229,32 @@ async def test_grace_period_is_bounded(tmp_path: Path,
     assert 0.3 <= time.monotonic() - t0 < 5
     (cut,) = [r for r in caplog.records if r.getMessage().startswith("grace period over")]
     assert [x["snapshot"] for x in cut.__dict__["transfers"]] == ["s2"]
+
+
+@pytest.mark.zfs
+async def test_startup_failures_are_logged_and_exit_nonzero(
+        zfs: Zfs, zone_pool: FilePool, tmp_path: Path) -> None:
+    root = f"{zone_pool.name}/snapper"
+    await zfs.create(Dataset(root))
+
+    # An unusable host key is the operator's to fix: exit 2, naming the field.
+    key = tmp_path / "keys" / "ssh_host_ed25519_key"
+    key.parent.mkdir()
+    key.write_text("not a key\n")
+    conf = write_config(tmp_path, root)
+    done = await proc.run(snapperd("--config", str(conf)), env=env(), timeout=60)
+    assert done.returncode == 2, done.stderr
+    (rec,) = [json.loads(line) for line in done.stderr.splitlines()]
+    assert "ssh.host_key" in rec["msg"] and rec["level"] == 60
+    key.unlink()
+
+    # A port already taken: exit 1, and still only bunyan lines on stderr.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        conf = write_config(tmp_path, root, http_port=taken.getsockname()[1])
+        done = await proc.run(snapperd("--config", str(conf)), env=env(), timeout=60)
+    assert done.returncode == 1, done.stderr
+    records = [json.loads(line) for line in done.stderr.splitlines()]
+    assert records[-1]["msg"] == "snapperd cannot run" and records[-1]["level"] == 60
+    assert "address already in use" in records[-1]["err"]["message"].lower()
