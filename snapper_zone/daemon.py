@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
 import json
 import logging
 import os
@@ -19,9 +18,9 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn
 
 import asyncssh
 from aiohttp import web
@@ -31,6 +30,7 @@ from snapper_zone.errors import SnapperError
 from snapper_zone.httpapi import make_app
 from snapper_zone.log import parse_level, setup_logging
 from snapper_zone.names import Dataset
+from snapper_zone.sshserver import start_ssh_server
 from snapper_zone.zfs import Zfs
 from snapper_zone.zone import Zone
 
@@ -45,10 +45,6 @@ EXIT_USAGE = 2
 DEFAULT_GRACE = 30.0
 HTTP_DRAIN = 5.0
 _POLL = 0.1  # how often the grace period looks at the transfer registry
-
-# snapper_zone.sshserver.start_ssh_server, imported lazily (see _start_ssh).
-StartSsh = Callable[[Zone], Awaitable[asyncssh.SSHAcceptor]]
-
 
 class StartupError(Exception):
     """The daemon cannot start; ``status`` is its exit status."""
@@ -133,22 +129,6 @@ async def ensure_root(zfs: Zfs, root: Dataset, create: bool, log: logging.Logger
     log.info("created root dataset", extra={"root": str(root)})
 
 
-async def _start_ssh(zone: Zone) -> asyncssh.SSHAcceptor | None:
-    # Imported lazily: the SSH endpoint is its own module, and this one must
-    # not fail to import while it is being written. Only its absence is
-    # tolerated (HTTP-only, loudly logged); any error inside it is fatal.
-    try:
-        module = importlib.import_module("snapper_zone.sshserver")
-    except ModuleNotFoundError as e:
-        if e.name != "snapper_zone.sshserver":
-            raise
-        zone.log.error("SSH endpoint missing from this build (snapper_zone.sshserver); "
-                       "serving HTTP only")
-        return None
-    start = cast(StartSsh, module.start_ssh_server)
-    return await start(zone)
-
-
 async def _wait_for_transfers(zone: Zone, grace: float) -> None:
     deadline = time.monotonic() + grace
     if zone.transfers.active():
@@ -186,12 +166,12 @@ async def serve(config: ZoneConfig, args: argparse.Namespace, log: logging.Logge
     # aiohttp's access log would repeat the API's own audit line for each request.
     runner = web.AppRunner(make_app(zone), access_log=None, shutdown_timeout=HTTP_DRAIN)
     try:
-        acceptor = await _start_ssh(zone)
+        acceptor = await start_ssh_server(zone)
         await runner.setup()
         site = web.TCPSite(runner, config.http.host, config.http.port)
         await site.start()
         http_port = int(runner.addresses[0][1])
-        ssh_port = acceptor.get_port() if acceptor is not None else None
+        ssh_port = acceptor.get_port()
         log.info("snapperd started", extra={
             "zone": config.uuid, "zone_name": config.name, "root": config.root,
             "zfs": caps.flavour, "ssh_port": ssh_port, "http_port": http_port,
