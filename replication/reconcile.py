@@ -138,22 +138,31 @@ class Delete:
 
 
 @dataclass(frozen=True)
-class PreserveDiverged:
-    """Move ``tail`` of ``dataset`` on zone aside into the sibling ``into``; nothing destroyed.
+class Aside:
+    """One dataset's tail moved aside into the sibling ``into`` (see PreserveDiverged)."""
 
-    With a base: ``zfs clone dataset@base T; zfs promote T; zfs rename dataset into;
-    zfs rename T dataset``: ``dataset`` ends at ``base`` and ``into`` is a clone of
-    ``dataset@base`` holding the tail. Without one: ``zfs rename dataset into``.
-    ``markers`` are the VM-level markers renamed from ``name`` to
-    ``name + DIVERGED + tag`` (the tail's VM snapshots keep their own identity);
-    each is listed once per VM, on the first of its datasets moved aside.
-    """
-
-    zone: str
     dataset: str
     base: SnapRef | None
     tail: tuple[SnapRef, ...]
     into: str
+
+
+@dataclass(frozen=True)
+class PreserveDiverged:
+    """Move tails aside on ``zone``, one VM at once; nothing is destroyed.
+
+    Per part, with a base: ``zfs clone ds@base T; zfs promote T; zfs rename ds
+    into; zfs rename T ds``: ``ds`` ends at ``base`` and ``into`` (a clone of
+    ``ds@base``) holds the tail. Without a base: ``zfs rename ds into``. Then the
+    VM markers in ``markers`` are renamed ``name`` -> ``name + DIVERGED + tag``
+    (they keep their guids: the preserved VM snapshots keep their identity).
+    The executor records the whole action as an intent on the VM container
+    first and finishes it before anything else after a crash: it is one step.
+    """
+
+    zone: str
+    tag: str
+    parts: tuple[Aside, ...]
     markers: tuple[str, ...] = ()
 
 
@@ -235,23 +244,33 @@ def _refs(ss: Iterable[Snap]) -> tuple[SnapRef, ...]:
 
 @dataclass
 class _State:
-    """A light projection of both zones, to know what holds after earlier actions."""
+    """A light projection of both zones, to know what holds after earlier actions.
+
+    A marker is a VM snapshot name with the guids of its parts: a part is
+    complete on a zone when one of the zone's markers lists its guid.
+    """
 
     entries: dict[str, dict[str, list[Snap]]]  # zone -> dataset -> snaps
-    markers: dict[str, set[str]]  # zone -> complete VM snapshot names
+    markers: dict[str, dict[str, frozenset[int]]]  # zone -> marker name -> guids
 
     @classmethod
     def of(cls, *invs: ZoneInventory) -> _State:
         st = cls({}, {})
         for inv in invs:
             st.entries[inv.zone] = {d: inv.snaps(d) for d in inv.datasets}
-            st.markers[inv.zone] = {marker_name(d, s.name) for d, ss in inv.datasets.items()
-                                    for s in ss if s.complete}
+            marks: dict[str, set[int]] = {}
+            for d, ss in inv.datasets.items():
+                for s in ss:
+                    if s.complete:
+                        marks.setdefault(marker_name(d, s.name), set()).add(s.guid)
+            st.markers[inv.zone] = {k: frozenset(v) for k, v in marks.items()}
         return st
 
-    def guids(self, zone: str, name: str) -> set[int]:
-        return {s.guid for d, ss in self.entries[zone].items() for s in ss
-                if marker_name(d, s.name) == name}
+    def held(self, zone: str) -> set[int]:
+        return {s.guid for ss in self.entries[zone].values() for s in ss}
+
+    def complete(self, zone: str) -> set[int]:
+        return {g for gs in self.markers[zone].values() for g in gs}
 
     def apply(self, act: Action, sources: Mapping[int, Snap]) -> None:
         if isinstance(act, SendIncremental | SendFull):
@@ -261,23 +280,24 @@ class _State:
                      sources[r.guid].written) for r in refs)
         elif isinstance(act, Delete):
             if act.dataset is None:
-                self.markers[act.zone].discard(act.name)
+                self.markers[act.zone].pop(act.name, None)
             else:
                 ss = self.entries[act.zone].get(act.dataset, [])
                 ss[:] = [s for s in ss if s.guid != act.guid]
         elif isinstance(act, PreserveDiverged):
             ents = self.entries[act.zone]
-            moved = {r.guid for r in act.tail}
-            ents[act.into] = [s for s in ents[act.dataset] if s.guid in moved]
-            ents[act.dataset] = [s for s in ents[act.dataset] if s.guid not in moved]
+            for p in act.parts:
+                moved = {r.guid for r in p.tail}
+                ents[p.into] = [s for s in ents[p.dataset] if s.guid in moved]
+                ents[p.dataset] = [s for s in ents[p.dataset] if s.guid not in moved]
+            marks = self.markers[act.zone]
             for m in act.markers:
-                if m in self.markers[act.zone]:
-                    self.markers[act.zone].discard(m)
-                    self.markers[act.zone].add(marker_name(act.into, m))
+                if m in marks:
+                    marks[m + DIVERGED + act.tag] = marks.pop(m)
         elif isinstance(act, DropDataset):
             self.entries[act.zone].pop(act.dataset, None)
         elif isinstance(act, MarkComplete):
-            self.markers[act.zone].add(act.name)
+            self.markers[act.zone][act.name] = frozenset(act.guids)
 
 
 # -- per-dataset analysis -----------------------------------------------------
@@ -390,19 +410,35 @@ def reconcile(a: ZoneInventory, b: ZoneInventory, tombstones: Iterable[Tombstone
     without them leaves both zones with the same guids in the same datasets,
     every VM snapshot complete on one zone complete on both.
     """
-    ctx = _Ctx(a, b, {t.guid for t in tombstones}, frozenset(in_use))
     za, zb = a.zone, b.zone
+    orig = {za: a, zb: b}
+    dead = {t.guid for t in tombstones}
+    used = frozenset(in_use)
+    pre: list[Action] = []
+    # A sibling whose every guid is again on its zone's main line (a rewind
+    # that was cut short) is redundant: drop it and plan without it.
+    invs: dict[str, ZoneInventory] = {}
+    for zone, inv in orig.items():
+        main = {s.guid for ds, ss in inv.datasets.items() if not is_sibling(ds) for s in ss}
+        origins = {o.dataset for o in inv.origins.values()}
+        spare = [ds for ds, ss in inv.datasets.items()
+                if is_sibling(ds) and ss and ds not in origins
+                and all(s.guid in main and s.name not in used
+                        and marker_name(ds, s.name) not in used for s in ss)]
+        pre.extend(DropDataset(zone, ds, tuple(s.guid for s in inv.snaps(ds))) for ds in spare)
+        invs[zone] = ZoneInventory(zone,
+                                   {d: v for d, v in inv.datasets.items() if d not in spare},
+                                   {d: o for d, o in inv.origins.items() if d not in spare})
+    a, b = invs[za], invs[zb]
+    ctx = _Ctx(a, b, dead, used)
     names = sorted(set(a.datasets) | set(b.datasets))
     dss = [_analyse(ctx, n) for n in names]
     notices: list[Action] = []
-    pre: list[Action] = []
-    preserve: list[Action] = []
+    asides: list[Action] = []
     sends: list[Action] = []
     after: list[Action] = []
     post: list[Action] = []
-    sources = {s.guid: s for inv in (a, b) for ss in inv.datasets.values() for s in ss}
-    invs = {za: a, zb: b}
-    renamed: set[tuple[str, str]] = set()
+    sources = {s.guid: s for inv in orig.values() for ss in inv.datasets.values() for s in ss}
 
     # The divergent tails' winner is chosen once per VM, so a VM snapshot's parts
     # stay together: the zone whose tails hold the newest snapshot (CN time, then
@@ -416,19 +452,24 @@ def reconcile(a: ZoneInventory, b: ZoneInventory, tombstones: Iterable[Tombstone
         best_a = max((s.created, s.guid) for s in own_a)
         best_b = max((s.created, s.guid) for s in own_b)
         winner, loser = (za, zb) if best_a > best_b else (zb, za)
+        own_l = own_a if loser == za else own_b
         tag = f"{min((d.tail_a if loser == za else d.tail_b)[0].guid for d in div):016x}"
         # A VM snapshot is moved aside whole or not at all: if one of the loser's
         # VM snapshots in a moved tail also has a part that stays on the main
         # line, its marker cannot follow both; an operator decides.
-        moved = {(d.name, s.guid) for d in div for s in (own_a if loser == za else own_b)
-                 if s in (d.tail_a if loser == za else d.tail_b)}
+        moved = {(d.name, s.guid) for d in div for s in (d.tail_a if loser == za else d.tail_b)
+                 if s in own_l}
         keys = {marker_name(ds, s.name) for ds, ss in invs[loser].datasets.items() for s in ss
                 if (ds, s.guid) in moved}
         split = sorted({marker_name(ds, s.name) for ds, ss in invs[loser].datasets.items()
                         for s in ss if marker_name(ds, s.name) in keys
                         and (ds, s.guid) not in moved})
-        for d in div if split else ():
-            d.state, d.note = "conflict", f"{ConflictKind.SPLIT.value}: {' '.join(split)}"
+        taken = sorted(d.name + DIVERGED + tag for d in div
+                       if any(d.name + DIVERGED + tag in inv.datasets for inv in orig.values()))
+        for d in div if split or taken else ():
+            d.state, d.note = "conflict", (f"{ConflictKind.SPLIT.value}: {' '.join(split)}"
+                                           if split else
+                                           f"{ConflictKind.SIBLING_EXISTS.value}: {taken[0]}")
 
     def send_chain(ds: str, src: str, dst: str, base: Snap | None, chain: Sequence[Snap],
                    replace_empty: bool, clone_from: str | None, out: list[Action]) -> None:
@@ -454,6 +495,8 @@ def reconcile(a: ZoneInventory, b: ZoneInventory, tombstones: Iterable[Tombstone
             return src_snap, o.dataset
         return None, None
 
+    vm_parts: list[Aside] = []
+    vm_markers: list[str] = []
     for d in dss:
         if d.state == "conflict":
             notices.append(Conflict(d.name, ConflictKind(d.note.split(":")[0]), d.note,
@@ -464,40 +507,44 @@ def reconcile(a: ZoneInventory, b: ZoneInventory, tombstones: Iterable[Tombstone
             continue
         if d.note:
             notices.append(Defer(d.name, d.note))
+        base = d.base
+        if d.state == "rewind":
+            sa = {s.guid for s in d.tail_a}
+            lz, wz = (za, zb) if sa <= {s.guid for s in d.tail_b} else (zb, za)
+            ltag = f"{(d.tail_a if lz == za else d.tail_b)[0].guid:016x}"
+            if any(d.name + DIVERGED + ltag in inv.datasets for inv in orig.values()):
+                notices.append(Conflict(d.name, ConflictKind.SIBLING_EXISTS,
+                                        f"{d.name}{DIVERGED}{ltag} exists", _refs(d.a),
+                                        _refs(d.b)))
+                continue
         # destroy first: marker, then parts (as the store deletes)
         for zone, s in d.pre:
             pre.extend(_delete(zone, d.name, s, ctx.unwanted(s) or Reason.DEBRIS))
-        base = d.base
         if d.state == "send":
             src, dst, chain = (za, zb, d.tail_a) if d.tail_a else (zb, za, d.tail_b)
             clone_from = None
             exists = d.name in invs[dst].datasets
+            on_dst_main = {s.guid for ds, ss in invs[dst].datasets.items()
+                           if not is_sibling(ds) for s in ss}
+            if is_sibling(d.name) and not exists and all(s.guid in on_dst_main for s in chain):
+                chain = []  # a rewind's leftover: the peer has it all on its main line
             if base is None and not exists:
                 base, clone_from = origin_base(src, dst, d.name)
             send_chain(d.name, src, dst, base, chain, exists and base is None, clone_from,
                        sends)
         elif d.state in ("rewind", "diverged"):
-            if d.state == "rewind":
-                sa, sb = {s.guid for s in d.tail_a}, {s.guid for s in d.tail_b}
-                lz, wz = (za, zb) if sa <= sb else (zb, za)
-                ltag = f"{(d.tail_a if lz == za else d.tail_b)[0].guid:016x}"
-            else:
+            if d.state == "diverged":
                 lz, wz, ltag = loser, winner, tag
             lt, wt = (d.tail_a, d.tail_b) if lz == za else (d.tail_b, d.tail_a)
             into = d.name + DIVERGED + ltag
-            if any(into in inv.datasets for inv in (a, b)):
-                notices.append(Conflict(d.name, ConflictKind.SIBLING_EXISTS,
-                                        f"{into} already exists", _refs(d.a), _refs(d.b)))
-                pre = [p for p in pre if not (isinstance(p, Delete) and p.dataset == d.name)]
-                continue
             wg = {s.guid for s in wt}
             rest = [s for s in lt if s.guid not in wg]
-            markers = tuple(m for m in dict.fromkeys(marker_name(d.name, s.name)
-                                                     for s in rest if s.complete)
-                            if (lz, m) not in renamed)  # a VM marker moves once
-            renamed.update((lz, m) for m in markers)
-            preserve.append(PreserveDiverged(lz, d.name, _ref(base) if base else None,
-                                             _refs(lt), into, markers))
+            part = Aside(d.name, _ref(base) if base else None, _refs(lt), into)
+            if d.state == "rewind":
+                asides.append(PreserveDiverged(lz, ltag, (part,)))
+            else:
+                vm_parts.append(part)
+                vm_markers.extend(marker_name(d.name, s.name) for s in rest if s.complete)
             send_chain(d.name, wz, lz, base, wt, False, None, sends)
             if not rest:
                 after.append(DropDataset(lz, into, tuple(s.guid for s in lt)))
@@ -521,12 +568,15 @@ def reconcile(a: ZoneInventory, b: ZoneInventory, tombstones: Iterable[Tombstone
                     gone.add(base.guid)
                 if d.name in invs[zone].datasets and {s.guid for s in ss} <= gone:
                     post.append(DropDataset(zone, d.name, (), Reason.TOMBSTONE))
+    if vm_parts:
+        asides.insert(0, PreserveDiverged(loser, tag, tuple(vm_parts),
+                                          tuple(dict.fromkeys(vm_markers))))
 
-    plan: list[Action] = [*pre, *preserve, *sends, *after]
-    st = _State.of(a, b)
+    plan: list[Action] = [*pre, *asides, *sends, *after]
+    st = _State.of(*orig.values())
     for act in plan:
         st.apply(act, sources)
-    marks = _marks(st, za, zb, ctx.dead)
+    marks = _marks(st, za, zb, dead)
     steps = list(dict.fromkeys([*plan, *marks, *post]))  # one marker delete per VM snapshot
     if not steps and not notices:
         return [InSync()]
@@ -542,15 +592,14 @@ def _delete(zone: str, ds: str, s: Snap, why: Reason) -> list[Action]:
 
 
 def _marks(st: _State, za: str, zb: str, dead: set[int]) -> list[Action]:
+    """Copy a peer's marker where this zone now holds all its parts, not all complete."""
     out: list[Action] = []
     for z, peer in ((za, zb), (zb, za)):
-        names = sorted({marker_name(d, s.name) for d, ss in st.entries[z].items() for s in ss})
-        for n in names:
-            if n in st.markers[z] or n not in st.markers[peer]:
+        held, done = st.held(z), st.complete(z)
+        for n, guids in sorted(st.markers[peer].items()):
+            if n in st.markers[z] or not guids <= held or guids <= done or guids & dead:
                 continue
-            mine, theirs = st.guids(z, n), st.guids(peer, n)
-            if mine == theirs and not mine & dead:
-                out.append(MarkComplete(z, peer, n, tuple(sorted(mine))))
+            out.append(MarkComplete(z, peer, n, tuple(sorted(guids))))
     return out
 
 
@@ -569,13 +618,8 @@ def lag(inv_a: ZoneInventory, inv_b: ZoneInventory,
     sa, sb = _State.of(inv_a), _State.of(inv_b)
     za, zb = inv_a.zone, inv_b.zone
     have_b = {s.guid for ss in sb.entries[zb].values() for s in ss}
-    behind = 0
-    for n in sa.markers[za]:
-        g = sa.guids(za, n)
-        if g & dead:
-            continue
-        if n not in sb.markers[zb] or not g <= sb.guids(zb, n):
-            behind += 1
+    done_b = sb.complete(zb)
+    behind = sum(1 for g in sa.markers[za].values() if not g & dead and not g <= done_b)
     size = sum(s.written for ss in sa.entries[za].values() for s in ss
                if s.guid not in have_b and s.guid not in dead)
     return behind, size
