@@ -1,23 +1,27 @@
 """Reconcile one VM's snapshots between its two snapper zones: pure, matched by guid.
 
 No I/O. The daemon lists both zones (``ZoneInventory``: per VM dataset, the
-snapshots oldest first with guid, createtxg and the VM snapshot's ``complete``
-flag), passes the tombstones both zones keep and the names of snapshots in use,
-and gets back the actions that make the two zones hold the same history, in
-the order they must run. The rules are in ``replication/DESIGN.md``; in short:
+snapshots oldest first with guid, createtxg and whether a complete VM
+snapshot marker on that zone lists the part's guid), passes the tombstones
+both zones keep and the names of snapshots in use, and gets back the actions
+that make the two zones hold the same history, in the order they must run.
+The rules are in ``replication/DESIGN.md``; in short:
 
 * two snapshots are the same only when their guids are equal;
 * nothing is ever received with ``-F``: an incremental goes onto the
   receiver's newest snapshot, a full stream only where the dataset is absent
   (or exists with no snapshot at all);
 * a snapshot is destroyed only when a tombstone says it was deleted, when it
-  is debris (incomplete on every zone holding it: never acknowledged), or
-  when the same guid is held on the same zone's main line (a duplicate);
+  is debris (incomplete on every zone holding it, not in use: never
+  acknowledged), or when the same guid stays on the same zone's main line (a
+  duplicate, or a moved-aside copy that is redundant);
 * a divergent tail (each zone holds snapshots after the common base that the
   other lacks) is never dropped: the losing zone's tail is moved aside into a
   sibling dataset ``<dataset>.diverged-<tag>`` (a clone of the common base),
   the winning tail is received on top of the base, and the sibling is copied
-  to the other zone, so both copies of both tails exist;
+  to the other zone, so both tails end with two copies. A zone that merely
+  skipped snapshots is *rewound*: its tail is moved aside, the longer tail
+  received, and the aside copy dropped;
 * in-use snapshots (transfer targets and bases) are never destroyed or moved.
 """
 
@@ -39,7 +43,7 @@ class Snap:
     name: str
     guid: int
     createtxg: int
-    complete: bool = True  # the VM snapshot it belongs to is marked complete on this zone
+    complete: bool = True  # a complete VM snapshot marker on this zone lists this guid
     created: int = 0  # ZFS ``creation`` (seconds): set by the CN, carried by every stream
     written: int = 0  # bytes since the previous snapshot (ZFS ``written``), for lag
 
