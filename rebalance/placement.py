@@ -403,13 +403,13 @@ class _Hrw:
         redo = list(compress(range(m), map(bound.__ge__, b2)))
         if redo:  # the pruning cannot vouch for these rows: rank them on every zone
             vms = list(map(rows.__getitem__, redo))
-            full = [self.keys(zi, vms) for zi in range(nz)]
-            for j, r in enumerate(redo):
-                ks = [full[zi][j] for zi in range(nz)]
-                best = max(range(nz), key=ks.__getitem__)
-                ks[best] = neg
-                z1[r] = best
-                z2[r] = max(range(nz), key=ks.__getitem__)
+            full = [self.keys(zi, vms).tolist() for zi in range(nz)]
+            r1 = self._indexes(list(map(max, *full)))
+            for j, zi in enumerate(r1):
+                full[zi][j] = neg
+            r2 = self._indexes(list(map(max, *full)))
+            _consume(map(z1.__setitem__, redo, r1))
+            _consume(map(z2.__setitem__, redo, r2))
         if isinstance(rows, range):
             self.z1 = z1
             self.z2 = z2
