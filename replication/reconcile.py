@@ -607,6 +607,39 @@ def _marks(st: _State, za: str, zb: str, dead: set[int]) -> list[Action]:
     return out
 
 
+# -- the push side of the rule (DESIGN.md (a), (b)) ----------------------------
+
+
+class Durability(StrEnum):
+    MIRRORED = "mirrored"  # ack when complete, guid-equal, on both zones
+    LOCAL = "local"  # ack when complete, guid-equal, on the zone that received it
+
+
+def push_base(zone: ZoneInventory, dataset: str, cn_guids: Collection[int]) -> Snap | None:
+    """The base a CN pushes ``dataset`` from to ``zone`` (primary or, after a failover,
+    the other one): the newest snapshot complete there whose guid the CN holds as a
+    snapshot or bookmark. None: nothing in common (a full stream, if the zone has none).
+    """
+    return next((s for s in reversed(zone.snaps(dataset))
+                 if s.complete and s.guid in cn_guids), None)
+
+
+def may_ack(mode: Durability, parts: Mapping[str, int], received: ZoneInventory,
+            peer: ZoneInventory | None) -> bool:
+    """Whether a push of a VM snapshot (``parts``: dataset -> the CN's guid) may be acked.
+
+    ``received`` is the zone that took the push; ``peer`` the VM's other zone
+    (None when it cannot be asked: then ``mirrored`` cannot ack).
+    """
+    def holds(inv: ZoneInventory) -> bool:
+        return bool(parts) and all(any(s.guid == g and s.complete for s in inv.snaps(ds))
+                                   for ds, g in parts.items())
+
+    if not holds(received):
+        return False
+    return mode is Durability.LOCAL or (peer is not None and holds(peer))
+
+
 # -- summaries ----------------------------------------------------------------
 
 

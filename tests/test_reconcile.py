@@ -30,6 +30,7 @@ from replication.reconcile import (
     Defer,
     Delete,
     DropDataset,
+    Durability,
     InSync,
     MarkComplete,
     Origin,
@@ -44,7 +45,9 @@ from replication.reconcile import (
     expired,
     lag,
     marker_name,
+    may_ack,
     pinned,
+    push_base,
     reconcile,
 )
 
@@ -593,3 +596,112 @@ def test_a_plan_cut_short_is_finished_by_later_rounds(
         for z in (w.zones[A], w.zones[B]):
             assert all(z.holds(g) and z.complete(g) for g in precious)
         assert w.view(A) == w.view(B)
+
+
+# -- the ack rule, end to end: a CN pushing through outages -------------------
+
+# epochs: which zones answer, then what the CN does meanwhile
+EVENTS = st.lists(st.tuples(
+    st.sampled_from([("up-a", "up-b"), ("up-a", "down-b"), ("down-a", "up-b")]),
+    st.lists(st.sampled_from(["push-mirrored", "push-local", "prune", "reconcile"]),
+             max_size=4)), max_size=8).map(lambda es: [e for z, ops in es for e in (*z, *ops)])
+
+
+def _round(w: World) -> list[Action]:
+    a, b = w.inventory(A), w.inventory(B)
+    plan = reconcile(a, b)
+    w.precious = {g for z in w.zones.values() for ss in z.ds.values() for _, g in ss
+                  if z.complete(g)}
+    w.copies = {g: w.count(g) for g in w.precious}
+    w.run(plan)
+    return plan
+
+
+def cn_history(events: Sequence[str], cn_keeps_unconfirmed: bool) -> int:
+    """Play a CN's pushes (primary A, failover to B) and outages; return true divergences.
+
+    Checked after every event: no acknowledged snapshot is ever lost; one
+    acknowledged in ``mirrored`` mode is on both zones (Theorem M); a push
+    never needs ``-F`` (its base, chosen by ``push_base``, is the zone's newest).
+    """
+    w = World.of(ZoneInventory(A, {}), ZoneInventory(B, {}), (), ())
+    up = {A: True, B: True}
+    cn: list[tuple[str, int]] = []  # snapshots the CN still holds (a bookmark stays for all)
+    bookmarks: set[int] = set()
+    acked: dict[int, Durability] = {}
+    divergences = 0
+    for k, ev in enumerate(events, 1):
+        if ev.startswith(("down-", "up-")):
+            up[A if ev.endswith("a") else B] = ev.startswith("up")
+        elif ev == "prune":
+            # the CN destroys its oldest snapshot, keeping a bookmark; with the retention
+            # rule only one already complete on both zones
+            old = [s for s in cn if not cn_keeps_unconfirmed
+                   or all(w.zones[z].complete(s[1]) for z in (A, B))]
+            if old:
+                cn.remove(old[0])
+        elif ev == "reconcile" and up[A] and up[B]:
+            divergences += sum(1 for x in _round(w)
+                               if isinstance(x, PreserveDiverged) and x.markers)
+        elif ev.startswith("push"):
+            snap = (f"s{k}", 1000 + k)
+            w.meta[snap[1]] = Snap(*snap, k, True, k, 10)
+            cn.append(snap)
+            bookmarks.add(snap[1])
+            target = A if up[A] else B if up[B] else None
+            if target is None:
+                continue  # the push fails; the snapshot stays on the CN
+            peer = B if target == A else A
+            z = w.zones[target]
+            base = push_base(w.inventory(target), DS, bookmarks)
+            if base is None:
+                assert not z.ds.get(DS), "a zone with snapshots and no common base"
+                chain = list(cn)  # full stream of the oldest, then -I
+            else:
+                assert z.ds[DS][-1][1] == base.guid, "the push would need -F"
+                chain = [s for s in cn if s[1] > base.guid]
+            z.ds.setdefault(DS, []).extend(chain)
+            for name, g in chain:
+                z.markers[name] = {g}
+            mode = Durability(ev.removeprefix("push-"))
+            if mode is Durability.MIRRORED and up[peer]:
+                divergences += sum(1 for x in _round(w)
+                                   if isinstance(x, PreserveDiverged) and x.markers)
+            if may_ack(mode, {DS: snap[1]}, w.inventory(target),
+                       w.inventory(peer) if up[peer] else None):
+                acked[snap[1]] = mode
+        for g, mode in acked.items():
+            holders = {n for n, z in w.zones.items() if z.holds(g) and z.complete(g)}
+            assert holders, f"acked {g} lost"
+            if mode is Durability.MIRRORED:
+                assert holders == {A, B}, f"mirrored-acked {g} on {holders} only"
+    for _ in range(3):  # both zones back: the pair converges
+        plan = _round(w)
+        divergences += sum(1 for x in plan if isinstance(x, PreserveDiverged) and x.markers)
+        if plan == [InSync()]:
+            break
+    assert plan == [InSync()] or notices(plan), plan
+    for g in acked:
+        assert all(w.zones[z].holds(g) and w.zones[z].complete(g) for z in (A, B))
+    return divergences
+
+
+def test_the_trap_from_the_design_without_and_with_cn_retention() -> None:
+    # s1 mirrored; B down; s3 acked locally on A; the CN keeps only bookmarks;
+    # A down, B up; s8 pushed to B from s1; A back: A s1 s3, B s1 s8
+    trap = ["push-mirrored", "down-b", "push-local", "prune", "prune", "down-a", "up-b",
+            "push-local", "up-a", "reconcile"]
+    assert cn_history(trap, cn_keeps_unconfirmed=False) == 1  # diverged, both tails kept
+    assert cn_history(trap, cn_keeps_unconfirmed=True) == 0  # s2 travelled with s3
+
+
+@settings(max_examples=600, deadline=None)
+@given(EVENTS)
+def test_no_acked_snapshot_is_lost_through_outages(events: list[str]) -> None:
+    cn_history(events, cn_keeps_unconfirmed=False)
+
+
+@settings(max_examples=600, deadline=None)
+@given(EVENTS)
+def test_cn_retention_makes_divergence_impossible(events: list[str]) -> None:
+    assert cn_history(events, cn_keeps_unconfirmed=True) == 0
