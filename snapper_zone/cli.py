@@ -1,0 +1,281 @@
+"""``snapper``: the compute node's command line (push, restore, list).
+
+    snapper [--config F] [--zone HOST:PORT] [--key PATH]
+            [--known-hosts PATH | --host-key PUBFILE] [--dataset-root DS] COMMAND ...
+
+    snapper push VM_UUID [--name SNAP] [--from BASE] [--metadata FILE]
+    snapper restore VM_UUID SNAP [--target DATASET] [--rollback] [--metadata-out FILE]
+    snapper list [VM_UUID] [--json]
+
+Options on the command line override the config file (TOML, see
+``etc/snapper-cn.example.toml``). Errors print one line on stderr; the exit
+status is 0 on success, 1 when the operation failed, 2 for a usage or
+configuration error. Each subcommand is one function taking the parsed
+arguments, so later ones (``demo``, ``zones``, ``status``) slot in beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from snapper_zone import progress
+from snapper_zone.cnclient import CnClient, PlanError, ZoneClient, ZoneError, ZoneUnreachable
+from snapper_zone.errors import SnapperError
+from snapper_zone.progress import format_bytes
+
+DEFAULT_CONFIG = "/opt/smartdc/snapper/etc/snapper-cn.toml"
+CONFIG_ENV = "SNAPPER_CN_CONFIG"
+_CONFIG_FIELDS = ("zones", "key", "known_hosts", "host_key", "dataset_root")
+
+
+class UsageError(Exception):
+    """Bad arguments or configuration: exit status 2."""
+
+
+@dataclass(frozen=True)
+class CnSettings:
+    zone_host: str
+    zone_port: int
+    key: Path
+    known_hosts: Path | None
+    host_key: Path | None
+    dataset_root: str
+
+
+def parse_endpoint(text: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6addr]:port``."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"zone endpoint {text!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def load_cn_config(path: Path) -> dict[str, Any]:
+    """Read and check the CN config file; every problem names the file and field."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{path}: invalid TOML: {exc}") from exc
+    for k in data:
+        if k not in _CONFIG_FIELDS:
+            raise UsageError(f"{path}: {k}: unknown field (known: {', '.join(_CONFIG_FIELDS)})")
+    zones = data.get("zones", [])
+    if not isinstance(zones, list) or not all(isinstance(z, str) for z in zones):
+        raise UsageError(f"{path}: zones: must be a list of \"HOST:PORT\" strings")
+    for k in ("key", "known_hosts", "host_key", "dataset_root"):
+        if k in data and not (isinstance(data[k], str) and data[k]):
+            raise UsageError(f"{path}: {k}: must be a non-empty string")
+    # Relative paths are relative to the config file, so the two can move together.
+    for k in ("key", "known_hosts", "host_key"):
+        if k in data and not Path(data[k]).is_absolute():
+            data[k] = str(path.parent / data[k])
+    return data
+
+
+def settings(args: argparse.Namespace) -> CnSettings:
+    cfg: dict[str, Any] = {}
+    cfg_path = args.config or os.environ.get(CONFIG_ENV)
+    if cfg_path:
+        cfg = load_cn_config(Path(cfg_path))
+    elif Path(DEFAULT_CONFIG).exists():
+        cfg = load_cn_config(Path(DEFAULT_CONFIG))
+    zone = args.zone or (cfg.get("zones") or [None])[0]
+    if not zone:
+        raise UsageError("no zone: give --zone HOST:PORT or zones = [...] in --config")
+    host, port = parse_endpoint(zone)
+    key = args.key or cfg.get("key")
+    if not key:
+        raise UsageError("no client key: give --key PATH or key = \"...\" in --config")
+    known = args.known_hosts
+    pinned = args.host_key
+    if known is None and pinned is None:
+        known, pinned = cfg.get("known_hosts"), cfg.get("host_key")
+    if known and pinned:
+        raise UsageError("give either a known_hosts file or a pinned host key, not both")
+    for what, path in (("key", key), ("known_hosts", known), ("host_key", pinned)):
+        if path and not Path(path).is_file():
+            raise UsageError(f"{what} {path}: no such file")
+    return CnSettings(host, port, Path(key), Path(known) if known else None,
+                      Path(pinned) if pinned else None,
+                      args.dataset_root or cfg.get("dataset_root") or "zones")
+
+
+def _client(s: CnSettings) -> ZoneClient:
+    return ZoneClient(s.zone_host, s.zone_port, s.key, known_hosts=s.known_hosts,
+                      host_key=s.host_key)
+
+
+def _reporter(choice: str) -> progress.Reporter:
+    if choice == "none":
+        return progress.NoProgress()
+    if choice == "json":
+        return progress.JsonProgress(sys.stderr)
+    if choice == "bar":
+        return progress.TtyProgress(sys.stderr)
+    return progress.for_stream(sys.stderr)
+
+
+# -- subcommands ------------------------------------------------------------------
+
+
+async def cmd_push(args: argparse.Namespace, s: CnSettings) -> int:
+    meta: dict[str, Any] | None = None
+    if args.metadata:
+        try:
+            meta = json.loads(await asyncio.to_thread(Path(args.metadata).read_text))
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--metadata {args.metadata}: {exc}") from exc
+        if not isinstance(meta, dict):
+            raise UsageError(f"--metadata {args.metadata}: must hold a JSON object")
+    async with _client(s) as zone:
+        cn = CnClient(zone, dataset_root=s.dataset_root, progress=_reporter(args.progress))
+        report = await cn.push(args.vm, name=args.name, base=args.base, metadata=meta)
+    if args.json:
+        print(json.dumps({"vm": report.vm, "snapshot": report.snapshot, "bytes": report.bytes,
+                          "metadata": report.metadata_source,
+                          "datasets": [vars(d) for d in report.datasets]}))
+        return 0
+    print(f"pushed {report.vm}@{report.snapshot} ({format_bytes(report.bytes)}, "
+          f"metadata: {report.metadata_source})")
+    for d in report.datasets:
+        base = f" from {d.base}" if d.base else ""
+        print(f"  {d.label:<12} {d.action}{base}  {format_bytes(d.bytes)}")
+    return 0
+
+
+async def cmd_restore(args: argparse.Namespace, s: CnSettings) -> int:
+    async with _client(s) as zone:
+        cn = CnClient(zone, dataset_root=s.dataset_root, progress=_reporter(args.progress))
+        report = await cn.restore(args.vm, args.snapshot, args.target, rollback=args.rollback,
+                                  metadata_path=args.metadata_out)
+    for d in report.datasets:
+        base = f" from @{d.base}" if d.base else ""
+        print(f"restored {d.dataset}@{report.snapshot}: {d.action}{base} "
+              f"({format_bytes(d.bytes)})", file=sys.stderr)
+    if args.metadata_out is None:
+        # The metadata goes to stdout so it can be piped (e.g. into vmadm).
+        print(json.dumps(report.metadata, indent=2))
+    return 0
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)
+
+
+async def cmd_list(args: argparse.Namespace, s: CnSettings) -> int:
+    async with _client(s) as zone:
+        held = await CnClient(zone, dataset_root=s.dataset_root).list(args.vm)
+    if args.json:
+        print(json.dumps(held))
+        return 0
+    rows = [["VM", "SNAPSHOT", "COMPLETE", "CREATED", "SIZE", "DATASETS"]]
+    for vm, snaps in held.items():
+        for snap in snaps:
+            created = snap.get("created") or 0
+            rows.append([vm, str(snap.get("name")), "yes" if snap.get("complete") else "no",
+                         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created))
+                         if created else "-",
+                         format_bytes(int(snap.get("size") or 0)),
+                         ",".join(sorted(snap.get("datasets") or {}))])
+    print(_table(rows))
+    return 0
+
+
+Handler = Callable[[argparse.Namespace, CnSettings], Coroutine[Any, Any, int]]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="snapper", description="Push VM snapshots to snapper "
+                                "zones and restore them (run on a compute node).")
+    p.add_argument("--config", help=f"CN config file (TOML); default ${CONFIG_ENV} or "
+                   f"{DEFAULT_CONFIG} if it exists")
+    p.add_argument("--zone", metavar="HOST:PORT", help="the snapper zone's SSH endpoint")
+    p.add_argument("--key", metavar="PATH", help="this CN's SSH private key")
+    trust = p.add_mutually_exclusive_group()
+    trust.add_argument("--known-hosts", metavar="PATH", help="known_hosts file for the zone")
+    trust.add_argument("--host-key", metavar="PUBFILE", help="pin the zone's host key (.pub)")
+    p.add_argument("--dataset-root", metavar="DATASET",
+                   help="parent of the VMs' datasets on this CN (default: zones)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    push = sub.add_parser("push", help="snapshot a VM and store it on the zone")
+    push.add_argument("vm", metavar="VM_UUID")
+    push.add_argument("--name", help="snapshot name (default: UTC time, e.g. 20260101T120000Z); "
+                      "an existing local snapshot of that name is pushed as is")
+    push.add_argument("--from", dest="base", metavar="BASE",
+                      help="incremental from this snapshot or bookmark (default: the newest "
+                      "one both sides hold)")
+    push.add_argument("--metadata", metavar="FILE",
+                      help="VM metadata JSON to store with it (default: vmadm get)")
+    push.add_argument("--json", action="store_true", help="print the result as JSON")
+    push.set_defaults(handler=cmd_push)
+
+    restore = sub.add_parser("restore", help="bring a VM snapshot back from the zone")
+    restore.add_argument("vm", metavar="VM_UUID")
+    restore.add_argument("snapshot", metavar="SNAP")
+    restore.add_argument("--target", metavar="DATASET",
+                         help="restore into this new dataset instead of the VM's own")
+    restore.add_argument("--rollback", action="store_true",
+                         help="roll the VM's datasets back, discarding later local snapshots "
+                         "and changes (receive -F)")
+    restore.add_argument("--metadata-out", metavar="FILE",
+                         help="write the metadata JSON here (default: stdout)")
+    restore.set_defaults(handler=cmd_restore)
+
+    lst = sub.add_parser("list", help="what the zone holds (default: this CN's VMs)")
+    lst.add_argument("vm", metavar="VM_UUID", nargs="?")
+    lst.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    lst.set_defaults(handler=cmd_list)
+
+    for sp in (push, restore):
+        sp.add_argument("--progress", choices=("auto", "bar", "json", "none"), default="auto",
+                        help="progress on stderr: a bar on a terminal, JSON lines otherwise")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return int(exc.code or 0)
+    try:
+        s = settings(args)
+        handler: Handler = args.handler
+        return asyncio.run(handler(args, s))
+    except UsageError as exc:
+        print(f"snapper: {exc}", file=sys.stderr)
+        return 2
+    except PlanError as exc:
+        # The one multi-line error: both histories are what a person needs to decide.
+        print(f"snapper: {args.command}: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    except (ZoneError, ZoneUnreachable, SnapperError) as exc:
+        code = getattr(exc, "code", type(exc).__name__)
+        print(f"snapper: {args.command}: {code}: {_one_line(str(exc))}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("snapper: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:2000]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,943 @@
+"""The compute node's side: push a VM snapshot to a snapper zone, list it, restore it.
+
+``ZoneClient`` is one SSH connection to one zone (asyncssh, client key, the
+zone's host key checked against a known_hosts file or pinned). It speaks the
+grammar in ``protocol``: ``run`` for small commands, and two streaming paths
+that move bytes between a local ``zfs`` child and the SSH channel through
+asyncio protocols (no read/write loop, no whole stream in memory), with
+backpressure both ways: a full SSH window pauses reading ``zfs send``'s pipe;
+a full ``zfs receive`` pipe pauses reading the channel.
+
+``CnClient`` is the product on top: ``push`` (recursive snapshot, per dataset
+plan by guid, resume or abort a partial receive, send, commit with metadata,
+bookmark), ``restore`` and ``list``. Every decision about *what* to send is in
+``planning``; this module only gathers inputs and carries out the plan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import asyncssh
+from asyncssh.channel import SSHChannel
+
+from snapper_zone import planning, proc
+from snapper_zone.errors import (
+    ResumeTokenInvalid,
+    ResumeTokenStale,
+    SnapperError,
+    ZfsError,
+)
+from snapper_zone.names import Bookmark, Dataset, Snapshot, check_component, check_uuid
+from snapper_zone.planning import (
+    AbortPartial,
+    AlreadyThere,
+    Full,
+    Incremental,
+    Resume,
+    TokenInfo,
+    Version,
+    ZoneSnapshot,
+)
+from snapper_zone.progress import NoProgress, Reporter
+from snapper_zone.protocol import (
+    Abort,
+    Command,
+    Commit,
+    Metadata,
+    Receive,
+    ResumeToken,
+    Send,
+    Snapshots,
+    format_command,
+    parse_error_line,
+)
+from snapper_zone.zfs import SendSpec, Zfs, classify
+
+log = logging.getLogger("snapper.cn")
+
+ROOT_LABEL = "root"  # the zone's name for the VM's top dataset (<root>/<vm>)
+BOOKMARK_PREFIX = "snapper-"
+STDERR_LIMIT = 64 * 1024
+# OpenSSH-compatible fast path (see shared/notes/ssh-throughput.md): AES-GCM
+# first, no compression (VM disk streams barely compress; it costs CPU).
+ENCRYPTION_ALGS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
+                   "chacha20-poly1305@openssh.com", "aes128-ctr", "aes256-ctr")
+
+
+# -- errors -------------------------------------------------------------------
+
+
+class ZoneError(SnapperError):
+    """A zone command failed; ``code`` and ``message`` are the zone's own."""
+
+    def __init__(self, code: str, message: str, command: str = "",
+                 exit_status: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.command = command
+        self.exit_status = exit_status
+
+    def __str__(self) -> str:
+        return f"zone refused {self.command.split(' ')[0] or 'command'}: {self.code}: " \
+               f"{self.message}"
+
+
+class ZoneUnreachable(SnapperError):
+    """Could not connect or authenticate (network, host key, client key)."""
+
+    code = "ZoneUnreachable"
+    http_status = 503
+
+
+class PushError(SnapperError):
+    code = "PushFailed"
+
+
+class RestoreError(SnapperError):
+    code = "RestoreFailed"
+
+
+class PlanError(SnapperError):
+    """A planning conflict, with both histories for the message."""
+
+    def __init__(self, dataset: str, conflict: planning.Conflict) -> None:
+        super().__init__(f"{dataset}: {conflict.detail()}")
+        self.code = conflict.code
+        self.conflict = conflict
+
+
+# -- the SSH connection -----------------------------------------------------------
+
+
+def pinned_host_key(key: str | Path | asyncssh.SSHKey) -> Callable[
+        [str, str, int | None], tuple[list[asyncssh.SSHKey], list[asyncssh.SSHKey],
+                                      list[asyncssh.SSHKey]]]:
+    """known_hosts for asyncssh that trusts exactly one host key, whatever the address.
+
+    ``key`` is an ``SSHKey``, an OpenSSH public key line, or a ``.pub`` file.
+    """
+    if isinstance(key, asyncssh.SSHKey):
+        pub = key
+    else:
+        text = str(key)
+        if not text.startswith(("ssh-", "ecdsa-")):
+            text = Path(text).read_text().strip()
+        pub = asyncssh.import_public_key(text)
+
+    def match(host: str, addr: str, port: int | None) -> tuple[
+            list[asyncssh.SSHKey], list[asyncssh.SSHKey], list[asyncssh.SSHKey]]:
+        return [pub], [], []
+
+    return match
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    bytes: int
+    seconds: float
+
+
+class _Channel(asyncssh.SSHClientSession[bytes]):
+    """One exec channel; collects stderr/stdout (bounded) and the exit status.
+
+    Data handling is delegated: ``on_data`` receives stdout bytes (restore),
+    ``on_pause``/``on_resume`` follow the channel's write window (push).
+    """
+
+    def __init__(self) -> None:
+        self.chan: asyncssh.SSHClientChannel[bytes] | None = None
+        self.stderr = bytearray()
+        self.stdout = bytearray()
+        self.exit_status: int | None = None
+        self.eof = False
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.on_data: Callable[[bytes], None] | None = None
+        self.on_eof: Callable[[], None] | None = None
+        self.on_pause: Callable[[], None] | None = None
+        self.on_resume: Callable[[], None] | None = None
+
+    def connection_made(self, chan: SSHChannel[bytes]) -> None:
+        assert isinstance(chan, asyncssh.SSHClientChannel)
+        self.chan = chan
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if datatype == asyncssh.EXTENDED_DATA_STDERR:
+            _bounded_append(self.stderr, data)
+        elif self.on_data is not None:
+            self.on_data(data)
+        else:
+            _bounded_append(self.stdout, data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.on_eof is not None:
+            self.on_eof()
+        return False
+
+    def pause_writing(self) -> None:
+        if self.on_pause is not None:
+            self.on_pause()
+
+    def resume_writing(self) -> None:
+        if self.on_resume is not None:
+            self.on_resume()
+
+    def exit_status_received(self, status: int) -> None:
+        self.exit_status = status
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            if exc is None:
+                self.closed.set_result(None)
+            else:
+                self.closed.set_exception(exc)
+
+    def error(self, command: str) -> ZoneError:
+        status = self.exit_status
+        if status is None:
+            return ZoneError("ConnectionLost", "the zone closed the channel without an "
+                             "exit status", command)
+        code, message = parse_error_line(self.stderr.decode("utf-8", "replace"))
+        return ZoneError(code, message or f"exit status {status}", command, status)
+
+
+def _bounded_append(buf: bytearray, data: bytes) -> None:
+    buf += data
+    if len(buf) > STDERR_LIMIT:
+        del buf[: len(buf) - STDERR_LIMIT]
+
+
+class _PipeToChannel(asyncio.Protocol):
+    """Reads ``zfs send``'s stdout pipe and writes each chunk to the channel."""
+
+    def __init__(self, chan: asyncssh.SSHClientChannel[bytes], progress: Reporter,
+                 limit: int | None) -> None:
+        self.chan = chan
+        self.progress = progress
+        self.limit = limit  # tests: stop after this many bytes, as a crash would
+        self.transport: asyncio.ReadTransport | None = None
+        self.bytes = 0
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.ReadTransport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.limit is not None and self.bytes + len(data) >= self.limit:
+            data = data[: max(self.limit - self.bytes, 0)]
+            self._write(data)
+            if not self.done.done():
+                self.done.set_exception(_Cut())
+            assert self.transport is not None
+            self.transport.close()
+            return
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self.chan.write(data)
+        except (BrokenPipeError, OSError, asyncssh.Error) as exc:
+            # The zone hung up (refused the stream); its exit status says why.
+            if not self.done.done():
+                self.done.set_exception(exc)
+            assert self.transport is not None
+            self.transport.close()
+            return
+        self.bytes += len(data)
+        self.progress.advance(len(data))
+
+    def eof_received(self) -> bool:
+        if not self.done.done():
+            self.done.set_result(None)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            if exc is None:
+                self.done.set_result(None)
+            else:
+                self.done.set_exception(exc)
+
+
+class _Cut(Exception):
+    """The test hook cut the stream (a simulated crash)."""
+
+
+class _ChannelToPipe(asyncio.Protocol):
+    """Write side of ``zfs receive``'s stdin pipe: pauses the channel when full."""
+
+    def __init__(self) -> None:
+        self.chan: asyncssh.SSHClientChannel[bytes] | None = None
+        self.lost: asyncio.Future[Exception | None] = \
+            asyncio.get_running_loop().create_future()
+
+    def pause_writing(self) -> None:
+        if self.chan is not None:
+            self.chan.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.chan is not None:
+            self.chan.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+
+class ZoneClient:
+    """One SSH connection to a snapper zone. Use ``async with ZoneClient(...)``."""
+
+    def __init__(self, host: str, port: int, client_key: str | Path | asyncssh.SSHKey, *,
+                 known_hosts: str | Path | None = None,
+                 host_key: str | Path | asyncssh.SSHKey | None = None,
+                 username: str = "snapper", connect_timeout: float = 30.0) -> None:
+        if known_hosts is not None and host_key is not None:
+            raise ValueError("give a known_hosts file or a pinned host key, not both")
+        self.host = host
+        self.port = port
+        self.client_key = client_key
+        self.known_hosts = known_hosts
+        self.host_key = host_key
+        self.username = username
+        self.connect_timeout = connect_timeout
+        self.conn: asyncssh.SSHClientConnection | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def connect(self) -> ZoneClient:
+        known: Any
+        if self.host_key is not None:
+            known = pinned_host_key(self.host_key)
+        elif self.known_hosts is not None:
+            known = str(self.known_hosts)
+        else:
+            known = ()  # asyncssh's default: ~/.ssh/known_hosts
+        key = self.client_key
+        keys: Any = [key if isinstance(key, asyncssh.SSHKey) else str(key)]
+        try:
+            self.conn = await asyncssh.connect(
+                self.host, self.port, username=self.username, client_keys=keys,
+                known_hosts=known, agent_path=None, config=None,
+                encryption_algs=list(ENCRYPTION_ALGS), compression_algs=None,
+                connect_timeout=self.connect_timeout)
+        except asyncssh.HostKeyNotVerifiable as exc:
+            raise ZoneUnreachable(f"{self.endpoint}: host key not trusted: {exc.reason}") \
+                from exc
+        except asyncssh.PermissionDenied as exc:
+            raise ZoneUnreachable(f"{self.endpoint}: our key was refused: {exc.reason}") \
+                from exc
+        except (OSError, asyncssh.Error, TimeoutError) as exc:
+            raise ZoneUnreachable(f"{self.endpoint}: cannot connect: {exc}") from exc
+        return self
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            await self.conn.wait_closed()
+            self.conn = None
+
+    async def __aenter__(self) -> ZoneClient:
+        return await self.connect()
+
+    async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    def _conn(self) -> asyncssh.SSHClientConnection:
+        if self.conn is None:
+            raise RuntimeError("ZoneClient is not connected")
+        return self.conn
+
+    async def _open(self, line: str) -> tuple[asyncssh.SSHClientChannel[bytes], _Channel]:
+        try:
+            chan, session = await self._conn().create_session(_Channel, line, encoding=None)
+        except (OSError, asyncssh.Error) as exc:
+            raise ZoneUnreachable(f"{self.endpoint}: {line.split()[0]}: {exc}") from exc
+        assert isinstance(session, _Channel)
+        return chan, session
+
+    async def run(self, cmd: Command | str, stdin_bytes: bytes | None = None) -> bytes:
+        """Run a small command; its stdout, or a ZoneError from its JSON stderr."""
+        line = cmd if isinstance(cmd, str) else format_command(cmd)
+        chan, session = await self._open(line)
+        if stdin_bytes:
+            chan.write(stdin_bytes)
+        chan.write_eof()
+        try:
+            await session.closed
+        except (OSError, asyncssh.Error) as exc:
+            raise ZoneUnreachable(f"{self.endpoint}: {line.split()[0]}: {exc}") from exc
+        if session.exit_status != 0:
+            raise session.error(line)
+        return bytes(session.stdout)
+
+    async def push_stream(self, cmd: Receive, spec: SendSpec, zfs: Zfs,
+                          progress: Reporter | None = None, *,
+                          cut_after: int | None = None) -> StreamResult:
+        """``zfs send SPEC`` → the zone's ``receive``; raises the most telling error.
+
+        The send child writes into a kernel pipe that asyncio reads; each
+        chunk goes straight to the channel. When the SSH window is full the
+        channel pauses writing and we stop reading the pipe, so ``zfs send``
+        blocks: memory stays bounded whatever the stream's size.
+        ``cut_after`` (tests) drops the connection after that many bytes.
+        """
+        progress = progress or NoProgress()
+        line = format_command(cmd)
+        loop = asyncio.get_running_loop()
+        chan, session = await self._open(line)
+        r, w = os.pipe()
+        try:
+            sender = await zfs.send(spec, stdout=w)
+        except BaseException:
+            os.close(r)
+            chan.close()
+            raise
+        finally:
+            os.close(w)
+        pump = _PipeToChannel(chan, progress, cut_after)
+        started = time.monotonic()
+        try:
+            transport, _ = await loop.connect_read_pipe(lambda: pump,
+                                                        os.fdopen(r, "rb", buffering=0))
+        except BaseException:
+            os.close(r)
+            await sender.abort()
+            chan.close()
+            raise
+        session.on_pause = transport.pause_reading
+        session.on_resume = transport.resume_reading
+        try:
+            try:
+                await pump.done
+            except _Cut:
+                # Simulated crash: kill everything without a clean EOF.
+                await sender.abort()
+                self._conn().abort()
+                raise ConnectionResetError("stream cut by test hook") from None
+            except (OSError, asyncssh.Error):
+                pass  # the zone hung up; its exit status below says why
+            else:
+                chan.write_eof()
+            sent = await sender.wait()
+            try:
+                await session.closed
+            except (OSError, asyncssh.Error) as exc:
+                raise ZoneUnreachable(f"{self.endpoint}: receive: {exc}") from exc
+        except BaseException:
+            # Cancelled (CN killed, Ctrl-C) or failed: never leave a child behind.
+            transport.close()
+            await sender.abort()
+            chan.close()
+            raise
+        if session.exit_status != 0:
+            err = session.error(line)
+            if not sent.ok and err.code in ("InvalidStream", "ConnectionLost"):
+                # The zone saw a truncated stream because our send failed: say why.
+                raise classify(sent.argv, sent.stderr, sent.returncode) from err
+            raise err
+        if not sent.ok:
+            raise classify(sent.argv, sent.stderr, sent.returncode)
+        return StreamResult(pump.bytes, time.monotonic() - started)
+
+    async def pull_stream(self, cmd: Send, target: Dataset, zfs: Zfs,
+                          progress: Reporter | None = None, *,
+                          force: bool = False) -> StreamResult:
+        """The zone's ``send`` → local ``zfs receive TARGET``.
+
+        Channel data is written to the receive's stdin pipe; when that pipe's
+        buffer passes its high-water mark the channel stops reading, so the
+        SSH window closes and the zone's ``zfs send`` blocks.
+        """
+        progress = progress or NoProgress()
+        line = format_command(cmd)
+        loop = asyncio.get_running_loop()
+        r, w = os.pipe()
+        try:
+            receiver = await zfs.receive(target, stdin=r, resumable=False, force=force)
+        except BaseException:
+            os.close(w)
+            raise
+        finally:
+            os.close(r)
+        try:
+            transport, pipe = await loop.connect_write_pipe(
+                _ChannelToPipe, os.fdopen(w, "wb", buffering=0))
+        except BaseException:
+            os.close(w)
+            await receiver.abort()
+            raise
+        started = time.monotonic()
+        moved = 0
+        try:
+            chan, session = await self._open(line)
+        except BaseException:
+            transport.close()
+            await receiver.abort()
+            raise
+        pipe.chan = chan
+
+        def on_data(data: bytes) -> None:
+            nonlocal moved
+            if transport.is_closing():
+                return  # receive died; its exit status says why
+            transport.write(data)
+            moved += len(data)
+            progress.advance(len(data))
+
+        session.on_data = on_data
+        session.on_eof = transport.close
+        # Whatever arrived with the exec reply, before the handlers were set.
+        if session.stdout:
+            early = bytes(session.stdout)
+            session.stdout.clear()
+            on_data(early)
+        if session.eof:
+            transport.close()
+        try:
+            chan.write_eof()
+            closed_exc: BaseException | None = None
+            try:
+                await session.closed
+            except (OSError, asyncssh.Error) as exc:
+                closed_exc = exc
+            if not transport.is_closing():
+                transport.close()
+            await pipe.lost
+            received = await receiver.wait()
+        except BaseException:
+            transport.close()
+            await receiver.abort()
+            chan.close()
+            raise
+        if closed_exc is not None:
+            raise ZoneUnreachable(f"{self.endpoint}: send: {closed_exc}") from closed_exc
+        if session.exit_status != 0:
+            raise session.error(line)
+        if not received.ok:
+            raise classify(received.argv, received.stderr, received.returncode)
+        return StreamResult(moved, time.monotonic() - started)
+
+    # -- the small commands -----------------------------------------------------
+
+    async def snapshots(self, vm: str) -> list[dict[str, Any]]:
+        """The zone's VM snapshots (``VmSnapshot.to_json`` shape), oldest first."""
+        raw = json.loads(await self.run(Snapshots(vm)) or b"[]")
+        if isinstance(raw, dict):
+            raw = raw.get("snapshots", [])
+        if not isinstance(raw, list):
+            raise ZoneError("BadAnswer", f"snapshots: expected a list, got {type(raw)}")
+        return [s for s in raw if isinstance(s, dict)]
+
+    async def resume_token(self, vm: str, dataset: str) -> str | None:
+        text = (await self.run(ResumeToken(vm, dataset))).decode().strip()
+        return None if text in ("", "-") else text
+
+    async def abort(self, vm: str, dataset: str) -> None:
+        await self.run(Abort(vm, dataset))
+
+    async def commit(self, vm: str, snap: str, datasets: Sequence[str],
+                     metadata: Mapping[str, Any] | None) -> bytes:
+        body = json.dumps(metadata).encode() if metadata is not None else b""
+        return await self.run(Commit(vm, snap, tuple(datasets)), body)
+
+    async def metadata(self, vm: str, snap: str) -> dict[str, Any] | None:
+        out = (await self.run(Metadata(vm, snap))).strip()
+        if not out or out == b"null":
+            return None
+        obj = json.loads(out)
+        return obj if isinstance(obj, dict) else None
+
+
+# -- what a zone holds, per dataset ----------------------------------------------
+
+
+def zone_history(snaps: Sequence[Mapping[str, Any]], label: str) -> list[ZoneSnapshot]:
+    """The zone's snapshots of one VM dataset, oldest first (by the zone's createtxg)."""
+    rows: list[tuple[int, ZoneSnapshot]] = []
+    for s in snaps:
+        part = (s.get("datasets") or {}).get(label)
+        if not isinstance(part, Mapping) or "guid" not in part:
+            continue
+        rows.append((int(part.get("createtxg", 0)), ZoneSnapshot(str(s["name"]),
+                                                                 int(part["guid"]))))
+    rows.sort(key=lambda r: r[0])
+    return [z for _, z in rows]
+
+
+# -- the CN library ---------------------------------------------------------------
+
+
+@dataclass
+class DatasetReport:
+    label: str
+    dataset: str
+    action: str  # "full", "incremental", "resumed+incremental", "already there", ...
+    base: str | None = None
+    bytes: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class PushReport:
+    vm: str
+    snapshot: str
+    datasets: list[DatasetReport] = field(default_factory=list)
+    metadata_source: str = ""
+
+    @property
+    def bytes(self) -> int:
+        return sum(d.bytes for d in self.datasets)
+
+
+@dataclass
+class RestoreReport:
+    vm: str
+    snapshot: str
+    target: str
+    datasets: list[DatasetReport] = field(default_factory=list)
+    metadata: dict[str, Any] | None = None
+
+
+def default_snapshot_name(now: float | None = None) -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+
+
+class CnClient:
+    """push / restore / list for the VMs under ``dataset_root`` on this CN."""
+
+    def __init__(self, zone: ZoneClient, *, dataset_root: str = "zones", zfs: Zfs | None = None,
+                 progress: Reporter | None = None, vmadm: str | None = "vmadm") -> None:
+        self.zone = zone
+        self.root = Dataset(dataset_root)
+        self.zfs = zfs or Zfs()
+        self.progress = progress or NoProgress()
+        self.vmadm = vmadm
+        self.cut_after: int | None = None  # tests: simulate a crash mid-stream
+
+    def vm_dataset(self, vm: str) -> Dataset:
+        return self.root.child(check_uuid(vm, "VM uuid"))
+
+    async def vm_datasets(self, vm: str) -> dict[str, Dataset]:
+        """label -> dataset: ``root`` for <root>/<vm>, each child by its basename."""
+        top = self.vm_dataset(vm)
+        out = {ROOT_LABEL: top}
+        for info in await self.zfs.datasets(top, depth=1):
+            if info.dataset.parent == top:
+                if info.dataset.basename == ROOT_LABEL:
+                    raise PushError(f"{info.dataset}: a child called {ROOT_LABEL!r} would "
+                                    "collide with the VM's top dataset on the zone")
+                out[info.dataset.basename] = info.dataset
+        return out
+
+    async def versions(self, ds: Dataset) -> list[Version]:
+        """This CN's snapshots and (where ZFS has them) bookmarks of ``ds``."""
+        out = [Version(s.createtxg, "snapshot", s.name, s.guid)
+               for s in await self.zfs.snapshots(ds)]
+        if (await self.zfs.capabilities()).bookmarks:
+            out += [Version(b.createtxg, "bookmark", b.bookmark.name, b.guid)
+                    for b in await self.zfs.bookmarks(ds)]
+        return planning.history(out)
+
+    # -- push -----------------------------------------------------------------------
+
+    async def push(self, vm: str, name: str | None = None, base: str | None = None,
+                   metadata: Mapping[str, Any] | None = None) -> PushReport:
+        """Snapshot the VM (all its datasets, atomically) and store it on the zone.
+
+        Re-running with the name of an existing local snapshot finishes that
+        push (what the zone already has is skipped), so a crash mid-push is
+        recovered by running the same command again.
+        """
+        vm = check_uuid(vm, "VM uuid")
+        snap = check_component(name or default_snapshot_name(), "snapshot name")
+        if base is not None:
+            check_component(base, "base snapshot")
+        datasets = await self.vm_datasets(vm)
+        have = [await self.zfs.exists(ds.snapshot(snap)) for ds in datasets.values()]
+        if not any(have):
+            await self.zfs.snapshot([self.vm_dataset(vm).snapshot(snap)], recursive=True)
+        elif not all(have):
+            missing = [label for label, h in zip(datasets, have, strict=True) if not h]
+            raise PushError(f"snapshot @{snap} exists on some of the VM's datasets but not "
+                            f"on: {', '.join(missing)}")
+        report = PushReport(vm, snap)
+        zone_snaps = await self.zone.snapshots(vm)
+        for label, ds in datasets.items():
+            report.datasets.append(await self._push_dataset(vm, label, ds, snap, base,
+                                                            zone_snaps))
+        meta, report.metadata_source = await self._metadata(vm, list(datasets), metadata)
+        await self.zone.commit(vm, snap, list(datasets), meta)
+        await self._bookmark(datasets.values(), snap)
+        return report
+
+    async def _push_dataset(self, vm: str, label: str, ds: Dataset, snap: str,
+                            base: str | None, zone_snaps: list[dict[str, Any]]
+                            ) -> DatasetReport:
+        report = DatasetReport(label, str(ds), "")
+        caps = await self.zfs.capabilities()
+        # Bounded: a resume, then the real push. A token that survives an abort
+        # is an error, not a reason to loop.
+        for _attempt in range(3):
+            versions = await self.versions(ds)
+            token = await self.zone.resume_token(vm, label)
+            if token is not None:
+                decision = await self._resume_decision(token, versions, ds, label, zone_snaps,
+                                                       caps.resumable_receive)
+                if isinstance(decision, Resume):
+                    try:
+                        res = await self._send(vm, label, decision.target.name,
+                                               SendSpec(resume_token=token), resume=True,
+                                               base_zone=self._zone_name(decision.base,
+                                                                         label, zone_snaps))
+                    except (ResumeTokenStale, ResumeTokenInvalid) as exc:
+                        # Raced with a local snapshot deletion: start over.
+                        log.info("resume of %s failed (%s); aborting the partial receive",
+                                 ds, exc.code)
+                        await self.zone.abort(vm, label)
+                    else:
+                        report.action = "resumed+"
+                        report.bytes += res.bytes
+                        report.seconds += res.seconds
+                    zone_snaps = await self.zone.snapshots(vm)
+                    continue
+                log.info("aborting stale partial receive of %s/%s: %s", vm, label,
+                         decision.reason)
+                await self.zone.abort(vm, label)
+                report.action = "aborted stale partial+"
+                continue
+            try:
+                plan = planning.plan_push(versions, zone_history(zone_snaps, label), snap, base)
+            except planning.Conflict as conflict:
+                raise PlanError(f"{vm}/{label} ({ds})", conflict) from None
+            if isinstance(plan, AlreadyThere):
+                report.action += "already there"
+                return report
+            src = plan.base if isinstance(plan, Incremental) else None
+            spec = SendSpec(ds.snapshot(snap), base=_source(ds, src))
+            try:
+                res = await self._send(vm, label, snap, spec,
+                                       base_zone=plan.zone_base.name
+                                       if isinstance(plan, Incremental) else None)
+            except ZoneError as exc:
+                if exc.code != "PartialReceiveExists":
+                    raise
+                # An interrupted receive settled on the zone after we asked for
+                # its token (the zone finishes it under the VM lock): go round.
+                zone_snaps = await self.zone.snapshots(vm)
+                continue
+            report.action += "incremental" if isinstance(plan, Incremental) else "full"
+            assert isinstance(plan, Full | Incremental)
+            report.base = str(spec.base) if spec.base else None
+            report.bytes += res.bytes
+            report.seconds += res.seconds
+            return report
+        raise PushError(f"{vm}/{label}: the zone still reports a partial receive after "
+                        "resuming or aborting it")
+
+    async def _resume_decision(self, token: str, versions: list[Version], ds: Dataset,
+                               label: str, zone_snaps: list[dict[str, Any]],
+                               can_resume: bool) -> planning.ResumeDecision:
+        if not can_resume:
+            return AbortPartial("this CN's ZFS cannot resume a send")
+        try:
+            info = TokenInfo.from_zfs(await self.zfs.resume_token_info(token))
+        except (ZfsError, ValueError) as exc:
+            return AbortPartial(f"the token cannot be decoded here: {exc}")
+        return planning.plan_resume(versions, info, str(ds), zone_history(zone_snaps, label))
+
+    @staticmethod
+    def _zone_name(v: Version | None, label: str,
+                   zone_snaps: list[dict[str, Any]]) -> str | None:
+        """The zone's name for the CN version ``v`` (matched by guid)."""
+        if v is None:
+            return None
+        for z in zone_history(zone_snaps, label):
+            if z.guid == v.guid:
+                return z.name
+        return v.name
+
+    async def _send(self, vm: str, label: str, snap: str, spec: SendSpec, *,
+                    resume: bool = False, base_zone: str | None = None) -> StreamResult:
+        size = await self._estimate(spec)
+        cmd = Receive(vm, label, snap, base_zone, size, resume)
+        self.progress.start(f"{vm[:8]}/{label}@{snap}", size, vm=vm, dataset=label,
+                            snapshot=snap, base=base_zone, resume=resume)
+        try:
+            res = await self.zone.push_stream(cmd, spec, self.zfs, self.progress,
+                                              cut_after=self.cut_after)
+        except BaseException as exc:
+            self.progress.done(False, str(exc) or type(exc).__name__)
+            raise
+        self.progress.done(True)
+        return res
+
+    async def _estimate(self, spec: SendSpec) -> int | None:
+        if not (await self.zfs.capabilities()).send_size_estimate:
+            return None
+        try:
+            return await self.zfs.send_size(spec)
+        except ZfsError as exc:
+            log.debug("no size estimate: %s", exc)
+            return None
+
+    async def _metadata(self, vm: str, labels: list[str],
+                        given: Mapping[str, Any] | None) -> tuple[dict[str, Any], str]:
+        """The user's file wins; else ``vmadm get`` on SmartOS; else a minimal record."""
+        if given is not None:
+            return dict(given), "file"
+        if self.vmadm and shutil.which(self.vmadm):
+            done = await proc.run([self.vmadm, "get", vm], timeout=60)
+            if done.ok:
+                obj = json.loads(done.stdout)
+                if isinstance(obj, dict):
+                    return obj, "vmadm"
+            log.warning("vmadm get %s failed: %s", vm, done.stderr.strip())
+        return {"uuid": vm, "datasets": labels}, "minimal"
+
+    async def _bookmark(self, datasets: Sequence[Dataset] | Any, snap: str) -> None:
+        """Keep ``#snapper-<snap>`` so the next push is incremental even if @snap goes."""
+        if not (await self.zfs.capabilities()).bookmarks:
+            return
+        name = BOOKMARK_PREFIX + snap
+        for ds in datasets:
+            marks = await self.zfs.bookmarks(ds)
+            mine = next((b for b in marks if b.bookmark.name == name), None)
+            if mine is None:
+                await self.zfs.bookmark(ds.snapshot(snap), name)
+                mine = next(b for b in await self.zfs.bookmarks(ds)
+                            if b.bookmark.name == name)
+            for b in marks:
+                # Older snapper bookmarks only: never someone else's, never a newer one.
+                if b.bookmark.name.startswith(BOOKMARK_PREFIX) and b.createtxg < mine.createtxg:
+                    await self.zfs.destroy(b.bookmark)
+
+    # -- restore --------------------------------------------------------------------
+
+    async def restore(self, vm: str, snap: str, target: str | None = None, *,
+                      rollback: bool = False,
+                      metadata_path: str | Path | None = None) -> RestoreReport:
+        """Bring VM snapshot ``snap`` back from the zone.
+
+        Into the VM's own datasets (``target`` None): incremental onto the
+        newest local snapshot the zone also holds; that snapshot must be the
+        local newest and unmodified unless ``rollback`` (then later local
+        snapshots and changes are discarded: ``zfs rollback -r`` and
+        ``receive -F``). Into ``target`` (a new dataset): full streams.
+        """
+        vm = check_uuid(vm, "VM uuid")
+        check_component(snap, "snapshot name")
+        snaps = await self.zone.snapshots(vm)
+        entry = next((s for s in snaps if s.get("name") == snap), None)
+        if entry is None:
+            raise RestoreError(f"the zone holds no snapshot {snap!r} of VM {vm}")
+        if not entry.get("complete"):
+            raise RestoreError(f"snapshot {snap!r} of VM {vm} is incomplete on the zone "
+                               "(a push that did not finish); it cannot be restored")
+        top = Dataset(target) if target else self.vm_dataset(vm)
+        labels = sorted((entry.get("datasets") or {}), key=lambda lb: lb != ROOT_LABEL)
+        if ROOT_LABEL not in labels:
+            raise RestoreError(f"snapshot {snap!r} of VM {vm} has no {ROOT_LABEL!r} dataset")
+        report = RestoreReport(vm, snap, str(top))
+        for label in labels:
+            local = top if label == ROOT_LABEL else top.child(label)
+            report.datasets.append(await self._restore_dataset(vm, label, local, snap, snaps,
+                                                               rollback))
+        report.metadata = await self.zone.metadata(vm, snap)
+        if metadata_path is not None:
+            text = json.dumps(report.metadata, indent=2) + "\n"
+            await asyncio.to_thread(Path(metadata_path).write_text, text)
+        return report
+
+    async def _restore_dataset(self, vm: str, label: str, local: Dataset, snap: str,
+                               snaps: list[dict[str, Any]], rollback: bool) -> DatasetReport:
+        report = DatasetReport(label, str(local), "")
+        history = zone_history(snaps, label)
+        want = next(z for z in history if z.name == snap)
+        older = history[: history.index(want)]
+        base: ZoneSnapshot | None = None
+        force = False
+        if await self.zfs.exists(local):
+            mine = await self.zfs.snapshots(local)
+            by_guid = {s.guid: s for s in mine}
+            if want.guid in by_guid:
+                if rollback:
+                    await self.zfs.rollback(by_guid[want.guid].snapshot, destroy_later=True)
+                    report.action = "rolled back locally"
+                else:
+                    report.action = "already there"
+                return report
+            common = [z for z in older if z.guid in by_guid]
+            if not common:
+                raise RestoreError(
+                    f"{local} exists and shares no snapshot with the zone's {label}@{snap}; "
+                    "restore into a new dataset with --target")
+            base = common[-1]
+            newest = mine[-1] if mine else None
+            if newest is None or newest.guid != base.guid:
+                if not rollback:
+                    raise RestoreError(
+                        f"{local}: its newest snapshot @{newest.name if newest else '-'} is "
+                        f"not @{by_guid[base.guid].name}, the newest one the zone also holds; "
+                        "use --rollback to discard the later local snapshots, or --target")
+                await self.zfs.rollback(by_guid[base.guid].snapshot, destroy_later=True)
+            # -F discards changes made since the base, but only when asked to roll back.
+            force = rollback
+        cmd = Send(vm, label, snap, base.name if base else None)
+        total = None
+        if base is None:
+            total = int(((next(s for s in snaps if s.get("name") == snap).get("datasets")
+                          or {}).get(label) or {}).get("referenced", 0)) or None
+        self.progress.start(f"{vm[:8]}/{label}@{snap}", total, vm=vm, dataset=label,
+                            snapshot=snap, base=base.name if base else None)
+        try:
+            res = await self.zone.pull_stream(cmd, local, self.zfs, self.progress, force=force)
+        except BaseException as exc:
+            self.progress.done(False, str(exc) or type(exc).__name__)
+            raise
+        self.progress.done(True)
+        got = {s.name: s.guid for s in await self.zfs.snapshots(local)}
+        if got.get(snap) != want.guid:
+            raise RestoreError(f"{local}@{snap}: guid {got.get(snap)} after receive, the zone "
+                               f"has {want.guid}")
+        report.action = "incremental" if base else "full"
+        report.base = base.name if base else None
+        report.bytes, report.seconds = res.bytes, res.seconds
+        return report
+
+    # -- list -------------------------------------------------------------------------
+
+    async def local_vms(self) -> list[str]:
+        out = []
+        for info in await self.zfs.datasets(self.root, depth=1):
+            if info.dataset.parent == self.root:
+                try:
+                    out.append(check_uuid(info.dataset.basename))
+                except ValueError:
+                    continue
+        return sorted(out)
+
+    async def list(self, vm: str | None = None) -> dict[str, list[dict[str, Any]]]:
+        """VM uuid -> the zone's snapshots of it; without ``vm``, this CN's VMs."""
+        vms = [check_uuid(vm, "VM uuid")] if vm else await self.local_vms()
+        return {v: await self.zone.snapshots(v) for v in vms}
+
+
+def _source(ds: Dataset, v: Version | None) -> Snapshot | Bookmark | None:
+    if v is None:
+        return None
+    return ds.snapshot(v.name) if v.is_snapshot else ds.bookmark(v.name)

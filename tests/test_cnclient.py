@@ -1,0 +1,329 @@
+"""The CN client against a real snapperd SSH endpoint (in-process) on real ZFS.
+
+A simulated CN (a mounted pool holding ``<cnpool>/<vm>`` and ``disk0``, plus
+a zvol ``disk1`` on the OpenZFS tier) pushes to a zone pool over loopback
+SSH; what comes back is compared byte for byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import pytest
+
+from snapper_zone import proc
+from snapper_zone.cnclient import CnClient, PlanError, RestoreError, ZoneClient
+from snapper_zone.config import parse_config
+from snapper_zone.localpool import FilePool
+from snapper_zone.names import Dataset
+from snapper_zone.protocol import Delete
+from snapper_zone.sshserver import start_ssh_server
+from snapper_zone.zfs import Capabilities, Zfs
+from snapper_zone.zone import Zone
+from tests.conftest import require
+from tests.helpers import mountpoint, read_device, write_device, write_random, zvol_device
+
+pytestmark = pytest.mark.zfs
+
+ZONE_UUID = "bd932c2b-caae-495a-abf2-fb958111c3fb"
+CN_ID = "44454c4c-3800-1051-8036-b4c04f4e3232"
+VM = "74c59c61-4559-4ca2-b1ef-0ca22f2f936a"
+ZVOL_SIZE = 32 << 20
+
+
+def _keypair(path: Path) -> Path:
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    key.write_private_key(str(path))
+    os.chmod(path, 0o600)
+    path.with_suffix(".pub").write_bytes(key.export_public_key())
+    return path
+
+
+@dataclass
+class Env:
+    zfs: Zfs
+    caps: Capabilities
+    zone: Zone
+    port: int
+    cn_key: Path
+    host_pub: Path
+    cn_pool: FilePool
+    vm: Dataset  # <cnpool>/<vm>
+    tmp: Path
+
+    def client(self) -> ZoneClient:
+        return ZoneClient("127.0.0.1", self.port, self.cn_key, host_key=self.host_pub)
+
+    def cn(self, zone: ZoneClient) -> CnClient:
+        return CnClient(zone, dataset_root=self.cn_pool.name, zfs=self.zfs, vmadm=None)
+
+    def write(self, name: str, size: int = 1 << 20) -> None:
+        write_random(self.cn_pool, self.vm, name, size)
+        write_random(self.cn_pool, self.vm.child("disk0"), name, size)
+
+
+@pytest.fixture
+async def env(zfs: Zfs, caps: Capabilities, cn_pool: FilePool, zone_pool: FilePool,
+              tmp_path: Path) -> AsyncIterator[Env]:
+    host_key = _keypair(tmp_path / "host_ed25519")
+    cn_key = _keypair(tmp_path / "cn_ed25519")
+    root = Dataset(zone_pool.name).child("snapper")
+    await zfs.create(root)
+    cfg = parse_config({
+        "uuid": ZONE_UUID, "name": "snapper0", "root": str(root),
+        "ssh": {"port": 0, "host_key": str(host_key)}, "http": {"port": 0},
+        "keys": [{"role": "cn", "cn_id": CN_ID,
+                  "public_key": cn_key.with_suffix(".pub").read_text()}],
+        "vms": {VM: CN_ID}, "durability": "local"}, str(tmp_path / "snapperd.toml"))
+    zone = Zone.from_config(cfg, zfs)
+    acceptor = await start_ssh_server(zone)
+    vm = Dataset(cn_pool.name).child(VM)
+    await zfs.create(vm)
+    await zfs.create(vm.child("disk0"))
+    if caps.zvols:
+        await zfs.create(vm.child("disk1"), volsize=ZVOL_SIZE)
+    try:
+        yield Env(zfs, caps, zone, acceptor.get_port(), cn_key,
+                  host_key.with_suffix(".pub"), cn_pool, vm, tmp_path)
+    finally:
+        acceptor.close()
+        await acceptor.wait_closed()
+
+
+def _tree_hashes(path: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.iterdir()) if p.is_file()}
+
+
+async def _mounted(env: Env, ds: Dataset) -> Path:
+    """The restored filesystem's files (OpenZFS receives with -u; mount it to read)."""
+    if env.caps.receive_unmounted:
+        done = await proc.run([env.zfs.zfs_bin, "mount", str(ds)])
+        assert done.ok or "already mounted" in done.stderr, done.stderr
+    return mountpoint(env.cn_pool, ds)
+
+
+async def _zone_guids(env: Env, snap: str) -> dict[str, int]:
+    s = await env.zone.store.snapshot(VM, snap)
+    return {label: p.guid for label, p in s.parts.items()}
+
+
+async def _cn_guids(env: Env, snap: str) -> dict[str, int]:
+    out = {}
+    for label, ds in (("root", env.vm), ("disk0", env.vm.child("disk0")),
+                      ("disk1", env.vm.child("disk1"))):
+        if await env.zfs.exists(ds):
+            out[label] = next(s.guid for s in await env.zfs.snapshots(ds) if s.name == snap)
+    return out
+
+
+async def test_push_incrementals_delete_restore(env: Env) -> None:
+    labels = {"root", "disk0"} | ({"disk1"} if env.caps.zvols else set())
+    vol = zvol_device(env.vm.child("disk1"))
+    at: dict[str, dict[str, str]] = {}
+    disk: dict[str, bytes] = {}
+    async with env.client() as zone:
+        cn = env.cn(zone)
+        for i, snap in enumerate(["s1", "s2", "s3"]):
+            env.write(f"f{i}")
+            if env.caps.zvols:
+                await write_device(vol, os.urandom(1 << 20) * (i + 1))
+                disk[snap] = await read_device(vol, ZVOL_SIZE)
+            rep = await cn.push(VM, snap, metadata={"uuid": VM, "alias": snap})
+            at[snap] = _tree_hashes(mountpoint(env.cn_pool, env.vm.child("disk0")))
+            assert {d.label for d in rep.datasets} == labels
+            want = "full" if snap == "s1" else "incremental"
+            assert all(d.action == want for d in rep.datasets), rep
+            assert rep.bytes > (1 << 20)
+
+        held = (await cn.list(VM))[VM]
+        assert [s["name"] for s in held] == ["s1", "s2", "s3"]
+        assert all(s["complete"] for s in held)
+        for s in held:
+            zone_guids = {k: int(v["guid"]) for k, v in s["datasets"].items()}
+            assert zone_guids == await _cn_guids(env, s["name"])
+
+        # Any snapshot can go, not just the newest; the chain still works.
+        await zone.run(Delete(VM, "s2"))
+        env.write("f3")
+        rep = await cn.push(VM, "s4")
+        assert {d.action for d in rep.datasets} == {"incremental"}
+        assert {d.base for d in rep.datasets} == {f"{ds}@s3" for ds in [env.vm]} | {
+            f"{env.vm.child(lb)}@s3" for lb in labels - {"root"}}
+        assert [s["name"] for s in (await cn.list(VM))[VM]] == ["s1", "s3", "s4"]
+        assert await _zone_guids(env, "s4") == await _cn_guids(env, "s4")
+
+        # Restore s3 into a new dataset: byte-identical to the CN's data at s3.
+        target = Dataset(env.cn_pool.name).child("copy")
+        meta_path = env.tmp / "meta.json"
+        rr = await cn.restore(VM, "s3", str(target), metadata_path=meta_path)
+        assert {d.action for d in rr.datasets} == {"full"}
+        assert json.loads(meta_path.read_text()) == {"uuid": VM, "alias": "s3"}
+        assert _tree_hashes(await _mounted(env, target.child("disk0"))) == at["s3"]
+        if env.caps.zvols:
+            assert await read_device(zvol_device(target.child("disk1")), ZVOL_SIZE) == \
+                disk["s3"]
+        # The same target again, to s4: incremental on the common s3. rollback,
+        # because mounting disk0 made its mountpoint directory in the copy's
+        # root, which ZFS counts as a change since s3.
+        rr = await cn.restore(VM, "s4", str(target), rollback=True)
+        assert {d.action for d in rr.datasets} == {"incremental"}
+        assert {d.base for d in rr.datasets} == {"s3"}
+        assert rr.metadata == {"uuid": VM, "datasets": sorted(labels, key=_order(labels))}
+
+
+def _order(labels: set[str]) -> Any:
+    # The minimal metadata lists datasets root first, then the children as ZFS listed them.
+    return lambda lb: (lb != "root", lb)
+
+
+async def test_rollback_restore_needs_the_flag(env: Env) -> None:
+    async with env.client() as zone:
+        cn = env.cn(zone)
+        env.write("a")
+        await cn.push(VM, "s1")
+        env.write("b")
+        await cn.push(VM, "s2")
+        at_s2 = _tree_hashes(mountpoint(env.cn_pool, env.vm.child("disk0")))
+        # The CN moves on locally and loses s2; its newest (s3) is unknown to the zone.
+        for ds in (env.vm.child("disk0"), env.vm, env.vm.child("disk1")):
+            if await env.zfs.exists(ds):
+                await env.zfs.destroy(ds.snapshot("s2"))
+        env.write("c")
+        await env.zfs.snapshot([env.vm.snapshot("s3")], recursive=True)
+        with pytest.raises(RestoreError, match="--rollback"):
+            await cn.restore(VM, "s2")
+        rr = await cn.restore(VM, "s2", rollback=True)
+        assert {d.action for d in rr.datasets} == {"incremental"}
+        assert _tree_hashes(await _mounted(env, env.vm.child("disk0"))) == at_s2
+        assert [s.name for s in await env.zfs.snapshots(env.vm)] == ["s1", "s2"]
+
+
+async def test_interrupted_push_restarts_or_resumes(env: Env) -> None:
+    async with env.client() as zone:
+        cn = env.cn(zone)
+        env.write("a")
+        await cn.push(VM, "s1")
+        s1 = await _zone_guids(env, "s1")
+        env.write("b", 8 << 20)
+        cn.cut_after = 3 << 20
+        with pytest.raises(ConnectionResetError):
+            await cn.push(VM, "s2")
+    async with env.client() as zone:
+        cn = env.cn(zone)
+        rep = await cn.push(VM, "s2")  # the same command again finishes it
+        actions = {d.label: d.action for d in rep.datasets}
+        if env.caps.resumable_receive:
+            assert actions["root"].startswith("resumed+")
+        assert actions["disk0"].endswith("incremental"), actions
+        assert await _zone_guids(env, "s1") == s1
+        assert await _zone_guids(env, "s2") == await _cn_guids(env, "s2")
+        assert all(s["complete"] for s in (await cn.list(VM))[VM])
+
+
+async def test_stale_resume_token_is_aborted(env: Env) -> None:
+    require(env.caps, "resumable_receive")
+    async with env.client() as zone:
+        cn = env.cn(zone)
+        env.write("a")
+        await cn.push(VM, "s1")
+        env.write("b", 8 << 20)
+        cn.cut_after = 3 << 20
+        with pytest.raises(ConnectionResetError):
+            await cn.push(VM, "s2")
+    # The CN drops the half-pushed snapshot: the zone's token is now stale.
+    await env.zfs.destroy(env.vm.snapshot("s2"), recursive=True)
+    async with env.client() as zone:
+        cn = env.cn(zone)
+        rep = await cn.push(VM, "s3")
+        assert rep.datasets[0].action == "aborted stale partial+incremental"
+        assert [s["name"] for s in (await cn.list(VM))[VM]] == ["s1", "s3"]
+
+
+async def test_bookmark_keeps_the_chain(env: Env) -> None:
+    require(env.caps, "bookmarks")
+    async with env.client() as zone:
+        cn = env.cn(zone)
+        env.write("a")
+        await cn.push(VM, "s1")
+        env.write("b")
+        await cn.push(VM, "s2")
+        marks = [b.bookmark.name for b in await env.zfs.bookmarks(env.vm)]
+        assert marks == ["snapper-s2"]  # the older one was dropped
+        await env.zfs.destroy(env.vm.snapshot("s2"), recursive=True)
+        env.write("c")
+        rep = await cn.push(VM, "s3")
+        assert rep.datasets[0].action == "incremental"
+        assert rep.datasets[0].base == f"{env.vm}#snapper-s2"
+
+
+async def test_conflict_is_reported_with_both_histories(env: Env) -> None:
+    async with env.client() as zone:
+        cn = env.cn(zone)
+        env.write("a")
+        await cn.push(VM, "s1")
+        env.write("b")
+        await cn.push(VM, "s2")
+        with pytest.raises(PlanError) as ei:
+            await cn.push(VM, "s3", base="s1")  # the zone's newest is s2
+        assert ei.value.code == "ZoneAhead" and "zone:" in ei.value.message
+
+
+async def _cli(env: Env, *args: str) -> proc.Completed:
+    argv = [sys.executable, "-m", "snapper_zone.cli", "--zone", f"127.0.0.1:{env.port}",
+            "--key", str(env.cn_key), "--host-key", str(env.host_pub),
+            "--dataset-root", env.cn_pool.name, *args]
+    return await proc.run(argv, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+
+
+async def test_cli_push_list_restore(env: Env) -> None:
+    env.write("a")
+    meta = env.tmp / "vm.json"
+    meta.write_text(json.dumps({"uuid": VM, "alias": "cli"}))
+    done = await _cli(env, "push", VM, "--name", "c1", "--metadata", str(meta))
+    assert done.returncode == 0, done.stderr
+    assert f"pushed {VM}@c1" in done.stdout.decode()
+    events = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    assert {e["event"] for e in events} >= {"start", "done"}
+
+    done = await _cli(env, "list", VM)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.decode().splitlines()
+    assert lines[0].split()[:3] == ["VM", "SNAPSHOT", "COMPLETE"]
+    assert lines[1].split()[:3] == [VM, "c1", "yes"]
+
+    done = await _cli(env, "list", "--json")  # without a VM: this CN's VMs
+    assert json.loads(done.stdout)[VM][0]["name"] == "c1"
+
+    target = Dataset(env.cn_pool.name).child("clicopy")
+    done = await _cli(env, "restore", VM, "c1", "--target", str(target))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"uuid": VM, "alias": "cli"}
+
+    done = await _cli(env, "restore", VM, "nope")
+    assert done.returncode == 1 and done.stderr.count("\n") == 1
+    assert "no snapshot 'nope'" in done.stderr
+    done = await _cli(env, "push", "not-a-uuid")
+    assert done.returncode == 1 and "InvalidArgument" in done.stderr
+    done = await _cli(env, "push")
+    assert done.returncode == 2
+
+
+async def test_unknown_host_key_is_refused(env: Env) -> None:
+    other = _keypair(env.tmp / "other_ed25519")
+    client = ZoneClient("127.0.0.1", env.port, env.cn_key,
+                        host_key=other.with_suffix(".pub"))
+    from snapper_zone.cnclient import ZoneUnreachable
+    with pytest.raises(ZoneUnreachable, match="host key"):
+        await client.connect()
+    await asyncio.sleep(0)
