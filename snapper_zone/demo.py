@@ -1,0 +1,279 @@
+"""``snapper demo``: the whole mission on one machine, narrated.
+
+Starts a local fleet (snapper zones as real ``snapperd`` processes on
+file-backed pools, simulated compute nodes with VMs holding real data), then
+pushes full and incremental snapshots, lists them over the HTTP API,
+deletes an intermediate one, pushes again, restores into a new dataset and
+checks it byte for byte. Uses the machine's ZFS when it has one, zfs-fuse
+otherwise. Cleans up after itself, Ctrl-C included; ``--keep`` leaves the
+fleet up and prints the command that stops it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from snapper_zone import localpool, progress
+from snapper_zone.cnclient import CnClient, ZoneClient
+from snapper_zone.fleet import LocalCN, LocalFleet, LocalZone
+from snapper_zone.names import Dataset
+from snapper_zone.zfs import Zfs
+
+STATE_FILE = "fleet.json"
+
+
+def say(text: str) -> None:
+    print(f"\n==> {text}", flush=True)
+
+
+def info(text: str) -> None:
+    print(f"    {text}", flush=True)
+
+
+def _fill(path: Path, name: str, size: int) -> str:
+    data = os.urandom(size)
+    (path / name).write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _digests(path: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.iterdir()) if p.is_file()}
+
+
+class Demo:
+    def __init__(self, fleet: LocalFleet, data_mib: int) -> None:
+        self.fleet = fleet
+        self.zfs = fleet.zfs
+        self.data = data_mib << 20
+        # sha256 of each VM's disk0 files as they were when a snapshot was pushed
+        self.digests: dict[tuple[str, str], dict[str, str]] = {}
+
+    def primary(self, vm: str) -> LocalZone:
+        # Static placement until the coordinator places VMs: spread by uuid.
+        return self.fleet.zones[int(vm.replace("-", ""), 16) % len(self.fleet.zones)]
+
+    def mnt(self, cn: LocalCN, ds: Dataset) -> Path:
+        assert cn.pool.mountpoint is not None
+        return cn.pool.mountpoint / ds.relative_to(Dataset(cn.pool.name))
+
+    def client(self, cn: LocalCN, zone: LocalZone) -> tuple[ZoneClient, CnClient]:
+        zc = ZoneClient("127.0.0.1", zone.ssh_port, cn.key_path, host_key=zone.host_key_pub)
+        # On a terminal a progress bar per stream; otherwise our own summary lines.
+        bar = progress.for_stream(sys.stderr) if sys.stderr.isatty() else progress.NoProgress()
+        return zc, CnClient(zc, dataset_root=cn.dataset_root, zfs=self.zfs, progress=bar,
+                            vmadm=None)
+
+    async def make_vms(self) -> None:
+        say("Creating VMs on the compute nodes (a zone root and a disk0 each, with data)")
+        for cn in self.fleet.cns:
+            for vm in cn.vms:
+                top = Dataset(cn.pool.name).child(vm)
+                await self.zfs.create(top)
+                await self.zfs.create(top.child("disk0"))
+                _fill(self.mnt(cn, top), "etc-passwd", 4096)
+                _fill(self.mnt(cn, top.child("disk0")), "blocks-0", self.data)
+                info(f"{cn.id}: VM {vm} -> primary zone {self.primary(vm).name}")
+
+    async def push_all(self, label: str) -> None:
+        for cn in self.fleet.cns:
+            for vm in cn.vms:
+                zone = self.primary(vm)
+                zc, client = self.client(cn, zone)
+                async with zc:
+                    t0 = time.monotonic()
+                    rep = await client.push(vm, name=label,
+                                            metadata={"uuid": vm, "alias": f"demo-{vm[:8]}",
+                                                      "brand": "joyent"})
+                secs = time.monotonic() - t0
+                disk = Dataset(cn.pool.name).child(vm).child("disk0")
+                self.digests[(vm, label)] = _digests(self.mnt(cn, disk))
+                kinds = ", ".join(f"{d.label}: {d.action or 'sent'}"
+                                  + (f" from @{d.base.rpartition('@')[2]}" if d.base else "")
+                                  for d in rep.datasets)
+                info(f"{cn.id} pushed {vm[:8]}@{label} to {zone.name}: "
+                     f"{progress.format_bytes(rep.bytes)} in {secs:.1f}s ({kinds})")
+
+    async def change_data(self, tag: str) -> None:
+        for cn in self.fleet.cns:
+            for vm in cn.vms:
+                disk = Dataset(cn.pool.name).child(vm).child("disk0")
+                _fill(self.mnt(cn, disk), f"blocks-{tag}", self.data // 4)
+
+    async def list_http(self, http: aiohttp.ClientSession) -> None:
+        say("Listing what each zone holds (HTTP API), guids checked against the CN's")
+        print(f"    {'zone':<6} {'vm':<9} {'snapshot':<9} {'complete':<8} "
+              f"{'refer':>9}  guid(disk0)          equal")
+        for cn in self.fleet.cns:
+            for vm in cn.vms:
+                zone = self.primary(vm)
+                async with http.get(f"{zone.http_url}/v1/vms/{vm}/snapshots") as r:
+                    r.raise_for_status()
+                    snaps: list[dict[str, Any]] = await r.json()
+                disk = Dataset(cn.pool.name).child(vm).child("disk0")
+                local = {s.name: s.guid for s in await self.zfs.snapshots(disk)}
+                for s in snaps:
+                    guid = int(s["datasets"]["disk0"]["guid"])
+                    same = "yes" if local.get(s["name"]) == guid else "CN deleted it"
+                    print(f"    {zone.name:<6} {vm[:8]:<9} {s['name']:<9} "
+                          f"{s['complete']!s:<8} "
+                          f"{progress.format_bytes(s['datasets']['disk0']['referenced']):>9}  "
+                          f"{guid:<20} {same}")
+
+    async def delete_intermediate(self, http: aiohttp.ClientSession, name: str) -> None:
+        say(f"Deleting the intermediate snapshot @{name} on the zones (any snapshot "
+            "can go, not only the newest)")
+        for cn in self.fleet.cns:
+            for vm in cn.vms:
+                zone = self.primary(vm)
+                async with http.delete(f"{zone.http_url}/v1/vms/{vm}/snapshots/{name}") as r:
+                    if r.status != 204:
+                        raise RuntimeError(f"DELETE failed: {r.status} {await r.text()}")
+                info(f"{zone.name}: deleted {vm[:8]}@{name}")
+
+    async def restore_and_check(self, snap: str) -> None:
+        cn = self.fleet.cns[0]
+        vm = cn.vms[0]
+        target = f"{cn.pool.name}/restored-{vm[:8]}"
+        say(f"Restoring {vm[:8]}@{snap} from {self.primary(vm).name} into {target}")
+        zc, client = self.client(cn, self.primary(vm))
+        async with zc:
+            rep = await client.restore(vm, snap, target)
+        info(f"restored {len(rep.datasets)} datasets; metadata alias = "
+             f"{(rep.metadata or {}).get('alias')}")
+        want = self.digests[(vm, snap)]
+        got = _digests(self.mnt(cn, Dataset(target).child("disk0")))
+        ok = want == got
+        info(f"disk0 byte-for-byte equal to the CN's data at @{snap}: {ok} "
+             f"({len(got)} files, sha256)")
+        if not ok:
+            raise RuntimeError("restored data differs from the original")
+
+    async def run(self) -> None:
+        z = self.fleet.zones
+        say(f"Fleet up: {len(z)} snapper zones, {len(self.fleet.cns)} compute nodes "
+            f"({localpool.tier()} ZFS, {(await self.zfs.capabilities()).flavour})")
+        for zone in z:
+            info(f"{zone.name}: pool {zone.pool.name}, ssh 127.0.0.1:{zone.ssh_port}, "
+                 f"http {zone.http_url}")
+        await self.make_vms()
+        say("Pushing full snapshots @s1 over SSH")
+        await self.push_all("s1")
+        for n in ("s2", "s3"):
+            await self.change_data(n)
+            say(f"Pushing incremental snapshots @{n}")
+            await self.push_all(n)
+        async with aiohttp.ClientSession() as http:
+            await self.list_http(http)
+            await self.delete_intermediate(http, "s2")
+            await self.change_data("s4")
+            say("Pushing @s4: still incremental, from @s3")
+            await self.push_all("s4")
+            await self.list_http(http)
+        await self.restore_and_check("s3")
+        say("Where to look (these stay up with --keep)")
+        for zone in z:
+            info(f"{zone.name}: {zone.http_url}/v1/vms  {zone.http_url}/metrics  "
+                 f"log {zone.config_path.with_name('snapperd.log')}")
+
+
+def _write_state(fleet: LocalFleet) -> Path:
+    state = {
+        "workdir": str(fleet.workdir),
+        "pids": [z.daemon.pid for z in fleet.zones if z.daemon is not None],
+        "fuse_pid": fleet.fuse.daemon.pid if fleet.fuse and fleet.fuse.daemon else None,
+        "pools": [z.pool.name for z in fleet.zones] + [c.pool.name for c in fleet.cns],
+    }
+    path = fleet.workdir / STATE_FILE
+    path.write_text(json.dumps(state, indent=2))
+    return path
+
+
+def _ours(pid: int, needle: str) -> bool:
+    try:
+        return needle in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+
+
+async def stop_kept(workdir: Path) -> int:
+    """Stop a fleet left by ``--keep``: its daemons by pid, its pools, its zfs-fuse."""
+    state = json.loads((workdir / STATE_FILE).read_text())
+    for pid in state["pids"]:
+        if _ours(pid, "snapper_zone.daemon"):
+            os.kill(pid, signal.SIGTERM)
+    zfs = Zfs()
+    for pool in state["pools"]:
+        if pool in await zfs.pools():
+            await zfs.pool_destroy(pool)
+    fuse = state.get("fuse_pid")
+    if fuse and _ours(fuse, "zfs-fuse"):
+        os.kill(fuse, signal.SIGTERM)
+    print(f"stopped the fleet in {workdir}")
+    return 0
+
+
+async def run_demo(keep: bool, workdir: Path | None, data_mib: int) -> int:
+    wd = workdir or Path(tempfile.mkdtemp(prefix="snapper-demo-"))
+    say(f"Starting a local fleet in {wd}")
+    fleet = await LocalFleet.start(wd, zones=3, cns=2, vms_per_cn=1, pool_size=1 << 30)
+    ok = False
+    try:
+        await Demo(fleet, data_mib).run()
+        ok = True
+        if keep:
+            state = _write_state(fleet)
+            say("Fleet left running (--keep). Stop it with:")
+            info(f"snapper demo --stop {state.parent}")
+            return 0
+        say("Demo complete: cleaning up (daemons stopped, pools destroyed)")
+        return 0
+    finally:
+        if not keep:
+            await fleet.stop()
+            if ok and workdir is None:
+                shutil.rmtree(wd, ignore_errors=True)
+            elif not ok:
+                print(f"logs kept in {wd}", file=sys.stderr)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keep", action="store_true", help="leave the fleet running afterwards")
+    p.add_argument("--stop", metavar="WORKDIR", type=Path,
+                   help="stop a fleet left running by --keep")
+    p.add_argument("--workdir", type=Path, help="where pools, keys and logs go (default: a "
+                   "new temporary directory)")
+    p.add_argument("--data-mib", type=int, default=16, help="MiB of data per VM disk")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.stop is not None:
+        return asyncio.run(stop_kept(args.stop))
+    try:
+        return asyncio.run(run_demo(args.keep, args.workdir, args.data_mib))
+    except KeyboardInterrupt:
+        print("\ninterrupted: the fleet was stopped and its pools destroyed", file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="snapper demo", description=__doc__)
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
