@@ -280,8 +280,7 @@ class _ChannelToPipe(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.chan: asyncssh.SSHClientChannel[bytes] | None = None
-        self.lost: asyncio.Future[Exception | None] = \
-            asyncio.get_running_loop().create_future()
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def pause_writing(self) -> None:
         if self.chan is not None:
@@ -292,8 +291,9 @@ class _ChannelToPipe(asyncio.Protocol):
             self.chan.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # Why does not matter: zfs receive's exit status says it.
         if not self.lost.done():
-            self.lost.set_result(exc)
+            self.lost.set_result(None)
 
 
 class ZoneClient:
@@ -421,23 +421,33 @@ class ZoneClient:
             raise
         session.on_pause = transport.pause_reading
         session.on_resume = transport.resume_reading
+        zone_hung_up = False
         try:
-            try:
-                await pump.done
-            except _Cut:
-                # Simulated crash: kill everything without a clean EOF.
-                await sender.abort()
-                self._conn().abort()
-                raise ConnectionResetError("stream cut by test hook") from None
-            except (OSError, asyncssh.Error):
-                pass  # the zone hung up; its exit status below says why
+            # Either the stream ends, or the zone ends the channel first (it
+            # refused the stream): then the pipe may be paused on a full window
+            # and would never end by itself.
+            await asyncio.wait([pump.done, session.closed],
+                               return_when=asyncio.FIRST_COMPLETED)
+            if pump.done.done():
+                exc = pump.done.exception()
+                if isinstance(exc, _Cut):
+                    # Simulated crash: kill everything without a clean EOF.
+                    await sender.abort()
+                    self._conn().abort()
+                    raise ConnectionResetError("stream cut by test hook")
+                if exc is None:
+                    chan.write_eof()
+                else:
+                    zone_hung_up = True
             else:
-                chan.write_eof()
+                zone_hung_up = True
+                transport.close()
+                sender.kill()
             sent = await sender.wait()
             try:
                 await session.closed
-            except (OSError, asyncssh.Error) as exc:
-                raise ZoneUnreachable(f"{self.endpoint}: receive: {exc}") from exc
+            except (OSError, asyncssh.Error) as exc2:
+                raise ZoneUnreachable(f"{self.endpoint}: receive: {exc2}") from exc2
         except BaseException:
             # Cancelled (CN killed, Ctrl-C) or failed: never leave a child behind.
             transport.close()
@@ -446,7 +456,7 @@ class ZoneClient:
             raise
         if session.exit_status != 0:
             err = session.error(line)
-            if not sent.ok and err.code in ("InvalidStream", "ConnectionLost"):
+            if not sent.ok and not zone_hung_up:
                 # The zone saw a truncated stream because our send failed: say why.
                 raise classify(sent.argv, sent.stderr, sent.returncode) from err
             raise err
@@ -508,8 +518,17 @@ class ZoneClient:
             on_data(early)
         if session.eof:
             transport.close()
+        early_close = False
         try:
             chan.write_eof()
+            await asyncio.wait([session.closed, pipe.lost],
+                               return_when=asyncio.FIRST_COMPLETED)
+            if not session.closed.done() and not session.eof:
+                # zfs receive stopped reading before the stream ended (it failed,
+                # and the channel may be paused on its full pipe): stop the
+                # zone's send instead of waiting for it.
+                early_close = True
+                chan.close()
             closed_exc: BaseException | None = None
             try:
                 await session.closed
@@ -524,12 +543,16 @@ class ZoneClient:
             await receiver.abort()
             chan.close()
             raise
-        if closed_exc is not None:
-            raise ZoneUnreachable(f"{self.endpoint}: send: {closed_exc}") from closed_exc
-        if session.exit_status != 0:
-            raise session.error(line)
         if not received.ok:
+            if session.exit_status not in (0, None) and not early_close:
+                raise session.error(line)  # the zone's failure truncated our stream
             raise classify(received.argv, received.stderr, received.returncode)
+        if not early_close:
+            # zfs receive took a whole stream; the zone must agree it sent one.
+            if closed_exc is not None:
+                raise ZoneUnreachable(f"{self.endpoint}: send: {closed_exc}") from closed_exc
+            if session.exit_status != 0:
+                raise session.error(line)
         return StreamResult(moved, time.monotonic() - started)
 
     # -- the small commands -----------------------------------------------------

@@ -8,6 +8,7 @@ SSH; what comes back is compared byte for byte.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import json
 import os
@@ -97,6 +98,9 @@ async def env(zfs: Zfs, caps: Capabilities, cn_pool: FilePool, zone_pool: FilePo
     finally:
         acceptor.close()
         await acceptor.wait_closed()
+        # Finalise finished subprocess transports while their loop still runs;
+        # collected after it closes, they raise "Event loop is closed".
+        gc.collect()
 
 
 def _tree_hashes(path: Path) -> dict[str, str]:
@@ -327,3 +331,38 @@ async def test_unknown_host_key_is_refused(env: Env) -> None:
     with pytest.raises(ZoneUnreachable, match="host key"):
         await client.connect()
     await asyncio.sleep(0)
+
+
+async def test_zone_refusal_mid_stream_does_not_hang(env: Env) -> None:
+    """The zone refuses after reading the header while we still have MiBs to send."""
+    from snapper_zone.cnclient import ZoneError
+    from snapper_zone.protocol import Receive
+    from snapper_zone.zfs import SendSpec
+
+    env.write("a", 8 << 20)
+    await env.zfs.snapshot([env.vm.snapshot("s1")])
+    async with env.client() as zone, asyncio.timeout(60):
+        with pytest.raises(ZoneError) as ei:
+            await zone.push_stream(Receive(VM, "root", "other-name"),
+                                   SendSpec(env.vm.snapshot("s1")), env.zfs)
+        assert ei.value.code == "StreamRefused"
+        assert await zone.run("ping") == b"pong\n"  # the connection still works
+
+
+async def test_failed_local_receive_does_not_hang(env: Env) -> None:
+    """Our zfs receive dies early (target modified) while the zone still sends."""
+    from snapper_zone.errors import ZfsError
+
+    async with env.client() as zone, asyncio.timeout(120):
+        cn = env.cn(zone)
+        env.write("a")
+        await cn.push(VM, "s1")
+        env.write("b", 8 << 20)
+        await cn.push(VM, "s2")
+        target = Dataset(env.cn_pool.name).child("copy")
+        await cn.restore(VM, "s1", str(target))
+        await _mounted(env, target)
+        write_random(env.cn_pool, target, "local-change", 4096)
+        with pytest.raises(ZfsError):
+            await cn.restore(VM, "s2", str(target))
+        assert await zone.run("ping") == b"pong\n"
