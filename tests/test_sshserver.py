@@ -26,6 +26,7 @@ from snapper_zone.config import ZoneConfig, parse_config
 from snapper_zone.localpool import FilePool
 from snapper_zone.names import Dataset, Snapshot
 from snapper_zone.protocol import Commit, Receive, Send
+from snapper_zone.service import ClientGone, Inbound
 from snapper_zone.sshserver import ENCRYPTION_ALGS, start_ssh_server
 from snapper_zone.transfers import Transfer
 from snapper_zone.zfs import Capabilities, SendSpec, Zfs
@@ -204,13 +205,18 @@ async def zone_root(zfs: Zfs, pool: FilePool) -> str:
 # -- tests without ZFS: refused before anything runs ------------------------------
 
 
-async def test_ping_and_unknown_key(make_harness: MakeHarness) -> None:
+async def test_ping_and_unknown_key(make_harness: MakeHarness,
+                                    caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="snapperd.test")
     h = await make_harness("nopool/data", {"cn-a": [VM_A]})
     conn = await h.connect("cn-a")
     assert await run(conn, "ping") == (0, b"pong\n", "")
     with pytest.raises(asyncssh.PermissionDenied):
         await h.connect("stranger")
     await wait_for(lambda: h.metric("snapper_auth_failures_total", reason="unknown_key") >= 1)
+    stranger = asyncssh.read_private_key(str(h.keys["stranger"])).get_fingerprint()
+    assert any(vars(r).get("fingerprint") == stranger for r in caplog.records
+               if r.getMessage() == "refused unknown key")
     assert h.metric("snapper_commands_total", verb="ping", result="ok") == 1
 
 
@@ -260,6 +266,109 @@ async def test_no_shell_no_subsystem_no_forwarding(make_harness: MakeHarness) ->
     with pytest.raises(asyncssh.ChannelOpenError):
         await conn.open_connection("127.0.0.1", h.port)
     assert await run(conn, "ping") == (0, b"pong\n", "")
+
+
+# -- the receive data path, without SSH or ZFS ------------------------------------
+
+
+class _Flow:
+    """A fake transport's reading state, as Inbound drives it."""
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.pauses = 0
+        self.resumed = asyncio.Event()
+
+    def pause(self) -> None:
+        self.paused = True
+        self.pauses += 1
+        self.resumed.clear()
+
+    def resume(self) -> None:
+        self.paused = False
+        self.resumed.set()
+
+
+async def _drain_pipe(r: int, into: bytearray) -> None:
+    """Read a non-blocking pipe to EOF through the event loop."""
+    loop = asyncio.get_running_loop()
+    os.set_blocking(r, False)
+    eof = loop.create_future()
+
+    def readable() -> None:
+        try:
+            chunk = os.read(r, 1 << 20)
+        except BlockingIOError:
+            return
+        if chunk:
+            into.extend(chunk)
+        elif not eof.done():
+            eof.set_result(None)
+
+    loop.add_reader(r, readable)
+    try:
+        await eof
+    finally:
+        loop.remove_reader(r)
+
+
+async def test_inbound_backpressure_bounds_memory() -> None:
+    flow = _Flow()
+    inbound = Inbound(flow.pause, flow.resume)
+    r, w = os.pipe()
+    written: list[int] = []
+    data = os.urandom(16 << 20)
+    chunk = 32 << 10
+    try:
+        # The header arrives before the pipe exists: buffered.
+        inbound.feed(data[:chunk])
+        header = await inbound.read(100)
+        # Bytes fed before pipe_to starts are buffered and then moved: no wait needed.
+        feeding = asyncio.ensure_future(inbound.pipe_to(w, header, written.append))
+        # Nobody reads the pipe (zfs receive is stuck): the source must be
+        # paused long before the stream is buffered in memory.
+        sent = chunk
+        while not flow.paused:
+            inbound.feed(data[sent:sent + chunk])
+            sent += chunk
+            await asyncio.sleep(0)  # one event-loop turn per packet batch
+            assert sent < 4 << 20, "never paused"
+        got = bytearray()
+        reader = asyncio.ensure_future(_drain_pipe(r, got))
+        while sent < len(data):
+            if flow.paused:
+                await asyncio.wait_for(flow.resumed.wait(), 30)
+            inbound.feed(data[sent:sent + chunk])
+            sent += chunk
+            await asyncio.sleep(0)
+        inbound.feed_eof()
+        await asyncio.wait_for(feeding, 30)
+        await asyncio.wait_for(reader, 30)
+    finally:
+        os.close(r)
+    assert bytes(got) == header + data[100:]
+    assert sum(written) == len(data)
+    assert flow.pauses >= 1 and not flow.paused
+
+
+async def test_inbound_client_gone_truncates_the_pipe() -> None:
+    flow = _Flow()
+    inbound = Inbound(flow.pause, flow.resume)
+    r, w = os.pipe()
+    try:
+        feeding = asyncio.ensure_future(inbound.pipe_to(w, b"head", lambda n: None))
+        inbound.feed(b"body")
+        got = bytearray()
+        reader = asyncio.ensure_future(_drain_pipe(r, got))
+        inbound.feed_error(ClientGone("gone"))
+        with pytest.raises(ClientGone):
+            await asyncio.wait_for(feeding, 30)
+        await asyncio.wait_for(reader, 30)  # the reader sees EOF: a truncated stream
+    finally:
+        os.close(r)
+    assert bytes(got) in (b"", b"head", b"headbody")
+    inbound.feed(b"late")  # dropped, not buffered
+    assert not flow.paused
 
 
 # -- tests on real ZFS --------------------------------------------------------------
