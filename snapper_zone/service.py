@@ -258,6 +258,7 @@ class Inbound:
         self._paused = False
         self._writer: _PipeWriter | None = None
         self._discard = False
+        self._gone = asyncio.Event()
 
     # -- called by the transport ------------------------------------------
 
@@ -281,6 +282,7 @@ class Inbound:
 
     def feed_error(self, err: SnapperError) -> None:
         """The client went away. A stream in progress is cut off, not completed."""
+        self._gone.set()
         if self._eof or self._error is not None:
             return
         self._error = err
@@ -352,6 +354,10 @@ class Inbound:
             self._set_paused(False)  # let a client still sending finish, unblocked
         if self._error is not None:
             raise self._error
+
+    async def gone(self) -> None:
+        """Return once the client has disconnected."""
+        await self._gone.wait()
 
     def stop(self) -> None:
         """The reader is done (zfs receive exited): cut the pipe, drop further bytes."""
@@ -468,8 +474,11 @@ class Service:
         kind = "receive" if p.role == "cn" else "mirror-in"
         if cmd.size is not None:
             await self._check_space(cmd.size)  # up front, before waiting for a slot
-        # VM lock before slot: a push waiting on its own VM holds no slot.
-        async with zone.vm_locks[cmd.vm], zone.receive_slots:
+        async with contextlib.AsyncExitStack() as held:
+            # VM lock before slot: a push waiting on its own VM holds no slot.
+            # A client that gives up while queued leaves the queue at once.
+            await _acquire_unless_gone(held, zone.vm_locks[cmd.vm], io.inbound)
+            await _acquire_unless_gone(held, zone.receive_slots, io.inbound)
             if cmd.size is not None:
                 await self._check_space(cmd.size)  # space may have gone while queued
             t = zone.transfers.start(kind, cmd.vm, cmd.dataset, cmd.snapshot, cmd.base,
@@ -706,6 +715,24 @@ class Service:
                                                   "principal": p.label,
                                                   "datasets": list(cmd.datasets)})
         io.write(_json_line(done.to_json()))
+
+
+async def _acquire_unless_gone(held: contextlib.AsyncExitStack,
+                               lock: asyncio.Lock | asyncio.Semaphore,
+                               inbound: Inbound) -> None:
+    """Acquire ``lock`` (released when ``held`` closes) or raise ClientGone first."""
+    acquiring = asyncio.ensure_future(lock.acquire())
+    gone = asyncio.ensure_future(inbound.gone())
+    try:
+        await asyncio.wait({acquiring, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not acquiring.done():
+            acquiring.cancel()
+    if acquiring.done() and not acquiring.cancelled():
+        held.callback(lock.release)
+        return
+    raise ClientGone("the client disconnected while its push was queued")
 
 
 def _ignore(n: int) -> None:

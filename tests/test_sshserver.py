@@ -704,3 +704,29 @@ async def test_peer_mirror_in_is_its_own_kind(zfs: Zfs, cn_pool: FilePool,
     assert status == 0 and json.loads(out)["source"] == f"zone:{PEER_UUID}"
     assert await guids(zfs, h.root.child(VM_A).child("disk0")) == await guids(zfs, src)
     assert Snapshot(h.root.child(VM_A), "s1")  # container marker named inside the root
+
+
+@pytest.mark.zfs
+async def test_client_leaving_the_queue_frees_its_place(
+        zfs: Zfs, cn_pool: FilePool, zone_pool: FilePool, make_harness: MakeHarness) -> None:
+    h = await make_harness(await zone_root(zfs, zone_pool), {"cn-a": [VM_A], "cn-b": [VM_B]},
+                           max_concurrent_receives=1)
+    src, _ = await cn_vm(zfs, cn_pool, "vm", 1, size=1 << 20)
+    stream = await send_bytes(zfs, SendSpec(src.snapshot("s1")))
+    first = await (await h.connect("cn-a")).create_process(
+        f"receive {VM_A} disk0 s1", encoding=None)
+    first.stdin.write(stream[: len(stream) // 2])
+    await wait_for(lambda: any(t.vm == VM_A for t in h.zone.transfers.active()))
+    waiting = await h.connect("cn-b")
+    await waiting.create_process(f"receive {VM_B} disk0 s1", encoding=None)
+    slots = h.zone.receive_slots
+    await wait_for(lambda: len(getattr(slots, "_waiters", None) or ()) == 1)
+    waiting.abort()
+    await wait_for(lambda: h.metric("snapper_commands_total", verb="receive",
+                                    result="ClientDisconnected") == 1)
+    assert len(getattr(slots, "_waiters", None) or ()) == 0
+    first.stdin.write(stream[len(stream) // 2:])
+    first.stdin.write_eof()
+    done = await first.wait()
+    assert done.exit_status == 0
+    assert h.metric("snapper_transfers_total", kind="receive", result="ok") == 1
