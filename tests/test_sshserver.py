@@ -265,6 +265,8 @@ async def test_no_shell_no_subsystem_no_forwarding(make_harness: MakeHarness) ->
         await conn.start_sftp_client()
     with pytest.raises(asyncssh.ChannelOpenError):
         await conn.open_connection("127.0.0.1", h.port)
+    with pytest.raises(asyncssh.ChannelListenError):
+        await conn.forward_remote_port("127.0.0.1", 0, "127.0.0.1", h.port)
     assert await run(conn, "ping") == (0, b"pong\n", "")
 
 
