@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -89,8 +89,7 @@ class ZoneError(SnapperError):
         self.exit_status = exit_status
 
     def __str__(self) -> str:
-        return f"zone refused {self.command.split(' ')[0] or 'command'}: {self.code}: " \
-               f"{self.message}"
+        return f"zone {self.command.split(' ')[0] or 'command'}: {self.message}"
 
 
 class ZoneUnreachable(SnapperError):
@@ -832,7 +831,7 @@ class CnClient:
             log.warning("vmadm get %s failed: %s", vm, done.stderr.strip())
         return {"uuid": vm, "datasets": labels}, "minimal"
 
-    async def _bookmark(self, datasets: Sequence[Dataset] | Any, snap: str) -> None:
+    async def _bookmark(self, datasets: Iterable[Dataset], snap: str) -> None:
         """Keep ``#snapper-<snap>`` so the next push is incremental even if @snap goes."""
         if not (await self.zfs.capabilities()).bookmarks:
             return
