@@ -7,6 +7,7 @@ OpenZFS in the VM tier); the others stop before ZFS is ever asked anything.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -21,11 +22,12 @@ from typing import Any
 import asyncssh
 import pytest
 
-from snapper_zone import proc, protocol
+from snapper_zone import proc, protocol, service
 from snapper_zone.config import ZoneConfig, parse_config
 from snapper_zone.localpool import FilePool
 from snapper_zone.names import Dataset, Snapshot
 from snapper_zone.protocol import Commit, Receive, Send
+from snapper_zone.sendstream import StreamBegin
 from snapper_zone.service import ClientGone, Inbound
 from snapper_zone.sshserver import ENCRYPTION_ALGS, start_ssh_server
 from snapper_zone.transfers import Transfer
@@ -732,3 +734,25 @@ async def test_client_leaving_the_queue_frees_its_place(
     done = await first.wait()
     assert done.exit_status == 0
     assert h.metric("snapper_transfers_total", kind="receive", result="ok") == 1
+
+
+@pytest.mark.zfs
+async def test_guid_not_the_streams_is_destroyed(
+        zfs: Zfs, cn_pool: FilePool, zone_pool: FilePool, make_harness: MakeHarness,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    h = await make_harness(await zone_root(zfs, zone_pool), {"cn-a": [VM_A]})
+    src, _ = await cn_vm(zfs, cn_pool, "vm", 2, size=64 << 10)
+    conn = await h.connect("cn-a")
+    assert (await push(conn, zfs, src, VM_A, "s1"))[0] == 0
+    from snapper_zone.sendstream import read_begin as real
+
+    async def lying_header(read: Callable[[int], Awaitable[bytes]]) -> tuple[StreamBegin, bytes]:
+        # What ZFS made must match what the header promised; make them differ.
+        begin, raw = await real(read)
+        return dataclasses.replace(begin, toguid=begin.toguid ^ 1), raw
+
+    monkeypatch.setattr(service, "read_begin", lying_header)
+    status, _, err = await push(conn, zfs, src, VM_A, "s2", "s1")
+    assert (status, err_code(err)) == (1, "InvalidStream")
+    assert "destroyed" in protocol.parse_error_line(err)[1]
+    assert list(await guids(zfs, h.root.child(VM_A).child("disk0"))) == ["s1"]
