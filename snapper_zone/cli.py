@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from snapper_zone import progress
+from snapper_zone import demo, progress
 from snapper_zone.cnclient import CnClient, PlanError, ZoneClient, ZoneError, ZoneUnreachable
 from snapper_zone.errors import SnapperError
 from snapper_zone.progress import format_bytes
@@ -241,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--json", action="store_true", help="print JSON instead of a table")
     lst.set_defaults(handler=cmd_list)
 
+    demo_p = sub.add_parser("demo", help="run a local fleet of zones on file-backed pools "
+                            "and show the whole mission, narrated (no CN settings needed)")
+    demo.add_arguments(demo_p)
+    demo_p.set_defaults(standalone=demo.run)
+
     for sp in (push, restore):
         sp.add_argument("--progress", choices=("auto", "bar", "json", "none"), default="auto",
                         help="progress on stderr: a bar on a terminal, JSON lines otherwise")
@@ -253,6 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return int(exc.code or 0)
+    if getattr(args, "standalone", None) is not None:
+        status: int = args.standalone(args)
+        return status
     try:
         s = settings(args)
         handler: Handler = args.handler
