@@ -66,7 +66,7 @@ _CLASSIFY: tuple[tuple[re.Pattern[str], type[ZfsError]], ...] = tuple(
          r"|bad magic|unsupported stream|stream ends|premature|unexpected end",
          StreamInvalid),
         (r"destination has snapshots|destination '.*' exists|already exists", DatasetExists),
-        (r"is busy|dependent clones|is held"
+        (r"is busy|dependent clones|is held|being held"
          r"|receive in progress|device busy", DatasetBusy),
         (r"does not exist|no such pool|no such dataset|could not find any snapshots"
          r"|cannot open", DatasetNotFound),
@@ -478,8 +478,8 @@ class Zfs:
                    force: bool = False) -> None:
         """Local ``zfs send | zfs receive`` through a kernel pipe.
 
-        If either side fails the other is killed; the receive's error wins
-        because it says what happened to the target.
+        The error raised is the one that explains the failure: the sender's
+        when it failed for a reason of its own, else the receiver's.
         """
         r, w = proc.os_pipe()
         try:
@@ -494,10 +494,18 @@ class Zfs:
         finally:
             os.close(r)
         sent, received = await asyncio.gather(sender.wait(), receiver.wait())
-        if not received.ok:
-            raise classify(received.argv, received.stderr, received.returncode)
-        if not sent.ok:
-            raise classify(sent.argv, sent.stderr, sent.returncode)
+        send_err = None if sent.ok else classify(sent.argv, sent.stderr, sent.returncode)
+        if received.ok:
+            if send_err is not None:
+                raise send_err
+            return
+        recv_err = classify(received.argv, received.stderr, received.returncode)
+        # A sender that failed for a reason of its own (stale token, missing
+        # snapshot) explains the receiver's "truncated stream"; a sender that
+        # merely lost its reader (broken pipe: a plain ZfsError) does not.
+        if send_err is not None and type(send_err) is not ZfsError:
+            raise send_err
+        raise recv_err
 
     async def resume_token(self, ds: Dataset) -> str | None:
         if not (await self.capabilities()).resumable_receive:

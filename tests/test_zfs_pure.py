@@ -103,6 +103,8 @@ CASES = [
     ("cannot receive new filesystem stream: out of space", errors.OutOfSpace),
     ("cannot destroy 'p/x@s': dataset is busy", errors.DatasetBusy),
     ("cannot destroy 'p': pool is busy", errors.DatasetBusy),
+    ("cannot destroy snapshot p/x@s1: it's being held. Run 'zfs holds -r p/x@s1' to see "
+     "holders.", errors.DatasetBusy),
     ("cannot resume send: 'p/x@s2' used in the initial send no longer exists",
      errors.ResumeTokenStale),
     ("cannot receive resume stream: destination p/x contains partially-complete state "
