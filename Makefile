@@ -38,7 +38,7 @@ test-host: deps
 # OpenZFS 2.3 tier: the tests that touch ZFS, inside a qemu VM (image cached
 # outside the repo; the first build takes about 12 minutes).
 test-vm: deps
-	tools/zvm/test.sh -rs -q -p no:cacheprovider -m zfs tests
+	PYTHON=$(VPY) tools/zvm/test.sh -rs -q -p no:cacheprovider -m zfs tests
 
 test: lint test-host test-vm
 

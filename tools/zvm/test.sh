@@ -54,6 +54,11 @@ trap 'log "interrupted"; exit 130' INT TERM HUP
     done |
     tar --null -T - --owner=0 --group=0 -cf "$W/src.tar"
 )
+# the project's Python dependencies for the guest (bookworm's are too old),
+# installed once per pyproject.toml into the cache beside the image
+SITE=$("$HERE/site.sh")
+tar -rf "$W/src.tar" -C "$SITE/.." --owner=0 --group=0 --transform 's,^[^/]*,.zvm-site,' \
+  "$(basename "$SITE")"
 printf '%s\n' "$@" > "$W/.zvm-pytest-args"
 tar -rf "$W/src.tar" -C "$W" --owner=0 --group=0 .zvm-pytest-args
 log "source tar $(du -h --apparent-size "$W/src.tar" | cut -f1), pytest args: $*"
