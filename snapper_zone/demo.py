@@ -167,8 +167,9 @@ class Demo:
         say(f"Fleet up: {len(z)} snapper zones, {len(self.fleet.cns)} compute nodes "
             f"({localpool.tier()} ZFS, {(await self.zfs.capabilities()).flavour})")
         for zone in z:
+            pid = zone.daemon.pid if zone.daemon else None
             info(f"{zone.name}: pool {zone.pool.name}, ssh 127.0.0.1:{zone.ssh_port}, "
-                 f"http {zone.http_url}")
+                 f"http {zone.http_url}, snapperd pid {pid}")
         await self.make_vms()
         say("Pushing full snapshots @s1 over SSH")
         await self.push_all("s1")
