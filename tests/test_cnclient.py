@@ -93,7 +93,9 @@ async def env(zfs: Zfs, caps: Capabilities, cn_pool: FilePool, zone_pool: FilePo
     if caps.zvols:
         await zfs.create(vm.child("disk1"), volsize=ZVOL_SIZE)
     try:
-        yield Env(zfs, caps, zone, acceptor.get_port(), cn_key,
+        # .sockets, not get_port(): Debian bookworm's asyncssh 2.13 lacks the latter.
+        port = acceptor.sockets[0].getsockname()[1]
+        yield Env(zfs, caps, zone, port, cn_key,
                   host_key.with_suffix(".pub"), cn_pool, vm, tmp_path)
     finally:
         acceptor.close()
