@@ -27,4 +27,4 @@ async def test_demo_runs_and_cleans_up(zfs_tier: ZfsTier, zfs: Zfs) -> None:
     pids = re.findall(r"snapperd pid (\d+)", out)
     assert len(pids) == 3
     for pid in pids:
-        assert not await proc.run(["kill", "-0", pid], timeout=10).ok
+        assert not (await proc.run(["kill", "-0", pid], timeout=10)).ok
