@@ -114,7 +114,9 @@ async def make_harness(tmp_path: Path) -> AsyncIterator[MakeHarness]:
         zone = Zone.from_config(config, zfs=zfs, log=logging.getLogger("snapperd.test"))
         acceptor = await start_ssh_server(zone)
         acceptors.append(acceptor)
-        h = Harness(zone, acceptor.get_port(), keys)
+        # Not get_port(): the VM tier's asyncssh (Debian's 2.10) lacks it.
+        port: int = acceptor.sockets[0].getsockname()[1]
+        h = Harness(zone, port, keys)
         harnesses.append(h)
         return h
 
