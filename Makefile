@@ -35,10 +35,12 @@ lint: deps
 test-host: deps
 	$(VPY) -m pytest -rs -q -p no:cacheprovider tests
 
-# OpenZFS 2.3 tier: the tests that touch ZFS, inside a qemu VM (image cached
-# outside the repo; the first build takes about 12 minutes).
+# OpenZFS 2.3 tier: the ZFS layer's tests and those needing resume, bookmarks or
+# zvols (marked openzfs), in a qemu VM under TCG (~17x slower than the host; the
+# image is cached outside the repo, the first build takes about 12 minutes).
+# -v: one line per test, so a long run shows its progress.
 test-vm: deps
-	PYTHON=$(VPY) tools/zvm/test.sh -rs -q -p no:cacheprovider -m zfs tests
+	PYTHON=$(VPY) tools/zvm/test.sh -rs -v -p no:cacheprovider -m openzfs tests
 
 test: lint test-host test-vm
 

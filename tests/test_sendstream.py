@@ -529,6 +529,7 @@ def _dataset_with_two_snapshots(pool: Pool) -> str:
 
 
 @pytest.mark.zfs
+@pytest.mark.openzfs
 async def test_real_zfs_streams(zfs_pool: Pool) -> None:
     ds = _dataset_with_two_snapshots(zfs_pool)
     g1, g2 = _guid(f"{ds}@s1"), _guid(f"{ds}@s2")

@@ -48,6 +48,7 @@ async def _pushed(zfs: Zfs, cn_pool: FilePool, store: ZoneStore, snaps: int) -> 
 
 
 @pytest.mark.zfs
+@pytest.mark.openzfs
 async def test_complete_metadata_and_delete(zfs: Zfs, cn_pool: FilePool,
                                             zone_pool: FilePool) -> None:
     store = ZoneStore(zfs, Dataset(zone_pool.name).child("snapper"))

@@ -20,7 +20,7 @@ from tests.helpers import (
     zvol_device,
 )
 
-pytestmark = pytest.mark.zfs
+pytestmark = [pytest.mark.zfs, pytest.mark.openzfs]
 
 
 async def _vm(zfs: Zfs, cn_pool: FilePool, snaps: int, size: int = 1 << 20) -> Dataset:
