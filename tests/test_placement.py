@@ -326,7 +326,7 @@ def test_lost_repairs_come_before_other_moves() -> None:
     first = plan(zs, vms, {})
     changed = [ZoneInfo("zone-00", LOST, TB), ZoneInfo("zone-01", DRAINING, TB, 0, TB)]
     changed += zs[2:] + zones(1, first=5)
-    current = dict(first.placement)
+    current: dict[str, Sequence[str]] = dict(first.placement)
     one_copy = vm_ids(1, 99)[0]
     current[one_copy] = ("zone-02",)
     vms2 = [*vms, VmInfo(one_copy, 5)]
