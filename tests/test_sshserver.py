@@ -605,6 +605,7 @@ async def test_client_killed_mid_push_then_restart_cleanly(
 
 
 @pytest.mark.zfs
+@pytest.mark.openzfs
 async def test_resume_after_interrupt(zfs: Zfs, caps: Capabilities, cn_pool: FilePool,
                                       zone_pool: FilePool, make_harness: MakeHarness) -> None:
     require(caps, "resumable_receive")
