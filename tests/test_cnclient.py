@@ -132,6 +132,7 @@ async def _cn_guids(env: Env, snap: str) -> dict[str, int]:
     return out
 
 
+@pytest.mark.openzfs
 async def test_push_incrementals_delete_restore(env: Env) -> None:
     labels = {"root", "disk0"} | ({"disk1"} if env.caps.zvols else set())
     vol = zvol_device(env.vm.child("disk1"))
@@ -214,6 +215,7 @@ async def test_rollback_restore_needs_the_flag(env: Env) -> None:
         assert [s.name for s in await env.zfs.snapshots(env.vm)] == ["s1", "s2"]
 
 
+@pytest.mark.openzfs
 async def test_interrupted_push_restarts_or_resumes(env: Env) -> None:
     async with env.client() as zone:
         cn = env.cn(zone)
@@ -236,6 +238,7 @@ async def test_interrupted_push_restarts_or_resumes(env: Env) -> None:
         assert all(s["complete"] for s in (await cn.list(VM))[VM])
 
 
+@pytest.mark.openzfs
 async def test_stale_resume_token_is_aborted(env: Env) -> None:
     require(env.caps, "resumable_receive")
     async with env.client() as zone:
@@ -255,6 +258,7 @@ async def test_stale_resume_token_is_aborted(env: Env) -> None:
         assert [s["name"] for s in (await cn.list(VM))[VM]] == ["s1", "s3"]
 
 
+@pytest.mark.openzfs
 async def test_bookmark_keeps_the_chain(env: Env) -> None:
     require(env.caps, "bookmarks")
     async with env.client() as zone:
