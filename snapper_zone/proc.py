@@ -136,10 +136,19 @@ class Spawned:
                 pass
 
     async def abort(self) -> Completed:
-        """Kill and reap: used when the other end of a stream failed."""
+        """Kill and reap: used when the other end of a stream failed.
+
+        Our ends of its pipes are closed too: with zfs-fuse the stream is
+        written by the daemon, not the killed ``zfs`` process, and it would
+        block on a pipe nobody reads, keeping the pool busy.
+        """
         self.kill()
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
+        transport = getattr(self.proc, "_transport", None)  # asyncio keeps it private
+        if transport is not None:
+            for fd in (0, 1):
+                pipe = transport.get_pipe_transport(fd)
+                if pipe is not None:
+                    pipe.close()
         return await self.wait()
 
 
