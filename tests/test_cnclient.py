@@ -338,7 +338,6 @@ async def test_unknown_host_key_is_refused(env: Env) -> None:
     from snapper_zone.cnclient import ZoneUnreachable
     with pytest.raises(ZoneUnreachable, match="host key"):
         await client.connect()
-    await asyncio.sleep(0)
 
 
 async def test_zone_refusal_mid_stream_does_not_hang(env: Env) -> None:
