@@ -223,6 +223,14 @@ async def stop_kept(workdir: Path) -> int:
     fuse = state.get("fuse_pid")
     if fuse and _ours(fuse, "zfs-fuse"):
         os.kill(fuse, signal.SIGTERM)
+    # Say "stopped" only once it is true: each process is gone (or 30 s passed).
+    deadline = time.monotonic() + 30
+    for pid, needle in [(p, "snapper_zone.daemon") for p in state["pids"]] + \
+            ([(fuse, "zfs-fuse")] if fuse else []):
+        while _ours(pid, needle) and time.monotonic() < deadline:  # noqa: ASYNC110 (not our child: no event to wait on)
+            await asyncio.sleep(0.1)
+        if _ours(pid, needle):
+            print(f"warning: pid {pid} is still running", file=sys.stderr)
     print(f"stopped the fleet in {workdir}")
     return 0
 
