@@ -11,7 +11,8 @@ client, the zone-to-zone mirror and an operator's plain ``ssh`` agree.
     send VM DATASET SNAP [--from BASE]      stdout: a zfs send stream
     resume-token VM DATASET                 stdout: the token or "-"
     abort VM DATASET                        discard a partial receive
-    snapshots VM                            stdout: JSON inventory of VM
+    snapshots VM                            stdout: JSON {"vm", "snapshots": [...],
+                                            "datasets": {name: {"resume_token"}}}
     commit VM SNAP DATASET[,DATASET...]     stdin: metadata JSON (may be empty);
                                             marks the VM snapshot complete
     metadata VM SNAP                        stdout: the metadata JSON

@@ -162,7 +162,7 @@ class ZoneStore:
             complete = mark is not None and mark.user_props.get(P_COMPLETE) == "yes"
             created = int(mark.user_props.get(P_CREATED, mark.creation)) if mark else 0
             if not created:
-                created = min((infos_creation(infos, container, name)), default=0)
+                created = min((_part_creations(infos, container, name)), default=0)
             out.append(VmSnapshot(vm, name, complete, created, parts.get(name, {}),
                                   mark.user_props.get(P_SOURCE) if mark else None))
         return out
@@ -222,6 +222,6 @@ class ZoneStore:
         return await self.zfs.available(self.root)
 
 
-def infos_creation(infos: Sequence[SnapshotInfo], container: Dataset, name: str) -> list[int]:
+def _part_creations(infos: Sequence[SnapshotInfo], container: Dataset, name: str) -> list[int]:
     return [s.creation for s in infos if s.snapshot.name == name
             and s.snapshot.dataset.parent == container]
