@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from snapper_zone import proc
@@ -51,14 +52,20 @@ def zvol_device(vol: Dataset) -> Path:
     return Path("/dev/zvol") / vol.path
 
 
-async def _wait_for(path: Path, timeout: float = 30.0) -> None:
-    # udev creates a zvol's device node asynchronously after `zfs create -V`.
+async def wait_for(cond: Callable[[], bool], timeout: float = 30.0, what: str = "condition",
+                   poll: float = 0.01) -> None:
+    """Poll a condition something else reaches on its own, failing after ``timeout``."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while not await asyncio.to_thread(path.exists):
+    while not cond():
         if loop.time() > deadline:
-            raise TimeoutError(f"{path} did not appear within {timeout}s")
-        await asyncio.sleep(0.05)
+            raise TimeoutError(f"{what} not reached within {timeout}s")
+        await asyncio.sleep(poll)
+
+
+async def _wait_for(path: Path, timeout: float = 30.0) -> None:
+    # udev creates a zvol's device node asynchronously after `zfs create -V`.
+    await wait_for(path.exists, timeout, f"{path} to appear", poll=0.05)
 
 
 async def write_device(path: Path, data: bytes) -> None:

@@ -34,7 +34,7 @@ from snapper_zone.transfers import Transfer
 from snapper_zone.zfs import Capabilities, SendSpec, Zfs
 from snapper_zone.zone import Zone
 from tests.conftest import require
-from tests.helpers import mountpoint, receive_bytes, send_bytes, write_random
+from tests.helpers import mountpoint, receive_bytes, send_bytes, wait_for, write_random
 
 ZONE_UUID = "bd932c2b-caae-495a-abf2-fb958111c3fb"
 PEER_UUID = "02f6d6c3-c496-439f-8cad-5ad138936fa4"
@@ -146,15 +146,6 @@ async def run(conn: asyncssh.SSHClientConnection, line: str,
 
 def err_code(stderr: str) -> str:
     return protocol.parse_error_line(stderr)[0]
-
-
-async def wait_for(cond: Callable[[], bool], timeout: float = 30.0) -> None:
-    """Wait for a condition the server reaches on its own (metrics, transfers)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 async def cn_vm(zfs: Zfs, pool: FilePool, name: str, snaps: int,
