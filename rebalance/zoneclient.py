@@ -1,0 +1,203 @@
+"""What the coordinator asks of a snapper zone's HTTP API, as a typed interface.
+
+``ZoneApi`` is the interface the mover, the health checker and the
+coordinator use; ``HttpZoneApi`` speaks it to snapperd (``snapper_zone/httpapi.py``):
+
+    GET    /ping                       {"ping": "pong", ...}
+    GET    /v1/vms                     [{uuid, cn, snapshots, complete, bytes}]
+    GET    /v1/vms/{vm}/snapshots      [VmSnapshot JSON]; 404 when the zone has no such VM
+    POST   /v1/vms/{vm}/sync           {"peer": zone uuid} -> {vm, peer, state, error?}
+    DELETE /v1/vms/{vm}                removes the zone's whole copy; 404 when absent
+    GET    /v1/capacity                {available, used, ...}
+    GET    /v1/transfers               [{vm, peer, bytes, ...}] in flight
+
+Tests use an in-memory implementation of the same Protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import aiohttp
+
+from snapper_zone.errors import SnapperError
+
+__all__ = [
+    "HttpZoneApi",
+    "InventoryVm",
+    "SnapshotView",
+    "SyncResult",
+    "ZoneApi",
+    "ZoneRequestFailed",
+    "ZoneUnreachable",
+    "parse_snapshots",
+]
+
+SyncState = Literal["in_sync", "behind", "failing"]
+
+
+class ZoneUnreachable(SnapperError):
+    code = "ZoneUnreachable"
+    http_status = 503
+
+
+class ZoneRequestFailed(SnapperError):
+    """The zone answered with an error (its own ``{"code", "message"}``)."""
+
+    code = "ZoneRequestFailed"
+    http_status = 502
+
+    def __init__(self, zone_url: str, status: int, zone_code: str, message: str) -> None:
+        super().__init__(f"{zone_url}: {status} {zone_code}: {message}")
+        self.status = status
+        self.zone_code = zone_code
+
+
+@dataclass(frozen=True, slots=True)
+class InventoryVm:
+    uuid: str
+    bytes: int
+    snapshots: int
+    complete: int
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotView:
+    """One VM snapshot as a zone lists it: what verification compares."""
+
+    name: str
+    complete: bool
+    guids: Mapping[str, str]  # dataset label -> guid (a decimal string)
+    source: str | None = None
+    created: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SyncResult:
+    vm: str
+    peer: str
+    state: SyncState
+    error: str | None = None
+
+
+class ZoneApi(Protocol):
+    """A zone is named by its HTTP base URL (``ZoneRecord.http_url``)."""
+
+    async def ping(self, url: str, timeout: float) -> None: ...
+    async def list_vms(self, url: str) -> list[InventoryVm]: ...
+    async def snapshots(self, url: str, vm: str) -> list[SnapshotView] | None:
+        """None when the zone holds no copy of ``vm``."""
+        ...
+    async def sync(self, url: str, vm: str, peer: str) -> SyncResult: ...
+    async def delete_vm(self, url: str, vm: str) -> bool:
+        """True when a copy was removed, False when there was none."""
+        ...
+    async def capacity(self, url: str) -> tuple[int, int]:
+        """(used, available) bytes under the zone's root."""
+        ...
+    async def sending(self, url: str, vm: str, peer: str) -> int:
+        """Bytes sent so far by the zone's transfers of ``vm`` to ``peer`` in flight."""
+        ...
+
+
+def parse_snapshots(body: Any) -> list[SnapshotView]:
+    if not isinstance(body, list):
+        raise ValueError("snapshot listing is not a JSON list")
+    out = []
+    for s in body:
+        datasets = s.get("datasets") or {}
+        out.append(SnapshotView(name=str(s["name"]), complete=bool(s.get("complete")),
+                                guids={k: str(v["guid"]) for k, v in datasets.items()},
+                                source=s.get("source"), created=int(s.get("created") or 0)))
+    return out
+
+
+class HttpZoneApi:
+    """``ZoneApi`` over aiohttp; one session for every zone."""
+
+    def __init__(self, request_timeout: float = 30.0, sync_timeout: float = 6 * 3600.0) -> None:
+        self.request_timeout = request_timeout
+        # A sync copies every snapshot of a VM: hours for a big one.
+        self.sync_timeout = sync_timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def _call(self, method: str, url: str, path: str, *, json: Any = None,
+                    timeout: float | None = None, allow_404: bool = False) -> Any:
+        full = url.rstrip("/") + path
+        t = aiohttp.ClientTimeout(total=timeout or self.request_timeout)
+        try:
+            async with self._http().request(method, full, json=json, timeout=t) as r:
+                if r.status == 404 and allow_404:
+                    return None
+                if r.status >= 400:
+                    try:
+                        err = await r.json(content_type=None)
+                        code, msg = str(err["code"]), str(err["message"])
+                    except (ValueError, KeyError, TypeError, aiohttp.ClientError):
+                        code, msg = "HttpError", r.reason or ""
+                    raise ZoneRequestFailed(url, r.status, code, msg)
+                if r.status == 204:
+                    return {}
+                return await r.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            raise ZoneUnreachable(f"{method} {full}: {type(e).__name__}: {e}") from e
+
+    async def ping(self, url: str, timeout: float) -> None:
+        await self._call("GET", url, "/ping", timeout=timeout)
+
+    async def list_vms(self, url: str) -> list[InventoryVm]:
+        body = await self._call("GET", url, "/v1/vms")
+        return [InventoryVm(uuid=str(v["uuid"]), bytes=int(v.get("bytes") or 0),
+                            snapshots=int(v.get("snapshots") or 0),
+                            complete=int(v.get("complete") or 0)) for v in body]
+
+    async def snapshots(self, url: str, vm: str) -> list[SnapshotView] | None:
+        body = await self._call("GET", url, f"/v1/vms/{vm}/snapshots", allow_404=True)
+        return None if body is None else parse_snapshots(body)
+
+    async def sync(self, url: str, vm: str, peer: str) -> SyncResult:
+        body = await self._call("POST", url, f"/v1/vms/{vm}/sync", json={"peer": peer},
+                                timeout=self.sync_timeout)
+        state = body.get("state")
+        if state not in ("in_sync", "behind", "failing"):
+            raise ZoneRequestFailed(url, 200, "BadResponse", f"sync state {state!r}")
+        return SyncResult(vm=vm, peer=peer, state=state, error=body.get("error"))
+
+    async def delete_vm(self, url: str, vm: str) -> bool:
+        return await self._call("DELETE", url, f"/v1/vms/{vm}", allow_404=True) is not None
+
+    async def capacity(self, url: str) -> tuple[int, int]:
+        body = await self._call("GET", url, "/v1/capacity")
+        return int(body["used"]), int(body["available"])
+
+    async def sending(self, url: str, vm: str, peer: str) -> int:
+        body = await self._call("GET", url, "/v1/transfers")
+        return sum(int(t.get("bytes") or 0) for t in body
+                   if t.get("vm") == vm and t.get("peer") in (peer, None))
+
+
+async def tcp_reachable(host: str, port: int, timeout: float) -> bool:
+    """Can we open a TCP connection (the SSH endpoint's reachability)?"""
+    try:
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_connection(host, port)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    try:
+        await writer.wait_closed()
+    except OSError:
+        pass
+    return True
