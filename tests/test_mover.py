@@ -137,6 +137,15 @@ def mover(store: SqliteStore, fake: FakeZones, **kw: float) -> Mover:
     return Mover(store, fake, s)
 
 
+async def crash(store: SqliteStore, fake: FakeZones, move_id: int, at: str) -> None:
+    """Run the move until the coordinator "dies" at the call ``at``."""
+    fake.crash_at = at
+    m = await store.move(move_id)
+    assert m is not None
+    with pytest.raises(Crash):
+        await mover(store, fake).execute(m)
+
+
 async def run_to_end(mv: Mover, move_id: int) -> MoveState:
     for _ in range(20):
         m = await mv.store.move(move_id)
@@ -177,11 +186,7 @@ async def test_repair_of_a_lost_copy_never_contacts_the_lost_zone(tmp_path: Path
 @pytest.mark.parametrize("crash_at", ["sync", "snapshots", "delete_vm"])
 async def test_crash_at_any_step_then_resume_completes(tmp_path: Path, crash_at: str) -> None:
     store, fake, mid = await setup(tmp_path, Move(VM, B, C, B, 300, "rebalance"))
-    fake.crash_at = crash_at
-    m = await store.move(mid)
-    assert m is not None
-    with pytest.raises(Crash):
-        await mover(store, fake).execute(m)
+    await crash(store, fake, mid, crash_at)
     m = await store.move(mid)
     assert m is not None and m.state is MoveState.RUNNING
     # A new coordinator process: the scheduler picks the running move up.
@@ -196,11 +201,7 @@ async def test_crash_at_any_step_then_resume_completes(tmp_path: Path, crash_at:
 
 async def test_crash_after_switch_resumes_at_delete_without_copying_again(tmp_path: Path) -> None:
     store, fake, mid = await setup(tmp_path, Move(VM, B, C, B, 300, "rebalance"))
-    fake.crash_at = "delete_vm"
-    m = await store.move(mid)
-    assert m is not None
-    with pytest.raises(Crash):
-        await mover(store, fake).execute(m)
+    await crash(store, fake, mid, "delete_vm")
     m = await store.move(mid)
     assert m is not None and m.step is MoveStep.DELETE and await store.placement(VM) == (A, C)
     fake.calls.clear()
@@ -242,11 +243,7 @@ async def test_a_bad_copy_is_not_switched_to_but_copied_again(tmp_path: Path) ->
 
 async def test_target_lost_before_switch_rolls_back(tmp_path: Path) -> None:
     store, fake, mid = await setup(tmp_path, Move(VM, B, C, B, 300, "rebalance"))
-    fake.crash_at = "snapshots"
-    m = await store.move(mid)
-    assert m is not None
-    with pytest.raises(Crash):
-        await mover(store, fake).execute(m)
+    await crash(store, fake, mid, "snapshots")
     await store.set_zone_state(C, ZoneState.LOST)
     assert await run_to_end(mover(store, fake), mid) is MoveState.FAILED
     assert await store.placement(VM) == (A, B) and VM in fake.held[url(B)]
@@ -264,11 +261,7 @@ async def test_placement_changed_under_the_move_rolls_back(tmp_path: Path) -> No
 
 async def test_delete_waits_while_the_new_copy_does_not_answer(tmp_path: Path) -> None:
     store, fake, mid = await setup(tmp_path, Move(VM, B, C, B, 300, "rebalance"))
-    fake.crash_at = "delete_vm"
-    m = await store.move(mid)
-    assert m is not None
-    with pytest.raises(Crash):
-        await mover(store, fake).execute(m)
+    await crash(store, fake, mid, "delete_vm")
     fake.down.add(url(C))
     m = await store.move(mid)
     assert m is not None
