@@ -110,7 +110,7 @@ class ZoneRecord:
     @property
     def health(self) -> str:
         if self.suspect_since is not None:
-            return "suspect"
+            return "down" if self.state is ZoneState.LOST else "suspect"
         return "healthy" if self.last_seen is not None else "unknown"
 
     def endpoint(self) -> dict[str, Any]:
