@@ -26,6 +26,7 @@ from snapper_zone.protocol import (
     Command,
     Commit,
     Delete,
+    Destroy,
     Metadata,
     Ping,
     Receive,
@@ -51,6 +52,7 @@ _VERBS: dict[type, str] = {
     Commit: "commit",
     Metadata: "metadata",
     Delete: "delete",
+    Destroy: "destroy",
     Ping: "ping",
 }
 

@@ -556,11 +556,18 @@ class ZoneClient:
 
     # -- the small commands -----------------------------------------------------
 
+    async def inventory(self, vm: str) -> dict[str, Any]:
+        """The zone's whole ``snapshots VM`` answer (snapshots, datasets, tombstones)."""
+        raw = json.loads(await self.run(Snapshots(vm)) or b"{}")
+        if isinstance(raw, list):  # an older zone: the snapshot list alone
+            raw = {"vm": vm, "snapshots": raw}
+        if not isinstance(raw, dict):
+            raise ZoneError("BadAnswer", f"snapshots: expected an object, got {type(raw)}")
+        return raw
+
     async def snapshots(self, vm: str) -> list[dict[str, Any]]:
         """The zone's VM snapshots (``VmSnapshot.to_json`` shape), oldest first."""
-        raw = json.loads(await self.run(Snapshots(vm)) or b"[]")
-        if isinstance(raw, dict):
-            raw = raw.get("snapshots", [])
+        raw: Any = (await self.inventory(vm)).get("snapshots", [])
         if not isinstance(raw, list):
             raise ZoneError("BadAnswer", f"snapshots: expected a list, got {type(raw)}")
         return [s for s in raw if isinstance(s, dict)]
@@ -573,9 +580,16 @@ class ZoneClient:
         await self.run(Abort(vm, dataset))
 
     async def commit(self, vm: str, snap: str, datasets: Sequence[str],
-                     metadata: Mapping[str, Any] | None) -> bytes:
+                     metadata: Mapping[str, Any] | None,
+                     durability: str | None = None) -> dict[str, Any]:
+        """Mark the VM snapshot complete; the zone's answer (which zones hold it)."""
         body = json.dumps(metadata).encode() if metadata is not None else b""
-        return await self.run(Commit(vm, snap, tuple(datasets)), body)
+        out = await self.run(Commit(vm, snap, tuple(datasets), durability), body)
+        try:
+            doc = json.loads(out) if out.strip() else {}
+        except ValueError:
+            doc = {}
+        return doc if isinstance(doc, dict) else {}
 
     async def metadata(self, vm: str, snap: str) -> dict[str, Any] | None:
         out = (await self.run(Metadata(vm, snap))).strip()
@@ -620,6 +634,8 @@ class PushReport:
     snapshot: str
     datasets: list[DatasetReport] = field(default_factory=list)
     metadata_source: str = ""
+    durability: str = ""
+    zones: list[str] = field(default_factory=list)  # uuids of the zones holding it complete
 
     @property
     def bytes(self) -> int:
@@ -678,7 +694,8 @@ class CnClient:
     # -- push -----------------------------------------------------------------------
 
     async def push(self, vm: str, name: str | None = None, base: str | None = None,
-                   metadata: Mapping[str, Any] | None = None) -> PushReport:
+                   metadata: Mapping[str, Any] | None = None,
+                   durability: str | None = None) -> PushReport:
         """Snapshot the VM (all its datasets, atomically) and store it on the zone.
 
         Re-running with the name of an existing local snapshot finishes that
@@ -703,7 +720,9 @@ class CnClient:
             report.datasets.append(await self._push_dataset(vm, label, ds, snap, base,
                                                             zone_snaps))
         meta, report.metadata_source = await self._metadata(vm, list(datasets), metadata)
-        await self.zone.commit(vm, snap, list(datasets), meta)
+        done = await self.zone.commit(vm, snap, list(datasets), meta, durability)
+        report.durability = str(done.get("durability") or durability or "")
+        report.zones = [str(z) for z in done.get("zones") or []]
         await self._bookmark(datasets.values(), snap)
         return report
 

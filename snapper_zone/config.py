@@ -49,6 +49,8 @@ DURABILITIES: tuple[Durability, ...] = ("mirrored", "local")
 DEFAULT_LISTEN_HOST = "127.0.0.1"
 DEFAULT_MAX_CONCURRENT_RECEIVES = 4
 DEFAULT_METADATA_MAX_BYTES = 256 * 1024
+DEFAULT_RECONCILE_INTERVAL_MS = 30_000
+DEFAULT_MIRROR_TIMEOUT_SECONDS = 600
 
 # ZFS's own limit (ZFS_MAX_DATASET_NAME_LEN includes the NUL).
 _MAX_DATASET_LEN = 255
@@ -138,6 +140,14 @@ class ZoneConfig:
     vms: Mapping[str, str] = field(default_factory=lambda: types.MappingProxyType({}), hash=False)
     coordinator_url: str | None = None
     peers: tuple[PeerConfig, ...] = ()
+    # How often every VM is reconciled with its peer even with nothing new
+    # (a peer that was down is noticed within this time).
+    reconcile_interval_ms: int = DEFAULT_RECONCILE_INTERVAL_MS
+    # How long a ``mirrored`` commit waits for the peer before it fails.
+    mirror_timeout_seconds: int = DEFAULT_MIRROR_TIMEOUT_SECONDS
+    # Forward a CN's stream to the peer while it is received (two copies in
+    # the time of one); off: the peer is sent the snapshot after it is in.
+    pipelined_mirroring: bool = True
 
     def key_for(self, key_data: bytes) -> TrustedKey | None:
         """The trusted key whose wire encoding is ``key_data`` (``SSHKey.public_data``)."""
@@ -209,6 +219,9 @@ _TOP_FIELDS = (
     "vms",
     "coordinator_url",
     "peers",
+    "reconcile_interval_ms",
+    "mirror_timeout_seconds",
+    "pipelined_mirroring",
 )
 _SSH_FIELDS = ("host", "port", "host_key")
 _HTTP_FIELDS = ("host", "port")
@@ -379,6 +392,15 @@ class _Parser:
             None if coordinator is _MISSING else self.url("coordinator_url", coordinator)
         )
         peers = self.peers(top.get("peers", []), zone_uuid)
+        interval = self.integer("reconcile_interval_ms",
+                                top.get("reconcile_interval_ms", DEFAULT_RECONCILE_INTERVAL_MS),
+                                100, 86_400_000)
+        mirror_timeout = self.integer(
+            "mirror_timeout_seconds",
+            top.get("mirror_timeout_seconds", DEFAULT_MIRROR_TIMEOUT_SECONDS), 1, 86_400)
+        pipelined = top.get("pipelined_mirroring", True)
+        if not isinstance(pipelined, bool):
+            raise self.err("pipelined_mirroring", f"must be true or false, not {_kind(pipelined)}")
 
         return ZoneConfig(
             uuid=zone_uuid,
@@ -393,6 +415,9 @@ class _Parser:
             vms=types.MappingProxyType(vms),
             coordinator_url=coordinator_url,
             peers=peers,
+            reconcile_interval_ms=interval,
+            mirror_timeout_seconds=mirror_timeout,
+            pipelined_mirroring=pipelined,
         )
 
     def ssh(self, value: object) -> SSHConfig:

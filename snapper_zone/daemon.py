@@ -25,6 +25,8 @@ from typing import Any, NoReturn
 import asyncssh
 from aiohttp import web
 
+from replication.peers import PeerLinks
+from replication.replicator import Replicator
 from snapper_zone.config import ConfigError, ZoneConfig, load_config
 from snapper_zone.errors import SnapperError
 from snapper_zone.httpapi import make_app
@@ -147,6 +149,8 @@ async def _wait_for_transfers(zone: Zone, grace: float) -> None:
 async def serve(config: ZoneConfig, args: argparse.Namespace, log: logging.Logger) -> int:
     zfs = Zfs()
     zone = Zone.from_config(config, zfs, log)
+    if config.peers:
+        zone.replicator = Replicator(zone, PeerLinks(config, log))
     await ensure_root(zfs, zone.store.root, args.create_root, log)
     caps = await zfs.capabilities()
     ensure_host_key(config.ssh.host_key, log)
@@ -180,6 +184,8 @@ async def serve(config: ZoneConfig, args: argparse.Namespace, log: logging.Logge
             ready: dict[str, Any] = {"pid": os.getpid(), "ssh_port": ssh_port,
                                      "http_port": http_port}
             write_atomically(args.ready_file, json.dumps(ready).encode() + b"\n")
+        if zone.replicator is not None:
+            zone.replicator.start()
 
         await stop.wait()
         log.info("stopping", extra={"signal": received[0] if received else None})
@@ -192,6 +198,8 @@ async def serve(config: ZoneConfig, args: argparse.Namespace, log: logging.Logge
             acceptor.close()
         await runner.cleanup()  # stops listening, lets requests in flight finish
     await _wait_for_transfers(zone, args.grace)
+    if zone.replicator is not None:
+        await zone.replicator.stop()  # between rounds; a cut transfer is redone later
     log.info("stopped")
     return EXIT_OK
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import sys
 import time
 import uuid
@@ -64,11 +65,22 @@ def _keypair(path: Path, comment: str) -> str:
     return pub
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 class LocalFleet:
     """Create with ``await LocalFleet.start(...)``; always ``await fleet.stop()``."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, mirrored: bool = True,
+                 reconcile_interval_ms: int = 2000) -> None:
         self.workdir = workdir
+        # Every zone peers with every other (a full mesh); a VM's pair is chosen
+        # by rendezvous hashing on each zone alike (replication.peers.pair_of).
+        self.mirrored = mirrored
+        self.reconcile_interval_ms = reconcile_interval_ms
         self.zfs = Zfs()
         self.fuse: localpool.ZfsFuse | None = None
         self.zones: list[LocalZone] = []
@@ -77,8 +89,9 @@ class LocalFleet:
 
     @classmethod
     async def start(cls, workdir: Path, *, zones: int = 3, cns: int = 2, vms_per_cn: int = 2,
-                    pool_size: int = 1 << 30) -> LocalFleet:
-        fleet = cls(workdir)
+                    pool_size: int = 1 << 30, mirrored: bool = True,
+                    reconcile_interval_ms: int = 2000) -> LocalFleet:
+        fleet = cls(workdir, mirrored=mirrored, reconcile_interval_ms=reconcile_interval_ms)
         try:
             await fleet._start(zones, cns, vms_per_cn, pool_size)
         except BaseException:
@@ -110,13 +123,17 @@ class LocalFleet:
         keys.append({"role": "operator", "public_key_file": str(self.operator_key) + ".pub"})
         keys += [{"role": "peer", "zone": z.uuid, "public_key_file": str(z.host_key_pub)}
                  for z in self.zones if z is not zone and z.host_key_pub.exists()]
+        peers = [{"uuid": z.uuid, "ssh_host": "127.0.0.1", "ssh_port": z.ssh_port,
+                  "http_url": z.http_url} for z in self.zones if z is not zone]
         return {
             "uuid": zone.uuid, "name": zone.name, "root": zone.root,
-            "ssh": {"host": "127.0.0.1", "port": 0,
+            "ssh": {"host": "127.0.0.1", "port": zone.ssh_port,
                     "host_key": str(zone.host_key_pub.with_suffix(""))},
-            "http": {"host": "127.0.0.1", "port": 0},
+            "http": {"host": "127.0.0.1", "port": zone.http_port},
             "keys": keys,
             "vms": {vm: cn.id for cn in self.cns for vm in cn.vms},
+            "peers": peers if self.mirrored else [],
+            "reconcile_interval_ms": self.reconcile_interval_ms,
         }
 
     async def add_zone(self, pool_size: int = 1 << 30) -> LocalZone:
@@ -127,9 +144,12 @@ class LocalFleet:
         zdir.mkdir(parents=True, exist_ok=True)
         host_key = zdir / "ssh_host_ed25519_key"
         _keypair(host_key, f"zone{n}")
+        # Ports are fixed for the zone's life: its peers' configs name them,
+        # and a restarted zone must be found where it was.
         zone = LocalZone(str(uuid.uuid4()), f"zone{n}", pool, f"{pool.name}/snapper",
                          zdir / "snapperd.json", zdir / "ready.json",
-                         host_key.with_suffix(".pub"))
+                         host_key.with_suffix(".pub"), ssh_port=_free_port(),
+                         http_port=_free_port())
         self.zones.append(zone)
         return zone
 

@@ -33,6 +33,8 @@ from typing import Any
 
 from aiohttp import web
 
+from replication.peers import NoPeer
+from replication.replicator import Replicator
 from snapper_zone.errors import InvalidName, SnapperError
 from snapper_zone.metrics import CONTENT_TYPE_LATEST
 from snapper_zone.names import Dataset, check_component, check_uuid
@@ -252,6 +254,53 @@ async def delete_snapshot(request: web.Request) -> web.Response:
     # to destroy a snapshot that a running send or receive depends on (busy).
     await zone.store.delete(vm, name)
     zone.log.info("deleted snapshot", extra={"vm": vm, "snapshot": name})
+    if zone.replicator is not None:
+        zone.replicator.kick(vm)  # the tombstone reaches the peer at once
+    return web.Response(status=204)
+
+
+def _replicator(zone: Zone) -> Replicator:
+    if zone.replicator is None:
+        raise NoPeer("this zone has no peer zones configured; nothing is replicated")
+    return zone.replicator
+
+
+async def replication(request: web.Request) -> web.Response:
+    zone = request.app[ZONE]
+    if zone.replicator is None:
+        return web.json_response({"zone": zone.config.uuid, "peers": [], "vms": []})
+    return web.json_response(zone.replicator.report())
+
+
+async def sync_vm(request: web.Request) -> web.Response:
+    """Reconcile one VM with a peer now (a move's copy step, or an operator's nudge).
+
+    Body (optional): {"peer": zone uuid}; default the VM's own partner.
+    """
+    zone = request.app[ZONE]
+    vm = check_uuid(request.match_info["uuid"], "VM uuid")
+    peer: str | None = None
+    if request.can_read_body:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise InvalidName("the body must be JSON: {\"peer\": \"<zone uuid>\"}") from None
+        if isinstance(body, dict) and body.get("peer") is not None:
+            peer = check_uuid(str(body["peer"]), "peer zone uuid")
+    state = await _replicator(zone).sync_vm(vm, peer)
+    return web.json_response(state.to_json())
+
+
+async def drop_vm(request: web.Request) -> web.Response:
+    """Remove this zone's whole copy of a VM (after a move placed it elsewhere)."""
+    zone = request.app[ZONE]
+    vm = check_uuid(request.match_info["uuid"], "VM uuid")
+    await _known_vm(zone, vm)
+    if zone.transfers.in_use(vm):
+        raise SnapshotInUse(f"VM {vm} has transfers in flight; retry when they end")
+    async with zone.vm_locks[vm]:
+        await zone.store.drop_vm(vm)
+    zone.log.info("dropped VM copy", extra={"vm": vm})
     return web.Response(status=204)
 
 
@@ -294,6 +343,9 @@ def make_app(zone: Zone) -> web.Application:
     app.router.add_get("/v1/vms/{uuid}/snapshots", list_snapshots)
     app.router.add_get("/v1/vms/{uuid}/snapshots/{name}", get_snapshot)
     app.router.add_delete("/v1/vms/{uuid}/snapshots/{name}", delete_snapshot)
+    app.router.add_post("/v1/vms/{uuid}/sync", sync_vm)
+    app.router.add_delete("/v1/vms/{uuid}", drop_vm)
+    app.router.add_get("/v1/replication", replication)
     app.router.add_get("/v1/capacity", capacity)
     app.router.add_get("/v1/transfers", transfers)
     app.router.add_get("/metrics", metrics)

@@ -33,5 +33,16 @@ class Metrics:
         self.commands = Counter("snapper_commands", "SSH commands by verb and result",
                                 ["verb", "result"], registry=r)
 
+        self.lag_snapshots = Gauge("snapper_replication_lag_snapshots",
+                                   "VM snapshots complete here and not yet on the peer",
+                                   ["peer"], registry=r)
+        self.lag_bytes = Gauge("snapper_replication_lag_bytes",
+                               "Bytes of snapshots here the peer lacks", ["peer"], registry=r)
+        self.mirror_transfers = Counter("snapper_mirror_transfers",
+                                        "Zone-to-zone snapshot transfers by result",
+                                        ["peer", "direction", "result"], registry=r)
+        self.reconcile_runs = Counter("snapper_reconcile_runs", "Reconcile rounds by outcome",
+                                      ["result"], registry=r)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

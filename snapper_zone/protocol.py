@@ -13,10 +13,15 @@ client, the zone-to-zone mirror and an operator's plain ``ssh`` agree.
     abort VM DATASET                        discard a partial receive
     snapshots VM                            stdout: JSON {"vm", "snapshots": [...],
                                             "datasets": {name: {"resume_token"}}}
-    commit VM SNAP DATASET[,DATASET...]     stdin: metadata JSON (may be empty);
-                                            marks the VM snapshot complete
+    commit VM SNAP DATASET[,DATASET...] [--durability mirrored|local]
+                                            stdin: metadata JSON (may be empty);
+                                            marks the VM snapshot complete; stdout:
+                                            the snapshot and the zones holding it
     metadata VM SNAP                        stdout: the metadata JSON
     delete VM SNAP                          destroy a VM snapshot (all parts)
+    destroy VM SNAP [--dataset DS --guid G] zone to zone (reconcile): destroy one
+                                            part if it is still guid G, or (no
+                                            --dataset) only the VM's marker
     ping                                    stdout: "pong"
 
 Exit status 0 is success; otherwise stderr holds one JSON line
@@ -79,6 +84,10 @@ class Commit:
     vm: str
     snapshot: str
     datasets: tuple[str, ...]
+    durability: str | None = None  # None: the zone's configured default
+
+
+DURABILITIES = ("mirrored", "local")
 
 
 @dataclass(frozen=True)
@@ -94,11 +103,20 @@ class Delete:
 
 
 @dataclass(frozen=True)
+class Destroy:
+    vm: str
+    snapshot: str
+    dataset: str | None = None
+    guid: int | None = None
+
+
+@dataclass(frozen=True)
 class Ping:
     pass
 
 
-Command = Receive | Send | ResumeToken | Abort | Snapshots | Commit | Metadata | Delete | Ping
+Command = (Receive | Send | ResumeToken | Abort | Snapshots | Commit | Metadata | Delete
+           | Destroy | Ping)
 
 # verb -> (number of positional args, allowed options and whether each takes a value)
 _GRAMMAR: dict[str, tuple[int, dict[str, bool]]] = {
@@ -107,9 +125,10 @@ _GRAMMAR: dict[str, tuple[int, dict[str, bool]]] = {
     "resume-token": (2, {}),
     "abort": (2, {}),
     "snapshots": (1, {}),
-    "commit": (3, {}),
+    "commit": (3, {"--durability": True}),
     "metadata": (2, {}),
     "delete": (2, {}),
+    "destroy": (2, {"--dataset": True, "--guid": True}),
     "ping": (0, {}),
 }
 
@@ -180,9 +199,20 @@ def _build(verb: str, a: list[str], o: dict[str, str | None]) -> Command:
         parts = tuple(check_component(d, "VM dataset") for d in a[2].split(","))
         if len(set(parts)) != len(parts):
             raise ValueError("a dataset is listed twice")
-        return Commit(vm, snap, parts)
+        mode = o.get("--durability")
+        if mode is not None and mode not in DURABILITIES:
+            raise ValueError(f"--durability must be one of: {', '.join(DURABILITIES)}")
+        return Commit(vm, snap, parts, mode)
     if verb == "metadata":
         return Metadata(vm, snap)
+    if verb == "destroy":
+        part, guid = o.get("--dataset"), o.get("--guid")
+        if (part is None) != (guid is None):
+            raise ValueError("--dataset and --guid go together")
+        if guid is not None and (not guid.isdigit() or len(guid) > 20):
+            raise ValueError("--guid must be a decimal guid")
+        return Destroy(vm, snap, check_component(part, "VM dataset") if part else None,
+                       int(guid) if guid else None)
     return Delete(vm, snap)
 
 
@@ -206,8 +236,11 @@ def format_command(cmd: Command) -> str:
             return f"abort {vm} {ds}"
         case Snapshots(vm):
             return f"snapshots {vm}"
-        case Commit(vm, snap, parts):
-            return f"commit {vm} {snap} {','.join(parts)}"
+        case Commit(vm, snap, parts, mode):
+            return f"commit {vm} {snap} {','.join(parts)}" + (
+                f" --durability {mode}" if mode else "")
+        case Destroy(vm, snap, ds, guid):
+            return f"destroy {vm} {snap}" + (f" --dataset {ds} --guid {guid}" if ds else "")
         case Metadata(vm, snap):
             return f"metadata {vm} {snap}"
         case Delete(vm, snap):

@@ -25,6 +25,7 @@ import os
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from replication.replicator import MirrorUnavailable
 from snapper_zone import log as slog
 from snapper_zone import protocol
 from snapper_zone.auth import NotAuthorized, Principal, authorize, verb
@@ -44,6 +45,7 @@ from snapper_zone.protocol import (
     Command,
     Commit,
     Delete,
+    Destroy,
     Metadata,
     Ping,
     Receive,
@@ -452,7 +454,10 @@ class Service:
                 async with self.zone.vm_locks[vm]:
                     await self.zone.zfs.receive_abort(target)
             case Snapshots(vm):
-                io.write(_json_line(await self.inventory(vm)))
+                doc = await self.zone.store.document(vm)
+                # What must not be touched here now (pushes between parts, transfers).
+                doc["in_use"] = sorted(self.zone.transfers.in_use(vm))
+                io.write(_json_line(doc))
             case Commit():
                 await self.commit(p, cmd, io)
             case Metadata(vm, snap):
@@ -464,6 +469,17 @@ class Service:
                 await self.zone.store.delete(vm, snap)
                 self.log.info("deleted snapshot", extra={"vm": vm, "snapshot": snap,
                                                          "principal": p.label})
+                if self.zone.replicator is not None:
+                    self.zone.replicator.kick(vm)  # the peer deletes it too
+            case Destroy(vm, snap, ds, guid):
+                if snap in self.zone.transfers.in_use(vm):
+                    raise SnapshotInUse(f"VM {vm} snapshot {snap!r} is in use by a transfer")
+                async with self.zone.vm_locks[vm]:
+                    if ds is None:
+                        await self.zone.store.destroy_marker(vm, snap)
+                    else:
+                        assert guid is not None
+                        await self.zone.store.destroy_part(vm, ds, snap, guid)
             case Ping():
                 io.write(b"pong\n")
 
@@ -489,6 +505,7 @@ class Service:
             result = "error"
             try:
                 await self._receive_stream(cmd, io, t)
+                zone.transfers.pending(cmd.vm, cmd.snapshot)
                 result = "ok"
             except SnapperError as err:
                 result = err.code
@@ -682,21 +699,6 @@ class Service:
 
     # -- inventory and metadata ------------------------------------------------
 
-    async def inventory(self, vm: str) -> dict[str, Any]:
-        """``snapshots VM``: every VM snapshot, and each dataset's resume token."""
-        store = self.zone.store
-        container = store.vm_dataset(vm)
-        snaps = await store.snapshots(vm)
-        datasets: dict[str, dict[str, Any]] = {}
-        try:
-            infos = await self.zone.zfs.datasets(container, depth=1)
-        except DatasetNotFound:
-            infos = []
-        for info in infos:
-            if info.dataset.parent == container:
-                datasets[info.dataset.basename] = {"resume_token": info.resume_token}
-        return {"vm": vm, "snapshots": [s.to_json() for s in snaps], "datasets": datasets}
-
     async def commit(self, p: Principal, cmd: Commit, io: Io) -> None:
         raw = await io.inbound.read_all(self.zone.config.metadata_max_bytes)
         meta: dict[str, Any] | None = None
@@ -708,13 +710,42 @@ class Service:
             if not isinstance(doc, dict):
                 raise InvalidMetadata("metadata must be a JSON object")
             meta = doc
-        async with self.zone.vm_locks[cmd.vm]:
-            done = await self.zone.store.mark_complete(cmd.vm, cmd.snapshot, cmd.datasets,
-                                                       meta, p.label)
+        zone = self.zone
+        async with zone.vm_locks[cmd.vm]:
+            done = await zone.store.mark_complete(cmd.vm, cmd.snapshot, cmd.datasets,
+                                                  meta, p.label)
+        zone.transfers.committed(cmd.vm, cmd.snapshot)
+        mode = cmd.durability or zone.config.durability
         self.log.info("snapshot complete", extra={"vm": cmd.vm, "snapshot": cmd.snapshot,
-                                                  "principal": p.label,
+                                                  "principal": p.label, "durability": mode,
                                                   "datasets": list(cmd.datasets)})
-        io.write(_json_line(done.to_json()))
+        out = done.to_json()
+        out.update(durability=mode, zones=[zone.config.uuid], mirror=None)
+        rep = zone.replicator
+        if p.role != "cn" or rep is None:
+            # A peer's commit is itself replication; a zone without peers has one copy.
+            io.write(_json_line(out))
+            return
+        if mode == "local":
+            rep.kick(cmd.vm)
+            io.write(_json_line(out))
+            return
+        guids = {d: part.guid for d, part in done.parts.items()}
+        try:
+            peer, why = await asyncio.wait_for(
+                rep.confirm_mirrored(cmd.vm, cmd.snapshot, guids),
+                zone.config.mirror_timeout_seconds)
+        except TimeoutError:
+            peer = rep.links.partner_of(cmd.vm).uuid  # type: ignore[union-attr]
+            why = f"no answer within {zone.config.mirror_timeout_seconds} s"
+        if why is not None:
+            raise MirrorUnavailable(
+                f"VM {cmd.vm} snapshot {cmd.snapshot!r} is complete on zone "
+                f"{zone.config.uuid} only; mirror zone {peer}: {why}. Not acknowledged as "
+                "mirrored: retry later, or push with durability 'local' to accept one copy "
+                "until the mirror catches up")
+        out.update(zones=[zone.config.uuid, peer], mirror=peer)
+        io.write(_json_line(out))
 
 
 async def _acquire_unless_gone(held: contextlib.AsyncExitStack,

@@ -166,7 +166,11 @@ class _Session(asyncssh.SSHServerSession[bytes]):
     def write(self, data: bytes) -> None:
         if self._gone or self._chan is None:
             raise ClientGone("the client disconnected")
-        self._chan.write(data)
+        try:
+            self._chan.write(data)
+        except BrokenPipeError:
+            # The client closed its end (it stopped reading: its receive failed).
+            raise ClientGone("the client closed the channel") from None
 
     async def drain(self) -> None:
         await self._writable.wait()

@@ -35,6 +35,10 @@ P_PARTS = "snapper:parts"
 P_CREATED = "snapper:created"
 P_SOURCE = "snapper:source"  # who pushed it: "cn:<id>" or "zone:<uuid>"
 P_META_COUNT = "snapper:m.count"
+# On the VM container dataset: "guidhex:unixtime,..." of parts deleted on
+# purpose, so the peer zone deletes them too instead of sending them back.
+P_TOMBSTONES = "snapper:tombstones"
+_MAX_TOMBSTONES = 250  # 8 KiB property value / ~30 bytes each
 _CHUNK = 8000
 _MAX_CHUNKS = 64
 _CONTAINER_PROPS = [P_COMPLETE, P_PARTS, P_CREATED, P_SOURCE]
@@ -167,6 +171,24 @@ class ZoneStore:
                                   mark.user_props.get(P_SOURCE) if mark else None))
         return out
 
+    async def document(self, vm: str) -> dict[str, Any]:
+        """``snapshots VM``'s answer: every VM snapshot, each dataset's resume token,
+        and the tombstones. Peers read it to reconcile, so its shape is the protocol's.
+        """
+        container = self.vm_dataset(vm)
+        snaps = await self.snapshots(vm)
+        datasets: dict[str, dict[str, Any]] = {}
+        try:
+            infos = await self.zfs.datasets(container, depth=1)
+        except DatasetNotFound:
+            infos = []
+        for info in infos:
+            if info.dataset.parent == container:
+                datasets[info.dataset.basename] = {"resume_token": info.resume_token}
+        stones = await self.tombstones(vm) if infos else {}
+        return {"vm": vm, "snapshots": [s.to_json() for s in snaps], "datasets": datasets,
+                "tombstones": {f"{g:x}": t for g, t in sorted(stones.items())}}
+
     async def snapshot(self, vm: str, name: str) -> VmSnapshot:
         for s in await self.snapshots(vm):
             if s.name == name:
@@ -210,16 +232,113 @@ class ZoneStore:
         return decode_metadata(props)
 
     async def delete(self, vm: str, name: str) -> None:
-        """Destroy a VM snapshot: the marker first (no longer complete), then its parts."""
+        """Destroy a VM snapshot: the marker first (no longer complete), then its parts.
+
+        Each part's guid is tombstoned first, so reconcile deletes it on the
+        peer zone rather than sending it back (replication/DESIGN.md (d)).
+        """
         snap = await self.snapshot(vm, name)
         container = self.vm_dataset(vm)
+        await self.add_tombstones(vm, [p.guid for p in snap.parts.values()])
         if snap.complete or await self.zfs.exists(Snapshot(container, name)):
             await self.zfs.destroy(Snapshot(container, name))
         for part in snap.parts:
             await self.zfs.destroy(Snapshot(container.child(part), name))
+            await self._settle(container.child(part))
+
+    async def destroy_marker(self, vm: str, name: str) -> None:
+        """Destroy only the VM-level marker of ``name`` (it is no longer complete)."""
+        snap = Snapshot(self.vm_dataset(vm), check_component(name, "snapshot name"))
+        if await self.zfs.exists(snap):
+            await self.zfs.destroy(snap)
+
+    async def destroy_part(self, vm: str, dataset: str, name: str, guid: int) -> None:
+        """Destroy ``<vm>/<dataset>@name`` if it still is the snapshot ``guid``."""
+        ds = self.part_dataset(vm, dataset)
+        try:
+            snaps = await self.zfs.snapshots(ds)
+        except DatasetNotFound:
+            return
+        have = next((s for s in snaps if s.name == name), None)
+        if have is None:
+            return
+        if have.guid != guid:
+            raise SnapshotNotFound(f"{ds}@{name} is guid {have.guid}, not {guid}; "
+                                   "not destroyed")
+        await self.zfs.destroy(have.snapshot)
+        await self._settle(ds)
+
+    async def _settle(self, ds: Dataset) -> None:
+        """After a destroy: make the dataset's head its newest snapshot again.
+
+        Destroying the newest snapshot leaves its data in the head, so the next
+        incremental (from the snapshot now newest) would need ``receive -F``.
+        Nothing but receive ever writes a zone's dataset, so rolling back to
+        the newest snapshot discards no one's data; a dataset left with no
+        snapshot at all holds nothing acknowledged and is destroyed, so a full
+        stream can create it again.
+        """
+        try:
+            left = await self.zfs.snapshots(ds)
+        except DatasetNotFound:
+            return
+        if left:
+            await self.zfs.rollback(left[-1].snapshot)
+        elif not await self.zfs.resume_token(ds):
+            await self.zfs.destroy(ds, recursive=True)
+
+    async def drop_vm(self, vm: str) -> None:
+        """Destroy this zone's whole copy of a VM (a move's last step)."""
+        ds = self.vm_dataset(vm)
+        if await self.zfs.exists(ds):
+            await self.zfs.destroy(ds, recursive=True)
+
+    async def tombstones(self, vm: str) -> dict[int, int]:
+        """guid -> unix time deleted, for the VM's parts deleted on purpose here."""
+        try:
+            props = await self.zfs.get_user_props(self.vm_dataset(vm), [P_TOMBSTONES])
+        except DatasetNotFound:
+            return {}
+        return parse_tombstones(props.get(P_TOMBSTONES, ""))
+
+    async def add_tombstones(self, vm: str, guids: Sequence[int],
+                             now: int | None = None) -> None:
+        if not guids:
+            return
+        stamp = int(time.time()) if now is None else now
+        have = await self.tombstones(vm)
+        for g in guids:
+            have.setdefault(g, stamp)
+        await self._write_tombstones(vm, have)
+
+    async def forget_tombstones(self, vm: str, guids: Sequence[int]) -> None:
+        have = await self.tombstones(vm)
+        if any(g in have for g in guids):
+            await self._write_tombstones(vm, {g: t for g, t in have.items() if g not in guids})
+
+    async def _write_tombstones(self, vm: str, stones: Mapping[int, int]) -> None:
+        # Oldest first out when over the cap: by then both zones have long acted on them.
+        keep = sorted(stones.items(), key=lambda kv: kv[1])[-_MAX_TOMBSTONES:]
+        await self.zfs.set_user_props(self.vm_dataset(vm), {P_TOMBSTONES: format_tombstones(
+            dict(keep)) or "-"})
 
     async def available(self) -> int:
         return await self.zfs.available(self.root)
+
+
+def parse_tombstones(text: str) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for item in text.split(","):
+        guid, _, when = item.partition(":")
+        try:
+            out[int(guid, 16)] = int(when or 0)
+        except ValueError:
+            continue  # "-" (none) or a damaged entry: ignored, never fatal
+    return out
+
+
+def format_tombstones(stones: Mapping[int, int]) -> str:
+    return ",".join(f"{g:x}:{t}" for g, t in sorted(stones.items()))
 
 
 def _part_creations(infos: Sequence[SnapshotInfo], container: Dataset, name: str) -> list[int]:

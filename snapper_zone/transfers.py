@@ -14,6 +14,9 @@ from typing import Any
 from snapper_zone.metrics import Metrics
 
 _ids = itertools.count(1)
+# A CN sends a VM's datasets one after the other, then commits; an hour
+# without the commit means the push died (a new one starts over).
+PENDING_TTL = 3600.0
 
 
 @dataclass
@@ -59,6 +62,9 @@ class TransferRegistry:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
         self._active: dict[int, Transfer] = {}
+        # (vm, snapshot) -> when its last part arrived, until it is committed:
+        # a push between two datasets is in use, not debris for reconcile.
+        self._pending: dict[tuple[str, str], float] = {}
 
     def start(self, kind: str, vm: str, dataset: str, snapshot: str, base: str | None,
               peer: str, expected: int | None = None) -> Transfer:
@@ -81,9 +87,21 @@ class TransferRegistry:
     def active(self) -> list[Transfer]:
         return sorted(self._active.values(), key=lambda t: t.id)
 
+    def pending(self, vm: str, snapshot: str) -> None:
+        """A part of ``snapshot`` arrived; its commit is still to come."""
+        self._pending[(vm, snapshot)] = time.monotonic()
+
+    def committed(self, vm: str, snapshot: str) -> None:
+        self._pending.pop((vm, snapshot), None)
+
     def in_use(self, vm: str) -> set[str]:
-        """Snapshot names of ``vm`` that a running transfer reads or builds on."""
-        names: set[str] = set()
+        """Snapshot names of ``vm`` that a running transfer reads or builds on,
+        and snapshots of pushes still between their parts (for ``PENDING_TTL``)."""
+        now = time.monotonic()
+        for key, when in list(self._pending.items()):
+            if now - when > PENDING_TTL:
+                del self._pending[key]
+        names: set[str] = {s for (v, s) in self._pending if v == vm}
         for t in self._active.values():
             if t.vm == vm:
                 names.add(t.snapshot)

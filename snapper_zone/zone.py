@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from snapper_zone.config import ZoneConfig
 from snapper_zone.metrics import Metrics
@@ -13,6 +14,9 @@ from snapper_zone.names import Dataset
 from snapper_zone.store import ZoneStore
 from snapper_zone.transfers import TransferRegistry
 from snapper_zone.zfs import Zfs
+
+if TYPE_CHECKING:
+    from replication.replicator import Replicator
 
 
 @dataclass
@@ -28,6 +32,8 @@ class Zone:
     # Two pushes of the same VM never interleave.
     vm_locks: defaultdict[str, asyncio.Lock] = field(
         default_factory=lambda: defaultdict(asyncio.Lock))
+    # Set by the daemon when the zone has peers (replication/).
+    replicator: Replicator | None = None
 
     @classmethod
     def from_config(cls, config: ZoneConfig, zfs: Zfs | None = None,

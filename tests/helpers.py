@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from snapper_zone import proc
@@ -58,6 +58,17 @@ async def wait_for(cond: Callable[[], bool], timeout: float = 30.0, what: str = 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while not cond():
+        if loop.time() > deadline:
+            raise TimeoutError(f"{what} not reached within {timeout}s")
+        await asyncio.sleep(poll)
+
+
+async def wait_until(cond: Callable[[], Awaitable[bool]], timeout: float = 60.0,
+                     what: str = "condition", poll: float = 0.2) -> None:
+    """``wait_for`` for a condition that must be asked for (a zone's inventory)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await cond():
         if loop.time() > deadline:
             raise TimeoutError(f"{what} not reached within {timeout}s")
         await asyncio.sleep(poll)

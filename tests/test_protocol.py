@@ -14,6 +14,7 @@ from snapper_zone.protocol import (
     Command,
     Commit,
     Delete,
+    Destroy,
     Metadata,
     Ping,
     Receive,
@@ -35,9 +36,12 @@ commands: st.SearchStrategy[Command] = st.one_of(
     st.builds(Abort, vms, names),
     st.builds(Snapshots, vms),
     st.builds(Commit, vms, names, st.lists(names, min_size=1, max_size=4, unique=True)
-              .map(tuple)),
+              .map(tuple), st.sampled_from([None, *protocol.DURABILITIES])),
     st.builds(Metadata, vms, names),
     st.builds(Delete, vms, names),
+    st.builds(Destroy, vms, names),
+    st.builds(lambda vm, snap, ds, g: Destroy(vm, snap, ds, g),
+              vms, names, names, st.integers(0, 2**64 - 1)),
     st.just(Ping()),
 )
 
@@ -76,3 +80,14 @@ def test_error_line_round_trip() -> None:
     line = protocol.error_line(BadCommand("nope"))
     assert protocol.parse_error_line("noise\n" + line) == ("BadCommand", "nope")
     assert protocol.parse_error_line("plain text")[0] == "RemoteError"
+
+
+@pytest.mark.parametrize("line", [
+    "commit 6b0e0f7c-1c0a-4bde-9a3e-6a3f4c4f9e11 s1 root --durability twice",
+    "destroy 6b0e0f7c-1c0a-4bde-9a3e-6a3f4c4f9e11 s1 --dataset root",
+    "destroy 6b0e0f7c-1c0a-4bde-9a3e-6a3f4c4f9e11 s1 --guid 12",
+    "destroy 6b0e0f7c-1c0a-4bde-9a3e-6a3f4c4f9e11 s1 --dataset root --guid -3",
+])
+def test_replication_options_are_checked(line: str) -> None:
+    with pytest.raises(BadCommand):
+        parse(line)

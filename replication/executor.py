@@ -1,0 +1,270 @@
+"""Carry out reconcile's actions between this zone and one peer: the I/O half.
+
+``reconcile`` decides; this module moves bytes and destroys snapshots, one
+action at a time, and checks every receive by guid. Streams go through the
+same paths as a CN's: to the peer with ``ZoneClient.push_stream`` into its
+``receive`` (so the peer vets the stream exactly as it vets a CN's push),
+from the peer with ``pull_stream`` from its ``send``. Each dataset snapshot
+is its own ``-i`` stream: the receive grammar takes one snapshot per stream,
+and a failure part-way keeps every snapshot already across.
+
+Locks: a zone takes its VM lock only to change its own datasets (a receive
+here, a destroy here), never while it waits on a peer, so two zones
+reconciling the same VM from both ends cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from replication.reconcile import (
+    Action,
+    Delete,
+    DropDataset,
+    MarkComplete,
+    PreserveDiverged,
+    SendFull,
+    SendIncremental,
+    SnapRef,
+)
+from snapper_zone.cnclient import ZoneClient
+from snapper_zone.errors import SnapperError, UnsupportedFeature
+from snapper_zone.names import Snapshot
+from snapper_zone.protocol import Destroy, Receive, Send
+from snapper_zone.transfers import Transfer
+from snapper_zone.zfs import SendSpec
+
+if TYPE_CHECKING:
+    from snapper_zone.zone import Zone
+
+__all__ = ["HOLD_TAG", "Executor", "GuidMismatch", "NeedsOperator"]
+
+HOLD_TAG = "snapper-mirror"  # zfs hold on a base while a transfer sends from it
+
+
+class GuidMismatch(SnapperError):
+    """A received snapshot is not the one reconcile planned (guid differs)."""
+
+    code = "GuidMismatch"
+    http_status = 409
+
+
+class NeedsOperator(SnapperError):
+    """An action this version does not carry out by itself (a divergent history)."""
+
+    code = "NeedsOperator"
+    http_status = 409
+
+
+class _Counted:
+    """A progress reporter that feeds a zone transfer record (for /v1/transfers)."""
+
+    def __init__(self, t: Transfer) -> None:
+        self.t = t
+
+    def start(self, label: str, total: int | None, **fields: Any) -> None:
+        pass
+
+    def advance(self, nbytes: int) -> None:
+        self.t.add(nbytes)
+
+    def done(self, ok: bool = True, error: str | None = None) -> None:
+        pass
+
+
+@dataclass
+class Executor:
+    zone: Zone
+    vm: str
+    peer: str  # the peer zone's uuid
+    client: ZoneClient
+    moved: int = 0  # stream bytes moved by this executor
+
+    @property
+    def me(self) -> str:
+        return self.zone.config.uuid
+
+    @property
+    def log(self) -> logging.Logger:
+        return self.zone.log
+
+    async def run(self, act: Action) -> None:
+        match act:
+            case SendFull():
+                await self._send_chain(act.dataset, act.from_zone, None, (act.target,))
+            case SendIncremental(clone_from=None):
+                await self._send_chain(act.dataset, act.from_zone, act.base,
+                                       act.snapshots or (act.target,))
+            case SendIncremental():
+                raise NeedsOperator(f"VM {self.vm}: {act.dataset} needs a clone stream "
+                                    f"from {act.clone_from} (a divergent history)")
+            case Delete():
+                await self._delete(act)
+            case MarkComplete():
+                await self._mark(act)
+            case PreserveDiverged() | DropDataset():
+                raise NeedsOperator(f"VM {self.vm}: the two zones' histories diverged "
+                                    f"({type(act).__name__} on {act.zone}); see "
+                                    "replication/DESIGN.md (c)")
+            case _:
+                pass  # notices
+
+    # -- streams ----------------------------------------------------------------
+
+    async def _send_chain(self, ds: str, from_zone: str, base: SnapRef | None,
+                          chain: tuple[SnapRef, ...]) -> None:
+        prev = base
+        for snap in chain:
+            if from_zone == self.me:
+                await self._push(ds, prev, snap)
+            else:
+                await self._pull(ds, prev, snap)
+            prev = snap
+
+    async def _push(self, ds: str, base: SnapRef | None, snap: SnapRef) -> None:
+        store = self.zone.store
+        local = store.part_dataset(self.vm, ds)
+        from_snap = Snapshot(local, base.name) if base else None
+        spec = SendSpec(Snapshot(local, snap.name), from_snap)
+        resume = await self._resumable(ds, snap)
+        async with self._transfer("mirror-out", ds, snap, base) as t, self._held(from_snap):
+            size = None
+            if resume is not None:
+                spec = SendSpec(resume_token=resume)
+            elif (await self.zone.zfs.capabilities()).send_size_estimate:
+                with contextlib.suppress(SnapperError):
+                    size = await self.zone.zfs.send_size(spec)
+            cmd = Receive(self.vm, ds, snap.name, base.name if base else None, size,
+                          resume is not None)
+            res = await self.client.push_stream(cmd, spec, self.zone.zfs, _Counted(t))
+            self.moved += res.bytes
+        await self._check_remote(ds, snap)
+
+    async def _resumable(self, ds: str, snap: SnapRef) -> str | None:
+        """The peer's resume token if it is for ``snap``; any other partial is aborted.
+
+        A transfer cut by a crash (OpenZFS, ``receive -s``) goes on from where
+        it stopped; a token for another snapshot is stale and discarded, and
+        the transfer starts over from the newest common snapshot.
+        """
+        token = await self.client.resume_token(self.vm, ds)
+        if token is None:
+            return None
+        try:
+            info = await self.zone.zfs.resume_token_info(token)
+            if int(info.get("toguid", "0"), 0) == snap.guid:
+                self.log.info("resuming an interrupted mirror transfer", extra={
+                    "vm": self.vm, "dataset": ds, "snapshot": snap.name, "peer": self.peer})
+                return token
+        except (SnapperError, ValueError) as exc:
+            self.log.info("resume token not usable here: %s", exc)
+        await self.client.abort(self.vm, ds)
+        return None
+
+    async def _pull(self, ds: str, base: SnapRef | None, snap: SnapRef) -> None:
+        store = self.zone.store
+        target = store.part_dataset(self.vm, ds)
+        async with self.zone.vm_locks[self.vm], \
+                self._transfer("mirror-in", ds, snap, base) as t:
+            await store.ensure_vm(self.vm)
+            cmd = Send(self.vm, ds, snap.name, base.name if base else None)
+            res = await self.client.pull_stream(cmd, target, self.zone.zfs, _Counted(t))
+            self.moved += res.bytes
+            got = next((s for s in await self.zone.zfs.snapshots(target)
+                        if s.name == snap.name), None)
+            if got is None or got.guid != snap.guid:
+                if got is not None:
+                    await self.zone.zfs.destroy(got.snapshot)
+                raise GuidMismatch(f"{target}@{snap.name}: received guid "
+                                   f"{got.guid if got else 'none'}, expected {snap.guid}")
+
+    async def _check_remote(self, ds: str, snap: SnapRef) -> None:
+        # The peer already refused a stream that was not this snapshot (it
+        # reads DRR_BEGIN and checks toguid); asking again costs one listing
+        # and catches a peer that changed under us.
+        doc = await self.client.snapshots(self.vm)
+        for s in doc:
+            if s.get("name") == snap.name:
+                part = (s.get("datasets") or {}).get(ds)
+                if part is not None and int(part["guid"]) == snap.guid:
+                    return
+        raise GuidMismatch(f"zone {self.peer}: {self.vm}/{ds}@{snap.name} is not guid "
+                           f"{snap.guid} after the transfer")
+
+    @contextlib.asynccontextmanager
+    async def _transfer(self, kind: str, ds: str, snap: SnapRef,
+                        base: SnapRef | None) -> AsyncIterator[Transfer]:
+        t = self.zone.transfers.start(kind, self.vm, ds, snap.name,
+                                      base.name if base else None, f"zone:{self.peer}")
+        result = "error"
+        try:
+            yield t
+            result = "ok"
+        except SnapperError as err:
+            result = err.code
+            raise
+        finally:
+            self.zone.transfers.finish(t, result)
+            self.zone.metrics.mirror_transfers.labels(
+                self.peer, "out" if kind == "mirror-out" else "in", result).inc()
+            self.log.log(logging.INFO if result == "ok" else logging.WARNING,
+                         "mirror transfer end", extra={
+                             "vm": self.vm, "dataset": ds, "snapshot": snap.name,
+                             "base": base.name if base else None, "peer": self.peer,
+                             "kind": kind, "result": result, "bytes": t.bytes,
+                             "seconds": round(t.elapsed, 3)})
+
+    @contextlib.asynccontextmanager
+    async def _held(self, base: Snapshot | None) -> AsyncIterator[None]:
+        """``zfs hold`` the base while we send from it (where ZFS has holds)."""
+        held = False
+        if base is not None:
+            try:
+                await self.zone.zfs.hold(HOLD_TAG, [base])
+                held = True
+            except UnsupportedFeature:
+                pass
+            except SnapperError as exc:  # already held by a concurrent transfer: fine
+                self.log.debug("hold %s: %s", base, exc)
+        try:
+            yield
+        finally:
+            if held and base is not None:
+                with contextlib.suppress(SnapperError):
+                    await self.zone.zfs.release(HOLD_TAG, [base])
+
+    # -- deletes and markers --------------------------------------------------------
+
+    async def _delete(self, act: Delete) -> None:
+        if act.zone == self.me:
+            async with self.zone.vm_locks[self.vm]:
+                if act.dataset is None:
+                    await self.zone.store.destroy_marker(self.vm, act.name)
+                else:
+                    assert act.guid is not None
+                    await self.zone.store.destroy_part(self.vm, act.dataset, act.name,
+                                                       act.guid)
+        else:
+            await self.client.run(Destroy(self.vm, act.name, act.dataset, act.guid))
+        self.log.info("reconcile destroyed", extra={
+            "vm": self.vm, "zone": act.zone, "dataset": act.dataset, "snapshot": act.name,
+            "reason": str(act.reason)})
+
+    async def _mark(self, act: MarkComplete) -> None:
+        guids = set(act.guids)
+        if act.zone == self.me:
+            meta = await self.client.metadata(self.vm, act.name)
+            snap = await self.zone.store.snapshot(self.vm, act.name)
+            parts = [d for d, p in snap.parts.items() if p.guid in guids]
+            async with self.zone.vm_locks[self.vm]:
+                await self.zone.store.mark_complete(self.vm, act.name, parts, meta,
+                                                    f"zone:{self.peer}")
+        else:
+            meta = await self.zone.store.metadata(self.vm, act.name)
+            snap = await self.zone.store.snapshot(self.vm, act.name)
+            parts = [d for d, p in snap.parts.items() if p.guid in guids]
+            await self.client.commit(self.vm, act.name, parts, meta)

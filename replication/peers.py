@@ -1,0 +1,120 @@
+"""Which zone mirrors a VM, and one SSH connection per peer zone.
+
+A zone talks to its peers as any client does: the grammar in
+``snapper_zone.protocol`` over asyncssh (``ZoneClient``), as role ``peer``.
+Its client key is its own SSH host key, and it pins each peer's host key to
+the peer key the config trusts for that zone uuid: one key per zone serves
+both directions, so adding a zone to a fleet is one key exchange.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncssh
+
+from rebalance.placement import ZoneInfo, ZoneState, hrw_ranking
+from snapper_zone.cnclient import ZoneClient, ZoneUnreachable
+from snapper_zone.config import ZoneConfig
+from snapper_zone.errors import SnapperError
+
+__all__ = ["NoPeer", "Peer", "PeerLinks", "pair_of"]
+
+
+class NoPeer(SnapperError):
+    """No zone to mirror to: none configured, or the named one is unknown."""
+
+    code = "MirrorUnavailable"
+    http_status = 503
+
+
+@dataclass(frozen=True)
+class Peer:
+    uuid: str
+    ssh_host: str
+    ssh_port: int
+    http_url: str
+    host_key: str | None  # OpenSSH public key line; None: not trusted as a peer
+
+
+def pair_of(vm: str, zones: Sequence[str]) -> tuple[str, ...]:
+    """The two zones a VM lives on when no coordinator says otherwise.
+
+    Rendezvous hashing over the zone uuids, equal weights: every zone with the
+    same list computes the same pair, the CN's placement included.
+    """
+    infos = [ZoneInfo(z, ZoneState.ACTIVE, 1) for z in zones]
+    return tuple(hrw_ranking(vm, infos)[:2])
+
+
+class PeerLinks:
+    """The peers of one zone and a cached connection to each."""
+
+    def __init__(self, config: ZoneConfig, log: logging.Logger) -> None:
+        self.config = config
+        self.log = log
+        keys = {k.zone: k.public_key for k in config.keys if k.role == "peer"}
+        self._peers = {p.uuid: Peer(p.uuid, p.ssh_host, p.ssh_port, p.http_url,
+                                    keys.get(p.uuid)) for p in config.peers}
+        self._clients: dict[str, ZoneClient] = {}
+        self._connecting: dict[str, asyncio.Lock] = {}
+
+    @property
+    def peers(self) -> list[Peer]:
+        return list(self._peers.values())
+
+    def get(self, uuid: str) -> Peer:
+        try:
+            return self._peers[uuid]
+        except KeyError:
+            raise NoPeer(f"zone {uuid} is not a peer of this zone") from None
+
+    def partner_of(self, vm: str) -> Peer | None:
+        """The zone that holds ``vm``'s other copy, or None when there is no peer."""
+        if not self._peers:
+            return None
+        if len(self._peers) == 1:
+            return next(iter(self._peers.values()))
+        me = self.config.uuid
+        pair = pair_of(vm, [me, *self._peers])
+        other = next(z for z in pair if z != me)
+        return self._peers[other]
+
+    async def client(self, uuid: str) -> ZoneClient:
+        """A connected client to peer ``uuid`` (connecting if need be)."""
+        peer = self.get(uuid)
+        if peer.host_key is None:
+            raise NoPeer(f"zone {uuid} has no trusted peer key in the config; its host key "
+                         "cannot be checked")
+        lock = self._connecting.setdefault(uuid, asyncio.Lock())
+        async with lock:
+            have = self._clients.get(uuid)
+            if have is not None and have.conn is not None and not have.conn.is_closed():
+                return have
+            client = ZoneClient(peer.ssh_host, peer.ssh_port, self.config.ssh.host_key,
+                                host_key=asyncssh.import_public_key(peer.host_key),
+                                connect_timeout=10.0)
+            await client.connect()
+            self._clients[uuid] = client
+            return client
+
+    async def forget(self, uuid: str) -> None:
+        """Drop a connection after an error; the next use reconnects."""
+        client = self._clients.pop(uuid, None)
+        if client is not None:
+            try:
+                await client.close()
+            except (OSError, asyncssh.Error):
+                pass
+
+    async def close(self) -> None:
+        for uuid in list(self._clients):
+            await self.forget(uuid)
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Errors after which the peer is retried later rather than reported as a bug."""
+    return isinstance(exc, ZoneUnreachable | OSError | asyncssh.Error | TimeoutError)

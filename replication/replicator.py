@@ -1,0 +1,271 @@
+"""Keep every VM on this zone in step with its peer: rounds of reconcile, a loop.
+
+A *round* lists both zones (``snapshots VM``), asks ``reconcile`` what to do
+and runs it (``Executor``); rounds repeat until the plan is empty, so a
+snapshot that arrives meanwhile is picked up too. A round that cannot reach
+the peer is retried with backoff (tenacity) and then left to the next pass
+of the loop, which visits every VM each ``reconcile_interval_ms`` and at once
+after a push or a delete (``kick``). Both zones of a pair run the loop; every
+step is vetted by the receiving zone and checked by guid, so rounds started
+from both ends at once cost a retry, never a snapshot.
+
+Per VM the last outcome is kept for ``GET /v1/replication`` and metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+from replication.executor import Executor
+from replication.inventory import from_document, snapshot_guids
+from replication.peers import Peer, PeerLinks, unreachable
+from replication.reconcile import (
+    Conflict,
+    Defer,
+    InSync,
+    ZoneInventory,
+    expired,
+    lag,
+    reconcile,
+)
+from snapper_zone.errors import SnapperError
+
+if TYPE_CHECKING:
+    from snapper_zone.zone import Zone
+
+__all__ = ["MAX_ROUNDS", "MirrorUnavailable", "Replicator", "VmState"]
+
+MAX_ROUNDS = 4
+_CONCURRENCY = 2  # VMs reconciled at once by the loop (a CN push has priority)
+
+
+# Error codes that mean "the VM changed under the plan", not "something is wrong".
+_RACES = frozenset({"ResourceExists", "IncrementalSourceMismatch", "PartialReceiveExists",
+                    "ResourceBusy", "DestinationModified", "ResourceNotFound"})
+
+
+def _code(exc: SnapperError) -> str:
+    return str(getattr(exc, "code", ""))
+
+
+class MirrorUnavailable(SnapperError):
+    """A ``mirrored`` push could not be confirmed on the peer zone."""
+
+    code = "MirrorUnavailable"
+    http_status = 503
+
+
+@dataclass
+class VmState:
+    vm: str
+    peer: str | None
+    state: str = "unknown"  # in_sync | behind | failing | blocked | no_peer | unknown
+    behind_snapshots: int = 0
+    behind_bytes: int = 0
+    last_sync: float | None = None  # unix time of the last finished round set
+    last_error: str | None = None
+    notices: list[str] = field(default_factory=list)
+    rounds: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"vm": self.vm, "peer": self.peer, "state": self.state,
+                "behind": {"snapshots": self.behind_snapshots, "bytes": self.behind_bytes},
+                "last_sync": self.last_sync, "last_error": self.last_error,
+                "notices": self.notices}
+
+
+class Replicator:
+    def __init__(self, zone: Zone, links: PeerLinks) -> None:
+        self.zone = zone
+        self.links = links
+        self.log = zone.log
+        self.states: dict[str, VmState] = {}
+        self._vm_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._dirty: set[str] = set()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._lag: dict[str, tuple[int, int]] = {}
+
+    @property
+    def me(self) -> str:
+        return self.zone.config.uuid
+
+    # -- one VM --------------------------------------------------------------------
+
+    async def sync_vm(self, vm: str, peer_uuid: str | None = None) -> VmState:
+        """Reconcile ``vm`` with its peer (or ``peer_uuid``) until in step or failing."""
+        peer = self.links.get(peer_uuid) if peer_uuid else self.links.partner_of(vm)
+        st = self.states.setdefault(vm, VmState(vm, peer.uuid if peer else None))
+        if peer is None:
+            st.state, st.last_error = "no_peer", "no peer zone is configured"
+            return st
+        st.peer = peer.uuid
+        async with self._vm_locks[vm]:
+            try:
+                async for attempt in AsyncRetrying(
+                        retry=retry_if_exception(unreachable), stop=stop_after_attempt(3),
+                        wait=wait_exponential(multiplier=0.2, max=5), reraise=True):
+                    with attempt:
+                        await self._rounds(vm, peer, st)
+            except SnapperError as exc:
+                self._failed(st, exc)
+                if unreachable(exc):
+                    await self.links.forget(peer.uuid)
+            except (OSError, TimeoutError) as exc:
+                self._failed(st, exc)
+                await self.links.forget(peer.uuid)
+        return st
+
+    def _failed(self, st: VmState, exc: BaseException) -> None:
+        st.state = "failing"
+        st.last_error = f"{getattr(exc, 'code', type(exc).__name__)}: {exc}"
+        self.zone.metrics.reconcile_runs.labels("failed").inc()
+        self.log.warning("reconcile failed", extra={"vm": st.vm, "peer": st.peer,
+                                                    "error": st.last_error})
+
+    async def _rounds(self, vm: str, peer: Peer, st: VmState) -> None:
+        client = await self.links.client(peer.uuid)
+        store = self.zone.store
+        for _ in range(MAX_ROUNDS):
+            a, stones_a = from_document(self.me, await store.document(vm))
+            remote = await client.inventory(vm)
+            b, stones_b = from_document(peer.uuid, remote)
+            stones = [*stones_a, *stones_b]
+            in_use = self.zone.transfers.in_use(vm) | set(remote.get("in_use") or ())
+            actions = reconcile(a, b, stones, in_use)
+            notices = [x for x in actions if isinstance(x, Conflict | Defer)]
+            steps = [x for x in actions if not isinstance(x, Conflict | Defer | InSync)]
+            st.rounds += 1
+            if not steps:
+                gone = expired(a, b, stones_a)
+                if gone:
+                    await store.forget_tombstones(vm, sorted(gone))
+                self._settled(st, a, b, notices)
+                return
+            ex = Executor(self.zone, vm, peer.uuid, client)
+            try:
+                for step in steps:
+                    await ex.run(step)
+            except SnapperError as exc:
+                if _code(exc) not in _RACES:
+                    raise
+                # The other zone (its own round, or a CN push) changed the VM
+                # since we listed it: list again and plan from what is there.
+                self.log.info("reconcile step raced; planning again", extra={
+                    "vm": vm, "peer": peer.uuid, "error": str(exc)})
+            self.zone.metrics.reconcile_runs.labels("acted").inc()
+        st.state = "behind"
+        st.last_error = f"not in step after {MAX_ROUNDS} rounds (new snapshots keep coming?)"
+
+    def _settled(self, st: VmState, a: ZoneInventory, b: ZoneInventory,
+                 notices: list[Conflict | Defer]) -> None:
+        behind, size = lag(a, b)
+        st.behind_snapshots, st.behind_bytes = behind, size
+        st.notices = [f"{type(n).__name__}: {n.dataset}: "
+                      f"{n.detail if isinstance(n, Conflict) else n.reason}" for n in notices]
+        st.state = "blocked" if notices else "in_sync"
+        st.last_error = None
+        st.last_sync = time.time()
+        self.zone.metrics.reconcile_runs.labels(st.state).inc()
+        self._publish_lag(st)
+
+    def _publish_lag(self, st: VmState) -> None:
+        if st.peer is None:
+            return
+        self._lag[st.vm] = (st.behind_snapshots, st.behind_bytes)
+        per_peer: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for vm, (n, size) in self._lag.items():
+            p = self.states[vm].peer
+            if p is not None:
+                per_peer[p][0] += n
+                per_peer[p][1] += size
+        for p, (n, size) in per_peer.items():
+            self.zone.metrics.lag_snapshots.labels(p).set(n)
+            self.zone.metrics.lag_bytes.labels(p).set(size)
+
+    async def confirm_mirrored(self, vm: str, name: str, parts: Mapping[str, int]
+                               ) -> tuple[str | None, str | None]:
+        """Make the peer hold VM snapshot ``name`` with ``parts``' guids, complete.
+
+        Returns (peer uuid, None) when it does, (peer uuid or None, why not) otherwise.
+        """
+        peer = self.links.partner_of(vm)
+        if peer is None:
+            return None, "no peer zone is configured"
+        st = await self.sync_vm(vm, peer.uuid)
+        try:
+            client = await self.links.client(peer.uuid)
+            b, _ = from_document(peer.uuid, await client.inventory(vm))
+        except (SnapperError, OSError) as exc:
+            return peer.uuid, st.last_error or str(exc)
+        if snapshot_guids(b, name) == dict(parts):
+            return peer.uuid, None
+        return peer.uuid, st.last_error or "the peer does not hold the snapshot complete"
+
+    # -- the loop --------------------------------------------------------------------
+
+    def kick(self, vm: str) -> None:
+        """Reconcile ``vm`` soon (after a push or a delete), without waiting for it."""
+        self._dirty.add(vm)
+        self._wake.set()
+
+    def start(self) -> None:
+        if self._task is None and self.links.peers:
+            self._task = asyncio.create_task(self._loop(), name="replicator")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.links.close()
+
+    async def _loop(self) -> None:
+        interval = self.zone.config.reconcile_interval_ms / 1000
+        next_full = time.monotonic()
+        slots = asyncio.Semaphore(_CONCURRENCY)
+
+        async def one(vm: str) -> None:
+            async with slots:
+                try:
+                    await self.sync_vm(vm)
+                except Exception:  # a bug must not stop replication of every other VM
+                    self.log.exception("reconcile crashed", extra={"vm": vm})
+
+        while True:
+            now = time.monotonic()
+            if now >= next_full:
+                try:
+                    vms = set(await self.zone.store.vms())
+                except SnapperError as exc:
+                    self.log.warning("cannot list VMs: %s", exc)
+                    vms = set()
+                vms |= self._dirty
+                # Jitter keeps the two zones of a pair from starting rounds in lockstep.
+                next_full = now + interval * random.uniform(0.8, 1.2)
+            else:
+                vms = set(self._dirty)
+            self._dirty.clear()
+            self._wake.clear()
+            if vms:
+                await asyncio.gather(*(one(vm) for vm in sorted(vms)))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(),
+                                       max(next_full - time.monotonic(), 0.01))
+
+    def report(self) -> dict[str, Any]:
+        return {"zone": self.me,
+                "peers": [{"uuid": p.uuid, "ssh": f"{p.ssh_host}:{p.ssh_port}",
+                           "http_url": p.http_url} for p in self.links.peers],
+                "vms": [s.to_json() for _, s in sorted(self.states.items())]}
+
