@@ -184,6 +184,9 @@ class Store(Protocol):
         """Record ``vm -> zones`` unless it is placed already; the placement in force."""
         ...
     async def set_sizes(self, sizes: dict[str, int]) -> None: ...
+    async def reassign(self, vm: str, expected: tuple[str, str], new: tuple[str, str]) -> None:
+        """Placement ``expected -> new`` with no move: only for a VM with no data yet."""
+        ...
 
     async def add_moves(self, moves: Sequence[Move], now: float) -> list[MoveRecord]: ...
     async def moves(self, states: Iterable[MoveState] | None = None) -> list[MoveRecord]: ...
@@ -502,20 +505,26 @@ class SqliteStore:
                    (str(m.state), None if m.step is None else str(m.step), m.progress,
                     m.error, m.attempts, m.updated, m.started, m.finished, m.id))
 
-    async def switch_placement(self, move_id: int, vm: str, expected: tuple[str, str],
-                               new: tuple[str, str], now: float) -> MoveRecord:
+    @staticmethod
+    def _cas_placement(db: sqlite3.Connection, vm: str, expected: tuple[str, str],
+                       new: tuple[str, str]) -> None:
         if new[0] == new[1]:
             raise ValueError(f"vm {vm}: both copies on zone {new[0]}")
+        row = db.execute("SELECT primary_zone, mirror_zone FROM placement WHERE vm=?",
+                         (vm,)).fetchone()
+        current = None if row is None else (row[0], row[1])
+        if current != expected:
+            raise PlacementConflict(f"vm {vm}: placement is {current}, expected {expected}")
+        db.execute("UPDATE placement SET primary_zone=?, mirror_zone=? WHERE vm=?",
+                   (new[0], new[1], vm))
 
+    async def reassign(self, vm: str, expected: tuple[str, str], new: tuple[str, str]) -> None:
+        await self._txn(lambda db: self._cas_placement(db, vm, expected, new))
+
+    async def switch_placement(self, move_id: int, vm: str, expected: tuple[str, str],
+                               new: tuple[str, str], now: float) -> MoveRecord:
         def fn(db: sqlite3.Connection) -> MoveRecord:
-            row = db.execute("SELECT primary_zone, mirror_zone FROM placement WHERE vm=?",
-                             (vm,)).fetchone()
-            current = None if row is None else (row[0], row[1])
-            if current != expected:
-                raise PlacementConflict(f"vm {vm}: placement is {current}, the move expected "
-                                        f"{expected}")
-            db.execute("UPDATE placement SET primary_zone=?, mirror_zone=? WHERE vm=?",
-                       (new[0], new[1], vm))
+            self._cas_placement(db, vm, expected, new)
             m = replace(self._get_move(db, move_id), step=MoveStep.DELETE, updated=now)
             self._write_move(db, m)
             return m

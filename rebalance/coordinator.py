@@ -1,0 +1,751 @@
+"""``snapper-coordinator --config FILE``: zone registry, placement, moves (HTTP API).
+
+Routes (JSON; errors are ``{"code", "message"}`` with a matching status, as
+snapperd's)::
+
+    GET    /ping                      {"ping": "pong", "zones": n, "vms": n}
+    POST   /v1/zones                  register/update, idempotent by uuid: body {uuid, name,
+                                      ssh_host, ssh_port, http_url, host_key, capacity}
+                                      -> 201 (new) or 200, the zone
+    GET    /v1/zones                  {"zones": [zone]}
+    GET    /v1/zones/{uuid}           zone
+    PUT    /v1/zones/{uuid}/state     {"state": "active"|"draining"|"lost"} -> zone
+    DELETE /v1/zones/{uuid}           204; 409 ZoneNotEmpty while it holds a VM copy
+    GET    /v1/placement/{vm}         {"vm", "zones": [primary, mirror],
+                                       "endpoints": [{uuid, ssh_host, ssh_port, http_url,
+                                                      host_key}, ...]}
+    GET    /v1/moves[?state=S]        {"moves": [move]}
+    POST   /v1/rebalance?dry_run=B    {"dry_run", "moves", "moved_bytes", "projected",
+                                       "warnings", "degraded"}
+    GET    /v1/status                 fleet summary (``snapper status``)
+    GET    /metrics                   Prometheus text
+
+A zone is ``{uuid, name, ssh_host, ssh_port, http_url, host_key, capacity,
+used, free, state, health, vms, last_seen, suspect_since}``.
+
+Exit status as snapperd's: 0 after SIGTERM/SIGINT, 2 for a bad config or
+arguments, 1 otherwise.  Logs are bunyan JSON lines on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import tomllib
+import uuid as _uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
+
+import asyncssh
+from aiohttp import web
+
+from rebalance.health import HealthChecker, HealthSettings
+from rebalance.metrics import CONTENT_TYPE_LATEST, CoordinatorMetrics
+from rebalance.mover import Mover, MoverSettings
+from rebalance.placement import VmInfo, ZoneInfo, ZoneState, hrw_ranking, plan
+from rebalance.store import (
+    MoveState,
+    PlacementConflict,
+    SqliteStore,
+    Store,
+    ZoneNotEmpty,
+    ZoneNotFound,
+    ZoneRecord,
+    ZoneRegistration,
+)
+from rebalance.zoneclient import HttpZoneApi, InventoryVm, SnapshotView, ZoneApi
+from snapper_zone.config import ConfigError
+from snapper_zone.daemon import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    StartupError,
+    write_atomically,
+)
+from snapper_zone.errors import SnapperError
+from snapper_zone.log import parse_level, setup_logging
+from snapper_zone.names import check_uuid
+
+__all__ = ["COORDINATOR", "Coordinator", "CoordinatorConfig", "load_config", "main",
+           "make_app", "order_holders", "parse_config"]
+
+log = logging.getLogger("snapper.coordinator")
+
+HTTP_DRAIN = 5.0
+
+
+class InvalidArgument(SnapperError):
+    code = "InvalidArgument"
+    http_status = 422
+
+
+class NotEnoughZones(SnapperError):
+    code = "NotEnoughZones"
+    http_status = 503
+
+
+# -- config -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    host: str = "127.0.0.1"
+    port: int = 8480
+    store: Path = Path("/var/db/snapper/coordinator.db")
+    health_interval: float = 10.0
+    health_timeout: float = 5.0
+    lost_after: float = 300.0
+    per_zone: int = 2
+    max_attempts: int = 5
+    retry_delay: float = 10.0
+    sync_timeout: float = 6 * 3600.0
+    auto_rebalance: bool = True
+    settle: float = 30.0
+    rebalance_interval: float = 600.0
+
+
+_SCHEMA: dict[str, dict[str, tuple[str, type, float]]] = {
+    # table -> field -> (attribute, type, lowest value)
+    "listen": {"host": ("host", str, 0), "port": ("port", int, 0)},
+    "health": {"interval": ("health_interval", float, 0.01),
+               "timeout": ("health_timeout", float, 0.01),
+               "lost_after": ("lost_after", float, 0)},
+    "moves": {"per_zone": ("per_zone", int, 1), "max_attempts": ("max_attempts", int, 1),
+              "retry_delay": ("retry_delay", float, 0), "sync_timeout": ("sync_timeout", float, 1)},
+    "rebalance": {"auto": ("auto_rebalance", bool, 0), "settle": ("settle", float, 0),
+                  "interval": ("rebalance_interval", float, 1)},
+}
+
+
+def parse_config(data: Mapping[str, object], source: str = "<config>",
+                 base: Path | None = None) -> CoordinatorConfig:
+    """Every problem is a ConfigError naming the file and the dotted field."""
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "store":
+            if not isinstance(value, str) or not value:
+                raise ConfigError(source, "store", "must be a non-empty path")
+            path = Path(value)
+            values["store"] = path if path.is_absolute() or base is None else base / path
+            continue
+        fields = _SCHEMA.get(key)
+        if fields is None:
+            raise ConfigError(source, key, "unknown field (known: store, "
+                              + ", ".join(_SCHEMA) + ")")
+        if not isinstance(value, dict):
+            raise ConfigError(source, key, "must be a table")
+        for name, v in value.items():
+            where = f"{key}.{name}"
+            if name not in fields:
+                raise ConfigError(source, where, f"unknown field (known: {', '.join(fields)})")
+            attr, kind, lowest = fields[name]
+            if kind is bool:
+                if not isinstance(v, bool):
+                    raise ConfigError(source, where, "must be true or false")
+            elif kind is str:
+                if not isinstance(v, str) or not v:
+                    raise ConfigError(source, where, "must be a non-empty string")
+            elif isinstance(v, bool) or not isinstance(v, int | float) or (
+                    kind is int and not isinstance(v, int)):
+                what = "an integer" if kind is int else "a number"
+                raise ConfigError(source, where, f"must be {what}")
+            elif v < lowest:
+                raise ConfigError(source, where, f"must be >= {lowest:g}")
+            values[attr] = kind(v)
+    if not 0 <= values.get("port", 0) <= 65535:
+        raise ConfigError(source, "listen.port", "must be 0-65535 (0: any free port)")
+    return CoordinatorConfig(**values)
+
+
+def load_config(path: str | Path) -> CoordinatorConfig:
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except OSError as e:
+        raise ConfigError(str(p), "", f"cannot read: {e.strerror or e}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(str(p), "", f"invalid TOML: {e}") from e
+    return parse_config(data, str(p), p.parent)
+
+
+# -- the coordinator ------------------------------------------------------------------
+
+
+def _registration(body: object) -> ZoneRegistration:
+    if not isinstance(body, dict):
+        raise InvalidArgument("body must be a JSON object")
+    want = ("uuid", "name", "ssh_host", "ssh_port", "http_url", "host_key", "capacity")
+    if missing := [k for k in want if k not in body]:
+        raise InvalidArgument(f"missing fields: {', '.join(missing)}")
+    if extra := sorted(set(body) - set(want)):
+        raise InvalidArgument(f"unknown fields: {', '.join(extra)}")
+    zone = check_uuid(body["uuid"], "zone uuid")
+    for k in ("name", "ssh_host", "http_url", "host_key"):
+        if not isinstance(body[k], str) or not body[k].strip():
+            raise InvalidArgument(f"{k} must be a non-empty string")
+    port, cap = body["ssh_port"], body["capacity"]
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise InvalidArgument("ssh_port must be an integer 1-65535")
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
+        raise InvalidArgument("capacity must be an integer >= 0")
+    url = urlsplit(body["http_url"])
+    if url.scheme not in ("http", "https") or not url.hostname or url.path not in ("", "/"):
+        raise InvalidArgument("http_url must be http(s)://HOST[:PORT]")
+    try:
+        asyncssh.import_public_key(body["host_key"])
+    except (asyncssh.KeyImportError, ValueError) as e:
+        raise InvalidArgument(f"host_key is not an OpenSSH public key line: {e}") from e
+    return ZoneRegistration(uuid=zone, name=body["name"].strip(), ssh_host=body["ssh_host"],
+                            ssh_port=port, http_url=body["http_url"].rstrip("/"),
+                            host_key=body["host_key"].strip(), capacity=cap)
+
+
+def _zone_info(z: ZoneRecord, held: int) -> ZoneInfo:
+    used = z.used if z.used is not None else held
+    free = z.free if z.free is not None else max(z.capacity - used, 0)
+    return ZoneInfo(z.uuid, z.state, z.capacity, used, free)
+
+
+def order_holders(vm: str, holders: Mapping[str, Sequence[SnapshotView]],
+                  zones: Sequence[ZoneRecord]) -> list[str]:
+    """The zones holding a copy of ``vm``, the one to be its primary first.
+
+    Rebuilding placement after the store is lost: the primary is the zone the
+    CN pushed the newest complete snapshot to (source ``cn:...``), the mirror
+    one received it from a zone; then the copy with more complete snapshots,
+    then the hash ranking.  Zones that cannot take copies (lost, draining) go last.
+    """
+    rank = {z: i for i, z in enumerate(hrw_ranking(vm, [_zone_info(r, 0) for r in zones]))}
+    eligible = {z.uuid for z in zones if z.state is ZoneState.ACTIVE}
+
+    def key(zone: str) -> tuple[int, int, int, int]:
+        done = [s for s in holders[zone] if s.complete]
+        newest = max(done, key=lambda s: (s.created, s.name), default=None)
+        pushed = newest is not None and (newest.source or "").startswith("cn:")
+        return (zone not in eligible, not pushed, -len(done), rank.get(zone, len(rank)))
+
+    return sorted(holders, key=key)
+
+
+class Coordinator:
+    def __init__(self, store: Store, api: ZoneApi, config: CoordinatorConfig,
+                 metrics: CoordinatorMetrics | None = None) -> None:
+        self.store = store
+        self.api = api
+        self.config = config
+        self.metrics = metrics or CoordinatorMetrics()
+        self.mover = Mover(store, api, MoverSettings(
+            per_zone=config.per_zone, max_attempts=config.max_attempts,
+            retry_delay=config.retry_delay), self.metrics)
+        self.health = HealthChecker(store, api, HealthSettings(
+            interval=config.health_interval, timeout=config.health_timeout,
+            lost_after=config.lost_after), on_lost=self._zone_lost, metrics=self.metrics)
+        self._plan_lock = asyncio.Lock()
+        self._place_lock = asyncio.Lock()
+        self._trigger = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- background work --
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self.mover.run(), name="mover"),
+                       asyncio.create_task(self.health.run(), name="health")]
+        if self.config.auto_rebalance:
+            self._tasks.append(asyncio.create_task(self._auto(), name="auto-rebalance"))
+            self.trigger()
+        self.mover.kick()  # resume the moves a previous run left running
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    def trigger(self) -> None:
+        """The zone set changed: plan again once it has settled."""
+        self._trigger.set()
+
+    async def _auto(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._trigger.wait(), self.config.rebalance_interval)
+            # Settle: zones (re)registering together, say after a rebuild, make one plan.
+            while True:
+                self._trigger.clear()
+                try:
+                    await asyncio.wait_for(self._trigger.wait(), self.config.settle)
+                except TimeoutError:
+                    break
+            try:
+                await self.rebalance(dry_run=False)
+            except Exception:
+                log.exception("automatic rebalance failed")
+
+    async def _zone_lost(self, z: ZoneRecord) -> None:
+        self.trigger()
+
+    # -- zones --
+
+    async def register(self, body: object) -> tuple[ZoneRecord, bool]:
+        reg = _registration(body)
+        z, created = await self.store.upsert_zone(reg, time.time())
+        log.info("zone registered" if created else "zone updated",
+                 extra={"zone": z.uuid, "zone_name": z.name, "capacity": z.capacity})
+        if created:
+            self.trigger()
+        return z, created
+
+    async def zone(self, uuid: str) -> ZoneRecord:
+        z = await self.store.zone(check_uuid(uuid, "zone uuid"))
+        if z is None:
+            raise ZoneNotFound(f"zone {uuid} is not registered")
+        return z
+
+    async def set_state(self, uuid: str, body: object) -> ZoneRecord:
+        state = body.get("state") if isinstance(body, dict) else None
+        if state not in ("active", "draining", "lost"):
+            raise InvalidArgument('body must be {"state": "active"|"draining"|"lost"}')
+        old = await self.zone(uuid)
+        z = await self.store.set_zone_state(old.uuid, ZoneState(state))
+        log.info("zone state set", extra={"zone": z.uuid, "from": str(old.state),
+                                          "to": str(z.state)})
+        if z.state is not old.state:
+            self.trigger()
+        return z
+
+    async def remove(self, uuid: str) -> None:
+        z = await self.zone(uuid)
+        if z.state is not ZoneState.LOST:
+            # The placement may not know of a copy (a rolled-back move's leftovers):
+            # ask the zone itself, when it answers.
+            try:
+                held = await self.api.list_vms(z.http_url)
+            except SnapperError:
+                held = []  # unreachable: the placement alone decides
+            if held:
+                raise ZoneNotEmpty(f"zone {uuid} still holds {len(held)} VMs; drain it first")
+        await self.store.delete_zone(z.uuid)
+        log.info("zone removed", extra={"zone": uuid, "zone_name": z.name})
+
+    async def zones_json(self) -> list[dict[str, Any]]:
+        zones = await self.store.zones()
+        placements = await self.store.placements()
+        sizes = await self.store.vm_sizes()
+        count: Counter[str] = Counter()
+        held: Counter[str] = Counter()
+        for vm, pair in placements.items():
+            for z in pair:
+                count[z] += 1
+                held[z] += sizes.get(vm, 0)
+        return [self._zone_json(z, count[z.uuid], held[z.uuid]) for z in zones]
+
+    @staticmethod
+    def _zone_json(z: ZoneRecord, vms: int, held: int) -> dict[str, Any]:
+        info = _zone_info(z, held)
+        return {**z.endpoint(), "name": z.name, "capacity": z.capacity, "used": info.used,
+                "free": info.free, "state": str(z.state), "health": z.health, "vms": vms,
+                "last_seen": z.last_seen, "suspect_since": z.suspect_since}
+
+    async def zone_json(self, z: ZoneRecord) -> dict[str, Any]:
+        [out] = [j for j in await self.zones_json() if j["uuid"] == z.uuid] or [
+            self._zone_json(z, 0, 0)]
+        return out
+
+    # -- placement --
+
+    async def placement(self, vm: str) -> tuple[tuple[str, str], dict[str, ZoneRecord]]:
+        vm = check_uuid(vm, "VM uuid")
+        pair = await self.store.placement(vm)
+        zones = {z.uuid: z for z in await self.store.zones()}
+        if pair is None:
+            async with self._place_lock:
+                pair = await self.store.placement(vm) or await self._place_new(vm, zones)
+        return pair, zones
+
+    async def _place_new(self, vm: str, zones: Mapping[str, ZoneRecord]) -> tuple[str, str]:
+        # A VM we have not seen may still be on zones (the store was lost): ask them first.
+        readable = [z for z in zones.values() if z.state is not ZoneState.LOST]
+        found = await asyncio.gather(*(self.api.snapshots(z.http_url, vm) for z in readable),
+                                     return_exceptions=True)
+        holders = {z.uuid: r for z, r in zip(readable, found, strict=True)
+                   if isinstance(r, list)}
+        pair = self._choose_pair(vm, holders, list(zones.values()))
+        got = await self.store.place(vm, pair)
+        log.info("VM placed", extra={"vm": vm, "placement": got,
+                                     "found_on": sorted(holders)})
+        return got
+
+    def _choose_pair(self, vm: str, holders: Mapping[str, Sequence[SnapshotView]],
+                     zones: Sequence[ZoneRecord]) -> tuple[str, str]:
+        chosen = order_holders(vm, holders, zones)[:2]
+        # Fill up with the hash's best active zones (free space is the planner's business).
+        for z in hrw_ranking(vm, [_zone_info(r, 0) for r in zones]):
+            if len(chosen) == 2:
+                break
+            if z not in chosen:
+                chosen.append(z)
+        if len(chosen) < 2:
+            raise NotEnoughZones(f"cannot place VM {vm}: fewer than two active zones")
+        return chosen[0], chosen[1]
+
+    async def placement_json(self, vm: str) -> dict[str, Any]:
+        pair, zones = await self.placement(vm)
+        # Pushes go to a surviving copy while the other zone is lost: survivors first.
+        ordered = sorted(pair, key=lambda z: z not in zones or zones[z].state is ZoneState.LOST)
+        return {"vm": vm, "zones": ordered,
+                "endpoints": [zones[z].endpoint() for z in ordered if z in zones]}
+
+    # -- inventory and planning --
+
+    async def inventories(self, zones: Sequence[ZoneRecord]) -> dict[str, list[InventoryVm]]:
+        """Each readable zone's ``GET /v1/vms``; zones that do not answer are left out."""
+        readable = [z for z in zones if z.state is not ZoneState.LOST]
+        got = await asyncio.gather(*(self.api.list_vms(z.http_url) for z in readable),
+                                   return_exceptions=True)
+        out = {}
+        for z, r in zip(readable, got, strict=True):
+            if isinstance(r, list):
+                out[z.uuid] = r
+            else:
+                log.warning("zone inventory unavailable", extra={"zone": z.uuid, "err_msg": str(r)})
+        return out
+
+    async def adopt_inventory(self, zones: Sequence[ZoneRecord],
+                              inv: Mapping[str, Sequence[InventoryVm]]) -> int:
+        """Place every VM the zones hold that the placement does not know (a rebuild)."""
+        placed = await self.store.placements()
+        unknown: dict[str, list[str]] = {}
+        for zone, vms in inv.items():
+            for v in vms:
+                if v.uuid not in placed and v.complete > 0:
+                    unknown.setdefault(v.uuid, []).append(zone)
+        by_id = {z.uuid: z for z in zones}
+        n = 0
+        for vm, where in sorted(unknown.items()):
+            lists = await asyncio.gather(*(self.api.snapshots(by_id[z].http_url, vm)
+                                           for z in where), return_exceptions=True)
+            holders = {z: r for z, r in zip(where, lists, strict=True) if isinstance(r, list)}
+            try:
+                pair = self._choose_pair(vm, holders, zones)
+            except NotEnoughZones:
+                continue
+            await self.store.place(vm, pair)
+            n += 1
+        if n:
+            log.info("placement adopted from the zones' inventories", extra={"vms": n})
+        return n
+
+    async def rebalance(self, dry_run: bool) -> dict[str, Any]:
+        async with self._plan_lock:
+            zones = await self.store.zones()
+            inv = await self.inventories(zones)
+            if not dry_run:
+                await self.adopt_inventory(zones, inv)
+            placements = await self.store.placements()
+            fresh: dict[str, int] = {}  # a VM's size: its largest copy now
+            for vms in inv.values():
+                for v in vms:
+                    fresh[v.uuid] = max(v.bytes, fresh.get(v.uuid, 0))
+            seen = set(fresh)
+            sizes = {**await self.store.vm_sizes(), **fresh}
+            by_id = {z.uuid: z for z in zones}
+            if not dry_run:
+                await self.store.set_sizes({vm: sizes[vm] for vm in placements if vm in sizes})
+                await self._replace_unpushed(placements, seen, by_id)
+                placements = await self.store.placements()
+            busy = {m.vm for m in await self.store.moves([MoveState.PLANNED, MoveState.RUNNING])}
+            current = {vm: pair for vm, pair in placements.items()
+                       if vm in seen and vm not in busy}
+            held: Counter[str] = Counter()
+            for vm, pair in placements.items():
+                for z in pair:
+                    held[z] += sizes.get(vm, 0)
+            p = plan([_zone_info(z, held[z.uuid]) for z in zones],
+                     [VmInfo(vm, sizes.get(vm, 0)) for vm in current], current)
+            moves: list[dict[str, Any]]
+            if dry_run or not p.moves:
+                moves = [{"vm": m.vm, "from_zone": m.from_zone, "to_zone": m.to_zone,
+                          "source": m.source, "bytes": m.bytes, "reason": m.reason}
+                         for m in p.moves]
+            else:
+                records = await self.store.add_moves(p.moves, time.time())
+                moves = [r.to_json() for r in records]
+                self.mover.kick()
+            log.info("rebalance planned", extra={
+                "dry_run": dry_run, "moves": len(p.moves), "moved_bytes": p.moved_bytes,
+                "warnings": list(p.warnings), "skipped_busy": len(busy)})
+            return {"dry_run": dry_run, "moves": moves, "moved_bytes": p.moved_bytes,
+                    "projected": p.projected, "warnings": list(p.warnings),
+                    "degraded": {vm: list(z) for vm, z in p.degraded.items()}}
+
+    async def _replace_unpushed(self, placements: Mapping[str, tuple[str, str]],
+                                seen: set[str], zones: Mapping[str, ZoneRecord]) -> None:
+        """A VM no zone holds yet has no data to move: re-place it off a zone it must leave."""
+        for vm, pair in placements.items():
+            if vm in seen or all(z in zones and zones[z].state is ZoneState.ACTIVE
+                                 for z in pair):
+                continue
+            keep = [z for z in pair if z in zones and zones[z].state is ZoneState.ACTIVE]
+            try:
+                new = self._choose_pair(vm, {z: [] for z in keep}, list(zones.values()))
+                await self.store.reassign(vm, pair, new)
+            except (NotEnoughZones, PlacementConflict):
+                continue
+
+    # -- status --
+
+    async def status(self) -> dict[str, Any]:
+        zones = {z.uuid: z for z in await self.store.zones()}
+        placements = await self.store.placements()
+        moves = await self.store.moves()
+        live = {u for u, z in zones.items() if z.state is not ZoneState.LOST}
+        under = sum(1 for pair in placements.values() if not all(z in live for z in pair))
+        copies = sum(1 for pair in placements.values() for z in pair if z in live)
+        states = Counter(str(m.state) for m in moves)
+        now = time.time()
+        return {"zones": dict(Counter(str(z.state) for z in zones.values())),
+                "vms": len(placements), "copies": copies, "under_replicated": under,
+                "moves": {s.value: states.get(s.value, 0) for s in MoveState},
+                "in_flight": [m.to_json(now) for m in moves if m.active]}
+
+    async def update_gauges(self) -> None:
+        zones = await self.store.zones()
+        self.metrics.zones.clear()
+        for (state, health), n in Counter((str(z.state), z.health) for z in zones).items():
+            self.metrics.zones.labels(state, health).set(n)
+        s = await self.status()
+        self.metrics.vms.set(s["vms"])
+        self.metrics.under_replicated.set(s["under_replicated"])
+        for state in (MoveState.PLANNED, MoveState.RUNNING):
+            self.metrics.moves_active.labels(state.value).set(s["moves"][state.value])
+
+
+# -- HTTP ---------------------------------------------------------------------------
+
+COORDINATOR = web.AppKey("coordinator", Coordinator)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_HTTP_CODES = {400: "BadRequest", 404: "ResourceNotFound", 405: "MethodNotAllowed",
+               413: "RequestEntityTooLarge", 415: "UnsupportedMediaType"}
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"code": code, "message": message}, status=status)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    req_id = str(_uuid.uuid4())
+    start = time.monotonic()
+    response: web.StreamResponse
+    try:
+        response = await handler(request)
+    except SnapperError as e:
+        if e.http_status >= 500:
+            log.error("request failed: %s", e.message, extra={"req_id": req_id, "code": e.code})
+        response = _error(e.http_status, e.code, e.message)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        response = _error(e.status, _HTTP_CODES.get(e.status, "HttpError"),
+                          f"{request.method} {request.path}: {e.reason}")
+    except Exception:
+        log.exception("unexpected error handling request",
+                      extra={"req_id": req_id, "method": request.method, "url": request.path_qs})
+        response = _error(500, "InternalError", f"internal error (request {req_id})")
+    response.headers["x-request-id"] = req_id
+    log.info("handled request", extra={
+        "req_id": req_id, "method": request.method, "url": request.path_qs,
+        "status": response.status, "latency_ms": round((time.monotonic() - start) * 1000, 3)})
+    return response
+
+
+async def _body(request: web.Request) -> object:
+    try:
+        return await request.json()
+    except ValueError as e:
+        raise InvalidArgument(f"body is not JSON: {e}") from e
+
+
+def _flag(request: web.Request, name: str, default: str) -> bool:
+    value = request.query.get(name, default).lower()
+    if value not in ("true", "false", "1", "0"):
+        raise InvalidArgument(f"invalid {name} {value!r}: expected true or false")
+    return value in ("true", "1")
+
+
+async def ping(request: web.Request) -> web.Response:
+    c = request.app[COORDINATOR]
+    zones = await c.store.zones()
+    return web.json_response({"ping": "pong", "zones": len(zones),
+                              "vms": len(await c.store.placements())})
+
+
+async def post_zone(request: web.Request) -> web.Response:
+    c = request.app[COORDINATOR]
+    z, created = await c.register(await _body(request))
+    return web.json_response(await c.zone_json(z), status=201 if created else 200)
+
+
+async def list_zones(request: web.Request) -> web.Response:
+    return web.json_response({"zones": await request.app[COORDINATOR].zones_json()})
+
+
+async def get_zone(request: web.Request) -> web.Response:
+    c = request.app[COORDINATOR]
+    return web.json_response(await c.zone_json(await c.zone(request.match_info["uuid"])))
+
+
+async def put_state(request: web.Request) -> web.Response:
+    c = request.app[COORDINATOR]
+    z = await c.set_state(request.match_info["uuid"], await _body(request))
+    return web.json_response(await c.zone_json(z))
+
+
+async def delete_zone(request: web.Request) -> web.Response:
+    await request.app[COORDINATOR].remove(request.match_info["uuid"])
+    return web.Response(status=204)
+
+
+async def get_placement(request: web.Request) -> web.Response:
+    c = request.app[COORDINATOR]
+    return web.json_response(await c.placement_json(request.match_info["vm"]))
+
+
+async def list_moves(request: web.Request) -> web.Response:
+    c = request.app[COORDINATOR]
+    wanted = request.query.getall("state", [])
+    try:
+        states = [MoveState(s) for s in wanted] or None
+    except ValueError as e:
+        raise InvalidArgument(f"state: {e}") from e
+    now = time.time()
+    return web.json_response({"moves": [m.to_json(now) for m in await c.store.moves(states)]})
+
+
+async def post_rebalance(request: web.Request) -> web.Response:
+    c = request.app[COORDINATOR]
+    return web.json_response(await c.rebalance(_flag(request, "dry_run", "false")))
+
+
+async def get_status(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[COORDINATOR].status())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    c = request.app[COORDINATOR]
+    await c.update_gauges()
+    return web.Response(body=c.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def make_app(coordinator: Coordinator) -> web.Application:
+    app = web.Application(middlewares=[_errors])
+    app[COORDINATOR] = coordinator
+    r = app.router
+    r.add_get("/ping", ping)
+    r.add_post("/v1/zones", post_zone)
+    r.add_get("/v1/zones", list_zones)
+    r.add_get("/v1/zones/{uuid}", get_zone)
+    r.add_put("/v1/zones/{uuid}/state", put_state)
+    r.add_delete("/v1/zones/{uuid}", delete_zone)
+    r.add_get("/v1/placement/{vm}", get_placement)
+    r.add_get("/v1/moves", list_moves)
+    r.add_post("/v1/rebalance", post_rebalance)
+    r.add_get("/v1/status", get_status)
+    r.add_get("/metrics", metrics)
+    return app
+
+
+# -- daemon -------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        raise StartupError(f"{self.prog}: {message}", EXIT_USAGE)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="snapper-coordinator", description="Snapper coordinator: zone registry, "
+                "placement of each VM on two zones, health checks and moves.")
+    p.add_argument("--config", required=True, metavar="FILE", help="coordinator config (TOML)")
+    p.add_argument("--log-level", default="info",
+                   help="trace, debug, info, warn, error or fatal (default: info)")
+    p.add_argument("--ready-file", type=Path, metavar="PATH",
+                   help='once listening, write {"pid", "http_port"} here (atomically)')
+    return p
+
+
+async def serve(config: CoordinatorConfig, args: argparse.Namespace) -> int:
+    try:
+        config.store.parent.mkdir(parents=True, exist_ok=True)
+        store = SqliteStore(config.store)
+    except (OSError, RuntimeError) as e:
+        raise StartupError(f"store {config.store}: {e}", EXIT_USAGE) from e
+    api = HttpZoneApi(request_timeout=max(config.health_timeout, 30.0),
+                      sync_timeout=config.sync_timeout)
+    coordinator = Coordinator(store, api, config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner = web.AppRunner(make_app(coordinator), access_log=None, shutdown_timeout=HTTP_DRAIN)
+    try:
+        await runner.setup()
+        await web.TCPSite(runner, config.host, config.port).start()
+        port = int(runner.addresses[0][1])
+        coordinator.start()
+        log.info("snapper-coordinator started", extra={
+            "http_host": config.host, "http_port": port, "store": str(config.store)})
+        if args.ready_file is not None:
+            write_atomically(args.ready_file,
+                             json.dumps({"pid": os.getpid(), "http_port": port}).encode() + b"\n")
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await runner.cleanup()
+        # Moves in flight stop here; each resumes from its persisted step next start.
+        await coordinator.stop()
+        await api.close()
+        await store.close()
+    log.info("stopped")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        try:
+            level = parse_level(args.log_level)
+        except ValueError as e:
+            raise StartupError(f"snapper-coordinator: --log-level: {e}", EXIT_USAGE) from e
+        try:
+            config = load_config(args.config)
+        except ConfigError as e:
+            raise StartupError(f"snapper-coordinator: config error: {e}", EXIT_USAGE) from e
+    except StartupError as e:
+        print(e, file=sys.stderr)
+        return e.status
+    setup_logging("snapper-coordinator", level)
+    try:
+        return asyncio.run(serve(config, args))
+    except StartupError as e:
+        log.critical(str(e))
+        return e.status
+    except Exception:
+        log.critical("snapper-coordinator cannot run", exc_info=True)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

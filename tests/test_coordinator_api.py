@@ -1,0 +1,450 @@
+"""The coordinator's HTTP API through real aiohttp servers on 127.0.0.1.
+
+The zones are in-memory stand-ins speaking snapperd's HTTP contract (inventory,
+snapshots, sync to a peer, delete), each on its own port, so the coordinator's
+HTTP zone client, planner and mover run end to end without ZFS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncssh
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from rebalance.coordinator import (
+    Coordinator,
+    CoordinatorConfig,
+    load_config,
+    make_app,
+    parse_config,
+)
+from rebalance.store import SqliteStore
+from rebalance.zoneclient import HttpZoneApi
+from snapper_zone import proc
+from snapper_zone.config import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+HOST_KEY = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+ZONES = [f"00000000-0000-4000-8000-00000000000{i}" for i in range(1, 6)]
+VMS = [f"74c59c61-4559-4ca2-b1ef-0ca22f2f93{i:02x}" for i in range(12)]
+GIB = 1 << 30
+
+
+def snap(vm: str, i: int, source: str) -> dict[str, Any]:
+    return {"vm": vm, "name": f"s{i}", "complete": True, "created": 1000 + i, "size": 10,
+            "source": source,
+            "datasets": {"root": {"dataset": "root", "guid": f"{vm[-4:]}{i}", "createtxg": i,
+                                  "used": 10, "referenced": 10}}}
+
+
+class StandIn:
+    """One zone's HTTP API, in memory: vm -> snapshot JSON list."""
+
+    def __init__(self, fleet: Fleet, uuid: str) -> None:
+        self.fleet = fleet
+        self.uuid = uuid
+        self.vms: dict[str, list[dict[str, Any]]] = {}
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+        self.syncs = 0
+
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        app = web.Application()
+        r = app.router
+        r.add_get("/ping", self.ping)
+        r.add_get("/v1/vms", self.list_vms)
+        r.add_get("/v1/vms/{vm}/snapshots", self.snapshots)
+        r.add_post("/v1/vms/{vm}/sync", self.sync)
+        r.add_delete("/v1/vms/{vm}", self.delete)
+        r.add_get("/v1/capacity", self.capacity)
+        r.add_get("/v1/transfers", self.transfers)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+        self.port = int(self.runner.addresses[0][1])
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+    async def ping(self, _: web.Request) -> web.Response:
+        return web.json_response({"ping": "pong"})
+
+    async def capacity(self, _: web.Request) -> web.Response:
+        return web.json_response({"used": 0, "available": 1 << 50})
+
+    async def transfers(self, _: web.Request) -> web.Response:
+        return web.json_response([])
+
+    def _missing(self, vm: str) -> web.Response:
+        return web.json_response({"code": "ResourceNotFound", "message": f"no {vm}"}, status=404)
+
+    async def list_vms(self, _: web.Request) -> web.Response:
+        return web.json_response([{"uuid": vm, "cn": None, "snapshots": len(s), "complete": len(s),
+                                   "bytes": GIB} for vm, s in sorted(self.vms.items())])
+
+    async def snapshots(self, request: web.Request) -> web.Response:
+        vm = request.match_info["vm"]
+        return web.json_response(self.vms[vm]) if vm in self.vms else self._missing(vm)
+
+    async def sync(self, request: web.Request) -> web.Response:
+        vm = request.match_info["vm"]
+        peer = (await request.json())["peer"]
+        if vm not in self.vms:
+            return self._missing(vm)
+        self.syncs += 1
+        self.fleet.zones[peer].vms[vm] = [{**s, "source": f"zone:{self.uuid}"}
+                                          for s in self.vms[vm]]
+        return web.json_response({"vm": vm, "peer": peer, "state": "in_sync"})
+
+    async def delete(self, request: web.Request) -> web.Response:
+        vm = request.match_info["vm"]
+        return web.Response(status=204) if self.vms.pop(vm, None) else self._missing(vm)
+
+
+class Fleet:
+    def __init__(self) -> None:
+        self.zones: dict[str, StandIn] = {}
+
+    async def add(self, uuid: str) -> StandIn:
+        z = self.zones[uuid] = StandIn(self, uuid)
+        await z.start()
+        return z
+
+    def holders(self, vm: str) -> set[str]:
+        return {u for u, z in self.zones.items() if vm in z.vms and z.runner is not None}
+
+    def push(self, vm: str, pair: list[str]) -> None:
+        """A CN pushes three snapshots to the primary, which mirrors them."""
+        self.zones[pair[0]].vms[vm] = [snap(vm, i, "cn:cn1") for i in range(3)]
+        self.zones[pair[1]].vms[vm] = [snap(vm, i, f"zone:{pair[0]}") for i in range(3)]
+
+
+class Env:
+    def __init__(self, tmp_path: Path, fleet: Fleet) -> None:
+        self.tmp_path = tmp_path
+        self.fleet = fleet
+        self.config = CoordinatorConfig(store=tmp_path / "c.db", health_interval=3600,
+                                        auto_rebalance=False, retry_delay=0.05)
+        self.store = SqliteStore(self.config.store)
+        self.api = HttpZoneApi(request_timeout=5)
+        self.coordinator = Coordinator(self.store, self.api, self.config)
+        self.server = TestServer(make_app(self.coordinator), host="127.0.0.1")
+        self.http = aiohttp.ClientSession()
+
+    async def start(self) -> Env:
+        await self.server.start_server()
+        return self
+
+    async def close(self) -> None:
+        await self.coordinator.stop()
+        await self.http.close()
+        await self.server.close()
+        await self.api.close()
+        await self.store.close()
+
+    async def call(self, method: str, path: str, body: object = None,
+                   status: int = 200) -> Any:
+        async with self.http.request(method, str(self.server.make_url(path)), json=body) as r:
+            text = await r.text()
+            assert r.status == status, f"{method} {path}: {r.status} {text}"
+            return json.loads(text) if text else None
+
+    async def register(self, uuid: str, capacity: int = 100 * GIB, status: int = 201) -> Any:
+        z = self.fleet.zones[uuid]
+        return await self.call("POST", "/v1/zones", {
+            "uuid": uuid, "name": f"z{uuid[-1]}", "ssh_host": "127.0.0.1", "ssh_port": 2222,
+            "http_url": z.url(), "host_key": HOST_KEY, "capacity": capacity}, status)
+
+    async def moves_finished(self, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """Poll ``GET /v1/moves`` until no move is planned or running."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            moves: list[dict[str, Any]] = (await self.call("GET", "/v1/moves"))["moves"]
+            if all(m["state"] in ("done", "failed") for m in moves):
+                return moves
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"moves still active: {moves}")
+            await asyncio.sleep(0.02)
+
+    async def placement(self, vm: str) -> list[str]:
+        got: list[str] = (await self.call("GET", f"/v1/placement/{vm}"))["zones"]
+        return got
+
+
+@pytest.fixture
+async def fleet() -> AsyncIterator[Fleet]:
+    f = Fleet()
+    yield f
+    for z in f.zones.values():
+        await z.stop()
+
+
+@pytest.fixture
+async def env(tmp_path: Path, fleet: Fleet) -> AsyncIterator[Env]:
+    e = await Env(tmp_path, fleet).start()
+    yield e
+    await e.close()
+
+
+async def fleet_of(env: Env, n: int) -> None:
+    for z in ZONES[:n]:
+        await env.fleet.add(z)
+        await env.register(z)
+
+
+async def push_all(env: Env, vms: list[str]) -> None:
+    for vm in vms:
+        env.fleet.push(vm, await env.placement(vm))
+
+
+async def placements(env: Env) -> dict[str, list[str]]:
+    return {vm: await env.placement(vm) for vm in VMS}
+
+
+def assert_two_copies(env: Env, placement: dict[str, list[str]]) -> None:
+    for vm, pair in placement.items():
+        assert env.fleet.holders(vm) == set(pair), vm
+        a, b = (env.fleet.zones[z].vms[vm] for z in pair)
+        assert [(s["name"], s["datasets"]) for s in a] == [(s["name"], s["datasets"]) for s in b]
+
+
+# -- registry -------------------------------------------------------------------------
+
+
+async def test_ping_and_register_is_idempotent(env: Env) -> None:
+    assert (await env.call("GET", "/ping"))["ping"] == "pong"
+    await env.fleet.add(ZONES[0])
+    first = await env.register(ZONES[0])
+    again = await env.register(ZONES[0], capacity=50 * GIB, status=200)
+    assert again["capacity"] == 50 * GIB and again["state"] == first["state"] == "active"
+    zones = (await env.call("GET", "/v1/zones"))["zones"]
+    assert [z["uuid"] for z in zones] == [ZONES[0]]
+    assert set(zones[0]) >= {"uuid", "name", "ssh_host", "ssh_port", "http_url", "host_key",
+                             "capacity", "used", "free", "state", "health", "vms"}
+    assert zones[0]["health"] == "unknown" and zones[0]["vms"] == 0
+    assert await env.call("GET", f"/v1/zones/{ZONES[0]}") == zones[0]
+
+
+@pytest.mark.parametrize("change, word", [
+    ({"uuid": "not-a-uuid"}, "uuid"), ({"host_key": "ssh-ed25519 garbage"}, "host_key"),
+    ({"ssh_port": 0}, "ssh_port"), ({"capacity": -1}, "capacity"),
+    ({"http_url": "ftp://x"}, "http_url"), ({"extra": 1}, "unknown fields"),
+])
+async def test_register_refuses_bad_bodies(env: Env, change: dict[str, Any], word: str) -> None:
+    body = {"uuid": ZONES[0], "name": "z", "ssh_host": "h", "ssh_port": 22,
+            "http_url": "http://h:1", "host_key": HOST_KEY, "capacity": 1, **change}
+    err = await env.call("POST", "/v1/zones", body, 422)
+    assert err["code"] == "InvalidArgument" and word in err["message"]
+
+
+async def test_errors_are_json(env: Env) -> None:
+    assert (await env.call("GET", "/v1/nothing", status=404))["code"] == "ResourceNotFound"
+    assert (await env.call("GET", f"/v1/zones/{ZONES[0]}", status=404))["code"] == \
+        "ResourceNotFound"
+    assert (await env.call("DELETE", "/v1/moves", status=405))["code"] == "MethodNotAllowed"
+    assert (await env.call("GET", "/v1/placement/BAD", status=422))["code"] == "InvalidArgument"
+    await fleet_of(env, 1)
+    err = await env.call("PUT", f"/v1/zones/{ZONES[0]}/state", {"state": "gone"}, 422)
+    assert err["code"] == "InvalidArgument"
+    assert (await env.call("GET", f"/v1/placement/{VMS[0]}", status=503))["code"] == \
+        "NotEnoughZones"
+
+
+async def test_placement_is_stable_and_decided_once(env: Env) -> None:
+    await fleet_of(env, 3)
+    answers = await asyncio.gather(*(env.call("GET", f"/v1/placement/{VMS[0]}")
+                                     for _ in range(8)))
+    first = answers[0]
+    assert all(a == first for a in answers)
+    assert first["vm"] == VMS[0] and len(set(first["zones"])) == 2
+    assert [e["uuid"] for e in first["endpoints"]] == first["zones"]
+    assert set(first["endpoints"][0]) == {"uuid", "ssh_host", "ssh_port", "http_url", "host_key"}
+    assert first["endpoints"][0]["host_key"] == HOST_KEY
+    zones = {z["uuid"]: z for z in (await env.call("GET", "/v1/zones"))["zones"]}
+    assert [zones[z]["vms"] for z in first["zones"]] == [1, 1]
+
+
+async def test_delete_zone_refused_while_it_holds_copies(env: Env) -> None:
+    await fleet_of(env, 3)
+    pair = await env.placement(VMS[0])
+    err = await env.call("DELETE", f"/v1/zones/{pair[0]}", status=409)
+    assert err["code"] == "ZoneNotEmpty"
+    [empty] = set(ZONES[:3]) - set(pair)
+    env.fleet.zones[empty].vms["11111111-1111-4111-8111-111111111111"] = []  # unknown copy
+    assert (await env.call("DELETE", f"/v1/zones/{empty}", status=409))["code"] == "ZoneNotEmpty"
+    env.fleet.zones[empty].vms.clear()
+    await env.call("DELETE", f"/v1/zones/{empty}", status=204)
+    await env.call("GET", f"/v1/zones/{empty}", status=404)
+
+
+# -- moves ----------------------------------------------------------------------------
+
+
+async def test_adding_a_zone_moves_its_fair_share(env: Env) -> None:
+    await fleet_of(env, 3)
+    await push_all(env, VMS)
+    before = await placements(env)
+    await env.fleet.add(ZONES[3])
+    await env.register(ZONES[3])
+    dry = await env.call("POST", "/v1/rebalance?dry_run=true")
+    assert dry["dry_run"] and len(dry["moves"]) == 6
+    assert all(m["to_zone"] == ZONES[3] and m["reason"] == "rebalance" for m in dry["moves"])
+    assert (await env.call("GET", "/v1/moves"))["moves"] == []  # a dry run changes nothing
+    assert await placements(env) == before
+    env.coordinator.start()
+    run = await env.call("POST", "/v1/rebalance?dry_run=false")
+    assert not run["dry_run"] and len(run["moves"]) == 6 and all("id" in m for m in run["moves"])
+    moves = await env.moves_finished()
+    assert [m["state"] for m in moves] == ["done"] * 6
+    after = await placements(env)
+    assert_two_copies(env, after)
+    assert sum(ZONES[3] in pair for pair in after.values()) == 6  # 1/4 of 24 copies
+    again = await env.call("POST", "/v1/rebalance?dry_run=true")
+    assert again["moves"] == []
+    status = await env.call("GET", "/v1/status")
+    assert (status["vms"], status["copies"], status["under_replicated"]) == (12, 24, 0)
+    assert status["moves"]["done"] == 6 and status["in_flight"] == []
+
+
+async def test_drain_then_remove(env: Env) -> None:
+    await fleet_of(env, 4)
+    await push_all(env, VMS)
+    victim = ZONES[0]
+    held = sum(victim in pair for pair in (await placements(env)).values())
+    assert held > 0
+    zone = await env.call("PUT", f"/v1/zones/{victim}/state", {"state": "draining"})
+    assert zone["state"] == "draining"
+    await env.call("DELETE", f"/v1/zones/{victim}", status=409)
+    env.coordinator.start()
+    run = await env.call("POST", "/v1/rebalance")
+    assert sum(m["reason"] == "drain" for m in run["moves"]) == held
+    await env.moves_finished()
+    after = await placements(env)
+    assert all(victim not in pair for pair in after.values())
+    assert_two_copies(env, after)
+    assert env.fleet.zones[victim].vms == {}
+    await env.call("DELETE", f"/v1/zones/{victim}", status=204)
+
+
+async def test_lost_zone_is_repaired_from_the_survivors(env: Env) -> None:
+    await fleet_of(env, 4)
+    await push_all(env, VMS)
+    victim = ZONES[1]
+    hit = [vm for vm, pair in (await placements(env)).items() if victim in pair]
+    assert hit
+    await env.fleet.zones[victim].stop()  # dead for good
+    await env.call("PUT", f"/v1/zones/{victim}/state", {"state": "lost"})
+    status = await env.call("GET", "/v1/status")
+    assert status["under_replicated"] == len(hit)
+    for vm in hit:  # pushes go to the survivor meanwhile
+        got = await env.call("GET", f"/v1/placement/{vm}")
+        assert got["zones"][1] == victim and got["zones"][0] != victim
+    env.coordinator.start()
+    run = await env.call("POST", "/v1/rebalance")
+    assert sorted(m["vm"] for m in run["moves"] if m["reason"] == "lost") == sorted(hit)
+    await env.moves_finished()
+    after = await placements(env)
+    assert all(victim not in pair for pair in after.values())
+    assert_two_copies(env, after)
+    assert (await env.call("GET", "/v1/status"))["under_replicated"] == 0
+
+
+async def test_store_lost_placement_rebuilt_from_inventories(env: Env, tmp_path: Path) -> None:
+    await fleet_of(env, 4)
+    await push_all(env, VMS)
+    before = await placements(env)
+    plan_before = (await env.call("POST", "/v1/rebalance?dry_run=true"))["moves"]
+    # A new coordinator with an empty store; the zones register again.
+    (tmp_path / "new").mkdir()
+    fresh = await Env(tmp_path / "new", env.fleet).start()
+    try:
+        for z in ZONES[:4]:
+            await fresh.register(z)
+        # Asked one by one (a CN's first push after the loss) ...
+        assert await fresh.placement(VMS[0]) == before[VMS[0]]
+        # ... or all at once by a rebalance, which adopts every VM the zones hold.
+        run = await fresh.call("POST", "/v1/rebalance?dry_run=false")
+        assert [(m["vm"], m["from_zone"], m["to_zone"]) for m in run["moves"]] == \
+            [(m["vm"], m["from_zone"], m["to_zone"]) for m in plan_before]  # same state, same plan
+        assert await placements(fresh) == before
+    finally:
+        await fresh.close()
+
+
+async def test_moves_and_metrics_shapes(env: Env) -> None:
+    await fleet_of(env, 2)
+    await push_all(env, VMS[:4])
+    await env.fleet.add(ZONES[2])
+    await env.register(ZONES[2])
+    await env.call("POST", "/v1/rebalance")
+    [m, *_] = (await env.call("GET", "/v1/moves?state=planned"))["moves"]
+    assert set(m) >= {"id", "vm", "from_zone", "to_zone", "source", "bytes", "reason", "state",
+                      "progress", "error", "eta"}
+    assert (await env.call("GET", "/v1/moves?state=bogus", status=422))["code"] == \
+        "InvalidArgument"
+    async with env.http.get(str(env.server.make_url("/metrics"))) as r:
+        text = await r.text()
+    assert "snapper_coordinator_vms 4.0" in text
+    assert 'snapper_coordinator_moves_active{state="planned"}' in text
+
+
+# -- config and daemon ----------------------------------------------------------------
+
+
+def test_example_config_parses() -> None:
+    c = load_config(REPO / "etc" / "coordinator.example.toml")
+    assert c.host == "127.0.0.1" and c.port > 0 and c.store.is_absolute()
+    assert c.lost_after > c.health_interval and c.per_zone >= 1
+
+
+@pytest.mark.parametrize("data, field", [
+    ({"listen": {"port": 70000}}, "listen.port"),
+    ({"health": {"interval": "1"}}, "health.interval"),
+    ({"moves": {"per_zone": 0}}, "moves.per_zone"), ({"bogus": 1}, "bogus"),
+    ({"health": {"lost": 1}}, "health.lost"), ({"rebalance": {"auto": 1}}, "rebalance.auto"),
+])
+def test_bad_config_names_the_field(data: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config(data, "c.toml")
+    assert e.value.field == field
+
+
+async def test_daemon_ready_file_and_clean_stop(tmp_path: Path) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text('store = "state/c.db"\n[listen]\nport = 0\n')
+    ready = tmp_path / "ready.json"
+    daemon = proc.Daemon([sys.executable, "-m", "rebalance.coordinator", "--config", str(conf),
+                          "--ready-file", str(ready)], str(tmp_path / "log"),
+                         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while not ready.exists():
+            assert daemon.alive(), (tmp_path / "log").read_text()
+            assert loop.time() < deadline, "not ready in 30s"
+            await asyncio.sleep(0.05)
+        info = json.loads(ready.read_text())
+        assert info["pid"] == daemon.pid
+        async with aiohttp.ClientSession() as http, \
+                http.get(f"http://127.0.0.1:{info['http_port']}/ping") as r:
+            assert (await r.json())["ping"] == "pong"
+    finally:
+        status = daemon.stop(timeout=20)
+    assert status == 0
+    assert (tmp_path / "state" / "c.db").exists()
+    for line in (tmp_path / "log").read_text().splitlines():
+        assert json.loads(line)["name"] == "snapper-coordinator"
