@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "and show the whole mission, narrated (no CN settings needed)")
     demo.add_arguments(demo_p)
     demo_p.set_defaults(standalone=demo.run)
+    from rebalance import cli as coordinator_cli  # zones, zone, rebalance, status
+
+    coordinator_cli.register(sub)
 
     for sp in (push, restore):
         sp.add_argument("--progress", choices=("auto", "bar", "json", "none"), default="auto",

@@ -19,7 +19,10 @@ import asyncssh
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from hypothesis import given
+from hypothesis import strategies as st
 
+from rebalance.cli import COORDINATOR_ENV, parse_size, status_text
 from rebalance.coordinator import (
     Coordinator,
     CoordinatorConfig,
@@ -30,6 +33,7 @@ from rebalance.coordinator import (
 from rebalance.store import SqliteStore
 from rebalance.zoneclient import HttpZoneApi
 from snapper_zone import proc
+from snapper_zone.cli import main as cli_main
 from snapper_zone.config import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -448,3 +452,72 @@ async def test_daemon_ready_file_and_clean_stop(tmp_path: Path) -> None:
     assert (tmp_path / "state" / "c.db").exists()
     for line in (tmp_path / "log").read_text().splitlines():
         assert json.loads(line)["name"] == "snapper-coordinator"
+
+
+# -- the operator CLI (snapper zones|zone|rebalance|status) ----------------------------
+
+
+async def snapper(env: Env, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    """``snapper ARGV`` in a thread (it runs its own event loop) against this coordinator."""
+    url = str(env.server.make_url("/"))
+    status = await asyncio.to_thread(cli_main, [*argv, "--coordinator", url])
+    out = capsys.readouterr()
+    return status, out.out + out.err
+
+
+async def test_cli_zone_lifecycle(env: Env, capsys: pytest.CaptureFixture[str],
+                                  tmp_path: Path) -> None:
+    for z in ZONES[:3]:
+        await env.fleet.add(z)
+    pub = tmp_path / "host.pub"
+    pub.write_text(HOST_KEY + "\n")
+    for z in ZONES[:3]:
+        rc, out = await snapper(env, capsys, "zone", "add", z, "--name", f"z{z[-1]}",
+                                "--ssh-host", "127.0.0.1", "--ssh-port", "2222", "--http-url",
+                                env.fleet.zones[z].url(), "--host-key", str(pub),
+                                "--capacity", "100G")
+        assert rc == 0 and "registered" in out, out
+    rc, out = await snapper(env, capsys, "zones")
+    assert rc == 0 and "100.0 GiB" in out and out.count("active") == 3, out
+    await push_all(env, VMS[:4])
+    rc, out = await snapper(env, capsys, "rebalance", "--dry-run")
+    assert rc == 0 and out.startswith("would move "), out
+    assert (await env.call("GET", "/v1/moves"))["moves"] == []
+    rc, out = await snapper(env, capsys, "zone", "drain", ZONES[0])
+    assert rc == 0 and "is now draining" in out, out
+    rc, out = await snapper(env, capsys, "rebalance", "--dry-run")
+    assert rc == 0 and "drain" in out, out
+    rc, out = await snapper(env, capsys, "zone", "remove", ZONES[0])
+    assert rc == 1 and "ZoneNotEmpty" in out, out
+    rc, out = await snapper(env, capsys, "status")
+    assert rc == 0 and "VMs:              4 (8 live copies)" in out, out
+    assert "under-replicated: 0" in out
+    rc, out = await snapper(env, capsys, "zone", "lost", ZONES[1])
+    rc, out = await snapper(env, capsys, "status", "--json")
+    assert rc == 0 and json.loads(out)["under_replicated"] > 0
+
+
+def test_cli_without_a_coordinator_is_a_usage_error(capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(COORDINATOR_ENV, raising=False)
+    assert cli_main(["zones"]) == 2
+    assert "--coordinator" in capsys.readouterr().err
+
+
+def test_status_text_draws_progress() -> None:
+    text = status_text({"zones": {"active": 3}, "vms": 2, "copies": 3, "under_replicated": 1,
+                        "moves": {"planned": 1, "running": 1, "done": 0, "failed": 0},
+                        "in_flight": [
+                            {"vm": VMS[0], "reason": "lost", "to_zone": ZONES[0],
+                             "state": "running", "bytes": 100, "progress": 50,
+                             "started": 1.0, "step": "copy", "error": "behind"},
+                            {"vm": VMS[1], "reason": "rebalance", "to_zone": ZONES[1],
+                             "state": "planned", "bytes": 100, "progress": 0, "started": None}]})
+    assert "under-replicated: 1" in text and "50%" in text and "[#" in text
+    assert "last error: behind" in text and "planned (100 B)" in text
+
+
+@given(st.integers(0, 10**6), st.sampled_from(["", "K", "M", "G", "T", "P", "KiB", "g", "GB"]))
+def test_parse_size(n: int, suffix: str) -> None:
+    power = " KMGTP".index((suffix[:1] or " ").upper())
+    assert parse_size(f"{n}{suffix}") == n * 1024**power
