@@ -16,7 +16,7 @@ snapperd's)::
                                                       host_key}, ...]}
     GET    /v1/moves[?state=S]        {"moves": [move]}
     POST   /v1/rebalance?dry_run=B    {"dry_run", "moves", "moved_bytes", "projected",
-                                       "warnings", "degraded"}
+                                       "warnings", "degraded", "stale_copies"}
     GET    /v1/status                 fleet summary (``snapper status``)
     GET    /metrics                   Prometheus text
 
@@ -465,6 +465,7 @@ class Coordinator:
                 await self._replace_unpushed(placements, seen, by_id)
                 placements = await self.store.placements()
             busy = {m.vm for m in await self.store.moves([MoveState.PLANNED, MoveState.RUNNING])}
+            stale = await self.stale_copies(zones, inv, placements, busy, dry_run)
             current = {vm: pair for vm, pair in placements.items()
                        if vm in seen and vm not in busy}
             held: Counter[str] = Counter()
@@ -487,7 +488,63 @@ class Coordinator:
                 "warnings": list(p.warnings), "skipped_busy": len(busy)})
             return {"dry_run": dry_run, "moves": moves, "moved_bytes": p.moved_bytes,
                     "projected": p.projected, "warnings": list(p.warnings),
-                    "degraded": {vm: list(z) for vm, z in p.degraded.items()}}
+                    "degraded": {vm: list(z) for vm, z in p.degraded.items()},
+                    "stale_copies": stale}
+
+    async def stale_copies(self, zones: Sequence[ZoneRecord],
+                           inv: Mapping[str, Sequence[InventoryVm]],
+                           placements: Mapping[str, tuple[str, str]], busy: set[str],
+                           dry_run: bool) -> list[dict[str, Any]]:
+        """Copies on zones the placement does not name: discard those that hold nothing new.
+
+        They come from a lost zone set active again, or from a rolled-back move
+        whose partial copy could not be removed.  A copy is discarded only if
+        every complete snapshot on it is on one of the VM's placed copies with
+        the same guids; one holding a snapshot nobody else has (a divergent
+        tail, acked in ``local`` mode) is kept and reported, never overwritten.
+        VMs with a move planned or running are left alone: the move's target
+        holds a copy the placement does not name yet.
+        """
+        by_id = {z.uuid: z for z in zones}
+        live = {z.uuid for z in zones if z.state is not ZoneState.LOST}
+        out: list[dict[str, Any]] = []
+        for zone, vms in sorted(inv.items()):
+            for v in vms:
+                pair = placements.get(v.uuid)
+                if pair is None or zone in pair or v.uuid in busy:
+                    continue
+                placed = [z for z in pair if z in live and z in inv]
+                verdict = await self._judge_stale(by_id[zone], v.uuid,
+                                                  [by_id[z] for z in placed], dry_run)
+                out.append({"vm": v.uuid, "zone": zone, "action": verdict})
+        return out
+
+    async def _judge_stale(self, zone: ZoneRecord, vm: str, placed: Sequence[ZoneRecord],
+                           dry_run: bool) -> str:
+        try:
+            mine = await self.api.snapshots(zone.http_url, vm)
+            theirs = [await self.api.snapshots(z.http_url, vm) for z in placed]
+        except SnapperError as e:
+            return f"kept: cannot compare ({e.message})"
+        if mine is None:
+            return "gone"
+        known = {(s.name, tuple(sorted(s.guids.items()))) for copy in theirs if copy
+                 for s in copy if s.complete}
+        new = [s.name for s in mine
+               if s.complete and (s.name, tuple(sorted(s.guids.items()))) not in known]
+        if new or not any(theirs):
+            why = f"holds {len(new)} snapshots no placed copy has: {', '.join(new[:5])}" \
+                if new else "no placed copy answered"
+            log.warning("stale copy kept", extra={"vm": vm, "zone": zone.uuid, "why": why})
+            return f"kept: {why}"
+        if dry_run:
+            return "would discard"
+        try:
+            await self.api.delete_vm(zone.http_url, vm)
+        except SnapperError as e:
+            return f"kept: delete failed ({e.message})"
+        log.info("stale copy discarded", extra={"vm": vm, "zone": zone.uuid})
+        return "discarded"
 
     async def _replace_unpushed(self, placements: Mapping[str, tuple[str, str]],
                                 seen: set[str], zones: Mapping[str, ZoneRecord]) -> None:

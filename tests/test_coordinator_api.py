@@ -365,6 +365,22 @@ async def test_lost_zone_is_repaired_from_the_survivors(env: Env) -> None:
     assert all(victim not in pair for pair in after.values())
     assert_two_copies(env, after)
     assert (await env.call("GET", "/v1/status"))["under_replicated"] == 0
+    # It comes back (same data, a new port) with one snapshot nobody else has.
+    back = env.fleet.zones[victim]
+    await back.start()
+    await env.register(victim, status=200)
+    assert (await env.call("GET", f"/v1/zones/{victim}"))["state"] == "lost"
+    back.vms[hit[0]].append(snap(hit[0], 9, "cn:cn1"))  # acked in local mode, then it died
+    await env.call("PUT", f"/v1/zones/{victim}/state", {"state": "active"})
+    dry = await env.call("POST", "/v1/rebalance?dry_run=true")
+    assert {c["action"] for c in dry["stale_copies"]} >= {"would discard"}
+    assert set(back.vms) == set(hit)
+    run = await env.call("POST", "/v1/rebalance")
+    verdicts = {c["vm"]: c["action"] for c in run["stale_copies"] if c["zone"] == victim}
+    assert set(verdicts) == set(hit)
+    assert verdicts.pop(hit[0]).startswith("kept: holds 1 snapshots no placed copy has: s9")
+    assert set(verdicts.values()) == {"discarded"}
+    assert set(back.vms) == {hit[0]}  # the divergent copy is kept for the operator
 
 
 async def test_store_lost_placement_rebuilt_from_inventories(env: Env, tmp_path: Path) -> None:
