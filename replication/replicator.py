@@ -23,11 +23,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import asyncssh
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from replication.executor import Executor
 from replication.inventory import from_document, snapshot_guids
 from replication.peers import Peer, PeerLinks, unreachable
+from replication.pipeline import MirrorTee
 from replication.reconcile import (
     Conflict,
     Defer,
@@ -38,6 +40,8 @@ from replication.reconcile import (
     reconcile,
 )
 from snapper_zone.errors import SnapperError
+from snapper_zone.inbound import Inbound
+from snapper_zone.protocol import Receive
 
 if TYPE_CHECKING:
     from snapper_zone.zone import Zone
@@ -45,6 +49,9 @@ if TYPE_CHECKING:
 __all__ = ["MAX_ROUNDS", "MirrorUnavailable", "Replicator", "VmState"]
 
 MAX_ROUNDS = 4
+_TEE_CONNECT = 3.0  # seconds a push waits for the mirror to take a pipelined copy
+_TEE_FINISH = 120.0  # ... and for the mirror's receive to end after its own
+_TEE_BACKOFF = 30.0  # no pipelining to a peer that failed this recently
 _CONCURRENCY = 2  # VMs reconciled at once by the loop (a CN push has priority)
 
 
@@ -73,6 +80,7 @@ class VmState:
     behind_bytes: int = 0
     last_sync: float | None = None  # unix time of the last finished round set
     last_error: str | None = None
+    last_failure: float | None = None  # unix time
     notices: list[str] = field(default_factory=list)
     rounds: int = 0
 
@@ -127,6 +135,7 @@ class Replicator:
 
     def _failed(self, st: VmState, exc: BaseException) -> None:
         st.state = "failing"
+        st.last_failure = time.time()
         st.last_error = f"{getattr(exc, 'code', type(exc).__name__)}: {exc}"
         self.zone.metrics.reconcile_runs.labels("failed").inc()
         self.log.warning("reconcile failed", extra={"vm": st.vm, "peer": st.peer,
@@ -210,6 +219,48 @@ class Replicator:
         if snapshot_guids(b, name) == dict(parts):
             return peer.uuid, None
         return peer.uuid, st.last_error or "the peer does not hold the snapshot complete"
+
+    # -- pipelined mirroring ---------------------------------------------------------
+
+    async def open_tee(self, cmd: Receive, base: str | None, inbound: Inbound
+                       ) -> MirrorTee | None:
+        """Start the mirror's receive of a CN stream as it arrives, or None.
+
+        None when pipelining is off, the VM has no peer, or the peer does not
+        answer at once: the push then goes on alone and the mirror is sent the
+        snapshot afterwards.
+        """
+        if not self.zone.config.pipelined_mirroring:
+            return None
+        peer = self.links.partner_of(cmd.vm)
+        if peer is None:
+            return None
+        st = self.states.get(cmd.vm)
+        if st is not None and st.state == "failing" and st.last_failure is not None \
+                and time.time() - st.last_failure < _TEE_BACKOFF:
+            return None  # the peer failed a moment ago: do not slow this push down
+        mirror_cmd = Receive(cmd.vm, cmd.dataset, cmd.snapshot, base, cmd.size)
+        try:
+            client = await asyncio.wait_for(self.links.client(peer.uuid), _TEE_CONNECT)
+            return await asyncio.wait_for(
+                MirrorTee.open(client, mirror_cmd, inbound, peer.uuid, self.log), _TEE_CONNECT)
+        except (SnapperError, OSError, TimeoutError, asyncssh.Error) as exc:
+            self.log.info("no pipelined mirror", extra={"vm": cmd.vm, "peer": peer.uuid,
+                                                        "reason": str(exc)})
+            self.zone.metrics.mirror_transfers.labels(peer.uuid, "pipelined",
+                                                      "unreachable").inc()
+            await self.links.forget(peer.uuid)
+            return None
+
+    async def tee_done(self, cmd: Receive, tee: MirrorTee) -> None:
+        res = await tee.result(_TEE_FINISH)
+        result = "ok" if res.ok else "let-go"
+        self.zone.metrics.mirror_transfers.labels(tee.peer, "pipelined", result).inc()
+        self.log.info("pipelined mirror end", extra={
+            "vm": cmd.vm, "dataset": cmd.dataset, "snapshot": cmd.snapshot, "peer": tee.peer,
+            "result": result, "bytes": res.bytes, "error": res.error})
+        if not res.ok:
+            self.kick(cmd.vm)
 
     # -- the loop --------------------------------------------------------------------
 

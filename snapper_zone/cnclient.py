@@ -147,7 +147,7 @@ class StreamResult:
     seconds: float
 
 
-class _Channel(asyncssh.SSHClientSession[bytes]):
+class ExecSession(asyncssh.SSHClientSession[bytes]):
     """One exec channel; collects stderr/stdout (bounded) and the exit status.
 
     Data handling is delegated: ``on_data`` receives stdout bytes (restore),
@@ -361,13 +361,18 @@ class ZoneClient:
             raise RuntimeError("ZoneClient is not connected")
         return self.conn
 
-    async def _open(self, line: str) -> tuple[asyncssh.SSHClientChannel[bytes], _Channel]:
+    async def _open(self, line: str) -> tuple[asyncssh.SSHClientChannel[bytes], ExecSession]:
         try:
-            chan, session = await self._conn().create_session(_Channel, line, encoding=None)
+            chan, session = await self._conn().create_session(ExecSession, line, encoding=None)
         except (OSError, asyncssh.Error) as exc:
             raise ZoneUnreachable(f"{self.endpoint}: {line.split()[0]}: {exc}") from exc
-        assert isinstance(session, _Channel)
+        assert isinstance(session, ExecSession)
         return chan, session
+
+    async def open_channel(self, cmd: Command) -> tuple[asyncssh.SSHClientChannel[bytes],
+                                                        ExecSession]:
+        """An exec channel for ``cmd`` whose bytes the caller moves itself (a tee)."""
+        return await self._open(format_command(cmd))
 
     async def run(self, cmd: Command | str, stdin_bytes: bytes | None = None) -> bytes:
         """Run a small command; its stdout, or a ZoneError from its JSON stderr."""

@@ -75,12 +75,13 @@ class LocalFleet:
     """Create with ``await LocalFleet.start(...)``; always ``await fleet.stop()``."""
 
     def __init__(self, workdir: Path, *, mirrored: bool = True,
-                 reconcile_interval_ms: int = 2000) -> None:
+                 reconcile_interval_ms: int = 2000, pipelined: bool = True) -> None:
         self.workdir = workdir
         # Every zone peers with every other (a full mesh); a VM's pair is chosen
         # by rendezvous hashing on each zone alike (replication.peers.pair_of).
         self.mirrored = mirrored
         self.reconcile_interval_ms = reconcile_interval_ms
+        self.pipelined = pipelined
         self.zfs = Zfs()
         self.fuse: localpool.ZfsFuse | None = None
         self.zones: list[LocalZone] = []
@@ -90,8 +91,9 @@ class LocalFleet:
     @classmethod
     async def start(cls, workdir: Path, *, zones: int = 3, cns: int = 2, vms_per_cn: int = 2,
                     pool_size: int = 1 << 30, mirrored: bool = True,
-                    reconcile_interval_ms: int = 2000) -> LocalFleet:
-        fleet = cls(workdir, mirrored=mirrored, reconcile_interval_ms=reconcile_interval_ms)
+                    reconcile_interval_ms: int = 2000, pipelined: bool = True) -> LocalFleet:
+        fleet = cls(workdir, mirrored=mirrored, reconcile_interval_ms=reconcile_interval_ms,
+                    pipelined=pipelined)
         try:
             await fleet._start(zones, cns, vms_per_cn, pool_size)
         except BaseException:
@@ -134,6 +136,7 @@ class LocalFleet:
             "vms": {vm: cn.id for cn in self.cns for vm in cn.vms},
             "peers": peers if self.mirrored else [],
             "reconcile_interval_ms": self.reconcile_interval_ms,
+            "pipelined_mirroring": self.pipelined,
         }
 
     async def add_zone(self, pool_size: int = 1 << 30) -> LocalZone:

@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import logging
 import os
-from collections.abc import Callable
 from typing import Any, Protocol
 
 from replication.replicator import MirrorUnavailable
@@ -39,6 +37,7 @@ from snapper_zone.errors import (
     StreamInvalid,
     ZfsError,
 )
+from snapper_zone.inbound import ClientGone, Inbound, PipeGone
 from snapper_zone.names import Snapshot
 from snapper_zone.protocol import (
     Abort,
@@ -54,7 +53,7 @@ from snapper_zone.protocol import (
     Snapshots,
 )
 from snapper_zone.sendstream import StreamBegin, StreamHeaderError, read_begin
-from snapper_zone.store import MetadataTooLarge, SnapshotNotFound
+from snapper_zone.store import SnapshotNotFound
 from snapper_zone.transfers import Transfer
 from snapper_zone.zfs import SendSpec, SnapshotInfo
 from snapper_zone.zone import Zone
@@ -76,12 +75,7 @@ __all__ = [
 # stream does not count, and a pool run to its last block is slow to recover.
 SPACE_MARGIN = 64 << 20
 SPACE_MARGIN_FRACTION = 50  # plus 2% of the announced size
-_BUFFER_LIMIT = 256 << 10  # bytes held before a stream is piped (header, metadata)
 _SEND_CHUNK = 256 << 10
-# A bigger kernel pipe means fewer partial writes (and event-loop writer
-# callbacks) while zfs receive catches up; Linux only, best effort.
-_PIPE_SIZE = 1 << 20
-_F_SETPIPE_SZ: int | None = getattr(fcntl, "F_SETPIPE_SZ", None)
 
 
 class StreamRefused(SnapperError):
@@ -96,13 +90,6 @@ class InsufficientSpace(OutOfSpace):
 
     def __init__(self, message: str) -> None:
         super().__init__(("snapperd", "receive"), "", None, message)
-
-
-class ClientGone(SnapperError):
-    """The client disconnected before its stream ended."""
-
-    code = "ClientDisconnected"
-    http_status = 400
 
 
 class SnapshotIncomplete(SnapperError):
@@ -123,264 +110,6 @@ class InvalidMetadata(SnapperError):
 def _refusal(cls: type[ZfsError], message: str) -> ZfsError:
     """A ZFS-typed error decided by snapperd itself, before ZFS saw a byte."""
     return cls(("snapperd", "receive"), "", None, message)
-
-
-class _PipeGone(Exception):
-    """zfs receive stopped reading (it failed); its exit status says why."""
-
-
-class _PipeWriter:
-    """Writes the client's packets into zfs receive's stdin, a non-blocking pipe.
-
-    Packets are queued as they arrive and written with one ``writev`` per
-    event-loop turn (asyncssh hands over all packets of a socket read in one
-    turn), so a batch of ~8 packets costs one system call and one wake-up of
-    the reader instead of eight, and no bytes are copied in Python. Above
-    ``HIGH`` queued bytes the source is paused; below ``LOW`` it resumes.
-    """
-
-    HIGH = 512 << 10
-    LOW = 128 << 10
-    IOV = 64  # chunks per writev, well under any IOV_MAX
-
-    def __init__(self, fd: int, pause: Callable[[bool], None],
-                 counted: Callable[[int], None], done: asyncio.Future[None]) -> None:
-        os.set_blocking(fd, False)
-        self._fd = fd
-        self._loop = asyncio.get_running_loop()
-        self._pause = pause
-        self._counted = counted
-        self._done = done
-        self._chunks: list[bytes | memoryview] = []
-        self._size = 0
-        self._closing = False
-        self._closed = False
-        self._scheduled = False  # a _flush is queued with call_soon
-        self._watching = False  # a _flush is registered for "pipe writable"
-        self._paused = False
-
-    def write(self, data: bytes) -> None:
-        if self._closing:
-            return
-        self._chunks.append(data)
-        self._size += len(data)
-        if not (self._scheduled or self._watching):
-            self._scheduled = True
-            self._loop.call_soon(self._flush)
-        if self._size > self.HIGH and not self._paused:
-            self._paused = True
-            self._pause(True)
-
-    def close(self) -> None:
-        """End of stream: write what is queued, then close (zfs receive sees EOF)."""
-        if self._closing:
-            return
-        self._closing = True
-        if not self._chunks:
-            self._finish(None)
-
-    def abort(self) -> None:
-        """Close now, dropping what is queued: zfs receive sees a truncated stream."""
-        self._closing = True
-        self._chunks.clear()
-        self._size = 0
-        self._finish(None)
-
-    def _flush(self) -> None:
-        self._scheduled = False
-        if self._closed:
-            return
-        try:
-            n = os.writev(self._fd, self._chunks[: self.IOV])
-        except BlockingIOError:
-            n = 0
-        except OSError as exc:  # EPIPE: zfs receive exited
-            self._finish(exc)
-            return
-        if n:
-            self._counted(n)
-            self._size -= n
-            i = 0
-            while n and len(self._chunks[i]) <= n:
-                n -= len(self._chunks[i])
-                i += 1
-            del self._chunks[:i]
-            if n:
-                self._chunks[0] = memoryview(self._chunks[0])[n:]
-        if self._chunks:
-            if not self._watching:
-                self._watching = True
-                self._loop.add_writer(self._fd, self._flush)
-        else:
-            if self._watching:
-                self._watching = False
-                self._loop.remove_writer(self._fd)
-            if self._closing:
-                self._finish(None)
-                return
-        if self._paused and self._size <= self.LOW:
-            self._paused = False
-            self._pause(False)
-
-    def _finish(self, exc: OSError | None) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._watching:
-            self._loop.remove_writer(self._fd)
-            self._watching = False
-        os.close(self._fd)
-        if self._paused:
-            self._paused = False
-            self._pause(False)
-        if not self._done.done():
-            if exc is not None:
-                self._done.set_exception(_PipeGone(str(exc)))
-            else:
-                self._done.set_result(None)
-
-
-class Inbound:
-    """The bytes a client sends on a command's stdin, pushed by the transport.
-
-    Buffered until ``pipe_to``: ``read(n)`` serves the stream header and small
-    inputs from a bounded buffer (reading from the transport pauses when it
-    is full). During ``pipe_to(fd)`` every chunk ``feed`` gets goes straight
-    to the pipe writer; afterwards further bytes are dropped.
-    """
-
-    def __init__(self, pause_reading: Callable[[], None],
-                 resume_reading: Callable[[], None]) -> None:
-        self._pause_reading = pause_reading
-        self._resume_reading = resume_reading
-        self._buf = bytearray()
-        self._eof = False
-        self._error: SnapperError | None = None
-        self._waiter: asyncio.Future[None] | None = None
-        self._paused = False
-        self._writer: _PipeWriter | None = None
-        self._discard = False
-        self._gone = asyncio.Event()
-
-    # -- called by the transport ------------------------------------------
-
-    def feed(self, data: bytes) -> None:
-        writer = self._writer
-        if writer is not None:
-            writer.write(data)
-            return
-        if self._discard:
-            return  # the receiver is done; the client hears it from our exit status
-        self._buf += data
-        if len(self._buf) >= _BUFFER_LIMIT:
-            self._set_paused(True)
-        self._wake()
-
-    def feed_eof(self) -> None:
-        self._eof = True
-        if self._writer is not None:
-            self._writer.close()
-        self._wake()
-
-    def feed_error(self, err: SnapperError) -> None:
-        """The client went away. A stream in progress is cut off, not completed."""
-        self._gone.set()
-        if self._eof or self._error is not None:
-            return
-        self._error = err
-        if self._writer is not None:
-            self._writer.abort()
-        self._wake()
-
-    # -- called by the handler ---------------------------------------------
-
-    async def read(self, n: int) -> bytes:
-        """At most ``n`` bytes; ``b""`` at EOF; raises if the client went away."""
-        while not self._buf:
-            if self._error is not None:
-                raise self._error
-            if self._eof:
-                return b""
-            self._waiter = asyncio.get_running_loop().create_future()
-            await self._waiter
-        chunk = bytes(self._buf[:n])
-        del self._buf[:n]
-        if len(self._buf) < _BUFFER_LIMIT // 2:
-            self._set_paused(False)
-        return chunk
-
-    async def read_all(self, limit: int) -> bytes:
-        """Everything until EOF; raises MetadataTooLarge beyond ``limit`` bytes."""
-        out = bytearray()
-        while chunk := await self.read(_BUFFER_LIMIT):
-            out += chunk
-            if len(out) > limit:
-                raise MetadataTooLarge(f"input is over the limit of {limit} bytes")
-        return bytes(out)
-
-    async def pipe_to(self, fd: int, first: bytes, on_bytes: Callable[[int], None]) -> None:
-        """Write ``first``, anything buffered, then the rest of stdin into pipe ``fd``.
-
-        Takes ownership of ``fd``. ``on_bytes(n)`` is told of every byte the
-        kernel took. Returns once stdin ended and every byte was written (or
-        ``stop`` was called); raises ClientGone if the client disconnected
-        first, _PipeGone if the reader closed the pipe.
-        """
-        if _F_SETPIPE_SZ is not None:
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_SIZE)
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        writer = _PipeWriter(fd, self._set_paused, on_bytes, done)
-        writer.write(first)
-        if self._buf:
-            writer.write(bytes(self._buf))
-            self._buf.clear()
-        if self._error is not None or self._discard:
-            writer.abort()
-        elif self._eof:
-            writer.close()
-        else:
-            self._writer = writer
-        # From here the writer's flow control decides; the buffer's pause is
-        # over. Resuming delivers queued packets at once, so only after the
-        # writer is in place.
-        self._set_paused(False)
-        try:
-            await done
-        except BaseException:
-            writer.abort()  # cancelled: never leave the pipe open behind us
-            raise
-        finally:
-            self._writer = None
-            self._discard = True
-            self._set_paused(False)  # let a client still sending finish, unblocked
-        if self._error is not None:
-            raise self._error
-
-    async def gone(self) -> None:
-        """Return once the client has disconnected."""
-        await self._gone.wait()
-
-    def stop(self) -> None:
-        """The reader is done (zfs receive exited): cut the pipe, drop further bytes."""
-        self._discard = True
-        if self._writer is not None:
-            self._writer.abort()
-
-    # -- flow control -------------------------------------------------------
-
-    def _set_paused(self, paused: bool) -> None:
-        if paused != self._paused:
-            self._paused = paused
-            if paused:
-                self._pause_reading()
-            else:
-                self._resume_reading()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-        self._waiter = None
 
 
 class Io(Protocol):
@@ -504,7 +233,7 @@ class Service:
             lg.info("transfer start", extra={"base": cmd.base, "expected": cmd.size})
             result = "error"
             try:
-                await self._receive_stream(cmd, io, t)
+                await self._receive_stream(cmd, io, t, kind)
                 zone.transfers.pending(cmd.vm, cmd.snapshot)
                 result = "ok"
             except SnapperError as err:
@@ -528,7 +257,7 @@ class Service:
                 f"a stream of {size} bytes does not fit: {free} bytes available, "
                 f"{promised} promised to receives in progress, {margin} kept in reserve")
 
-    async def _receive_stream(self, cmd: Receive, io: Io, t: Transfer) -> None:
+    async def _receive_stream(self, cmd: Receive, io: Io, t: Transfer, kind: str) -> None:
         zone = self.zone
         target = zone.store.part_dataset(cmd.vm, cmd.dataset)
         try:
@@ -537,16 +266,22 @@ class Service:
             raise _refusal(StreamInvalid, f"not a usable zfs send stream: {exc}") from None
         t.base = await self._vet(cmd, begin)
         await zone.store.ensure_vm(cmd.vm)
+        tee = None
+        if zone.replicator is not None and kind == "receive" and not cmd.resume:
+            tee = await zone.replicator.open_tee(cmd, t.base, io.inbound)
         r, w = os.pipe()
         try:
             child = await zone.zfs.receive(target, stdin=r)
         except BaseException:
             os.close(w)
+            if tee is not None:
+                tee.abort()
             raise
         finally:
             os.close(r)
-        feeding = asyncio.ensure_future(io.inbound.pipe_to(w, header, t.add))
+        feeding = asyncio.ensure_future(io.inbound.pipe_to(w, header, t.add, tee))
         exited = asyncio.ensure_future(child.proc.wait())
+        ok = False
         try:
             await asyncio.wait({feeding, exited}, return_when=asyncio.FIRST_COMPLETED)
             if not feeding.done():
@@ -555,7 +290,7 @@ class Service:
                 io.inbound.stop()
             try:
                 await feeding
-            except _PipeGone:
+            except PipeGone:
                 pass  # zfs receive's own error, below, says what was wrong
             except ClientGone:
                 # zfs receive got a truncated stream and fails; wait for it so
@@ -564,13 +299,21 @@ class Service:
                     await child.wait()
                     raise
             await zone.zfs.check(child)
+            ok = True
         finally:
             for task in (feeding, exited):
                 if not task.done():
                     task.cancel()
             if child.proc.returncode is None:
                 await child.abort()
+            if tee is not None and not ok:
+                tee.abort()
         await self._confirm(cmd, begin)
+        if tee is not None and zone.replicator is not None:
+            # Every byte the CN sent went to the mirror too; its receive ends
+            # about when ours did. Waiting here means the commit finds it there.
+            tee.eof()
+            await zone.replicator.tee_done(cmd, tee)
 
     async def _vet(self, cmd: Receive, begin: StreamBegin) -> str | None:
         """Refuse a stream that is not what the command names or does not fit here.

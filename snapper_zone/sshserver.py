@@ -21,7 +21,8 @@ from collections.abc import Mapping
 import asyncssh
 
 from snapper_zone.auth import Principal
-from snapper_zone.service import ClientGone, Inbound, Service
+from snapper_zone.inbound import ClientGone, Inbound
+from snapper_zone.service import Service
 from snapper_zone.zone import Zone
 
 __all__ = ["ENCRYPTION_ALGS", "start_ssh_server"]

@@ -13,12 +13,13 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from replication.peers import pair_of
 from snapper_zone.cnclient import CnClient, ZoneClient, ZoneError
 from snapper_zone.fleet import LocalCN, LocalFleet, LocalZone
 from snapper_zone.names import Dataset
-from snapper_zone.zfs import Zfs
+from snapper_zone.zfs import Capabilities, Zfs
 from tests.conftest import ZfsTier
 from tests.helpers import wait_until, write_random
 
@@ -83,6 +84,22 @@ class Pair:
             return False
         return bool(a) and a == b
 
+    async def metric(self, zone: LocalZone, name: str, **labels: str) -> float:
+        async with aiohttp.ClientSession() as http, http.get(f"{zone.http_url}/metrics") as r:
+            text = await r.text()
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                    return float(s.value)
+        return 0.0
+
+    async def transfers(self, zone: LocalZone) -> list[dict[str, Any]]:
+        async with aiohttp.ClientSession() as http, \
+                http.get(f"{zone.http_url}/v1/transfers") as r:
+            r.raise_for_status()
+            out: list[dict[str, Any]] = await r.json()
+            return out
+
     def kill(self, zone: LocalZone) -> None:
         assert zone.daemon is not None
         zone.daemon.kill()
@@ -117,11 +134,9 @@ async def test_mirrored_push_returns_with_both_copies_guid_equal(pair: Pair) -> 
         doc = await r.json()
     row = next(v for v in doc["vms"] if v["vm"] == pair.vm)
     assert row["peer"] == pair.mirror.uuid and row["state"] == "in_sync"
-    async with aiohttp.ClientSession() as http, \
-            http.get(f"{pair.primary.http_url}/metrics") as r:
-        text = await r.text()
-    assert f'snapper_mirror_transfers_total{{direction="out",peer="{pair.mirror.uuid}",' \
-           f'result="ok"}}' in text or 'snapper_mirror_transfers_total' in text
+    # Both datasets of all three pushes went to the mirror while they arrived.
+    assert await pair.metric(pair.primary, "snapper_mirror_transfers_total",
+                             direction="pipelined", peer=pair.mirror.uuid, result="ok") == 6
 
 
 async def test_mirror_down_local_mode_catches_up_and_deletes_follow(pair: Pair) -> None:
@@ -165,3 +180,30 @@ async def test_failover_push_to_mirror_flows_back(pair: Pair) -> None:
     rep = await pair.push(pair.primary, "s3")
     assert sorted(rep.zones) == sorted([pair.primary.uuid, pair.mirror.uuid])
     assert (await pair.holdings(pair.mirror))["s3"] == await pair.cn_guids("s3")
+
+
+async def test_primary_killed_mid_mirror_resumes_or_restarts(pair: Pair,
+                                                             caps: Capabilities) -> None:
+    await pair.push(pair.primary, "s1")
+    pair.kill(pair.mirror)
+    pair.write("big", 96 << 20)
+    await pair.push(pair.primary, "s2", durability="local")  # acked with one copy
+    await pair.fleet.start_zone(pair.mirror)
+
+    async def mirroring() -> bool:
+        try:
+            return any(t["kind"] == "mirror-out" and t["bytes"] > 0
+                       for t in await pair.transfers(pair.primary))
+        except aiohttp.ClientError:
+            return False
+
+    await wait_until(mirroring, 60, "the catch-up transfer started", poll=0.02)
+    pair.kill(pair.primary)
+    await pair.fleet.start_zone(pair.primary)
+    await wait_until(pair.converged, 120, "the pair converged after the crash")
+    for zone in (pair.primary, pair.mirror):
+        held = await pair.holdings(zone)
+        assert held["s2"] == await pair.cn_guids("s2")  # the acked snapshot, both zones
+    log = (pair.primary.config_path.parent / "snapperd.log").read_text()
+    if caps.resumable_receive:
+        assert "resuming an interrupted mirror transfer" in log

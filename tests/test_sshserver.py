@@ -24,11 +24,11 @@ import pytest
 
 from snapper_zone import proc, protocol, service
 from snapper_zone.config import ZoneConfig, parse_config
+from snapper_zone.inbound import ClientGone, Inbound
 from snapper_zone.localpool import FilePool
 from snapper_zone.names import Dataset, Snapshot
 from snapper_zone.protocol import Commit, Receive, Send
 from snapper_zone.sendstream import StreamBegin
-from snapper_zone.service import ClientGone, Inbound
 from snapper_zone.sshserver import ENCRYPTION_ALGS, start_ssh_server
 from snapper_zone.transfers import Transfer
 from snapper_zone.zfs import Capabilities, SendSpec, Zfs
@@ -633,7 +633,7 @@ async def test_abort_and_tokens_on_this_tier(zfs: Zfs, caps: Capabilities,
     else:
         assert (status, err_code(err)) == (1, "ResourceNotFound")
     assert json.loads((await run(conn, f"snapshots {VM_A}"))[1]) == {
-        "vm": VM_A, "snapshots": [], "datasets": {}}
+        "vm": VM_A, "snapshots": [], "datasets": {}, "tombstones": {}, "in_use": []}
 
 
 @pytest.mark.zfs

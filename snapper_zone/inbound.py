@@ -1,0 +1,335 @@
+"""A command's stdin as the transport delivers it, and the one sink it feeds.
+
+``Inbound`` buffers what a handler reads itself (a stream header, metadata)
+and, once the handler calls ``pipe_to``, pushes every packet straight into
+``zfs receive``'s stdin pipe (``_PipeWriter``: batched ``writev``, no copy)
+and, when pipelined mirroring is on, to the mirror zone's channel as well
+(``Tee``). Reading from the client pauses while any sink is over its
+high-water mark ("votes": the pipe, the header buffer, the mirror), so memory
+stays bounded by the SSH window plus one pipe buffer plus the mirror's window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+from collections.abc import Callable
+from typing import Protocol
+
+from snapper_zone.errors import SnapperError
+from snapper_zone.store import MetadataTooLarge
+
+__all__ = ["ClientGone", "Inbound", "PipeGone", "Sink"]
+
+_BUFFER_LIMIT = 256 << 10  # bytes held before a stream is piped (header, metadata)
+# A bigger kernel pipe means fewer partial writes (and event-loop writer
+# callbacks) while zfs receive catches up; Linux only, best effort.
+_PIPE_SIZE = 1 << 20
+_F_SETPIPE_SZ: int | None = getattr(fcntl, "F_SETPIPE_SZ", None)
+
+
+class ClientGone(SnapperError):
+    """The client disconnected before its stream ended."""
+
+    code = "ClientDisconnected"
+    http_status = 400
+
+
+class Sink(Protocol):
+    """A second consumer of a piped stream (the mirror zone's receive)."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def eof(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class PipeGone(Exception):
+    """zfs receive stopped reading (it failed); its exit status says why."""
+
+
+class _PipeWriter:
+    """Writes the client's packets into zfs receive's stdin, a non-blocking pipe.
+
+    Packets are queued as they arrive and written with one ``writev`` per
+    event-loop turn (asyncssh hands over all packets of a socket read in one
+    turn), so a batch of ~8 packets costs one system call and one wake-up of
+    the reader instead of eight, and no bytes are copied in Python. Above
+    ``HIGH`` queued bytes the source is paused; below ``LOW`` it resumes.
+    """
+
+    HIGH = 512 << 10
+    LOW = 128 << 10
+    IOV = 64  # chunks per writev, well under any IOV_MAX
+
+    def __init__(self, fd: int, pause: Callable[[bool], None],
+                 counted: Callable[[int], None], done: asyncio.Future[None]) -> None:
+        os.set_blocking(fd, False)
+        self._fd = fd
+        self._loop = asyncio.get_running_loop()
+        self._pause = pause
+        self._counted = counted
+        self._done = done
+        self._chunks: list[bytes | memoryview] = []
+        self._size = 0
+        self._closing = False
+        self._closed = False
+        self._scheduled = False  # a _flush is queued with call_soon
+        self._watching = False  # a _flush is registered for "pipe writable"
+        self._paused = False
+
+    def write(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._chunks.append(data)
+        self._size += len(data)
+        if not (self._scheduled or self._watching):
+            self._scheduled = True
+            self._loop.call_soon(self._flush)
+        if self._size > self.HIGH and not self._paused:
+            self._paused = True
+            self._pause(True)
+
+    def close(self) -> None:
+        """End of stream: write what is queued, then close (zfs receive sees EOF)."""
+        if self._closing:
+            return
+        self._closing = True
+        if not self._chunks:
+            self._finish(None)
+
+    def abort(self) -> None:
+        """Close now, dropping what is queued: zfs receive sees a truncated stream."""
+        self._closing = True
+        self._chunks.clear()
+        self._size = 0
+        self._finish(None)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        if self._closed:
+            return
+        try:
+            n = os.writev(self._fd, self._chunks[: self.IOV])
+        except BlockingIOError:
+            n = 0
+        except OSError as exc:  # EPIPE: zfs receive exited
+            self._finish(exc)
+            return
+        if n:
+            self._counted(n)
+            self._size -= n
+            i = 0
+            while n and len(self._chunks[i]) <= n:
+                n -= len(self._chunks[i])
+                i += 1
+            del self._chunks[:i]
+            if n:
+                self._chunks[0] = memoryview(self._chunks[0])[n:]
+        if self._chunks:
+            if not self._watching:
+                self._watching = True
+                self._loop.add_writer(self._fd, self._flush)
+        else:
+            if self._watching:
+                self._watching = False
+                self._loop.remove_writer(self._fd)
+            if self._closing:
+                self._finish(None)
+                return
+        if self._paused and self._size <= self.LOW:
+            self._paused = False
+            self._pause(False)
+
+    def _finish(self, exc: OSError | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._watching:
+            self._loop.remove_writer(self._fd)
+            self._watching = False
+        os.close(self._fd)
+        if self._paused:
+            self._paused = False
+            self._pause(False)
+        if not self._done.done():
+            if exc is not None:
+                self._done.set_exception(PipeGone(str(exc)))
+            else:
+                self._done.set_result(None)
+
+
+class Inbound:
+    """The bytes a client sends on a command's stdin, pushed by the transport.
+
+    Buffered until ``pipe_to``: ``read(n)`` serves the stream header and small
+    inputs from a bounded buffer (reading from the transport pauses when it
+    is full). During ``pipe_to(fd)`` every chunk ``feed`` gets goes straight
+    to the pipe writer; afterwards further bytes are dropped.
+    """
+
+    def __init__(self, pause_reading: Callable[[], None],
+                 resume_reading: Callable[[], None]) -> None:
+        self._pause_reading = pause_reading
+        self._resume_reading = resume_reading
+        self._buf = bytearray()
+        self._eof = False
+        self._error: SnapperError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._votes: set[str] = set()  # who wants the client paused
+        self._writer: _PipeWriter | None = None
+        self._tee: Sink | None = None
+        self._discard = False
+        self._gone = asyncio.Event()
+
+    # -- called by the transport ------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        writer = self._writer
+        if writer is not None:
+            writer.write(data)
+            if self._tee is not None:
+                self._tee.write(data)
+            return
+        if self._discard:
+            return  # the receiver is done; the client hears it from our exit status
+        self._buf += data
+        if len(self._buf) >= _BUFFER_LIMIT:
+            self._vote("buffer", True)
+        self._wake()
+
+    def feed_eof(self) -> None:
+        self._eof = True
+        if self._writer is not None:
+            self._writer.close()
+        if self._tee is not None:
+            self._tee.eof()
+        self._wake()
+
+    def feed_error(self, err: SnapperError) -> None:
+        """The client went away. A stream in progress is cut off, not completed."""
+        self._gone.set()
+        if self._eof or self._error is not None:
+            return
+        self._error = err
+        if self._writer is not None:
+            self._writer.abort()
+        if self._tee is not None:
+            self._tee.abort()  # the mirror must see a cut stream too, not a short one
+        self._wake()
+
+    # -- called by the handler ---------------------------------------------
+
+    async def read(self, n: int) -> bytes:
+        """At most ``n`` bytes; ``b""`` at EOF; raises if the client went away."""
+        while not self._buf:
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        chunk = bytes(self._buf[:n])
+        del self._buf[:n]
+        if len(self._buf) < _BUFFER_LIMIT // 2:
+            self._vote("buffer", False)
+        return chunk
+
+    async def read_all(self, limit: int) -> bytes:
+        """Everything until EOF; raises MetadataTooLarge beyond ``limit`` bytes."""
+        out = bytearray()
+        while chunk := await self.read(_BUFFER_LIMIT):
+            out += chunk
+            if len(out) > limit:
+                raise MetadataTooLarge(f"input is over the limit of {limit} bytes")
+        return bytes(out)
+
+    def vote(self, who: str, paused: bool) -> None:
+        """A sink other than the pipe (the mirror) asks for the client to pause or not."""
+        self._vote(who, paused)
+
+    async def pipe_to(self, fd: int, first: bytes, on_bytes: Callable[[int], None],
+                      tee: Sink | None = None) -> None:
+        """Write ``first``, anything buffered, then the rest of stdin into pipe ``fd``.
+
+        With ``tee``, every byte goes to it as well, in order, and its end
+        (EOF or abort) follows the client's. Takes ownership of ``fd``.
+        ``on_bytes(n)`` is told of every byte the
+        kernel took. Returns once stdin ended and every byte was written (or
+        ``stop`` was called); raises ClientGone if the client disconnected
+        first, PipeGone if the reader closed the pipe.
+        """
+        if _F_SETPIPE_SZ is not None:
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_SIZE)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        writer = _PipeWriter(fd, lambda p: self._vote("pipe", p), on_bytes, done)
+        head = first + bytes(self._buf)
+        self._buf.clear()
+        writer.write(head)
+        if tee is not None:
+            tee.write(head)
+        if self._error is not None or self._discard:
+            writer.abort()
+            if tee is not None:
+                tee.abort()
+        elif self._eof:
+            writer.close()
+            if tee is not None:
+                tee.eof()
+        else:
+            self._writer = writer
+            self._tee = tee
+        # From here the sinks' flow control decides; the buffer's pause is
+        # over. Resuming delivers queued packets at once, so only after the
+        # writer is in place.
+        self._vote("buffer", False)
+        try:
+            await done
+        except BaseException:
+            writer.abort()  # cancelled: never leave the pipe open behind us
+            raise
+        finally:
+            self._writer = None
+            self._tee = None
+            self._discard = True
+            if self._votes:  # let a client still sending finish, unblocked
+                self._votes.clear()
+                self._resume_reading()
+        if self._error is not None:
+            raise self._error
+
+    async def gone(self) -> None:
+        """Return once the client has disconnected."""
+        await self._gone.wait()
+
+    def stop(self) -> None:
+        """The reader is done (zfs receive exited): cut the pipe, drop further bytes."""
+        self._discard = True
+        if self._writer is not None:
+            self._writer.abort()
+
+    # -- flow control -------------------------------------------------------
+
+    def _vote(self, who: str, paused: bool) -> None:
+        before = bool(self._votes)
+        if paused:
+            self._votes.add(who)
+        else:
+            self._votes.discard(who)
+        after = bool(self._votes)
+        if after != before:
+            if after:
+                self._pause_reading()
+            else:
+                self._resume_reading()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        self._waiter = None
+
+
