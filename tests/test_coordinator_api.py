@@ -31,7 +31,7 @@ from rebalance.coordinator import (
     parse_config,
 )
 from rebalance.store import SqliteStore
-from rebalance.zoneclient import HttpZoneApi
+from rebalance.zoneclient import HttpZoneApi, ZoneRequestFailed, ZoneUnreachable
 from snapper_zone import proc
 from snapper_zone.cli import main as cli_main
 from snapper_zone.config import ConfigError
@@ -537,3 +537,45 @@ def test_status_text_draws_progress() -> None:
 def test_parse_size(n: int, suffix: str) -> None:
     power = " KMGTP".index((suffix[:1] or " ").upper())
     assert parse_size(f"{n}{suffix}") == n * 1024**power
+
+
+async def test_http_zone_client_against_snapperd_shapes(fleet: Fleet) -> None:
+    """HttpZoneApi reads snapperd's answers: 404 as absent, last_error, unreachable."""
+    z = await fleet.add(ZONES[0])
+    await fleet.add(ZONES[1])
+    fleet.push(VMS[0], [ZONES[0], ZONES[1]])
+    api = HttpZoneApi(request_timeout=5)
+    try:
+        assert await api.snapshots(z.url(), VMS[1]) is None
+        [s0, *_] = await api.snapshots(z.url(), VMS[0]) or []
+        assert s0.complete and s0.guids == {"root": f"{VMS[0][-4:]}0"} and s0.source == "cn:cn1"
+        assert [v.uuid for v in await api.list_vms(z.url())] == [VMS[0]]
+        assert (await api.sync(z.url(), VMS[0], ZONES[1])).state == "in_sync"
+        with pytest.raises(ZoneRequestFailed) as e:
+            await api.sync(z.url(), VMS[1], ZONES[1])
+        assert e.value.status == 404 and e.value.zone_code == "ResourceNotFound"
+        assert await api.delete_vm(z.url(), VMS[0]) is True
+        assert await api.delete_vm(z.url(), VMS[0]) is False
+        await z.stop()
+        with pytest.raises(ZoneUnreachable):
+            await api.ping(z.url(), 2)
+    finally:
+        await api.close()
+
+
+async def test_sync_answer_with_last_error_is_read() -> None:
+    async def sync(_: web.Request) -> web.Response:
+        return web.json_response({"vm": VMS[0], "peer": ZONES[1], "state": "blocked",
+                                  "last_error": "divergent tail", "behind": {}})
+
+    app = web.Application()
+    app.router.add_post("/v1/vms/{vm}/sync", sync)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    api = HttpZoneApi()
+    try:
+        res = await api.sync(str(server.make_url("/")), VMS[0], ZONES[1])
+        assert (res.state, res.error) == ("blocked", "divergent tail")
+    finally:
+        await api.close()
+        await server.close()

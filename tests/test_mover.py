@@ -90,7 +90,7 @@ class FakeZones:
         finally:
             self.syncing -= 1
         if self.sync_results:
-            return SyncResult(vm, peer, self.sync_results.pop(0), "test says so")  # type: ignore[arg-type]
+            return SyncResult(vm, peer, self.sync_results.pop(0), "test says so")
         snaps = list(self.held[u][vm])
         if self.corrupt_next_copy:
             self.corrupt_next_copy = False
@@ -212,7 +212,7 @@ async def test_crash_after_switch_resumes_at_delete_without_copying_again(tmp_pa
 async def test_copy_failing_rolls_back_and_removes_the_partial_copy(tmp_path: Path) -> None:
     store, fake, mid = await setup(tmp_path, Move(VM, B, C, B, 300, "rebalance"))
     fake.put(C, VM, SNAPS[:1])  # what a cut-off copy left behind
-    fake.sync_results = ["failing"] * 3
+    fake.sync_results = ["failing", "blocked", "no_peer"]
     assert await run_to_end(mover(store, fake, max_attempts=3), mid) is MoveState.FAILED
     m = await store.move(mid)
     assert m is not None and m.error is not None and "gave up after 3" in m.error
