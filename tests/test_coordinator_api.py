@@ -60,6 +60,8 @@ class StandIn:
         self.runner: web.AppRunner | None = None
         self.port = 0
         self.syncs = 0
+        self.ssh: asyncio.Server | None = None
+        self.ssh_port = 0
 
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
@@ -79,10 +81,20 @@ class StandIn:
         await web.TCPSite(self.runner, "127.0.0.1", 0).start()
         self.port = int(self.runner.addresses[0][1])
 
+        async def accept(_: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            w.close()  # stands for the SSH port: the health check only connects
+
+        self.ssh = await asyncio.start_server(accept, "127.0.0.1", 0)
+        self.ssh_port = int(self.ssh.sockets[0].getsockname()[1])
+
     async def stop(self) -> None:
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
+        if self.ssh is not None:
+            self.ssh.close()
+            await self.ssh.wait_closed()
+            self.ssh = None
 
     async def ping(self, _: web.Request) -> web.Response:
         return web.json_response({"ping": "pong"})
@@ -116,12 +128,19 @@ class StandIn:
 
     async def delete(self, request: web.Request) -> web.Response:
         vm = request.match_info["vm"]
-        return web.Response(status=204) if self.vms.pop(vm, None) else self._missing(vm)
+        if vm not in self.vms:
+            return self._missing(vm)
+        others = self.fleet.holders(vm) - {self.uuid}
+        if len(others) < 2:  # sampled at every delete: no VM ever drops below two copies
+            self.fleet.violations.append(f"delete of {vm} on {self.uuid} leaves {others}")
+        del self.vms[vm]
+        return web.Response(status=204)
 
 
 class Fleet:
     def __init__(self) -> None:
         self.zones: dict[str, StandIn] = {}
+        self.violations: list[str] = []
 
     async def add(self, uuid: str) -> StandIn:
         z = self.zones[uuid] = StandIn(self, uuid)
@@ -170,7 +189,7 @@ class Env:
     async def register(self, uuid: str, capacity: int = 100 * GIB, status: int = 201) -> Any:
         z = self.fleet.zones[uuid]
         return await self.call("POST", "/v1/zones", {
-            "uuid": uuid, "name": f"z{uuid[-1]}", "ssh_host": "127.0.0.1", "ssh_port": 2222,
+            "uuid": uuid, "name": f"z{uuid[-1]}", "ssh_host": "127.0.0.1", "ssh_port": z.ssh_port,
             "http_url": z.url(), "host_key": HOST_KEY, "capacity": capacity}, status)
 
     async def moves_finished(self, timeout: float = 30.0) -> list[dict[str, Any]]:
@@ -195,6 +214,7 @@ async def fleet() -> AsyncIterator[Fleet]:
     yield f
     for z in f.zones.values():
         await z.stop()
+    assert f.violations == []
 
 
 @pytest.fixture
@@ -556,6 +576,7 @@ async def test_http_zone_client_against_snapperd_shapes(fleet: Fleet) -> None:
         assert e.value.status == 404 and e.value.zone_code == "ResourceNotFound"
         assert await api.delete_vm(z.url(), VMS[0]) is True
         assert await api.delete_vm(z.url(), VMS[0]) is False
+        fleet.violations.clear()  # this test deletes a copy by hand, on purpose
         await z.stop()
         with pytest.raises(ZoneUnreachable):
             await api.ping(z.url(), 2)
@@ -579,3 +600,35 @@ async def test_sync_answer_with_last_error_is_read() -> None:
     finally:
         await api.close()
         await server.close()
+
+
+async def test_a_dead_zone_is_lost_and_repaired_by_itself(tmp_path: Path, fleet: Fleet) -> None:
+    """Health checks declare it lost; the automatic rebalance restores two copies."""
+    env = Env(tmp_path, fleet)
+    env.config = CoordinatorConfig(store=tmp_path / "c.db", health_interval=0.05,
+                                   health_timeout=1, lost_after=0.3, auto_rebalance=True,
+                                   settle=0.05, retry_delay=0.05)
+    env.coordinator = Coordinator(env.store, env.api, env.config)
+    env.server = TestServer(make_app(env.coordinator), host="127.0.0.1")
+    await env.start()
+    try:
+        await fleet_of(env, 4)
+        await push_all(env, VMS)
+        env.coordinator.start()
+        victim = ZONES[2]
+        hit = [vm for vm, pair in (await placements(env)).items() if victim in pair]
+        await fleet.zones[victim].stop()
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:  # until the zone is lost and every VM is on two live zones again
+            after = await placements(env)
+            zone = await env.call("GET", f"/v1/zones/{victim}")
+            if zone["state"] == "lost" and all(victim not in p for p in after.values()):
+                break
+            assert asyncio.get_running_loop().time() < deadline, (zone, after)
+            await asyncio.sleep(0.05)
+        moves = await env.moves_finished()
+        assert sorted(m["vm"] for m in moves if m["reason"] == "lost") == sorted(hit)
+        assert_two_copies(env, after)
+        assert zone["health"] == "down"
+    finally:
+        await env.close()
