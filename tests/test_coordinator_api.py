@@ -28,10 +28,12 @@ from rebalance.coordinator import (
     CoordinatorConfig,
     load_config,
     make_app,
+    order_holders,
     parse_config,
 )
-from rebalance.store import SqliteStore
-from rebalance.zoneclient import HttpZoneApi, ZoneRequestFailed, ZoneUnreachable
+from rebalance.placement import ZoneState
+from rebalance.store import SqliteStore, ZoneRecord
+from rebalance.zoneclient import HttpZoneApi, SnapshotView, ZoneRequestFailed, ZoneUnreachable
 from snapper_zone import proc
 from snapper_zone.cli import main as cli_main
 from snapper_zone.config import ConfigError
@@ -632,3 +634,27 @@ async def test_a_dead_zone_is_lost_and_repaired_by_itself(tmp_path: Path, fleet:
         assert zone["health"] == "down"
     finally:
         await env.close()
+
+
+def _record(uuid: str, state: str = "active") -> ZoneRecord:
+    return ZoneRecord(uuid=uuid, name="z", ssh_host="h", ssh_port=22, http_url="http://h",
+                      host_key="k", capacity=100, state=ZoneState(state), registered=0.0)
+
+
+@given(st.sampled_from(VMS), st.lists(st.sampled_from(ZONES), min_size=1, max_size=4,
+                                      unique=True),
+       st.data())
+def test_order_holders_puts_the_pushed_copy_first(vm: str, holders: list[str],
+                                                  data: st.DataObject) -> None:
+    primary = data.draw(st.sampled_from(holders))
+    lost = data.draw(st.sets(st.sampled_from(ZONES)))
+    zones = [_record(z, "lost" if z in lost else "active") for z in ZONES]
+    views = {z: [SnapshotView("s1", True, {"root": "1"},
+                              "cn:cn1" if z == primary else f"zone:{primary}", 1)]
+             for z in holders}
+    order = order_holders(vm, views, zones)
+    assert sorted(order) == sorted(holders)
+    live = [z for z in order if z not in lost]
+    assert order[:len(live)] == live  # zones that cannot take copies go last
+    if primary not in lost:
+        assert order[0] == primary
