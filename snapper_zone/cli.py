@@ -4,6 +4,7 @@
             [--known-hosts PATH | --host-key PUBFILE] [--dataset-root DS] COMMAND ...
 
     snapper push VM_UUID [--name SNAP] [--from BASE] [--metadata FILE]
+                 [--durability mirrored|local]
     snapper restore VM_UUID SNAP [--target DATASET] [--rollback] [--metadata-out FILE]
     snapper list [VM_UUID] [--json]
 
@@ -28,6 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import asyncssh
+
 from snapper_zone import demo, progress
 from snapper_zone.cnclient import CnClient, PlanError, ZoneClient, ZoneError, ZoneUnreachable
 from snapper_zone.errors import SnapperError
@@ -35,7 +39,8 @@ from snapper_zone.progress import format_bytes
 
 DEFAULT_CONFIG = "/opt/smartdc/snapper/etc/snapper-cn.toml"
 CONFIG_ENV = "SNAPPER_CN_CONFIG"
-_CONFIG_FIELDS = ("zones", "key", "known_hosts", "host_key", "dataset_root")
+_CONFIG_FIELDS = ("zones", "key", "known_hosts", "host_key", "dataset_root",
+                  "coordinator_url")
 
 
 class UsageError(Exception):
@@ -50,6 +55,10 @@ class CnSettings:
     known_hosts: Path | None
     host_key: Path | None
     dataset_root: str
+    # Every zone of the config, in order: a push fails over to the next one
+    # when a zone does not answer (the first is ``zone_host:zone_port``).
+    zones: tuple[tuple[str, int], ...] = ()
+    coordinator_url: str | None = None
 
 
 def parse_endpoint(text: str) -> tuple[str, int]:
@@ -91,10 +100,13 @@ def settings(args: argparse.Namespace) -> CnSettings:
         cfg = load_cn_config(Path(cfg_path))
     elif Path(DEFAULT_CONFIG).exists():
         cfg = load_cn_config(Path(DEFAULT_CONFIG))
-    zone = args.zone or (cfg.get("zones") or [None])[0]
-    if not zone:
-        raise UsageError("no zone: give --zone HOST:PORT or zones = [...] in --config")
-    host, port = parse_endpoint(zone)
+    listed = [args.zone] if args.zone else list(cfg.get("zones") or [])
+    coordinator = cfg.get("coordinator_url")
+    if not listed and not coordinator:
+        raise UsageError("no zone: give --zone HOST:PORT, or zones = [...] or "
+                         "coordinator_url in --config")
+    endpoints = tuple(parse_endpoint(z) for z in listed)
+    host, port = endpoints[0] if endpoints else ("", 0)
     key = args.key or cfg.get("key")
     if not key:
         raise UsageError("no client key: give --key PATH or key = \"...\" in --config")
@@ -109,12 +121,52 @@ def settings(args: argparse.Namespace) -> CnSettings:
             raise UsageError(f"{what} {path}: no such file")
     return CnSettings(host, port, Path(key), Path(known) if known else None,
                       Path(pinned) if pinned else None,
-                      args.dataset_root or cfg.get("dataset_root") or "zones")
+                      args.dataset_root or cfg.get("dataset_root") or "zones",
+                      endpoints, str(coordinator) if coordinator else None)
 
 
 def _client(s: CnSettings) -> ZoneClient:
+    if not s.zone_host:
+        raise UsageError("this command needs a zone: give --zone HOST:PORT or zones = [...]")
     return ZoneClient(s.zone_host, s.zone_port, s.key, known_hosts=s.known_hosts,
                       host_key=s.host_key)
+
+
+async def _push_targets(s: CnSettings, vm: str) -> list[ZoneClient]:
+    """Where to push ``vm``, best first: the coordinator's placement, else the config's zones.
+
+    The coordinator names both of the VM's zones with their host keys; the
+    CN pins those. Without one, a pinned ``--host-key`` fits only the first
+    zone, so failover needs a known_hosts file.
+    """
+    if s.coordinator_url:
+        placed = await placement(s.coordinator_url, vm)
+        return [ZoneClient(e["ssh_host"], int(e["ssh_port"]), s.key,
+                           host_key=asyncssh.import_public_key(e["host_key"]))
+                for e in placed]
+    zones = s.zones or ((s.zone_host, s.zone_port),)
+    if s.host_key is not None:
+        zones = zones[:1]
+    return [ZoneClient(h, p, s.key, known_hosts=s.known_hosts, host_key=s.host_key)
+            for h, p in zones]
+
+
+async def placement(coordinator_url: str, vm: str) -> list[dict[str, Any]]:
+    """The VM's zones (primary first) with their endpoints, from the coordinator."""
+    url = f"{coordinator_url.rstrip('/')}/v1/placement/{vm}"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http, \
+                http.get(url) as r:
+            body = await r.json(content_type=None)
+            if r.status != 200:
+                raise ZoneError(str(body.get("code", r.status)), str(body.get("message", "")),
+                                "placement")
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        raise ZoneUnreachable(f"coordinator {coordinator_url}: {exc}") from exc
+    endpoints = body.get("endpoints") if isinstance(body, dict) else None
+    if not isinstance(endpoints, list) or not endpoints:
+        raise ZoneError("BadAnswer", f"coordinator gave no endpoints for VM {vm}", "placement")
+    return [e for e in endpoints if isinstance(e, dict)]
 
 
 def _reporter(choice: str) -> progress.Reporter:
@@ -139,16 +191,33 @@ async def cmd_push(args: argparse.Namespace, s: CnSettings) -> int:
             raise UsageError(f"--metadata {args.metadata}: {exc}") from exc
         if not isinstance(meta, dict):
             raise UsageError(f"--metadata {args.metadata}: must hold a JSON object")
-    async with _client(s) as zone:
-        cn = CnClient(zone, dataset_root=s.dataset_root, progress=_reporter(args.progress))
-        report = await cn.push(args.vm, name=args.name, base=args.base, metadata=meta)
+    targets = await _push_targets(s, args.vm)
+    report = None
+    for i, zone in enumerate(targets):
+        try:
+            async with zone:
+                cn = CnClient(zone, dataset_root=s.dataset_root,
+                              progress=_reporter(args.progress))
+                report = await cn.push(args.vm, name=args.name, base=args.base, metadata=meta,
+                                       durability=args.durability)
+            break
+        except ZoneUnreachable as exc:
+            if i + 1 == len(targets):
+                raise
+            # Failover: the other zone takes this snapshot; the pair converges later.
+            print(f"snapper: push: {zone.endpoint} unreachable ({_one_line(str(exc))}); "
+                  f"trying {targets[i + 1].endpoint}", file=sys.stderr)
+    assert report is not None
     if args.json:
         print(json.dumps({"vm": report.vm, "snapshot": report.snapshot, "bytes": report.bytes,
-                          "metadata": report.metadata_source,
+                          "metadata": report.metadata_source, "durability": report.durability,
+                          "zones": report.zones,
                           "datasets": [vars(d) for d in report.datasets]}))
         return 0
+    copies = len(report.zones)
     print(f"pushed {report.vm}@{report.snapshot} ({format_bytes(report.bytes)}, "
-          f"metadata: {report.metadata_source})")
+          f"metadata: {report.metadata_source}); durability {report.durability or 'n/a'}: "
+          f"{copies} cop{'y' if copies == 1 else 'ies'} on {', '.join(report.zones) or '?'}")
     for d in report.datasets:
         base = f" from {d.base}" if d.base else ""
         print(f"  {d.label:<12} {d.action}{base}  {format_bytes(d.bytes)}")
@@ -221,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "one both sides hold)")
     push.add_argument("--metadata", metavar="FILE",
                       help="VM metadata JSON to store with it (default: vmadm get)")
+    push.add_argument("--durability", choices=("mirrored", "local"),
+                      help="mirrored: return once both of the VM's zones hold it; local: once "
+                      "the zone pushed to does (the mirror follows). Default: the zone's")
     push.add_argument("--json", action="store_true", help="print the result as JSON")
     push.set_defaults(handler=cmd_push)
 

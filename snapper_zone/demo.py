@@ -26,8 +26,9 @@ from typing import Any
 
 import aiohttp
 
+from replication.peers import pair_of
 from snapper_zone import localpool, progress
-from snapper_zone.cnclient import CnClient, ZoneClient
+from snapper_zone.cnclient import CnClient, ZoneClient, ZoneError
 from snapper_zone.fleet import LocalCN, LocalFleet, LocalZone
 from snapper_zone.names import Dataset
 from snapper_zone.zfs import Zfs
@@ -62,9 +63,17 @@ class Demo:
         # sha256 of each VM's disk0 files as they were when a snapshot was pushed
         self.digests: dict[tuple[str, str], dict[str, str]] = {}
 
+    def pair(self, vm: str) -> tuple[LocalZone, LocalZone]:
+        """The VM's primary and mirror: rendezvous hashing, as every zone computes it."""
+        by_uuid = {z.uuid: z for z in self.fleet.zones}
+        first, second = pair_of(vm, list(by_uuid))
+        return by_uuid[first], by_uuid[second]
+
     def primary(self, vm: str) -> LocalZone:
-        # Static placement until the coordinator places VMs: spread by uuid.
-        return self.fleet.zones[int(vm.replace("-", ""), 16) % len(self.fleet.zones)]
+        return self.pair(vm)[0]
+
+    def name_of(self, zone_uuid: str) -> str:
+        return next((z.name for z in self.fleet.zones if z.uuid == zone_uuid), zone_uuid[:8])
 
     def mnt(self, cn: LocalCN, ds: Dataset) -> Path:
         assert cn.pool.mountpoint is not None
@@ -86,26 +95,33 @@ class Demo:
                 await self.zfs.create(top.child("disk0"))
                 _fill(self.mnt(cn, top), "etc-passwd", 4096)
                 _fill(self.mnt(cn, top.child("disk0")), "blocks-0", self.data)
-                info(f"{cn.id}: VM {vm} -> primary zone {self.primary(vm).name}")
+                p, m = self.pair(vm)
+                info(f"{cn.id}: VM {vm} -> primary {p.name}, mirror {m.name}")
 
-    async def push_all(self, label: str) -> None:
+    async def push_all(self, label: str, durability: str | None = None,
+                       only: str | None = None) -> None:
         for cn in self.fleet.cns:
             for vm in cn.vms:
+                if only is not None and vm != only:
+                    continue
                 zone = self.primary(vm)
                 zc, client = self.client(cn, zone)
                 async with zc:
                     t0 = time.monotonic()
                     rep = await client.push(vm, name=label,
                                             metadata={"uuid": vm, "alias": f"demo-{vm[:8]}",
-                                                      "brand": "joyent"})
+                                                      "brand": "joyent"},
+                                            durability=durability)
                 secs = time.monotonic() - t0
                 disk = Dataset(cn.pool.name).child(vm).child("disk0")
                 self.digests[(vm, label)] = _digests(self.mnt(cn, disk))
                 kinds = ", ".join(f"{d.label}: {d.action or 'sent'}"
                                   + (f" from @{d.base.rpartition('@')[2]}" if d.base else "")
                                   for d in rep.datasets)
+                held = " + ".join(self.name_of(z) for z in rep.zones)
                 info(f"{cn.id} pushed {vm[:8]}@{label} to {zone.name}: "
-                     f"{progress.format_bytes(rep.bytes)} in {secs:.1f}s ({kinds})")
+                     f"{progress.format_bytes(rep.bytes)} in {secs:.1f}s ({kinds}); "
+                     f"{rep.durability}: stored on {held}")
 
     async def change_data(self, tag: str) -> None:
         for cn in self.fleet.cns:
@@ -114,24 +130,25 @@ class Demo:
                 _fill(self.mnt(cn, disk), f"blocks-{tag}", self.data // 4)
 
     async def list_http(self, http: aiohttp.ClientSession) -> None:
-        say("Listing what each zone holds (HTTP API), guids checked against the CN's")
+        say("Listing what each VM's two zones hold (HTTP API), guids checked against the CN's")
         print(f"    {'zone':<6} {'vm':<9} {'snapshot':<9} {'complete':<8} "
               f"{'refer':>9}  guid(disk0)          equal")
         for cn in self.fleet.cns:
             for vm in cn.vms:
-                zone = self.primary(vm)
-                async with http.get(f"{zone.http_url}/v1/vms/{vm}/snapshots") as r:
-                    r.raise_for_status()
-                    snaps: list[dict[str, Any]] = await r.json()
                 disk = Dataset(cn.pool.name).child(vm).child("disk0")
                 local = {s.name: s.guid for s in await self.zfs.snapshots(disk)}
-                for s in snaps:
-                    guid = int(s["datasets"]["disk0"]["guid"])
-                    same = "yes" if local.get(s["name"]) == guid else "CN deleted it"
-                    print(f"    {zone.name:<6} {vm[:8]:<9} {s['name']:<9} "
-                          f"{s['complete']!s:<8} "
-                          f"{progress.format_bytes(s['datasets']['disk0']['referenced']):>9}  "
-                          f"{guid:<20} {same}")
+                for zone in self.pair(vm):
+                    async with http.get(f"{zone.http_url}/v1/vms/{vm}/snapshots") as r:
+                        r.raise_for_status()
+                        snaps: list[dict[str, Any]] = await r.json()
+                    for s in snaps:
+                        part = s["datasets"]["disk0"]
+                        guid = int(part["guid"])
+                        same = "yes" if local.get(s["name"]) == guid else "CN deleted it"
+                        print(f"    {zone.name:<6} {vm[:8]:<9} {s['name']:<9} "
+                              f"{s['complete']!s:<8} "
+                              f"{progress.format_bytes(part['referenced']):>9}  "
+                              f"{guid:<20} {same}")
 
     async def delete_intermediate(self, http: aiohttp.ClientSession, name: str) -> None:
         say(f"Deleting the intermediate snapshot @{name} on the zones (any snapshot "
@@ -143,6 +160,13 @@ class Demo:
                     if r.status != 204:
                         raise RuntimeError(f"DELETE failed: {r.status} {await r.text()}")
                 info(f"{zone.name}: deleted {vm[:8]}@{name}")
+        for cn in self.fleet.cns:
+            for vm in cn.vms:
+                mirror = self.pair(vm)[1]
+                t0 = time.monotonic()
+                await wait_gone(http, mirror, vm, name)
+                info(f"{mirror.name} (mirror): {vm[:8]}@{name} gone too, "
+                     f"{time.monotonic() - t0:.1f}s later (tombstone + reconcile)")
 
     async def restore_and_check(self, snap: str) -> None:
         cn = self.fleet.cns[0]
@@ -161,6 +185,28 @@ class Demo:
              f"({len(got)} files, sha256)")
         if not ok:
             raise RuntimeError("restored data differs from the original")
+
+    async def mirror_outage(self, http: aiohttp.ClientSession, label: str) -> None:
+        cn = self.fleet.cns[0]
+        vm = cn.vms[0]
+        primary, mirror = self.pair(vm)
+        say(f"Killing {mirror.name} (SIGKILL), the mirror of VM {vm[:8]}")
+        assert mirror.daemon is not None
+        mirror.daemon.kill()
+        mirror.daemon = None
+        await self.change_data(label)
+        try:
+            await self.push_all(label, only=vm)
+        except ZoneError as exc:
+            info(f"a 'mirrored' push is refused, with the reason: {exc.code}")
+        say(f"Pushing @{label} again with --durability local: one copy now, two later")
+        await self.push_all(label, durability="local", only=vm)
+        say(f"Restarting {mirror.name}: {primary.name} notices and sends what it lacks")
+        t0 = time.monotonic()
+        await self.fleet.start_zone(mirror)
+        await wait_same(http, primary, mirror, vm)
+        info(f"{mirror.name} caught up in {time.monotonic() - t0:.1f}s: every snapshot of "
+             f"{vm[:8]} on both zones, guids equal")
 
     async def run(self) -> None:
         z = self.fleet.zones
@@ -183,12 +229,50 @@ class Demo:
             await self.change_data("s4")
             say("Pushing @s4: still incremental, from @s3")
             await self.push_all("s4")
+            await self.mirror_outage(http, "s5")
             await self.list_http(http)
         await self.restore_and_check("s3")
         say("Where to look (these stay up with --keep)")
         for zone in z:
             info(f"{zone.name}: {zone.http_url}/v1/vms  {zone.http_url}/metrics  "
                  f"log {zone.config_path.with_name('snapperd.log')}")
+
+
+async def _complete(http: aiohttp.ClientSession, zone: LocalZone,
+                    vm: str) -> dict[str, dict[str, str]] | None:
+    try:
+        async with http.get(f"{zone.http_url}/v1/vms/{vm}/snapshots") as r:
+            if r.status != 200:
+                return None
+            snaps: list[dict[str, Any]] = await r.json()
+    except aiohttp.ClientError:
+        return None
+    return {s["name"]: {d: p["guid"] for d, p in s["datasets"].items()}
+            for s in snaps if s["complete"]}
+
+
+async def wait_gone(http: aiohttp.ClientSession, zone: LocalZone, vm: str, name: str,
+                    timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        held = await _complete(http, zone, vm)
+        if held is not None and name not in held:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{zone.name} still holds {vm}@{name} after {timeout}s")
+        await asyncio.sleep(0.2)
+
+
+async def wait_same(http: aiohttp.ClientSession, a: LocalZone, b: LocalZone, vm: str,
+                    timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        ha, hb = await _complete(http, a, vm), await _complete(http, b, vm)
+        if ha and ha == hb:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{a.name} and {b.name} differ on {vm} after {timeout}s")
+        await asyncio.sleep(0.2)
 
 
 def _write_state(fleet: LocalFleet) -> Path:

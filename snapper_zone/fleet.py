@@ -38,6 +38,9 @@ class LocalZone:
     daemon: proc.Daemon | None = None
     ssh_port: int = 0
     http_port: int = 0
+    # Zones peer with every other zone of their group; None: no peer at all.
+    group: str | None = "fleet"
+    pipelined: bool = True
 
     @property
     def http_url(self) -> str:
@@ -126,7 +129,8 @@ class LocalFleet:
         keys += [{"role": "peer", "zone": z.uuid, "public_key_file": str(z.host_key_pub)}
                  for z in self.zones if z is not zone and z.host_key_pub.exists()]
         peers = [{"uuid": z.uuid, "ssh_host": "127.0.0.1", "ssh_port": z.ssh_port,
-                  "http_url": z.http_url} for z in self.zones if z is not zone]
+                  "http_url": z.http_url} for z in self.zones
+                 if z is not zone and zone.group is not None and z.group == zone.group]
         return {
             "uuid": zone.uuid, "name": zone.name, "root": zone.root,
             "ssh": {"host": "127.0.0.1", "port": zone.ssh_port,
@@ -136,10 +140,11 @@ class LocalFleet:
             "vms": {vm: cn.id for cn in self.cns for vm in cn.vms},
             "peers": peers if self.mirrored else [],
             "reconcile_interval_ms": self.reconcile_interval_ms,
-            "pipelined_mirroring": self.pipelined,
+            "pipelined_mirroring": self.pipelined and zone.pipelined,
         }
 
-    async def add_zone(self, pool_size: int = 1 << 30) -> LocalZone:
+    async def add_zone(self, pool_size: int = 1 << 30, *, group: str | None = "fleet",
+                       pipelined: bool = True) -> LocalZone:
         pool = await localpool.create_pool(self.zfs, self.workdir / "pools", "zone",
                                            size=pool_size, mounted=False)
         n = len(self.zones)
@@ -152,7 +157,7 @@ class LocalFleet:
         zone = LocalZone(str(uuid.uuid4()), f"zone{n}", pool, f"{pool.name}/snapper",
                          zdir / "snapperd.json", zdir / "ready.json",
                          host_key.with_suffix(".pub"), ssh_port=_free_port(),
-                         http_port=_free_port())
+                         http_port=_free_port(), group=group, pipelined=pipelined)
         self.zones.append(zone)
         return zone
 

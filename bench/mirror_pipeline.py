@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""Two durable copies for the price of one? Time to one copy vs two, same stream.
+
+A local fleet on one machine (real snapperd processes, file-backed pools):
+
+  one     a zone with no peer: the push returns when one copy is in
+  pair    a primary + mirror with pipelined mirroring: the push returns (mode
+          ``mirrored``) when both hold the snapshot, guid-verified
+  serial  the same with pipelining off: the mirror is sent the snapshot
+          after the primary has it (what every peer tool does)
+
+Each repeat makes a fresh VM on the CN (``--size-mib`` of random data in its
+disk0) and pushes that same snapshot to the three targets, in a rotating
+order so page-cache warmth favours none. Printed: the median seconds and
+MB/s of each, and the ratios pair/one (the issue's target: <= 1.2) and
+serial/one. Everything started is stopped, every pool destroyed.
+
+    python bench/mirror_pipeline.py [--size-mib 256] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from snapper_zone.cnclient import CnClient, ZoneClient
+from snapper_zone.fleet import LocalCN, LocalFleet, LocalZone
+from snapper_zone.names import Dataset
+
+CHUNK = 8 << 20
+
+
+def fill(path: Path, size: int) -> None:
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(CHUNK, left)
+            f.write(os.urandom(n))
+            left -= n
+
+
+async def push(fleet: LocalFleet, cn: LocalCN, zone: LocalZone, vm: str,
+               mode: str) -> tuple[float, list[str]]:
+    zc = ZoneClient("127.0.0.1", zone.ssh_port, cn.key_path, host_key=zone.host_key_pub)
+    client = CnClient(zc, dataset_root=cn.pool.name, zfs=fleet.zfs, vmadm=None)
+    async with zc:
+        t0 = time.monotonic()
+        rep = await client.push(vm, "bench", metadata={"uuid": vm}, durability=mode)
+        return time.monotonic() - t0, rep.zones
+
+
+async def main(size_mib: int, repeat: int) -> int:
+    size = size_mib << 20
+    pool = max(4 * size * repeat // 3, 512 << 20) + (256 << 20)
+    with tempfile.TemporaryDirectory(prefix="snapper-bench-") as tmp:
+        # The catch-up loop is slowed right down: only the pushes move data.
+        fleet = await LocalFleet.start(Path(tmp), zones=0, cns=1, vms_per_cn=0,
+                                       pool_size=pool + size * repeat,
+                                       reconcile_interval_ms=600_000)
+        try:
+            one = await fleet.add_zone(pool, group=None)
+            p1 = await fleet.add_zone(pool, group="pipelined")
+            await fleet.add_zone(pool, group="pipelined")  # its mirror
+            p2 = await fleet.add_zone(pool, group="serial", pipelined=False)
+            await fleet.add_zone(pool, group="serial", pipelined=False)
+            cn = fleet.cns[0]
+            vms = [str(uuid.uuid4()) for _ in range(repeat)]
+            cn.vms = vms
+            for z in fleet.zones:
+                await fleet.start_zone(z)
+            targets = {"one": (one, "local"), "pair": (p1, "mirrored"),
+                       "serial": (p2, "mirrored")}
+            times: dict[str, list[float]] = {k: [] for k in targets}
+            for i, vm in enumerate(vms):
+                top = Dataset(cn.pool.name).child(vm)
+                await fleet.zfs.create(top)
+                await fleet.zfs.create(top.child("disk0"))
+                assert cn.pool.mountpoint is not None
+                fill(cn.pool.mountpoint / vm / "disk0" / "data", size)
+                order = list(targets)[i % 3:] + list(targets)[: i % 3]
+                for name in order:
+                    zone, mode = targets[name]
+                    secs, zones = await push(fleet, cn, zone, vm, mode)
+                    want = 1 if name == "one" else 2
+                    if len(zones) != want:
+                        raise SystemExit(f"{name}: push answered zones {zones}, "
+                                         f"expected {want}")
+                    times[name].append(secs)
+                    print(f"  run {i + 1} {name:<6} {secs:6.2f} s  "
+                          f"{size / secs / 1e6:6.1f} MB/s", flush=True)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            print(f"\n{size_mib} MiB of incompressible data per push, median of {repeat} "
+                  f"(same CN snapshot to every target)")
+            print(f"  {'target':<34} {'seconds':>8} {'MB/s':>8}")
+            labels = {"one": "one copy (zone without peer)",
+                      "pair": "two copies, pipelined (mirrored)",
+                      "serial": "two copies, one after the other"}
+            for k, v in med.items():
+                print(f"  {labels[k]:<34} {v:8.2f} {size / v / 1e6:8.1f}")
+            print(f"\n  ratio two-copies-pipelined / one-copy : {med['pair'] / med['one']:.2f}"
+                  "  (target <= 1.2)")
+            print(f"  ratio two-copies-serial    / one-copy : {med['serial'] / med['one']:.2f}")
+        finally:
+            await fleet.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-mib", type=int, default=256)
+    ap.add_argument("--repeat", type=int, default=3)
+    a = ap.parse_args()
+    raise SystemExit(asyncio.run(main(a.size_mib, a.repeat)))
