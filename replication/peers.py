@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import asyncssh
 
 from rebalance.placement import ZoneInfo, ZoneState, hrw_ranking
+from replication.coordinator_client import CoordinatorClient, CoordinatorUnavailable
 from snapper_zone.cnclient import ZoneClient, ZoneUnreachable
-from snapper_zone.config import ZoneConfig
+from snapper_zone.config import TrustedKey, ZoneConfig
 from snapper_zone.errors import SnapperError
 
 __all__ = ["NoPeer", "Peer", "PeerLinks", "pair_of"]
@@ -53,14 +54,24 @@ def pair_of(vm: str, zones: Sequence[str]) -> tuple[str, ...]:
 class PeerLinks:
     """The peers of one zone and a cached connection to each."""
 
-    def __init__(self, config: ZoneConfig, log: logging.Logger) -> None:
+    def __init__(self, config: ZoneConfig, log: logging.Logger,
+                 coordinator: CoordinatorClient | None = None) -> None:
         self.config = config
         self.log = log
+        self.coordinator = coordinator
         keys = {k.zone: k.public_key for k in config.keys if k.role == "peer"}
-        self._peers = {p.uuid: Peer(p.uuid, p.ssh_host, p.ssh_port, p.http_url,
-                                    keys.get(p.uuid)) for p in config.peers}
+        self._static = {p.uuid: Peer(p.uuid, p.ssh_host, p.ssh_port, p.http_url,
+                                     keys.get(p.uuid)) for p in config.peers}
+        # Zones the coordinator knows (its registry), with their host keys;
+        # the config's own peers win over them.
+        self._learned: dict[str, Peer] = {}
+        self.learned_keys: dict[bytes, TrustedKey] = {}
         self._clients: dict[str, ZoneClient] = {}
         self._connecting: dict[str, asyncio.Lock] = {}
+
+    @property
+    def _peers(self) -> dict[str, Peer]:
+        return {**self._learned, **self._static}
 
     @property
     def peers(self) -> list[Peer]:
@@ -71,6 +82,46 @@ class PeerLinks:
             return self._peers[uuid]
         except KeyError:
             raise NoPeer(f"zone {uuid} is not a peer of this zone") from None
+
+    async def refresh(self) -> None:
+        """Learn the fleet's zones from the coordinator (no-op without one)."""
+        if self.coordinator is None:
+            return
+        try:
+            zones = await self.coordinator.zones()
+        except CoordinatorUnavailable as exc:
+            self.log.info("coordinator unavailable; keeping the last view: %s", exc)
+            return
+        learned: dict[str, Peer] = {}
+        keys: dict[bytes, TrustedKey] = {}
+        for z in zones:
+            if z.uuid == self.config.uuid or z.state == "lost":
+                continue
+            try:
+                key = asyncssh.import_public_key(z.host_key)
+            except (asyncssh.KeyImportError, ValueError):
+                self.log.warning("zone %s: unusable host key from the coordinator", z.uuid)
+                continue
+            learned[z.uuid] = Peer(z.uuid, z.ssh_host, z.ssh_port, z.http_url, z.host_key)
+            keys[key.public_data] = TrustedKey(
+                role="peer", public_key=z.host_key, fingerprint=key.get_fingerprint(),
+                key_data=key.public_data, zone=z.uuid)
+        self._learned, self.learned_keys = learned, keys
+
+    async def partner(self, vm: str) -> Peer | None:
+        """``partner_of``, asking the coordinator's placement first when there is one."""
+        if self.coordinator is not None:
+            pair = await self.coordinator.placement(vm)
+            if pair:
+                me = self.config.uuid
+                # Not in the pair (a move just took the VM away): the pair's first
+                # zone is where our copy's snapshots belong.
+                other = next((z for z in pair if z != me), None) if me in pair else pair[0]
+                if other is not None and other not in self._peers:
+                    await self.refresh()
+                if other is not None and other in self._peers:
+                    return self._peers[other]
+        return self.partner_of(vm)
 
     def partner_of(self, vm: str) -> Peer | None:
         """The zone that holds ``vm``'s other copy, or None when there is no peer."""
@@ -113,6 +164,8 @@ class PeerLinks:
     async def close(self) -> None:
         for uuid in list(self._clients):
             await self.forget(uuid)
+        if self.coordinator is not None:
+            await self.coordinator.close()
 
 
 def unreachable(exc: BaseException) -> bool:

@@ -52,6 +52,7 @@ MAX_ROUNDS = 4
 _TEE_CONNECT = 3.0  # seconds a push waits for the mirror to take a pipelined copy
 _TEE_FINISH = 120.0  # ... and for the mirror's receive to end after its own
 _TEE_BACKOFF = 30.0  # no pipelining to a peer that failed this recently
+_REGISTER_EVERY = 60.0  # seconds between re-registrations with the coordinator
 _CONCURRENCY = 2  # VMs reconciled at once by the loop (a CN push has priority)
 
 
@@ -101,6 +102,7 @@ class Replicator:
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._reg: asyncio.Task[None] | None = None
         self._lag: dict[str, tuple[int, int]] = {}
 
     @property
@@ -111,7 +113,9 @@ class Replicator:
 
     async def sync_vm(self, vm: str, peer_uuid: str | None = None) -> VmState:
         """Reconcile ``vm`` with its peer (or ``peer_uuid``) until in step or failing."""
-        peer = self.links.get(peer_uuid) if peer_uuid else self.links.partner_of(vm)
+        if peer_uuid is not None and peer_uuid not in {p.uuid for p in self.links.peers}:
+            await self.links.refresh()  # a zone the coordinator added since we last asked
+        peer = self.links.get(peer_uuid) if peer_uuid else await self.links.partner(vm)
         st = self.states.setdefault(vm, VmState(vm, peer.uuid if peer else None))
         if peer is None:
             st.state, st.last_error = "no_peer", "no peer zone is configured"
@@ -123,7 +127,7 @@ class Replicator:
                         retry=retry_if_exception(unreachable), stop=stop_after_attempt(3),
                         wait=wait_exponential(multiplier=0.2, max=5), reraise=True):
                     with attempt:
-                        await self._rounds(vm, peer, st)
+                        await self._rounds(vm, peer, st, peer_uuid is not None)
             except SnapperError as exc:
                 self._failed(st, exc)
                 if unreachable(exc):
@@ -133,6 +137,13 @@ class Replicator:
                 await self.links.forget(peer.uuid)
         return st
 
+    async def _placed_on(self, vm: str, zone: str) -> bool:
+        coordinator = self.links.coordinator
+        if coordinator is None:
+            return True  # static pairs: the peer is the VM's other zone by definition
+        pair = await coordinator.placement(vm, fresh=True)
+        return pair is None or zone in pair
+
     def _failed(self, st: VmState, exc: BaseException) -> None:
         st.state = "failing"
         st.last_failure = time.time()
@@ -141,13 +152,19 @@ class Replicator:
         self.log.warning("reconcile failed", extra={"vm": st.vm, "peer": st.peer,
                                                     "error": st.last_error})
 
-    async def _rounds(self, vm: str, peer: Peer, st: VmState) -> None:
+    async def _rounds(self, vm: str, peer: Peer, st: VmState, explicit: bool) -> None:
         client = await self.links.client(peer.uuid)
         store = self.zone.store
         for _ in range(MAX_ROUNDS):
             a, stones_a = from_document(self.me, await store.document(vm))
             remote = await client.inventory(vm)
             b, stones_b = from_document(peer.uuid, remote)
+            if not explicit and not remote.get("snapshots") and \
+                    not await self._placed_on(vm, peer.uuid):
+                # The peer holds nothing of this VM and the coordinator no longer
+                # places it there (a move just took it away): never recreate it.
+                st.state, st.last_error = "not_placed", None
+                return
             stones = [*stones_a, *stones_b]
             in_use = self.zone.transfers.in_use(vm) | set(remote.get("in_use") or ())
             actions = reconcile(a, b, stones, in_use)
@@ -201,16 +218,19 @@ class Replicator:
             self.zone.metrics.lag_snapshots.labels(p).set(n)
             self.zone.metrics.lag_bytes.labels(p).set(size)
 
-    async def confirm_mirrored(self, vm: str, name: str, parts: Mapping[str, int]
-                               ) -> tuple[str | None, str | None]:
+    async def confirm_mirrored(self, vm: str, name: str, parts: Mapping[str, int],
+                               timeout: float) -> tuple[str | None, str | None]:
         """Make the peer hold VM snapshot ``name`` with ``parts``' guids, complete.
 
         Returns (peer uuid, None) when it does, (peer uuid or None, why not) otherwise.
         """
-        peer = self.links.partner_of(vm)
+        peer = await self.links.partner(vm)
         if peer is None:
             return None, "no peer zone is configured"
-        st = await self.sync_vm(vm, peer.uuid)
+        try:
+            st = await asyncio.wait_for(self.sync_vm(vm, peer.uuid), timeout)
+        except TimeoutError:
+            return peer.uuid, f"no answer within {timeout:.0f} s"
         try:
             client = await self.links.client(peer.uuid)
             b, _ = from_document(peer.uuid, await client.inventory(vm))
@@ -232,7 +252,7 @@ class Replicator:
         """
         if not self.zone.config.pipelined_mirroring:
             return None
-        peer = self.links.partner_of(cmd.vm)
+        peer = await self.links.partner(cmd.vm)
         if peer is None:
             return None
         st = self.states.get(cmd.vm)
@@ -269,11 +289,33 @@ class Replicator:
         self._dirty.add(vm)
         self._wake.set()
 
-    def start(self) -> None:
-        if self._task is None and self.links.peers:
+    def start(self, record: dict[str, Any] | None = None) -> None:
+        """Run the loop; with a coordinator, also register ``record`` (this zone) there."""
+        if self._task is None and (self.links.peers or self.links.coordinator):
             self._task = asyncio.create_task(self._loop(), name="replicator")
+        if self.links.coordinator is not None and record is not None and self._reg is None:
+            self._reg = asyncio.create_task(self._register(record), name="register")
+
+    async def _register(self, record: dict[str, Any]) -> None:
+        """Tell the coordinator we exist, again now and then (its store may be new)."""
+        assert self.links.coordinator is not None
+        delay = 1.0
+        while True:
+            try:
+                await self.links.coordinator.register(record)
+                await self.links.refresh()
+                delay = _REGISTER_EVERY
+            except SnapperError as exc:
+                self.log.info("cannot register with the coordinator yet: %s", exc)
+                delay = min(delay * 2, 30.0)
+            await asyncio.sleep(delay)  # a period, not a synchronisation
 
     async def stop(self) -> None:
+        if self._reg is not None:
+            self._reg.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reg
+            self._reg = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -296,6 +338,7 @@ class Replicator:
         while True:
             now = time.monotonic()
             if now >= next_full:
+                await self.links.refresh()
                 try:
                     vms = set(await self.zone.store.vms())
                 except SnapperError as exc:

@@ -69,6 +69,20 @@ def parse_endpoint(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def parse_rate(text: str) -> float:
+    """"50M" -> 52428800.0 bytes/s; for argparse (ArgumentTypeError on bad input)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().removesuffix("B")
+    unit = t[-1:] if t[-1:] in units and t[-1:] else ""
+    try:
+        value = float(t[: len(t) - len(unit)]) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a rate: {text!r} (e.g. 50M)") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"rate must be positive: {text!r}")
+    return value
+
+
 def load_cn_config(path: Path) -> dict[str, Any]:
     """Read and check the CN config file; every problem names the file and field."""
     try:
@@ -198,6 +212,7 @@ async def cmd_push(args: argparse.Namespace, s: CnSettings) -> int:
             async with zone:
                 cn = CnClient(zone, dataset_root=s.dataset_root,
                               progress=_reporter(args.progress))
+                cn.bwlimit = args.bwlimit
                 report = await cn.push(args.vm, name=args.name, base=args.base, metadata=meta,
                                        durability=args.durability)
             break
@@ -293,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--durability", choices=("mirrored", "local"),
                       help="mirrored: return once both of the VM's zones hold it; local: once "
                       "the zone pushed to does (the mirror follows). Default: the zone's")
+    push.add_argument("--bwlimit", type=parse_rate, metavar="RATE",
+                      help="pace the stream to RATE bytes/s (suffix K, M, G: powers of 1024)")
     push.add_argument("--json", action="store_true", help="print the result as JSON")
     push.set_defaults(handler=cmd_push)
 

@@ -221,13 +221,37 @@ class _PipeToChannel(asyncio.Protocol):
     """Reads ``zfs send``'s stdout pipe and writes each chunk to the channel."""
 
     def __init__(self, chan: asyncssh.SSHClientChannel[bytes], progress: Reporter,
-                 limit: int | None) -> None:
+                 limit: int | None, bwlimit: float | None = None) -> None:
         self.chan = chan
         self.progress = progress
         self.limit = limit  # tests: stop after this many bytes, as a crash would
+        self.bwlimit = bwlimit  # bytes/s, or None
         self.transport: asyncio.ReadTransport | None = None
         self.bytes = 0
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._holds: set[str] = set()  # "window" (SSH flow control), "pace" (bwlimit)
+        self._started = time.monotonic()
+
+    def hold(self, why: str) -> None:
+        if not self._holds and self.transport is not None:
+            self.transport.pause_reading()
+        self._holds.add(why)
+
+    def release(self, why: str) -> None:
+        if why in self._holds:
+            self._holds.discard(why)
+            if not self._holds and self.transport is not None \
+                    and not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    def _pace(self) -> None:
+        # Token bucket with the whole stream as the window: ahead of schedule
+        # by more than a few ms, stop reading zfs send's pipe until on time.
+        assert self.bwlimit is not None
+        ahead = self.bytes / self.bwlimit - (time.monotonic() - self._started)
+        if ahead > 0.005:
+            self.hold("pace")
+            asyncio.get_running_loop().call_later(ahead, self.release, "pace")
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.ReadTransport)
@@ -256,6 +280,8 @@ class _PipeToChannel(asyncio.Protocol):
             return
         self.bytes += len(data)
         self.progress.advance(len(data))
+        if self.bwlimit:
+            self._pace()
 
     def eof_received(self) -> bool:
         if not self.done.done():
@@ -391,8 +417,12 @@ class ZoneClient:
 
     async def push_stream(self, cmd: Receive, spec: SendSpec, zfs: Zfs,
                           progress: Reporter | None = None, *,
-                          cut_after: int | None = None) -> StreamResult:
+                          cut_after: int | None = None,
+                          bwlimit: float | None = None) -> StreamResult:
         """``zfs send SPEC`` → the zone's ``receive``; raises the most telling error.
+
+        ``bwlimit`` (bytes/s) paces the stream, so a CN's pushes leave room
+        for its VMs' own traffic.
 
         The send child writes into a kernel pipe that asyncio reads; each
         chunk goes straight to the channel. When the SSH window is full the
@@ -413,7 +443,7 @@ class ZoneClient:
             raise
         finally:
             os.close(w)
-        pump = _PipeToChannel(chan, progress, cut_after)
+        pump = _PipeToChannel(chan, progress, cut_after, bwlimit)
         started = time.monotonic()
         try:
             transport, _ = await loop.connect_read_pipe(lambda: pump,
@@ -423,8 +453,8 @@ class ZoneClient:
             await sender.abort()
             chan.close()
             raise
-        session.on_pause = transport.pause_reading
-        session.on_resume = transport.resume_reading
+        session.on_pause = lambda: pump.hold("window")
+        session.on_resume = lambda: pump.release("window")
         zone_hung_up = False
         try:
             # Either the stream ends, or the zone ends the channel first (it
@@ -671,6 +701,7 @@ class CnClient:
         self.progress = progress or NoProgress()
         self.vmadm = vmadm
         self.cut_after: int | None = None  # tests: simulate a crash mid-stream
+        self.bwlimit: float | None = None  # bytes/s per stream, None: as fast as it goes
 
     def vm_dataset(self, vm: str) -> Dataset:
         return self.root.child(check_uuid(vm, "VM uuid"))
@@ -825,7 +856,8 @@ class CnClient:
                             snapshot=snap, base=base_zone, resume=resume)
         try:
             res = await self.zone.push_stream(cmd, spec, self.zfs, self.progress,
-                                              cut_after=self.cut_after)
+                                              cut_after=self.cut_after,
+                                              bwlimit=self.bwlimit)
         except BaseException as exc:
             self.progress.done(False, str(exc) or type(exc).__name__)
             raise

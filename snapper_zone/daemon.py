@@ -25,6 +25,7 @@ from typing import Any, NoReturn
 import asyncssh
 from aiohttp import web
 
+from replication.coordinator_client import CoordinatorClient
 from replication.peers import PeerLinks
 from replication.replicator import Replicator
 from snapper_zone.config import ConfigError, ZoneConfig, load_config
@@ -149,8 +150,10 @@ async def _wait_for_transfers(zone: Zone, grace: float) -> None:
 async def serve(config: ZoneConfig, args: argparse.Namespace, log: logging.Logger) -> int:
     zfs = Zfs()
     zone = Zone.from_config(config, zfs, log)
-    if config.peers:
-        zone.replicator = Replicator(zone, PeerLinks(config, log))
+    if config.peers or config.coordinator_url:
+        coordinator = CoordinatorClient(config.coordinator_url) if config.coordinator_url \
+            else None
+        zone.replicator = Replicator(zone, PeerLinks(config, log, coordinator))
     await ensure_root(zfs, zone.store.root, args.create_root, log)
     caps = await zfs.capabilities()
     ensure_host_key(config.ssh.host_key, log)
@@ -185,7 +188,7 @@ async def serve(config: ZoneConfig, args: argparse.Namespace, log: logging.Logge
                                      "http_port": http_port}
             write_atomically(args.ready_file, json.dumps(ready).encode() + b"\n")
         if zone.replicator is not None:
-            zone.replicator.start()
+            zone.replicator.start(await _registration(zone, ssh_port, http_port))
 
         await stop.wait()
         log.info("stopping", extra={"signal": received[0] if received else None})
@@ -202,6 +205,17 @@ async def serve(config: ZoneConfig, args: argparse.Namespace, log: logging.Logge
         await zone.replicator.stop()  # between rounds; a cut transfer is redone later
     log.info("stopped")
     return EXIT_OK
+
+
+async def _registration(zone: Zone, ssh_port: int, http_port: int) -> dict[str, Any]:
+    """This zone as the coordinator's registry records it (``POST /v1/zones``)."""
+    c = zone.config
+    host_key = asyncssh.read_private_key(str(c.ssh.host_key))
+    root = await zone.zfs.dataset(zone.store.root)
+    return {"uuid": c.uuid, "name": c.name, "ssh_host": c.ssh.host, "ssh_port": ssh_port,
+            "http_url": f"http://{c.http.host}:{http_port}",
+            "host_key": host_key.export_public_key().decode().strip(),
+            "capacity": root.available + root.used}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

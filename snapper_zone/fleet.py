@@ -68,14 +68,46 @@ def _keypair(path: Path, comment: str) -> str:
     return pub
 
 
+async def _wait_ready(daemon: proc.Daemon, ready: Path, what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(ready.exists):
+        if not daemon.alive():
+            raise RuntimeError(f"{what} exited; see {daemon.log_path}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not ready within {timeout}s")
+        await asyncio.sleep(0.05)  # polling a file another process writes, with a deadline
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
+@dataclass
+class LocalCoordinator:
+    config_path: Path
+    ready_path: Path
+    port: int
+    lost_after: float = 10.0
+    daemon: proc.Daemon | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def store(self) -> Path:
+        return self.config_path.with_name("coordinator.db")
+
+
 class LocalFleet:
-    """Create with ``await LocalFleet.start(...)``; always ``await fleet.stop()``."""
+    """Create with ``await LocalFleet.start(...)``; always ``await fleet.stop()``.
+
+    With ``coordinator=True`` a ``snapper-coordinator`` runs too: zones have no
+    static peers, register with it, and learn the fleet (and each VM's pair)
+    from it; CNs ask it where to push.
+    """
 
     def __init__(self, workdir: Path, *, mirrored: bool = True,
                  reconcile_interval_ms: int = 2000, pipelined: bool = True) -> None:
@@ -85,6 +117,7 @@ class LocalFleet:
         self.mirrored = mirrored
         self.reconcile_interval_ms = reconcile_interval_ms
         self.pipelined = pipelined
+        self.coordinator: LocalCoordinator | None = None
         self.zfs = Zfs()
         self.fuse: localpool.ZfsFuse | None = None
         self.zones: list[LocalZone] = []
@@ -94,10 +127,18 @@ class LocalFleet:
     @classmethod
     async def start(cls, workdir: Path, *, zones: int = 3, cns: int = 2, vms_per_cn: int = 2,
                     pool_size: int = 1 << 30, mirrored: bool = True,
-                    reconcile_interval_ms: int = 2000, pipelined: bool = True) -> LocalFleet:
+                    reconcile_interval_ms: int = 2000, pipelined: bool = True,
+                    coordinator: bool = False, lost_after: float = 10.0) -> LocalFleet:
         fleet = cls(workdir, mirrored=mirrored, reconcile_interval_ms=reconcile_interval_ms,
                     pipelined=pipelined)
         try:
+            if coordinator:
+                cdir = workdir / "coordinator"
+                os.makedirs(cdir, exist_ok=True)
+                fleet.coordinator = LocalCoordinator(cdir / "coordinator.toml",
+                                                     cdir / "ready.json", _free_port(),
+                                                     lost_after)
+                await fleet.start_coordinator()
             await fleet._start(zones, cns, vms_per_cn, pool_size)
         except BaseException:
             await fleet.stop()
@@ -130,7 +171,8 @@ class LocalFleet:
                  for z in self.zones if z is not zone and z.host_key_pub.exists()]
         peers = [{"uuid": z.uuid, "ssh_host": "127.0.0.1", "ssh_port": z.ssh_port,
                   "http_url": z.http_url} for z in self.zones
-                 if z is not zone and zone.group is not None and z.group == zone.group]
+                 if z is not zone and zone.group is not None and z.group == zone.group
+                 and self.coordinator is None]
         return {
             "uuid": zone.uuid, "name": zone.name, "root": zone.root,
             "ssh": {"host": "127.0.0.1", "port": zone.ssh_port,
@@ -141,6 +183,7 @@ class LocalFleet:
             "peers": peers if self.mirrored else [],
             "reconcile_interval_ms": self.reconcile_interval_ms,
             "pipelined_mirroring": self.pipelined and zone.pipelined,
+            **({"coordinator_url": self.coordinator.url} if self.coordinator else {}),
         }
 
     async def add_zone(self, pool_size: int = 1 << 30, *, group: str | None = "fleet",
@@ -168,15 +211,31 @@ class LocalFleet:
             [sys.executable, "-m", "snapper_zone.daemon", "--config", str(zone.config_path),
              "--ready-file", str(zone.ready_path), "--create-root"],
             str(zone.config_path.with_name("snapperd.log")))
-        deadline = time.monotonic() + timeout
-        while not zone.ready_path.exists():
-            if not zone.daemon.alive():
-                raise RuntimeError(f"{zone.name}'s snapperd exited; see {zone.daemon.log_path}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{zone.name}'s snapperd not ready within {timeout}s")
-            await asyncio.sleep(0.05)
+        await _wait_ready(zone.daemon, zone.ready_path, f"{zone.name}'s snapperd", timeout)
         ready = json.loads(zone.ready_path.read_text())
         zone.ssh_port, zone.http_port = int(ready["ssh_port"]), int(ready["http_port"])
+
+    async def start_coordinator(self, timeout: float = 60.0) -> None:
+        c = self.coordinator
+        assert c is not None
+        c.config_path.write_text(
+            f'store = "{c.store}"\n'
+            f'[listen]\nhost = "127.0.0.1"\nport = {c.port}\n'
+            f"[health]\ninterval = 0.5\ntimeout = 2.0\nlost_after = {c.lost_after}\n"
+            "[moves]\nper_zone = 2\nmax_attempts = 20\nretry_delay = 0.5\n"
+            "[rebalance]\nauto = true\nsettle = 1.0\ninterval = 5.0\n")
+        c.ready_path.unlink(missing_ok=True)
+        c.daemon = proc.Daemon(
+            [sys.executable, "-m", "rebalance.coordinator", "--config", str(c.config_path),
+             "--ready-file", str(c.ready_path)],
+            str(c.config_path.with_name("coordinator.log")))
+        await _wait_ready(c.daemon, c.ready_path, "the coordinator", timeout)
+
+    def stop_coordinator(self, *, kill: bool = False) -> None:
+        c = self.coordinator
+        if c is not None and c.daemon is not None:
+            c.daemon.kill() if kill else c.daemon.stop()
+            c.daemon = None
 
     def stop_zone(self, zone: LocalZone) -> None:
         if zone.daemon is not None:
@@ -187,6 +246,7 @@ class LocalFleet:
         """Stop every daemon, destroy every pool, stop zfs-fuse if we started it."""
         for zone in self.zones:
             self.stop_zone(zone)
+        self.stop_coordinator()
         for pool in [z.pool for z in self.zones] + [c.pool for c in self.cns]:
             try:
                 await pool.destroy(self.zfs)

@@ -474,13 +474,8 @@ class Service:
             io.write(_json_line(out))
             return
         guids = {d: part.guid for d, part in done.parts.items()}
-        try:
-            peer, why = await asyncio.wait_for(
-                rep.confirm_mirrored(cmd.vm, cmd.snapshot, guids),
-                zone.config.mirror_timeout_seconds)
-        except TimeoutError:
-            peer = rep.links.partner_of(cmd.vm).uuid  # type: ignore[union-attr]
-            why = f"no answer within {zone.config.mirror_timeout_seconds} s"
+        peer, why = await rep.confirm_mirrored(cmd.vm, cmd.snapshot, guids,
+                                               zone.config.mirror_timeout_seconds)
         if why is not None:
             raise MirrorUnavailable(
                 f"VM {cmd.vm} snapshot {cmd.snapshot!r} is complete on zone "

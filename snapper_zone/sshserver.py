@@ -84,7 +84,7 @@ class _Server(asyncssh.SSHServer):
         return True
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
-        trusted = self._zone.config.key_for(key.public_data)
+        trusted = self._zone.key_for(key.public_data)
         if trusted is None:
             self._zone.metrics.auth_failures.labels("unknown_key").inc()
             self._zone.log.warning("refused unknown key", extra={

@@ -8,7 +8,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from snapper_zone.config import ZoneConfig
+from snapper_zone.config import TrustedKey, ZoneConfig
 from snapper_zone.metrics import Metrics
 from snapper_zone.names import Dataset
 from snapper_zone.store import ZoneStore
@@ -46,6 +46,13 @@ class Zone:
             metrics=metrics, transfers=TransferRegistry(metrics),
             log=log or logging.getLogger("snapperd"),
             receive_slots=asyncio.Semaphore(config.max_concurrent_receives))
+
+    def key_for(self, key_data: bytes) -> TrustedKey | None:
+        """A client key the config trusts, or a peer zone's the coordinator registered."""
+        found = self.config.key_for(key_data)
+        if found is None and self.replicator is not None:
+            found = self.replicator.links.learned_keys.get(key_data)
+        return found
 
     def owner_of(self, vm: str) -> str | None:
         """The CN a VM belongs to, from the static map (the coordinator comes later)."""

@@ -1,0 +1,106 @@
+"""A zone's view of the coordinator (``rebalance/coordinator.py``) over its HTTP API.
+
+The zone registers itself (``POST /v1/zones``, again every few minutes, so a
+coordinator whose store was lost learns the fleet back), learns the other
+zones with their SSH endpoints and host keys (``GET /v1/zones``) and asks
+where a VM lives (``GET /v1/placement/{vm}``). Every answer is cached: a
+coordinator that is down slows nothing; the zone keeps the last view, or
+its static config when it never had one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from snapper_zone.errors import SnapperError
+
+__all__ = ["CoordinatorClient", "CoordinatorUnavailable", "ZoneRecord"]
+
+_TIMEOUT = aiohttp.ClientTimeout(total=10)
+PLACEMENT_TTL = 30.0  # seconds a VM's placement is trusted before asking again
+
+
+class CoordinatorUnavailable(SnapperError):
+    code = "CoordinatorUnavailable"
+    http_status = 503
+
+
+@dataclass(frozen=True)
+class ZoneRecord:
+    uuid: str
+    name: str
+    ssh_host: str
+    ssh_port: int
+    http_url: str
+    host_key: str
+    state: str = "active"
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ZoneRecord:
+        return cls(str(d["uuid"]), str(d.get("name", "")), str(d["ssh_host"]),
+                   int(d["ssh_port"]), str(d["http_url"]), str(d["host_key"]),
+                   str(d.get("state", "active")))
+
+
+class CoordinatorClient:
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self._session: aiohttp.ClientSession | None = None
+        self._placement: dict[str, tuple[float, tuple[str, ...]]] = {}
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=_TIMEOUT)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _call(self, method: str, path: str, body: Any = None) -> Any:
+        try:
+            async with self._http().request(method, self.url + path, json=body) as r:
+                doc = await r.json(content_type=None)
+                if r.status >= 400:
+                    msg = doc.get("message", "") if isinstance(doc, dict) else ""
+                    raise CoordinatorUnavailable(f"{method} {path}: {r.status} {msg}")
+                return doc
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise CoordinatorUnavailable(f"{method} {self.url}{path}: {exc!r}") from exc
+
+    async def register(self, record: dict[str, Any]) -> None:
+        await self._call("POST", "/v1/zones", record)
+
+    async def zones(self) -> list[ZoneRecord]:
+        doc = await self._call("GET", "/v1/zones")
+        out = []
+        for z in doc.get("zones", []) if isinstance(doc, dict) else []:
+            try:
+                out.append(ZoneRecord.from_json(z))
+            except (KeyError, TypeError, ValueError):
+                continue  # a half-registered zone is not a peer yet
+        return out
+
+    async def placement(self, vm: str, fresh: bool = False) -> tuple[str, ...] | None:
+        """The VM's (primary, mirror) zone uuids, or None when the coordinator is away.
+
+        ``fresh`` skips the cache: before creating a copy where there was none.
+        """
+        now = time.monotonic()
+        cached = self._placement.get(vm)
+        if cached is not None and now - cached[0] < PLACEMENT_TTL and not fresh:
+            return cached[1]
+        try:
+            doc = await self._call("GET", f"/v1/placement/{vm}")
+        except CoordinatorUnavailable:
+            return cached[1] if cached else None
+        zones = tuple(str(z) for z in doc.get("zones", [])) if isinstance(doc, dict) else ()
+        if len(zones) < 2:
+            return cached[1] if cached else None
+        self._placement[vm] = (now, zones)
+        return zones
