@@ -464,7 +464,8 @@ class Coordinator:
                 await self.store.set_sizes({vm: sizes[vm] for vm in placements if vm in sizes})
                 await self._replace_unpushed(placements, seen, by_id)
                 placements = await self.store.placements()
-            busy = {m.vm for m in await self.store.moves([MoveState.PLANNED, MoveState.RUNNING])}
+            active = await self.store.moves([MoveState.PLANNED, MoveState.RUNNING])
+            busy = {m.vm for m in active}
             stale = await self.stale_copies(zones, inv, placements, busy, dry_run)
             current = {vm: pair for vm, pair in placements.items()
                        if vm in seen and vm not in busy}
@@ -472,6 +473,12 @@ class Coordinator:
             for vm, pair in placements.items():
                 for z in pair:
                     held[z] += sizes.get(vm, 0)
+            # Moves in flight count where they are going: planning again before
+            # they finish must not fill the same gap twice.
+            for m in active:
+                held[m.to_zone] += sizes.get(m.vm, 0)
+                if m.from_zone is not None and m.from_zone in by_id:
+                    held[m.from_zone] -= sizes.get(m.vm, 0)
             p = plan([_zone_info(z, held[z.uuid]) for z in zones],
                      [VmInfo(vm, sizes.get(vm, 0)) for vm in current], current)
             moves: list[dict[str, Any]]

@@ -21,7 +21,7 @@ from snapper_zone.errors import SnapperError
 __all__ = ["CoordinatorClient", "CoordinatorUnavailable", "ZoneRecord"]
 
 _TIMEOUT = aiohttp.ClientTimeout(total=10)
-PLACEMENT_TTL = 30.0  # seconds a VM's placement is trusted before asking again
+PLACEMENT_TTL = 10.0  # seconds a VM's placement is trusted before asking again
 
 
 class CoordinatorUnavailable(SnapperError):

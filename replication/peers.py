@@ -108,10 +108,11 @@ class PeerLinks:
                 key_data=key.public_data, zone=z.uuid)
         self._learned, self.learned_keys = learned, keys
 
-    async def partner(self, vm: str) -> Peer | None:
-        """``partner_of``, asking the coordinator's placement first when there is one."""
+    async def partner(self, vm: str, fresh: bool = False) -> Peer | None:
+        """``partner_of``, asking the coordinator's placement first when there is one
+        (``fresh``: not from the cache, for a push that is about to make a copy)."""
         if self.coordinator is not None:
-            pair = await self.coordinator.placement(vm)
+            pair = await self.coordinator.placement(vm, fresh=fresh)
             if pair:
                 me = self.config.uuid
                 # Not in the pair (a move just took the VM away): the pair's first

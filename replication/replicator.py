@@ -137,12 +137,17 @@ class Replicator:
                 await self.links.forget(peer.uuid)
         return st
 
-    async def _placed_on(self, vm: str, zone: str) -> bool:
+    async def _not_placed(self, vm: str, local: Mapping[str, Any], remote: Mapping[str, Any],
+                          peer: str) -> bool:
+        """Whether a round would create a copy on a zone the VM is not placed on."""
         coordinator = self.links.coordinator
         if coordinator is None:
-            return True  # static pairs: the peer is the VM's other zone by definition
+            return False  # static pairs: both zones hold the VM by definition
+        empty = [z for z, doc in ((self.me, local), (peer, remote)) if not doc.get("snapshots")]
+        if not empty:
+            return False
         pair = await coordinator.placement(vm, fresh=True)
-        return pair is None or zone in pair
+        return pair is not None and any(z not in pair for z in empty)
 
     def _failed(self, st: VmState, exc: BaseException) -> None:
         st.state = "failing"
@@ -156,13 +161,13 @@ class Replicator:
         client = await self.links.client(peer.uuid)
         store = self.zone.store
         for _ in range(MAX_ROUNDS):
-            a, stones_a = from_document(self.me, await store.document(vm))
+            local = await store.document(vm)
+            a, stones_a = from_document(self.me, local)
             remote = await client.inventory(vm)
             b, stones_b = from_document(peer.uuid, remote)
-            if not explicit and not remote.get("snapshots") and \
-                    not await self._placed_on(vm, peer.uuid):
-                # The peer holds nothing of this VM and the coordinator no longer
-                # places it there (a move just took it away): never recreate it.
+            if not explicit and await self._not_placed(vm, local, remote, peer.uuid):
+                # One side holds nothing of this VM and the coordinator does not
+                # place it there (a move just took it away): never recreate it.
                 st.state, st.last_error = "not_placed", None
                 return
             stones = [*stones_a, *stones_b]
@@ -224,7 +229,7 @@ class Replicator:
 
         Returns (peer uuid, None) when it does, (peer uuid or None, why not) otherwise.
         """
-        peer = await self.links.partner(vm)
+        peer = await self.links.partner(vm, fresh=True)
         if peer is None:
             return None, "no peer zone is configured"
         try:
@@ -252,7 +257,7 @@ class Replicator:
         """
         if not self.zone.config.pipelined_mirroring:
             return None
-        peer = await self.links.partner(cmd.vm)
+        peer = await self.links.partner(cmd.vm, fresh=True)
         if peer is None:
             return None
         st = self.states.get(cmd.vm)
