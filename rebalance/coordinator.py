@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -56,6 +56,7 @@ from rebalance.mover import Mover, MoverSettings
 from rebalance.placement import VmInfo, ZoneInfo, ZoneState, hrw_ranking, plan
 from rebalance.store import (
     MoveState,
+    MoveStep,
     PlacementConflict,
     SqliteStore,
     Store,
@@ -277,9 +278,19 @@ class Coordinator:
         self._trigger.set()
 
     async def _auto(self) -> None:
+        """Plan after the zone set changes; in between, only repairs.
+
+        Balancing is driven by capacity changes (a zone added, drained, lost,
+        set active): the periodic pass moves nothing for balance alone, so
+        copies of unequal size do not ping-pong between zones near their share.
+        An operator's ``snapper rebalance`` balances whenever asked.
+        """
         while True:
-            with contextlib.suppress(TimeoutError):
+            changed = True
+            try:
                 await asyncio.wait_for(self._trigger.wait(), self.config.rebalance_interval)
+            except TimeoutError:
+                changed = False
             # Settle: zones (re)registering together, say after a rebuild, make one plan.
             while True:
                 self._trigger.clear()
@@ -287,8 +298,9 @@ class Coordinator:
                     await asyncio.wait_for(self._trigger.wait(), self.config.settle)
                 except TimeoutError:
                     break
+                changed = True  # a change while settling counts, even on a periodic pass
             try:
-                await self.rebalance(dry_run=False)
+                await self.rebalance(dry_run=False, repairs_only=not changed)
             except Exception:
                 log.exception("automatic rebalance failed")
 
@@ -446,7 +458,7 @@ class Coordinator:
             log.info("placement adopted from the zones' inventories", extra={"vms": n})
         return n
 
-    async def rebalance(self, dry_run: bool) -> dict[str, Any]:
+    async def rebalance(self, dry_run: bool, repairs_only: bool = False) -> dict[str, Any]:
         async with self._plan_lock:
             zones = await self.store.zones()
             inv = await self.inventories(zones)
@@ -474,13 +486,19 @@ class Coordinator:
                 for z in pair:
                     held[z] += sizes.get(vm, 0)
             # Moves in flight count where they are going: planning again before
-            # they finish must not fill the same gap twice.
+            # they finish must not fill the same gap twice. (At step delete the
+            # placement has switched already and counts them so.)
             for m in active:
+                if m.step is MoveStep.DELETE:
+                    continue
                 held[m.to_zone] += sizes.get(m.vm, 0)
                 if m.from_zone is not None and m.from_zone in by_id:
                     held[m.from_zone] -= sizes.get(m.vm, 0)
             p = plan([_zone_info(z, held[z.uuid]) for z in zones],
                      [VmInfo(vm, sizes.get(vm, 0)) for vm in current], current)
+            if repairs_only:
+                p = dataclasses.replace(p, moves=tuple(m for m in p.moves
+                                                       if m.reason != "rebalance"))
             moves: list[dict[str, Any]]
             if dry_run or not p.moves:
                 moves = [{"vm": m.vm, "from_zone": m.from_zone, "to_zone": m.to_zone,

@@ -1,0 +1,180 @@
+"""Issue 5 on real ZFS: a coordinator, 3-4 snapperd zones with their own pools, one CN.
+
+The coordinator places VMs, checks health and moves copies; zones register
+with it and learn their peers from it; the CN asks it where to push.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from snapper_zone.cli import placement
+from snapper_zone.cnclient import CnClient, ZoneClient
+from snapper_zone.fleet import LocalFleet, LocalZone
+from snapper_zone.names import Dataset
+from snapper_zone.zfs import Zfs
+from tests.conftest import ZfsTier
+from tests.helpers import wait_until, write_random
+
+pytestmark = pytest.mark.zfs
+
+N_VMS = 12
+
+
+class Fleet:
+    def __init__(self, fleet: LocalFleet, zfs: Zfs, http: aiohttp.ClientSession) -> None:
+        self.f = fleet
+        self.zfs = zfs
+        self.http = http
+        self.cn = fleet.cns[0]
+        assert fleet.coordinator is not None
+        self.url = fleet.coordinator.url
+
+    def zone(self, uuid: str) -> LocalZone:
+        return next(z for z in self.f.zones if z.uuid == uuid)
+
+    async def get(self, url: str) -> Any:
+        async with self.http.get(url) as r:
+            r.raise_for_status()
+            return await r.json()
+
+    async def make_vms(self) -> None:
+        for vm in self.cn.vms:
+            top = Dataset(self.cn.pool.name).child(vm)
+            await self.zfs.create(top)
+            await self.zfs.create(top.child("disk0"))
+            write_random(self.cn.pool, top.child("disk0"), "s0", 1 << 20)
+
+    async def push(self, vm: str, name: str) -> list[str]:
+        """Push to the VM's primary as the coordinator places it; the zones holding it."""
+        ends = await placement(self.url, vm)
+        last: Exception | None = None
+        for e in ends:  # the CN fails over as `snapper push` does
+            zone = self.zone(e["uuid"])
+            zc = ZoneClient("127.0.0.1", zone.ssh_port, self.cn.key_path,
+                            host_key=zone.host_key_pub)
+            try:
+                async with zc:
+                    cn = CnClient(zc, dataset_root=self.cn.pool.name, zfs=self.zfs,
+                                  vmadm=None)
+                    rep = await cn.push(vm, name, metadata={"uuid": vm})
+                    return rep.zones
+            except Exception as exc:  # any failure: the next zone, as the CLI does
+                last = exc
+        raise AssertionError(f"push of {vm}@{name} failed everywhere: {last}")
+
+    async def cn_guids(self, vm: str) -> dict[str, dict[str, int]]:
+        top = Dataset(self.cn.pool.name).child(vm)
+        out: dict[str, dict[str, int]] = {}
+        for label, ds in (("root", top), ("disk0", top.child("disk0"))):
+            for s in await self.zfs.snapshots(ds):
+                out.setdefault(s.name, {})[label] = s.guid
+        return out
+
+    async def holders(self) -> dict[str, dict[str, dict[str, dict[str, int]]]]:
+        """vm -> zone uuid -> snapshot -> dataset -> guid (complete snapshots only)."""
+        out: dict[str, dict[str, dict[str, dict[str, int]]]] = {}
+        for z in self.f.zones:
+            if z.daemon is None:
+                continue
+            for row in await self.get(f"{z.http_url}/v1/vms"):
+                vm = row["uuid"]
+                async with self.http.get(f"{z.http_url}/v1/vms/{vm}/snapshots") as r:
+                    if r.status == 404:
+                        continue  # dropped (a move's last step) since the listing
+                    r.raise_for_status()
+                    snaps = await r.json()
+                out.setdefault(vm, {})[z.uuid] = {
+                    s["name"]: {d: int(p["guid"]) for d, p in s["datasets"].items()}
+                    for s in snaps if s["complete"]}
+        return out
+
+    async def copies_wrong(self, acked: dict[str, set[str]]) -> str:
+        """"" when every VM is on exactly two live zones, each holding every acked
+        snapshot with the CN's guids; else what is wrong."""
+        try:
+            held = await self.holders()
+        except aiohttp.ClientError as exc:
+            return f"cannot list: {exc}"
+        for vm, names in acked.items():
+            copies = held.get(vm, {})
+            if len(copies) != 2:
+                return f"{vm} on {len(copies)} zones: " + ", ".join(
+                    f"{self.zone(z).name}: {sorted(s)}" for z, s in copies.items())
+            want = await self.cn_guids(vm)
+            for z, snaps in copies.items():
+                bad = sorted(n for n in names if snaps.get(n) != want[n])
+                if bad:
+                    return f"{vm} on {self.zone(z).name} lacks or differs: {bad}"
+        return ""
+
+    async def two_copies_everywhere(self, acked: dict[str, set[str]]) -> bool:
+        return not await self.copies_wrong(acked)
+
+    async def moves_settled(self) -> bool:
+        moves = (await self.get(f"{self.url}/v1/moves"))["moves"]
+        return all(m["state"] in ("done", "failed") for m in moves)
+
+
+@pytest.fixture
+async def fleet(zfs_tier: ZfsTier, zfs: Zfs, tmp_path: Path) -> AsyncIterator[Fleet]:
+    lf = await LocalFleet.start(tmp_path / "fleet", zones=3, cns=1, vms_per_cn=N_VMS,
+                                pool_size=512 << 20, coordinator=True,
+                                reconcile_interval_ms=5000, lost_after=4.0)
+    try:
+        async with aiohttp.ClientSession() as http:
+            f = Fleet(lf, zfs, http)
+            await wait_until(lambda: _registered(f, 3), 60, "3 zones registered")
+            await f.make_vms()
+            yield f
+    finally:
+        await lf.stop()
+
+
+async def _registered(f: Fleet, n: int) -> bool:
+    zones = (await f.get(f"{f.url}/v1/zones"))["zones"]
+    return len(zones) == n
+
+
+async def _push_rounds(f: Fleet, names: list[str]) -> dict[str, set[str]]:
+    acked: dict[str, set[str]] = {vm: set() for vm in f.cn.vms}
+    for i, name in enumerate(names):
+        for vm in f.cn.vms:
+            if i:
+                write_random(f.cn.pool, Dataset(f.cn.pool.name).child(vm).child("disk0"),
+                             name, 128 << 10)
+            zones = await f.push(vm, name)
+            assert len(zones) == 2, f"{vm}@{name} acked on {zones}"
+            acked[vm].add(name)
+    return acked
+
+
+async def test_add_a_fourth_zone_takes_its_share(fleet: Fleet) -> None:
+    acked = await _push_rounds(fleet, ["s1", "s2", "s3"])
+    assert await fleet.copies_wrong(acked) == ""
+    new = await fleet.f.add_zone(512 << 20)
+    await fleet.f.start_zone(new)
+    await wait_until(lambda: _registered(fleet, 4), 60, "the 4th zone registered")
+
+    async def balanced() -> bool:
+        if not await fleet.moves_settled():
+            return False
+        held = await fleet.holders()
+        return sum(1 for copies in held.values() if new.uuid in copies) >= 1 \
+            and await fleet.two_copies_everywhere(acked)
+
+    try:
+        await wait_until(balanced, 240, "moves onto the new zone done", poll=1.0)
+    except TimeoutError:
+        raise AssertionError(f"not balanced: {await fleet.copies_wrong(acked)}") from None
+    held = await fleet.holders()
+    on_new = sum(1 for copies in held.values() if new.uuid in copies)
+    share = on_new / (2 * N_VMS)
+    assert abs(share - 0.25) <= 0.025, f"new zone holds {on_new} of {2 * N_VMS} copies"
+    moves = (await fleet.get(f"{fleet.url}/v1/moves"))["moves"]
+    assert moves and all(m["state"] == "done" for m in moves)
