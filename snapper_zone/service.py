@@ -473,6 +473,15 @@ class Service:
             rep.kick(cmd.vm)
             io.write(_json_line(out))
             return
+        if os.environ.get("SNAPPER_TEST_ACK_EARLY") == "1":
+            # TEST HOOK, never set in production: a deliberately broken build that
+            # acks "mirrored" before the mirror holds the snapshot; the soak
+            # (tests/test_soak.py) must catch it.
+            early = await rep.links.partner(cmd.vm)
+            if early is not None:
+                out.update(zones=[zone.config.uuid, early.uuid], mirror=early.uuid)
+                io.write(_json_line(out))
+                return
         guids = {d: part.guid for d, part in done.parts.items()}
         peer, why = await rep.confirm_mirrored(cmd.vm, cmd.snapshot, guids,
                                                zone.config.mirror_timeout_seconds)
