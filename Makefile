@@ -10,7 +10,7 @@ VPY     := $(VENV)/bin/python
 APT_PKGS := zfs-fuse openssh-client openssh-server libxml2-utils python3-venv python3-pip \
             qemu-system-x86 qemu-utils mmdebstrap e2fsprogs
 
-.PHONY: deps demo test test-host test-vm lint bench
+.PHONY: deps demo test test-host test-vm test-soak lint bench
 
 $(VENV)/.installed: pyproject.toml
 	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -33,7 +33,13 @@ lint: deps
 
 # Host tier: zfs-fuse on file-backed pools (started and stopped by the fixtures).
 test-host: deps
-	$(VPY) -m pytest -rs -q -p no:cacheprovider tests
+	$(VPY) -m pytest -rs -q -p no:cacheprovider -m "not soak" tests
+
+# Soak tier: a real local fleet under load and a seeded fault schedule, then the
+# invariants (soak/); SNAPPER_SOAK_SECONDS sets the load time (default 120; the
+# whole tier takes about 4 minutes). Longer runs: python -m soak --duration N.
+test-soak: deps
+	$(VPY) -m pytest -rs -q -p no:cacheprovider -m soak tests/test_soak.py
 
 # OpenZFS 2.3 tier: the ZFS layer's tests and those needing resume, bookmarks or
 # zvols (marked openzfs), in a qemu VM under TCG (~17x slower than the host; the
@@ -42,7 +48,7 @@ test-host: deps
 test-vm: deps
 	PYTHON=$(VPY) tools/zvm/test.sh -rs -v -p no:cacheprovider -m openzfs tests
 
-test: lint test-host test-vm
+test: lint test-host test-soak test-vm
 
 bench: deps
 	$(VPY) bench/push_throughput.py

@@ -1,0 +1,62 @@
+"""``python -m soak --duration 300 --seed N --cns 2 --zones 3 --report PATH [--coordinator]``.
+
+Prints the seed and the schedule first, so a failure can be replayed; exits 1
+when an invariant fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import sys
+import time
+from pathlib import Path
+
+from soak import report
+from soak.driver import SoakConfig, default_workdir, run_soak
+from soak.faults import COORDINATOR_KINDS, FAULTS, STATIC_KINDS
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m soak", description=__doc__)
+    ap.add_argument("--duration", type=float, default=300.0, help="seconds of load (300)")
+    ap.add_argument("--seed", type=int, default=None, help="default: a new one, printed")
+    ap.add_argument("--cns", type=int, default=2)
+    ap.add_argument("--zones", type=int, default=3)
+    ap.add_argument("--vms-per-cn", type=int, default=2)
+    ap.add_argument("--coordinator", action="store_true",
+                    help="run a coordinator too, and add its faults (add, drain, lose a zone; "
+                         "kill the coordinator)")
+    ap.add_argument("--kinds", default=None,
+                    help="comma-separated fault kinds (default: every kind of this mode: "
+                         f"{', '.join(STATIC_KINDS)}; with --coordinator also "
+                         f"{', '.join(k for k in COORDINATOR_KINDS if k not in STATIC_KINDS)})")
+    ap.add_argument("--report", type=Path, default=None, help="write the JSON report here")
+    ap.add_argument("--workdir", type=Path, default=None)
+    args = ap.parse_args(argv)
+    kinds = tuple(k.strip() for k in args.kinds.split(",")) if args.kinds else None
+    bad = [k for k in kinds or () if k not in FAULTS]
+    if bad:
+        ap.error(f"unknown fault kinds: {', '.join(bad)}")
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
+    config = SoakConfig(duration=args.duration, seed=seed, cns=args.cns, zones=args.zones,
+                        vms_per_cn=args.vms_per_cn, coordinator=args.coordinator,
+                        fault_kinds=kinds,
+                        workdir=args.workdir or default_workdir())
+    print(report.schedule_text(seed, config.make_schedule(), config.kinds()), flush=True)
+    t0 = time.monotonic()
+
+    def log(msg: str) -> None:
+        print(f"[{time.monotonic() - t0:7.1f}s] {msg}", flush=True)
+
+    result = asyncio.run(run_soak(config, log=log))
+    doc = report.write(result, args.report)
+    print(report.summary(doc))
+    if args.report:
+        print(f"report: {args.report}")
+    return 0 if result.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,636 @@
+"""The soak driver: a real local fleet, N simulated CNs, a fault schedule, the verdict.
+
+Each CN is one task: it changes its VMs' data, pushes a snapshot (mirrored;
+``local`` when the mirror is unavailable; the other zone when its zone does
+not answer, as ``snapper push`` fails over), now and then restores one and
+compares it byte for byte, or deletes an older one. Every outcome is
+recorded. Meanwhile the faults of the schedule run one after another. Then
+the fleet is brought back (every zone up, nothing filled) and left to settle,
+and ``invariants`` judges what was recorded against what the zones hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from replication.peers import pair_of
+from snapper_zone import proc
+from snapper_zone.cli import placement
+from snapper_zone.cnclient import CnClient, PushReport, ZoneClient, ZoneError
+from snapper_zone.errors import DatasetBusy, SnapperError
+from snapper_zone.fleet import LocalCN, LocalFleet, LocalZone
+from snapper_zone.names import Dataset
+from snapper_zone.zfs import Zfs
+from soak import invariants
+from soak.faults import COORDINATOR_KINDS, FAULTS, STATIC_KINDS, PlannedFault, make_schedule
+from soak.records import (
+    DeleteRecord,
+    FaultRecord,
+    Holdings,
+    PartialState,
+    PushRecord,
+    RestoreRecord,
+    RssSample,
+)
+
+DISK = "disk0"
+
+
+@dataclass
+class SoakConfig:
+    duration: float = 300.0
+    seed: int = 0
+    cns: int = 2
+    zones: int = 3
+    vms_per_cn: int = 2
+    coordinator: bool = False
+    workdir: Path = Path("/var/tmp/snapper-soak")
+    pool_size: int = 1 << 30
+    interval: tuple[float, float] = (0.3, 2.0)  # seconds between a CN's operations
+    write: tuple[int, int] = (16 << 10, 512 << 10)  # bytes changed before a push
+    settle_timeout: float = 180.0
+    restore_sample: int = 4
+    min_faults: int = 6
+    min_kinds: int = 4
+    schedule: list[PlannedFault] | None = None  # None: from the seed
+    fault_kinds: tuple[str, ...] | None = None  # None: every kind this mode has
+
+    def kinds(self) -> tuple[str, ...]:
+        if self.fault_kinds is not None:
+            return self.fault_kinds
+        return COORDINATOR_KINDS if self.coordinator else STATIC_KINDS
+
+    def make_schedule(self) -> list[PlannedFault]:
+        if self.schedule is not None:
+            return self.schedule
+        return make_schedule(self.seed, self.duration, self.kinds(), zones=self.zones)
+
+
+@dataclass
+class SoakResult:
+    config: SoakConfig
+    schedule: list[PlannedFault]
+    pushes: list[PushRecord]
+    deletes: list[DeleteRecord]
+    restores: list[RestoreRecord]
+    faults: list[FaultRecord]
+    checks: list[invariants.Check]
+    rss_before: list[RssSample]
+    rss_after: list[RssSample]
+    bytes_written: int
+    run_seconds: float
+    settle_seconds: float
+    total_seconds: float
+    skipped: list[PlannedFault] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+
+async def _destroy(zfs: Zfs, ds: Dataset, timeout: float = 30.0) -> None:
+    """Destroy a restored copy; zfs-fuse may still be settling a mount it just made."""
+    deadline = time.monotonic() + timeout
+    while await zfs.exists(ds):
+        try:
+            await zfs.destroy(ds, recursive=True)
+        except DatasetBusy:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)  # retrying a busy dataset, with a deadline
+
+
+def _hash_tree(path: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.iterdir()) if p.is_file()}
+
+
+class Workload:
+    """The simulated CNs and everything they record."""
+
+    def __init__(self, soak: Soak) -> None:
+        self.soak = soak
+        self.pushes: list[PushRecord] = []
+        self.deletes: list[DeleteRecord] = []
+        self.restores: list[RestoreRecord] = []
+        self.bytes_written = 0
+        # (vm, snapshot) -> dataset label -> file -> sha256, as pushed
+        self.manifests: dict[tuple[str, str], dict[str, dict[str, str]]] = {}
+        self._files: dict[str, dict[str, dict[str, str]]] = {}
+        self._counter: dict[str, int] = {}
+        self._cuts: dict[str, tuple[int, asyncio.Future[PushRecord]]] = {}
+        self._restores = 0
+
+    # -- the VMs' data ----------------------------------------------------------------
+
+    def top(self, cn: LocalCN, vm: str) -> Dataset:
+        return Dataset(cn.pool.name).child(vm)
+
+    def _dir(self, cn: LocalCN, ds: Dataset) -> Path:
+        assert cn.pool.mountpoint is not None
+        return cn.pool.mountpoint / ds.relative_to(Dataset(cn.pool.name))
+
+    async def make_vms(self) -> None:
+        zfs = self.soak.fleet.zfs
+        for cn in self.soak.fleet.cns:
+            for vm in cn.vms:
+                await zfs.create(self.top(cn, vm))
+                await zfs.create(self.top(cn, vm).child(DISK))
+                self._files[vm] = {"root": {}, DISK: {}}
+
+    def mutate(self, cn: LocalCN, vm: str, rng: random.Random) -> None:
+        """Change the VM's data: new files, an overwrite, now and then a removal."""
+        files = self._files[vm]
+        label = DISK if rng.random() < 0.8 else "root"
+        ds = self.top(cn, vm) if label == "root" else self.top(cn, vm).child(DISK)
+        where = self._dir(cn, ds)
+        have = sorted(files[label])
+        if have and rng.random() < 0.15:
+            gone = rng.choice(have)
+            (where / gone).unlink()
+            del files[label][gone]
+        name = rng.choice(have) if have and rng.random() < 0.3 else f"f{len(have):04d}"
+        data = rng.randbytes(rng.randint(*self.soak.config.write))
+        (where / name).write_bytes(data)
+        files[label][name] = hashlib.sha256(data).hexdigest()
+        self.bytes_written += len(data)
+
+    def next_name(self, vm: str) -> str:
+        self._counter[vm] = self._counter.get(vm, 0) + 1
+        return f"s{self._counter[vm]:05d}"
+
+    # -- the loop of one CN -------------------------------------------------------------
+
+    async def run_cn(self, index: int, until: float) -> None:
+        cn = self.soak.fleet.cns[index]
+        rng = random.Random(self.soak.config.seed * 7919 + index)
+        retry: dict[str, str] = {}  # vm -> a snapshot whose push failed: push it again
+        while time.monotonic() < until:
+            await asyncio.sleep(rng.uniform(*self.soak.config.interval))  # the workload's pace
+            vm = rng.choice(cn.vms)
+            roll = rng.random()
+            if roll < 0.10:
+                await self.restore_one(cn, vm, rng)
+            elif roll < 0.20:
+                await self.delete_one(vm, rng)
+            else:
+                name = retry.pop(vm, None)
+                if name is None:
+                    self.mutate(cn, vm, rng)
+                    name = self.next_name(vm)
+                rec = await self.push(cn, vm, name)
+                if not rec.ok:
+                    retry[vm] = name  # as a CN's next run would: the same snapshot again
+
+    async def cut_next_push(self, cn_id: str, cut: int, timeout: float) -> PushRecord:
+        """Truncate ``cn_id``'s next push stream after ``cut`` bytes; its record."""
+        fut: asyncio.Future[PushRecord] = asyncio.get_running_loop().create_future()
+        self._cuts[cn_id] = (cut, fut)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._cuts.pop(cn_id, None)
+
+    # -- push -------------------------------------------------------------------------
+
+    async def push(self, cn: LocalCN, vm: str, name: str) -> PushRecord:
+        rec = PushRecord(cn.id, vm, name, self.soak.now(), ok=False)
+        cut = self._cuts.pop(cn.id, None)
+        rec.cut_after = cut[0] if cut else None
+        try:
+            rep = await self._push(cn, vm, name, rec.cut_after, rec.attempts)
+        except (SnapperError, OSError, TimeoutError) as exc:
+            rec.error = f"{type(exc).__name__}: {exc}"[:300]
+        else:
+            rec.ok = True
+            rec.durability, rec.zones, rec.bytes = rep.durability, rep.zones, rep.bytes
+            rec.guids = await self.cn_guids(cn, vm, name)
+            self.manifests[(vm, name)] = {lb: dict(f) for lb, f in self._files[vm].items()}
+            rec.ack_check = await self.soak.ack_check(vm, name, rec.guids, rep.zones)
+        self.pushes.append(rec)
+        if cut and not cut[1].done():
+            cut[1].set_result(rec)
+        return rec
+
+    async def _push(self, cn: LocalCN, vm: str, name: str, cut: int | None,
+                    attempts: list[str]) -> PushReport:
+        last: Exception | None = None
+        for zone in await self.soak.targets(vm):
+            for durability in ("mirrored", "local"):
+                zc = self.soak.client(zone, cn.key_path)
+                try:
+                    async with zc:
+                        client = CnClient(zc, dataset_root=cn.pool.name, zfs=self.soak.fleet.zfs,
+                                          vmadm=None)
+                        client.cut_after, cut = cut, None  # only the first attempt is cut
+                        return await client.push(vm, name, metadata={"uuid": vm},
+                                                 durability=durability)
+                except ZoneError as exc:
+                    last = exc
+                    attempts.append(f"{zone.name} {durability}: {exc.code}: {exc}"[:200])
+                    if exc.code != "MirrorUnavailable":
+                        break  # this zone cannot take it: the other zone
+                except (SnapperError, OSError, TimeoutError) as exc:
+                    last = exc
+                    attempts.append(f"{zone.name} {durability}: {type(exc).__name__}: {exc}"
+                                    [:200])
+                    break
+        assert last is not None
+        raise last
+
+    async def cn_guids(self, cn: LocalCN, vm: str, name: str) -> dict[str, int]:
+        zfs = self.soak.fleet.zfs
+        out = {}
+        for label, ds in (("root", self.top(cn, vm)), (DISK, self.top(cn, vm).child(DISK))):
+            out[label] = next(s.guid for s in await zfs.snapshots(ds) if s.name == name)
+        return out
+
+    # -- delete and restore --------------------------------------------------------------
+
+    def _candidates(self, vm: str, keep_newest: int) -> list[str]:
+        gone = {d.snapshot for d in self.deletes if d.vm == vm}
+        acked = [p.snapshot for p in self.pushes if p.vm == vm and p.acked
+                 and p.snapshot not in gone]
+        return acked[:-keep_newest] if keep_newest else acked
+
+    async def delete_one(self, vm: str, rng: random.Random) -> None:
+        # Never one of the newest two: the next incremental's base stays (it is
+        # pinned on the zones, and a pinned snapshot's delete is deferred).
+        names = self._candidates(vm, 2)
+        if not names:
+            return
+        snap = rng.choice(names)
+        for zone in await self.soak.targets(vm):
+            rec = DeleteRecord(vm, snap, self.soak.now(), zone.uuid, ok=False)
+            try:
+                async with self.soak.http.delete(
+                        f"{zone.http_url}/v1/vms/{vm}/snapshots/{snap}") as r:
+                    rec.ok = r.status == 204
+                    rec.error = "" if rec.ok else f"{r.status} {(await r.text())[:200]}"
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                rec.error = f"{type(exc).__name__}: {exc}"
+            self.deletes.append(rec)
+            if rec.ok:
+                return
+
+    async def restore_one(self, cn: LocalCN, vm: str, rng: random.Random, *,
+                          final: bool = False) -> RestoreRecord | None:
+        names = self._candidates(vm, 0)
+        if not names:
+            return None
+        snap = rng.choice(names)
+        targets = await self.soak.targets(vm)
+        zone = targets[0]
+        rec = RestoreRecord(vm, snap, self.soak.now(), zone.uuid, ok=False, final=final)
+        self._restores += 1
+        target = Dataset(cn.pool.name).child(f"restore{self._restores}")
+        zfs = self.soak.fleet.zfs
+        try:
+            for zone in targets:
+                rec.zone = zone.uuid
+                try:
+                    async with self.soak.client(zone, cn.key_path) as zc:
+                        client = CnClient(zc, dataset_root=cn.pool.name, zfs=zfs, vmadm=None)
+                        await client.restore(vm, snap, str(target))
+                    break
+                except (SnapperError, OSError, TimeoutError) as exc:
+                    rec.error = f"{type(exc).__name__}: {exc}"[:300]
+                    await _destroy(zfs, target)
+            else:
+                return self._done(rec)
+            rec.ok, rec.error = True, ""
+            got = {lb: await self._files_of(cn, ds) for lb, ds in
+                   (("root", target), (DISK, target.child(DISK)))}
+            rec.identical = got == self.manifests[(vm, snap)]
+            if not rec.identical:
+                rec.error = f"files differ: {sorted(got[DISK])} vs " \
+                            f"{sorted(self.manifests[(vm, snap)][DISK])}"[:300]
+        finally:
+            await _destroy(zfs, target)
+        return self._done(rec)
+
+    def _done(self, rec: RestoreRecord) -> RestoreRecord:
+        self.restores.append(rec)
+        return rec
+
+    async def _files_of(self, cn: LocalCN, ds: Dataset) -> dict[str, str]:
+        zfs = self.soak.fleet.zfs
+        if (await zfs.capabilities()).receive_unmounted:
+            done = await proc.run([zfs.zfs_bin, "mount", str(ds)], timeout=60)
+            if not done.ok and "already mounted" not in done.stderr:
+                raise RuntimeError(f"zfs mount {ds}: {done.stderr}")
+        return await asyncio.to_thread(_hash_tree, self._dir(cn, ds))
+
+
+class Soak:
+    """The running fleet and what faults and checks need of it."""
+
+    def __init__(self, config: SoakConfig, fleet: LocalFleet, http: aiohttp.ClientSession,
+                 log: Callable[[str], None]) -> None:
+        self.config = config
+        self.log = log
+        self.fleet = fleet
+        self.http = http
+        self.pool_size = config.pool_size
+        self.settle_timeout = config.settle_timeout
+        self.t0 = time.monotonic()  # record times are seconds since this
+        self.run_start = self.t0  # the schedule's times are seconds since this
+        self.workload = Workload(self)
+        self.gone: set[str] = set()  # zones lost for good (no longer in the fleet)
+        self.losses: dict[str, float] = {}  # zone uuid -> when its pool was destroyed
+        self._placements: dict[str, list[str]] = {}
+
+    def now(self) -> float:
+        return round(time.monotonic() - self.t0, 3)
+
+    # -- zones ------------------------------------------------------------------------
+
+    def zones(self) -> list[LocalZone]:
+        return [z for z in self.fleet.zones if z.uuid not in self.gone]
+
+    def running_zones(self) -> list[LocalZone]:
+        return [z for z in self.zones() if z.daemon is not None]
+
+    def zone(self, uuid: str) -> LocalZone | None:
+        return next((z for z in self.fleet.zones if z.uuid == uuid), None)
+
+    def lost_zone(self, zone: LocalZone, *, gone: bool = False) -> None:
+        self.losses[zone.uuid] = self.now()
+        if gone:
+            self.gone.add(zone.uuid)
+
+    def client(self, zone: LocalZone, key: Path) -> ZoneClient:
+        return ZoneClient("127.0.0.1", zone.ssh_port, key, host_key=zone.host_key_pub)
+
+    async def targets(self, vm: str) -> list[LocalZone]:
+        """The VM's zones, primary first: the static pair, or the coordinator's
+        placement (the last one it gave while it is down, as a CN would cache it)."""
+        if self.fleet.coordinator is None:
+            uuids = list(pair_of(vm, [z.uuid for z in self.zones()]))
+        else:
+            try:
+                uuids = [str(e["uuid"]) for e in await placement(self.fleet.coordinator.url, vm)]
+                self._placements[vm] = uuids
+            except SnapperError:
+                uuids = self._placements.get(vm, [])
+        return [z for u in uuids if (z := self.zone(u)) is not None and u not in self.gone]
+
+    # -- what the zones hold --------------------------------------------------------------
+
+    def all_vms(self) -> list[str]:
+        return [vm for cn in self.fleet.cns for vm in cn.vms]
+
+    async def inventories(self, zone: LocalZone, vms: Sequence[str]) -> dict[str, dict[str, Any]]:
+        async with self.client(zone, self.fleet.operator_key) as zc:
+            return {vm: await zc.inventory(vm) for vm in vms}
+
+    async def survey(self) -> tuple[Holdings, dict[str, dict[str, PartialState]], list[str]]:
+        """(holdings, partial state, zones that did not answer) over the fleet's zones."""
+        holdings: Holdings = {}
+        partial: dict[str, dict[str, PartialState]] = {}
+        silent = []
+        vms = self.all_vms()
+        for zone in self.zones():
+            if zone.daemon is None:
+                silent.append(zone.uuid)
+                continue
+            try:
+                docs = await asyncio.wait_for(self.inventories(zone, vms), 60)
+            except (SnapperError, OSError, TimeoutError):
+                silent.append(zone.uuid)
+                continue
+            for vm, doc in docs.items():
+                complete, st = invariants.parse_inventory(doc)
+                if complete or doc.get("datasets"):
+                    holdings.setdefault(vm, {})[zone.uuid] = complete
+                    partial.setdefault(vm, {})[zone.uuid] = st
+        return holdings, partial, silent
+
+    async def ack_check(self, vm: str, name: str, guids: dict[str, int],
+                        zones: Sequence[str]) -> dict[str, str]:
+        """What each zone the ack named holds right now (no waiting: the ack is a promise)."""
+        out = {}
+        for uuid in zones:
+            zone = self.zone(uuid)
+            if zone is None or zone.daemon is None:
+                out[uuid] = "unreachable"
+                continue
+            try:
+                async with self.client(zone, self.fleet.operator_key) as zc:
+                    complete, _ = invariants.parse_inventory(await zc.inventory(vm))
+            except (SnapperError, OSError, TimeoutError):
+                out[uuid] = "unreachable"
+                continue
+            out[uuid] = ("missing or incomplete" if name not in complete else
+                         "ok" if complete[name] == guids else "guid-mismatch")
+        return out
+
+    def acked_keys(self) -> list[tuple[str, str]]:
+        return sorted(invariants.stored(self.workload.pushes, self.workload.deletes))
+
+    async def copies_problems(self, keys: Sequence[tuple[str, str]], *, exact: bool) -> list[str]:
+        acked = invariants.stored(self.workload.pushes, self.workload.deletes)
+        want = {k: acked[k] for k in keys if k in acked}
+        holdings, _, silent = await self.survey()
+        problems = invariants.copies_problems(
+            want, holdings, exact=exact, static_pairs=self.fleet.coordinator is None,
+            losses=self.losses)
+        return problems + [f"zone {z[:8]} does not answer" for z in silent]
+
+    async def wait_two_copies(self, keys: Sequence[tuple[str, str]],
+                              timeout: float) -> float | None:
+        """time.monotonic() when ``keys`` were all on two zones, None after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if not await self.copies_problems(keys, exact=False):
+                return time.monotonic()
+            if time.monotonic() > deadline:
+                return None
+            await asyncio.sleep(0.5)  # polling the zones' state, with a deadline
+
+    async def zone_receiving(self, timeout: float) -> tuple[LocalZone, str]:
+        """A running zone with a receive in progress that has moved some bytes."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for zone in self.running_zones():
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async with self.http.get(f"{zone.http_url}/v1/transfers") as r:
+                        rows = await r.json() if r.status == 200 else []
+                    for t in rows:
+                        if t.get("kind") in ("receive", "mirror-in") and t.get("bytes", 0) > 0:
+                            return zone, (f"{t['kind']} of {str(t.get('vm'))[:8]}/"
+                                          f"{t.get('dataset')}@{t.get('snapshot')} "
+                                          f"at {t['bytes']} bytes")
+            await asyncio.sleep(0.02)  # transfers are short: poll fast, with a deadline
+        raise TimeoutError(f"no zone was receiving within {timeout:.0f}s")
+
+    # -- the coordinator ------------------------------------------------------------------
+
+    async def _coord(self, method: str, path: str, body: Any = None) -> Any:
+        assert self.fleet.coordinator is not None
+        async with self.http.request(method, self.fleet.coordinator.url + path,
+                                     json=body) as r:
+            if r.status >= 400:
+                raise RuntimeError(f"{method} {path}: {r.status} {await r.text()}")
+            return await r.json(content_type=None) if r.status != 204 else None
+
+    async def wait_registered(self, zone: LocalZone, timeout: float = 60.0) -> None:
+        await self._until(lambda: self._has_zone(zone), timeout, f"{zone.name} registered")
+
+    async def _has_zone(self, zone: LocalZone) -> bool:
+        zones = (await self._coord("GET", "/v1/zones"))["zones"]
+        return any(z["uuid"] == zone.uuid for z in zones)
+
+    async def set_zone_state(self, zone: LocalZone, state: str) -> None:
+        await self._coord("PUT", f"/v1/zones/{zone.uuid}/state", {"state": state})
+
+    async def wait_empty(self, zone: LocalZone, timeout: float) -> None:
+        async def empty() -> bool:
+            async with self.http.get(f"{zone.http_url}/v1/vms") as r:
+                return r.status == 200 and not await r.json()
+        await self._until(empty, timeout, f"{zone.name} drained")
+
+    async def remove_zone(self, zone: LocalZone) -> None:
+        await self._coord("DELETE", f"/v1/zones/{zone.uuid}")
+        self.gone.add(zone.uuid)
+        self.fleet.stop_zone(zone)
+        await zone.pool.destroy(self.fleet.zfs)
+
+    async def moves_settled(self) -> bool:
+        moves = (await self._coord("GET", "/v1/moves"))["moves"]
+        return all(m["state"] in ("done", "failed") for m in moves)
+
+    async def _until(self, cond: Any, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(aiohttp.ClientError, RuntimeError, TimeoutError):
+                if await cond():
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what}: not within {timeout:.0f}s")
+            await asyncio.sleep(0.5)  # polling another process's state, with a deadline
+
+    # -- processes ------------------------------------------------------------------------
+
+    def rss(self) -> list[RssSample]:
+        procs: list[tuple[str, proc.Daemon | None]] = [(z.name, z.daemon) for z in self.zones()]
+        if self.fleet.coordinator is not None:
+            procs.append(("coordinator", self.fleet.coordinator.daemon))
+        out = []
+        for name, d in procs:
+            if d is not None and (kib := invariants.rss_kib(d.pid)) is not None:
+                out.append(RssSample(name, d.pid, kib))
+        return out
+
+    async def bring_back(self) -> None:
+        """Every zone that is not gone for good runs; the coordinator runs."""
+        if self.fleet.coordinator is not None and self.fleet.coordinator.daemon is None:
+            await self.fleet.start_coordinator()
+        for zone in self.zones():
+            if zone.daemon is None:
+                await self.fleet.start_zone(zone)
+
+
+async def _run_faults(soak: Soak, schedule: Sequence[PlannedFault], until: float,
+                      done: list[FaultRecord], skipped: list[PlannedFault]) -> None:
+    for planned in schedule:
+        wait = soak.run_start + planned.at - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)  # the schedule's own timing
+        if time.monotonic() >= until:
+            skipped.append(planned)  # the previous faults' recovery ran past the run's end
+            continue
+        fault = FAULTS[planned.kind](planned, soak)
+        rec = await fault.inject()
+        done.append(rec)
+        soak.log(f"fault {rec.kind} on {rec.target or '-'} {rec.started:.1f}-{rec.ended:.1f}s"
+                 + (f", back to two copies in {rec.back_to_two_s}s"
+                    if rec.back_to_two_s is not None else "")
+                 + (f" ERROR {rec.error}" if rec.error else ""))
+
+
+async def run_soak(config: SoakConfig, *, log: Callable[[str], None] = print) -> SoakResult:
+    """Run a whole soak; the fleet is always stopped and its pools destroyed."""
+    schedule = config.make_schedule()
+    started = time.monotonic()
+    fleet = await LocalFleet.start(
+        config.workdir, zones=config.zones, cns=config.cns, vms_per_cn=config.vms_per_cn,
+        pool_size=config.pool_size, coordinator=config.coordinator,
+        reconcile_interval_ms=1000, lost_after=6.0)
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+            soak = Soak(config, fleet, http, log)
+            return await _run(soak, schedule, started)
+    finally:
+        await fleet.stop()
+
+
+async def _run(soak: Soak, schedule: list[PlannedFault], started: float) -> SoakResult:
+    config, w = soak.config, soak.workload
+    if soak.fleet.coordinator is not None:
+        for z in soak.fleet.zones:
+            await soak.wait_registered(z)
+    await w.make_vms()
+    # Every VM once, so the RSS baseline is taken with the daemons warmed up.
+    for cn in soak.fleet.cns:
+        for vm in cn.vms:
+            w.mutate(cn, vm, random.Random(config.seed))
+            await w.push(cn, vm, w.next_name(vm))
+    rss_before = soak.rss()
+    soak.run_start = time.monotonic()
+    until = soak.run_start + config.duration
+    faults: list[FaultRecord] = []
+    skipped: list[PlannedFault] = []
+    # A TaskGroup: if one task fails the others are cancelled before the fleet stops.
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(_run_faults(soak, schedule, until, faults, skipped))
+        for i in range(len(soak.fleet.cns)):
+            tg.create_task(w.run_cn(i, until))
+    run_end = time.monotonic()
+    soak.log(f"workload done after {run_end - soak.run_start:.0f}s: {len(w.pushes)} pushes; "
+             "settling")
+    await soak.bring_back()
+    settled_at = time.time()
+    deadline = time.monotonic() + config.settle_timeout
+    while True:
+        problems = await soak.copies_problems(soak.acked_keys(), exact=True)
+        holdings, partial, _ = await soak.survey()
+        tokens = any(st.resume_tokens or st.incomplete
+                     for zs in partial.values() for st in zs.values())
+        moving = soak.fleet.coordinator is not None and not await soak.moves_settled()
+        undeleted = not invariants.check_deletes(w.deletes, holdings).ok
+        if (not problems and not tokens and not moving and not undeleted) \
+                or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(1.0)  # the fleet settles on its own; poll with a deadline
+    settle_seconds = time.monotonic() - run_end
+    rng = random.Random(config.seed + 1)
+    for _ in range(config.restore_sample):
+        cn = rng.choice(soak.fleet.cns)
+        await w.restore_one(cn, rng.choice(cn.vms), rng, final=True)
+    holdings, partial, _ = await soak.survey()
+    rss_after = soak.rss()
+    checks = invariants.check_all(
+        pushes=w.pushes, deletes=w.deletes, restores=w.restores, faults=faults,
+        holdings=holdings, partial=partial, settled_at=settled_at, rss_before=rss_before,
+        rss_after=rss_after, losses=soak.losses,
+        static_pairs=soak.fleet.coordinator is None,
+        min_faults=config.min_faults, min_kinds=config.min_kinds)
+    return SoakResult(config, schedule, w.pushes, w.deletes, w.restores, faults, checks,
+                      rss_before, rss_after, w.bytes_written, run_end - soak.run_start,
+                      settle_seconds, time.monotonic() - started, skipped)
+
+
+def default_workdir() -> Path:
+    return Path(os.environ.get("SNAPPER_SOAK_DIR", "/var/tmp")) / f"snapper-soak-{os.getpid()}"

@@ -1,0 +1,97 @@
+"""The soak's JSON report and its short human summary."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from soak.driver import SoakResult
+from soak.faults import PlannedFault
+from soak.records import to_json
+
+
+def schedule_text(seed: int, schedule: list[PlannedFault], kinds: Sequence[str] = ()) -> str:
+    """What is printed first, so that a failing run can be replayed."""
+    lines = [f"soak seed {seed}: {len(schedule)} faults (replay: --seed {seed} with the same "
+             "--duration, --zones and --coordinator"
+             + (f" and --kinds {','.join(kinds)}" if kinds else "") + ")"]
+    lines += [f"  {f.at:7.1f}s  {f.kind:<16} pick={f.pick:<6} hold={f.hold}s" for f in schedule]
+    return "\n".join(lines)
+
+
+def build(result: SoakResult) -> dict[str, Any]:
+    c = result.config
+    pushes = result.pushes
+    acked = [p for p in pushes if p.acked]
+    losses = [f for f in result.faults if f.loss]
+    return {
+        "passed": result.passed,
+        "config": {"seed": c.seed, "duration": c.duration, "cns": c.cns, "zones": c.zones,
+                   "kinds": list(c.kinds()),
+                   "vms_per_cn": c.vms_per_cn, "coordinator": c.coordinator,
+                   "pool_size": c.pool_size},
+        "schedule": [f.to_json() for f in result.schedule],
+        "skipped": [f.to_json() for f in result.skipped],
+        "seconds": {"run": round(result.run_seconds, 1),
+                    "settle": round(result.settle_seconds, 1),
+                    "total": round(result.total_seconds, 1)},
+        "pushes": {"attempted": len(pushes), "acked": len(acked),
+                   "failed": len(pushes) - len(acked),
+                   "by_durability": dict(Counter(p.durability for p in acked)),
+                   "truncated": sum(1 for p in pushes if p.cut_after is not None),
+                   "bytes_sent": sum(p.bytes for p in acked),
+                   "bytes_written": result.bytes_written},
+        "deletes": {"attempted": len(result.deletes),
+                    "ok": sum(1 for d in result.deletes if d.ok)},
+        "restores": {"attempted": len(result.restores),
+                     "ok": sum(1 for r in result.restores if r.ok),
+                     "identical": sum(1 for r in result.restores if r.identical)},
+        "faults": {"injected": len(result.faults),
+                   "by_kind": dict(Counter(f.kind for f in result.faults)),
+                   "failed": sum(1 for f in result.faults if f.error)},
+        "back_to_two_s": [{"kind": f.kind, "target": f.target, "at": f.started,
+                           "seconds": f.back_to_two_s} for f in losses],
+        "invariants": [ch.to_json() for ch in result.checks],
+        "rss_kib": {"before": [to_json(s) for s in result.rss_before],
+                    "after": [to_json(s) for s in result.rss_after]},
+        "fault_log": [to_json(f) for f in result.faults],
+        "push_log": [to_json(p) for p in pushes],
+        "delete_log": [to_json(d) for d in result.deletes],
+        "restore_log": [to_json(r) for r in result.restores],
+    }
+
+
+def summary(doc: dict[str, Any]) -> str:
+    p, f = doc["pushes"], doc["faults"]
+    c = doc["config"]
+    lines = [
+        f"soak {'PASSED' if doc['passed'] else 'FAILED'}: seed {c['seed']}, "
+        f"{c['cns']} CNs, {c['zones']} zones{' + coordinator' if c['coordinator'] else ''}, "
+        f"{doc['seconds']['run']}s of load + {doc['seconds']['settle']}s to settle "
+        f"({doc['seconds']['total']}s in all)",
+        f"pushes: {p['attempted']} attempted, {p['acked']} acked {p['by_durability']}, "
+        f"{p['failed']} failed ({p['truncated']} truncated on purpose); "
+        f"{p['bytes_sent'] / 1e6:.1f} MB sent, {p['bytes_written'] / 1e6:.1f} MB written",
+        f"deletes: {doc['deletes']['ok']}/{doc['deletes']['attempted']}; restores: "
+        f"{doc['restores']['identical']} identical of {doc['restores']['attempted']}",
+        f"faults: {f['injected']} injected {f['by_kind']}, {f['failed']} failed"
+        + (f", {len(doc['skipped'])} skipped (out of time)" if doc["skipped"] else ""),
+    ]
+    back = [f"{b['kind']} {b['target']} {b['seconds']}s" for b in doc["back_to_two_s"]]
+    if back:
+        lines.append("back to two copies: " + ", ".join(back))
+    for ch in doc["invariants"]:
+        lines.append(f"  [{'ok' if ch['ok'] else 'FAIL'}] {ch['name']} ({ch['checked']})")
+        for d in ch["detail"][:5] if not ch["ok"] else []:
+            lines.append(f"        {d}")
+    return "\n".join(lines)
+
+
+def write(result: SoakResult, path: Path | None) -> dict[str, Any]:
+    doc = build(result)
+    if path is not None:
+        path.write_text(json.dumps(doc, indent=2) + "\n")
+    return doc

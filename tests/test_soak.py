@@ -1,0 +1,222 @@
+"""The soak tier (issue 6): load and faults against a real local fleet, then invariants.
+
+The pure parts (the seeded schedule, the invariant checks over recorded data)
+are tested here without any I/O; the soak itself is marked ``soak`` and runs
+with ``make test-soak`` (``pytest -m soak``), its length from
+``SNAPPER_SOAK_SECONDS`` (default 120).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from soak import invariants, report
+from soak.driver import SoakConfig, run_soak
+from soak.faults import (
+    COORDINATOR_KINDS,
+    FAULTS,
+    MIN_ACTIVE,
+    STATIC_KINDS,
+    active_zones,
+    make_schedule,
+)
+from soak.records import (
+    DeleteRecord,
+    FaultRecord,
+    PartialState,
+    PushRecord,
+    RestoreRecord,
+    RssSample,
+)
+from tests.conftest import ZfsTier
+
+A, B, C = "a" * 8 + "-zone", "b" * 8 + "-zone", "c" * 8 + "-zone"
+VM = "11111111-2222-3333-4444-555555555555"
+G1 = {"root": 1, "disk0": 2}
+G2 = {"root": 3, "disk0": 4}
+
+# -- the schedule -------------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 1 << 31), duration=st.floats(30, 3600),
+       coordinator=st.booleans(), zones=st.integers(3, 5))
+def test_schedule_is_a_function_of_its_seed(seed: int, duration: float, coordinator: bool,
+                                            zones: int) -> None:
+    kinds = COORDINATOR_KINDS if coordinator else STATIC_KINDS
+    s = make_schedule(seed, duration, kinds, zones=zones)
+    assert s == make_schedule(seed, duration, kinds, zones=zones)  # replayable
+    assert len(s) >= 6
+    assert {f.kind for f in s} == set(kinds)  # every kind, at least once
+    assert all(f.kind in FAULTS for f in s)
+    times = [f.at for f in s]
+    assert times == sorted(times)
+    assert all(0.1 * duration <= t <= 0.75 * duration for t in times)
+    assert min(active_zones(s, zones)) >= min(MIN_ACTIVE, zones)
+
+
+def test_different_seeds_give_different_schedules() -> None:
+    assert make_schedule(1, 300, STATIC_KINDS) != make_schedule(2, 300, STATIC_KINDS)
+
+
+def test_schedule_text_names_seed_and_every_fault() -> None:
+    s = make_schedule(7, 120, STATIC_KINDS)
+    text = report.schedule_text(7, s)
+    assert "seed 7" in text and "--seed 7" in text
+    assert all(f.kind in text for f in s)
+
+
+# -- the invariants over recorded data ----------------------------------------------------
+
+
+def _push(snap: str, zones: list[str], guids: dict[str, int], durability: str = "mirrored",
+          t: float = 1.0, check: str = "ok") -> PushRecord:
+    return PushRecord("cn0", VM, snap, t, True, durability, zones, guids,
+                      ack_check={z: check for z in zones})
+
+
+holdings_st = st.dictionaries(
+    st.sampled_from([A, B, C]),
+    st.dictionaries(st.sampled_from(["s1", "s2"]), st.sampled_from([G1, G2])), max_size=3)
+
+
+@settings(max_examples=300, deadline=None)
+@given(held=holdings_st, static=st.booleans())
+def test_copies_check_agrees_with_its_definition(held: dict[str, dict[str, dict[str, int]]],
+                                                 static: bool) -> None:
+    acked = {(VM, "s1"): _push("s1", [A, B], G1)}
+    problems = invariants.copies_problems(acked, {VM: held}, exact=True, static_pairs=static)
+    holders = [z for z, snaps in held.items() if "s1" in snaps]
+    good = [z for z in holders if held[z]["s1"] == G1]
+    want_ok = len(good) == 2 and len(holders) == 2 and (not static or set(good) == {A, B})
+    assert (not problems) == want_ok
+
+
+def test_mirrored_ack_on_one_zone_fails_and_local_loss_is_excused() -> None:
+    acked = {(VM, "s1"): _push("s1", [A, B], G1),
+             (VM, "s2"): _push("s2", [C], G2, durability="local", t=5.0)}
+    held = {VM: {A: {"s1": G1}}}
+    probs = invariants.copies_problems(acked, held, exact=True, static_pairs=True,
+                                       losses={C: 9.0})
+    assert any("s1" in p for p in probs)
+    assert not any("s2" in p for p in probs)  # local, only on C, and C was destroyed later
+    probs = invariants.copies_problems(acked, held, exact=True, static_pairs=True,
+                                       losses={C: 1.0})  # destroyed before the ack: no excuse
+    assert any("s2" in p for p in probs)
+
+
+def test_wrong_guid_is_a_problem_even_with_two_good_copies() -> None:
+    acked = {(VM, "s1"): _push("s1", [A, B], G1)}
+    held = {VM: {A: {"s1": G1}, B: {"s1": G1}, C: {"s1": G2}}}
+    probs = invariants.copies_problems(acked, held, exact=False, static_pairs=False)
+    assert probs and "guids" in probs[0]
+
+
+def test_deleted_snapshots_are_not_expected_and_must_stay_gone() -> None:
+    pushes = [_push("s1", [A, B], G1), _push("s2", [A, B], G2)]
+    deletes = [DeleteRecord(VM, "s1", 3.0, A, ok=True)]
+    assert set(invariants.stored(pushes, deletes)) == {(VM, "s2")}
+    back = invariants.check_deletes(deletes, {VM: {A: {"s1": G1}}})
+    assert not back.ok
+    assert invariants.check_deletes(deletes, {VM: {A: {"s2": G2}}}).ok
+
+
+@settings(max_examples=200, deadline=None)
+@given(seen=st.lists(st.sampled_from(["ok", "unreachable", "missing or incomplete",
+                                      "guid-mismatch"]), min_size=2, max_size=2),
+       durability=st.sampled_from(["mirrored", "local"]))
+def test_ack_check_fails_exactly_when_a_named_zone_lacked_it(seen: list[str],
+                                                             durability: str) -> None:
+    p = _push("s1", [A, B], G1, durability=durability)
+    p.ack_check = dict(zip([A, B], seen, strict=True))
+    ok = invariants.check_acks([p]).ok
+    assert ok == all(s in ("ok", "unreachable") for s in seen)
+
+
+def test_partial_state_and_restores_and_rss() -> None:
+    clean = {VM: {A: PartialState(), B: PartialState([], [("s9", 2000)])}}
+    assert invariants.check_partial(clean, settled_at=1000).ok  # newer than the settle time
+    dirty = {VM: {A: PartialState(["disk0"], []), B: PartialState([], [("s1", 10)])}}
+    assert len(invariants.check_partial(dirty, settled_at=1000).detail) == 2
+    good = [RestoreRecord(VM, "s1", 1, A, True, True, final=True),
+            RestoreRecord(VM, "s2", 1, A, False, None, "zone down")]  # during a fault: allowed
+    assert invariants.check_restores(good).ok
+    assert not invariants.check_restores(
+        [*good, RestoreRecord(VM, "s1", 2, B, True, False, final=True)]).ok
+    assert not invariants.check_restores(good[1:]).ok  # no final sample at all
+    before = [RssSample("zone0", 1, 100_000)]
+    assert invariants.check_rss(before, [RssSample("zone0", 2, 150_000)]).ok
+    assert not invariants.check_rss(before, [RssSample("zone0", 1, 300_000)]).ok
+
+
+def test_fault_check_counts_kinds_and_losses() -> None:
+    recs = [FaultRecord(k, 1, 1, 2) for k in ("truncate", "fill-pool", "kill-restart")]
+    assert not invariants.check_faults(recs, min_faults=3, min_kinds=4).ok
+    recs.append(FaultRecord("replace-zone", 1, 1, 2, error="not back to two copies in time"))
+    assert not invariants.check_faults(recs, min_faults=3, min_kinds=3).ok
+    recs[-1].error = ""
+    assert invariants.check_faults(recs, min_faults=4, min_kinds=4).ok
+
+
+def test_parse_inventory() -> None:
+    doc = {"snapshots": [
+        {"name": "s1", "complete": True, "created": 5,
+         "datasets": {"root": {"guid": "1"}, "disk0": {"guid": "2"}}},
+        {"name": "s2", "complete": False, "created": 6, "datasets": {"root": {"guid": "3"}}}],
+        "datasets": {"root": {"resume_token": None}, "disk0": {"resume_token": "1-abc"}}}
+    complete, partial = invariants.parse_inventory(doc)
+    assert complete == {"s1": G1}
+    assert partial.incomplete == [("s2", 6)] and partial.resume_tokens == ["disk0"]
+
+
+# -- the soak on a real fleet ---------------------------------------------------------------
+
+
+# What the CI soak injects: the static-pair faults that pass reliably. Left out:
+# replace-zone (a replaced, empty zone that takes a CN's full push before its peer
+# refilled it diverges with no common base; reconcile then needs an operator) and
+# the coordinator's faults (add, drain, lose a zone; kill the coordinator), run by
+# ``python -m soak --coordinator``.
+CI_KINDS = ("kill-restart", "kill-mid-transfer", "truncate", "fill-pool")
+
+
+def _seconds() -> float:
+    return float(os.environ.get("SNAPPER_SOAK_SECONDS", "120"))
+
+
+@pytest.mark.soak
+@pytest.mark.zfs
+async def test_soak_static_pairs(zfs_tier: ZfsTier, tmp_path: Path) -> None:
+    seed = int(os.environ.get("SNAPPER_SOAK_SEED", "20261127"))
+    config = SoakConfig(duration=_seconds(), seed=seed, cns=2, zones=3,
+                        workdir=tmp_path / "soak", settle_timeout=150, fault_kinds=CI_KINDS)
+    print(report.schedule_text(seed, config.make_schedule(), CI_KINDS))
+    result = await run_soak(config)
+    doc = report.write(result, tmp_path / "soak-report.json")
+    print(report.summary(doc))
+    assert doc["faults"]["injected"] >= 6 and len(doc["faults"]["by_kind"]) >= 4
+    assert result.passed, report.summary(doc)
+
+
+@pytest.mark.soak
+@pytest.mark.zfs
+async def test_soak_catches_a_zone_that_acks_before_its_mirror(
+        zfs_tier: ZfsTier, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The broken build: snapperd acks ``mirrored`` pushes before the mirror holds
+    them (the test hook in service.py's commit). The soak must say so."""
+    monkeypatch.setenv("SNAPPER_TEST_ACK_EARLY", "1")  # inherited by the snapperd children
+    config = SoakConfig(duration=min(_seconds(), 40), seed=1, cns=2, zones=3,
+                        workdir=tmp_path / "soak", schedule=[], min_faults=0, min_kinds=0,
+                        settle_timeout=90)
+    result = await run_soak(config)
+    doc = report.write(result, tmp_path / "soak-report.json")
+    print(report.summary(doc))
+    acks = next(c for c in result.checks if c.name.startswith("every ack true"))
+    assert not acks.ok, report.summary(doc)
+    assert any("missing or incomplete" in d for d in acks.detail)
+    assert not result.passed
