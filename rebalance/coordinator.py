@@ -96,6 +96,13 @@ class NotEnoughZones(SnapperError):
     http_status = 503
 
 
+class Rebuilding(SnapperError):
+    """The store is new; zones are still registering: a VM's second copy may be on one."""
+
+    code = "Rebuilding"
+    http_status = 503
+
+
 # -- config -------------------------------------------------------------------------
 
 
@@ -114,6 +121,9 @@ class CoordinatorConfig:
     auto_rebalance: bool = True
     settle: float = 30.0
     rebalance_interval: float = 600.0
+    # After starting on an empty store (lost, or a first start), how long zones
+    # get to register again before a VM seen on one zone only is placed.
+    rebuild_grace: float = 120.0
 
 
 _SCHEMA: dict[str, dict[str, tuple[str, type, float]]] = {
@@ -125,7 +135,8 @@ _SCHEMA: dict[str, dict[str, tuple[str, type, float]]] = {
     "moves": {"per_zone": ("per_zone", int, 1), "max_attempts": ("max_attempts", int, 1),
               "retry_delay": ("retry_delay", float, 0), "sync_timeout": ("sync_timeout", float, 1)},
     "rebalance": {"auto": ("auto_rebalance", bool, 0), "settle": ("settle", float, 0),
-                  "interval": ("rebalance_interval", float, 1)},
+                  "interval": ("rebalance_interval", float, 1),
+                  "rebuild_grace": ("rebuild_grace", float, 0)},
 }
 
 
@@ -253,11 +264,19 @@ class Coordinator:
             interval=config.health_interval, timeout=config.health_timeout,
             lost_after=config.lost_after), on_lost=self._zone_lost, metrics=self.metrics)
         self._plan_lock = asyncio.Lock()
+        self._started = time.monotonic()
+        self._fresh_store: bool | None = None  # learnt at start(): no zone registered yet
         self._place_lock = asyncio.Lock()
         self._trigger = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- background work --
+
+    async def _in_grace(self) -> bool:
+        if self._fresh_store is None:
+            self._fresh_store = not await self.store.zones()
+        return self._fresh_store and \
+            time.monotonic() - self._started < self.config.rebuild_grace
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self.mover.run(), name="mover"),
@@ -299,8 +318,10 @@ class Coordinator:
                 except TimeoutError:
                     break
                 changed = True  # a change while settling counts, even on a periodic pass
+            # Zones re-registering into a new store are not a capacity change.
+            repairs_only = not changed or await self._in_grace()
             try:
-                await self.rebalance(dry_run=False, repairs_only=not changed)
+                await self.rebalance(dry_run=False, repairs_only=repairs_only)
             except Exception:
                 log.exception("automatic rebalance failed")
 
@@ -392,6 +413,10 @@ class Coordinator:
                                      return_exceptions=True)
         holders = {z.uuid: r for z, r in zip(readable, found, strict=True)
                    if isinstance(r, list)}
+        if len(holders) == 1 and await self._in_grace():
+            raise Rebuilding(f"VM {vm} is on one registered zone; zones are still "
+                             f"registering after a restart on an empty store (at most "
+                             f"{self.config.rebuild_grace:.0f} s): ask again")
         pair = self._choose_pair(vm, holders, list(zones.values()))
         got = await self.store.place(vm, pair)
         log.info("VM placed", extra={"vm": vm, "placement": got,
@@ -444,7 +469,10 @@ class Coordinator:
                     unknown.setdefault(v.uuid, []).append(zone)
         by_id = {z.uuid: z for z in zones}
         n = 0
+        grace = await self._in_grace()
         for vm, where in sorted(unknown.items()):
+            if grace and len(where) < 2:
+                continue  # its other copy may be on a zone that has not registered yet
             lists = await asyncio.gather(*(self.api.snapshots(by_id[z].http_url, vm)
                                            for z in where), return_exceptions=True)
             holders = {z: r for z, r in zip(where, lists, strict=True) if isinstance(r, list)}
@@ -478,6 +506,8 @@ class Coordinator:
                 placements = await self.store.placements()
             active = await self.store.moves([MoveState.PLANNED, MoveState.RUNNING])
             busy = {m.vm for m in active}
+            if not dry_run and await self._follow_holders(placements, inv, busy, by_id):
+                placements = await self.store.placements()
             stale = await self.stale_copies(zones, inv, placements, busy, dry_run)
             current = {vm: pair for vm, pair in placements.items()
                        if vm in seen and vm not in busy}
@@ -553,13 +583,16 @@ class Coordinator:
             return f"kept: cannot compare ({e.message})"
         if mine is None:
             return "gone"
-        known = {(s.name, tuple(sorted(s.guids.items()))) for copy in theirs if copy
-                 for s in copy if s.complete}
+        # Discarded only when *every* placed copy holds each of its snapshots: a
+        # copy is never the one that keeps a snapshot at two copies.
+        held = [{(s.name, tuple(sorted(s.guids.items()))) for s in copy if s.complete}
+                for copy in theirs if copy is not None]
         new = [s.name for s in mine
-               if s.complete and (s.name, tuple(sorted(s.guids.items()))) not in known]
-        if new or not any(theirs):
-            why = f"holds {len(new)} snapshots no placed copy has: {', '.join(new[:5])}" \
-                if new else "no placed copy answered"
+               if s.complete and not all((s.name, tuple(sorted(s.guids.items()))) in h
+                                         for h in held)]
+        if new or len(theirs) < 2 or not all(theirs):
+            why = f"holds {len(new)} snapshots not on both placed copies: " \
+                f"{', '.join(new[:5])}" if new else "the placed copies did not both answer"
             log.warning("stale copy kept", extra={"vm": vm, "zone": zone.uuid, "why": why})
             return f"kept: {why}"
         if dry_run:
@@ -570,6 +603,42 @@ class Coordinator:
             return f"kept: delete failed ({e.message})"
         log.info("stale copy discarded", extra={"vm": vm, "zone": zone.uuid})
         return "discarded"
+
+    async def _follow_holders(self, placements: Mapping[str, tuple[str, str]],
+                              inv: Mapping[str, Sequence[InventoryVm]], busy: set[str],
+                              zones: Mapping[str, ZoneRecord]) -> int:
+        """Point a placement at the zones that hold the VM, where one of its zones does not.
+
+        After the store was rebuilt from zones that registered one by one, a VM
+        may have been placed on a hashed zone while its real second copy sat on
+        a zone that had not registered yet. The data is the truth: the
+        placement follows it, and nothing moves.
+        """
+        holders: dict[str, list[str]] = {}
+        for zone, vms in inv.items():
+            z = zones.get(zone)
+            if z is None or z.state is not ZoneState.ACTIVE:
+                continue
+            for v in vms:
+                if v.complete > 0:
+                    holders.setdefault(v.uuid, []).append(zone)
+        n = 0
+        for vm, pair in placements.items():
+            have = holders.get(vm, [])
+            if vm in busy or len(have) < 2 or all(z in have for z in pair):
+                continue
+            extra = iter(sorted(z for z in have if z not in pair))
+            new = [z if z in have else next(extra, z) for z in pair]
+            if new[0] == new[1] or tuple(new) == pair:
+                continue
+            try:
+                await self.store.reassign(vm, pair, (new[0], new[1]))
+            except PlacementConflict:
+                continue
+            n += 1
+            log.info("placement follows the data", extra={"vm": vm, "placement": new,
+                                                          "was": list(pair)})
+        return n
 
     async def _replace_unpushed(self, placements: Mapping[str, tuple[str, str]],
                                 seen: set[str], zones: Mapping[str, ZoneRecord]) -> None:

@@ -76,6 +76,18 @@ class CoordinatorClient:
     async def register(self, record: dict[str, Any]) -> None:
         await self._call("POST", "/v1/zones", record)
 
+    async def knows(self, zone: str) -> bool:
+        """Whether the coordinator has ``zone`` registered (a new store has nobody)."""
+        try:
+            async with self._http().get(f"{self.url}/v1/zones/{zone}") as r:
+                if r.status == 404:
+                    return False
+                if r.status >= 400:
+                    raise CoordinatorUnavailable(f"GET /v1/zones/{zone}: {r.status}")
+                return True
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise CoordinatorUnavailable(f"GET {self.url}/v1/zones/{zone}: {exc!r}") from exc
+
     async def zones(self) -> list[ZoneRecord]:
         doc = await self._call("GET", "/v1/zones")
         out = []

@@ -66,6 +66,8 @@ class PeerLinks:
         # the config's own peers win over them.
         self._learned: dict[str, Peer] = {}
         self.learned_keys: dict[bytes, TrustedKey] = {}
+        # The coordinator answered without us: its store is new; register again.
+        self.forgotten = asyncio.Event()
         self._clients: dict[str, ZoneClient] = {}
         self._connecting: dict[str, asyncio.Lock] = {}
 
@@ -92,6 +94,8 @@ class PeerLinks:
         except CoordinatorUnavailable as exc:
             self.log.info("coordinator unavailable; keeping the last view: %s", exc)
             return
+        if all(z.uuid != self.config.uuid for z in zones):
+            self.forgotten.set()
         learned: dict[str, Peer] = {}
         keys: dict[bytes, TrustedKey] = {}
         for z in zones:
@@ -122,6 +126,9 @@ class PeerLinks:
                     await self.refresh()
                 if other is not None and other in self._peers:
                     return self._peers[other]
+            # The coordinator decides where copies go; without its answer (down,
+            # rebuilding) no copy is made by guesswork: wait for it.
+            return None
         return self.partner_of(vm)
 
     def partner_of(self, vm: str) -> Peer | None:

@@ -52,7 +52,7 @@ MAX_ROUNDS = 4
 _TEE_CONNECT = 3.0  # seconds a push waits for the mirror to take a pipelined copy
 _TEE_FINISH = 120.0  # ... and for the mirror's receive to end after its own
 _TEE_BACKOFF = 30.0  # no pipelining to a peer that failed this recently
-_REGISTER_EVERY = 60.0  # seconds between re-registrations with the coordinator
+_CHECK_EVERY = 3.0  # seconds between "does the coordinator still know us?" checks
 _CONCURRENCY = 2  # VMs reconciled at once by the loop (a CN push has priority)
 
 
@@ -118,7 +118,7 @@ class Replicator:
         peer = self.links.get(peer_uuid) if peer_uuid else await self.links.partner(vm)
         st = self.states.setdefault(vm, VmState(vm, peer.uuid if peer else None))
         if peer is None:
-            st.state, st.last_error = "no_peer", "no peer zone is configured"
+            st.state, st.last_error = "no_peer", self._no_peer_reason()
             return st
         st.peer = peer.uuid
         async with self._vm_locks[vm]:
@@ -148,6 +148,11 @@ class Replicator:
             return False
         pair = await coordinator.placement(vm, fresh=True)
         return pair is not None and any(z not in pair for z in empty)
+
+    def _no_peer_reason(self) -> str:
+        if self.links.coordinator is not None:
+            return "the coordinator gave no placement for this VM (down or rebuilding)"
+        return "no peer zone is configured"
 
     def _failed(self, st: VmState, exc: BaseException) -> None:
         st.state = "failing"
@@ -231,7 +236,7 @@ class Replicator:
         """
         peer = await self.links.partner(vm, fresh=True)
         if peer is None:
-            return None, "no peer zone is configured"
+            return None, self._no_peer_reason()
         try:
             st = await asyncio.wait_for(self.sync_vm(vm, peer.uuid), timeout)
         except TimeoutError:
@@ -302,18 +307,32 @@ class Replicator:
             self._reg = asyncio.create_task(self._register(record), name="register")
 
     async def _register(self, record: dict[str, Any]) -> None:
-        """Tell the coordinator we exist, again now and then (its store may be new)."""
-        assert self.links.coordinator is not None
+        """Tell the coordinator we exist; check often that it still knows us.
+
+        A coordinator restarted on an empty store (lost, rebuilt) learns the
+        fleet back from these registrations, within ``_CHECK_EVERY``.
+        """
+        coordinator = self.links.coordinator
+        assert coordinator is not None
         delay = 1.0
+        registered = False
         while True:
             try:
-                await self.links.coordinator.register(record)
-                await self.links.refresh()
-                delay = _REGISTER_EVERY
+                if not registered or not await coordinator.knows(self.me):
+                    await coordinator.register(record)
+                    await self.links.refresh()
+                    registered = True
+                delay = _CHECK_EVERY
             except SnapperError as exc:
                 self.log.info("cannot register with the coordinator yet: %s", exc)
+                registered = False
                 delay = min(delay * 2, 30.0)
-            await asyncio.sleep(delay)  # a period, not a synchronisation
+            forgotten = self.links.forgotten
+            forgotten.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(forgotten.wait(), delay)
+            if forgotten.is_set():
+                registered = False
 
     async def stop(self) -> None:
         if self._reg is not None:

@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import asyncssh
 
 from snapper_zone import demo, progress
 from snapper_zone.cnclient import CnClient, PlanError, ZoneClient, ZoneError, ZoneUnreachable
+from snapper_zone.cnclient import placement as placement  # re-exported: the CN's lookup
 from snapper_zone.errors import SnapperError
 from snapper_zone.progress import format_bytes
 
@@ -163,24 +163,6 @@ async def _push_targets(s: CnSettings, vm: str) -> list[ZoneClient]:
         zones = zones[:1]
     return [ZoneClient(h, p, s.key, known_hosts=s.known_hosts, host_key=s.host_key)
             for h, p in zones]
-
-
-async def placement(coordinator_url: str, vm: str) -> list[dict[str, Any]]:
-    """The VM's zones (primary first) with their endpoints, from the coordinator."""
-    url = f"{coordinator_url.rstrip('/')}/v1/placement/{vm}"
-    try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http, \
-                http.get(url) as r:
-            body = await r.json(content_type=None)
-            if r.status != 200:
-                raise ZoneError(str(body.get("code", r.status)), str(body.get("message", "")),
-                                "placement")
-    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        raise ZoneUnreachable(f"coordinator {coordinator_url}: {exc}") from exc
-    endpoints = body.get("endpoints") if isinstance(body, dict) else None
-    if not isinstance(endpoints, list) or not endpoints:
-        raise ZoneError("BadAnswer", f"coordinator gave no endpoints for VM {vm}", "placement")
-    return [e for e in endpoints if isinstance(e, dict)]
 
 
 def _reporter(choice: str) -> progress.Reporter:

@@ -28,6 +28,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import aiohttp
 import asyncssh
 from asyncssh.channel import SSHChannel
 
@@ -632,6 +633,24 @@ class ZoneClient:
             return None
         obj = json.loads(out)
         return obj if isinstance(obj, dict) else None
+
+
+async def placement(coordinator_url: str, vm: str) -> list[dict[str, Any]]:
+    """The VM's zones (primary first) with their endpoints, from the coordinator."""
+    url = f"{coordinator_url.rstrip('/')}/v1/placement/{vm}"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http, \
+                http.get(url) as r:
+            body = await r.json(content_type=None)
+            if r.status != 200:
+                raise ZoneError(str(body.get("code", r.status)), str(body.get("message", "")),
+                                "placement")
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        raise ZoneUnreachable(f"coordinator {coordinator_url}: {exc}") from exc
+    endpoints = body.get("endpoints") if isinstance(body, dict) else None
+    if not isinstance(endpoints, list) or not endpoints:
+        raise ZoneError("BadAnswer", f"coordinator gave no endpoints for VM {vm}", "placement")
+    return [e for e in endpoints if isinstance(e, dict)]
 
 
 # -- what a zone holds, per dataset ----------------------------------------------

@@ -223,7 +223,8 @@ class LocalFleet:
             f'[listen]\nhost = "127.0.0.1"\nport = {c.port}\n'
             f"[health]\ninterval = 0.5\ntimeout = 2.0\nlost_after = {c.lost_after}\n"
             "[moves]\nper_zone = 2\nmax_attempts = 20\nretry_delay = 0.5\n"
-            "[rebalance]\nauto = true\nsettle = 1.0\ninterval = 5.0\n")
+            "[rebalance]\nauto = true\nsettle = 1.0\ninterval = 5.0\n"
+            "rebuild_grace = 8.0\n")
         c.ready_path.unlink(missing_ok=True)
         c.daemon = proc.Daemon(
             [sys.executable, "-m", "rebalance.coordinator", "--config", str(c.config_path),

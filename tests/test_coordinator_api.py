@@ -400,7 +400,7 @@ async def test_lost_zone_is_repaired_from_the_survivors(env: Env) -> None:
     run = await env.call("POST", "/v1/rebalance")
     verdicts = {c["vm"]: c["action"] for c in run["stale_copies"] if c["zone"] == victim}
     assert set(verdicts) == set(hit)
-    assert verdicts.pop(hit[0]).startswith("kept: holds 1 snapshots no placed copy has: s9")
+    assert verdicts.pop(hit[0]).startswith("kept: holds 1 snapshots not on both placed copies: s9")
     assert set(verdicts.values()) == {"discarded"}
     assert set(back.vms) == {hit[0]}  # the divergent copy is kept for the operator
 
