@@ -21,19 +21,21 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
 from replication.peers import pair_of
 from snapper_zone import localpool, progress
-from snapper_zone.cnclient import CnClient, ZoneClient, ZoneError
+from snapper_zone.cnclient import CnClient, ZoneClient, ZoneError, placement
 from snapper_zone.fleet import LocalCN, LocalFleet, LocalZone
 from snapper_zone.names import Dataset
 from snapper_zone.zfs import Zfs
 
 STATE_FILE = "fleet.json"
+T = TypeVar("T")
 
 
 def say(text: str) -> None:
@@ -63,11 +65,24 @@ class Demo:
         # sha256 of each VM's disk0 files as they were when a snapshot was pushed
         self.digests: dict[tuple[str, str], dict[str, str]] = {}
 
+        self.placed: dict[str, tuple[str, str]] = {}
+
+    async def refresh_placement(self) -> None:
+        """Each VM's (primary, mirror) as the coordinator places it (what a CN asks)."""
+        c = self.fleet.coordinator
+        for cn in self.fleet.cns:
+            for vm in cn.vms:
+                if c is None:
+                    a, b = pair_of(vm, [z.uuid for z in self.fleet.zones])
+                else:
+                    ends = await placement(c.url, vm)
+                    a, b = ends[0]["uuid"], ends[1]["uuid"]
+                self.placed[vm] = (a, b)
+
     def pair(self, vm: str) -> tuple[LocalZone, LocalZone]:
-        """The VM's primary and mirror: rendezvous hashing, as every zone computes it."""
         by_uuid = {z.uuid: z for z in self.fleet.zones}
-        first, second = pair_of(vm, list(by_uuid))
-        return by_uuid[first], by_uuid[second]
+        a, b = self.placed[vm]
+        return by_uuid[a], by_uuid[b]
 
     def primary(self, vm: str) -> LocalZone:
         return self.pair(vm)[0]
@@ -208,6 +223,75 @@ class Demo:
         info(f"{mirror.name} caught up in {time.monotonic() - t0:.1f}s: every snapshot of "
              f"{vm[:8]} on both zones, guids equal")
 
+    async def zones_table(self, http: aiohttp.ClientSession) -> None:
+        c = self.fleet.coordinator
+        if c is None:
+            return
+        async with http.get(f"{c.url}/v1/zones") as r:
+            zones = (await r.json())["zones"]
+        print(f"    {'zone':<6} {'state':<9} {'health':<8} {'VMs':>4} {'used':>10}")
+        for z in sorted(zones, key=lambda z: str(z["name"])):
+            print(f"    {z['name']:<6} {z['state']:<9} {z['health']:<8} {z['vms']:>4} "
+                  f"{progress.format_bytes(int(z.get('used') or 0)):>10}")
+
+    async def add_zone(self, http: aiohttp.ClientSession) -> None:
+        c = self.fleet.coordinator
+        assert c is not None
+        new = await self.fleet.add_zone(1 << 30)
+        say(f"Adding {new.name}: it registers with the coordinator, which moves about a "
+            "quarter of the copies onto it (copy, verify by guid, switch, delete)")
+        t0 = time.monotonic()
+        await self.fleet.start_zone(new)
+
+        async def done() -> list[dict[str, Any]] | None:
+            async with http.get(f"{c.url}/v1/moves") as r:
+                moves: list[dict[str, Any]] = (await r.json())["moves"]
+            if moves and all(m["state"] in ("done", "failed") for m in moves):
+                return moves
+            return None
+
+        moves = await poll(done, 180, "the moves onto the new zone")
+        for m in moves:
+            info(f"moved {m['vm'][:8]} {self.name_of(m['from_zone'])} -> "
+                 f"{self.name_of(m['to_zone'])}: {progress.format_bytes(m['bytes'])}, "
+                 f"{m['state']}")
+        info(f"rebalanced in {time.monotonic() - t0:.1f}s")
+        await self.refresh_placement()
+        await self.zones_table(http)
+
+    async def lose_zone(self, http: aiohttp.ClientSession) -> None:
+        c = self.fleet.coordinator
+        assert c is not None
+        counts = {z.uuid: 0 for z in self.fleet.zones}
+        for a, b in self.placed.values():
+            counts[a] += 1
+            counts[b] += 1
+        victim = next(z for z in self.fleet.zones if z.uuid == max(counts, key=counts.__getitem__))
+        say(f"Losing {victim.name} for good: snapperd killed, its pool destroyed. The "
+            f"coordinator declares it lost after {c.lost_after:.0f}s of failed health checks "
+            "and copies each of its VMs from the surviving copy to another zone")
+        t0 = time.monotonic()
+        assert victim.daemon is not None
+        victim.daemon.kill()
+        victim.daemon = None
+        await victim.pool.destroy(self.zfs)
+        self.fleet.zones.remove(victim)
+        live = list(self.fleet.zones)
+
+        async def two_copies() -> bool | None:
+            for cn in self.fleet.cns:
+                for vm in cn.vms:
+                    held = [h for z in live if (h := await _complete(http, z, vm))]
+                    if len(held) != 2 or held[0] != held[1]:
+                        return None
+            return True
+
+        await poll(two_copies, 240, "every VM back on two zones")
+        info(f"every VM is on two live zones again, guids equal, "
+             f"{time.monotonic() - t0:.1f}s after the loss")
+        await self.refresh_placement()
+        await self.zones_table(http)
+
     async def run(self) -> None:
         z = self.fleet.zones
         say(f"Fleet up: {len(z)} snapper zones, {len(self.fleet.cns)} compute nodes "
@@ -216,7 +300,12 @@ class Demo:
             pid = zone.daemon.pid if zone.daemon else None
             info(f"{zone.name}: pool {zone.pool.name}, ssh 127.0.0.1:{zone.ssh_port}, "
                  f"http {zone.http_url}, snapperd pid {pid}")
+        if self.fleet.coordinator is not None:
+            c = self.fleet.coordinator
+            info(f"coordinator: {c.url} (placement, health, moves), pid "
+                 f"{c.daemon.pid if c.daemon else None}")
         await self.make_vms()
+        await self.refresh_placement()
         say("Pushing full snapshots @s1 over SSH")
         await self.push_all("s1")
         for n in ("s2", "s3"):
@@ -231,11 +320,20 @@ class Demo:
             await self.push_all("s4")
             await self.mirror_outage(http, "s5")
             await self.list_http(http)
-        await self.restore_and_check("s3")
+            await self.restore_and_check("s3")
+            if self.fleet.coordinator is not None:
+                say("The fleet as the coordinator sees it (snapper zones)")
+                await self.zones_table(http)
+                await self.add_zone(http)
+                await self.lose_zone(http)
         say("Where to look (these stay up with --keep)")
-        for zone in z:
-            info(f"{zone.name}: {zone.http_url}/v1/vms  {zone.http_url}/metrics  "
-                 f"log {zone.config_path.with_name('snapperd.log')}")
+        for zone in self.fleet.zones:
+            info(f"{zone.name}: {zone.http_url}/v1/vms  {zone.http_url}/v1/replication  "
+                 f"{zone.http_url}/metrics  log {zone.config_path.with_name('snapperd.log')}")
+        if self.fleet.coordinator is not None:
+            c = self.fleet.coordinator
+            info(f"coordinator: {c.url}/v1/zones  {c.url}/v1/moves  {c.url}/v1/status  "
+                 f"{c.url}/metrics  (snapper zones --coordinator {c.url})")
 
 
 async def _complete(http: aiohttp.ClientSession, zone: LocalZone,
@@ -249,6 +347,18 @@ async def _complete(http: aiohttp.ClientSession, zone: LocalZone,
         return None
     return {s["name"]: {d: p["guid"] for d, p in s["datasets"].items()}
             for s in snaps if s["complete"]}
+
+
+async def poll(cond: Callable[[], Awaitable[T | None]], timeout: float, what: str) -> T:
+    """The first non-None answer of ``cond``, asked every 0.3 s, within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = await cond()
+        if got is not None:
+            return got
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: not reached within {timeout:.0f}s")
+        await asyncio.sleep(0.3)
 
 
 async def wait_gone(http: aiohttp.ClientSession, zone: LocalZone, vm: str, name: str,
@@ -279,6 +389,8 @@ def _write_state(fleet: LocalFleet) -> Path:
     state = {
         "workdir": str(fleet.workdir),
         "pids": [z.daemon.pid for z in fleet.zones if z.daemon is not None],
+        "coordinator_pid": fleet.coordinator.daemon.pid
+        if fleet.coordinator and fleet.coordinator.daemon else None,
         "fuse_pid": fleet.fuse.daemon.pid if fleet.fuse and fleet.fuse.daemon else None,
         "pools": [z.pool.name for z in fleet.zones] + [c.pool.name for c in fleet.cns],
     }
@@ -297,8 +409,11 @@ def _ours(pid: int, needle: str) -> bool:
 async def stop_kept(workdir: Path) -> int:
     """Stop a fleet left by ``--keep``: its daemons by pid, its pools, its zfs-fuse."""
     state = json.loads((workdir / STATE_FILE).read_text())
-    for pid in state["pids"]:
-        if _ours(pid, "snapper_zone.daemon"):
+    daemons = [(p, "snapper_zone.daemon") for p in state["pids"]]
+    if state.get("coordinator_pid"):
+        daemons.append((state["coordinator_pid"], "rebalance.coordinator"))
+    for pid, needle in daemons:
+        if _ours(pid, needle):
             os.kill(pid, signal.SIGTERM)
     zfs = Zfs()
     for pool in state["pools"]:
@@ -309,8 +424,7 @@ async def stop_kept(workdir: Path) -> int:
         os.kill(fuse, signal.SIGTERM)
     # Say "stopped" only once it is true: each process is gone (or 30 s passed).
     deadline = time.monotonic() + 30
-    for pid, needle in [(p, "snapper_zone.daemon") for p in state["pids"]] + \
-            ([(fuse, "zfs-fuse")] if fuse else []):
+    for pid, needle in daemons + ([(fuse, "zfs-fuse")] if fuse else []):
         while _ours(pid, needle) and time.monotonic() < deadline:  # noqa: ASYNC110 (not our child: no event to wait on)
             await asyncio.sleep(0.1)
         if _ours(pid, needle):
@@ -322,7 +436,8 @@ async def stop_kept(workdir: Path) -> int:
 async def run_demo(keep: bool, workdir: Path | None, data_mib: int) -> int:
     wd = workdir or Path(tempfile.mkdtemp(prefix="snapper-demo-"))
     say(f"Starting a local fleet in {wd}")
-    fleet = await LocalFleet.start(wd, zones=3, cns=2, vms_per_cn=1, pool_size=1 << 30)
+    fleet = await LocalFleet.start(wd, zones=3, cns=2, vms_per_cn=2, pool_size=1 << 30,
+                                   coordinator=True, lost_after=5.0)
     ok = False
     try:
         await Demo(fleet, data_mib).run()
