@@ -263,6 +263,8 @@ class Executor:
             async with self.zone.vm_locks[self.vm]:
                 await self.zone.store.mark_complete(self.vm, act.name, parts, meta,
                                                     f"zone:{self.peer}")
+            # Parts a pipelined mirror received were "pending" (in use) until now.
+            self.zone.transfers.committed(self.vm, act.name)
         else:
             meta = await self.zone.store.metadata(self.vm, act.name)
             snap = await self.zone.store.snapshot(self.vm, act.name)

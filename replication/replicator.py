@@ -209,6 +209,9 @@ class Replicator:
         st.notices = [f"{type(n).__name__}: {n.dataset}: "
                       f"{n.detail if isinstance(n, Conflict) else n.reason}" for n in notices]
         st.state = "blocked" if notices else "in_sync"
+        if notices:
+            self.log.info("reconcile waits", extra={"vm": st.vm, "peer": st.peer,
+                                                    "notices": st.notices})
         st.last_error = None
         st.last_sync = time.time()
         self.zone.metrics.reconcile_runs.labels(st.state).inc()

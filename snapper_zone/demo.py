@@ -67,6 +67,18 @@ class Demo:
 
         self.placed: dict[str, tuple[str, str]] = {}
 
+    async def wait_registered(self) -> None:
+        c = self.fleet.coordinator
+        if c is None:
+            return
+        url, n = f"{c.url}/v1/zones", len(self.fleet.zones)
+
+        async def all_in() -> bool | None:
+            async with aiohttp.ClientSession() as http, http.get(url) as r:
+                return True if len((await r.json())["zones"]) >= n else None
+
+        await poll(all_in, 60, "every zone registered with the coordinator")
+
     async def refresh_placement(self) -> None:
         """Each VM's (primary, mirror) as the coordinator places it (what a CN asks)."""
         c = self.fleet.coordinator
@@ -304,8 +316,9 @@ class Demo:
             c = self.fleet.coordinator
             info(f"coordinator: {c.url} (placement, health, moves), pid "
                  f"{c.daemon.pid if c.daemon else None}")
-        await self.make_vms()
+        await self.wait_registered()
         await self.refresh_placement()
+        await self.make_vms()
         say("Pushing full snapshots @s1 over SSH")
         await self.push_all("s1")
         for n in ("s2", "s3"):
