@@ -376,26 +376,20 @@ async def poll(cond: Callable[[], Awaitable[T | None]], timeout: float, what: st
 
 async def wait_gone(http: aiohttp.ClientSession, zone: LocalZone, vm: str, name: str,
                     timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
+    async def gone() -> bool | None:
         held = await _complete(http, zone, vm)
-        if held is not None and name not in held:
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{zone.name} still holds {vm}@{name} after {timeout}s")
-        await asyncio.sleep(0.2)
+        return True if held is not None and name not in held else None
+
+    await poll(gone, timeout, f"{zone.name} dropping {vm}@{name}")
 
 
 async def wait_same(http: aiohttp.ClientSession, a: LocalZone, b: LocalZone, vm: str,
                     timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
+    async def same() -> bool | None:
         ha, hb = await _complete(http, a, vm), await _complete(http, b, vm)
-        if ha and ha == hb:
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{a.name} and {b.name} differ on {vm} after {timeout}s")
-        await asyncio.sleep(0.2)
+        return True if ha and ha == hb else None
+
+    await poll(same, timeout, f"{a.name} and {b.name} holding the same snapshots of {vm}")
 
 
 def _write_state(fleet: LocalFleet) -> Path:
