@@ -43,7 +43,6 @@ from snapper_zone.names import Bookmark, Dataset, Snapshot, check_component, che
 from snapper_zone.planning import (
     AbortPartial,
     AlreadyThere,
-    Full,
     Incremental,
     Resume,
     TokenInfo,
@@ -824,11 +823,22 @@ class CnClient:
                 report.action += "already there"
                 return report
             src = plan.base if isinstance(plan, Incremental) else None
-            spec = SendSpec(ds.snapshot(snap), base=_source(ds, src))
+            report.base = str(_source(ds, src)) if src else None
+            # Every CN snapshot above the zone's newest travels, up to the target, one
+            # stream each (a zone takes one snapshot per stream): a zone that skipped
+            # one could never take it from its peer (replication/DESIGN.md (b), Theorem R).
+            chain = [v for v in versions if v.is_snapshot
+                     and v.createtxg <= plan.target.createtxg
+                     and (src is None or v.createtxg > src.createtxg)]
+            base_zone = plan.zone_base.name if isinstance(plan, Incremental) else None
             try:
-                res = await self._send(vm, label, snap, spec,
-                                       base_zone=plan.zone_base.name
-                                       if isinstance(plan, Incremental) else None)
+                for v in chain:
+                    res = await self._send(vm, label, v.name,
+                                           SendSpec(ds.snapshot(v.name), base=_source(ds, src)),
+                                           base_zone=base_zone)
+                    report.bytes += res.bytes
+                    report.seconds += res.seconds
+                    src, base_zone = v, v.name
             except ZoneError as exc:
                 if exc.code != "PartialReceiveExists":
                     raise
@@ -837,10 +847,6 @@ class CnClient:
                 zone_snaps = await self.zone.snapshots(vm)
                 continue
             report.action += "incremental" if isinstance(plan, Incremental) else "full"
-            assert isinstance(plan, Full | Incremental)
-            report.base = str(spec.base) if spec.base else None
-            report.bytes += res.bytes
-            report.seconds += res.seconds
             return report
         raise PushError(f"{vm}/{label}: the zone still reports a partial receive after "
                         "resuming or aborting it")
