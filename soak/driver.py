@@ -432,8 +432,7 @@ class Soak:
             except (SnapperError, OSError, TimeoutError):
                 out[uuid] = "unreachable"
                 continue
-            out[uuid] = ("missing or incomplete" if name not in complete else
-                         "ok" if complete[name] == guids else "guid-mismatch")
+            out[uuid] = invariants.ack_seen(complete.get(name), guids)
         return out
 
     def acked_keys(self) -> list[tuple[str, str]]:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from snapper_zone import localpool
-from snapper_zone.fleet import LocalZone
+from snapper_zone.fleet import LocalFleet, LocalZone
 from snapper_zone.names import Dataset
 from soak.records import FaultRecord
 
@@ -92,6 +92,14 @@ def active_zones(schedule: Sequence[PlannedFault], zones: int) -> list[int]:
     return out
 
 
+async def replace_pool(fleet: LocalFleet, zone: LocalZone, size: int) -> None:
+    """Destroy a (stopped) zone's pool and give it a new, empty one: a replaced disk."""
+    await zone.pool.destroy(fleet.zfs)
+    zone.pool = await localpool.create_pool(fleet.zfs, fleet.workdir / "pools", "zone",
+                                            size=size, mounted=False)
+    zone.root = f"{zone.pool.name}/snapper"
+
+
 # -- the faults ------------------------------------------------------------------------
 
 
@@ -142,10 +150,7 @@ class Fault:
         fleet = self.soak.fleet
         if destroy:
             self.soak.lost_zone(zone)
-            await zone.pool.destroy(fleet.zfs)
-            zone.pool = await localpool.create_pool(fleet.zfs, fleet.workdir / "pools", "zone",
-                                                    size=self.soak.pool_size, mounted=False)
-            zone.root = f"{zone.pool.name}/snapper"
+            await replace_pool(fleet, zone, self.soak.pool_size)
             self.record.detail = f"new pool {zone.pool.name}"
         await asyncio.sleep(self.planned.hold)  # the outage the workload lives through
         await fleet.start_zone(zone)
@@ -253,7 +258,7 @@ class DrainZone(Fault):
         zone = self.pick_zone(self.soak.running_zones())
         t0 = time.monotonic()
         await self.soak.set_zone_state(zone, "draining")
-        await self.soak.wait_empty(zone, self.soak.settle_timeout)
+        await self.soak.wait_empty(zone, min(self.soak.settle_timeout, 90.0))
         self.record.detail = f"drained in {time.monotonic() - t0:.1f}s"
         await self.soak.remove_zone(zone)
 

@@ -107,6 +107,18 @@ def check_excused(acked: Mapping[Key, PushRecord], holdings: Holdings,
                  len(gone))
 
 
+def ack_seen(held: Mapping[str, int] | None, guids: Mapping[str, int]) -> str:
+    """What a zone named by an ack held of the snapshot right after it: "ok", or why not."""
+    if held is None:
+        return "missing or incomplete"
+    if dict(held) == dict(guids):
+        return "ok"
+    lacking = sorted(set(guids) - set(held))
+    differ = sorted(d for d in guids if d in held and held[d] != guids[d])
+    return "guid-mismatch: " + ", ".join(
+        [f"{d} lacking" for d in lacking] + [f"{d} {held[d]} != {guids[d]}" for d in differ])
+
+
 def check_acks(pushes: Sequence[PushRecord]) -> Check:
     """At the ack, every zone the ack named held the snapshot complete, guid-equal;
     a mirrored ack names two zones (invariant 1 of the design)."""

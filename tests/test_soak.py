@@ -9,14 +9,18 @@ with ``make test-soak`` (``pytest -m soak``), its length from
 from __future__ import annotations
 
 import os
+import random
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from snapper_zone.fleet import LocalFleet, LocalZone
 from soak import invariants, report
-from soak.driver import SoakConfig, run_soak
+from soak.driver import Soak, SoakConfig, run_soak
 from soak.faults import (
     COORDINATOR_KINDS,
     FAULTS,
@@ -24,6 +28,7 @@ from soak.faults import (
     STATIC_KINDS,
     active_zones,
     make_schedule,
+    replace_pool,
 )
 from soak.records import (
     DeleteRecord,
@@ -138,6 +143,13 @@ def test_ack_check_fails_exactly_when_a_named_zone_lacked_it(seen: list[str],
     assert ok == all(s in ("ok", "unreachable") for s in seen)
 
 
+def test_ack_seen_says_what_differs() -> None:
+    assert invariants.ack_seen(None, G1) == "missing or incomplete"
+    assert invariants.ack_seen(dict(G1), G1) == "ok"
+    assert invariants.ack_seen({"root": 1}, G1) == "guid-mismatch: disk0 lacking"
+    assert invariants.ack_seen({"root": 1, "disk0": 9}, G1) == "guid-mismatch: disk0 9 != 2"
+
+
 def test_partial_state_and_restores_and_rss() -> None:
     clean = {VM: {A: PartialState(), B: PartialState([], [("s9", 2000)])}}
     assert invariants.check_partial(clean, settled_at=1000).ok  # newer than the settle time
@@ -177,12 +189,9 @@ def test_parse_inventory() -> None:
 # -- the soak on a real fleet ---------------------------------------------------------------
 
 
-# What the CI soak injects: the static-pair faults that pass reliably. Left out:
-# replace-zone (a replaced, empty zone that takes a CN's full push before its peer
-# refilled it diverges with no common base; reconcile then needs an operator) and
-# the coordinator's faults (add, drain, lose a zone; kill the coordinator), run by
-# ``python -m soak --coordinator``.
-CI_KINDS = ("kill-restart", "kill-mid-transfer", "truncate", "fill-pool")
+# What the CI soak injects: every static-pair fault. The coordinator's faults (add,
+# drain, lose a zone; kill the coordinator) run with ``python -m soak --coordinator``.
+CI_KINDS = STATIC_KINDS
 
 
 def _seconds() -> float:
@@ -220,3 +229,79 @@ async def test_soak_catches_a_zone_that_acks_before_its_mirror(
     assert not acks.ok, report.summary(doc)
     assert any("missing or incomplete" in d for d in acks.detail)
     assert not result.passed
+
+
+# -- what the soak found ------------------------------------------------------------------
+
+
+@pytest.fixture
+async def pair(zfs_tier: ZfsTier, tmp_path: Path) -> AsyncIterator[tuple[Soak, str]]:
+    """Two static zones, one CN with one VM, and the soak's workload to drive them."""
+    fleet = await LocalFleet.start(tmp_path / "fleet", zones=2, cns=1, vms_per_cn=1,
+                                   pool_size=512 << 20, reconcile_interval_ms=500)
+    try:
+        async with aiohttp.ClientSession() as http:
+            soak = Soak(SoakConfig(workdir=tmp_path), fleet, http, print)
+            await soak.workload.make_vms()
+            yield soak, fleet.cns[0].vms[0]
+    finally:
+        await fleet.stop()
+
+
+async def _push_next(soak: Soak, vm: str, rng: random.Random) -> PushRecord:
+    w, cn = soak.workload, soak.fleet.cns[0]
+    w.mutate(cn, vm, rng)
+    rec = await w.push(cn, vm, w.next_name(vm))
+    assert rec.acked, rec
+    return rec
+
+
+def _kill(*zones: LocalZone) -> None:
+    for z in zones:
+        assert z.daemon is not None
+        z.daemon.kill()
+        z.daemon = None
+
+
+async def _two_copies(soak: Soak) -> None:
+    done = await soak.wait_two_copies(soak.acked_keys(), 60)
+    assert done is not None, await soak.copies_problems(soak.acked_keys(), exact=True)
+
+
+@pytest.mark.zfs
+async def test_failover_push_carries_the_snapshot_the_zone_lacks(
+        pair: tuple[Soak, str]) -> None:
+    """The design's trap, found by the soak (kill-restart, seed 5): s2 is acked
+    ``local`` on A alone; A dies before B has it; the CN pushes s3 to B. The push
+    must carry s2 then s3 (DESIGN.md (b)); a plain ``-i s1 s3`` left B with s1 s3
+    and A with s1 s2: no common tail, reconcile stopped with NeedsOperator."""
+    soak, vm = pair
+    rng = random.Random(0)
+    await _push_next(soak, vm, rng)
+    a, b = await soak.targets(vm)
+    _kill(b)
+    assert (await _push_next(soak, vm, rng)).zones == [a.uuid]  # s2, local on A
+    _kill(a)
+    await soak.fleet.start_zone(b)
+    assert (await _push_next(soak, vm, rng)).zones == [b.uuid]  # s3, local on B
+    await soak.fleet.start_zone(a)
+    await _two_copies(soak)
+
+
+@pytest.mark.zfs
+async def test_replaced_zone_taking_a_full_push_converges(pair: tuple[Soak, str]) -> None:
+    """The soak's replace-zone fault, made deterministic: A (the VM's primary) loses
+    its pool and comes back empty while B is down; the CN pushes s4 to A (``local``,
+    full: A has nothing). The full push must carry s1..s4, not s4 alone, else A
+    holds s4 and B s1-s3 with no common base and reconcile needs an operator."""
+    soak, vm = pair
+    rng = random.Random(0)
+    for _ in range(3):
+        assert (await _push_next(soak, vm, rng)).durability == "mirrored"
+    a, b = await soak.targets(vm)
+    _kill(b, a)
+    await replace_pool(soak.fleet, a, 512 << 20)
+    await soak.fleet.start_zone(a)
+    assert (await _push_next(soak, vm, rng)).zones == [a.uuid]
+    await soak.fleet.start_zone(b)
+    await _two_copies(soak)
