@@ -20,7 +20,8 @@ from soak.faults import COORDINATOR_KINDS, FAULTS, STATIC_KINDS
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m soak", description=__doc__)
-    ap.add_argument("--duration", type=float, default=300.0, help="seconds of load (300)")
+    ap.add_argument("--duration", type=float, default=300.0,
+                    help="seconds of load (300); it goes on while the last fault recovers")
     ap.add_argument("--seed", type=int, default=None, help="default: a new one, printed")
     ap.add_argument("--cns", type=int, default=2)
     ap.add_argument("--zones", type=int, default=3)

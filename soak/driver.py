@@ -49,7 +49,7 @@ DISK = "disk0"
 
 @dataclass
 class SoakConfig:
-    duration: float = 300.0
+    duration: float = 300.0  # seconds of load; longer while the last fault recovers
     seed: int = 0
     cns: int = 2
     zones: int = 3
@@ -172,11 +172,11 @@ class Workload:
 
     # -- the loop of one CN -------------------------------------------------------------
 
-    async def run_cn(self, index: int, until: float) -> None:
+    async def run_cn(self, index: int, until: float, faults_done: asyncio.Event) -> None:
         cn = self.soak.fleet.cns[index]
         rng = random.Random(self.soak.config.seed * 7919 + index)
         retry: dict[str, str] = {}  # vm -> a snapshot whose push failed: push it again
-        while time.monotonic() < until:
+        while time.monotonic() < until or not faults_done.is_set():
             await asyncio.sleep(rng.uniform(*self.soak.config.interval))  # the workload's pace
             vm = rng.choice(cn.vms)
             roll = rng.random()
@@ -542,21 +542,29 @@ class Soak:
 
 
 async def _run_faults(soak: Soak, schedule: Sequence[PlannedFault], until: float,
-                      done: list[FaultRecord], skipped: list[PlannedFault]) -> None:
-    for planned in schedule:
-        wait = soak.run_start + planned.at - time.monotonic()
-        if wait > 0:
-            await asyncio.sleep(wait)  # the schedule's own timing
-        if time.monotonic() >= until:
-            skipped.append(planned)  # the previous faults' recovery ran past the run's end
-            continue
-        fault = FAULTS[planned.kind](planned, soak)
-        rec = await fault.inject()
-        done.append(rec)
-        soak.log(f"fault {rec.kind} on {rec.target or '-'} {rec.started:.1f}-{rec.ended:.1f}s"
-                 + (f", back to two copies in {rec.back_to_two_s}s"
-                    if rec.back_to_two_s is not None else "")
-                 + (f" ERROR {rec.error}" if rec.error else ""))
+                      done: list[FaultRecord], skipped: list[PlannedFault],
+                      finished: asyncio.Event) -> None:
+    try:
+        for planned in schedule:
+            await _run_fault(soak, planned, until, done, skipped)
+    finally:
+        finished.set()
+
+
+async def _run_fault(soak: Soak, planned: PlannedFault, until: float,
+                     done: list[FaultRecord], skipped: list[PlannedFault]) -> None:
+    wait = soak.run_start + planned.at - time.monotonic()
+    if wait > 0:
+        await asyncio.sleep(wait)  # the schedule's own timing
+    if time.monotonic() >= until:
+        skipped.append(planned)  # earlier recoveries ran far past the run's end
+        return
+    rec = await FAULTS[planned.kind](planned, soak).inject()
+    done.append(rec)
+    soak.log(f"fault {rec.kind} on {rec.target or '-'} {rec.started:.1f}-{rec.ended:.1f}s"
+             + (f", back to two copies in {rec.back_to_two_s}s"
+                if rec.back_to_two_s is not None else "")
+             + (f" ERROR {rec.error}" if rec.error else ""))
 
 
 async def run_soak(config: SoakConfig, *, log: Callable[[str], None] = print) -> SoakResult:
@@ -591,11 +599,15 @@ async def _run(soak: Soak, schedule: list[PlannedFault], started: float) -> Soak
     until = soak.run_start + config.duration
     faults: list[FaultRecord] = []
     skipped: list[PlannedFault] = []
+    # The load goes on until the last fault has recovered (every fault happens under
+    # load); a schedule whose recoveries run past twice the duration is cut short.
+    finished = asyncio.Event()
     # A TaskGroup: if one task fails the others are cancelled before the fleet stops.
     async with asyncio.TaskGroup() as tg:
-        tg.create_task(_run_faults(soak, schedule, until, faults, skipped))
+        tg.create_task(_run_faults(soak, schedule, soak.run_start + 2 * config.duration,
+                                   faults, skipped, finished))
         for i in range(len(soak.fleet.cns)):
-            tg.create_task(w.run_cn(i, until))
+            tg.create_task(w.run_cn(i, until, finished))
     run_end = time.monotonic()
     soak.log(f"workload done after {run_end - soak.run_start:.0f}s: {len(w.pushes)} pushes; "
              "settling")

@@ -50,7 +50,7 @@ class PlannedFault:
 def make_schedule(seed: int, duration: float, kinds: Sequence[str], *, zones: int = 3,
                   count: int | None = None) -> list[PlannedFault]:
     """At least 6 faults, every kind at least once when there are enough slots,
-    spread over 10-75 % of ``duration`` (the rest is for the last fault's recovery);
+    spread over 10-65 % of ``duration`` (the rest is for the last faults' recoveries);
     drains and losses never leave fewer than ``MIN_ACTIVE`` zones."""
     rng = random.Random(seed)
     n = count if count is not None else max(6, len(kinds), int(duration // 20))
@@ -58,7 +58,7 @@ def make_schedule(seed: int, duration: float, kinds: Sequence[str], *, zones: in
     rng.shuffle(order)
     chosen = order[:n] + [rng.choice(kinds) for _ in range(n - len(order))]
     chosen = _keep_zones(chosen, zones)
-    start, end = 0.10 * duration, 0.75 * duration
+    start, end = 0.10 * duration, 0.65 * duration
     slot = (end - start) / len(chosen)
     out = []
     for i, kind in enumerate(chosen):
