@@ -291,8 +291,9 @@ class Workload:
             return None
         snap = rng.choice(names)
         targets = await self.soak.targets(vm)
-        zone = targets[0]
-        rec = RestoreRecord(vm, snap, self.soak.now(), zone.uuid, ok=False, final=final)
+        if not targets:
+            return None  # no placement known yet (the coordinator is down)
+        rec = RestoreRecord(vm, snap, self.soak.now(), targets[0].uuid, ok=False, final=final)
         self._restores += 1
         target = Dataset(cn.pool.name).child(f"restore{self._restores}")
         zfs = self.soak.fleet.zfs
@@ -458,11 +459,13 @@ class Soak:
                 return None
             await asyncio.sleep(0.5)  # polling the zones' state, with a deadline
 
-    async def zone_receiving(self, timeout: float) -> tuple[LocalZone, str]:
-        """A running zone with a receive in progress that has moved some bytes."""
+    async def zone_receiving(self, timeout: float, pick: int = 0) -> tuple[LocalZone, str]:
+        """A running zone with a receive in progress that has moved some bytes
+        (asked in an order rotated by ``pick``, so every zone gets its turn)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for zone in self.running_zones():
+            zones = self.running_zones()
+            for zone in zones[pick % len(zones):] + zones[:pick % len(zones)] if zones else []:
                 with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                     async with self.http.get(f"{zone.http_url}/v1/transfers") as r:
                         rows = await r.json() if r.status == 200 else []
@@ -637,7 +640,7 @@ async def _run(soak: Soak, schedule: list[PlannedFault], started: float) -> Soak
         holdings=holdings, partial=partial, settled_at=settled_at, rss_before=rss_before,
         rss_after=rss_after, losses=soak.losses,
         static_pairs=soak.fleet.coordinator is None,
-        min_faults=config.min_faults, min_kinds=config.min_kinds)
+        min_faults=config.min_faults, min_kinds=min(config.min_kinds, len(config.kinds())))
     return SoakResult(config, schedule, w.pushes, w.deletes, w.restores, faults, checks,
                       rss_before, rss_after, w.bytes_written, run_end - soak.run_start,
                       settle_seconds, time.monotonic() - started, skipped)

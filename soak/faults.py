@@ -175,7 +175,7 @@ class KillMidTransfer(Fault):
     loss = True
 
     async def _inject(self) -> None:
-        zone, what = await self.soak.zone_receiving(timeout=60.0)
+        zone, what = await self.soak.zone_receiving(timeout=60.0, pick=self.planned.pick)
         self.record.target, self.record.detail = zone.name, what
         await self.outage(zone)
 
