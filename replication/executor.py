@@ -241,13 +241,7 @@ class Executor:
 
     async def _delete(self, act: Delete) -> None:
         if act.zone == self.me:
-            async with self.zone.vm_locks[self.vm]:
-                if act.dataset is None:
-                    await self.zone.store.destroy_marker(self.vm, act.name)
-                else:
-                    assert act.guid is not None
-                    await self.zone.store.destroy_part(self.vm, act.dataset, act.name,
-                                                       act.guid)
+            await self.zone.destroy(self.vm, act.name, act.dataset, act.guid)
         else:
             await self.client.run(Destroy(self.vm, act.name, act.dataset, act.guid))
         self.log.info("reconcile destroyed", extra={

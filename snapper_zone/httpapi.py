@@ -39,6 +39,7 @@ from snapper_zone.errors import InvalidName, SnapperError
 from snapper_zone.metrics import CONTENT_TYPE_LATEST
 from snapper_zone.names import Dataset, check_component, check_uuid
 from snapper_zone.store import P_META_COUNT, decode_metadata
+from snapper_zone.transfers import SnapshotInUse
 from snapper_zone.zone import Zone
 
 __all__ = ["ZONE", "MethodNotAllowed", "ResourceNotFound", "SnapshotInUse", "make_app"]
@@ -61,11 +62,6 @@ class ResourceNotFound(SnapperError):
 class MethodNotAllowed(SnapperError):
     code = "MethodNotAllowed"
     http_status = 405
-
-
-class SnapshotInUse(SnapperError):
-    code = "ResourceBusy"
-    http_status = 409
 
 
 # Every URL parameter and the check it must pass; a route whose parameter has
@@ -247,15 +243,8 @@ async def get_snapshot(request: web.Request) -> web.Response:
 async def delete_snapshot(request: web.Request) -> web.Response:
     zone = request.app[ZONE]
     vm, name = request.match_info["uuid"], request.match_info["name"]
-    if name in zone.transfers.in_use(vm):
-        raise SnapshotInUse(f"VM {vm} snapshot {name!r} is in use by a transfer; "
-                            "retry when it has finished")
-    # A transfer starting during the destroy is still safe: ZFS itself refuses
-    # to destroy a snapshot that a running send or receive depends on (busy).
-    await zone.store.delete(vm, name)
+    await zone.delete_snapshot(vm, name)
     zone.log.info("deleted snapshot", extra={"vm": vm, "snapshot": name})
-    if zone.replicator is not None:
-        zone.replicator.kick(vm)  # the tombstone reaches the peer at once
     return web.Response(status=204)
 
 

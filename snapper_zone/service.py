@@ -54,7 +54,7 @@ from snapper_zone.protocol import (
 )
 from snapper_zone.sendstream import StreamBegin, StreamHeaderError, read_begin
 from snapper_zone.store import SnapshotNotFound
-from snapper_zone.transfers import Transfer
+from snapper_zone.transfers import SnapshotInUse, Transfer
 from snapper_zone.zfs import SendSpec, SnapshotInfo
 from snapper_zone.zone import Zone
 
@@ -94,11 +94,6 @@ class InsufficientSpace(OutOfSpace):
 
 class SnapshotIncomplete(SnapperError):
     code = "SnapshotIncomplete"
-    http_status = 409
-
-
-class SnapshotInUse(SnapperError):
-    code = "ResourceBusy"
     http_status = 409
 
 
@@ -192,23 +187,13 @@ class Service:
             case Metadata(vm, snap):
                 io.write(_json_line(await self.zone.store.metadata(vm, snap)))
             case Delete(vm, snap):
-                if snap in self.zone.transfers.in_use(vm):
-                    raise SnapshotInUse(f"VM {vm} snapshot {snap!r} is in use by a transfer; "
-                                        "try again when it ends")
-                await self.zone.store.delete(vm, snap)
+                await self.zone.delete_snapshot(vm, snap)
                 self.log.info("deleted snapshot", extra={"vm": vm, "snapshot": snap,
                                                          "principal": p.label})
-                if self.zone.replicator is not None:
-                    self.zone.replicator.kick(vm)  # the peer deletes it too
             case Destroy(vm, snap, ds, guid):
                 if snap in self.zone.transfers.in_use(vm):
                     raise SnapshotInUse(f"VM {vm} snapshot {snap!r} is in use by a transfer")
-                async with self.zone.vm_locks[vm]:
-                    if ds is None:
-                        await self.zone.store.destroy_marker(vm, snap)
-                    else:
-                        assert guid is not None
-                        await self.zone.store.destroy_part(vm, ds, snap, guid)
+                await self.zone.destroy(vm, snap, ds, guid)
             case Ping():
                 io.write(b"pong\n")
 

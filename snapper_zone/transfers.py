@@ -11,7 +11,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from snapper_zone.errors import SnapperError
 from snapper_zone.metrics import Metrics
+
+
+class SnapshotInUse(SnapperError):
+    """A delete of a snapshot a running transfer reads or builds on."""
+
+    code = "ResourceBusy"
+    http_status = 409
+
 
 _ids = itertools.count(1)
 # A CN sends a VM's datasets one after the other, then commits; an hour

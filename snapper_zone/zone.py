@@ -12,7 +12,7 @@ from snapper_zone.config import TrustedKey, ZoneConfig
 from snapper_zone.metrics import Metrics
 from snapper_zone.names import Dataset
 from snapper_zone.store import ZoneStore
-from snapper_zone.transfers import TransferRegistry
+from snapper_zone.transfers import SnapshotInUse, TransferRegistry
 from snapper_zone.zfs import Zfs
 
 if TYPE_CHECKING:
@@ -53,6 +53,30 @@ class Zone:
         if found is None and self.replicator is not None:
             found = self.replicator.links.learned_keys.get(key_data)
         return found
+
+    async def delete_snapshot(self, vm: str, name: str) -> None:
+        """Delete a VM snapshot (SSH ``delete``, HTTP ``DELETE``); the peer follows.
+
+        Refused while a transfer uses it. One starting during the destroy is
+        still safe: ZFS itself refuses to destroy what a send or receive needs.
+        """
+        if name in self.transfers.in_use(vm):
+            raise SnapshotInUse(f"VM {vm} snapshot {name!r} is in use by a transfer; "
+                                "retry when it has finished")
+        await self.store.delete(vm, name)
+        if self.replicator is not None:
+            self.replicator.kick(vm)  # the tombstone reaches the peer at once
+
+    async def destroy(self, vm: str, name: str, dataset: str | None,
+                      guid: int | None) -> None:
+        """Reconcile's destroy here: one part if it is still ``guid``, or (no
+        dataset) only the VM's marker; under the VM lock."""
+        async with self.vm_locks[vm]:
+            if dataset is None:
+                await self.store.destroy_marker(vm, name)
+            else:
+                assert guid is not None
+                await self.store.destroy_part(vm, dataset, name, guid)
 
     def owner_of(self, vm: str) -> str | None:
         """The CN a VM belongs to, from the static map (the coordinator comes later)."""
