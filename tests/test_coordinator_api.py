@@ -37,6 +37,7 @@ from rebalance.zoneclient import HttpZoneApi, SnapshotView, ZoneRequestFailed, Z
 from snapper_zone import proc
 from snapper_zone.cli import main as cli_main
 from snapper_zone.config import ConfigError
+from tests.helpers import wait_for, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 HOST_KEY = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
@@ -195,15 +196,16 @@ class Env:
             "http_url": z.url(), "host_key": HOST_KEY, "capacity": capacity}, status)
 
     async def moves_finished(self, timeout: float = 30.0) -> list[dict[str, Any]]:
-        """Poll ``GET /v1/moves`` until no move is planned or running."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            moves: list[dict[str, Any]] = (await self.call("GET", "/v1/moves"))["moves"]
-            if all(m["state"] in ("done", "failed") for m in moves):
-                return moves
-            if asyncio.get_running_loop().time() > deadline:
-                raise TimeoutError(f"moves still active: {moves}")
-            await asyncio.sleep(0.02)
+        """Wait until ``GET /v1/moves`` shows no move planned or running."""
+        moves: list[dict[str, Any]] = []
+
+        async def finished() -> bool:
+            nonlocal moves
+            moves = (await self.call("GET", "/v1/moves"))["moves"]
+            return all(m["state"] in ("done", "failed") for m in moves)
+
+        await wait_until(finished, timeout, "every move done or failed", poll=0.02)
+        return moves
 
     async def placement(self, vm: str) -> list[str]:
         got: list[str] = (await self.call("GET", f"/v1/placement/{vm}"))["zones"]
@@ -473,12 +475,11 @@ async def test_daemon_ready_file_and_clean_stop(tmp_path: Path) -> None:
                           "--ready-file", str(ready)], str(tmp_path / "log"),
                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
     try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 30
-        while not ready.exists():
+        def up() -> bool:
             assert daemon.alive(), (tmp_path / "log").read_text()
-            assert loop.time() < deadline, "not ready in 30s"
-            await asyncio.sleep(0.05)
+            return ready.exists()
+
+        await wait_for(up, 30, "the coordinator's ready file", poll=0.05)
         info = json.loads(ready.read_text())
         assert info["pid"] == daemon.pid
         async with aiohttp.ClientSession() as http, \
@@ -620,14 +621,16 @@ async def test_a_dead_zone_is_lost_and_repaired_by_itself(tmp_path: Path, fleet:
         victim = ZONES[2]
         hit = [vm for vm, pair in (await placements(env)).items() if victim in pair]
         await fleet.zones[victim].stop()
-        deadline = asyncio.get_running_loop().time() + 30
-        while True:  # until the zone is lost and every VM is on two live zones again
+        after: dict[str, list[str]] = {}
+        zone: dict[str, Any] = {}
+
+        async def repaired() -> bool:  # the zone lost, every VM on two live zones again
+            nonlocal after, zone
             after = await placements(env)
             zone = await env.call("GET", f"/v1/zones/{victim}")
-            if zone["state"] == "lost" and all(victim not in p for p in after.values()):
-                break
-            assert asyncio.get_running_loop().time() < deadline, (zone, after)
-            await asyncio.sleep(0.05)
+            return zone["state"] == "lost" and all(victim not in p for p in after.values())
+
+        await wait_until(repaired, 30, "the lost zone repaired", poll=0.05)
         moves = await env.moves_finished()
         assert sorted(m["vm"] for m in moves if m["reason"] == "lost") == sorted(hit)
         assert_two_copies(env, after)
