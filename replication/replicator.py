@@ -84,6 +84,8 @@ class VmState:
     last_failure: float | None = None  # unix time
     notices: list[str] = field(default_factory=list)
     rounds: int = 0
+    # The peer's listing from the round that found the pair in step (this sync only).
+    peer_view: ZoneInventory | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {"vm": self.vm, "peer": self.peer, "state": self.state,
@@ -122,6 +124,7 @@ class Replicator:
             return st
         st.peer = peer.uuid
         async with self._vm_locks[vm]:
+            st.peer_view = None
             try:
                 async for attempt in AsyncRetrying(
                         retry=retry_if_exception(unreachable), stop=stop_after_attempt(3),
@@ -208,6 +211,7 @@ class Replicator:
         st.behind_snapshots, st.behind_bytes = behind, size
         st.notices = [f"{type(n).__name__}: {n.dataset}: "
                       f"{n.detail if isinstance(n, Conflict) else n.reason}" for n in notices]
+        st.peer_view = b
         st.state = "blocked" if notices else "in_sync"
         if notices:
             self.log.info("reconcile waits", extra={"vm": st.vm, "peer": st.peer,
@@ -244,11 +248,13 @@ class Replicator:
             st = await asyncio.wait_for(self.sync_vm(vm, peer.uuid), timeout)
         except TimeoutError:
             return peer.uuid, f"no answer within {timeout:.0f} s"
-        try:
-            client = await self.links.client(peer.uuid)
-            b, _ = from_document(peer.uuid, await client.inventory(vm))
-        except (SnapperError, OSError) as exc:
-            return peer.uuid, st.last_error or str(exc)
+        b = st.peer_view  # the last round listed the peer: no need to ask again
+        if b is None:
+            try:
+                client = await self.links.client(peer.uuid)
+                b, _ = from_document(peer.uuid, await client.inventory(vm))
+            except (SnapperError, OSError) as exc:
+                return peer.uuid, st.last_error or str(exc)
         if snapshot_guids(b, name) == dict(parts):
             return peer.uuid, None
         return peer.uuid, st.last_error or "the peer does not hold the snapshot complete"
