@@ -597,8 +597,11 @@ class Coordinator:
             return f"kept: {why}"
         if dry_run:
             return "would discard"
+        both = [s for s in theirs[0] or [] if s.complete
+                and all((s.name, tuple(sorted(s.guids.items()))) in h for h in held)]
         try:
-            await self.api.delete_vm(zone.http_url, vm)
+            # The zone checks again under its VM lock (a push may land meanwhile).
+            await self.api.delete_vm(zone.http_url, vm, elsewhere=both)
         except SnapperError as e:
             return f"kept: delete failed ({e.message})"
         log.info("stale copy discarded", extra={"vm": vm, "zone": zone.uuid})

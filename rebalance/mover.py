@@ -85,6 +85,12 @@ def verify_copy(source: Sequence[SnapshotView], target: Sequence[SnapshotView]) 
     return problems
 
 
+# Sync states after which verify decides: "blocked" and "behind" mean pushes in
+# flight kept the pair from being exactly equal, not that the copy failed;
+# verify asks only for what the source holds complete.
+_COPIED = frozenset({"in_sync", "blocked", "behind"})
+
+
 class _Retry(Exception):
     """A transient failure: try the move again later."""
 
@@ -274,7 +280,7 @@ class Mover:
             poll.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await poll
-        if res.state != "in_sync":
+        if res.state not in _COPIED:
             raise _Retry(f"copy: {res.state}" + (f": {res.error}" if res.error else ""))
 
     async def _track_progress(self, m: MoveRecord, src: ZoneRecord) -> None:
@@ -312,16 +318,21 @@ class Mover:
                 return await self._finish(m, MoveState.DONE,
                                           f"old copy on {m.from_zone} kept: placed there again")
             to = zones.get(m.to_zone)
+            if to is None or to.state is ZoneState.LOST:
+                raise _Retry(f"delete: the new copy's zone {m.to_zone} is gone")
             try:
-                held = None if to is None or to.state is ZoneState.LOST else \
-                    await self.api.snapshots(to.http_url, m.vm)
+                held = await self.api.snapshots(to.http_url, m.vm)
             except SnapperError:
                 held = None
             if held is None:
-                # Until it answers again, the old copy may be the second one.
+                # Until it answers with a copy, the old copy may be the second one.
                 raise _Retry(f"delete: the new copy on {m.to_zone} does not answer")
             try:
-                await self.api.delete_vm(old.http_url, m.vm)
+                held = await self._caught_up(m, old, to, held)
+                # The zone re-checks under its VM lock: a push that reached the old
+                # copy after we looked (its primary had not yet seen the switch)
+                # keeps it until the new copy holds that snapshot too.
+                await self.api.delete_vm(old.http_url, m.vm, elsewhere=held)
             except SnapperError as e:
                 if m.attempts >= self.settings.max_attempts:
                     # An extra copy is harmless; reconciling stale copies removes it.
@@ -329,6 +340,22 @@ class Mover:
                                               f"old copy on {m.from_zone} not deleted: {e}")
                 raise _Retry(f"delete: {e}") from e
         return await self._finish(m, MoveState.DONE, None)
+
+    async def _caught_up(self, m: MoveRecord, old: ZoneRecord, to: ZoneRecord,
+                         held: list[SnapshotView]) -> list[SnapshotView]:
+        """The new copy's snapshots (``held``), once it holds every complete one the
+        old copy has.
+
+        Until the VM's primary learns the new placement it may go on mirroring
+        pushes to the old copy; those are sent on from the old copy first.
+        """
+        mine = await self.api.snapshots(old.http_url, m.vm) or []
+        if verify_copy(mine, held):
+            res = await self.api.sync(old.http_url, m.vm, m.to_zone)
+            if res.state not in _COPIED:
+                raise _Retry(f"delete: catching up the new copy: {res.state}")
+            held = await self.api.snapshots(to.http_url, m.vm) or []
+        return held
 
     async def _finish(self, m: MoveRecord, state: MoveState, error: str | None) -> MoveRecord:
         m = await self.store.update_move(m.id, self.clock(), state=state, error=error,

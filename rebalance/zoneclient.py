@@ -18,7 +18,7 @@ Tests use an in-memory implementation of the same Protocol.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -92,8 +92,13 @@ class ZoneApi(Protocol):
         """None when the zone holds no copy of ``vm``."""
         ...
     async def sync(self, url: str, vm: str, peer: str) -> SyncResult: ...
-    async def delete_vm(self, url: str, vm: str) -> bool:
-        """True when a copy was removed, False when there was none."""
+    async def delete_vm(self, url: str, vm: str,
+                        elsewhere: Sequence[SnapshotView] | None = None) -> bool:
+        """True when a copy was removed, False when there was none.
+
+        ``elsewhere``: the new copy's snapshots; the zone refuses
+        (``CopyNotRedundant``) if its copy holds a complete one they lack.
+        """
         ...
     async def capacity(self, url: str) -> tuple[int, int]:
         """(used, available) bytes under the zone's root."""
@@ -178,8 +183,12 @@ class HttpZoneApi:
         return SyncResult(vm=vm, peer=peer, state=state,
                           error=None if error is None else str(error))
 
-    async def delete_vm(self, url: str, vm: str) -> bool:
-        return await self._call("DELETE", url, f"/v1/vms/{vm}", allow_404=True) is not None
+    async def delete_vm(self, url: str, vm: str,
+                        elsewhere: Sequence[SnapshotView] | None = None) -> bool:
+        body = None if elsewhere is None else {"elsewhere": {
+            s.name: dict(s.guids) for s in elsewhere if s.complete}}
+        return await self._call("DELETE", url, f"/v1/vms/{vm}", json=body,
+                                allow_404=True) is not None
 
     async def capacity(self, url: str) -> tuple[int, int]:
         body = await self._call("GET", url, "/v1/capacity")

@@ -80,9 +80,10 @@ class Principal:
     role: Role
     id: str  # cn_id, peer zone uuid, or operator name (key comment, else fingerprint)
     fingerprint: str
+    connection: int = 0  # which SSH connection: what it left pending ends with it
 
     @classmethod
-    def from_key(cls, key: TrustedKey) -> Principal:
+    def from_key(cls, key: TrustedKey, connection: int = 0) -> Principal:
         if key.role == "cn":
             assert key.cn_id is not None  # the config guarantees it for role cn
             ident = key.cn_id
@@ -94,7 +95,7 @@ class Principal:
             # which is only a label for logs; the fingerprint is the identity.
             parts = key.public_key.split(maxsplit=2)
             ident = parts[2].strip() if len(parts) == 3 and parts[2].strip() else key.fingerprint
-        return cls(key.role, ident, key.fingerprint)
+        return cls(key.role, ident, key.fingerprint, connection)
 
     @property
     def label(self) -> str:

@@ -208,7 +208,7 @@ async def cmd_push(args: argparse.Namespace, s: CnSettings) -> int:
     if args.json:
         print(json.dumps({"vm": report.vm, "snapshot": report.snapshot, "bytes": report.bytes,
                           "metadata": report.metadata_source, "durability": report.durability,
-                          "zones": report.zones,
+                          "zones": report.zones, "carried": report.carried,
                           "datasets": [vars(d) for d in report.datasets]}))
         return 0
     copies = len(report.zones)
@@ -218,6 +218,9 @@ async def cmd_push(args: argparse.Namespace, s: CnSettings) -> int:
     for d in report.datasets:
         base = f" from {d.base}" if d.base else ""
         print(f"  {d.label:<12} {d.action}{base}  {format_bytes(d.bytes)}")
+    if report.carried:
+        print(f"  also committed (earlier snapshots sent with it, durability local): "
+              f"{', '.join(report.carried)}")
     return 0
 
 

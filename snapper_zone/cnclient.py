@@ -48,6 +48,7 @@ from snapper_zone.planning import (
     TokenInfo,
     Version,
     ZoneSnapshot,
+    ZoneVmSnapshot,
 )
 from snapper_zone.progress import NoProgress, Reporter
 from snapper_zone.protocol import (
@@ -668,6 +669,16 @@ def zone_history(snaps: Sequence[Mapping[str, Any]], label: str) -> list[ZoneSna
     return [z for _, z in rows]
 
 
+def zone_vm_snapshots(snaps: Sequence[Mapping[str, Any]]) -> list[ZoneVmSnapshot]:
+    """The zone's VM snapshots with their parts' guids, in the zone's order."""
+    out = []
+    for s in snaps:
+        parts = {str(label): int(p["guid"]) for label, p in (s.get("datasets") or {}).items()
+                 if isinstance(p, Mapping) and "guid" in p}
+        out.append(ZoneVmSnapshot(str(s["name"]), bool(s.get("complete")), parts))
+    return out
+
+
 # -- the CN library ---------------------------------------------------------------
 
 
@@ -689,6 +700,7 @@ class PushReport:
     metadata_source: str = ""
     durability: str = ""
     zones: list[str] = field(default_factory=list)  # uuids of the zones holding it complete
+    carried: list[str] = field(default_factory=list)  # earlier snapshots committed with it
 
     @property
     def bytes(self) -> int:
@@ -774,11 +786,34 @@ class CnClient:
             report.datasets.append(await self._push_dataset(vm, label, ds, snap, base,
                                                             zone_snaps))
         meta, report.metadata_source = await self._metadata(vm, list(datasets), metadata)
+        report.carried = await self._commit_carried(vm, datasets, snap, meta)
         done = await self.zone.commit(vm, snap, list(datasets), meta, durability)
         report.durability = str(done.get("durability") or durability or "")
         report.zones = [str(z) for z in done.get("zones") or []]
         await self._bookmark(datasets.values(), snap)
         return report
+
+    async def _commit_carried(self, vm: str, datasets: Mapping[str, Dataset], snap: str,
+                              meta: Mapping[str, Any]) -> list[str]:
+        """Commit the earlier snapshots this push carried along (``planning.carried_along``).
+
+        They take the target's metadata (the VM as it is now) and durability
+        ``local``: nobody asked for them, so none waits for their mirror. One
+        that fails stays unfinished (debris that reconcile removes), and the
+        push goes on.
+        """
+        cn = {label: await self.versions(ds) for label, ds in datasets.items()}
+        zone = zone_vm_snapshots(await self.zone.snapshots(vm))
+        done = []
+        for name in planning.carried_along(cn, zone, snap):
+            try:
+                await self.zone.commit(vm, name, list(datasets), meta, "local")
+            except ZoneError as exc:
+                log.warning("could not commit %s@%s carried along by this push: %s",
+                            vm, name, exc)
+            else:
+                done.append(name)
+        return done
 
     async def _push_dataset(self, vm: str, label: str, ds: Dataset, snap: str,
                             base: str | None, zone_snaps: list[dict[str, Any]]

@@ -270,10 +270,7 @@ async def sync_vm(request: web.Request) -> web.Response:
     vm = check_uuid(request.match_info["uuid"], "VM uuid")
     peer: str | None = None
     if request.can_read_body:
-        try:
-            body = await request.json()
-        except ValueError:
-            raise InvalidName("the body must be JSON: {\"peer\": \"<zone uuid>\"}") from None
+        body = await _json_body(request, '{"peer": "<zone uuid>"}')
         if isinstance(body, dict) and body.get("peer") is not None:
             peer = check_uuid(str(body["peer"]), "peer zone uuid")
     state = await _replicator(zone).sync_vm(vm, peer)
@@ -281,16 +278,41 @@ async def sync_vm(request: web.Request) -> web.Response:
 
 
 async def drop_vm(request: web.Request) -> web.Response:
-    """Remove this zone's whole copy of a VM (after a move placed it elsewhere)."""
+    """Remove this zone's whole copy of a VM (after a move placed it elsewhere).
+
+    Optional body ``{"elsewhere": {snapshot: {dataset: guid}}}``: what the new
+    copy holds complete; the drop is refused (409 CopyNotRedundant) if this
+    copy holds a complete snapshot beyond it (``Zone.drop_copy``).
+    """
     zone = request.app[ZONE]
     vm = check_uuid(request.match_info["uuid"], "VM uuid")
     await _known_vm(zone, vm)
-    if zone.transfers.in_use(vm):
-        raise SnapshotInUse(f"VM {vm} has transfers in flight; retry when they end")
-    async with zone.vm_locks[vm]:
-        await zone.store.drop_vm(vm)
-    zone.log.info("dropped VM copy", extra={"vm": vm})
+    elsewhere = None
+    if request.can_read_body:
+        elsewhere = _parse_elsewhere(await _json_body(request, _ELSEWHERE))
+    await zone.drop_copy(vm, elsewhere)
     return web.Response(status=204)
+
+
+_ELSEWHERE = '{"elsewhere": {"<snapshot>": {"<dataset>": "<guid>"}}}'
+
+
+async def _json_body(request: web.Request, shape: str) -> Any:
+    try:
+        return await request.json()
+    except ValueError:
+        raise InvalidName(f"the body must be JSON: {shape}") from None
+
+
+def _parse_elsewhere(body: Any) -> dict[str, dict[str, int]] | None:
+    raw = body.get("elsewhere") if isinstance(body, dict) else None
+    if raw is None:
+        return None
+    try:
+        return {str(name): {str(ds): int(g) for ds, g in parts.items()}
+                for name, parts in raw.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise InvalidName(f"elsewhere: expected {_ELSEWHERE}") from None
 
 
 async def capacity(request: web.Request) -> web.Response:

@@ -25,7 +25,7 @@ uses on a zone, since it would destroy acknowledged snapshots):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -246,6 +246,46 @@ def _plan_from_base(cn: list[Version], zone: list[ZoneSnapshot], tgt: Version, b
             f"the zone's newest snapshot @{newest.name} is not on the CN; an incremental "
             f"from {src} would be refused", cn, zone, src, tail)
     return Incremental(src, tgt, on_zone[-1])
+
+
+# -- committing what a push carried along -------------------------------------
+
+
+@dataclass(frozen=True)
+class ZoneVmSnapshot:
+    """One VM snapshot as the zone lists it: its parts' guids and whether it is complete."""
+
+    name: str
+    complete: bool
+    parts: Mapping[str, int]  # dataset label -> guid
+
+
+def carried_along(cn: Mapping[str, Sequence[Version]], zone: Sequence[ZoneVmSnapshot],
+                  target: str) -> list[str]:
+    """The CN snapshots below ``target`` that the zone holds whole but not complete.
+
+    A push sends every CN snapshot above the zone's newest (one stream each),
+    so snapshots of earlier failed pushes arrive with it. Left without a
+    marker they would be unfinished on the zone: in use while pending, then
+    debris. They are the CN's real snapshots, so they are committed too, oldest
+    first. Only those whose every dataset the zone holds with the CN's guid,
+    and which the CN still holds below the target, qualify.
+    """
+    cn_snaps = {label: {v.name: v for v in vs if v.is_snapshot} for label, vs in cn.items()}
+    out = []
+    for z in zone:
+        if z.complete or z.name == target or set(z.parts) != set(cn_snaps):
+            continue
+        ok = True
+        for label, guid in z.parts.items():
+            mine, tgt = cn_snaps[label].get(z.name), cn_snaps[label].get(target)
+            if mine is None or tgt is None or mine.guid != guid \
+                    or mine.createtxg >= tgt.createtxg:
+                ok = False
+                break
+        if ok:
+            out.append(z.name)
+    return out
 
 
 # -- resuming -----------------------------------------------------------------

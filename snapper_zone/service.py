@@ -219,7 +219,7 @@ class Service:
             result = "error"
             try:
                 await self._receive_stream(cmd, io, t, kind)
-                zone.transfers.pending(cmd.vm, cmd.snapshot)
+                zone.transfers.pending(cmd.vm, cmd.snapshot, p.connection)
                 result = "ok"
             except SnapperError as err:
                 result = err.code

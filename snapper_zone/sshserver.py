@@ -16,6 +16,7 @@ clients otherwise pick chacha20, about half as fast here; no compression
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Mapping
 
 import asyncssh
@@ -58,6 +59,9 @@ async def start_ssh_server(zone: Zone, service: Service | None = None) -> asyncs
     )
 
 
+_connections = itertools.count(1)
+
+
 class _Server(asyncssh.SSHServer):
     """One client connection: who it is, and its sessions."""
 
@@ -66,10 +70,15 @@ class _Server(asyncssh.SSHServer):
         self._service = service
         self._principal: Principal | None = None
         self._peer = "?"
+        self._id = next(_connections)
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         addr = conn.get_extra_info("peername")
         self._peer = f"{addr[0]}:{addr[1]}" if addr else "?"
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # Parts this client sent and never committed are not awaited any more.
+        self._zone.transfers.release(self._id)
 
     def begin_auth(self, username: str) -> bool:
         return True  # always authenticate; the user name itself means nothing
@@ -93,7 +102,7 @@ class _Server(asyncssh.SSHServer):
             return False
         # asyncssh checks the signature after this; the last key validated is
         # the one the client authenticates with.
-        self._principal = Principal.from_key(trusted)
+        self._principal = Principal.from_key(trusted, self._id)
         return True
 
     def session_requested(self) -> _Session | bool:

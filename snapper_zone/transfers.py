@@ -23,9 +23,12 @@ class SnapshotInUse(SnapperError):
 
 
 _ids = itertools.count(1)
-# A CN sends a VM's datasets one after the other, then commits; an hour
-# without the commit means the push died (a new one starts over).
-PENDING_TTL = 3600.0
+# A client sends a VM snapshot's datasets one stream after the other, then
+# commits. Until then its parts are pending (in use, not debris). They stop
+# being awaited at the commit, when the client's SSH connection closes, or
+# after PENDING_TTL with no transfer of the VM running (a live connection that
+# never commits, e.g. a primary whose CN went away after the parts were teed).
+PENDING_TTL = 600.0
 
 
 @dataclass
@@ -71,9 +74,10 @@ class TransferRegistry:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
         self._active: dict[int, Transfer] = {}
-        # (vm, snapshot) -> when its last part arrived, until it is committed:
-        # a push between two datasets is in use, not debris for reconcile.
-        self._pending: dict[tuple[str, str], float] = {}
+        # (vm, snapshot) -> (when its last part arrived, the connection that sent
+        # it), until it is committed: a push between two datasets is in use, not
+        # debris for reconcile.
+        self._pending: dict[tuple[str, str], tuple[float, int]] = {}
 
     def start(self, kind: str, vm: str, dataset: str, snapshot: str, base: str | None,
               peer: str, expected: int | None = None) -> Transfer:
@@ -96,24 +100,34 @@ class TransferRegistry:
     def active(self) -> list[Transfer]:
         return sorted(self._active.values(), key=lambda t: t.id)
 
-    def pending(self, vm: str, snapshot: str) -> None:
-        """A part of ``snapshot`` arrived; its commit is still to come."""
-        self._pending[(vm, snapshot)] = time.monotonic()
+    def pending(self, vm: str, snapshot: str, connection: int = 0) -> None:
+        """A part of ``snapshot`` arrived over ``connection``; its commit is to come."""
+        self._pending[(vm, snapshot)] = (time.monotonic(), connection)
 
     def committed(self, vm: str, snapshot: str) -> None:
         self._pending.pop((vm, snapshot), None)
 
+    def release(self, connection: int) -> None:
+        """``connection`` closed: nothing it left pending can be committed by it."""
+        for key, (_, conn) in list(self._pending.items()):
+            if conn == connection:
+                del self._pending[key]
+
     def in_use(self, vm: str) -> set[str]:
         """Snapshot names of ``vm`` that a running transfer reads or builds on,
-        and snapshots of pushes still between their parts (for ``PENDING_TTL``)."""
+        and snapshots of pushes still between their parts."""
         now = time.monotonic()
-        for key, when in list(self._pending.items()):
-            if now - when > PENDING_TTL:
+        running = [t for t in self._active.values() if t.vm == vm]
+        for key, (when, conn) in list(self._pending.items()):
+            if key[0] == vm and running:
+                # The push is still sending (a later dataset, a later snapshot of its
+                # chain): its earlier parts are still awaited.
+                self._pending[key] = (now, conn)
+            elif now - when > PENDING_TTL:
                 del self._pending[key]
         names: set[str] = {s for (v, s) in self._pending if v == vm}
-        for t in self._active.values():
-            if t.vm == vm:
-                names.add(t.snapshot)
-                if t.base:
-                    names.add(t.base)
+        for t in running:
+            names.add(t.snapshot)
+            if t.base:
+                names.add(t.base)
         return names

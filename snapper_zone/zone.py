@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from snapper_zone.config import TrustedKey, ZoneConfig
+from snapper_zone.errors import SnapperError
 from snapper_zone.metrics import Metrics
 from snapper_zone.names import Dataset
 from snapper_zone.store import ZoneStore
@@ -17,6 +19,13 @@ from snapper_zone.zfs import Zfs
 
 if TYPE_CHECKING:
     from replication.replicator import Replicator
+
+
+class CopyNotRedundant(SnapperError):
+    """A drop of this zone's copy of a VM that holds a snapshot the new copy lacks."""
+
+    code = "CopyNotRedundant"
+    http_status = 409
 
 
 @dataclass
@@ -77,6 +86,35 @@ class Zone:
             else:
                 assert guid is not None
                 await self.store.destroy_part(vm, dataset, name, guid)
+
+    async def drop_copy(self, vm: str,
+                        elsewhere: Mapping[str, Mapping[str, int]] | None = None) -> None:
+        """Remove this zone's whole copy of ``vm`` (a move placed it elsewhere).
+
+        ``elsewhere`` is what the new copy holds complete (snapshot name ->
+        dataset -> guid). A complete snapshot here that it lacks arrived after
+        the caller looked, e.g. a push acknowledged as mirrored with this zone
+        as the mirror while the move switched: this copy may be its second
+        one, so the drop is refused until the new copy has it. Checked under
+        the VM lock, so nothing lands between the check and the destroy.
+        """
+        self._refuse_in_use(vm)
+        async with self.vm_locks[vm]:
+            self._refuse_in_use(vm)
+            if elsewhere is not None:
+                extra = [s.name for s in await self.store.snapshots(vm) if s.complete
+                         and dict(elsewhere.get(s.name) or {})
+                         != {d: p.guid for d, p in s.parts.items()}]
+                if extra:
+                    raise CopyNotRedundant(
+                        f"VM {vm}: this copy holds {len(extra)} snapshot(s) the new copy "
+                        f"lacks ({', '.join(extra[:5])}); copy them first")
+            await self.store.drop_vm(vm)
+        self.log.info("dropped VM copy", extra={"vm": vm})
+
+    def _refuse_in_use(self, vm: str) -> None:
+        if self.transfers.in_use(vm):
+            raise SnapshotInUse(f"VM {vm} has transfers in flight; retry when they end")
 
     def owner_of(self, vm: str) -> str | None:
         """The CN a VM belongs to, from the static map (the coordinator comes later)."""

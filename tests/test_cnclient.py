@@ -188,6 +188,26 @@ async def test_push_incrementals_delete_restore(env: Env) -> None:
         assert rr.metadata == {"uuid": VM, "datasets": sorted(labels, key=_order(labels))}
 
 
+async def test_snapshots_carried_along_by_a_push_are_committed(env: Env) -> None:
+    """A CN snapshot that never reached the zone (its push failed) travels with the
+    next push and is committed too: complete, with the CN's guids, not left pending."""
+    async with env.client() as zone:
+        cn = env.cn(zone)
+        env.write("f0", 64 << 10)
+        await cn.push(VM, "s1")
+        env.write("f1", 64 << 10)
+        await env.zfs.snapshot([env.vm.snapshot("s2")], recursive=True)  # never pushed
+        env.write("f2", 64 << 10)
+        rep = await cn.push(VM, "s3")
+        assert rep.carried == ["s2"]
+        held = {s["name"]: s for s in (await cn.list(VM))[VM]}
+        assert [(n, s["complete"]) for n, s in held.items()] == [
+            ("s1", True), ("s2", True), ("s3", True)]
+        for n in ("s2", "s3"):
+            assert await _zone_guids(env, n) == await _cn_guids(env, n)
+        assert "s2" not in env.zone.transfers.in_use(VM)
+
+
 def _order(labels: set[str]) -> Any:
     # The minimal metadata lists datasets root first, then the children as ZFS listed them.
     return lambda lb: (lb != "root", lb)

@@ -182,6 +182,24 @@ async def test_delete_refused_while_a_transfer_uses_it(api: Api) -> None:
     assert (await api.call("DELETE", f"/v1/vms/{VM}/snapshots/s1"))[0] == 204
 
 
+async def test_drop_copy_refused_while_it_holds_more_than_the_new_copy(api: Api) -> None:
+    """A move's delete names what the new copy holds; a snapshot beyond it keeps the copy."""
+    snaps = (await api.call("GET", f"/v1/vms/{VM}/snapshots"))[1]
+    held = {s["name"]: {"root": s["datasets"]["root"]["guid"]} for s in snaps}
+    for elsewhere, why in (({k: v for k, v in held.items() if k != "s3"}, "s3"),
+                           ({**held, "s3": {"root": "1"}}, "s3")):  # lacks s3 / wrong guid
+        async with api.http.delete(api.url(f"/v1/vms/{VM}"),
+                                   json={"elsewhere": elsewhere}) as r:
+            body = await r.json()
+            assert (r.status, body["code"]) == (409, "CopyNotRedundant") and why in body["message"]
+        assert len((await api.call("GET", f"/v1/vms/{VM}/snapshots"))[1]) == 3
+    async with api.http.delete(api.url(f"/v1/vms/{VM}"), json={"elsewhere": "no"}) as r:
+        assert (r.status, (await r.json())["code"]) == (422, "InvalidArgument")
+    async with api.http.delete(api.url(f"/v1/vms/{VM}"), json={"elsewhere": held}) as r:
+        assert r.status == 204
+    assert (await api.call("GET", f"/v1/vms/{VM}/snapshots"))[0] == 404
+
+
 async def test_unknown_vm_is_404(api: Api) -> None:
     for method, path in (("GET", f"/v1/vms/{OTHER_VM}/snapshots"),
                          ("GET", f"/v1/vms/{OTHER_VM}/snapshots/s1"),

@@ -9,6 +9,7 @@ a new Mover on the same store must then finish or roll back the move.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 from rebalance.mover import Mover, MoverSettings, verify_copy
 from rebalance.placement import Move, ZoneState
 from rebalance.store import MoveState, MoveStep, SqliteStore, ZoneRegistration
-from rebalance.zoneclient import SnapshotView, SyncResult, ZoneUnreachable
+from rebalance.zoneclient import SnapshotView, SyncResult, ZoneRequestFailed, ZoneUnreachable
 from tests.helpers import wait_for
 
 A, B, C, D = (f"00000000-0000-4000-8000-00000000000{i}" for i in (1, 2, 3, 4))
@@ -98,8 +99,12 @@ class FakeZones:
         self.held.setdefault(url(peer), {})[vm] = snaps
         return SyncResult(vm, peer, "in_sync")
 
-    async def delete_vm(self, u: str, vm: str) -> bool:
+    async def delete_vm(self, u: str, vm: str,
+                        elsewhere: Sequence[SnapshotView] | None = None) -> bool:
         self._enter("delete_vm", u)
+        if elsewhere is not None and verify_copy(self.held.get(u, {}).get(vm, []),
+                                                 list(elsewhere)):
+            raise ZoneRequestFailed(u, 409, "CopyNotRedundant", "holds more")
         return self.held.get(u, {}).pop(vm, None) is not None
 
     async def capacity(self, u: str) -> tuple[int, int]:
@@ -164,8 +169,55 @@ async def test_rebalance_move_copies_verifies_switches_deletes(tmp_path: Path) -
     m = await store.move(mid)
     assert m is not None and (m.progress, m.step, m.error) == (300, MoveStep.DELETE, None)
     # the order of the steps: copy, verify both sides, re-check the new copy, delete
+    # the order of the steps: copy, verify both sides, compare the new copy with the
+    # old one, delete
     assert [c for c, _ in fake.calls] == ["sync", "snapshots", "snapshots", "snapshots",
-                                          "delete_vm"]
+                                          "snapshots", "delete_vm"]
+
+
+async def test_a_push_mirrored_to_the_old_copy_after_the_switch_is_kept(
+        tmp_path: Path) -> None:
+    """The primary learns the new placement late and mirrors one more push to the
+    zone being moved away from: the mover copies it on before deleting that copy."""
+    store, fake, mid = await setup(tmp_path, Move(VM, B, C, B, 300, "rebalance"))
+    late = SnapshotView("s3", True, {"root": "103", "disk0": "203"})
+    listed = fake.snapshots
+
+    async def snapshots(u: str, vm: str) -> list[SnapshotView] | None:
+        m = await store.move(mid)
+        assert m is not None
+        if m.step is MoveStep.DELETE and late not in fake.held[url(B)][VM]:
+            for z in (A, B):
+                fake.held[url(z)][VM].append(late)
+        return await listed(u, vm)
+
+    fake.snapshots = snapshots  # type: ignore[method-assign]
+    assert await run_to_end(mover(store, fake), mid) is MoveState.DONE
+    assert late in fake.held[url(C)][VM] and VM not in fake.held[url(B)]
+    assert [u for c, u in fake.calls if c == "sync"] == [url(B), url(B)]
+
+
+async def test_the_old_copy_is_not_deleted_while_it_holds_more(tmp_path: Path) -> None:
+    """Each time the mover deletes, a new push has just reached the old copy: the
+    zone refuses, the move retries and ends keeping the extra copy, never fewer."""
+    store, fake, mid = await setup(tmp_path, Move(VM, B, C, B, 300, "rebalance"))
+    drop = fake.delete_vm
+    late: list[SnapshotView] = []
+
+    async def delete_vm(u: str, vm: str,
+                        elsewhere: Sequence[SnapshotView] | None = None) -> bool:
+        s = SnapshotView(f"s{3 + len(late)}", True, {"root": str(103 + len(late)),
+                                                     "disk0": str(203 + len(late))})
+        late.append(s)
+        for z in (A, B):  # after the mover's last look: only the zone's check sees it
+            fake.held[url(z)][VM].append(s)
+        return await drop(u, vm, elsewhere)
+
+    fake.delete_vm = delete_vm  # type: ignore[method-assign]
+    assert await run_to_end(mover(store, fake, max_attempts=3), mid) is MoveState.DONE
+    m = await store.move(mid)
+    assert m is not None and m.error is not None and "not deleted" in m.error
+    assert len(late) >= 2 and all(s in fake.held[url(B)][VM] for s in late)
 
 
 async def test_moving_the_primary_makes_the_survivor_primary(tmp_path: Path) -> None:

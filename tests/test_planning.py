@@ -28,6 +28,8 @@ from snapper_zone.planning import (
     Version,
     ZoneAhead,
     ZoneSnapshot,
+    ZoneVmSnapshot,
+    carried_along,
     find_version,
     plan_push,
     plan_resume,
@@ -298,3 +300,43 @@ def test_token_info_from_zfs_output() -> None:
         TokenInfo.from_zfs({"toguid": "12", "toname": "p/vm"})
     with pytest.raises(ValueError):
         TokenInfo.from_zfs({"toname": "p/vm@x"})
+
+
+# -- what a push carried along -------------------------------------------------------
+
+
+def vm_zone(spec: list[tuple[str, bool, dict[str, str]]]) -> list[ZoneVmSnapshot]:
+    """(name, complete, {label: spelling}): the zone's parts by the spelling's guid."""
+    return [ZoneVmSnapshot(n, c, {lb: guid(w) for lb, w in parts.items()})
+            for n, c, parts in spec]
+
+
+def test_carried_along_takes_whole_unfinished_snapshots_below_the_target() -> None:
+    two = {"root": cn("a b c d"), "disk0": cn("a b c d")}
+    z = vm_zone([("a", True, {"root": "a", "disk0": "a"}),
+                 ("b", False, {"root": "b", "disk0": "b"}),      # whole: committed
+                 ("c", False, {"root": "c"}),                     # a part missing
+                 ("d", False, {"root": "d", "disk0": "d"})])      # the target itself
+    assert carried_along(two, z, "d") == ["b"]
+    # a part whose guid is not the CN's (another history), or a newer snapshot
+    z2 = vm_zone([("b", False, {"root": "b", "disk0": "b'"}),
+                  ("e", False, {"root": "e", "disk0": "e"})])
+    assert carried_along({"root": cn("a b c e"), "disk0": cn("a b c e")}, z2, "c") == []
+    # a snapshot the CN no longer has
+    assert carried_along({"root": cn("a c d")}, vm_zone([("b", False, {"root": "b"})]),
+                         "d") == []
+
+
+@given(st.lists(st.tuples(st.booleans(), st.booleans()), min_size=1, max_size=8),
+       st.integers(0, 7))
+def test_carried_along_is_only_ever_whole_cn_snapshots_below_the_target(
+        flags: list[tuple[bool, bool]], t: int) -> None:
+    names = [f"s{i}" for i in range(len(flags))]
+    target = names[min(t, len(names) - 1)]
+    history = {"root": cn(" ".join(names)), "disk0": cn(" ".join(names))}
+    z = vm_zone([(n, done, {"root": n, **({"disk0": n} if both else {})})
+                 for n, (done, both) in zip(names, flags, strict=True)])
+    got = carried_along(history, z, target)
+    below = names[:names.index(target)]
+    assert got == [n for n, (done, both) in zip(names, flags, strict=True)
+                   if n in below and not done and both]
