@@ -53,7 +53,7 @@ from snapper_zone.protocol import (
     Snapshots,
 )
 from snapper_zone.sendstream import StreamBegin, StreamHeaderError, read_begin
-from snapper_zone.store import SnapshotNotFound
+from snapper_zone.store import SnapshotNotFound, VmSnapshot
 from snapper_zone.transfers import SnapshotInUse, Transfer
 from snapper_zone.zfs import SendSpec, SnapshotInfo
 from snapper_zone.zone import Zone
@@ -442,7 +442,16 @@ class Service:
         async with zone.vm_locks[cmd.vm]:
             done = await zone.store.mark_complete(cmd.vm, cmd.snapshot, cmd.datasets,
                                                   meta, p.label)
-        zone.transfers.committed(cmd.vm, cmd.snapshot)
+            # In use until the answer is written: a move must not drop this copy
+            # while the ack that names this zone is on its way.
+            zone.transfers.pending(cmd.vm, cmd.snapshot, p.connection)
+        try:
+            await self._acknowledge(p, cmd, done, io)
+        finally:
+            zone.transfers.committed(cmd.vm, cmd.snapshot)
+
+    async def _acknowledge(self, p: Principal, cmd: Commit, done: VmSnapshot, io: Io) -> None:
+        zone = self.zone
         mode = cmd.durability or zone.config.durability
         self.log.info("snapshot complete", extra={"vm": cmd.vm, "snapshot": cmd.snapshot,
                                                   "principal": p.label, "durability": mode,
