@@ -115,6 +115,7 @@ class CoordinatorConfig:
     health_timeout: float = 5.0
     lost_after: float = 300.0
     per_zone: int = 2
+    move_bandwidth: float = 0.0  # bytes/s of move traffic per zone; 0: unlimited
     max_attempts: int = 5
     retry_delay: float = 10.0
     sync_timeout: float = 6 * 3600.0
@@ -133,6 +134,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, type, float]]] = {
                "timeout": ("health_timeout", float, 0.01),
                "lost_after": ("lost_after", float, 0)},
     "moves": {"per_zone": ("per_zone", int, 1), "max_attempts": ("max_attempts", int, 1),
+              "bandwidth": ("move_bandwidth", float, 0),
               "retry_delay": ("retry_delay", float, 0), "sync_timeout": ("sync_timeout", float, 1)},
     "rebalance": {"auto": ("auto_rebalance", bool, 0), "settle": ("settle", float, 0),
                   "interval": ("rebalance_interval", float, 1),
@@ -259,7 +261,7 @@ class Coordinator:
         self.metrics = metrics or CoordinatorMetrics()
         self.mover = Mover(store, api, MoverSettings(
             per_zone=config.per_zone, max_attempts=config.max_attempts,
-            retry_delay=config.retry_delay), self.metrics)
+            retry_delay=config.retry_delay, bandwidth=config.move_bandwidth), self.metrics)
         self.health = HealthChecker(store, api, HealthSettings(
             interval=config.health_interval, timeout=config.health_timeout,
             lost_after=config.lost_after), on_lost=self._zone_lost, metrics=self.metrics)

@@ -105,6 +105,12 @@ class MoverSettings:
     max_attempts: int = 5
     retry_delay: float = 10.0
     progress_interval: float = 5.0
+    bandwidth: float = 0.0  # bytes/s of move traffic per zone; 0: unlimited
+
+    @property
+    def per_move_bwlimit(self) -> float | None:
+        # At most per_zone moves use a zone at once, so each gets its share.
+        return self.bandwidth / self.per_zone if self.bandwidth > 0 else None
 
 
 class Mover:
@@ -273,7 +279,8 @@ class Mover:
     async def _copy(self, m: MoveRecord, src: ZoneRecord) -> None:
         poll = asyncio.create_task(self._track_progress(m, src))
         try:
-            res = await self.api.sync(src.http_url, m.vm, m.to_zone)
+            res = await self.api.sync(src.http_url, m.vm, m.to_zone,
+                                      self.settings.per_move_bwlimit)
         except SnapperError as e:
             raise _Retry(f"copy: {e}") from e
         finally:
@@ -351,7 +358,8 @@ class Mover:
         """
         mine = await self.api.snapshots(old.http_url, m.vm) or []
         if verify_copy(mine, held):
-            res = await self.api.sync(old.http_url, m.vm, m.to_zone)
+            res = await self.api.sync(old.http_url, m.vm, m.to_zone,
+                                      self.settings.per_move_bwlimit)
             if res.state not in _COPIED:
                 raise _Retry(f"delete: catching up the new copy: {res.state}")
             held = await self.api.snapshots(to.http_url, m.vm) or []

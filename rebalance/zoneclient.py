@@ -91,7 +91,10 @@ class ZoneApi(Protocol):
     async def snapshots(self, url: str, vm: str) -> list[SnapshotView] | None:
         """None when the zone holds no copy of ``vm``."""
         ...
-    async def sync(self, url: str, vm: str, peer: str) -> SyncResult: ...
+    async def sync(self, url: str, vm: str, peer: str,
+                   bwlimit: float | None = None) -> SyncResult:
+        """Make ``url``'s zone reconcile ``vm`` with ``peer``; ``bwlimit`` bytes/s."""
+        ...
     async def delete_vm(self, url: str, vm: str,
                         elsewhere: Sequence[SnapshotView] | None = None) -> bool:
         """True when a copy was removed, False when there was none.
@@ -172,8 +175,12 @@ class HttpZoneApi:
         body = await self._call("GET", url, f"/v1/vms/{vm}/snapshots", allow_404=True)
         return None if body is None else parse_snapshots(body)
 
-    async def sync(self, url: str, vm: str, peer: str) -> SyncResult:
-        body = await self._call("POST", url, f"/v1/vms/{vm}/sync", json={"peer": peer},
+    async def sync(self, url: str, vm: str, peer: str,
+                   bwlimit: float | None = None) -> SyncResult:
+        req: dict[str, Any] = {"peer": peer}
+        if bwlimit:
+            req["bwlimit"] = bwlimit
+        body = await self._call("POST", url, f"/v1/vms/{vm}/sync", json=req,
                                 timeout=self.sync_timeout)
         state = body.get("state") if isinstance(body, dict) else None
         if not isinstance(state, str):

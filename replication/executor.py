@@ -83,6 +83,7 @@ class Executor:
     peer: str  # the peer zone's uuid
     client: ZoneClient
     moved: int = 0  # stream bytes moved by this executor
+    bwlimit: float | None = None  # bytes/s for the streams this zone sends; pulls are not paced
 
     @property
     def me(self) -> str:
@@ -140,7 +141,8 @@ class Executor:
                     size = await self.zone.zfs.send_size(spec)
             cmd = Receive(self.vm, ds, snap.name, base.name if base else None, size,
                           resume is not None)
-            res = await self.client.push_stream(cmd, spec, self.zone.zfs, _Counted(t))
+            res = await self.client.push_stream(cmd, spec, self.zone.zfs, _Counted(t),
+                                                bwlimit=self.bwlimit)
             self.moved += res.bytes
         await self._check_remote(ds, snap)
 

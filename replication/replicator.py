@@ -113,8 +113,13 @@ class Replicator:
 
     # -- one VM --------------------------------------------------------------------
 
-    async def sync_vm(self, vm: str, peer_uuid: str | None = None) -> VmState:
-        """Reconcile ``vm`` with its peer (or ``peer_uuid``) until in step or failing."""
+    async def sync_vm(self, vm: str, peer_uuid: str | None = None,
+                      bwlimit: float | None = None) -> VmState:
+        """Reconcile ``vm`` with its peer (or ``peer_uuid``) until in step or failing.
+
+        ``bwlimit`` (bytes/s) paces the streams this zone sends (a coordinator's
+        move keeps room for the zones' other traffic).
+        """
         if peer_uuid is not None and peer_uuid not in {p.uuid for p in self.links.peers}:
             await self.links.refresh()  # a zone the coordinator added since we last asked
         peer = self.links.get(peer_uuid) if peer_uuid else await self.links.partner(vm)
@@ -130,7 +135,7 @@ class Replicator:
                         retry=retry_if_exception(unreachable), stop=stop_after_attempt(3),
                         wait=wait_exponential(multiplier=0.2, max=5), reraise=True):
                     with attempt:
-                        await self._rounds(vm, peer, st, peer_uuid is not None)
+                        await self._rounds(vm, peer, st, peer_uuid is not None, bwlimit)
             except SnapperError as exc:
                 self._failed(st, exc)
                 if unreachable(exc):
@@ -165,7 +170,8 @@ class Replicator:
         self.log.warning("reconcile failed", extra={"vm": st.vm, "peer": st.peer,
                                                     "error": st.last_error})
 
-    async def _rounds(self, vm: str, peer: Peer, st: VmState, explicit: bool) -> None:
+    async def _rounds(self, vm: str, peer: Peer, st: VmState, explicit: bool,
+                      bwlimit: float | None = None) -> None:
         client = await self.links.client(peer.uuid)
         store = self.zone.store
         for _ in range(MAX_ROUNDS):
@@ -190,7 +196,7 @@ class Replicator:
                     await store.forget_tombstones(vm, sorted(gone))
                 self._settled(st, a, b, notices)
                 return
-            ex = Executor(self.zone, vm, peer.uuid, client)
+            ex = Executor(self.zone, vm, peer.uuid, client, bwlimit=bwlimit)
             try:
                 for step in steps:
                     await ex.run(step)

@@ -264,16 +264,24 @@ async def replication(request: web.Request) -> web.Response:
 async def sync_vm(request: web.Request) -> web.Response:
     """Reconcile one VM with a peer now (a move's copy step, or an operator's nudge).
 
-    Body (optional): {"peer": zone uuid}; default the VM's own partner.
+    Body (optional): {"peer": zone uuid, "bwlimit": bytes/s}; default the VM's
+    own partner, as fast as it goes.
     """
     zone = request.app[ZONE]
     vm = check_uuid(request.match_info["uuid"], "VM uuid")
     peer: str | None = None
+    bwlimit: float | None = None
     if request.can_read_body:
-        body = await _json_body(request, '{"peer": "<zone uuid>"}')
+        body = await _json_body(request, '{"peer": "<zone uuid>", "bwlimit": <bytes/s>}')
         if isinstance(body, dict) and body.get("peer") is not None:
             peer = check_uuid(str(body["peer"]), "peer zone uuid")
-    state = await _replicator(zone).sync_vm(vm, peer)
+        if isinstance(body, dict) and body.get("bwlimit") is not None:
+            bwlimit = body["bwlimit"]
+            if isinstance(bwlimit, bool) or not isinstance(bwlimit, int | float) \
+                    or not bwlimit > 0:
+                raise InvalidName(f"bwlimit must be a positive number of bytes/s, "
+                                  f"not {bwlimit!r}")
+    state = await _replicator(zone).sync_vm(vm, peer, bwlimit)
     return web.json_response(state.to_json())
 
 

@@ -52,6 +52,7 @@ class FakeZones:
         self.gate: asyncio.Event | None = None
         self.syncing = 0
         self.peak_syncing = 0
+        self.bwlimits: list[float | None] = []
 
     def put(self, zone: str, vm: str, snaps: list[SnapshotView]) -> None:
         self.held.setdefault(url(zone), {})[vm] = list(snaps)
@@ -81,8 +82,10 @@ class FakeZones:
         got = self.held.get(u, {}).get(vm)
         return None if got is None else list(got)
 
-    async def sync(self, u: str, vm: str, peer: str) -> SyncResult:
+    async def sync(self, u: str, vm: str, peer: str,
+                   bwlimit: float | None = None) -> SyncResult:
         self._enter("sync", u)
+        self.bwlimits.append(bwlimit)
         self.syncing += 1
         self.peak_syncing = max(self.peak_syncing, self.syncing)
         try:
@@ -368,3 +371,18 @@ def test_verify_copy_by_guid(source: list[SnapshotView], data: st.DataObject) ->
         assert verify_copy(source, changed) == [f"{victim.name}: guids differ"]
         half = [replace(s, complete=False) if s is victim else s for s in source]
         assert verify_copy(source, half) == [f"{victim.name}: incomplete"]
+
+
+async def test_moves_are_paced_to_the_zone_bandwidth_share(tmp_path: Path) -> None:
+    """moves.bandwidth is per zone: each of the per_zone moves a zone runs at once
+    asks its source for that share."""
+    store, fake, mid = await setup(tmp_path, Move(VM, B, C, B, 300, "rebalance"))
+    s = MoverSettings(retry_delay=0.0, progress_interval=60.0, per_zone=4,
+                      bandwidth=100e6)
+    assert await run_to_end(Mover(store, fake, s), mid) is MoveState.DONE
+    assert fake.bwlimits == [25e6]
+    (tmp_path / "unlimited").mkdir()
+    store2, fake2, mid2 = await setup(tmp_path / "unlimited",
+                                      Move(VM, B, C, B, 300, "rebalance"))
+    assert await run_to_end(mover(store2, fake2), mid2) is MoveState.DONE
+    assert fake2.bwlimits == [None]

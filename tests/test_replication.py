@@ -7,6 +7,7 @@ stopped with SIGKILL where the test says "killed".
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -207,3 +208,34 @@ async def test_primary_killed_mid_mirror_resumes_or_restarts(pair: Pair,
     log = (pair.primary.config_path.parent / "snapperd.log").read_text()
     if caps.resumable_receive:
         assert "resuming an interrupted mirror transfer" in log
+
+
+async def test_sync_with_bwlimit_is_paced(zfs_tier: ZfsTier, zfs: Zfs, tmp_path: Path) -> None:
+    """A coordinator's move asks the source zone for a paced sync: the streams it
+    sends keep to ``bwlimit`` (a lower bound on the time, so noise cannot fake it),
+    and the copy is complete and guid-equal."""
+    # A loop that never runs by itself: only the sync below copies.
+    fleet = await LocalFleet.start(tmp_path / "fleet", zones=2, cns=1, vms_per_cn=1,
+                                   pool_size=512 << 20, reconcile_interval_ms=3_600_000)
+    try:
+        p = Pair(fleet, zfs)
+        await p.make_vm()
+        p.kill(p.mirror)
+        p.write("more", 2 << 20)
+        await p.push(p.primary, "s1", durability="local")
+        await fleet.start_zone(p.mirror)
+        assert await p.holdings(p.mirror) == {}
+        url = f"{p.primary.http_url}/v1/vms/{p.vm}/sync"
+        async with aiohttp.ClientSession() as http:
+            async with http.post(url, json={"peer": p.mirror.uuid, "bwlimit": -1}) as r:
+                assert (r.status, (await r.json())["code"]) == (422, "InvalidArgument")
+            rate = 1 << 20  # the VM holds ~3 MiB: at least ~2 s at 1 MiB/s
+            t0 = asyncio.get_running_loop().time()
+            async with http.post(url, json={"peer": p.mirror.uuid, "bwlimit": rate}) as r:
+                assert r.status == 200 and (await r.json())["state"] == "in_sync"
+            took = asyncio.get_running_loop().time() - t0
+        sent = await p.metric(p.primary, "snapper_bytes_sent_total", kind="mirror-out")
+        assert sent > 3 << 20 and took >= 0.9 * sent / rate, (sent, took)
+        assert (await p.holdings(p.mirror))["s1"] == await p.cn_guids("s1")
+    finally:
+        await fleet.stop()
