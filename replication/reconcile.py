@@ -581,10 +581,64 @@ def reconcile(a: ZoneInventory, b: ZoneInventory, tombstones: Iterable[Tombstone
     for act in plan:
         st.apply(act, sources)
     marks = _marks(st, za, zb, dead)
+    if not asides and not after and not any(
+            isinstance(a, SendIncremental) and a.clone_from for a in sends):
+        plan = [*pre, *_by_snapshot(sends, marks)]
+        marks = []
     steps = list(dict.fromkeys([*plan, *marks, *post]))  # one marker delete per VM snapshot
     if not steps and not notices:
         return [InSync()]
     return [*notices, *steps]
+
+
+def _by_snapshot(sends: Sequence[Action], marks: Sequence[MarkComplete]) -> list[Action]:
+    """The same transfers one snapshot per step, VM snapshot after VM snapshot,
+    each marker copied as soon as its parts are across.
+
+    Sent dataset by dataset, a VM snapshot would be complete on the receiver
+    only at the end of the whole plan: if the sender is lost mid-way (the
+    only copy during a repair), the receiver keeps parts and no usable
+    snapshot. Each dataset's own order is kept (ZFS needs it).
+    """
+    queues: dict[tuple[str, str, str], list[SendFull | SendIncremental]] = {}
+    for act in sends:
+        if not isinstance(act, SendFull | SendIncremental):
+            raise TypeError(f"not a send: {act!r}")
+        q = queues.setdefault((act.dataset, act.from_zone, act.to_zone), [])
+        if isinstance(act, SendFull):
+            q.append(act)
+            continue
+        prev = act.base
+        for snap in act.snapshots or (act.target,):
+            q.append(SendIncremental(act.dataset, act.from_zone, act.to_zone, prev, snap,
+                                     True, (snap,)))
+            prev = snap
+    due: dict[tuple[str, int], int] = {}
+    for q in queues.values():
+        for a in q:
+            due[(a.to_zone, a.target.guid)] = due.get((a.to_zone, a.target.guid), 0) + 1
+    out: list[Action] = []
+    left = list(marks)
+
+    def ready() -> None:
+        for m in list(left):
+            if not any(due.get((m.zone, g)) for g in m.guids):
+                out.append(m)
+                left.remove(m)
+
+    ready()
+    while any(queues.values()):
+        name = next(q for q in queues.values() if q)[0].target.name
+        for q in queues.values():
+            if any(a.target.name == name for a in q):
+                while q:
+                    a = q.pop(0)
+                    out.append(a)
+                    due[(a.to_zone, a.target.guid)] -= 1
+                    if a.target.name == name:
+                        break
+        ready()
+    return [*out, *left]
 
 
 def _delete(zone: str, ds: str, s: Snap, why: Reason) -> list[Action]:
@@ -595,9 +649,9 @@ def _delete(zone: str, ds: str, s: Snap, why: Reason) -> list[Action]:
     return out
 
 
-def _marks(st: _State, za: str, zb: str, dead: set[int]) -> list[Action]:
+def _marks(st: _State, za: str, zb: str, dead: set[int]) -> list[MarkComplete]:
     """Copy a peer's marker where this zone now holds all its parts, not all complete."""
-    out: list[Action] = []
+    out: list[MarkComplete] = []
     for z, peer in ((za, zb), (zb, za)):
         held, done = st.held(z), st.complete(z)
         for n, guids in sorted(st.markers[peer].items()):

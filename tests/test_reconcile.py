@@ -294,14 +294,32 @@ def assert_converged(w: World, plan: Sequence[Action], tombs: Sequence[Tombstone
 # -- tables -------------------------------------------------------------------
 
 
-def test_catch_up_is_one_incremental_stream_oldest_first() -> None:
+def test_catch_up_is_one_snapshot_per_stream_oldest_first_each_marked_at_once() -> None:
     plan, w = converge(inv(A, "s1 s2 s3 s4"), inv(B, "s1"))
     assert plan == [
-        SendIncremental(DS, A, B, ref("s1"), ref("s4"), True, (ref("s2"), ref("s3"), ref("s4"))),
+        SendIncremental(DS, A, B, ref("s1"), ref("s2"), True, (ref("s2"),)),
         MarkComplete(B, A, "s2", (guid(DS, "s2"),)),
+        SendIncremental(DS, A, B, ref("s2"), ref("s3"), True, (ref("s3"),)),
         MarkComplete(B, A, "s3", (guid(DS, "s3"),)),
+        SendIncremental(DS, A, B, ref("s3"), ref("s4"), True, (ref("s4"),)),
         MarkComplete(B, A, "s4", (guid(DS, "s4"),)),
     ]
+    assert_converged(w, plan)
+
+
+def test_two_datasets_go_snapshot_by_snapshot() -> None:
+    """A sender lost mid-way leaves every VM snapshot whose parts are across
+    complete, not parts of everything and no marker."""
+    plan, w = converge(inv(A, {"root": "s1 s2 s3", "disk0": "s1 s2 s3"}), inv(B, None))
+    shape = [(type(a).__name__, getattr(a, "dataset", None),
+              a.name if isinstance(a, MarkComplete) else a.target.name)  # type: ignore[union-attr]
+             for a in plan]
+    assert shape == [
+        ("SendFull", "disk0", "s1"), ("SendFull", "root", "s1"), ("MarkComplete", None, "s1"),
+        ("SendIncremental", "disk0", "s2"), ("SendIncremental", "root", "s2"),
+        ("MarkComplete", None, "s2"),
+        ("SendIncremental", "disk0", "s3"), ("SendIncremental", "root", "s3"),
+        ("MarkComplete", None, "s3")]
     assert_converged(w, plan)
 
 
@@ -313,9 +331,9 @@ def test_the_mirror_side_flows_back_too() -> None:
 
 def test_new_mirror_gets_full_then_incremental() -> None:
     plan, w = converge(inv(A, "s1 s2 s3"), inv(B, None))
-    assert plan[:2] == [SendFull(DS, A, B, ref("s1")),
-                        SendIncremental(DS, A, B, ref("s1"), ref("s3"), True,
-                                        (ref("s2"), ref("s3")))]
+    assert plan[:3] == [SendFull(DS, A, B, ref("s1")),
+                        MarkComplete(B, A, "s1", (guid(DS, "s1"),)),
+                        SendIncremental(DS, A, B, ref("s1"), ref("s2"), True, (ref("s2"),))]
     assert_converged(w, plan)
 
 
