@@ -185,7 +185,17 @@ class Replicator:
                 st.state, st.last_error = "not_placed", None
                 return
             stones = [*stones_a, *stones_b]
-            in_use = self.zone.transfers.in_use(vm) | set(remote.get("in_use") or ())
+            theirs = set(remote.get("in_use") or ())
+            # Parts the peer teed to us for a push that then died there: no commit
+            # will come, and held they would defer this VM for minutes.
+            dropped = self.zone.transfers.abandoned(
+                vm, f"zone:{peer.uuid}",
+                theirs | {str(x.get("name")) for x in remote.get("snapshots") or ()
+                          if x.get("complete")})
+            if dropped:
+                self.log.info("parts of a push that died on the peer are debris now",
+                              extra={"vm": vm, "peer": peer.uuid, "snapshots": dropped})
+            in_use = self.zone.transfers.in_use(vm) | theirs
             actions = reconcile(a, b, stones, in_use)
             notices = [x for x in actions if isinstance(x, Conflict | Defer)]
             steps = [x for x in actions if not isinstance(x, Conflict | Defer | InSync)]

@@ -219,7 +219,7 @@ class Service:
             result = "error"
             try:
                 await self._receive_stream(cmd, io, t, kind)
-                zone.transfers.pending(cmd.vm, cmd.snapshot, p.connection)
+                zone.transfers.pending(cmd.vm, cmd.snapshot, p.connection, p.label)
                 result = "ok"
             except SnapperError as err:
                 result = err.code
@@ -444,7 +444,7 @@ class Service:
                                                   meta, p.label)
             # In use until the answer is written: a move must not drop this copy
             # while the ack that names this zone is on its way.
-            zone.transfers.pending(cmd.vm, cmd.snapshot, p.connection)
+            zone.transfers.pending(cmd.vm, cmd.snapshot, p.connection, p.label)
         try:
             await self._acknowledge(p, cmd, done, io)
         finally:

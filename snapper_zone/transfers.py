@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,13 +72,14 @@ class Transfer:
 
 
 class TransferRegistry:
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, clock: Callable[[], float] = time.monotonic) -> None:
         self.metrics = metrics
+        self.clock = clock
         self._active: dict[int, Transfer] = {}
         # (vm, snapshot) -> (when its last part arrived, the connection that sent
-        # it), until it is committed: a push between two datasets is in use, not
-        # debris for reconcile.
-        self._pending: dict[tuple[str, str], tuple[float, int]] = {}
+        # it, who sent it), until it is committed: a push between two datasets is
+        # in use, not debris for reconcile.
+        self._pending: dict[tuple[str, str], tuple[float, int, str]] = {}
 
     def start(self, kind: str, vm: str, dataset: str, snapshot: str, base: str | None,
               peer: str, expected: int | None = None) -> Transfer:
@@ -100,29 +102,41 @@ class TransferRegistry:
     def active(self) -> list[Transfer]:
         return sorted(self._active.values(), key=lambda t: t.id)
 
-    def pending(self, vm: str, snapshot: str, connection: int = 0) -> None:
-        """A part of ``snapshot`` arrived over ``connection``; its commit is to come."""
-        self._pending[(vm, snapshot)] = (time.monotonic(), connection)
+    def pending(self, vm: str, snapshot: str, connection: int = 0, source: str = "") -> None:
+        """A part of ``snapshot`` arrived over ``connection`` from ``source`` (a
+        principal's label); its commit is to come."""
+        self._pending[(vm, snapshot)] = (self.clock(), connection, source)
 
     def committed(self, vm: str, snapshot: str) -> None:
         self._pending.pop((vm, snapshot), None)
 
     def release(self, connection: int) -> None:
         """``connection`` closed: nothing it left pending can be committed by it."""
-        for key, (_, conn) in list(self._pending.items()):
+        for key, (_, conn, _src) in list(self._pending.items()):
             if conn == connection:
                 del self._pending[key]
+
+    def abandoned(self, vm: str, source: str, busy: set[str]) -> list[str]:
+        """Drop ``vm``'s snapshots pending from ``source`` that ``source`` itself no
+        longer has in use or complete (``busy``): their push died there, so no
+        commit will come. A mirror learns it from its primary's listing, since
+        the primary's link to it stays open. The names dropped."""
+        gone = [s for (v, s), (_, _c, src) in self._pending.items()
+                if v == vm and src == source and s not in busy]
+        for s in gone:
+            del self._pending[(vm, s)]
+        return gone
 
     def in_use(self, vm: str) -> set[str]:
         """Snapshot names of ``vm`` that a running transfer reads or builds on,
         and snapshots of pushes still between their parts."""
-        now = time.monotonic()
+        now = self.clock()
         running = [t for t in self._active.values() if t.vm == vm]
-        for key, (when, conn) in list(self._pending.items()):
+        for key, (when, conn, src) in list(self._pending.items()):
             if key[0] == vm and running:
                 # The push is still sending (a later dataset, a later snapshot of its
                 # chain): its earlier parts are still awaited.
-                self._pending[key] = (now, conn)
+                self._pending[key] = (now, conn, src)
             elif now - when > PENDING_TTL:
                 del self._pending[key]
         names: set[str] = {s for (v, s) in self._pending if v == vm}

@@ -189,8 +189,8 @@ def test_parse_inventory() -> None:
 # -- the soak on a real fleet ---------------------------------------------------------------
 
 
-# What the CI soak injects: every static-pair fault. The coordinator's faults (add,
-# drain, lose a zone; kill the coordinator) run with ``python -m soak --coordinator``.
+# What the CI soaks inject: every static-pair fault; with a coordinator, also add,
+# drain and lose a zone, and kill the coordinator.
 CI_KINDS = STATIC_KINDS
 
 
@@ -209,6 +209,23 @@ async def test_soak_static_pairs(zfs_tier: ZfsTier, tmp_path: Path) -> None:
     doc = report.write(result, tmp_path / "soak-report.json")
     print(report.summary(doc))
     assert doc["faults"]["injected"] >= 6 and len(doc["faults"]["by_kind"]) >= 4
+    assert result.passed, report.summary(doc)
+
+
+@pytest.mark.soak
+@pytest.mark.zfs
+async def test_soak_with_a_coordinator(zfs_tier: ZfsTier, tmp_path: Path) -> None:
+    """Seed 3 is the schedule that found the lose-zone-then-replace-zone bugs
+    (pending parts that never ended, a move dropping the copy an ack named)."""
+    seed = int(os.environ.get("SNAPPER_SOAK_COORDINATOR_SEED", "3"))
+    config = SoakConfig(duration=_seconds(), seed=seed, cns=2, zones=3, coordinator=True,
+                        workdir=tmp_path / "soak", settle_timeout=150)
+    print(report.schedule_text(seed, config.make_schedule(), config.kinds()))
+    result = await run_soak(config)
+    doc = report.write(result, tmp_path / "soak-report.json")
+    print(report.summary(doc))
+    kinds = set(doc["faults"]["by_kind"])
+    assert {"add-zone", "drain-zone", "lose-zone", "kill-coordinator"} <= kinds, kinds
     assert result.passed, report.summary(doc)
 
 

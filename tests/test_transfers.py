@@ -1,0 +1,51 @@
+"""When a snapshot's parts stop being awaited (``TransferRegistry``): pure, no I/O."""
+
+from __future__ import annotations
+
+import pytest
+
+from snapper_zone import transfers
+from snapper_zone.metrics import Metrics
+from snapper_zone.transfers import TransferRegistry
+
+VM, OTHER = "74c59c61-4559-4ca2-b1ef-0ca22f2f936a", "7250abe7-581d-4b91-9ae1-5601a17f5dff"
+
+
+@pytest.fixture
+def reg() -> TransferRegistry:
+    return TransferRegistry(Metrics())
+
+
+def test_pending_until_commit_or_the_connection_closes(reg: TransferRegistry) -> None:
+    reg.pending(VM, "s1", 1, "cn:a")
+    reg.pending(VM, "s2", 2, "cn:a")
+    reg.pending(OTHER, "s1", 1, "cn:a")
+    assert reg.in_use(VM) == {"s1", "s2"}
+    reg.committed(VM, "s2")
+    assert reg.in_use(VM) == {"s1"}
+    reg.release(1)  # connection 1 closed: nothing it sent can be committed by it
+    assert reg.in_use(VM) == set() and reg.in_use(OTHER) == set()
+
+
+def test_pending_expires_idle_but_not_while_the_vm_still_receives() -> None:
+    now = [1000.0]
+    reg = TransferRegistry(Metrics(), clock=lambda: now[0])
+    reg.pending(VM, "s1", 1, "cn:a")
+    t = reg.start("receive", VM, "disk0", "s2", "s1", "cn:a")  # the push goes on
+    now[0] += 2 * transfers.PENDING_TTL
+    assert reg.in_use(VM) == {"s1", "s2"}
+    reg.finish(t, "ok")
+    now[0] += transfers.PENDING_TTL / 2
+    assert reg.in_use(VM) == {"s1"}  # refreshed while the receive ran
+    now[0] += transfers.PENDING_TTL
+    assert reg.in_use(VM) == set()
+
+
+def test_parts_teed_for_a_push_that_died_on_the_primary(reg: TransferRegistry) -> None:
+    reg.pending(VM, "s3", 7, "zone:p")  # teed by the primary over its long-lived link
+    reg.pending(VM, "s4", 7, "zone:p")
+    reg.pending(VM, "s5", 9, "cn:a")  # another sender's: not the primary's to end
+    assert reg.abandoned(VM, "zone:p", {"s4"}) == ["s3"]
+    assert reg.in_use(VM) == {"s4", "s5"}
+    assert reg.abandoned(VM, "zone:p", set()) == ["s4"]
+    assert reg.in_use(VM) == {"s5"}
