@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import asyncssh
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from replication.executor import Executor
+from replication.executor import Executor, NeedsOperator
 from replication.inventory import from_document, snapshot_guids
 from replication.peers import Peer, PeerLinks, unreachable
 from replication.pipeline import MirrorTee
@@ -59,6 +59,12 @@ _CONCURRENCY = 2  # VMs reconciled at once by the loop (a CN push has priority)
 # Error codes that mean "the VM changed under the plan", not "something is wrong".
 _RACES = frozenset({"ResourceExists", "IncrementalSourceMismatch", "PartialReceiveExists",
                     "ResourceBusy", "DestinationModified", "ResourceNotFound"})
+
+
+def _histories(inv: ZoneInventory) -> dict[str, list[str]]:
+    """dataset -> ["name:guid(hex)[?]"] oldest first; "?" marks an incomplete part."""
+    return {ds: [f"{s.name}:{s.guid:x}{'' if s.complete else '?'}" for s in inv.snaps(ds)]
+            for ds in sorted(inv.datasets)}
 
 
 def _code(exc: SnapperError) -> str:
@@ -210,6 +216,13 @@ class Replicator:
             try:
                 for step in steps:
                     await ex.run(step)
+            except NeedsOperator:
+                # What an operator needs to decide: both histories, by name and guid.
+                self.log.warning("histories diverged", extra={
+                    "vm": vm, "peer": peer.uuid, "here": _histories(a), "there": _histories(b),
+                    "tombstones": sorted(f"{t.guid:x}" for t in stones),
+                    "in_use": sorted(in_use)})
+                raise
             except SnapperError as exc:
                 if _code(exc) not in _RACES:
                     raise

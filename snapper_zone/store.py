@@ -18,10 +18,12 @@ user properties of the container snapshot (ZFS caps a value at 8 KiB).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
 import zlib
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -118,6 +120,9 @@ class ZoneStore:
         self.zfs = zfs
         self.root = root
         self.metadata_max_bytes = metadata_max_bytes
+        # The tombstone list is one property, read, changed and written back: a
+        # delete adding one while reconcile forgets others must not lose either.
+        self._tombstone_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     def vm_dataset(self, vm: str) -> Dataset:
         return self.root.child(check_uuid(vm, "VM uuid"))
@@ -306,15 +311,18 @@ class ZoneStore:
         if not guids:
             return
         stamp = int(time.time()) if now is None else now
-        have = await self.tombstones(vm)
-        for g in guids:
-            have.setdefault(g, stamp)
-        await self._write_tombstones(vm, have)
+        async with self._tombstone_locks[vm]:
+            have = await self.tombstones(vm)
+            for g in guids:
+                have.setdefault(g, stamp)
+            await self._write_tombstones(vm, have)
 
     async def forget_tombstones(self, vm: str, guids: Sequence[int]) -> None:
-        have = await self.tombstones(vm)
-        if any(g in have for g in guids):
-            await self._write_tombstones(vm, {g: t for g, t in have.items() if g not in guids})
+        async with self._tombstone_locks[vm]:
+            have = await self.tombstones(vm)
+            if any(g in have for g in guids):
+                await self._write_tombstones(vm, {g: t for g, t in have.items()
+                                                  if g not in guids})
 
     async def _write_tombstones(self, vm: str, stones: Mapping[int, int]) -> None:
         # Oldest first out when over the cap: by then both zones have long acted on them.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
@@ -72,3 +73,19 @@ async def test_complete_metadata_and_delete(zfs: Zfs, cn_pool: FilePool,
     assert [s.name for s in await store.snapshots(VM)] == ["s1", "s3"]
     with pytest.raises(SnapshotNotFound):
         await store.metadata(VM, "s2")
+
+
+@pytest.mark.zfs
+async def test_concurrent_tombstone_changes_keep_each_other(zfs: Zfs,
+                                                            zone_pool: FilePool) -> None:
+    """A delete tombstoning a snapshot while reconcile forgets expired tombstones:
+    both land (a lost tombstone made a deleted snapshot come back in the soak)."""
+    store = ZoneStore(zfs, Dataset(zone_pool.name).child("snapper"))
+    await zfs.create(store.root)
+    await store.ensure_vm(VM)
+    await store.add_tombstones(VM, [1, 2, 3], now=100)
+    await asyncio.gather(store.forget_tombstones(VM, [1, 2]),
+                         store.add_tombstones(VM, [10], now=200),
+                         store.add_tombstones(VM, [11], now=201),
+                         store.forget_tombstones(VM, [3]))
+    assert await store.tombstones(VM) == {10: 200, 11: 201}
