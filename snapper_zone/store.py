@@ -123,6 +123,9 @@ class ZoneStore:
         # The tombstone list is one property, read, changed and written back: a
         # delete adding one while reconcile forgets others must not lose either.
         self._tombstone_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # A listing and a whole-VM destroy exclude each other: `zfs destroy -r` goes
+        # child by child, and a plan made from a half-destroyed copy is nonsense.
+        self._views: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     def vm_dataset(self, vm: str) -> Dataset:
         return self.root.child(check_uuid(vm, "VM uuid"))
@@ -145,6 +148,10 @@ class ZoneStore:
 
     async def snapshots(self, vm: str) -> list[VmSnapshot]:
         """Every VM snapshot on this zone, complete or not, oldest first."""
+        async with self._views[vm]:
+            return await self._snapshots(vm)
+
+    async def _snapshots(self, vm: str) -> list[VmSnapshot]:
         container = self.vm_dataset(vm)
         try:
             infos = await self.zfs.snapshots(container, user_props=_CONTAINER_PROPS,
@@ -181,16 +188,17 @@ class ZoneStore:
         and the tombstones. Peers read it to reconcile, so its shape is the protocol's.
         """
         container = self.vm_dataset(vm)
-        snaps = await self.snapshots(vm)
+        async with self._views[vm]:
+            snaps = await self._snapshots(vm)
+            try:
+                infos = await self.zfs.datasets(container, depth=1)
+            except DatasetNotFound:
+                infos = []
+            stones = await self.tombstones(vm) if infos else {}
         datasets: dict[str, dict[str, Any]] = {}
-        try:
-            infos = await self.zfs.datasets(container, depth=1)
-        except DatasetNotFound:
-            infos = []
         for info in infos:
             if info.dataset.parent == container:
                 datasets[info.dataset.basename] = {"resume_token": info.resume_token}
-        stones = await self.tombstones(vm) if infos else {}
         return {"vm": vm, "snapshots": [s.to_json() for s in snaps], "datasets": datasets,
                 "tombstones": {f"{g:x}": t for g, t in sorted(stones.items())}}
 
@@ -295,8 +303,9 @@ class ZoneStore:
     async def drop_vm(self, vm: str) -> None:
         """Destroy this zone's whole copy of a VM (a move's last step)."""
         ds = self.vm_dataset(vm)
-        if await self.zfs.exists(ds):
-            await self.zfs.destroy(ds, recursive=True)
+        async with self._views[vm]:  # nobody lists it half destroyed
+            if await self.zfs.exists(ds):
+                await self.zfs.destroy(ds, recursive=True)
 
     async def tombstones(self, vm: str) -> dict[int, int]:
         """guid -> unix time deleted, for the VM's parts deleted on purpose here."""

@@ -89,3 +89,21 @@ async def test_concurrent_tombstone_changes_keep_each_other(zfs: Zfs,
                          store.add_tombstones(VM, [11], now=201),
                          store.forget_tombstones(VM, [3]))
     assert await store.tombstones(VM) == {10: 200, 11: 201}
+
+
+@pytest.mark.zfs
+async def test_a_listing_never_sees_a_copy_half_dropped(zfs: Zfs, cn_pool: FilePool,
+                                                        zone_pool: FilePool) -> None:
+    """`zfs destroy -r` goes child by child; a reconcile round listing the VM
+    meanwhile planned from a copy with datasets and snapshots missing (soak)."""
+    store = ZoneStore(zfs, Dataset(zone_pool.name).child("snapper"))
+    await zfs.create(store.root)
+    src = await _pushed(zfs, cn_pool, store, 3)
+    before, _ = await asyncio.gather(store.document(VM), store.drop_vm(VM))
+    assert [s["name"] for s in before["snapshots"]] == ["s1", "s2", "s3"]
+    assert set(before["datasets"]) == {"root"}
+    # The other way round: the listing waits for the whole destroy.
+    await store.ensure_vm(VM)
+    await zfs.pipe(SendSpec(src.snapshot("s1")), store.part_dataset(VM, "root"))
+    _, after = await asyncio.gather(store.drop_vm(VM), store.document(VM))
+    assert after["snapshots"] == [] and after["datasets"] == {}
