@@ -332,6 +332,22 @@ class Replicator:
 
     # -- the loop --------------------------------------------------------------------
 
+    async def follow_delete(self, vm: str, name: str, timeout: float) -> bool:
+        """Carry a delete's tombstone to the peer now; True if the peer no longer
+        holds ``name`` within ``timeout``.
+
+        A tombstone lives on the zone that took the delete: were that zone lost
+        before the peer followed, the deleted snapshot would come back from the
+        peer. The sync goes on in the background after ``timeout``.
+        """
+        task = asyncio.ensure_future(self.sync_vm(vm))
+        try:
+            st = await asyncio.wait_for(asyncio.shield(task), timeout)
+        except TimeoutError:
+            return False
+        return st.peer_view is not None and not snapshot_guids(st.peer_view, name,
+                                                                complete_only=False)
+
     def kick(self, vm: str) -> None:
         """Reconcile ``vm`` soon (after a push or a delete), without waiting for it."""
         self._dirty.add(vm)

@@ -74,7 +74,12 @@ class Zone:
                                 "retry when it has finished")
         await self.store.delete(vm, name)
         if self.replicator is not None:
-            self.replicator.kick(vm)  # the tombstone reaches the peer at once
+            # Answer once the peer has the tombstone too (or after the mirror
+            # timeout): a delete held by one zone alone is undone if that zone is lost.
+            if not await self.replicator.follow_delete(
+                    vm, name, self.config.mirror_timeout_seconds):
+                self.log.info("delete not yet followed by the peer; it will be",
+                              extra={"vm": vm, "snapshot": name})
 
     async def destroy(self, vm: str, name: str, dataset: str | None,
                       guid: int | None) -> None:

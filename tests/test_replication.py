@@ -223,6 +223,14 @@ async def test_sync_with_bwlimit_is_paced(zfs_tier: ZfsTier, zfs: Zfs, tmp_path:
         p.kill(p.mirror)
         p.write("more", 2 << 20)
         await p.push(p.primary, "s1", durability="local")
+
+        async def gave_up() -> bool:  # the push's own catch-up, retried, has failed
+            async with aiohttp.ClientSession() as http, \
+                    http.get(f"{p.primary.http_url}/v1/replication") as r:
+                rows = (await r.json())["vms"]
+            return any(v["vm"] == p.vm and v["state"] == "failing" for v in rows)
+
+        await wait_until(gave_up, 60, "the primary's catch-up gave up on the dead mirror")
         await fleet.start_zone(p.mirror)
         assert await p.holdings(p.mirror) == {}
         url = f"{p.primary.http_url}/v1/vms/{p.vm}/sync"
@@ -239,3 +247,18 @@ async def test_sync_with_bwlimit_is_paced(zfs_tier: ZfsTier, zfs: Zfs, tmp_path:
         assert (await p.holdings(p.mirror))["s1"] == await p.cn_guids("s1")
     finally:
         await fleet.stop()
+
+
+async def test_a_delete_answers_once_the_mirror_followed(pair: Pair) -> None:
+    """The tombstone lives on the zone that took the delete: the answer waits for the
+    mirror to drop the snapshot too, so losing that zone cannot undo the delete."""
+    for i, name in enumerate(["s1", "s2", "s3"]):
+        if i:
+            pair.write(f"more{i}", 64 << 10)
+        await pair.push(pair.primary, name)
+    async with aiohttp.ClientSession() as http, \
+            http.delete(f"{pair.primary.http_url}/v1/vms/{pair.vm}/snapshots/s2") as r:
+        assert r.status == 204
+    # Right at the answer, with no waiting: gone from both zones.
+    assert sorted(await pair.holdings(pair.mirror)) == ["s1", "s3"]
+    assert sorted(await pair.holdings(pair.primary)) == ["s1", "s3"]
