@@ -391,6 +391,22 @@ def _analyse(ctx: _Ctx, name: str) -> _Ds:
     blocked_any = any(blocked(za, s) for s in d.tail_a) or any(blocked(zb, s) for s in d.tail_b)
     if not d.tail_a and not d.tail_b:
         d.state = "sync"
+    elif blocked_any and bool(d.tail_a) != bool(d.tail_b):
+        # One zone is simply ahead and a push is still arriving there: send what
+        # comes before the snapshot in use; the rest goes once it is finished
+        # (or removed). A move onto a busy VM so never waits for a quiet moment.
+        zone, tail = (za, d.tail_a) if d.tail_a else (zb, d.tail_b)
+        head = []
+        for s in tail:
+            if blocked(zone, s):
+                break
+            head.append(s)
+        if zone == za:
+            d.tail_a = head
+        else:
+            d.tail_b = head
+        d.state = "send" if head else "defer"
+        d.note = "a tail holds a snapshot in use that is unfinished or deleted"
     elif blocked_any:
         d.state, d.note = "defer", "a tail holds a snapshot in use that is unfinished or deleted"
     elif not d.tail_a or not d.tail_b:

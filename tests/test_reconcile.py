@@ -477,6 +477,19 @@ def test_debris_is_dropped_unless_in_flight() -> None:
     assert [type(x) for x in plan] == [Defer]
 
 
+def test_what_comes_before_a_push_in_flight_is_sent_meanwhile() -> None:
+    """A new copy of a busy VM (a move's target) gets every finished snapshot while
+    the newest one is still arriving on the source."""
+    plan, w = converge(inv(A, "s1 s2 s3 s4?"), inv(B, "s1"), in_use={"s4"})
+    assert plan[0] == Defer(DS, "a tail holds a snapshot in use that is unfinished or deleted")
+    assert plan[1:] == [
+        SendIncremental(DS, A, B, ref("s1"), ref("s2"), True, (ref("s2"),)),
+        MarkComplete(B, A, "s2", (guid(DS, "s2"),)),
+        SendIncremental(DS, A, B, ref("s2"), ref("s3"), True, (ref("s3"),)),
+        MarkComplete(B, A, "s3", (guid(DS, "s3"),))]
+    assert w.zones[B].holds(guid(DS, "s3")) and not w.zones[B].holds(guid(DS, "s4?"))
+
+
 def test_partial_mirror_gets_the_missing_part_then_marker() -> None:
     a = inv(A, {"disk0": "s1 s2", "disk1": "s1 s2"})
     b = inv(B, {"disk0": "s1 s2?", "disk1": "s1"})
