@@ -421,20 +421,29 @@ class Soak:
     async def ack_check(self, vm: str, name: str, guids: dict[str, int],
                         zones: Sequence[str]) -> dict[str, str]:
         """What each zone the ack named holds right now (no waiting: the ack is a promise)."""
-        out = {}
-        for uuid in zones:
-            zone = self.zone(uuid)
-            if zone is None or zone.daemon is None:
-                out[uuid] = "unreachable"
-                continue
-            try:
-                async with self.client(zone, self.fleet.operator_key) as zc:
-                    complete, _ = invariants.parse_inventory(await zc.inventory(vm))
-            except (SnapperError, OSError, TimeoutError):
-                out[uuid] = "unreachable"
-                continue
-            out[uuid] = invariants.ack_seen(complete.get(name), guids)
+        out = {uuid: await self._holds(uuid, vm, name, guids) for uuid in zones}
+        if self.fleet.coordinator is not None and any(
+                v not in ("ok", "unreachable") for v in out.values()):
+            # A move may have taken the copy away between the ack and this look:
+            # fine only if the zones the VM is placed on now both hold it.
+            placed = [z.uuid for z in await self.targets(vm)]
+            there = {u: await self._holds(u, vm, name, guids) for u in placed}
+            for uuid, seen in out.items():
+                if seen not in ("ok", "unreachable") and uuid not in placed \
+                        and len(there) == 2 and set(there.values()) == {"ok"}:
+                    out[uuid] = "moved: on " + ", ".join(u[:8] for u in sorted(there))
         return out
+
+    async def _holds(self, uuid: str, vm: str, name: str, guids: dict[str, int]) -> str:
+        zone = self.zone(uuid)
+        if zone is None or zone.daemon is None:
+            return "unreachable"
+        try:
+            async with self.client(zone, self.fleet.operator_key) as zc:
+                complete, _ = invariants.parse_inventory(await zc.inventory(vm))
+        except (SnapperError, OSError, TimeoutError):
+            return "unreachable"
+        return invariants.ack_seen(complete.get(name), guids)
 
     def acked_keys(self) -> list[tuple[str, str]]:
         return sorted(invariants.stored(self.workload.pushes, self.workload.deletes))
