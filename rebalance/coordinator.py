@@ -106,6 +106,14 @@ class Rebuilding(SnapperError):
 # -- config -------------------------------------------------------------------------
 
 
+def _guids(s: SnapshotView) -> set[int]:
+    """A snapshot's part guids (zones write them as decimal strings); none if unreadable."""
+    try:
+        return {int(g) for g in s.guids.values()}
+    except ValueError:
+        return set()
+
+
 @dataclass(frozen=True)
 class CoordinatorConfig:
     host: str = "127.0.0.1"
@@ -589,12 +597,22 @@ class Coordinator:
         # copy is never the one that keeps a snapshot at two copies.
         held = [{(s.name, tuple(sorted(s.guids.items()))) for s in copy if s.complete}
                 for copy in theirs if copy is not None]
-        new = [s.name for s in mine
+        new = [s for s in mine
                if s.complete and not all((s.name, tuple(sorted(s.guids.items()))) in h
                                          for h in held)]
+        if new:
+            # Deleted on purpose where the VM is placed (a delete this copy missed
+            # while it was moved away) is not a snapshot the placed copies lack.
+            try:
+                gone = set().union(*[await self.api.tombstones(z.http_url, vm)
+                                     for z in placed])
+            except SnapperError as e:
+                return f"kept: cannot compare ({e.message})"
+            new = [s for s in new if not _guids(s) <= gone]
         if new or len(theirs) < 2 or not all(theirs):
             why = f"holds {len(new)} snapshots not on both placed copies: " \
-                f"{', '.join(new[:5])}" if new else "the placed copies did not both answer"
+                f"{', '.join(s.name for s in new[:5])}" if new else \
+                "the placed copies did not both answer"
             log.warning("stale copy kept", extra={"vm": vm, "zone": zone.uuid, "why": why})
             return f"kept: {why}"
         if dry_run:

@@ -106,6 +106,9 @@ class ZoneApi(Protocol):
     async def capacity(self, url: str) -> tuple[int, int]:
         """(used, available) bytes under the zone's root."""
         ...
+    async def tombstones(self, url: str, vm: str) -> set[int]:
+        """Part guids of ``vm`` deleted on purpose on that zone (none if no copy)."""
+        ...
     async def sending(self, url: str, vm: str, peer: str) -> int:
         """Bytes sent so far by the zone's transfers of ``vm`` to ``peer`` in flight."""
         ...
@@ -196,6 +199,10 @@ class HttpZoneApi:
             s.name: dict(s.guids) for s in elsewhere if s.complete}}
         return await self._call("DELETE", url, f"/v1/vms/{vm}", json=body,
                                 allow_404=True) is not None
+
+    async def tombstones(self, url: str, vm: str) -> set[int]:
+        body = await self._call("GET", url, f"/v1/vms/{vm}/tombstones", allow_404=True)
+        return {int(g, 16) for g in body or {}}
 
     async def capacity(self, url: str) -> tuple[int, int]:
         body = await self._call("GET", url, "/v1/capacity")

@@ -214,6 +214,16 @@ async def _known_vm(zone: Zone, vm: str) -> None:
         raise ResourceNotFound(f"VM {vm} is not on this zone")
 
 
+async def list_tombstones(request: web.Request) -> web.Response:
+    """The part guids deleted on purpose here (hex -> unix time): the coordinator
+    tells a stale copy's deleted snapshot from one the placed copies lack."""
+    zone = request.app[ZONE]
+    vm = request.match_info["uuid"]
+    await _known_vm(zone, vm)
+    stones = await zone.store.tombstones(vm)
+    return web.json_response({f"{g:x}": t for g, t in sorted(stones.items())})
+
+
 async def list_snapshots(request: web.Request) -> web.Response:
     zone = request.app[ZONE]
     vm = request.match_info["uuid"]
@@ -360,6 +370,7 @@ def make_app(zone: Zone) -> web.Application:
     app.router.add_get("/ping", ping)
     app.router.add_get("/v1/vms", list_vms)
     app.router.add_get("/v1/vms/{uuid}/snapshots", list_snapshots)
+    app.router.add_get("/v1/vms/{uuid}/tombstones", list_tombstones)
     app.router.add_get("/v1/vms/{uuid}/snapshots/{name}", get_snapshot)
     app.router.add_delete("/v1/vms/{uuid}/snapshots/{name}", delete_snapshot)
     app.router.add_post("/v1/vms/{uuid}/sync", sync_vm)

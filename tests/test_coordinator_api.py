@@ -46,10 +46,14 @@ VMS = [f"74c59c61-4559-4ca2-b1ef-0ca22f2f93{i:02x}" for i in range(12)]
 GIB = 1 << 30
 
 
+def sguid(vm: str, i: int) -> str:
+    return str(int(vm[-4:], 16) * 100 + i)  # decimal, as zones write guids
+
+
 def snap(vm: str, i: int, source: str) -> dict[str, Any]:
     return {"vm": vm, "name": f"s{i}", "complete": True, "created": 1000 + i, "size": 10,
             "source": source,
-            "datasets": {"root": {"dataset": "root", "guid": f"{vm[-4:]}{i}", "createtxg": i,
+            "datasets": {"root": {"dataset": "root", "guid": sguid(vm, i), "createtxg": i,
                                   "used": 10, "referenced": 10}}}
 
 
@@ -60,6 +64,7 @@ class StandIn:
         self.fleet = fleet
         self.uuid = uuid
         self.vms: dict[str, list[dict[str, Any]]] = {}
+        self.tombs: dict[str, set[int]] = {}  # vm -> part guids deleted here
         self.runner: web.AppRunner | None = None
         self.port = 0
         self.syncs = 0
@@ -75,6 +80,7 @@ class StandIn:
         r.add_get("/ping", self.ping)
         r.add_get("/v1/vms", self.list_vms)
         r.add_get("/v1/vms/{vm}/snapshots", self.snapshots)
+        r.add_get("/v1/vms/{vm}/tombstones", self.tombstones)
         r.add_post("/v1/vms/{vm}/sync", self.sync)
         r.add_delete("/v1/vms/{vm}", self.delete)
         r.add_get("/v1/capacity", self.capacity)
@@ -118,6 +124,12 @@ class StandIn:
     async def snapshots(self, request: web.Request) -> web.Response:
         vm = request.match_info["vm"]
         return web.json_response(self.vms[vm]) if vm in self.vms else self._missing(vm)
+
+    async def tombstones(self, request: web.Request) -> web.Response:
+        vm = request.match_info["vm"]
+        if vm not in self.vms:
+            return self._missing(vm)
+        return web.json_response({f"{g:x}": 1000 for g in self.tombs.get(vm, ())})
 
     async def sync(self, request: web.Request) -> web.Response:
         vm = request.match_info["vm"]
@@ -395,6 +407,10 @@ async def test_lost_zone_is_repaired_from_the_survivors(env: Env) -> None:
     await env.register(victim, status=200)
     assert (await env.call("GET", f"/v1/zones/{victim}"))["state"] == "lost"
     back.vms[hit[0]].append(snap(hit[0], 9, "cn:cn1"))  # acked in local mode, then it died
+    # One it holds that was deleted where the VM is now placed: not a reason to keep it.
+    assert len(hit) >= 2
+    back.vms[hit[1]].append(snap(hit[1], 8, "cn:cn1"))
+    env.fleet.zones[after[hit[1]][0]].tombs[hit[1]] = {int(sguid(hit[1], 8))}
     await env.call("PUT", f"/v1/zones/{victim}/state", {"state": "active"})
     dry = await env.call("POST", "/v1/rebalance?dry_run=true")
     assert {c["action"] for c in dry["stale_copies"]} >= {"would discard"}
@@ -571,7 +587,7 @@ async def test_http_zone_client_against_snapperd_shapes(fleet: Fleet) -> None:
     try:
         assert await api.snapshots(z.url(), VMS[1]) is None
         [s0, *_] = await api.snapshots(z.url(), VMS[0]) or []
-        assert s0.complete and s0.guids == {"root": f"{VMS[0][-4:]}0"} and s0.source == "cn:cn1"
+        assert s0.complete and s0.guids == {"root": sguid(VMS[0], 0)} and s0.source == "cn:cn1"
         assert [v.uuid for v in await api.list_vms(z.url())] == [VMS[0]]
         assert (await api.sync(z.url(), VMS[0], ZONES[1])).state == "in_sync"
         with pytest.raises(ZoneRequestFailed) as e:

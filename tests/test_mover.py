@@ -113,6 +113,9 @@ class FakeZones:
     async def capacity(self, u: str) -> tuple[int, int]:
         return 0, 1 << 40
 
+    async def tombstones(self, u: str, vm: str) -> set[int]:
+        return set()
+
     async def sending(self, u: str, vm: str, peer: str) -> int:
         return 0
 
