@@ -7,7 +7,13 @@ Routes::
     GET    /v1/vms/{uuid}/snapshots           [VmSnapshot JSON], oldest first
                                               (?metadata=true: each with "metadata")
     GET    /v1/vms/{uuid}/snapshots/{name}    VmSnapshot JSON + "metadata"
-    DELETE /v1/vms/{uuid}/snapshots/{name}    204; 409 ResourceBusy while a transfer uses it
+    DELETE /v1/vms/{uuid}/snapshots/{name}    204 once the mirror followed (or after the
+                                              mirror timeout); 409 ResourceBusy while in use
+    GET    /v1/vms/{uuid}/tombstones          {guid (hex): unix time} deleted here on purpose
+    POST   /v1/vms/{uuid}/sync                {"peer", "bwlimit"}: reconcile now -> state
+    DELETE /v1/vms/{uuid}                     drop this copy {"elsewhere": ...}; 409
+                                              CopyNotRedundant / ResourceBusy
+    GET    /v1/replication                    each VM's peer, state, lag
     GET    /v1/capacity                       {root, available, used, referenced, pool}
     GET    /v1/transfers                      [Transfer JSON] in flight
     GET    /metrics                           Prometheus text format
