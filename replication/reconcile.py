@@ -754,8 +754,19 @@ def pinned(own: ZoneInventory, peer: ZoneInventory,
     return frozenset(out)
 
 
-def expired(inv_a: ZoneInventory, inv_b: ZoneInventory,
-            tombstones: Iterable[Tombstone]) -> frozenset[int]:
-    """Tombstones that may be forgotten: their guid is on neither zone any more."""
+TOMBSTONE_KEEP_SECONDS = 86400
+"""How long a tombstone outlives the last copy of its snapshot in the pair.
+
+Neither zone holding the guid is not enough: a third copy (a move's target,
+a zone declared lost that comes back) may still hold it, and would send it
+back to a pair that had forgotten it was deleted.
+"""
+
+
+def expired(inv_a: ZoneInventory, inv_b: ZoneInventory, tombstones: Iterable[Tombstone],
+            now: float, keep: float = TOMBSTONE_KEEP_SECONDS) -> frozenset[int]:
+    """Tombstones that may be forgotten: their guid is on neither zone any
+    more and they are at least ``keep`` seconds old."""
     held = {s.guid for inv in (inv_a, inv_b) for ss in inv.datasets.values() for s in ss}
-    return frozenset(t.guid for t in tombstones if t.guid not in held)
+    return frozenset(t.guid for t in tombstones
+                     if t.guid not in held and now - t.deleted_at >= keep)

@@ -34,12 +34,13 @@ from replication.reconcile import (
     Conflict,
     Defer,
     InSync,
+    Tombstone,
     ZoneInventory,
     expired,
     lag,
     reconcile,
 )
-from snapper_zone.errors import SnapperError
+from snapper_zone.errors import DatasetNotFound, SnapperError
 from snapper_zone.inbound import Inbound
 from snapper_zone.protocol import Receive
 
@@ -191,6 +192,7 @@ class Replicator:
                 st.state, st.last_error = "not_placed", None
                 return
             stones = [*stones_a, *stones_b]
+            await self._adopt_tombstones(vm, local, stones_a, stones_b)
             theirs = set(remote.get("in_use") or ())
             # Parts the peer teed to us for a push that then died there: no commit
             # will come, and held they would defer this VM for minutes.
@@ -207,7 +209,7 @@ class Replicator:
             steps = [x for x in actions if not isinstance(x, Conflict | Defer | InSync)]
             st.rounds += 1
             if not steps:
-                gone = expired(a, b, stones_a)
+                gone = expired(a, b, stones_a, time.time())
                 if gone:
                     await store.forget_tombstones(vm, sorted(gone))
                 self._settled(st, a, b, notices)
@@ -233,6 +235,22 @@ class Replicator:
             self.zone.metrics.reconcile_runs.labels("acted").inc()
         st.state = "behind"
         st.last_error = f"not in step after {MAX_ROUNDS} rounds (new snapshots keep coming?)"
+
+    async def _adopt_tombstones(self, vm: str, local: Mapping[str, Any],
+                                stones_a: list[Tombstone], stones_b: list[Tombstone]) -> None:
+        """Keep the peer's tombstones here too, with the time of the delete.
+
+        A delete is then remembered by both zones of the pair: a move that
+        drops the zone which took it, or the loss of that zone, does not let
+        a third copy bring the snapshot back.
+        """
+        mine = {t.guid for t in stones_a}
+        theirs = {t.guid: t.deleted_at for t in stones_b if t.guid not in mine}
+        if theirs and local.get("snapshots"):
+            with contextlib.suppress(DatasetNotFound):  # dropped meanwhile
+                if await self.zone.store.merge_tombstones(vm, theirs):
+                    self.log.info("adopted the peer's tombstones", extra={
+                        "vm": vm, "tombstones": sorted(f"{g:x}" for g in theirs)})
 
     def _settled(self, st: VmState, a: ZoneInventory, b: ZoneInventory,
                  notices: list[Conflict | Defer]) -> None:

@@ -9,7 +9,8 @@ Routes::
     GET    /v1/vms/{uuid}/snapshots/{name}    VmSnapshot JSON + "metadata"
     DELETE /v1/vms/{uuid}/snapshots/{name}    204 once the mirror followed (or after the
                                               mirror timeout); 409 ResourceBusy while in use
-    GET    /v1/vms/{uuid}/tombstones          {guid (hex): unix time} deleted here on purpose
+    GET    /v1/vms/{uuid}/tombstones          {guid (hex): unix time} deleted on purpose
+                                              (here, or on the peer and adopted)
     POST   /v1/vms/{uuid}/sync                {"peer", "bwlimit"}: reconcile now -> state
     DELETE /v1/vms/{uuid}                     drop this copy {"elsewhere": ...}; 409
                                               CopyNotRedundant / ResourceBusy
@@ -221,8 +222,9 @@ async def _known_vm(zone: Zone, vm: str) -> None:
 
 
 async def list_tombstones(request: web.Request) -> web.Response:
-    """The part guids deleted on purpose here (hex -> unix time): the coordinator
-    tells a stale copy's deleted snapshot from one the placed copies lack."""
+    """The part guids deleted on purpose, here or on the peer (hex -> unix time):
+    the coordinator tells a stale copy's deleted snapshot from one the placed
+    copies lack."""
     zone = request.app[ZONE]
     vm = request.match_info["uuid"]
     await _known_vm(zone, vm)

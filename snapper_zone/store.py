@@ -308,7 +308,8 @@ class ZoneStore:
                 await self.zfs.destroy(ds, recursive=True)
 
     async def tombstones(self, vm: str) -> dict[int, int]:
-        """guid -> unix time deleted, for the VM's parts deleted on purpose here."""
+        """guid -> unix time deleted, for the VM's parts deleted on purpose (here,
+        or on the peer and adopted by reconcile)."""
         try:
             props = await self.zfs.get_user_props(self.vm_dataset(vm), [P_TOMBSTONES])
         except DatasetNotFound:
@@ -320,11 +321,17 @@ class ZoneStore:
         if not guids:
             return
         stamp = int(time.time()) if now is None else now
+        await self.merge_tombstones(vm, dict.fromkeys(guids, stamp))
+
+    async def merge_tombstones(self, vm: str, stones: Mapping[int, int]) -> bool:
+        """Add tombstones (guid -> time deleted) this zone lacks; an existing one
+        keeps its time. True if any was added."""
         async with self._tombstone_locks[vm]:
             have = await self.tombstones(vm)
-            for g in guids:
-                have.setdefault(g, stamp)
-            await self._write_tombstones(vm, have)
+            new = {g: t for g, t in stones.items() if g not in have}
+            if new:
+                await self._write_tombstones(vm, {**have, **new})
+            return bool(new)
 
     async def forget_tombstones(self, vm: str, guids: Sequence[int]) -> None:
         async with self._tombstone_locks[vm]:

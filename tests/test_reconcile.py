@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from replication.reconcile import (
     DIVERGED,
+    TOMBSTONE_KEEP_SECONDS,
     Action,
     Aside,
     Conflict,
@@ -518,7 +519,11 @@ def test_lag_pinned_expired() -> None:
     assert (DS, guid(DS, "s1")) in pinned(a, b)
     assert (DS, guid(DS, "s3")) in pinned(a, b, {"s3"})
     assert (DS, guid(DS, "s2")) not in pinned(a, b)
-    assert expired(a, b, tomb("s2", "s9")) == {guid(DS, "s9")}
+    assert expired(a, b, tomb("s2", "s9"), now=1 + TOMBSTONE_KEEP_SECONDS) == {guid(DS, "s9")}
+    # Young ones stay: a third copy (a move's target, a zone back from lost)
+    # may still hold the snapshot and would send it back.
+    assert expired(a, b, tomb("s2", "s9"), now=TOMBSTONE_KEEP_SECONDS) == frozenset()
+    assert expired(a, b, tomb("s9"), now=100, keep=99) == {guid(DS, "s9")}
 
 
 # -- exhaustive: random histories from one CN --------------------------------

@@ -262,3 +262,19 @@ async def test_a_delete_answers_once_the_mirror_followed(pair: Pair) -> None:
     # Right at the answer, with no waiting: gone from both zones.
     assert sorted(await pair.holdings(pair.mirror)) == ["s1", "s3"]
     assert sorted(await pair.holdings(pair.primary)) == ["s1", "s3"]
+    # The mirror keeps the tombstone too, with the time of the delete: were the
+    # primary lost, a third copy could not bring s2 back to the mirror.
+
+    async def stones(zone: LocalZone) -> dict[str, int]:
+        async with aiohttp.ClientSession() as http, \
+                http.get(f"{zone.http_url}/v1/vms/{pair.vm}/tombstones") as r:
+            r.raise_for_status()
+            out: dict[str, int] = await r.json()
+            return out
+
+    deleted = await stones(pair.primary)
+    assert len(deleted) == 2  # s2's root and disk0 parts
+
+    async def adopted() -> bool:
+        return await stones(pair.mirror) == deleted
+    await wait_until(adopted, 30, "the mirror adopted the primary's tombstones")

@@ -89,6 +89,10 @@ async def test_concurrent_tombstone_changes_keep_each_other(zfs: Zfs,
                          store.add_tombstones(VM, [11], now=201),
                          store.forget_tombstones(VM, [3]))
     assert await store.tombstones(VM) == {10: 200, 11: 201}
+    # Adopting a peer's: new ones keep the peer's time, known ones their own.
+    assert await store.merge_tombstones(VM, {10: 50, 12: 300})
+    assert not await store.merge_tombstones(VM, {11: 1})
+    assert await store.tombstones(VM) == {10: 200, 11: 201, 12: 300}
 
 
 @pytest.mark.zfs
