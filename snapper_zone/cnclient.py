@@ -108,6 +108,14 @@ class RestoreError(SnapperError):
     code = "RestoreFailed"
 
 
+def _tombstoned(inventory: Mapping[str, Any]) -> frozenset[int]:
+    """The part guids a zone's ``snapshots`` answer says were deleted on purpose."""
+    try:
+        return frozenset(int(g, 16) for g in inventory.get("tombstones") or {})
+    except (TypeError, ValueError) as exc:
+        raise ZoneError("BadAnswer", f"snapshots: malformed tombstones: {exc}") from None
+
+
 class PlanError(SnapperError):
     """A planning conflict, with both histories for the message."""
 
@@ -781,10 +789,12 @@ class CnClient:
             raise PushError(f"snapshot @{snap} exists on some of the VM's datasets but not "
                             f"on: {', '.join(missing)}")
         report = PushReport(vm, snap)
-        zone_snaps = await self.zone.snapshots(vm)
+        inventory = await self.zone.inventory(vm)
+        zone_snaps = [s for s in inventory.get("snapshots") or () if isinstance(s, dict)]
+        deleted = _tombstoned(inventory)
         for label, ds in datasets.items():
             report.datasets.append(await self._push_dataset(vm, label, ds, snap, base,
-                                                            zone_snaps))
+                                                            zone_snaps, deleted))
         meta, report.metadata_source = await self._metadata(vm, list(datasets), metadata)
         report.carried = await self._commit_carried(vm, datasets, snap, meta)
         done = await self.zone.commit(vm, snap, list(datasets), meta, durability)
@@ -816,8 +826,8 @@ class CnClient:
         return done
 
     async def _push_dataset(self, vm: str, label: str, ds: Dataset, snap: str,
-                            base: str | None, zone_snaps: list[dict[str, Any]]
-                            ) -> DatasetReport:
+                            base: str | None, zone_snaps: list[dict[str, Any]],
+                            deleted: frozenset[int]) -> DatasetReport:
         report = DatasetReport(label, str(ds), "")
         caps = await self.zfs.capabilities()
         # Bounded: a resume, then the real push. A token that survives an abort
@@ -851,7 +861,8 @@ class CnClient:
                 report.action = "aborted stale partial+"
                 continue
             try:
-                plan = planning.plan_push(versions, zone_history(zone_snaps, label), snap, base)
+                plan = planning.plan_push(versions, zone_history(zone_snaps, label), snap, base,
+                                          deleted)
             except planning.Conflict as conflict:
                 raise PlanError(f"{vm}/{label} ({ds})", conflict) from None
             if isinstance(plan, AlreadyThere):
@@ -859,12 +870,7 @@ class CnClient:
                 return report
             src = plan.base if isinstance(plan, Incremental) else None
             report.base = str(_source(ds, src)) if src else None
-            # Every CN snapshot above the zone's newest travels, up to the target, one
-            # stream each (a zone takes one snapshot per stream): a zone that skipped
-            # one could never take it from its peer (replication/DESIGN.md (b), Theorem R).
-            chain = [v for v in versions if v.is_snapshot
-                     and v.createtxg <= plan.target.createtxg
-                     and (src is None or v.createtxg > src.createtxg)]
+            chain = planning.push_chain(versions, plan, deleted)
             base_zone = plan.zone_base.name if isinstance(plan, Incremental) else None
             try:
                 for v in chain:

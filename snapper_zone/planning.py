@@ -7,6 +7,7 @@ snapshots of the same dataset (name and guid, oldest first), and asks:
 - ``plan_push``: full, incremental from the newest version both sides hold,
   nothing (the zone already has it), or a typed conflict that says why a
   plain ``zfs receive`` on the zone would refuse the stream.
+- ``push_chain``: the snapshots that plan sends, one stream each.
 - ``plan_resume``: the zone has a partial receive (a resume token); resume it
   with ``zfs send -t`` if the CN still has what the token names, otherwise
   abort it on the zone and plan again from scratch.
@@ -25,7 +26,7 @@ uses on a zone, since it would destroy acknowledged snapshots):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -155,6 +156,13 @@ class TargetNotFound(Conflict):
     code = "TargetNotFound"
 
 
+class TargetDeleted(Conflict):
+    """The snapshot to push was deleted on purpose on the zone (it holds its
+    tombstone): stored again, reconcile would only delete it again."""
+
+    code = "SnapshotDeleted"
+
+
 # -- planning -----------------------------------------------------------------
 
 
@@ -180,12 +188,13 @@ def find_version(cn: Sequence[Version], name: str) -> Version | None:
 
 
 def plan_push(cn: Sequence[Version], zone: Sequence[ZoneSnapshot], target: str,
-              base: str | None = None) -> Plan:
+              base: str | None = None, deleted: Collection[int] = ()) -> Plan:
     """Decide how to get the CN's snapshot ``target`` onto the zone.
 
     ``zone`` is the zone's snapshots of the dataset, oldest first. ``base``,
     when given, is the name of the CN version the user wants as the
     incremental source; it must be the zone's newest snapshot (by guid).
+    ``deleted`` holds the guids the zone has tombstones for.
     Raises a :class:`Conflict` subclass when no stream would be accepted.
     """
     cn = history(cn)
@@ -193,6 +202,10 @@ def plan_push(cn: Sequence[Version], zone: Sequence[ZoneSnapshot], target: str,
     tgt = next((v for v in cn if v.name == target and v.is_snapshot), None)
     if tgt is None:
         raise TargetNotFound(f"the CN has no snapshot @{target}", cn, zone)
+    if tgt.guid in deleted:
+        raise TargetDeleted(
+            f"@{target} was deleted on the zone on purpose; take a new snapshot to "
+            "store this VM again", cn, zone)
     by_guid = _by_guid(cn)
     for z in zone:
         if z.guid == tgt.guid:
@@ -249,6 +262,22 @@ def _plan_from_base(cn: list[Version], zone: list[ZoneSnapshot], tgt: Version, b
 
 
 # -- committing what a push carried along -------------------------------------
+
+
+def push_chain(cn: Sequence[Version], plan: Full | Incremental,
+               deleted: Collection[int] = ()) -> list[Version]:
+    """The CN snapshots a push sends, oldest first, one stream each.
+
+    Every CN snapshot above the plan's base up to its target: a zone that
+    skipped one could never take it from its peer (replication/DESIGN.md (b),
+    Theorem R). Snapshots deleted on purpose on the zone (``deleted`` guids)
+    are skipped: sent again they would come back, or be deleted again.
+    """
+    src = plan.base if isinstance(plan, Incremental) else None
+    return [v for v in history(cn) if v.is_snapshot
+            and v.createtxg <= plan.target.createtxg
+            and (src is None or v.createtxg > src.createtxg)
+            and (v.guid not in deleted or v == plan.target)]
 
 
 @dataclass(frozen=True)

@@ -425,13 +425,15 @@ class Soak:
         if self.fleet.coordinator is not None and any(
                 v not in ("ok", "unreachable") for v in out.values()):
             # A move may have taken the copy away between the ack and this look:
-            # fine only if the zones the VM is placed on now both hold it.
+            # fine only if as many zones the VM is placed on now hold it as the
+            # ack promised copies (both for a mirrored ack, one for a local one).
             placed = [z.uuid for z in await self.targets(vm)]
-            there = {u: await self._holds(u, vm, name, guids) for u in placed}
+            there = sorted([u for u in placed
+                            if await self._holds(u, vm, name, guids) == "ok"])
             for uuid, seen in out.items():
                 if seen not in ("ok", "unreachable") and uuid not in placed \
-                        and len(there) == 2 and set(there.values()) == {"ok"}:
-                    out[uuid] = "moved: on " + ", ".join(u[:8] for u in sorted(there))
+                        and len(there) >= len(set(zones)):
+                    out[uuid] = "moved: on " + ", ".join(u[:8] for u in there)
         return out
 
     async def _holds(self, uuid: str, vm: str, name: str, guids: dict[str, int]) -> str:

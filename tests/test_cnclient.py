@@ -208,6 +208,28 @@ async def test_snapshots_carried_along_by_a_push_are_committed(env: Env) -> None
         assert "s2" not in env.zone.transfers.in_use(VM)
 
 
+async def test_a_push_never_sends_back_a_snapshot_deleted_on_the_zone(env: Env) -> None:
+    """The zone's newest was deleted there (tombstoned): the next push goes on
+    from the one before it and skips the deleted one, and pushing the deleted
+    one itself is refused with its own code, the zone unchanged."""
+    async with env.client() as zone:
+        cn = env.cn(zone)
+        for i, name in enumerate(["s1", "s2", "s3"]):
+            env.write(f"f{i}", 64 << 10)
+            await cn.push(VM, name)
+        await zone.run(Delete(VM, "s3"))
+        env.write("f3", 64 << 10)
+        rep = await cn.push(VM, "s4")
+        assert all(str(d.base).endswith("@s2") for d in rep.datasets) and rep.carried == []
+        held = [(s["name"], s["complete"]) for s in (await cn.list(VM))[VM]]
+        assert held == [("s1", True), ("s2", True), ("s4", True)]
+        assert await _zone_guids(env, "s4") == await _cn_guids(env, "s4")
+        with pytest.raises(PlanError) as err:
+            await cn.push(VM, "s3")
+        assert err.value.code == "SnapshotDeleted"
+        assert [s["name"] for s in (await cn.list(VM))[VM]] == ["s1", "s2", "s4"]
+
+
 def _order(labels: set[str]) -> Any:
     # The minimal metadata lists datasets root first, then the children as ZFS listed them.
     return lambda lb: (lb != "root", lb)

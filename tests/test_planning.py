@@ -23,6 +23,7 @@ from snapper_zone.planning import (
     NoCommonBase,
     Plan,
     Resume,
+    TargetDeleted,
     TargetNotFound,
     TokenInfo,
     Version,
@@ -33,6 +34,7 @@ from snapper_zone.planning import (
     find_version,
     plan_push,
     plan_resume,
+    push_chain,
 )
 
 
@@ -210,6 +212,47 @@ def test_plan_is_accepted_iff_some_stream_would_be(
         assert plan.zone_base.guid == plan.base.guid
         # The newest common version: nothing newer and older than the target works.
         assert all(b is None or b.createtxg <= plan.base.createtxg for b in possible)
+
+
+def test_push_chain_skips_snapshots_deleted_on_the_zone() -> None:
+    versions, z = cn("a b c d"), zone("a")
+    plan = plan_push(versions, z, "d")
+    assert isinstance(plan, Incremental)
+    assert [v.name for v in push_chain(versions, plan)] == ["b", "c", "d"]
+    assert [v.name for v in push_chain(versions, plan, {guid("c")})] == ["b", "d"]
+    with pytest.raises(TargetDeleted):
+        plan_push(versions, z, "d", deleted={guid("d")})
+
+
+@given(scenarios(), st.data())
+def test_push_chain_is_received_stream_by_stream(
+        s: tuple[list[Version], list[ZoneSnapshot], str], data: st.DataObject) -> None:
+    """Each stream of the chain is one the zone takes after the ones before it;
+    it holds every snapshot between base and target except the deleted ones."""
+    versions, zone_snaps, target = s
+    snaps = [v for v in versions if v.is_snapshot]
+    deleted = set(data.draw(st.sets(st.sampled_from([v.guid for v in snaps]))))
+    tgt = next(v for v in snaps if v.name == target)
+    try:
+        plan = plan_push(versions, zone_snaps, target, deleted=deleted)
+    except TargetDeleted:
+        assert tgt.guid in deleted
+        return
+    except Conflict:
+        return
+    assert tgt.guid not in deleted
+    if isinstance(plan, AlreadyThere):
+        return
+    chain = push_chain(versions, plan, deleted)
+    assert chain[-1] == tgt and not {v.guid for v in chain} & deleted
+    held, base = list(zone_snaps), plan.base if isinstance(plan, Incremental) else None
+    for v in chain:
+        assert accepts(held, base, v), f"{v} refused after {held}"
+        held.append(ZoneSnapshot(v.name, v.guid))
+        base = v
+    low = plan.base.createtxg if isinstance(plan, Incremental) else 0
+    assert {v.guid for v in chain} == {v.guid for v in snaps if low < v.createtxg
+                                       <= tgt.createtxg and v.guid not in deleted}
 
 
 def _check_conflict_kind(c: Conflict, versions: list[Version],
