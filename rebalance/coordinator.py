@@ -275,12 +275,18 @@ class Coordinator:
             lost_after=config.lost_after), on_lost=self._zone_lost, metrics=self.metrics)
         self._plan_lock = asyncio.Lock()
         self._started = time.monotonic()
-        self._fresh_store: bool | None = None  # learnt at start(): no zone registered yet
+        self._fresh_store: bool | None = None  # learnt by prepare(): no zone registered yet
         self._place_lock = asyncio.Lock()
         self._trigger = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- background work --
+
+    async def prepare(self) -> None:
+        """Before serving: learn whether the store is new. Asked only later, the
+        first zone to re-register would already be in it, and a VM seen on that
+        zone alone would be placed by hash instead of waiting for its other copy."""
+        await self._in_grace()
 
     async def _in_grace(self) -> bool:
         if self._fresh_store is None:
@@ -875,6 +881,7 @@ async def serve(config: CoordinatorConfig, args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     runner = web.AppRunner(make_app(coordinator), access_log=None, shutdown_timeout=HTTP_DRAIN)
     try:
+        await coordinator.prepare()
         await runner.setup()
         await web.TCPSite(runner, config.host, config.port).start()
         port = int(runner.addresses[0][1])

@@ -621,6 +621,29 @@ async def test_sync_answer_with_last_error_is_read() -> None:
         await server.close()
 
 
+async def test_a_rebuilt_store_waits_for_a_vms_second_copy(tmp_path: Path,
+                                                           fleet: Fleet) -> None:
+    """The store was lost: the first zone back must not get the VMs it holds
+    placed by hash; placement answers 503 Rebuilding until the other copy's zone
+    is back, then follows the data (primary: the zone the CN pushed to)."""
+    for z in ZONES[:3]:
+        await fleet.add(z)
+    vm, pair = VMS[0], [ZONES[2], ZONES[1]]
+    fleet.push(vm, pair)
+    env = Env(tmp_path, fleet)  # an empty store
+    await env.coordinator.prepare()  # as the daemon does before it serves
+    await env.start()
+    try:
+        await env.register(ZONES[2])  # zones come back one by one
+        body = await env.call("GET", f"/v1/placement/{vm}", status=503)
+        assert body["code"] == "Rebuilding"
+        await env.register(ZONES[0])
+        await env.register(ZONES[1])
+        assert await env.placement(vm) == pair
+    finally:
+        await env.close()
+
+
 async def test_a_dead_zone_is_lost_and_repaired_by_itself(tmp_path: Path, fleet: Fleet) -> None:
     """Health checks declare it lost; the automatic rebalance restores two copies."""
     env = Env(tmp_path, fleet)
