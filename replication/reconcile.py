@@ -225,6 +225,17 @@ Action = (SendIncremental | SendFull | Delete | PreserveDiverged | DropDataset |
           | Conflict | Defer | InSync)
 
 
+def fills(act: Action, zone: str) -> bool:
+    """Whether ``act`` adds to ``zone``'s copy (a snapshot or a marker arrives there).
+
+    A zone the VM is not placed on does not fill its own copy: it is a move's
+    target (the move's source fills it) or a copy about to be dropped.
+    """
+    if isinstance(act, SendFull | SendIncremental):
+        return act.to_zone == zone
+    return isinstance(act, MarkComplete) and act.zone == zone
+
+
 # -- helpers ------------------------------------------------------------------
 
 

@@ -37,6 +37,7 @@ from replication.reconcile import (
     Tombstone,
     ZoneInventory,
     expired,
+    fills,
     lag,
     reconcile,
 )
@@ -164,6 +165,15 @@ class Replicator:
         pair = await coordinator.placement(vm, fresh=True)
         return pair is not None and any(z not in pair for z in empty)
 
+    async def _placed_here(self, vm: str) -> bool:
+        """Whether the coordinator places ``vm`` on this zone (asked afresh: a
+        move may have just switched it); True without a coordinator's answer."""
+        coordinator = self.links.coordinator
+        if coordinator is None:
+            return True
+        pair = await coordinator.placement(vm, fresh=True)
+        return pair is None or self.me in pair
+
     def _no_peer_reason(self) -> str:
         if self.links.coordinator is not None:
             return "the coordinator gave no placement for this VM (down or rebuilding)"
@@ -207,6 +217,14 @@ class Replicator:
             actions = reconcile(a, b, stones, in_use)
             notices = [x for x in actions if isinstance(x, Conflict | Defer)]
             steps = [x for x in actions if not isinstance(x, Conflict | Defer | InSync)]
+            if not explicit and any(fills(x, self.me) for x in steps) \
+                    and not await self._placed_here(vm):
+                # A move's target (the move's source fills it; both at once
+                # only race) or a copy about to be dropped: send, never take.
+                steps = [x for x in steps if not fills(x, self.me)]
+                if not steps:
+                    st.state, st.last_error = "not_placed", None
+                    return
             st.rounds += 1
             if not steps:
                 gone = expired(a, b, stones_a, time.time())

@@ -8,6 +8,9 @@ import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
 from snapper_zone import proc
 from snapper_zone.localpool import FilePool
 from snapper_zone.names import Dataset
@@ -97,3 +100,13 @@ async def read_device(path: Path, size: int) -> bytes:
             return f.read(size)
 
     return await asyncio.to_thread(read)
+
+
+async def scrape(http_url: str, name: str, **labels: str) -> float:
+    """The sum of a daemon's ``/metrics`` samples named ``name`` with ``labels``."""
+    async with aiohttp.ClientSession() as http, http.get(f"{http_url}/metrics") as r:
+        r.raise_for_status()
+        text = await r.text()
+    return sum(float(s.value) for fam in text_string_to_metric_families(text)
+               for s in fam.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))

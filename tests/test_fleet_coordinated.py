@@ -19,7 +19,7 @@ from snapper_zone.fleet import LocalFleet, LocalZone
 from snapper_zone.names import Dataset
 from snapper_zone.zfs import Zfs
 from tests.conftest import ZfsTier
-from tests.helpers import wait_until, write_random
+from tests.helpers import scrape, wait_until, write_random
 
 pytestmark = pytest.mark.zfs
 
@@ -199,6 +199,9 @@ async def test_add_a_fourth_zone_takes_its_share(fleet: Fleet) -> None:
     assert abs(share - 0.25) <= 0.025, f"new zone holds {on_new} of {2 * N_VMS} copies"
     moves = (await fleet.get(f"{fleet.url}/v1/moves"))["moves"]
     assert moves and all(m["state"] == "done" for m in moves)
+    # Every copy there came from its move's source: while not yet placed there,
+    # the new zone took nothing by itself (both filling it at once only race).
+    assert await scrape(new.http_url, "snapper_mirror_transfers_total", direction="in") == 0
 
 
 @pytest.mark.vms(6)

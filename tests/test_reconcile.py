@@ -44,6 +44,7 @@ from replication.reconcile import (
     Tombstone,
     ZoneInventory,
     expired,
+    fills,
     lag,
     marker_name,
     may_ack,
@@ -741,3 +742,19 @@ def test_no_acked_snapshot_is_lost_through_outages(events: list[str]) -> None:
 @given(EVENTS)
 def test_cn_retention_makes_divergence_impossible(events: list[str]) -> None:
     assert cn_history(events, cn_keeps_unconfirmed=True) == 0
+
+
+@given(scenarios())
+def test_fills_names_exactly_the_actions_that_add_to_a_zone(
+        s: tuple[ZoneInventory, ZoneInventory, list[Tombstone], frozenset[str]]) -> None:
+    """A zone not placed drops the steps that ``fills`` it; what is left changes
+    only the other zone's copy, or removes from its own."""
+    a, b, stones, in_use = s
+    for act in reconcile(a, b, stones, in_use):
+        for zone, other in ((A, B), (B, A)):
+            if fills(act, zone):
+                assert not fills(act, other)
+            elif isinstance(act, SendFull | SendIncremental):
+                assert act.to_zone == other
+            elif isinstance(act, MarkComplete):
+                assert act.zone == other

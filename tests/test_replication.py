@@ -14,7 +14,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from replication.peers import pair_of
 from snapper_zone.cnclient import CnClient, ZoneClient, ZoneError
@@ -22,7 +21,7 @@ from snapper_zone.fleet import LocalCN, LocalFleet, LocalZone
 from snapper_zone.names import Dataset
 from snapper_zone.zfs import Capabilities, Zfs
 from tests.conftest import ZfsTier
-from tests.helpers import wait_until, write_random
+from tests.helpers import scrape, wait_until, write_random
 
 pytestmark = pytest.mark.zfs
 
@@ -86,13 +85,7 @@ class Pair:
         return bool(a) and a == b
 
     async def metric(self, zone: LocalZone, name: str, **labels: str) -> float:
-        async with aiohttp.ClientSession() as http, http.get(f"{zone.http_url}/metrics") as r:
-            text = await r.text()
-        for fam in text_string_to_metric_families(text):
-            for s in fam.samples:
-                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                    return float(s.value)
-        return 0.0
+        return await scrape(zone.http_url, name, **labels)
 
     async def transfers(self, zone: LocalZone) -> list[dict[str, Any]]:
         async with aiohttp.ClientSession() as http, \
