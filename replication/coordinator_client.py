@@ -18,7 +18,7 @@ import aiohttp
 
 from snapper_zone.errors import SnapperError
 
-__all__ = ["CoordinatorClient", "CoordinatorUnavailable", "ZoneRecord"]
+__all__ = ["CoordinatorClient", "CoordinatorUnavailable", "KnownZone"]
 
 _TIMEOUT = aiohttp.ClientTimeout(total=10)
 PLACEMENT_TTL = 10.0  # seconds a VM's placement is trusted before asking again
@@ -30,7 +30,9 @@ class CoordinatorUnavailable(SnapperError):
 
 
 @dataclass(frozen=True)
-class ZoneRecord:
+class KnownZone:
+    """Another zone as ``GET /v1/zones`` lists it: where to reach it, its host key."""
+
     uuid: str
     name: str
     ssh_host: str
@@ -40,7 +42,7 @@ class ZoneRecord:
     state: str = "active"
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> ZoneRecord:
+    def from_json(cls, d: dict[str, Any]) -> KnownZone:
         return cls(str(d["uuid"]), str(d.get("name", "")), str(d["ssh_host"]),
                    int(d["ssh_port"]), str(d["http_url"]), str(d["host_key"]),
                    str(d.get("state", "active")))
@@ -88,12 +90,12 @@ class CoordinatorClient:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise CoordinatorUnavailable(f"GET {self.url}/v1/zones/{zone}: {exc!r}") from exc
 
-    async def zones(self) -> list[ZoneRecord]:
+    async def zones(self) -> list[KnownZone]:
         doc = await self._call("GET", "/v1/zones")
         out = []
         for z in doc.get("zones", []) if isinstance(doc, dict) else []:
             try:
-                out.append(ZoneRecord.from_json(z))
+                out.append(KnownZone.from_json(z))
             except (KeyError, TypeError, ValueError):
                 continue  # a half-registered zone is not a peer yet
         return out
