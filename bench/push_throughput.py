@@ -28,7 +28,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import asyncssh
 
 from snapper_zone import localpool, proc
+from snapper_zone.fleet import free_port
 from snapper_zone.localpool import FilePool
 from snapper_zone.names import Dataset
 from snapper_zone.zfs import SendSpec, Zfs
@@ -51,13 +51,6 @@ CN_ID = "bench-cn"
 ZONE_UUID = "9f1e2d3c-4b5a-4968-8776-655443322110"
 SNAP = "bench"
 CIPHER = "aes128-gcm@openssh.com"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def wait_port(port: int, daemon: proc.Daemon, timeout: float = 30.0) -> None:

@@ -9,8 +9,10 @@ Everything it starts it stops, by pid; everything it creates it destroys.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import random
 import socket
 import sys
 import time
@@ -78,10 +80,32 @@ async def _wait_ready(daemon: proc.Daemon, ready: Path, what: str, timeout: floa
         await asyncio.sleep(0.05)  # polling a file another process writes, with a deadline
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+_PORTS_GIVEN: set[int] = set()
+
+
+def free_port() -> int:
+    """A port free now, for a daemon that binds it later (and again after a restart).
+
+    Taken below the kernel's ephemeral range: a port from that range, free when
+    we looked, could meanwhile become the source port of any outgoing
+    connection (or any port-0 bind), and the daemon would fail to start.
+    """
+    low = 32768
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(max(1024, low // 2), low)
+        if port in _PORTS_GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _PORTS_GIVEN.add(port)
+        return port
+    raise RuntimeError(f"no free port below the ephemeral range ({low})")
 
 
 @dataclass
@@ -136,7 +160,7 @@ class LocalFleet:
                 cdir = workdir / "coordinator"
                 os.makedirs(cdir, exist_ok=True)
                 fleet.coordinator = LocalCoordinator(cdir / "coordinator.toml",
-                                                     cdir / "ready.json", _free_port(),
+                                                     cdir / "ready.json", free_port(),
                                                      lost_after)
                 await fleet.start_coordinator()
             await fleet._start(zones, cns, vms_per_cn, pool_size)
@@ -199,8 +223,8 @@ class LocalFleet:
         # and a restarted zone must be found where it was.
         zone = LocalZone(str(uuid.uuid4()), f"zone{n}", pool, f"{pool.name}/snapper",
                          zdir / "snapperd.json", zdir / "ready.json",
-                         host_key.with_suffix(".pub"), ssh_port=_free_port(),
-                         http_port=_free_port(), group=group, pipelined=pipelined)
+                         host_key.with_suffix(".pub"), ssh_port=free_port(),
+                         http_port=free_port(), group=group, pipelined=pipelined)
         self.zones.append(zone)
         return zone
 

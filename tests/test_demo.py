@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+import socket
 import sys
 
 import pytest
 
 from snapper_zone import proc
+from snapper_zone.fleet import free_port
 from snapper_zone.zfs import Zfs
 from tests.conftest import ZfsTier
 
@@ -28,3 +30,15 @@ async def test_demo_runs_and_cleans_up(zfs_tier: ZfsTier, zfs: Zfs) -> None:
     assert len(pids) == 3
     for pid in pids:
         assert not (await proc.run(["kill", "-0", pid], timeout=10)).ok
+
+
+def test_fleet_ports_stay_out_of_the_ephemeral_range() -> None:
+    """A daemon binds its port after the fleet picked it (and again after a
+    restart): a port from the ephemeral range could meanwhile be an outgoing
+    connection's source port, and the daemon would not start (seen in CI)."""
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports)
+    assert all(1024 <= p < low for p in ports)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports[-1]))
