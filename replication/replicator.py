@@ -205,13 +205,19 @@ class Replicator:
             await self._adopt_tombstones(vm, local, stones_a, stones_b)
             theirs = set(remote.get("in_use") or ())
             # Parts the peer teed to us for a push that then died there: no commit
-            # will come, and held they would defer this VM for minutes.
-            dropped = self.zone.transfers.abandoned(
-                vm, f"zone:{peer.uuid}",
-                theirs | {str(x.get("name")) for x in remote.get("snapshots") or ()
-                          if x.get("complete")})
+            # will come, and held they would defer this VM for minutes. One that
+            # finished there is awaited too (its commit marks it here), unless
+            # the VM is no longer placed here: the peer, told of a move, commits
+            # it on the new copy, and held these parts would block the drop.
+            source = f"zone:{peer.uuid}"
+            busy = set(theirs)
+            if not (self.zone.transfers.pending_from(vm, source)
+                    and not await self._placed_here(vm)):
+                busy |= {str(x.get("name")) for x in remote.get("snapshots") or ()
+                         if x.get("complete")}
+            dropped = self.zone.transfers.abandoned(vm, source, busy)
             if dropped:
-                self.log.info("parts of a push that died on the peer are debris now",
+                self.log.info("parts of a push that ended on the peer are debris now",
                               extra={"vm": vm, "peer": peer.uuid, "snapshots": dropped})
             in_use = self.zone.transfers.in_use(vm) | theirs
             actions = reconcile(a, b, stones, in_use)

@@ -116,6 +116,10 @@ class TransferRegistry:
             if conn == connection:
                 del self._pending[key]
 
+    def pending_from(self, vm: str, source: str) -> bool:
+        """Whether ``source`` sent parts of ``vm`` here whose commit is awaited."""
+        return any(v == vm and src == source for (v, _s), (_, _c, src) in self._pending.items())
+
     def abandoned(self, vm: str, source: str, busy: set[str]) -> list[str]:
         """Drop ``vm``'s snapshots pending from ``source`` that ``source`` itself no
         longer has in use or complete (``busy``): their push died there, so no

@@ -45,7 +45,10 @@ def test_parts_teed_for_a_push_that_died_on_the_primary(reg: TransferRegistry) -
     reg.pending(VM, "s3", 7, "zone:p")  # teed by the primary over its long-lived link
     reg.pending(VM, "s4", 7, "zone:p")
     reg.pending(VM, "s5", 9, "cn:a")  # another sender's: not the primary's to end
+    assert reg.pending_from(VM, "zone:p") and not reg.pending_from(OTHER, "zone:p")
+    assert not reg.pending_from(VM, "zone:q")
     assert reg.abandoned(VM, "zone:p", {"s4"}) == ["s3"]
     assert reg.in_use(VM) == {"s4", "s5"}
     assert reg.abandoned(VM, "zone:p", set()) == ["s4"]
     assert reg.in_use(VM) == {"s5"}
+    assert not reg.pending_from(VM, "zone:p")
