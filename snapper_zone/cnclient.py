@@ -108,6 +108,14 @@ class RestoreError(SnapperError):
     code = "RestoreFailed"
 
 
+def _snapshot_list(inventory: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The VM snapshots of a zone's ``snapshots`` answer, oldest first."""
+    raw: Any = inventory.get("snapshots", [])
+    if not isinstance(raw, list):
+        raise ZoneError("BadAnswer", f"snapshots: expected a list, got {type(raw)}")
+    return [s for s in raw if isinstance(s, dict)]
+
+
 def _tombstoned(inventory: Mapping[str, Any]) -> frozenset[int]:
     """The part guids a zone's ``snapshots`` answer says were deleted on purpose."""
     try:
@@ -611,10 +619,7 @@ class ZoneClient:
 
     async def snapshots(self, vm: str) -> list[dict[str, Any]]:
         """The zone's VM snapshots (``VmSnapshot.to_json`` shape), oldest first."""
-        raw: Any = (await self.inventory(vm)).get("snapshots", [])
-        if not isinstance(raw, list):
-            raise ZoneError("BadAnswer", f"snapshots: expected a list, got {type(raw)}")
-        return [s for s in raw if isinstance(s, dict)]
+        return _snapshot_list(await self.inventory(vm))
 
     async def resume_token(self, vm: str, dataset: str) -> str | None:
         text = (await self.run(ResumeToken(vm, dataset))).decode().strip()
@@ -790,7 +795,7 @@ class CnClient:
                             f"on: {', '.join(missing)}")
         report = PushReport(vm, snap)
         inventory = await self.zone.inventory(vm)
-        zone_snaps = [s for s in inventory.get("snapshots") or () if isinstance(s, dict)]
+        zone_snaps = _snapshot_list(inventory)
         deleted = _tombstoned(inventory)
         for label, ds in datasets.items():
             report.datasets.append(await self._push_dataset(vm, label, ds, snap, base,
