@@ -210,9 +210,11 @@ class Replicator:
             # the VM is no longer placed here: the peer, told of a move, commits
             # it on the new copy, and held these parts would block the drop.
             source = f"zone:{peer.uuid}"
+            placed: bool | None = None  # asked of the coordinator at most once a round
+            if self.zone.transfers.pending_from(vm, source):
+                placed = await self._placed_here(vm)
             busy = set(theirs)
-            if not (self.zone.transfers.pending_from(vm, source)
-                    and not await self._placed_here(vm)):
+            if placed is not False:
                 busy |= {str(x.get("name")) for x in remote.get("snapshots") or ()
                          if x.get("complete")}
             dropped = self.zone.transfers.abandoned(vm, source, busy)
@@ -223,14 +225,16 @@ class Replicator:
             actions = reconcile(a, b, stones, in_use)
             notices = [x for x in actions if isinstance(x, Conflict | Defer)]
             steps = [x for x in actions if not isinstance(x, Conflict | Defer | InSync)]
-            if not explicit and any(fills(x, self.me) for x in steps) \
-                    and not await self._placed_here(vm):
-                # A move's target (the move's source fills it; both at once
-                # only race) or a copy about to be dropped: send, never take.
-                steps = [x for x in steps if not fills(x, self.me)]
-                if not steps:
-                    st.state, st.last_error = "not_placed", None
-                    return
+            if not explicit and any(fills(x, self.me) for x in steps):
+                if placed is None:
+                    placed = await self._placed_here(vm)
+                if not placed:
+                    # A move's target (the move's source fills it; both at once
+                    # only race) or a copy about to be dropped: send, never take.
+                    steps = [x for x in steps if not fills(x, self.me)]
+                    if not steps:
+                        st.state, st.last_error = "not_placed", None
+                        return
             st.rounds += 1
             if not steps:
                 gone = expired(a, b, stones_a, time.time())
