@@ -26,6 +26,7 @@ from snapper_zone.localpool import FilePool
 from snapper_zone.names import Dataset
 from snapper_zone.zfs import Zfs
 from snapper_zone.zone import Zone
+from tests.helpers import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 ZONE_UUID = "bd932c2b-caae-495a-abf2-fb958111c3fb"
@@ -76,14 +77,15 @@ def _log_of(daemon: proc.Daemon) -> str:
 
 
 async def wait_ready(daemon: proc.Daemon, ready: Path) -> dict[str, Any]:
-    """Poll for the ready file (it appears atomically), failing fast if the daemon dies."""
-    deadline = time.monotonic() + READY_BOUND
-    while (info := _read_ready(ready)) is None:
-        if not daemon.alive():
-            pytest.fail("snapperd exited before ready:\n" + _log_of(daemon))
-        if time.monotonic() > deadline:
-            pytest.fail(f"snapperd not ready in {READY_BOUND}s:\n" + _log_of(daemon))
-        await asyncio.sleep(0.05)
+    """Wait for the ready file (it appears atomically), failing fast if the daemon dies."""
+    try:
+        await wait_for(lambda: ready.exists() or not daemon.alive(), READY_BOUND,
+                       "snapperd ready", poll=0.05)
+    except TimeoutError:
+        pytest.fail(f"snapperd not ready in {READY_BOUND}s:\n" + _log_of(daemon))
+    info = _read_ready(ready)
+    if info is None:
+        pytest.fail("snapperd exited before ready:\n" + _log_of(daemon))
     return info
 
 
