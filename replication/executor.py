@@ -31,10 +31,12 @@ from replication.reconcile import (
     SendIncremental,
     SnapRef,
 )
+from snapper_zone import log as slog
 from snapper_zone.cnclient import ZoneClient
 from snapper_zone.errors import SnapperError, UnsupportedFeature
 from snapper_zone.names import Snapshot
 from snapper_zone.protocol import Destroy, Receive, Send
+from snapper_zone.transfer.local import Expect, ReceiveRequest
 from snapper_zone.transfers import Transfer
 from snapper_zone.zfs import SendSpec
 
@@ -168,21 +170,31 @@ class Executor:
         return None
 
     async def _pull(self, ds: str, base: SnapRef | None, snap: SnapRef) -> None:
-        store = self.zone.store
-        target = store.part_dataset(self.vm, ds)
-        async with self.zone.vm_locks[self.vm], \
-                self._transfer("mirror-in", ds, snap, base) as t:
-            await store.ensure_vm(self.vm)
-            cmd = Send(self.vm, ds, snap.name, base.name if base else None)
-            res = await self.client.pull_stream(cmd, target, self.zone.zfs, _Counted(t))
-            self.moved += res.bytes
-            got = next((s for s in await self.zone.zfs.snapshots(target)
-                        if s.name == snap.name), None)
-            if got is None or got.guid != snap.guid:
-                if got is not None:
-                    await self.zone.zfs.destroy(got.snapshot)
-                raise GuidMismatch(f"{target}@{snap.name}: received guid "
-                                   f"{got.guid if got else 'none'}, expected {snap.guid}")
+        """The peer's ``send`` into this zone, through the zone's one receive path:
+        vetted (no ``-R``/``-p``, this snapshot, this guid), a receive slot,
+        the VM lock, guid-confirmed."""
+        cmd = Send(self.vm, ds, snap.name, base.name if base else None)
+        req = ReceiveRequest("mirror-in", self.vm, ds,
+                             Expect(snap.name, cmd.base, toguid=snap.guid),
+                             f"zone:{self.peer}", lease=False)
+        source, session = await self.client.open_send(cmd)
+        result = "error"
+        t: Transfer | None = None
+        try:
+            try:
+                _got, t = await self.zone.receiver.receive(req, source)
+            except BaseException:
+                if session.chan is not None:
+                    session.chan.close()
+                raise
+            await self.client.finish_send(cmd, session)
+            self.moved += t.bytes
+            result = "ok"
+        except SnapperError as err:
+            result = err.code
+            raise
+        finally:
+            self.zone.metrics.mirror_transfers.labels(self.peer, "in", result).inc()
 
     async def _check_remote(self, ds: str, snap: SnapRef) -> None:
         # The peer already refused a stream that was not this snapshot (it
@@ -202,23 +214,14 @@ class Executor:
                         base: SnapRef | None) -> AsyncIterator[Transfer]:
         t = self.zone.transfers.start(kind, self.vm, ds, snap.name,
                                       base.name if base else None, f"zone:{self.peer}")
-        result = "error"
-        try:
+        lg = slog.child(self.log, vm=self.vm, dataset=ds, snapshot=snap.name, kind=kind,
+                        peer=self.peer, transfer=t.id)
+
+        def count(result: str) -> None:
+            self.zone.metrics.mirror_transfers.labels(self.peer, "out", result).inc()
+
+        with self.zone.transfers.running(t, lg, count):
             yield t
-            result = "ok"
-        except SnapperError as err:
-            result = err.code
-            raise
-        finally:
-            self.zone.transfers.finish(t, result)
-            self.zone.metrics.mirror_transfers.labels(
-                self.peer, "out" if kind == "mirror-out" else "in", result).inc()
-            self.log.log(logging.INFO if result == "ok" else logging.WARNING,
-                         "mirror transfer end", extra={
-                             "vm": self.vm, "dataset": ds, "snapshot": snap.name,
-                             "base": base.name if base else None, "peer": self.peer,
-                             "kind": kind, "result": result, "bytes": t.bytes,
-                             "seconds": round(t.elapsed, 3)})
 
     @contextlib.asynccontextmanager
     async def _held(self, base: Snapshot | None) -> AsyncIterator[None]:

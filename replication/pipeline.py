@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import asyncssh
 
 from snapper_zone.cnclient import ExecSession, ZoneClient
-from snapper_zone.inbound import Inbound
 from snapper_zone.protocol import Receive
+from snapper_zone.transfer.stream import Inbound
 
 __all__ = ["STALL_SECONDS", "MirrorTee", "TeeResult"]
 

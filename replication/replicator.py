@@ -42,8 +42,8 @@ from replication.reconcile import (
     reconcile,
 )
 from snapper_zone.errors import DatasetNotFound, SnapperError
-from snapper_zone.inbound import Inbound
 from snapper_zone.protocol import Receive
+from snapper_zone.transfer.stream import Inbound
 
 if TYPE_CHECKING:
     from snapper_zone.zone import Zone

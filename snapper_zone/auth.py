@@ -80,7 +80,7 @@ class Principal:
     role: Role
     id: str  # cn_id, peer zone uuid, or operator name (key comment, else fingerprint)
     fingerprint: str
-    connection: int = 0  # which SSH connection: what it left pending ends with it
+    connection: int = 0  # which SSH connection (for logs)
 
     @classmethod
     def from_key(cls, key: TrustedKey, connection: int = 0) -> Principal:

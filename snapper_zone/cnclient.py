@@ -17,6 +17,7 @@ bookmark), ``restore`` and ``list``. Every decision about *what* to send is in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 import asyncssh
@@ -63,6 +64,8 @@ from snapper_zone.protocol import (
     format_command,
     parse_error_line,
 )
+from snapper_zone.transfer.local import Expect, receive_stream
+from snapper_zone.transfer.stream import Channel, ClientGone, Inbound, SendPump
 from snapper_zone.zfs import SendSpec, Zfs, classify
 
 log = logging.getLogger("snapper.cn")
@@ -234,110 +237,6 @@ def _bounded_append(buf: bytearray, data: bytes) -> None:
         del buf[: len(buf) - STDERR_LIMIT]
 
 
-class _PipeToChannel(asyncio.Protocol):
-    """Reads ``zfs send``'s stdout pipe and writes each chunk to the channel."""
-
-    def __init__(self, chan: asyncssh.SSHClientChannel[bytes], progress: Reporter,
-                 limit: int | None, bwlimit: float | None = None) -> None:
-        self.chan = chan
-        self.progress = progress
-        self.limit = limit  # tests: stop after this many bytes, as a crash would
-        self.bwlimit = bwlimit  # bytes/s, or None
-        self.transport: asyncio.ReadTransport | None = None
-        self.bytes = 0
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._holds: set[str] = set()  # "window" (SSH flow control), "pace" (bwlimit)
-        self._started = time.monotonic()
-
-    def hold(self, why: str) -> None:
-        if not self._holds and self.transport is not None:
-            self.transport.pause_reading()
-        self._holds.add(why)
-
-    def release(self, why: str) -> None:
-        if why in self._holds:
-            self._holds.discard(why)
-            if not self._holds and self.transport is not None \
-                    and not self.transport.is_closing():
-                self.transport.resume_reading()
-
-    def _pace(self) -> None:
-        # Token bucket with the whole stream as the window: ahead of schedule
-        # by more than a few ms, stop reading zfs send's pipe until on time.
-        assert self.bwlimit is not None
-        ahead = self.bytes / self.bwlimit - (time.monotonic() - self._started)
-        if ahead > 0.005:
-            self.hold("pace")
-            asyncio.get_running_loop().call_later(ahead, self.release, "pace")
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.ReadTransport)
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        if self.limit is not None and self.bytes + len(data) >= self.limit:
-            data = data[: max(self.limit - self.bytes, 0)]
-            self._write(data)
-            if not self.done.done():
-                self.done.set_exception(_Cut())
-            assert self.transport is not None
-            self.transport.close()
-            return
-        self._write(data)
-
-    def _write(self, data: bytes) -> None:
-        try:
-            self.chan.write(data)
-        except (BrokenPipeError, OSError, asyncssh.Error) as exc:
-            # The zone hung up (refused the stream); its exit status says why.
-            if not self.done.done():
-                self.done.set_exception(exc)
-            assert self.transport is not None
-            self.transport.close()
-            return
-        self.bytes += len(data)
-        self.progress.advance(len(data))
-        if self.bwlimit:
-            self._pace()
-
-    def eof_received(self) -> bool:
-        if not self.done.done():
-            self.done.set_result(None)
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.done.done():
-            if exc is None:
-                self.done.set_result(None)
-            else:
-                self.done.set_exception(exc)
-
-
-class _Cut(Exception):
-    """The test hook cut the stream (a simulated crash)."""
-
-
-class _ChannelToPipe(asyncio.Protocol):
-    """Write side of ``zfs receive``'s stdin pipe: pauses the channel when full."""
-
-    def __init__(self) -> None:
-        self.chan: asyncssh.SSHClientChannel[bytes] | None = None
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def pause_writing(self) -> None:
-        if self.chan is not None:
-            self.chan.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.chan is not None:
-            self.chan.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        # Why does not matter: zfs receive's exit status says it.
-        if not self.lost.done():
-            self.lost.set_result(None)
-
-
 class ZoneClient:
     """One SSH connection to a snapper zone. Use ``async with ZoneClient(...)``."""
 
@@ -360,7 +259,7 @@ class ZoneClient:
     def endpoint(self) -> str:
         return f"{self.host}:{self.port}"
 
-    async def connect(self) -> ZoneClient:
+    async def connect(self) -> Self:
         known: Any
         if self.host_key is not None:
             known = pinned_host_key(self.host_key)
@@ -392,7 +291,7 @@ class ZoneClient:
             await self.conn.wait_closed()
             self.conn = None
 
-    async def __aenter__(self) -> ZoneClient:
+    async def __aenter__(self) -> Self:
         return await self.connect()
 
     async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
@@ -432,20 +331,23 @@ class ZoneClient:
             raise session.error(line)
         return bytes(session.stdout)
 
+    def stream_channel(self, chan: asyncssh.SSHClientChannel[bytes]) -> Channel:
+        """Where a pushed stream's bytes are written: the channel itself.
+
+        A subclass may wrap it; the soak and the tests cut streams here
+        (``soak.faults.CuttingZoneClient``), as a crash would.
+        """
+        return chan
+
     async def push_stream(self, cmd: Receive, spec: SendSpec, zfs: Zfs,
                           progress: Reporter | None = None, *,
-                          cut_after: int | None = None,
                           bwlimit: float | None = None) -> StreamResult:
         """``zfs send SPEC`` → the zone's ``receive``; raises the most telling error.
 
         ``bwlimit`` (bytes/s) paces the stream, so a CN's pushes leave room
-        for its VMs' own traffic.
-
-        The send child writes into a kernel pipe that asyncio reads; each
-        chunk goes straight to the channel. When the SSH window is full the
-        channel pauses writing and we stop reading the pipe, so ``zfs send``
-        blocks: memory stays bounded whatever the stream's size.
-        ``cut_after`` (tests) drops the connection after that many bytes.
+        for its VMs' own traffic. The send child writes into a kernel pipe
+        that ``stream.SendPump`` reads; a full SSH window stops the reading,
+        so ``zfs send`` blocks and memory stays bounded.
         """
         progress = progress or NoProgress()
         line = format_command(cmd)
@@ -460,7 +362,7 @@ class ZoneClient:
             raise
         finally:
             os.close(w)
-        pump = _PipeToChannel(chan, progress, cut_after, bwlimit)
+        pump = SendPump(self.stream_channel(chan), progress.advance, bwlimit)
         started = time.monotonic()
         try:
             transport, _ = await loop.connect_read_pipe(lambda: pump,
@@ -479,17 +381,8 @@ class ZoneClient:
             # and would never end by itself.
             await asyncio.wait([pump.done, session.closed],
                                return_when=asyncio.FIRST_COMPLETED)
-            if pump.done.done():
-                exc = pump.done.exception()
-                if isinstance(exc, _Cut):
-                    # Simulated crash: kill everything without a clean EOF.
-                    await sender.abort()
-                    self._conn().abort()
-                    raise ConnectionResetError("stream cut by test hook")
-                if exc is None:
-                    chan.write_eof()
-                else:
-                    zone_hung_up = True
+            if pump.done.done() and pump.done.exception() is None:
+                chan.write_eof()
             else:
                 zone_hung_up = True
                 transport.close()
@@ -515,95 +408,84 @@ class ZoneClient:
             raise classify(sent.argv, sent.stderr, sent.returncode)
         return StreamResult(pump.bytes, time.monotonic() - started)
 
-    async def pull_stream(self, cmd: Send, target: Dataset, zfs: Zfs,
-                          progress: Reporter | None = None, *,
-                          force: bool = False) -> StreamResult:
-        """The zone's ``send`` → local ``zfs receive TARGET``.
+    async def open_send(self, cmd: Send) -> tuple[Inbound, ExecSession]:
+        """Start the zone's ``send``; its stream as an ``Inbound`` to receive from.
 
-        Channel data is written to the receive's stdin pipe; when that pipe's
-        buffer passes its high-water mark the channel stops reading, so the
-        SSH window closes and the zone's ``zfs send`` blocks.
+        The channel's data feeds the Inbound; when the receive's pipe is full
+        the channel stops reading, the SSH window closes and the zone's
+        ``zfs send`` blocks. A channel closed before EOF is a cut stream.
+        """
+        line = format_command(cmd)
+        chan, session = await self._open(line)
+        source = Inbound(chan.pause_reading, chan.resume_reading)
+        endpoint = self.endpoint
+
+        def closed(fut: asyncio.Future[None]) -> None:
+            # The zone may close without EOF: its exit status says whether the
+            # stream ended or was cut.
+            why = fut.exception() if not fut.cancelled() else None
+            if why is None and session.exit_status == 0:
+                source.feed_eof()
+            else:
+                source.feed_error(ClientGone(f"{endpoint}: send ended before its stream "
+                                             f"did: {why or session.error(line)}"))
+
+        session.on_data = source.feed
+        session.on_eof = source.feed_eof
+        if session.stdout:  # whatever arrived with the exec reply
+            source.feed(bytes(session.stdout))
+            session.stdout.clear()
+        if session.eof:
+            source.feed_eof()
+        session.closed.add_done_callback(closed)
+        chan.write_eof()
+        return source, session
+
+    async def finish_send(self, cmd: Send, session: ExecSession) -> None:
+        """After a pull: the zone must agree it sent a whole stream (exit 0)."""
+        chan = session.chan
+        if not session.closed.done() and chan is not None:
+            chan.close()  # our receive is done; stop a send still running
+        try:
+            await session.closed
+        except (OSError, asyncssh.Error) as exc:
+            raise ZoneUnreachable(f"{self.endpoint}: send: {exc}") from exc
+        if session.exit_status != 0:
+            raise session.error(format_command(cmd))
+
+    async def pull_stream(self, cmd: Send, target: Dataset, zfs: Zfs,
+                          progress: Reporter | None = None, *, toguid: int | None = None,
+                          force: bool = False) -> StreamResult:
+        """The zone's ``send`` → ``zfs receive TARGET`` here, vetted like any receive.
+
+        ``toguid``, when known, is the guid the stream must carry.
         """
         progress = progress or NoProgress()
-        line = format_command(cmd)
-        loop = asyncio.get_running_loop()
-        r, w = os.pipe()
-        try:
-            receiver = await zfs.receive(target, stdin=r, resumable=False, force=force)
-        except BaseException:
-            os.close(w)
-            raise
-        finally:
-            os.close(r)
-        try:
-            transport, pipe = await loop.connect_write_pipe(
-                _ChannelToPipe, os.fdopen(w, "wb", buffering=0))
-        except BaseException:
-            os.close(w)
-            await receiver.abort()
-            raise
         started = time.monotonic()
         moved = 0
-        try:
-            chan, session = await self._open(line)
-        except BaseException:
-            transport.close()
-            await receiver.abort()
-            raise
-        pipe.chan = chan
 
-        def on_data(data: bytes) -> None:
+        def count(n: int) -> None:
             nonlocal moved
-            if transport.is_closing():
-                return  # receive died; its exit status says why
-            transport.write(data)
-            moved += len(data)
-            progress.advance(len(data))
+            moved += n
+            progress.advance(n)
 
-        session.on_data = on_data
-        session.on_eof = transport.close
-        # Whatever arrived with the exec reply, before the handlers were set.
-        if session.stdout:
-            early = bytes(session.stdout)
-            session.stdout.clear()
-            on_data(early)
-        if session.eof:
-            transport.close()
-        early_close = False
+        source, session = await self.open_send(cmd)
         try:
-            chan.write_eof()
-            await asyncio.wait([session.closed, pipe.lost],
-                               return_when=asyncio.FIRST_COMPLETED)
-            if not session.closed.done() and not session.eof:
-                # zfs receive stopped reading before the stream ended (it failed,
-                # and the channel may be paused on its full pipe): stop the
-                # zone's send instead of waiting for it.
-                early_close = True
-                chan.close()
-            closed_exc: BaseException | None = None
-            try:
+            await receive_stream(zfs, target, source, Expect(cmd.snapshot, cmd.base,
+                                                             toguid=toguid),
+                                 on_bytes=count, resumable=False, force=force)
+        except ClientGone as exc:
+            # The zone's send ended early: its own error says why.
+            with contextlib.suppress(OSError, asyncssh.Error):
                 await session.closed
-            except (OSError, asyncssh.Error) as exc:
-                closed_exc = exc
-            if not transport.is_closing():
-                transport.close()
-            await pipe.lost
-            received = await receiver.wait()
+            if session.exit_status not in (0, None):
+                raise session.error(format_command(cmd)) from exc
+            raise ZoneUnreachable(f"{self.endpoint}: send: {exc.message}") from exc
         except BaseException:
-            transport.close()
-            await receiver.abort()
-            chan.close()
+            if session.chan is not None:
+                session.chan.close()
             raise
-        if not received.ok:
-            if session.exit_status not in (0, None) and not early_close:
-                raise session.error(line)  # the zone's failure truncated our stream
-            raise classify(received.argv, received.stderr, received.returncode)
-        if not early_close:
-            # zfs receive took a whole stream; the zone must agree it sent one.
-            if closed_exc is not None:
-                raise ZoneUnreachable(f"{self.endpoint}: send: {closed_exc}") from closed_exc
-            if session.exit_status != 0:
-                raise session.error(line)
+        await self.finish_send(cmd, session)
         return StreamResult(moved, time.monotonic() - started)
 
     # -- the small commands -----------------------------------------------------
@@ -743,7 +625,6 @@ class CnClient:
         self.zfs = zfs or Zfs()
         self.progress = progress or NoProgress()
         self.vmadm = vmadm
-        self.cut_after: int | None = None  # tests: simulate a crash mid-stream
         self.bwlimit: float | None = None  # bytes/s per stream, None: as fast as it goes
 
     def vm_dataset(self, vm: str) -> Dataset:
@@ -927,7 +808,6 @@ class CnClient:
                             snapshot=snap, base=base_zone, resume=resume)
         try:
             res = await self.zone.push_stream(cmd, spec, self.zfs, self.progress,
-                                              cut_after=self.cut_after,
                                               bwlimit=self.bwlimit)
         except BaseException as exc:
             self.progress.done(False, str(exc) or type(exc).__name__)
@@ -1054,15 +934,13 @@ class CnClient:
         self.progress.start(f"{vm[:8]}/{label}@{snap}", total, vm=vm, dataset=label,
                             snapshot=snap, base=base.name if base else None)
         try:
-            res = await self.zone.pull_stream(cmd, local, self.zfs, self.progress, force=force)
+            # Vetted and guid-confirmed by the one receive path (transfer.local).
+            res = await self.zone.pull_stream(cmd, local, self.zfs, self.progress,
+                                              toguid=want.guid, force=force)
         except BaseException as exc:
             self.progress.done(False, str(exc) or type(exc).__name__)
             raise
         self.progress.done(True)
-        got = {s.name: s.guid for s in await self.zfs.snapshots(local)}
-        if got.get(snap) != want.guid:
-            raise RestoreError(f"{local}@{snap}: guid {got.get(snap)} after receive, the zone "
-                               f"has {want.guid}")
         report.action = "incremental" if base else "full"
         report.base = base.name if base else None
         report.bytes, report.seconds = res.bytes, res.seconds

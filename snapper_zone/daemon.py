@@ -33,6 +33,7 @@ from snapper_zone.errors import SnapperError
 from snapper_zone.httpapi import make_app
 from snapper_zone.log import parse_level, setup_logging
 from snapper_zone.names import Dataset
+from snapper_zone.service import Service
 from snapper_zone.sshserver import start_ssh_server
 from snapper_zone.zfs import Zfs
 from snapper_zone.zone import Zone
@@ -147,7 +148,8 @@ async def _wait_for_transfers(zone: Zone, grace: float) -> None:
                          extra={"transfers": [t.to_json() for t in left]})
 
 
-async def serve(config: ZoneConfig, args: argparse.Namespace, log: logging.Logger) -> int:
+async def serve(config: ZoneConfig, args: argparse.Namespace, log: logging.Logger,
+                service: type[Service] = Service) -> int:
     zfs = Zfs()
     zone = Zone.from_config(config, zfs, log)
     if config.peers or config.coordinator_url:
@@ -173,7 +175,7 @@ async def serve(config: ZoneConfig, args: argparse.Namespace, log: logging.Logge
     # aiohttp's access log would repeat the API's own audit line for each request.
     runner = web.AppRunner(make_app(zone), access_log=None, shutdown_timeout=HTTP_DRAIN)
     try:
-        acceptor = await start_ssh_server(zone)
+        acceptor = await start_ssh_server(zone, service(zone))
         await runner.setup()
         site = web.TCPSite(runner, config.http.host, config.http.port)
         await site.start()
@@ -218,7 +220,8 @@ async def _registration(zone: Zone, ssh_port: int, http_port: int) -> dict[str, 
             "capacity": root.available + root.used}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, service: type[Service] = Service) -> int:
+    """snapperd; ``service`` is the command handler class (a test build may subclass it)."""
     try:
         args = _parser().parse_args(argv)
         try:
@@ -235,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     log = setup_logging("snapperd", level)
     try:
-        return asyncio.run(serve(config, args, log))
+        return asyncio.run(serve(config, args, log, service))
     # From here on stderr carries only bunyan lines, so failures are logged, not printed.
     except StartupError as e:
         log.critical(str(e))

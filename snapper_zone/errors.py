@@ -131,3 +131,10 @@ class UnsupportedFeature(SnapperError):
     def __init__(self, feature: str, detail: str = "") -> None:
         self.feature = feature
         super().__init__(f"this ZFS lacks {feature}" + (f": {detail}" if detail else ""))
+
+
+class MetadataTooLarge(SnapperError):
+    """A snapshot's metadata (a command's input) is over the zone's limit."""
+
+    code = "MetadataTooLarge"
+    http_status = 413

@@ -134,8 +134,10 @@ class LocalFleet:
     """
 
     def __init__(self, workdir: Path, *, mirrored: bool = True,
-                 reconcile_interval_ms: int = 2000, pipelined: bool = True) -> None:
+                 reconcile_interval_ms: int = 2000, pipelined: bool = True,
+                 zone_module: str = "snapper_zone.daemon") -> None:
         self.workdir = workdir
+        self.zone_module = zone_module  # python -m this, for each zone
         # Every zone peers with every other (a full mesh); a VM's pair is chosen
         # by rendezvous hashing on each zone alike (replication.peers.pair_of).
         self.mirrored = mirrored
@@ -152,9 +154,10 @@ class LocalFleet:
     async def start(cls, workdir: Path, *, zones: int = 3, cns: int = 2, vms_per_cn: int = 2,
                     pool_size: int = 1 << 30, mirrored: bool = True,
                     reconcile_interval_ms: int = 2000, pipelined: bool = True,
-                    coordinator: bool = False, lost_after: float = 10.0) -> LocalFleet:
+                    coordinator: bool = False, lost_after: float = 10.0,
+                    zone_module: str = "snapper_zone.daemon") -> LocalFleet:
         fleet = cls(workdir, mirrored=mirrored, reconcile_interval_ms=reconcile_interval_ms,
-                    pipelined=pipelined)
+                    pipelined=pipelined, zone_module=zone_module)
         try:
             if coordinator:
                 cdir = workdir / "coordinator"
@@ -232,7 +235,7 @@ class LocalFleet:
         zone.config_path.write_text(json.dumps(self.zone_config(zone), indent=2))
         zone.ready_path.unlink(missing_ok=True)
         zone.daemon = proc.Daemon(
-            [sys.executable, "-m", "snapper_zone.daemon", "--config", str(zone.config_path),
+            [sys.executable, "-m", self.zone_module, "--config", str(zone.config_path),
              "--ready-file", str(zone.ready_path), "--create-root"],
             str(zone.config_path.with_name("snapperd.log")))
         await _wait_ready(zone.daemon, zone.ready_path, f"{zone.name}'s snapperd", timeout)

@@ -22,8 +22,8 @@ from collections.abc import Mapping
 import asyncssh
 
 from snapper_zone.auth import Principal
-from snapper_zone.inbound import ClientGone, Inbound
 from snapper_zone.service import Service
+from snapper_zone.transfer.stream import ClientGone, Inbound
 from snapper_zone.zone import Zone
 
 __all__ = ["ENCRYPTION_ALGS", "start_ssh_server"]
@@ -75,10 +75,6 @@ class _Server(asyncssh.SSHServer):
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         addr = conn.get_extra_info("peername")
         self._peer = f"{addr[0]}:{addr[1]}" if addr else "?"
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        # Parts this client sent and never committed are not awaited any more.
-        self._zone.transfers.release(self._id)
 
     def begin_auth(self, username: str) -> bool:
         return True  # always authenticate; the user name itself means nothing

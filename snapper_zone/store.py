@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from snapper_zone.errors import DatasetNotFound, SnapperError
+from snapper_zone.errors import DatasetNotFound, MetadataTooLarge, SnapperError
 from snapper_zone.names import Dataset, Snapshot, check_component, check_uuid
 from snapper_zone.zfs import SnapshotInfo, Zfs
 
@@ -44,11 +44,6 @@ _MAX_TOMBSTONES = 250  # 8 KiB property value / ~30 bytes each
 _CHUNK = 8000
 _MAX_CHUNKS = 64
 _CONTAINER_PROPS = [P_COMPLETE, P_PARTS, P_CREATED, P_SOURCE]
-
-
-class MetadataTooLarge(SnapperError):
-    code = "MetadataTooLarge"
-    http_status = 413
 
 
 class SnapshotNotFound(SnapperError):

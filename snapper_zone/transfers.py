@@ -6,9 +6,11 @@ or the subject of a running transfer must not be deleted under it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,10 +27,10 @@ class SnapshotInUse(SnapperError):
 
 _ids = itertools.count(1)
 # A client sends a VM snapshot's datasets one stream after the other, then
-# commits. Until then its parts are pending (in use, not debris). They stop
-# being awaited at the commit, when the client's SSH connection closes, or
-# after PENDING_TTL with no transfer of the VM running (a live connection that
-# never commits, e.g. a primary whose CN went away after the parts were teed).
+# commits, on the same connection or on another one (plain OpenSSH: one
+# ``ssh`` per command). Until then its parts are pending (in use, not
+# debris): a lease that ends at the commit, at a delete of the snapshot, or
+# PENDING_TTL after its last part with no transfer of the VM running.
 PENDING_TTL = 600.0
 
 
@@ -76,10 +78,9 @@ class TransferRegistry:
         self.metrics = metrics
         self.clock = clock
         self._active: dict[int, Transfer] = {}
-        # (vm, snapshot) -> (when its last part arrived, the connection that sent
-        # it, who sent it), until it is committed: a push between two datasets is
-        # in use, not debris for reconcile.
-        self._pending: dict[tuple[str, str], tuple[float, int, str]] = {}
+        # (vm, snapshot) -> (when its last part arrived, who sent it), until it
+        # is committed: a push between two datasets is in use, not debris.
+        self._pending: dict[tuple[str, str], tuple[float, str]] = {}
 
     def start(self, kind: str, vm: str, dataset: str, snapshot: str, base: str | None,
               peer: str, expected: int | None = None) -> Transfer:
@@ -99,33 +100,50 @@ class TransferRegistry:
             else self.metrics.bytes_received
         counter.labels(t.kind).inc(t.bytes)
 
+    @contextlib.contextmanager
+    def running(self, t: Transfer, log: logging.Logger | logging.LoggerAdapter[logging.Logger],
+                on_end: Callable[[str], None] | None = None) -> Iterator[Transfer]:
+        """Record ``t`` (from ``start``) until the block ends; log its start and end.
+
+        ``on_end(result)`` is told the result ("ok" or an error code)."""
+        log.info("transfer start", extra={"base": t.base, "expected": t.expected})
+        result = "error"
+        try:
+            yield t
+            result = "ok"
+        except SnapperError as err:
+            result = err.code
+            raise
+        finally:
+            self.finish(t, result)
+            if on_end is not None:
+                on_end(result)
+            log.log(logging.INFO if result == "ok" else logging.WARNING, "transfer end", extra={
+                "result": result, "bytes": t.bytes, "seconds": round(t.elapsed, 3),
+                "mbps": round(t.rate / 1e6, 1)})
+
     def active(self) -> list[Transfer]:
         return sorted(self._active.values(), key=lambda t: t.id)
 
-    def pending(self, vm: str, snapshot: str, connection: int = 0, source: str = "") -> None:
-        """A part of ``snapshot`` arrived over ``connection`` from ``source`` (a
-        principal's label); its commit is to come."""
-        self._pending[(vm, snapshot)] = (self.clock(), connection, source)
+    def pending(self, vm: str, snapshot: str, source: str = "") -> None:
+        """A part of ``snapshot`` arrived from ``source`` (a principal's label);
+        its commit is to come: the lease starts (again) now."""
+        self._pending[(vm, snapshot)] = (self.clock(), source)
 
     def committed(self, vm: str, snapshot: str) -> None:
+        """The lease ends: committed, or the snapshot was deleted."""
         self._pending.pop((vm, snapshot), None)
-
-    def release(self, connection: int) -> None:
-        """``connection`` closed: nothing it left pending can be committed by it."""
-        for key, (_, conn, _src) in list(self._pending.items()):
-            if conn == connection:
-                del self._pending[key]
 
     def pending_from(self, vm: str, source: str) -> bool:
         """Whether ``source`` sent parts of ``vm`` here whose commit is awaited."""
-        return any(v == vm and src == source for (v, _s), (_, _c, src) in self._pending.items())
+        return any(v == vm and src == source for (v, _s), (_, src) in self._pending.items())
 
     def abandoned(self, vm: str, source: str, busy: set[str]) -> list[str]:
         """Drop ``vm``'s snapshots pending from ``source`` that ``source`` itself no
         longer has in use or complete (``busy``): their push died there, so no
         commit will come. A mirror learns it from its primary's listing, since
         the primary's link to it stays open. The names dropped."""
-        gone = [s for (v, s), (_, _c, src) in self._pending.items()
+        gone = [s for (v, s), (_, src) in self._pending.items()
                 if v == vm and src == source and s not in busy]
         for s in gone:
             del self._pending[(vm, s)]
@@ -136,11 +154,11 @@ class TransferRegistry:
         and snapshots of pushes still between their parts."""
         now = self.clock()
         running = [t for t in self._active.values() if t.vm == vm]
-        for key, (when, conn, src) in list(self._pending.items()):
+        for key, (when, src) in list(self._pending.items()):
             if key[0] == vm and running:
                 # The push is still sending (a later dataset, a later snapshot of its
                 # chain): its earlier parts are still awaited.
-                self._pending[key] = (now, conn, src)
+                self._pending[key] = (now, src)
             elif now - when > PENDING_TTL:
                 del self._pending[key]
         names: set[str] = {s for (v, s) in self._pending if v == vm}

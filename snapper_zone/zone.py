@@ -14,6 +14,7 @@ from snapper_zone.errors import SnapperError
 from snapper_zone.metrics import Metrics
 from snapper_zone.names import Dataset
 from snapper_zone.store import ZoneStore
+from snapper_zone.transfer.local import ZoneReceiver
 from snapper_zone.transfers import SnapshotInUse, TransferRegistry
 from snapper_zone.zfs import Zfs
 
@@ -44,6 +45,12 @@ class Zone:
     # Set by the daemon when the zone has peers (replication/).
     replicator: Replicator | None = None
 
+    @property
+    def receiver(self) -> ZoneReceiver:
+        """Every stream into this zone's pool goes through it (transfer.local)."""
+        return ZoneReceiver(self.zfs, self.store, self.transfers, self.receive_slots,
+                            self.vm_locks, self.log, self.metrics.pool_free.set)
+
     @classmethod
     def from_config(cls, config: ZoneConfig, zfs: Zfs | None = None,
                     log: logging.Logger | None = None) -> Zone:
@@ -73,6 +80,7 @@ class Zone:
             raise SnapshotInUse(f"VM {vm} snapshot {name!r} is in use by a transfer; "
                                 "retry when it has finished")
         await self.store.delete(vm, name)
+        self.transfers.committed(vm, name)  # an explicit abort ends a pending lease
         if self.replicator is not None:
             # Answer once the peer has the tombstone too (or after the mirror
             # timeout): a delete held by one zone alone is undone if that zone is lost.

@@ -27,13 +27,20 @@ import aiohttp
 from replication.peers import pair_of
 from snapper_zone import proc
 from snapper_zone.cli import placement
-from snapper_zone.cnclient import CnClient, PushReport, ZoneClient, ZoneError
+from snapper_zone.cnclient import CnClient, PushReport, ZoneError
 from snapper_zone.errors import DatasetBusy, SnapperError
 from snapper_zone.fleet import LocalCN, LocalFleet, LocalZone
 from snapper_zone.names import Dataset
 from snapper_zone.zfs import Zfs
 from soak import invariants
-from soak.faults import COORDINATOR_KINDS, FAULTS, STATIC_KINDS, PlannedFault, make_schedule
+from soak.faults import (
+    COORDINATOR_KINDS,
+    FAULTS,
+    STATIC_KINDS,
+    CuttingZoneClient,
+    PlannedFault,
+    make_schedule,
+)
 from soak.records import (
     DeleteRecord,
     FaultRecord,
@@ -65,6 +72,7 @@ class SoakConfig:
     min_kinds: int = 4
     schedule: list[PlannedFault] | None = None  # None: from the seed
     fault_kinds: tuple[str, ...] | None = None  # None: every kind this mode has
+    zone_module: str = "snapper_zone.daemon"  # a test's broken build runs its own
 
     def kinds(self) -> tuple[str, ...]:
         if self.fault_kinds is not None:
@@ -229,11 +237,11 @@ class Workload:
         for zone in await self.soak.targets(vm):
             for durability in ("mirrored", "local"):
                 zc = self.soak.client(zone, cn.key_path)
+                zc.cut_after, cut = cut, None  # only the first attempt is cut
                 try:
                     async with zc:
                         client = CnClient(zc, dataset_root=cn.pool.name, zfs=self.soak.fleet.zfs,
                                           vmadm=None)
-                        client.cut_after, cut = cut, None  # only the first attempt is cut
                         return await client.push(vm, name, metadata={"uuid": vm},
                                                  durability=durability)
                 except ZoneError as exc:
@@ -371,8 +379,8 @@ class Soak:
         if gone:
             self.gone.add(zone.uuid)
 
-    def client(self, zone: LocalZone, key: Path) -> ZoneClient:
-        return ZoneClient("127.0.0.1", zone.ssh_port, key, host_key=zone.host_key_pub)
+    def client(self, zone: LocalZone, key: Path) -> CuttingZoneClient:
+        return CuttingZoneClient("127.0.0.1", zone.ssh_port, key, host_key=zone.host_key_pub)
 
     async def targets(self, vm: str) -> list[LocalZone]:
         """The VM's zones, primary first: the static pair, or the coordinator's
@@ -588,7 +596,7 @@ async def run_soak(config: SoakConfig, *, log: Callable[[str], None] = print) ->
     fleet = await LocalFleet.start(
         config.workdir, zones=config.zones, cns=config.cns, vms_per_cn=config.vms_per_cn,
         pool_size=config.pool_size, coordinator=config.coordinator,
-        reconcile_interval_ms=1000, lost_after=6.0)
+        reconcile_interval_ms=1000, lost_after=6.0, zone_module=config.zone_module)
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
             soak = Soak(config, fleet, http, log)

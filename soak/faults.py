@@ -17,9 +17,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import asyncssh
+
 from snapper_zone import localpool
+from snapper_zone.cnclient import ZoneClient
 from snapper_zone.fleet import LocalFleet, LocalZone
 from snapper_zone.names import Dataset
+from snapper_zone.transfer.stream import Channel
 from soak.records import FaultRecord
 
 if TYPE_CHECKING:
@@ -220,7 +224,7 @@ class FillPool(Fault):
     name = "fill-pool"
 
     async def _inject(self) -> None:
-        from snapper_zone.service import SPACE_MARGIN
+        from snapper_zone.transfer.local import SPACE_MARGIN
 
         zone = self.pick_zone(self.soak.running_zones())
         zfs = self.soak.fleet.zfs
@@ -297,3 +301,37 @@ class KillCoordinator(Fault):
 FAULTS: dict[str, type[Fault]] = {f.name: f for f in (
     KillRestart, KillMidTransfer, ReplaceZone, Truncate, FillPool, AddZone, DrainZone, LoseZone,
     KillCoordinator)}
+
+
+# -- a stream cut as a crash would cut it ------------------------------------------
+
+
+class _Cutting:
+    """Writes through to ``chan`` until ``limit`` bytes, then drops the connection."""
+
+    def __init__(self, chan: asyncssh.SSHClientChannel[bytes], limit: int,
+                 conn: asyncssh.SSHClientConnection) -> None:
+        self.chan, self.left, self.conn = chan, limit, conn
+
+    def write(self, data: bytes) -> None:
+        if self.left <= 0:
+            raise ConnectionResetError("stream cut (fault injected)")
+        if len(data) >= self.left:
+            self.chan.write(data[: self.left])
+            self.left = 0
+            self.conn.abort()  # no EOF: the zone sees a truncated stream
+            raise ConnectionResetError("stream cut (fault injected)")
+        self.left -= len(data)
+        self.chan.write(data)
+
+
+class CuttingZoneClient(ZoneClient):
+    """A ZoneClient whose next pushed stream is cut after ``cut_after`` bytes."""
+
+    cut_after: int | None = None
+
+    def stream_channel(self, chan: asyncssh.SSHClientChannel[bytes]) -> Channel:
+        limit, self.cut_after = self.cut_after, None
+        if limit is None or self.conn is None:
+            return chan
+        return _Cutting(chan, limit, self.conn)

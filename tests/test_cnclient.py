@@ -22,7 +22,7 @@ import asyncssh
 import pytest
 
 from snapper_zone import proc
-from snapper_zone.cnclient import CnClient, PlanError, RestoreError, ZoneClient
+from snapper_zone.cnclient import CnClient, PlanError, RestoreError, ZoneClient, ZoneError
 from snapper_zone.config import parse_config
 from snapper_zone.localpool import FilePool
 from snapper_zone.names import Dataset
@@ -30,6 +30,7 @@ from snapper_zone.protocol import Delete
 from snapper_zone.sshserver import start_ssh_server
 from snapper_zone.zfs import Capabilities, Zfs
 from snapper_zone.zone import Zone
+from soak.faults import CuttingZoneClient
 from tests.conftest import require
 from tests.helpers import mountpoint, read_device, write_device, write_random, zvol_device
 
@@ -61,8 +62,8 @@ class Env:
     vm: Dataset  # <cnpool>/<vm>
     tmp: Path
 
-    def client(self) -> ZoneClient:
-        return ZoneClient("127.0.0.1", self.port, self.cn_key, host_key=self.host_pub)
+    def client(self) -> CuttingZoneClient:
+        return CuttingZoneClient("127.0.0.1", self.port, self.cn_key, host_key=self.host_pub)
 
     def cn(self, zone: ZoneClient) -> CnClient:
         return CnClient(zone, dataset_root=self.cn_pool.name, zfs=self.zfs, vmadm=None)
@@ -265,8 +266,8 @@ async def test_interrupted_push_restarts_or_resumes(env: Env) -> None:
         await cn.push(VM, "s1")
         s1 = await _zone_guids(env, "s1")
         env.write("b", 8 << 20)
-        cn.cut_after = 3 << 20
-        with pytest.raises(ConnectionResetError):
+        zone.cut_after = 3 << 20
+        with pytest.raises(ZoneError, match="without an exit status"):
             await cn.push(VM, "s2")
     async with env.client() as zone:
         cn = env.cn(zone)
@@ -288,8 +289,8 @@ async def test_stale_resume_token_is_aborted(env: Env) -> None:
         env.write("a")
         await cn.push(VM, "s1")
         env.write("b", 8 << 20)
-        cn.cut_after = 3 << 20
-        with pytest.raises(ConnectionResetError):
+        zone.cut_after = 3 << 20
+        with pytest.raises(ZoneError, match="without an exit status"):
             await cn.push(VM, "s2")
     # The CN drops the half-pushed snapshot: the zone's token is now stale.
     await env.zfs.destroy(env.vm.snapshot("s2"), recursive=True)

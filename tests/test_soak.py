@@ -234,13 +234,13 @@ async def test_soak_with_a_coordinator(zfs_tier: ZfsTier, tmp_path: Path) -> Non
 @pytest.mark.soak
 @pytest.mark.zfs
 async def test_soak_catches_a_zone_that_acks_before_its_mirror(
-        zfs_tier: ZfsTier, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        zfs_tier: ZfsTier, tmp_path: Path) -> None:
     """The broken build: snapperd acks ``mirrored`` pushes before the mirror holds
-    them (the test hook in service.py's commit). The soak must say so."""
-    monkeypatch.setenv("SNAPPER_TEST_ACK_EARLY", "1")  # inherited by the snapperd children
+    them (``tests/ack_early_zone.py``, run as every zone's snapperd). The soak must
+    say so."""
     config = SoakConfig(duration=min(_seconds(), 40), seed=1, cns=2, zones=3,
                         workdir=tmp_path / "soak", schedule=[], min_faults=0, min_kinds=0,
-                        settle_timeout=90)
+                        settle_timeout=90, zone_module="tests.ack_early_zone")
     result = await run_soak(config)
     doc = report.write(result, tmp_path / "soak-report.json")
     print(report.summary(doc))

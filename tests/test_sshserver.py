@@ -22,14 +22,15 @@ from typing import Any
 import asyncssh
 import pytest
 
-from snapper_zone import proc, protocol, service
+from snapper_zone import proc, protocol
 from snapper_zone.config import ZoneConfig, parse_config
-from snapper_zone.inbound import ClientGone, Inbound
 from snapper_zone.localpool import FilePool
 from snapper_zone.names import Dataset, Snapshot
 from snapper_zone.protocol import Commit, Receive, Send
 from snapper_zone.sendstream import StreamBegin
 from snapper_zone.sshserver import ENCRYPTION_ALGS, start_ssh_server
+from snapper_zone.transfer import local as transfer_local
+from snapper_zone.transfer.stream import ClientGone, Inbound
 from snapper_zone.transfers import Transfer
 from snapper_zone.zfs import Capabilities, SendSpec, Zfs
 from snapper_zone.zone import Zone
@@ -753,7 +754,7 @@ async def test_guid_not_the_streams_is_destroyed(
         begin, raw = await real(read)
         return dataclasses.replace(begin, toguid=begin.toguid ^ 1), raw
 
-    monkeypatch.setattr(service, "read_begin", lying_header)
+    monkeypatch.setattr(transfer_local, "read_begin", lying_header)
     status, _, err = await push(conn, zfs, src, VM_A, "s2", "s1")
     assert (status, err_code(err)) == (1, "InvalidStream")
     assert "destroyed" in protocol.parse_error_line(err)[1]

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from snapper_zone.errors import MetadataTooLarge
 from snapper_zone.localpool import FilePool
 from snapper_zone.names import Dataset
 from snapper_zone.store import (
-    MetadataTooLarge,
     SnapshotNotFound,
     ZoneStore,
     decode_metadata,

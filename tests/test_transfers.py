@@ -16,21 +16,21 @@ def reg() -> TransferRegistry:
     return TransferRegistry(Metrics())
 
 
-def test_pending_until_commit_or_the_connection_closes(reg: TransferRegistry) -> None:
-    reg.pending(VM, "s1", 1, "cn:a")
-    reg.pending(VM, "s2", 2, "cn:a")
-    reg.pending(OTHER, "s1", 1, "cn:a")
+def test_pending_until_commit_whatever_connection_sent_it(reg: TransferRegistry) -> None:
+    reg.pending(VM, "s1", "cn:a")
+    reg.pending(VM, "s2", "cn:a")
+    reg.pending(OTHER, "s1", "cn:a")
     assert reg.in_use(VM) == {"s1", "s2"}
     reg.committed(VM, "s2")
-    assert reg.in_use(VM) == {"s1"}
-    reg.release(1)  # connection 1 closed: nothing it sent can be committed by it
-    assert reg.in_use(VM) == set() and reg.in_use(OTHER) == set()
+    assert reg.in_use(VM) == {"s1"} and reg.in_use(OTHER) == {"s1"}
+    reg.committed(VM, "s1")  # a commit (or delete) from any connection ends the lease
+    assert reg.in_use(VM) == set() and reg.in_use(OTHER) == {"s1"}
 
 
 def test_pending_expires_idle_but_not_while_the_vm_still_receives() -> None:
     now = [1000.0]
     reg = TransferRegistry(Metrics(), clock=lambda: now[0])
-    reg.pending(VM, "s1", 1, "cn:a")
+    reg.pending(VM, "s1", "cn:a")
     t = reg.start("receive", VM, "disk0", "s2", "s1", "cn:a")  # the push goes on
     now[0] += 2 * transfers.PENDING_TTL
     assert reg.in_use(VM) == {"s1", "s2"}
@@ -42,9 +42,9 @@ def test_pending_expires_idle_but_not_while_the_vm_still_receives() -> None:
 
 
 def test_parts_teed_for_a_push_that_died_on_the_primary(reg: TransferRegistry) -> None:
-    reg.pending(VM, "s3", 7, "zone:p")  # teed by the primary over its long-lived link
-    reg.pending(VM, "s4", 7, "zone:p")
-    reg.pending(VM, "s5", 9, "cn:a")  # another sender's: not the primary's to end
+    reg.pending(VM, "s3", "zone:p")  # teed by the primary over its long-lived link
+    reg.pending(VM, "s4", "zone:p")
+    reg.pending(VM, "s5", "cn:a")  # another sender's: not the primary's to end
     assert reg.pending_from(VM, "zone:p") and not reg.pending_from(OTHER, "zone:p")
     assert not reg.pending_from(VM, "zone:q")
     assert reg.abandoned(VM, "zone:p", {"s4"}) == ["s3"]

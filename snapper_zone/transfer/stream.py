@@ -1,4 +1,9 @@
-"""A command's stdin as the transport delivers it, and the one sink it feeds.
+"""Byte pumps, flow control, pacing and the tee's sink: each written once.
+
+Into ``zfs receive``: ``Inbound`` is a stream as a transport delivers it
+(the zone's SSH server for a push, an SSH client channel for a pull). Out of
+``zfs send``: ``SendPump`` (a send's pipe to an SSH channel, paced by
+``--bwlimit``) and ``copy_out`` (a send's stdout to a handler's output).
 
 ``Inbound`` buffers what a handler reads itself (a stream header, metadata)
 and, once the handler calls ``pipe_to``, pushes every packet straight into
@@ -15,13 +20,14 @@ import asyncio
 import contextlib
 import fcntl
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from snapper_zone.errors import SnapperError
-from snapper_zone.store import MetadataTooLarge
+from snapper_zone.errors import MetadataTooLarge, SnapperError
 
-__all__ = ["ClientGone", "Inbound", "PipeGone", "Sink"]
+__all__ = ["ClientGone", "Inbound", "PipeGone", "SendPump", "Sink",
+           "copy_out"]
 
 _BUFFER_LIMIT = 256 << 10  # bytes held before a stream is piped (header, metadata)
 # A bigger kernel pipe means fewer partial writes (and event-loop writer
@@ -202,6 +208,8 @@ class Inbound:
         self._wake()
 
     def feed_eof(self) -> None:
+        if self._eof:
+            return
         self._eof = True
         if self._writer is not None:
             self._writer.close()
@@ -333,3 +341,100 @@ class Inbound:
         self._waiter = None
 
 
+
+
+# -- out of zfs send ----------------------------------------------------------------
+
+_COPY_CHUNK = 256 << 10
+
+
+async def copy_out(reader: asyncio.StreamReader, write: Callable[[bytes], None],
+                   drain: Callable[[], Awaitable[None]],
+                   on_bytes: Callable[[int], None]) -> None:
+    """Copy ``reader`` (a send's stdout) to ``write`` until EOF, waiting on ``drain``."""
+    while chunk := await reader.read(_COPY_CHUNK):
+        write(chunk)
+        on_bytes(len(chunk))
+        await drain()
+
+
+class Channel(Protocol):
+    """The part of an SSH channel a pump writes to."""
+
+    def write(self, data: bytes) -> None: ...
+
+
+class SendPump(asyncio.Protocol):
+    """Reads ``zfs send``'s stdout pipe and writes each chunk to a channel.
+
+    Reading the pipe pauses while anyone holds it: "window" (the channel's
+    SSH window is full) or "pace" (ahead of ``bwlimit`` bytes/s), so ``zfs
+    send`` blocks and memory stays bounded whatever the stream's size.
+    ``done`` resolves at the pipe's EOF, or with the channel's write error.
+    """
+
+    def __init__(self, chan: Channel, on_bytes: Callable[[int], None],
+                 bwlimit: float | None = None) -> None:
+        self.chan = chan
+        self.on_bytes = on_bytes
+        self.bwlimit = bwlimit  # bytes/s, or None
+        self.transport: asyncio.ReadTransport | None = None
+        self.bytes = 0
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._holds: set[str] = set()
+        self._started = time.monotonic()
+
+    def hold(self, why: str) -> None:
+        if not self._holds and self.transport is not None:
+            self.transport.pause_reading()
+        self._holds.add(why)
+
+    def release(self, why: str) -> None:
+        if why in self._holds:
+            self._holds.discard(why)
+            if not self._holds and self.transport is not None \
+                    and not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    def _pace(self) -> None:
+        # Token bucket with the whole stream as the window: ahead of schedule
+        # by more than a few ms, stop reading zfs send's pipe until on time.
+        assert self.bwlimit is not None
+        ahead = self.bytes / self.bwlimit - (time.monotonic() - self._started)
+        if ahead > 0.005:
+            self.hold("pace")
+            asyncio.get_running_loop().call_later(ahead, self.release, "pace")
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.ReadTransport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.chan.write(data)
+        except Exception as exc:  # OSError, asyncssh.Error: the other end hung up
+            self._fail(exc)
+            return
+        self.bytes += len(data)
+        self.on_bytes(len(data))
+        if self.bwlimit:
+            self._pace()
+
+    def _fail(self, exc: BaseException) -> None:
+        # The receiver hung up (refused the stream); its exit status says why.
+        if not self.done.done():
+            self.done.set_exception(exc)
+        assert self.transport is not None
+        self.transport.close()
+
+    def eof_received(self) -> bool:
+        if not self.done.done():
+            self.done.set_result(None)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            if exc is None:
+                self.done.set_result(None)
+            else:
+                self.done.set_exception(exc)
