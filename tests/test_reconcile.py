@@ -642,13 +642,15 @@ def test_a_plan_cut_short_is_finished_by_later_rounds(
 # epochs: which zones answer, then what the CN does meanwhile
 EVENTS = st.lists(st.tuples(
     st.sampled_from([("up-a", "up-b"), ("up-a", "down-b"), ("down-a", "up-b")]),
-    st.lists(st.sampled_from(["push-mirrored", "push-local", "prune", "reconcile"]),
+    st.lists(st.sampled_from(["push-mirrored", "push-mirrored-slow", "push-local", "prune",
+                              "reconcile"]),
              max_size=4)), max_size=8).map(lambda es: [e for z, ops in es for e in (*z, *ops)])
 
 
-def _round(w: World) -> list[Action]:
+def _round(w: World, steps: int | None = None) -> list[Action]:
+    """One reconcile round; ``steps``: it is cut after that many (a timeout)."""
     a, b = w.inventory(A), w.inventory(B)
-    plan = reconcile(a, b)
+    plan = reconcile(a, b)[:steps]
     w.precious = {g for z in w.zones.values() for ss in z.ds.values() for _, g in ss
                   if z.complete(g)}
     w.copies = {g: w.count(g) for g in w.precious}
@@ -662,8 +664,9 @@ def cn_history(events: Sequence[str], cn_keeps_unconfirmed: bool) -> int:
     The CN plans with the shipped rules: ``planning.plan_push`` picks the base,
     ``planning.push_chain`` the streams. A ``local`` push is acked once committed
     on the zone that took it (``service._acknowledge``); a ``mirrored`` one after
-    a round with the peer, if ``holds_complete`` (what ``confirm_mirrored`` asks)
-    says the peer holds it. Checked after every event: every stream of a push
+    a round with the peer (cut short by a timeout in ``-slow``), if
+    ``holds_complete`` (what ``confirm_mirrored`` asks) says the peer holds it.
+    Checked after every event: every stream of a push
     is one ZFS takes without ``-F``; no acked snapshot is ever lost; one acked
     in ``mirrored`` mode is on both zones (Theorem M).
     """
@@ -706,10 +709,11 @@ def cn_history(events: Sequence[str], cn_keeps_unconfirmed: bool) -> int:
                 have.append((v.name, v.guid))
                 z.markers[v.name] = {v.guid}  # the target, and those carried along
                 base = v.guid
-            mode = ev.removeprefix("push-")
+            mode = "local" if ev == "push-local" else "mirrored"
             assert holds_complete(w.inventory(target), name, {DS: g})
             if mode == "mirrored" and up[peer]:
-                divergences += sum(1 for x in _round(w)
+                # "-slow": the mirror's round times out after one step
+                divergences += sum(1 for x in _round(w, 1 if ev.endswith("slow") else None)
                                    if isinstance(x, PreserveDiverged) and x.markers)
             if mode == "local" or (up[peer] and holds_complete(w.inventory(peer), name,
                                                                {DS: g})):
