@@ -8,9 +8,12 @@ snapshots of the same dataset (name and guid, oldest first), and asks:
   nothing (the zone already has it), or a typed conflict that says why a
   plain ``zfs receive`` on the zone would refuse the stream.
 - ``push_chain``: the snapshots that plan sends, one stream each.
-- ``plan_resume``: the zone has a partial receive (a resume token); resume it
-  with ``zfs send -t`` if the CN still has what the token names, otherwise
-  abort it on the zone and plan again from scratch.
+- ``plan_resume``: the receiver has a partial receive (a resume token); resume
+  it with ``zfs send -t`` if the sender still has what the token names,
+  otherwise abort it and plan again from scratch. The one resume rule: a zone
+  pushing to its peer (``replication/executor.py``) asks it too.
+
+``replication/DESIGN.md`` (b) states these rules with the theorems they serve.
 
 Names are never trusted to identify data: two snapshots are "the same" only
 when their guids are equal. Names are carried for messages and argv.
