@@ -35,6 +35,14 @@ from snapper_zone import log as slog
 from snapper_zone.cnclient import ZoneClient
 from snapper_zone.errors import SnapperError, UnsupportedFeature
 from snapper_zone.names import Snapshot
+from snapper_zone.planning import (
+    AbortPartial,
+    Resume,
+    ResumeDecision,
+    TokenInfo,
+    Version,
+    plan_resume,
+)
 from snapper_zone.protocol import Destroy, Receive, Send
 from snapper_zone.transfer.local import Expect, ReceiveRequest
 from snapper_zone.transfers import Transfer
@@ -149,23 +157,32 @@ class Executor:
         await self._check_remote(ds, snap)
 
     async def _resumable(self, ds: str, snap: SnapRef) -> str | None:
-        """The peer's resume token if it is for ``snap``; any other partial is aborted.
+        """The peer's resume token if ``planning.plan_resume`` says to resume it for
+        ``snap``; any other partial receive is aborted.
 
         A transfer cut by a crash (OpenZFS, ``receive -s``) goes on from where
-        it stopped; a token for another snapshot is stale and discarded, and
-        the transfer starts over from the newest common snapshot.
+        it stopped; a token for another snapshot, or whose base this zone no
+        longer holds, is stale: discarded, and the transfer starts over from
+        the newest common snapshot.
         """
         token = await self.client.resume_token(self.vm, ds)
         if token is None:
             return None
         try:
-            info = await self.zone.zfs.resume_token_info(token)
-            if int(info.get("toguid", "0"), 0) == snap.guid:
-                self.log.info("resuming an interrupted mirror transfer", extra={
-                    "vm": self.vm, "dataset": ds, "snapshot": snap.name, "peer": self.peer})
-                return token
+            info = TokenInfo.from_zfs(await self.zone.zfs.resume_token_info(token))
+            have = [Version(s.createtxg, "snapshot", s.name, s.guid) for s in
+                    await self.zone.zfs.snapshots(self.zone.store.part_dataset(self.vm, ds))]
+            # No dataset check: a partial teed from a CN's push names the CN's
+            # dataset; `zfs send -t` looks the snapshot up by guid and refuses
+            # a token it cannot serve.
+            decision: ResumeDecision = plan_resume(have, info, want=snap.guid)
         except (SnapperError, ValueError) as exc:
-            self.log.info("resume token not usable here: %s", exc)
+            decision = AbortPartial(f"the token cannot be used here: {exc}")
+        if isinstance(decision, Resume):
+            self.log.info("resuming an interrupted mirror transfer", extra={
+                "vm": self.vm, "dataset": ds, "snapshot": snap.name, "peer": self.peer})
+            return token
+        self.log.info("discarding the peer's partial receive: %s", decision.reason)
         await self.client.abort(self.vm, ds)
         return None
 

@@ -688,37 +688,16 @@ def _marks(st: _State, za: str, zb: str, dead: set[int]) -> list[MarkComplete]:
     return out
 
 
-# -- the push side of the rule (DESIGN.md (a), (b)) ----------------------------
+# -- the ack rule (DESIGN.md (a)) ----------------------------------------------
 
 
-class Durability(StrEnum):
-    MIRRORED = "mirrored"  # ack when complete, guid-equal, on both zones
-    LOCAL = "local"  # ack when complete, guid-equal, on the zone that received it
-
-
-def push_base(zone: ZoneInventory, dataset: str, cn_guids: Collection[int]) -> Snap | None:
-    """The base a CN pushes ``dataset`` from to ``zone`` (primary or, after a failover,
-    the other one): the newest snapshot complete there whose guid the CN holds as a
-    snapshot or bookmark. None: nothing in common (a full stream, if the zone has none).
+def holds_complete(inv: ZoneInventory, name: str, parts: Mapping[str, int]) -> bool:
+    """Whether ``inv``'s zone holds VM snapshot ``name`` complete with exactly ``parts``
+    (dataset -> guid): what a ``mirrored`` commit waits for on the peer
+    (``Replicator.confirm_mirrored``) before it acks. No parts: never held.
     """
-    return next((s for s in reversed(zone.snaps(dataset))
-                 if s.complete and s.guid in cn_guids), None)
-
-
-def may_ack(mode: Durability, parts: Mapping[str, int], received: ZoneInventory,
-            peer: ZoneInventory | None) -> bool:
-    """Whether a push of a VM snapshot (``parts``: dataset -> the CN's guid) may be acked.
-
-    ``received`` is the zone that took the push; ``peer`` the VM's other zone
-    (None when it cannot be asked: then ``mirrored`` cannot ack).
-    """
-    def holds(inv: ZoneInventory) -> bool:
-        return bool(parts) and all(any(s.guid == g and s.complete for s in inv.snaps(ds))
-                                   for ds, g in parts.items())
-
-    if not holds(received):
-        return False
-    return mode is Durability.LOCAL or (peer is not None and holds(peer))
+    return bool(parts) and {ds: s.guid for ds, ss in inv.datasets.items() for s in ss
+                            if s.name == name and s.complete} == dict(parts)
 
 
 # -- summaries ----------------------------------------------------------------
@@ -741,28 +720,6 @@ def lag(inv_a: ZoneInventory, inv_b: ZoneInventory,
     size = sum(s.written for ss in sa.entries[za].values() for s in ss
                if s.guid not in have_b and s.guid not in dead)
     return behind, size
-
-
-def pinned(own: ZoneInventory, peer: ZoneInventory,
-           in_use: Collection[str] = ()) -> frozenset[tuple[str, int]]:
-    """(dataset, guid) on ``own`` that no pruning or delete may destroy right now.
-
-    The newest snapshot both zones hold per dataset (the next incremental's
-    base: deleting it would force a full resend), every snapshot in use, and
-    every clone origin. A delete asked for a pinned snapshot is recorded as a
-    tombstone and carried out by ``reconcile`` once nothing needs it.
-    """
-    out: set[tuple[str, int]] = set()
-    for ds in own.datasets:
-        mine = own.snaps(ds)
-        theirs = {s.guid for s in peer.snaps(ds)}
-        common = [s for s in mine if s.guid in theirs]
-        if common:
-            out.add((ds, common[-1].guid))
-        out.update((ds, s.guid) for s in mine
-                   if s.name in in_use or marker_name(ds, s.name) in in_use)
-    out.update((o.dataset, o.guid) for o in own.origins.values())
-    return frozenset(out)
 
 
 TOMBSTONE_KEEP_SECONDS = 86400

@@ -38,6 +38,7 @@ from replication.reconcile import (
     ZoneInventory,
     expired,
     fills,
+    holds_complete,
     lag,
     reconcile,
 )
@@ -314,7 +315,8 @@ class Replicator:
                                timeout: float) -> tuple[str | None, str | None]:
         """Make the peer hold VM snapshot ``name`` with ``parts``' guids, complete.
 
-        Returns (peer uuid, None) when it does, (peer uuid or None, why not) otherwise.
+        Returns (peer uuid, None) when it does (``reconcile.holds_complete`` on the
+        peer's listing), (peer uuid or None, why not) otherwise.
         """
         peer = await self.links.partner(vm, fresh=True)
         if peer is None:
@@ -330,7 +332,7 @@ class Replicator:
                 b, _ = from_document(peer.uuid, await client.inventory(vm))
             except (SnapperError, OSError) as exc:
                 return peer.uuid, st.last_error or str(exc)
-        if snapshot_guids(b, name) == dict(parts):
+        if holds_complete(b, name, parts):
             return peer.uuid, None
         return peer.uuid, st.last_error or "the peer does not hold the snapshot complete"
 

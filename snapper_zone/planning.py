@@ -8,9 +8,12 @@ snapshots of the same dataset (name and guid, oldest first), and asks:
   nothing (the zone already has it), or a typed conflict that says why a
   plain ``zfs receive`` on the zone would refuse the stream.
 - ``push_chain``: the snapshots that plan sends, one stream each.
-- ``plan_resume``: the zone has a partial receive (a resume token); resume it
-  with ``zfs send -t`` if the CN still has what the token names, otherwise
-  abort it on the zone and plan again from scratch.
+- ``plan_resume``: the receiver has a partial receive (a resume token); resume
+  it with ``zfs send -t`` if the sender still has what the token names,
+  otherwise abort it and plan again from scratch. The one resume rule: a zone
+  pushing to its peer (``replication/executor.py``) asks it too.
+
+``replication/DESIGN.md`` (b) states these rules with the theorems they serve.
 
 Names are never trusted to identify data: two snapshots are "the same" only
 when their guids are equal. Names are carried for messages and argv.
@@ -371,29 +374,38 @@ class AbortPartial:
 ResumeDecision = Resume | AbortPartial
 
 
-def plan_resume(cn: Sequence[Version], token: TokenInfo, dataset: str | None = None,
-                zone: Sequence[ZoneSnapshot] = ()) -> ResumeDecision:
-    """Resume if the CN can still produce the rest of the token's stream.
+def plan_resume(have: Sequence[Version], token: TokenInfo, dataset: str | None = None,
+                zone: Sequence[ZoneSnapshot] = (), want: int | None = None) -> ResumeDecision:
+    """Resume the receiver's partial receive, or discard it: the one resume rule.
 
-    ``zfs send -t`` needs the token's snapshot itself (a bookmark has no data)
-    and, for an incremental, the base (a snapshot or a bookmark) by guid. If
-    ``dataset`` is given, the token must be for that CN dataset: a token from
-    another sender cannot be resumed from here. A token whose snapshot the
-    zone already holds can only be leftover state: abort it too.
+    Used by the CN before a push (``cnclient.CnClient._resume_decision``) and by
+    a zone before it pushes a snapshot to its peer
+    (``executor.Executor._resumable``).
+    ``have`` is the sender's versions of the dataset. ``zfs send -t`` needs
+    the token's snapshot itself (a bookmark has no data) and, for an
+    incremental, its base (a snapshot or a bookmark), both by guid. With
+    ``dataset``, the token must name that dataset: a token from another sender
+    cannot be resumed from here. With ``want`` (a guid), the token must be for
+    that snapshot: the sender is about to send it and nothing else. A token
+    whose snapshot the receiver already holds (``zone``) is leftover state.
+    Anything else is discarded (``zfs receive -A``) and planned afresh.
     """
-    snaps = {v.guid: v for v in cn if v.is_snapshot}
+    snaps = {v.guid: v for v in have if v.is_snapshot}
     target = snaps.get(token.toguid)
     if dataset is not None and token.to_dataset != dataset:
         return AbortPartial(f"the partial receive came from {token.to_dataset}, not {dataset}")
+    if want is not None and token.toguid != want:
+        return AbortPartial(f"the partial receive is of @{token.to_snapshot} (guid "
+                            f"{token.toguid}), not of the snapshot to send (guid {want})")
     if target is None:
         return AbortPartial(f"snapshot @{token.to_snapshot} (guid {token.toguid}) of the "
-                            "partial receive is gone from the CN")
+                            "partial receive is gone from the sender")
     if any(z.guid == token.toguid for z in zone):
-        return AbortPartial(f"the zone already holds @{token.to_snapshot}")
+        return AbortPartial(f"the receiver already holds @{token.to_snapshot}")
     if token.fromguid == 0:
         return Resume(target, None)
-    base = _by_guid(cn).get(token.fromguid)
+    base = _by_guid(have).get(token.fromguid)
     if base is None:
         return AbortPartial(f"the base (guid {token.fromguid}) of the partial receive is "
-                            "gone from the CN")
+                            "gone from the sender")
     return Resume(target, base)

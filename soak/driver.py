@@ -273,8 +273,8 @@ class Workload:
         return acked[:-keep_newest] if keep_newest else acked
 
     async def delete_one(self, vm: str, rng: random.Random) -> None:
-        # Never one of the newest two: the next incremental's base stays (it is
-        # pinned on the zones, and a pinned snapshot's delete is deferred).
+        # Never one of the newest two: the next incremental's base stays (a
+        # delete of a snapshot in use is refused with ResourceBusy).
         names = self._candidates(vm, 2)
         if not names:
             return

@@ -316,21 +316,37 @@ def test_stale_tokens_are_aborted() -> None:
     assert isinstance(plan_resume(cn("a b"), token("b", "a"), None, zone("a b")), AbortPartial)
 
 
+def test_a_zone_resumes_only_the_snapshot_it_is_about_to_send() -> None:
+    """``want``: the executor's case (a zone pushing one snapshot to its peer)."""
+    d = plan_resume(cn("a b c"), token("b", "a"), want=guid("b"))
+    assert isinstance(d, Resume) and d.target.name == "b"
+    d = plan_resume(cn("a b c"), token("b", "a"), want=guid("c"))
+    assert isinstance(d, AbortPartial) and "not of the snapshot to send" in d.reason
+    assert isinstance(plan_resume(cn("b c"), token("b", "a"), want=guid("b")), AbortPartial)
+
+
 @given(scenarios(), st.data())
 def test_resume_only_when_send_t_can_work(
         s: tuple[list[Version], list[ZoneSnapshot], str], data: st.DataObject) -> None:
-    versions, _, _ = s
+    versions, zone_snaps, _ = s
     pool = sorted({v.guid for v in versions} | {100, 101})
     to = data.draw(st.sampled_from(pool))
     frm = data.draw(st.sampled_from([0, *pool]))
-    d = plan_resume(versions, TokenInfo(to, frm, f"zones/vm@n{to}"))
+    want = data.draw(st.sampled_from([None, *pool]))
+    ds = data.draw(st.sampled_from([None, "zones/vm", "other/vm"]))
+    held = data.draw(st.sampled_from([[], zone_snaps]))
+    d = plan_resume(versions, TokenInfo(to, frm, f"zones/vm@n{to}"), ds, held, want)
     snaps = {v.guid for v in versions if v.is_snapshot}
     anything = {v.guid for v in versions}
-    can = to in snaps and (frm == 0 or frm in anything)
-    assert isinstance(d, Resume) == can
+    can = (to in snaps and (frm == 0 or frm in anything) and ds in (None, "zones/vm")
+           and want in (None, to) and all(z.guid != to for z in held))
+    assert isinstance(d, Resume) == can, d
     if isinstance(d, Resume):
         assert d.target.guid == to and d.target.is_snapshot
         assert (d.base is None) == (frm == 0)
+        assert d.base is None or d.base.guid == frm
+    else:
+        assert d.reason
 
 
 def test_token_info_from_zfs_output() -> None:

@@ -31,7 +31,6 @@ from replication.reconcile import (
     Defer,
     Delete,
     DropDataset,
-    Durability,
     InSync,
     MarkComplete,
     Origin,
@@ -45,12 +44,18 @@ from replication.reconcile import (
     ZoneInventory,
     expired,
     fills,
+    holds_complete,
     lag,
     marker_name,
-    may_ack,
-    pinned,
-    push_base,
     reconcile,
+)
+from snapper_zone.planning import (
+    AlreadyThere,
+    Incremental,
+    Version,
+    ZoneSnapshot,
+    plan_push,
+    push_chain,
 )
 
 A, B = "zone-a", "zone-b"
@@ -512,14 +517,11 @@ def test_order_mismatch_is_a_conflict() -> None:
     assert all(isinstance(x, Conflict) for x in plan)
 
 
-def test_lag_pinned_expired() -> None:
+def test_lag_expired() -> None:
     a, b = inv(A, "s1 s2 s3"), inv(B, "s1")
     assert lag(a, b) == (2, 20)
     assert lag(b, a) == (0, 0)
     assert lag(a, b, tomb("s3")) == (1, 10)
-    assert (DS, guid(DS, "s1")) in pinned(a, b)
-    assert (DS, guid(DS, "s3")) in pinned(a, b, {"s3"})
-    assert (DS, guid(DS, "s2")) not in pinned(a, b)
     assert expired(a, b, tomb("s2", "s9"), now=1 + TOMBSTONE_KEEP_SECONDS) == {guid(DS, "s9")}
     # Young ones stay: a third copy (a move's target, a zone back from lost)
     # may still hold the snapshot and would send it back.
@@ -640,13 +642,15 @@ def test_a_plan_cut_short_is_finished_by_later_rounds(
 # epochs: which zones answer, then what the CN does meanwhile
 EVENTS = st.lists(st.tuples(
     st.sampled_from([("up-a", "up-b"), ("up-a", "down-b"), ("down-a", "up-b")]),
-    st.lists(st.sampled_from(["push-mirrored", "push-local", "prune", "reconcile"]),
+    st.lists(st.sampled_from(["push-mirrored", "push-mirrored-slow", "push-local", "prune",
+                              "reconcile"]),
              max_size=4)), max_size=8).map(lambda es: [e for z, ops in es for e in (*z, *ops)])
 
 
-def _round(w: World) -> list[Action]:
+def _round(w: World, steps: int | None = None) -> list[Action]:
+    """One reconcile round; ``steps``: it is cut after that many (a timeout)."""
     a, b = w.inventory(A), w.inventory(B)
-    plan = reconcile(a, b)
+    plan = reconcile(a, b)[:steps]
     w.precious = {g for z in w.zones.values() for ss in z.ds.values() for _, g in ss
                   if z.complete(g)}
     w.copies = {g: w.count(g) for g in w.precious}
@@ -657,15 +661,20 @@ def _round(w: World) -> list[Action]:
 def cn_history(events: Sequence[str], cn_keeps_unconfirmed: bool) -> int:
     """Play a CN's pushes (primary A, failover to B) and outages; return true divergences.
 
-    Checked after every event: no acknowledged snapshot is ever lost; one
-    acknowledged in ``mirrored`` mode is on both zones (Theorem M); a push
-    never needs ``-F`` (its base, chosen by ``push_base``, is the zone's newest).
+    The CN plans with the shipped rules: ``planning.plan_push`` picks the base,
+    ``planning.push_chain`` the streams. A ``local`` push is acked once committed
+    on the zone that took it (``service._acknowledge``); a ``mirrored`` one after
+    a round with the peer (cut short by a timeout in ``-slow``), if
+    ``holds_complete`` (what ``confirm_mirrored`` asks) says the peer holds it.
+    Checked after every event: every stream of a push
+    is one ZFS takes without ``-F``; no acked snapshot is ever lost; one acked
+    in ``mirrored`` mode is on both zones (Theorem M).
     """
     w = World.of(ZoneInventory(A, {}), ZoneInventory(B, {}), (), ())
     up = {A: True, B: True}
-    cn: list[tuple[str, int]] = []  # snapshots the CN still holds (a bookmark stays for all)
-    bookmarks: set[int] = set()
-    acked: dict[int, Durability] = {}
+    cn: list[Version] = []  # snapshots the CN still holds
+    bookmarks: list[Version] = []  # one for every snapshot it pushed, kept for good
+    acked: dict[int, str] = {}
     divergences = 0
     for k, ev in enumerate(events, 1):
         if ev.startswith(("down-", "up-")):
@@ -673,53 +682,55 @@ def cn_history(events: Sequence[str], cn_keeps_unconfirmed: bool) -> int:
         elif ev == "prune":
             # the CN destroys its oldest snapshot, keeping a bookmark; with the retention
             # rule only one already complete on both zones
-            old = [s for s in cn if not cn_keeps_unconfirmed
-                   or all(w.zones[z].complete(s[1]) for z in (A, B))]
+            old = [v for v in cn if not cn_keeps_unconfirmed
+                   or all(w.zones[z].complete(v.guid) for z in (A, B))]
             if old:
                 cn.remove(old[0])
         elif ev == "reconcile" and up[A] and up[B]:
             divergences += sum(1 for x in _round(w)
                                if isinstance(x, PreserveDiverged) and x.markers)
         elif ev.startswith("push"):
-            snap = (f"s{k}", 1000 + k)
-            w.meta[snap[1]] = Snap(*snap, k, True, k, 10)
-            cn.append(snap)
-            bookmarks.add(snap[1])
+            name, g = f"s{k}", 1000 + k
+            w.meta[g] = Snap(name, g, k, True, k, 10)
+            cn.append(Version(k, "snapshot", name, g))
+            bookmarks.append(Version(k, "bookmark", name, g))
             target = A if up[A] else B if up[B] else None
             if target is None:
                 continue  # the push fails; the snapshot stays on the CN
             peer = B if target == A else A
             z = w.zones[target]
-            base = push_base(w.inventory(target), DS, bookmarks)
-            if base is None:
-                assert not z.ds.get(DS), "a zone with snapshots and no common base"
-                chain = list(cn)  # full stream of the oldest, then -I
-            else:
-                assert z.ds[DS][-1][1] == base.guid, "the push would need -F"
-                chain = [s for s in cn if s[1] > base.guid]
-            z.ds.setdefault(DS, []).extend(chain)
-            for name, g in chain:
-                z.markers[name] = {g}
-            mode = Durability(ev.removeprefix("push-"))
-            if mode is Durability.MIRRORED and up[peer]:
-                divergences += sum(1 for x in _round(w)
+            plan = plan_push([*cn, *bookmarks],
+                             [ZoneSnapshot(n, x) for n, x in z.ds.get(DS, [])], name)
+            assert not isinstance(plan, AlreadyThere), plan
+            base = plan.base.guid if isinstance(plan, Incremental) else None
+            for v in push_chain([*cn, *bookmarks], plan):
+                have = z.ds.setdefault(DS, [])
+                assert (have[-1][1] if have else None) == base, "the push would need -F"
+                have.append((v.name, v.guid))
+                z.markers[v.name] = {v.guid}  # the target, and those carried along
+                base = v.guid
+            mode = "local" if ev == "push-local" else "mirrored"
+            assert holds_complete(w.inventory(target), name, {DS: g})
+            if mode == "mirrored" and up[peer]:
+                # "-slow": the mirror's round times out after one step
+                divergences += sum(1 for x in _round(w, 1 if ev.endswith("slow") else None)
                                    if isinstance(x, PreserveDiverged) and x.markers)
-            if may_ack(mode, {DS: snap[1]}, w.inventory(target),
-                       w.inventory(peer) if up[peer] else None):
-                acked[snap[1]] = mode
-        for g, mode in acked.items():
-            holders = {n for n, z in w.zones.items() if z.holds(g) and z.complete(g)}
-            assert holders, f"acked {g} lost"
-            if mode is Durability.MIRRORED:
-                assert holders == {A, B}, f"mirrored-acked {g} on {holders} only"
+            if mode == "local" or (up[peer] and holds_complete(w.inventory(peer), name,
+                                                               {DS: g})):
+                acked[g] = mode
+        for x, mode in acked.items():
+            holders = {n for n, z in w.zones.items() if z.holds(x) and z.complete(x)}
+            assert holders, f"acked {x} lost"
+            if mode == "mirrored":
+                assert holders == {A, B}, f"mirrored-acked {x} on {holders} only"
     for _ in range(3):  # both zones back: the pair converges
-        plan = _round(w)
-        divergences += sum(1 for x in plan if isinstance(x, PreserveDiverged) and x.markers)
-        if plan == [InSync()]:
+        plan_ = _round(w)
+        divergences += sum(1 for x in plan_ if isinstance(x, PreserveDiverged) and x.markers)
+        if plan_ == [InSync()]:
             break
-    assert plan == [InSync()] or notices(plan), plan
-    for g in acked:
-        assert all(w.zones[z].holds(g) and w.zones[z].complete(g) for z in (A, B))
+    assert plan_ == [InSync()] or notices(plan_), plan_
+    for x in acked:
+        assert all(w.zones[z].holds(x) and w.zones[z].complete(x) for z in (A, B))
     return divergences
 
 
@@ -758,3 +769,36 @@ def test_fills_names_exactly_the_actions_that_add_to_a_zone(
                 assert act.to_zone == other
             elif isinstance(act, MarkComplete):
                 assert act.zone == other
+
+
+@given(scenarios(), st.sampled_from(NAMES), st.data())
+def test_holds_complete_is_every_part_complete_by_guid_and_nothing_else(
+        s: tuple[ZoneInventory, ZoneInventory, list[Tombstone], frozenset[str]],
+        name: str, data: st.DataObject) -> None:
+    """The mirrored ack rule (``confirm_mirrored``): the peer lists VM snapshot
+    ``name`` complete, each part with the pushed guid, and no part more or less."""
+    peer = s[0]
+    listed = {(ds, x.guid) for ds, ss in peer.datasets.items() for x in ss if x.name == name}
+    pool = sorted(listed | {(ds, 1) for ds in peer.datasets} | {("disk9", 2)})
+    parts = dict(data.draw(st.lists(st.sampled_from(pool), unique_by=lambda p: p[0])))
+    complete = {ds: x.guid for ds, ss in peer.datasets.items() for x in ss
+                if x.name == name and x.complete}
+    expect = bool(parts) and all(complete.get(ds) == g for ds, g in parts.items()) \
+        and set(complete) == set(parts)
+    assert holds_complete(peer, name, parts) == expect
+    if complete:  # the parts the peer does hold complete are the only answer that acks
+        assert holds_complete(peer, name, complete)
+        assert not holds_complete(peer, name, {**complete, "disk9": 2})
+        ds = next(iter(complete))
+        assert not holds_complete(peer, name, {**complete, ds: complete[ds] + 1})
+
+
+def test_holds_complete_tables() -> None:
+    peer = inv(B, {"root": "s1 s2?", "disk0": "s1 s2"})
+    both = {"root": guid("root", "s1"), "disk0": guid("disk0", "s1")}
+    assert holds_complete(peer, "s1", both)
+    assert not holds_complete(peer, "s1", {"root": both["root"]})  # a part missing from the ack
+    assert not holds_complete(peer, "s2", {"root": guid("root", "s2"),
+                                           "disk0": guid("disk0", "s2")})  # not complete
+    assert not holds_complete(peer, "s1", {**both, "root": guid("root", "s1'")})  # other guid
+    assert not holds_complete(inv(B, None), "s1", {})  # nothing is not mirrored
