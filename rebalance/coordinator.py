@@ -107,11 +107,8 @@ class Rebuilding(SnapperError):
 
 
 def _guids(s: SnapshotView) -> set[int]:
-    """A snapshot's part guids (zones write them as decimal strings); none if unreadable."""
-    try:
-        return {int(g) for g in s.guids.values()}
-    except ValueError:
-        return set()
+    """A snapshot's part guids."""
+    return set(s.guids.values())
 
 
 @dataclass(frozen=True)

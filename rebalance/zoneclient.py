@@ -5,7 +5,9 @@ coordinator use; ``HttpZoneApi`` speaks it to snapperd (``snapper_zone/httpapi.p
 
     GET    /ping                       {"ping": "pong", ...}
     GET    /v1/vms                     [{uuid, cn, snapshots, complete, bytes}]
-    GET    /v1/vms/{vm}/snapshots      [VmSnapshot JSON]; 404 when the zone has no such VM
+    GET    /v1/vms/{vm}/snapshots      [VmSnapshot JSON] (``snapper_zone.wire``); 404 when
+                                       the zone has no such VM
+    GET    /v1/vms/{vm}/tombstones     [{guid, deleted}] (or the older {hex guid: time})
     POST   /v1/vms/{vm}/sync           {"peer": zone uuid} -> {vm, peer, state, error? |
                                        last_error?}; state "in_sync" when the peer has it all
     DELETE /v1/vms/{vm}                removes the zone's whole copy; 404 when absent
@@ -25,6 +27,12 @@ from typing import Any, Protocol
 import aiohttp
 
 from snapper_zone.errors import SnapperError
+from snapper_zone.wire import (
+    InvalidDocument,
+    elsewhere_to_json,
+    snapshot_list_from_json,
+    tombstones_from_json,
+)
 
 __all__ = [
     "HttpZoneApi",
@@ -70,7 +78,7 @@ class SnapshotView:
 
     name: str
     complete: bool
-    guids: Mapping[str, str]  # dataset label -> guid (a decimal string)
+    guids: Mapping[str, int]  # dataset label -> guid
     source: str | None = None
     created: int = 0
 
@@ -115,15 +123,9 @@ class ZoneApi(Protocol):
 
 
 def parse_snapshots(body: Any) -> list[SnapshotView]:
-    if not isinstance(body, list):
-        raise ValueError("snapshot listing is not a JSON list")
-    out = []
-    for s in body:
-        datasets = s.get("datasets") or {}
-        out.append(SnapshotView(name=str(s["name"]), complete=bool(s.get("complete")),
-                                guids={k: str(v["guid"]) for k, v in datasets.items()},
-                                source=s.get("source"), created=int(s.get("created") or 0)))
-    return out
+    """A zone's snapshot listing; ``wire.InvalidDocument`` when it is not one."""
+    return [SnapshotView(name=s.name, complete=s.complete, guids=s.guids, source=s.source,
+                         created=s.created) for s in snapshot_list_from_json(body)]
 
 
 class HttpZoneApi:
@@ -176,7 +178,10 @@ class HttpZoneApi:
 
     async def snapshots(self, url: str, vm: str) -> list[SnapshotView] | None:
         body = await self._call("GET", url, f"/v1/vms/{vm}/snapshots", allow_404=True)
-        return None if body is None else parse_snapshots(body)
+        try:
+            return None if body is None else parse_snapshots(body)
+        except InvalidDocument as exc:
+            raise ZoneRequestFailed(url, 200, exc.code, exc.message) from None
 
     async def sync(self, url: str, vm: str, peer: str,
                    bwlimit: float | None = None) -> SyncResult:
@@ -195,14 +200,17 @@ class HttpZoneApi:
 
     async def delete_vm(self, url: str, vm: str,
                         elsewhere: Sequence[SnapshotView] | None = None) -> bool:
-        body = None if elsewhere is None else {"elsewhere": {
-            s.name: dict(s.guids) for s in elsewhere if s.complete}}
+        body = None if elsewhere is None else {"elsewhere": elsewhere_to_json(
+            {s.name: s.guids for s in elsewhere if s.complete})}
         return await self._call("DELETE", url, f"/v1/vms/{vm}", json=body,
                                 allow_404=True) is not None
 
     async def tombstones(self, url: str, vm: str) -> set[int]:
         body = await self._call("GET", url, f"/v1/vms/{vm}/tombstones", allow_404=True)
-        return {int(g, 16) for g in body or {}}
+        try:
+            return set(tombstones_from_json(body or []))
+        except InvalidDocument as exc:
+            raise ZoneRequestFailed(url, 200, exc.code, exc.message) from None
 
     async def capacity(self, url: str) -> tuple[int, int]:
         body = await self._call("GET", url, "/v1/capacity")

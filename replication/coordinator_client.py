@@ -11,12 +11,12 @@ its static config when it never had one.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
 from snapper_zone.errors import SnapperError
+from snapper_zone.wire import InvalidDocument, ZoneEndpoint
 
 __all__ = ["CoordinatorClient", "CoordinatorUnavailable", "KnownZone"]
 
@@ -29,23 +29,8 @@ class CoordinatorUnavailable(SnapperError):
     http_status = 503
 
 
-@dataclass(frozen=True)
-class KnownZone:
-    """Another zone as ``GET /v1/zones`` lists it: where to reach it, its host key."""
-
-    uuid: str
-    name: str
-    ssh_host: str
-    ssh_port: int
-    http_url: str
-    host_key: str
-    state: str = "active"
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> KnownZone:
-        return cls(str(d["uuid"]), str(d.get("name", "")), str(d["ssh_host"]),
-                   int(d["ssh_port"]), str(d["http_url"]), str(d["host_key"]),
-                   str(d.get("state", "active")))
+# Another zone as ``GET /v1/zones`` lists it: where to reach it, its host key.
+KnownZone = ZoneEndpoint
 
 
 class CoordinatorClient:
@@ -96,7 +81,7 @@ class CoordinatorClient:
         for z in doc.get("zones", []) if isinstance(doc, dict) else []:
             try:
                 out.append(KnownZone.from_json(z))
-            except (KeyError, TypeError, ValueError):
+            except InvalidDocument:
                 continue  # a half-registered zone is not a peer yet
         return out
 

@@ -217,11 +217,10 @@ class Executor:
         # The peer already refused a stream that was not this snapshot (it
         # reads DRR_BEGIN and checks toguid); asking again costs one listing
         # and catches a peer that changed under us.
-        doc = await self.client.snapshots(self.vm)
-        for s in doc:
-            if s.get("name") == snap.name:
-                part = (s.get("datasets") or {}).get(ds)
-                if part is not None and int(part["guid"]) == snap.guid:
+        for s in await self.client.snapshots(self.vm):
+            if s.name == snap.name:
+                part = s.parts.get(ds)
+                if part is not None and part.guid == snap.guid:
                     return
         raise GuidMismatch(f"zone {self.peer}: {self.vm}/{ds}@{snap.name} is not guid "
                            f"{snap.guid} after the transfer")

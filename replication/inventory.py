@@ -7,46 +7,26 @@ both sides of a reconcile are read alike.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from replication.reconcile import Snap, Tombstone, ZoneInventory
+from snapper_zone.wire import Inventory
 
-__all__ = ["BadInventory", "from_document", "snapshot_guids"]
-
-
-class BadInventory(ValueError):
-    """A ``snapshots`` answer that is not the shape every zone writes."""
+__all__ = ["from_document", "snapshot_guids"]
 
 
-def from_document(zone: str, doc: Mapping[str, Any]) -> tuple[ZoneInventory, list[Tombstone]]:
+def from_document(zone: str, doc: Inventory) -> tuple[ZoneInventory, list[Tombstone]]:
     """(inventory, tombstones) of one VM on ``zone`` from its ``snapshots`` document.
 
     A part counts as complete when the VM snapshot it belongs to has its
     complete marker on that zone; diverged siblings are not listed by the
-    store, so they are left out here too.
+    store, so they are left out here too. ``doc`` was checked when it was
+    read (``Inventory.from_json``), so nothing here can be malformed.
     """
-    snaps = doc.get("snapshots")
-    if not isinstance(snaps, list):
-        raise BadInventory(f"{zone}: 'snapshots' is not a list")
-    datasets: dict[str, list[Snap]] = {name: [] for name in doc.get("datasets") or {}}
-    for s in snaps:
-        try:
-            name = str(s["name"])
-            complete = bool(s.get("complete"))
-            created = int(s.get("created") or 0)
-            for ds, part in (s.get("datasets") or {}).items():
-                datasets.setdefault(str(ds), []).append(Snap(
-                    name, int(part["guid"]), int(part["createtxg"]), complete, created,
-                    int(part.get("used") or 0)))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise BadInventory(f"{zone}: malformed snapshot entry: {exc!r}") from None
-    stones = []
-    for guid, when in (doc.get("tombstones") or {}).items():
-        try:
-            stones.append(Tombstone(int(guid, 16), int(when)))
-        except (TypeError, ValueError):
-            raise BadInventory(f"{zone}: malformed tombstone {guid!r}") from None
+    datasets: dict[str, list[Snap]] = {name: [] for name in doc.datasets}
+    for s in doc.snapshots:
+        for ds, part in s.parts.items():
+            datasets.setdefault(ds, []).append(Snap(
+                s.name, part.guid, part.createtxg, s.complete, s.created, part.used))
+    stones = [Tombstone(g, t) for g, t in doc.tombstones.items()]
     return ZoneInventory(zone, datasets), stones
 
 

@@ -45,6 +45,7 @@ from replication.reconcile import (
 from snapper_zone.errors import DatasetNotFound, SnapperError
 from snapper_zone.protocol import Receive
 from snapper_zone.transfer.stream import Inbound
+from snapper_zone.wire import Inventory
 
 if TYPE_CHECKING:
     from snapper_zone.zone import Zone
@@ -154,13 +155,13 @@ class Replicator:
                 await self.links.forget(peer.uuid)
         return st
 
-    async def _not_placed(self, vm: str, local: Mapping[str, Any], remote: Mapping[str, Any],
+    async def _not_placed(self, vm: str, local: Inventory, remote: Inventory,
                           peer: str) -> bool:
         """Whether a round would create a copy on a zone the VM is not placed on."""
         coordinator = self.links.coordinator
         if coordinator is None:
             return False  # static pairs: both zones hold the VM by definition
-        empty = [z for z, doc in ((self.me, local), (peer, remote)) if not doc.get("snapshots")]
+        empty = [z for z, doc in ((self.me, local), (peer, remote)) if not doc.snapshots]
         if not empty:
             return False
         pair = await coordinator.placement(vm, fresh=True)
@@ -204,7 +205,7 @@ class Replicator:
                 return
             stones = [*stones_a, *stones_b]
             await self._adopt_tombstones(vm, local, stones_a, stones_b)
-            theirs = set(remote.get("in_use") or ())
+            theirs = set(remote.in_use)
             # Parts the peer teed to us for a push that then died there: no commit
             # will come, and held they would defer this VM for minutes. One that
             # finished there is awaited too (its commit marks it here), unless
@@ -216,8 +217,7 @@ class Replicator:
                 placed = await self._placed_here(vm)
             busy = set(theirs)
             if placed is not False:
-                busy |= {str(x.get("name")) for x in remote.get("snapshots") or ()
-                         if x.get("complete")}
+                busy |= {x.name for x in remote.snapshots if x.complete}
             dropped = self.zone.transfers.abandoned(vm, source, busy)
             if dropped:
                 self.log.info("parts of a push that ended on the peer are debris now",
@@ -265,7 +265,7 @@ class Replicator:
         st.state = "behind"
         st.last_error = f"not in step after {MAX_ROUNDS} rounds (new snapshots keep coming?)"
 
-    async def _adopt_tombstones(self, vm: str, local: Mapping[str, Any],
+    async def _adopt_tombstones(self, vm: str, local: Inventory,
                                 stones_a: list[Tombstone], stones_b: list[Tombstone]) -> None:
         """Keep the peer's tombstones here too, with the time of the delete.
 
@@ -275,7 +275,7 @@ class Replicator:
         """
         mine = {t.guid for t in stones_a}
         theirs = {t.guid: t.deleted_at for t in stones_b if t.guid not in mine}
-        if theirs and local.get("snapshots"):
+        if theirs and local.snapshots:
             with contextlib.suppress(DatasetNotFound):  # dropped meanwhile
                 if await self.zone.store.merge_tombstones(vm, theirs):
                     self.log.info("adopted the peer's tombstones", extra={

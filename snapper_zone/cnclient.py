@@ -66,6 +66,7 @@ from snapper_zone.protocol import (
 )
 from snapper_zone.transfer.local import Expect, receive_stream
 from snapper_zone.transfer.stream import Channel, ClientGone, Inbound, SendPump
+from snapper_zone.wire import Inventory, VmSnapshot
 from snapper_zone.zfs import SendSpec, Zfs, classify
 
 log = logging.getLogger("snapper.cn")
@@ -109,22 +110,6 @@ class PushError(SnapperError):
 
 class RestoreError(SnapperError):
     code = "RestoreFailed"
-
-
-def _snapshot_list(inventory: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The VM snapshots of a zone's ``snapshots`` answer, oldest first."""
-    raw: Any = inventory.get("snapshots", [])
-    if not isinstance(raw, list):
-        raise ZoneError("BadAnswer", f"snapshots: expected a list, got {type(raw)}")
-    return [s for s in raw if isinstance(s, dict)]
-
-
-def _tombstoned(inventory: Mapping[str, Any]) -> frozenset[int]:
-    """The part guids a zone's ``snapshots`` answer says were deleted on purpose."""
-    try:
-        return frozenset(int(g, 16) for g in inventory.get("tombstones") or {})
-    except (TypeError, ValueError) as exc:
-        raise ZoneError("BadAnswer", f"snapshots: malformed tombstones: {exc}") from None
 
 
 class PlanError(SnapperError):
@@ -490,18 +475,18 @@ class ZoneClient:
 
     # -- the small commands -----------------------------------------------------
 
-    async def inventory(self, vm: str) -> dict[str, Any]:
-        """The zone's whole ``snapshots VM`` answer (snapshots, datasets, tombstones)."""
-        raw = json.loads(await self.run(Snapshots(vm)) or b"{}")
-        if isinstance(raw, list):  # an older zone: the snapshot list alone
-            raw = {"vm": vm, "snapshots": raw}
-        if not isinstance(raw, dict):
-            raise ZoneError("BadAnswer", f"snapshots: expected an object, got {type(raw)}")
-        return raw
+    async def inventory(self, vm: str) -> Inventory:
+        """The zone's whole ``snapshots VM`` answer (snapshots, datasets, tombstones,
+        in use); ``wire.InvalidDocument`` when it is not one."""
+        try:
+            raw = json.loads(await self.run(Snapshots(vm)) or b"{}")
+        except ValueError as exc:
+            raise ZoneError("BadAnswer", f"snapshots: not JSON: {exc}") from None
+        return Inventory.from_json(raw, vm=vm)  # a list: an older zone's snapshots alone
 
-    async def snapshots(self, vm: str) -> list[dict[str, Any]]:
-        """The zone's VM snapshots (``VmSnapshot.to_json`` shape), oldest first."""
-        return _snapshot_list(await self.inventory(vm))
+    async def snapshots(self, vm: str) -> list[VmSnapshot]:
+        """The zone's VM snapshots, oldest first."""
+        return list((await self.inventory(vm)).snapshots)
 
     async def resume_token(self, vm: str, dataset: str) -> str | None:
         text = (await self.run(ResumeToken(vm, dataset))).decode().strip()
@@ -551,27 +536,17 @@ async def placement(coordinator_url: str, vm: str) -> list[dict[str, Any]]:
 # -- what a zone holds, per dataset ----------------------------------------------
 
 
-def zone_history(snaps: Sequence[Mapping[str, Any]], label: str) -> list[ZoneSnapshot]:
+def zone_history(snaps: Sequence[VmSnapshot], label: str) -> list[ZoneSnapshot]:
     """The zone's snapshots of one VM dataset, oldest first (by the zone's createtxg)."""
-    rows: list[tuple[int, ZoneSnapshot]] = []
-    for s in snaps:
-        part = (s.get("datasets") or {}).get(label)
-        if not isinstance(part, Mapping) or "guid" not in part:
-            continue
-        rows.append((int(part.get("createtxg", 0)), ZoneSnapshot(str(s["name"]),
-                                                                 int(part["guid"]))))
+    rows = [(p.createtxg, ZoneSnapshot(s.name, p.guid)) for s in snaps
+            if (p := s.parts.get(label)) is not None]
     rows.sort(key=lambda r: r[0])
     return [z for _, z in rows]
 
 
-def zone_vm_snapshots(snaps: Sequence[Mapping[str, Any]]) -> list[ZoneVmSnapshot]:
+def zone_vm_snapshots(snaps: Sequence[VmSnapshot]) -> list[ZoneVmSnapshot]:
     """The zone's VM snapshots with their parts' guids, in the zone's order."""
-    out = []
-    for s in snaps:
-        parts = {str(label): int(p["guid"]) for label, p in (s.get("datasets") or {}).items()
-                 if isinstance(p, Mapping) and "guid" in p}
-        out.append(ZoneVmSnapshot(str(s["name"]), bool(s.get("complete")), parts))
-    return out
+    return [ZoneVmSnapshot(s.name, s.complete, s.guids) for s in snaps]
 
 
 # -- the CN library ---------------------------------------------------------------
@@ -676,8 +651,8 @@ class CnClient:
                             f"on: {', '.join(missing)}")
         report = PushReport(vm, snap)
         inventory = await self.zone.inventory(vm)
-        zone_snaps = _snapshot_list(inventory)
-        deleted = _tombstoned(inventory)
+        zone_snaps = list(inventory.snapshots)
+        deleted = frozenset(inventory.tombstones)
         for label, ds in datasets.items():
             report.datasets.append(await self._push_dataset(vm, label, ds, snap, base,
                                                             zone_snaps, deleted))
@@ -712,7 +687,7 @@ class CnClient:
         return done
 
     async def _push_dataset(self, vm: str, label: str, ds: Dataset, snap: str,
-                            base: str | None, zone_snaps: list[dict[str, Any]],
+                            base: str | None, zone_snaps: list[VmSnapshot],
                             deleted: frozenset[int]) -> DatasetReport:
         report = DatasetReport(label, str(ds), "")
         caps = await self.zfs.capabilities()
@@ -779,7 +754,7 @@ class CnClient:
                         "resuming or aborting it")
 
     async def _resume_decision(self, token: str, versions: list[Version], ds: Dataset,
-                               label: str, zone_snaps: list[dict[str, Any]],
+                               label: str, zone_snaps: list[VmSnapshot],
                                can_resume: bool) -> planning.ResumeDecision:
         if not can_resume:
             return AbortPartial("this CN's ZFS cannot resume a send")
@@ -791,7 +766,7 @@ class CnClient:
 
     @staticmethod
     def _zone_name(v: Version | None, label: str,
-                   zone_snaps: list[dict[str, Any]]) -> str | None:
+                   zone_snaps: list[VmSnapshot]) -> str | None:
         """The zone's name for the CN version ``v`` (matched by guid)."""
         if v is None:
             return None
@@ -871,14 +846,14 @@ class CnClient:
         vm = check_uuid(vm, "VM uuid")
         check_component(snap, "snapshot name")
         snaps = await self.zone.snapshots(vm)
-        entry = next((s for s in snaps if s.get("name") == snap), None)
+        entry = next((s for s in snaps if s.name == snap), None)
         if entry is None:
             raise RestoreError(f"the zone holds no snapshot {snap!r} of VM {vm}")
-        if not entry.get("complete"):
+        if not entry.complete:
             raise RestoreError(f"snapshot {snap!r} of VM {vm} is incomplete on the zone "
                                "(a push that did not finish); it cannot be restored")
         top = Dataset(target) if target else self.vm_dataset(vm)
-        labels = sorted((entry.get("datasets") or {}), key=lambda lb: lb != ROOT_LABEL)
+        labels = sorted(entry.parts, key=lambda lb: lb != ROOT_LABEL)
         if ROOT_LABEL not in labels:
             raise RestoreError(f"snapshot {snap!r} of VM {vm} has no {ROOT_LABEL!r} dataset")
         report = RestoreReport(vm, snap, str(top))
@@ -893,7 +868,7 @@ class CnClient:
         return report
 
     async def _restore_dataset(self, vm: str, label: str, local: Dataset, snap: str,
-                               snaps: list[dict[str, Any]], rollback: bool) -> DatasetReport:
+                               snaps: list[VmSnapshot], rollback: bool) -> DatasetReport:
         report = DatasetReport(label, str(local), "")
         history = zone_history(snaps, label)
         want = next(z for z in history if z.name == snap)
@@ -929,8 +904,7 @@ class CnClient:
         cmd = Send(vm, label, snap, base.name if base else None)
         total = None
         if base is None:
-            total = int(((next(s for s in snaps if s.get("name") == snap).get("datasets")
-                          or {}).get(label) or {}).get("referenced", 0)) or None
+            total = next(s for s in snaps if s.name == snap).parts[label].referenced or None
         self.progress.start(f"{vm[:8]}/{label}@{snap}", total, vm=vm, dataset=label,
                             snapshot=snap, base=base.name if base else None)
         try:
@@ -961,7 +935,7 @@ class CnClient:
     async def list(self, vm: str | None = None) -> dict[str, list[dict[str, Any]]]:
         """VM uuid -> the zone's snapshots of it; without ``vm``, this CN's VMs."""
         vms = [check_uuid(vm, "VM uuid")] if vm else await self.local_vms()
-        return {v: await self.zone.snapshots(v) for v in vms}
+        return {v: [s.to_json() for s in await self.zone.snapshots(v)] for v in vms}
 
 
 def _source(ds: Dataset, v: Version | None) -> Snapshot | Bookmark | None:

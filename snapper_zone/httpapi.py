@@ -9,8 +9,8 @@ Routes::
     GET    /v1/vms/{uuid}/snapshots/{name}    VmSnapshot JSON + "metadata"
     DELETE /v1/vms/{uuid}/snapshots/{name}    204 once the mirror followed (or after the
                                               mirror timeout); 409 ResourceBusy while in use
-    GET    /v1/vms/{uuid}/tombstones          {guid (hex): unix time} deleted on purpose
-                                              (here, or on the peer and adopted)
+    GET    /v1/vms/{uuid}/tombstones          [{guid, deleted}]: part guids deleted on
+                                              purpose (here, or on the peer and adopted)
     POST   /v1/vms/{uuid}/sync                {"peer", "bwlimit"}: reconcile now -> state
     DELETE /v1/vms/{uuid}                     drop this copy {"elsewhere": ...}; 409
                                               CopyNotRedundant / ResourceBusy
@@ -47,6 +47,7 @@ from snapper_zone.metrics import CONTENT_TYPE_LATEST
 from snapper_zone.names import Dataset, check_component, check_uuid
 from snapper_zone.store import P_META_COUNT, decode_metadata
 from snapper_zone.transfers import SnapshotInUse
+from snapper_zone.wire import InvalidDocument, elsewhere_from_json, tombstones_to_json
 from snapper_zone.zone import Zone
 
 __all__ = ["ZONE", "MethodNotAllowed", "ResourceNotFound", "SnapshotInUse", "make_app"]
@@ -222,14 +223,13 @@ async def _known_vm(zone: Zone, vm: str) -> None:
 
 
 async def list_tombstones(request: web.Request) -> web.Response:
-    """The part guids deleted on purpose, here or on the peer (hex -> unix time):
-    the coordinator tells a stale copy's deleted snapshot from one the placed
-    copies lack."""
+    """The part guids deleted on purpose, here or on the peer, with the time of
+    the delete: the coordinator tells a stale copy's deleted snapshot from one
+    the placed copies lack."""
     zone = request.app[ZONE]
     vm = request.match_info["uuid"]
     await _known_vm(zone, vm)
-    stones = await zone.store.tombstones(vm)
-    return web.json_response({f"{g:x}": t for g, t in sorted(stones.items())})
+    return web.json_response(tombstones_to_json(await zone.store.tombstones(vm)))
 
 
 async def list_snapshots(request: web.Request) -> web.Response:
@@ -335,10 +335,9 @@ def _parse_elsewhere(body: Any) -> dict[str, dict[str, int]] | None:
     if raw is None:
         return None
     try:
-        return {str(name): {str(ds): int(g) for ds, g in parts.items()}
-                for name, parts in raw.items()}
-    except (AttributeError, TypeError, ValueError):
-        raise InvalidName(f"elsewhere: expected {_ELSEWHERE}") from None
+        return elsewhere_from_json(raw)
+    except InvalidDocument as exc:
+        raise InvalidName(f"{exc.message}; expected {_ELSEWHERE}") from None
 
 
 async def capacity(request: web.Request) -> web.Response:

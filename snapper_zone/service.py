@@ -17,6 +17,7 @@ drains, so memory stays bounded by the SSH window plus one pipe buffer.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any, Protocol
 
 from replication.pipeline import MirrorTee
@@ -149,8 +150,8 @@ class Service:
             case Snapshots(vm):
                 doc = await self.zone.store.document(vm)
                 # What must not be touched here now (pushes between parts, transfers).
-                doc["in_use"] = sorted(self.zone.transfers.in_use(vm))
-                io.write(_json_line(doc))
+                doc = replace(doc, in_use=frozenset(self.zone.transfers.in_use(vm)))
+                io.write(_json_line(doc.to_json()))
             case Commit():
                 await self.commit(p, cmd, io)
             case Metadata(vm, snap):

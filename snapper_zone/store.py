@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from snapper_zone import wire
 from snapper_zone.errors import DatasetNotFound, MetadataTooLarge, SnapperError
 from snapper_zone.names import Dataset, Snapshot, check_component, check_uuid
 from snapper_zone.zfs import SnapshotInfo, Zfs
@@ -52,38 +53,22 @@ class SnapshotNotFound(SnapperError):
 
 
 @dataclass(frozen=True)
-class Part:
-    """One VM dataset's snapshot on this zone."""
+class Part(wire.Part):
+    """One VM dataset's snapshot on this zone, with its holds."""
 
-    dataset: str
-    guid: int
-    createtxg: int
-    used: int
-    referenced: int
-    userrefs: int
+    userrefs: int = 0
 
-    def to_json(self) -> dict[str, Any]:
-        return {"dataset": self.dataset, "guid": str(self.guid), "createtxg": self.createtxg,
-                "used": self.used, "referenced": self.referenced}
+    def to_wire(self) -> wire.Part:
+        return wire.Part(self.dataset, self.guid, self.createtxg, self.used, self.referenced)
 
 
-@dataclass(frozen=True)
-class VmSnapshot:
-    vm: str
-    name: str
-    complete: bool
-    created: int  # unix seconds
-    parts: Mapping[str, Part]
-    source: str | None = None
+class VmSnapshot(wire.VmSnapshot):
+    """A VM snapshot as the store lists it (its parts are the store's ``Part``)."""
 
-    @property
-    def size(self) -> int:
-        return sum(p.used for p in self.parts.values())
-
-    def to_json(self) -> dict[str, Any]:
-        return {"vm": self.vm, "name": self.name, "complete": self.complete,
-                "created": self.created, "size": self.size, "source": self.source,
-                "datasets": {k: v.to_json() for k, v in sorted(self.parts.items())}}
+    def to_wire(self) -> wire.VmSnapshot:
+        return wire.VmSnapshot(self.vm, self.name, self.complete, self.created,
+                               {k: v.to_wire() if isinstance(v, Part) else v
+                                for k, v in self.parts.items()}, self.source)
 
 
 def encode_metadata(meta: Mapping[str, Any], limit: int) -> dict[str, str]:
@@ -178,9 +163,10 @@ class ZoneStore:
                                   mark.user_props.get(P_SOURCE) if mark else None))
         return out
 
-    async def document(self, vm: str) -> dict[str, Any]:
+    async def document(self, vm: str) -> wire.Inventory:
         """``snapshots VM``'s answer: every VM snapshot, each dataset's resume token,
-        and the tombstones. Peers read it to reconcile, so its shape is the protocol's.
+        and the tombstones (``in_use`` is the service's to add). Peers read it to
+        reconcile, so its shape is the protocol's (``snapper_zone.wire``).
         """
         container = self.vm_dataset(vm)
         async with self._views[vm]:
@@ -190,12 +176,9 @@ class ZoneStore:
             except DatasetNotFound:
                 infos = []
             stones = await self.tombstones(vm) if infos else {}
-        datasets: dict[str, dict[str, Any]] = {}
-        for info in infos:
-            if info.dataset.parent == container:
-                datasets[info.dataset.basename] = {"resume_token": info.resume_token}
-        return {"vm": vm, "snapshots": [s.to_json() for s in snaps], "datasets": datasets,
-                "tombstones": {f"{g:x}": t for g, t in sorted(stones.items())}}
+        datasets = {info.dataset.basename: info.resume_token for info in infos
+                    if info.dataset.parent == container}
+        return wire.Inventory(vm, tuple(s.to_wire() for s in snaps), datasets, stones)
 
     async def snapshot(self, vm: str, name: str) -> VmSnapshot:
         for s in await self.snapshots(vm):

@@ -402,7 +402,7 @@ class Soak:
 
     async def inventories(self, zone: LocalZone, vms: Sequence[str]) -> dict[str, dict[str, Any]]:
         async with self.client(zone, self.fleet.operator_key) as zc:
-            return {vm: await zc.inventory(vm) for vm in vms}
+            return {vm: (await zc.inventory(vm)).to_json() for vm in vms}
 
     async def survey(self) -> tuple[Holdings, dict[str, dict[str, PartialState]], list[str]]:
         """(holdings, partial state, zones that did not answer) over the fleet's zones."""
@@ -450,7 +450,7 @@ class Soak:
             return "unreachable"
         try:
             async with self.client(zone, self.fleet.operator_key) as zc:
-                complete, _ = invariants.parse_inventory(await zc.inventory(vm))
+                complete, _ = invariants.parse_inventory((await zc.inventory(vm)).to_json())
         except (SnapperError, OSError, TimeoutError):
             return "unreachable"
         return invariants.ack_seen(complete.get(name), guids)

@@ -587,7 +587,7 @@ async def test_http_zone_client_against_snapperd_shapes(fleet: Fleet) -> None:
     try:
         assert await api.snapshots(z.url(), VMS[1]) is None
         [s0, *_] = await api.snapshots(z.url(), VMS[0]) or []
-        assert s0.complete and s0.guids == {"root": sguid(VMS[0], 0)} and s0.source == "cn:cn1"
+        assert s0.complete and s0.guids == {"root": int(sguid(VMS[0], 0))} and s0.source == "cn:cn1"
         assert [v.uuid for v in await api.list_vms(z.url())] == [VMS[0]]
         assert (await api.sync(z.url(), VMS[0], ZONES[1])).state == "in_sync"
         with pytest.raises(ZoneRequestFailed) as e:
@@ -691,7 +691,7 @@ def test_order_holders_puts_the_pushed_copy_first(vm: str, holders: list[str],
     primary = data.draw(st.sampled_from(holders))
     lost = data.draw(st.sets(st.sampled_from(ZONES)))
     zones = [_record(z, "lost" if z in lost else "active") for z in ZONES]
-    views = {z: [SnapshotView("s1", True, {"root": "1"},
+    views = {z: [SnapshotView("s1", True, {"root": 1},
                               "cn:cn1" if z == primary else f"zone:{primary}", 1)]
              for z in holders}
     order = order_holders(vm, views, zones)

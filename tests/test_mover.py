@@ -25,7 +25,7 @@ from tests.helpers import wait_for
 
 A, B, C, D = (f"00000000-0000-4000-8000-00000000000{i}" for i in (1, 2, 3, 4))
 VM = "74c59c61-4559-4ca2-b1ef-0ca22f2f936a"
-SNAPS = [SnapshotView(f"s{i}", True, {"root": str(100 + i), "disk0": str(200 + i)})
+SNAPS = [SnapshotView(f"s{i}", True, {"root": 100 + i, "disk0": 200 + i})
          for i in range(3)]
 
 
@@ -98,7 +98,7 @@ class FakeZones:
         snaps = list(self.held[u][vm])
         if self.corrupt_next_copy:
             self.corrupt_next_copy = False
-            snaps[-1] = replace(snaps[-1], guids={"root": "1", "disk0": "2"})
+            snaps[-1] = replace(snaps[-1], guids={"root": 1, "disk0": 2})
         self.held.setdefault(url(peer), {})[vm] = snaps
         return SyncResult(vm, peer, "in_sync")
 
@@ -186,7 +186,7 @@ async def test_a_push_mirrored_to_the_old_copy_after_the_switch_is_kept(
     """The primary learns the new placement late and mirrors one more push to the
     zone being moved away from: the mover copies it on before deleting that copy."""
     store, fake, mid = await setup(tmp_path, Move(VM, B, C, B, 300, "rebalance"))
-    late = SnapshotView("s3", True, {"root": "103", "disk0": "203"})
+    late = SnapshotView("s3", True, {"root": 103, "disk0": 203})
     listed = fake.snapshots
 
     async def snapshots(u: str, vm: str) -> list[SnapshotView] | None:
@@ -212,8 +212,8 @@ async def test_the_old_copy_is_not_deleted_while_it_holds_more(tmp_path: Path) -
 
     async def delete_vm(u: str, vm: str,
                         elsewhere: Sequence[SnapshotView] | None = None) -> bool:
-        s = SnapshotView(f"s{3 + len(late)}", True, {"root": str(103 + len(late)),
-                                                     "disk0": str(203 + len(late))})
+        s = SnapshotView(f"s{3 + len(late)}", True, {"root": 103 + len(late),
+                                                     "disk0": 203 + len(late)})
         late.append(s)
         for z in (A, B):  # after the mover's last look: only the zone's check sees it
             fake.held[url(z)][VM].append(s)
@@ -356,7 +356,7 @@ async def test_per_zone_concurrency_limit(tmp_path: Path) -> None:
     assert set((await store.placements()).values()) == {(A, C)}
 
 
-snap_st = st.builds(lambda n, g, c: SnapshotView(f"s{n}", c, {"root": str(g)}),
+snap_st = st.builds(lambda n, g, c: SnapshotView(f"s{n}", c, {"root": g}),
                     st.integers(0, 5), st.integers(1, 3), st.booleans())
 
 
@@ -370,7 +370,7 @@ def test_verify_copy_by_guid(source: list[SnapshotView], data: st.DataObject) ->
         victim = data.draw(st.sampled_from(complete))
         dropped = [s for s in source if s is not victim]
         assert verify_copy(source, dropped) == [f"{victim.name}: missing"]
-        changed = [replace(s, guids={"root": "999"}) if s is victim else s for s in source]
+        changed = [replace(s, guids={"root": 999}) if s is victim else s for s in source]
         assert verify_copy(source, changed) == [f"{victim.name}: guids differ"]
         half = [replace(s, complete=False) if s is victim else s for s in source]
         assert verify_copy(source, half) == [f"{victim.name}: incomplete"]

@@ -258,11 +258,11 @@ async def test_a_delete_answers_once_the_mirror_followed(pair: Pair) -> None:
     # The mirror keeps the tombstone too, with the time of the delete: were the
     # primary lost, a third copy could not bring s2 back to the mirror.
 
-    async def stones(zone: LocalZone) -> dict[str, int]:
+    async def stones(zone: LocalZone) -> list[dict[str, Any]]:
         async with aiohttp.ClientSession() as http, \
                 http.get(f"{zone.http_url}/v1/vms/{pair.vm}/tombstones") as r:
             r.raise_for_status()
-            out: dict[str, int] = await r.json()
+            out: list[dict[str, Any]] = await r.json()
             return out
 
     deleted = await stones(pair.primary)

@@ -634,7 +634,7 @@ async def test_abort_and_tokens_on_this_tier(zfs: Zfs, caps: Capabilities,
     else:
         assert (status, err_code(err)) == (1, "ResourceNotFound")
     assert json.loads((await run(conn, f"snapshots {VM_A}"))[1]) == {
-        "vm": VM_A, "snapshots": [], "datasets": {}, "tombstones": {}, "in_use": []}
+        "vm": VM_A, "snapshots": [], "datasets": {}, "tombstones": [], "in_use": []}
 
 
 @pytest.mark.zfs

@@ -104,10 +104,10 @@ async def test_a_listing_never_sees_a_copy_half_dropped(zfs: Zfs, cn_pool: FileP
     await zfs.create(store.root)
     src = await _pushed(zfs, cn_pool, store, 3)
     before, _ = await asyncio.gather(store.document(VM), store.drop_vm(VM))
-    assert [s["name"] for s in before["snapshots"]] == ["s1", "s2", "s3"]
-    assert set(before["datasets"]) == {"root"}
+    assert [s.name for s in before.snapshots] == ["s1", "s2", "s3"]
+    assert set(before.datasets) == {"root"}
     # The other way round: the listing waits for the whole destroy.
     await store.ensure_vm(VM)
     await zfs.pipe(SendSpec(src.snapshot("s1")), store.part_dataset(VM, "root"))
     _, after = await asyncio.gather(store.drop_vm(VM), store.document(VM))
-    assert after["snapshots"] == [] and after["datasets"] == {}
+    assert after.snapshots == () and after.datasets == {}
