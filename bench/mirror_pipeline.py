@@ -40,10 +40,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from snapper_zone.cli import parse_rate
-from snapper_zone.cnclient import CnClient, ZoneClient
-from snapper_zone.fleet import LocalCN, LocalFleet, LocalZone
-from snapper_zone.names import Dataset
+from snapper_zone.cn.cli import parse_rate
+from snapper_zone.cn.client import CnClient, ZoneClient
+from snapper_zone.fleet.local import LocalCN, LocalFleet, LocalZone
+from snapper_zone.zfs.names import Dataset
 
 CHUNK = 8 << 20
 

@@ -14,7 +14,7 @@ Then, ``--repeat`` times each, interleaved so drift hits all three alike:
 Each run receives into a fresh dataset, destroyed afterwards; the time is
 from starting the sender to the receiving side's exit (for b and c, the ssh
 client exits only once the remote ``zfs receive`` is done). MB/s is 10^6
-bytes/s. Pools come from ``snapper_zone.localpool`` (zfs-fuse file pools on
+bytes/s. Pools come from ``snapper_zone.fleet.pools`` (zfs-fuse file pools on
 a host without kernel ZFS); everything created is destroyed, everything
 started is stopped by pid.
 
@@ -40,11 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import asyncssh
 
-from snapper_zone import localpool, proc
-from snapper_zone.fleet import free_port
-from snapper_zone.localpool import FilePool
-from snapper_zone.names import Dataset
-from snapper_zone.zfs import SendSpec, Zfs
+from snapper_zone.fleet import pools as localpool
+from snapper_zone.fleet.local import free_port
+from snapper_zone.fleet.pools import FilePool
+from snapper_zone.zfs import proc
+from snapper_zone.zfs.names import Dataset
+from snapper_zone.zfs.zfs import SendSpec, Zfs
 
 VM = "5b6c1d0e-6f0a-4c5e-9d1e-0b3f7a2c9e41"
 CN_ID = "bench-cn"
@@ -195,7 +196,7 @@ class Bench:
         }
         (d / "snapperd.json").write_text(json.dumps(cfg))
         ready = d / "ready.json"
-        daemon = proc.Daemon([sys.executable, "-m", "snapper_zone.daemon", "--config",
+        daemon = proc.Daemon([sys.executable, "-m", "snapper_zone.daemon.main", "--config",
                               str(d / "snapperd.json"), "--ready-file", str(ready),
                               "--create-root", "--log-level", "warn"], str(d / "snapperd.log"),
                              env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})

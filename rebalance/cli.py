@@ -27,7 +27,7 @@ from typing import Any
 
 import aiohttp
 
-from snapper_zone.progress import format_bytes, render_bar
+from snapper_zone.common.progress import format_bytes, render_bar
 
 __all__ = ["COORDINATOR_ENV", "CoordinatorError", "dispatch", "parse_size", "register", "run"]
 

@@ -66,8 +66,9 @@ from rebalance.store import (
     ZoneRegistration,
 )
 from rebalance.zoneclient import HttpZoneApi, InventoryVm, SnapshotView, ZoneApi
-from snapper_zone.config import ConfigError
-from snapper_zone.daemon import (
+from snapper_zone.common.config import ConfigError
+from snapper_zone.common.log import parse_level, setup_logging
+from snapper_zone.daemon.main import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
@@ -75,8 +76,7 @@ from snapper_zone.daemon import (
     write_atomically,
 )
 from snapper_zone.errors import SnapperError
-from snapper_zone.log import parse_level, setup_logging
-from snapper_zone.names import check_uuid
+from snapper_zone.zfs.names import check_uuid
 
 __all__ = ["COORDINATOR", "Coordinator", "CoordinatorConfig", "load_config", "main",
            "make_app", "order_holders", "parse_config"]

@@ -56,8 +56,8 @@ from rebalance.store import (
     ZoneRecord,
 )
 from rebalance.zoneclient import SnapshotView, ZoneApi
+from snapper_zone.common.log import child
 from snapper_zone.errors import SnapperError
-from snapper_zone.log import child
 
 __all__ = ["Mover", "MoverSettings", "verify_copy"]
 

@@ -31,11 +31,11 @@ from replication.reconcile import (
     SendIncremental,
     SnapRef,
 )
-from snapper_zone import log as slog
-from snapper_zone.cnclient import ZoneClient
+from snapper_zone.cn.client import ZoneClient
+from snapper_zone.common import log as slog
 from snapper_zone.errors import SnapperError, UnsupportedFeature
-from snapper_zone.names import Snapshot
-from snapper_zone.planning import (
+from snapper_zone.transfer.local import Expect, ReceiveRequest
+from snapper_zone.transfer.plan import (
     AbortPartial,
     Resume,
     ResumeDecision,
@@ -43,13 +43,13 @@ from snapper_zone.planning import (
     Version,
     plan_resume,
 )
-from snapper_zone.protocol import Destroy, Receive, Send
-from snapper_zone.transfer.local import Expect, ReceiveRequest
-from snapper_zone.transfers import Transfer
-from snapper_zone.zfs import SendSpec
+from snapper_zone.transfer.registry import Transfer
+from snapper_zone.wire.protocol import Destroy, Receive, Send
+from snapper_zone.zfs.names import Snapshot
+from snapper_zone.zfs.zfs import SendSpec
 
 if TYPE_CHECKING:
-    from snapper_zone.zone import Zone
+    from snapper_zone.daemon.zone import Zone
 
 __all__ = ["HOLD_TAG", "Executor", "GuidMismatch", "NeedsOperator"]
 

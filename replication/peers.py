@@ -1,7 +1,7 @@
 """Which zone mirrors a VM, and one SSH connection per peer zone.
 
 A zone talks to its peers as any client does: the grammar in
-``snapper_zone.protocol`` over asyncssh (``ZoneClient``), as role ``peer``.
+``snapper_zone.wire.protocol`` over asyncssh (``ZoneClient``), as role ``peer``.
 Its client key is its own SSH host key, and it pins each peer's host key to
 the peer key the config trusts for that zone uuid: one key per zone serves
 both directions, so adding a zone to a fleet is one key exchange.
@@ -18,8 +18,8 @@ import asyncssh
 
 from rebalance.placement import ZoneInfo, ZoneState, hrw_ranking
 from replication.coordinator_client import CoordinatorClient, CoordinatorUnavailable
-from snapper_zone.cnclient import ZoneClient, ZoneUnreachable
-from snapper_zone.config import TrustedKey, ZoneConfig
+from snapper_zone.cn.client import ZoneClient, ZoneUnreachable
+from snapper_zone.common.config import TrustedKey, ZoneConfig
 from snapper_zone.errors import SnapperError
 
 __all__ = ["NoPeer", "Peer", "PeerLinks", "pair_of"]

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import asyncssh
 
-from snapper_zone.cnclient import ExecSession, ZoneClient
-from snapper_zone.protocol import Receive
+from snapper_zone.cn.client import ExecSession, ZoneClient
 from snapper_zone.transfer.stream import Inbound
+from snapper_zone.wire.protocol import Receive
 
 __all__ = ["STALL_SECONDS", "MirrorTee", "TeeResult"]
 

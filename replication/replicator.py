@@ -43,12 +43,12 @@ from replication.reconcile import (
     reconcile,
 )
 from snapper_zone.errors import DatasetNotFound, SnapperError
-from snapper_zone.protocol import Receive
 from snapper_zone.transfer.stream import Inbound
 from snapper_zone.wire import Inventory
+from snapper_zone.wire.protocol import Receive
 
 if TYPE_CHECKING:
-    from snapper_zone.zone import Zone
+    from snapper_zone.daemon.zone import Zone
 
 __all__ = ["MAX_ROUNDS", "MirrorUnavailable", "Replicator", "VmState"]
 

@@ -25,13 +25,13 @@ from typing import Any
 import aiohttp
 
 from replication.peers import pair_of
-from snapper_zone import proc
-from snapper_zone.cli import placement
-from snapper_zone.cnclient import CnClient, PushReport, ZoneError
+from snapper_zone.cn.cli import placement
+from snapper_zone.cn.client import CnClient, PushReport, ZoneError
 from snapper_zone.errors import DatasetBusy, SnapperError
-from snapper_zone.fleet import LocalCN, LocalFleet, LocalZone
-from snapper_zone.names import Dataset
-from snapper_zone.zfs import Zfs
+from snapper_zone.fleet.local import LocalCN, LocalFleet, LocalZone
+from snapper_zone.zfs import proc
+from snapper_zone.zfs.names import Dataset
+from snapper_zone.zfs.zfs import Zfs
 from soak import invariants
 from soak.faults import (
     COORDINATOR_KINDS,
@@ -72,7 +72,7 @@ class SoakConfig:
     min_kinds: int = 4
     schedule: list[PlannedFault] | None = None  # None: from the seed
     fault_kinds: tuple[str, ...] | None = None  # None: every kind this mode has
-    zone_module: str = "snapper_zone.daemon"  # a test's broken build runs its own
+    zone_module: str = "snapper_zone.daemon.main"  # a test's broken build runs its own
 
     def kinds(self) -> tuple[str, ...]:
         if self.fault_kinds is not None:

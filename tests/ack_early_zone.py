@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import sys
 
-from snapper_zone.daemon import main
-from snapper_zone.protocol import Commit
-from snapper_zone.service import Service
-from snapper_zone.store import VmSnapshot
+from snapper_zone.daemon.main import main
+from snapper_zone.daemon.service import Service
+from snapper_zone.daemon.store import VmSnapshot
+from snapper_zone.wire.protocol import Commit
 
 
 class AckEarlyService(Service):

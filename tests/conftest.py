@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from snapper_zone import localpool
-from snapper_zone.localpool import FilePool
-from snapper_zone.zfs import Capabilities, Zfs
+from snapper_zone.fleet import pools as localpool
+from snapper_zone.fleet.pools import FilePool
+from snapper_zone.zfs.zfs import Capabilities, Zfs
 
 
 @dataclass(frozen=True)

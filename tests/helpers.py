@@ -11,10 +11,10 @@ from pathlib import Path
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from snapper_zone import proc
-from snapper_zone.localpool import FilePool
-from snapper_zone.names import Dataset
-from snapper_zone.zfs import SendSpec, Zfs
+from snapper_zone.fleet.pools import FilePool
+from snapper_zone.zfs import proc
+from snapper_zone.zfs.names import Dataset
+from snapper_zone.zfs.zfs import SendSpec, Zfs
 
 
 def mountpoint(pool: FilePool, ds: Dataset) -> Path:

@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from snapper_zone import protocol
-from snapper_zone.auth import NotAuthorized, Principal, authorize, verb
-from snapper_zone.config import Role, TrustedKey
-from snapper_zone.protocol import (
+from snapper_zone.common.config import Role, TrustedKey
+from snapper_zone.daemon.auth import NotAuthorized, Principal, authorize, verb
+from snapper_zone.wire import protocol
+from snapper_zone.wire.protocol import (
     Abort,
     Command,
     Commit,

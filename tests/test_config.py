@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from snapper_zone.config import (
+from snapper_zone.common.config import (
     DEFAULT_METADATA_MAX_BYTES,
     ConfigError,
     ZoneConfig,

@@ -19,13 +19,13 @@ import aiohttp
 import asyncssh
 import pytest
 
-from snapper_zone import daemon as daemon_mod
-from snapper_zone import proc
-from snapper_zone.config import parse_config
-from snapper_zone.localpool import FilePool
-from snapper_zone.names import Dataset
-from snapper_zone.zfs import Zfs
-from snapper_zone.zone import Zone
+from snapper_zone.common.config import parse_config
+from snapper_zone.daemon import main as daemon_mod
+from snapper_zone.daemon.zone import Zone
+from snapper_zone.fleet.pools import FilePool
+from snapper_zone.zfs import proc
+from snapper_zone.zfs.names import Dataset
+from snapper_zone.zfs.zfs import Zfs
 from tests.helpers import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,7 +33,7 @@ ZONE_UUID = "bd932c2b-caae-495a-abf2-fb958111c3fb"
 VM = "74c59c61-4559-4ca2-b1ef-0ca22f2f936a"
 STOP_BOUND = 15.0  # seconds from SIGTERM to exit with nothing in flight
 READY_BOUND = 60.0
-HAVE_SSH = importlib.util.find_spec("snapper_zone.sshserver") is not None
+HAVE_SSH = importlib.util.find_spec("snapper_zone.daemon.sshserver") is not None
 
 
 def write_config(tmp_path: Path, root: str, **overrides: Any) -> Path:
@@ -57,7 +57,7 @@ public_key = "{key}"
 
 
 def snapperd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "snapper_zone.daemon", *args]
+    return [sys.executable, "-m", "snapper_zone.daemon.main", *args]
 
 
 def env() -> dict[str, str]:

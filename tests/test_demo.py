@@ -8,16 +8,16 @@ import sys
 
 import pytest
 
-from snapper_zone import proc
-from snapper_zone.fleet import free_port
-from snapper_zone.zfs import Zfs
+from snapper_zone.fleet.local import free_port
+from snapper_zone.zfs import proc
+from snapper_zone.zfs.zfs import Zfs
 from tests.conftest import ZfsTier
 
 pytestmark = pytest.mark.zfs
 
 
 async def test_demo_runs_and_cleans_up(zfs_tier: ZfsTier, zfs: Zfs) -> None:
-    done = await proc.run([sys.executable, "-m", "snapper_zone.cli", "demo", "--data-mib", "2"],
+    done = await proc.run([sys.executable, "-m", "snapper_zone.cn.cli", "demo", "--data-mib", "2"],
                           timeout=600)
     out = done.stdout.decode()
     assert done.returncode == 0, out + done.stderr

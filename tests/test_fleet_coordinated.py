@@ -14,10 +14,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from snapper_zone.cnclient import CnClient, ZoneClient, placement
-from snapper_zone.fleet import LocalFleet, LocalZone
-from snapper_zone.names import Dataset
-from snapper_zone.zfs import Zfs
+from snapper_zone.cn.client import CnClient, ZoneClient, placement
+from snapper_zone.fleet.local import LocalFleet, LocalZone
+from snapper_zone.zfs.names import Dataset
+from snapper_zone.zfs.zfs import Zfs
 from tests.conftest import ZfsTier
 from tests.helpers import scrape, wait_until, write_random
 

@@ -15,12 +15,12 @@ import asyncssh
 import pytest
 from aiohttp.test_utils import TestServer
 
-from snapper_zone.config import parse_config
-from snapper_zone.httpapi import make_app
-from snapper_zone.localpool import FilePool
-from snapper_zone.names import Dataset
-from snapper_zone.zfs import Capabilities, SendSpec, Zfs
-from snapper_zone.zone import Zone
+from snapper_zone.common.config import parse_config
+from snapper_zone.daemon.httpapi import make_app
+from snapper_zone.daemon.zone import Zone
+from snapper_zone.fleet.pools import FilePool
+from snapper_zone.zfs.names import Dataset
+from snapper_zone.zfs.zfs import Capabilities, SendSpec, Zfs
 from tests.helpers import write_random
 
 pytestmark = pytest.mark.zfs

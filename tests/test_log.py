@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from snapper_zone.log import (
+from snapper_zone.common.log import (
     TRACE,
     BunyanFormatter,
     bunyan_level,

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from snapper_zone.planning import (
+from snapper_zone.transfer.plan import (
     AbortPartial,
     AlreadyThere,
     BadBase,

@@ -8,7 +8,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from snapper_zone.progress import (
+from snapper_zone.common.progress import (
     JsonProgress,
     TtyProgress,
     for_stream,

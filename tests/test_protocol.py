@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from snapper_zone import protocol
 from snapper_zone.errors import InvalidName, SnapperError
-from snapper_zone.protocol import (
+from snapper_zone.wire import protocol
+from snapper_zone.wire.protocol import (
     Abort,
     BadCommand,
     Command,

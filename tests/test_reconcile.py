@@ -49,7 +49,7 @@ from replication.reconcile import (
     marker_name,
     reconcile,
 )
-from snapper_zone.planning import (
+from snapper_zone.transfer.plan import (
     AlreadyThere,
     Incremental,
     Version,

@@ -16,10 +16,10 @@ import aiohttp
 import pytest
 
 from replication.peers import pair_of
-from snapper_zone.cnclient import CnClient, ZoneClient, ZoneError
-from snapper_zone.fleet import LocalCN, LocalFleet, LocalZone
-from snapper_zone.names import Dataset
-from snapper_zone.zfs import Capabilities, Zfs
+from snapper_zone.cn.client import CnClient, ZoneClient, ZoneError
+from snapper_zone.fleet.local import LocalCN, LocalFleet, LocalZone
+from snapper_zone.zfs.names import Dataset
+from snapper_zone.zfs.zfs import Capabilities, Zfs
 from tests.conftest import ZfsTier
 from tests.helpers import scrape, wait_until, write_random
 

@@ -1,4 +1,4 @@
-"""Tests for snapper_zone.sendstream: the DRR_BEGIN parser.
+"""Tests for snapper_zone.zfs.sendstream: the DRR_BEGIN parser.
 
 Records are built here with struct, independently of the parser, in both byte
 orders; one test checks the parser against real streams from zfs-fuse.
@@ -14,10 +14,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from snapper_zone import proc
-from snapper_zone.localpool import FilePool
-from snapper_zone.names import Dataset
-from snapper_zone.sendstream import (
+from snapper_zone.fleet.pools import FilePool
+from snapper_zone.zfs import proc
+from snapper_zone.zfs.names import Dataset
+from snapper_zone.zfs.sendstream import (
     BEGIN_RECORD_SIZE,
     DMU_BACKUP_MAGIC,
     Feature,
@@ -27,7 +27,7 @@ from snapper_zone.sendstream import (
     parse_begin,
     read_begin,
 )
-from snapper_zone.zfs import SendSpec, Zfs
+from snapper_zone.zfs.zfs import SendSpec, Zfs
 from tests.helpers import receive_bytes, send_bytes, write_random
 
 U32 = st.integers(0, 2**32 - 1)

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from snapper_zone.fleet import LocalFleet, LocalZone
+from snapper_zone.fleet.local import LocalFleet, LocalZone
 from soak import invariants, report
 from soak.driver import Soak, SoakConfig, run_soak
 from soak.faults import (

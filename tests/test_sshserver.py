@@ -22,18 +22,19 @@ from typing import Any
 import asyncssh
 import pytest
 
-from snapper_zone import proc, protocol
-from snapper_zone.config import ZoneConfig, parse_config
-from snapper_zone.localpool import FilePool
-from snapper_zone.names import Dataset, Snapshot
-from snapper_zone.protocol import Commit, Receive, Send
-from snapper_zone.sendstream import StreamBegin
-from snapper_zone.sshserver import ENCRYPTION_ALGS, start_ssh_server
+from snapper_zone.common.config import ZoneConfig, parse_config
+from snapper_zone.daemon.sshserver import ENCRYPTION_ALGS, start_ssh_server
+from snapper_zone.daemon.zone import Zone
+from snapper_zone.fleet.pools import FilePool
 from snapper_zone.transfer import local as transfer_local
+from snapper_zone.transfer.registry import Transfer
 from snapper_zone.transfer.stream import ClientGone, Inbound
-from snapper_zone.transfers import Transfer
-from snapper_zone.zfs import Capabilities, SendSpec, Zfs
-from snapper_zone.zone import Zone
+from snapper_zone.wire import protocol
+from snapper_zone.wire.protocol import Commit, Receive, Send
+from snapper_zone.zfs import proc
+from snapper_zone.zfs.names import Dataset, Snapshot
+from snapper_zone.zfs.sendstream import StreamBegin
+from snapper_zone.zfs.zfs import Capabilities, SendSpec, Zfs
 from tests.conftest import require
 from tests.helpers import mountpoint, receive_bytes, send_bytes, wait_for, write_random
 
@@ -747,7 +748,7 @@ async def test_guid_not_the_streams_is_destroyed(
     src, _ = await cn_vm(zfs, cn_pool, "vm", 2, size=64 << 10)
     conn = await h.connect("cn-a")
     assert (await push(conn, zfs, src, VM_A, "s1"))[0] == 0
-    from snapper_zone.sendstream import read_begin as real
+    from snapper_zone.zfs.sendstream import read_begin as real
 
     async def lying_header(read: Callable[[int], Awaitable[bytes]]) -> tuple[StreamBegin, bytes]:
         # What ZFS made must match what the header promised; make them differ.

@@ -9,16 +9,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from snapper_zone.errors import MetadataTooLarge
-from snapper_zone.localpool import FilePool
-from snapper_zone.names import Dataset
-from snapper_zone.store import (
+from snapper_zone.daemon.store import (
     SnapshotNotFound,
     ZoneStore,
     decode_metadata,
     encode_metadata,
 )
-from snapper_zone.zfs import SendSpec, Zfs
+from snapper_zone.errors import MetadataTooLarge
+from snapper_zone.fleet.pools import FilePool
+from snapper_zone.zfs.names import Dataset
+from snapper_zone.zfs.zfs import SendSpec, Zfs
 from tests.helpers import write_random
 
 VM = str(uuid.UUID(int=7))

@@ -22,20 +22,20 @@ from hypothesis import strategies as st
 
 from replication.executor import Executor
 from replication.reconcile import SendFull, SnapRef
-from snapper_zone import proc
-from snapper_zone.cnclient import ZoneClient
+from snapper_zone.cn.client import ZoneClient
 from snapper_zone.errors import (
     DatasetExists,
     IncrementalSourceMismatch,
     PartialReceiveExists,
     SnapperError,
 )
-from snapper_zone.localpool import FilePool
-from snapper_zone.names import Dataset
-from snapper_zone.sendstream import HeaderType, StreamBegin
+from snapper_zone.fleet.pools import FilePool
 from snapper_zone.transfer.local import Expect, StreamRefused, vet_stream
-from snapper_zone.transfers import PENDING_TTL
-from snapper_zone.zfs import SendSpec, SnapshotInfo, Zfs
+from snapper_zone.transfer.registry import PENDING_TTL
+from snapper_zone.zfs import proc
+from snapper_zone.zfs.names import Dataset
+from snapper_zone.zfs.sendstream import HeaderType, StreamBegin
+from snapper_zone.zfs.zfs import SendSpec, SnapshotInfo, Zfs
 from tests.helpers import send_bytes
 from tests.test_sshserver import (
     PEER_UUID,

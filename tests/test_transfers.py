@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from snapper_zone import transfers
-from snapper_zone.metrics import Metrics
-from snapper_zone.transfers import TransferRegistry
+from snapper_zone.common.metrics import Metrics
+from snapper_zone.transfer import registry as transfers
+from snapper_zone.transfer.registry import TransferRegistry
 
 VM, OTHER = "74c59c61-4559-4ca2-b1ef-0ca22f2f936a", "7250abe7-581d-4b91-9ae1-5601a17f5dff"
 

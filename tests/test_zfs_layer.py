@@ -7,9 +7,9 @@ import hashlib
 import pytest
 
 from snapper_zone import errors
-from snapper_zone.localpool import FilePool
-from snapper_zone.names import Dataset, Snapshot
-from snapper_zone.zfs import Capabilities, SendSpec, Zfs
+from snapper_zone.fleet.pools import FilePool
+from snapper_zone.zfs.names import Dataset, Snapshot
+from snapper_zone.zfs.zfs import Capabilities, SendSpec, Zfs
 from tests.conftest import PoolFactory, require
 from tests.helpers import (
     read_device,

@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from snapper_zone import errors
-from snapper_zone.names import Bookmark, Dataset, Snapshot, check_component, check_uuid
-from snapper_zone.zfs import SendSpec, Zfs, classify, parse_capabilities
+from snapper_zone.zfs.names import Bookmark, Dataset, Snapshot, check_component, check_uuid
+from snapper_zone.zfs.zfs import SendSpec, Zfs, classify, parse_capabilities
 
 BAD_NAMES = ["", ".", "..", "a/b", "a@b", "a#b", "a b", " a", "-F", "--help", "a;b", "a|b",
              "a&b", "$(id)", "`id`", "a\nb", "a\0b", "../etc", "a/../b", "*", "a'b", 'a"b',

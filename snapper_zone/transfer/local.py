@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from snapper_zone import log as slog
+from snapper_zone.common import log as slog
 from snapper_zone.errors import (
     DatasetExists,
     DatasetNotFound,
@@ -42,11 +42,11 @@ from snapper_zone.errors import (
     StreamInvalid,
     ZfsError,
 )
-from snapper_zone.names import Dataset
-from snapper_zone.sendstream import StreamBegin, StreamHeaderError, read_begin
+from snapper_zone.transfer.registry import Transfer, TransferRegistry
 from snapper_zone.transfer.stream import ClientGone, Inbound, PipeGone, Sink
-from snapper_zone.transfers import Transfer, TransferRegistry
-from snapper_zone.zfs import SnapshotInfo, Zfs
+from snapper_zone.zfs.names import Dataset
+from snapper_zone.zfs.sendstream import StreamBegin, StreamHeaderError, read_begin
+from snapper_zone.zfs.zfs import SnapshotInfo, Zfs
 
 __all__ = [
     "SPACE_MARGIN",

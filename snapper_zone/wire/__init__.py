@@ -1,6 +1,6 @@
 """Typed documents that cross the wire between zone, CN, replication and coordinator.
 
-Below everything else: imports only ``snapper_zone.errors`` and ``snapper_zone.names``.
+Below everything else: imports only ``snapper_zone.errors`` and ``snapper_zone.zfs.names``.
 """
 
 from snapper_zone.wire.documents import (

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from snapper_zone.errors import InvalidName, SnapperError
-from snapper_zone.names import check_component, check_uuid
+from snapper_zone.zfs.names import check_component, check_uuid
 
 GUID_MAX = 2**64 - 1
 INT_MAX = 2**63 - 1  # sizes, txgs, times: ZFS's own are far below
@@ -28,7 +28,7 @@ MAX_TEXT = 1024  # a source, an in-use name, a host key line: short
 MAX_ITEMS = 100_000  # snapshots, parts, tombstones in one document
 _DECIMAL = re.compile(r"0|[1-9][0-9]{0,19}")
 _HEX = re.compile(r"[0-9a-f]{1,16}")
-_TOKEN = re.compile(r"[0-9A-Za-z-]{8,65536}")  # as snapper_zone.zfs checks resume tokens
+_TOKEN = re.compile(r"[0-9A-Za-z-]{8,65536}")  # as snapper_zone.zfs.zfs checks resume tokens
 
 
 class InvalidDocument(SnapperError, ValueError):

@@ -19,9 +19,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from snapper_zone.config import Role, TrustedKey
+from snapper_zone.common.config import Role, TrustedKey
 from snapper_zone.errors import SnapperError
-from snapper_zone.protocol import (
+from snapper_zone.wire.protocol import (
     Abort,
     Command,
     Commit,

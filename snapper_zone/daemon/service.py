@@ -22,12 +22,23 @@ from typing import Any, Protocol
 
 from replication.pipeline import MirrorTee
 from replication.replicator import MirrorUnavailable
-from snapper_zone import log as slog
-from snapper_zone import protocol
-from snapper_zone.auth import NotAuthorized, Principal, authorize, verb
+from snapper_zone.common import log as slog
+from snapper_zone.daemon.auth import NotAuthorized, Principal, authorize, verb
+from snapper_zone.daemon.store import SnapshotNotFound, VmSnapshot
+from snapper_zone.daemon.zone import Zone
 from snapper_zone.errors import DatasetNotFound, SnapperError
-from snapper_zone.names import Snapshot
-from snapper_zone.protocol import (
+from snapper_zone.transfer.local import (
+    SPACE_MARGIN,
+    Expect,
+    InsufficientSpace,
+    OpenTee,
+    ReceiveRequest,
+    StreamRefused,
+)
+from snapper_zone.transfer.registry import PENDING_TTL, SnapshotInUse
+from snapper_zone.transfer.stream import ClientGone, Inbound, Sink, copy_out
+from snapper_zone.wire import protocol
+from snapper_zone.wire.protocol import (
     Abort,
     Command,
     Commit,
@@ -40,19 +51,8 @@ from snapper_zone.protocol import (
     Send,
     Snapshots,
 )
-from snapper_zone.store import SnapshotNotFound, VmSnapshot
-from snapper_zone.transfer.local import (
-    SPACE_MARGIN,
-    Expect,
-    InsufficientSpace,
-    OpenTee,
-    ReceiveRequest,
-    StreamRefused,
-)
-from snapper_zone.transfer.stream import ClientGone, Inbound, Sink, copy_out
-from snapper_zone.transfers import PENDING_TTL, SnapshotInUse
-from snapper_zone.zfs import SendSpec
-from snapper_zone.zone import Zone
+from snapper_zone.zfs.names import Snapshot
+from snapper_zone.zfs.zfs import SendSpec
 
 __all__ = [
     "SPACE_MARGIN",

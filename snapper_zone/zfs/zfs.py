@@ -25,7 +25,6 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from snapper_zone import proc
 from snapper_zone.errors import (
     DatasetBusy,
     DatasetExists,
@@ -41,7 +40,8 @@ from snapper_zone.errors import (
     UnsupportedFeature,
     ZfsError,
 )
-from snapper_zone.names import Bookmark, Dataset, Snapshot, check_component, check_user_property
+from snapper_zone.zfs import proc
+from snapper_zone.zfs.names import Bookmark, Dataset, Snapshot, check_component, check_user_property
 
 _TOKEN = re.compile(r"[0-9A-Za-z-]{8,65536}")
 _USER_VALUE_MAX = 8191  # ZFS's limit on a user property value (ZAP_MAXVALUELEN - 1)

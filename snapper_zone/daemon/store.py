@@ -30,8 +30,8 @@ from typing import Any
 
 from snapper_zone import wire
 from snapper_zone.errors import DatasetNotFound, MetadataTooLarge, SnapperError
-from snapper_zone.names import Dataset, Snapshot, check_component, check_uuid
-from snapper_zone.zfs import SnapshotInfo, Zfs
+from snapper_zone.zfs.names import Dataset, Snapshot, check_component, check_uuid
+from snapper_zone.zfs.zfs import SnapshotInfo, Zfs
 
 P_COMPLETE = "snapper:complete"
 P_PARTS = "snapper:parts"

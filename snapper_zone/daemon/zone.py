@@ -9,14 +9,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from snapper_zone.config import TrustedKey, ZoneConfig
+from snapper_zone.common.config import TrustedKey, ZoneConfig
+from snapper_zone.common.metrics import Metrics
+from snapper_zone.daemon.store import ZoneStore
 from snapper_zone.errors import SnapperError
-from snapper_zone.metrics import Metrics
-from snapper_zone.names import Dataset
-from snapper_zone.store import ZoneStore
 from snapper_zone.transfer.local import ZoneReceiver
-from snapper_zone.transfers import SnapshotInUse, TransferRegistry
-from snapper_zone.zfs import Zfs
+from snapper_zone.transfer.registry import SnapshotInUse, TransferRegistry
+from snapper_zone.zfs.names import Dataset
+from snapper_zone.zfs.zfs import Zfs
 
 if TYPE_CHECKING:
     from replication.replicator import Replicator

@@ -28,11 +28,12 @@ from typing import Any, TypeVar
 import aiohttp
 
 from replication.peers import pair_of
-from snapper_zone import localpool, progress
-from snapper_zone.cnclient import CnClient, ZoneClient, ZoneError, placement
-from snapper_zone.fleet import LocalCN, LocalFleet, LocalZone
-from snapper_zone.names import Dataset
-from snapper_zone.zfs import Zfs
+from snapper_zone.cn.client import CnClient, ZoneClient, ZoneError, placement
+from snapper_zone.common import progress
+from snapper_zone.fleet import pools as localpool
+from snapper_zone.fleet.local import LocalCN, LocalFleet, LocalZone
+from snapper_zone.zfs.names import Dataset
+from snapper_zone.zfs.zfs import Zfs
 
 STATE_FILE = "fleet.json"
 T = TypeVar("T")
@@ -416,7 +417,7 @@ def _ours(pid: int, needle: str) -> bool:
 async def stop_kept(workdir: Path) -> int:
     """Stop a fleet left by ``--keep``: its daemons by pid, its pools, its zfs-fuse."""
     state = json.loads((workdir / STATE_FILE).read_text())
-    daemons = [(p, "snapper_zone.daemon") for p in state["pids"]]
+    daemons = [(p, "snapper_zone.daemon.main") for p in state["pids"]]
     if state.get("coordinator_pid"):
         daemons.append((state["coordinator_pid"], "rebalance.coordinator"))
     for pid, needle in daemons:

@@ -31,11 +31,12 @@ from typing import Any
 
 import asyncssh
 
-from snapper_zone import demo, progress
-from snapper_zone.cnclient import CnClient, PlanError, ZoneClient, ZoneError, ZoneUnreachable
-from snapper_zone.cnclient import placement as placement  # re-exported: the CN's lookup
+from snapper_zone.cn.client import CnClient, PlanError, ZoneClient, ZoneError, ZoneUnreachable
+from snapper_zone.cn.client import placement as placement  # re-exported: the CN's lookup
+from snapper_zone.common import progress
+from snapper_zone.common.progress import format_bytes
 from snapper_zone.errors import SnapperError
-from snapper_zone.progress import format_bytes
+from snapper_zone.fleet import demo
 
 DEFAULT_CONFIG = "/opt/smartdc/snapper/etc/snapper-cn.toml"
 CONFIG_ENV = "SNAPPER_CN_CONFIG"

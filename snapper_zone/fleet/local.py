@@ -23,9 +23,10 @@ from typing import Any
 
 import asyncssh
 
-from snapper_zone import localpool, proc
-from snapper_zone.localpool import FilePool
-from snapper_zone.zfs import Zfs
+from snapper_zone.fleet import pools as localpool
+from snapper_zone.fleet.pools import FilePool
+from snapper_zone.zfs import proc
+from snapper_zone.zfs.zfs import Zfs
 
 
 @dataclass
@@ -135,7 +136,7 @@ class LocalFleet:
 
     def __init__(self, workdir: Path, *, mirrored: bool = True,
                  reconcile_interval_ms: int = 2000, pipelined: bool = True,
-                 zone_module: str = "snapper_zone.daemon") -> None:
+                 zone_module: str = "snapper_zone.daemon.main") -> None:
         self.workdir = workdir
         self.zone_module = zone_module  # python -m this, for each zone
         # Every zone peers with every other (a full mesh); a VM's pair is chosen
@@ -155,7 +156,7 @@ class LocalFleet:
                     pool_size: int = 1 << 30, mirrored: bool = True,
                     reconcile_interval_ms: int = 2000, pipelined: bool = True,
                     coordinator: bool = False, lost_after: float = 10.0,
-                    zone_module: str = "snapper_zone.daemon") -> LocalFleet:
+                    zone_module: str = "snapper_zone.daemon.main") -> LocalFleet:
         fleet = cls(workdir, mirrored=mirrored, reconcile_interval_ms=reconcile_interval_ms,
                     pipelined=pipelined, zone_module=zone_module)
         try:

@@ -34,7 +34,7 @@ import json
 from dataclasses import dataclass
 
 from snapper_zone.errors import InvalidName, SnapperError
-from snapper_zone.names import check_component, check_uuid
+from snapper_zone.zfs.names import check_component, check_uuid
 
 MAX_LINE = 4096
 

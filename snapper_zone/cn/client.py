@@ -33,15 +33,16 @@ import aiohttp
 import asyncssh
 from asyncssh.channel import SSHChannel
 
-from snapper_zone import planning, proc
+from snapper_zone.common.progress import NoProgress, Reporter
 from snapper_zone.errors import (
     ResumeTokenInvalid,
     ResumeTokenStale,
     SnapperError,
     ZfsError,
 )
-from snapper_zone.names import Bookmark, Dataset, Snapshot, check_component, check_uuid
-from snapper_zone.planning import (
+from snapper_zone.transfer import plan as planning
+from snapper_zone.transfer.local import Expect, receive_stream
+from snapper_zone.transfer.plan import (
     AbortPartial,
     AlreadyThere,
     Incremental,
@@ -51,8 +52,9 @@ from snapper_zone.planning import (
     ZoneSnapshot,
     ZoneVmSnapshot,
 )
-from snapper_zone.progress import NoProgress, Reporter
-from snapper_zone.protocol import (
+from snapper_zone.transfer.stream import Channel, ClientGone, Inbound, SendPump
+from snapper_zone.wire import Inventory, VmSnapshot
+from snapper_zone.wire.protocol import (
     Abort,
     Command,
     Commit,
@@ -64,10 +66,9 @@ from snapper_zone.protocol import (
     format_command,
     parse_error_line,
 )
-from snapper_zone.transfer.local import Expect, receive_stream
-from snapper_zone.transfer.stream import Channel, ClientGone, Inbound, SendPump
-from snapper_zone.wire import Inventory, VmSnapshot
-from snapper_zone.zfs import SendSpec, Zfs, classify
+from snapper_zone.zfs import proc
+from snapper_zone.zfs.names import Bookmark, Dataset, Snapshot, check_component, check_uuid
+from snapper_zone.zfs.zfs import SendSpec, Zfs, classify
 
 log = logging.getLogger("snapper.cn")
 

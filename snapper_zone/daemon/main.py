@@ -28,15 +28,15 @@ from aiohttp import web
 from replication.coordinator_client import CoordinatorClient
 from replication.peers import PeerLinks
 from replication.replicator import Replicator
-from snapper_zone.config import ConfigError, ZoneConfig, load_config
+from snapper_zone.common.config import ConfigError, ZoneConfig, load_config
+from snapper_zone.common.log import parse_level, setup_logging
+from snapper_zone.daemon.httpapi import make_app
+from snapper_zone.daemon.service import Service
+from snapper_zone.daemon.sshserver import start_ssh_server
+from snapper_zone.daemon.zone import Zone
 from snapper_zone.errors import SnapperError
-from snapper_zone.httpapi import make_app
-from snapper_zone.log import parse_level, setup_logging
-from snapper_zone.names import Dataset
-from snapper_zone.service import Service
-from snapper_zone.sshserver import start_ssh_server
-from snapper_zone.zfs import Zfs
-from snapper_zone.zone import Zone
+from snapper_zone.zfs.names import Dataset
+from snapper_zone.zfs.zfs import Zfs
 
 __all__ = ["main"]
 

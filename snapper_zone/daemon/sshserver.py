@@ -21,10 +21,10 @@ from collections.abc import Mapping
 
 import asyncssh
 
-from snapper_zone.auth import Principal
-from snapper_zone.service import Service
+from snapper_zone.daemon.auth import Principal
+from snapper_zone.daemon.service import Service
+from snapper_zone.daemon.zone import Zone
 from snapper_zone.transfer.stream import ClientGone, Inbound
-from snapper_zone.zone import Zone
 
 __all__ = ["ENCRYPTION_ALGS", "start_ssh_server"]
 

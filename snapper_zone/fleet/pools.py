@@ -20,9 +20,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from snapper_zone import proc
 from snapper_zone.errors import DatasetBusy, SnapperError
-from snapper_zone.zfs import Zfs
+from snapper_zone.zfs import proc
+from snapper_zone.zfs.zfs import Zfs
 
 _counter = itertools.count()
 

@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from snapper_zone.common.metrics import Metrics
 from snapper_zone.errors import SnapperError
-from snapper_zone.metrics import Metrics
 
 
 class SnapshotInUse(SnapperError):

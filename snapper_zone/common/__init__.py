@@ -1,0 +1,2 @@
+"""What every part shares: config loading, logs, metrics, progress.
+"""
