@@ -41,8 +41,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from snapper_zone.cn.cli import parse_rate
-from snapper_zone.cn.client import CnClient, ZoneClient
+from snapper_zone.cn.client import CnClient
 from snapper_zone.fleet.local import LocalCN, LocalFleet, LocalZone
+from snapper_zone.transfer.remote import ZoneClient
 from snapper_zone.zfs.names import Dataset
 
 CHUNK = 8 << 20

@@ -66,15 +66,15 @@ from rebalance.store import (
     ZoneRegistration,
 )
 from rebalance.zoneclient import HttpZoneApi, InventoryVm, SnapshotView, ZoneApi
-from snapper_zone.common.config import ConfigError
-from snapper_zone.common.log import parse_level, setup_logging
-from snapper_zone.daemon.main import (
+from snapper_zone.common.bootstrap import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
     StartupError,
     write_atomically,
 )
+from snapper_zone.common.config import ConfigError
+from snapper_zone.common.log import parse_level, setup_logging
 from snapper_zone.errors import SnapperError
 from snapper_zone.zfs.names import check_uuid
 

@@ -31,7 +31,6 @@ from replication.reconcile import (
     SendIncremental,
     SnapRef,
 )
-from snapper_zone.cn.client import ZoneClient
 from snapper_zone.common import log as slog
 from snapper_zone.errors import SnapperError, UnsupportedFeature
 from snapper_zone.transfer.local import Expect, ReceiveRequest
@@ -44,6 +43,7 @@ from snapper_zone.transfer.plan import (
     plan_resume,
 )
 from snapper_zone.transfer.registry import Transfer
+from snapper_zone.transfer.remote import ZoneClient
 from snapper_zone.wire.protocol import Destroy, Receive, Send
 from snapper_zone.zfs.names import Snapshot
 from snapper_zone.zfs.zfs import SendSpec

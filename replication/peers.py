@@ -18,9 +18,9 @@ import asyncssh
 
 from rebalance.placement import ZoneInfo, ZoneState, hrw_ranking
 from replication.coordinator_client import CoordinatorClient, CoordinatorUnavailable
-from snapper_zone.cn.client import ZoneClient, ZoneUnreachable
 from snapper_zone.common.config import TrustedKey, ZoneConfig
 from snapper_zone.errors import SnapperError
+from snapper_zone.transfer.remote import ZoneClient, ZoneUnreachable
 
 __all__ = ["NoPeer", "Peer", "PeerLinks", "pair_of"]
 

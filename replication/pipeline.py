@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import asyncssh
 
-from snapper_zone.cn.client import ExecSession, ZoneClient
+from snapper_zone.transfer.remote import ExecSession, ZoneClient
 from snapper_zone.transfer.stream import Inbound
 from snapper_zone.wire.protocol import Receive
 

@@ -26,9 +26,10 @@ import aiohttp
 
 from replication.peers import pair_of
 from snapper_zone.cn.cli import placement
-from snapper_zone.cn.client import CnClient, PushReport, ZoneError
+from snapper_zone.cn.client import CnClient, PushReport
 from snapper_zone.errors import DatasetBusy, SnapperError
 from snapper_zone.fleet.local import LocalCN, LocalFleet, LocalZone
+from snapper_zone.transfer.remote import ZoneError
 from snapper_zone.zfs import proc
 from snapper_zone.zfs.names import Dataset
 from snapper_zone.zfs.zfs import Zfs

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import asyncssh
 
-from snapper_zone.cn.client import ZoneClient
 from snapper_zone.fleet import pools as localpool
 from snapper_zone.fleet.local import LocalFleet, LocalZone
+from snapper_zone.transfer.remote import ZoneClient
 from snapper_zone.transfer.stream import Channel
 from snapper_zone.zfs.names import Dataset
 from soak.records import FaultRecord

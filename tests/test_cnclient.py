@@ -21,11 +21,12 @@ from typing import Any
 import asyncssh
 import pytest
 
-from snapper_zone.cn.client import CnClient, PlanError, RestoreError, ZoneClient, ZoneError
+from snapper_zone.cn.client import CnClient, PlanError, RestoreError
 from snapper_zone.common.config import parse_config
 from snapper_zone.daemon.sshserver import start_ssh_server
 from snapper_zone.daemon.zone import Zone
 from snapper_zone.fleet.pools import FilePool
+from snapper_zone.transfer.remote import ZoneClient, ZoneError
 from snapper_zone.wire.protocol import Delete
 from snapper_zone.zfs import proc
 from snapper_zone.zfs.names import Dataset
@@ -332,7 +333,7 @@ async def test_conflict_is_reported_with_both_histories(env: Env) -> None:
 
 
 async def _cli(env: Env, *args: str) -> proc.Completed:
-    argv = [sys.executable, "-m", "snapper_zone.cn.cli", "--zone", f"127.0.0.1:{env.port}",
+    argv = [sys.executable, "-m", "snapper_zone.cli", "--zone", f"127.0.0.1:{env.port}",
             "--key", str(env.cn_key), "--host-key", str(env.host_pub),
             "--dataset-root", env.cn_pool.name, *args]
     return await proc.run(argv, timeout=120,
@@ -378,14 +379,14 @@ async def test_unknown_host_key_is_refused(env: Env) -> None:
     other = _keypair(env.tmp / "other_ed25519")
     client = ZoneClient("127.0.0.1", env.port, env.cn_key,
                         host_key=other.with_suffix(".pub"))
-    from snapper_zone.cn.client import ZoneUnreachable
+    from snapper_zone.transfer.remote import ZoneUnreachable
     with pytest.raises(ZoneUnreachable, match="host key"):
         await client.connect()
 
 
 async def test_zone_refusal_mid_stream_does_not_hang(env: Env) -> None:
     """The zone refuses after reading the header while we still have MiBs to send."""
-    from snapper_zone.cn.client import ZoneError
+    from snapper_zone.transfer.remote import ZoneError
     from snapper_zone.wire.protocol import Receive
     from snapper_zone.zfs.zfs import SendSpec
 

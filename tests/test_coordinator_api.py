@@ -34,7 +34,7 @@ from rebalance.coordinator import (
 from rebalance.placement import ZoneState
 from rebalance.store import SqliteStore, ZoneRecord
 from rebalance.zoneclient import HttpZoneApi, SnapshotView, ZoneRequestFailed, ZoneUnreachable
-from snapper_zone.cn.cli import main as cli_main
+from snapper_zone.cli import main as cli_main
 from snapper_zone.common.config import ConfigError
 from snapper_zone.zfs import proc
 from tests.helpers import wait_for, wait_until

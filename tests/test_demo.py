@@ -17,7 +17,7 @@ pytestmark = pytest.mark.zfs
 
 
 async def test_demo_runs_and_cleans_up(zfs_tier: ZfsTier, zfs: Zfs) -> None:
-    done = await proc.run([sys.executable, "-m", "snapper_zone.cn.cli", "demo", "--data-mib", "2"],
+    done = await proc.run([sys.executable, "-m", "snapper_zone.cli", "demo", "--data-mib", "2"],
                           timeout=600)
     out = done.stdout.decode()
     assert done.returncode == 0, out + done.stderr

@@ -14,8 +14,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from snapper_zone.cn.client import CnClient, ZoneClient, placement
+from snapper_zone.cn.client import CnClient, placement
 from snapper_zone.fleet.local import LocalFleet, LocalZone
+from snapper_zone.transfer.remote import ZoneClient
 from snapper_zone.zfs.names import Dataset
 from snapper_zone.zfs.zfs import Zfs
 from tests.conftest import ZfsTier

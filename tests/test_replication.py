@@ -16,8 +16,9 @@ import aiohttp
 import pytest
 
 from replication.peers import pair_of
-from snapper_zone.cn.client import CnClient, ZoneClient, ZoneError
+from snapper_zone.cn.client import CnClient
 from snapper_zone.fleet.local import LocalCN, LocalFleet, LocalZone
+from snapper_zone.transfer.remote import ZoneClient, ZoneError
 from snapper_zone.zfs.names import Dataset
 from snapper_zone.zfs.zfs import Capabilities, Zfs
 from tests.conftest import ZfsTier

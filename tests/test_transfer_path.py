@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 
 from replication.executor import Executor
 from replication.reconcile import SendFull, SnapRef
-from snapper_zone.cn.client import ZoneClient
 from snapper_zone.errors import (
     DatasetExists,
     IncrementalSourceMismatch,
@@ -32,6 +31,7 @@ from snapper_zone.errors import (
 from snapper_zone.fleet.pools import FilePool
 from snapper_zone.transfer.local import Expect, StreamRefused, vet_stream
 from snapper_zone.transfer.registry import PENDING_TTL
+from snapper_zone.transfer.remote import ZoneClient
 from snapper_zone.zfs import proc
 from snapper_zone.zfs.names import Dataset
 from snapper_zone.zfs.sendstream import HeaderType, StreamBegin

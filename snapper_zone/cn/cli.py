@@ -31,12 +31,12 @@ from typing import Any
 
 import asyncssh
 
-from snapper_zone.cn.client import CnClient, PlanError, ZoneClient, ZoneError, ZoneUnreachable
+from snapper_zone.cn.client import CnClient, PlanError
 from snapper_zone.cn.client import placement as placement  # re-exported: the CN's lookup
 from snapper_zone.common import progress
 from snapper_zone.common.progress import format_bytes
 from snapper_zone.errors import SnapperError
-from snapper_zone.fleet import demo
+from snapper_zone.transfer.remote import ZoneClient, ZoneError, ZoneUnreachable
 
 DEFAULT_CONFIG = "/opt/smartdc/snapper/etc/snapper-cn.toml"
 CONFIG_ENV = "SNAPPER_CN_CONFIG"
@@ -268,7 +268,8 @@ async def cmd_list(args: argparse.Namespace, s: CnSettings) -> int:
 Handler = Callable[[argparse.Namespace, CnSettings], Coroutine[Any, Any, int]]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(more: Callable[[Any], None] | None = None) -> argparse.ArgumentParser:
+    """The CN's commands; ``more(subparsers)`` adds the rest of ``snapper``'s."""
     p = argparse.ArgumentParser(prog="snapper", description="Push VM snapshots to snapper "
                                 "zones and restore them (run on a compute node).")
     p.add_argument("--config", help=f"CN config file (TOML); default ${CONFIG_ENV} or "
@@ -316,13 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--json", action="store_true", help="print JSON instead of a table")
     lst.set_defaults(handler=cmd_list)
 
-    demo_p = sub.add_parser("demo", help="run a local fleet of zones on file-backed pools "
-                            "and show the whole mission, narrated (no CN settings needed)")
-    demo.add_arguments(demo_p)
-    demo_p.set_defaults(standalone=demo.run)
-    from rebalance import cli as coordinator_cli  # zones, zone, rebalance, status
-
-    coordinator_cli.register(sub)
+    if more is not None:
+        more(sub)
 
     for sp in (push, restore):
         sp.add_argument("--progress", choices=("auto", "bar", "json", "none"), default="auto",
@@ -330,8 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: Sequence[str] | None = None,
+         more: Callable[[Any], None] | None = None) -> int:
+    parser = build_parser(more)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)

@@ -16,7 +16,6 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +27,13 @@ from aiohttp import web
 from replication.coordinator_client import CoordinatorClient
 from replication.peers import PeerLinks
 from replication.replicator import Replicator
+from snapper_zone.common.bootstrap import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    StartupError,
+    write_atomically,
+)
 from snapper_zone.common.config import ConfigError, ZoneConfig, load_config
 from snapper_zone.common.log import parse_level, setup_logging
 from snapper_zone.daemon.httpapi import make_app
@@ -40,23 +46,11 @@ from snapper_zone.zfs.zfs import Zfs
 
 __all__ = ["main"]
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-
 # SMF's stop method (:kill) waits 60 s before SIGKILL; the HTTP drain plus the
 # transfer grace period stay well inside it by default.
 DEFAULT_GRACE = 30.0
 HTTP_DRAIN = 5.0
 _POLL = 0.1  # how often the grace period looks at the transfer registry
-
-class StartupError(Exception):
-    """The daemon cannot start; ``status`` is its exit status."""
-
-    def __init__(self, message: str, status: int = EXIT_FAILED) -> None:
-        super().__init__(message)
-        self.status = status
-
 
 class _Parser(argparse.ArgumentParser):
     # argparse exits by itself; main() returns its status instead.
@@ -82,22 +76,6 @@ def _parser() -> argparse.ArgumentParser:
                    help="on SIGTERM, how long in-flight transfers may run on "
                    f"(default: {DEFAULT_GRACE:g})")
     return p
-
-
-def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Readers see the old file or the whole new one, never a part."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def ensure_host_key(path: Path, log: logging.Logger) -> None:

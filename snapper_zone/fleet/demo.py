@@ -28,10 +28,11 @@ from typing import Any, TypeVar
 import aiohttp
 
 from replication.peers import pair_of
-from snapper_zone.cn.client import CnClient, ZoneClient, ZoneError, placement
+from snapper_zone.cn.client import CnClient, placement
 from snapper_zone.common import progress
 from snapper_zone.fleet import pools as localpool
 from snapper_zone.fleet.local import LocalCN, LocalFleet, LocalZone
+from snapper_zone.transfer.remote import ZoneClient, ZoneError
 from snapper_zone.zfs.names import Dataset
 from snapper_zone.zfs.zfs import Zfs
 

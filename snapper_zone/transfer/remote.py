@@ -1,0 +1,471 @@
+"""The endpoint over SSH: one connection to a snapper zone, its commands and streams.
+
+``ZoneClient`` speaks the SSH grammar (``wire.protocol``) to a zone: small
+commands (``run``), a push (``push_stream``: a local ``zfs send`` through
+``stream.SendPump``), and a pull (``open_send``: the zone's ``send`` as a
+``stream.Inbound`` that ``local.receive_stream`` takes, vetted like any
+receive). A CN, a zone mirroring to its peer, and the tests all use it.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import asyncssh
+from asyncssh.channel import SSHChannel
+
+from snapper_zone.common.progress import NoProgress, Reporter
+from snapper_zone.errors import (
+    SnapperError,
+)
+from snapper_zone.transfer.local import Expect, receive_stream
+from snapper_zone.transfer.stream import Channel, ClientGone, Inbound, SendPump
+from snapper_zone.wire import Inventory, VmSnapshot
+from snapper_zone.wire.protocol import (
+    Abort,
+    Command,
+    Commit,
+    Metadata,
+    Receive,
+    ResumeToken,
+    Send,
+    Snapshots,
+    format_command,
+    parse_error_line,
+)
+from snapper_zone.zfs.names import Dataset
+from snapper_zone.zfs.zfs import SendSpec, Zfs, classify
+
+log = logging.getLogger("snapper.cn")
+
+
+STDERR_LIMIT = 64 * 1024
+# OpenSSH-compatible fast path (see shared/notes/ssh-throughput.md): AES-GCM
+# first, no compression (VM disk streams barely compress; it costs CPU).
+ENCRYPTION_ALGS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
+                   "chacha20-poly1305@openssh.com", "aes128-ctr", "aes256-ctr")
+
+
+# -- errors -------------------------------------------------------------------
+
+
+class ZoneError(SnapperError):
+    """A zone command failed; ``code`` and ``message`` are the zone's own."""
+
+    def __init__(self, code: str, message: str, command: str = "",
+                 exit_status: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.command = command
+        self.exit_status = exit_status
+
+    def __str__(self) -> str:
+        return f"zone {self.command.split(' ')[0] or 'command'}: {self.message}"
+
+
+class ZoneUnreachable(SnapperError):
+    """Could not connect or authenticate (network, host key, client key)."""
+
+    code = "ZoneUnreachable"
+    http_status = 503
+
+
+def pinned_host_key(key: str | Path | asyncssh.SSHKey) -> Callable[
+        [str, str, int | None], tuple[list[asyncssh.SSHKey], list[asyncssh.SSHKey],
+                                      list[asyncssh.SSHKey]]]:
+    """known_hosts for asyncssh that trusts exactly one host key, whatever the address.
+
+    ``key`` is an ``SSHKey``, an OpenSSH public key line, or a ``.pub`` file.
+    """
+    if isinstance(key, asyncssh.SSHKey):
+        pub = key
+    else:
+        text = str(key)
+        if not text.startswith(("ssh-", "ecdsa-")):
+            text = Path(text).read_text().strip()
+        pub = asyncssh.import_public_key(text)
+
+    def match(host: str, addr: str, port: int | None) -> tuple[
+            list[asyncssh.SSHKey], list[asyncssh.SSHKey], list[asyncssh.SSHKey]]:
+        return [pub], [], []
+
+    return match
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    bytes: int
+    seconds: float
+
+
+class ExecSession(asyncssh.SSHClientSession[bytes]):
+    """One exec channel; collects stderr/stdout (bounded) and the exit status.
+
+    Data handling is delegated: ``on_data`` receives stdout bytes (restore),
+    ``on_pause``/``on_resume`` follow the channel's write window (push).
+    """
+
+    def __init__(self) -> None:
+        self.chan: asyncssh.SSHClientChannel[bytes] | None = None
+        self.stderr = bytearray()
+        self.stdout = bytearray()
+        self.exit_status: int | None = None
+        self.eof = False
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.on_data: Callable[[bytes], None] | None = None
+        self.on_eof: Callable[[], None] | None = None
+        self.on_pause: Callable[[], None] | None = None
+        self.on_resume: Callable[[], None] | None = None
+
+    def connection_made(self, chan: SSHChannel[bytes]) -> None:
+        assert isinstance(chan, asyncssh.SSHClientChannel)
+        self.chan = chan
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if datatype == asyncssh.EXTENDED_DATA_STDERR:
+            _bounded_append(self.stderr, data)
+        elif self.on_data is not None:
+            self.on_data(data)
+        else:
+            _bounded_append(self.stdout, data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.on_eof is not None:
+            self.on_eof()
+        return False
+
+    def pause_writing(self) -> None:
+        if self.on_pause is not None:
+            self.on_pause()
+
+    def resume_writing(self) -> None:
+        if self.on_resume is not None:
+            self.on_resume()
+
+    def exit_status_received(self, status: int) -> None:
+        self.exit_status = status
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            if exc is None:
+                self.closed.set_result(None)
+            else:
+                self.closed.set_exception(exc)
+
+    def error(self, command: str) -> ZoneError:
+        status = self.exit_status
+        if status is None:
+            return ZoneError("ConnectionLost", "the zone closed the channel without an "
+                             "exit status", command)
+        code, message = parse_error_line(self.stderr.decode("utf-8", "replace"))
+        return ZoneError(code, message or f"exit status {status}", command, status)
+
+
+def _bounded_append(buf: bytearray, data: bytes) -> None:
+    buf += data
+    if len(buf) > STDERR_LIMIT:
+        del buf[: len(buf) - STDERR_LIMIT]
+
+
+class ZoneClient:
+    """One SSH connection to a snapper zone. Use ``async with ZoneClient(...)``."""
+
+    def __init__(self, host: str, port: int, client_key: str | Path | asyncssh.SSHKey, *,
+                 known_hosts: str | Path | None = None,
+                 host_key: str | Path | asyncssh.SSHKey | None = None,
+                 username: str = "snapper", connect_timeout: float = 30.0) -> None:
+        if known_hosts is not None and host_key is not None:
+            raise ValueError("give a known_hosts file or a pinned host key, not both")
+        self.host = host
+        self.port = port
+        self.client_key = client_key
+        self.known_hosts = known_hosts
+        self.host_key = host_key
+        self.username = username
+        self.connect_timeout = connect_timeout
+        self.conn: asyncssh.SSHClientConnection | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def connect(self) -> Self:
+        known: Any
+        if self.host_key is not None:
+            known = pinned_host_key(self.host_key)
+        elif self.known_hosts is not None:
+            known = str(self.known_hosts)
+        else:
+            known = ()  # asyncssh's default: ~/.ssh/known_hosts
+        key = self.client_key
+        keys: Any = [key if isinstance(key, asyncssh.SSHKey) else str(key)]
+        try:
+            self.conn = await asyncssh.connect(
+                self.host, self.port, username=self.username, client_keys=keys,
+                known_hosts=known, agent_path=None, config=None,
+                encryption_algs=list(ENCRYPTION_ALGS), compression_algs=None,
+                connect_timeout=self.connect_timeout)
+        except asyncssh.HostKeyNotVerifiable as exc:
+            raise ZoneUnreachable(f"{self.endpoint}: host key not trusted: {exc.reason}") \
+                from exc
+        except asyncssh.PermissionDenied as exc:
+            raise ZoneUnreachable(f"{self.endpoint}: our key was refused: {exc.reason}") \
+                from exc
+        except (OSError, asyncssh.Error, TimeoutError) as exc:
+            raise ZoneUnreachable(f"{self.endpoint}: cannot connect: {exc}") from exc
+        return self
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            await self.conn.wait_closed()
+            self.conn = None
+
+    async def __aenter__(self) -> Self:
+        return await self.connect()
+
+    async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    def _conn(self) -> asyncssh.SSHClientConnection:
+        if self.conn is None:
+            raise RuntimeError("ZoneClient is not connected")
+        return self.conn
+
+    async def _open(self, line: str) -> tuple[asyncssh.SSHClientChannel[bytes], ExecSession]:
+        try:
+            chan, session = await self._conn().create_session(ExecSession, line, encoding=None)
+        except (OSError, asyncssh.Error) as exc:
+            raise ZoneUnreachable(f"{self.endpoint}: {line.split()[0]}: {exc}") from exc
+        assert isinstance(session, ExecSession)
+        return chan, session
+
+    async def open_channel(self, cmd: Command) -> tuple[asyncssh.SSHClientChannel[bytes],
+                                                        ExecSession]:
+        """An exec channel for ``cmd`` whose bytes the caller moves itself (a tee)."""
+        return await self._open(format_command(cmd))
+
+    async def run(self, cmd: Command | str, stdin_bytes: bytes | None = None) -> bytes:
+        """Run a small command; its stdout, or a ZoneError from its JSON stderr."""
+        line = cmd if isinstance(cmd, str) else format_command(cmd)
+        chan, session = await self._open(line)
+        if stdin_bytes:
+            chan.write(stdin_bytes)
+        chan.write_eof()
+        try:
+            await session.closed
+        except (OSError, asyncssh.Error) as exc:
+            raise ZoneUnreachable(f"{self.endpoint}: {line.split()[0]}: {exc}") from exc
+        if session.exit_status != 0:
+            raise session.error(line)
+        return bytes(session.stdout)
+
+    def stream_channel(self, chan: asyncssh.SSHClientChannel[bytes]) -> Channel:
+        """Where a pushed stream's bytes are written: the channel itself.
+
+        A subclass may wrap it; the soak and the tests cut streams here
+        (``soak.faults.CuttingZoneClient``), as a crash would.
+        """
+        return chan
+
+    async def push_stream(self, cmd: Receive, spec: SendSpec, zfs: Zfs,
+                          progress: Reporter | None = None, *,
+                          bwlimit: float | None = None) -> StreamResult:
+        """``zfs send SPEC`` → the zone's ``receive``; raises the most telling error.
+
+        ``bwlimit`` (bytes/s) paces the stream, so a CN's pushes leave room
+        for its VMs' own traffic. The send child writes into a kernel pipe
+        that ``stream.SendPump`` reads; a full SSH window stops the reading,
+        so ``zfs send`` blocks and memory stays bounded.
+        """
+        progress = progress or NoProgress()
+        line = format_command(cmd)
+        loop = asyncio.get_running_loop()
+        chan, session = await self._open(line)
+        r, w = os.pipe()
+        try:
+            sender = await zfs.send(spec, stdout=w)
+        except BaseException:
+            os.close(r)
+            chan.close()
+            raise
+        finally:
+            os.close(w)
+        pump = SendPump(self.stream_channel(chan), progress.advance, bwlimit)
+        started = time.monotonic()
+        try:
+            transport, _ = await loop.connect_read_pipe(lambda: pump,
+                                                        os.fdopen(r, "rb", buffering=0))
+        except BaseException:
+            os.close(r)
+            await sender.abort()
+            chan.close()
+            raise
+        session.on_pause = lambda: pump.hold("window")
+        session.on_resume = lambda: pump.release("window")
+        zone_hung_up = False
+        try:
+            # Either the stream ends, or the zone ends the channel first (it
+            # refused the stream): then the pipe may be paused on a full window
+            # and would never end by itself.
+            await asyncio.wait([pump.done, session.closed],
+                               return_when=asyncio.FIRST_COMPLETED)
+            if pump.done.done() and pump.done.exception() is None:
+                chan.write_eof()
+            else:
+                zone_hung_up = True
+                transport.close()
+                sender.kill()
+            sent = await sender.wait()
+            try:
+                await session.closed
+            except (OSError, asyncssh.Error) as exc2:
+                raise ZoneUnreachable(f"{self.endpoint}: receive: {exc2}") from exc2
+        except BaseException:
+            # Cancelled (CN killed, Ctrl-C) or failed: never leave a child behind.
+            transport.close()
+            await sender.abort()
+            chan.close()
+            raise
+        if session.exit_status != 0:
+            err = session.error(line)
+            if not sent.ok and not zone_hung_up:
+                # The zone saw a truncated stream because our send failed: say why.
+                raise classify(sent.argv, sent.stderr, sent.returncode) from err
+            raise err
+        if not sent.ok:
+            raise classify(sent.argv, sent.stderr, sent.returncode)
+        return StreamResult(pump.bytes, time.monotonic() - started)
+
+    async def open_send(self, cmd: Send) -> tuple[Inbound, ExecSession]:
+        """Start the zone's ``send``; its stream as an ``Inbound`` to receive from.
+
+        The channel's data feeds the Inbound; when the receive's pipe is full
+        the channel stops reading, the SSH window closes and the zone's
+        ``zfs send`` blocks. A channel closed before EOF is a cut stream.
+        """
+        line = format_command(cmd)
+        chan, session = await self._open(line)
+        source = Inbound(chan.pause_reading, chan.resume_reading)
+        endpoint = self.endpoint
+
+        def closed(fut: asyncio.Future[None]) -> None:
+            # The zone may close without EOF: its exit status says whether the
+            # stream ended or was cut.
+            why = fut.exception() if not fut.cancelled() else None
+            if why is None and session.exit_status == 0:
+                source.feed_eof()
+            else:
+                source.feed_error(ClientGone(f"{endpoint}: send ended before its stream "
+                                             f"did: {why or session.error(line)}"))
+
+        session.on_data = source.feed
+        session.on_eof = source.feed_eof
+        if session.stdout:  # whatever arrived with the exec reply
+            source.feed(bytes(session.stdout))
+            session.stdout.clear()
+        if session.eof:
+            source.feed_eof()
+        session.closed.add_done_callback(closed)
+        chan.write_eof()
+        return source, session
+
+    async def finish_send(self, cmd: Send, session: ExecSession) -> None:
+        """After a pull: the zone must agree it sent a whole stream (exit 0)."""
+        chan = session.chan
+        if not session.closed.done() and chan is not None:
+            chan.close()  # our receive is done; stop a send still running
+        try:
+            await session.closed
+        except (OSError, asyncssh.Error) as exc:
+            raise ZoneUnreachable(f"{self.endpoint}: send: {exc}") from exc
+        if session.exit_status != 0:
+            raise session.error(format_command(cmd))
+
+    async def pull_stream(self, cmd: Send, target: Dataset, zfs: Zfs,
+                          progress: Reporter | None = None, *, toguid: int | None = None,
+                          force: bool = False) -> StreamResult:
+        """The zone's ``send`` → ``zfs receive TARGET`` here, vetted like any receive.
+
+        ``toguid``, when known, is the guid the stream must carry.
+        """
+        progress = progress or NoProgress()
+        started = time.monotonic()
+        moved = 0
+
+        def count(n: int) -> None:
+            nonlocal moved
+            moved += n
+            progress.advance(n)
+
+        source, session = await self.open_send(cmd)
+        try:
+            await receive_stream(zfs, target, source, Expect(cmd.snapshot, cmd.base,
+                                                             toguid=toguid),
+                                 on_bytes=count, resumable=False, force=force)
+        except ClientGone as exc:
+            # The zone's send ended early: its own error says why.
+            with contextlib.suppress(OSError, asyncssh.Error):
+                await session.closed
+            if session.exit_status not in (0, None):
+                raise session.error(format_command(cmd)) from exc
+            raise ZoneUnreachable(f"{self.endpoint}: send: {exc.message}") from exc
+        except BaseException:
+            if session.chan is not None:
+                session.chan.close()
+            raise
+        await self.finish_send(cmd, session)
+        return StreamResult(moved, time.monotonic() - started)
+
+    # -- the small commands -----------------------------------------------------
+
+    async def inventory(self, vm: str) -> Inventory:
+        """The zone's whole ``snapshots VM`` answer (snapshots, datasets, tombstones,
+        in use); ``wire.InvalidDocument`` when it is not one."""
+        try:
+            raw = json.loads(await self.run(Snapshots(vm)) or b"{}")
+        except ValueError as exc:
+            raise ZoneError("BadAnswer", f"snapshots: not JSON: {exc}") from None
+        return Inventory.from_json(raw, vm=vm)  # a list: an older zone's snapshots alone
+
+    async def snapshots(self, vm: str) -> list[VmSnapshot]:
+        """The zone's VM snapshots, oldest first."""
+        return list((await self.inventory(vm)).snapshots)
+
+    async def resume_token(self, vm: str, dataset: str) -> str | None:
+        text = (await self.run(ResumeToken(vm, dataset))).decode().strip()
+        return None if text in ("", "-") else text
+
+    async def abort(self, vm: str, dataset: str) -> None:
+        await self.run(Abort(vm, dataset))
+
+    async def commit(self, vm: str, snap: str, datasets: Sequence[str],
+                     metadata: Mapping[str, Any] | None,
+                     durability: str | None = None) -> dict[str, Any]:
+        """Mark the VM snapshot complete; the zone's answer (which zones hold it)."""
+        body = json.dumps(metadata).encode() if metadata is not None else b""
+        out = await self.run(Commit(vm, snap, tuple(datasets), durability), body)
+        try:
+            doc = json.loads(out) if out.strip() else {}
+        except ValueError:
+            doc = {}
+        return doc if isinstance(doc, dict) else {}
+
+    async def metadata(self, vm: str, snap: str) -> dict[str, Any] | None:
+        out = (await self.run(Metadata(vm, snap))).strip()
+        if not out or out == b"null":
+            return None
+        obj = json.loads(out)
+        return obj if isinstance(obj, dict) else None
+
