@@ -84,6 +84,7 @@ __all__ = ["COORDINATOR", "Coordinator", "CoordinatorConfig", "load_config", "ma
 log = logging.getLogger("snapper.coordinator")
 
 HTTP_DRAIN = 5.0
+GRACE_MARGIN = 0.05  # s past the end of rebuild_grace that the deferred pass wakes
 
 
 class InvalidArgument(SnapperError):
@@ -276,6 +277,8 @@ class Coordinator:
         self._place_lock = asyncio.Lock()
         self._trigger = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self.auto_passes = 0  # automatic planning passes finished, for whoever waits on one
+        self.deferred = False  # a change seen during rebuild_grace awaits the pass after it
 
     # -- background work --
 
@@ -288,8 +291,13 @@ class Coordinator:
     async def _in_grace(self) -> bool:
         if self._fresh_store is None:
             self._fresh_store = not await self.store.zones()
-        return self._fresh_store and \
-            time.monotonic() - self._started < self.config.rebuild_grace
+        return self._fresh_store and self.grace_left() > 0
+
+    def grace_left(self) -> float:
+        """Seconds of ``rebuild_grace`` left (0 on a store that was not new)."""
+        if not self._fresh_store:
+            return 0.0
+        return max(0.0, self.config.rebuild_grace - (time.monotonic() - self._started))
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self.mover.run(), name="mover"),
@@ -316,11 +324,23 @@ class Coordinator:
         set active): the periodic pass moves nothing for balance alone, so
         copies of unequal size do not ping-pong between zones near their share.
         An operator's ``snapper rebalance`` balances whenever asked.
+
+        During ``rebuild_grace`` after a start on an empty store the view may be
+        partial (zones still re-registering, VMs not adopted yet): passes make
+        repairs only, and a change seen meanwhile is kept, not dropped, for the
+        first pass after the grace.  Zones re-registering into a new store with
+        their data are not a capacity change, so that pass balances only if an
+        active zone holds no copy at all: a zone added during the grace (or a
+        first start's zones), which would otherwise stay empty until the next
+        change.
         """
         while True:
             changed = True
+            wait = self.config.rebalance_interval
+            if self.deferred:  # wake when the grace ends, not a whole interval later
+                wait = min(wait, self.grace_left() + GRACE_MARGIN)
             try:
-                await asyncio.wait_for(self._trigger.wait(), self.config.rebalance_interval)
+                await asyncio.wait_for(self._trigger.wait(), wait)
             except TimeoutError:
                 changed = False
             # Settle: zones (re)registering together, say after a rebuild, make one plan.
@@ -331,12 +351,18 @@ class Coordinator:
                 except TimeoutError:
                     break
                 changed = True  # a change while settling counts, even on a periodic pass
-            # Zones re-registering into a new store are not a capacity change.
-            repairs_only = not changed or await self._in_grace()
+            grace = await self._in_grace()
+            after_grace = self.deferred and not grace
+            if grace:
+                self.deferred = self.deferred or changed
             try:
-                await self.rebalance(dry_run=False, repairs_only=repairs_only)
+                await self.rebalance(dry_run=False, repairs_only=grace or not changed,
+                                     balance_empty_zones=after_grace)
             except Exception:
                 log.exception("automatic rebalance failed")
+            if after_grace:
+                self.deferred = False
+            self.auto_passes += 1
 
     async def _zone_lost(self, z: ZoneRecord) -> None:
         self.trigger()
@@ -499,7 +525,14 @@ class Coordinator:
             log.info("placement adopted from the zones' inventories", extra={"vms": n})
         return n
 
-    async def rebalance(self, dry_run: bool, repairs_only: bool = False) -> dict[str, Any]:
+    async def rebalance(self, dry_run: bool, repairs_only: bool = False, *,
+                        balance_empty_zones: bool = False) -> dict[str, Any]:
+        """Plan (and unless ``dry_run``, record and start) the moves.
+
+        ``repairs_only`` keeps the repairs and drops the balancing moves; with
+        ``balance_empty_zones`` it balances all the same when an active zone
+        holds no complete copy (new capacity, see ``_auto``).
+        """
         async with self._plan_lock:
             zones = await self.store.zones()
             inv = await self.inventories(zones)
@@ -539,6 +572,13 @@ class Coordinator:
                     held[m.from_zone] -= sizes.get(m.vm, 0)
             p = plan([_zone_info(z, held[z.uuid]) for z in zones],
                      [VmInfo(vm, sizes.get(vm, 0)) for vm in current], current)
+            empty = sorted(z.uuid for z in zones if z.state is ZoneState.ACTIVE
+                           and z.capacity > 0 and z.uuid in inv
+                           and not any(v.complete > 0 for v in inv[z.uuid]))
+            if repairs_only and balance_empty_zones and empty:
+                repairs_only = False
+                log.info("empty zones after the rebuild grace: balancing",
+                         extra={"zones": empty})
             if repairs_only:
                 p = dataclasses.replace(p, moves=tuple(m for m in p.moves
                                                        if m.reason != "rebalance"))
@@ -552,7 +592,8 @@ class Coordinator:
                 moves = [r.to_json() for r in records]
                 self.mover.kick()
             log.info("rebalance planned", extra={
-                "dry_run": dry_run, "moves": len(p.moves), "moved_bytes": p.moved_bytes,
+                "dry_run": dry_run, "repairs_only": repairs_only, "moves": len(p.moves),
+                "moved_bytes": p.moved_bytes,
                 "warnings": list(p.warnings), "skipped_busy": len(busy)})
             return {"dry_run": dry_run, "moves": moves, "moved_bytes": p.moved_bytes,
                     "projected": p.projected, "warnings": list(p.warnings),

@@ -644,6 +644,84 @@ async def test_a_rebuilt_store_waits_for_a_vms_second_copy(tmp_path: Path,
         await env.close()
 
 
+def _auto_env(tmp_path: Path, fleet: Fleet, grace: float) -> Env:
+    """An empty store, automatic rebalancing, no periodic pass to lean on."""
+    env = Env(tmp_path, fleet)
+    env.config = CoordinatorConfig(store=tmp_path / "c.db", health_interval=3600,
+                                   auto_rebalance=True, settle=0.05, rebalance_interval=3600,
+                                   rebuild_grace=grace, retry_delay=0.05)
+    env.coordinator = Coordinator(env.store, env.api, env.config)
+    env.server = TestServer(make_app(env.coordinator), host="127.0.0.1")
+    return env
+
+
+async def test_a_zone_added_during_the_rebuild_grace_gets_its_share(tmp_path: Path,
+                                                                   fleet: Fleet) -> None:
+    """A first start is a start on an empty store: a 4th zone added within
+    rebuild_grace is new capacity. The passes during the grace make repairs
+    only; the change is kept for the first pass after it, which fills the zone
+    (it used to be dropped: the zone stayed empty until the next change)."""
+    env = _auto_env(tmp_path, fleet, grace=2.0)
+    await env.coordinator.prepare()
+    await env.start()
+    env.coordinator.start()
+    try:
+        await fleet_of(env, 3)
+        await push_all(env, VMS)
+        await fleet.add(ZONES[3])
+        await env.register(ZONES[3])
+        assert env.coordinator.grace_left() > 0, "registered after the grace: proves nothing"
+        after: dict[str, list[str]] = {}
+
+        async def filled() -> bool:
+            nonlocal after
+            moves = (await env.call("GET", "/v1/moves"))["moves"]
+            if not moves or any(m["state"] not in ("done", "failed") for m in moves):
+                return False
+            after = await placements(env)
+            return True
+
+        await wait_until(filled, 30, "moves onto the zone added during the grace done",
+                         poll=0.05)
+        moves = await env.moves_finished()
+        assert [m["state"] for m in moves] == ["done"] * 6
+        assert all(m["to_zone"] == ZONES[3] and m["reason"] == "rebalance" for m in moves)
+        assert sum(ZONES[3] in pair for pair in after.values()) == 6  # 1/4 of 24 copies
+        assert_two_copies(env, after)
+    finally:
+        await env.close()
+
+
+async def test_zones_re_registering_after_a_lost_store_move_nothing(tmp_path: Path,
+                                                                    fleet: Fleet) -> None:
+    """The other side of the rule: zones coming back with their data into an
+    empty store are not a capacity change, even when the data is unbalanced;
+    the pass after the grace makes no move."""
+    for z in ZONES[:3]:
+        await fleet.add(z)
+    for i, vm in enumerate(VMS):  # ZONES[2] holds 2 of 24 copies: far below its share
+        fleet.push(vm, [ZONES[0], ZONES[1]] if i >= 2 else [ZONES[1], ZONES[2]])
+    env = _auto_env(tmp_path, fleet, grace=1.0)
+    await env.coordinator.prepare()
+    await env.start()
+    env.coordinator.start()
+    try:
+        for z in ZONES[:3]:
+            await env.register(z)
+        assert env.coordinator.grace_left() > 0
+
+        async def past_the_grace() -> bool:  # and the deferred pass done
+            return env.coordinator.grace_left() == 0 and not env.coordinator.deferred \
+                and env.coordinator.auto_passes >= 2
+
+        await wait_until(past_the_grace, 30, "the first pass after the grace", poll=0.02)
+        assert (await env.call("GET", "/v1/moves"))["moves"] == []
+        assert (await env.call("POST", "/v1/rebalance?dry_run=true"))["moves"], \
+            "the data was balanced: the test proves nothing"
+    finally:
+        await env.close()
+
+
 async def test_a_dead_zone_is_lost_and_repaired_by_itself(tmp_path: Path, fleet: Fleet) -> None:
     """Health checks declare it lost; the automatic rebalance restores two copies."""
     env = Env(tmp_path, fleet)
