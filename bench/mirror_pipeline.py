@@ -15,6 +15,13 @@ order so page-cache warmth favours none. Printed: the median seconds and
 MB/s of each, and the ratios pair/one (the issue's target: <= 1.2) and
 serial/one. Everything started is stopped, every pool destroyed.
 
+Then the copy path alone: the snapshot pulled back out of a zone over SSH
+into a fresh dataset through the one receive path (``ZoneClient.open_send``
+-> ``transfer.local.receive_stream``: vetted, guid-confirmed; what a zone's
+catch-up pull and a CN's restore run), beside a local ``zfs send | zfs
+receive`` of the same snapshot between the same two pools, in the same run:
+MB/s of each and their ratio (the issue's target: >= 0.8).
+
 It runs twice over: at full speed, and with the CN's stream paced to
 ``--bwlimit`` (``snapper push --bwlimit``). On one small machine every
 process of both zones shares the same CPUs (and zfs-fuse is one daemon for
@@ -45,6 +52,7 @@ from snapper_zone.cn.client import CnClient
 from snapper_zone.fleet.local import LocalCN, LocalFleet, LocalZone
 from snapper_zone.transfer.remote import ZoneClient
 from snapper_zone.zfs.names import Dataset
+from snapper_zone.zfs.zfs import SendSpec
 
 CHUNK = 8 << 20
 
@@ -67,6 +75,26 @@ async def push(fleet: LocalFleet, cn: LocalCN, zone: LocalZone, vm: str,
         t0 = time.monotonic()
         rep = await client.push(vm, "bench", metadata={"uuid": vm}, durability=mode)
         return time.monotonic() - t0, rep.zones
+
+
+async def copy_rates(fleet: LocalFleet, cn: LocalCN, zone: LocalZone, vm: str,
+                     i: int) -> tuple[float, float]:
+    """Seconds for the SSH copy path and for a local pipe, same snapshot, same pools."""
+    zc = ZoneClient("127.0.0.1", zone.ssh_port, cn.key_path, host_key=zone.host_key_pub)
+    client = CnClient(zc, dataset_root=cn.pool.name, zfs=fleet.zfs, vmadm=None)
+    scratch = Dataset(cn.pool.name).child(f"copy{i}")
+    await fleet.zfs.create(scratch)
+    async with zc:
+        t0 = time.monotonic()
+        await client.restore(vm, "bench", target=str(scratch.child("ssh")))
+        ssh = time.monotonic() - t0
+    src = Dataset(zone.root).child(vm).child("disk0")
+    t0 = time.monotonic()
+    await fleet.zfs.pipe(SendSpec(src.snapshot("bench")), scratch.child("pipe"),
+                         resumable=False)
+    local = time.monotonic() - t0
+    await fleet.zfs.destroy(scratch, recursive=True)
+    return ssh, local
 
 
 async def main(size_mib: int, repeat: int, bwlimit: float) -> int:
@@ -94,6 +122,7 @@ async def main(size_mib: int, repeat: int, bwlimit: float) -> int:
             paces: dict[str, float | None] = {"full speed": None,
                                               f"paced {bwlimit / 1e6:.0f} MB/s": bwlimit}
             times: dict[tuple[str, str], list[float]] = {(p, k): [] for p in paces for k in targets}
+            copies: list[tuple[float, float]] = []
             for i in range(repeat):
                 for pace, rate in paces.items():
                     vm = fresh.pop()
@@ -113,6 +142,11 @@ async def main(size_mib: int, repeat: int, bwlimit: float) -> int:
                         times[(pace, name)].append(secs)
                         print(f"  run {i + 1} {pace:<16} {name:<6} {secs:6.2f} s  "
                               f"{size / secs / 1e6:6.1f} MB/s", flush=True)
+                    if rate is None:
+                        ssh, local = await copy_rates(fleet, cn, one, vm, i)
+                        copies.append((ssh, local))
+                        print(f"  run {i + 1} copy path: ssh {size / ssh / 1e6:6.1f} MB/s, "
+                              f"local pipe {size / local / 1e6:6.1f} MB/s", flush=True)
             labels = {"one": "one copy (zone without peer)",
                       "pair": "two copies, pipelined (mirrored)",
                       "serial": "two copies, one after the other"}
@@ -128,6 +162,17 @@ async def main(size_mib: int, repeat: int, bwlimit: float) -> int:
                       f"{med['pair'] / med['one']:.2f}  (target <= 1.2)")
                 print(f"  ratio two-copies-serial    / one-copy : "
                       f"{med['serial'] / med['one']:.2f}")
+            ssh_med = statistics.median(c[0] for c in copies)
+            pipe_med = statistics.median(c[1] for c in copies)
+            print("\n  copy path (zone send -> SSH -> vetted receive) vs local pipe, "
+                  f"median of {len(copies)}")
+            print(f"  {'path':<34} {'seconds':>8} {'MB/s':>8}")
+            print(f"  {'zone -> ssh -> transfer.local':<34} {ssh_med:8.2f} "
+                  f"{size / ssh_med / 1e6:8.1f}")
+            print(f"  {'zfs send | zfs receive (local)':<34} {pipe_med:8.2f} "
+                  f"{size / pipe_med / 1e6:8.1f}")
+            print(f"  ratio copy-path / local-pipe (rate): {pipe_med / ssh_med:.2f}  "
+                  "(target >= 0.8)")
         finally:
             await fleet.stop()
     return 0

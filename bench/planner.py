@@ -34,9 +34,9 @@ from rebalance.placement import (
     ZoneInfo,
     ZoneState,
     _Hrw,
-    _uuid_bytes,
     plan,
 )
+from snapper_zone.common.hashing import uuid_bytes
 
 T = TypeVar("T")
 GiB = 2**30
@@ -56,7 +56,7 @@ def timed(fn: Callable[[], T], runs: int) -> tuple[tuple[float, float], T]:
 
 
 def naive_modulo(vms: list[VmInfo], zone_ids: list[str]) -> dict[str, tuple[str, str]]:
-    raw = _uuid_bytes([v.uuid for v in vms])
+    raw = uuid_bytes([v.uuid for v in vms])
     n = len(zone_ids)
     out = {}
     for i, v in enumerate(vms):

@@ -80,10 +80,7 @@ verified), so any execution order of the moves respects free space.
 
 from __future__ import annotations
 
-import hashlib
 import math
-import struct
-import sys
 from array import array
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -92,6 +89,22 @@ from enum import StrEnum
 from itertools import compress, repeat
 from operator import attrgetter
 from typing import Literal
+
+from snapper_zone.common.hashing import (
+    F1,
+    F2,
+    INV_2_32,
+    LE,
+    LOW0,
+    LOW1,
+    M32,
+    fmix,
+    rank,
+    tag,
+    uuid_bytes,
+    vm_key,
+    zone_salt,
+)
 
 __all__ = [
     "DEFAULT_TOLERANCE",
@@ -192,42 +205,8 @@ class Plan:
 
 # ---------------------------------------------------------------- hashing --
 
-_M32 = 0xFFFFFFFF
-_F1 = 0x85EBCA6B
-_F2 = 0xC2B2AE35
-_INV_2_32 = 2.0**-32
-_LE = sys.byteorder == "little"
-_LOW0, _LOW1 = (0, 1) if _LE else (7, 6)  # the two low-order bytes of a native double
 _MAX_ZONES = 1 << 16
 _EXPECTED_CANDIDATES = 4.0
-
-
-def _fmix(x: int) -> int:
-    """MurmurHash3's 32-bit finaliser."""
-    x ^= x >> 16
-    x = (x * _F1) & _M32
-    x ^= x >> 13
-    x = (x * _F2) & _M32
-    return x ^ (x >> 16)
-
-
-def _zone_salt(zone_id: str) -> int:
-    digest = hashlib.blake2b(zone_id.encode(), digest_size=4, person=b"snapper-hrw").digest()
-    return int.from_bytes(digest, "little")
-
-
-def _vm_key(vm: str) -> int:
-    raw = _uuid_bytes([vm])
-    k = 0
-    for j in range(4):
-        k = _fmix(k ^ int.from_bytes(raw[4 * j : 4 * j + 4], "little"))
-    return k
-
-
-def _tag(key: float, zone_index: int) -> float:
-    """``key`` with its 16 low-order mantissa bits replaced by ``zone_index``."""
-    bits = struct.unpack("<Q", struct.pack("<d", key))[0]
-    return float(struct.unpack("<d", struct.pack("<Q", (bits & ~0xFFFF) | zone_index))[0])
 
 
 def _bases(zones: Sequence[ZoneInfo]) -> list[float]:
@@ -236,61 +215,16 @@ def _bases(zones: Sequence[ZoneInfo]) -> list[float]:
 
 
 def hrw_ranking(vm: str, zones: Iterable[ZoneInfo]) -> list[str]:
-    """The eligible zones' ids for ``vm``, best first: the scalar definition.
-
-    With ``u = (2**32 - 0.5 - x) / 2**32`` for ``x = fmix(vm key ^ zone salt)``,
-    a zone's key is ``ln(u) / (w / w_max)`` (computed as ``log(u, e**(w/w_max))``)
-    with its 16 low mantissa bits replaced by the zone's index among the
-    eligible zones sorted by id; larger keys win.  That is the order of the
-    weighted score ``-w / ln(u)``, read to 2**-36 relative precision, with
-    exact ties going to the zone whose id sorts first.
-    """
-    eligible = sorted((z for z in zones if z.eligible), key=lambda z: z.id)
-    if not eligible:
-        return []
-    k = _vm_key(vm)
-    keys = [
-        _tag(math.log((4294967295.5 - _fmix(k ^ _zone_salt(z.id))) * _INV_2_32, b), i)
-        for i, (z, b) in enumerate(zip(eligible, _bases(eligible), strict=True))
-    ]
-    order = sorted(range(len(eligible)), key=lambda i: keys[i], reverse=True)
-    return [eligible[i].id for i in order]
+    """The eligible zones' ids for ``vm``, best first (``common.hashing.rank``)."""
+    return rank(vm, [(z.id, z.capacity) for z in zones if z.eligible])
 
 
 def hrw_score(vm: str, zone_id: str, capacity: int) -> float:
     """The weighted rendezvous score ``-w / ln(u)`` of ``zone_id`` for ``vm`` (untagged)."""
     if capacity <= 0:
         raise ValueError("capacity must be > 0")
-    u = (4294967295.5 - _fmix(_vm_key(vm) ^ _zone_salt(zone_id))) * _INV_2_32
+    u = (4294967295.5 - fmix(vm_key(vm) ^ zone_salt(zone_id))) * INV_2_32
     return -capacity / math.log(u)
-
-
-def _uuid_bytes(vms: Sequence[str]) -> bytes:
-    """The 16 bytes of each canonical lowercase UUID, concatenated (validated in bulk)."""
-    joined = "".join(vms)
-    n = len(vms)
-    digits = joined.replace("-", "")
-    if (len(joined) == 36 * n and len(digits) == 32 * n and digits == digits.lower()
-            and all(joined[p::36] == "-" * n for p in (8, 13, 18, 23))):
-        try:
-            return bytes.fromhex(digits)
-        except ValueError:
-            pass
-    for vm in vms:  # name the culprit
-        if len(vm) != 36 or "".join(vm[p] for p in (8, 13, 18, 23)) != "----" or (
-                vm != vm.lower() or not _is_hex32(vm.replace("-", ""))):
-            raise ValueError(f"vm {vm!r} is not a lowercase canonical UUID")
-    raise ValueError("vm ids are not lowercase canonical UUIDs")  # pragma: no cover
-
-
-def _is_hex32(s: str) -> bool:
-    if len(s) != 32 or not s.isascii() or not s.isalnum():
-        return False
-    try:
-        bytes.fromhex(s)
-    except ValueError:
-        return False
-    return True
 
 
 class _Lanes:
@@ -298,7 +232,7 @@ class _Lanes:
 
     def __init__(self, n: int) -> None:
         self.n = n
-        self.mask = self.rep(_M32)
+        self.mask = self.rep(M32)
 
     def rep(self, value: int) -> int:
         return int.from_bytes(value.to_bytes(8, "little") * self.n, "little")
@@ -306,9 +240,9 @@ class _Lanes:
     def fmix(self, x: int) -> int:
         m = self.mask
         x ^= (x >> 16) & m
-        x = (x * _F1) & m  # 32 x 32 bits: never carries into the next lane
+        x = (x * F1) & m  # 32 x 32 bits: never carries into the next lane
         x ^= (x >> 13) & m
-        x = (x * _F2) & m
+        x = (x * F2) & m
         return x ^ ((x >> 16) & m)
 
     def from_words(self, raw: bytes, stride: int, offset: int) -> int:
@@ -351,7 +285,7 @@ class _Hrw:
         self.bases = _bases(zones)
         self.limits = limits = self._limits()
         lanes = _Lanes(n)
-        raw = _uuid_bytes(vms)
+        raw = uuid_bytes(vms)
         k = 0
         for j in range(4):
             k = lanes.fmix(k ^ lanes.from_words(raw, 16, 4 * j))
@@ -359,12 +293,12 @@ class _Hrw:
         self.t: list[array[int]] = []
         flags: list[bytes] = []
         for z, lim in zip(zones, limits, strict=True):
-            x = lanes.fmix(k ^ lanes.rep(_zone_salt(z.id)))
+            x = lanes.fmix(k ^ lanes.rep(zone_salt(z.id)))
             tb = (lanes.rep((1 << 32) + lim) - x).to_bytes(8 * n, "little")
             flags.append(tb[4::8])
             arr = array("Q")
             arr.frombytes(tb)
-            if not _LE:  # pragma: no cover - big-endian hosts
+            if not LE:  # pragma: no cover - big-endian hosts
                 arr.byteswap()
             self.t.append(arr)
         self.flags = flags
@@ -397,9 +331,9 @@ class _Hrw:
         z2 = self._indexes(b2)
         bound = neg  # the best key a non-candidate can have
         for zi, lim in enumerate(self.limits):
-            if lim < _M32:
-                u = (4294967295.5 - (lim + 1)) * _INV_2_32
-                bound = max(bound, _tag(math.log(u, self.bases[zi]), 0))
+            if lim < M32:
+                u = (4294967295.5 - (lim + 1)) * INV_2_32
+                bound = max(bound, tag(math.log(u, self.bases[zi]), 0))
         redo = list(compress(range(m), map(bound.__ge__, b2)))
         if redo:  # the pruning cannot vouch for these rows: rank them on every zone
             vms = list(map(rows.__getitem__, redo))
@@ -420,7 +354,7 @@ class _Hrw:
     def _limits(self) -> list[int]:
         zs = self.zones
         if len(zs) <= _EXPECTED_CANDIDATES:
-            return [_M32] * len(zs)
+            return [M32] * len(zs)
         # Solve sum_z P(key_z > T) = sum_z 1 - exp(T * w_z / w_max) = c for T < 0.
         wmax = max(z.capacity for z in zs)
         ws = [z.capacity / wmax for z in zs]
@@ -433,16 +367,16 @@ class _Hrw:
                 hi = mid
             else:
                 lo = mid
-        return [min(_M32, int(4294967296.0 * -math.expm1(lo * w))) for w in ws]
+        return [min(M32, int(4294967296.0 * -math.expm1(lo * w))) for w in ws]
 
     def keys(self, zi: int, idx: Sequence[int]) -> array[float]:
         """Tagged keys of zone ``zi`` for the VMs ``idx``."""
         off = self.limits[zi] + 0.5
         ts = map(self.t[zi].__getitem__, idx)
-        us = map(_INV_2_32.__mul__, map(float.__rsub__, repeat(off), ts))  # (t - off) / 2**32
+        us = map(INV_2_32.__mul__, map(float.__rsub__, repeat(off), ts))  # (t - off) / 2**32
         buf = bytearray(array("d", map(math.log, us, repeat(self.bases[zi]))).tobytes())
-        buf[_LOW0::8] = bytes([zi & 0xFF]) * len(idx)
-        buf[_LOW1::8] = bytes([zi >> 8]) * len(idx)
+        buf[LOW0::8] = bytes([zi & 0xFF]) * len(idx)
+        buf[LOW1::8] = bytes([zi >> 8]) * len(idx)
         out = array("d")
         out.frombytes(buf)
         return out
@@ -453,7 +387,7 @@ class _Hrw:
     @staticmethod
     def _indexes(keys: list[float]) -> list[int]:
         raw = array("d", keys).tobytes()
-        return [lo | hi << 8 for lo, hi in zip(raw[_LOW0::8], raw[_LOW1::8], strict=True)]
+        return [lo | hi << 8 for lo, hi in zip(raw[LOW0::8], raw[LOW1::8], strict=True)]
 
 
 def desired_placement(zones: Iterable[ZoneInfo],

@@ -49,7 +49,7 @@ from snapper_zone.zfs.names import Snapshot
 from snapper_zone.zfs.zfs import SendSpec
 
 if TYPE_CHECKING:
-    from snapper_zone.daemon.zone import Zone
+    from replication.zone import LocalZone
 
 __all__ = ["HOLD_TAG", "Executor", "GuidMismatch", "NeedsOperator"]
 
@@ -88,7 +88,7 @@ class _Counted:
 
 @dataclass
 class Executor:
-    zone: Zone
+    zone: LocalZone
     vm: str
     peer: str  # the peer zone's uuid
     client: ZoneClient

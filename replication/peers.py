@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import asyncssh
 
-from rebalance.placement import ZoneInfo, ZoneState, hrw_ranking
 from replication.coordinator_client import CoordinatorClient, CoordinatorUnavailable
 from snapper_zone.common.config import TrustedKey, ZoneConfig
+from snapper_zone.common.hashing import rank
 from snapper_zone.errors import SnapperError
 from snapper_zone.transfer.remote import ZoneClient, ZoneUnreachable
 
@@ -47,8 +47,7 @@ def pair_of(vm: str, zones: Sequence[str]) -> tuple[str, ...]:
     Rendezvous hashing over the zone uuids, equal weights: every zone with the
     same list computes the same pair, the CN's placement included.
     """
-    infos = [ZoneInfo(z, ZoneState.ACTIVE, 1) for z in zones]
-    return tuple(hrw_ranking(vm, infos)[:2])
+    return tuple(rank(vm, [(z, 1) for z in zones])[:2])
 
 
 class PeerLinks:

@@ -48,7 +48,7 @@ from snapper_zone.wire import Inventory
 from snapper_zone.wire.protocol import Receive
 
 if TYPE_CHECKING:
-    from snapper_zone.daemon.zone import Zone
+    from replication.zone import LocalZone
 
 __all__ = ["MAX_ROUNDS", "MirrorUnavailable", "Replicator", "VmState"]
 
@@ -105,7 +105,7 @@ class VmState:
 
 
 class Replicator:
-    def __init__(self, zone: Zone, links: PeerLinks) -> None:
+    def __init__(self, zone: LocalZone, links: PeerLinks) -> None:
         self.zone = zone
         self.links = links
         self.log = zone.log

@@ -11,7 +11,7 @@ import sys
 
 from snapper_zone.daemon.main import main
 from snapper_zone.daemon.service import Service
-from snapper_zone.daemon.store import VmSnapshot
+from snapper_zone.transfer.store import VmSnapshot
 from snapper_zone.wire.protocol import Commit
 
 

@@ -9,14 +9,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from snapper_zone.daemon.store import (
+from snapper_zone.errors import MetadataTooLarge
+from snapper_zone.fleet.pools import FilePool
+from snapper_zone.transfer.store import (
     SnapshotNotFound,
     ZoneStore,
     decode_metadata,
     encode_metadata,
 )
-from snapper_zone.errors import MetadataTooLarge
-from snapper_zone.fleet.pools import FilePool
 from snapper_zone.zfs.names import Dataset
 from snapper_zone.zfs.zfs import SendSpec, Zfs
 from tests.helpers import write_random

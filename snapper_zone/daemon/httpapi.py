@@ -43,10 +43,10 @@ from aiohttp import web
 from replication.peers import NoPeer
 from replication.replicator import Replicator
 from snapper_zone.common.metrics import CONTENT_TYPE_LATEST
-from snapper_zone.daemon.store import P_META_COUNT, decode_metadata
 from snapper_zone.daemon.zone import Zone
 from snapper_zone.errors import InvalidName, SnapperError
 from snapper_zone.transfer.registry import SnapshotInUse
+from snapper_zone.transfer.store import P_META_COUNT, decode_metadata
 from snapper_zone.wire import InvalidDocument, elsewhere_from_json, tombstones_to_json
 from snapper_zone.zfs.names import Dataset, check_component, check_uuid
 

@@ -24,7 +24,6 @@ from replication.pipeline import MirrorTee
 from replication.replicator import MirrorUnavailable
 from snapper_zone.common import log as slog
 from snapper_zone.daemon.auth import NotAuthorized, Principal, authorize, verb
-from snapper_zone.daemon.store import SnapshotNotFound, VmSnapshot
 from snapper_zone.daemon.zone import Zone
 from snapper_zone.errors import DatasetNotFound, SnapperError
 from snapper_zone.transfer.local import (
@@ -36,6 +35,7 @@ from snapper_zone.transfer.local import (
     StreamRefused,
 )
 from snapper_zone.transfer.registry import PENDING_TTL, SnapshotInUse
+from snapper_zone.transfer.store import SnapshotNotFound, VmSnapshot
 from snapper_zone.transfer.stream import ClientGone, Inbound, Sink, copy_out
 from snapper_zone.wire import protocol
 from snapper_zone.wire.protocol import (

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 
 from snapper_zone.common.config import TrustedKey, ZoneConfig
 from snapper_zone.common.metrics import Metrics
-from snapper_zone.daemon.store import ZoneStore
 from snapper_zone.errors import SnapperError
 from snapper_zone.transfer.local import ZoneReceiver
 from snapper_zone.transfer.registry import SnapshotInUse, TransferRegistry
+from snapper_zone.transfer.store import ZoneStore
 from snapper_zone.zfs.names import Dataset
 from snapper_zone.zfs.zfs import Zfs
 
