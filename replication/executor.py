@@ -1,12 +1,15 @@
 """Carry out reconcile's actions between this zone and one peer: the I/O half.
 
 ``reconcile`` decides; this module moves bytes and destroys snapshots, one
-action at a time, and checks every receive by guid. Streams go through the
-same paths as a CN's: to the peer with ``ZoneClient.push_stream`` into its
-``receive`` (so the peer vets the stream exactly as it vets a CN's push),
-from the peer with ``pull_stream`` from its ``send``. Each dataset snapshot
-is its own ``-i`` stream: the receive grammar takes one snapshot per stream,
-and a failure part-way keeps every snapshot already across.
+action at a time. Both zones are ``transfer.endpoint.Endpoint``s: this zone
+is ``LocalEndpoint`` (``here``), the peer its ``ZoneClient``; deletes and
+markers go to whichever zone the action names (``_at``). Streams go through
+the one transfer path: to the peer with ``ZoneClient.push_stream`` into its
+``receive`` (vetted there as a CN's push is), from the peer with
+``ZoneClient.open_send`` into this zone's ``ZoneReceiver`` (vetted here: no
+``-R``/``-p``, the planned snapshot and guid, a receive slot). Each dataset
+snapshot is its own ``-i`` stream: the receive grammar takes one snapshot
+per stream, and a failure part-way keeps every snapshot already across.
 
 Locks: a zone takes its VM lock only to change its own datasets (a receive
 here, a destroy here), never while it waits on a peer, so two zones
@@ -33,7 +36,8 @@ from replication.reconcile import (
 )
 from snapper_zone.common import log as slog
 from snapper_zone.errors import SnapperError, UnsupportedFeature
-from snapper_zone.transfer.local import Expect, ReceiveRequest
+from snapper_zone.transfer.endpoint import Endpoint
+from snapper_zone.transfer.local import Expect, LocalEndpoint, ReceiveRequest
 from snapper_zone.transfer.plan import (
     AbortPartial,
     Resume,
@@ -44,7 +48,7 @@ from snapper_zone.transfer.plan import (
 )
 from snapper_zone.transfer.registry import Transfer
 from snapper_zone.transfer.remote import ZoneClient
-from snapper_zone.wire.protocol import Destroy, Receive, Send
+from snapper_zone.wire.protocol import Receive, Send
 from snapper_zone.zfs.names import Snapshot
 from snapper_zone.zfs.zfs import SendSpec
 
@@ -98,6 +102,12 @@ class Executor:
     @property
     def me(self) -> str:
         return self.zone.config.uuid
+
+    @property
+    def here(self) -> LocalEndpoint:
+        """This zone as an endpoint; what it commits came from the peer."""
+        return LocalEndpoint(self.zone.zfs, self.zone.store, self.zone.transfers,
+                             self.zone.vm_locks, f"zone:{self.peer}")
 
     @property
     def log(self) -> logging.Logger:
@@ -261,27 +271,20 @@ class Executor:
     # -- deletes and markers --------------------------------------------------------
 
     async def _delete(self, act: Delete) -> None:
-        if act.zone == self.me:
-            await self.zone.destroy(self.vm, act.name, act.dataset, act.guid)
-        else:
-            await self.client.run(Destroy(self.vm, act.name, act.dataset, act.guid))
+        await self._at(act.zone).destroy(self.vm, act.name, act.dataset, act.guid)
         self.log.info("reconcile destroyed", extra={
             "vm": self.vm, "zone": act.zone, "dataset": act.dataset, "snapshot": act.name,
             "reason": str(act.reason)})
 
     async def _mark(self, act: MarkComplete) -> None:
+        """Commit on ``act.zone`` the parts (by guid) and metadata the other zone has."""
+        here, there = self.here, self.client
+        marked, other = (here, there) if act.zone == self.me else (there, here)
+        meta = await other.metadata(self.vm, act.name)
+        snap = await self.zone.store.snapshot(self.vm, act.name)
         guids = set(act.guids)
-        if act.zone == self.me:
-            meta = await self.client.metadata(self.vm, act.name)
-            snap = await self.zone.store.snapshot(self.vm, act.name)
-            parts = [d for d, p in snap.parts.items() if p.guid in guids]
-            async with self.zone.vm_locks[self.vm]:
-                await self.zone.store.mark_complete(self.vm, act.name, parts, meta,
-                                                    f"zone:{self.peer}")
-            # Parts a pipelined mirror received were "pending" (in use) until now.
-            self.zone.transfers.committed(self.vm, act.name)
-        else:
-            meta = await self.zone.store.metadata(self.vm, act.name)
-            snap = await self.zone.store.snapshot(self.vm, act.name)
-            parts = [d for d, p in snap.parts.items() if p.guid in guids]
-            await self.client.commit(self.vm, act.name, parts, meta)
+        parts = [d for d, p in snap.parts.items() if p.guid in guids]
+        await marked.commit(self.vm, act.name, parts, meta)
+
+    def _at(self, zone: str) -> Endpoint:
+        return self.here if zone == self.me else self.client

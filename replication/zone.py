@@ -34,6 +34,3 @@ class LocalZone(Protocol):
 
     @property
     def receiver(self) -> ZoneReceiver: ...
-
-    async def destroy(self, vm: str, name: str, dataset: str | None,
-                      guid: int | None) -> None: ...

@@ -17,7 +17,6 @@ drains, so memory stays bounded by the SSH window plus one pipe buffer.
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from typing import Any, Protocol
 
 from replication.pipeline import MirrorTee
@@ -25,7 +24,7 @@ from replication.replicator import MirrorUnavailable
 from snapper_zone.common import log as slog
 from snapper_zone.daemon.auth import NotAuthorized, Principal, authorize, verb
 from snapper_zone.daemon.zone import Zone
-from snapper_zone.errors import DatasetNotFound, SnapperError
+from snapper_zone.errors import SnapperError
 from snapper_zone.transfer.local import (
     SPACE_MARGIN,
     Expect,
@@ -135,27 +134,17 @@ class Service:
             case Send():
                 await self.send(p, cmd, io)
             case ResumeToken(vm, ds):
-                target = self.zone.store.part_dataset(vm, ds)
-                try:
-                    token = await self.zone.zfs.resume_token(target)
-                except DatasetNotFound:
-                    token = None
+                token = await self.zone.endpoint(p.label).resume_token(vm, ds)
                 io.write(f"{token or '-'}\n".encode())
             case Abort(vm, ds):
-                target = self.zone.store.part_dataset(vm, ds)
-                # Checked before the lock, so a ZFS without it answers at once.
-                (await self.zone.zfs.capabilities()).require("resumable_receive")
-                async with self.zone.vm_locks[vm]:
-                    await self.zone.zfs.receive_abort(target)
+                await self.zone.endpoint(p.label).abort(vm, ds)
             case Snapshots(vm):
-                doc = await self.zone.store.document(vm)
-                # What must not be touched here now (pushes between parts, transfers).
-                doc = replace(doc, in_use=frozenset(self.zone.transfers.in_use(vm)))
+                doc = await self.zone.endpoint(p.label).inventory(vm)
                 io.write(_json_line(doc.to_json()))
             case Commit():
                 await self.commit(p, cmd, io)
             case Metadata(vm, snap):
-                io.write(_json_line(await self.zone.store.metadata(vm, snap)))
+                io.write(_json_line(await self.zone.endpoint(p.label).metadata(vm, snap)))
             case Delete(vm, snap):
                 await self.zone.delete_snapshot(vm, snap)
                 self.log.info("deleted snapshot", extra={"vm": vm, "snapshot": snap,
@@ -163,7 +152,7 @@ class Service:
             case Destroy(vm, snap, ds, guid):
                 if snap in self.zone.transfers.in_use(vm):
                     raise SnapshotInUse(f"VM {vm} snapshot {snap!r} is in use by a transfer")
-                await self.zone.destroy(vm, snap, ds, guid)
+                await self.zone.endpoint(p.label).destroy(vm, snap, ds, guid)
             case Ping():
                 io.write(b"pong\n")
 

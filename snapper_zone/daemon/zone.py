@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from snapper_zone.common.config import TrustedKey, ZoneConfig
 from snapper_zone.common.metrics import Metrics
 from snapper_zone.errors import SnapperError
-from snapper_zone.transfer.local import ZoneReceiver
+from snapper_zone.transfer.local import LocalEndpoint, ZoneReceiver
 from snapper_zone.transfer.registry import SnapshotInUse, TransferRegistry
 from snapper_zone.transfer.store import ZoneStore
 from snapper_zone.zfs.names import Dataset
@@ -89,16 +89,9 @@ class Zone:
                 self.log.info("delete not yet followed by the peer; it will be",
                               extra={"vm": vm, "snapshot": name})
 
-    async def destroy(self, vm: str, name: str, dataset: str | None,
-                      guid: int | None) -> None:
-        """Reconcile's destroy here: one part if it is still ``guid``, or (no
-        dataset) only the VM's marker; under the VM lock."""
-        async with self.vm_locks[vm]:
-            if dataset is None:
-                await self.store.destroy_marker(vm, name)
-            else:
-                assert guid is not None
-                await self.store.destroy_part(vm, dataset, name, guid)
+    def endpoint(self, source: str = "") -> LocalEndpoint:
+        """This zone as an ``Endpoint``; ``source`` is who its commits come from."""
+        return LocalEndpoint(self.zfs, self.store, self.transfers, self.vm_locks, source)
 
     async def drop_copy(self, vm: str,
                         elsewhere: Mapping[str, Mapping[str, int]] | None = None) -> None:

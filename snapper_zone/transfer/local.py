@@ -27,9 +27,9 @@ import contextlib
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 from snapper_zone.common import log as slog
 from snapper_zone.errors import (
@@ -43,7 +43,10 @@ from snapper_zone.errors import (
     ZfsError,
 )
 from snapper_zone.transfer.registry import Transfer, TransferRegistry
+from snapper_zone.transfer.store import VmSnapshot as StoredSnapshot
+from snapper_zone.transfer.store import ZoneStore
 from snapper_zone.transfer.stream import ClientGone, Inbound, PipeGone, Sink
+from snapper_zone.wire import Inventory, VmSnapshot
 from snapper_zone.zfs.names import Dataset
 from snapper_zone.zfs.sendstream import StreamBegin, StreamHeaderError, read_begin
 from snapper_zone.zfs.zfs import SnapshotInfo, Zfs
@@ -52,6 +55,7 @@ __all__ = [
     "SPACE_MARGIN",
     "Expect",
     "InsufficientSpace",
+    "LocalEndpoint",
     "ReceiveRequest",
     "Received",
     "StreamRefused",
@@ -254,6 +258,57 @@ async def receive_stream(zfs: Zfs, target: Dataset, source: Inbound, expect: Exp
     if tee is not None:
         tee.eof()
     return Received(begin, base_name, tee)
+
+
+@dataclass
+class LocalEndpoint:
+    """This zone as an ``endpoint.Endpoint``: its pool, under the VM lock."""
+
+    zfs: Zfs
+    store: ZoneStore
+    transfers: TransferRegistry
+    vm_locks: defaultdict[str, asyncio.Lock]
+    source: str = ""  # who a commit here comes from ("zone:<uuid>", "cn:<id>")
+
+    async def inventory(self, vm: str) -> Inventory:
+        doc = await self.store.document(vm)
+        # What must not be touched here now (pushes between parts, transfers).
+        return replace(doc, in_use=frozenset(self.transfers.in_use(vm)))
+
+    async def snapshots(self, vm: str) -> Sequence[VmSnapshot]:
+        return await self.store.snapshots(vm)
+
+    async def resume_token(self, vm: str, dataset: str) -> str | None:
+        try:
+            return await self.zfs.resume_token(self.store.part_dataset(vm, dataset))
+        except DatasetNotFound:
+            return None
+
+    async def abort(self, vm: str, dataset: str) -> None:
+        target = self.store.part_dataset(vm, dataset)
+        # Checked before the lock, so a ZFS without it answers at once.
+        (await self.zfs.capabilities()).require("resumable_receive")
+        async with self.vm_locks[vm]:
+            await self.zfs.receive_abort(target)
+
+    async def metadata(self, vm: str, snap: str) -> dict[str, Any] | None:
+        return await self.store.metadata(vm, snap)
+
+    async def commit(self, vm: str, snap: str, datasets: Sequence[str],
+                     metadata: Mapping[str, Any] | None) -> StoredSnapshot:
+        async with self.vm_locks[vm]:
+            done = await self.store.mark_complete(vm, snap, datasets, metadata, self.source)
+        self.transfers.committed(vm, snap)  # its parts were pending until now
+        return done
+
+    async def destroy(self, vm: str, snap: str, dataset: str | None,
+                      guid: int | None) -> None:
+        async with self.vm_locks[vm]:
+            if dataset is None:
+                await self.store.destroy_marker(vm, snap)
+            else:
+                assert guid is not None
+                await self.store.destroy_part(vm, dataset, snap, guid)
 
 
 class VmStore(Protocol):

@@ -34,6 +34,7 @@ from snapper_zone.wire.protocol import (
     Abort,
     Command,
     Commit,
+    Destroy,
     Metadata,
     Receive,
     ResumeToken,
@@ -461,6 +462,10 @@ class ZoneClient:
         except ValueError:
             doc = {}
         return doc if isinstance(doc, dict) else {}
+
+    async def destroy(self, vm: str, snap: str, dataset: str | None,
+                      guid: int | None) -> None:
+        await self.run(Destroy(vm, snap, dataset, guid))
 
     async def metadata(self, vm: str, snap: str) -> dict[str, Any] | None:
         out = (await self.run(Metadata(vm, snap))).strip()
