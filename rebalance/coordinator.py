@@ -44,7 +44,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 from urllib.parse import urlsplit
 
 import asyncssh
@@ -67,14 +67,14 @@ from rebalance.store import (
 )
 from rebalance.zoneclient import HttpZoneApi, InventoryVm, SnapshotView, ZoneApi
 from snapper_zone.common.bootstrap import (
-    EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
+    Parser,
     StartupError,
+    run_daemon,
     write_atomically,
 )
 from snapper_zone.common.config import ConfigError
-from snapper_zone.common.log import parse_level, setup_logging
 from snapper_zone.errors import SnapperError
 from snapper_zone.zfs.names import check_uuid
 
@@ -887,14 +887,8 @@ def make_app(coordinator: Coordinator) -> web.Application:
 # -- daemon -------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        raise StartupError(f"{self.prog}: {message}", EXIT_USAGE)
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="snapper-coordinator", description="Snapper coordinator: zone registry, "
+    p = Parser(prog="snapper-coordinator", description="Snapper coordinator: zone registry, "
                 "placement of each VM on two zones, health checks and moves.")
     p.add_argument("--config", required=True, metavar="FILE", help="coordinator config (TOML)")
     p.add_argument("--log-level", default="info",
@@ -942,29 +936,11 @@ async def serve(config: CoordinatorConfig, args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        args = _parser().parse_args(argv)
-        try:
-            level = parse_level(args.log_level)
-        except ValueError as e:
-            raise StartupError(f"snapper-coordinator: --log-level: {e}", EXIT_USAGE) from e
-        try:
-            config = load_config(args.config)
-        except ConfigError as e:
-            raise StartupError(f"snapper-coordinator: config error: {e}", EXIT_USAGE) from e
-    except StartupError as e:
-        print(e, file=sys.stderr)
-        return e.status
-    setup_logging("snapper-coordinator", level)
-    try:
-        return asyncio.run(serve(config, args))
-    except StartupError as e:
-        log.critical(str(e))
-        return e.status
-    except Exception:
-        log.critical("snapper-coordinator cannot run", exc_info=True)
-        return EXIT_FAILED
+    async def run(config: CoordinatorConfig, args: argparse.Namespace,
+                  _log: logging.Logger) -> int:
+        return await serve(config, args)
 
+    return run_daemon("snapper-coordinator", _parser(), argv, load_config, run)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,16 +1,30 @@
-"""What every daemon's start shares: exit codes, the startup error, atomic files.
+"""What every daemon's start shares: exit codes, arguments, logs, atomic files.
 
-Used by ``snapperd`` (``daemon/main.py``) and ``snapper-coordinator``.
+Used by ``snapperd`` (``daemon/main.py``) and ``snapper-coordinator``: both
+parse their arguments with ``Parser``, then hand ``run_daemon`` how to load
+their config and what to serve.
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import contextlib
+import logging
 import os
+import sys
 import tempfile
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
+from typing import Any, NoReturn, TypeVar
 
-__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "StartupError", "write_atomically"]
+from snapper_zone.common.config import ConfigError
+from snapper_zone.common.log import parse_level, setup_logging
+
+__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "Parser", "StartupError", "run_daemon",
+           "write_atomically"]
+
+C = TypeVar("C")
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -39,3 +53,47 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse exits by itself; a daemon's main() returns its status instead."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        raise StartupError(f"{self.prog}: {message}", EXIT_USAGE)
+
+
+def run_daemon(name: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+               load: Callable[[str], C],
+               serve: Callable[[C, argparse.Namespace, logging.Logger],
+                                Coroutine[Any, Any, int]]) -> int:
+    """Parse ``argv`` (``--config``, ``--log-level``), load the config, log, serve.
+
+    Usage and config errors are printed and exit 2; once logging is set up,
+    failures are logged as bunyan records (with the stack for a bug) and exit 1.
+    """
+    try:
+        args = parser.parse_args(argv)
+        try:
+            level = parse_level(args.log_level)
+        except ValueError as e:
+            raise StartupError(f"{name}: --log-level: {e}", EXIT_USAGE) from e
+        try:
+            config = load(args.config)
+        except ConfigError as e:
+            raise StartupError(f"{name}: config error: {e}", EXIT_USAGE) from e
+    except StartupError as e:
+        print(e, file=sys.stderr)
+        return e.status
+    log = setup_logging(name, level)
+    try:
+        return asyncio.run(serve(config, args, log))
+    # From here on stderr carries only bunyan lines, so failures are logged, not printed.
+    except StartupError as e:
+        log.critical(str(e))
+        return e.status
+    except Exception:
+        # ZFS not answering, a port already taken, a bug: logged with its stack
+        # as one record rather than a bare traceback.
+        log.critical(f"{name} cannot run", exc_info=True)
+        return EXIT_FAILED

@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import asyncssh
 from aiohttp import web
@@ -28,14 +28,14 @@ from replication.coordinator_client import CoordinatorClient
 from replication.peers import PeerLinks
 from replication.replicator import Replicator
 from snapper_zone.common.bootstrap import (
-    EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
+    Parser,
     StartupError,
+    run_daemon,
     write_atomically,
 )
-from snapper_zone.common.config import ConfigError, ZoneConfig, load_config
-from snapper_zone.common.log import parse_level, setup_logging
+from snapper_zone.common.config import ZoneConfig, load_config
 from snapper_zone.daemon.httpapi import make_app
 from snapper_zone.daemon.service import Service
 from snapper_zone.daemon.sshserver import start_ssh_server
@@ -52,15 +52,8 @@ DEFAULT_GRACE = 30.0
 HTTP_DRAIN = 5.0
 _POLL = 0.1  # how often the grace period looks at the transfer registry
 
-class _Parser(argparse.ArgumentParser):
-    # argparse exits by itself; main() returns its status instead.
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        raise StartupError(f"{self.prog}: {message}", EXIT_USAGE)
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="snapperd", description="Snapper zone daemon: receives, keeps and "
+    p = Parser(prog="snapperd", description="Snapper zone daemon: receives, keeps and "
                 "serves VM snapshots in this zone's delegated ZFS dataset.")
     p.add_argument("--config", required=True, metavar="FILE",
                    help="snapperd config (TOML, or JSON if it ends in .json)")
@@ -200,33 +193,11 @@ async def _registration(zone: Zone, ssh_port: int, http_port: int) -> dict[str, 
 
 def main(argv: Sequence[str] | None = None, service: type[Service] = Service) -> int:
     """snapperd; ``service`` is the command handler class (a test build may subclass it)."""
-    try:
-        args = _parser().parse_args(argv)
-        try:
-            level = parse_level(args.log_level)
-        except ValueError as e:
-            raise StartupError(f"snapperd: --log-level: {e}", EXIT_USAGE) from e
-        try:
-            config = load_config(args.config)
-        except ConfigError as e:
-            raise StartupError(f"snapperd: config error: {e}", EXIT_USAGE) from e
-    except StartupError as e:
-        print(e, file=sys.stderr)
-        return e.status
 
-    log = setup_logging("snapperd", level)
-    try:
-        return asyncio.run(serve(config, args, log, service))
-    # From here on stderr carries only bunyan lines, so failures are logged, not printed.
-    except StartupError as e:
-        log.critical(str(e))
-        return e.status
-    except Exception:
-        # ZFS not answering, a port already taken, a bug: logged with its stack
-        # as one bunyan record rather than a bare traceback.
-        log.critical("snapperd cannot run", exc_info=True)
-        return EXIT_FAILED
+    async def run(config: ZoneConfig, args: argparse.Namespace, log: logging.Logger) -> int:
+        return await serve(config, args, log, service)
 
+    return run_daemon("snapperd", _parser(), argv, load_config, run)
 
 if __name__ == "__main__":
     sys.exit(main())
