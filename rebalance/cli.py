@@ -28,6 +28,7 @@ from typing import Any
 import aiohttp
 
 from snapper_zone.common.progress import format_bytes, render_bar
+from snapper_zone.wire import ZoneRegistration
 
 __all__ = ["COORDINATOR_ENV", "CoordinatorError", "dispatch", "parse_size", "register", "run"]
 
@@ -149,10 +150,11 @@ async def cmd_zones(args: argparse.Namespace, c: Client) -> int:
 async def cmd_zone(args: argparse.Namespace, c: Client) -> int:
     action = args.action
     if action == "add":
-        body = {"uuid": args.uuid, "name": args.name, "ssh_host": args.ssh_host,
-                "ssh_port": args.ssh_port, "http_url": args.http_url,
-                "host_key": _host_key(args.host_key), "capacity": parse_size(args.capacity)}
-        z = await c.call("POST", "/v1/zones", body)
+        reg = ZoneRegistration(uuid=args.uuid, name=args.name, ssh_host=args.ssh_host,
+                               ssh_port=args.ssh_port, http_url=args.http_url,
+                               host_key=_host_key(args.host_key),
+                               capacity=parse_size(args.capacity))
+        z = await c.call("POST", "/v1/zones", reg.to_json())
         print(f"zone {z['uuid']} ({z['name']}) registered: {z['state']}, "
               f"capacity {format_bytes(z['capacity'])}")
     elif action == "remove":

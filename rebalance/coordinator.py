@@ -45,7 +45,6 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncssh
 from aiohttp import web
@@ -63,7 +62,6 @@ from rebalance.store import (
     ZoneNotEmpty,
     ZoneNotFound,
     ZoneRecord,
-    ZoneRegistration,
 )
 from rebalance.zoneclient import HttpZoneApi, InventoryVm, SnapshotView, ZoneApi
 from snapper_zone.common.bootstrap import (
@@ -76,6 +74,7 @@ from snapper_zone.common.bootstrap import (
 )
 from snapper_zone.common.config import ConfigError
 from snapper_zone.errors import SnapperError
+from snapper_zone.wire import InvalidDocument, ZoneRegistration
 from snapper_zone.zfs.names import check_uuid
 
 __all__ = ["COORDINATOR", "Coordinator", "CoordinatorConfig", "load_config", "main",
@@ -203,32 +202,18 @@ def load_config(path: str | Path) -> CoordinatorConfig:
 
 
 def _registration(body: object) -> ZoneRegistration:
-    if not isinstance(body, dict):
-        raise InvalidArgument("body must be a JSON object")
-    want = ("uuid", "name", "ssh_host", "ssh_port", "http_url", "host_key", "capacity")
-    if missing := [k for k in want if k not in body]:
-        raise InvalidArgument(f"missing fields: {', '.join(missing)}")
-    if extra := sorted(set(body) - set(want)):
-        raise InvalidArgument(f"unknown fields: {', '.join(extra)}")
-    zone = check_uuid(body["uuid"], "zone uuid")
-    for k in ("name", "ssh_host", "http_url", "host_key"):
-        if not isinstance(body[k], str) or not body[k].strip():
-            raise InvalidArgument(f"{k} must be a non-empty string")
-    port, cap = body["ssh_port"], body["capacity"]
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-        raise InvalidArgument("ssh_port must be an integer 1-65535")
-    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
-        raise InvalidArgument("capacity must be an integer >= 0")
-    url = urlsplit(body["http_url"])
-    if url.scheme not in ("http", "https") or not url.hostname or url.path not in ("", "/"):
-        raise InvalidArgument("http_url must be http(s)://HOST[:PORT]")
+    """A ``POST /v1/zones`` body: the wire document, then its host key parsed
+    (asyncssh is the coordinator's, not the wire's)."""
     try:
-        asyncssh.import_public_key(body["host_key"])
+        reg = ZoneRegistration.from_json(body)
+    except InvalidDocument as e:
+        raise InvalidArgument(e.message) from e
+    try:
+        asyncssh.import_public_key(reg.host_key)
     except (asyncssh.KeyImportError, ValueError) as e:
-        raise InvalidArgument(f"host_key is not an OpenSSH public key line: {e}") from e
-    return ZoneRegistration(uuid=zone, name=body["name"].strip(), ssh_host=body["ssh_host"],
-                            ssh_port=port, http_url=body["http_url"].rstrip("/"),
-                            host_key=body["host_key"].strip(), capacity=cap)
+        raise InvalidArgument(f"zone({reg.uuid}).host_key: not an OpenSSH public key "
+                              f"line: {e}") from e
+    return reg
 
 
 def _zone_info(z: ZoneRecord, held: int) -> ZoneInfo:

@@ -29,6 +29,7 @@ from typing import Any, Protocol, TypeVar
 
 from rebalance.placement import Move, ZoneState
 from snapper_zone.errors import SnapperError
+from snapper_zone.wire import ZoneRegistration  # what a zone says about itself: POST /v1/zones
 
 __all__ = [
     "MoveRecord",
@@ -76,19 +77,6 @@ class MoveStep(StrEnum):
     COPY = "copy"
     VERIFY = "verify"
     DELETE = "delete"  # placement already switched (same transaction as this step)
-
-
-@dataclass(frozen=True, slots=True)
-class ZoneRegistration:
-    """What a zone (or an operator) says about a zone: ``POST /v1/zones``."""
-
-    uuid: str
-    name: str
-    ssh_host: str
-    ssh_port: int
-    http_url: str
-    host_key: str
-    capacity: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 
 from snapper_zone.errors import SnapperError
-from snapper_zone.wire import InvalidDocument, ZoneEndpoint
+from snapper_zone.wire import InvalidDocument, ZoneEndpoint, ZoneRegistration
 
 __all__ = ["CoordinatorClient", "CoordinatorUnavailable", "KnownZone"]
 
@@ -60,8 +60,8 @@ class CoordinatorClient:
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise CoordinatorUnavailable(f"{method} {self.url}{path}: {exc!r}") from exc
 
-    async def register(self, record: dict[str, Any]) -> None:
-        await self._call("POST", "/v1/zones", record)
+    async def register(self, record: ZoneRegistration) -> None:
+        await self._call("POST", "/v1/zones", record.to_json())
 
     async def knows(self, zone: str) -> bool:
         """Whether the coordinator has ``zone`` registered (a new store has nobody)."""

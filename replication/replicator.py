@@ -44,7 +44,7 @@ from replication.reconcile import (
 )
 from snapper_zone.errors import DatasetNotFound, SnapperError
 from snapper_zone.transfer.stream import Inbound
-from snapper_zone.wire import Inventory
+from snapper_zone.wire import Inventory, ZoneRegistration
 from snapper_zone.wire.protocol import Receive
 
 if TYPE_CHECKING:
@@ -401,14 +401,14 @@ class Replicator:
         self._dirty.add(vm)
         self._wake.set()
 
-    def start(self, record: dict[str, Any] | None = None) -> None:
+    def start(self, record: ZoneRegistration | None = None) -> None:
         """Run the loop; with a coordinator, also register ``record`` (this zone) there."""
         if self._task is None and (self.links.peers or self.links.coordinator):
             self._task = asyncio.create_task(self._loop(), name="replicator")
         if self.links.coordinator is not None and record is not None and self._reg is None:
             self._reg = asyncio.create_task(self._register(record), name="register")
 
-    async def _register(self, record: dict[str, Any]) -> None:
+    async def _register(self, record: ZoneRegistration) -> None:
         """Tell the coordinator we exist; check often that it still knows us.
 
         A coordinator restarted on an empty store (lost, rebuilt) learns the

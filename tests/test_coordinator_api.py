@@ -36,6 +36,7 @@ from rebalance.store import SqliteStore, ZoneRecord
 from rebalance.zoneclient import HttpZoneApi, SnapshotView, ZoneRequestFailed, ZoneUnreachable
 from snapper_zone.cli import main as cli_main
 from snapper_zone.common.config import ConfigError
+from snapper_zone.wire import ZoneRegistration
 from snapper_zone.zfs import proc
 from tests.helpers import wait_for, wait_until
 
@@ -202,10 +203,11 @@ class Env:
             return json.loads(text) if text else None
 
     async def register(self, uuid: str, capacity: int = 100 * GIB, status: int = 201) -> Any:
-        z = self.fleet.zones[uuid]
-        return await self.call("POST", "/v1/zones", {
-            "uuid": uuid, "name": f"z{uuid[-1]}", "ssh_host": "127.0.0.1", "ssh_port": z.ssh_port,
-            "http_url": z.url(), "host_key": HOST_KEY, "capacity": capacity}, status)
+        z = self.fleet.zones[uuid]  # registered as snapperd does: the wire document
+        reg = ZoneRegistration(uuid=uuid, name=f"z{uuid[-1]}", ssh_host="127.0.0.1",
+                               ssh_port=z.ssh_port, http_url=z.url(), host_key=HOST_KEY,
+                               capacity=capacity)
+        return await self.call("POST", "/v1/zones", reg.to_json(), status)
 
     async def moves_finished(self, timeout: float = 30.0) -> list[dict[str, Any]]:
         """Wait until ``GET /v1/moves`` shows no move planned or running."""

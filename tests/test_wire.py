@@ -17,6 +17,7 @@ from snapper_zone.wire import (
     Part,
     VmSnapshot,
     ZoneEndpoint,
+    ZoneRegistration,
     elsewhere_from_json,
     elsewhere_to_json,
     guid_from_json,
@@ -86,13 +87,42 @@ def test_elsewhere_round_trips(held: dict[str, dict[str, int]]) -> None:
     assert elsewhere_from_json(_through_json(elsewhere_to_json(held))) == held
 
 
-@given(uuids, st.integers(1, 65535), st.none() | counts,
-       st.sampled_from(["active", "draining", "lost"]))
-def test_zone_endpoint_round_trips(uuid: str, port: int, capacity: int | None,
-                                   state: str) -> None:
-    z = ZoneEndpoint(uuid, "z1", "10.0.0.1", port, "http://10.0.0.1:8470",
-                     "ssh-ed25519 AAAA", capacity, state)
+lines = st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zs", "Zl", "Zp")),
+               min_size=1, max_size=30)
+hosts = st.from_regex(r"[a-z0-9][a-z0-9.-]{0,20}", fullmatch=True)
+urls = st.builds(lambda scheme, host, port: f"{scheme}://{host}" + (f":{port}" if port else ""),
+                 st.sampled_from(["http", "https"]), hosts, st.none() | st.integers(1, 65535))
+
+
+@st.composite
+def registrations(draw: st.DrawFn) -> ZoneRegistration:
+    return ZoneRegistration(draw(uuids), draw(lines), draw(hosts), draw(st.integers(1, 65535)),
+                            draw(urls), "ssh-ed25519 " + draw(lines), draw(counts))
+
+
+@given(registrations())
+def test_zone_registration_round_trips(reg: ZoneRegistration) -> None:
+    doc = _through_json(reg.to_json())
+    assert set(doc) == {"uuid", "name", "ssh_host", "ssh_port", "http_url", "host_key",
+                        "capacity"}
+    assert ZoneRegistration.from_json(doc) == reg
+
+
+@given(registrations(), st.sampled_from(["active", "draining", "lost"]))
+def test_zone_endpoint_round_trips(reg: ZoneRegistration, state: str) -> None:
+    z = ZoneEndpoint(**vars(reg), state=state)
     assert ZoneEndpoint.from_json(_through_json(z.to_json())) == z
+    # The coordinator's listing carries more than the endpoint: ignored.
+    listed = {**z.to_json(), "used": 1, "free": 2, "health": "unknown", "vms": 0}
+    assert ZoneEndpoint.from_json(listed) == z
+    assert ZoneEndpoint.from_json({**reg.to_json()}) == ZoneEndpoint(**vars(reg))
+
+
+def test_a_registration_is_read_tidied() -> None:
+    doc = {"uuid": ZONE, "name": " z1 ", "ssh_host": "h ", "ssh_port": 22,
+           "http_url": "http://h:8470/", "host_key": "ssh-ed25519 AAAA\n", "capacity": 0}
+    assert ZoneRegistration.from_json(doc) == ZoneRegistration(
+        ZONE, "z1", "h", 22, "http://h:8470", "ssh-ed25519 AAAA", 0)
 
 
 @given(guids)
@@ -238,6 +268,53 @@ def test_unknown_keys_are_ignored_and_older_optional_fields_default() -> None:
 def test_malformed_zone_records_are_refused(body: Any) -> None:
     with pytest.raises(InvalidDocument):
         ZoneEndpoint.from_json(body)
+
+
+_REG = {"uuid": ZONE, "name": "z1", "ssh_host": "h", "ssh_port": 22,
+        "http_url": "http://h:8470", "host_key": "ssh-ed25519 AAAA", "capacity": 1}
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"uuid": "zone1"}, "zone.uuid"),
+    ({"uuid": 7}, "zone.uuid"),
+    ({"name": ""}, f"zone({ZONE}).name"),
+    ({"name": "  "}, f"zone({ZONE}).name"),
+    ({"name": None}, f"zone({ZONE}).name"),
+    ({"ssh_host": "a\nb"}, f"zone({ZONE}).ssh_host: expected one line"),
+    ({"ssh_port": 0}, f"zone({ZONE}).ssh_port"),
+    ({"ssh_port": 65536}, f"zone({ZONE}).ssh_port"),
+    ({"ssh_port": "22"}, f"zone({ZONE}).ssh_port"),
+    ({"ssh_port": True}, f"zone({ZONE}).ssh_port"),
+    ({"http_url": "ftp://h"}, f"zone({ZONE}).http_url"),
+    ({"http_url": "http://h/api"}, f"zone({ZONE}).http_url"),
+    ({"http_url": "http://h:x"}, f"zone({ZONE}).http_url"),
+    ({"http_url": "http://h:0"}, f"zone({ZONE}).http_url"),
+    ({"http_url": "http://"}, f"zone({ZONE}).http_url"),
+    ({"http_url": "http://h?q=1"}, f"zone({ZONE}).http_url"),
+    ({"host_key": ""}, f"zone({ZONE}).host_key"),
+    ({"host_key": "k" * 16385}, f"zone({ZONE}).host_key"),
+    ({"capacity": -1}, f"zone({ZONE}).capacity"),
+    ({"capacity": 1.5}, f"zone({ZONE}).capacity"),
+    ({"capacity": None}, f"zone({ZONE}).capacity"),
+    ({"state": "active"}, "zone: unknown fields: state"),
+    ({"extra": 1, "more": 2}, "zone: unknown fields: extra, more"),
+])
+def test_malformed_registrations_are_refused(change: dict[str, Any], words: str) -> None:
+    with pytest.raises(InvalidDocument) as err:
+        ZoneRegistration.from_json({**_REG, **change})
+    assert err.value.message.startswith(words)
+
+
+@pytest.mark.parametrize("body, words", [
+    (None, "zone: expected an object, got null"),
+    ([], "zone: expected an object, got list"),
+    ({}, "zone: missing fields: uuid, name, ssh_host, ssh_port, http_url, host_key, capacity"),
+    ({k: v for k, v in _REG.items() if k != "capacity"}, "zone: missing fields: capacity"),
+])
+def test_registrations_that_are_not_one_are_refused(body: Any, words: str) -> None:
+    with pytest.raises(InvalidDocument) as err:
+        ZoneRegistration.from_json(body)
+    assert err.value.message == words
 
 
 def test_malformed_elsewhere_is_refused() -> None:

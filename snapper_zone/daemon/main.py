@@ -41,6 +41,7 @@ from snapper_zone.daemon.service import Service
 from snapper_zone.daemon.sshserver import start_ssh_server
 from snapper_zone.daemon.zone import Zone
 from snapper_zone.errors import SnapperError
+from snapper_zone.wire import ZoneRegistration
 from snapper_zone.zfs.names import Dataset
 from snapper_zone.zfs.zfs import Zfs
 
@@ -180,15 +181,15 @@ async def serve(config: ZoneConfig, args: argparse.Namespace, log: logging.Logge
     return EXIT_OK
 
 
-async def _registration(zone: Zone, ssh_port: int, http_port: int) -> dict[str, Any]:
+async def _registration(zone: Zone, ssh_port: int, http_port: int) -> ZoneRegistration:
     """This zone as the coordinator's registry records it (``POST /v1/zones``)."""
     c = zone.config
     host_key = asyncssh.read_private_key(str(c.ssh.host_key))
     root = await zone.zfs.dataset(zone.store.root)
-    return {"uuid": c.uuid, "name": c.name, "ssh_host": c.ssh.host, "ssh_port": ssh_port,
-            "http_url": f"http://{c.http.host}:{http_port}",
-            "host_key": host_key.export_public_key().decode().strip(),
-            "capacity": root.available + root.used}
+    return ZoneRegistration(uuid=c.uuid, name=c.name, ssh_host=c.ssh.host, ssh_port=ssh_port,
+                            http_url=f"http://{c.http.host}:{http_port}",
+                            host_key=host_key.export_public_key().decode().strip(),
+                            capacity=root.available + root.used)
 
 
 def main(argv: Sequence[str] | None = None, service: type[Service] = Service) -> int:

@@ -3,7 +3,8 @@
 One codec per type: ``to_json`` gives plain JSON-able data, ``from_json``
 checks every field's type and range and raises :class:`InvalidDocument`
 (one error, with the path of the bad field) on anything else. Unknown keys
-are ignored, so a newer writer may add fields.
+are ignored, so a newer writer may add fields; a zone registration is the one
+exception (see :class:`ZoneRegistration`).
 
 Guids: an ``int`` in Python (0 .. 2**64-1), a decimal string on the wire
 (JavaScript clients cannot hold 64-bit integers as numbers). Readers also take
@@ -18,6 +19,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 from snapper_zone.errors import InvalidName, SnapperError
 from snapper_zone.zfs.names import check_component, check_uuid
@@ -302,45 +304,97 @@ class Inventory:
 
 # -- zones: what a zone tells the coordinator, and the coordinator lists -----------------
 
+MAX_HOST_KEY = 16384  # one OpenSSH public key line; a 16384-bit RSA key is about 2800
+_ZONE_FIELDS = ("uuid", "name", "ssh_host", "ssh_port", "http_url", "host_key", "capacity")
+
+
+def _line(value: object, where: str, limit: int = MAX_TEXT) -> str:
+    """Non-empty text on one line, surrounding blanks dropped."""
+    text = _text(value, where, limit).strip()
+    if not text:
+        _fail(where, "expected a non-empty string, got blanks")
+    if "\n" in text or "\r" in text:
+        _fail(where, "expected one line")
+    return text
+
+
+def _http_url(value: object, where: str) -> str:
+    """``http(s)://HOST[:PORT]``, without the trailing slash."""
+    url = _line(value, where).rstrip("/")
+    try:
+        parts = urlsplit(url)
+        ok = (parts.scheme in ("http", "https") and bool(parts.hostname)
+              and not (parts.path or parts.query or parts.fragment)
+              and (parts.port is None or parts.port > 0))
+    except ValueError:  # a port that is not a number, or out of range
+        ok = False
+    if not ok:
+        _fail(where, f"expected http(s)://HOST[:PORT], got {url!r:.60}")
+    return url
+
+
+def _zone_fields(doc: Mapping[str, Any], where: str) -> tuple[str, str, str, int, str, str, int]:
+    """The registration's fields, in ``_ZONE_FIELDS`` order, each checked."""
+    uuid = _checked(lambda v: check_uuid(v, "zone uuid"), _field(doc, "uuid", where),
+                    f"{where}.uuid")
+    at = f"{where}({uuid})"
+    port = _int(_field(doc, "ssh_port", at), f"{at}.ssh_port")
+    if not 0 < port < 65536:
+        _fail(f"{at}.ssh_port", f"{port} is not a port (1-65535)")
+    return (uuid, _line(_field(doc, "name", at), f"{at}.name"),
+            _line(_field(doc, "ssh_host", at), f"{at}.ssh_host"), port,
+            _http_url(_field(doc, "http_url", at), f"{at}.http_url"),
+            _line(_field(doc, "host_key", at), f"{at}.host_key", MAX_HOST_KEY),
+            _int(_field(doc, "capacity", at), f"{at}.capacity"))
+
 
 @dataclass(frozen=True)
-class ZoneEndpoint:
-    """A zone's registration (``POST /v1/zones``) and its entry in ``GET /v1/zones``:
-    where to reach it over SSH and HTTP, its host key, its capacity (bytes)."""
+class ZoneRegistration:
+    """A zone as it registers itself, or an operator adds it: ``POST /v1/zones``.
+
+    Stricter than the other documents: every field is required and an unknown
+    one is refused. The coordinator records a registration whole, so a field
+    it would drop is a writer's mistake, not a newer writer. ``host_key`` is
+    checked for shape only; the coordinator parses the key itself.
+    """
 
     uuid: str
     name: str
     ssh_host: str
-    ssh_port: int
-    http_url: str
-    host_key: str
-    capacity: int | None = None  # required in a registration
-    state: str = "active"  # set by the coordinator: active, draining or lost
+    ssh_port: int  # 1-65535
+    http_url: str  # http(s)://HOST[:PORT], no trailing slash
+    host_key: str  # one OpenSSH public key line
+    capacity: int  # bytes
 
     def to_json(self) -> dict[str, Any]:
-        """The registration a zone posts (with ``state`` too when not active)."""
-        out = {"uuid": self.uuid, "name": self.name, "ssh_host": self.ssh_host,
-               "ssh_port": self.ssh_port, "http_url": self.http_url,
-               "host_key": self.host_key, "capacity": self.capacity}
-        return out if self.state == "active" else {**out, "state": self.state}
+        return {k: getattr(self, k) for k in _ZONE_FIELDS}
+
+    @classmethod
+    def from_json(cls, value: object, where: str = "zone") -> ZoneRegistration:
+        doc = _obj(value, where)
+        if missing := [k for k in _ZONE_FIELDS if k not in doc]:
+            _fail(where, f"missing fields: {', '.join(missing)}")
+        if extra := sorted(str(k) for k in doc if k not in _ZONE_FIELDS):
+            _fail(where, f"unknown fields: {', '.join(extra)}")
+        return cls(*_zone_fields(doc, where))
+
+
+@dataclass(frozen=True)
+class ZoneEndpoint(ZoneRegistration):
+    """A zone as ``GET /v1/zones`` lists it: its registration and the state the
+    coordinator set. The listing's other fields (used, free, health...) are ignored."""
+
+    state: str = "active"  # active, draining or lost
+
+    def to_json(self) -> dict[str, Any]:
+        return {**super().to_json(), "state": self.state}
 
     @classmethod
     def from_json(cls, value: object, where: str = "zone") -> ZoneEndpoint:
         doc = _obj(value, where)
-        uuid = _checked(lambda v: check_uuid(v, "zone uuid"), _field(doc, "uuid", where),
-                        f"{where}.uuid")
-        at = f"{where}({uuid})"
-        texts = [_text(_field(doc, k, at), f"{at}.{k}", limit=16384 if k == "host_key"
-                       else MAX_TEXT).strip() for k in ("ssh_host", "http_url", "host_key")]
-        port = _int(_field(doc, "ssh_port", at), f"{at}.ssh_port")
-        if not 0 < port < 65536:
-            _fail(f"{at}.ssh_port", f"{port} is not a port (1-65535)")
-        capacity = doc.get("capacity")
+        fields = _zone_fields(doc, where)
         state = doc.get("state", "active")
         if state not in ("active", "draining", "lost"):
-            _fail(f"{at}.state", f"expected active, draining or lost, got {state!r:.40}")
-        name = doc.get("name", "")
-        if not isinstance(name, str) or len(name) > MAX_TEXT:
-            _fail(f"{at}.name", f"expected a string, got {_kind(name)}")
-        return cls(uuid, name.strip(), texts[0], port, texts[1].rstrip("/"), texts[2],
-                   None if capacity is None else _int(capacity, f"{at}.capacity"), state)
+            _fail(f"{where}({fields[0]}).state",
+                  f"expected active, draining or lost, got {state!r:.40}")
+        return cls(*fields, state)
