@@ -44,7 +44,7 @@ from replication.reconcile import (
 )
 from snapper_zone.errors import DatasetNotFound, SnapperError
 from snapper_zone.transfer.stream import Inbound
-from snapper_zone.wire import Inventory, ZoneRegistration
+from snapper_zone.wire import Inventory
 from snapper_zone.wire.protocol import Receive
 
 if TYPE_CHECKING:
@@ -56,7 +56,6 @@ MAX_ROUNDS = 4
 _TEE_CONNECT = 3.0  # seconds a push waits for the mirror to take a pipelined copy
 _TEE_FINISH = 120.0  # ... and for the mirror's receive to end after its own
 _TEE_BACKOFF = 30.0  # no pipelining to a peer that failed this recently
-_CHECK_EVERY = 3.0  # seconds between "does the coordinator still know us?" checks
 _CONCURRENCY = 2  # VMs reconciled at once by the loop (a CN push has priority)
 
 
@@ -114,7 +113,6 @@ class Replicator:
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._reg: asyncio.Task[None] | None = None
         self._lag: dict[str, tuple[int, int]] = {}
 
     @property
@@ -401,47 +399,12 @@ class Replicator:
         self._dirty.add(vm)
         self._wake.set()
 
-    def start(self, record: ZoneRegistration | None = None) -> None:
-        """Run the loop; with a coordinator, also register ``record`` (this zone) there."""
+    def start(self) -> None:
+        """Run the loop (registration with a coordinator is ``registration.Registrar``'s)."""
         if self._task is None and (self.links.peers or self.links.coordinator):
             self._task = asyncio.create_task(self._loop(), name="replicator")
-        if self.links.coordinator is not None and record is not None and self._reg is None:
-            self._reg = asyncio.create_task(self._register(record), name="register")
-
-    async def _register(self, record: ZoneRegistration) -> None:
-        """Tell the coordinator we exist; check often that it still knows us.
-
-        A coordinator restarted on an empty store (lost, rebuilt) learns the
-        fleet back from these registrations, within ``_CHECK_EVERY``.
-        """
-        coordinator = self.links.coordinator
-        assert coordinator is not None
-        delay = 1.0
-        registered = False
-        while True:
-            try:
-                if not registered or not await coordinator.knows(self.me):
-                    await coordinator.register(record)
-                    await self.links.refresh()
-                    registered = True
-                delay = _CHECK_EVERY
-            except SnapperError as exc:
-                self.log.info("cannot register with the coordinator yet: %s", exc)
-                registered = False
-                delay = min(delay * 2, 30.0)
-            forgotten = self.links.forgotten
-            forgotten.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(forgotten.wait(), delay)
-            if forgotten.is_set():
-                registered = False
 
     async def stop(self) -> None:
-        if self._reg is not None:
-            self._reg.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reg
-            self._reg = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

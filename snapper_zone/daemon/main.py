@@ -26,6 +26,7 @@ from aiohttp import web
 
 from replication.coordinator_client import CoordinatorClient
 from replication.peers import PeerLinks
+from replication.registration import Registrar
 from replication.replicator import Replicator
 from snapper_zone.common.bootstrap import (
     EXIT_OK,
@@ -124,10 +125,10 @@ async def serve(config: ZoneConfig, args: argparse.Namespace, log: logging.Logge
                 service: type[Service] = Service) -> int:
     zfs = Zfs()
     zone = Zone.from_config(config, zfs, log)
-    if config.peers or config.coordinator_url:
-        coordinator = CoordinatorClient(config.coordinator_url) if config.coordinator_url \
-            else None
+    coordinator = CoordinatorClient(config.coordinator_url) if config.coordinator_url else None
+    if config.peers or coordinator is not None:
         zone.replicator = Replicator(zone, PeerLinks(config, log, coordinator))
+    registrar: Registrar | None = None
     await ensure_root(zfs, zone.store.root, args.create_root, log)
     caps = await zfs.capabilities()
     ensure_host_key(config.ssh.host_key, log)
@@ -162,7 +163,11 @@ async def serve(config: ZoneConfig, args: argparse.Namespace, log: logging.Logge
                                      "http_port": http_port}
             write_atomically(args.ready_file, json.dumps(ready).encode() + b"\n")
         if zone.replicator is not None:
-            zone.replicator.start(await _registration(zone, ssh_port, http_port))
+            zone.replicator.start()
+            if coordinator is not None:
+                registrar = Registrar(coordinator, zone.replicator.links,
+                                      await _registration(zone, ssh_port, http_port), log)
+                registrar.start()
 
         await stop.wait()
         log.info("stopping", extra={"signal": received[0] if received else None})
@@ -175,6 +180,8 @@ async def serve(config: ZoneConfig, args: argparse.Namespace, log: logging.Logge
             acceptor.close()
         await runner.cleanup()  # stops listening, lets requests in flight finish
     await _wait_for_transfers(zone, args.grace)
+    if registrar is not None:
+        await registrar.stop()
     if zone.replicator is not None:
         await zone.replicator.stop()  # between rounds; a cut transfer is redone later
     log.info("stopped")
