@@ -11,24 +11,38 @@ goes on alone: the catch-up rounds send the mirror what it lacks afterwards.
 Flow control: the mirror's channel pauses the CN (a vote in ``Inbound``)
 while its window is full, so memory stays bounded; if it stays paused for
 ``STALL_SECONDS`` the mirror is too slow to pipeline and is let go.
+
+``Pipeliner`` decides whether a push gets a tee and ends it (the command
+handler calls it around its receive); ``MirrorTee`` is one tee.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import asyncssh
 
+from snapper_zone.errors import SnapperError
 from snapper_zone.transfer.remote import ExecSession, ZoneClient
 from snapper_zone.transfer.stream import Inbound
 from snapper_zone.wire.protocol import Receive
 
-__all__ = ["STALL_SECONDS", "MirrorTee", "TeeResult"]
+if TYPE_CHECKING:
+    from replication.peers import PeerLinks
+    from replication.zone import LocalZone
+
+__all__ = ["STALL_SECONDS", "MirrorTee", "Pipeliner", "TeeResult"]
 
 STALL_SECONDS = 15.0
 _VOTE = "mirror"
+_TEE_CONNECT = 3.0  # seconds a push waits for the mirror to take a pipelined copy
+_TEE_FINISH = 120.0  # ... and for the mirror's receive to end after its own
+_TEE_BACKOFF = 30.0  # no pipelining to a peer that failed this recently
 
 
 @dataclass(frozen=True)
@@ -142,3 +156,60 @@ class MirrorTee:
             self.active = False
             self._cancel_stall()
             self.inbound.vote(_VOTE, False)
+
+
+class Pipeliner:
+    """Opens and ends the pipelined copies of this zone's CN pushes.
+
+    ``failing_since(vm)``: when the VM's replication last failed, if it is
+    failing now (the replicator's state), else None. ``kick(vm)``: reconcile
+    the VM soon (a tee that did not finish leaves the mirror to the rounds).
+    """
+
+    def __init__(self, zone: LocalZone, links: PeerLinks,
+                 failing_since: Callable[[str], float | None],
+                 kick: Callable[[str], None]) -> None:
+        self.zone = zone
+        self.links = links
+        self.log = zone.log
+        self.failing_since = failing_since
+        self.kick = kick
+
+    async def open(self, cmd: Receive, base: str | None, inbound: Inbound) -> MirrorTee | None:
+        """Start the mirror's receive of a CN stream as it arrives, or None.
+
+        None when pipelining is off, the VM has no peer, or the peer does not
+        answer at once: the push then goes on alone and the mirror is sent the
+        snapshot afterwards.
+        """
+        if not self.zone.config.pipelined_mirroring:
+            return None
+        peer = await self.links.partner(cmd.vm, fresh=True)
+        if peer is None:
+            return None
+        failed = self.failing_since(cmd.vm)
+        if failed is not None and time.time() - failed < _TEE_BACKOFF:
+            return None  # the peer failed a moment ago: do not slow this push down
+        mirror_cmd = Receive(cmd.vm, cmd.dataset, cmd.snapshot, base, cmd.size)
+        try:
+            client = await asyncio.wait_for(self.links.client(peer.uuid), _TEE_CONNECT)
+            return await asyncio.wait_for(
+                MirrorTee.open(client, mirror_cmd, inbound, peer.uuid, self.log), _TEE_CONNECT)
+        except (SnapperError, OSError, TimeoutError, asyncssh.Error) as exc:
+            self.log.info("no pipelined mirror", extra={"vm": cmd.vm, "peer": peer.uuid,
+                                                        "reason": str(exc)})
+            self.zone.metrics.mirror_transfers.labels(peer.uuid, "pipelined",
+                                                      "unreachable").inc()
+            await self.links.forget(peer.uuid)
+            return None
+
+    async def finish(self, cmd: Receive, tee: MirrorTee) -> None:
+        """Wait for the mirror's receive to end (after this zone's); count and log it."""
+        res = await tee.result(_TEE_FINISH)
+        result = "ok" if res.ok else "let-go"
+        self.zone.metrics.mirror_transfers.labels(tee.peer, "pipelined", result).inc()
+        self.log.info("pipelined mirror end", extra={
+            "vm": cmd.vm, "dataset": cmd.dataset, "snapshot": cmd.snapshot, "peer": tee.peer,
+            "result": result, "bytes": res.bytes, "error": res.error})
+        if not res.ok:
+            self.kick(cmd.vm)

@@ -23,13 +23,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import asyncssh
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from replication.executor import Executor, NeedsOperator
 from replication.inventory import from_document, snapshot_guids
 from replication.peers import Peer, PeerLinks, unreachable
-from replication.pipeline import MirrorTee
+from replication.pipeline import Pipeliner
 from replication.reconcile import (
     Conflict,
     Defer,
@@ -43,9 +42,7 @@ from replication.reconcile import (
     reconcile,
 )
 from snapper_zone.errors import DatasetNotFound, SnapperError
-from snapper_zone.transfer.stream import Inbound
 from snapper_zone.wire import Inventory
-from snapper_zone.wire.protocol import Receive
 
 if TYPE_CHECKING:
     from replication.zone import LocalZone
@@ -53,9 +50,6 @@ if TYPE_CHECKING:
 __all__ = ["MAX_ROUNDS", "MirrorUnavailable", "Replicator", "VmState"]
 
 MAX_ROUNDS = 4
-_TEE_CONNECT = 3.0  # seconds a push waits for the mirror to take a pipelined copy
-_TEE_FINISH = 120.0  # ... and for the mirror's receive to end after its own
-_TEE_BACKOFF = 30.0  # no pipelining to a peer that failed this recently
 _CONCURRENCY = 2  # VMs reconciled at once by the loop (a CN push has priority)
 
 
@@ -114,6 +108,7 @@ class Replicator:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lag: dict[str, tuple[int, int]] = {}
+        self.pipeliner = Pipeliner(zone, links, self.failing_since, self.kick)
 
     @property
     def me(self) -> str:
@@ -173,6 +168,11 @@ class Replicator:
             return True
         pair = await coordinator.placement(vm, fresh=True)
         return pair is None or self.me in pair
+
+    def failing_since(self, vm: str) -> float | None:
+        """When ``vm``'s replication last failed, if it is failing now."""
+        st = self.states.get(vm)
+        return st.last_failure if st is not None and st.state == "failing" else None
 
     def _no_peer_reason(self) -> str:
         if self.links.coordinator is not None:
@@ -333,48 +333,6 @@ class Replicator:
         if holds_complete(b, name, parts):
             return peer.uuid, None
         return peer.uuid, st.last_error or "the peer does not hold the snapshot complete"
-
-    # -- pipelined mirroring ---------------------------------------------------------
-
-    async def open_tee(self, cmd: Receive, base: str | None, inbound: Inbound
-                       ) -> MirrorTee | None:
-        """Start the mirror's receive of a CN stream as it arrives, or None.
-
-        None when pipelining is off, the VM has no peer, or the peer does not
-        answer at once: the push then goes on alone and the mirror is sent the
-        snapshot afterwards.
-        """
-        if not self.zone.config.pipelined_mirroring:
-            return None
-        peer = await self.links.partner(cmd.vm, fresh=True)
-        if peer is None:
-            return None
-        st = self.states.get(cmd.vm)
-        if st is not None and st.state == "failing" and st.last_failure is not None \
-                and time.time() - st.last_failure < _TEE_BACKOFF:
-            return None  # the peer failed a moment ago: do not slow this push down
-        mirror_cmd = Receive(cmd.vm, cmd.dataset, cmd.snapshot, base, cmd.size)
-        try:
-            client = await asyncio.wait_for(self.links.client(peer.uuid), _TEE_CONNECT)
-            return await asyncio.wait_for(
-                MirrorTee.open(client, mirror_cmd, inbound, peer.uuid, self.log), _TEE_CONNECT)
-        except (SnapperError, OSError, TimeoutError, asyncssh.Error) as exc:
-            self.log.info("no pipelined mirror", extra={"vm": cmd.vm, "peer": peer.uuid,
-                                                        "reason": str(exc)})
-            self.zone.metrics.mirror_transfers.labels(peer.uuid, "pipelined",
-                                                      "unreachable").inc()
-            await self.links.forget(peer.uuid)
-            return None
-
-    async def tee_done(self, cmd: Receive, tee: MirrorTee) -> None:
-        res = await tee.result(_TEE_FINISH)
-        result = "ok" if res.ok else "let-go"
-        self.zone.metrics.mirror_transfers.labels(tee.peer, "pipelined", result).inc()
-        self.log.info("pipelined mirror end", extra={
-            "vm": cmd.vm, "dataset": cmd.dataset, "snapshot": cmd.snapshot, "peer": tee.peer,
-            "result": result, "bytes": res.bytes, "error": res.error})
-        if not res.ok:
-            self.kick(cmd.vm)
 
     # -- the loop --------------------------------------------------------------------
 

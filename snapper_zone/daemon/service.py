@@ -160,23 +160,23 @@ class Service:
 
     async def receive(self, p: Principal, cmd: Receive, io: Io) -> None:
         zone = self.zone
-        rep = zone.replicator
+        tees = zone.replicator.pipeliner if zone.replicator is not None else None
         kind = "receive" if p.role == "cn" else "mirror-in"
         req = ReceiveRequest(kind, cmd.vm, cmd.dataset,
                              Expect(cmd.snapshot, cmd.base, cmd.resume), p.label, cmd.size)
         open_tee: OpenTee | None = None
         teed: list[MirrorTee] = []
-        if rep is not None and kind == "receive" and not cmd.resume:
+        if tees is not None and kind == "receive" and not cmd.resume:
             async def open_tee(base: str | None) -> Sink | None:
-                assert rep is not None
-                tee = await rep.open_tee(cmd, base, io.inbound)
+                assert tees is not None
+                tee = await tees.open(cmd, base, io.inbound)
                 teed.extend([tee] if tee is not None else [])
                 return tee
         got, _t = await zone.receiver.receive(req, io.inbound, open_tee=open_tee)
-        if teed and rep is not None:
+        if teed and tees is not None:
             # Every byte the CN sent went to the mirror too; its receive ends
             # about when ours did. Waiting here means the commit finds it there.
-            await rep.tee_done(cmd, teed[0])
+            await tees.finish(cmd, teed[0])
         # Say what is now awaiting a commit, and for how long: a client that
         # commits from another connection (plain OpenSSH) knows its lease.
         io.write(_json_line({"pending": {
