@@ -738,3 +738,39 @@ def expired(inv_a: ZoneInventory, inv_b: ZoneInventory, tombstones: Iterable[Tom
     held = {s.guid for inv in (inv_a, inv_b) for ss in inv.datasets.values() for s in ss}
     return frozenset(t.guid for t in tombstones
                      if t.guid not in held and now - t.deleted_at >= keep)
+
+
+def tombstones_to_adopt(mine: Iterable[Tombstone], theirs: Iterable[Tombstone],
+                        holds_vm: bool) -> dict[int, int]:
+    """The peer's tombstones this zone keeps too: guid -> the delete's time.
+
+    Those it lacks, with their original time, so a delete is remembered by
+    both zones of the pair (a move that drops the zone which took it, or the
+    loss of that zone, does not let a third copy bring the snapshot back).
+    None where this zone holds nothing of the VM: the VM's container keeps
+    them, and there is none.
+    """
+    if not holds_vm:
+        return {}
+    have = {t.guid for t in mine}
+    return {t.guid: t.deleted_at for t in theirs if t.guid not in have}
+
+
+# -- parts teed here by the peer (DESIGN.md (e)) -----------------------------
+
+
+def still_awaited(peer_in_use: Iterable[str], peer_complete: Iterable[str],
+                  placed_here: bool | None) -> set[str]:
+    """Names of the VM's snapshots whose parts the peer teed here still await a commit.
+
+    Those its listing shows in use (its push is still running), and those it
+    holds complete (its commit will mark them here too), unless the VM is no
+    longer placed here (``placed_here`` False; None: not asked): the peer,
+    told of a move, commits them on the new copy, and held here they would
+    block the drop. Parts of any other snapshot belong to a push that died
+    there: no commit will come, and held they would defer the VM for minutes.
+    """
+    busy = set(peer_in_use)
+    if placed_here is not False:
+        busy |= set(peer_complete)
+    return busy

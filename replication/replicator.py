@@ -33,13 +33,14 @@ from replication.reconcile import (
     Conflict,
     Defer,
     InSync,
-    Tombstone,
     ZoneInventory,
     expired,
     fills,
     holds_complete,
     lag,
     reconcile,
+    still_awaited,
+    tombstones_to_adopt,
 )
 from snapper_zone.errors import DatasetNotFound, SnapperError
 from snapper_zone.wire import Inventory
@@ -202,20 +203,17 @@ class Replicator:
                 st.state, st.last_error = "not_placed", None
                 return
             stones = [*stones_a, *stones_b]
-            await self._adopt_tombstones(vm, local, stones_a, stones_b)
+            await self._adopt_tombstones(
+                vm, tombstones_to_adopt(stones_a, stones_b, bool(local.snapshots)))
             theirs = set(remote.in_use)
-            # Parts the peer teed to us for a push that then died there: no commit
-            # will come, and held they would defer this VM for minutes. One that
-            # finished there is awaited too (its commit marks it here), unless
-            # the VM is no longer placed here: the peer, told of a move, commits
-            # it on the new copy, and held these parts would block the drop.
+            # Parts the peer teed to us for a push that then died there are
+            # debris (``reconcile.still_awaited``).
             source = f"zone:{peer.uuid}"
             placed: bool | None = None  # asked of the coordinator at most once a round
             if self.zone.transfers.pending_from(vm, source):
                 placed = await self._placed_here(vm)
-            busy = set(theirs)
-            if placed is not False:
-                busy |= {x.name for x in remote.snapshots if x.complete}
+            busy = still_awaited(theirs, {x.name for x in remote.snapshots if x.complete},
+                                 placed)
             dropped = self.zone.transfers.abandoned(vm, source, busy)
             if dropped:
                 self.log.info("parts of a push that ended on the peer are debris now",
@@ -263,17 +261,9 @@ class Replicator:
         st.state = "behind"
         st.last_error = f"not in step after {MAX_ROUNDS} rounds (new snapshots keep coming?)"
 
-    async def _adopt_tombstones(self, vm: str, local: Inventory,
-                                stones_a: list[Tombstone], stones_b: list[Tombstone]) -> None:
-        """Keep the peer's tombstones here too, with the time of the delete.
-
-        A delete is then remembered by both zones of the pair: a move that
-        drops the zone which took it, or the loss of that zone, does not let
-        a third copy bring the snapshot back.
-        """
-        mine = {t.guid for t in stones_a}
-        theirs = {t.guid: t.deleted_at for t in stones_b if t.guid not in mine}
-        if theirs and local.snapshots:
+    async def _adopt_tombstones(self, vm: str, theirs: dict[int, int]) -> None:
+        """Keep the peer's tombstones ``theirs`` here too (``reconcile.tombstones_to_adopt``)."""
+        if theirs:
             with contextlib.suppress(DatasetNotFound):  # dropped meanwhile
                 if await self.zone.store.merge_tombstones(vm, theirs):
                     self.log.info("adopted the peer's tombstones", extra={

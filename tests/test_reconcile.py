@@ -48,6 +48,8 @@ from replication.reconcile import (
     lag,
     marker_name,
     reconcile,
+    still_awaited,
+    tombstones_to_adopt,
 )
 from snapper_zone.transfer.plan import (
     AlreadyThere,
@@ -802,3 +804,44 @@ def test_holds_complete_tables() -> None:
                                            "disk0": guid("disk0", "s2")})  # not complete
     assert not holds_complete(peer, "s1", {**both, "root": guid("root", "s1'")})  # other guid
     assert not holds_complete(inv(B, None), "s1", {})  # nothing is not mirrored
+
+
+# -- the driver's small decisions: tombstone adoption, parts teed by the peer --
+
+_stones = st.lists(st.builds(Tombstone, st.integers(1, 8), st.integers(0, 5)), max_size=6)
+
+
+@given(mine=_stones, theirs=_stones, holds_vm=st.booleans())
+def test_tombstones_to_adopt_are_the_peers_this_zone_lacks_with_their_time(
+        mine: list[Tombstone], theirs: list[Tombstone], holds_vm: bool) -> None:
+    got = tombstones_to_adopt(mine, theirs, holds_vm)
+    if not holds_vm:
+        assert got == {}  # no VM container here to keep them
+        return
+    have = {t.guid for t in mine}
+    assert set(got) == {t.guid for t in theirs} - have
+    assert all(Tombstone(g, when) in theirs for g, when in got.items())
+
+
+def test_tombstones_to_adopt_tables() -> None:
+    assert tombstones_to_adopt([Tombstone(1, 5)], [Tombstone(1, 9), Tombstone(2, 7)],
+                               True) == {2: 7}  # one here keeps its own time
+    assert tombstones_to_adopt([], [], True) == {}
+    assert tombstones_to_adopt([], [Tombstone(2, 7)], False) == {}
+
+
+@pytest.mark.parametrize(("in_use", "complete", "placed", "want"), [
+    # The peer's push still runs: its parts here are awaited.
+    ({"s3"}, set(), None, {"s3"}),
+    # It finished there: its commit will mark them here.
+    (set(), {"s1", "s2"}, None, {"s1", "s2"}),
+    (set(), {"s1", "s2"}, True, {"s1", "s2"}),
+    # ... unless the VM moved away from here: the peer commits on the new copy.
+    (set(), {"s1", "s2"}, False, set()),
+    ({"s3"}, {"s1"}, False, {"s3"}),
+    # Neither in use nor complete there: the push died, nothing is awaited.
+    (set(), set(), None, set()),
+])
+def test_still_awaited(in_use: set[str], complete: set[str], placed: bool | None,
+                       want: set[str]) -> None:
+    assert still_awaited(in_use, complete, placed) == want
