@@ -31,6 +31,8 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from snapper_zone.transfer.plan import OrderDiffers, chain_after, common_base
+
 DIVERGED = ".diverged-"
 
 # -- inputs -------------------------------------------------------------------
@@ -364,9 +366,6 @@ def _analyse(ctx: _Ctx, name: str) -> _Ds:
         d.state, d.note = "conflict", ConflictKind.DUPLICATE_GUID.value
         return d
     common = set(ga) & set(gb)
-    if [g for g in ga if g in common] != [g for g in gb if g in common]:
-        d.state, d.note = "conflict", ConflictKind.ORDER.value
-        return d
 
     def removable(zone: str, s: Snap) -> bool:
         return ctx.unwanted(s) is not None and not ctx.held(zone, name, s)
@@ -374,10 +373,12 @@ def _analyse(ctx: _Ctx, name: str) -> _Ds:
     # One-sided removable snapshots vanish first; common ones may still serve as base.
     la = [s for s in d.a if s.guid in common or not removable(za, s)]
     lb = [s for s in d.b if s.guid in common or not removable(zb, s)]
-    k = 0
-    while k < min(len(la), len(lb)) and la[k].guid == lb[k].guid:
-        k += 1
-    d.base = la[k - 1] if k else None
+    try:
+        at = common_base([s.guid for s in la], [s.guid for s in lb])
+    except OrderDiffers:
+        d.state, d.note = "conflict", ConflictKind.ORDER.value
+        return d
+    d.base = la[at] if at is not None else None
     base_gone = d.base is not None and removable(za, d.base) and removable(zb, d.base)
     for zone, full, kept in ((za, d.a, la), (zb, d.b, lb)):
         for s in full:
@@ -385,7 +386,8 @@ def _analyse(ctx: _Ctx, name: str) -> _Ds:
                 continue
             if removable(zone, s):
                 d.pre.append((zone, s))
-        tail = [s for s in kept[k:] if not removable(zone, s)]
+        tail = [s for s in chain_after(kept, d.base.guid if d.base else None)
+                if not removable(zone, s)]
         if zone == za:
             d.tail_a = tail
         else:

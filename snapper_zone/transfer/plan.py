@@ -4,6 +4,10 @@ No I/O here. The CN client gathers its local versions of a dataset
 (snapshots and bookmarks, each with guid and createtxg) and the zone's
 snapshots of the same dataset (name and guid, oldest first), and asks:
 
+- ``common_base`` and ``chain_after``: the ZFS rules below as pure functions
+  on two histories, used here and by reconcile (``replication/reconcile.py``):
+  the base is the end of the longest common prefix, the chain what follows
+  it on the sender, in order, up to the target.
 - ``plan_push``: full, incremental from the newest version both sides hold,
   nothing (the zone already has it), or a typed conflict that says why a
   plain ``zfs receive`` on the zone would refuse the stream.
@@ -31,9 +35,64 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol, TypeVar
 
 VersionKind = Literal["snapshot", "bookmark"]
+
+
+# -- the shared rules: base and chain on two histories -----------------------
+
+
+class HasGuid(Protocol):
+    @property
+    def guid(self) -> int: ...
+
+
+G = TypeVar("G", bound=HasGuid)
+
+
+class OrderDiffers(Exception):
+    """The guids both histories hold are not in the same order: not one ZFS history."""
+
+
+def common_base(sender: Sequence[int], receiver: Sequence[int]) -> int | None:
+    """The base of a send between two histories (guids, oldest first, no guid twice).
+
+    The position, in both lists, of the newest snapshot of their longest
+    common prefix (by guid); None when they do not start alike. What follows
+    it on the receiver is the receiver's tail: an incremental from the base
+    is accepted only once that tail is gone (rule 1), a full stream only if
+    the receiver holds nothing (rule 2). Each caller first drops what it may
+    ignore: reconcile the one-sided snapshots that go anyway, the CN what one
+    side lacks below the other's newest (``plan_push``). Raises
+    :class:`OrderDiffers` when the guids both hold are in different orders.
+    """
+    mine = set(receiver)
+    shared = [g for g in sender if g in mine]
+    theirs = set(shared)
+    if shared != [g for g in receiver if g in theirs]:
+        raise OrderDiffers("the common snapshots are not in the same order on both sides")
+    k = 0
+    while k < min(len(sender), len(receiver)) and sender[k] == receiver[k]:
+        k += 1
+    return k - 1 if k else None
+
+
+def chain_after(sender: Sequence[G], base: int | None, target: int | None = None) -> list[G]:
+    """The sender's snapshots after ``base`` up to ``target`` (guids), oldest first.
+
+    What a send from the base carries: everything the sender holds after the
+    base's (last) position, up to and including the target's; ``base`` None:
+    from the first; ``target`` None: to the newest. Empty when the target
+    does not come after the base; ValueError when either is not in ``sender``.
+    """
+    start = 0
+    if base is not None:
+        start = max(i for i, s in enumerate(sender) if s.guid == base) + 1
+    end = len(sender)
+    if target is not None:
+        end = max(i for i, s in enumerate(sender) if s.guid == target) + 1
+    return list(sender[start:end])
 
 
 @dataclass(frozen=True, order=True)
@@ -153,6 +212,12 @@ class BadBase(Conflict):
     code = "BadBase"
 
 
+class Reordered(Conflict):
+    """The snapshots both sides hold are in different orders: not one ZFS history."""
+
+    code = "Reordered"
+
+
 class TargetNotFound(Conflict):
     """The snapshot to push is not one of the CN's snapshots."""
 
@@ -220,19 +285,28 @@ def plan_push(cn: Sequence[Version], zone: Sequence[ZoneSnapshot], target: str,
 
     if not zone:
         return Full(tgt)
-    common = [z for z in zone if z.guid in by_guid]
-    if not common:
+    # The CN ignores what one side lacks below the other's newest: its own
+    # versions the zone lacks (the chain sends them, or the zone deleted them)
+    # and the zone's snapshots it lacks below a common one (pruned here).
+    on_zone = {z.guid for z in zone}
+    last = max((i for i, z in enumerate(zone) if z.guid in by_guid), default=-1)
+    receiver = [z.guid for i, z in enumerate(zone) if i > last or z.guid in by_guid]
+    try:
+        at = common_base([g for g in by_guid if g in on_zone], receiver)
+    except OrderDiffers as e:
+        raise Reordered(f"{e}; the zone's history is not the CN's", cn, zone) from None
+    if at is None:
         raise NoCommonBase(
             f"the zone holds {len(zone)} snapshot(s) of this dataset and the CN has none "
             "of them (compared by guid); a full send would be refused", cn, zone)
-    newest = zone[-1]
-    if newest.guid not in by_guid:
-        last_common = common[-1]
-        tail = zone[zone.index(last_common) + 1:]
+    if at + 1 < len(receiver):
+        last_common = by_guid[receiver[at]]
+        tail = zone[last + 1:]
         raise Diverged(
-            f"the zone's newest snapshot @{newest.name} is not on the CN; the newest "
-            f"common one is {by_guid[last_common.guid]}, and an incremental from it "
-            "would be refused", cn, zone, by_guid[last_common.guid], tail)
+            f"the zone's newest snapshot @{zone[-1].name} is not on the CN; the newest "
+            f"common one is {last_common}, and an incremental from it "
+            "would be refused", cn, zone, last_common, tail)
+    newest = zone[-1]
     src = by_guid[newest.guid]
     if src.createtxg >= tgt.createtxg:
         raise ZoneAhead(
@@ -276,10 +350,8 @@ def push_chain(cn: Sequence[Version], plan: Full | Incremental,
     Theorem R). Snapshots deleted on purpose on the zone (``deleted`` guids)
     are skipped: sent again they would come back, or be deleted again.
     """
-    src = plan.base if isinstance(plan, Incremental) else None
-    return [v for v in history(cn) if v.is_snapshot
-            and v.createtxg <= plan.target.createtxg
-            and (src is None or v.createtxg > src.createtxg)
+    src = plan.base.guid if isinstance(plan, Incremental) else None
+    return [v for v in chain_after(history(cn), src, plan.target.guid) if v.is_snapshot
             and (v.guid not in deleted or v == plan.target)]
 
 
