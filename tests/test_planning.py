@@ -21,7 +21,9 @@ from snapper_zone.transfer.plan import (
     Full,
     Incremental,
     NoCommonBase,
+    OrderDiffers,
     Plan,
+    Reordered,
     Resume,
     TargetDeleted,
     TargetNotFound,
@@ -31,6 +33,8 @@ from snapper_zone.transfer.plan import (
     ZoneSnapshot,
     ZoneVmSnapshot,
     carried_along,
+    chain_after,
+    common_base,
     find_version,
     plan_push,
     plan_resume,
@@ -399,3 +403,93 @@ def test_carried_along_is_only_ever_whole_cn_snapshots_below_the_target(
     below = names[:names.index(target)]
     assert got == [n for n, (done, both) in zip(names, flags, strict=True)
                    if n in below and not done and both]
+
+
+# -- the shared rules: common_base and chain_after -----------------------------------
+
+
+@st.composite
+def two_histories(draw: st.DrawFn) -> tuple[list[int], list[int]]:
+    """Two histories of distinct guids: often a common past then a tail each
+    (maybe with gaps), sometimes two unrelated orders of one pool."""
+    if draw(st.integers(0, 3)) == 0:
+        pool = st.integers(1, 9)
+        return (draw(st.lists(pool, unique=True, max_size=7)),
+                draw(st.lists(pool, unique=True, max_size=7)))
+    past = list(range(1, draw(st.integers(0, 5)) + 1))
+    later = draw(st.lists(st.integers(10, 19), unique=True, max_size=6))
+    sides = []
+    for _ in range(2):
+        keep_past = [g for g in past if draw(st.integers(0, 5)) > 0]
+        sides.append(keep_past + [g for g in later if draw(st.booleans())])
+    return sides[0], sides[1]
+
+
+@given(two_histories())
+def test_common_base_is_the_end_of_the_longest_common_prefix(
+        h: tuple[list[int], list[int]]) -> None:
+    sender, receiver = h
+    shared = set(sender) & set(receiver)
+    if [g for g in sender if g in shared] != [g for g in receiver if g in shared]:
+        with pytest.raises(OrderDiffers):
+            common_base(sender, receiver)
+        return
+    at = common_base(sender, receiver)
+    assert at == common_base(receiver, sender)  # the same whichever side sends
+    k = 0 if at is None else at + 1
+    assert sender[:k] == receiver[:k]
+    assert k == len(sender) or k == len(receiver) or sender[k] != receiver[k]
+    # ZFS takes the send from the base once the receiver's tail after it is gone
+    # (rule 1), a full stream where there is no base (rule 2).
+    rest = receiver[:k]
+    base = None if at is None else Version(at + 1, "snapshot", "b", sender[at])
+    for g in sender[k:]:
+        zs = [ZoneSnapshot(str(x), x) for x in rest]
+        assert accepts(zs, base, Version(99, "snapshot", str(g), g))
+        rest.append(g)
+        base = Version(99, "snapshot", str(g), g)
+
+
+def test_common_base_tables() -> None:
+    assert common_base([], []) is None
+    assert common_base([1, 2, 3], []) is None
+    assert common_base([1, 2, 3], [1, 2]) == 1
+    assert common_base([1, 2, 3], [1, 3]) == 0  # a gap ends the prefix
+    assert common_base([1, 2, 3], [1, 2, 4]) == 1
+    assert common_base([5, 1], [1]) is None
+    with pytest.raises(OrderDiffers):
+        common_base([1, 2], [2, 1])
+
+
+@given(st.lists(st.integers(1, 30), unique=True, max_size=8), st.data())
+def test_chain_after_is_what_lies_after_the_base_up_to_the_target(
+        guids: list[int], data: st.DataObject) -> None:
+    sender = [ZoneSnapshot(f"s{g}", g) for g in guids]
+    base = data.draw(st.sampled_from([None, *guids]))
+    target = data.draw(st.sampled_from([None, *guids]))
+    got = chain_after(sender, base, target)
+    lo = -1 if base is None else guids.index(base)
+    hi = len(guids) - 1 if target is None else guids.index(target)
+    assert got == [s for i, s in enumerate(sender) if lo < i <= hi]
+    # received one stream each onto a receiver that ends at the base, every one is taken
+    held = sender[:lo + 1]
+    prev = None if base is None else Version(1, "snapshot", "b", base)
+    for s in got:
+        assert accepts(held, prev, Version(2, "snapshot", s.name, s.guid))
+        held.append(s)
+        prev = Version(2, "snapshot", s.name, s.guid)
+    with pytest.raises(ValueError):
+        chain_after(sender, 99, None)
+
+
+def test_chain_after_skips_the_bases_own_snapshot_behind_its_bookmark() -> None:
+    # a bookmark sorts before its own snapshot: the chain starts after both
+    versions = sorted([*cn("a b c"), Version(2, "bookmark", "b", guid("b"))])
+    assert [str(v) for v in chain_after(versions, guid("b"), guid("c"))] == ["@c"]
+    assert [str(v) for v in chain_after(versions, None, guid("b"))] == ["@a", "#b", "@b"]
+
+
+def test_push_with_the_common_snapshots_in_another_order_is_refused() -> None:
+    # not a ZFS history: no push is planned on it
+    with pytest.raises(Reordered):
+        plan_push(cn("a b c"), zone("b a"), "c")

@@ -42,6 +42,8 @@ from replication.reconcile import (
     SnapRef,
     Tombstone,
     ZoneInventory,
+    _analyse,
+    _Ctx,
     expired,
     fills,
     holds_complete,
@@ -54,8 +56,11 @@ from replication.reconcile import (
 from snapper_zone.transfer.plan import (
     AlreadyThere,
     Incremental,
+    OrderDiffers,
     Version,
     ZoneSnapshot,
+    chain_after,
+    common_base,
     plan_push,
     push_chain,
 )
@@ -845,3 +850,41 @@ def test_tombstones_to_adopt_tables() -> None:
 def test_still_awaited(in_use: set[str], complete: set[str], placed: bool | None,
                        want: set[str]) -> None:
     assert still_awaited(in_use, complete, placed) == want
+
+
+# -- the base and the tails are the shared rules' (transfer/plan) ----------------
+
+
+@settings(max_examples=500, deadline=None)
+@given(scenarios())
+def test_reconciles_base_is_common_base_of_the_filtered_histories(
+        sc: tuple[ZoneInventory, ZoneInventory, list[Tombstone], frozenset[str]]) -> None:
+    """DESIGN.md (c): drop the one-sided snapshots that go anyway (tombstoned or
+    incomplete everywhere, and not in use), then the base is ``common_base`` of
+    the two lists and each tail is ``chain_after`` it (less what goes anyway)."""
+    a, b, tombs, in_use = sc
+    dead = {t.guid for t in tombs}
+    complete = {s.guid for inv in (a, b) for ss in inv.datasets.values() for s in ss
+                if s.complete}
+
+    def goes(ds: str, s: Snap) -> bool:
+        return ((s.guid in dead or s.guid not in complete) and s.name not in in_use
+                and marker_name(ds, s.name) not in in_use)
+
+    for ds in sorted(set(a.datasets) | set(b.datasets)):
+        d = _analyse(_Ctx(a, b, dead, in_use), ds)
+        sa, sb = a.snaps(ds), b.snaps(ds)
+        both = {s.guid for s in sa} & {s.guid for s in sb}
+        la = [s for s in sa if s.guid in both or not goes(ds, s)]
+        lb = [s for s in sb if s.guid in both or not goes(ds, s)]
+        try:
+            at = common_base([s.guid for s in la], [s.guid for s in lb])
+        except OrderDiffers:
+            assert d.state == "conflict" and d.note == ConflictKind.ORDER.value
+            continue
+        assert d.base == (None if at is None else la[at])
+        assert d.base is None or (at is not None and d.base.guid == lb[at].guid)
+        if d.state in ("sync", "rewind", "diverged"):
+            base = d.base.guid if d.base else None
+            assert d.tail_a == [s for s in chain_after(la, base) if not goes(ds, s)]
+            assert d.tail_b == [s for s in chain_after(lb, base) if not goes(ds, s)]
