@@ -49,7 +49,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from snapper_zone.cn.cli import parse_rate
 from snapper_zone.cn.client import CnClient
+from snapper_zone.fleet import pools
 from snapper_zone.fleet.local import LocalCN, LocalFleet, LocalZone
+from snapper_zone.fleet.pools import FilePool
 from snapper_zone.transfer.remote import ZoneClient
 from snapper_zone.zfs.names import Dataset
 from snapper_zone.zfs.zfs import SendSpec
@@ -78,11 +80,12 @@ async def push(fleet: LocalFleet, cn: LocalCN, zone: LocalZone, vm: str,
 
 
 async def copy_rates(fleet: LocalFleet, cn: LocalCN, zone: LocalZone, vm: str,
-                     i: int) -> tuple[float, float]:
+                     i: int, scratch_pool: FilePool) -> tuple[float, float]:
     """Seconds for the SSH copy path and for a local pipe, same snapshot, same pools."""
     zc = ZoneClient("127.0.0.1", zone.ssh_port, cn.key_path, host_key=zone.host_key_pub)
     client = CnClient(zc, dataset_root=cn.pool.name, zfs=fleet.zfs, vmadm=None)
-    scratch = Dataset(cn.pool.name).child(f"copy{i}")
+    # An unmounted pool: nothing received is mounted, so nothing is busy.
+    scratch = Dataset(scratch_pool.name).child(f"copy{i}")
     await fleet.zfs.create(scratch)
     async with zc:
         t0 = time.monotonic()
@@ -93,7 +96,6 @@ async def copy_rates(fleet: LocalFleet, cn: LocalCN, zone: LocalZone, vm: str,
     await fleet.zfs.pipe(SendSpec(src.snapshot("bench")), scratch.child("pipe"),
                          resumable=False)
     local = time.monotonic() - t0
-    await fleet.zfs.destroy(scratch, recursive=True)
     return ssh, local
 
 
@@ -105,6 +107,7 @@ async def main(size_mib: int, repeat: int, bwlimit: float) -> int:
         fleet = await LocalFleet.start(Path(tmp), zones=0, cns=1, vms_per_cn=0,
                                        pool_size=pool,
                                        reconcile_interval_ms=600_000)
+        scratch: FilePool | None = None
         try:
             one = await fleet.add_zone(pool, group=None)
             p1 = await fleet.add_zone(pool, group="pipelined")
@@ -123,6 +126,9 @@ async def main(size_mib: int, repeat: int, bwlimit: float) -> int:
                                               f"paced {bwlimit / 1e6:.0f} MB/s": bwlimit}
             times: dict[tuple[str, str], list[float]] = {(p, k): [] for p in paces for k in targets}
             copies: list[tuple[float, float]] = []
+            scratch = await pools.create_pool(fleet.zfs, Path(tmp), "scratch",
+                                              size=2 * size * repeat + (256 << 20),
+                                              mounted=False)
             for i in range(repeat):
                 for pace, rate in paces.items():
                     vm = fresh.pop()
@@ -143,7 +149,7 @@ async def main(size_mib: int, repeat: int, bwlimit: float) -> int:
                         print(f"  run {i + 1} {pace:<16} {name:<6} {secs:6.2f} s  "
                               f"{size / secs / 1e6:6.1f} MB/s", flush=True)
                     if rate is None:
-                        ssh, local = await copy_rates(fleet, cn, one, vm, i)
+                        ssh, local = await copy_rates(fleet, cn, one, vm, i, scratch)
                         copies.append((ssh, local))
                         print(f"  run {i + 1} copy path: ssh {size / ssh / 1e6:6.1f} MB/s, "
                               f"local pipe {size / local / 1e6:6.1f} MB/s", flush=True)
@@ -174,6 +180,8 @@ async def main(size_mib: int, repeat: int, bwlimit: float) -> int:
             print(f"  ratio copy-path / local-pipe (rate): {pipe_med / ssh_med:.2f}  "
                   "(target >= 0.8)")
         finally:
+            if scratch is not None:
+                await scratch.destroy(fleet.zfs)
             await fleet.stop()
     return 0
 
