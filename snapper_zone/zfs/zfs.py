@@ -478,6 +478,10 @@ class Zfs:
                    force: bool = False) -> None:
         """Local ``zfs send | zfs receive`` through a kernel pipe.
 
+        A ZFS-layer primitive for its own tests and the benchmarks' baseline:
+        no product path receives with it (streams into a zone or a CN go
+        through ``transfer.local``, which vets them first).
+
         The error raised is the one that explains the failure: the sender's
         when it failed for a reason of its own, else the receiver's.
         """
