@@ -74,7 +74,7 @@ from snapper_zone.common.bootstrap import (
 )
 from snapper_zone.common.config import ConfigError
 from snapper_zone.errors import SnapperError
-from snapper_zone.wire import InvalidDocument, ZoneRegistration
+from snapper_zone.wire import InvalidDocument, ZoneRegistration, jsontext
 from snapper_zone.zfs.names import check_uuid
 
 __all__ = ["COORDINATOR", "Coordinator", "CoordinatorConfig", "load_config", "main",
@@ -774,10 +774,13 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 async def _body(request: web.Request) -> object:
+    # A text/plain POST is what a browser sends cross-site without asking.
+    if request.content_type != "application/json":
+        raise InvalidArgument(f"body must be application/json, not {request.content_type!r}")
     try:
-        return await request.json()
-    except ValueError as e:
-        raise InvalidArgument(f"body is not JSON: {e}") from e
+        return jsontext.loads(await request.text())
+    except jsontext.InvalidJson as e:
+        raise InvalidArgument(e.message) from None
 
 
 def _flag(request: web.Request, name: str, default: str) -> bool:

@@ -293,6 +293,24 @@ async def test_register_refuses_bad_bodies(env: Env, change: dict[str, Any], wor
     assert err["code"] == "InvalidArgument" and word in err["message"]
 
 
+async def test_bodies_must_be_bounded_application_json(env: Env) -> None:
+    """A text/plain POST (what a browser sends cross-site unasked) and JSON nested
+    past any real document are refused with the JSON error shape; nothing changes."""
+    url = str(env.server.make_url("/v1/zones"))
+    body = json.dumps({"uuid": ZONES[0]})
+    async with env.http.post(url, data=body, headers={"Content-Type": "text/plain"}) as r:
+        doc = await r.json(content_type=None)
+        assert (r.status, doc["code"]) == (422, "InvalidArgument"), doc
+        assert "application/json" in doc["message"]
+    deep = "[" * 5000 + "]" * 5000
+    async with env.http.post(url, data=deep,
+                             headers={"Content-Type": "application/json"}) as r:
+        doc = await r.json(content_type=None)
+        assert (r.status, doc["code"]) == (422, "InvalidArgument"), doc
+        assert "nests deeper" in doc["message"]
+    assert (await env.call("GET", "/v1/zones"))["zones"] == []
+
+
 async def test_errors_are_json(env: Env) -> None:
     assert (await env.call("GET", "/v1/nothing", status=404))["code"] == "ResourceNotFound"
     assert (await env.call("GET", f"/v1/zones/{ZONES[0]}", status=404))["code"] == \

@@ -291,3 +291,19 @@ async def test_metadata_over_several_chunks(api: Api) -> None:
     status, snaps = await api.call("GET", f"/v1/vms/{VM}/snapshots?metadata=1")
     assert [s["metadata"] for s in snaps] == [
         {**META, "snap": "s1"}, big, {**META, "snap": "s3"}]
+
+
+@pytest.mark.zfs
+async def test_a_drop_with_a_text_plain_or_deep_body_is_refused(api: Api) -> None:
+    """A browser's cross-site text/plain POST, or JSON nested past any real document,
+    never reaches the handler: 422 with the JSON error shape, the copy untouched."""
+    status, before = await api.call("GET", f"/v1/vms/{VM}/snapshots")
+    assert status == 200 and before
+    for data, ctype, word in (('{"elsewhere": {}}', "text/plain", "application/json"),
+                              ("[" * 5000 + "]" * 5000, "application/json", "nests deeper")):
+        async with api.http.delete(api.url(f"/v1/vms/{VM}"), data=data,
+                                   headers={"Content-Type": ctype}) as r:
+            doc = await r.json(content_type=None)
+            assert (r.status, doc["code"]) == (422, "InvalidArgument"), doc
+            assert word in doc["message"]
+    assert await api.call("GET", f"/v1/vms/{VM}/snapshots") == (200, before)

@@ -658,6 +658,11 @@ async def test_commit_and_send_rules(zfs: Zfs, cn_pool: FilePool, zone_pool: Fil
     assert (status, err_code(err)) == (1, "MetadataTooLarge")
     status, _, err = await run(conn, f"commit {VM_A} s1 disk0", b"[1, 2]")
     assert (status, err_code(err)) == (1, "InvalidArgument")
+    # Nested past any real document (json.loads would recurse out): refused, not a crash.
+    for deep in (b"[" * 5000 + b"]" * 5000, b'{"a":' * 100 + b"1" + b"}" * 100):
+        status, _, err = await run(conn, f"commit {VM_A} s1 disk0", deep)
+        assert (status, err_code(err)) == (1, "InvalidArgument"), err
+        assert "nests deeper" in protocol.parse_error_line(err)[1]
     assert (await run(conn, f"commit {VM_A} s1 disk0"))[0] == 0
     assert (await run(conn, f"metadata {VM_A} s1"))[1] == b"null\n"
     op = await h.connect("operator")

@@ -34,7 +34,7 @@ from snapper_zone.transfer.registry import PENDING_TTL
 from snapper_zone.transfer.remote import ZoneClient
 from snapper_zone.zfs import proc
 from snapper_zone.zfs.names import Dataset
-from snapper_zone.zfs.sendstream import HeaderType, StreamBegin
+from snapper_zone.zfs.sendstream import Feature, HeaderType, StreamBegin
 from snapper_zone.zfs.zfs import SendSpec, SnapshotInfo, Zfs
 from tests.helpers import send_bytes
 from tests.test_sshserver import (
@@ -98,6 +98,13 @@ def test_a_stream_of_another_guid_is_refused(carried: int, expected: int) -> Non
     else:
         with pytest.raises(StreamRefused, match="guid"):
             vet_stream(begin, Expect("s1", toguid=expected), "t", [], None)
+
+
+@given(st.sampled_from([Feature.RAW, Feature.REDACTED]), guid_values)
+def test_raw_and_redacted_streams_are_refused(flag: Feature, guid: int) -> None:
+    with pytest.raises(StreamRefused, match=r"raw|redacted"):
+        vet_stream(_begin("s1", guid, featureflags=int(flag)), Expect("s1"), "t", [], None)
+    assert vet_stream(_begin("s1", guid), Expect("s1"), "t", [], None) is None
 
 
 def test_incremental_rules() -> None:

@@ -47,7 +47,7 @@ from snapper_zone.daemon.zone import Zone
 from snapper_zone.errors import InvalidName, SnapperError
 from snapper_zone.transfer.registry import SnapshotInUse
 from snapper_zone.transfer.store import P_META_COUNT, decode_metadata
-from snapper_zone.wire import InvalidDocument, elsewhere_from_json, tombstones_to_json
+from snapper_zone.wire import InvalidDocument, elsewhere_from_json, jsontext, tombstones_to_json
 from snapper_zone.zfs.names import Dataset, check_component, check_uuid
 
 __all__ = ["ZONE", "MethodNotAllowed", "ResourceNotFound", "SnapshotInUse", "make_app"]
@@ -324,10 +324,14 @@ _ELSEWHERE = '{"elsewhere": {"<snapshot>": {"<dataset>": "<guid>"}}}'
 
 
 async def _json_body(request: web.Request, shape: str) -> Any:
+    # A text/plain POST is what a browser sends cross-site without asking.
+    if request.content_type != "application/json":
+        raise InvalidName(f"the body must be application/json, not {request.content_type!r}: "
+                          f"{shape}")
     try:
-        return await request.json()
-    except ValueError:
-        raise InvalidName(f"the body must be JSON: {shape}") from None
+        return jsontext.loads(await request.text())
+    except jsontext.InvalidJson as exc:
+        raise InvalidName(f"{exc.message}: {shape}") from None
 
 
 def _parse_elsewhere(body: Any) -> dict[str, dict[str, int]] | None:

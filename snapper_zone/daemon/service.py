@@ -36,7 +36,7 @@ from snapper_zone.transfer.local import (
 from snapper_zone.transfer.registry import PENDING_TTL, SnapshotInUse
 from snapper_zone.transfer.store import SnapshotNotFound, VmSnapshot
 from snapper_zone.transfer.stream import ClientGone, Inbound, Sink, copy_out
-from snapper_zone.wire import protocol
+from snapper_zone.wire import jsontext, protocol
 from snapper_zone.wire.protocol import (
     Abort,
     Command,
@@ -223,10 +223,7 @@ class Service:
         raw = await io.inbound.read_all(self.zone.config.metadata_max_bytes)
         meta: dict[str, Any] | None = None
         if raw.strip():
-            try:
-                doc = json.loads(raw)
-            except ValueError as exc:
-                raise InvalidMetadata(f"metadata is not JSON: {exc}") from None
+            doc = jsontext.loads(raw, "metadata")
             if not isinstance(doc, dict):
                 raise InvalidMetadata("metadata must be a JSON object")
             meta = doc

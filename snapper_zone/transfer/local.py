@@ -7,7 +7,7 @@ a zone. Each gets the same checks, in this order:
 
 1. the stream's header (DRR_BEGIN) is read and parsed before ``zfs receive``
    starts; ``vet_stream`` (pure) refuses a compound (``-R``) or property
-   (``-p``) stream, a clone or redacted one, a stream of another snapshot
+   (``-p``) stream, a clone, redacted or raw one, a stream of another snapshot
    than the one asked for, one of another guid than expected, a full stream onto a dataset that has
    snapshots, an incremental whose base is not the target's newest
    snapshot, and a resume that does not match the partial state;
@@ -48,7 +48,7 @@ from snapper_zone.transfer.store import ZoneStore
 from snapper_zone.transfer.stream import ClientGone, Inbound, PipeGone, Sink
 from snapper_zone.wire import Inventory, VmSnapshot
 from snapper_zone.zfs.names import Dataset
-from snapper_zone.zfs.sendstream import StreamBegin, StreamHeaderError, read_begin
+from snapper_zone.zfs.sendstream import Feature, StreamBegin, StreamHeaderError, read_begin
 from snapper_zone.zfs.zfs import SnapshotInfo, Zfs
 
 __all__ = [
@@ -115,6 +115,10 @@ def vet_stream(begin: StreamBegin, expect: Expect, target: str,
                             "send each dataset on its own, without properties")
     if begin.is_clone or begin.is_redacted:
         raise StreamRefused("clone and redacted streams are not accepted")
+    if Feature.RAW in begin.features:
+        # Raw (zfs send -w) streams of encrypted datasets are not handled on
+        # purpose yet: the zone would hold ciphertext it cannot verify or restore.
+        raise StreamRefused("raw (zfs send -w) streams are not accepted yet")
     if begin.snapname != expect.snapshot:
         raise StreamRefused(f"the stream is of snapshot {begin.snapname!r}, "
                             f"the command names {expect.snapshot!r}")
