@@ -87,7 +87,7 @@ async def make_harness(tmp_path: Path) -> AsyncIterator[MakeHarness]:
     harnesses: list[Harness] = []
 
     async def make(root: str, cns: dict[str, list[str]], *, max_concurrent_receives: int = 4,
-                   zfs: Zfs | None = None) -> Harness:
+                   zfs: Zfs | None = None, stream_idle_seconds: int = 60) -> Harness:
         keydir = tmp_path / f"keys{len(harnesses)}"
         keydir.mkdir()
         keys: dict[str, Path] = {}
@@ -110,6 +110,7 @@ async def make_harness(tmp_path: Path) -> AsyncIterator[MakeHarness]:
             "ssh": {"port": 0, "host_key": str(keydir / "host_key")},
             "http": {"port": 0},
             "max_concurrent_receives": max_concurrent_receives,
+            "stream_idle_seconds": stream_idle_seconds,
             "keys": entries,
             "vms": {vm: cn for cn, vms in cns.items() for vm in vms},
         }, str(tmp_path / "snapperd.toml"))
@@ -765,3 +766,34 @@ async def test_guid_not_the_streams_is_destroyed(
     assert (status, err_code(err)) == (1, "InvalidStream")
     assert "destroyed" in protocol.parse_error_line(err)[1]
     assert list(await guids(zfs, h.root.child(VM_A).child("disk0"))) == ["s1"]
+
+
+@pytest.mark.zfs
+async def test_an_idle_receive_is_cut_off_and_frees_its_vm_and_slot(
+        zfs: Zfs, cn_pool: FilePool, zone_pool: FilePool, make_harness: MakeHarness) -> None:
+    """``sleep 200 | ssh zone receive ...`` no longer holds the VM lock and a receive
+    slot for as long as it likes: after stream_idle_seconds it fails with StreamIdle,
+    nothing of it is kept, and the VM's next push goes through."""
+    h = await make_harness(await zone_root(zfs, zone_pool), {"cn-a": [VM_A]},
+                           max_concurrent_receives=1, stream_idle_seconds=1)
+    src, _ = await cn_vm(zfs, cn_pool, "vm", 1, size=64 << 10)
+    stream = await send_bytes(zfs, SendSpec(src.snapshot("s1")))
+    conn = await h.connect("cn-a")
+    idle = await conn.create_process(f"receive {VM_A} disk0 s1", encoding=None)
+    idle.stdin.write(stream[:1000])  # the header, then nothing: the client stalls
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    done = await asyncio.wait_for(idle.wait(), 30)
+    waited = loop.time() - started
+    assert isinstance(done.stderr, bytes)
+    err = done.stderr.decode()
+    assert (done.exit_status, err_code(err)) == (1, "StreamIdle"), err
+    assert 0.9 <= waited < 10, waited
+    assert h.metric("snapper_transfers_total", kind="receive", result="StreamIdle") == 1
+    assert h.zone.transfers.active() == [] and not h.zone.vm_locks[VM_A].locked()
+    part = h.root.child(VM_A).child("disk0")
+    assert not await zfs.exists(part) or "s1" not in await guids(zfs, part)
+    # The only receive slot and the VM lock are free: the real push lands.
+    status, _, err = await run(conn, f"receive {VM_A} disk0 s1", stream)
+    assert status == 0, err
+    assert await guids(zfs, h.root.child(VM_A).child("disk0")) == await guids(zfs, src)

@@ -51,6 +51,9 @@ DEFAULT_MAX_CONCURRENT_RECEIVES = 4
 DEFAULT_METADATA_MAX_BYTES = 256 * 1024
 DEFAULT_RECONCILE_INTERVAL_MS = 30_000
 DEFAULT_MIRROR_TIMEOUT_SECONDS = 600
+# A client that sends nothing for this long while its stream is read is cut
+# off: its VM lock and receive slot go to the others.
+DEFAULT_STREAM_IDLE_SECONDS = 60
 
 # ZFS's own limit (ZFS_MAX_DATASET_NAME_LEN includes the NUL).
 _MAX_DATASET_LEN = 255
@@ -145,6 +148,8 @@ class ZoneConfig:
     reconcile_interval_ms: int = DEFAULT_RECONCILE_INTERVAL_MS
     # How long a ``mirrored`` commit waits for the peer before it fails.
     mirror_timeout_seconds: int = DEFAULT_MIRROR_TIMEOUT_SECONDS
+    # A stream (or metadata) that brings no byte for this long is cut off.
+    stream_idle_seconds: float = DEFAULT_STREAM_IDLE_SECONDS
     # Forward a CN's stream to the peer while it is received (two copies in
     # the time of one); off: the peer is sent the snapshot after it is in.
     pipelined_mirroring: bool = True
@@ -221,6 +226,7 @@ _TOP_FIELDS = (
     "peers",
     "reconcile_interval_ms",
     "mirror_timeout_seconds",
+    "stream_idle_seconds",
     "pipelined_mirroring",
 )
 _SSH_FIELDS = ("host", "port", "host_key")
@@ -398,6 +404,9 @@ class _Parser:
         mirror_timeout = self.integer(
             "mirror_timeout_seconds",
             top.get("mirror_timeout_seconds", DEFAULT_MIRROR_TIMEOUT_SECONDS), 1, 86_400)
+        idle = self.integer("stream_idle_seconds",
+                            top.get("stream_idle_seconds", DEFAULT_STREAM_IDLE_SECONDS),
+                            1, 86_400)
         pipelined = top.get("pipelined_mirroring", True)
         if not isinstance(pipelined, bool):
             raise self.err("pipelined_mirroring", f"must be true or false, not {_kind(pipelined)}")
@@ -417,6 +426,7 @@ class _Parser:
             peers=peers,
             reconcile_interval_ms=interval,
             mirror_timeout_seconds=mirror_timeout,
+            stream_idle_seconds=idle,
             pipelined_mirroring=pipelined,
         )
 

@@ -120,7 +120,10 @@ class _Session(asyncssh.SSHServerSession[bytes]):
         self._writable = asyncio.Event()
         self._writable.set()
         self._gone = False
-        self.inbound: Inbound = Inbound(self._pause_reading, self._resume_reading)
+        # A client that stops sending mid-stream gives its VM lock and receive
+        # slot back after stream_idle_seconds, with a StreamIdle error.
+        self.inbound: Inbound = Inbound(self._pause_reading, self._resume_reading,
+                                        idle_timeout=zone.config.stream_idle_seconds)
 
     # -- asyncssh callbacks ---------------------------------------------------
 

@@ -26,7 +26,7 @@ from typing import Protocol
 
 from snapper_zone.errors import MetadataTooLarge, SnapperError
 
-__all__ = ["ClientGone", "Inbound", "PipeGone", "SendPump", "Sink",
+__all__ = ["ClientGone", "Inbound", "PipeGone", "SendPump", "Sink", "StreamIdle",
            "copy_out"]
 
 _BUFFER_LIMIT = 256 << 10  # bytes held before a stream is piped (header, metadata)
@@ -51,6 +51,13 @@ class Sink(Protocol):
     def eof(self) -> None: ...
 
     def abort(self) -> None: ...
+
+
+class StreamIdle(ClientGone):
+    """The client sent nothing for too long while its stream was being read."""
+
+    code = "StreamIdle"
+    http_status = 408
 
 
 class PipeGone(Exception):
@@ -178,9 +185,18 @@ class Inbound:
     """
 
     def __init__(self, pause_reading: Callable[[], None],
-                 resume_reading: Callable[[], None]) -> None:
+                 resume_reading: Callable[[], None], *, idle_timeout: float | None = None,
+                 on_idle: Callable[[], None] | None = None) -> None:
         self._pause_reading = pause_reading
         self._resume_reading = resume_reading
+        # The idle watchdog runs only while a handler waits for bytes and the
+        # client is not paused by us: a client queued for a slot, or held back
+        # by a full pipe, is not idle.
+        self._idle_timeout = idle_timeout
+        self._on_idle = on_idle
+        self._watching_idle = False
+        self._last = 0.0
+        self._idle_timer: asyncio.TimerHandle | None = None
         self._buf = bytearray()
         self._eof = False
         self._error: SnapperError | None = None
@@ -194,6 +210,8 @@ class Inbound:
     # -- called by the transport ------------------------------------------
 
     def feed(self, data: bytes) -> None:
+        if self._watching_idle:
+            self._last = asyncio.get_running_loop().time()
         writer = self._writer
         if writer is not None:
             writer.write(data)
@@ -239,7 +257,11 @@ class Inbound:
             if self._eof:
                 return b""
             self._waiter = asyncio.get_running_loop().create_future()
-            await self._waiter
+            self._watch_idle(True)
+            try:
+                await self._waiter
+            finally:
+                self._watch_idle(False)
         chunk = bytes(self._buf[:n])
         del self._buf[:n]
         if len(self._buf) < _BUFFER_LIMIT // 2:
@@ -295,12 +317,14 @@ class Inbound:
         # over. Resuming delivers queued packets at once, so only after the
         # writer is in place.
         self._vote("buffer", False)
+        self._watch_idle(True)
         try:
             await done
         except BaseException:
             writer.abort()  # cancelled: never leave the pipe open behind us
             raise
         finally:
+            self._watch_idle(False)
             self._writer = None
             self._tee = None
             self._discard = True
@@ -333,7 +357,37 @@ class Inbound:
             if after:
                 self._pause_reading()
             else:
+                self._last = asyncio.get_running_loop().time()  # our pause is not idleness
                 self._resume_reading()
+
+    def _watch_idle(self, on: bool) -> None:
+        if self._idle_timeout is None:
+            return
+        self._watching_idle = on
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        if on:
+            loop = asyncio.get_running_loop()
+            self._last = loop.time()
+            self._idle_timer = loop.call_later(self._idle_timeout, self._check_idle)
+
+    def _check_idle(self) -> None:
+        self._idle_timer = None
+        if not self._watching_idle or self._idle_timeout is None:
+            return
+        loop = asyncio.get_running_loop()
+        quiet = loop.time() - self._last
+        if self._votes or quiet < self._idle_timeout:
+            # Paused by us, or bytes came: look again when it could expire.
+            wait = self._idle_timeout - (0 if self._votes else quiet)
+            self._idle_timer = loop.call_later(max(wait, 0.01), self._check_idle)
+            return
+        self._watching_idle = False
+        self.feed_error(StreamIdle(f"the client sent nothing for {self._idle_timeout:g} s; "
+                                   "its stream was cut off"))
+        if self._on_idle is not None:
+            self._on_idle()
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
