@@ -22,14 +22,19 @@ is gone, lost or no longer active, the source is lost or holds no copy, or
 the VM's placement no longer holds ``from_zone`` (someone else moved it); or
 when copy/verify failed ``max_attempts`` times.  Rolling back marks the move
 ``failed`` and deletes ``to_zone``'s partial copy only if the placement does
-not name ``to_zone`` for that VM: the placement is untouched, so the VM keeps
-the two copies it had.
+not name ``to_zone`` for that VM and both placed zones answer with a copy: the
+placement is untouched, so the VM keeps the two copies it had.  While a placed
+zone is down the partial copy may be one of the two live copies; it is kept
+(stale-copy reconciliation removes it once both placed copies answer).
 
 Safety: nothing is deleted before the new copy is verified and the placement
 switched; the delete step re-checks that the placement no longer names
-``from_zone`` and that ``to_zone`` still answers with a copy; a lost
-``from_zone`` (a repair) is never contacted.  So a VM never drops below the
-copies it had.
+``from_zone``; a lost ``from_zone`` (a repair) is never contacted.  Every
+delete (the old copy, a rolled-back partial copy) needs both zones of the
+placement to answer with a copy, neither of them suspect or lost (health
+checks): a placed zone that is down does not count, so a delete never leaves
+a VM with fewer than two copies on zones that answer.  Otherwise the copy is
+kept (an extra copy is harmless).  So a VM never drops below the copies it had.
 
 Concurrency: at most ``per_zone`` moves use a zone (as source or target) at
 once, and one move per VM.
@@ -327,13 +332,27 @@ class Mover:
             to = zones.get(m.to_zone)
             if to is None or to.state is ZoneState.LOST:
                 raise _Retry(f"delete: the new copy's zone {m.to_zone} is gone")
-            try:
-                held = await self.api.snapshots(to.http_url, m.vm)
-            except SnapperError:
-                held = None
-            if held is None:
-                # Until it answers with a copy, the old copy may be the second one.
-                raise _Retry(f"delete: the new copy on {m.to_zone} does not answer")
+            down = self._placed_down(pair, zones)
+            if down is not None or pair is None:
+                # The old copy is one of the two live ones until that zone is back;
+                # waiting would keep the VM busy, out of the loss repair's reach.
+                return await self._finish(m, MoveState.DONE,
+                                          f"old copy on {m.from_zone} kept: {down}")
+            held: list[SnapshotView] = []
+            for z in sorted(pair, key=lambda z: z == m.to_zone):  # the new copy last
+                try:
+                    got = await self.api.snapshots(zones[z].http_url, m.vm)
+                except SnapperError:
+                    got = None
+                if got is None:
+                    # Until both answer with a copy, the old copy may be the second one.
+                    why = f"delete: the {'new' if z == m.to_zone else 'placed'} copy " \
+                        f"on {z} does not answer"
+                    if z != m.to_zone and m.attempts >= self.settings.max_attempts:
+                        return await self._finish(m, MoveState.DONE,
+                                                  f"old copy on {m.from_zone} kept: {why}")
+                    raise _Retry(why)
+                held = got
             try:
                 held = await self._caught_up(m, old, to, held)
                 # The zone re-checks under its VM lock: a push that reached the old
@@ -365,6 +384,35 @@ class Mover:
             held = await self.api.snapshots(to.http_url, m.vm) or []
         return held
 
+    @staticmethod
+    def _placed_down(pair: tuple[str, str] | None,
+                     zones: dict[str, ZoneRecord]) -> str | None:
+        """Why a copy on a zone outside ``pair`` may be one of the VM's two live
+        copies, as the zone records tell (None: both placed zones look up)."""
+        if pair is None:
+            return "the VM has no placement"
+        for z in pair:
+            rec = zones.get(z)
+            if rec is None:
+                return f"placed zone {z} is gone"
+            if rec.state is ZoneState.LOST or rec.suspect_since is not None:
+                return f"placed zone {z} is {rec.health}"
+        return None
+
+    async def _placed_silent(self, vm: str, pair: tuple[str, str] | None,
+                             zones: dict[str, ZoneRecord]) -> str | None:
+        """Why not both placed zones answer with a copy of ``vm`` (None: they do)."""
+        if pair is None:
+            return "the VM has no placement"
+        for z in pair:
+            try:
+                held = await self.api.snapshots(zones[z].http_url, vm)
+            except SnapperError as e:
+                return f"placed zone {z} does not answer: {e}"
+            if held is None:
+                return f"placed zone {z} holds no copy"
+        return None
+
     async def _finish(self, m: MoveRecord, state: MoveState, error: str | None) -> MoveRecord:
         m = await self.store.update_move(m.id, self.clock(), state=state, error=error,
                                          clear_error=error is None)
@@ -382,10 +430,15 @@ class Mover:
         pair = await self.store.placement(m.vm)
         if to is not None and to.state is not ZoneState.LOST and (
                 pair is None or m.to_zone not in pair):
-            try:
-                await self.api.delete_vm(to.http_url, m.vm)
-            except SnapperError as e:
-                # Left for stale-copy reconciliation; the placement never named it.
-                why += f" (partial copy on {m.to_zone} not removed: {e})"
+            # Left for stale-copy reconciliation when kept; the placement never named it.
+            keep = self._placed_down(pair, zones) or await self._placed_silent(m.vm, pair,
+                                                                                zones)
+            if keep is not None:
+                why += f" (partial copy on {m.to_zone} kept: {keep})"
+            else:
+                try:
+                    await self.api.delete_vm(to.http_url, m.vm)
+                except SnapperError as e:
+                    why += f" (partial copy on {m.to_zone} not removed: {e})"
         log.warning("move rolled back", extra={"move": m.id, "vm": m.vm, "why": why})
         return await self._finish(m, MoveState.FAILED, why)

@@ -770,9 +770,14 @@ async def test_a_dead_zone_is_lost_and_repaired_by_itself(tmp_path: Path, fleet:
         await wait_until(repaired, 30, "the lost zone repaired", poll=0.05)
         moves = await env.moves_finished()
         # Each VM the dead zone held was moved off it: by the loss repair, or by
-        # a balancing pass the coordinator's start began before the zone died.
+        # a balancing pass the coordinator's start began before the zone died.  A
+        # balancing move of such a VM caught by the death keeps the copy it would
+        # have deleted (with the dead zone it is one of the two live copies) and
+        # the placement then follows the data: no move off the dead zone for it.
         off = [m for m in moves if m["from_zone"] == victim and m["state"] == "done"]
-        assert sorted(m["vm"] for m in off) == sorted(hit)
+        assert {m["vm"] for m in off} <= set(hit)
+        for vm in set(hit) - {m["vm"] for m in off}:
+            assert any(m["vm"] == vm and "kept" in (m["error"] or "") for m in moves), vm
         assert {m["reason"] for m in off} <= {"lost", "rebalance"}
         assert all(m["from_zone"] == victim for m in moves if m["reason"] == "lost")
         assert_two_copies(env, after)

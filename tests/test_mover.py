@@ -174,11 +174,11 @@ async def test_rebalance_move_copies_verifies_switches_deletes(tmp_path: Path) -
     assert VM in fake.held[url(C)] and VM not in fake.held[url(B)]
     m = await store.move(mid)
     assert m is not None and (m.progress, m.step, m.error) == (300, MoveStep.DELETE, None)
-    # the order of the steps: copy, verify both sides, re-check the new copy, delete
-    # the order of the steps: copy, verify both sides, compare the new copy with the
-    # old one, delete
-    assert [c for c, _ in fake.calls] == ["sync", "snapshots", "snapshots", "snapshots",
-                                          "snapshots", "delete_vm"]
+    # the order of the steps: copy, verify both sides, check that both placed copies
+    # answer (the new one last), compare the new copy with the old one, delete
+    assert fake.calls == [("sync", url(B)), ("snapshots", url(B)), ("snapshots", url(C)),
+                          ("snapshots", url(A)), ("snapshots", url(C)),
+                          ("snapshots", url(B)), ("delete_vm", url(B))]
 
 
 async def test_a_push_mirrored_to_the_old_copy_after_the_switch_is_kept(
@@ -327,6 +327,55 @@ async def test_delete_waits_while_the_new_copy_does_not_answer(tmp_path: Path) -
     assert m.state is MoveState.RUNNING and VM in fake.held[url(B)]
     fake.down.clear()
     assert await run_to_end(mover(store, fake), mid) is MoveState.DONE
+
+
+async def _dies(store: SqliteStore, fake: FakeZones, zone: str, noticed: bool) -> None:
+    """``zone`` stops answering; its copy no longer counts.  ``noticed``: the health
+    checks have seen it (suspect), else it is dead but not yet suspected."""
+    fake.down.add(url(zone))
+    fake.lost.add(url(zone))
+    if noticed:
+        await store.set_zone_health(zone, last_seen=1.0, suspect_since=2.0)
+
+
+@pytest.mark.parametrize("noticed", [True, False])
+async def test_a_rolled_back_copy_is_kept_while_a_placed_zone_is_down(
+        tmp_path: Path, noticed: bool) -> None:
+    """The source dies after its copy reached the target: the move gives up, but the
+    target's copy is now one of the VM's two live copies (the placed survivor's the
+    other), so rolling back must not delete it."""
+    store, fake, mid = await setup(tmp_path, Move(VM, B, C, B, 300, "rebalance"))
+    copy = fake.sync
+
+    async def sync(u: str, vm: str, peer: str, bwlimit: float | None = None) -> SyncResult:
+        res = await copy(u, vm, peer, bwlimit)
+        await _dies(store, fake, B, noticed)
+        return res
+
+    fake.sync = sync  # type: ignore[method-assign]
+    assert await run_to_end(mover(store, fake, max_attempts=3), mid) is MoveState.FAILED
+    m = await store.move(mid)
+    assert m is not None and m.error is not None and f"partial copy on {C} kept" in m.error
+    assert await store.placement(VM) == (A, B)
+    assert VM in fake.held[url(C)] and fake.copies(VM) == 2
+    assert ("delete_vm", url(C)) not in fake.calls
+
+
+@pytest.mark.parametrize("noticed", [True, False])
+async def test_the_old_copy_is_kept_while_the_placed_survivor_is_down(
+        tmp_path: Path, noticed: bool) -> None:
+    """After the switch (A, B) -> (A, C), A dies: the old copy on B and the new one on
+    C are the two live copies, so the old one is not deleted."""
+    store, fake, mid = await setup(tmp_path, Move(VM, B, C, B, 300, "rebalance"))
+    await crash(store, fake, mid, "delete_vm")
+    assert await store.placement(VM) == (A, C)
+    await _dies(store, fake, A, noticed)
+    fake.calls.clear()
+    assert await run_to_end(mover(store, fake, max_attempts=3), mid) is MoveState.DONE
+    m = await store.move(mid)
+    assert m is not None and m.error is not None and f"old copy on {B} kept" in m.error
+    assert VM in fake.held[url(B)] and VM in fake.held[url(C)] and fake.copies(VM) == 2
+    assert ("delete_vm", url(B)) not in fake.calls
 
 
 async def test_per_zone_concurrency_limit(tmp_path: Path) -> None:
