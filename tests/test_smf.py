@@ -12,7 +12,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SMF = REPO / "smf"
-DTD = REPO.parent / "shared" / "smf" / "service_bundle.dtd.1"
+# Where the service_bundle DTD is found: illumos' own place, then shared/ beside
+# the checkout (this workplace). A clone with neither skips with the reason.
+DTD_PLACES = (Path("/usr/share/lib/xml/dtd/service_bundle.dtd.1"),
+              REPO.parent / "shared" / "smf" / "service_bundle.dtd.1")
+DTD = next((p for p in DTD_PLACES if p.is_file()), None)
 MANIFESTS = sorted((SMF / "manifests").glob("*.xml"))
 METHODS = sorted(p for p in (SMF / "method").iterdir() if p.is_file())
 
@@ -50,9 +54,9 @@ def test_there_is_a_snapperd_manifest() -> None:
 
 @pytest.mark.parametrize("manifest", MANIFESTS, ids=_ids(MANIFESTS))
 def test_manifest_valid_against_dtd(manifest: Path) -> None:
-    assert DTD.is_file(), (
-        f"service_bundle DTD missing at {DTD}: it ships in shared/smf/ beside the repo"
-    )
+    if DTD is None:
+        pytest.skip("service_bundle DTD not found in "
+                    + " or ".join(str(p) for p in DTD_PLACES))
     res = subprocess.run(
         [_xmllint(), "--noout", "--nonet", "--dtdvalid", str(DTD), str(manifest)],
         capture_output=True,
