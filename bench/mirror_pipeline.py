@@ -16,7 +16,7 @@ MB/s of each, and the ratios pair/one (the issue's target: <= 1.2) and
 serial/one. Everything started is stopped, every pool destroyed.
 
 Then the copy path alone: the snapshot pulled back out of a zone over SSH
-into a fresh dataset through the one receive path (``ZoneClient.open_send``
+into a fresh dataset through the one receive path (``ZoneClient.pull``
 -> ``transfer.local.receive_stream``: vetted, guid-confirmed; what a zone's
 catch-up pull and a CN's restore run), beside a local ``zfs send | zfs
 receive`` of the same snapshot between the same two pools, in the same run:

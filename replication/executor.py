@@ -6,7 +6,7 @@ is ``LocalEndpoint`` (``here``), the peer its ``ZoneClient``; deletes and
 markers go to whichever zone the action names (``_at``). Streams go through
 the one transfer path: to the peer with ``ZoneClient.push_stream`` into its
 ``receive`` (vetted there as a CN's push is), from the peer with
-``ZoneClient.open_send`` into this zone's ``ZoneReceiver`` (vetted here: no
+``ZoneClient.pull`` into this zone's ``ZoneReceiver`` (vetted here: no
 ``-R``/``-p``, the planned snapshot and guid, a receive slot). Each dataset
 snapshot is its own ``-i`` stream: the receive grammar takes one snapshot
 per stream, and a failure part-way keeps every snapshot already across.
@@ -204,17 +204,10 @@ class Executor:
         req = ReceiveRequest("mirror-in", self.vm, ds,
                              Expect(snap.name, cmd.base, toguid=snap.guid),
                              f"zone:{self.peer}", lease=False)
-        source, session = await self.client.open_send(cmd)
         result = "error"
-        t: Transfer | None = None
         try:
-            try:
-                _got, t = await self.zone.receiver.receive(req, source)
-            except BaseException:
-                if session.chan is not None:
-                    session.chan.close()
-                raise
-            await self.client.finish_send(cmd, session)
+            _got, t = await self.client.pull(cmd, lambda source: self.zone.receiver.receive(
+                req, source))
             self.moved += t.bytes
             result = "ok"
         except SnapperError as err:

@@ -49,7 +49,7 @@ class Zone:
     def receiver(self) -> ZoneReceiver:
         """Every stream into this zone's pool goes through it (transfer.local)."""
         return ZoneReceiver(self.zfs, self.store, self.transfers, self.receive_slots,
-                            self.vm_locks, self.log, self.metrics.pool_free.set)
+                            self.vm_locks, self.log, self.refresh_capacity)
 
     @classmethod
     def from_config(cls, config: ZoneConfig, zfs: Zfs | None = None,

@@ -4,7 +4,7 @@ Replication talks to both zones of a VM the same way: "this zone" is
 ``local.LocalEndpoint`` (the pool, under the VM lock) and a peer is
 ``remote.ZoneClient`` (the same commands over SSH). Streams go between them
 with ``ZoneClient.push_stream`` (this zone's ``zfs send`` into the peer's
-vetted receive) and ``ZoneClient.open_send`` + ``local.ZoneReceiver`` (the
+vetted receive) and ``ZoneClient.pull`` + ``local.ZoneReceiver`` (the
 peer's ``send`` into this zone's vetted receive).
 """
 

@@ -29,7 +29,7 @@ import os
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any
 
 from snapper_zone.common import log as slog
 from snapper_zone.errors import (
@@ -188,7 +188,6 @@ async def confirm_guid(zfs: Zfs, target: Dataset, name: str, guid: int) -> None:
 class Received:
     begin: StreamBegin
     base: str | None  # the incremental's base snapshot name
-    tee: Sink | None  # the second consumer the caller opened, ended cleanly
 
 
 OpenTee = Callable[[str | None], Awaitable[Sink | None]]
@@ -261,7 +260,7 @@ async def receive_stream(zfs: Zfs, target: Dataset, source: Inbound, expect: Exp
     await confirm_guid(zfs, target, expect.snapshot, begin.toguid)
     if tee is not None:
         tee.eof()
-    return Received(begin, base_name, tee)
+    return Received(begin, base_name)
 
 
 @dataclass
@@ -315,16 +314,6 @@ class LocalEndpoint:
                 await self.store.destroy_part(vm, dataset, snap, guid)
 
 
-class VmStore(Protocol):
-    """What the receiver needs of the zone's layout (``store.ZoneStore``)."""
-
-    def part_dataset(self, vm: str, label: str) -> Dataset: ...
-
-    async def ensure_vm(self, vm: str) -> object: ...
-
-    async def available(self) -> int: ...
-
-
 @dataclass(frozen=True)
 class ReceiveRequest:
     kind: str  # "receive" (a CN's push) or "mirror-in" (from a peer zone)
@@ -341,12 +330,12 @@ class ZoneReceiver:
     """A zone's receive: locks, slots, space and bookkeeping around ``receive_stream``."""
 
     zfs: Zfs
-    store: VmStore
+    store: ZoneStore
     transfers: TransferRegistry
     receive_slots: asyncio.Semaphore
     vm_locks: defaultdict[str, asyncio.Lock]
     log: logging.Logger
-    on_free: Callable[[int], None] | None = None  # told the pool's free bytes
+    free_bytes: Callable[[], Awaitable[int]]  # the pool's free space, asked afresh
 
     async def receive(self, req: ReceiveRequest, source: Inbound, *,
                       open_tee: OpenTee | None = None) -> tuple[Received, Transfer]:
@@ -378,9 +367,7 @@ class ZoneReceiver:
         return got, t
 
     async def _check_space(self, size: int) -> None:
-        free = await self.store.available()
-        if self.on_free is not None:
-            self.on_free(free)
+        free = await self.free_bytes()
         # Receives already running will still write what they announced.
         promised = sum(max((t.expected or 0) - t.bytes, 0) for t in self.transfers.active()
                        if t.kind in ("receive", "mirror-in"))

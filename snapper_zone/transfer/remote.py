@@ -2,7 +2,7 @@
 
 ``ZoneClient`` speaks the SSH grammar (``wire.protocol``) to a zone: small
 commands (``run``), a push (``push_stream``: a local ``zfs send`` through
-``stream.SendPump``), and a pull (``open_send``: the zone's ``send`` as a
+``stream.SendPump``), and a pull (``pull``: the zone's ``send`` as a
 ``stream.Inbound`` that ``local.receive_stream`` takes, vetted like any
 receive). A CN, a zone mirroring to its peer, and the tests all use it.
 """
@@ -14,11 +14,11 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import asyncssh
 from asyncssh.channel import SSHChannel
@@ -45,6 +45,8 @@ from snapper_zone.wire.protocol import (
 )
 from snapper_zone.zfs.names import Dataset
 from snapper_zone.zfs.zfs import SendSpec, Zfs, classify
+
+T = TypeVar("T")
 
 log = logging.getLogger("snapper.cn")
 
@@ -349,7 +351,30 @@ class ZoneClient:
             raise classify(sent.argv, sent.stderr, sent.returncode)
         return StreamResult(pump.bytes, time.monotonic() - started)
 
-    async def open_send(self, cmd: Send) -> tuple[Inbound, ExecSession]:
+    async def pull(self, cmd: Send, into: Callable[[Inbound], Awaitable[T]]) -> T:
+        """Run the zone's ``send`` and hand its stream to ``into`` (a vetted receive).
+
+        When the stream is cut the zone's own error is raised if it gave one;
+        after ``into`` the zone must agree it sent a whole stream (exit 0).
+        """
+        source, session = await self._open_send(cmd)
+        try:
+            got = await into(source)
+        except ClientGone as exc:
+            # The zone's send ended early: its own error says why.
+            with contextlib.suppress(OSError, asyncssh.Error):
+                await session.closed
+            if session.exit_status not in (0, None):
+                raise session.error(format_command(cmd)) from exc
+            raise ZoneUnreachable(f"{self.endpoint}: send: {exc.message}") from exc
+        except BaseException:
+            if session.chan is not None:
+                session.chan.close()
+            raise
+        await self._finish_send(cmd, session)
+        return got
+
+    async def _open_send(self, cmd: Send) -> tuple[Inbound, ExecSession]:
         """Start the zone's ``send``; its stream as an ``Inbound`` to receive from.
 
         The channel's data feeds the Inbound; when the receive's pipe is full
@@ -382,7 +407,7 @@ class ZoneClient:
         chan.write_eof()
         return source, session
 
-    async def finish_send(self, cmd: Send, session: ExecSession) -> None:
+    async def _finish_send(self, cmd: Send, session: ExecSession) -> None:
         """After a pull: the zone must agree it sent a whole stream (exit 0)."""
         chan = session.chan
         if not session.closed.done() and chan is not None:
@@ -410,23 +435,9 @@ class ZoneClient:
             moved += n
             progress.advance(n)
 
-        source, session = await self.open_send(cmd)
-        try:
-            await receive_stream(zfs, target, source, Expect(cmd.snapshot, cmd.base,
-                                                             toguid=toguid),
-                                 on_bytes=count, resumable=False, force=force)
-        except ClientGone as exc:
-            # The zone's send ended early: its own error says why.
-            with contextlib.suppress(OSError, asyncssh.Error):
-                await session.closed
-            if session.exit_status not in (0, None):
-                raise session.error(format_command(cmd)) from exc
-            raise ZoneUnreachable(f"{self.endpoint}: send: {exc.message}") from exc
-        except BaseException:
-            if session.chan is not None:
-                session.chan.close()
-            raise
-        await self.finish_send(cmd, session)
+        await self.pull(cmd, lambda source: receive_stream(
+            zfs, target, source, Expect(cmd.snapshot, cmd.base, toguid=toguid),
+            on_bytes=count, resumable=False, force=force))
         return StreamResult(moved, time.monotonic() - started)
 
     # -- the small commands -----------------------------------------------------
