@@ -52,3 +52,15 @@ def test_parts_teed_for_a_push_that_died_on_the_primary(reg: TransferRegistry) -
     assert reg.abandoned(VM, "zone:p", set()) == ["s4"]
     assert reg.in_use(VM) == {"s5"}
     assert not reg.pending_from(VM, "zone:p")
+
+
+def test_parts_a_peer_teed_end_with_its_connection(reg: TransferRegistry) -> None:
+    reg.pending(VM, "s1", "zone:p")
+    reg.bind(VM, "s1", 7)  # teed by the primary over connection 7
+    reg.pending(VM, "s2", "cn:a")  # a client's push: a lease, bound to nothing
+    reg.release(8)
+    assert reg.in_use(VM) == {"s1", "s2"}
+    reg.release(7)  # the primary's link closed: its push is over
+    assert reg.in_use(VM) == {"s2"}
+    reg.release(7)
+    assert reg.in_use(VM) == {"s2"}

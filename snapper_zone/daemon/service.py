@@ -163,7 +163,8 @@ class Service:
         tees = zone.replicator.pipeliner if zone.replicator is not None else None
         kind = "receive" if p.role == "cn" else "mirror-in"
         req = ReceiveRequest(kind, cmd.vm, cmd.dataset,
-                             Expect(cmd.snapshot, cmd.base, cmd.resume), p.label, cmd.size)
+                             Expect(cmd.snapshot, cmd.base, cmd.resume), p.label, cmd.size,
+                             connection=p.connection if p.role == "peer" else None)
         open_tee: OpenTee | None = None
         teed: list[MirrorTee] = []
         if tees is not None and kind == "receive" and not cmd.resume:

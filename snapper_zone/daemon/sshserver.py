@@ -76,6 +76,11 @@ class _Server(asyncssh.SSHServer):
         addr = conn.get_extra_info("peername")
         self._peer = f"{addr[0]}:{addr[1]}" if addr else "?"
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        # Parts a peer zone teed here end with its link (its push is over); a
+        # client's own parts keep their lease for a commit from any connection.
+        self._zone.transfers.release(self._id)
+
     def begin_auth(self, username: str) -> bool:
         return True  # always authenticate; the user name itself means nothing
 

@@ -323,6 +323,8 @@ class ReceiveRequest:
     peer: str  # who sends: "cn:<id>", "zone:<uuid>"
     size: int | None = None  # announced stream size, for the space check
     lease: bool = True  # a commit is to come (a client's push); not for a pull
+    # For parts a peer zone tees here: they end with its connection, as its push does.
+    connection: int | None = None
 
 
 @dataclass
@@ -364,6 +366,8 @@ class ZoneReceiver:
                                            source, exp, on_bytes=t.add, on_vetted=vetted)
                 if req.lease:  # confirmed by guid: awaited by a commit until the lease ends
                     self.transfers.pending(req.vm, exp.snapshot, source=req.peer)
+                    if req.connection is not None:
+                        self.transfers.bind(req.vm, exp.snapshot, req.connection)
         return got, t
 
     async def _check_space(self, size: int) -> None:

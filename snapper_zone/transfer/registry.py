@@ -81,6 +81,8 @@ class TransferRegistry:
         # (vm, snapshot) -> (when its last part arrived, who sent it), until it
         # is committed: a push between two datasets is in use, not debris.
         self._pending: dict[tuple[str, str], tuple[float, str]] = {}
+        # (vm, snapshot) -> the connection it ends with: parts a peer teed here.
+        self._bound: dict[tuple[str, str], int] = {}
 
     def start(self, kind: str, vm: str, dataset: str, snapshot: str, base: str | None,
               peer: str, expected: int | None = None) -> Transfer:
@@ -130,9 +132,25 @@ class TransferRegistry:
         its commit is to come: the lease starts (again) now."""
         self._pending[(vm, snapshot)] = (self.clock(), source)
 
+    def bind(self, vm: str, snapshot: str, connection: int) -> None:
+        """The pending ``snapshot`` ends with ``connection`` (see ``release``)."""
+        self._bound[(vm, snapshot)] = connection
+
+    def release(self, connection: int) -> None:
+        """``connection`` closed: what was bound to it is not awaited any more.
+
+        Parts a peer zone teed here belong to its push, which ends with its
+        link; a client's own push keeps its lease (commit from any connection).
+        """
+        for key, conn in list(self._bound.items()):
+            if conn == connection:
+                del self._bound[key]
+                self._pending.pop(key, None)
+
     def committed(self, vm: str, snapshot: str) -> None:
         """The lease ends: committed, or the snapshot was deleted."""
         self._pending.pop((vm, snapshot), None)
+        self._bound.pop((vm, snapshot), None)
 
     def pending_from(self, vm: str, source: str) -> bool:
         """Whether ``source`` sent parts of ``vm`` here whose commit is awaited."""
@@ -147,6 +165,7 @@ class TransferRegistry:
                 if v == vm and src == source and s not in busy]
         for s in gone:
             del self._pending[(vm, s)]
+            self._bound.pop((vm, s), None)
         return gone
 
     def in_use(self, vm: str) -> set[str]:
@@ -161,6 +180,7 @@ class TransferRegistry:
                 self._pending[key] = (now, src)
             elif now - when > PENDING_TTL:
                 del self._pending[key]
+                self._bound.pop(key, None)
         names: set[str] = {s for (v, s) in self._pending if v == vm}
         for t in running:
             names.add(t.snapshot)
