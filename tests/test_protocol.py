@@ -30,7 +30,7 @@ names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,20}", fullmatch=True).filte
 vms = st.uuids().map(str)
 commands: st.SearchStrategy[Command] = st.one_of(
     st.builds(Receive, vms, names, names, st.none() | names,
-              st.none() | st.integers(0, 2**62), st.booleans()),
+              st.none() | st.integers(0, 2**62), st.booleans(), st.booleans()),
     st.builds(Send, vms, names, names, st.none() | names),
     st.builds(ResumeToken, vms, names),
     st.builds(Abort, vms, names),

@@ -4,7 +4,8 @@
   (``-R``, ``-p``, another snapshot, another guid) is refused before ``zfs
   receive`` runs, and nothing is left on the zone.
 - The plain-OpenSSH operator workflow: ``receive`` in one ``ssh``, ``commit``
-  in another, minutes later; the pending parts are a lease, not a connection.
+  in another, minutes later; the pending parts are a lease, not a connection
+  (unless the client asks for ``--session``, as snapper's own client does).
 - ``vet_stream`` is pure: every refusal is checked without I/O.
 """
 
@@ -257,6 +258,14 @@ async def test_openssh_receive_then_commit_from_another_connection_minutes_later
     assert "s3" in h.zone.transfers.in_use(VM_A)
     now[0] += PENDING_TTL + 1
     assert "s3" not in h.zone.transfers.in_use(VM_A)
+    # With --session (snapper's own client) the parts end with the connection:
+    # a push that died before its commit leaves nothing awaited, at once.
+    await zfs.snapshot([src.snapshot("s4")])
+    stream = await send_bytes(zfs, SendSpec(src.snapshot("s4"), src.snapshot("s3")))
+    done = await ssh(f"receive {VM_A} disk0 s4 --from s3 --session", stream)
+    assert done.ok, done.stderr
+    assert json.loads(done.stdout)["pending"]["lease_seconds"] is None
+    assert "s4" not in h.zone.transfers.in_use(VM_A)
 
 
 @pytest.mark.zfs

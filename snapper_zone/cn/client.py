@@ -343,7 +343,9 @@ class CnClient:
     async def _send(self, vm: str, label: str, snap: str, spec: SendSpec, *,
                     resume: bool = False, base_zone: str | None = None) -> StreamResult:
         size = await self._estimate(spec)
-        cmd = Receive(vm, label, snap, base_zone, size, resume)
+        # --session: what this push leaves uncommitted ends with our connection
+        # (we commit on it), not a lease that would hold debris for minutes.
+        cmd = Receive(vm, label, snap, base_zone, size, resume, session=True)
         self.progress.start(f"{vm[:8]}/{label}@{snap}", size, vm=vm, dataset=label,
                             snapshot=snap, base=base_zone, resume=resume)
         try:

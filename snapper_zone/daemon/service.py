@@ -164,7 +164,10 @@ class Service:
         kind = "receive" if p.role == "cn" else "mirror-in"
         req = ReceiveRequest(kind, cmd.vm, cmd.dataset,
                              Expect(cmd.snapshot, cmd.base, cmd.resume), p.label, cmd.size,
-                             connection=p.connection if p.role == "peer" else None)
+                             # A peer's parts end with its link (its push does); a
+                             # client's too when it asks (--session), else a lease.
+                             connection=p.connection if p.role == "peer" or cmd.session
+                             else None)
         open_tee: OpenTee | None = None
         teed: list[MirrorTee] = []
         if tees is not None and kind == "receive" and not cmd.resume:
@@ -183,7 +186,8 @@ class Service:
         io.write(_json_line({"pending": {
             "vm": cmd.vm, "snapshot": cmd.snapshot, "dataset": cmd.dataset,
             "guid": str(got.begin.toguid), "base": got.base,
-            "lease_seconds": int(PENDING_TTL)}}))
+            # With --session the parts end with this connection: no lease.
+            "lease_seconds": None if cmd.session else int(PENDING_TTL)}}))
 
     # -- send -------------------------------------------------------------------
 

@@ -5,9 +5,12 @@ no shell: every token is a validated name or number) and parsed into a typed
 command. The same module builds the lines on the client side, so the CN
 client, the zone-to-zone mirror and an operator's plain ``ssh`` agree.
 
-    receive VM DATASET SNAP [--from BASE] [--size BYTES] [--resume]
+    receive VM DATASET SNAP [--from BASE] [--size BYTES] [--resume] [--session]
         stdin: a zfs send stream of VM's DATASET at SNAP (incremental from
         BASE when given; ``--resume`` when it is a ``zfs send -t`` stream).
+        The parts wait for their ``commit`` for a lease (any connection may
+        commit); with ``--session`` they end with this connection instead, as
+        snapper's own client commits on the connection it pushed on.
     send VM DATASET SNAP [--from BASE]      stdout: a zfs send stream
     resume-token VM DATASET                 stdout: the token or "-"
     abort VM DATASET                        discard a partial receive
@@ -52,6 +55,7 @@ class Receive:
     base: str | None = None
     size: int | None = None  # the sender's estimate (send -n -P), for the space check
     resume: bool = False
+    session: bool = False  # uncommitted parts end with this connection, not a lease
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,7 @@ Command = (Receive | Send | ResumeToken | Abort | Snapshots | Commit | Metadata 
 
 # verb -> (number of positional args, allowed options and whether each takes a value)
 _GRAMMAR: dict[str, tuple[int, dict[str, bool]]] = {
-    "receive": (3, {"--from": True, "--size": True, "--resume": False}),
+    "receive": (3, {"--from": True, "--size": True, "--resume": False, "--session": False}),
     "send": (3, {"--from": True}),
     "resume-token": (2, {}),
     "abort": (2, {}),
@@ -189,7 +193,8 @@ def _build(verb: str, a: list[str], o: dict[str, str | None]) -> Command:
         size = o.get("--size")
         if size is not None and (not size.isdigit() or len(size) > 19):
             raise ValueError("--size must be a byte count")
-        return Receive(vm, ds, snap, base, int(size) if size else None, "--resume" in o)
+        return Receive(vm, ds, snap, base, int(size) if size else None, "--resume" in o,
+                       "--session" in o)
     if verb == "resume-token":
         return ResumeToken(vm, check_component(a[1], "VM dataset"))
     if verb == "abort":
@@ -221,13 +226,13 @@ def format_command(cmd: Command) -> str:
     match cmd:
         case Ping():
             return "ping"
-        case Receive(vm, ds, snap, base, size, resume):
+        case Receive(vm, ds, snap, base, size, resume, session):
             line = f"receive {vm} {ds} {snap}"
             if base:
                 line += f" --from {base}"
             if size is not None:
                 line += f" --size {size}"
-            return line + (" --resume" if resume else "")
+            return line + (" --resume" if resume else "") + (" --session" if session else "")
         case Send(vm, ds, snap, base):
             return f"send {vm} {ds} {snap}" + (f" --from {base}" if base else "")
         case ResumeToken(vm, ds):
