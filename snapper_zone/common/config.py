@@ -31,6 +31,7 @@ __all__ = [
     "ConfigError",
     "Durability",
     "HTTPConfig",
+    "Limits",
     "PeerConfig",
     "Role",
     "SSHConfig",
@@ -54,6 +55,8 @@ DEFAULT_MIRROR_TIMEOUT_SECONDS = 600
 # A client that sends nothing for this long while its stream is read is cut
 # off: its VM lock and receive slot go to the others.
 DEFAULT_STREAM_IDLE_SECONDS = 60
+# Addresses that mean "every interface": fine to bind, useless to advertise.
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", "*", ""})
 
 # ZFS's own limit (ZFS_MAX_DATASET_NAME_LEN includes the NUL).
 _MAX_DATASET_LEN = 255
@@ -81,19 +84,55 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class SSHConfig:
-    """Where the SSH endpoint listens and the host key it presents."""
+    """Where the SSH endpoint listens, the address others reach it at, its host key."""
 
     port: int
     host_key: Path
     host: str = DEFAULT_LISTEN_HOST
+    # What the coordinator is told (``host`` when unset); never a wildcard.
+    advertise_host: str | None = None
+
+    @property
+    def advertised(self) -> str:
+        return self.advertise_host or self.host
 
 
 @dataclass(frozen=True)
 class HTTPConfig:
-    """Where the HTTP API listens."""
+    """Where the HTTP API listens, and the address others reach it at."""
 
     port: int
     host: str = DEFAULT_LISTEN_HOST
+    advertise_host: str | None = None
+
+    def advertised_url(self, port: int) -> str:
+        """The API's URL as registered with the coordinator (``port``: the bound one)."""
+        host = self.advertise_host or self.host
+        bare = ":" in host and not host.startswith("[")  # IPv6 needs brackets in a URL
+        return f"http://[{host}]:{port}" if bare else f"http://{host}:{port}"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one client may hold on a zone, so that none can stall or fill it.
+
+    Every count is per zone process; 0 for a quota means none.
+    """
+
+    max_connections: int = 256  # SSH connections in all, authenticated or not
+    max_connections_per_principal: int = 16
+    max_channels_per_connection: int = 8
+    max_sends_per_principal: int = 4  # concurrent ``send`` (restore, mirror-out)
+    # Of max_concurrent_receives, what one client's pushes may hold at once
+    # (None: half of them, rounded up); a peer's mirror-in has slots of its own.
+    max_receives_per_principal: int | None = None
+    max_concurrent_mirror_receives: int | None = None  # None: max_concurrent_receives
+    connection_idle_seconds: float = 300  # no channel running a command for this long
+    login_timeout_seconds: float = 30
+    keepalive_interval_seconds: float = 30
+    keepalive_count_max: int = 4
+    vm_quota_bytes: int = 0  # ZFS ``used`` of a VM's copy on this zone
+    cn_quota_bytes: int = 0  # the sum over a CN's VMs
 
 
 @dataclass(frozen=True)
@@ -153,6 +192,17 @@ class ZoneConfig:
     # Forward a CN's stream to the peer while it is received (two copies in
     # the time of one); off: the peer is sent the snapshot after it is in.
     pipelined_mirroring: bool = True
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def receives_per_principal(self) -> int:
+        given = self.limits.max_receives_per_principal
+        return given if given is not None else max(1, (self.max_concurrent_receives + 1) // 2)
+
+    @property
+    def mirror_receives(self) -> int:
+        given = self.limits.max_concurrent_mirror_receives
+        return given if given is not None else self.max_concurrent_receives
 
     def key_for(self, key_data: bytes) -> TrustedKey | None:
         """The trusted key whose wire encoding is ``key_data`` (``SSHKey.public_data``)."""
@@ -228,9 +278,24 @@ _TOP_FIELDS = (
     "mirror_timeout_seconds",
     "stream_idle_seconds",
     "pipelined_mirroring",
+    "limits",
 )
-_SSH_FIELDS = ("host", "port", "host_key")
-_HTTP_FIELDS = ("host", "port")
+_SSH_FIELDS = ("host", "port", "host_key", "advertise_host")
+_HTTP_FIELDS = ("host", "port", "advertise_host")
+_LIMIT_FIELDS = (
+    "max_connections",
+    "max_connections_per_principal",
+    "max_channels_per_connection",
+    "max_sends_per_principal",
+    "max_receives_per_principal",
+    "max_concurrent_mirror_receives",
+    "connection_idle_seconds",
+    "login_timeout_seconds",
+    "keepalive_interval_seconds",
+    "keepalive_count_max",
+    "vm_quota_bytes",
+    "cn_quota_bytes",
+)
 _KEY_FIELDS = ("role", "public_key", "public_key_file", "cn_id", "zone")
 _PEER_FIELDS = ("uuid", "ssh_host", "ssh_port", "http_url")
 
@@ -410,6 +475,18 @@ class _Parser:
         pipelined = top.get("pipelined_mirroring", True)
         if not isinstance(pipelined, bool):
             raise self.err("pipelined_mirroring", f"must be true or false, not {_kind(pipelined)}")
+        limits = self.limits(top.get("limits", {}), max_recv)
+        if coordinator_url is not None:
+            # Registration tells the coordinator where to reach us: a wildcard
+            # would have it (and every peer) health-check itself.
+            for sect, cfg in (("ssh", ssh.advertise_host or ssh.host),
+                              ("http", http.advertise_host or http.host)):
+                if cfg in WILDCARD_HOSTS:
+                    raise self.err(f"{sect}.advertise_host",
+                                   f"{sect}.host is {cfg!r} (every interface), which cannot "
+                                   "be registered with the coordinator: set "
+                                   f"{sect}.advertise_host to this zone's admin-network "
+                                   "address")
 
         return ZoneConfig(
             uuid=zone_uuid,
@@ -428,7 +505,55 @@ class _Parser:
             mirror_timeout_seconds=mirror_timeout,
             stream_idle_seconds=idle,
             pipelined_mirroring=pipelined,
+            limits=limits,
         )
+
+    def limits(self, value: object, max_recv: int) -> Limits:
+        t = self.table("limits", value, _LIMIT_FIELDS)
+        d = Limits()
+
+        def count(name: str, lo: int = 1, hi: int = 1 << 20) -> int:
+            return self.integer(f"limits.{name}", t.get(name, getattr(d, name)), lo, hi)
+
+        def seconds(name: str) -> float:
+            v = t.get(name, getattr(d, name))
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise self.err(f"limits.{name}", f"must be a number, not {_kind(v)}")
+            if not 0.1 <= v <= 86_400:
+                raise self.err(f"limits.{name}", f"{v} is out of range (0.1..86400 seconds)")
+            return float(v)
+
+        per: int | None = None
+        if "max_receives_per_principal" in t:
+            per = self.integer("limits.max_receives_per_principal",
+                               t["max_receives_per_principal"], 1, max_recv)
+        mirror: int | None = None
+        if "max_concurrent_mirror_receives" in t:
+            mirror = self.integer("limits.max_concurrent_mirror_receives",
+                                  t["max_concurrent_mirror_receives"], 1, 1024)
+        return Limits(
+            max_connections=count("max_connections"),
+            max_connections_per_principal=count("max_connections_per_principal"),
+            max_channels_per_connection=count("max_channels_per_connection", 1, 1024),
+            max_sends_per_principal=count("max_sends_per_principal", 1, 1024),
+            max_receives_per_principal=per,
+            max_concurrent_mirror_receives=mirror,
+            connection_idle_seconds=seconds("connection_idle_seconds"),
+            login_timeout_seconds=seconds("login_timeout_seconds"),
+            keepalive_interval_seconds=seconds("keepalive_interval_seconds"),
+            keepalive_count_max=count("keepalive_count_max", 1, 1000),
+            vm_quota_bytes=count("vm_quota_bytes", 0, 1 << 62),
+            cn_quota_bytes=count("cn_quota_bytes", 0, 1 << 62),
+        )
+
+    def advertise(self, fld: str, value: object) -> str | None:
+        if value is _MISSING:
+            return None
+        s = self.host(fld, value)
+        if s in WILDCARD_HOSTS:
+            raise self.err(fld, f"{s!r} means every interface; advertise the address "
+                           "other zones and the coordinator reach this zone at")
+        return s
 
     def ssh(self, value: object) -> SSHConfig:
         t = self.table("ssh", value, _SSH_FIELDS)
@@ -436,6 +561,8 @@ class _Parser:
             host=self.host("ssh.host", t.get("host", DEFAULT_LISTEN_HOST)),
             port=self.port("ssh.port", self.required(t, "ssh", "port"), allow_zero=True),
             host_key=self.path("ssh.host_key", self.required(t, "ssh", "host_key")),
+            advertise_host=self.advertise("ssh.advertise_host",
+                                          t.get("advertise_host", _MISSING)),
         )
 
     def http(self, value: object) -> HTTPConfig:
@@ -443,6 +570,8 @@ class _Parser:
         return HTTPConfig(
             host=self.host("http.host", t.get("host", DEFAULT_LISTEN_HOST)),
             port=self.port("http.port", self.required(t, "http", "port"), allow_zero=True),
+            advertise_host=self.advertise("http.advertise_host",
+                                          t.get("advertise_host", _MISSING)),
         )
 
     def keys(self, value: object, own_uuid: str) -> tuple[TrustedKey, ...]:

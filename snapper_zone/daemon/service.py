@@ -23,6 +23,7 @@ from replication.pipeline import MirrorTee
 from replication.replicator import MirrorUnavailable
 from snapper_zone.common import log as slog
 from snapper_zone.daemon.auth import NotAuthorized, Principal, authorize, verb
+from snapper_zone.daemon.limits import TooManySends
 from snapper_zone.daemon.zone import Zone
 from snapper_zone.errors import SnapperError
 from snapper_zone.transfer.local import (
@@ -192,6 +193,14 @@ class Service:
     # -- send -------------------------------------------------------------------
 
     async def send(self, p: Principal, cmd: Send, io: Io) -> None:
+        zone = self.zone
+        cap = zone.sends.cap
+        with zone.sends.holding(p.label, TooManySends(
+                f"{p.label} already has {cap} send(s) running on this zone, the most "
+                "one client may; retry when one has finished")):
+            await self._send(p, cmd, io)
+
+    async def _send(self, p: Principal, cmd: Send, io: Io) -> None:
         zone = self.zone
         store = zone.store
         snap = await store.snapshot(cmd.vm, cmd.snapshot)

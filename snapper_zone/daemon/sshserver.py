@@ -11,6 +11,13 @@ The data path is asyncssh's fast one (see the throughput notes): a low-level
 (which writes it into ``zfs receive``'s stdin); AES-GCM only, because OpenSSH
 clients otherwise pick chacha20, about half as fast here; no compression
 (asyncssh's default turns it on); default window and packet size.
+
+Limits (``[limits]`` in the config, ``daemon.limits``): connections in all
+(refused once over, before authentication) and per client (after it), channels
+per connection, a login timeout, keepalives, and idle connections (none of
+their channels running a command) closed after ``connection_idle_seconds``.
+A refused connection is disconnected with the JSON error line as the SSH
+disconnect reason; a refused channel gets it as the channel-open failure's.
 """
 
 from __future__ import annotations
@@ -22,9 +29,17 @@ from collections.abc import Mapping
 import asyncssh
 
 from snapper_zone.daemon.auth import Principal
+from snapper_zone.daemon.limits import (
+    ConnectionIdle,
+    PerPrincipal,
+    TooManyChannels,
+    TooManyConnections,
+)
 from snapper_zone.daemon.service import Service
 from snapper_zone.daemon.zone import Zone
+from snapper_zone.errors import SnapperError
 from snapper_zone.transfer.stream import ClientGone, Inbound
+from snapper_zone.wire import protocol
 
 __all__ = ["ENCRYPTION_ALGS", "start_ssh_server"]
 
@@ -35,11 +50,13 @@ async def start_ssh_server(zone: Zone, service: Service | None = None) -> asyncs
     """Listen on ``zone.config.ssh`` (port 0: ask ``get_port()``); return the acceptor."""
     svc = service or Service(zone)
     cfg = zone.config.ssh
+    lim = zone.config.limits
+    table = _Connections(lim.max_connections, PerPrincipal(lim.max_connections_per_principal))
     # Loaded here so a bad key file fails start-up with a clear error; the
     # daemon's wiring creates it when absent.
     host_key = asyncssh.read_private_key(str(cfg.host_key))
     return await asyncssh.create_server(
-        lambda: _Server(zone, svc), cfg.host, cfg.port,
+        lambda: _Server(zone, svc, table), cfg.host, cfg.port,
         server_host_keys=[host_key],
         encryption_algs=ENCRYPTION_ALGS,
         compression_algs=None,
@@ -53,36 +70,117 @@ async def start_ssh_server(zone: Zone, service: Service | None = None) -> asyncs
         server_version="snapperd",
         # A CN that vanished (power loss) leaves no FIN; notice within ~2 min
         # so its VM lock and receive slot are given back.
-        keepalive_interval=30,
-        keepalive_count_max=4,
-        login_timeout=30,
+        keepalive_interval=lim.keepalive_interval_seconds,
+        keepalive_count_max=lim.keepalive_count_max,
+        login_timeout=lim.login_timeout_seconds,
     )
 
 
 _connections = itertools.count(1)
 
 
-class _Server(asyncssh.SSHServer):
-    """One client connection: who it is, and its sessions."""
+class _Connections:
+    """Every open connection of one server: how many in all, and per client."""
 
-    def __init__(self, zone: Zone, service: Service) -> None:
+    def __init__(self, cap: int, per_principal: PerPrincipal) -> None:
+        self.cap = cap
+        self.open = 0
+        self.per_principal = per_principal
+
+
+class _Server(asyncssh.SSHServer):
+    """One client connection: who it is, its sessions, and whether it is idle."""
+
+    def __init__(self, zone: Zone, service: Service, table: _Connections) -> None:
         self._zone = zone
         self._service = service
+        self._table = table
         self._principal: Principal | None = None
+        self._counted: str | None = None  # the label counted in table.per_principal
         self._peer = "?"
         self._id = next(_connections)
+        self._conn: asyncssh.SSHServerConnection | None = None
+        self._sessions: set[_Session] = set()
+        self._busy = 0  # sessions running a command
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._closed = False
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self._conn = conn
         addr = conn.get_extra_info("peername")
         self._peer = f"{addr[0]}:{addr[1]}" if addr else "?"
+        self._table.open += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._table.open -= 1
+        if self._counted is not None:
+            self._table.per_principal.give_back(self._counted)
+            self._counted = None
+        self._stop_idle()
         # Parts a peer zone teed here end with its link (its push is over); a
         # client's own parts keep their lease for a commit from any connection.
         self._zone.transfers.release(self._id)
 
+    def _refuse(self, err: SnapperError, code: int) -> None:
+        """Close this connection, telling the client why in the disconnect reason."""
+        self._zone.log.warning("connection refused", extra={
+            "remote": self._peer, "reason": err.message,
+            "principal": self._principal.label if self._principal else None})
+        if self._conn is not None and not self._closed:
+            self._conn.disconnect(code, protocol.error_line(err).strip())
+
     def begin_auth(self, username: str) -> bool:
+        if self._table.open > self._table.cap:
+            self._refuse(TooManyConnections(
+                f"this zone has {self._table.cap} SSH connections open, the most it "
+                "takes; retry later"), asyncssh.DISC_TOO_MANY_CONNECTIONS)
         return True  # always authenticate; the user name itself means nothing
+
+    def auth_completed(self) -> None:
+        p = self._principal
+        assert p is not None
+        if not self._table.per_principal.take(p.label):
+            cap = self._table.per_principal.cap
+            self._refuse(TooManyConnections(
+                f"{p.label} already has {cap} SSH connections open to this zone, the "
+                "most one client may; reuse one, or close one"),
+                asyncssh.DISC_TOO_MANY_CONNECTIONS)
+            return
+        self._counted = p.label
+        self._start_idle()
+
+    # -- idle connections -----------------------------------------------------
+
+    def _start_idle(self) -> None:
+        if self._closed or self._busy or self._idle_timer is not None:
+            return
+        after = self._zone.config.limits.connection_idle_seconds
+        self._idle_timer = asyncio.get_running_loop().call_later(after, self._idle, after)
+
+    def _stop_idle(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _idle(self, after: float) -> None:
+        self._idle_timer = None
+        if self._busy:
+            return
+        self._refuse(ConnectionIdle(f"this connection ran no command for {after:g} s; "
+                                    "closed"), asyncssh.DISC_BY_APPLICATION)
+
+    def command_started(self) -> None:
+        self._busy += 1
+        self._stop_idle()
+
+    def command_ended(self) -> None:
+        self._busy -= 1
+        if not self._busy:
+            self._start_idle()
+
+    def session_closed(self, session: _Session) -> None:
+        self._sessions.discard(session)
 
     def password_auth_supported(self) -> bool:
         return False
@@ -107,18 +205,28 @@ class _Server(asyncssh.SSHServer):
         return True
 
     def session_requested(self) -> _Session | bool:
-        if self._principal is None:
+        if self._principal is None or self._counted is None:
             return False
-        return _Session(self._zone, self._service, self._principal)
+        cap = self._zone.config.limits.max_channels_per_connection
+        if len(self._sessions) >= cap:
+            err = TooManyChannels(f"this connection has {cap} channels open, the most one "
+                                  "may; wait for one to close, or open another connection")
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_RESOURCE_SHORTAGE,
+                                            protocol.error_line(err).strip())
+        session = _Session(self._zone, self._service, self._principal, self)
+        self._sessions.add(session)
+        return session
 
 
 class _Session(asyncssh.SSHServerSession[bytes]):
     """One exec request; also the ``Io`` the command handler reads and writes."""
 
-    def __init__(self, zone: Zone, service: Service, principal: Principal) -> None:
+    def __init__(self, zone: Zone, service: Service, principal: Principal,
+                 server: _Server) -> None:
         self._zone = zone
         self._service = service
         self._principal = principal
+        self._server = server
         self._chan: asyncssh.SSHServerChannel[bytes] | None = None
         self._command: str | None = None
         self._task: asyncio.Task[None] | None = None
@@ -171,6 +279,7 @@ class _Session(asyncssh.SSHServerSession[bytes]):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._gone = True
+        self._server.session_closed(self)
         self.inbound.feed_error(ClientGone("the client disconnected before the end of "
                                            "its stream"))
         self._writable.set()
@@ -205,6 +314,10 @@ class _Session(asyncssh.SSHServerSession[bytes]):
 
     async def _run(self) -> None:
         assert self._command is not None
-        status = await self._service.execute(self._principal, self._command, self)
+        self._server.command_started()
+        try:
+            status = await self._service.execute(self._principal, self._command, self)
+        finally:
+            self._server.command_ended()
         if not self._gone and self._chan is not None:
             self._chan.exit(status)

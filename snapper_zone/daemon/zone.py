@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING
 
 from snapper_zone.common.config import TrustedKey, ZoneConfig
 from snapper_zone.common.metrics import Metrics
+from snapper_zone.daemon.limits import PerPrincipal
 from snapper_zone.errors import SnapperError
-from snapper_zone.transfer.local import LocalEndpoint, ZoneReceiver
+from snapper_zone.transfer.local import LocalEndpoint, Quotas, ReceiveSlots, ZoneReceiver
 from snapper_zone.transfer.registry import SnapshotInUse, TransferRegistry
 from snapper_zone.transfer.store import ZoneStore
 from snapper_zone.zfs.names import Dataset
@@ -37,8 +38,11 @@ class Zone:
     metrics: Metrics
     transfers: TransferRegistry
     log: logging.Logger
-    # Bounded concurrency: receives beyond the limit wait their turn.
-    receive_slots: asyncio.Semaphore
+    # Bounded concurrency: receives beyond the limit wait their turn, and no
+    # client holds more than its share (mirror-in has slots of its own).
+    receive_slots: ReceiveSlots
+    # Concurrent ``send`` streams per client (principal label).
+    sends: PerPrincipal
     # Two pushes of the same VM never interleave.
     vm_locks: defaultdict[str, asyncio.Lock] = field(
         default_factory=lambda: defaultdict(asyncio.Lock))
@@ -48,8 +52,10 @@ class Zone:
     @property
     def receiver(self) -> ZoneReceiver:
         """Every stream into this zone's pool goes through it (transfer.local)."""
+        lim = self.config.limits
         return ZoneReceiver(self.zfs, self.store, self.transfers, self.receive_slots,
-                            self.vm_locks, self.log, self.refresh_capacity)
+                            self.vm_locks, self.log, self.refresh_capacity,
+                            Quotas(lim.vm_quota_bytes, lim.cn_quota_bytes, self.owner_of))
 
     @classmethod
     def from_config(cls, config: ZoneConfig, zfs: Zfs | None = None,
@@ -61,7 +67,9 @@ class Zone:
             store=ZoneStore(zfs, Dataset(config.root), config.metadata_max_bytes),
             metrics=metrics, transfers=TransferRegistry(metrics),
             log=log or logging.getLogger("snapperd"),
-            receive_slots=asyncio.Semaphore(config.max_concurrent_receives))
+            receive_slots=ReceiveSlots(config.max_concurrent_receives,
+                                       config.receives_per_principal, config.mirror_receives),
+            sends=PerPrincipal(config.limits.max_sends_per_principal))
 
     def key_for(self, key_data: bytes) -> TrustedKey | None:
         """A client key the config trusts, or a peer zone's the coordinator registered."""

@@ -16,8 +16,11 @@ a zone. Each gets the same checks, in this order:
    (``confirm_guid``), or it is destroyed and the receive fails.
 
 On a zone, ``ZoneReceiver`` adds what a zone owes its other clients: the VM
-lock, a receive slot, the space check against the announced size, the
-transfer record (for ``/v1/transfers`` and "in use"), and the VM container.
+lock, a receive slot shared fairly (``ReceiveSlots``), the space and quota
+checks against the announced size, the byte budget enforced while the stream
+arrives (``--size`` plus a margin, the quotas, the free space: a stream over
+it is cut and nothing of it is kept), the transfer record (for
+``/v1/transfers`` and "in use"), and the VM container.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -52,13 +55,18 @@ from snapper_zone.zfs.sendstream import Feature, StreamBegin, StreamHeaderError,
 from snapper_zone.zfs.zfs import SnapshotInfo, Zfs
 
 __all__ = [
+    "SIZE_MARGIN",
     "SPACE_MARGIN",
     "Expect",
     "InsufficientSpace",
     "LocalEndpoint",
+    "QuotaExceeded",
+    "Quotas",
     "ReceiveRequest",
+    "ReceiveSlots",
     "Received",
     "StreamRefused",
+    "StreamTooLarge",
     "ZoneReceiver",
     "confirm_guid",
     "receive_stream",
@@ -69,6 +77,16 @@ __all__ = [
 # stream does not count, and a pool run to its last block is slow to recover.
 SPACE_MARGIN = 64 << 20
 SPACE_MARGIN_FRACTION = 50  # plus 2% of the announced size
+# A stream may exceed its announced --size (``zfs send -n -P``'s estimate) by
+# this much before it is cut: the estimate leaves out per-record headers,
+# which small blocks make a few percent of the stream.
+SIZE_MARGIN = 16 << 20
+SIZE_MARGIN_FRACTION = 10  # plus 10% of the announced size
+
+
+def size_limit(size: int) -> int:
+    """The most bytes a stream announced as ``size`` may bring."""
+    return size + SIZE_MARGIN + size // SIZE_MARGIN_FRACTION
 
 
 class StreamRefused(SnapperError):
@@ -83,6 +101,20 @@ class InsufficientSpace(OutOfSpace):
 
     def __init__(self, message: str) -> None:
         super().__init__(("snapperd", "receive"), "", None, message)
+
+
+class QuotaExceeded(SnapperError):
+    """The VM's or the CN's quota on this zone has no room for the stream; nothing kept."""
+
+    code = "QuotaExceeded"
+    http_status = 507
+
+
+class StreamTooLarge(SnapperError):
+    """The stream brought more than its announced --size plus the margin; nothing kept."""
+
+    code = "StreamTooLarge"
+    http_status = 413
 
 
 def _refusal(cls: type[ZfsError], message: str) -> ZfsError:
@@ -191,6 +223,113 @@ class Received:
 
 
 OpenTee = Callable[[str | None], Awaitable[Sink | None]]
+
+
+@dataclass(frozen=True)
+class Quotas:
+    """Per VM and per CN, in bytes of ZFS ``used`` under the root; 0: none."""
+
+    vm: int = 0
+    cn: int = 0
+    owner_of: Callable[[str], str | None] = lambda vm: None
+
+
+class ReceiveSlots:
+    """``total`` receive slots for clients' pushes, at most ``per_principal`` of them
+    held by any one client; mirror-in from peer zones has ``mirror_total`` of its own.
+
+    So four idle pushes of one CN cannot take every slot, and no CN's pushes can
+    keep a peer's mirror stream (or a catch-up pull) waiting. Waiters are served
+    in arrival order among those that may take a slot now.
+    """
+
+    def __init__(self, total: int, per_principal: int, mirror_total: int) -> None:
+        self.total = total
+        self.per_principal = per_principal
+        self.mirror_total = mirror_total
+        self._used = 0
+        self._mirror_used = 0
+        self._held: Counter[str] = Counter()
+        self._waiters: deque[tuple[bool, str, asyncio.Future[None]]] = deque()
+
+    def held(self, who: str) -> int:
+        return self._held[who]
+
+    def _fits(self, mirror: bool, who: str) -> bool:
+        if mirror:
+            return self._mirror_used < self.mirror_total
+        return self._used < self.total and self._held[who] < self.per_principal
+
+    def _take(self, mirror: bool, who: str) -> None:
+        if mirror:
+            self._mirror_used += 1
+        else:
+            self._used += 1
+            self._held[who] += 1
+
+    async def acquire(self, mirror: bool, who: str) -> None:
+        if self._fits(mirror, who):
+            self._take(mirror, who)
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (mirror, who, fut)
+        self._waiters.append(entry)
+        try:
+            await fut
+        except BaseException:
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+            elif fut.done() and not fut.cancelled():
+                self.release(mirror, who)  # granted as we were cancelled: give it back
+            raise
+
+    def release(self, mirror: bool, who: str) -> None:
+        if mirror:
+            self._mirror_used -= 1
+        else:
+            self._used -= 1
+            self._held[who] -= 1
+            if not self._held[who]:
+                del self._held[who]
+        for entry in list(self._waiters):
+            w_mirror, w_who, fut = entry
+            if fut.done():
+                self._waiters.remove(entry)
+            elif self._fits(w_mirror, w_who):
+                self._waiters.remove(entry)
+                self._take(w_mirror, w_who)
+                fut.set_result(None)
+
+
+def _quota_cut(who: str, used: int, quota: int) -> Callable[[int], SnapperError]:
+    def error(n: int) -> SnapperError:
+        return QuotaExceeded(f"{who} uses {used} of its quota of {quota} bytes on this zone; "
+                             f"the stream brought over {n} bytes, more than the "
+                             f"{quota - used} left; cut, nothing kept")
+    return error
+
+
+class _Budget:
+    """The bytes a stream may still bring, each bound with the error that cuts it."""
+
+    def __init__(self, source: Inbound) -> None:
+        self.source = source
+        self.bytes = 0
+        self._limits: list[tuple[int, Callable[[int], SnapperError]]] = []
+        self.cut: SnapperError | None = None
+
+    def limit(self, at: int, error: Callable[[int], SnapperError]) -> None:
+        self._limits.append((max(at, 0), error))
+
+    def add(self, n: int) -> None:
+        self.bytes += n
+        if self.cut is not None:
+            return
+        for at, error in self._limits:
+            if self.bytes > at:
+                self.cut = error(self.bytes)
+                self.source.cut(self.cut)
+                return
 
 
 async def receive_stream(zfs: Zfs, target: Dataset, source: Inbound, expect: Expect, *,
@@ -329,64 +468,155 @@ class ReceiveRequest:
 
 @dataclass
 class ZoneReceiver:
-    """A zone's receive: locks, slots, space and bookkeeping around ``receive_stream``."""
+    """A zone's receive: locks, slots, space, quotas and bookkeeping around ``receive_stream``."""
 
     zfs: Zfs
     store: ZoneStore
     transfers: TransferRegistry
-    receive_slots: asyncio.Semaphore
+    receive_slots: ReceiveSlots
     vm_locks: defaultdict[str, asyncio.Lock]
     log: logging.Logger
     free_bytes: Callable[[], Awaitable[int]]  # the pool's free space, asked afresh
+    quotas: Quotas = Quotas()
 
     async def receive(self, req: ReceiveRequest, source: Inbound, *,
                       open_tee: OpenTee | None = None) -> tuple[Received, Transfer]:
         """Receive one dataset snapshot of ``req.vm`` from ``source``."""
-        if req.size is not None:
-            await self._check_space(req.size)  # up front, before waiting for a slot
+        # Up front, before waiting for a slot, and again once it has one
+        # (space and usage may have gone while queued).
+        await self._budget(req, None)
+        mirror = req.kind == "mirror-in"
         async with contextlib.AsyncExitStack() as held:
             # VM lock before slot: a push waiting on its own VM holds no slot.
             # A client that gives up while queued leaves the queue at once.
-            await _acquire_unless_gone(held, self.vm_locks[req.vm], source)
-            await _acquire_unless_gone(held, self.receive_slots, source)
-            if req.size is not None:
-                await self._check_space(req.size)  # space may have gone while queued
+            lock = self.vm_locks[req.vm]
+            await _acquire_unless_gone(held, lock.acquire, lock.release, source)
+            slots = self.receive_slots
+            await _acquire_unless_gone(held, lambda: slots.acquire(mirror, req.peer),
+                                       lambda: slots.release(mirror, req.peer), source)
+            budget = _Budget(source)
+            await self._budget(req, budget)
             exp = req.expect
             t = self.transfers.start(req.kind, req.vm, req.dataset, exp.snapshot, exp.base,
                                      req.peer, req.size)
             lg = slog.child(self.log, vm=req.vm, snapshot=exp.snapshot, dataset=req.dataset,
                             kind=req.kind, peer=req.peer, transfer=t.id)
+            created: list[bool] = []
+
+            def counted(n: int) -> None:
+                t.add(n)
+                budget.add(n)
+
             with self.transfers.running(t, lg):
                 async def vetted(base: str | None) -> Sink | None:
                     t.base = base
+                    vm_ds = self.store.vm_dataset(req.vm)
+                    created.append(not await self.zfs.exists(vm_ds))
                     await self.store.ensure_vm(req.vm)  # only for a stream that passed
                     return await open_tee(base) if open_tee is not None else None
 
-                got = await receive_stream(self.zfs, self.store.part_dataset(req.vm, req.dataset),
-                                           source, exp, on_bytes=t.add, on_vetted=vetted)
+                target = self.store.part_dataset(req.vm, req.dataset)
+                try:
+                    got = await receive_stream(self.zfs, target, source, exp,
+                                               on_bytes=counted, on_vetted=vetted)
+                except SnapperError:
+                    if budget.cut is not None:
+                        # Cut for its size: unlike a client gone, nothing is kept
+                        # to resume (it would only be cut again).
+                        await self._discard(req.vm, target, bool(created and created[0]))
+                        raise budget.cut from None
+                    raise
                 if req.lease:  # confirmed by guid: awaited by a commit until the lease ends
                     self.transfers.pending(req.vm, exp.snapshot, source=req.peer)
                     if req.connection is not None:
                         self.transfers.bind(req.vm, exp.snapshot, req.connection)
         return got, t
 
-    async def _check_space(self, size: int) -> None:
+    async def _budget(self, req: ReceiveRequest, budget: _Budget | None) -> None:
+        """Refuse what cannot fit now; with ``budget``, set the limits the stream is cut at.
+
+        Without ``--size`` only an exhausted quota or pool refuses up front;
+        the stream is then bounded while it arrives.
+        """
+        size = req.size
+        if size is not None and budget is not None:
+            budget.limit(size_limit(size), lambda n: StreamTooLarge(
+                f"the stream brought over {n} bytes; it announced --size {size} (at most "
+                f"{size_limit(size)} accepted, margin included); cut, nothing kept"))
+        # Space: receives already running will still write what they announced.
         free = await self.free_bytes()
-        # Receives already running will still write what they announced.
         promised = sum(max((t.expected or 0) - t.bytes, 0) for t in self.transfers.active()
                        if t.kind in ("receive", "mirror-in"))
-        margin = SPACE_MARGIN + size // SPACE_MARGIN_FRACTION
-        if size + margin > free - promised:
+        want = size or 0
+        margin = SPACE_MARGIN + want // SPACE_MARGIN_FRACTION
+        room = free - promised - margin
+        if want > room or room <= 0:
+            what = f"a stream of {size} bytes" if size is not None else "a stream"
             raise InsufficientSpace(
-                f"a stream of {size} bytes does not fit: {free} bytes available, "
+                f"{what} does not fit: {free} bytes available, "
                 f"{promised} promised to receives in progress, {margin} kept in reserve")
+        if budget is not None:
+            budget.limit(room, lambda n: InsufficientSpace(
+                f"the stream brought over {n} bytes; only {room} were free beyond the "
+                "reserve; cut, nothing kept"))
+        if req.kind != "receive":
+            return  # a peer's mirror of a push its zone already held to the quotas
+        q = self.quotas
+        cn = q.owner_of(req.vm)
+        if not q.vm and not (q.cn and cn is not None):
+            return
+        usage = await self._usage()
+        # The client's other pushes in progress count at what they brought so
+        # far (their bytes may not show in ``used`` yet).
+        running = sum(t.bytes for t in self.transfers.active()
+                      if t.kind == "receive" and t.peer == req.peer
+                      and (budget is None or t.vm != req.vm or t.dataset != req.dataset))
+        checks: list[tuple[str, int, int]] = []
+        if q.vm:
+            checks.append((f"VM {req.vm}", usage.get(req.vm, 0), q.vm))
+        if q.cn and cn is not None:
+            cn_used = sum(u for vm, u in usage.items() if q.owner_of(vm) == cn) + running
+            checks.append((f"CN {cn}", cn_used, q.cn))
+        for who, used, quota in checks:
+            left = quota - used
+            if want > left or left <= 0:
+                raise QuotaExceeded(
+                    f"{who} uses {used} of its quota of {quota} bytes on this zone; "
+                    + (f"a stream of {size} bytes does not fit" if size is not None
+                       else "no room is left") + "; nothing was received")
+            if budget is not None:
+                budget.limit(left, _quota_cut(who, used, quota))
+
+    async def _usage(self) -> dict[str, int]:
+        """Each VM's ZFS ``used`` under the root (its datasets and snapshots)."""
+        try:
+            infos = await self.zfs.datasets(self.store.root, depth=1)
+        except DatasetNotFound:
+            return {}
+        return {i.dataset.basename: i.used for i in infos if i.dataset.parent == self.store.root}
+
+    async def _discard(self, vm: str, target: Dataset, container_created: bool) -> None:
+        """Leave nothing of a stream that was cut: its partial state, a dataset it
+        created, the VM container it created."""
+        with contextlib.suppress(SnapperError):
+            if await self.zfs.resume_token(target):
+                await self.zfs.receive_abort(target)
+        with contextlib.suppress(SnapperError):
+            if await self.zfs.exists(target) and not await self.zfs.snapshots(target):
+                await self.zfs.destroy(target, recursive=True)
+        if container_created:
+            container = self.store.vm_dataset(vm)
+            with contextlib.suppress(SnapperError):
+                inside = await self.zfs.datasets(container)
+                if len(inside) <= 1 and not await self.zfs.snapshots(container):
+                    await self.zfs.destroy(container, recursive=True)
 
 
 async def _acquire_unless_gone(held: contextlib.AsyncExitStack,
-                               lock: asyncio.Lock | asyncio.Semaphore,
-                               source: Inbound) -> None:
-    """Acquire ``lock`` (released when ``held`` closes) or raise ClientGone first."""
-    acquiring = asyncio.ensure_future(lock.acquire())
+                               acquire: Callable[[], Awaitable[object]],
+                               release: Callable[[], None], source: Inbound) -> None:
+    """``acquire()`` (``release`` runs when ``held`` closes) or raise ClientGone first."""
+    acquiring = asyncio.ensure_future(acquire())
     gone = asyncio.ensure_future(source.gone())
     try:
         await asyncio.wait({acquiring, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -395,6 +625,6 @@ async def _acquire_unless_gone(held: contextlib.AsyncExitStack,
         if not acquiring.done():
             acquiring.cancel()
     if acquiring.done() and not acquiring.cancelled():
-        held.callback(lock.release)
+        held.callback(release)
         return
     raise ClientGone("the client disconnected while its push was queued")

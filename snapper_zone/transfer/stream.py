@@ -247,6 +247,19 @@ class Inbound:
             self._tee.abort()  # the mirror must see a cut stream too, not a short one
         self._wake()
 
+    def cut(self, err: SnapperError) -> None:
+        """The receiver ends the stream with ``err`` (over its budget): the pipe and
+        the tee are cut as if the client had gone, though it is still there."""
+        if self._error is not None:
+            return
+        self._error = err
+        if self._writer is not None:
+            self._writer.abort()
+        if self._tee is not None:
+            self._tee.abort()
+        self._discard = True
+        self._wake()
+
     # -- called by the handler ---------------------------------------------
 
     async def read(self, n: int) -> bytes:
