@@ -12,12 +12,28 @@ import asyncio
 import contextlib
 import logging
 
+import asyncssh
+
 from replication.coordinator_client import CoordinatorClient
 from replication.peers import PeerLinks
+from snapper_zone.common.config import ZoneConfig
 from snapper_zone.errors import SnapperError
 from snapper_zone.wire import ZoneRegistration
 
-__all__ = ["Registrar"]
+__all__ = ["Registrar", "zone_record"]
+
+
+def zone_record(config: ZoneConfig, ssh_port: int, http_port: int,
+                capacity: int) -> ZoneRegistration:
+    """What this zone registers: where others reach it (the advertised addresses,
+    never the bind address: ``0.0.0.0`` would have the coordinator health-check
+    itself), the bound ports, its host key and capacity."""
+    host_key = asyncssh.read_private_key(str(config.ssh.host_key))
+    return ZoneRegistration(uuid=config.uuid, name=config.name,
+                            ssh_host=config.ssh.advertised, ssh_port=ssh_port,
+                            http_url=config.http.advertised_url(http_port),
+                            host_key=host_key.export_public_key().decode().strip(),
+                            capacity=capacity)
 
 _CHECK_EVERY = 3.0  # seconds between "does the coordinator still know us?" checks
 

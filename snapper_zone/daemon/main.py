@@ -26,7 +26,7 @@ from aiohttp import web
 
 from replication.coordinator_client import CoordinatorClient
 from replication.peers import PeerLinks
-from replication.registration import Registrar
+from replication.registration import Registrar, zone_record
 from replication.replicator import Replicator
 from snapper_zone.common.bootstrap import (
     EXIT_OK,
@@ -44,7 +44,7 @@ from snapper_zone.daemon.zone import Zone
 from snapper_zone.errors import SnapperError
 from snapper_zone.wire import ZoneRegistration
 from snapper_zone.zfs.names import Dataset
-from snapper_zone.zfs.zfs import Zfs
+from snapper_zone.zfs.zfs import SAFE_CONTAINER_PROPS, Zfs
 
 __all__ = ["main"]
 
@@ -94,16 +94,35 @@ def ensure_host_key(path: Path, log: logging.Logger) -> None:
 
 
 async def ensure_root(zfs: Zfs, root: Dataset, create: bool, log: logging.Logger) -> None:
+    """The delegated root exists and is safe: never mounted, nothing in it runnable
+    (``SAFE_CONTAINER_PROPS``, which its VMs' datasets inherit)."""
     if await zfs.exists(root):
+        await _make_safe(zfs, root, log)
         return
     if not create:
         raise StartupError(f"delegated root dataset {root} does not exist: delegate it to "
                            "this zone (or run with --create-root for a demo)", EXIT_USAGE)
     try:
-        await zfs.create(root, parents=True)
+        await zfs.create(root, parents=True, props=SAFE_CONTAINER_PROPS)
     except SnapperError as e:
         raise StartupError(f"cannot create root dataset {root}: {e}", EXIT_USAGE) from e
     log.info("created root dataset", extra={"root": str(root)})
+
+
+async def _make_safe(zfs: Zfs, root: Dataset, log: logging.Logger) -> None:
+    """Set ``SAFE_CONTAINER_PROPS`` on an existing root where they differ; a zone not
+    delegated the right to is told in the log, not stopped (the operator's call)."""
+    have = await zfs.props(root, list(SAFE_CONTAINER_PROPS))
+    wrong = {k: v for k, v in SAFE_CONTAINER_PROPS.items() if have.get(k) != v}
+    if not wrong:
+        return
+    try:
+        await zfs.set_props(root, wrong)
+        log.info("made the root dataset non-mountable", extra={"root": str(root),
+                                                               "set": wrong})
+    except SnapperError as e:
+        log.warning("cannot make the root dataset non-mountable; set these on it",
+                    extra={"root": str(root), "props": wrong, "error": str(e)})
 
 
 async def _wait_for_transfers(zone: Zone, grace: float) -> None:
@@ -157,7 +176,9 @@ async def serve(config: ZoneConfig, args: argparse.Namespace, log: logging.Logge
         log.info("snapperd started", extra={
             "zone": config.uuid, "zone_name": config.name, "root": config.root,
             "zfs": caps.flavour, "ssh_port": ssh_port, "http_port": http_port,
-            "ssh_host": config.ssh.host, "http_host": config.http.host})
+            "ssh_host": config.ssh.host, "http_host": config.http.host,
+            "ssh_advertised": config.ssh.advertised,
+            "http_advertised": config.http.advertised_url(http_port)})
         if args.ready_file is not None:
             ready: dict[str, Any] = {"pid": os.getpid(), "ssh_port": ssh_port,
                                      "http_port": http_port}
@@ -190,13 +211,8 @@ async def serve(config: ZoneConfig, args: argparse.Namespace, log: logging.Logge
 
 async def _registration(zone: Zone, ssh_port: int, http_port: int) -> ZoneRegistration:
     """This zone as the coordinator's registry records it (``POST /v1/zones``)."""
-    c = zone.config
-    host_key = asyncssh.read_private_key(str(c.ssh.host_key))
     root = await zone.zfs.dataset(zone.store.root)
-    return ZoneRegistration(uuid=c.uuid, name=c.name, ssh_host=c.ssh.host, ssh_port=ssh_port,
-                            http_url=f"http://{c.http.host}:{http_port}",
-                            host_key=host_key.export_public_key().decode().strip(),
-                            capacity=root.available + root.used)
+    return zone_record(zone.config, ssh_port, http_port, root.available + root.used)
 
 
 def main(argv: Sequence[str] | None = None, service: type[Service] = Service) -> int:

@@ -203,9 +203,10 @@ class LocalFleet:
                  and self.coordinator is None]
         return {
             "uuid": zone.uuid, "name": zone.name, "root": zone.root,
-            "ssh": {"host": "127.0.0.1", "port": zone.ssh_port,
+            "ssh": {"host": "127.0.0.1", "advertise_host": "127.0.0.1", "port": zone.ssh_port,
                     "host_key": str(zone.host_key_pub.with_suffix(""))},
-            "http": {"host": "127.0.0.1", "port": zone.http_port},
+            "http": {"host": "127.0.0.1", "advertise_host": "127.0.0.1",
+                     "port": zone.http_port},
             "keys": keys,
             "vms": {vm: cn.id for cn in self.cns for vm in cn.vms},
             "peers": peers if self.mirrored else [],

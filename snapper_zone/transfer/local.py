@@ -335,7 +335,8 @@ class _Budget:
 async def receive_stream(zfs: Zfs, target: Dataset, source: Inbound, expect: Expect, *,
                          on_bytes: Callable[[int], None],
                          on_vetted: OpenTee | None = None,
-                         resumable: bool = True, force: bool = False) -> Received:
+                         resumable: bool = True, force: bool = False,
+                         protect: bool = False) -> Received:
     """Vet ``source``'s stream, receive it into ``target``, confirm the guid.
 
     ``on_vetted(base)`` runs once the stream passed vetting, before ``zfs
@@ -344,6 +345,8 @@ async def receive_stream(zfs: Zfs, target: Dataset, source: Inbound, expect: Exp
     (EOF) or cut (abort) on failure.
     ``force`` (``receive -F``) is only for a CN restoring onto its own
     rolled-back dataset. Nothing reaches ``zfs receive`` before vetting.
+    ``protect`` (a zone's receive): no property the stream carries
+    (``zfs.PROTECTED_PROPS``) takes effect.
     """
     try:
         begin, header = await read_begin(source.read)
@@ -359,7 +362,8 @@ async def receive_stream(zfs: Zfs, target: Dataset, source: Inbound, expect: Exp
     tee = await on_vetted(base_name) if on_vetted is not None else None
     r, w = os.pipe()
     try:
-        child = await zfs.receive(target, stdin=r, resumable=resumable, force=force)
+        child = await zfs.receive(target, stdin=r, resumable=resumable, force=force,
+                                  protect=protect)
     except BaseException:
         os.close(w)
         if tee is not None:
@@ -386,7 +390,15 @@ async def receive_stream(zfs: Zfs, target: Dataset, source: Inbound, expect: Exp
             if await exited != 0:
                 await child.wait()
                 raise
-        await zfs.check(child)
+        try:
+            await zfs.check(child)
+        except SnapperError:
+            if protect:  # even a failed receive may have set (and mounted) them
+                with contextlib.suppress(SnapperError):
+                    await zfs.override_received(target)
+            raise
+        if protect:
+            await zfs.override_received(target)
         ok = True
     finally:
         for task in (feeding, exited):
@@ -518,7 +530,8 @@ class ZoneReceiver:
                 target = self.store.part_dataset(req.vm, req.dataset)
                 try:
                     got = await receive_stream(self.zfs, target, source, exp,
-                                               on_bytes=counted, on_vetted=vetted)
+                                               on_bytes=counted, on_vetted=vetted,
+                                               protect=True)
                 except SnapperError:
                     if budget.cut is not None:
                         # Cut for its size: unlike a client gone, nothing is kept

@@ -31,7 +31,7 @@ from typing import Any
 from snapper_zone import wire
 from snapper_zone.errors import DatasetNotFound, MetadataTooLarge, SnapperError
 from snapper_zone.zfs.names import Dataset, Snapshot, check_component, check_uuid
-from snapper_zone.zfs.zfs import SnapshotInfo, Zfs
+from snapper_zone.zfs.zfs import SAFE_CONTAINER_PROPS, SnapshotInfo, Zfs
 
 P_COMPLETE = "snapper:complete"
 P_PARTS = "snapper:parts"
@@ -116,7 +116,8 @@ class ZoneStore:
     async def ensure_vm(self, vm: str) -> Dataset:
         ds = self.vm_dataset(vm)
         if not await self.zfs.exists(ds):
-            await self.zfs.create(ds)
+            # Never mounted, nothing in it runnable, whatever the root says.
+            await self.zfs.create(ds, props=SAFE_CONTAINER_PROPS)
         return ds
 
     async def vms(self) -> list[str]:

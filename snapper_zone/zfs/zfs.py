@@ -13,7 +13,12 @@ rebalancer and the tests) talks to ZFS through this module and nothing else.
   stdout/stdin to a pipe, socket or SSH channel. ``pipe`` joins a local send
   to a local receive through a kernel pipe, so bytes never enter Python.
 - What this host's ZFS can do (resumable receive, bookmarks, zvols,
-  ``send -n -P``) is detected once per process and binary.
+  ``send -n -P``, ``receive -x``) is detected once per process and binary.
+- A stream's properties never take effect on a receive that asks for it
+  (``protect``): ``PROTECTED_PROPS`` are excluded with ``receive -x`` where
+  ZFS has it (OpenZFS, illumos), and where it lacks it (zfs-fuse) overridden
+  right after the receive (``override_received``: inherited from the safe
+  container, or set), which also unmounts what the stream mounted.
 """
 
 from __future__ import annotations
@@ -46,6 +51,17 @@ from snapper_zone.zfs.names import Bookmark, Dataset, Snapshot, check_component,
 _TOKEN = re.compile(r"[0-9A-Za-z-]{8,65536}")
 _USER_VALUE_MAX = 8191  # ZFS's limit on a user property value (ZAP_MAXVALUELEN - 1)
 _SNAP_PROPS = ("guid", "createtxg", "creation", "used", "referenced", "userrefs")
+
+# What a stream may never set on a zone (mounting customer filesystems, or
+# running their setuid binaries, inside the snapper zone; sharing them;
+# reserving the pool). The inheritable ones come from the container above,
+# which ``SAFE_CONTAINER_PROPS`` make safe; the others get the value here.
+PROTECTED_PROPS = ("mountpoint", "canmount", "sharenfs", "sharesmb", "setuid", "exec",
+                   "devices", "refreservation")
+_NOT_INHERITABLE = {"canmount": "off", "refreservation": "none"}
+# The delegated root and each VM container: never mounted, nothing runnable.
+SAFE_CONTAINER_PROPS = {"mountpoint": "none", "canmount": "off", "setuid": "off",
+                        "exec": "off", "devices": "off"}
 
 # Ordered: the first pattern found in stderr decides the error class. More
 # specific phrases come before the generic ones they contain.
@@ -93,6 +109,7 @@ class Capabilities:
     zvols: bool
     send_size_estimate: bool  # send -n -P
     receive_unmounted: bool  # receive -u
+    receive_exclude: bool  # receive -x PROPERTY (a stream's value never applied)
     holds_list: bool  # zfs holds (zfs-fuse's needs a missing python helper)
 
     def require(self, feature: str) -> None:
@@ -125,6 +142,7 @@ def parse_capabilities(usage: str, system: str, has_dev_zfs: bool) -> Capabiliti
         zvols=flavour != "zfs-fuse",
         send_size_estimate="n" in send and "P" in send,
         receive_unmounted="u" in recv,
+        receive_exclude=bool(re.search(r"^\s*receive\b.*\[-x\s", usage, re.M)),
         holds_list=flavour != "zfs-fuse",
     )
 
@@ -319,6 +337,11 @@ class Zfs:
     async def inherit_user_prop(self, target: Dataset | Snapshot, name: str) -> None:
         await self._run("inherit", check_user_property(name), str(target))
 
+    async def props(self, target: Dataset, names: Sequence[str]) -> dict[str, str]:
+        """Native properties' values (``-p``: exact numbers)."""
+        rows = await self._get([str(target)], [_check_native_prop(n) for n in names])
+        return {k: v for k, (v, _src) in rows.get(str(target), {}).items()}
+
     async def set_props(self, target: Dataset, props: Mapping[str, str]) -> None:
         for k, v in props.items():
             await self._run("set", f"{_check_native_prop(k)}={_check_value(v)}", str(target))
@@ -449,7 +472,7 @@ class Zfs:
         return int(m.group(1))
 
     async def receive_argv(self, target: Dataset, *, resumable: bool = True,
-                           force: bool = False) -> list[str]:
+                           force: bool = False, protect: bool = False) -> list[str]:
         caps = await self.capabilities()
         args = [self.zfs_bin, "receive"]
         if resumable and caps.resumable_receive:
@@ -458,13 +481,43 @@ class Zfs:
             args.append("-u")
         if force:
             args.append("-F")
+        if protect and caps.receive_exclude:
+            # -x, not -o: -o of a filesystem-only property fails a zvol's receive.
+            for prop in PROTECTED_PROPS:
+                args += ["-x", prop]
         return [*args, str(target)]
 
     async def receive(self, target: Dataset, *, stdin: proc.Wire = proc.PIPE,
-                      resumable: bool = True, force: bool = False) -> proc.Spawned:
-        """Start ``zfs receive [-s] [-u] [-F] target``; feed its stdin. Finish with ``check``."""
-        argv = await self.receive_argv(target, resumable=resumable, force=force)
+                      resumable: bool = True, force: bool = False,
+                      protect: bool = False) -> proc.Spawned:
+        """Start ``zfs receive [-s] [-u] [-F] [-x PROP]... target``; feed its stdin.
+
+        Finish with ``check``; with ``protect``, then ``override_received`` (a
+        no-op where ``receive -x`` already kept the stream's properties out).
+        """
+        argv = await self.receive_argv(target, resumable=resumable, force=force,
+                                       protect=protect)
         return await proc.spawn(argv, stdin=stdin)
+
+    async def override_received(self, target: Dataset) -> list[str]:
+        """Undo every ``PROTECTED_PROPS`` value ``target`` took from a stream; return
+        their names. Where ZFS has ``receive -x`` there is none to undo."""
+        if (await self.capabilities()).receive_exclude:
+            return []
+        try:
+            rows = await self._get([str(target)], PROTECTED_PROPS)
+        except DatasetNotFound:
+            return []
+        done = []
+        for prop, (_value, source) in rows.get(str(target), {}).items():
+            if source != "received":
+                continue
+            if prop in _NOT_INHERITABLE:
+                await self._run("set", f"{prop}={_NOT_INHERITABLE[prop]}", str(target))
+            else:
+                await self._run("inherit", prop, str(target))  # unmounts it, too
+            done.append(prop)
+        return done
 
     @staticmethod
     async def check(child: proc.Spawned) -> proc.Completed:
