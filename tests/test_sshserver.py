@@ -87,7 +87,8 @@ async def make_harness(tmp_path: Path) -> AsyncIterator[MakeHarness]:
     harnesses: list[Harness] = []
 
     async def make(root: str, cns: dict[str, list[str]], *, max_concurrent_receives: int = 4,
-                   zfs: Zfs | None = None, stream_idle_seconds: int = 60) -> Harness:
+                   zfs: Zfs | None = None, stream_idle_seconds: int = 60,
+                   settings: dict[str, Any] | None = None) -> Harness:
         keydir = tmp_path / f"keys{len(harnesses)}"
         keydir.mkdir()
         keys: dict[str, Path] = {}
@@ -113,6 +114,7 @@ async def make_harness(tmp_path: Path) -> AsyncIterator[MakeHarness]:
             "stream_idle_seconds": stream_idle_seconds,
             "keys": entries,
             "vms": {vm: cn for cn, vms in cns.items() for vm in vms},
+            **(settings or {}),
         }, str(tmp_path / "snapperd.toml"))
         zone = Zone.from_config(config, zfs=zfs, log=logging.getLogger("snapperd.test"))
         acceptor = await start_ssh_server(zone)

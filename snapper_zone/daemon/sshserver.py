@@ -141,11 +141,7 @@ class _Server(asyncssh.SSHServer):
         p = self._principal
         assert p is not None
         if not self._table.per_principal.take(p.label):
-            cap = self._table.per_principal.cap
-            self._refuse(TooManyConnections(
-                f"{p.label} already has {cap} SSH connections open to this zone, the "
-                "most one client may; reuse one, or close one"),
-                asyncssh.DISC_TOO_MANY_CONNECTIONS)
+            self._refuse(self._too_many(p), asyncssh.DISC_TOO_MANY_CONNECTIONS)
             return
         self._counted = p.label
         self._start_idle()
@@ -202,7 +198,17 @@ class _Server(asyncssh.SSHServer):
         # asyncssh checks the signature after this; the last key validated is
         # the one the client authenticates with.
         self._principal = Principal.from_key(trusted, self._id)
+        # Refused here, before authentication completes, the client's connect
+        # fails with the reason; auth_completed counts (and checks again).
+        if self._table.per_principal[self._principal.label] >= self._table.per_principal.cap:
+            self._refuse(self._too_many(self._principal), asyncssh.DISC_TOO_MANY_CONNECTIONS)
+            return False
         return True
+
+    def _too_many(self, p: Principal) -> TooManyConnections:
+        cap = self._table.per_principal.cap
+        return TooManyConnections(f"{p.label} already has {cap} SSH connections open to this "
+                                  "zone, the most one client may; reuse one, or close one")
 
     def session_requested(self) -> _Session | bool:
         if self._principal is None or self._counted is None:

@@ -136,8 +136,11 @@ class LocalFleet:
 
     def __init__(self, workdir: Path, *, mirrored: bool = True,
                  reconcile_interval_ms: int = 2000, pipelined: bool = True,
-                 zone_module: str = "snapper_zone.daemon.main") -> None:
+                 zone_module: str = "snapper_zone.daemon.main",
+                 zone_settings: dict[str, Any] | None = None) -> None:
         self.workdir = workdir
+        # Extra top-level snapperd settings for every zone (e.g. "limits").
+        self.zone_settings = dict(zone_settings or {})
         self.zone_module = zone_module  # python -m this, for each zone
         # Every zone peers with every other (a full mesh); a VM's pair is chosen
         # by rendezvous hashing on each zone alike (replication.peers.pair_of).
@@ -156,9 +159,10 @@ class LocalFleet:
                     pool_size: int = 1 << 30, mirrored: bool = True,
                     reconcile_interval_ms: int = 2000, pipelined: bool = True,
                     coordinator: bool = False, lost_after: float = 10.0,
-                    zone_module: str = "snapper_zone.daemon.main") -> LocalFleet:
+                    zone_module: str = "snapper_zone.daemon.main",
+                    zone_settings: dict[str, Any] | None = None) -> LocalFleet:
         fleet = cls(workdir, mirrored=mirrored, reconcile_interval_ms=reconcile_interval_ms,
-                    pipelined=pipelined, zone_module=zone_module)
+                    pipelined=pipelined, zone_module=zone_module, zone_settings=zone_settings)
         try:
             if coordinator:
                 cdir = workdir / "coordinator"
@@ -213,6 +217,7 @@ class LocalFleet:
             "reconcile_interval_ms": self.reconcile_interval_ms,
             "pipelined_mirroring": self.pipelined and zone.pipelined,
             **({"coordinator_url": self.coordinator.url} if self.coordinator else {}),
+            **self.zone_settings,
         }
 
     async def add_zone(self, pool_size: int = 1 << 30, *, group: str | None = "fleet",

@@ -224,6 +224,12 @@ class ZoneClient:
         except asyncssh.PermissionDenied as exc:
             raise ZoneUnreachable(f"{self.endpoint}: our key was refused: {exc.reason}") \
                 from exc
+        except asyncssh.DisconnectError as exc:
+            # A zone at a limit says which in the disconnect reason (a JSON error line).
+            code, message = parse_error_line(exc.reason)
+            if code == "RemoteError":
+                raise ZoneUnreachable(f"{self.endpoint}: cannot connect: {exc}") from exc
+            raise ZoneError(code, message, "connect") from exc
         except (OSError, asyncssh.Error, TimeoutError) as exc:
             raise ZoneUnreachable(f"{self.endpoint}: cannot connect: {exc}") from exc
         return self
@@ -249,6 +255,11 @@ class ZoneClient:
     async def _open(self, line: str) -> tuple[asyncssh.SSHClientChannel[bytes], ExecSession]:
         try:
             chan, session = await self._conn().create_session(ExecSession, line, encoding=None)
+        except asyncssh.ChannelOpenError as exc:
+            code, message = parse_error_line(exc.reason)  # a zone at its channel limit
+            if code == "RemoteError":
+                raise ZoneUnreachable(f"{self.endpoint}: {line.split()[0]}: {exc}") from exc
+            raise ZoneError(code, message, line) from exc
         except (OSError, asyncssh.Error) as exc:
             raise ZoneUnreachable(f"{self.endpoint}: {line.split()[0]}: {exc}") from exc
         assert isinstance(session, ExecSession)

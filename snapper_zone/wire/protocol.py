@@ -263,7 +263,11 @@ def parse_error_line(text: str) -> tuple[str, str]:
         try:
             obj = json.loads(line)
         except ValueError:
-            continue
+            # An SSH disconnect reason arrives with " (error N)" appended.
+            try:
+                obj = json.loads(line[line.find("{"): line.rfind("}") + 1])
+            except ValueError:
+                continue
         if isinstance(obj, dict) and "code" in obj:
             return str(obj["code"]), str(obj.get("message", ""))
     return "RemoteError", text.strip()[:1000]
