@@ -9,24 +9,33 @@ arithmetic is pure and checked with hypothesis.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import asyncssh
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from replication.peers import pair_of
+from snapper_zone.cn.client import CnClient
 from snapper_zone.common.config import ConfigError, parse_config
+from snapper_zone.daemon.sshserver import ENCRYPTION_ALGS
+from snapper_zone.fleet.local import LocalFleet, LocalZone
 from snapper_zone.fleet.pools import FilePool
 from snapper_zone.transfer import local as transfer_local
 from snapper_zone.transfer.local import ReceiveSlots
+from snapper_zone.transfer.remote import ZoneClient
 from snapper_zone.wire import protocol
 from snapper_zone.zfs import proc
 from snapper_zone.zfs.names import Dataset
 from snapper_zone.zfs.zfs import SAFE_CONTAINER_PROPS, SendSpec, Zfs, parse_capabilities
-from tests.helpers import send_bytes, wait_for
+from tests.conftest import ZfsTier
+from tests.helpers import send_bytes, wait_for, wait_until, write_random
 from tests.test_sshserver import (
     VM_A,
     VM_B,
@@ -396,3 +405,111 @@ async def test_vm_containers_are_never_mountable(
     assert part == {"mountpoint": "none", "setuid": "off", "exec": "off", "devices": "off",
                     "mounted": "no"}
     assert json.dumps(part)  # (plain strings, as ZFS printed them)
+
+
+# -- the acceptance test of issue 13 ------------------------------------------------
+
+IDLE = 6  # stream_idle_seconds and connection_idle_seconds in the fleet below
+
+
+async def _transfers(zone: LocalZone) -> list[dict[str, Any]]:
+    async with aiohttp.ClientSession() as http, \
+            http.get(f"{zone.http_url}/v1/transfers") as r:
+        r.raise_for_status()
+        out: list[dict[str, Any]] = await r.json()
+        return out
+
+
+async def _connect(zone: LocalZone, key: Path) -> asyncssh.SSHClientConnection:
+    return await asyncssh.connect("127.0.0.1", zone.ssh_port, username="snapper",
+                                  known_hosts=None, client_keys=[str(key)], agent_path=None,
+                                  config=[], encryption_algs=ENCRYPTION_ALGS,
+                                  compression_algs=None)
+
+
+@pytest.mark.zfs
+async def test_idle_receives_and_connections_starve_nobody(
+        zfs_tier: ZfsTier, zfs: Zfs, tmp_path: Path) -> None:
+    """With 4 idle receives and 50 idle connections from one CN held against each of
+    a VM's two zones, another CN's local push and its mirrored push (a commit that
+    waits for the mirror-in on the attacked peer) each finish within 5 s; the idle
+    receives are cut with StreamIdle and the idle connections closed, each within
+    the configured timeout."""
+    fleet = await LocalFleet.start(
+        tmp_path / "fleet", zones=2, cns=2, vms_per_cn=4, pool_size=512 << 20,
+        reconcile_interval_ms=500, zone_settings={
+            "stream_idle_seconds": IDLE,
+            "limits": {"connection_idle_seconds": IDLE,
+                       "max_connections_per_principal": 64}})
+    try:
+        attacker, victim = fleet.cns
+        for vm in victim.vms[:2]:
+            top = Dataset(victim.pool.name).child(vm)
+            await zfs.create(top)
+            await zfs.create(top.child("disk0"))
+            write_random(victim.pool, top.child("disk0"), "data", 256 << 10)
+
+        loop = asyncio.get_running_loop()
+        idle_receives: list[tuple[float, asyncssh.SSHClientProcess[bytes]]] = []
+        idle_conns: list[tuple[float, asyncssh.SSHClientConnection]] = []
+        for zone in fleet.zones:
+            conn = await _connect(zone, attacker.key_path)
+            for vm in attacker.vms:
+                # `sleep 200 | ssh zone receive VM disk0 s1`
+                proc_ = await conn.create_process(f"receive {vm} disk0 s1", encoding=None)
+                idle_receives.append((loop.time(), proc_))
+            conns = await asyncio.gather(*(_connect(zone, attacker.key_path)
+                                           for _ in range(50)))
+            idle_conns += [(loop.time(), c) for c in conns]
+        # When each one closes, seen as it happens (not when we look).
+        conns_closed = [asyncio.ensure_future(_closed_at(c)) for _, c in idle_conns]
+        for zone in fleet.zones:
+            # The attacker holds its share of the slots (2 of 4); the rest wait.
+            await wait_until(functools.partial(_count_receives, zone, attacker.id, 2),
+                             timeout=10, what=f"{zone.name}: the idle receives holding slots")
+
+        by_uuid = {z.uuid: z for z in fleet.zones}
+
+        async def push(vm: str, name: str, durability: str) -> Any:
+            primary = by_uuid[pair_of(vm, list(by_uuid))[0]]
+            zc = ZoneClient("127.0.0.1", primary.ssh_port, victim.key_path,
+                            host_key=primary.host_key_pub)
+            async with zc:
+                cn = CnClient(zc, dataset_root=victim.pool.name, zfs=zfs, vmadm=None)
+                return await asyncio.wait_for(
+                    cn.push(vm, name, metadata={"uuid": vm}, durability=durability), 5)
+
+        local, mirrored = await asyncio.gather(push(victim.vms[0], "s1", "local"),
+                                               push(victim.vms[1], "s1", "mirrored"))
+        assert local.durability == "local"
+        assert mirrored.durability == "mirrored" and len(mirrored.zones) == 2
+
+        # The idle ones go, each within its timeout (a receive that queued for a
+        # slot is idle only once it holds one: at most two timeouts).
+        async def cut(started: float, p: asyncssh.SSHClientProcess[bytes]) -> float:
+            # (The process keeps its exit; the time is when its channel closed.)
+            done = await asyncio.wait_for(p.wait(), 2 * IDLE + 10)
+            assert done.exit_status == 1
+            assert isinstance(done.stderr, bytes)
+            assert err_code(done.stderr.decode()) == "StreamIdle", done.stderr
+            return loop.time() - started
+
+        took = sorted(await asyncio.gather(*(cut(t, p) for t, p in idle_receives)))
+        assert all(IDLE - 0.5 <= t <= IDLE + 4 for t in took[:4]), took  # held slots
+        assert all(t <= 2 * IDLE + 6 for t in took), took
+
+        ends = await asyncio.wait_for(asyncio.gather(*conns_closed), IDLE + 10)
+        took = [end - started for end, (started, _c) in zip(ends, idle_conns, strict=True)]
+        assert all(IDLE - 0.5 <= t <= IDLE + 4 for t in took), sorted(took)
+    finally:
+        await fleet.stop()
+
+
+async def _closed_at(conn: asyncssh.SSHClientConnection) -> float:
+    await conn.wait_closed()
+    return asyncio.get_running_loop().time()
+
+
+async def _count_receives(zone: LocalZone, cn: str, n: int) -> bool:
+    mine = [t for t in await _transfers(zone) if t.get("peer") == f"cn:{cn}"]
+    return len(mine) == n
