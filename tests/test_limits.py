@@ -33,7 +33,14 @@ from snapper_zone.transfer.remote import ZoneClient
 from snapper_zone.wire import protocol
 from snapper_zone.zfs import proc
 from snapper_zone.zfs.names import Dataset
-from snapper_zone.zfs.zfs import SAFE_CONTAINER_PROPS, SendSpec, Zfs, parse_capabilities
+from snapper_zone.zfs.zfs import (
+    PROTECTED_PROPS,
+    SAFE_CONTAINER_PROPS,
+    SendSpec,
+    Zfs,
+    parse_capabilities,
+    protected_props,
+)
 from tests.conftest import ZfsTier
 from tests.helpers import send_bytes, wait_for, wait_until, write_random
 from tests.test_sshserver import (
@@ -111,6 +118,17 @@ def test_receive_slots_bounded_fair_and_never_stuck(total: int, data: st.DataObj
 def test_receive_exclude_is_a_capability() -> None:
     assert parse_capabilities(OPENZFS_USAGE, "Linux", has_dev_zfs=True).receive_exclude
     assert not parse_capabilities(ZFS_FUSE_USAGE, "Linux", has_dev_zfs=False).receive_exclude
+    # OpenZFS fails a zvol's receive given -x of a filesystem-only property.
+    assert protected_props(volume=True) == ("refreservation",)
+    assert set(protected_props(volume=False)) == set(PROTECTED_PROPS)
+
+
+async def test_receive_argv_excludes_where_zfs_can(zfs: Zfs) -> None:
+    argv = await zfs.receive_argv(Dataset("p/r/vm/disk0"), exclude=PROTECTED_PROPS)
+    if (await zfs.capabilities()).receive_exclude:
+        assert [argv[i + 1] for i, a in enumerate(argv) if a == "-x"] == list(PROTECTED_PROPS)
+    else:
+        assert "-x" not in argv  # overridden after the receive instead
 
 
 # -- pure: config -------------------------------------------------------------------
@@ -372,7 +390,7 @@ async def test_received_properties_never_applied(
     target = container.child("disk0")
     r, w = proc.os_pipe()
     try:
-        child = await zfs.receive(target, stdin=r, protect=True)
+        child = await zfs.receive(target, stdin=r, exclude=protected_props(volume=False))
     finally:
         os.close(r)
     await asyncio.to_thread(_write_all, w, sent.stdout)

@@ -52,7 +52,7 @@ from snapper_zone.transfer.stream import ClientGone, Inbound, PipeGone, Sink
 from snapper_zone.wire import Inventory, VmSnapshot
 from snapper_zone.zfs.names import Dataset
 from snapper_zone.zfs.sendstream import Feature, StreamBegin, StreamHeaderError, read_begin
-from snapper_zone.zfs.zfs import SnapshotInfo, Zfs
+from snapper_zone.zfs.zfs import SnapshotInfo, Zfs, protected_props
 
 __all__ = [
     "SIZE_MARGIN",
@@ -358,12 +358,13 @@ async def receive_stream(zfs: Zfs, target: Dataset, source: Inbound, expect: Exp
     except DatasetNotFound:
         snaps, token = [], None
     base = vet_stream(begin, expect, str(target), snaps, token)
+    guarded = protected_props(begin.is_zvol) if protect else ()
     base_name = base.name if base is not None else None
     tee = await on_vetted(base_name) if on_vetted is not None else None
     r, w = os.pipe()
     try:
         child = await zfs.receive(target, stdin=r, resumable=resumable, force=force,
-                                  protect=protect)
+                                  exclude=guarded)
     except BaseException:
         os.close(w)
         if tee is not None:
@@ -393,12 +394,12 @@ async def receive_stream(zfs: Zfs, target: Dataset, source: Inbound, expect: Exp
         try:
             await zfs.check(child)
         except SnapperError:
-            if protect:  # even a failed receive may have set (and mounted) them
+            if guarded:  # even a failed receive may have set (and mounted) them
                 with contextlib.suppress(SnapperError):
-                    await zfs.override_received(target)
+                    await zfs.override_received(target, guarded)
             raise
-        if protect:
-            await zfs.override_received(target)
+        if guarded:
+            await zfs.override_received(target, guarded)
         ok = True
     finally:
         for task in (feeding, exited):

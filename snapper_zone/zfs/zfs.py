@@ -59,6 +59,14 @@ _SNAP_PROPS = ("guid", "createtxg", "creation", "used", "referenced", "userrefs"
 PROTECTED_PROPS = ("mountpoint", "canmount", "sharenfs", "sharesmb", "setuid", "exec",
                    "devices", "refreservation")
 _NOT_INHERITABLE = {"canmount": "off", "refreservation": "none"}
+# Of those, what applies to a volume: ``receive -x`` of a filesystem-only
+# property fails a zvol's (non-recursive) receive outright.
+_VOLUME_PROTECTED = ("refreservation",)
+
+
+def protected_props(volume: bool) -> tuple[str, ...]:
+    """``PROTECTED_PROPS`` that apply to a stream of a volume (True) or a filesystem."""
+    return _VOLUME_PROTECTED if volume else PROTECTED_PROPS
 # The delegated root and each VM container: never mounted, nothing runnable.
 SAFE_CONTAINER_PROPS = {"mountpoint": "none", "canmount": "off", "setuid": "off",
                         "exec": "off", "devices": "off"}
@@ -472,7 +480,7 @@ class Zfs:
         return int(m.group(1))
 
     async def receive_argv(self, target: Dataset, *, resumable: bool = True,
-                           force: bool = False, protect: bool = False) -> list[str]:
+                           force: bool = False, exclude: Sequence[str] = ()) -> list[str]:
         caps = await self.capabilities()
         args = [self.zfs_bin, "receive"]
         if resumable and caps.resumable_receive:
@@ -481,31 +489,32 @@ class Zfs:
             args.append("-u")
         if force:
             args.append("-F")
-        if protect and caps.receive_exclude:
-            # -x, not -o: -o of a filesystem-only property fails a zvol's receive.
-            for prop in PROTECTED_PROPS:
-                args += ["-x", prop]
+        if caps.receive_exclude:
+            # -x, not -o: the value comes from the (safe) container above.
+            for prop in exclude:
+                args += ["-x", _check_native_prop(prop)]
         return [*args, str(target)]
 
     async def receive(self, target: Dataset, *, stdin: proc.Wire = proc.PIPE,
                       resumable: bool = True, force: bool = False,
-                      protect: bool = False) -> proc.Spawned:
+                      exclude: Sequence[str] = ()) -> proc.Spawned:
         """Start ``zfs receive [-s] [-u] [-F] [-x PROP]... target``; feed its stdin.
 
-        Finish with ``check``; with ``protect``, then ``override_received`` (a
-        no-op where ``receive -x`` already kept the stream's properties out).
+        Finish with ``check``; with ``exclude`` (``protected_props``), then
+        ``override_received`` (a no-op where ``receive -x`` kept them out).
         """
         argv = await self.receive_argv(target, resumable=resumable, force=force,
-                                       protect=protect)
+                                       exclude=exclude)
         return await proc.spawn(argv, stdin=stdin)
 
-    async def override_received(self, target: Dataset) -> list[str]:
-        """Undo every ``PROTECTED_PROPS`` value ``target`` took from a stream; return
-        their names. Where ZFS has ``receive -x`` there is none to undo."""
-        if (await self.capabilities()).receive_exclude:
+    async def override_received(self, target: Dataset,
+                                props: Sequence[str] = PROTECTED_PROPS) -> list[str]:
+        """Undo every one of ``props`` whose value ``target`` took from a stream;
+        return their names. Where ZFS has ``receive -x`` there is none to undo."""
+        if (await self.capabilities()).receive_exclude or not props:
             return []
         try:
-            rows = await self._get([str(target)], PROTECTED_PROPS)
+            rows = await self._get([str(target)], [_check_native_prop(p) for p in props])
         except DatasetNotFound:
             return []
         done = []
