@@ -22,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from replication.peers import pair_of
+from replication.registration import zone_record
 from snapper_zone.cn.client import CnClient
 from snapper_zone.common.config import ConfigError, parse_config
 from snapper_zone.daemon.sshserver import ENCRYPTION_ALGS
@@ -531,3 +532,17 @@ async def _closed_at(conn: asyncssh.SSHClientConnection) -> float:
 async def _count_receives(zone: LocalZone, cn: str, n: int) -> bool:
     mine = [t for t in await _transfers(zone) if t.get("peer") == f"cn:{cn}"]
     return len(mine) == n
+
+
+def test_registration_advertises_never_the_bind_address(tmp_path: Path) -> None:
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    key.write_private_key(str(tmp_path / "k"))
+    cfg = parse_config(_config(
+        tmp_path, coordinator_url="http://coord:8480",
+        ssh={"port": 0, "host_key": str(tmp_path / "k"), "host": "0.0.0.0",
+             "advertise_host": "10.1.2.3"},
+        http={"port": 0, "host": "0.0.0.0", "advertise_host": "10.1.2.4"}))
+    rec = zone_record(cfg, 2222, 8080, 1 << 30)
+    assert (rec.ssh_host, rec.ssh_port, rec.http_url) == ("10.1.2.3", 2222,
+                                                          "http://10.1.2.4:8080")
+    assert rec.host_key == key.export_public_key().decode().strip()
