@@ -3,7 +3,8 @@
     snapper zones [--json]
     snapper zone add UUID --name N --ssh-host H [--ssh-port P] --http-url URL
                           --host-key KEY|FILE --capacity SIZE
-    snapper zone drain|lost|activate|remove UUID
+    snapper zone drain|lost|activate|remove UUID     (activate a pending zone: admit it)
+    snapper zone rekey UUID --host-key KEY|FILE      (rotate its pinned host key)
     snapper rebalance [--dry-run] [--json]
     snapper status [--json]
 
@@ -157,13 +158,20 @@ async def cmd_zone(args: argparse.Namespace, c: Client) -> int:
         z = await c.call("POST", "/v1/zones", reg.to_json())
         print(f"zone {z['uuid']} ({z['name']}) registered: {z['state']}, "
               f"capacity {format_bytes(z['capacity'])}")
+    elif action == "rekey":
+        z = await c.call("PUT", f"/v1/zones/{args.uuid}/host-key",
+                         {"host_key": _host_key(args.host_key)})
+        print(f"zone {z['uuid']} ({z['name']}): host key replaced; it is {z['state']}")
     elif action == "remove":
         await c.call("DELETE", f"/v1/zones/{args.uuid}")
         print(f"zone {args.uuid} removed")
     else:
         state = {"drain": "draining", "lost": "lost", "activate": "active"}[action]
+        old = await c.call("GET", f"/v1/zones/{args.uuid}")
         z = await c.call("PUT", f"/v1/zones/{args.uuid}/state", {"state": state})
-        print(f"zone {z['uuid']} ({z['name']}) is now {z['state']}; it holds {z['vms']} VMs")
+        admitted = " (admitted: its peers trust its key now)" if not old["admitted"] else ""
+        print(f"zone {z['uuid']} ({z['name']}) is now {z['state']}{admitted}; it holds "
+              f"{z['vms']} VMs")
     return 0
 
 
@@ -208,10 +216,11 @@ def register(sub: Any) -> None:
 
     p = add("zones", cmd_zones, "list the snapper zones the coordinator knows")
     p.add_argument("--json", action="store_true")
-    p = add("zone", cmd_zone, "add a zone, drain it, mark it lost or active, remove it",
-            own=False)
+    p = add("zone", cmd_zone, "add a zone, admit (activate) it, drain it, mark it lost, "
+            "rotate its key, remove it", own=False)
     acts = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    a = acts.add_parser("add", help="register (or update) a zone", parents=[common])
+    a = acts.add_parser("add", help="register (or update) a zone; new ones are pending "
+                        "until activated", parents=[common])
     a.add_argument("uuid", metavar="UUID")
     a.add_argument("--name", required=True)
     a.add_argument("--ssh-host", required=True)
@@ -223,9 +232,15 @@ def register(sub: Any) -> None:
                    help="its weight in bytes (suffixes K, M, G, T, P)")
     for action, what in (("drain", "move every VM off it"),
                          ("lost", "declare it lost: its VMs get new second copies"),
-                         ("activate", "take copies again (also: bring back a lost zone)"),
+                         ("activate", "admit a pending zone; take copies again (also: "
+                          "bring back a lost zone)"),
                          ("remove", "forget it (refused while it holds a VM copy)")):
         acts.add_parser(action, help=what, parents=[common]).add_argument("uuid", metavar="UUID")
+    a = acts.add_parser("rekey", help="replace the zone's pinned SSH host key (a rotation; "
+                        "a registration never changes it)", parents=[common])
+    a.add_argument("uuid", metavar="UUID")
+    a.add_argument("--host-key", required=True, metavar="KEY|FILE",
+                   help="the zone's new SSH host public key: the line, or a .pub file")
     p = add("rebalance", cmd_rebalance, "plan moves (and run them, unless --dry-run)")
     p.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
     p.add_argument("--json", action="store_true")

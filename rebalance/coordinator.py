@@ -6,14 +6,18 @@ snapperd's)::
     GET    /ping                      {"ping": "pong", "zones": n, "vms": n}
     POST   /v1/zones                  register/update, idempotent by uuid: body {uuid, name,
                                       ssh_host, ssh_port, http_url, host_key, capacity}
-                                      -> 201 (new) or 200, the zone
-    GET    /v1/zones                  {"zones": [zone]}
+                                      -> 201 (new: state "pending") or 200, the zone;
+                                      409 HostKeyMismatch: another key than the pinned one
+    GET    /v1/zones[?admitted=true]  {"zones": [zone]} (admitted=true: the trust list)
     GET    /v1/zones/{uuid}           zone
     PUT    /v1/zones/{uuid}/state     {"state": "active"|"draining"|"lost"} -> zone
+                                      ("active" on a pending zone admits it)
+    PUT    /v1/zones/{uuid}/host-key  {"host_key": "ssh-ed25519 AAAA..."} -> zone (rotation)
     DELETE /v1/zones/{uuid}           204; 409 ZoneNotEmpty while it holds a VM copy
     GET    /v1/placement/{vm}         {"vm", "zones": [primary, mirror],
                                        "endpoints": [{uuid, ssh_host, ssh_port, http_url,
-                                                      host_key}, ...]}
+                                                      host_key}, ...],
+                                       "scope": [zone uuids whose peers may act on it]}
     GET    /v1/moves[?state=S]        {"moves": [move]}
     POST   /v1/rebalance?dry_run=B    {"dry_run", "moves", "moved_bytes", "projected",
                                        "warnings", "degraded", "stale_copies"}
@@ -21,7 +25,14 @@ snapperd's)::
     GET    /metrics                   Prometheus text
 
 A zone is ``{uuid, name, ssh_host, ssh_port, http_url, host_key, capacity,
-used, free, state, health, vms, last_seen, suspect_since}``.
+used, free, state, admitted, health, vms, last_seen, suspect_since}``.
+
+Admission: a zone registering for the first time is ``pending`` (never
+placed on, never a move target, never contacted, not health-checked, in no
+zone's trust list) until an operator activates it; its host key is pinned
+then and changes only by ``PUT .../host-key``. A VM's ``scope`` is its
+placement plus every zone of a move in flight for it: zones outside it may
+not act on the VM as each other's peers (``snapper_zone/daemon/auth.py``).
 
 Exit status as snapperd's: 0 after SIGTERM/SIGINT, 2 for a bad config or
 arguments, 1 otherwise.  Logs are bunyan JSON lines on stderr.
@@ -54,6 +65,8 @@ from rebalance.metrics import CONTENT_TYPE_LATEST, CoordinatorMetrics
 from rebalance.mover import Mover, MoverSettings
 from rebalance.placement import VmInfo, ZoneInfo, ZoneState, hrw_ranking, plan
 from rebalance.store import (
+    HostKeyMismatch,
+    MoveRecord,
     MoveState,
     MoveStep,
     PlacementConflict,
@@ -208,12 +221,29 @@ def _registration(body: object) -> ZoneRegistration:
         reg = ZoneRegistration.from_json(body)
     except InvalidDocument as e:
         raise InvalidArgument(e.message) from e
-    try:
-        asyncssh.import_public_key(reg.host_key)
-    except (asyncssh.KeyImportError, ValueError) as e:
-        raise InvalidArgument(f"zone({reg.uuid}).host_key: not an OpenSSH public key "
-                              f"line: {e}") from e
+    _host_key(reg.host_key, f"zone({reg.uuid}).host_key")
     return reg
+
+
+def _host_key(text: object, where: str) -> str:
+    """One OpenSSH public key line, parsed (asyncssh is the coordinator's, not the wire's)."""
+    if not isinstance(text, str) or "\n" in text.strip() or not text.strip():
+        raise InvalidArgument(f"{where}: must be one OpenSSH public key line")
+    try:
+        asyncssh.import_public_key(text)
+    except (asyncssh.KeyImportError, ValueError) as e:
+        raise InvalidArgument(f"{where}: not an OpenSSH public key line: {e}") from e
+    return text.strip()
+
+
+def vm_scope(pair: Sequence[str] | None, moves: Sequence[MoveRecord]) -> list[str]:
+    """The zones that may act on a VM as each other's peers: its placement and
+    every zone of a move in flight for it (the copy replaced, source, target)."""
+    zones = set(pair or ())
+    for m in moves:
+        if m.active:
+            zones.update(z for z in (m.from_zone, m.source, m.to_zone) if z is not None)
+    return sorted(zones)
 
 
 def _zone_info(z: ZoneRecord, held: int) -> ZoneInfo:
@@ -355,13 +385,33 @@ class Coordinator:
     # -- zones --
 
     async def register(self, body: object) -> tuple[ZoneRecord, bool]:
+        """A zone says where it is. New: ``pending``, its host key pinned; known:
+        endpoint and capacity updated, only with the pinned key (HostKeyMismatch)."""
         reg = _registration(body)
-        z, created = await self.store.upsert_zone(reg, time.time())
-        log.info("zone registered" if created else "zone updated",
-                 extra={"zone": z.uuid, "zone_name": z.name, "capacity": z.capacity})
-        if created:
-            self.trigger()
+        try:
+            z, created = await self.store.upsert_zone(reg, time.time())
+        except HostKeyMismatch:
+            log.warning("registration refused: another host key", extra={
+                "zone": reg.uuid, "ssh_host": reg.ssh_host, "http_url": reg.http_url})
+            raise
+        log.info("zone registered (pending: snapper zone activate admits it)" if created
+                 else "zone updated",
+                 extra={"zone": z.uuid, "zone_name": z.name, "capacity": z.capacity,
+                        "state": str(z.state)})
+        if z.admitted and not created:
+            self.trigger()  # its capacity may have changed
         return z, created
+
+    async def rekey(self, uuid: str, body: object) -> ZoneRecord:
+        """An operator rotates a zone's pinned host key (the only way to change it)."""
+        key = body.get("host_key") if isinstance(body, dict) else None
+        if not isinstance(body, dict) or set(body) != {"host_key"}:
+            raise InvalidArgument('body must be {"host_key": "<OpenSSH public key line>"}')
+        line = _host_key(key, "host_key")
+        old = await self.zone(uuid)
+        z = await self.store.set_host_key(old.uuid, line)
+        log.warning("zone host key rotated", extra={"zone": z.uuid, "zone_name": z.name})
+        return z
 
     async def zone(self, uuid: str) -> ZoneRecord:
         z = await self.store.zone(check_uuid(uuid, "zone uuid"))
@@ -374,16 +424,19 @@ class Coordinator:
         if state not in ("active", "draining", "lost"):
             raise InvalidArgument('body must be {"state": "active"|"draining"|"lost"}')
         old = await self.zone(uuid)
+        if not old.admitted and state != "active":
+            raise InvalidArgument(f"zone {uuid} is pending: activate it (admit it) or "
+                                  "remove it")
         z = await self.store.set_zone_state(old.uuid, ZoneState(state))
-        log.info("zone state set", extra={"zone": z.uuid, "from": str(old.state),
-                                          "to": str(z.state)})
+        log.info("zone admitted" if not old.admitted else "zone state set",
+                 extra={"zone": z.uuid, "from": str(old.state), "to": str(z.state)})
         if z.state is not old.state:
             self.trigger()
         return z
 
     async def remove(self, uuid: str) -> None:
         z = await self.zone(uuid)
-        if z.state is not ZoneState.LOST:
+        if z.readable:  # never contact a pending zone: it is not known to be ours
             # The placement may not know of a copy (a rolled-back move's leftovers):
             # ask the zone itself, when it answers.
             try:
@@ -395,8 +448,8 @@ class Coordinator:
         await self.store.delete_zone(z.uuid)
         log.info("zone removed", extra={"zone": uuid, "zone_name": z.name})
 
-    async def zones_json(self) -> list[dict[str, Any]]:
-        zones = await self.store.zones()
+    async def zones_json(self, admitted_only: bool = False) -> list[dict[str, Any]]:
+        zones = [z for z in await self.store.zones() if z.admitted or not admitted_only]
         placements = await self.store.placements()
         sizes = await self.store.vm_sizes()
         count: Counter[str] = Counter()
@@ -411,7 +464,8 @@ class Coordinator:
     def _zone_json(z: ZoneRecord, vms: int, held: int) -> dict[str, Any]:
         info = _zone_info(z, held)
         return {**z.endpoint(), "name": z.name, "capacity": z.capacity, "used": info.used,
-                "free": info.free, "state": str(z.state), "health": z.health, "vms": vms,
+                "free": info.free, "state": str(z.state), "admitted": z.admitted,
+                "health": z.health, "vms": vms,
                 "last_seen": z.last_seen, "suspect_since": z.suspect_since}
 
     async def zone_json(self, z: ZoneRecord) -> dict[str, Any]:
@@ -432,7 +486,7 @@ class Coordinator:
 
     async def _place_new(self, vm: str, zones: Mapping[str, ZoneRecord]) -> tuple[str, str]:
         # A VM we have not seen may still be on zones (the store was lost): ask them first.
-        readable = [z for z in zones.values() if z.state is not ZoneState.LOST]
+        readable = [z for z in zones.values() if z.readable]
         found = await asyncio.gather(*(self.api.snapshots(z.http_url, vm) for z in readable),
                                      return_exceptions=True)
         holders = {z.uuid: r for z, r in zip(readable, found, strict=True)
@@ -464,14 +518,17 @@ class Coordinator:
         pair, zones = await self.placement(vm)
         # Pushes go to a surviving copy while the other zone is lost: survivors first.
         ordered = sorted(pair, key=lambda z: z not in zones or zones[z].state is ZoneState.LOST)
+        moves = [m for m in await self.store.moves([MoveState.PLANNED, MoveState.RUNNING])
+                 if m.vm == vm]
         return {"vm": vm, "zones": ordered,
-                "endpoints": [zones[z].endpoint() for z in ordered if z in zones]}
+                "endpoints": [zones[z].endpoint() for z in ordered if z in zones],
+                "scope": vm_scope(pair, moves)}
 
     # -- inventory and planning --
 
     async def inventories(self, zones: Sequence[ZoneRecord]) -> dict[str, list[InventoryVm]]:
         """Each readable zone's ``GET /v1/vms``; zones that do not answer are left out."""
-        readable = [z for z in zones if z.state is not ZoneState.LOST]
+        readable = [z for z in zones if z.readable]
         got = await asyncio.gather(*(self.api.list_vms(z.http_url) for z in readable),
                                    return_exceptions=True)
         out = {}
@@ -600,7 +657,7 @@ class Coordinator:
         holds a copy the placement does not name yet.
         """
         by_id = {z.uuid: z for z in zones}
-        live = {z.uuid for z in zones if z.state is not ZoneState.LOST}
+        live = {z.uuid for z in zones if z.readable}
         out: list[dict[str, Any]] = []
         for zone, vms in sorted(inv.items()):
             for v in vms:
@@ -712,7 +769,7 @@ class Coordinator:
         zones = {z.uuid: z for z in await self.store.zones()}
         placements = await self.store.placements()
         moves = await self.store.moves()
-        live = {u for u, z in zones.items() if z.state is not ZoneState.LOST}
+        live = {u for u, z in zones.items() if z.readable}
         under = sum(1 for pair in placements.values() if not all(z in live for z in pair))
         copies = sum(1 for pair in placements.values() for z in pair if z in live)
         states = Counter(str(m.state) for m in moves)
@@ -804,7 +861,8 @@ async def post_zone(request: web.Request) -> web.Response:
 
 
 async def list_zones(request: web.Request) -> web.Response:
-    return web.json_response({"zones": await request.app[COORDINATOR].zones_json()})
+    admitted = _flag(request, "admitted", "false")
+    return web.json_response({"zones": await request.app[COORDINATOR].zones_json(admitted)})
 
 
 async def get_zone(request: web.Request) -> web.Response:
@@ -815,6 +873,12 @@ async def get_zone(request: web.Request) -> web.Response:
 async def put_state(request: web.Request) -> web.Response:
     c = request.app[COORDINATOR]
     z = await c.set_state(request.match_info["uuid"], await _body(request))
+    return web.json_response(await c.zone_json(z))
+
+
+async def put_host_key(request: web.Request) -> web.Response:
+    c = request.app[COORDINATOR]
+    z = await c.rekey(request.match_info["uuid"], await _body(request))
     return web.json_response(await c.zone_json(z))
 
 
@@ -863,6 +927,7 @@ def make_app(coordinator: Coordinator) -> web.Application:
     r.add_get("/v1/zones", list_zones)
     r.add_get("/v1/zones/{uuid}", get_zone)
     r.add_put("/v1/zones/{uuid}/state", put_state)
+    r.add_put("/v1/zones/{uuid}/host-key", put_host_key)
     r.add_delete("/v1/zones/{uuid}", delete_zone)
     r.add_get("/v1/placement/{vm}", get_placement)
     r.add_get("/v1/moves", list_moves)

@@ -2,15 +2,17 @@
 
 The zone registers itself (``POST /v1/zones``, again every few minutes, so a
 coordinator whose store was lost learns the fleet back), learns the other
-zones with their SSH endpoints and host keys (``GET /v1/zones``) and asks
-where a VM lives (``GET /v1/placement/{vm}``). Every answer is cached: a
-coordinator that is down slows nothing; the zone keeps the last view, or
-its static config when it never had one.
+admitted zones with their SSH endpoints and host keys (``GET
+/v1/zones?admitted=true``: the trust list) and asks where a VM lives and
+which zones may act on it (``GET /v1/placement/{vm}``: its pair and scope).
+Every answer is cached: a coordinator that is down slows nothing; the zone
+keeps the last view, or its static config when it never had one.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -18,7 +20,7 @@ import aiohttp
 from snapper_zone.errors import SnapperError
 from snapper_zone.wire import InvalidDocument, ZoneEndpoint, ZoneRegistration
 
-__all__ = ["CoordinatorClient", "CoordinatorUnavailable", "KnownZone"]
+__all__ = ["CoordinatorClient", "CoordinatorUnavailable", "KnownZone", "VmPlacement"]
 
 _TIMEOUT = aiohttp.ClientTimeout(total=10)
 PLACEMENT_TTL = 10.0  # seconds a VM's placement is trusted before asking again
@@ -33,11 +35,20 @@ class CoordinatorUnavailable(SnapperError):
 KnownZone = ZoneEndpoint
 
 
+@dataclass(frozen=True)
+class VmPlacement:
+    """A VM as ``GET /v1/placement/{vm}`` answers: its (primary, mirror) and its
+    scope, the zones that may act on it as peers (the pair and any move's zones)."""
+
+    zones: tuple[str, ...]
+    scope: frozenset[str]
+
+
 class CoordinatorClient:
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
         self._session: aiohttp.ClientSession | None = None
-        self._placement: dict[str, tuple[float, tuple[str, ...]]] = {}
+        self._placement: dict[str, tuple[float, VmPlacement]] = {}
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -76,13 +87,17 @@ class CoordinatorClient:
             raise CoordinatorUnavailable(f"GET {self.url}/v1/zones/{zone}: {exc!r}") from exc
 
     async def zones(self) -> list[KnownZone]:
-        doc = await self._call("GET", "/v1/zones")
+        """The admitted zones: the coordinator lists only those, and says so of each;
+        one it does not mark admitted is left out all the same."""
+        doc = await self._call("GET", "/v1/zones?admitted=true")
         out = []
         for z in doc.get("zones", []) if isinstance(doc, dict) else []:
             try:
-                out.append(KnownZone.from_json(z))
+                known = KnownZone.from_json(z)
             except InvalidDocument:
                 continue  # a half-registered zone is not a peer yet
+            if known.admitted:
+                out.append(known)
         return out
 
     async def placement(self, vm: str, fresh: bool = False) -> tuple[str, ...] | None:
@@ -90,6 +105,18 @@ class CoordinatorClient:
 
         ``fresh`` skips the cache: before creating a copy where there was none.
         """
+        got = await self.lookup(vm, fresh)
+        return None if got is None else got.zones
+
+    def cached(self, vm: str) -> VmPlacement | None:
+        """The VM's last answer while it is fresh (``PLACEMENT_TTL``), without asking."""
+        hit = self._placement.get(vm)
+        if hit is None or time.monotonic() - hit[0] >= PLACEMENT_TTL:
+            return None
+        return hit[1]
+
+    async def lookup(self, vm: str, fresh: bool = False) -> VmPlacement | None:
+        """``placement`` with the VM's scope; the last answer when the coordinator is away."""
         now = time.monotonic()
         cached = self._placement.get(vm)
         if cached is not None and now - cached[0] < PLACEMENT_TTL and not fresh:
@@ -101,5 +128,9 @@ class CoordinatorClient:
         zones = tuple(str(z) for z in doc.get("zones", [])) if isinstance(doc, dict) else ()
         if len(zones) < 2:
             return cached[1] if cached else None
-        self._placement[vm] = (now, zones)
-        return zones
+        scope = doc.get("scope") if isinstance(doc, dict) else None
+        # An older coordinator names no scope: the pair is all it vouches for.
+        got = VmPlacement(zones, frozenset(str(z) for z in scope)
+                          if isinstance(scope, list) else frozenset(zones))
+        self._placement[vm] = (now, got)
+        return got

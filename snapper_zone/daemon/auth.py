@@ -5,18 +5,23 @@ role:
 
 - ``cn``: a compute node. It may push, restore, list, commit, read and delete
   snapshots of the VMs mapped to it, and nothing of any other VM.
-- ``peer``: another snapper zone. Zone-to-zone mirror and move traffic may
-  touch any VM, so a peer may run every command.
+- ``peer``: another snapper zone. It may run every command, but only on a
+  VM whose *scope* holds both zones: the VM's placement and every zone of a
+  move in flight for it (the coordinator's ``scope``), or without a
+  coordinator the static pair (``replication.peers.static_partner``). A
+  peer's command on any other VM, tombstones and ``destroy`` included, is
+  refused: a zone's key is no master key to every VM in the fleet.
 - ``operator``: a human or tool watching the fleet: list, read metadata and
   delete; never a stream in or out.
 
-``authorize`` decides from the command alone (and the VM -> CN map), before
-anything runs; what a command would then do to ZFS is none of its business.
+``authorize`` decides from the command alone (and the VM -> CN map, and for a
+peer the VM's scope, looked up beforehand), before anything runs; what a
+command would then do to ZFS is none of its business.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from snapper_zone.common.config import Role, TrustedKey
@@ -35,7 +40,8 @@ from snapper_zone.wire.protocol import (
     Snapshots,
 )
 
-__all__ = ["NotAuthorized", "Principal", "allowed_verbs", "authorize", "verb"]
+__all__ = ["NotAuthorized", "Principal", "allowed_verbs", "authorize", "peer_in_scope",
+           "verb", "vm_of"]
 
 
 class NotAuthorized(SnapperError):
@@ -104,15 +110,24 @@ class Principal:
         return f"{prefix}:{self.id}"
 
 
-def _vm_of(command: Command) -> str | None:
+def vm_of(command: Command) -> str | None:
+    """The VM a command acts on (None: ``ping``)."""
     return None if isinstance(command, Ping) else command.vm
 
 
+def peer_in_scope(me: str, peer: str, scope: Collection[str] | None) -> bool:
+    """Whether peer zone ``peer`` may act, on zone ``me``, on a VM whose scope is
+    ``scope`` (None: unknown). Both zones must be in it, and a zone is not its own peer."""
+    return scope is not None and peer != me and me in scope and peer in scope
+
+
 def authorize(principal: Principal, command: Command,
-              owner_of: Callable[[str], str | None]) -> None:
+              owner_of: Callable[[str], str | None], *, me: str = "",
+              scope: Collection[str] | None = None) -> None:
     """Return if ``principal`` may run ``command``; raise NotAuthorized otherwise.
 
-    ``owner_of(vm)`` is the CN id a VM is mapped to (None when unmapped).
+    ``owner_of(vm)`` is the CN id a VM is mapped to (None when unmapped);
+    ``scope`` is the command's VM's scope, for a peer on zone ``me``.
     """
     name = verb(command)
     if name not in _ALLOWED[principal.role]:
@@ -120,10 +135,15 @@ def authorize(principal: Principal, command: Command,
             f"{principal.role} key {principal.fingerprint} ({principal.label}) may not run "
             f"{name!r}; a {principal.role} key may run: "
             f"{', '.join(sorted(_ALLOWED[principal.role]))}")
-    if principal.role != "cn":
+    vm = vm_of(command)
+    if vm is None or principal.role == "operator":
         return
-    vm = _vm_of(command)
-    if vm is None:
+    if principal.role == "peer":
+        if not peer_in_scope(me, principal.id, scope):
+            where = "an unknown placement" if scope is None else \
+                f"placed on {', '.join(sorted(scope)) or 'no zone'}"
+            raise NotAuthorized(f"VM {vm} is {where}: peer zone {principal.id} may not "
+                                f"{name} it here (zone {me})")
         return
     owner = owner_of(vm)
     if owner != principal.id:

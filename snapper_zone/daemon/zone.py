@@ -9,8 +9,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from replication.peers import static_partner
 from snapper_zone.common.config import TrustedKey, ZoneConfig
 from snapper_zone.common.metrics import Metrics
+from snapper_zone.daemon.auth import peer_in_scope
 from snapper_zone.errors import SnapperError
 from snapper_zone.transfer.local import LocalEndpoint, ZoneReceiver
 from snapper_zone.transfer.registry import SnapshotInUse, TransferRegistry
@@ -69,6 +71,26 @@ class Zone:
         if found is None and self.replicator is not None:
             found = self.replicator.links.learned_keys.get(key_data)
         return found
+
+    async def peer_scope(self, vm: str, peer: str) -> frozenset[str] | None:
+        """The zones whose peers may act on ``vm`` here (``auth.authorize``'s scope);
+        None when it cannot be known (no coordinator answer ever).
+
+        With a coordinator: the VM's placement and the zones of its moves in
+        flight, from the placement cache (``CoordinatorClient.lookup``), asked
+        afresh when the cache has nothing or does not name ``peer`` (a move
+        may have started since). Without one: this zone and its static partner.
+        """
+        me = self.config.uuid
+        coordinator = self.replicator.links.coordinator if self.replicator else None
+        if coordinator is None:
+            other = static_partner(me, vm, [p.uuid for p in self.config.peers])
+            return frozenset({me} if other is None else {me, other})
+        hit = coordinator.cached(vm)
+        if hit is not None and peer_in_scope(me, peer, hit.scope):
+            return hit.scope
+        got = await coordinator.lookup(vm, fresh=True)
+        return None if got is None else got.scope
 
     async def delete_snapshot(self, vm: str, name: str) -> None:
         """Delete a VM snapshot (SSH ``delete``, HTTP ``DELETE``); the peer follows.

@@ -44,6 +44,8 @@ class LocalZone:
     # Zones peer with every other zone of their group; None: no peer at all.
     group: str | None = "fleet"
     pipelined: bool = True
+    # Activated at the coordinator (by this fleet, as its operator).
+    admitted: bool = False
 
     @property
     def http_url(self) -> str:
@@ -126,12 +128,19 @@ class LocalCoordinator:
         return self.config_path.with_name("coordinator.db")
 
 
+class AdmissionFailed(RuntimeError):
+    """The fleet could not admit its zones at the coordinator."""
+
+
 class LocalFleet:
     """Create with ``await LocalFleet.start(...)``; always ``await fleet.stop()``.
 
     With ``coordinator=True`` a ``snapper-coordinator`` runs too: zones have no
     static peers, register with it, and learn the fleet (and each VM's pair)
-    from it; CNs ask it where to push.
+    from it; CNs ask it where to push. A zone registers as ``pending``; the
+    fleet, as the fleet's operator, admits each zone it starts for the first
+    time with ``snapper zone activate`` (and again after the coordinator
+    started on a new store, where every zone registers anew).
     """
 
     def __init__(self, workdir: Path, *, mirrored: bool = True,
@@ -188,7 +197,8 @@ class LocalFleet:
             self.cns.append(cn)
         for _ in range(zones):
             await self.add_zone(pool_size)
-        await asyncio.gather(*(self.start_zone(z) for z in self.zones))
+        await asyncio.gather(*(self.start_zone(z, admit=False) for z in self.zones))
+        await self.admit(self.zones)
 
     def zone_config(self, zone: LocalZone) -> dict[str, Any]:
         keys: list[dict[str, str]] = [
@@ -232,7 +242,9 @@ class LocalFleet:
         self.zones.append(zone)
         return zone
 
-    async def start_zone(self, zone: LocalZone, timeout: float = 60.0) -> None:
+    async def start_zone(self, zone: LocalZone, timeout: float = 60.0, *,
+                         admit: bool = True) -> None:
+        """Start (or restart) a zone; with a coordinator, admit it the first time."""
         zone.config_path.write_text(json.dumps(self.zone_config(zone), indent=2))
         zone.ready_path.unlink(missing_ok=True)
         zone.daemon = proc.Daemon(
@@ -242,6 +254,39 @@ class LocalFleet:
         await _wait_ready(zone.daemon, zone.ready_path, f"{zone.name}'s snapperd", timeout)
         ready = json.loads(zone.ready_path.read_text())
         zone.ssh_port, zone.http_port = int(ready["ssh_port"]), int(ready["http_port"])
+        if admit and not zone.admitted and self.coordinator is not None \
+                and self.coordinator.daemon is not None:
+            await self.admit([zone])
+
+    async def _snapper(self, *args: str) -> Any:
+        """Run the ``snapper`` operator CLI against our coordinator; its JSON output."""
+        assert self.coordinator is not None
+        done = await proc.run([sys.executable, "-m", "snapper_zone.cli", *args,
+                               "--coordinator", self.coordinator.url], timeout=60.0)
+        if not done.ok:
+            raise AdmissionFailed(f"snapper {' '.join(args)}: {done.stderr.strip()}")
+        return json.loads(done.stdout) if "--json" in args else None
+
+    async def admit(self, zones: list[LocalZone], timeout: float = 90.0) -> None:
+        """As an operator would: wait until each zone has registered, then
+        ``snapper zone activate`` the pending ones (nothing else is changed: a
+        draining or lost zone stays so)."""
+        deadline = time.monotonic() + timeout
+        left = {z.uuid: z for z in zones}
+        while left:
+            try:
+                listed = {z["uuid"]: z for z in await self._snapper("zones", "--json")}
+            except AdmissionFailed:
+                listed = {}  # the coordinator is starting: ask again
+            pending = [u for u in left if u in listed and listed[u]["state"] == "pending"]
+            await asyncio.gather(*(self._snapper("zone", "activate", u) for u in pending))
+            for u in [u for u in left if u in listed]:
+                left.pop(u).admitted = True
+            if not left:
+                return
+            if time.monotonic() > deadline:
+                raise AdmissionFailed(f"zones never registered: {', '.join(sorted(left))}")
+            await asyncio.sleep(0.2)  # the zones register on their own schedule; deadline above
 
     async def start_coordinator(self, timeout: float = 60.0) -> None:
         c = self.coordinator
@@ -254,11 +299,17 @@ class LocalFleet:
             "[rebalance]\nauto = true\nsettle = 1.0\ninterval = 5.0\n"
             "rebuild_grace = 8.0\n")
         c.ready_path.unlink(missing_ok=True)
+        new_store = not c.store.exists()
         c.daemon = proc.Daemon(
             [sys.executable, "-m", "rebalance.coordinator", "--config", str(c.config_path),
              "--ready-file", str(c.ready_path)],
             str(c.config_path.with_name("coordinator.log")))
         await _wait_ready(c.daemon, c.ready_path, "the coordinator", timeout)
+        if new_store:
+            # A new store knows no zone: the running ones register anew, pending.
+            running = [z for z in self.zones if z.daemon is not None]
+            if running:
+                await self.admit(running)
 
     def stop_coordinator(self, *, kill: bool = False) -> None:
         c = self.coordinator
