@@ -22,7 +22,7 @@ from snapper_zone.common.hashing import rank
 from snapper_zone.errors import SnapperError
 from snapper_zone.transfer.remote import ZoneClient, ZoneUnreachable
 
-__all__ = ["NoPeer", "Peer", "PeerLinks", "pair_of", "static_partner"]
+__all__ = ["NoPeer", "Peer", "PeerLinks", "pair_of", "static_partner", "static_scope"]
 
 
 class NoPeer(SnapperError):
@@ -58,6 +58,15 @@ def static_partner(me: str, vm: str, peers: Sequence[str]) -> str | None:
     if len(peers) == 1:
         return peers[0]
     return next(z for z in pair_of(vm, [me, *peers]) if z != me)
+
+
+def static_scope(me: str, vm: str, peers: Sequence[str]) -> frozenset[str]:
+    """The zones that may act on ``vm`` as each other's peers with no coordinator:
+    the static pair (this zone and its only peer, or ``pair_of``), which every
+    zone of a fleet with the same list computes alike."""
+    if len(peers) <= 1:
+        return frozenset({me, *peers})
+    return frozenset(pair_of(vm, [me, *peers]))
 
 
 class PeerLinks:

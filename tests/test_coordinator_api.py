@@ -71,12 +71,19 @@ class StandIn:
         self.syncs = 0
         self.ssh: asyncio.Server | None = None
         self.ssh_port = 0
+        self.requests: list[str] = []  # "GET /path" of every request it was sent
+        self.ssh_connects = 0
 
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self) -> None:
-        app = web.Application()
+        @web.middleware
+        async def seen(request: web.Request, handler: Any) -> web.StreamResponse:
+            self.requests.append(f"{request.method} {request.path}")
+            return await handler(request)  # type: ignore[no-any-return]
+
+        app = web.Application(middlewares=[seen])
         r = app.router
         r.add_get("/ping", self.ping)
         r.add_get("/v1/vms", self.list_vms)
@@ -92,6 +99,7 @@ class StandIn:
         self.port = int(self.runner.addresses[0][1])
 
         async def accept(_: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            self.ssh_connects += 1
             w.close()  # stands for the SSH port: the health check only connects
 
         self.ssh = await asyncio.start_server(accept, "127.0.0.1", 0)
@@ -202,12 +210,20 @@ class Env:
             assert r.status == status, f"{method} {path}: {r.status} {text}"
             return json.loads(text) if text else None
 
-    async def register(self, uuid: str, capacity: int = 100 * GIB, status: int = 201) -> Any:
-        z = self.fleet.zones[uuid]  # registered as snapperd does: the wire document
+    async def register(self, uuid: str, capacity: int = 100 * GIB, status: int = 201,
+                       admit: bool = True, host_key: str = HOST_KEY) -> Any:
+        """Register as snapperd does (the wire document); then, new, admit it as the
+        operator does (``admit``), unless it is asked to stay pending."""
+        z = self.fleet.zones[uuid]
         reg = ZoneRegistration(uuid=uuid, name=f"z{uuid[-1]}", ssh_host="127.0.0.1",
-                               ssh_port=z.ssh_port, http_url=z.url(), host_key=HOST_KEY,
+                               ssh_port=z.ssh_port, http_url=z.url(), host_key=host_key,
                                capacity=capacity)
-        return await self.call("POST", "/v1/zones", reg.to_json(), status)
+        got = await self.call("POST", "/v1/zones", reg.to_json(), status)
+        if status == 201:
+            assert got["state"] == "pending" and got["admitted"] is False
+            if admit:
+                got = await self.call("PUT", f"/v1/zones/{uuid}/state", {"state": "active"})
+        return got
 
     async def moves_finished(self, timeout: float = 30.0) -> list[dict[str, Any]]:
         """Wait until ``GET /v1/moves`` shows no move planned or running."""
@@ -551,9 +567,27 @@ async def test_cli_zone_lifecycle(env: Env, capsys: pytest.CaptureFixture[str],
                                 "--ssh-host", "127.0.0.1", "--ssh-port", "2222", "--http-url",
                                 env.fleet.zones[z].url(), "--host-key", str(pub),
                                 "--capacity", "100G")
-        assert rc == 0 and "registered" in out, out
+        assert rc == 0 and "registered: pending" in out, out
+    rc, out = await snapper(env, capsys, "zones")
+    assert rc == 0 and out.count("pending") == 3 and "active" not in out, out
+    for z in ZONES[:3]:  # the operator admits each
+        rc, out = await snapper(env, capsys, "zone", "activate", z)
+        assert rc == 0 and "is now active (admitted" in out, out
     rc, out = await snapper(env, capsys, "zones")
     assert rc == 0 and "100.0 GiB" in out and out.count("active") == 3, out
+    # A rotation is the operator's: the old key registers no more, the new one does.
+    new = tmp_path / "new.pub"
+    new.write_text(asyncssh.generate_private_key("ssh-ed25519").export_public_key()
+                   .decode())
+    rc, out = await snapper(env, capsys, "zone", "rekey", ZONES[2], "--host-key", str(new))
+    assert rc == 0 and "host key replaced; it is active" in out, out
+    rc, out = await snapper(env, capsys, "zone", "add", ZONES[2], "--name", "z3",
+                            "--ssh-host", "127.0.0.1", "--http-url",
+                            env.fleet.zones[ZONES[2]].url(), "--host-key", str(pub),
+                            "--capacity", "100G")
+    assert rc == 1 and "HostKeyMismatch" in out, out
+    z = await env.call("GET", f"/v1/zones/{ZONES[2]}")
+    assert z["host_key"] == new.read_text().strip() and z["ssh_port"] == 2222
     await push_all(env, VMS[:4])
     rc, out = await snapper(env, capsys, "rebalance", "--dry-run")
     assert rc == 0 and out.startswith("would move "), out

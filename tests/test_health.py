@@ -100,6 +100,7 @@ class Env:
         await self.store.upsert_zone(ZoneRegistration(
             ZONE, "z1", "127.0.0.1", self.zone.ssh_port, f"http://127.0.0.1:{self.zone.http_port}",
             "ssh-ed25519 X", 100), 0.0)
+        await self.store.set_zone_state(ZONE, ZoneState.ACTIVE)  # admitted
         self.task = asyncio.create_task(self._watch())
         return self
 

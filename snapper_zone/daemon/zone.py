@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from replication.peers import static_partner
+from replication.peers import static_scope
 from snapper_zone.common.config import TrustedKey, ZoneConfig
 from snapper_zone.common.metrics import Metrics
 from snapper_zone.daemon.auth import peer_in_scope
@@ -79,13 +79,12 @@ class Zone:
         With a coordinator: the VM's placement and the zones of its moves in
         flight, from the placement cache (``CoordinatorClient.lookup``), asked
         afresh when the cache has nothing or does not name ``peer`` (a move
-        may have started since). Without one: this zone and its static partner.
+        may have started since). Without one: the static pair.
         """
         me = self.config.uuid
         coordinator = self.replicator.links.coordinator if self.replicator else None
         if coordinator is None:
-            other = static_partner(me, vm, [p.uuid for p in self.config.peers])
-            return frozenset({me} if other is None else {me, other})
+            return static_scope(me, vm, [p.uuid for p in self.config.peers])
         hit = coordinator.cached(vm)
         if hit is not None and peer_in_scope(me, peer, hit.scope):
             return hit.scope
