@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from snapper_zone.common.config import Role, TrustedKey
 from replication.peers import pair_of, static_scope
+from snapper_zone.common.config import Role, TrustedKey
 from snapper_zone.daemon.auth import NotAuthorized, Principal, authorize, peer_in_scope, verb
 from snapper_zone.wire import protocol
 from snapper_zone.wire.protocol import (
