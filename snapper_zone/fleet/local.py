@@ -198,7 +198,8 @@ class LocalFleet:
         for _ in range(zones):
             await self.add_zone(pool_size)
         await asyncio.gather(*(self.start_zone(z, admit=False) for z in self.zones))
-        await self.admit(self.zones)
+        if self.coordinator is not None:
+            await self.admit(self.zones)
 
     def zone_config(self, zone: LocalZone) -> dict[str, Any]:
         keys: list[dict[str, str]] = [
