@@ -398,8 +398,7 @@ class Coordinator:
                  else "zone updated",
                  extra={"zone": z.uuid, "zone_name": z.name, "capacity": z.capacity,
                         "state": str(z.state)})
-        if z.admitted and not created:
-            self.trigger()  # its capacity may have changed
+        # A new zone is no capacity until admitted: activation triggers planning.
         return z, created
 
     async def rekey(self, uuid: str, body: object) -> ZoneRecord:
