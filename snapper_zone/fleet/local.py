@@ -262,8 +262,11 @@ class LocalFleet:
     async def _snapper(self, *args: str) -> Any:
         """Run the ``snapper`` operator CLI against our coordinator; its JSON output."""
         assert self.coordinator is not None
+        # As the fleet's operator: its key signs (SNAPPER_KEY, the CLI's default key).
+        env = {**os.environ, "SNAPPER_KEY": str(self.operator_key)}
         done = await proc.run([sys.executable, "-m", "snapper_zone.cli", *args,
-                               "--coordinator", self.coordinator.url], timeout=60.0)
+                               "--coordinator", self.coordinator.url], timeout=60.0,
+                              env=env)
         if not done.ok:
             raise AdmissionFailed(f"snapper {' '.join(args)}: {done.stderr.strip()}")
         return json.loads(done.stdout) if "--json" in args else None
