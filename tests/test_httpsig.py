@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import time
 from collections.abc import AsyncIterator
 
@@ -35,8 +36,9 @@ from snapper_zone.common.httpsig import (
     verify_response,
 )
 
-KEYS = {t: asyncssh.generate_private_key(t, **({"key_size": 2048} if t == "ssh-rsa" else {}))
-        for t in ("ssh-ed25519", "ecdsa-sha2-nistp256", "ssh-rsa")}
+KEYS = {"ssh-ed25519": asyncssh.generate_private_key("ssh-ed25519"),
+        "ecdsa-sha2-nistp256": asyncssh.generate_private_key("ecdsa-sha2-nistp256"),
+        "ssh-rsa": asyncssh.generate_private_key("ssh-rsa", key_size=2048)}
 ED = Signer(KEYS["ssh-ed25519"])
 
 
@@ -154,14 +156,18 @@ def test_any_one_byte_change_fails(method: str, target: str, body: bytes,
         _verify(Verifier(), method, target, h, body)
 
 
+def _skewed(skew: float) -> float:
+    return time.time() + skew
+
+
 def test_replay_skew_and_unknown_key() -> None:
     v = Verifier()
     h = _headers(ED, "POST", "/v1/x", b"{}")
     _verify(v, "POST", "/v1/x", h, b"{}")
     with pytest.raises(Unauthorized, match="replayed"):
         _verify(v, "POST", "/v1/x", h, b"{}")
-    for skew in (-301, 301):
-        old = Signer(KEYS["ssh-ed25519"], clock=lambda s=skew: time.time() + s)
+    for skew in (-301.0, 301.0):
+        old = Signer(KEYS["ssh-ed25519"], clock=functools.partial(_skewed, skew))
         with pytest.raises(Unauthorized, match="more than 300s"):
             _verify(v, "GET", "/", _headers(old, "GET", "/", b""), b"")
     other = Signer(KEYS["ecdsa-sha2-nistp256"])
