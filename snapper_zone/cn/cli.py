@@ -155,7 +155,7 @@ async def _push_targets(s: CnSettings, vm: str) -> list[ZoneClient]:
     zone, so failover needs a known_hosts file.
     """
     if s.coordinator_url:
-        placed = await placement(s.coordinator_url, vm)
+        placed = await placement(s.coordinator_url, vm, s.key)
         return [ZoneClient(e["ssh_host"], int(e["ssh_port"]), s.key,
                            host_key=asyncssh.import_public_key(e["host_key"]))
                 for e in placed]

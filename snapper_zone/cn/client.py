@@ -23,6 +23,7 @@ from typing import Any
 
 import aiohttp
 
+from snapper_zone.common.httpsig import Signer, signing_session
 from snapper_zone.common.progress import NoProgress, Reporter
 from snapper_zone.errors import (
     ResumeTokenInvalid,
@@ -80,11 +81,15 @@ class PlanError(SnapperError):
 # -- the SSH connection -----------------------------------------------------------
 
 
-async def placement(coordinator_url: str, vm: str) -> list[dict[str, Any]]:
-    """The VM's zones (primary first) with their endpoints, from the coordinator."""
+async def placement(coordinator_url: str, vm: str, key: Path) -> list[dict[str, Any]]:
+    """The VM's zones (primary first) with their endpoints, from the coordinator.
+
+    Asked as this CN: the request is signed with its SSH key ``key``.
+    """
     url = f"{coordinator_url.rstrip('/')}/v1/placement/{vm}"
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http, \
+        async with signing_session(Signer.load(key),
+                                   timeout=aiohttp.ClientTimeout(total=30)) as http, \
                 http.get(url) as r:
             body = await r.json(content_type=None)
             if r.status != 200:

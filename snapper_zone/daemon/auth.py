@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from snapper_zone.common.config import Role, TrustedKey
-from snapper_zone.errors import SnapperError
+from snapper_zone.common.httpsig import NotAuthorized
 from snapper_zone.wire.protocol import (
     Abort,
     Command,
@@ -35,12 +35,7 @@ from snapper_zone.wire.protocol import (
     Snapshots,
 )
 
-__all__ = ["NotAuthorized", "Principal", "allowed_verbs", "authorize", "verb"]
-
-
-class NotAuthorized(SnapperError):
-    code = "NotAuthorized"
-    http_status = 403
+__all__ = ["NotAuthorized", "Principal", "allowed_verbs", "authorize", "check_owner", "verb"]
 
 
 _VERBS: dict[type, str] = {
@@ -84,18 +79,7 @@ class Principal:
 
     @classmethod
     def from_key(cls, key: TrustedKey, connection: int = 0) -> Principal:
-        if key.role == "cn":
-            assert key.cn_id is not None  # the config guarantees it for role cn
-            ident = key.cn_id
-        elif key.role == "peer":
-            assert key.zone is not None  # likewise for role peer
-            ident = key.zone
-        else:
-            # An operator is named by the comment on its key ("alice@ops"),
-            # which is only a label for logs; the fingerprint is the identity.
-            parts = key.public_key.split(maxsplit=2)
-            ident = parts[2].strip() if len(parts) == 3 and parts[2].strip() else key.fingerprint
-        return cls(key.role, ident, key.fingerprint, connection)
+        return cls(key.role, key.name, key.fingerprint, connection)
 
     @property
     def label(self) -> str:
@@ -123,9 +107,12 @@ def authorize(principal: Principal, command: Command,
     if principal.role != "cn":
         return
     vm = _vm_of(command)
-    if vm is None:
-        return
-    owner = owner_of(vm)
-    if owner != principal.id:
+    if vm is not None:
+        check_owner(principal.id, vm, owner_of(vm), name)
+
+
+def check_owner(cn_id: str, vm: str, owner: str | None, what: str) -> None:
+    """A CN acts on its own VMs only (SSH commands and HTTP routes alike)."""
+    if owner != cn_id:
         whose = "is not mapped to any CN" if owner is None else "belongs to another CN"
-        raise NotAuthorized(f"VM {vm} {whose}; CN {principal.id} may only {name} its own VMs")
+        raise NotAuthorized(f"VM {vm} {whose}; CN {cn_id} may only {what} its own VMs")

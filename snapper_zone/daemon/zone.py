@@ -9,7 +9,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import asyncssh
+
 from snapper_zone.common.config import TrustedKey, ZoneConfig
+from snapper_zone.common.httpsig import Identity
 from snapper_zone.common.metrics import Metrics
 from snapper_zone.errors import SnapperError
 from snapper_zone.transfer.local import LocalEndpoint, ZoneReceiver
@@ -69,6 +72,22 @@ class Zone:
         if found is None and self.replicator is not None:
             found = self.replicator.links.learned_keys.get(key_data)
         return found
+
+    async def http_identity(self, fingerprint: str) -> Identity | None:
+        """Who signed an HTTP request with the key of this fingerprint: a config
+        key (operator, cn, peer -> role "zone"), the coordinator (``coordinator_key``),
+        or a peer zone the coordinator registered; None for a stranger."""
+        keys: list[TrustedKey] = list(self.config.keys)
+        if self.replicator is not None:
+            keys += self.replicator.links.learned_keys.values()
+        for k in keys:
+            if k.fingerprint == fingerprint:
+                return Identity("zone" if k.role == "peer" else k.role, k.name, k.ssh_key())
+        if self.config.coordinator_key is not None:
+            key = asyncssh.import_public_key(self.config.coordinator_key)
+            if key.get_fingerprint() == fingerprint:
+                return Identity("coordinator", "coordinator", key)
+        return None
 
     async def delete_snapshot(self, vm: str, name: str) -> None:
         """Delete a VM snapshot (SSH ``delete``, HTTP ``DELETE``); the peer follows.
