@@ -329,7 +329,7 @@ async def sync_vm(request: web.Request) -> web.Response:
     vm = check_uuid(request.match_info["uuid"], "VM uuid")
     peer: str | None = None
     bwlimit: float | None = None
-    if request.can_read_body:
+    if request.body_exists:
         body = await _json_body(request, '{"peer": "<zone uuid>", "bwlimit": <bytes/s>}')
         if isinstance(body, dict) and body.get("peer") is not None:
             peer = check_uuid(str(body["peer"]), "peer zone uuid")
@@ -353,7 +353,7 @@ async def drop_vm(request: web.Request) -> web.Response:
     """
     zone = request.app[ZONE]
     vm = check_uuid(request.match_info["uuid"], "VM uuid")
-    if not request.can_read_body:
+    if not request.body_exists:
         raise InvalidName(f"DELETE /v1/vms/{vm} needs a body: {_ELSEWHERE}")
     elsewhere = _parse_elsewhere(await _json_body(request, _ELSEWHERE))
     await _known_vm(zone, vm)

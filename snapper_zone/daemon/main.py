@@ -111,6 +111,8 @@ async def serve(config: ZoneConfig, args: argparse.Namespace, log: logging.Logge
                 service: type[Service] = Service) -> int:
     zfs = Zfs()
     zone = Zone.from_config(config, zfs, log)
+    await ensure_root(zfs, zone.store.root, args.create_root, log)
+    caps = await zfs.capabilities()
     ensure_host_key(config.ssh.host_key, log)
     # The zone signs its requests to the coordinator with its host key: the
     # key it registers is the key it proves it holds.
@@ -120,8 +122,6 @@ async def serve(config: ZoneConfig, args: argparse.Namespace, log: logging.Logge
     if config.peers or coordinator is not None:
         zone.replicator = Replicator(zone, PeerLinks(config, log, coordinator))
     registrar: Registrar | None = None
-    await ensure_root(zfs, zone.store.root, args.create_root, log)
-    caps = await zfs.capabilities()
 
     stop = asyncio.Event()
     received: list[str] = []
