@@ -512,6 +512,9 @@ def test_example_config_parses() -> None:
     ({"health": {"interval": "1"}}, "health.interval"),
     ({"moves": {"per_zone": 0}}, "moves.per_zone"), ({"bogus": 1}, "bogus"),
     ({"health": {"lost": 1}}, "health.lost"), ({"rebalance": {"auto": 1}}, "rebalance.auto"),
+    ({"key": ""}, "key"), ({"keys": [{"role": "peer", "zone": ZONES[0],
+                                      "public_key": HOST_KEY}]}, "keys[0].role"),
+    ({"keys": [{"role": "operator"}]}, "keys[0].public_key"),
 ])
 def test_bad_config_names_the_field(data: dict[str, Any], field: str) -> None:
     with pytest.raises(ConfigError) as e:
