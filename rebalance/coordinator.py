@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -251,6 +252,15 @@ def _registration(body: object) -> ZoneRegistration:
     return reg
 
 
+@functools.lru_cache(maxsize=4096)
+def _fingerprint(host_key: str) -> str | None:
+    """A registered host key's fingerprint (every signed request looks zones up by it)."""
+    try:
+        return str(asyncssh.import_public_key(host_key).get_fingerprint())
+    except (asyncssh.KeyImportError, ValueError):
+        return None
+
+
 def _zone_info(z: ZoneRecord, held: int) -> ZoneInfo:
     used = z.used if z.used is not None else held
     free = z.free if z.free is not None else max(z.capacity - used, 0)
@@ -405,12 +415,8 @@ class Coordinator:
             if k.fingerprint == fingerprint:
                 return Identity(k.role, k.name, k.ssh_key())
         for z in await self.store.zones():
-            try:
-                key = asyncssh.import_public_key(z.host_key)
-            except (asyncssh.KeyImportError, ValueError):
-                continue
-            if key.get_fingerprint() == fingerprint:
-                return Identity("zone", z.uuid, key)
+            if _fingerprint(z.host_key) == fingerprint:
+                return Identity("zone", z.uuid, asyncssh.import_public_key(z.host_key))
         return None
 
     async def zone(self, uuid: str) -> ZoneRecord:
