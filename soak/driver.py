@@ -390,8 +390,9 @@ class Soak:
             uuids = list(pair_of(vm, [z.uuid for z in self.zones()]))
         else:
             try:
+                c = self.fleet.coordinator
                 uuids = [str(e["uuid"]) for e in await placement(
-                    self.fleet.coordinator.url, vm, self.fleet.operator_key)]
+                    c.url, vm, self.fleet.operator_key, c.public_key)]
                 self._placements[vm] = uuids
             except SnapperError:
                 uuids = self._placements.get(vm, [])

@@ -27,11 +27,14 @@ from rebalance.coordinator import make_app as coordinator_app
 from rebalance.store import SqliteStore
 from rebalance.zoneclient import HttpZoneApi
 from replication.coordinator_client import CoordinatorClient, CoordinatorUnavailable
+from snapper_zone.cn.cli import UsageError, load_cn_config
+from snapper_zone.cn.client import placement
 from snapper_zone.common.config import parse_config, parse_keys
 from snapper_zone.common.httpsig import Route, Signer, signing_session
 from snapper_zone.daemon.httpapi import ROUTES as ZONE_ROUTES
 from snapper_zone.daemon.httpapi import make_app as zone_app
 from snapper_zone.daemon.zone import Zone
+from snapper_zone.transfer.remote import ZoneError
 from snapper_zone.wire import ZoneRegistration
 
 ZONE = "bd932c2b-caae-495a-abf2-fb958111c3fb"
@@ -297,3 +300,29 @@ async def test_an_unsigned_coordinator_is_not_trusted(tmp_path: Path) -> None:
     finally:
         await client.close()
         await fake.close()
+
+
+async def test_a_cn_pins_only_host_keys_a_signed_placement_names(servers: Servers,
+                                                                 tmp_path: Path) -> None:
+    key = tmp_path / "cn_key"
+    CN.write_private_key(str(key))
+    async with signing_session(Signer(OPERATOR)) as ops:
+        for uuid, host in ((PEER, ZONE_HOST), (ZONE, PEER_KEY)):
+            assert (await _call(ops, "POST", servers.curl("/v1/zones"),
+                                _registration(uuid, host)))[0] == 201
+    url = servers.curl("/")
+    placed = await placement(url, VM, key, _pub(COORD))
+    assert {e["host_key"] for e in placed} == {_pub(ZONE_HOST), _pub(PEER_KEY)}
+    with pytest.raises(ZoneError) as e:
+        await placement(url, VM, key, _pub(STRANGER))
+    assert e.value.code == "UntrustedResponse"
+
+
+def test_the_cn_config_takes_a_coordinator_key(tmp_path: Path) -> None:
+    conf = tmp_path / "cn.toml"
+    conf.write_text(f'coordinator_url = "http://c:8480"\nkey = "k"\n'
+                    f'coordinator_key = "{_pub(COORD)}"\n')
+    assert load_cn_config(conf)["coordinator_key"] == _pub(COORD)
+    conf.write_text('coordinator_key = "ssh-ed25519 AAAA"\n')
+    with pytest.raises(UsageError, match="coordinator_key"):
+        load_cn_config(conf)

@@ -89,7 +89,7 @@ class Demo:
                 if c is None:
                     a, b = pair_of(vm, [z.uuid for z in self.fleet.zones])
                 else:
-                    ends = await placement(c.url, vm, cn.key_path)
+                    ends = await placement(c.url, vm, cn.key_path, c.public_key)
                     a, b = ends[0]["uuid"], ends[1]["uuid"]
                 self.placed[vm] = (a, b)
 

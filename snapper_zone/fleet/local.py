@@ -133,6 +133,11 @@ class LocalCoordinator:
         their ``coordinator_key``."""
         return self.config_path.with_name("coordinator_ed25519")
 
+    @property
+    def public_key(self) -> str:
+        """What zones and CNs know it by: its answers must be signed by it."""
+        return self.key.with_suffix(".pub").read_text().strip()
+
 
 class LocalFleet:
     """Create with ``await LocalFleet.start(...)``; always ``await fleet.stop()``.
@@ -222,8 +227,7 @@ class LocalFleet:
             "reconcile_interval_ms": self.reconcile_interval_ms,
             "pipelined_mirroring": self.pipelined and zone.pipelined,
             **({"coordinator_url": self.coordinator.url,
-                "coordinator_key": self.coordinator.key.with_suffix(".pub").read_text().strip()}
-               if self.coordinator else {}),
+                "coordinator_key": self.coordinator.public_key} if self.coordinator else {}),
         }
 
     async def add_zone(self, pool_size: int = 1 << 30, *, group: str | None = "fleet",
