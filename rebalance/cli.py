@@ -8,7 +8,11 @@
     snapper rebalance [--dry-run] [--json]
     snapper status [--json]
 
-Each takes ``--coordinator URL`` (default ``$SNAPPER_COORDINATOR``).
+Each takes ``--coordinator URL`` (default ``$SNAPPER_COORDINATOR``) and
+``--key PATH``, the operator's SSH private key every request is signed with
+(default ``$SNAPPER_KEY``, else the first of ``~/.ssh/id_ed25519``,
+``~/.ssh/id_ecdsa``, ``~/.ssh/id_rsa``); the coordinator knows its public key
+from its ``[[keys]]`` (role ``operator``).
 ``register(subparsers)`` adds them to ``snapper``'s parser; ``dispatch`` runs
 one.  Exit status: 0 done, 1 the coordinator refused or did not answer, 2 usage.
 """
@@ -27,13 +31,17 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncssh
 
+from snapper_zone.common.httpsig import Signer, signing_session
 from snapper_zone.common.progress import format_bytes, render_bar
 from snapper_zone.wire import ZoneRegistration
 
 __all__ = ["COORDINATOR_ENV", "CoordinatorError", "dispatch", "parse_size", "register", "run"]
 
 COORDINATOR_ENV = "SNAPPER_COORDINATOR"
+KEY_ENV = "SNAPPER_KEY"
+DEFAULT_KEYS = ("~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa")
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:i?B)?", re.IGNORECASE)
 
 
@@ -57,14 +65,26 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * 1024 ** " KMGTP".index((m.group(2) or " ").upper()))
 
 
+def operator_key(given: str | None) -> Path:
+    """``--key``, else ``$SNAPPER_KEY``, else the first default key that exists."""
+    if given or os.environ.get(KEY_ENV):
+        return Path(given or os.environ[KEY_ENV]).expanduser()
+    for p in DEFAULT_KEYS:
+        if Path(p).expanduser().is_file():
+            return Path(p).expanduser()
+    raise UsageError(f"no operator key: give --key PATH, set ${KEY_ENV}, or have one of "
+                     f"{', '.join(DEFAULT_KEYS)}")
+
+
 class Client:
-    def __init__(self, url: str, timeout: float = 60.0) -> None:
+    def __init__(self, url: str, signer: Signer, timeout: float = 60.0) -> None:
         self.url = url.rstrip("/")
+        self.signer = signer
         self.timeout = aiohttp.ClientTimeout(total=timeout)
 
     async def call(self, method: str, path: str, body: object = None) -> Any:
         try:
-            async with aiohttp.ClientSession(timeout=self.timeout) as http, \
+            async with signing_session(self.signer, timeout=self.timeout) as http, \
                     http.request(method, self.url + path, json=body) as r:
                 text = await r.text()
                 data = json.loads(text) if text else None
@@ -206,6 +226,9 @@ def register(sub: Any) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--coordinator", metavar="URL",
                         help=f"the coordinator's HTTP URL (default ${COORDINATOR_ENV})")
+    common.add_argument("--key", metavar="PATH",
+                        help=f"the operator's SSH private key requests are signed with "
+                             f"(default ${KEY_ENV}, else ~/.ssh/id_ed25519, id_ecdsa, id_rsa)")
 
     def add(name: str, cmd: Command, help: str, own: bool = True) -> argparse.ArgumentParser:
         # `zone` leaves --coordinator to its actions: argparse would reset it otherwise.
@@ -252,8 +275,13 @@ async def dispatch(args: argparse.Namespace) -> int:
     url = args.coordinator or os.environ.get(COORDINATOR_ENV)
     if not url:
         raise UsageError(f"no coordinator: give --coordinator URL or set ${COORDINATOR_ENV}")
+    path = operator_key(args.key)
+    try:
+        signer = Signer.load(path)
+    except (OSError, ValueError, asyncssh.KeyImportError) as e:
+        raise UsageError(f"operator key {path}: {e}") from e
     command: Command = args.coordinator_command
-    return await command(args, Client(url))
+    return await command(args, Client(url, signer))
 
 
 def run(args: argparse.Namespace) -> int:

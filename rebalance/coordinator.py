@@ -1,28 +1,43 @@
 """``snapper-coordinator --config FILE``: zone registry, placement, moves (HTTP API).
 
 Routes (JSON; errors are ``{"code", "message"}`` with a matching status, as
-snapperd's)::
+snapperd's), with the roles that may call each (``ROUTES``, the one table)::
 
-    GET    /ping                      {"ping": "pong", "zones": n, "vms": n}
-    POST   /v1/zones                  register/update, idempotent by uuid: body {uuid, name,
-                                      ssh_host, ssh_port, http_url, host_key, capacity}
-                                      -> 201 (new: state "pending") or 200, the zone;
-                                      409 HostKeyMismatch: another key than the pinned one
-    GET    /v1/zones[?admitted=true]  {"zones": [zone]} (admitted=true: the trust list)
-    GET    /v1/zones/{uuid}           zone
-    PUT    /v1/zones/{uuid}/state     {"state": "active"|"draining"|"lost"} -> zone
+    GET    /ping                      open: {"ping": "pong", "version"}
+    POST   /v1/zones                  the zone itself (signed by the very host key the
+                                      body registers: proof of possession), operator:
+                                      register/update, idempotent by uuid: body {uuid,
+                                      name, ssh_host, ssh_port, http_url, host_key,
+                                      capacity} -> 201 (new: state "pending") or 200, the
+                                      zone; 409 HostKeyMismatch: another key than the
+                                      pinned one
+    GET    /v1/zones[?admitted=true]  zone, operator: {"zones": [zone]} (admitted=true:
+                                      the trust list)
+    GET    /v1/zones/{uuid}           zone, operator: zone (a pending zone: its own only)
+    PUT    /v1/zones/{uuid}/state     operator: {"state": "active"|"draining"|"lost"} -> zone
                                       ("active" on a pending zone admits it)
-    PUT    /v1/zones/{uuid}/host-key  {"host_key": "ssh-ed25519 AAAA..."} -> zone (rotation)
-    DELETE /v1/zones/{uuid}           204; 409 ZoneNotEmpty while it holds a VM copy
-    GET    /v1/placement/{vm}         {"vm", "zones": [primary, mirror],
+    PUT    /v1/zones/{uuid}/host-key  operator: {"host_key": "ssh-ed25519 AAAA..."} -> zone
+                                      (a key rotation)
+    DELETE /v1/zones/{uuid}           operator: 204; 409 ZoneNotEmpty while it holds a copy
+    GET    /v1/placement/{vm}         cn, zone, operator: {"vm", "zones": [primary, mirror],
                                        "endpoints": [{uuid, ssh_host, ssh_port, http_url,
                                                       host_key}, ...],
                                        "scope": [zone uuids whose peers may act on it]}
-    GET    /v1/moves[?state=S]        {"moves": [move]}
-    POST   /v1/rebalance?dry_run=B    {"dry_run", "moves", "moved_bytes", "projected",
-                                       "warnings", "degraded", "stale_copies"}
-    GET    /v1/status                 fleet summary (``snapper status``)
-    GET    /metrics                   Prometheus text
+    GET    /v1/moves[?state=S]        operator: {"moves": [move]}
+    POST   /v1/rebalance?dry_run=B    operator: {"dry_run", "moves", "moved_bytes",
+                                       "projected", "warnings", "degraded", "stale_copies"}
+    GET    /v1/status                 operator: fleet summary (``snapper status``)
+    GET    /metrics                   open: Prometheus text
+
+Requests are HTTP Signatures (``common/httpsig``) by a key the coordinator
+knows: its config's ``[[keys]]`` (operator and cn keys, snapperd's shape) or a
+registered zone's host key; 401 ``Unauthorized`` / 403 ``NotAuthorized`` /
+415 ``UnsupportedMediaType`` as snapperd. A pending zone's key has the role
+``pending-zone``: it may register again and read its own record, nothing
+else. Every answer to a signed request carries
+``x-snapper-response-signature`` by the coordinator's own ``key``
+(generated at first start if missing), which zones check against their
+``coordinator_key``.
 
 A zone is ``{uuid, name, ssh_host, ssh_port, http_url, host_key, capacity,
 used, free, state, admitted, health, vms, last_seen, suspect_since}``.
@@ -43,6 +58,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -82,10 +98,26 @@ from snapper_zone.common.bootstrap import (
     EXIT_USAGE,
     Parser,
     StartupError,
+    ensure_private_key,
     run_daemon,
     write_atomically,
 )
-from snapper_zone.common.config import ConfigError
+from snapper_zone.common.config import ConfigError, TrustedKey, parse_keys
+from snapper_zone.common.httpsig import (
+    NONCE_HEADER,
+    OPEN,
+    PRINCIPAL,
+    RESPONSE_HEADER,
+    WWW_AUTHENTICATE,
+    Identity,
+    NotAuthorized,
+    Route,
+    Signer,
+    Unauthorized,
+    Verifier,
+    add_routes,
+    guard,
+)
 from snapper_zone.errors import SnapperError
 from snapper_zone.wire import InvalidDocument, ZoneRegistration, jsontext
 from snapper_zone.zfs.names import check_uuid
@@ -96,6 +128,9 @@ __all__ = ["COORDINATOR", "Coordinator", "CoordinatorConfig", "load_config", "ma
 log = logging.getLogger("snapper.coordinator")
 
 HTTP_DRAIN = 5.0
+# The HTTP role of a registered zone no operator has admitted yet.
+PENDING_ZONE = "pending-zone"
+VERSION = "0.1.0"
 GRACE_MARGIN = 0.05  # s past the end of rebuild_grace that the deferred pass wakes
 
 
@@ -143,6 +178,11 @@ class CoordinatorConfig:
     # After starting on an empty store (lost, or a first start), how long zones
     # get to register again before a VM seen on one zone only is placed.
     rebuild_grace: float = 120.0
+    # Its own private key: signs its requests to zones and its answers.
+    key: Path = Path("/var/db/snapper/coordinator_key")
+    # Operator and CN public keys (snapperd's [[keys]] shape); zones are known
+    # by the host keys they registered with.
+    keys: tuple[TrustedKey, ...] = ()
 
 
 _SCHEMA: dict[str, dict[str, tuple[str, type, float]]] = {
@@ -165,15 +205,18 @@ def parse_config(data: Mapping[str, object], source: str = "<config>",
     """Every problem is a ConfigError naming the file and the dotted field."""
     values: dict[str, Any] = {}
     for key, value in data.items():
-        if key == "store":
+        if key in ("store", "key"):
             if not isinstance(value, str) or not value:
-                raise ConfigError(source, "store", "must be a non-empty path")
+                raise ConfigError(source, key, "must be a non-empty path")
             path = Path(value)
-            values["store"] = path if path.is_absolute() or base is None else base / path
+            values[key] = path if path.is_absolute() or base is None else base / path
+            continue
+        if key == "keys":
+            values["keys"] = parse_keys(value, source, roles=("operator", "cn"))
             continue
         fields = _SCHEMA.get(key)
         if fields is None:
-            raise ConfigError(source, key, "unknown field (known: store, "
+            raise ConfigError(source, key, "unknown field (known: store, key, keys, "
                               + ", ".join(_SCHEMA) + ")")
         if not isinstance(value, dict):
             raise ConfigError(source, key, "must be a table")
@@ -244,6 +287,15 @@ def vm_scope(pair: Sequence[str] | None, moves: Sequence[MoveRecord]) -> list[st
         if m.active:
             zones.update(z for z in (m.from_zone, m.source, m.to_zone) if z is not None)
     return sorted(zones)
+
+
+@functools.lru_cache(maxsize=4096)
+def _fingerprint(host_key: str) -> str | None:
+    """A registered host key's fingerprint (every signed request looks zones up by it)."""
+    try:
+        return str(asyncssh.import_public_key(host_key).get_fingerprint())
+    except (asyncssh.KeyImportError, ValueError):
+        return None
 
 
 def _zone_info(z: ZoneRecord, held: int) -> ZoneInfo:
@@ -411,6 +463,20 @@ class Coordinator:
         z = await self.store.set_host_key(old.uuid, line)
         log.warning("zone host key rotated", extra={"zone": z.uuid, "zone_name": z.name})
         return z
+
+    async def http_identity(self, fingerprint: str) -> Identity | None:
+        """Who signed a request with this key: an operator or CN of the config,
+        or a registered zone (by the host key pinned for it; role ``pending-zone``
+        until admitted)."""
+        for k in self.config.keys:
+            if k.fingerprint == fingerprint:
+                return Identity(k.role, k.name, k.ssh_key())
+        for z in await self.store.zones():
+            if _fingerprint(z.host_key) == fingerprint:
+                # Not admitted: it may register again and see its own record only.
+                role = "zone" if z.admitted else PENDING_ZONE
+                return Identity(role, z.uuid, asyncssh.import_public_key(z.host_key))
+        return None
 
     async def zone(self, uuid: str) -> ZoneRecord:
         z = await self.store.zone(check_uuid(uuid, "zone uuid"))
@@ -802,17 +868,38 @@ def _error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"code": code, "message": message}, status=status)
 
 
+SIGNER = web.AppKey("signer", Signer)
+VERIFIER = web.AppKey("verifier", Verifier)
+
+
+async def _presented(request: web.Request) -> Identity | None:
+    """The host key a registration offers: a zone not known yet proves it holds it."""
+    if request.method != "POST" or request.path != "/v1/zones":
+        return None
+    try:
+        body = jsontext.loads(await request.text())
+        key = asyncssh.import_public_key(str(body["host_key"]))
+        return Identity("zone", str(body["uuid"]), key)
+    except (jsontext.InvalidJson, KeyError, TypeError, ValueError, asyncssh.KeyImportError):
+        return None  # not a registration: the handler says why, if it gets that far
+
+
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     req_id = str(_uuid.uuid4())
     start = time.monotonic()
+    c = request.app[COORDINATOR]
     response: web.StreamResponse
     try:
+        await guard(request, ROUTES, request.app[VERIFIER], c.http_identity,
+                    await _presented(request))
         response = await handler(request)
     except SnapperError as e:
         if e.http_status >= 500:
             log.error("request failed: %s", e.message, extra={"req_id": req_id, "code": e.code})
         response = _error(e.http_status, e.code, e.message)
+        if isinstance(e, Unauthorized):
+            response.headers["WWW-Authenticate"] = WWW_AUTHENTICATE
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -823,9 +910,16 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
                       extra={"req_id": req_id, "method": request.method, "url": request.path_qs})
         response = _error(500, "InternalError", f"internal error (request {req_id})")
     response.headers["x-request-id"] = req_id
+    nonce = request.headers.get(NONCE_HEADER)
+    if nonce and isinstance(response, web.Response) and isinstance(response.body, bytes):
+        # Bound to the caller's nonce: not replayable as the answer to another request.
+        response.headers[RESPONSE_HEADER] = request.app[SIGNER].response_header(
+            nonce, response.status, response.body)
+    who = request.get(PRINCIPAL)
     log.info("handled request", extra={
         "req_id": req_id, "method": request.method, "url": request.path_qs,
-        "status": response.status, "latency_ms": round((time.monotonic() - start) * 1000, 3)})
+        "status": response.status, "principal": who.label if who is not None else None,
+        "latency_ms": round((time.monotonic() - start) * 1000, 3)})
     return response
 
 
@@ -847,15 +941,25 @@ def _flag(request: web.Request, name: str, default: str) -> bool:
 
 
 async def ping(request: web.Request) -> web.Response:
-    c = request.app[COORDINATOR]
-    zones = await c.store.zones()
-    return web.json_response({"ping": "pong", "zones": len(zones),
-                              "vms": len(await c.store.placements())})
+    # Open to anyone (health checks): liveness and version, nothing about the fleet.
+    return web.json_response({"ping": "pong", "version": VERSION})
 
 
 async def post_zone(request: web.Request) -> web.Response:
     c = request.app[COORDINATOR]
-    z, created = await c.register(await _body(request))
+    body = await _body(request)
+    who = request[PRINCIPAL]
+    if who.role in ("zone", PENDING_ZONE):
+        # Proof of possession: a zone registers only the key it signed with, and
+        # only under its own uuid (an operator may register any zone by hand).
+        reg = _registration(body)
+        if asyncssh.import_public_key(reg.host_key).get_fingerprint() != who.fingerprint:
+            raise NotAuthorized(f"a zone registers the host key it signs with; this "
+                                f"request is signed by {who.fingerprint}")
+        if who.id != reg.uuid:
+            raise NotAuthorized(f"key {who.fingerprint} is zone {who.id}'s; it cannot "
+                                f"register zone {reg.uuid}")
+    z, created = await c.register(body)
     return web.json_response(await c.zone_json(z), status=201 if created else 200)
 
 
@@ -866,7 +970,12 @@ async def list_zones(request: web.Request) -> web.Response:
 
 async def get_zone(request: web.Request) -> web.Response:
     c = request.app[COORDINATOR]
-    return web.json_response(await c.zone_json(await c.zone(request.match_info["uuid"])))
+    uuid = request.match_info["uuid"]
+    who = request[PRINCIPAL]
+    if who.role == PENDING_ZONE and who.id != uuid:
+        raise NotAuthorized(f"zone {who.id} is pending (not admitted): it may read its own "
+                            "record only")
+    return web.json_response(await c.zone_json(await c.zone(uuid)))
 
 
 async def put_state(request: web.Request) -> web.Response:
@@ -917,22 +1026,33 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=c.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def make_app(coordinator: Coordinator) -> web.Application:
+_OPERATOR = frozenset({"operator"})
+
+# Every route with the roles that may call it; a test checks none is missing.
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/ping", ping, OPEN),
+    Route("POST", "/v1/zones", post_zone, frozenset({"zone", PENDING_ZONE, "operator"})),
+    Route("GET", "/v1/zones", list_zones, frozenset({"zone", "operator"})),
+    Route("GET", "/v1/zones/{uuid}", get_zone, frozenset({"zone", PENDING_ZONE, "operator"})),
+    Route("PUT", "/v1/zones/{uuid}/state", put_state, _OPERATOR),
+    Route("PUT", "/v1/zones/{uuid}/host-key", put_host_key, _OPERATOR),
+    Route("DELETE", "/v1/zones/{uuid}", delete_zone, _OPERATOR),
+    Route("GET", "/v1/placement/{vm}", get_placement, frozenset({"cn", "zone", "operator"})),
+    Route("GET", "/v1/moves", list_moves, _OPERATOR),
+    Route("POST", "/v1/rebalance", post_rebalance, _OPERATOR),
+    Route("GET", "/v1/status", get_status, _OPERATOR),
+    Route("GET", "/metrics", metrics, OPEN),
+)
+
+
+def make_app(coordinator: Coordinator, signer: Signer,
+             verifier: Verifier | None = None) -> web.Application:
+    """``signer``: the coordinator's own key, which signs every answer."""
     app = web.Application(middlewares=[_errors])
     app[COORDINATOR] = coordinator
-    r = app.router
-    r.add_get("/ping", ping)
-    r.add_post("/v1/zones", post_zone)
-    r.add_get("/v1/zones", list_zones)
-    r.add_get("/v1/zones/{uuid}", get_zone)
-    r.add_put("/v1/zones/{uuid}/state", put_state)
-    r.add_put("/v1/zones/{uuid}/host-key", put_host_key)
-    r.add_delete("/v1/zones/{uuid}", delete_zone)
-    r.add_get("/v1/placement/{vm}", get_placement)
-    r.add_get("/v1/moves", list_moves)
-    r.add_post("/v1/rebalance", post_rebalance)
-    r.add_get("/v1/status", get_status)
-    r.add_get("/metrics", metrics)
+    app[SIGNER] = signer
+    app[VERIFIER] = verifier or Verifier()
+    add_routes(app, ROUTES)
     return app
 
 
@@ -956,14 +1076,17 @@ async def serve(config: CoordinatorConfig, args: argparse.Namespace) -> int:
         store = SqliteStore(config.store)
     except (OSError, RuntimeError) as e:
         raise StartupError(f"store {config.store}: {e}", EXIT_USAGE) from e
-    api = HttpZoneApi(request_timeout=max(config.health_timeout, 30.0),
+    ensure_private_key(config.key, "key", "snapper-coordinator", log)
+    signer = Signer.load(config.key)
+    api = HttpZoneApi(signer, request_timeout=max(config.health_timeout, 30.0),
                       sync_timeout=config.sync_timeout)
     coordinator = Coordinator(store, api, config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    runner = web.AppRunner(make_app(coordinator), access_log=None, shutdown_timeout=HTTP_DRAIN)
+    runner = web.AppRunner(make_app(coordinator, signer), access_log=None,
+                           shutdown_timeout=HTTP_DRAIN)
     try:
         await coordinator.prepare()
         await runner.setup()

@@ -7,6 +7,12 @@ admitted zones with their SSH endpoints and host keys (``GET
 which zones may act on it (``GET /v1/placement/{vm}``: its pair and scope).
 Every answer is cached: a coordinator that is down slows nothing; the zone
 keeps the last view, or its static config when it never had one.
+
+Every request is signed with the zone's host key (``common/httpsig``); with
+``coordinator_key`` configured, every answer must be signed by the
+coordinator for that request (an unsigned or badly signed one counts as no
+answer): a coordinator that can merely be reached is not trusted with the
+trust list or a placement.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import asyncssh
 
+from snapper_zone.common.httpsig import Signer, UntrustedResponse, signing_session
 from snapper_zone.errors import SnapperError
 from snapper_zone.wire import InvalidDocument, ZoneEndpoint, ZoneRegistration
 
@@ -45,14 +53,20 @@ class VmPlacement:
 
 
 class CoordinatorClient:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, signer: Signer, coordinator_key: str | None = None) -> None:
+        """``signer``: this zone's host key; ``coordinator_key``: the coordinator's
+        public key (OpenSSH line) its answers must be signed with."""
         self.url = url.rstrip("/")
+        self.signer = signer
+        self.coordinator_key = None if coordinator_key is None else \
+            asyncssh.import_public_key(coordinator_key)
         self._session: aiohttp.ClientSession | None = None
         self._placement: dict[str, tuple[float, VmPlacement]] = {}
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=_TIMEOUT)
+            self._session = signing_session(self.signer, response_key=self.coordinator_key,
+                                            timeout=_TIMEOUT)
         return self._session
 
     async def close(self) -> None:
@@ -68,7 +82,7 @@ class CoordinatorClient:
                     msg = doc.get("message", "") if isinstance(doc, dict) else ""
                     raise CoordinatorUnavailable(f"{method} {path}: {r.status} {msg}")
                 return doc
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        except (aiohttp.ClientError, TimeoutError, ValueError, UntrustedResponse) as exc:
             raise CoordinatorUnavailable(f"{method} {self.url}{path}: {exc!r}") from exc
 
     async def register(self, record: ZoneRegistration) -> None:
@@ -83,7 +97,7 @@ class CoordinatorClient:
                 if r.status >= 400:
                     raise CoordinatorUnavailable(f"GET /v1/zones/{zone}: {r.status}")
                 return True
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError, UntrustedResponse) as exc:
             raise CoordinatorUnavailable(f"GET {self.url}/v1/zones/{zone}: {exc!r}") from exc
 
     async def zones(self) -> list[KnownZone]:

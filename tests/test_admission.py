@@ -29,12 +29,15 @@ from replication.coordinator_client import CoordinatorClient
 from replication.peers import PeerLinks, pair_of
 from replication.replicator import Replicator
 from snapper_zone.common.config import ZoneConfig, parse_config
+from snapper_zone.common.httpsig import Signer, signing_session
 from snapper_zone.fleet.pools import FilePool
 from snapper_zone.wire import ZoneRegistration
 from snapper_zone.zfs.zfs import Zfs
 from tests.test_coordinator_api import (
+    COORD,
     GIB,
     HOST_KEY,
+    HOST_KEYS,
     VMS,
     ZONES,
     Env,
@@ -60,8 +63,17 @@ from tests.test_sshserver import (
 FAKE = ZONES[3]  # the attacker's zone: registers, is never admitted
 
 
-def _key() -> str:
-    return asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+def _key() -> asyncssh.SSHKey:
+    return asyncssh.generate_private_key("ssh-ed25519")
+
+
+def _pub(key: asyncssh.SSHKey) -> str:
+    return key.export_public_key().decode().strip()
+
+
+def _client(url: str, zone: str, coordinator_key: str | None = None) -> CoordinatorClient:
+    """A zone's coordinator client: it signs with the zone's host key."""
+    return CoordinatorClient(url, Signer(HOST_KEYS.get(zone) or _key()), coordinator_key)
 
 
 @pytest.fixture
@@ -109,6 +121,14 @@ async def test_a_fake_zone_registering_is_pending_and_gets_nothing(env: Env) -> 
     assert (listed[FAKE]["state"], listed[FAKE]["health"]) == ("pending", "unknown")
     assert (await env.call("GET", "/v1/status"))["zones"] == {"active": 2, "draining": 1,
                                                               "pending": 1}
+    # Its key signs as a pending zone: it may see its own record, nothing of the fleet.
+    async with signing_session(Signer(HOST_KEYS[FAKE])) as http:
+        for path in ("/v1/zones", "/v1/zones?admitted=true", f"/v1/placement/{VMS[1]}",
+                     f"/v1/zones/{ZONES[0]}"):
+            err = await env.call("GET", path, None, 403, http)
+            assert err["code"] == "NotAuthorized", path
+        assert (await env.call("GET", f"/v1/zones/{FAKE}", None, 200, http))["state"] == \
+            "pending"
     # Only activation admits: draining or losing a pending zone is refused, unchanged.
     for state in ("draining", "lost"):
         err = await env.call("PUT", f"/v1/zones/{FAKE}/state", {"state": state}, 422)
@@ -139,18 +159,23 @@ async def test_re_registering_a_uuid_with_another_key_is_refused(env: Env) -> No
     await env.register(FAKE, admit=False)  # and a pending zone
     for victim in (ZONES[0], FAKE):  # admitted or pending: pinned at first registration
         before = await env.call("GET", f"/v1/zones/{victim}")
+        evil = _key()  # the attacker holds it, so it signs and registers it
         body = ZoneRegistration(uuid=victim, name="evil", ssh_host="127.0.0.2", ssh_port=1,
-                                http_url=env.fleet.zones[FAKE].url(), host_key=_key(),
+                                http_url=env.fleet.zones[FAKE].url(), host_key=_pub(evil),
                                 capacity=1).to_json()
-        err = await env.call("POST", "/v1/zones", body, 409)
+        async with signing_session(Signer(evil)) as http:
+            err = await env.call("POST", "/v1/zones", body, 409, http)
         assert err == {"code": "HostKeyMismatch", "message": err["message"]}
         assert "snapper zone rekey" in err["message"]
+        # Nor may an operator replace it by registering (only rekey does).
+        await env.call("POST", "/v1/zones", body, 409)
         assert await env.call("GET", f"/v1/zones/{victim}") == before  # endpoint included
     # The same key (another comment) may move the zone and change its capacity.
     body = ZoneRegistration(uuid=ZONES[0], name="z1", ssh_host="127.0.0.1", ssh_port=2200,
                             http_url=env.fleet.zones[ZONES[0]].url(),
                             host_key=HOST_KEY + " root@zone1", capacity=7 * GIB).to_json()
-    z = await env.call("POST", "/v1/zones", body, 200)
+    async with signing_session(Signer(HOST_KEYS[ZONES[0]])) as http:
+        z = await env.call("POST", "/v1/zones", body, 200, http)
     assert (z["ssh_port"], z["capacity"], z["host_key"], z["state"]) == (
         2200, 7 * GIB, HOST_KEY, "active")
 
@@ -166,15 +191,20 @@ async def test_rekey_is_the_operators_and_the_only_way(env: Env) -> None:
     assert await env.call("GET", f"/v1/zones/{zone}") == before
     assert (await env.call("PUT", f"/v1/zones/{ZONES[4]}/host-key", {"host_key": HOST_KEY},
                            404))["code"] == "ResourceNotFound"
+    # Only an operator rotates: the zone itself may not, even signed by its own key.
     new = _key()
-    z = await env.call("PUT", f"/v1/zones/{zone}/host-key", {"host_key": new})
-    assert (z["host_key"], z["state"]) == (new, "active")
+    async with signing_session(Signer(HOST_KEYS[zone])) as http:
+        err = await env.call("PUT", f"/v1/zones/{zone}/host-key", {"host_key": _pub(new)},
+                             403, http)
+    assert err["code"] == "NotAuthorized"
+    z = await env.call("PUT", f"/v1/zones/{zone}/host-key", {"host_key": _pub(new)})
+    assert (z["host_key"], z["state"]) == (_pub(new), "active")
     # The old key is the stranger now; the new one registers.
     await env.register(zone, status=409)
-    z = await env.register(zone, capacity=5 * GIB, status=200, host_key=new)
+    z = await env.register(zone, capacity=5 * GIB, status=200, key=new)
     assert z["capacity"] == 5 * GIB
     trusted = {t["uuid"]: t for t in (await env.call("GET", "/v1/zones?admitted=true"))["zones"]}
-    assert trusted[zone]["host_key"] == new
+    assert trusted[zone]["host_key"] == _pub(new)
 
 
 async def test_placement_scope_names_the_zones_of_moves_in_flight(env: Env) -> None:
@@ -244,16 +274,15 @@ async def test_no_zone_trusts_a_pending_zones_key(env: Env, tmp_path: Path) -> N
     await fleet_of(env, 3)
     await env.fleet.add(FAKE)
     fake_key = _key()
-    await env.register(FAKE, admit=False, host_key=fake_key)
+    await env.register(FAKE, admit=False, key=fake_key)
     url = str(env.server.make_url("/"))
     links = PeerLinks(_zone_config(tmp_path, ZONES[0], url), logging.getLogger("test"),
-                      CoordinatorClient(url))
+                      _client(url, ZONES[0], _pub(COORD.key)))
     try:
         await links.refresh()
         assert sorted(p.uuid for p in links.peers) == ZONES[1:3]
-        # (The stand-ins share one host key: a single trusted entry for both.)
-        assert {k.zone for k in links.learned_keys.values()} <= set(ZONES[1:3])
-        fake = asyncssh.import_public_key(fake_key).public_data
+        assert {k.zone for k in links.learned_keys.values()} == set(ZONES[1:3])
+        fake = fake_key.public_data
         assert fake not in links.learned_keys
         await env.call("PUT", f"/v1/zones/{FAKE}/state", {"state": "active"})  # admitted
         await links.refresh()
@@ -264,7 +293,7 @@ async def test_no_zone_trusts_a_pending_zones_key(env: Env, tmp_path: Path) -> N
 
 async def test_a_zone_ignores_zones_not_marked_admitted(tmp_path: Path) -> None:
     """Whatever the listing holds, a zone it does not say is admitted is no peer."""
-    keys = {z: _key() for z in ZONES[:4]}
+    keys = {z: _pub(_key()) for z in ZONES[:4]}
 
     async def zones(_: web.Request) -> web.Response:
         row = {"name": "z", "ssh_host": "127.0.0.1", "ssh_port": 22,
@@ -285,7 +314,7 @@ async def test_a_zone_ignores_zones_not_marked_admitted(tmp_path: Path) -> None:
     await server.start_server()
     url = str(server.make_url("/"))
     links = PeerLinks(_zone_config(tmp_path, ZONES[0], url), logging.getLogger("test"),
-                      CoordinatorClient(url))
+                      _client(url, ZONES[0]))
     try:
         await links.refresh()
         assert [p.uuid for p in links.peers] == [ZONES[1]]
@@ -366,7 +395,7 @@ async def test_a_peer_is_scoped_by_the_coordinators_placement_and_moves(
     url = str(server.make_url("/"))
     config = _zone_config(tmp_path, ZONE_UUID, url)
     h.zone.replicator = Replicator(h.zone, PeerLinks(config, logging.getLogger("test"),
-                                                     CoordinatorClient(url)))
+                                                     _client(url, ZONE_UUID)))
     try:
         await _refused_and_unchanged(h, zfs, "peer", vm)
         ok = await h.connect("peer2")
@@ -386,7 +415,7 @@ async def test_a_peer_is_scoped_by_the_coordinators_placement_and_moves(
         h.zone.replicator = None
         await server.close()
     # No coordinator and no placement ever learnt: nothing is allowed on a guess.
-    down = CoordinatorClient("http://127.0.0.1:1")
+    down = _client("http://127.0.0.1:1", ZONE_UUID)
     h.zone.replicator = Replicator(h.zone, PeerLinks(config, logging.getLogger("test"), down))
     try:
         status, _, err = await run(await h.connect("peer2"), f"send {vm} disk0 s1")

@@ -8,7 +8,7 @@ role:
 - ``peer``: another snapper zone. It may run every command, but only on a
   VM whose *scope* holds both zones: the VM's placement and every zone of a
   move in flight for it (the coordinator's ``scope``), or without a
-  coordinator the static pair (``replication.peers.static_partner``). A
+  coordinator the static pair (``replication.peers.static_scope``). A
   peer's command on any other VM, tombstones and ``destroy`` included, is
   refused: a zone's key is no master key to every VM in the fleet.
 - ``operator``: a human or tool watching the fleet: list, read metadata and
@@ -25,7 +25,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from snapper_zone.common.config import Role, TrustedKey
-from snapper_zone.errors import SnapperError
+from snapper_zone.common.httpsig import NotAuthorized
 from snapper_zone.wire.protocol import (
     Abort,
     Command,
@@ -40,13 +40,8 @@ from snapper_zone.wire.protocol import (
     Snapshots,
 )
 
-__all__ = ["NotAuthorized", "Principal", "allowed_verbs", "authorize", "peer_in_scope",
-           "verb", "vm_of"]
-
-
-class NotAuthorized(SnapperError):
-    code = "NotAuthorized"
-    http_status = 403
+__all__ = ["NotAuthorized", "Principal", "allowed_verbs", "authorize", "check_owner",
+           "peer_in_scope", "verb", "vm_of"]
 
 
 _VERBS: dict[type, str] = {
@@ -90,18 +85,7 @@ class Principal:
 
     @classmethod
     def from_key(cls, key: TrustedKey, connection: int = 0) -> Principal:
-        if key.role == "cn":
-            assert key.cn_id is not None  # the config guarantees it for role cn
-            ident = key.cn_id
-        elif key.role == "peer":
-            assert key.zone is not None  # likewise for role peer
-            ident = key.zone
-        else:
-            # An operator is named by the comment on its key ("alice@ops"),
-            # which is only a label for logs; the fingerprint is the identity.
-            parts = key.public_key.split(maxsplit=2)
-            ident = parts[2].strip() if len(parts) == 3 and parts[2].strip() else key.fingerprint
-        return cls(key.role, ident, key.fingerprint, connection)
+        return cls(key.role, key.name, key.fingerprint, connection)
 
     @property
     def label(self) -> str:
@@ -145,7 +129,11 @@ def authorize(principal: Principal, command: Command,
             raise NotAuthorized(f"VM {vm} is {where}: peer zone {principal.id} may not "
                                 f"{name} it here (zone {me})")
         return
-    owner = owner_of(vm)
-    if owner != principal.id:
+    check_owner(principal.id, vm, owner_of(vm), name)
+
+
+def check_owner(cn_id: str, vm: str, owner: str | None, what: str) -> None:
+    """A CN acts on its own VMs only (SSH commands and HTTP routes alike)."""
+    if owner != cn_id:
         whose = "is not mapped to any CN" if owner is None else "belongs to another CN"
-        raise NotAuthorized(f"VM {vm} {whose}; CN {principal.id} may only {name} its own VMs")
+        raise NotAuthorized(f"VM {vm} {whose}; CN {cn_id} may only {what} its own VMs")

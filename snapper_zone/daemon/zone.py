@@ -9,8 +9,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import asyncssh
+
 from replication.peers import static_scope
 from snapper_zone.common.config import TrustedKey, ZoneConfig
+from snapper_zone.common.httpsig import Identity
 from snapper_zone.common.metrics import Metrics
 from snapper_zone.daemon.auth import peer_in_scope
 from snapper_zone.errors import SnapperError
@@ -90,6 +93,22 @@ class Zone:
             return hit.scope
         got = await coordinator.lookup(vm, fresh=True)
         return None if got is None else got.scope
+
+    async def http_identity(self, fingerprint: str) -> Identity | None:
+        """Who signed an HTTP request with the key of this fingerprint: a config
+        key (operator, cn, peer -> role "zone"), the coordinator (``coordinator_key``),
+        or a peer zone the coordinator registered; None for a stranger."""
+        keys: list[TrustedKey] = list(self.config.keys)
+        if self.replicator is not None:
+            keys += self.replicator.links.learned_keys.values()
+        for k in keys:
+            if k.fingerprint == fingerprint:
+                return Identity("zone" if k.role == "peer" else k.role, k.name, k.ssh_key())
+        if self.config.coordinator_key is not None:
+            key = asyncssh.import_public_key(self.config.coordinator_key)
+            if key.get_fingerprint() == fingerprint:
+                return Identity("coordinator", "coordinator", key)
+        return None
 
     async def delete_snapshot(self, vm: str, name: str) -> None:
         """Delete a VM snapshot (SSH ``delete``, HTTP ``DELETE``); the peer follows.

@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncssh
 
+from snapper_zone.common.httpsig import Signer, signing_session
 from snapper_zone.fleet import pools as localpool
 from snapper_zone.fleet.pools import FilePool
 from snapper_zone.zfs import proc
@@ -127,6 +129,17 @@ class LocalCoordinator:
     def store(self) -> Path:
         return self.config_path.with_name("coordinator.db")
 
+    @property
+    def key(self) -> Path:
+        """Its private key (``key`` in its config); zones get the ``.pub`` as
+        their ``coordinator_key``."""
+        return self.config_path.with_name("coordinator_ed25519")
+
+    @property
+    def public_key(self) -> str:
+        """What zones and CNs know it by: its answers must be signed by it."""
+        return self.key.with_suffix(".pub").read_text().strip()
+
 
 class AdmissionFailed(RuntimeError):
     """The fleet could not admit its zones at the coordinator."""
@@ -175,7 +188,6 @@ class LocalFleet:
                 fleet.coordinator = LocalCoordinator(cdir / "coordinator.toml",
                                                      cdir / "ready.json", free_port(),
                                                      lost_after)
-                await fleet.start_coordinator()
             await fleet._start(zones, cns, vms_per_cn, pool_size)
         except BaseException:
             await fleet.stop()
@@ -195,6 +207,9 @@ class LocalFleet:
             _keypair(cn.key_path, cn.id)
             cn.vms = [str(uuid.uuid4()) for _ in range(vms_per_cn)]
             self.cns.append(cn)
+        if self.coordinator is not None:
+            # After the operator and CN keys: its config trusts them.
+            await self.start_coordinator()
         for _ in range(zones):
             await self.add_zone(pool_size)
         await asyncio.gather(*(self.start_zone(z, admit=False) for z in self.zones))
@@ -222,7 +237,8 @@ class LocalFleet:
             "peers": peers if self.mirrored else [],
             "reconcile_interval_ms": self.reconcile_interval_ms,
             "pipelined_mirroring": self.pipelined and zone.pipelined,
-            **({"coordinator_url": self.coordinator.url} if self.coordinator else {}),
+            **({"coordinator_url": self.coordinator.url,
+                "coordinator_key": self.coordinator.public_key} if self.coordinator else {}),
         }
 
     async def add_zone(self, pool_size: int = 1 << 30, *, group: str | None = "fleet",
@@ -295,13 +311,19 @@ class LocalFleet:
     async def start_coordinator(self, timeout: float = 60.0) -> None:
         c = self.coordinator
         assert c is not None
+        if not c.key.exists():  # kept across restarts: the zones pin its .pub
+            _keypair(c.key, "snapper-coordinator")
+        keys = "".join(f'[[keys]]\nrole = "cn"\ncn_id = "{cn.id}"\n'
+                       f'public_key_file = "{cn.key_path}.pub"\n' for cn in self.cns)
         c.config_path.write_text(
-            f'store = "{c.store}"\n'
+            f'store = "{c.store}"\nkey = "{c.key}"\n'
             f'[listen]\nhost = "127.0.0.1"\nport = {c.port}\n'
             f"[health]\ninterval = 0.5\ntimeout = 2.0\nlost_after = {c.lost_after}\n"
             "[moves]\nper_zone = 2\nmax_attempts = 20\nretry_delay = 0.5\n"
             "[rebalance]\nauto = true\nsettle = 1.0\ninterval = 5.0\n"
-            "rebuild_grace = 8.0\n")
+            "rebuild_grace = 8.0\n"
+            f'[[keys]]\nrole = "operator"\npublic_key_file = "{self.operator_key}.pub"\n'
+            + keys)
         c.ready_path.unlink(missing_ok=True)
         new_store = not c.store.exists()
         c.daemon = proc.Daemon(
@@ -314,6 +336,10 @@ class LocalFleet:
             running = [z for z in self.zones if z.daemon is not None]
             if running:
                 await self.admit(running)
+
+    def http(self, **kwargs: Any) -> aiohttp.ClientSession:
+        """An HTTP session as the fleet's operator: every request signed with its key."""
+        return signing_session(Signer.load(self.operator_key), **kwargs)
 
     def stop_coordinator(self, *, kill: bool = False) -> None:
         c = self.coordinator
