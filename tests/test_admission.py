@@ -22,9 +22,12 @@ import asyncssh
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from hypothesis import given
+from hypothesis import strategies as st
 
+from rebalance.coordinator import vm_scope
 from rebalance.placement import Move, ZoneState
-from rebalance.store import MoveState, SqliteStore
+from rebalance.store import MoveRecord, MoveState, SqliteStore
 from replication.coordinator_client import CoordinatorClient
 from replication.peers import PeerLinks, pair_of
 from replication.replicator import Replicator
@@ -219,6 +222,32 @@ async def test_placement_scope_names_the_zones_of_moves_in_flight(env: Env) -> N
     assert doc["zones"] == pair and doc["scope"] == sorted({*pair, other})
     await env.store.update_move(m.id, 1.0, state=MoveState.FAILED)
     assert (await env.call("GET", f"/v1/placement/{VMS[0]}"))["scope"] == sorted(pair)
+
+
+_IDS = ["a", "b", "c", "d", "e"]
+
+
+def _move(i: int, from_zone: str | None, to: str, source: str, state: MoveState) -> MoveRecord:
+    return MoveRecord(i, VMS[0], from_zone, to, source, 1, "rebalance", state, None, 0, None,
+                      0, 0.0, 0.0, None, None)
+
+
+moves_st = st.lists(st.builds(_move, st.integers(1, 99), st.none() | st.sampled_from(_IDS),
+                              st.sampled_from(_IDS), st.sampled_from(_IDS),
+                              st.sampled_from(list(MoveState))), max_size=4)
+
+
+@given(pair=st.lists(st.sampled_from(_IDS), min_size=2, max_size=2, unique=True),
+       moves=moves_st)
+def test_a_vms_scope_is_its_pair_and_its_moves_in_flight(pair: list[str],
+                                                         moves: list[MoveRecord]) -> None:
+    scope = vm_scope(pair, moves)
+    active = {z for m in moves if m.active for z in (m.from_zone, m.source, m.to_zone)
+              if z is not None}
+    assert set(scope) == set(pair) | active and scope == sorted(scope)
+    # Moves done or failed widen nothing.
+    assert vm_scope(pair, [m for m in moves if not m.active]) == sorted(pair)
+    assert vm_scope(None, []) == []
 
 
 _V1_ZONES = """
