@@ -19,10 +19,12 @@ snapperd's), with the roles that may call each (``ROUTES``, the one table)::
     PUT    /v1/zones/{uuid}/host-key  operator: {"host_key": "ssh-ed25519 AAAA..."} -> zone
                                       (a key rotation)
     DELETE /v1/zones/{uuid}           operator: 204; 409 ZoneNotEmpty while it holds a copy
-    GET    /v1/placement/{vm}         cn, zone, operator: {"vm", "zones": [primary, mirror],
+    GET    /v1/placement/{vm}[?create=false]
+                                      cn, zone, operator: {"vm", "zones": [primary, mirror],
                                        "endpoints": [{uuid, ssh_host, ssh_port, http_url,
                                                       host_key}, ...],
-                                       "scope": [zone uuids whose peers may act on it]}
+                                       "scope": [zone uuids whose peers may act on it]};
+                                       create=false: 404 for a VM not placed (else it is)
     GET    /v1/moves[?state=S]        operator: {"moves": [move]}
     POST   /v1/rebalance?dry_run=B    operator: {"dry_run", "moves", "moved_bytes",
                                        "projected", "warnings", "degraded", "stale_copies"}
@@ -142,6 +144,13 @@ class InvalidArgument(SnapperError):
 class NotEnoughZones(SnapperError):
     code = "NotEnoughZones"
     http_status = 503
+
+
+class NotPlaced(SnapperError):
+    """``GET /v1/placement/{vm}?create=false`` of a VM with no placement."""
+
+    code = "ResourceNotFound"
+    http_status = 404
 
 
 class Rebuilding(SnapperError):
@@ -540,10 +549,15 @@ class Coordinator:
 
     # -- placement --
 
-    async def placement(self, vm: str) -> tuple[tuple[str, str], dict[str, ZoneRecord]]:
+    async def placement(self, vm: str, create: bool = True
+                        ) -> tuple[tuple[str, str], dict[str, ZoneRecord]]:
+        """The VM's pair; a VM not placed yet is placed now, unless not ``create``
+        (a zone checking a peer's scope: no VM comes into being by being asked about)."""
         vm = check_uuid(vm, "VM uuid")
         pair = await self.store.placement(vm)
         zones = {z.uuid: z for z in await self.store.zones()}
+        if pair is None and not create:
+            raise NotPlaced(f"VM {vm} is not placed")
         if pair is None:
             async with self._place_lock:
                 pair = await self.store.placement(vm) or await self._place_new(vm, zones)
@@ -579,8 +593,8 @@ class Coordinator:
             raise NotEnoughZones(f"cannot place VM {vm}: fewer than two active zones")
         return chosen[0], chosen[1]
 
-    async def placement_json(self, vm: str) -> dict[str, Any]:
-        pair, zones = await self.placement(vm)
+    async def placement_json(self, vm: str, create: bool = True) -> dict[str, Any]:
+        pair, zones = await self.placement(vm, create)
         # Pushes go to a surviving copy while the other zone is lost: survivors first.
         ordered = sorted(pair, key=lambda z: z not in zones or zones[z].state is ZoneState.LOST)
         moves = [m for m in await self.store.moves([MoveState.PLANNED, MoveState.RUNNING])
@@ -997,7 +1011,8 @@ async def delete_zone(request: web.Request) -> web.Response:
 
 async def get_placement(request: web.Request) -> web.Response:
     c = request.app[COORDINATOR]
-    return web.json_response(await c.placement_json(request.match_info["vm"]))
+    create = _flag(request, "create", "true")
+    return web.json_response(await c.placement_json(request.match_info["vm"], create))
 
 
 async def list_moves(request: web.Request) -> web.Response:

@@ -28,7 +28,8 @@ from snapper_zone.common.httpsig import Signer, UntrustedResponse, signing_sessi
 from snapper_zone.errors import SnapperError
 from snapper_zone.wire import InvalidDocument, ZoneEndpoint, ZoneRegistration
 
-__all__ = ["CoordinatorClient", "CoordinatorUnavailable", "KnownZone", "VmPlacement"]
+__all__ = ["CoordinatorClient", "CoordinatorNotFound", "CoordinatorUnavailable", "KnownZone",
+           "VmPlacement"]
 
 _TIMEOUT = aiohttp.ClientTimeout(total=10)
 PLACEMENT_TTL = 10.0  # seconds a VM's placement is trusted before asking again
@@ -37,6 +38,10 @@ PLACEMENT_TTL = 10.0  # seconds a VM's placement is trusted before asking again
 class CoordinatorUnavailable(SnapperError):
     code = "CoordinatorUnavailable"
     http_status = 503
+
+
+class CoordinatorNotFound(CoordinatorUnavailable):
+    """The coordinator answered 404: it has no such thing (zone, placement)."""
 
 
 # Another zone as ``GET /v1/zones`` lists it: where to reach it, its host key.
@@ -80,7 +85,8 @@ class CoordinatorClient:
                 doc = await r.json(content_type=None)
                 if r.status >= 400:
                     msg = doc.get("message", "") if isinstance(doc, dict) else ""
-                    raise CoordinatorUnavailable(f"{method} {path}: {r.status} {msg}")
+                    what = CoordinatorNotFound if r.status == 404 else CoordinatorUnavailable
+                    raise what(f"{method} {path}: {r.status} {msg}")
                 return doc
         except (aiohttp.ClientError, TimeoutError, ValueError, UntrustedResponse) as exc:
             raise CoordinatorUnavailable(f"{method} {self.url}{path}: {exc!r}") from exc
@@ -129,14 +135,24 @@ class CoordinatorClient:
             return None
         return hit[1]
 
-    async def lookup(self, vm: str, fresh: bool = False) -> VmPlacement | None:
-        """``placement`` with the VM's scope; the last answer when the coordinator is away."""
+    async def lookup(self, vm: str, fresh: bool = False,
+                     create: bool = True) -> VmPlacement | None:
+        """``placement`` with the VM's scope; the last answer when the coordinator is away.
+
+        Not ``create``: a VM the coordinator has not placed is not placed by
+        asking (a peer's command about it); its answer is an empty placement.
+        """
         now = time.monotonic()
         cached = self._placement.get(vm)
         if cached is not None and now - cached[0] < PLACEMENT_TTL and not fresh:
             return cached[1]
         try:
-            doc = await self._call("GET", f"/v1/placement/{vm}")
+            doc = await self._call("GET", f"/v1/placement/{vm}"
+                                   + ("" if create else "?create=false"))
+        except CoordinatorNotFound:
+            if create:
+                return cached[1] if cached else None
+            return VmPlacement((), frozenset())  # not cached: a push may place it any time
         except CoordinatorUnavailable:
             return cached[1] if cached else None
         zones = tuple(str(z) for z in doc.get("zones", [])) if isinstance(doc, dict) else ()

@@ -212,7 +212,13 @@ async def test_rekey_is_the_operators_and_the_only_way(env: Env) -> None:
 
 async def test_placement_scope_names_the_zones_of_moves_in_flight(env: Env) -> None:
     await fleet_of(env, 4)
+    # Asked with create=false (a zone checking a peer), a VM is not placed by asking.
+    err = await env.call("GET", f"/v1/placement/{VMS[0]}?create=false", status=404)
+    assert err["code"] == "ResourceNotFound"
+    assert VMS[0] not in await env.store.placements()
     pair = await env.placement(VMS[0])
+    doc = await env.call("GET", f"/v1/placement/{VMS[0]}?create=false")
+    assert doc["zones"] == pair
     other = next(z for z in ZONES[:4] if z not in pair)
     doc = await env.call("GET", f"/v1/placement/{VMS[0]}")
     assert doc["scope"] == sorted(pair)

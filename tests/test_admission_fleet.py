@@ -101,8 +101,13 @@ async def test_a_zone_registering_by_itself_stays_pending_and_untrusted(
     conn = await _connect(zone.ssh_port, key)
     try:
         assert (await run(conn, "ping"))[0] == 0
-        # Trusted, and still scoped: no VM is placed on it.
-        status, _, err = await run(conn, f"snapshots {vm}")
-        assert (status, protocol.parse_error_line(err)[0]) == (1, "NotAuthorized")
+        # Trusted, and still scoped: no VM is placed on it, and asking about a VM
+        # nobody placed places nothing.
+        unknown = "0badc0de-0000-4000-8000-0000000000ff"
+        for other in (vm, unknown):
+            status, _, err = await run(conn, f"snapshots {other}")
+            assert (status, protocol.parse_error_line(err)[0]) == (1, "NotAuthorized")
+        async with fleet.http.get(f"{fleet.url}/v1/placement/{unknown}?create=false") as r:
+            assert r.status == 404
     finally:
         conn.close()

@@ -91,7 +91,8 @@ class Zone:
         hit = coordinator.cached(vm)
         if hit is not None and peer_in_scope(me, peer, hit.scope):
             return hit.scope
-        got = await coordinator.lookup(vm, fresh=True)
+        # Not placed by being asked about: a peer cannot make VMs up.
+        got = await coordinator.lookup(vm, fresh=True, create=False)
         return None if got is None else got.scope
 
     async def http_identity(self, fingerprint: str) -> Identity | None:
