@@ -3,11 +3,16 @@
     snapper zones [--json]
     snapper zone add UUID --name N --ssh-host H [--ssh-port P] --http-url URL
                           --host-key KEY|FILE --capacity SIZE
-    snapper zone drain|lost|activate|remove UUID
+    snapper zone drain|lost|activate|remove UUID     (activate a pending zone: admit it)
+    snapper zone rekey UUID --host-key KEY|FILE      (rotate its pinned host key)
     snapper rebalance [--dry-run] [--json]
     snapper status [--json]
 
-Each takes ``--coordinator URL`` (default ``$SNAPPER_COORDINATOR``).
+Each takes ``--coordinator URL`` (default ``$SNAPPER_COORDINATOR``) and
+``--key PATH``, the operator's SSH private key every request is signed with
+(default ``$SNAPPER_KEY``, else the first of ``~/.ssh/id_ed25519``,
+``~/.ssh/id_ecdsa``, ``~/.ssh/id_rsa``); the coordinator knows its public key
+from its ``[[keys]]`` (role ``operator``).
 ``register(subparsers)`` adds them to ``snapper``'s parser; ``dispatch`` runs
 one.  Exit status: 0 done, 1 the coordinator refused or did not answer, 2 usage.
 """
@@ -26,13 +31,17 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncssh
 
+from snapper_zone.common.httpsig import Signer, signing_session
 from snapper_zone.common.progress import format_bytes, render_bar
 from snapper_zone.wire import ZoneRegistration
 
 __all__ = ["COORDINATOR_ENV", "CoordinatorError", "dispatch", "parse_size", "register", "run"]
 
 COORDINATOR_ENV = "SNAPPER_COORDINATOR"
+KEY_ENV = "SNAPPER_KEY"
+DEFAULT_KEYS = ("~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa")
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:i?B)?", re.IGNORECASE)
 
 
@@ -56,14 +65,26 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * 1024 ** " KMGTP".index((m.group(2) or " ").upper()))
 
 
+def operator_key(given: str | None) -> Path:
+    """``--key``, else ``$SNAPPER_KEY``, else the first default key that exists."""
+    if given or os.environ.get(KEY_ENV):
+        return Path(given or os.environ[KEY_ENV]).expanduser()
+    for p in DEFAULT_KEYS:
+        if Path(p).expanduser().is_file():
+            return Path(p).expanduser()
+    raise UsageError(f"no operator key: give --key PATH, set ${KEY_ENV}, or have one of "
+                     f"{', '.join(DEFAULT_KEYS)}")
+
+
 class Client:
-    def __init__(self, url: str, timeout: float = 60.0) -> None:
+    def __init__(self, url: str, signer: Signer, timeout: float = 60.0) -> None:
         self.url = url.rstrip("/")
+        self.signer = signer
         self.timeout = aiohttp.ClientTimeout(total=timeout)
 
     async def call(self, method: str, path: str, body: object = None) -> Any:
         try:
-            async with aiohttp.ClientSession(timeout=self.timeout) as http, \
+            async with signing_session(self.signer, timeout=self.timeout) as http, \
                     http.request(method, self.url + path, json=body) as r:
                 text = await r.text()
                 data = json.loads(text) if text else None
@@ -157,13 +178,20 @@ async def cmd_zone(args: argparse.Namespace, c: Client) -> int:
         z = await c.call("POST", "/v1/zones", reg.to_json())
         print(f"zone {z['uuid']} ({z['name']}) registered: {z['state']}, "
               f"capacity {format_bytes(z['capacity'])}")
+    elif action == "rekey":
+        z = await c.call("PUT", f"/v1/zones/{args.uuid}/host-key",
+                         {"host_key": _host_key(args.host_key)})
+        print(f"zone {z['uuid']} ({z['name']}): host key replaced; it is {z['state']}")
     elif action == "remove":
         await c.call("DELETE", f"/v1/zones/{args.uuid}")
         print(f"zone {args.uuid} removed")
     else:
         state = {"drain": "draining", "lost": "lost", "activate": "active"}[action]
+        old = await c.call("GET", f"/v1/zones/{args.uuid}")
         z = await c.call("PUT", f"/v1/zones/{args.uuid}/state", {"state": state})
-        print(f"zone {z['uuid']} ({z['name']}) is now {z['state']}; it holds {z['vms']} VMs")
+        admitted = " (admitted: its peers trust its key now)" if not old["admitted"] else ""
+        print(f"zone {z['uuid']} ({z['name']}) is now {z['state']}{admitted}; it holds "
+              f"{z['vms']} VMs")
     return 0
 
 
@@ -198,6 +226,9 @@ def register(sub: Any) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--coordinator", metavar="URL",
                         help=f"the coordinator's HTTP URL (default ${COORDINATOR_ENV})")
+    common.add_argument("--key", metavar="PATH",
+                        help=f"the operator's SSH private key requests are signed with "
+                             f"(default ${KEY_ENV}, else ~/.ssh/id_ed25519, id_ecdsa, id_rsa)")
 
     def add(name: str, cmd: Command, help: str, own: bool = True) -> argparse.ArgumentParser:
         # `zone` leaves --coordinator to its actions: argparse would reset it otherwise.
@@ -208,10 +239,11 @@ def register(sub: Any) -> None:
 
     p = add("zones", cmd_zones, "list the snapper zones the coordinator knows")
     p.add_argument("--json", action="store_true")
-    p = add("zone", cmd_zone, "add a zone, drain it, mark it lost or active, remove it",
-            own=False)
+    p = add("zone", cmd_zone, "add a zone, admit (activate) it, drain it, mark it lost, "
+            "rotate its key, remove it", own=False)
     acts = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    a = acts.add_parser("add", help="register (or update) a zone", parents=[common])
+    a = acts.add_parser("add", help="register (or update) a zone; new ones are pending "
+                        "until activated", parents=[common])
     a.add_argument("uuid", metavar="UUID")
     a.add_argument("--name", required=True)
     a.add_argument("--ssh-host", required=True)
@@ -223,9 +255,15 @@ def register(sub: Any) -> None:
                    help="its weight in bytes (suffixes K, M, G, T, P)")
     for action, what in (("drain", "move every VM off it"),
                          ("lost", "declare it lost: its VMs get new second copies"),
-                         ("activate", "take copies again (also: bring back a lost zone)"),
+                         ("activate", "admit a pending zone; take copies again (also: "
+                          "bring back a lost zone)"),
                          ("remove", "forget it (refused while it holds a VM copy)")):
         acts.add_parser(action, help=what, parents=[common]).add_argument("uuid", metavar="UUID")
+    a = acts.add_parser("rekey", help="replace the zone's pinned SSH host key (a rotation; "
+                        "a registration never changes it)", parents=[common])
+    a.add_argument("uuid", metavar="UUID")
+    a.add_argument("--host-key", required=True, metavar="KEY|FILE",
+                   help="the zone's new SSH host public key: the line, or a .pub file")
     p = add("rebalance", cmd_rebalance, "plan moves (and run them, unless --dry-run)")
     p.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
     p.add_argument("--json", action="store_true")
@@ -237,8 +275,13 @@ async def dispatch(args: argparse.Namespace) -> int:
     url = args.coordinator or os.environ.get(COORDINATOR_ENV)
     if not url:
         raise UsageError(f"no coordinator: give --coordinator URL or set ${COORDINATOR_ENV}")
+    path = operator_key(args.key)
+    try:
+        signer = Signer.load(path)
+    except (OSError, ValueError, asyncssh.KeyImportError) as e:
+        raise UsageError(f"operator key {path}: {e}") from e
     command: Command = args.coordinator_command
-    return await command(args, Client(url))
+    return await command(args, Client(url, signer))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,27 +1,55 @@
 """``snapper-coordinator --config FILE``: zone registry, placement, moves (HTTP API).
 
 Routes (JSON; errors are ``{"code", "message"}`` with a matching status, as
-snapperd's)::
+snapperd's), with the roles that may call each (``ROUTES``, the one table)::
 
-    GET    /ping                      {"ping": "pong", "zones": n, "vms": n}
-    POST   /v1/zones                  register/update, idempotent by uuid: body {uuid, name,
-                                      ssh_host, ssh_port, http_url, host_key, capacity}
-                                      -> 201 (new) or 200, the zone
-    GET    /v1/zones                  {"zones": [zone]}
-    GET    /v1/zones/{uuid}           zone
-    PUT    /v1/zones/{uuid}/state     {"state": "active"|"draining"|"lost"} -> zone
-    DELETE /v1/zones/{uuid}           204; 409 ZoneNotEmpty while it holds a VM copy
-    GET    /v1/placement/{vm}         {"vm", "zones": [primary, mirror],
+    GET    /ping                      open: {"ping": "pong", "version"}
+    POST   /v1/zones                  the zone itself (signed by the very host key the
+                                      body registers: proof of possession), operator:
+                                      register/update, idempotent by uuid: body {uuid,
+                                      name, ssh_host, ssh_port, http_url, host_key,
+                                      capacity} -> 201 (new: state "pending") or 200, the
+                                      zone; 409 HostKeyMismatch: another key than the
+                                      pinned one
+    GET    /v1/zones[?admitted=true]  zone, operator: {"zones": [zone]} (admitted=true:
+                                      the trust list)
+    GET    /v1/zones/{uuid}           zone, operator: zone (a pending zone: its own only)
+    PUT    /v1/zones/{uuid}/state     operator: {"state": "active"|"draining"|"lost"} -> zone
+                                      ("active" on a pending zone admits it)
+    PUT    /v1/zones/{uuid}/host-key  operator: {"host_key": "ssh-ed25519 AAAA..."} -> zone
+                                      (a key rotation)
+    DELETE /v1/zones/{uuid}           operator: 204; 409 ZoneNotEmpty while it holds a copy
+    GET    /v1/placement/{vm}[?create=false]
+                                      cn, zone, operator: {"vm", "zones": [primary, mirror],
                                        "endpoints": [{uuid, ssh_host, ssh_port, http_url,
-                                                      host_key}, ...]}
-    GET    /v1/moves[?state=S]        {"moves": [move]}
-    POST   /v1/rebalance?dry_run=B    {"dry_run", "moves", "moved_bytes", "projected",
-                                       "warnings", "degraded", "stale_copies"}
-    GET    /v1/status                 fleet summary (``snapper status``)
-    GET    /metrics                   Prometheus text
+                                                      host_key}, ...],
+                                       "scope": [zone uuids whose peers may act on it]};
+                                       create=false: 404 for a VM not placed (else it is)
+    GET    /v1/moves[?state=S]        operator: {"moves": [move]}
+    POST   /v1/rebalance?dry_run=B    operator: {"dry_run", "moves", "moved_bytes",
+                                       "projected", "warnings", "degraded", "stale_copies"}
+    GET    /v1/status                 operator: fleet summary (``snapper status``)
+    GET    /metrics                   open: Prometheus text
+
+Requests are HTTP Signatures (``common/httpsig``) by a key the coordinator
+knows: its config's ``[[keys]]`` (operator and cn keys, snapperd's shape) or a
+registered zone's host key; 401 ``Unauthorized`` / 403 ``NotAuthorized`` /
+415 ``UnsupportedMediaType`` as snapperd. A pending zone's key has the role
+``pending-zone``: it may register again and read its own record, nothing
+else. Every answer to a signed request carries
+``x-snapper-response-signature`` by the coordinator's own ``key``
+(generated at first start if missing), which zones check against their
+``coordinator_key``.
 
 A zone is ``{uuid, name, ssh_host, ssh_port, http_url, host_key, capacity,
-used, free, state, health, vms, last_seen, suspect_since}``.
+used, free, state, admitted, health, vms, last_seen, suspect_since}``.
+
+Admission: a zone registering for the first time is ``pending`` (never
+placed on, never a move target, never contacted, not health-checked, in no
+zone's trust list) until an operator activates it; its host key is pinned
+then and changes only by ``PUT .../host-key``. A VM's ``scope`` is its
+placement plus every zone of a move in flight for it: zones outside it may
+not act on the VM as each other's peers (``snapper_zone/daemon/auth.py``).
 
 Exit status as snapperd's: 0 after SIGTERM/SIGINT, 2 for a bad config or
 arguments, 1 otherwise.  Logs are bunyan JSON lines on stderr.
@@ -32,6 +60,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -54,6 +83,8 @@ from rebalance.metrics import CONTENT_TYPE_LATEST, CoordinatorMetrics
 from rebalance.mover import Mover, MoverSettings
 from rebalance.placement import VmInfo, ZoneInfo, ZoneState, hrw_ranking, plan
 from rebalance.store import (
+    HostKeyMismatch,
+    MoveRecord,
     MoveState,
     MoveStep,
     PlacementConflict,
@@ -69,10 +100,26 @@ from snapper_zone.common.bootstrap import (
     EXIT_USAGE,
     Parser,
     StartupError,
+    ensure_private_key,
     run_daemon,
     write_atomically,
 )
-from snapper_zone.common.config import ConfigError
+from snapper_zone.common.config import ConfigError, TrustedKey, parse_keys
+from snapper_zone.common.httpsig import (
+    NONCE_HEADER,
+    OPEN,
+    PRINCIPAL,
+    RESPONSE_HEADER,
+    WWW_AUTHENTICATE,
+    Identity,
+    NotAuthorized,
+    Route,
+    Signer,
+    Unauthorized,
+    Verifier,
+    add_routes,
+    guard,
+)
 from snapper_zone.errors import SnapperError
 from snapper_zone.wire import InvalidDocument, ZoneRegistration, jsontext
 from snapper_zone.zfs.names import check_uuid
@@ -83,6 +130,9 @@ __all__ = ["COORDINATOR", "Coordinator", "CoordinatorConfig", "load_config", "ma
 log = logging.getLogger("snapper.coordinator")
 
 HTTP_DRAIN = 5.0
+# The HTTP role of a registered zone no operator has admitted yet.
+PENDING_ZONE = "pending-zone"
+VERSION = "0.1.0"
 GRACE_MARGIN = 0.05  # s past the end of rebuild_grace that the deferred pass wakes
 
 
@@ -94,6 +144,13 @@ class InvalidArgument(SnapperError):
 class NotEnoughZones(SnapperError):
     code = "NotEnoughZones"
     http_status = 503
+
+
+class NotPlaced(SnapperError):
+    """``GET /v1/placement/{vm}?create=false`` of a VM with no placement."""
+
+    code = "ResourceNotFound"
+    http_status = 404
 
 
 class Rebuilding(SnapperError):
@@ -130,6 +187,11 @@ class CoordinatorConfig:
     # After starting on an empty store (lost, or a first start), how long zones
     # get to register again before a VM seen on one zone only is placed.
     rebuild_grace: float = 120.0
+    # Its own private key: signs its requests to zones and its answers.
+    key: Path = Path("/var/db/snapper/coordinator_key")
+    # Operator and CN public keys (snapperd's [[keys]] shape); zones are known
+    # by the host keys they registered with.
+    keys: tuple[TrustedKey, ...] = ()
 
 
 _SCHEMA: dict[str, dict[str, tuple[str, type, float]]] = {
@@ -152,15 +214,18 @@ def parse_config(data: Mapping[str, object], source: str = "<config>",
     """Every problem is a ConfigError naming the file and the dotted field."""
     values: dict[str, Any] = {}
     for key, value in data.items():
-        if key == "store":
+        if key in ("store", "key"):
             if not isinstance(value, str) or not value:
-                raise ConfigError(source, "store", "must be a non-empty path")
+                raise ConfigError(source, key, "must be a non-empty path")
             path = Path(value)
-            values["store"] = path if path.is_absolute() or base is None else base / path
+            values[key] = path if path.is_absolute() or base is None else base / path
+            continue
+        if key == "keys":
+            values["keys"] = parse_keys(value, source, roles=("operator", "cn"))
             continue
         fields = _SCHEMA.get(key)
         if fields is None:
-            raise ConfigError(source, key, "unknown field (known: store, "
+            raise ConfigError(source, key, "unknown field (known: store, key, keys, "
                               + ", ".join(_SCHEMA) + ")")
         if not isinstance(value, dict):
             raise ConfigError(source, key, "must be a table")
@@ -208,12 +273,38 @@ def _registration(body: object) -> ZoneRegistration:
         reg = ZoneRegistration.from_json(body)
     except InvalidDocument as e:
         raise InvalidArgument(e.message) from e
-    try:
-        asyncssh.import_public_key(reg.host_key)
-    except (asyncssh.KeyImportError, ValueError) as e:
-        raise InvalidArgument(f"zone({reg.uuid}).host_key: not an OpenSSH public key "
-                              f"line: {e}") from e
+    _host_key(reg.host_key, f"zone({reg.uuid}).host_key")
     return reg
+
+
+def _host_key(text: object, where: str) -> str:
+    """One OpenSSH public key line, parsed (asyncssh is the coordinator's, not the wire's)."""
+    if not isinstance(text, str) or "\n" in text.strip() or not text.strip():
+        raise InvalidArgument(f"{where}: must be one OpenSSH public key line")
+    try:
+        asyncssh.import_public_key(text)
+    except (asyncssh.KeyImportError, ValueError) as e:
+        raise InvalidArgument(f"{where}: not an OpenSSH public key line: {e}") from e
+    return text.strip()
+
+
+def vm_scope(pair: Sequence[str] | None, moves: Sequence[MoveRecord]) -> list[str]:
+    """The zones that may act on a VM as each other's peers: its placement and
+    every zone of a move in flight for it (the copy replaced, source, target)."""
+    zones = set(pair or ())
+    for m in moves:
+        if m.active:
+            zones.update(z for z in (m.from_zone, m.source, m.to_zone) if z is not None)
+    return sorted(zones)
+
+
+@functools.lru_cache(maxsize=4096)
+def _fingerprint(host_key: str) -> str | None:
+    """A registered host key's fingerprint (every signed request looks zones up by it)."""
+    try:
+        return str(asyncssh.import_public_key(host_key).get_fingerprint())
+    except (asyncssh.KeyImportError, ValueError):
+        return None
 
 
 def _zone_info(z: ZoneRecord, held: int) -> ZoneInfo:
@@ -355,13 +446,46 @@ class Coordinator:
     # -- zones --
 
     async def register(self, body: object) -> tuple[ZoneRecord, bool]:
+        """A zone says where it is. New: ``pending``, its host key pinned; known:
+        endpoint and capacity updated, only with the pinned key (HostKeyMismatch)."""
         reg = _registration(body)
-        z, created = await self.store.upsert_zone(reg, time.time())
-        log.info("zone registered" if created else "zone updated",
-                 extra={"zone": z.uuid, "zone_name": z.name, "capacity": z.capacity})
-        if created:
-            self.trigger()
+        try:
+            z, created = await self.store.upsert_zone(reg, time.time())
+        except HostKeyMismatch:
+            log.warning("registration refused: another host key", extra={
+                "zone": reg.uuid, "ssh_host": reg.ssh_host, "http_url": reg.http_url})
+            raise
+        log.info("zone registered (pending: snapper zone activate admits it)" if created
+                 else "zone updated",
+                 extra={"zone": z.uuid, "zone_name": z.name, "capacity": z.capacity,
+                        "state": str(z.state)})
+        # A new zone is no capacity until admitted: activation triggers planning.
         return z, created
+
+    async def rekey(self, uuid: str, body: object) -> ZoneRecord:
+        """An operator rotates a zone's pinned host key (the only way to change it)."""
+        key = body.get("host_key") if isinstance(body, dict) else None
+        if not isinstance(body, dict) or set(body) != {"host_key"}:
+            raise InvalidArgument('body must be {"host_key": "<OpenSSH public key line>"}')
+        line = _host_key(key, "host_key")
+        old = await self.zone(uuid)
+        z = await self.store.set_host_key(old.uuid, line)
+        log.warning("zone host key rotated", extra={"zone": z.uuid, "zone_name": z.name})
+        return z
+
+    async def http_identity(self, fingerprint: str) -> Identity | None:
+        """Who signed a request with this key: an operator or CN of the config,
+        or a registered zone (by the host key pinned for it; role ``pending-zone``
+        until admitted)."""
+        for k in self.config.keys:
+            if k.fingerprint == fingerprint:
+                return Identity(k.role, k.name, k.ssh_key())
+        for z in await self.store.zones():
+            if _fingerprint(z.host_key) == fingerprint:
+                # Not admitted: it may register again and see its own record only.
+                role = "zone" if z.admitted else PENDING_ZONE
+                return Identity(role, z.uuid, asyncssh.import_public_key(z.host_key))
+        return None
 
     async def zone(self, uuid: str) -> ZoneRecord:
         z = await self.store.zone(check_uuid(uuid, "zone uuid"))
@@ -374,16 +498,19 @@ class Coordinator:
         if state not in ("active", "draining", "lost"):
             raise InvalidArgument('body must be {"state": "active"|"draining"|"lost"}')
         old = await self.zone(uuid)
+        if not old.admitted and state != "active":
+            raise InvalidArgument(f"zone {uuid} is pending: activate it (admit it) or "
+                                  "remove it")
         z = await self.store.set_zone_state(old.uuid, ZoneState(state))
-        log.info("zone state set", extra={"zone": z.uuid, "from": str(old.state),
-                                          "to": str(z.state)})
+        log.info("zone admitted" if not old.admitted else "zone state set",
+                 extra={"zone": z.uuid, "from": str(old.state), "to": str(z.state)})
         if z.state is not old.state:
             self.trigger()
         return z
 
     async def remove(self, uuid: str) -> None:
         z = await self.zone(uuid)
-        if z.state is not ZoneState.LOST:
+        if z.readable:  # never contact a pending zone: it is not known to be ours
             # The placement may not know of a copy (a rolled-back move's leftovers):
             # ask the zone itself, when it answers.
             try:
@@ -395,8 +522,8 @@ class Coordinator:
         await self.store.delete_zone(z.uuid)
         log.info("zone removed", extra={"zone": uuid, "zone_name": z.name})
 
-    async def zones_json(self) -> list[dict[str, Any]]:
-        zones = await self.store.zones()
+    async def zones_json(self, admitted_only: bool = False) -> list[dict[str, Any]]:
+        zones = [z for z in await self.store.zones() if z.admitted or not admitted_only]
         placements = await self.store.placements()
         sizes = await self.store.vm_sizes()
         count: Counter[str] = Counter()
@@ -411,7 +538,8 @@ class Coordinator:
     def _zone_json(z: ZoneRecord, vms: int, held: int) -> dict[str, Any]:
         info = _zone_info(z, held)
         return {**z.endpoint(), "name": z.name, "capacity": z.capacity, "used": info.used,
-                "free": info.free, "state": str(z.state), "health": z.health, "vms": vms,
+                "free": info.free, "state": str(z.state), "admitted": z.admitted,
+                "health": z.health, "vms": vms,
                 "last_seen": z.last_seen, "suspect_since": z.suspect_since}
 
     async def zone_json(self, z: ZoneRecord) -> dict[str, Any]:
@@ -421,10 +549,15 @@ class Coordinator:
 
     # -- placement --
 
-    async def placement(self, vm: str) -> tuple[tuple[str, str], dict[str, ZoneRecord]]:
+    async def placement(self, vm: str, create: bool = True
+                        ) -> tuple[tuple[str, str], dict[str, ZoneRecord]]:
+        """The VM's pair; a VM not placed yet is placed now, unless not ``create``
+        (a zone checking a peer's scope: no VM comes into being by being asked about)."""
         vm = check_uuid(vm, "VM uuid")
         pair = await self.store.placement(vm)
         zones = {z.uuid: z for z in await self.store.zones()}
+        if pair is None and not create:
+            raise NotPlaced(f"VM {vm} is not placed")
         if pair is None:
             async with self._place_lock:
                 pair = await self.store.placement(vm) or await self._place_new(vm, zones)
@@ -432,7 +565,7 @@ class Coordinator:
 
     async def _place_new(self, vm: str, zones: Mapping[str, ZoneRecord]) -> tuple[str, str]:
         # A VM we have not seen may still be on zones (the store was lost): ask them first.
-        readable = [z for z in zones.values() if z.state is not ZoneState.LOST]
+        readable = [z for z in zones.values() if z.readable]
         found = await asyncio.gather(*(self.api.snapshots(z.http_url, vm) for z in readable),
                                      return_exceptions=True)
         holders = {z.uuid: r for z, r in zip(readable, found, strict=True)
@@ -460,18 +593,21 @@ class Coordinator:
             raise NotEnoughZones(f"cannot place VM {vm}: fewer than two active zones")
         return chosen[0], chosen[1]
 
-    async def placement_json(self, vm: str) -> dict[str, Any]:
-        pair, zones = await self.placement(vm)
+    async def placement_json(self, vm: str, create: bool = True) -> dict[str, Any]:
+        pair, zones = await self.placement(vm, create)
         # Pushes go to a surviving copy while the other zone is lost: survivors first.
         ordered = sorted(pair, key=lambda z: z not in zones or zones[z].state is ZoneState.LOST)
+        moves = [m for m in await self.store.moves([MoveState.PLANNED, MoveState.RUNNING])
+                 if m.vm == vm]
         return {"vm": vm, "zones": ordered,
-                "endpoints": [zones[z].endpoint() for z in ordered if z in zones]}
+                "endpoints": [zones[z].endpoint() for z in ordered if z in zones],
+                "scope": vm_scope(pair, moves)}
 
     # -- inventory and planning --
 
     async def inventories(self, zones: Sequence[ZoneRecord]) -> dict[str, list[InventoryVm]]:
         """Each readable zone's ``GET /v1/vms``; zones that do not answer are left out."""
-        readable = [z for z in zones if z.state is not ZoneState.LOST]
+        readable = [z for z in zones if z.readable]
         got = await asyncio.gather(*(self.api.list_vms(z.http_url) for z in readable),
                                    return_exceptions=True)
         out = {}
@@ -600,7 +736,7 @@ class Coordinator:
         holds a copy the placement does not name yet.
         """
         by_id = {z.uuid: z for z in zones}
-        live = {z.uuid for z in zones if z.state is not ZoneState.LOST}
+        live = {z.uuid for z in zones if z.readable}
         out: list[dict[str, Any]] = []
         for zone, vms in sorted(inv.items()):
             for v in vms:
@@ -712,7 +848,7 @@ class Coordinator:
         zones = {z.uuid: z for z in await self.store.zones()}
         placements = await self.store.placements()
         moves = await self.store.moves()
-        live = {u for u, z in zones.items() if z.state is not ZoneState.LOST}
+        live = {u for u, z in zones.items() if z.readable}
         under = sum(1 for pair in placements.values() if not all(z in live for z in pair))
         copies = sum(1 for pair in placements.values() for z in pair if z in live)
         states = Counter(str(m.state) for m in moves)
@@ -746,17 +882,38 @@ def _error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"code": code, "message": message}, status=status)
 
 
+SIGNER = web.AppKey("signer", Signer)
+VERIFIER = web.AppKey("verifier", Verifier)
+
+
+async def _presented(request: web.Request) -> Identity | None:
+    """The host key a registration offers: a zone not known yet proves it holds it."""
+    if request.method != "POST" or request.path != "/v1/zones":
+        return None
+    try:
+        body = jsontext.loads(await request.text())
+        key = asyncssh.import_public_key(str(body["host_key"]))
+        return Identity("zone", str(body["uuid"]), key)
+    except (jsontext.InvalidJson, KeyError, TypeError, ValueError, asyncssh.KeyImportError):
+        return None  # not a registration: the handler says why, if it gets that far
+
+
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     req_id = str(_uuid.uuid4())
     start = time.monotonic()
+    c = request.app[COORDINATOR]
     response: web.StreamResponse
     try:
+        await guard(request, ROUTES, request.app[VERIFIER], c.http_identity,
+                    await _presented(request))
         response = await handler(request)
     except SnapperError as e:
         if e.http_status >= 500:
             log.error("request failed: %s", e.message, extra={"req_id": req_id, "code": e.code})
         response = _error(e.http_status, e.code, e.message)
+        if isinstance(e, Unauthorized):
+            response.headers["WWW-Authenticate"] = WWW_AUTHENTICATE
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -767,9 +924,16 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
                       extra={"req_id": req_id, "method": request.method, "url": request.path_qs})
         response = _error(500, "InternalError", f"internal error (request {req_id})")
     response.headers["x-request-id"] = req_id
+    nonce = request.headers.get(NONCE_HEADER)
+    if nonce and isinstance(response, web.Response) and isinstance(response.body, bytes):
+        # Bound to the caller's nonce: not replayable as the answer to another request.
+        response.headers[RESPONSE_HEADER] = request.app[SIGNER].response_header(
+            nonce, response.status, response.body)
+    who = request.get(PRINCIPAL)
     log.info("handled request", extra={
         "req_id": req_id, "method": request.method, "url": request.path_qs,
-        "status": response.status, "latency_ms": round((time.monotonic() - start) * 1000, 3)})
+        "status": response.status, "principal": who.label if who is not None else None,
+        "latency_ms": round((time.monotonic() - start) * 1000, 3)})
     return response
 
 
@@ -791,30 +955,52 @@ def _flag(request: web.Request, name: str, default: str) -> bool:
 
 
 async def ping(request: web.Request) -> web.Response:
-    c = request.app[COORDINATOR]
-    zones = await c.store.zones()
-    return web.json_response({"ping": "pong", "zones": len(zones),
-                              "vms": len(await c.store.placements())})
+    # Open to anyone (health checks): liveness and version, nothing about the fleet.
+    return web.json_response({"ping": "pong", "version": VERSION})
 
 
 async def post_zone(request: web.Request) -> web.Response:
     c = request.app[COORDINATOR]
-    z, created = await c.register(await _body(request))
+    body = await _body(request)
+    who = request[PRINCIPAL]
+    if who.role in ("zone", PENDING_ZONE):
+        # Proof of possession: a zone registers only the key it signed with, and
+        # only under its own uuid (an operator may register any zone by hand).
+        reg = _registration(body)
+        if asyncssh.import_public_key(reg.host_key).get_fingerprint() != who.fingerprint:
+            raise NotAuthorized(f"a zone registers the host key it signs with; this "
+                                f"request is signed by {who.fingerprint}")
+        if who.id != reg.uuid:
+            raise NotAuthorized(f"key {who.fingerprint} is zone {who.id}'s; it cannot "
+                                f"register zone {reg.uuid}")
+    z, created = await c.register(body)
     return web.json_response(await c.zone_json(z), status=201 if created else 200)
 
 
 async def list_zones(request: web.Request) -> web.Response:
-    return web.json_response({"zones": await request.app[COORDINATOR].zones_json()})
+    admitted = _flag(request, "admitted", "false")
+    return web.json_response({"zones": await request.app[COORDINATOR].zones_json(admitted)})
 
 
 async def get_zone(request: web.Request) -> web.Response:
     c = request.app[COORDINATOR]
-    return web.json_response(await c.zone_json(await c.zone(request.match_info["uuid"])))
+    uuid = request.match_info["uuid"]
+    who = request[PRINCIPAL]
+    if who.role == PENDING_ZONE and who.id != uuid:
+        raise NotAuthorized(f"zone {who.id} is pending (not admitted): it may read its own "
+                            "record only")
+    return web.json_response(await c.zone_json(await c.zone(uuid)))
 
 
 async def put_state(request: web.Request) -> web.Response:
     c = request.app[COORDINATOR]
     z = await c.set_state(request.match_info["uuid"], await _body(request))
+    return web.json_response(await c.zone_json(z))
+
+
+async def put_host_key(request: web.Request) -> web.Response:
+    c = request.app[COORDINATOR]
+    z = await c.rekey(request.match_info["uuid"], await _body(request))
     return web.json_response(await c.zone_json(z))
 
 
@@ -825,7 +1011,8 @@ async def delete_zone(request: web.Request) -> web.Response:
 
 async def get_placement(request: web.Request) -> web.Response:
     c = request.app[COORDINATOR]
-    return web.json_response(await c.placement_json(request.match_info["vm"]))
+    create = _flag(request, "create", "true")
+    return web.json_response(await c.placement_json(request.match_info["vm"], create))
 
 
 async def list_moves(request: web.Request) -> web.Response:
@@ -854,21 +1041,33 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=c.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def make_app(coordinator: Coordinator) -> web.Application:
+_OPERATOR = frozenset({"operator"})
+
+# Every route with the roles that may call it; a test checks none is missing.
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/ping", ping, OPEN),
+    Route("POST", "/v1/zones", post_zone, frozenset({"zone", PENDING_ZONE, "operator"})),
+    Route("GET", "/v1/zones", list_zones, frozenset({"zone", "operator"})),
+    Route("GET", "/v1/zones/{uuid}", get_zone, frozenset({"zone", PENDING_ZONE, "operator"})),
+    Route("PUT", "/v1/zones/{uuid}/state", put_state, _OPERATOR),
+    Route("PUT", "/v1/zones/{uuid}/host-key", put_host_key, _OPERATOR),
+    Route("DELETE", "/v1/zones/{uuid}", delete_zone, _OPERATOR),
+    Route("GET", "/v1/placement/{vm}", get_placement, frozenset({"cn", "zone", "operator"})),
+    Route("GET", "/v1/moves", list_moves, _OPERATOR),
+    Route("POST", "/v1/rebalance", post_rebalance, _OPERATOR),
+    Route("GET", "/v1/status", get_status, _OPERATOR),
+    Route("GET", "/metrics", metrics, OPEN),
+)
+
+
+def make_app(coordinator: Coordinator, signer: Signer,
+             verifier: Verifier | None = None) -> web.Application:
+    """``signer``: the coordinator's own key, which signs every answer."""
     app = web.Application(middlewares=[_errors])
     app[COORDINATOR] = coordinator
-    r = app.router
-    r.add_get("/ping", ping)
-    r.add_post("/v1/zones", post_zone)
-    r.add_get("/v1/zones", list_zones)
-    r.add_get("/v1/zones/{uuid}", get_zone)
-    r.add_put("/v1/zones/{uuid}/state", put_state)
-    r.add_delete("/v1/zones/{uuid}", delete_zone)
-    r.add_get("/v1/placement/{vm}", get_placement)
-    r.add_get("/v1/moves", list_moves)
-    r.add_post("/v1/rebalance", post_rebalance)
-    r.add_get("/v1/status", get_status)
-    r.add_get("/metrics", metrics)
+    app[SIGNER] = signer
+    app[VERIFIER] = verifier or Verifier()
+    add_routes(app, ROUTES)
     return app
 
 
@@ -892,14 +1091,17 @@ async def serve(config: CoordinatorConfig, args: argparse.Namespace) -> int:
         store = SqliteStore(config.store)
     except (OSError, RuntimeError) as e:
         raise StartupError(f"store {config.store}: {e}", EXIT_USAGE) from e
-    api = HttpZoneApi(request_timeout=max(config.health_timeout, 30.0),
+    ensure_private_key(config.key, "key", "snapper-coordinator", log)
+    signer = Signer.load(config.key)
+    api = HttpZoneApi(signer, request_timeout=max(config.health_timeout, 30.0),
                       sync_timeout=config.sync_timeout)
     coordinator = Coordinator(store, api, config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    runner = web.AppRunner(make_app(coordinator), access_log=None, shutdown_timeout=HTTP_DRAIN)
+    runner = web.AppRunner(make_app(coordinator, signer), access_log=None,
+                           shutdown_timeout=HTTP_DRAIN)
     try:
         await coordinator.prepare()
         await runner.setup()

@@ -109,7 +109,8 @@ class HealthChecker:
         return z
 
     async def check_all(self) -> list[ZoneRecord]:
-        zones = await self.store.zones()
+        # A pending zone is not ours yet: never contacted, so never declared lost.
+        zones = [z for z in await self.store.zones() if z.admitted]
         results = await asyncio.gather(*(self.check(z) for z in zones), return_exceptions=True)
         out = []
         for z, r in zip(zones, results, strict=True):

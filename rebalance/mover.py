@@ -436,8 +436,12 @@ class Mover:
             if keep is not None:
                 why += f" (partial copy on {m.to_zone} kept: {keep})"
             else:
+                assert pair is not None  # _placed_silent says both placed zones answered
                 try:
-                    await self.api.delete_vm(to.http_url, m.vm)
+                    # The placed copy's listing: the zone drops the partial copy
+                    # only if it holds nothing beyond it (never the last copy).
+                    held = await self.api.snapshots(zones[pair[0]].http_url, m.vm) or []
+                    await self.api.delete_vm(to.http_url, m.vm, elsewhere=held)
                 except SnapperError as e:
                     why += f" (partial copy on {m.to_zone} not removed: {e})"
         log.warning("move rolled back", extra={"move": m.id, "vm": m.vm, "why": why})

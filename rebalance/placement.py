@@ -125,6 +125,9 @@ DEFAULT_TOLERANCE = 0.05
 
 
 class ZoneState(StrEnum):
+    # Registered, not admitted by an operator yet: never eligible, never read
+    # (the coordinator treats it as a stranger that knows our address).
+    PENDING = "pending"
     ACTIVE = "active"
     DRAINING = "draining"
     LOST = "lost"
@@ -571,7 +574,8 @@ class _Planner:
         lost: list[str] = []
         for z in copies:
             info = self.by_id.get(z)
-            if info is None or info.state is ZoneState.LOST:
+            # A pending zone is not trusted to hold anything: no source, like a lost one.
+            if info is None or info.state in (ZoneState.LOST, ZoneState.PENDING):
                 lost.append(z)
             elif info.eligible:
                 kept.append(z)

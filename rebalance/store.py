@@ -32,6 +32,7 @@ from snapper_zone.errors import SnapperError
 from snapper_zone.wire import ZoneRegistration  # what a zone says about itself: POST /v1/zones
 
 __all__ = [
+    "HostKeyMismatch",
     "MoveRecord",
     "MoveState",
     "MoveStep",
@@ -50,6 +51,18 @@ T = TypeVar("T")
 class ZoneNotFound(SnapperError):
     code = "ResourceNotFound"
     http_status = 404
+
+
+class HostKeyMismatch(SnapperError):
+    """A registration of a known zone with another host key than the one pinned."""
+
+    code = "HostKeyMismatch"
+    http_status = 409
+
+
+def key_identity(line: str) -> str:
+    """An OpenSSH public key line without its comment: what pinning compares."""
+    return " ".join(line.split()[:2])
 
 
 class ZoneNotEmpty(SnapperError):
@@ -94,6 +107,16 @@ class ZoneRecord:
     last_seen: float | None = None
     used: int | None = None  # observed by the health check (None: never seen)
     free: int | None = None
+
+    @property
+    def admitted(self) -> bool:
+        """An operator activated it: it may hold copies and its key is trusted."""
+        return self.state is not ZoneState.PENDING
+
+    @property
+    def readable(self) -> bool:
+        """Its inventory and copies count: admitted and not lost."""
+        return self.admitted and self.state is not ZoneState.LOST
 
     @property
     def health(self) -> str:
@@ -155,7 +178,13 @@ class Store(Protocol):
     async def zones(self) -> list[ZoneRecord]: ...
     async def zone(self, uuid: str) -> ZoneRecord | None: ...
     async def upsert_zone(self, reg: ZoneRegistration, now: float) -> tuple[ZoneRecord, bool]:
-        """Register or update (state and health are kept); True when it is new."""
+        """Register (state ``pending``, its host key pinned) or update a known zone's
+        endpoint, name and capacity (state, health and host key are kept); True when
+        it is new. Raises HostKeyMismatch, changing nothing, when ``reg`` carries
+        another host key than the pinned one."""
+        ...
+    async def set_host_key(self, uuid: str, host_key: str) -> ZoneRecord:
+        """Pin another host key (an operator's rotation); the only way to change it."""
         ...
     async def set_zone_state(self, uuid: str, state: ZoneState) -> ZoneRecord: ...
     async def set_zone_health(self, uuid: str, *, last_seen: float | None,
@@ -195,8 +224,8 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS zones (
+_ZONES = """
+CREATE TABLE IF NOT EXISTS {table} (
     uuid TEXT PRIMARY KEY,
     name TEXT NOT NULL,
     ssh_host TEXT NOT NULL,
@@ -204,13 +233,15 @@ CREATE TABLE IF NOT EXISTS zones (
     http_url TEXT NOT NULL,
     host_key TEXT NOT NULL,
     capacity INTEGER NOT NULL CHECK (capacity >= 0),
-    state TEXT NOT NULL CHECK (state IN ('active', 'draining', 'lost')),
+    state TEXT NOT NULL CHECK (state IN ('pending', 'active', 'draining', 'lost')),
     registered REAL NOT NULL,
     suspect_since REAL,
     last_seen REAL,
     used INTEGER,
     free INTEGER
 );
+"""
+_SCHEMA = _ZONES.format(table="zones") + """
 CREATE TABLE IF NOT EXISTS placement (
     vm TEXT PRIMARY KEY,
     primary_zone TEXT NOT NULL,
@@ -240,7 +271,9 @@ CREATE TABLE IF NOT EXISTS moves (
 );
 CREATE INDEX IF NOT EXISTS moves_state ON moves (state);
 """
-_SCHEMA_VERSION = 1
+# 2: zone state 'pending' (admission). A version 1 store's zones were all let in
+# before admission existed: they keep their states, i.e. count as admitted.
+_SCHEMA_VERSION = 2
 _ZONE_COLS = ("uuid, name, ssh_host, ssh_port, http_url, host_key, capacity, state, "
               "registered, suspect_since, last_seen, used, free")
 _MOVE_COLS = ("id, vm, from_zone, to_zone, source, bytes, reason, state, step, progress, "
@@ -284,9 +317,15 @@ class SqliteStore:
         if version > _SCHEMA_VERSION:
             raise RuntimeError(f"{self.path}: store schema {version} is newer than this "
                                f"coordinator's ({_SCHEMA_VERSION})")
+        # SQLite cannot alter a CHECK: version 1's zones table is copied into
+        # one that allows 'pending', rows and states unchanged.
+        migrate = "" if version != 1 else (
+            _ZONES.format(table="zones_v2") + f"INSERT INTO zones_v2 ({_ZONE_COLS}) "
+            f"SELECT {_ZONE_COLS} FROM zones; DROP TABLE zones; "
+            "ALTER TABLE zones_v2 RENAME TO zones;")
         with self._lock:
-            self._db.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version={_SCHEMA_VERSION}; "
-                                   "COMMIT;")
+            self._db.executescript(f"BEGIN; {migrate} {_SCHEMA} "
+                                   f"PRAGMA user_version={_SCHEMA_VERSION}; COMMIT;")
 
     # -- plumbing --
 
@@ -339,15 +378,27 @@ class SqliteStore:
             old = self._get_zone(db, reg.uuid)
             if old is None:
                 db.execute(f"INSERT INTO zones ({_ZONE_COLS}) VALUES "
-                           "(?, ?, ?, ?, ?, ?, ?, 'active', ?, NULL, NULL, NULL, NULL)",
+                           "(?, ?, ?, ?, ?, ?, ?, 'pending', ?, NULL, NULL, NULL, NULL)",
                            (reg.uuid, reg.name, reg.ssh_host, reg.ssh_port, reg.http_url,
                             reg.host_key, reg.capacity, now))
+            elif key_identity(old.host_key) != key_identity(reg.host_key):
+                # Whoever knows a zone's uuid must not take over its endpoint.
+                raise HostKeyMismatch(
+                    f"zone {reg.uuid} is registered with another host key; a key is "
+                    "changed only by an operator (snapper zone rekey)")
             else:
                 db.execute("UPDATE zones SET name=?, ssh_host=?, ssh_port=?, http_url=?, "
-                           "host_key=?, capacity=? WHERE uuid=?",
-                           (reg.name, reg.ssh_host, reg.ssh_port, reg.http_url, reg.host_key,
+                           "capacity=? WHERE uuid=?",
+                           (reg.name, reg.ssh_host, reg.ssh_port, reg.http_url,
                             reg.capacity, reg.uuid))
             return self._must_zone(db, reg.uuid), old is None
+        return await self._txn(fn)
+
+    async def set_host_key(self, uuid: str, host_key: str) -> ZoneRecord:
+        def fn(db: sqlite3.Connection) -> ZoneRecord:
+            self._must_zone(db, uuid)
+            db.execute("UPDATE zones SET host_key=? WHERE uuid=?", (host_key, uuid))
+            return self._must_zone(db, uuid)
         return await self._txn(fn)
 
     async def set_zone_state(self, uuid: str, state: ZoneState) -> ZoneRecord:

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from snapper_zone.common.httpsig import Signer, signing_session
 from snapper_zone.errors import SnapperError
 from snapper_zone.wire import (
     InvalidDocument,
@@ -103,12 +104,12 @@ class ZoneApi(Protocol):
                    bwlimit: float | None = None) -> SyncResult:
         """Make ``url``'s zone reconcile ``vm`` with ``peer``; ``bwlimit`` bytes/s."""
         ...
-    async def delete_vm(self, url: str, vm: str,
-                        elsewhere: Sequence[SnapshotView] | None = None) -> bool:
+    async def delete_vm(self, url: str, vm: str, elsewhere: Sequence[SnapshotView]) -> bool:
         """True when a copy was removed, False when there was none.
 
-        ``elsewhere``: the new copy's snapshots; the zone refuses
-        (``CopyNotRedundant``) if its copy holds a complete one they lack.
+        ``elsewhere``: the snapshots the VM's other copy holds; the zone refuses
+        (``CopyNotRedundant``) if its copy holds a complete one they lack. Always
+        given: no copy is dropped without that check.
         """
         ...
     async def capacity(self, url: str) -> tuple[int, int]:
@@ -129,9 +130,12 @@ def parse_snapshots(body: Any) -> list[SnapshotView]:
 
 
 class HttpZoneApi:
-    """``ZoneApi`` over aiohttp; one session for every zone."""
+    """``ZoneApi`` over aiohttp; one session for every zone, every request signed
+    with the coordinator's key (zones know it as their ``coordinator_key``)."""
 
-    def __init__(self, request_timeout: float = 30.0, sync_timeout: float = 6 * 3600.0) -> None:
+    def __init__(self, signer: Signer, request_timeout: float = 30.0,
+                 sync_timeout: float = 6 * 3600.0) -> None:
+        self.signer = signer
         self.request_timeout = request_timeout
         # A sync copies every snapshot of a VM: hours for a big one.
         self.sync_timeout = sync_timeout
@@ -139,7 +143,7 @@ class HttpZoneApi:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession()
+            self._session = signing_session(self.signer)
         return self._session
 
     async def close(self) -> None:
@@ -198,9 +202,8 @@ class HttpZoneApi:
         return SyncResult(vm=vm, peer=peer, state=state,
                           error=None if error is None else str(error))
 
-    async def delete_vm(self, url: str, vm: str,
-                        elsewhere: Sequence[SnapshotView] | None = None) -> bool:
-        body = None if elsewhere is None else {"elsewhere": elsewhere_to_json(
+    async def delete_vm(self, url: str, vm: str, elsewhere: Sequence[SnapshotView]) -> bool:
+        body = {"elsewhere": elsewhere_to_json(
             {s.name: s.guids for s in elsewhere if s.complete})}
         return await self._call("DELETE", url, f"/v1/vms/{vm}", json=body,
                                 allow_404=True) is not None

@@ -2,23 +2,34 @@
 
 The zone registers itself (``POST /v1/zones``, again every few minutes, so a
 coordinator whose store was lost learns the fleet back), learns the other
-zones with their SSH endpoints and host keys (``GET /v1/zones``) and asks
-where a VM lives (``GET /v1/placement/{vm}``). Every answer is cached: a
-coordinator that is down slows nothing; the zone keeps the last view, or
-its static config when it never had one.
+admitted zones with their SSH endpoints and host keys (``GET
+/v1/zones?admitted=true``: the trust list) and asks where a VM lives and
+which zones may act on it (``GET /v1/placement/{vm}``: its pair and scope).
+Every answer is cached: a coordinator that is down slows nothing; the zone
+keeps the last view, or its static config when it never had one.
+
+Every request is signed with the zone's host key (``common/httpsig``); with
+``coordinator_key`` configured, every answer must be signed by the
+coordinator for that request (an unsigned or badly signed one counts as no
+answer): a coordinator that can merely be reached is not trusted with the
+trust list or a placement.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import asyncssh
 
+from snapper_zone.common.httpsig import Signer, UntrustedResponse, signing_session
 from snapper_zone.errors import SnapperError
 from snapper_zone.wire import InvalidDocument, ZoneEndpoint, ZoneRegistration
 
-__all__ = ["CoordinatorClient", "CoordinatorUnavailable", "KnownZone"]
+__all__ = ["CoordinatorClient", "CoordinatorNotFound", "CoordinatorUnavailable", "KnownZone",
+           "VmPlacement"]
 
 _TIMEOUT = aiohttp.ClientTimeout(total=10)
 PLACEMENT_TTL = 10.0  # seconds a VM's placement is trusted before asking again
@@ -29,19 +40,38 @@ class CoordinatorUnavailable(SnapperError):
     http_status = 503
 
 
+class CoordinatorNotFound(CoordinatorUnavailable):
+    """The coordinator answered 404: it has no such thing (zone, placement)."""
+
+
 # Another zone as ``GET /v1/zones`` lists it: where to reach it, its host key.
 KnownZone = ZoneEndpoint
 
 
+@dataclass(frozen=True)
+class VmPlacement:
+    """A VM as ``GET /v1/placement/{vm}`` answers: its (primary, mirror) and its
+    scope, the zones that may act on it as peers (the pair and any move's zones)."""
+
+    zones: tuple[str, ...]
+    scope: frozenset[str]
+
+
 class CoordinatorClient:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, signer: Signer, coordinator_key: str | None = None) -> None:
+        """``signer``: this zone's host key; ``coordinator_key``: the coordinator's
+        public key (OpenSSH line) its answers must be signed with."""
         self.url = url.rstrip("/")
+        self.signer = signer
+        self.coordinator_key = None if coordinator_key is None else \
+            asyncssh.import_public_key(coordinator_key)
         self._session: aiohttp.ClientSession | None = None
-        self._placement: dict[str, tuple[float, tuple[str, ...]]] = {}
+        self._placement: dict[str, tuple[float, VmPlacement]] = {}
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=_TIMEOUT)
+            self._session = signing_session(self.signer, response_key=self.coordinator_key,
+                                            timeout=_TIMEOUT)
         return self._session
 
     async def close(self) -> None:
@@ -55,9 +85,10 @@ class CoordinatorClient:
                 doc = await r.json(content_type=None)
                 if r.status >= 400:
                     msg = doc.get("message", "") if isinstance(doc, dict) else ""
-                    raise CoordinatorUnavailable(f"{method} {path}: {r.status} {msg}")
+                    what = CoordinatorNotFound if r.status == 404 else CoordinatorUnavailable
+                    raise what(f"{method} {path}: {r.status} {msg}")
                 return doc
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        except (aiohttp.ClientError, TimeoutError, ValueError, UntrustedResponse) as exc:
             raise CoordinatorUnavailable(f"{method} {self.url}{path}: {exc!r}") from exc
 
     async def register(self, record: ZoneRegistration) -> None:
@@ -72,17 +103,21 @@ class CoordinatorClient:
                 if r.status >= 400:
                     raise CoordinatorUnavailable(f"GET /v1/zones/{zone}: {r.status}")
                 return True
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError, UntrustedResponse) as exc:
             raise CoordinatorUnavailable(f"GET {self.url}/v1/zones/{zone}: {exc!r}") from exc
 
     async def zones(self) -> list[KnownZone]:
-        doc = await self._call("GET", "/v1/zones")
+        """The admitted zones: the coordinator lists only those, and says so of each;
+        one it does not mark admitted is left out all the same."""
+        doc = await self._call("GET", "/v1/zones?admitted=true")
         out = []
         for z in doc.get("zones", []) if isinstance(doc, dict) else []:
             try:
-                out.append(KnownZone.from_json(z))
+                known = KnownZone.from_json(z)
             except InvalidDocument:
                 continue  # a half-registered zone is not a peer yet
+            if known.admitted:
+                out.append(known)
         return out
 
     async def placement(self, vm: str, fresh: bool = False) -> tuple[str, ...] | None:
@@ -90,16 +125,42 @@ class CoordinatorClient:
 
         ``fresh`` skips the cache: before creating a copy where there was none.
         """
+        got = await self.lookup(vm, fresh)
+        return None if got is None else got.zones
+
+    def cached(self, vm: str) -> VmPlacement | None:
+        """The VM's last answer while it is fresh (``PLACEMENT_TTL``), without asking."""
+        hit = self._placement.get(vm)
+        if hit is None or time.monotonic() - hit[0] >= PLACEMENT_TTL:
+            return None
+        return hit[1]
+
+    async def lookup(self, vm: str, fresh: bool = False,
+                     create: bool = True) -> VmPlacement | None:
+        """``placement`` with the VM's scope; the last answer when the coordinator is away.
+
+        Not ``create``: a VM the coordinator has not placed is not placed by
+        asking (a peer's command about it); its answer is an empty placement.
+        """
         now = time.monotonic()
         cached = self._placement.get(vm)
         if cached is not None and now - cached[0] < PLACEMENT_TTL and not fresh:
             return cached[1]
         try:
-            doc = await self._call("GET", f"/v1/placement/{vm}")
+            doc = await self._call("GET", f"/v1/placement/{vm}"
+                                   + ("" if create else "?create=false"))
+        except CoordinatorNotFound:
+            if create:
+                return cached[1] if cached else None
+            return VmPlacement((), frozenset())  # not cached: a push may place it any time
         except CoordinatorUnavailable:
             return cached[1] if cached else None
         zones = tuple(str(z) for z in doc.get("zones", [])) if isinstance(doc, dict) else ()
         if len(zones) < 2:
             return cached[1] if cached else None
-        self._placement[vm] = (now, zones)
-        return zones
+        scope = doc.get("scope") if isinstance(doc, dict) else None
+        # An older coordinator names no scope: the pair is all it vouches for.
+        got = VmPlacement(zones, frozenset(str(z) for z in scope)
+                          if isinstance(scope, list) else frozenset(zones))
+        self._placement[vm] = (now, got)
+        return got

@@ -22,7 +22,7 @@ from snapper_zone.common.hashing import rank
 from snapper_zone.errors import SnapperError
 from snapper_zone.transfer.remote import ZoneClient, ZoneUnreachable
 
-__all__ = ["NoPeer", "Peer", "PeerLinks", "pair_of"]
+__all__ = ["NoPeer", "Peer", "PeerLinks", "pair_of", "static_partner", "static_scope"]
 
 
 class NoPeer(SnapperError):
@@ -48,6 +48,25 @@ def pair_of(vm: str, zones: Sequence[str]) -> tuple[str, ...]:
     same list computes the same pair, the CN's placement included.
     """
     return tuple(rank(vm, [(z, 1) for z in zones])[:2])
+
+
+def static_partner(me: str, vm: str, peers: Sequence[str]) -> str | None:
+    """The zone holding ``vm``'s other copy with no coordinator: the only peer,
+    or ``pair_of`` over this zone and its configured peers (None: no peer)."""
+    if not peers:
+        return None
+    if len(peers) == 1:
+        return peers[0]
+    return next(z for z in pair_of(vm, [me, *peers]) if z != me)
+
+
+def static_scope(me: str, vm: str, peers: Sequence[str]) -> frozenset[str]:
+    """The zones that may act on ``vm`` as each other's peers with no coordinator:
+    the static pair (this zone and its only peer, or ``pair_of``), which every
+    zone of a fleet with the same list computes alike."""
+    if len(peers) <= 1:
+        return frozenset({me, *peers})
+    return frozenset(pair_of(vm, [me, *peers]))
 
 
 class PeerLinks:
@@ -94,11 +113,18 @@ class PeerLinks:
             self.log.info("coordinator unavailable; keeping the last view: %s", exc)
             return
         if all(z.uuid != self.config.uuid for z in zones):
-            self.forgotten.set()
+            # Not in the trust list: pending (not admitted yet) or forgotten.
+            try:
+                if not await self.coordinator.knows(self.config.uuid):
+                    self.forgotten.set()
+            except CoordinatorUnavailable:
+                pass
         learned: dict[str, Peer] = {}
         keys: dict[bytes, TrustedKey] = {}
         for z in zones:
-            if z.uuid == self.config.uuid or z.state == "lost":
+            # Only a zone an operator admitted is trusted (zones() keeps only
+            # those; checked again here, as trust hangs on it).
+            if z.uuid == self.config.uuid or z.state == "lost" or not z.admitted:
                 continue
             try:
                 key = asyncssh.import_public_key(z.host_key)
@@ -132,14 +158,8 @@ class PeerLinks:
 
     def partner_of(self, vm: str) -> Peer | None:
         """The zone that holds ``vm``'s other copy, or None when there is no peer."""
-        if not self._peers:
-            return None
-        if len(self._peers) == 1:
-            return next(iter(self._peers.values()))
-        me = self.config.uuid
-        pair = pair_of(vm, [me, *self._peers])
-        other = next(z for z in pair if z != me)
-        return self._peers[other]
+        other = static_partner(self.config.uuid, vm, list(self._peers))
+        return None if other is None else self._peers[other]
 
     async def client(self, uuid: str) -> ZoneClient:
         """A connected client to peer ``uuid`` (connecting if need be)."""

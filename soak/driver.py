@@ -390,7 +390,9 @@ class Soak:
             uuids = list(pair_of(vm, [z.uuid for z in self.zones()]))
         else:
             try:
-                uuids = [str(e["uuid"]) for e in await placement(self.fleet.coordinator.url, vm)]
+                c = self.fleet.coordinator
+                uuids = [str(e["uuid"]) for e in await placement(
+                    c.url, vm, self.fleet.operator_key, c.public_key)]
                 self._placements[vm] = uuids
             except SnapperError:
                 uuids = self._placements.get(vm, [])
@@ -599,7 +601,7 @@ async def run_soak(config: SoakConfig, *, log: Callable[[str], None] = print) ->
         pool_size=config.pool_size, coordinator=config.coordinator,
         reconcile_interval_ms=1000, lost_after=6.0, zone_module=config.zone_module)
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+        async with fleet.http(timeout=aiohttp.ClientTimeout(total=60)) as http:
             soak = Soak(config, fleet, http, log)
             return await _run(soak, schedule, started)
     finally:

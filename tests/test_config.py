@@ -20,6 +20,7 @@ from snapper_zone.common.config import (
     ZoneConfig,
     load_config,
     parse_config,
+    parse_keys,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -294,6 +295,9 @@ BAD: list[tuple[str, Mutation, str, str]] = [
     ("bad coordinator url", _set("coordinator_url", "ftp://x"), "coordinator_url", "http"),
     ("coordinator no host", _set("coordinator_url", "http://"), "coordinator_url", "host"),
     ("coordinator bad port", _set("coordinator_url", "http://x:99999"), "coordinator_url", "URL"),
+    ("coordinator key junk", _set("coordinator_key", "ssh-ed25519 AAAA"), "coordinator_key",
+     "public key"),
+    ("coordinator key not a string", _set("coordinator_key", 1), "coordinator_key", "string"),
     ("peer is self", _set("peers/0/uuid", ZONE), "peers[0].uuid", "own peer"),
     (
         "duplicate peer",
@@ -431,3 +435,21 @@ def _valid_with_junk(draw: st.DrawFn) -> dict[str, Any]:
 @given(_valid_with_junk())
 def test_valid_documents_with_junk_only_raise_config_error(data: dict[str, Any]) -> None:
     _check(data)
+
+
+def test_coordinator_key_is_normalised() -> None:
+    data = {**valid(), "coordinator_key": f"  {pubkey(3)}  "}
+    assert parse_config(data).coordinator_key == pubkey(3)
+    assert parse_config(valid()).coordinator_key is None
+
+
+def test_parse_keys_limits_roles() -> None:
+    """The coordinator's [[keys]]: snapperd's shape, operator and cn only."""
+    keys = parse_keys([{"role": "operator", "public_key": pubkey(2)},
+                       {"role": "cn", "cn_id": CN, "public_key": pubkey(0)}], "c.toml",
+                      roles=("operator", "cn"))
+    assert [(k.role, k.name) for k in keys] == [("operator", "test key 2"), ("cn", CN)]
+    with pytest.raises(ConfigError) as info:
+        parse_keys([{"role": "peer", "zone": PEER, "public_key": pubkey(1)}], "c.toml",
+                   roles=("operator", "cn"))
+    assert info.value.field == "keys[0].role"

@@ -35,14 +35,27 @@ from rebalance.placement import ZoneState
 from rebalance.store import SqliteStore, ZoneRecord
 from rebalance.zoneclient import HttpZoneApi, SnapshotView, ZoneRequestFailed, ZoneUnreachable
 from snapper_zone.cli import main as cli_main
-from snapper_zone.common.config import ConfigError
+from snapper_zone.common.config import ConfigError, parse_keys
+from snapper_zone.common.httpsig import Signer, signing_session
 from snapper_zone.wire import ZoneRegistration
 from snapper_zone.zfs import proc
 from tests.helpers import wait_for, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
-HOST_KEY = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
 ZONES = [f"00000000-0000-4000-8000-00000000000{i}" for i in range(1, 6)]
+# Each zone its own host key: it signs its registration with it.
+HOST_KEYS = {z: asyncssh.generate_private_key("ssh-ed25519") for z in ZONES}
+OPERATOR = asyncssh.generate_private_key("ssh-ed25519", comment="ops@test")
+COORD = Signer(asyncssh.generate_private_key("ssh-ed25519"))
+KEYS = parse_keys([{"role": "operator",
+                    "public_key": OPERATOR.export_public_key().decode().strip()}], "c.toml")
+
+
+def host_pub(zone: str) -> str:
+    return str(HOST_KEYS[zone].export_public_key().decode().strip())
+
+
+HOST_KEY = host_pub(ZONES[0])
 VMS = [f"74c59c61-4559-4ca2-b1ef-0ca22f2f93{i:02x}" for i in range(12)]
 GIB = 1 << 30
 
@@ -71,12 +84,19 @@ class StandIn:
         self.syncs = 0
         self.ssh: asyncio.Server | None = None
         self.ssh_port = 0
+        self.requests: list[str] = []  # "GET /path" of every request it was sent
+        self.ssh_connects = 0
 
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self) -> None:
-        app = web.Application()
+        @web.middleware
+        async def seen(request: web.Request, handler: Any) -> web.StreamResponse:
+            self.requests.append(f"{request.method} {request.path}")
+            return await handler(request)  # type: ignore[no-any-return]
+
+        app = web.Application(middlewares=[seen])
         r = app.router
         r.add_get("/ping", self.ping)
         r.add_get("/v1/vms", self.list_vms)
@@ -92,6 +112,7 @@ class StandIn:
         self.port = int(self.runner.addresses[0][1])
 
         async def accept(_: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            self.ssh_connects += 1
             w.close()  # stands for the SSH port: the health check only connects
 
         self.ssh = await asyncio.start_server(accept, "127.0.0.1", 0)
@@ -176,13 +197,13 @@ class Env:
     def __init__(self, tmp_path: Path, fleet: Fleet) -> None:
         self.tmp_path = tmp_path
         self.fleet = fleet
-        self.config = CoordinatorConfig(store=tmp_path / "c.db", health_interval=3600,
+        self.config = CoordinatorConfig(store=tmp_path / "c.db", keys=KEYS, health_interval=3600,
                                         auto_rebalance=False, retry_delay=0.05)
         self.store = SqliteStore(self.config.store)
-        self.api = HttpZoneApi(request_timeout=5)
+        self.api = HttpZoneApi(COORD, request_timeout=5)
         self.coordinator = Coordinator(self.store, self.api, self.config)
-        self.server = TestServer(make_app(self.coordinator), host="127.0.0.1")
-        self.http = aiohttp.ClientSession()
+        self.server = TestServer(make_app(self.coordinator, COORD), host="127.0.0.1")
+        self.http = signing_session(Signer(OPERATOR))  # the operator's
 
     async def start(self) -> Env:
         await self.server.start_server()
@@ -196,18 +217,32 @@ class Env:
         await self.store.close()
 
     async def call(self, method: str, path: str, body: object = None,
-                   status: int = 200) -> Any:
-        async with self.http.request(method, str(self.server.make_url(path)), json=body) as r:
+                   status: int = 200, http: aiohttp.ClientSession | None = None) -> Any:
+        async with (http or self.http).request(method, str(self.server.make_url(path)),
+                                               json=body) as r:
             text = await r.text()
             assert r.status == status, f"{method} {path}: {r.status} {text}"
             return json.loads(text) if text else None
 
-    async def register(self, uuid: str, capacity: int = 100 * GIB, status: int = 201) -> Any:
-        z = self.fleet.zones[uuid]  # registered as snapperd does: the wire document
+    async def register(self, uuid: str, capacity: int = 100 * GIB, status: int = 201,
+                       admit: bool = True, key: asyncssh.SSHKey | None = None) -> Any:
+        """Register as snapperd does (the wire document, signed with the host key it
+        registers: ``key``, else the zone's own); then, new, admit it as the operator
+        does (``admit``), unless it is asked to stay pending."""
+        z = self.fleet.zones[uuid]
+        key = key or HOST_KEYS[uuid]
         reg = ZoneRegistration(uuid=uuid, name=f"z{uuid[-1]}", ssh_host="127.0.0.1",
-                               ssh_port=z.ssh_port, http_url=z.url(), host_key=HOST_KEY,
+                               ssh_port=z.ssh_port, http_url=z.url(),
+                               host_key=key.export_public_key().decode().strip(),
                                capacity=capacity)
-        return await self.call("POST", "/v1/zones", reg.to_json(), status)
+        # As the zone itself: signed with the host key it registers.
+        async with signing_session(Signer(key)) as http:
+            got = await self.call("POST", "/v1/zones", reg.to_json(), status, http)
+        if status == 201:
+            assert got["state"] == "pending" and got["admitted"] is False
+            if admit:
+                got = await self.call("PUT", f"/v1/zones/{uuid}/state", {"state": "active"})
+        return got
 
     async def moves_finished(self, timeout: float = 30.0) -> list[dict[str, Any]]:
         """Wait until ``GET /v1/moves`` shows no move planned or running."""
@@ -300,7 +335,7 @@ async def test_bodies_must_be_bounded_application_json(env: Env) -> None:
     body = json.dumps({"uuid": ZONES[0]})
     async with env.http.post(url, data=body, headers={"Content-Type": "text/plain"}) as r:
         doc = await r.json(content_type=None)
-        assert (r.status, doc["code"]) == (422, "InvalidArgument"), doc
+        assert (r.status, doc["code"]) == (415, "UnsupportedMediaType"), doc
         assert "application/json" in doc["message"]
     deep = "[" * 5000 + "]" * 5000
     async with env.http.post(url, data=deep,
@@ -333,7 +368,7 @@ async def test_placement_is_stable_and_decided_once(env: Env) -> None:
     assert first["vm"] == VMS[0] and len(set(first["zones"])) == 2
     assert [e["uuid"] for e in first["endpoints"]] == first["zones"]
     assert set(first["endpoints"][0]) == {"uuid", "ssh_host", "ssh_port", "http_url", "host_key"}
-    assert first["endpoints"][0]["host_key"] == HOST_KEY
+    assert first["endpoints"][0]["host_key"] == host_pub(first["zones"][0])
     zones = {z["uuid"]: z for z in (await env.call("GET", "/v1/zones"))["zones"]}
     assert [zones[z]["vms"] for z in first["zones"]] == [1, 1]
 
@@ -496,6 +531,9 @@ def test_example_config_parses() -> None:
     ({"health": {"interval": "1"}}, "health.interval"),
     ({"moves": {"per_zone": 0}}, "moves.per_zone"), ({"bogus": 1}, "bogus"),
     ({"health": {"lost": 1}}, "health.lost"), ({"rebalance": {"auto": 1}}, "rebalance.auto"),
+    ({"key": ""}, "key"), ({"keys": [{"role": "peer", "zone": ZONES[0],
+                                      "public_key": HOST_KEY}]}, "keys[0].role"),
+    ({"keys": [{"role": "operator"}]}, "keys[0].public_key"),
 ])
 def test_bad_config_names_the_field(data: dict[str, Any], field: str) -> None:
     with pytest.raises(ConfigError) as e:
@@ -505,7 +543,7 @@ def test_bad_config_names_the_field(data: dict[str, Any], field: str) -> None:
 
 async def test_daemon_ready_file_and_clean_stop(tmp_path: Path) -> None:
     conf = tmp_path / "c.toml"
-    conf.write_text('store = "state/c.db"\n[listen]\nport = 0\n')
+    conf.write_text('store = "state/c.db"\nkey = "state/key"\n[listen]\nport = 0\n')
     ready = tmp_path / "ready.json"
     daemon = proc.Daemon([sys.executable, "-m", "rebalance.coordinator", "--config", str(conf),
                           "--ready-file", str(ready)], str(tmp_path / "log"),
@@ -525,6 +563,7 @@ async def test_daemon_ready_file_and_clean_stop(tmp_path: Path) -> None:
         status = daemon.stop(timeout=20)
     assert status == 0
     assert (tmp_path / "state" / "c.db").exists()
+    assert (tmp_path / "state" / "key.pub").exists()  # generated at first start
     for line in (tmp_path / "log").read_text().splitlines():
         assert json.loads(line)["name"] == "snapper-coordinator"
 
@@ -535,7 +574,10 @@ async def test_daemon_ready_file_and_clean_stop(tmp_path: Path) -> None:
 async def snapper(env: Env, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
     """``snapper ARGV`` in a thread (it runs its own event loop) against this coordinator."""
     url = str(env.server.make_url("/"))
-    status = await asyncio.to_thread(cli_main, [*argv, "--coordinator", url])
+    key = env.tmp_path / "operator_key"
+    if not key.exists():
+        OPERATOR.write_private_key(str(key))
+    status = await asyncio.to_thread(cli_main, [*argv, "--coordinator", url, "--key", str(key)])
     out = capsys.readouterr()
     return status, out.out + out.err
 
@@ -551,9 +593,27 @@ async def test_cli_zone_lifecycle(env: Env, capsys: pytest.CaptureFixture[str],
                                 "--ssh-host", "127.0.0.1", "--ssh-port", "2222", "--http-url",
                                 env.fleet.zones[z].url(), "--host-key", str(pub),
                                 "--capacity", "100G")
-        assert rc == 0 and "registered" in out, out
+        assert rc == 0 and "registered: pending" in out, out
+    rc, out = await snapper(env, capsys, "zones")
+    assert rc == 0 and out.count("pending") == 3 and "active" not in out, out
+    for z in ZONES[:3]:  # the operator admits each
+        rc, out = await snapper(env, capsys, "zone", "activate", z)
+        assert rc == 0 and "is now active (admitted" in out, out
     rc, out = await snapper(env, capsys, "zones")
     assert rc == 0 and "100.0 GiB" in out and out.count("active") == 3, out
+    # A rotation is the operator's: the old key registers no more, the new one does.
+    new = tmp_path / "new.pub"
+    new.write_text(asyncssh.generate_private_key("ssh-ed25519").export_public_key()
+                   .decode())
+    rc, out = await snapper(env, capsys, "zone", "rekey", ZONES[2], "--host-key", str(new))
+    assert rc == 0 and "host key replaced; it is active" in out, out
+    rc, out = await snapper(env, capsys, "zone", "add", ZONES[2], "--name", "z3",
+                            "--ssh-host", "127.0.0.1", "--http-url",
+                            env.fleet.zones[ZONES[2]].url(), "--host-key", str(pub),
+                            "--capacity", "100G")
+    assert rc == 1 and "HostKeyMismatch" in out, out
+    z = await env.call("GET", f"/v1/zones/{ZONES[2]}")
+    assert z["host_key"] == new.read_text().strip() and z["ssh_port"] == 2222
     await push_all(env, VMS[:4])
     rc, out = await snapper(env, capsys, "rebalance", "--dry-run")
     assert rc == 0 and out.startswith("would move "), out
@@ -603,7 +663,7 @@ async def test_http_zone_client_against_snapperd_shapes(fleet: Fleet) -> None:
     z = await fleet.add(ZONES[0])
     await fleet.add(ZONES[1])
     fleet.push(VMS[0], [ZONES[0], ZONES[1]])
-    api = HttpZoneApi(request_timeout=5)
+    api = HttpZoneApi(COORD, request_timeout=5)
     try:
         assert await api.snapshots(z.url(), VMS[1]) is None
         [s0, *_] = await api.snapshots(z.url(), VMS[0]) or []
@@ -613,8 +673,8 @@ async def test_http_zone_client_against_snapperd_shapes(fleet: Fleet) -> None:
         with pytest.raises(ZoneRequestFailed) as e:
             await api.sync(z.url(), VMS[1], ZONES[1])
         assert e.value.status == 404 and e.value.zone_code == "ResourceNotFound"
-        assert await api.delete_vm(z.url(), VMS[0]) is True
-        assert await api.delete_vm(z.url(), VMS[0]) is False
+        assert await api.delete_vm(z.url(), VMS[0], elsewhere=[]) is True
+        assert await api.delete_vm(z.url(), VMS[0], elsewhere=[]) is False
         fleet.violations.clear()  # this test deletes a copy by hand, on purpose
         await z.stop()
         with pytest.raises(ZoneUnreachable):
@@ -632,7 +692,7 @@ async def test_sync_answer_with_last_error_is_read() -> None:
     app.router.add_post("/v1/vms/{vm}/sync", sync)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
-    api = HttpZoneApi()
+    api = HttpZoneApi(COORD)
     try:
         res = await api.sync(str(server.make_url("/")), VMS[0], ZONES[1])
         assert (res.state, res.error) == ("blocked", "divergent tail")
@@ -667,11 +727,11 @@ async def test_a_rebuilt_store_waits_for_a_vms_second_copy(tmp_path: Path,
 def _auto_env(tmp_path: Path, fleet: Fleet, grace: float) -> Env:
     """An empty store, automatic rebalancing, no periodic pass to lean on."""
     env = Env(tmp_path, fleet)
-    env.config = CoordinatorConfig(store=tmp_path / "c.db", health_interval=3600,
+    env.config = CoordinatorConfig(store=tmp_path / "c.db", keys=KEYS, health_interval=3600,
                                    auto_rebalance=True, settle=0.05, rebalance_interval=3600,
                                    rebuild_grace=grace, retry_delay=0.05)
     env.coordinator = Coordinator(env.store, env.api, env.config)
-    env.server = TestServer(make_app(env.coordinator), host="127.0.0.1")
+    env.server = TestServer(make_app(env.coordinator, COORD), host="127.0.0.1")
     return env
 
 
@@ -745,11 +805,11 @@ async def test_zones_re_registering_after_a_lost_store_move_nothing(tmp_path: Pa
 async def test_a_dead_zone_is_lost_and_repaired_by_itself(tmp_path: Path, fleet: Fleet) -> None:
     """Health checks declare it lost; the automatic rebalance restores two copies."""
     env = Env(tmp_path, fleet)
-    env.config = CoordinatorConfig(store=tmp_path / "c.db", health_interval=0.05,
+    env.config = CoordinatorConfig(store=tmp_path / "c.db", keys=KEYS, health_interval=0.05,
                                    health_timeout=1, lost_after=0.3, auto_rebalance=True,
                                    settle=0.05, retry_delay=0.05)
     env.coordinator = Coordinator(env.store, env.api, env.config)
-    env.server = TestServer(make_app(env.coordinator), host="127.0.0.1")
+    env.server = TestServer(make_app(env.coordinator, COORD), host="127.0.0.1")
     await env.start()
     try:
         await fleet_of(env, 4)

@@ -35,7 +35,8 @@ def reg(zone: str, capacity: int = 100, port: int = 2222) -> ZoneRegistration:
 async def test_register_is_idempotent_and_keeps_state(tmp_path: Path) -> None:
     s = SqliteStore(tmp_path / "c.db")
     z, created = await s.upsert_zone(reg(A), now=1.0)
-    assert created and z.state is ZoneState.ACTIVE and z.health == "unknown"
+    assert created and z.state is ZoneState.PENDING and z.health == "unknown"
+    assert not z.admitted and not z.readable
     await s.set_zone_state(A, ZoneState.DRAINING)
     z, created = await s.upsert_zone(reg(A, capacity=200, port=2223), now=2.0)
     assert not created

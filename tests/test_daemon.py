@@ -20,7 +20,9 @@ import asyncssh
 import pytest
 
 from snapper_zone.common.config import parse_config
+from snapper_zone.common.httpsig import Signer, signing_session
 from snapper_zone.daemon import main as daemon_mod
+from snapper_zone.daemon.httpapi import VERSION
 from snapper_zone.daemon.zone import Zone
 from snapper_zone.fleet.pools import FilePool
 from snapper_zone.zfs import proc
@@ -36,8 +38,11 @@ READY_BOUND = 60.0
 HAVE_SSH = importlib.util.find_spec("snapper_zone.daemon.sshserver") is not None
 
 
+OPERATOR = asyncssh.generate_private_key("ssh-ed25519")
+
+
 def write_config(tmp_path: Path, root: str, **overrides: Any) -> Path:
-    key = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+    key = OPERATOR.export_public_key().decode().strip()
     http = overrides.pop("http_port", 0)
     conf = tmp_path / "snapperd.toml"
     conf.write_text(f"""
@@ -138,14 +143,16 @@ async def test_daemon_serves_and_stops_cleanly(zfs: Zfs, zone_pool: FilePool, tm
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     assert asyncssh.read_private_key(str(key)).algorithm == b"ssh-ed25519"
 
-    async with aiohttp.ClientSession() as http:
+    async with signing_session(Signer(OPERATOR)) as http:
         async with http.get(f"http://127.0.0.1:{info['http_port']}/ping") as r:
             assert r.status == 200
-            assert await r.json() == {"ping": "pong", "zone": ZONE_UUID,
-                                      "name": "snapper-test",
-                                      "zfs": (await zfs.capabilities()).flavour}
+            # Open to anyone: liveness, which zone, which version; nothing else.
+            assert await r.json() == {"ping": "pong", "zone": ZONE_UUID, "version": VERSION}
         async with http.get(f"http://127.0.0.1:{info['http_port']}/v1/vms") as r:
             assert (r.status, await r.json()) == (200, [])
+    async with aiohttp.ClientSession() as anon, \
+            anon.get(f"http://127.0.0.1:{info['http_port']}/v1/vms") as r:
+        assert r.status == 401 and "Signature" in r.headers["WWW-Authenticate"]
 
     t0 = time.monotonic()
     assert daemon.stop(timeout=STOP_BOUND) == 0
@@ -159,8 +166,8 @@ async def test_daemon_serves_and_stops_cleanly(zfs: Zfs, zone_pool: FilePool, tm
     assert start["level"] == 30 and start["zone"] == ZONE_UUID and start["root"] == root
     audit = [r for r in records if r["msg"] == "handled request"]
     assert [(a["method"], a["url"], a["status"]) for a in audit] == [
-        ("GET", "/ping", 200), ("GET", "/v1/vms", 200)]
-    assert {"created root dataset", "generated SSH host key", "stopping", "stopped"} <= set(msgs)
+        ("GET", "/ping", 200), ("GET", "/v1/vms", 200), ("GET", "/v1/vms", 401)]
+    assert {"created root dataset", "generated SSH key", "stopping", "stopped"} <= set(msgs)
     assert msgs[-1] == "stopped"
 
 

@@ -35,6 +35,7 @@ class Fleet:
         self.cn = fleet.cns[0]
         assert fleet.coordinator is not None
         self.url = fleet.coordinator.url
+        self.coordinator_key = fleet.coordinator.public_key  # placements are signed by it
 
     def zone(self, uuid: str) -> LocalZone:
         return next(z for z in self.f.zones if z.uuid == uuid)
@@ -53,7 +54,7 @@ class Fleet:
 
     async def push(self, vm: str, name: str, durability: str | None = None) -> list[str]:
         """Push to the VM's primary as the coordinator places it; the zones holding it."""
-        ends = await placement(self.url, vm)
+        ends = await placement(self.url, vm, self.cn.key_path, self.coordinator_key)
         last: Exception | None = None
         for e in ends:  # the CN fails over as `snapper push` does
             zone = next((z for z in self.f.zones if z.uuid == e["uuid"]), None)
@@ -136,7 +137,7 @@ async def fleet(request: pytest.FixtureRequest, zfs_tier: ZfsTier, zfs: Zfs,
                                 pool_size=512 << 20, coordinator=True,
                                 reconcile_interval_ms=5000, lost_after=4.0)
     try:
-        async with aiohttp.ClientSession() as http:
+        async with lf.http() as http:  # as the fleet's operator
             f = Fleet(lf, zfs, http)
             await wait_until(lambda: _registered(f, 3), 60, "3 zones registered")
             await f.make_vms()

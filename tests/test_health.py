@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import asyncssh
 import pytest
 from aiohttp import web
 
@@ -18,6 +19,7 @@ from rebalance.health import HealthChecker, HealthSettings
 from rebalance.placement import ZoneState
 from rebalance.store import SqliteStore, ZoneRecord, ZoneRegistration
 from rebalance.zoneclient import HttpZoneApi
+from snapper_zone.common.httpsig import Signer
 from tests.helpers import wait_for
 
 ZONE = "00000000-0000-4000-8000-000000000001"
@@ -83,7 +85,8 @@ async def zone() -> AsyncIterator[ZoneStandIn]:
 class Env:
     def __init__(self, tmp_path: Path, zone: ZoneStandIn, lost_after: float) -> None:
         self.store = SqliteStore(tmp_path / "c.db")
-        self.api = HttpZoneApi(request_timeout=2.0)
+        self.api = HttpZoneApi(Signer(asyncssh.generate_private_key("ssh-ed25519")),
+                               request_timeout=2.0)
         self.lost: list[str] = []
         self.zone = zone
         self.checker = HealthChecker(self.store, self.api,
@@ -100,6 +103,7 @@ class Env:
         await self.store.upsert_zone(ZoneRegistration(
             ZONE, "z1", "127.0.0.1", self.zone.ssh_port, f"http://127.0.0.1:{self.zone.http_port}",
             "ssh-ed25519 X", 100), 0.0)
+        await self.store.set_zone_state(ZONE, ZoneState.ACTIVE)  # admitted
         self.task = asyncio.create_task(self._watch())
         return self
 

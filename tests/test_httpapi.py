@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -16,11 +17,12 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from snapper_zone.common.config import parse_config
-from snapper_zone.daemon.httpapi import make_app
+from snapper_zone.common.httpsig import Signer, signing_session
+from snapper_zone.daemon.httpapi import VERSION, make_app
 from snapper_zone.daemon.zone import Zone
 from snapper_zone.fleet.pools import FilePool
 from snapper_zone.zfs.names import Dataset
-from snapper_zone.zfs.zfs import Capabilities, SendSpec, Zfs
+from snapper_zone.zfs.zfs import SendSpec, Zfs
 from tests.helpers import write_random
 
 pytestmark = pytest.mark.zfs
@@ -29,6 +31,13 @@ ZONE_UUID = "bd932c2b-caae-495a-abf2-fb958111c3fb"
 VM = "74c59c61-4559-4ca2-b1ef-0ca22f2f936a"
 OTHER_VM = "7250abe7-581d-4b91-9ae1-5601a17f5dff"
 META = {"uuid": VM, "alias": "web0", "brand": "joyent", "ram": 1024}
+OPERATOR = asyncssh.generate_private_key("ssh-ed25519", comment="ops@test")
+CN0 = asyncssh.generate_private_key("ssh-ed25519")  # VM's CN
+CN1 = asyncssh.generate_private_key("ssh-ed25519")  # another CN
+
+
+def _pub(key: asyncssh.SSHKey) -> str:
+    return str(key.export_public_key().decode().strip())
 
 
 @dataclass
@@ -59,12 +68,14 @@ async def push(api: Api, name: str, base: str | None) -> None:
 @pytest.fixture
 async def api(zfs: Zfs, cn_pool: FilePool, zone_pool: FilePool,
               tmp_path: Path) -> AsyncIterator[Api]:
-    key = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
     config = parse_config({
         "uuid": ZONE_UUID, "name": "snapper0", "root": f"{zone_pool.name}/snapper",
         "ssh": {"port": 0, "host_key": str(tmp_path / "host_key")},
         "http": {"port": 0},
-        "keys": [{"role": "operator", "public_key": key}],
+        "keys": [{"role": "operator", "public_key": _pub(OPERATOR)},
+                 {"role": "cn", "cn_id": "cn0", "public_key": _pub(CN0)},
+                 {"role": "cn", "cn_id": "cn1", "public_key": _pub(CN1)}],
+        "vms": {VM: "cn0"},
     }, str(tmp_path / "snapperd.toml"))
     await zfs.create(Dataset(config.root))
     zone = Zone.from_config(config, zfs)
@@ -78,7 +89,7 @@ async def api(zfs: Zfs, cn_pool: FilePool, zone_pool: FilePool,
 
     server = TestServer(make_app(zone), host="127.0.0.1")
     await server.start_server()
-    async with aiohttp.ClientSession() as http:
+    async with signing_session(Signer(OPERATOR)) as http:
         a = Api(zone, server, http, cn_pool, cn)
         for name, base in (("s1", None), ("s2", "s1"), ("s3", "s2")):
             await push(a, name, base)
@@ -86,10 +97,10 @@ async def api(zfs: Zfs, cn_pool: FilePool, zone_pool: FilePool,
     await server.close()
 
 
-async def test_ping(api: Api, caps: Capabilities) -> None:
-    status, body = await api.call("GET", "/ping")
-    assert status == 200
-    assert body == {"ping": "pong", "zone": ZONE_UUID, "name": "snapper0", "zfs": caps.flavour}
+async def test_ping(api: Api) -> None:
+    async with aiohttp.ClientSession() as anon, anon.get(api.url("/ping")) as r:
+        assert r.status == 200
+        assert await r.json() == {"ping": "pong", "zone": ZONE_UUID, "version": VERSION}
 
 
 async def test_inventory_guids_equal_the_cns(api: Api) -> None:
@@ -106,7 +117,7 @@ async def test_inventory_guids_equal_the_cns(api: Api) -> None:
     assert status == 200
     assert len(vms) == 1
     (vm,) = vms
-    assert (vm["uuid"], vm["snapshots"], vm["complete"], vm["cn"]) == (VM, 4, 3, None)
+    assert (vm["uuid"], vm["snapshots"], vm["complete"], vm["cn"]) == (VM, 4, 3, "cn0")
     assert vm["bytes"] > 3 * (256 << 10)
 
     status, snaps = await api.call("GET", f"/v1/vms/{VM}/snapshots")
@@ -296,14 +307,45 @@ async def test_metadata_over_several_chunks(api: Api) -> None:
 @pytest.mark.zfs
 async def test_a_drop_with_a_text_plain_or_deep_body_is_refused(api: Api) -> None:
     """A browser's cross-site text/plain POST, or JSON nested past any real document,
-    never reaches the handler: 422 with the JSON error shape, the copy untouched."""
+    never reaches the handler: 415 / 422 with the JSON error shape, the copy untouched;
+    nor does a drop with no body at all (the redundancy check is not optional)."""
     status, before = await api.call("GET", f"/v1/vms/{VM}/snapshots")
     assert status == 200 and before
-    for data, ctype, word in (('{"elsewhere": {}}', "text/plain", "application/json"),
-                              ("[" * 5000 + "]" * 5000, "application/json", "nests deeper")):
+    for data, ctype, code, word in (
+            ('{"elsewhere": {}}', "text/plain", "UnsupportedMediaType", "application/json"),
+            ("[" * 5000 + "]" * 5000, "application/json", "InvalidArgument", "nests deeper"),
+            (None, None, "InvalidArgument", "elsewhere"),
+            ("{}", "application/json", "InvalidArgument", "elsewhere")):
         async with api.http.delete(api.url(f"/v1/vms/{VM}"), data=data,
-                                   headers={"Content-Type": ctype}) as r:
+                                   headers={"Content-Type": ctype} if ctype else None) as r:
             doc = await r.json(content_type=None)
-            assert (r.status, doc["code"]) == (422, "InvalidArgument"), doc
+            assert (r.status, doc["code"]) == ({"UnsupportedMediaType": 415}.get(code, 422),
+                                               code), doc
             assert word in doc["message"]
     assert await api.call("GET", f"/v1/vms/{VM}/snapshots") == (200, before)
+
+
+async def test_a_cn_reads_and_deletes_its_own_vms_only(api: Api) -> None:
+    """Metadata (customer_metadata, user-scripts) is authorised like a write: the
+    VM's own CN may read it, another CN gets 403 and learns nothing."""
+    url = api.url(f"/v1/vms/{VM}/snapshots?metadata=true")
+    async with signing_session(Signer(CN0)) as mine, signing_session(Signer(CN1)) as other:
+        async with mine.get(url) as r:
+            assert r.status == 200 and (await r.json())[0]["metadata"] == {**META, "snap": "s1"}
+        for method, path in (("GET", f"/v1/vms/{VM}/snapshots?metadata=true"),
+                             ("GET", f"/v1/vms/{VM}/snapshots/s1"),
+                             ("GET", f"/v1/vms/{VM}/tombstones"),
+                             ("DELETE", f"/v1/vms/{VM}/snapshots/s1")):
+            async with other.request(method, api.url(path)) as r:
+                doc = await r.json()
+                assert (r.status, doc["code"]) == (403, "NotAuthorized"), (method, path, doc)
+                assert "meta" not in json.dumps(doc).replace("metadata=true", "")
+        # Nor the inventory (the VM -> CN map), nor dropping a copy, even its own.
+        for method, path in (("GET", "/v1/vms"), ("DELETE", f"/v1/vms/{VM}")):
+            async with mine.request(method, api.url(path), json={"elsewhere": {}}
+                                    if method == "DELETE" else None) as r:
+                assert r.status == 403, (method, path)
+        async with mine.delete(api.url(f"/v1/vms/{VM}/snapshots/s1")) as r:
+            assert r.status == 204
+    assert [s["name"] for s in (await api.call("GET", f"/v1/vms/{VM}/snapshots"))[1]] == [
+        "s2", "s3"]

@@ -130,6 +130,7 @@ async def setup(tmp_path: Path, move: Move, placed: tuple[str, str] = (A, B),
     store = SqliteStore(tmp_path / "c.db")
     for z in (A, B, C, D):
         await store.upsert_zone(reg(z), 0.0)
+        await store.set_zone_state(z, ZoneState.ACTIVE)  # admitted
     fake = FakeZones()
     for z in placed:
         fake.put(z, VM, SNAPS)
@@ -382,6 +383,7 @@ async def test_per_zone_concurrency_limit(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "c.db")
     for z in (A, B, C, D):
         await store.upsert_zone(reg(z), 0.0)
+        await store.set_zone_state(z, ZoneState.ACTIVE)  # admitted
     fake = FakeZones()
     fake.gate = asyncio.Event()
     vms = [f"74c59c61-4559-4ca2-b1ef-0ca22f2f93{i:02x}" for i in range(6)]

@@ -24,6 +24,8 @@ from rebalance.placement import (
 )
 
 ACTIVE, DRAINING, LOST = ZoneState.ACTIVE, ZoneState.DRAINING, ZoneState.LOST
+# Copies on these count for nothing: lost, or a pending zone nobody admitted.
+UNTRUSTED = (LOST, ZoneState.PENDING)
 TB = 10**12
 
 
@@ -49,7 +51,7 @@ def simulate(zs: Sequence[ZoneInfo], current: Mapping[str, Sequence[str]], p: Pl
              vms: Sequence[VmInfo]) -> dict[str, set[str]]:
     """Apply the moves in order as copy-then-delete; check no step loses redundancy."""
     state = {z.id: z.state for z in zs}
-    held = {v.uuid: {z for z in current.get(v.uuid, ()) if state.get(z, LOST) is not LOST}
+    held = {v.uuid: {z for z in current.get(v.uuid, ()) if state.get(z, LOST) not in UNTRUSTED}
             for v in vms}
     for m in p.moves:
         copies = held[m.vm]
@@ -85,7 +87,7 @@ def check_plan(zs: Sequence[ZoneInfo], vms: Sequence[VmInfo],
     for a, b in p.placement.values():
         assert a != b
         for z in (a, b):  # only where the data may stay: eligible, or not drainable in time
-            assert by_id[z].state is not LOST
+            assert by_id[z].state not in UNTRUSTED
     # free space: what lands on a zone (new VMs' pushes and move targets) fits its free bytes
     landed: Counter[str] = Counter()
     for vm, pair in p.placement.items():

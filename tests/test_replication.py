@@ -69,7 +69,7 @@ class Pair:
 
     async def holdings(self, zone: LocalZone) -> dict[str, dict[str, int]]:
         """Complete VM snapshots on ``zone``: name -> dataset -> guid (HTTP API)."""
-        async with aiohttp.ClientSession() as http, \
+        async with self.fleet.http() as http, \
                 http.get(f"{zone.http_url}/v1/vms/{self.vm}/snapshots") as r:
             if r.status == 404:
                 return {}
@@ -89,7 +89,7 @@ class Pair:
         return await scrape(zone.http_url, name, **labels)
 
     async def transfers(self, zone: LocalZone) -> list[dict[str, Any]]:
-        async with aiohttp.ClientSession() as http, \
+        async with self.fleet.http() as http, \
                 http.get(f"{zone.http_url}/v1/transfers") as r:
             r.raise_for_status()
             out: list[dict[str, Any]] = await r.json()
@@ -124,7 +124,7 @@ async def test_mirrored_push_returns_with_both_copies_guid_equal(pair: Pair) -> 
         # Right at the ack, with no waiting: both zones hold it, guids as on the CN.
         assert (await pair.holdings(pair.primary))[name] == want
         assert (await pair.holdings(pair.mirror))[name] == want
-    async with aiohttp.ClientSession() as http, \
+    async with pair.fleet.http() as http, \
             http.get(f"{pair.primary.http_url}/v1/replication") as r:
         doc = await r.json()
     row = next(v for v in doc["vms"] if v["vm"] == pair.vm)
@@ -150,7 +150,7 @@ async def test_mirror_down_local_mode_catches_up_and_deletes_follow(pair: Pair) 
     rep = await pair.push(pair.primary, "s4", durability="local")
     assert rep.durability == "local" and rep.zones == [pair.primary.uuid]
     # delete while the mirror is away: it must not come back from the mirror
-    async with aiohttp.ClientSession() as http, \
+    async with pair.fleet.http() as http, \
             http.delete(f"{pair.primary.http_url}/v1/vms/{pair.vm}/snapshots/s2") as r:
         assert r.status == 204
     await pair.fleet.start_zone(pair.mirror)
@@ -219,7 +219,7 @@ async def test_sync_with_bwlimit_is_paced(zfs_tier: ZfsTier, zfs: Zfs, tmp_path:
         await p.push(p.primary, "s1", durability="local")
 
         async def gave_up() -> bool:  # the push's own catch-up, retried, has failed
-            async with aiohttp.ClientSession() as http, \
+            async with fleet.http() as http, \
                     http.get(f"{p.primary.http_url}/v1/replication") as r:
                 rows = (await r.json())["vms"]
             return any(v["vm"] == p.vm and v["state"] == "failing" for v in rows)
@@ -228,7 +228,7 @@ async def test_sync_with_bwlimit_is_paced(zfs_tier: ZfsTier, zfs: Zfs, tmp_path:
         await fleet.start_zone(p.mirror)
         assert await p.holdings(p.mirror) == {}
         url = f"{p.primary.http_url}/v1/vms/{p.vm}/sync"
-        async with aiohttp.ClientSession() as http:
+        async with fleet.http() as http:
             async with http.post(url, json={"peer": p.mirror.uuid, "bwlimit": -1}) as r:
                 assert (r.status, (await r.json())["code"]) == (422, "InvalidArgument")
             rate = 1 << 20  # the VM holds ~3 MiB: at least ~2 s at 1 MiB/s
@@ -250,7 +250,7 @@ async def test_a_delete_answers_once_the_mirror_followed(pair: Pair) -> None:
         if i:
             pair.write(f"more{i}", 64 << 10)
         await pair.push(pair.primary, name)
-    async with aiohttp.ClientSession() as http, \
+    async with pair.fleet.http() as http, \
             http.delete(f"{pair.primary.http_url}/v1/vms/{pair.vm}/snapshots/s2") as r:
         assert r.status == 204
     # Right at the answer, with no waiting: gone from both zones.
@@ -260,7 +260,7 @@ async def test_a_delete_answers_once_the_mirror_followed(pair: Pair) -> None:
     # primary lost, a third copy could not bring s2 back to the mirror.
 
     async def stones(zone: LocalZone) -> list[dict[str, Any]]:
-        async with aiohttp.ClientSession() as http, \
+        async with pair.fleet.http() as http, \
                 http.get(f"{zone.http_url}/v1/vms/{pair.vm}/tombstones") as r:
             r.raise_for_status()
             out: list[dict[str, Any]] = await r.json()

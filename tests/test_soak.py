@@ -13,7 +13,6 @@ import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -259,7 +258,7 @@ async def pair(zfs_tier: ZfsTier, tmp_path: Path) -> AsyncIterator[tuple[Soak, s
     fleet = await LocalFleet.start(tmp_path / "fleet", zones=2, cns=1, vms_per_cn=1,
                                    pool_size=512 << 20, reconcile_interval_ms=500)
     try:
-        async with aiohttp.ClientSession() as http:
+        async with fleet.http() as http:
             soak = Soak(SoakConfig(workdir=tmp_path), fleet, http, print)
             await soak.workload.make_vms()
             yield soak, fleet.cns[0].vms[0]

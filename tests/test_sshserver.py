@@ -40,6 +40,7 @@ from tests.helpers import mountpoint, receive_bytes, send_bytes, wait_for, write
 
 ZONE_UUID = "bd932c2b-caae-495a-abf2-fb958111c3fb"
 PEER_UUID = "02f6d6c3-c496-439f-8cad-5ad138936fa4"
+PEER2_UUID = "5d0e0b8e-3c1a-4f4e-9a57-2a8e6f0c9d11"  # a second peer zone (``peers=2``)
 VM_A = "74c59c61-4559-4ca2-b1ef-0ca22f2f936a"
 VM_B = "7250abe7-581d-4b91-9ae1-5601a17f5dff"
 
@@ -88,7 +89,7 @@ async def make_harness(tmp_path: Path) -> AsyncIterator[MakeHarness]:
 
     async def make(root: str, cns: dict[str, list[str]], *, max_concurrent_receives: int = 4,
                    zfs: Zfs | None = None, stream_idle_seconds: int = 60,
-                   settings: dict[str, Any] | None = None) -> Harness:
+                   settings: dict[str, Any] | None = None, peers: int = 1) -> Harness:
         keydir = tmp_path / f"keys{len(harnesses)}"
         keydir.mkdir()
         keys: dict[str, Path] = {}
@@ -97,9 +98,14 @@ async def make_harness(tmp_path: Path) -> AsyncIterator[MakeHarness]:
             keys[cn] = keydir / cn
             entries.append({"role": "cn", "cn_id": cn,
                             "public_key": _keyfile(keys[cn], f"cn {cn}")})
-        keys["peer"] = keydir / "peer"
-        entries.append({"role": "peer", "zone": PEER_UUID,
-                        "public_key": _keyfile(keys["peer"], "peer")})
+        # The peer zones, configured as static peers: a peer acts only on the
+        # VMs the static pair gives both zones (with one peer: every VM).
+        peer_ids = [PEER_UUID, PEER2_UUID][:peers]
+        for i, zone_id in enumerate(peer_ids):
+            who = "peer" if i == 0 else f"peer{i + 1}"
+            keys[who] = keydir / who
+            entries.append({"role": "peer", "zone": zone_id,
+                            "public_key": _keyfile(keys[who], who)})
         keys["operator"] = keydir / "operator"
         entries.append({"role": "operator",
                         "public_key": _keyfile(keys["operator"], "alice@ops")})
@@ -114,6 +120,8 @@ async def make_harness(tmp_path: Path) -> AsyncIterator[MakeHarness]:
             "stream_idle_seconds": stream_idle_seconds,
             "keys": entries,
             "vms": {vm: cn for cn, vms in cns.items() for vm in vms},
+            "peers": [{"uuid": z, "ssh_host": "127.0.0.1", "ssh_port": 1,
+                       "http_url": "http://127.0.0.1:1"} for z in peer_ids],
             **(settings or {}),
         }, str(tmp_path / "snapperd.toml"))
         zone = Zone.from_config(config, zfs=zfs, log=logging.getLogger("snapperd.test"))

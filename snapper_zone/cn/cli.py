@@ -41,7 +41,7 @@ from snapper_zone.transfer.remote import ZoneClient, ZoneError, ZoneUnreachable
 DEFAULT_CONFIG = "/opt/smartdc/snapper/etc/snapper-cn.toml"
 CONFIG_ENV = "SNAPPER_CN_CONFIG"
 _CONFIG_FIELDS = ("zones", "key", "known_hosts", "host_key", "dataset_root",
-                  "coordinator_url")
+                  "coordinator_url", "coordinator_key")
 
 
 class UsageError(Exception):
@@ -60,6 +60,7 @@ class CnSettings:
     # when a zone does not answer (the first is ``zone_host:zone_port``).
     zones: tuple[tuple[str, int], ...] = ()
     coordinator_url: str | None = None
+    coordinator_key: str | None = None  # OpenSSH line: placements must be signed by it
 
 
 def parse_endpoint(text: str) -> tuple[str, int]:
@@ -98,9 +99,15 @@ def load_cn_config(path: Path) -> dict[str, Any]:
     zones = data.get("zones", [])
     if not isinstance(zones, list) or not all(isinstance(z, str) for z in zones):
         raise UsageError(f"{path}: zones: must be a list of \"HOST:PORT\" strings")
-    for k in ("key", "known_hosts", "host_key", "dataset_root"):
+    for k in ("key", "known_hosts", "host_key", "dataset_root", "coordinator_key"):
         if k in data and not (isinstance(data[k], str) and data[k]):
             raise UsageError(f"{path}: {k}: must be a non-empty string")
+    if "coordinator_key" in data:
+        try:
+            asyncssh.import_public_key(data["coordinator_key"].strip())
+        except (asyncssh.KeyImportError, ValueError) as exc:
+            raise UsageError(f"{path}: coordinator_key: not an OpenSSH public key line: "
+                             f"{exc}") from exc
     # Relative paths are relative to the config file, so the two can move together.
     for k in ("key", "known_hosts", "host_key"):
         if k in data and not Path(data[k]).is_absolute():
@@ -137,7 +144,8 @@ def settings(args: argparse.Namespace) -> CnSettings:
     return CnSettings(host, port, Path(key), Path(known) if known else None,
                       Path(pinned) if pinned else None,
                       args.dataset_root or cfg.get("dataset_root") or "zones",
-                      endpoints, str(coordinator) if coordinator else None)
+                      endpoints, str(coordinator) if coordinator else None,
+                      cfg.get("coordinator_key"))
 
 
 def _client(s: CnSettings) -> ZoneClient:
@@ -155,7 +163,7 @@ async def _push_targets(s: CnSettings, vm: str) -> list[ZoneClient]:
     zone, so failover needs a known_hosts file.
     """
     if s.coordinator_url:
-        placed = await placement(s.coordinator_url, vm)
+        placed = await placement(s.coordinator_url, vm, s.key, s.coordinator_key)
         return [ZoneClient(e["ssh_host"], int(e["ssh_port"]), s.key,
                            host_key=asyncssh.import_public_key(e["host_key"]))
                 for e in placed]

@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncssh
 
+from snapper_zone.common.httpsig import Signer, UntrustedResponse, signing_session
 from snapper_zone.common.progress import NoProgress, Reporter
 from snapper_zone.errors import (
     ResumeTokenInvalid,
@@ -80,16 +82,28 @@ class PlanError(SnapperError):
 # -- the SSH connection -----------------------------------------------------------
 
 
-async def placement(coordinator_url: str, vm: str) -> list[dict[str, Any]]:
-    """The VM's zones (primary first) with their endpoints, from the coordinator."""
+async def placement(coordinator_url: str, vm: str, key: Path,
+                    coordinator_key: str | None = None) -> list[dict[str, Any]]:
+    """The VM's zones (primary first) with their endpoints, from the coordinator.
+
+    Asked as this CN: the request is signed with its SSH key ``key``. The
+    answer names the host keys the CN then pins, so with ``coordinator_key``
+    (an OpenSSH public key line) it must be signed by the coordinator:
+    whoever merely answers at its address cannot send a push elsewhere.
+    """
     url = f"{coordinator_url.rstrip('/')}/v1/placement/{vm}"
+    trusted = None if coordinator_key is None else asyncssh.import_public_key(coordinator_key)
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http, \
+        async with signing_session(Signer.load(key), response_key=trusted,
+                                   timeout=aiohttp.ClientTimeout(total=30)) as http, \
                 http.get(url) as r:
             body = await r.json(content_type=None)
             if r.status != 200:
                 raise ZoneError(str(body.get("code", r.status)), str(body.get("message", "")),
                                 "placement")
+    except UntrustedResponse as exc:
+        raise ZoneError(exc.code, f"coordinator {coordinator_url}: {exc.message}",
+                        "placement") from exc
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         raise ZoneUnreachable(f"coordinator {coordinator_url}: {exc}") from exc
     endpoints = body.get("endpoints") if isinstance(body, dict) else None

@@ -18,11 +18,13 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
+import asyncssh
+
 from snapper_zone.common.config import ConfigError
 from snapper_zone.common.log import parse_level, setup_logging
 
-__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "Parser", "StartupError", "run_daemon",
-           "write_atomically"]
+__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "Parser", "StartupError",
+           "ensure_private_key", "run_daemon", "write_atomically"]
 
 C = TypeVar("C")
 
@@ -97,3 +99,24 @@ def run_daemon(name: str, parser: argparse.ArgumentParser, argv: Sequence[str] |
         # as one record rather than a bare traceback.
         log.critical(f"{name} cannot run", exc_info=True)
         return EXIT_FAILED
+
+
+def ensure_private_key(path: Path, field: str, comment: str, log: logging.Logger) -> None:
+    """Generate an ed25519 key (mode 0600, and ``.pub`` beside it) at ``path``
+    unless a usable one is there (snapperd's host key, the coordinator's key)."""
+    if path.exists():
+        try:
+            asyncssh.read_private_key(str(path))
+        except (OSError, asyncssh.KeyImportError) as e:
+            raise StartupError(f"{field} {path} is not a usable private key: {e}",
+                               EXIT_USAGE) from e
+        if path.stat().st_mode & 0o077:
+            log.warning("private key is readable by others; chmod 600 it",
+                        extra={"path": path})
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = asyncssh.generate_private_key("ssh-ed25519", comment=comment)
+    write_atomically(path, key.export_private_key(), mode=0o600)
+    with contextlib.suppress(OSError):
+        write_atomically(path.with_name(path.name + ".pub"), key.export_public_key())
+    log.info("generated SSH key", extra={"path": path, "fingerprint": key.get_fingerprint()})

@@ -39,6 +39,7 @@ __all__ = [
     "ZoneConfig",
     "load_config",
     "parse_config",
+    "parse_keys",
 ]
 
 Role = Literal["cn", "peer", "operator"]
@@ -154,6 +155,17 @@ class TrustedKey:
     def ssh_key(self) -> asyncssh.SSHKey:
         return asyncssh.import_public_key(self.public_key)
 
+    @property
+    def name(self) -> str:
+        """Who this is within its role: the cn_id, the peer zone's uuid, or an
+        operator's key comment ("alice@ops"; a label for logs), else its fingerprint."""
+        if self.cn_id is not None:
+            return self.cn_id
+        if self.zone is not None:
+            return self.zone
+        parts = self.public_key.split(maxsplit=2)
+        return parts[2].strip() if len(parts) == 3 and parts[2].strip() else self.fingerprint
+
 
 @dataclass(frozen=True)
 class PeerConfig:
@@ -181,6 +193,9 @@ class ZoneConfig:
     # vm uuid -> cn_id; read-only. Left out of the hash since a mapping has none.
     vms: Mapping[str, str] = field(default_factory=lambda: types.MappingProxyType({}), hash=False)
     coordinator_url: str | None = None
+    # The coordinator's public key (OpenSSH line): it signs its HTTP requests
+    # to this zone and the answers this zone relies on (zone list, placement).
+    coordinator_key: str | None = None
     peers: tuple[PeerConfig, ...] = ()
     # How often every VM is reconciled with its peer even with nothing new
     # (a peer that was down is noticed within this time).
@@ -246,6 +261,18 @@ def load_config(path: str | Path) -> ZoneConfig:
     return parse_config(data, src)
 
 
+def parse_keys(value: object, source: str, roles: Collection[Role] = ROLES
+               ) -> tuple[TrustedKey, ...]:
+    """A ``[[keys]]`` list as snapperd's config has it (the coordinator's too),
+    limited to ``roles``; relative ``public_key_file`` paths against ``source``'s dir."""
+    keys = _Parser(source).keys(value, "")
+    for i, k in enumerate(keys):
+        if k.role not in roles:
+            raise ConfigError(source, f"keys[{i}].role",
+                              f"{k.role!r} is not one of: {', '.join(roles)}")
+    return keys
+
+
 def parse_config(data: object, source: str = "<config>") -> ZoneConfig:
     """Validate an already-decoded config document.
 
@@ -273,6 +300,7 @@ _TOP_FIELDS = (
     "keys",
     "vms",
     "coordinator_url",
+    "coordinator_key",
     "peers",
     "reconcile_interval_ms",
     "mirror_timeout_seconds",
@@ -462,6 +490,11 @@ class _Parser:
         coordinator_url = (
             None if coordinator is _MISSING else self.url("coordinator_url", coordinator)
         )
+        coordinator_key = None
+        if "coordinator_key" in top:
+            ck = self._import_key("coordinator_key",
+                                  self.string("coordinator_key", top["coordinator_key"]))
+            coordinator_key = ck.export_public_key("openssh").decode("ascii").strip()
         peers = self.peers(top.get("peers", []), zone_uuid)
         interval = self.integer("reconcile_interval_ms",
                                 top.get("reconcile_interval_ms", DEFAULT_RECONCILE_INTERVAL_MS),
@@ -500,6 +533,7 @@ class _Parser:
             metadata_max_bytes=meta_max,
             vms=types.MappingProxyType(vms),
             coordinator_url=coordinator_url,
+            coordinator_key=coordinator_key,
             peers=peers,
             reconcile_interval_ms=interval,
             mirror_timeout_seconds=mirror_timeout,

@@ -5,22 +5,27 @@ role:
 
 - ``cn``: a compute node. It may push, restore, list, commit, read and delete
   snapshots of the VMs mapped to it, and nothing of any other VM.
-- ``peer``: another snapper zone. Zone-to-zone mirror and move traffic may
-  touch any VM, so a peer may run every command.
+- ``peer``: another snapper zone. It may run every command, but only on a
+  VM whose *scope* holds both zones: the VM's placement and every zone of a
+  move in flight for it (the coordinator's ``scope``), or without a
+  coordinator the static pair (``replication.peers.static_scope``). A
+  peer's command on any other VM, tombstones and ``destroy`` included, is
+  refused: a zone's key is no master key to every VM in the fleet.
 - ``operator``: a human or tool watching the fleet: list, read metadata and
   delete; never a stream in or out.
 
-``authorize`` decides from the command alone (and the VM -> CN map), before
-anything runs; what a command would then do to ZFS is none of its business.
+``authorize`` decides from the command alone (and the VM -> CN map, and for a
+peer the VM's scope, looked up beforehand), before anything runs; what a
+command would then do to ZFS is none of its business.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from snapper_zone.common.config import Role, TrustedKey
-from snapper_zone.errors import SnapperError
+from snapper_zone.common.httpsig import NotAuthorized
 from snapper_zone.wire.protocol import (
     Abort,
     Command,
@@ -35,12 +40,8 @@ from snapper_zone.wire.protocol import (
     Snapshots,
 )
 
-__all__ = ["NotAuthorized", "Principal", "allowed_verbs", "authorize", "verb"]
-
-
-class NotAuthorized(SnapperError):
-    code = "NotAuthorized"
-    http_status = 403
+__all__ = ["NotAuthorized", "Principal", "allowed_verbs", "authorize", "check_owner",
+           "peer_in_scope", "verb", "vm_of"]
 
 
 _VERBS: dict[type, str] = {
@@ -84,18 +85,7 @@ class Principal:
 
     @classmethod
     def from_key(cls, key: TrustedKey, connection: int = 0) -> Principal:
-        if key.role == "cn":
-            assert key.cn_id is not None  # the config guarantees it for role cn
-            ident = key.cn_id
-        elif key.role == "peer":
-            assert key.zone is not None  # likewise for role peer
-            ident = key.zone
-        else:
-            # An operator is named by the comment on its key ("alice@ops"),
-            # which is only a label for logs; the fingerprint is the identity.
-            parts = key.public_key.split(maxsplit=2)
-            ident = parts[2].strip() if len(parts) == 3 and parts[2].strip() else key.fingerprint
-        return cls(key.role, ident, key.fingerprint, connection)
+        return cls(key.role, key.name, key.fingerprint, connection)
 
     @property
     def label(self) -> str:
@@ -104,15 +94,24 @@ class Principal:
         return f"{prefix}:{self.id}"
 
 
-def _vm_of(command: Command) -> str | None:
+def vm_of(command: Command) -> str | None:
+    """The VM a command acts on (None: ``ping``)."""
     return None if isinstance(command, Ping) else command.vm
 
 
+def peer_in_scope(me: str, peer: str, scope: Collection[str] | None) -> bool:
+    """Whether peer zone ``peer`` may act, on zone ``me``, on a VM whose scope is
+    ``scope`` (None: unknown). Both zones must be in it, and a zone is not its own peer."""
+    return scope is not None and peer != me and me in scope and peer in scope
+
+
 def authorize(principal: Principal, command: Command,
-              owner_of: Callable[[str], str | None]) -> None:
+              owner_of: Callable[[str], str | None], *, me: str = "",
+              scope: Collection[str] | None = None) -> None:
     """Return if ``principal`` may run ``command``; raise NotAuthorized otherwise.
 
-    ``owner_of(vm)`` is the CN id a VM is mapped to (None when unmapped).
+    ``owner_of(vm)`` is the CN id a VM is mapped to (None when unmapped);
+    ``scope`` is the command's VM's scope, for a peer on zone ``me``.
     """
     name = verb(command)
     if name not in _ALLOWED[principal.role]:
@@ -120,12 +119,21 @@ def authorize(principal: Principal, command: Command,
             f"{principal.role} key {principal.fingerprint} ({principal.label}) may not run "
             f"{name!r}; a {principal.role} key may run: "
             f"{', '.join(sorted(_ALLOWED[principal.role]))}")
-    if principal.role != "cn":
+    vm = vm_of(command)
+    if vm is None or principal.role == "operator":
         return
-    vm = _vm_of(command)
-    if vm is None:
+    if principal.role == "peer":
+        if not peer_in_scope(me, principal.id, scope):
+            where = "an unknown placement" if scope is None else \
+                f"placed on {', '.join(sorted(scope)) or 'no zone'}"
+            raise NotAuthorized(f"VM {vm} is {where}: peer zone {principal.id} may not "
+                                f"{name} it here (zone {me})")
         return
-    owner = owner_of(vm)
-    if owner != principal.id:
+    check_owner(principal.id, vm, owner_of(vm), name)
+
+
+def check_owner(cn_id: str, vm: str, owner: str | None, what: str) -> None:
+    """A CN acts on its own VMs only (SSH commands and HTTP routes alike)."""
+    if owner != cn_id:
         whose = "is not mapped to any CN" if owner is None else "belongs to another CN"
-        raise NotAuthorized(f"VM {vm} {whose}; CN {principal.id} may only {name} its own VMs")
+        raise NotAuthorized(f"VM {vm} {whose}; CN {cn_id} may only {what} its own VMs")

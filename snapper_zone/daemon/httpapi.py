@@ -1,23 +1,43 @@
 """snapperd's HTTP API (aiohttp): health, inventory, delete, capacity, transfers, metrics.
 
-Routes::
+Routes, and the roles that may call each (``ROUTES``, the one table)::
 
-    GET    /ping                              {"ping": "pong", zone, name, zfs}
-    GET    /v1/vms                            [{uuid, cn, snapshots, complete, bytes}]
-    GET    /v1/vms/{uuid}/snapshots           [VmSnapshot JSON], oldest first
+    GET    /ping                              open: {"ping": "pong", zone, version}
+    GET    /v1/vms                            operator, coordinator, zone:
+                                              [{uuid, cn, snapshots, complete, bytes}]
+    GET    /v1/vms/{uuid}/snapshots           operator, coordinator, zone, own cn:
+                                              [VmSnapshot JSON], oldest first
                                               (?metadata=true: each with "metadata")
-    GET    /v1/vms/{uuid}/snapshots/{name}    VmSnapshot JSON + "metadata"
-    DELETE /v1/vms/{uuid}/snapshots/{name}    204 once the mirror followed (or after the
-                                              mirror timeout); 409 ResourceBusy while in use
-    GET    /v1/vms/{uuid}/tombstones          [{guid, deleted}]: part guids deleted on
+    GET    /v1/vms/{uuid}/snapshots/{name}    the same: VmSnapshot JSON + "metadata"
+    DELETE /v1/vms/{uuid}/snapshots/{name}    operator, own cn: 204 once the mirror
+                                              followed (or after the mirror timeout);
+                                              409 ResourceBusy while in use
+    GET    /v1/vms/{uuid}/tombstones          operator, coordinator, zone, own cn:
+                                              [{guid, deleted}]: part guids deleted on
                                               purpose (here, or on the peer and adopted)
-    POST   /v1/vms/{uuid}/sync                {"peer", "bwlimit"}: reconcile now -> state
-    DELETE /v1/vms/{uuid}                     drop this copy {"elsewhere": ...}; 409
-                                              CopyNotRedundant / ResourceBusy
-    GET    /v1/replication                    each VM's peer, state, lag
-    GET    /v1/capacity                       {root, available, used, referenced, pool}
-    GET    /v1/transfers                      [Transfer JSON] in flight
-    GET    /metrics                           Prometheus text format
+    POST   /v1/vms/{uuid}/sync                coordinator, operator: {"peer", "bwlimit"}:
+                                              reconcile now -> state
+    DELETE /v1/vms/{uuid}                     coordinator, operator: drop this copy;
+                                              body {"elsewhere": ...} required (422
+                                              without); 409 CopyNotRedundant / ResourceBusy
+    GET    /v1/replication                    operator, coordinator, zone: each VM's peer,
+                                              state, lag
+    GET    /v1/capacity                       operator, coordinator, zone:
+                                              {root, available, used, referenced, pool}
+    GET    /v1/transfers                      operator, coordinator: [Transfer JSON] in flight
+    GET    /metrics                           open: Prometheus text format
+
+Every route but ``/ping`` (liveness for load balancers and health checks) and
+``/metrics`` (Prometheus scrapes; counters and gauges, no VM data) must be
+signed (``common/httpsig``: HTTP Signatures with the caller's SSH key) by a
+key this zone knows: its config's ``[[keys]]`` (operator, cn, peer -> role
+"zone"), ``coordinator_key`` (role "coordinator") or a peer zone the
+coordinator registered. Unsigned, unknown, stale or replayed: 401
+``Unauthorized`` (with ``WWW-Authenticate``); a role the route does not name,
+or a CN asking about a VM that is not its own (the same owner rule as
+``daemon/auth.py``): 403 ``NotAuthorized``; a body that is not
+``application/json``: 415 ``UnsupportedMediaType``. The verified caller is
+``request[PRINCIPAL]`` for handlers.
 
 Errors are JSON ``{"code", "message"}`` with a matching status, as Triton's
 restify services answer: every :class:`SnapperError` maps to its own code and
@@ -42,7 +62,18 @@ from aiohttp import web
 
 from replication.peers import NoPeer
 from replication.replicator import Replicator
+from snapper_zone.common.httpsig import (
+    OPEN,
+    PRINCIPAL,
+    WWW_AUTHENTICATE,
+    Route,
+    Unauthorized,
+    Verifier,
+    add_routes,
+    guard,
+)
 from snapper_zone.common.metrics import CONTENT_TYPE_LATEST
+from snapper_zone.daemon.auth import check_owner
 from snapper_zone.daemon.zone import Zone
 from snapper_zone.errors import InvalidName, SnapperError
 from snapper_zone.transfer.registry import SnapshotInUse
@@ -50,14 +81,16 @@ from snapper_zone.transfer.store import P_META_COUNT, decode_metadata
 from snapper_zone.wire import InvalidDocument, elsewhere_from_json, jsontext, tombstones_to_json
 from snapper_zone.zfs.names import Dataset, check_component, check_uuid
 
-__all__ = ["ZONE", "MethodNotAllowed", "ResourceNotFound", "SnapshotInUse", "make_app"]
+__all__ = ["ROUTES", "ZONE", "MethodNotAllowed", "ResourceNotFound", "SnapshotInUse", "make_app"]
 
 ZONE = web.AppKey("zone", Zone)
+VERIFIER = web.AppKey("verifier", Verifier)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Listing every VM runs one `zfs get` per VM; bound how many run at once.
 _LIST_CONCURRENCY = 8
+VERSION = "0.1.0"
 # A client may name its request (restify's x-request-id); otherwise we do.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
@@ -105,23 +138,29 @@ def _request_id(request: web.Request) -> str:
 
 @web.middleware
 async def _errors_and_audit(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Validate URL names, turn every failure into JSON, log every request."""
+    """Authenticate, validate URL names, turn every failure into JSON, log every request."""
     zone = request.app[ZONE]
     req_id = _request_id(request)
     start = time.monotonic()
     response: web.StreamResponse
     try:
+        who = await guard(request, ROUTES, request.app[VERIFIER], zone.http_identity)
         for key, value in request.match_info.items():
             check = _PARAM_CHECKS.get(key)
             if check is None:
                 raise RuntimeError(f"route parameter {key!r} has no validator")
             check(value)
+        if who is not None and who.role == "cn" and "uuid" in request.match_info:
+            vm = request.match_info["uuid"]
+            check_owner(who.id, vm, zone.owner_of(vm), f"{request.method} {request.path}")
         response = await handler(request)
     except SnapperError as e:
         if e.http_status >= 500:
             zone.log.error("request failed: %s", e.message, exc_info=True,
                            extra={"req_id": req_id, "code": e.code})
-        response = _error_response(e.http_status, e.code, e.message)
+        response = _error_response(e.http_status, e.code, e.message,
+                                   {"WWW-Authenticate": WWW_AUTHENTICATE}
+                                   if isinstance(e, Unauthorized) else None)
     except web.HTTPException as e:
         if e.status < 400:
             raise  # redirects and the like are answers, not errors
@@ -144,9 +183,11 @@ async def _errors_and_audit(request: web.Request, handler: Handler) -> web.Strea
         response = _error_response(500, "InternalError",
                                    f"internal error (request {req_id})")
     response.headers["x-request-id"] = req_id
+    who = request.get(PRINCIPAL)
     zone.log.info("handled request", extra={
         "req_id": req_id, "method": request.method, "url": request.path_qs,
         "status": response.status, "remote": request.remote,
+        "principal": who.label if who is not None else None,
         "latency_ms": round((time.monotonic() - start) * 1000, 3)})
     return response
 
@@ -155,10 +196,9 @@ async def _errors_and_audit(request: web.Request, handler: Handler) -> web.Strea
 
 
 async def ping(request: web.Request) -> web.Response:
+    # Open to anyone: liveness, which zone, which version; nothing else.
     zone = request.app[ZONE]
-    caps = await zone.zfs.capabilities()
-    return web.json_response({"ping": "pong", "zone": zone.config.uuid,
-                              "name": zone.config.name, "zfs": caps.flavour})
+    return web.json_response({"ping": "pong", "zone": zone.config.uuid, "version": VERSION})
 
 
 def _is_vm(name: str) -> bool:
@@ -289,7 +329,7 @@ async def sync_vm(request: web.Request) -> web.Response:
     vm = check_uuid(request.match_info["uuid"], "VM uuid")
     peer: str | None = None
     bwlimit: float | None = None
-    if request.can_read_body:
+    if request.body_exists:
         body = await _json_body(request, '{"peer": "<zone uuid>", "bwlimit": <bytes/s>}')
         if isinstance(body, dict) and body.get("peer") is not None:
             peer = check_uuid(str(body["peer"]), "peer zone uuid")
@@ -306,16 +346,17 @@ async def sync_vm(request: web.Request) -> web.Response:
 async def drop_vm(request: web.Request) -> web.Response:
     """Remove this zone's whole copy of a VM (after a move placed it elsewhere).
 
-    Optional body ``{"elsewhere": {snapshot: {dataset: guid}}}``: what the new
-    copy holds complete; the drop is refused (409 CopyNotRedundant) if this
-    copy holds a complete snapshot beyond it (``Zone.drop_copy``).
+    Body ``{"elsewhere": {snapshot: {dataset: guid}}}``, required: what the
+    new copy holds complete; the drop is refused (409 CopyNotRedundant) if this
+    copy holds a complete snapshot beyond it (``Zone.drop_copy``). Without it
+    (422) nothing is dropped: no copy goes without the redundancy check.
     """
     zone = request.app[ZONE]
     vm = check_uuid(request.match_info["uuid"], "VM uuid")
+    if not request.body_exists:
+        raise InvalidName(f"DELETE /v1/vms/{vm} needs a body: {_ELSEWHERE}")
+    elsewhere = _parse_elsewhere(await _json_body(request, _ELSEWHERE))
     await _known_vm(zone, vm)
-    elsewhere = None
-    if request.can_read_body:
-        elsewhere = _parse_elsewhere(await _json_body(request, _ELSEWHERE))
     await zone.drop_copy(vm, elsewhere)
     return web.Response(status=204)
 
@@ -324,20 +365,17 @@ _ELSEWHERE = '{"elsewhere": {"<snapshot>": {"<dataset>": "<guid>"}}}'
 
 
 async def _json_body(request: web.Request, shape: str) -> Any:
-    # A text/plain POST is what a browser sends cross-site without asking.
-    if request.content_type != "application/json":
-        raise InvalidName(f"the body must be application/json, not {request.content_type!r}: "
-                          f"{shape}")
+    # guard() refused any body that is not application/json (415).
     try:
         return jsontext.loads(await request.text())
     except jsontext.InvalidJson as exc:
         raise InvalidName(f"{exc.message}: {shape}") from None
 
 
-def _parse_elsewhere(body: Any) -> dict[str, dict[str, int]] | None:
+def _parse_elsewhere(body: Any) -> dict[str, dict[str, int]]:
     raw = body.get("elsewhere") if isinstance(body, dict) else None
     if raw is None:
-        return None
+        raise InvalidName(f"the body must name what the new copy holds: {_ELSEWHERE}")
     try:
         return elsewhere_from_json(raw)
     except InvalidDocument as exc:
@@ -375,19 +413,31 @@ async def metrics(request: web.Request) -> web.Response:
                         headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def make_app(zone: Zone) -> web.Application:
+_OPERATORS = frozenset({"operator", "coordinator"})
+_READERS = frozenset({"operator", "coordinator", "zone"})
+_VM_READERS = _READERS | {"cn"}  # a CN: its own VMs only (the middleware checks)
+
+# Every route with the roles that may call it; a test checks none is missing.
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/ping", ping, OPEN),
+    Route("GET", "/v1/vms", list_vms, _READERS),
+    Route("GET", "/v1/vms/{uuid}/snapshots", list_snapshots, _VM_READERS),
+    Route("GET", "/v1/vms/{uuid}/tombstones", list_tombstones, _VM_READERS),
+    Route("GET", "/v1/vms/{uuid}/snapshots/{name}", get_snapshot, _VM_READERS),
+    Route("DELETE", "/v1/vms/{uuid}/snapshots/{name}", delete_snapshot,
+          frozenset({"operator", "cn"})),
+    Route("POST", "/v1/vms/{uuid}/sync", sync_vm, _OPERATORS),
+    Route("DELETE", "/v1/vms/{uuid}", drop_vm, _OPERATORS),
+    Route("GET", "/v1/replication", replication, _READERS),
+    Route("GET", "/v1/capacity", capacity, _READERS),
+    Route("GET", "/v1/transfers", transfers, _OPERATORS),
+    Route("GET", "/metrics", metrics, OPEN),
+)
+
+
+def make_app(zone: Zone, verifier: Verifier | None = None) -> web.Application:
     app = web.Application(middlewares=[_errors_and_audit])
     app[ZONE] = zone
-    app.router.add_get("/ping", ping)
-    app.router.add_get("/v1/vms", list_vms)
-    app.router.add_get("/v1/vms/{uuid}/snapshots", list_snapshots)
-    app.router.add_get("/v1/vms/{uuid}/tombstones", list_tombstones)
-    app.router.add_get("/v1/vms/{uuid}/snapshots/{name}", get_snapshot)
-    app.router.add_delete("/v1/vms/{uuid}/snapshots/{name}", delete_snapshot)
-    app.router.add_post("/v1/vms/{uuid}/sync", sync_vm)
-    app.router.add_delete("/v1/vms/{uuid}", drop_vm)
-    app.router.add_get("/v1/replication", replication)
-    app.router.add_get("/v1/capacity", capacity)
-    app.router.add_get("/v1/transfers", transfers)
-    app.router.add_get("/metrics", metrics)
+    app[VERIFIER] = verifier or Verifier()
+    add_routes(app, ROUTES)
     return app

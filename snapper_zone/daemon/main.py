@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -33,10 +32,12 @@ from snapper_zone.common.bootstrap import (
     EXIT_USAGE,
     Parser,
     StartupError,
+    ensure_private_key,
     run_daemon,
     write_atomically,
 )
 from snapper_zone.common.config import ZoneConfig, load_config
+from snapper_zone.common.httpsig import Signer
 from snapper_zone.daemon.httpapi import make_app
 from snapper_zone.daemon.service import Service
 from snapper_zone.daemon.sshserver import start_ssh_server
@@ -75,22 +76,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def ensure_host_key(path: Path, log: logging.Logger) -> None:
     """Generate an ed25519 host key (mode 0600) at ``path`` unless one is there."""
-    if path.exists():
-        try:
-            asyncssh.read_private_key(str(path))
-        except (OSError, asyncssh.KeyImportError) as e:
-            raise StartupError(f"ssh.host_key {path} is not a usable private key: {e}",
-                               EXIT_USAGE) from e
-        if path.stat().st_mode & 0o077:
-            log.warning("host key is readable by others; chmod 600 it", extra={"path": path})
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = asyncssh.generate_private_key("ssh-ed25519", comment="snapperd host key")
-    write_atomically(path, key.export_private_key(), mode=0o600)
-    with contextlib.suppress(OSError):
-        write_atomically(path.with_name(path.name + ".pub"), key.export_public_key())
-    log.info("generated SSH host key", extra={"path": path,
-                                              "fingerprint": key.get_fingerprint()})
+    ensure_private_key(path, "ssh.host_key", "snapperd host key", log)
 
 
 async def ensure_root(zfs: Zfs, root: Dataset, create: bool, log: logging.Logger) -> None:
@@ -144,13 +130,17 @@ async def serve(config: ZoneConfig, args: argparse.Namespace, log: logging.Logge
                 service: type[Service] = Service) -> int:
     zfs = Zfs()
     zone = Zone.from_config(config, zfs, log)
-    coordinator = CoordinatorClient(config.coordinator_url) if config.coordinator_url else None
-    if config.peers or coordinator is not None:
-        zone.replicator = Replicator(zone, PeerLinks(config, log, coordinator))
-    registrar: Registrar | None = None
     await ensure_root(zfs, zone.store.root, args.create_root, log)
     caps = await zfs.capabilities()
     ensure_host_key(config.ssh.host_key, log)
+    # The zone signs its requests to the coordinator with its host key: the
+    # key it registers is the key it proves it holds.
+    coordinator = CoordinatorClient(
+        config.coordinator_url, Signer.load(config.ssh.host_key),
+        config.coordinator_key) if config.coordinator_url else None
+    if config.peers or coordinator is not None:
+        zone.replicator = Replicator(zone, PeerLinks(config, log, coordinator))
+    registrar: Registrar | None = None
 
     stop = asyncio.Event()
     received: list[str] = []

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from replication.pipeline import MirrorTee
 from replication.replicator import MirrorUnavailable
 from snapper_zone.common import log as slog
-from snapper_zone.daemon.auth import NotAuthorized, Principal, authorize, verb
+from snapper_zone.daemon.auth import NotAuthorized, Principal, authorize, verb, vm_of
 from snapper_zone.daemon.limits import TooManySends
 from snapper_zone.daemon.zone import Zone
 from snapper_zone.errors import SnapperError
@@ -105,8 +105,13 @@ class Service:
         try:
             cmd = protocol.parse(line)
             label = verb(cmd)
+            vm = vm_of(cmd)
+            # A peer acts only on VMs placed (or moving) on both zones: look it up first.
+            scope = await self.zone.peer_scope(vm, principal.id) \
+                if principal.role == "peer" and vm is not None else None
             try:
-                authorize(principal, cmd, self.zone.owner_of)
+                authorize(principal, cmd, self.zone.owner_of, me=self.zone.config.uuid,
+                          scope=scope)
             except NotAuthorized as err:
                 self.zone.metrics.auth_failures.labels("not_authorized").inc()
                 self.log.warning("command refused", extra={

@@ -9,8 +9,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import asyncssh
+
+from replication.peers import static_scope
 from snapper_zone.common.config import TrustedKey, ZoneConfig
+from snapper_zone.common.httpsig import Identity
 from snapper_zone.common.metrics import Metrics
+from snapper_zone.daemon.auth import peer_in_scope
 from snapper_zone.daemon.limits import PerPrincipal
 from snapper_zone.errors import SnapperError
 from snapper_zone.transfer.local import LocalEndpoint, Quotas, ReceiveSlots, ZoneReceiver
@@ -77,6 +82,42 @@ class Zone:
         if found is None and self.replicator is not None:
             found = self.replicator.links.learned_keys.get(key_data)
         return found
+
+    async def peer_scope(self, vm: str, peer: str) -> frozenset[str] | None:
+        """The zones whose peers may act on ``vm`` here (``auth.authorize``'s scope);
+        None when it cannot be known (no coordinator answer ever).
+
+        With a coordinator: the VM's placement and the zones of its moves in
+        flight, from the placement cache (``CoordinatorClient.lookup``), asked
+        afresh when the cache has nothing or does not name ``peer`` (a move
+        may have started since). Without one: the static pair.
+        """
+        me = self.config.uuid
+        coordinator = self.replicator.links.coordinator if self.replicator else None
+        if coordinator is None:
+            return static_scope(me, vm, [p.uuid for p in self.config.peers])
+        hit = coordinator.cached(vm)
+        if hit is not None and peer_in_scope(me, peer, hit.scope):
+            return hit.scope
+        # Not placed by being asked about: a peer cannot make VMs up.
+        got = await coordinator.lookup(vm, fresh=True, create=False)
+        return None if got is None else got.scope
+
+    async def http_identity(self, fingerprint: str) -> Identity | None:
+        """Who signed an HTTP request with the key of this fingerprint: a config
+        key (operator, cn, peer -> role "zone"), the coordinator (``coordinator_key``),
+        or a peer zone the coordinator registered; None for a stranger."""
+        keys: list[TrustedKey] = list(self.config.keys)
+        if self.replicator is not None:
+            keys += self.replicator.links.learned_keys.values()
+        for k in keys:
+            if k.fingerprint == fingerprint:
+                return Identity("zone" if k.role == "peer" else k.role, k.name, k.ssh_key())
+        if self.config.coordinator_key is not None:
+            key = asyncssh.import_public_key(self.config.coordinator_key)
+            if key.get_fingerprint() == fingerprint:
+                return Identity("coordinator", "coordinator", key)
+        return None
 
     async def delete_snapshot(self, vm: str, name: str) -> None:
         """Delete a VM snapshot (SSH ``delete``, HTTP ``DELETE``); the peer follows.

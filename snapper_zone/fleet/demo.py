@@ -76,7 +76,7 @@ class Demo:
         url, n = f"{c.url}/v1/zones", len(self.fleet.zones)
 
         async def all_in() -> bool | None:
-            async with aiohttp.ClientSession() as http, http.get(url) as r:
+            async with self.fleet.http() as http, http.get(url) as r:
                 return True if len((await r.json())["zones"]) >= n else None
 
         await poll(all_in, 60, "every zone registered with the coordinator")
@@ -89,7 +89,7 @@ class Demo:
                 if c is None:
                     a, b = pair_of(vm, [z.uuid for z in self.fleet.zones])
                 else:
-                    ends = await placement(c.url, vm)
+                    ends = await placement(c.url, vm, cn.key_path, c.public_key)
                     a, b = ends[0]["uuid"], ends[1]["uuid"]
                 self.placed[vm] = (a, b)
 
@@ -327,7 +327,7 @@ class Demo:
             await self.change_data(n)
             say(f"Pushing incremental snapshots @{n}")
             await self.push_all(n)
-        async with aiohttp.ClientSession() as http:
+        async with self.fleet.http() as http:
             await self.list_http(http)
             await self.delete_intermediate(http, "s2")
             await self.change_data("s4")
@@ -348,7 +348,8 @@ class Demo:
         if self.fleet.coordinator is not None:
             c = self.fleet.coordinator
             info(f"coordinator: {c.url}/v1/zones  {c.url}/v1/moves  {c.url}/v1/status  "
-                 f"{c.url}/metrics  (snapper zones --coordinator {c.url})")
+                 f"{c.url}/metrics  (snapper zones --coordinator {c.url} "
+                 f"--key {self.fleet.operator_key})")
 
 
 async def _complete(http: aiohttp.ClientSession, zone: LocalZone,

@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncssh
 
+from snapper_zone.common.httpsig import Signer, signing_session
 from snapper_zone.fleet import pools as localpool
 from snapper_zone.fleet.pools import FilePool
 from snapper_zone.zfs import proc
@@ -44,6 +46,8 @@ class LocalZone:
     # Zones peer with every other zone of their group; None: no peer at all.
     group: str | None = "fleet"
     pipelined: bool = True
+    # Activated at the coordinator (by this fleet, as its operator).
+    admitted: bool = False
 
     @property
     def http_url(self) -> str:
@@ -125,13 +129,31 @@ class LocalCoordinator:
     def store(self) -> Path:
         return self.config_path.with_name("coordinator.db")
 
+    @property
+    def key(self) -> Path:
+        """Its private key (``key`` in its config); zones get the ``.pub`` as
+        their ``coordinator_key``."""
+        return self.config_path.with_name("coordinator_ed25519")
+
+    @property
+    def public_key(self) -> str:
+        """What zones and CNs know it by: its answers must be signed by it."""
+        return self.key.with_suffix(".pub").read_text().strip()
+
+
+class AdmissionFailed(RuntimeError):
+    """The fleet could not admit its zones at the coordinator."""
+
 
 class LocalFleet:
     """Create with ``await LocalFleet.start(...)``; always ``await fleet.stop()``.
 
     With ``coordinator=True`` a ``snapper-coordinator`` runs too: zones have no
     static peers, register with it, and learn the fleet (and each VM's pair)
-    from it; CNs ask it where to push.
+    from it; CNs ask it where to push. A zone registers as ``pending``; the
+    fleet, as the fleet's operator, admits each zone it starts for the first
+    time with ``snapper zone activate`` (and again after the coordinator
+    started on a new store, where every zone registers anew).
     """
 
     def __init__(self, workdir: Path, *, mirrored: bool = True,
@@ -170,7 +192,6 @@ class LocalFleet:
                 fleet.coordinator = LocalCoordinator(cdir / "coordinator.toml",
                                                      cdir / "ready.json", free_port(),
                                                      lost_after)
-                await fleet.start_coordinator()
             await fleet._start(zones, cns, vms_per_cn, pool_size)
         except BaseException:
             await fleet.stop()
@@ -190,9 +211,14 @@ class LocalFleet:
             _keypair(cn.key_path, cn.id)
             cn.vms = [str(uuid.uuid4()) for _ in range(vms_per_cn)]
             self.cns.append(cn)
+        if self.coordinator is not None:
+            # After the operator and CN keys: its config trusts them.
+            await self.start_coordinator()
         for _ in range(zones):
             await self.add_zone(pool_size)
-        await asyncio.gather(*(self.start_zone(z) for z in self.zones))
+        await asyncio.gather(*(self.start_zone(z, admit=False) for z in self.zones))
+        if self.coordinator is not None:
+            await self.admit(self.zones)
 
     def zone_config(self, zone: LocalZone) -> dict[str, Any]:
         keys: list[dict[str, str]] = [
@@ -216,7 +242,8 @@ class LocalFleet:
             "peers": peers if self.mirrored else [],
             "reconcile_interval_ms": self.reconcile_interval_ms,
             "pipelined_mirroring": self.pipelined and zone.pipelined,
-            **({"coordinator_url": self.coordinator.url} if self.coordinator else {}),
+            **({"coordinator_url": self.coordinator.url,
+                "coordinator_key": self.coordinator.public_key} if self.coordinator else {}),
             **self.zone_settings,
         }
 
@@ -238,7 +265,9 @@ class LocalFleet:
         self.zones.append(zone)
         return zone
 
-    async def start_zone(self, zone: LocalZone, timeout: float = 60.0) -> None:
+    async def start_zone(self, zone: LocalZone, timeout: float = 60.0, *,
+                         admit: bool = True) -> None:
+        """Start (or restart) a zone; with a coordinator, admit it the first time."""
         zone.config_path.write_text(json.dumps(self.zone_config(zone), indent=2))
         zone.ready_path.unlink(missing_ok=True)
         zone.daemon = proc.Daemon(
@@ -248,23 +277,75 @@ class LocalFleet:
         await _wait_ready(zone.daemon, zone.ready_path, f"{zone.name}'s snapperd", timeout)
         ready = json.loads(zone.ready_path.read_text())
         zone.ssh_port, zone.http_port = int(ready["ssh_port"]), int(ready["http_port"])
+        if admit and not zone.admitted and self.coordinator is not None \
+                and self.coordinator.daemon is not None:
+            await self.admit([zone])
+
+    async def _snapper(self, *args: str) -> Any:
+        """Run the ``snapper`` operator CLI against our coordinator; its JSON output."""
+        assert self.coordinator is not None
+        # As the fleet's operator: its key signs (SNAPPER_KEY, the CLI's default key).
+        env = {**os.environ, "SNAPPER_KEY": str(self.operator_key)}
+        done = await proc.run([sys.executable, "-m", "snapper_zone.cli", *args,
+                               "--coordinator", self.coordinator.url], timeout=60.0,
+                              env=env)
+        if not done.ok:
+            raise AdmissionFailed(f"snapper {' '.join(args)}: {done.stderr.strip()}")
+        return json.loads(done.stdout) if "--json" in args else None
+
+    async def admit(self, zones: list[LocalZone], timeout: float = 90.0) -> None:
+        """As an operator would: wait until each zone has registered, then
+        ``snapper zone activate`` the pending ones (nothing else is changed: a
+        draining or lost zone stays so)."""
+        deadline = time.monotonic() + timeout
+        left = {z.uuid: z for z in zones}
+        while left:
+            try:
+                listed = {z["uuid"]: z for z in await self._snapper("zones", "--json")}
+            except AdmissionFailed:
+                listed = {}  # the coordinator is starting: ask again
+            pending = [u for u in left if u in listed and listed[u]["state"] == "pending"]
+            await asyncio.gather(*(self._snapper("zone", "activate", u) for u in pending))
+            for u in [u for u in left if u in listed]:
+                left.pop(u).admitted = True
+            if not left:
+                return
+            if time.monotonic() > deadline:
+                raise AdmissionFailed(f"zones never registered: {', '.join(sorted(left))}")
+            await asyncio.sleep(0.2)  # the zones register on their own schedule; deadline above
 
     async def start_coordinator(self, timeout: float = 60.0) -> None:
         c = self.coordinator
         assert c is not None
+        if not c.key.exists():  # kept across restarts: the zones pin its .pub
+            _keypair(c.key, "snapper-coordinator")
+        keys = "".join(f'[[keys]]\nrole = "cn"\ncn_id = "{cn.id}"\n'
+                       f'public_key_file = "{cn.key_path}.pub"\n' for cn in self.cns)
         c.config_path.write_text(
-            f'store = "{c.store}"\n'
+            f'store = "{c.store}"\nkey = "{c.key}"\n'
             f'[listen]\nhost = "127.0.0.1"\nport = {c.port}\n'
             f"[health]\ninterval = 0.5\ntimeout = 2.0\nlost_after = {c.lost_after}\n"
             "[moves]\nper_zone = 2\nmax_attempts = 20\nretry_delay = 0.5\n"
             "[rebalance]\nauto = true\nsettle = 1.0\ninterval = 5.0\n"
-            "rebuild_grace = 8.0\n")
+            "rebuild_grace = 8.0\n"
+            f'[[keys]]\nrole = "operator"\npublic_key_file = "{self.operator_key}.pub"\n'
+            + keys)
         c.ready_path.unlink(missing_ok=True)
+        new_store = not c.store.exists()
         c.daemon = proc.Daemon(
             [sys.executable, "-m", "rebalance.coordinator", "--config", str(c.config_path),
              "--ready-file", str(c.ready_path)],
             str(c.config_path.with_name("coordinator.log")))
         await _wait_ready(c.daemon, c.ready_path, "the coordinator", timeout)
+        if new_store:
+            # A new store knows no zone: the running ones register anew, pending.
+            running = [z for z in self.zones if z.daemon is not None]
+            if running:
+                await self.admit(running)
+
+    def http(self, **kwargs: Any) -> aiohttp.ClientSession:
+        """An HTTP session as the fleet's operator: every request signed with its key."""
+        return signing_session(Signer.load(self.operator_key), **kwargs)
 
     def stop_coordinator(self, *, kill: bool = False) -> None:
         c = self.coordinator

@@ -381,20 +381,27 @@ class ZoneRegistration:
 
 @dataclass(frozen=True)
 class ZoneEndpoint(ZoneRegistration):
-    """A zone as ``GET /v1/zones`` lists it: its registration and the state the
-    coordinator set. The listing's other fields (used, free, health...) are ignored."""
+    """A zone as ``GET /v1/zones`` lists it: its registration, the state the
+    coordinator set, and whether an operator admitted it. The listing's other
+    fields (used, free, health...) are ignored."""
 
-    state: str = "active"  # active, draining or lost
+    state: str = "active"  # pending, active, draining or lost
+    # Only an admitted zone's key is trusted; a listing that does not say so
+    # (an older coordinator) is not taken as admission.
+    admitted: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {**super().to_json(), "state": self.state}
+        return {**super().to_json(), "state": self.state, "admitted": self.admitted}
 
     @classmethod
     def from_json(cls, value: object, where: str = "zone") -> ZoneEndpoint:
         doc = _obj(value, where)
         fields = _zone_fields(doc, where)
         state = doc.get("state", "active")
-        if state not in ("active", "draining", "lost"):
+        if state not in ("pending", "active", "draining", "lost"):
             _fail(f"{where}({fields[0]}).state",
-                  f"expected active, draining or lost, got {state!r:.40}")
-        return cls(*fields, state)
+                  f"expected pending, active, draining or lost, got {state!r:.40}")
+        admitted = doc.get("admitted", False)
+        if not isinstance(admitted, bool):
+            _fail(f"{where}({fields[0]}).admitted", "must be true or false")
+        return cls(*fields, state, admitted and state != "pending")
