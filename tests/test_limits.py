@@ -15,7 +15,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import asyncssh
 import pytest
 from hypothesis import given, settings
@@ -25,6 +24,7 @@ from replication.peers import pair_of
 from replication.registration import zone_record
 from snapper_zone.cn.client import CnClient
 from snapper_zone.common.config import ConfigError, parse_config
+from snapper_zone.common.httpsig import Signer, signing_session
 from snapper_zone.daemon.sshserver import ENCRYPTION_ALGS
 from snapper_zone.fleet.local import LocalFleet, LocalZone
 from snapper_zone.fleet.pools import FilePool
@@ -431,8 +431,8 @@ async def test_vm_containers_are_never_mountable(
 IDLE = 6  # stream_idle_seconds and connection_idle_seconds in the fleet below
 
 
-async def _transfers(zone: LocalZone) -> list[dict[str, Any]]:
-    async with aiohttp.ClientSession() as http, \
+async def _transfers(zone: LocalZone, operator_key: Path) -> list[dict[str, Any]]:
+    async with signing_session(Signer.load(operator_key)) as http, \
             http.get(f"{zone.http_url}/v1/transfers") as r:
         r.raise_for_status()
         out: list[dict[str, Any]] = await r.json()
@@ -485,7 +485,8 @@ async def test_idle_receives_and_connections_starve_nobody(
         conns_closed = [asyncio.ensure_future(_closed_at(c)) for _, _, c in idle_conns]
         for zone in fleet.zones:
             # The attacker holds its share of the slots (2 of 4); the rest wait.
-            await wait_until(functools.partial(_count_receives, zone, attacker.id, 2),
+            await wait_until(functools.partial(_count_receives, zone, fleet.operator_key,
+                                               attacker.id, 2),
                              timeout=10, what=f"{zone.name}: the idle receives holding slots")
 
         by_uuid = {z.uuid: z for z in fleet.zones}
@@ -532,8 +533,8 @@ async def _closed_at(conn: asyncssh.SSHClientConnection) -> float:
     return asyncio.get_running_loop().time()
 
 
-async def _count_receives(zone: LocalZone, cn: str, n: int) -> bool:
-    mine = [t for t in await _transfers(zone) if t.get("peer") == f"cn:{cn}"]
+async def _count_receives(zone: LocalZone, operator_key: Path, cn: str, n: int) -> bool:
+    mine = [t for t in await _transfers(zone, operator_key) if t.get("peer") == f"cn:{cn}"]
     return len(mine) == n
 
 
