@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from replication.reconcile import (
@@ -737,7 +737,13 @@ def cn_history(events: Sequence[str], cn_keeps_unconfirmed: bool) -> int:
             break
     assert plan_ == [InSync()] or notices(plan_), plan_
     for x in acked:
-        assert all(w.zones[z].holds(x) and w.zones[z].complete(x) for z in (A, B))
+        holders = {z for z in (A, B) if w.zones[z].holds(x) and w.zones[z].complete(x)}
+        if plan_ == [InSync()]:
+            assert holders == {A, B}, f"acked {x} on {holders} only after convergence"
+        else:
+            # Left for an operator (a second divergence while one is set aside,
+            # possible only without the CN's retention rule): nothing acked is lost.
+            assert holders, f"acked {x} lost"
     return divergences
 
 
@@ -752,6 +758,11 @@ def test_the_trap_from_the_design_without_and_with_cn_retention() -> None:
 
 @settings(max_examples=600, deadline=None)
 @given(EVENTS)
+# Found by hypothesis: without the CN's retention a second divergence is set
+# aside only by an operator (SIBLING_EXISTS); the local ack stays on B alone.
+@example(events=["up-a", "down-b", "push-mirrored", "prune", "down-a", "up-b",
+                 "push-mirrored", "up-a", "up-b", "push-mirrored-slow", "push-mirrored-slow",
+                 "prune", "down-a", "up-b", "push-local"])
 def test_no_acked_snapshot_is_lost_through_outages(events: list[str]) -> None:
     cn_history(events, cn_keeps_unconfirmed=False)
 
