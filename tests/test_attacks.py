@@ -222,6 +222,14 @@ async def test_nobody_reads_or_deletes_what_it_does_not_own_on_a_zone(target: Ta
                               headers=headers))[0] == 200
         assert await _status(wire, "GET", f"{zone.http_url}{target_path}",
                              headers=headers) == (401, "Unauthorized")
+    # An admitted zone reads no VM's metadata over HTTP (it reads VMs over SSH,
+    # within their scope): the VM -> CN map and customer metadata stay private.
+    partner = target.zone(before[2][vm][1])
+    async with _session(partner.host_key_pub.with_suffix("")) as a_zone:
+        assert await _status(a_zone, "GET", f"{snap}?metadata=true") == \
+            (403, "NotAuthorized")
+        assert await _status(a_zone, "GET", f"{zone.http_url}/v1/vms") == \
+            (403, "NotAuthorized")
     # The other CN's SSH key: no stream of this VM in or out, no delete.
     conn = await _ssh(zone, str(target.other_cn.key_path))
     try:

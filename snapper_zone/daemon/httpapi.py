@@ -3,16 +3,16 @@
 Routes, and the roles that may call each (``ROUTES``, the one table)::
 
     GET    /ping                              open: {"ping": "pong", zone, version}
-    GET    /v1/vms                            operator, coordinator, zone:
+    GET    /v1/vms                            operator, coordinator:
                                               [{uuid, cn, snapshots, complete, bytes}]
-    GET    /v1/vms/{uuid}/snapshots           operator, coordinator, zone, own cn:
+    GET    /v1/vms/{uuid}/snapshots           operator, coordinator, own cn:
                                               [VmSnapshot JSON], oldest first
                                               (?metadata=true: each with "metadata")
     GET    /v1/vms/{uuid}/snapshots/{name}    the same: VmSnapshot JSON + "metadata"
     DELETE /v1/vms/{uuid}/snapshots/{name}    operator, own cn: 204 once the mirror
                                               followed (or after the mirror timeout);
                                               409 ResourceBusy while in use
-    GET    /v1/vms/{uuid}/tombstones          operator, coordinator, zone, own cn:
+    GET    /v1/vms/{uuid}/tombstones          operator, coordinator, own cn:
                                               [{guid, deleted}]: part guids deleted on
                                               purpose (here, or on the peer and adopted)
     POST   /v1/vms/{uuid}/sync                coordinator, operator: {"peer", "bwlimit"}:
@@ -414,13 +414,15 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 _OPERATORS = frozenset({"operator", "coordinator"})
-_READERS = frozenset({"operator", "coordinator", "zone"})
-_VM_READERS = _READERS | {"cn"}  # a CN: its own VMs only (the middleware checks)
+# A peer zone reads VMs over SSH, within their scope (``auth.authorize``); over
+# HTTP it sees only fleet-level state, never the VM -> CN map or metadata.
+_READERS = _OPERATORS | {"zone"}
+_VM_READERS = _OPERATORS | {"cn"}  # a CN: its own VMs only (the middleware checks)
 
 # Every route with the roles that may call it; a test checks none is missing.
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/ping", ping, OPEN),
-    Route("GET", "/v1/vms", list_vms, _READERS),
+    Route("GET", "/v1/vms", list_vms, _OPERATORS),
     Route("GET", "/v1/vms/{uuid}/snapshots", list_snapshots, _VM_READERS),
     Route("GET", "/v1/vms/{uuid}/tombstones", list_tombstones, _VM_READERS),
     Route("GET", "/v1/vms/{uuid}/snapshots/{name}", get_snapshot, _VM_READERS),
