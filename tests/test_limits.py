@@ -272,6 +272,30 @@ async def test_concurrent_sends_capped_per_client(
 
 
 @pytest.mark.zfs
+async def test_a_send_nobody_reads_is_cut_and_frees_its_slot(
+        zfs: Zfs, cn_pool: FilePool, zone_pool: FilePool, make_harness: MakeHarness) -> None:
+    """The other direction of the idle rule: a client that reads nothing of its
+    ``send`` (its window stays shut) loses it after ``stream_idle_seconds``."""
+    h = await make_harness(await zone_root(zfs, zone_pool), {"cn-a": [VM_A]},
+                           stream_idle_seconds=1,
+                           settings={"limits": {"max_sends_per_principal": 1}})
+    src, _ = await cn_vm(zfs, cn_pool, "vm", 1, size=8 << 20)
+    a = await h.connect("cn-a")
+    assert (await push(a, zfs, src, VM_A, "s1"))[0] == 0
+    assert (await run(a, f"commit {VM_A} s1 disk0"))[0] == 0
+    stalled = await a.create_process(f"send {VM_A} disk0 s1", encoding=None)
+    await wait_for(lambda: h.zone.sends["cn:cn-a"] == 1)
+    await wait_for(lambda: h.zone.sends["cn:cn-a"] == 0, timeout=15,
+                   what="the stalled send cut off")
+    assert h.zone.transfers.active() == []
+    assert h.metric("snapper_commands_total", verb="send", result="StreamIdle") == 1
+    stalled.close()
+    # The slot is free again: a client that reads gets the whole stream.
+    status, out, _ = await run(a, f"send {VM_A} disk0 s1")
+    assert status == 0 and len(out) > 8 << 20
+
+
+@pytest.mark.zfs
 async def test_receive_slots_shared_and_mirror_in_always_gets_through(
         zfs: Zfs, cn_pool: FilePool, zone_pool: FilePool, make_harness: MakeHarness) -> None:
     """One CN's idle pushes take at most its share; another CN's push and a peer's

@@ -230,7 +230,8 @@ class Service:
         with zone.transfers.running(t, lg):
             child = await zone.zfs.send(SendSpec(Snapshot(ds, cmd.snapshot), base))
             try:
-                await copy_out(child.stdout, io.write, io.drain, t.add)
+                await copy_out(child.stdout, io.write, io.drain, t.add,
+                               stall_timeout=zone.config.stream_idle_seconds)
                 await zone.zfs.check(child)
             finally:
                 if child.proc.returncode is None:

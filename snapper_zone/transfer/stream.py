@@ -417,12 +417,22 @@ _COPY_CHUNK = 256 << 10
 
 async def copy_out(reader: asyncio.StreamReader, write: Callable[[bytes], None],
                    drain: Callable[[], Awaitable[None]],
-                   on_bytes: Callable[[int], None]) -> None:
-    """Copy ``reader`` (a send's stdout) to ``write`` until EOF, waiting on ``drain``."""
+                   on_bytes: Callable[[int], None], *,
+                   stall_timeout: float | None = None) -> None:
+    """Copy ``reader`` (a send's stdout) to ``write`` until EOF, waiting on ``drain``.
+
+    ``stall_timeout``: a client that reads nothing (its window stays shut) for
+    that long is cut off with StreamIdle, as a receive that sends nothing is,
+    so a stalled reader holds a ``zfs send`` and a send slot no longer.
+    """
     while chunk := await reader.read(_COPY_CHUNK):
         write(chunk)
         on_bytes(len(chunk))
-        await drain()
+        try:
+            await asyncio.wait_for(drain(), stall_timeout)
+        except TimeoutError:
+            raise StreamIdle(f"the client read nothing for {stall_timeout:g} s; its "
+                             "stream was cut off") from None
 
 
 class Channel(Protocol):
