@@ -3,7 +3,7 @@
 Routes (JSON; errors are ``{"code", "message"}`` with a matching status, as
 snapperd's), with the roles that may call each (``ROUTES``, the one table)::
 
-    GET    /ping                      open: {"ping": "pong", "version"}
+    GET    /ping                      open: {"ping": "pong", "version"} (common/version.py)
     POST   /v1/zones                  the zone itself (signed by the very host key the
                                       body registers: proof of possession), operator:
                                       register/update, idempotent by uuid: body {uuid,
@@ -120,6 +120,7 @@ from snapper_zone.common.httpsig import (
     add_routes,
     guard,
 )
+from snapper_zone.common.version import version
 from snapper_zone.errors import SnapperError
 from snapper_zone.wire import InvalidDocument, ZoneRegistration, jsontext
 from snapper_zone.zfs.names import check_uuid
@@ -132,7 +133,6 @@ log = logging.getLogger("snapper.coordinator")
 HTTP_DRAIN = 5.0
 # The HTTP role of a registered zone no operator has admitted yet.
 PENDING_ZONE = "pending-zone"
-VERSION = "0.1.0"
 GRACE_MARGIN = 0.05  # s past the end of rebuild_grace that the deferred pass wakes
 
 
@@ -956,7 +956,7 @@ def _flag(request: web.Request, name: str, default: str) -> bool:
 
 async def ping(request: web.Request) -> web.Response:
     # Open to anyone (health checks): liveness and version, nothing about the fleet.
-    return web.json_response({"ping": "pong", "version": VERSION})
+    return web.json_response({"ping": "pong", "version": version()})
 
 
 async def post_zone(request: web.Request) -> web.Response:

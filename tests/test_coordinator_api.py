@@ -37,6 +37,7 @@ from rebalance.zoneclient import HttpZoneApi, SnapshotView, ZoneRequestFailed, Z
 from snapper_zone.cli import main as cli_main
 from snapper_zone.common.config import ConfigError, parse_keys
 from snapper_zone.common.httpsig import Signer, signing_session
+from snapper_zone.common.version import version
 from snapper_zone.wire import ZoneRegistration
 from snapper_zone.zfs import proc
 from tests.helpers import wait_for, wait_until
@@ -303,7 +304,7 @@ def assert_two_copies(env: Env, placement: dict[str, list[str]]) -> None:
 
 
 async def test_ping_and_register_is_idempotent(env: Env) -> None:
-    assert (await env.call("GET", "/ping"))["ping"] == "pong"
+    assert await env.call("GET", "/ping") == {"ping": "pong", "version": version()}
     await env.fleet.add(ZONES[0])
     first = await env.register(ZONES[0])
     again = await env.register(ZONES[0], capacity=50 * GIB, status=200)

@@ -18,7 +18,8 @@ from aiohttp.test_utils import TestServer
 
 from snapper_zone.common.config import parse_config
 from snapper_zone.common.httpsig import Signer, signing_session
-from snapper_zone.daemon.httpapi import VERSION, make_app
+from snapper_zone.common.version import version
+from snapper_zone.daemon.httpapi import make_app
 from snapper_zone.daemon.zone import Zone
 from snapper_zone.fleet.pools import FilePool
 from snapper_zone.zfs.names import Dataset
@@ -100,7 +101,7 @@ async def api(zfs: Zfs, cn_pool: FilePool, zone_pool: FilePool,
 async def test_ping(api: Api) -> None:
     async with aiohttp.ClientSession() as anon, anon.get(api.url("/ping")) as r:
         assert r.status == 200
-        assert await r.json() == {"ping": "pong", "zone": ZONE_UUID, "version": VERSION}
+        assert await r.json() == {"ping": "pong", "zone": ZONE_UUID, "version": version()}
 
 
 async def test_inventory_guids_equal_the_cns(api: Api) -> None:

@@ -73,6 +73,7 @@ from snapper_zone.common.httpsig import (
     guard,
 )
 from snapper_zone.common.metrics import CONTENT_TYPE_LATEST
+from snapper_zone.common.version import version
 from snapper_zone.daemon.auth import check_owner
 from snapper_zone.daemon.zone import Zone
 from snapper_zone.errors import InvalidName, SnapperError
@@ -90,7 +91,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Listing every VM runs one `zfs get` per VM; bound how many run at once.
 _LIST_CONCURRENCY = 8
-VERSION = "0.1.0"
 # A client may name its request (restify's x-request-id); otherwise we do.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
@@ -198,7 +198,7 @@ async def _errors_and_audit(request: web.Request, handler: Handler) -> web.Strea
 async def ping(request: web.Request) -> web.Response:
     # Open to anyone: liveness, which zone, which version; nothing else.
     zone = request.app[ZONE]
-    return web.json_response({"ping": "pong", "zone": zone.config.uuid, "version": VERSION})
+    return web.json_response({"ping": "pong", "zone": zone.config.uuid, "version": version()})
 
 
 def _is_vm(name: str) -> bool:
