@@ -849,12 +849,15 @@ class Coordinator:
         placements = await self.store.placements()
         moves = await self.store.moves()
         live = {u for u, z in zones.items() if z.readable}
-        under = sum(1 for pair in placements.values() if not all(z in live for z in pair))
-        copies = sum(1 for pair in placements.values() for z in pair if z in live)
+        by_copies = Counter(sum(1 for z in set(pair) if z in live)
+                            for pair in placements.values())
+        under = sum(n for k, n in by_copies.items() if k < 2)
+        copies = sum(k * n for k, n in by_copies.items())
         states = Counter(str(m.state) for m in moves)
         now = time.time()
         return {"zones": dict(Counter(str(z.state) for z in zones.values())),
                 "vms": len(placements), "copies": copies, "under_replicated": under,
+                "vms_by_copies": {str(k): by_copies.get(k, 0) for k in (0, 1, 2)},
                 "moves": {s.value: states.get(s.value, 0) for s in MoveState},
                 "in_flight": [m.to_json(now) for m in moves if m.active]}
 
@@ -863,9 +866,17 @@ class Coordinator:
         self.metrics.zones.clear()
         for (state, health), n in Counter((str(z.state), z.health) for z in zones).items():
             self.metrics.zones.labels(state, health).set(n)
+        # Admitted zones only: a pending one is never contacted, so never up or down.
+        self.metrics.zone_up.clear()
+        for z in zones:
+            if z.admitted:
+                self.metrics.zone_up.labels(z.uuid, z.name, str(z.state)).set(
+                    1 if z.health == "healthy" else 0)
         s = await self.status()
         self.metrics.vms.set(s["vms"])
         self.metrics.under_replicated.set(s["under_replicated"])
+        for k, n in s["vms_by_copies"].items():
+            self.metrics.vms_by_copies.labels(k).set(n)
         for state in (MoveState.PLANNED, MoveState.RUNNING):
             self.metrics.moves_active.labels(state.value).set(s["moves"][state.value])
 

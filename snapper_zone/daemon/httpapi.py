@@ -402,12 +402,14 @@ async def transfers(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     zone = request.app[ZONE]
-    try:
-        await zone.refresh_capacity()
-    except SnapperError:
-        # A scrape must still answer (transfer counters matter most when ZFS
-        # is unwell); the gauge keeps its last value and the log says why.
-        zone.log.warning("cannot refresh pool free space for /metrics", exc_info=True)
+    for refresh, what in ((zone.refresh_capacity, "pool space"),
+                          (zone.refresh_freshness, "VM snapshot ages")):
+        try:
+            await refresh()
+        except SnapperError:
+            # A scrape must still answer (transfer counters matter most when ZFS
+            # is unwell); the gauges keep their last values and the log says why.
+            zone.log.warning(f"cannot refresh {what} for /metrics", exc_info=True)
     # CONTENT_TYPE_LATEST carries a charset, which content_type= refuses.
     return web.Response(body=zone.metrics.render(),
                         headers={"Content-Type": CONTENT_TYPE_LATEST})
