@@ -9,9 +9,12 @@ many VMs have 0, 1 or 2 of their placed copies on admitted, not-lost zones.
 
 from __future__ import annotations
 
+from typing import get_args
+
 from prometheus_client import Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from rebalance.placement import MoveReason
 from snapper_zone.common.metrics import new_registry
 
 __all__ = ["CONTENT_TYPE_LATEST", "CoordinatorMetrics"]
@@ -43,6 +46,13 @@ class CoordinatorMetrics:
                                      "Zone health checks by result", ["result"], registry=r)
         self.zones_lost = Counter("snapper_coordinator_zones_declared_lost",
                                   "Zones the health checker declared lost", registry=r)
+
+        # Every known label set from 0, so increase() sees the first failure too.
+        for reason in get_args(MoveReason):
+            for result in ("done", "failed"):
+                self.moves.labels(reason, result)
+        for result in ("ok", "failed"):
+            self.health_checks.labels(result)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

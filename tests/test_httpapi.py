@@ -315,7 +315,7 @@ async def test_metrics_name_the_build_the_process_and_each_vms_freshness(api: Ap
     # VM's newest complete snapshot (s3) was made just now: the first bucket holds it.
     age = "snapper_vm_newest_snapshot_age_seconds"
     assert values[(f"{age}_gcount", ())] == 1
-    assert values[(f"{age}_bucket", (("le", "900"),))] == 1
+    assert values[(f"{age}_bucket", (("le", "900.0"),))] == 1
     assert values[(f"{age}_bucket", (("le", "+Inf"),))] == 1
     assert 0 <= values[(f"{age}_gsum", ())] < 900
 

@@ -37,6 +37,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeHistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from snapper_zone.common.version import version
 
@@ -97,7 +98,8 @@ class AgeHistogram(Collector):
 
     def collect(self) -> Iterator[Metric]:
         cumulative, _n, total = age_buckets(self._ages, self.edges)
-        les = [f"{e:g}" for e in self.edges] + ["+Inf"]
+        # As prometheus-client writes a Histogram's le ("3600.0"): rules select on it.
+        les = [floatToGoString(e) for e in self.edges] + ["+Inf"]  # type: ignore[no-untyped-call]
         yield GaugeHistogramMetricFamily(self.name, self.documentation,
                                          buckets=list(zip(les, cumulative, strict=True)),
                                          gsum_value=total)
@@ -108,8 +110,9 @@ class Metrics:
         r = self.registry = new_registry("snapperd")
         self.bytes_received = Counter("snapper_received_bytes", "Stream bytes received",
                                       ["kind"], registry=r)
-        self.bytes_sent = Counter("snapper_sent_bytes", "Stream bytes sent", ["kind"],
-                                  registry=r)
+        self.bytes_sent = Counter("snapper_sent_bytes", "Stream bytes sent (kind "
+                                  "mirror-pipelined: a CN's push teed to the mirror)",
+                                  ["kind"], registry=r)
         self.transfers = Counter("snapper_transfers", "Finished transfers",
                                  ["kind", "result"], registry=r)
         self.transfer_seconds = Histogram(
@@ -145,6 +148,16 @@ class Metrics:
             "snapper_vm_newest_snapshot_age_seconds",
             "Age of each VM's newest complete snapshot on this zone (one VM, one "
             "observation; set at each scrape)", r)
+
+        # Known label sets from 0: a series born at 1 is invisible to increase().
+        for reason in ("unknown_key", "not_authorized"):
+            self.auth_failures.labels(reason)
+        for result in ("acted", "in_sync", "blocked", "failed"):
+            self.reconcile_runs.labels(result)
+        for kind in ("send", "mirror-out", "mirror-pipelined"):
+            self.bytes_sent.labels(kind)
+        for kind in ("receive", "mirror-in"):
+            self.bytes_received.labels(kind)
 
     def set_freshness(self, newest: dict[str, int | None], now: float) -> None:
         """``newest``: each VM held here -> its newest complete snapshot's creation time."""
