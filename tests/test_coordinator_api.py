@@ -559,14 +559,17 @@ async def test_daemon_ready_file_and_clean_stop(tmp_path: Path) -> None:
         assert info["pid"] == daemon.pid
         async with aiohttp.ClientSession() as http, \
                 http.get(f"http://127.0.0.1:{info['http_port']}/ping") as r:
-            assert (await r.json())["ping"] == "pong"
+            assert await r.json() == {"ping": "pong", "version": version()}
     finally:
         status = daemon.stop(timeout=20)
     assert status == 0
     assert (tmp_path / "state" / "c.db").exists()
     assert (tmp_path / "state" / "key.pub").exists()  # generated at first start
-    for line in (tmp_path / "log").read_text().splitlines():
-        assert json.loads(line)["name"] == "snapper-coordinator"
+    records = [json.loads(line) for line in (tmp_path / "log").read_text().splitlines()]
+    assert all(r["name"] == "snapper-coordinator" for r in records)
+    # The first line names the build, before the key is generated.
+    assert (records[0]["msg"], records[0]["version"]) == ("snapper-coordinator starting",
+                                                          version())
 
 
 # -- the operator CLI (snapper zones|zone|rebalance|status) ----------------------------
