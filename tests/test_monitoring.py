@@ -4,8 +4,9 @@ The alert rules parse (``promtool check rules`` where Debian's ``prometheus`` is
 installed, a structural check always); every metric the rules and the Grafana
 dashboard name is in a scrape of a real local fleet (a coordinator, two zones,
 a CN that pushed); and Prometheus's own rule engine (``promtool test rules``),
-fed that fleet's scrapes as its series, fires no alert on the healthy fleet and
-fires ``SnapperZoneDown`` for the zone once it is stopped.
+fed that fleet's scrapes as its series, fires no alert on the healthy fleet,
+``SnapperVMNoFreshCopy`` on both zones once the VM's snapshots are two days
+old, and ``SnapperZoneDown`` for a zone once it is stopped.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,24 +199,27 @@ def expect_id(expect: dict[str, list[dict[str, str]]]) -> str:
     return "-".join(sorted(expect)) or "none"
 
 
-def _expand(template: str, labels: dict[str, str]) -> str:
-    """The rule's annotation as Prometheus renders it (only ``$labels.x`` is used here)."""
-    return re.sub(r"\{\{ \$labels\.(\w+) \}\}", lambda m: labels.get(m.group(1), ""), template)
+def _expand(template: str, labels: dict[str, str], value: str) -> str:
+    """The rule's annotation as Prometheus renders it (``$labels.x`` and ``$value``)."""
+    out = re.sub(r"\{\{ \$labels\.(\w+) \}\}", lambda m: labels.get(m.group(1), ""), template)
+    return out.replace("{{ $value }}", value)
 
 
 async def promtool_test(tmp_path: Path, scrape: Scrape,
                         expect: dict[str, list[dict[str, str]]]) -> None:
     """Evaluate every rule on ``scrape`` held for an hour; ``expect``: alert -> the label
-    sets it must fire with (every other rule: none)."""
+    sets it must fire with, and its ``$value`` (every other rule: none)."""
     assert PROMTOOL is not None
     rules = {r["alert"]: r for r in _rules()}
     tests = []
     for alert, rule in rules.items():
         exp = []
-        for extra in expect.get(alert, []):
+        for want in expect.get(alert, []):
+            extra = dict(want)
+            value = extra.pop("$value", "")
             labels = {**rule["labels"], **extra}
             exp.append({"exp_labels": labels,
-                        "exp_annotations": {k: _expand(v, labels)
+                        "exp_annotations": {k: _expand(v, labels, value)
                                             for k, v in rule["annotations"].items()}})
         tests.append({"eval_time": "60m", "alertname": alert, "exp_alerts": exp})
     doc = {"rule_files": [str(RULES)], "evaluation_interval": "1m",
@@ -261,6 +266,21 @@ async def test_every_metric_exists_and_a_stopped_zone_fires(
         pytest.skip("promtool not installed: the rules were not evaluated")
     await promtool_test(tmp_path, healthy, {})
 
+    # As if the CN's last push were two days ago: every copy's newest complete
+    # snapshot is stale, so the VM has no fresh copy, on both its zones.
+    two_days_ago = str(int(time.time()) - 2 * 86400)
+    for z in fleet.zones:
+        for name in ("s1", "s2"):
+            await zfs.set_user_props(Dataset(z.root).child(vm).snapshot(name),
+                                     {"snapper:created": two_days_ago})
+    stale = await scrape_fleet(fleet)
+    assert stale.value("snapper_vm_newest_snapshot_age_seconds_bucket", le="93600.0") == 0
+    assert stale.value("snapper_vm_newest_snapshot_age_seconds_bucket", le="259200.0") == 2
+    zones = [{"job": "snapperd", "instance": z.http_url.removeprefix("http://")}
+             for z in fleet.zones]
+    await promtool_test(tmp_path, stale, {
+        "SnapperVMNoFreshCopy": [{**z, "$value": "1"} for z in zones]})
+
     victim = fleet.zones[1]
     fleet.stop_zone(victim)
 
@@ -278,6 +298,7 @@ async def test_every_metric_exists_and_a_stopped_zone_fires(
     await promtool_test(tmp_path, down, {
         "SnapperZoneDown": [{**coordinator, "zone": victim.uuid, "zone_name": victim.name,
                              "state": "active"}],
-        "SnapperTargetDown": [{"job": "snapperd",
-                               "instance": victim.http_url.removeprefix("http://")}],
+        "SnapperTargetDown": [zones[1]],
+        # The surviving copy is still the stale one.
+        "SnapperVMNoFreshCopy": [{**zones[0], "$value": "1"}],
     })
