@@ -325,9 +325,6 @@ class ZoneStore:
         await self.zfs.set_user_props(self.vm_dataset(vm), {P_TOMBSTONES: format_tombstones(
             dict(keep)) or "-"})
 
-    async def available(self) -> int:
-        return await self.zfs.available(self.root)
-
     async def newest_complete(self) -> dict[str, int | None]:
         """Each VM here -> the creation time of its newest complete snapshot (None: none).
 
