@@ -22,7 +22,18 @@ $(VENV)/.installed: pyproject.toml
 	$(VPY) -m pip install -q -e '.[test]'
 	touch $@
 
-deps: $(VENV)/.installed
+# promtool checks and evaluates monitoring/'s alert rules in the tests. It comes
+# from Debian's prometheus package, unpacked into the venv rather than installed:
+# installing that package would also start a Prometheus server.
+$(VENV)/bin/promtool: | $(VENV)/.installed
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && cd "$$tmp" && \
+	{ apt-get download -q prometheus 2>/dev/null || \
+	  { apt-get update -q && apt-get download -q prometheus; }; } && \
+	dpkg-deb --fsys-tarfile prometheus_*.deb | tar -xO ./usr/bin/promtool > "$(abspath $@).tmp" && \
+	chmod 755 "$(abspath $@).tmp" && mv "$(abspath $@).tmp" "$(abspath $@)" && \
+	echo "installed $@ (from Debian's prometheus package)"
+
+deps: $(VENV)/.installed $(VENV)/bin/promtool
 
 demo: deps
 	$(VENV)/bin/snapper demo

@@ -3,7 +3,7 @@
 Routes (JSON; errors are ``{"code", "message"}`` with a matching status, as
 snapperd's), with the roles that may call each (``ROUTES``, the one table)::
 
-    GET    /ping                      open: {"ping": "pong", "version"}
+    GET    /ping                      open: {"ping": "pong", "version"} (common/version.py)
     POST   /v1/zones                  the zone itself (signed by the very host key the
                                       body registers: proof of possession), operator:
                                       register/update, idempotent by uuid: body {uuid,
@@ -120,6 +120,7 @@ from snapper_zone.common.httpsig import (
     add_routes,
     guard,
 )
+from snapper_zone.common.version import version
 from snapper_zone.errors import SnapperError
 from snapper_zone.wire import InvalidDocument, ZoneRegistration, jsontext
 from snapper_zone.zfs.names import check_uuid
@@ -132,7 +133,6 @@ log = logging.getLogger("snapper.coordinator")
 HTTP_DRAIN = 5.0
 # The HTTP role of a registered zone no operator has admitted yet.
 PENDING_ZONE = "pending-zone"
-VERSION = "0.1.0"
 GRACE_MARGIN = 0.05  # s past the end of rebuild_grace that the deferred pass wakes
 
 
@@ -849,12 +849,15 @@ class Coordinator:
         placements = await self.store.placements()
         moves = await self.store.moves()
         live = {u for u, z in zones.items() if z.readable}
-        under = sum(1 for pair in placements.values() if not all(z in live for z in pair))
-        copies = sum(1 for pair in placements.values() for z in pair if z in live)
+        by_copies = Counter(sum(1 for z in set(pair) if z in live)
+                            for pair in placements.values())
+        under = sum(n for k, n in by_copies.items() if k < 2)
+        copies = sum(k * n for k, n in by_copies.items())
         states = Counter(str(m.state) for m in moves)
         now = time.time()
         return {"zones": dict(Counter(str(z.state) for z in zones.values())),
                 "vms": len(placements), "copies": copies, "under_replicated": under,
+                "vms_by_copies": {str(k): by_copies.get(k, 0) for k in (0, 1, 2)},
                 "moves": {s.value: states.get(s.value, 0) for s in MoveState},
                 "in_flight": [m.to_json(now) for m in moves if m.active]}
 
@@ -863,9 +866,17 @@ class Coordinator:
         self.metrics.zones.clear()
         for (state, health), n in Counter((str(z.state), z.health) for z in zones).items():
             self.metrics.zones.labels(state, health).set(n)
+        # Admitted zones only: a pending one is never contacted, so never up or down.
+        self.metrics.zone_up.clear()
+        for z in zones:
+            if z.admitted:
+                self.metrics.zone_up.labels(z.uuid, z.name, str(z.state)).set(
+                    1 if z.health == "healthy" else 0)
         s = await self.status()
         self.metrics.vms.set(s["vms"])
         self.metrics.under_replicated.set(s["under_replicated"])
+        for k, n in s["vms_by_copies"].items():
+            self.metrics.vms_by_copies.labels(k).set(n)
         for state in (MoveState.PLANNED, MoveState.RUNNING):
             self.metrics.moves_active.labels(state.value).set(s["moves"][state.value])
 
@@ -956,7 +967,7 @@ def _flag(request: web.Request, name: str, default: str) -> bool:
 
 async def ping(request: web.Request) -> web.Response:
     # Open to anyone (health checks): liveness and version, nothing about the fleet.
-    return web.json_response({"ping": "pong", "version": VERSION})
+    return web.json_response({"ping": "pong", "version": version()})
 
 
 async def post_zone(request: web.Request) -> web.Response:

@@ -208,6 +208,8 @@ class Pipeliner:
         res = await tee.result(_TEE_FINISH)
         result = "ok" if res.ok else "let-go"
         self.zone.metrics.mirror_transfers.labels(tee.peer, "pipelined", result).inc()
+        # Teed while arriving, so never a transfer of the registry's: counted here.
+        self.zone.metrics.bytes_sent.labels("mirror-pipelined").inc(res.bytes)
         self.log.info("pipelined mirror end", extra={
             "vm": cmd.vm, "dataset": cmd.dataset, "snapshot": cmd.snapshot, "peer": tee.peer,
             "result": result, "bytes": res.bytes, "error": res.error})

@@ -37,6 +37,7 @@ from rebalance.zoneclient import HttpZoneApi, SnapshotView, ZoneRequestFailed, Z
 from snapper_zone.cli import main as cli_main
 from snapper_zone.common.config import ConfigError, parse_keys
 from snapper_zone.common.httpsig import Signer, signing_session
+from snapper_zone.common.version import version
 from snapper_zone.wire import ZoneRegistration
 from snapper_zone.zfs import proc
 from tests.helpers import wait_for, wait_until
@@ -303,7 +304,7 @@ def assert_two_copies(env: Env, placement: dict[str, list[str]]) -> None:
 
 
 async def test_ping_and_register_is_idempotent(env: Env) -> None:
-    assert (await env.call("GET", "/ping"))["ping"] == "pong"
+    assert await env.call("GET", "/ping") == {"ping": "pong", "version": version()}
     await env.fleet.add(ZONES[0])
     first = await env.register(ZONES[0])
     again = await env.register(ZONES[0], capacity=50 * GIB, status=200)
@@ -558,14 +559,17 @@ async def test_daemon_ready_file_and_clean_stop(tmp_path: Path) -> None:
         assert info["pid"] == daemon.pid
         async with aiohttp.ClientSession() as http, \
                 http.get(f"http://127.0.0.1:{info['http_port']}/ping") as r:
-            assert (await r.json())["ping"] == "pong"
+            assert await r.json() == {"ping": "pong", "version": version()}
     finally:
         status = daemon.stop(timeout=20)
     assert status == 0
     assert (tmp_path / "state" / "c.db").exists()
     assert (tmp_path / "state" / "key.pub").exists()  # generated at first start
-    for line in (tmp_path / "log").read_text().splitlines():
-        assert json.loads(line)["name"] == "snapper-coordinator"
+    records = [json.loads(line) for line in (tmp_path / "log").read_text().splitlines()]
+    assert all(r["name"] == "snapper-coordinator" for r in records)
+    # The first line names the build, before the key is generated.
+    assert (records[0]["msg"], records[0]["version"]) == ("snapper-coordinator starting",
+                                                          version())
 
 
 # -- the operator CLI (snapper zones|zone|rebalance|status) ----------------------------

@@ -21,8 +21,8 @@ import pytest
 
 from snapper_zone.common.config import parse_config
 from snapper_zone.common.httpsig import Signer, signing_session
+from snapper_zone.common.version import version
 from snapper_zone.daemon import main as daemon_mod
-from snapper_zone.daemon.httpapi import VERSION
 from snapper_zone.daemon.zone import Zone
 from snapper_zone.fleet.pools import FilePool
 from snapper_zone.zfs import proc
@@ -147,7 +147,7 @@ async def test_daemon_serves_and_stops_cleanly(zfs: Zfs, zone_pool: FilePool, tm
         async with http.get(f"http://127.0.0.1:{info['http_port']}/ping") as r:
             assert r.status == 200
             # Open to anyone: liveness, which zone, which version; nothing else.
-            assert await r.json() == {"ping": "pong", "zone": ZONE_UUID, "version": VERSION}
+            assert await r.json() == {"ping": "pong", "zone": ZONE_UUID, "version": version()}
         async with http.get(f"http://127.0.0.1:{info['http_port']}/v1/vms") as r:
             assert (r.status, await r.json()) == (200, [])
     async with aiohttp.ClientSession() as anon, \
@@ -161,6 +161,8 @@ async def test_daemon_serves_and_stops_cleanly(zfs: Zfs, zone_pool: FilePool, tm
     records = log_records(log_path)
     assert all(r["name"] == "snapperd" and r["pid"] == daemon.pid for r in records)
     msgs = [r["msg"] for r in records]
+    # The first line names the build, before anything else can go wrong.
+    assert (msgs[0], records[0]["version"]) == ("snapperd starting", version())
     (start,) = [r for r in records if r["msg"] == "snapperd started"]
     assert (start["http_port"], start["ssh_port"]) == (info["http_port"], info["ssh_port"])
     assert start["level"] == 30 and start["zone"] == ZONE_UUID and start["root"] == root
@@ -177,7 +179,8 @@ async def test_missing_root_is_exit_2_without_create_root(
     conf = write_config(tmp_path, f"{zone_pool.name}/absent")
     done = await proc.run(snapperd("--config", str(conf)), env=env(), timeout=60)
     assert done.returncode == 2, done.stderr
-    (rec,) = [json.loads(line) for line in done.stderr.splitlines()]
+    first, rec = [json.loads(line) for line in done.stderr.splitlines()]
+    assert (first["msg"], first["version"]) == ("snapperd starting", version())
     assert rec["level"] == 60
     assert f"{zone_pool.name}/absent" in rec["msg"] and "does not exist" in rec["msg"]
 

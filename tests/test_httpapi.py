@@ -15,10 +15,12 @@ import aiohttp
 import asyncssh
 import pytest
 from aiohttp.test_utils import TestServer
+from prometheus_client.parser import text_string_to_metric_families
 
 from snapper_zone.common.config import parse_config
 from snapper_zone.common.httpsig import Signer, signing_session
-from snapper_zone.daemon.httpapi import VERSION, make_app
+from snapper_zone.common.version import version
+from snapper_zone.daemon.httpapi import make_app
 from snapper_zone.daemon.zone import Zone
 from snapper_zone.fleet.pools import FilePool
 from snapper_zone.zfs.names import Dataset
@@ -29,6 +31,7 @@ pytestmark = pytest.mark.zfs
 
 ZONE_UUID = "bd932c2b-caae-495a-abf2-fb958111c3fb"
 VM = "74c59c61-4559-4ca2-b1ef-0ca22f2f936a"
+VM2 = "5d0b9a3e-7c1f-4d6b-9a2e-3f8b1c2d4e5f"
 OTHER_VM = "7250abe7-581d-4b91-9ae1-5601a17f5dff"
 META = {"uuid": VM, "alias": "web0", "brand": "joyent", "ram": 1024}
 OPERATOR = asyncssh.generate_private_key("ssh-ed25519", comment="ops@test")
@@ -100,7 +103,7 @@ async def api(zfs: Zfs, cn_pool: FilePool, zone_pool: FilePool,
 async def test_ping(api: Api) -> None:
     async with aiohttp.ClientSession() as anon, anon.get(api.url("/ping")) as r:
         assert r.status == 200
-        assert await r.json() == {"ping": "pong", "zone": ZONE_UUID, "version": VERSION}
+        assert await r.json() == {"ping": "pong", "zone": ZONE_UUID, "version": version()}
 
 
 async def test_inventory_guids_equal_the_cns(api: Api) -> None:
@@ -291,6 +294,30 @@ async def test_capacity_and_metrics(api: Api) -> None:
     m = re.search(r"^snapper_pool_free_bytes (\S+)$", text, re.M)
     assert m is not None and float(m.group(1)) > 0
     assert "snapper_active_transfers" in text
+
+
+async def test_metrics_name_the_build_the_process_and_each_vms_freshness(api: Api) -> None:
+    # A second VM with nothing complete yet, and a dataset that is no VM (ignored).
+    await api.zone.store.ensure_vm(VM2)
+    await api.zone.zfs.create(api.zone.store.root.child("not-a-vm"))
+    async with api.http.get(api.url("/metrics")) as r:
+        samples = [s for fam in text_string_to_metric_families(await r.text())
+                   for s in fam.samples]
+    values = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in samples}
+    # Prometheus naming: unit last, no _created series doubling every counter.
+    assert not [s.name for s in samples if s.name.endswith("_created")]
+    assert values[("snapper_build_info", (("daemon", "snapperd"),
+                                          ("version", version())))] == 1
+    assert values[("process_cpu_seconds_total", ())] > 0
+    assert values[("snapper_pool_used_bytes", ())] > 3 * (256 << 10)
+    assert values[("snapper_vms", ())] == 2
+    assert values[("snapper_vms_without_complete_snapshot", ())] == 1
+    # VM's newest complete snapshot (s3) was made just now: the first bucket holds it.
+    age = "snapper_vm_newest_snapshot_age_seconds"
+    assert values[(f"{age}_gcount", ())] == 1
+    assert values[(f"{age}_bucket", (("le", "900.0"),))] == 1
+    assert values[(f"{age}_bucket", (("le", "+Inf"),))] == 1
+    assert 0 <= values[(f"{age}_gsum", ())] < 900
 
 
 async def test_metadata_over_several_chunks(api: Api) -> None:

@@ -236,7 +236,7 @@ async def test_sync_with_bwlimit_is_paced(zfs_tier: ZfsTier, zfs: Zfs, tmp_path:
             async with http.post(url, json={"peer": p.mirror.uuid, "bwlimit": rate}) as r:
                 assert r.status == 200 and (await r.json())["state"] == "in_sync"
             took = asyncio.get_running_loop().time() - t0
-        sent = await p.metric(p.primary, "snapper_bytes_sent_total", kind="mirror-out")
+        sent = await p.metric(p.primary, "snapper_sent_bytes_total", kind="mirror-out")
         assert sent > 3 << 20 and took >= 0.9 * sent / rate, (sent, took)
         assert (await p.holdings(p.mirror))["s1"] == await p.cn_guids("s1")
     finally:

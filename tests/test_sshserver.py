@@ -435,7 +435,7 @@ async def test_push_incrementals_commit_list_restore(
 
     assert h.metric("snapper_transfers_total", kind="receive", result="ok") == 3
     assert h.metric("snapper_transfers_total", kind="send", result="ok") == 2
-    assert h.metric("snapper_bytes_received_total", kind="receive") > 3 << 20
+    assert h.metric("snapper_received_bytes_total", kind="receive") > 3 << 20
     ends = [r for r in caplog.records if r.getMessage() == "transfer end"]
     assert len(ends) == 5
     fields = [vars(r) for r in ends]  # the log's extra fields land on the record

@@ -35,6 +35,7 @@ from snapper_zone.cn.client import CnClient, PlanError
 from snapper_zone.cn.client import placement as placement  # re-exported: the CN's lookup
 from snapper_zone.common import progress
 from snapper_zone.common.progress import format_bytes
+from snapper_zone.common.version import add_version_argument
 from snapper_zone.errors import SnapperError
 from snapper_zone.transfer.remote import ZoneClient, ZoneError, ZoneUnreachable
 
@@ -280,6 +281,7 @@ def build_parser(more: Callable[[Any], None] | None = None) -> argparse.Argument
     """The CN's commands; ``more(subparsers)`` adds the rest of ``snapper``'s."""
     p = argparse.ArgumentParser(prog="snapper", description="Push VM snapshots to snapper "
                                 "zones and restore them (run on a compute node).")
+    add_version_argument(p)
     p.add_argument("--config", help=f"CN config file (TOML); default ${CONFIG_ENV} or "
                    f"{DEFAULT_CONFIG} if it exists")
     p.add_argument("--zone", metavar="HOST:PORT", help="the snapper zone's SSH endpoint")

@@ -22,6 +22,7 @@ import asyncssh
 
 from snapper_zone.common.config import ConfigError
 from snapper_zone.common.log import parse_level, setup_logging
+from snapper_zone.common.version import add_version_argument, version
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "Parser", "StartupError",
            "ensure_private_key", "run_daemon", "write_atomically"]
@@ -58,7 +59,14 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse exits by itself; a daemon's main() returns its status instead."""
+    """argparse exits by itself; a daemon's main() returns its status instead.
+
+    Every daemon's parser has ``--version``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        add_version_argument(self)
 
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
@@ -71,11 +79,15 @@ def run_daemon(name: str, parser: argparse.ArgumentParser, argv: Sequence[str] |
                                 Coroutine[Any, Any, int]]) -> int:
     """Parse ``argv`` (``--config``, ``--log-level``), load the config, log, serve.
 
-    Usage and config errors are printed and exit 2; once logging is set up,
+    ``--version`` and ``--help`` print and return 0. Usage and config errors are
+    printed and exit 2; the first log line names the version; once logging is set up,
     failures are logged as bunyan records (with the stack for a bug) and exit 1.
     """
     try:
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # --version, --help: printed, a clean exit
+            return int(e.code or 0)
         try:
             level = parse_level(args.log_level)
         except ValueError as e:
@@ -88,6 +100,8 @@ def run_daemon(name: str, parser: argparse.ArgumentParser, argv: Sequence[str] |
         print(e, file=sys.stderr)
         return e.status
     log = setup_logging(name, level)
+    # The first line of every daemon's log says which build is running.
+    log.info(f"{name} starting", extra={"version": version()})
     try:
         return asyncio.run(serve(config, args, log))
     # From here on stderr carries only bunyan lines, so failures are logged, not printed.

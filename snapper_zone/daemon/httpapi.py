@@ -73,6 +73,7 @@ from snapper_zone.common.httpsig import (
     guard,
 )
 from snapper_zone.common.metrics import CONTENT_TYPE_LATEST
+from snapper_zone.common.version import version
 from snapper_zone.daemon.auth import check_owner
 from snapper_zone.daemon.zone import Zone
 from snapper_zone.errors import InvalidName, SnapperError
@@ -90,7 +91,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Listing every VM runs one `zfs get` per VM; bound how many run at once.
 _LIST_CONCURRENCY = 8
-VERSION = "0.1.0"
 # A client may name its request (restify's x-request-id); otherwise we do.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
@@ -198,7 +198,7 @@ async def _errors_and_audit(request: web.Request, handler: Handler) -> web.Strea
 async def ping(request: web.Request) -> web.Response:
     # Open to anyone: liveness, which zone, which version; nothing else.
     zone = request.app[ZONE]
-    return web.json_response({"ping": "pong", "zone": zone.config.uuid, "version": VERSION})
+    return web.json_response({"ping": "pong", "zone": zone.config.uuid, "version": version()})
 
 
 def _is_vm(name: str) -> bool:
@@ -402,12 +402,14 @@ async def transfers(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     zone = request.app[ZONE]
-    try:
-        await zone.refresh_capacity()
-    except SnapperError:
-        # A scrape must still answer (transfer counters matter most when ZFS
-        # is unwell); the gauge keeps its last value and the log says why.
-        zone.log.warning("cannot refresh pool free space for /metrics", exc_info=True)
+    for refresh, what in ((zone.refresh_capacity, "pool space"),
+                          (zone.refresh_freshness, "VM snapshot ages")):
+        try:
+            await refresh()
+        except SnapperError:
+            # A scrape must still answer (transfer counters matter most when ZFS
+            # is unwell); the gauges keep their last values and the log says why.
+            zone.log.warning(f"cannot refresh {what} for /metrics", exc_info=True)
     # CONTENT_TYPE_LATEST carries a charset, which content_type= refuses.
     return web.Response(body=zone.metrics.render(),
                         headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -176,6 +177,11 @@ class Zone:
         return self.config.vms.get(vm)
 
     async def refresh_capacity(self) -> int:
-        free = await self.store.available()
-        self.metrics.pool_free.set(free)
-        return free
+        root = await self.zfs.dataset(self.store.root)
+        self.metrics.pool_free.set(root.available)
+        self.metrics.pool_used.set(root.used)
+        return root.available
+
+    async def refresh_freshness(self) -> None:
+        """Each VM's newest complete snapshot's age, for the scrape (``common/metrics``)."""
+        self.metrics.set_freshness(await self.store.newest_complete(), time.time())

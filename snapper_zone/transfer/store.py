@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from snapper_zone import wire
-from snapper_zone.errors import DatasetNotFound, MetadataTooLarge, SnapperError
+from snapper_zone.errors import DatasetNotFound, InvalidName, MetadataTooLarge, SnapperError
 from snapper_zone.zfs.names import Dataset, Snapshot, check_component, check_uuid
 from snapper_zone.zfs.zfs import SAFE_CONTAINER_PROPS, SnapshotInfo, Zfs
 
@@ -325,8 +325,35 @@ class ZoneStore:
         await self.zfs.set_user_props(self.vm_dataset(vm), {P_TOMBSTONES: format_tombstones(
             dict(keep)) or "-"})
 
-    async def available(self) -> int:
-        return await self.zfs.available(self.root)
+    async def newest_complete(self) -> dict[str, int | None]:
+        """Each VM here -> the creation time of its newest complete snapshot (None: none).
+
+        Two ``zfs`` calls for the whole zone however many VMs it holds (a scrape
+        reads it), not one per VM as ``snapshots`` would.
+        """
+        vms = {i.dataset.basename for i in await self.zfs.datasets(self.root, depth=1)
+               if i.dataset.parent == self.root and _is_uuid(i.dataset.basename)}
+        out: dict[str, int | None] = dict.fromkeys(vms)
+        # depth 2: the VM containers' own snapshots (the markers), not their parts'.
+        for s in await self.zfs.snapshots(self.root, user_props=[P_COMPLETE, P_CREATED],
+                                          recursive=True, depth=2):
+            vm = s.snapshot.dataset.basename
+            if s.snapshot.dataset.parent != self.root or vm not in out:
+                continue
+            if s.user_props.get(P_COMPLETE) != "yes":
+                continue
+            created = int(s.user_props.get(P_CREATED, s.creation))
+            if (have := out[vm]) is None or created > have:
+                out[vm] = created
+        return out
+
+
+def _is_uuid(name: str) -> bool:
+    try:
+        check_uuid(name)
+    except InvalidName:
+        return False
+    return True
 
 
 def parse_tombstones(text: str) -> dict[int, int]:

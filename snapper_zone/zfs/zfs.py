@@ -386,11 +386,13 @@ class Zfs:
         return out
 
     async def snapshots(self, ds: Dataset, *, user_props: Sequence[str] = (),
-                        recursive: bool = False) -> list[SnapshotInfo]:
-        """Snapshots of ``ds`` (and of its descendants if recursive), oldest first."""
+                        recursive: bool = False, depth: int | None = None
+                        ) -> list[SnapshotInfo]:
+        """Snapshots of ``ds`` (and of its descendants if recursive, ``depth`` levels
+        down when given: 2 is its children's own snapshots), oldest first."""
         extra = [check_user_property(n) for n in user_props]
         rows = await self._get([str(ds)], [*_SNAP_PROPS, *extra],
-                               depth=None if recursive else 1, recursive=recursive)
+                               depth=depth if recursive else 1, recursive=recursive)
         out = []
         for name, p in rows.items():
             if "@" not in name:

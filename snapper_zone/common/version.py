@@ -1,0 +1,50 @@
+"""The one version of snapper: ``--version``, ``/ping``, the first log line, ``build_info``.
+
+Read from the installed distribution's metadata (``importlib.metadata``), looked
+up by this package's import name so a renamed distribution still answers; a
+checkout that was never installed reads ``pyproject.toml`` beside the package
+instead, and anything else says ``0+unknown`` rather than failing to start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+from functools import cache
+from importlib import metadata
+from pathlib import Path
+
+__all__ = ["UNKNOWN", "add_version_argument", "version"]
+
+UNKNOWN = "0+unknown"
+_PACKAGE = "snapper_zone"
+_PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
+
+
+def _from_metadata() -> str | None:
+    for dist in metadata.packages_distributions().get(_PACKAGE, []):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _from_checkout(pyproject: Path | None = None) -> str | None:
+    try:
+        project = tomllib.loads((pyproject or _PYPROJECT).read_text()).get("project")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    v = project.get("version") if isinstance(project, dict) else None
+    return v if isinstance(v, str) and v else None
+
+
+@cache
+def version() -> str:
+    """This build's version (computed once per process)."""
+    return _from_metadata() or _from_checkout() or UNKNOWN
+
+
+def add_version_argument(parser: argparse.ArgumentParser) -> None:
+    """``--version``: print ``PROG VERSION`` on stdout and exit 0, as every command does."""
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
