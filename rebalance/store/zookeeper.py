@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, replace
@@ -59,7 +60,7 @@ from kazoo.exceptions import (
     RolledBackError,
     SessionExpiredError,
 )
-from kazoo.protocol.states import ZnodeStat
+from kazoo.protocol.states import KazooState, ZnodeStat
 
 from rebalance.placement import Move, ZoneState
 from rebalance.store.base import (
@@ -79,6 +80,7 @@ from rebalance.store.base import (
 
 __all__ = ["SCHEMA_VERSION", "ZkStore"]
 
+log = logging.getLogger("snapper.coordinator.store")
 T = TypeVar("T")
 SCHEMA_VERSION = 1
 _DIRS = ("zones", "placement", "sizes", "moves", "active", "refs")
@@ -148,6 +150,19 @@ class ZkStore:
         self.chroot = chroot.rstrip("/") or "/"
         self.timeout = timeout
         self._refs_known: set[str] = set()  # refs/<zone> dirs seen to exist
+        # Sessions the ensemble expired; kazoo then opens a new one by itself.
+        # Nothing here is tied to a session (no ephemeral nodes), so the store
+        # simply works again; calls meanwhile were StoreUnavailable.
+        self.sessions_lost = 0
+        client.add_listener(self._state)
+
+    def _state(self, state: KazooState) -> None:
+        # On kazoo's thread: only count and log.
+        if state == KazooState.LOST:
+            self.sessions_lost += 1
+            log.warning("ZooKeeper session lost", extra={"chroot": self.chroot})
+        elif state == KazooState.SUSPENDED:
+            log.warning("ZooKeeper connection lost", extra={"chroot": self.chroot})
 
     @classmethod
     async def open(cls, hosts: str, chroot: str = "/snapper", *, timeout: float = 10.0,
