@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import uuid as uuidlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from rebalance.coordinator import (
     parse_config,
 )
 from rebalance.placement import ZoneState
-from rebalance.store import SqliteStore, ZoneRecord
+from rebalance.store import SqliteStore, Store, ZkStore, ZoneRecord
 from rebalance.zoneclient import HttpZoneApi, SnapshotView, ZoneRequestFailed, ZoneUnreachable
 from snapper_zone.cli import main as cli_main
 from snapper_zone.common.config import ConfigError, parse_keys
@@ -194,12 +195,12 @@ class Fleet:
 
 
 class Env:
-    def __init__(self, tmp_path: Path, fleet: Fleet) -> None:
+    def __init__(self, tmp_path: Path, fleet: Fleet, store: Store | None = None) -> None:
         self.tmp_path = tmp_path
         self.fleet = fleet
         self.config = CoordinatorConfig(store=tmp_path / "c.db", keys=KEYS, health_interval=3600,
                                         auto_rebalance=False, retry_delay=0.05)
-        self.store = SqliteStore(tmp_path / "c.db")
+        self.store: Store = store or SqliteStore(tmp_path / "c.db")
         self.api = HttpZoneApi(COORD, request_timeout=5)
         self.coordinator = Coordinator(self.store, self.api, self.config)
         self.server = TestServer(make_app(self.coordinator, COORD), host="127.0.0.1")
@@ -271,8 +272,15 @@ async def fleet() -> AsyncIterator[Fleet]:
 
 
 @pytest.fixture
-async def env(tmp_path: Path, fleet: Fleet) -> AsyncIterator[Env]:
-    e = await Env(tmp_path, fleet).start()
+async def env(request: pytest.FixtureRequest, tmp_path: Path,
+              fleet: Fleet) -> AsyncIterator[Env]:
+    """A coordinator on SQLite; ``parametrize("env", ["zookeeper"], indirect=True)``
+    puts it on a chroot of the session's private ZooKeeper."""
+    store: Store | None = None
+    if getattr(request, "param", "sqlite") == "zookeeper":
+        zk = request.getfixturevalue("zookeeper")
+        store = await ZkStore.open(zk.hosts, f"/t-{uuidlib.uuid4().hex}")
+    e = await Env(tmp_path, fleet, store).start()
     yield e
     await e.close()
 
@@ -359,6 +367,7 @@ async def test_errors_are_json(env: Env) -> None:
         "NotEnoughZones"
 
 
+@pytest.mark.parametrize("env", ["sqlite", "zookeeper"], indirect=True)
 async def test_placement_is_stable_and_decided_once(env: Env) -> None:
     await fleet_of(env, 3)
     answers = await asyncio.gather(*(env.call("GET", f"/v1/placement/{VMS[0]}")
@@ -373,6 +382,7 @@ async def test_placement_is_stable_and_decided_once(env: Env) -> None:
     assert [zones[z]["vms"] for z in first["zones"]] == [1, 1]
 
 
+@pytest.mark.parametrize("env", ["sqlite", "zookeeper"], indirect=True)
 async def test_delete_zone_refused_while_it_holds_copies(env: Env) -> None:
     await fleet_of(env, 3)
     pair = await env.placement(VMS[0])
@@ -389,6 +399,7 @@ async def test_delete_zone_refused_while_it_holds_copies(env: Env) -> None:
 # -- moves ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("env", ["sqlite", "zookeeper"], indirect=True)
 async def test_adding_a_zone_moves_its_fair_share(env: Env) -> None:
     await fleet_of(env, 3)
     await push_all(env, VMS)
@@ -415,6 +426,7 @@ async def test_adding_a_zone_moves_its_fair_share(env: Env) -> None:
     assert status["moves"]["done"] == 6 and status["in_flight"] == []
 
 
+@pytest.mark.parametrize("env", ["sqlite", "zookeeper"], indirect=True)
 async def test_drain_then_remove(env: Env) -> None:
     await fleet_of(env, 4)
     await push_all(env, VMS)
@@ -435,6 +447,7 @@ async def test_drain_then_remove(env: Env) -> None:
     await env.call("DELETE", f"/v1/zones/{victim}", status=204)
 
 
+@pytest.mark.parametrize("env", ["sqlite", "zookeeper"], indirect=True)
 async def test_lost_zone_is_repaired_from_the_survivors(env: Env) -> None:
     await fleet_of(env, 4)
     await push_all(env, VMS)
@@ -542,9 +555,15 @@ def test_bad_config_names_the_field(data: dict[str, Any], field: str) -> None:
     assert e.value.field == field
 
 
-async def test_daemon_ready_file_and_clean_stop(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "zookeeper"])
+async def test_daemon_ready_file_and_clean_stop(tmp_path: Path, backend: str,
+                                                request: pytest.FixtureRequest) -> None:
     conf = tmp_path / "c.toml"
-    conf.write_text('store = "state/c.db"\nkey = "state/key"\n[listen]\nport = 0\n')
+    store = '"state/c.db"'
+    if backend == "zookeeper":
+        chroot = f"/t-{uuidlib.uuid4().hex}"
+        store = f'"zk://{request.getfixturevalue("zookeeper").hosts}{chroot}"'
+    conf.write_text(f'store = {store}\nkey = "state/key"\n[listen]\nport = 0\n')
     ready = tmp_path / "ready.json"
     daemon = proc.Daemon([sys.executable, "-m", "rebalance.coordinator", "--config", str(conf),
                           "--ready-file", str(ready)], str(tmp_path / "log"),
@@ -563,7 +582,11 @@ async def test_daemon_ready_file_and_clean_stop(tmp_path: Path) -> None:
     finally:
         status = daemon.stop(timeout=20)
     assert status == 0
-    assert (tmp_path / "state" / "c.db").exists()
+    if backend == "zookeeper":
+        started = [json.loads(x) for x in (tmp_path / "log").read_text().splitlines()]
+        assert [x["store"] for x in started if "store" in x] == [store.strip('"')]
+    else:
+        assert (tmp_path / "state" / "c.db").exists()
     assert (tmp_path / "state" / "key.pub").exists()  # generated at first start
     for line in (tmp_path / "log").read_text().splitlines():
         assert json.loads(line)["name"] == "snapper-coordinator"

@@ -186,7 +186,7 @@ class ZkStore:
     # -- plumbing --
 
     def _p(self, *parts: str) -> str:
-        return "/".join((self.chroot.rstrip("/"), *parts))
+        return "/".join((self.chroot.rstrip("/"), *parts)) if parts else self.chroot
 
     async def _wait_all(self, start: Callable[[], Sequence[Any]]) -> list[Any]:
         """Start kazoo async calls and wait for all: each its value or its exception.
@@ -302,10 +302,13 @@ class ZkStore:
         # so whoever sees it sees every directory.
         paths = [self._p(d) for d in _DIRS]
         await self._one(lambda: self._zk.ensure_path_async(self._p()))
-        await self._wait_all(lambda: [self._zk.create_async(p) for p in paths])
-        await self._wait_all(lambda: [
-            self._zk.create_async(self._p("move-seq"), b"1"),
-            self._zk.create_async(self._p("schema"), str(SCHEMA_VERSION).encode())])
+        for batch in ([(p, b"") for p in paths], [(self._p("move-seq"), b"1")],
+                      [(self._p("schema"), str(SCHEMA_VERSION).encode())]):
+            got = await self._wait_all(lambda b=batch: [  # type: ignore[misc]
+                self._zk.create_async(p, v) for p, v in b])
+            for x in got:
+                if isinstance(x, BaseException) and not isinstance(x, NodeExistsError):
+                    raise x
 
     async def close(self) -> None:
         def stop() -> None:
