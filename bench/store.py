@@ -28,6 +28,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -55,13 +56,13 @@ async def _run(store: Store, vms: list[str], conc: int) -> dict[str, float]:
     a, b, c = ZONES
     rates = {}
     t = time.perf_counter()
-    await _bounded(conc, [lambda vm=vm: store.place(vm, (a, b), 1) for vm in vms])
+    await _bounded(conc, [partial(store.place, vm, (a, b), 1) for vm in vms])
     rates["place"] = len(vms) / (time.perf_counter() - t)
     t = time.perf_counter()
-    await _bounded(conc, [lambda vm=vm: store.reassign(vm, (a, b), (a, c)) for vm in vms])
+    await _bounded(conc, [partial(store.reassign, vm, (a, b), (a, c)) for vm in vms])
     rates["reassign"] = len(vms) / (time.perf_counter() - t)
     t = time.perf_counter()
-    await _bounded(conc, [lambda vm=vm: store.placement(vm) for vm in vms])
+    await _bounded(conc, [partial(store.placement, vm) for vm in vms])
     rates["placement"] = len(vms) / (time.perf_counter() - t)
     t = time.perf_counter()
     got = await store.placements()

@@ -1,14 +1,15 @@
 """``Store`` on a ZooKeeper ensemble (kazoo), for coordinators that share state.
 
-Layout under the chroot (``/snapper`` by default), one JSON znode per record:
+Layout under the chroot (``/snapper`` by default), JSON znodes:
 
     schema              the layout's version
     move-seq            the next move id (bumped, version-checked, in the
                         transaction that creates moves: ids are unique)
     zones/<uuid>        a ZoneRecord
-    placement/<vm>      [primary, mirror]
-    sizes/<vm>          bytes (apart from placement, so a size update never
-                        conflicts with a placement change)
+    placement/<bucket>  {vm: [primary, mirror]} for the VMs hashed to it
+                        (1024 buckets: see _BUCKETS)
+    sizes/<bucket>      {vm: bytes}, the same buckets (apart from placement,
+                        so a size update never races a placement change)
     moves/<id>          a MoveRecord (ids zero-padded: children sort by id)
     active/<id>         empty: the move is planned or running (what the mover
                         lists, without reading every finished move)
@@ -17,17 +18,19 @@ Layout under the chroot (``/snapper`` by default), one JSON znode per record:
 
 Every mutation is ONE ZooKeeper transaction (``multi``) whose ``set_data`` and
 ``delete`` carry the version read before: a concurrent writer makes it fail
-whole, never half-applied. A failed version check is read again and decided
-as the SQLite backend decides it (``PlacementConflict`` when the placement is
+whole, never half-applied. A failed version check (another writer, or
+another VM of the same bucket) is read again and decided as the SQLite
+backend decides it (``PlacementConflict`` when the placement is
 no longer the expected one; a concurrent health or progress write is just
 retried). ``refs`` make "delete a zone only while nothing names it" atomic:
 the transaction deletes ``refs/<zone>``, which ZooKeeper refuses while it has
 children, so no scan of the placement is needed and none can race.
 
 Two writes are chunked into several transactions because one ZooKeeper
-request is limited to about 1 MB: ``set_sizes`` (each VM's size stands
-alone) and ``add_moves`` of a large plan (each move is whole; a crash
-between chunks records part of a plan, and the next rebalance plans the rest).
+request is limited to about 1 MB: ``set_sizes`` (each bucket whole; each
+VM's size stands alone) and ``add_moves`` of a large plan (each move whole;
+a crash between chunks records part of a plan, the next rebalance plans the
+rest).
 
 kazoo is threaded (a connection thread; its sync calls block). The event loop
 must never wait on the network, so calls go through kazoo's async results,
@@ -41,11 +44,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import json
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, TypeVar
 
 from kazoo.client import KazooClient, TransactionRequest
@@ -83,11 +87,15 @@ __all__ = ["SCHEMA_VERSION", "ZkStore"]
 log = logging.getLogger("snapper.coordinator.store")
 T = TypeVar("T")
 SCHEMA_VERSION = 1
+# VMs per znode: a whole placement read is one get per bucket (kazoo manages a
+# few thousand gets a second, too slow for 100k VMs one znode each), while a
+# write rewrites one small bucket (~10 kB at 100k VMs). Fixed by the schema.
+_BUCKETS = 1024
 _DIRS = ("zones", "placement", "sizes", "moves", "active", "refs")
 _ACTIVE = frozenset({MoveState.PLANNED, MoveState.RUNNING})
-# Below ZooKeeper's 1 MB request limit with room to spare (a size write is ~80
-# bytes, a move with its index and refs ~600).
-_SIZES_PER_TXN = 2000
+# Below ZooKeeper's 1 MB request limit with room to spare (a sizes bucket is
+# ~5 kB at 100k VMs, a move with its index and refs ~600 bytes).
+_BUCKETS_PER_TXN = 16
 _MOVES_PER_TXN = 200
 # Version races (not conflicts) are retried; this many in a row means a writer
 # is hammering one record, which never happens in a healthy fleet.
@@ -137,9 +145,26 @@ def _move_zones(m: Move | MoveRecord) -> set[str]:
     return {z for z in (m.from_zone, m.to_zone, m.source) if z is not None}
 
 
-def _pair(data: bytes) -> tuple[str, str]:
-    a, b = json.loads(data)
-    return (a, b)
+def _bucket(vm: str) -> str:
+    """The bucket of placement/ and sizes/ that holds ``vm`` (stable hash)."""
+    h = int.from_bytes(hashlib.blake2b(vm.encode(), digest_size=4).digest(), "big")
+    return f"{h % _BUCKETS:03x}"
+
+
+@dataclass(slots=True)
+class _Bucket:
+    """One bucket znode as read: ``version`` None when it does not exist yet."""
+
+    path: str
+    data: dict[str, Any]
+    version: int | None
+
+    def write(self, t: TransactionRequest, data: dict[str, Any]) -> None:
+        """Create it, or replace it if it is still the version read."""
+        if self.version is None:
+            t.create(self.path, _dump(data))
+        else:
+            t.set_data(self.path, _dump(data), self.version)
 
 
 class ZkStore:
@@ -154,10 +179,13 @@ class ZkStore:
         # Nothing here is tied to a session (no ephemeral nodes), so the store
         # simply works again; calls meanwhile were StoreUnavailable.
         self.sessions_lost = 0
+        self._closing = False
         client.add_listener(self._state)
 
     def _state(self, state: KazooState) -> None:
-        # On kazoo's thread: only count and log.
+        # On kazoo's thread: only count and log. stop() reports LOST too.
+        if self._closing:
+            return
         if state == KazooState.LOST:
             self.sessions_lost += 1
             log.warning("ZooKeeper session lost", extra={"chroot": self.chroot})
@@ -311,6 +339,8 @@ class ZkStore:
                     raise x
 
     async def close(self) -> None:
+        self._closing = True
+
         def stop() -> None:
             self._zk.stop()
             self._zk.close()
@@ -414,41 +444,62 @@ class ZkStore:
 
     # -- placement --
 
-    async def _placement(self, vm: str) -> tuple[tuple[str, str], int] | None:
-        got = await self._get(self._p("placement", _name("vm", vm)))
-        return None if got is None else (_pair(got[0]), got[1].version)
+    async def _buckets(self, kinds: Sequence[str], vm: str) -> list[_Bucket]:
+        """The VM's bucket of each kind ("placement", "sizes"), read together."""
+        paths = [self._p(k, _bucket(vm)) for k in kinds]
+        got = await self._wait_all(functools.partial(self._start_gets, paths))
+        out = []
+        for path, x in zip(paths, got, strict=True):
+            if isinstance(x, NoNodeError):
+                out.append(_Bucket(path, {}, None))
+            elif isinstance(x, BaseException):
+                raise x
+            else:
+                out.append(_Bucket(path, json.loads(x[0]), x[1].version))
+        return out
+
+    async def _all_buckets(self, kind: str) -> dict[str, Any]:
+        names = await self._children(self._p(kind))
+        merged: dict[str, Any] = {}
+        for data in await self._get_many([self._p(kind, n) for n in names]):
+            if data is not None:
+                merged.update(json.loads(data))
+        return merged
 
     async def placement(self, vm: str) -> tuple[str, str] | None:
-        got = await self._placement(vm)
-        return None if got is None else got[0]
+        [b] = await self._buckets(["placement"], _name("vm", vm))
+        pair = b.data.get(vm)
+        return None if pair is None else (pair[0], pair[1])
 
     async def placements(self) -> dict[str, tuple[str, str]]:
-        vms = sorted(await self._children(self._p("placement")))
-        got = await self._get_many([self._p("placement", vm) for vm in vms])
-        return {vm: _pair(d) for vm, d in zip(vms, got, strict=True) if d is not None}
+        got = await self._all_buckets("placement")
+        return {vm: (got[vm][0], got[vm][1]) for vm in sorted(got)}
 
     async def vm_sizes(self) -> dict[str, int]:
-        vms = await self._children(self._p("sizes"))
-        got = await self._get_many([self._p("sizes", vm) for vm in vms])
-        return {vm: int(d) for vm, d in zip(vms, got, strict=True) if d is not None}
+        return {vm: int(b) for vm, b in (await self._all_buckets("sizes")).items()}
 
     async def place(self, vm: str, zones: tuple[str, str], size: int = 0) -> tuple[str, str]:
         if zones[0] == zones[1]:
             raise ValueError(f"vm {vm}: both copies on zone {zones[0]}")
-        path = self._p("placement", _name("vm", vm))
+        _name("vm", vm)
 
         async def attempt() -> tuple[str, str]:
-            got = await self._placement(vm)
-            if got is not None:
-                return got[0]
+            pb, sb = await self._buckets(["placement", "sizes"], vm)
+            if vm in pb.data:
+                return (pb.data[vm][0], pb.data[vm][1])
             await self._ensure_refs(zones)
+
+            def build(t: TransactionRequest) -> None:
+                pb.write(t, {**pb.data, vm: list(zones)})
+                sb.write(t, {**sb.data, vm: size})
+                for z in zones:
+                    t.create(self._p("refs", z, f"p-{vm}"))
             try:
-                await self._commit(lambda t: (
-                    t.create(path, _dump(list(zones))),
-                    t.create(self._p("sizes", vm), str(size).encode()),
-                    *(t.create(self._p("refs", z, f"p-{vm}")) for z in zones)))
-            except NodeExistsError as e:
-                raise _Race from e  # two CNs asking at once: the first wins, read it
+                await self._commit(build)
+            except (NodeExistsError, BadVersionError) as e:
+                # Two CNs asking at once (the first wins: read it), or another VM
+                # of the same bucket written meanwhile.
+                raise _Race from e
             except NoNodeError as e:
                 self._refs_known.difference_update(zones)  # a refs dir went with its zone
                 raise _Race from e
@@ -456,22 +507,41 @@ class ZkStore:
         return await self._retrying(attempt)
 
     async def set_sizes(self, sizes: dict[str, int]) -> None:
-        vms = sorted(sizes)
-        current = await self._get_many([self._p("sizes", _name("vm", vm)) for vm in vms])
-        # Unplaced VMs are skipped (as SQLite's UPDATE does), unchanged ones too:
-        # reads are cheap, every ZooKeeper write goes through the quorum's disks.
-        changed = [(vm, sizes[vm]) for vm, d in zip(vms, current, strict=True)
-                   if d is not None and int(d) != sizes[vm]]
-        for i in range(0, len(changed), _SIZES_PER_TXN):
-            chunk = changed[i:i + _SIZES_PER_TXN]
+        by_bucket: dict[str, list[str]] = {}
+        for vm in sizes:
+            by_bucket.setdefault(_bucket(_name("vm", vm)), []).append(vm)
+        names = sorted(by_bucket)
+        paths = [self._p("sizes", n) for n in names]
 
-            def build(t: TransactionRequest, chunk: list[tuple[str, int]] = chunk) -> None:
-                for vm, b in chunk:
-                    t.set_data(self._p("sizes", vm), str(b).encode())
-            try:
-                await self._commit(build)
-            except NoNodeError:
-                continue  # placements are never removed; nothing to record if one was
+        async def attempt() -> None:
+            got = await self._wait_all(functools.partial(self._start_gets, paths))
+            writes: list[tuple[_Bucket, dict[str, int]]] = []
+            for name, path, x in zip(names, paths, got, strict=True):
+                if isinstance(x, NoNodeError):
+                    continue  # no VM of it is placed
+                if isinstance(x, BaseException):
+                    raise x
+                b = _Bucket(path, json.loads(x[0]), x[1].version)
+                # Unplaced VMs are skipped (as SQLite's UPDATE does), unchanged ones
+                # too: every ZooKeeper write goes through the quorum's disks.
+                new = {vm: sizes[vm] for vm in by_bucket[name]
+                       if vm in b.data and b.data[vm] != sizes[vm]}
+                if new:
+                    writes.append((b, {**b.data, **new}))
+            # Each bucket whole, in as few transactions as the request limit allows;
+            # a bucket written meanwhile is read again (those done read as unchanged).
+            for i in range(0, len(writes), _BUCKETS_PER_TXN):
+                chunk = writes[i:i + _BUCKETS_PER_TXN]
+
+                def build(t: TransactionRequest,
+                          chunk: list[tuple[_Bucket, dict[str, int]]] = chunk) -> None:
+                    for b, d in chunk:
+                        b.write(t, d)
+                try:
+                    await self._commit(build)
+                except (BadVersionError, NodeExistsError) as e:
+                    raise _Race from e
+        await self._retrying(attempt)
 
     def _swap_refs(self, t: TransactionRequest, vm: str, old: tuple[str, str],
                    new: tuple[str, str]) -> None:
@@ -486,19 +556,20 @@ class ZkStore:
         """Placement ``expected -> new`` (plus ``more``'s operations) in one transaction."""
         if new[0] == new[1]:
             raise ValueError(f"vm {vm}: both copies on zone {new[0]}")
-        path = self._p("placement", _name("vm", vm))
+        _name("vm", vm)
 
         async def attempt() -> None:
-            got = await self._placement(vm)
-            current = None if got is None else got[0]
-            if got is None or current != expected:
+            [b] = await self._buckets(["placement"], vm)
+            pair = b.data.get(vm)
+            current = None if pair is None else (pair[0], pair[1])
+            if current is None or current != expected:
                 raise PlacementConflict(f"vm {vm}: placement is {current}, expected {expected}")
             extra = None if more is None else await more()
             await self._ensure_refs(new)
 
             def build(t: TransactionRequest) -> None:
-                t.set_data(path, _dump(list(new)), got[1])
-                self._swap_refs(t, vm, got[0], new)
+                b.write(t, {**b.data, vm: list(new)})
+                self._swap_refs(t, vm, current, new)
                 if extra is not None:
                     extra(t)
             try:
