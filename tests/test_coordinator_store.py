@@ -375,3 +375,69 @@ def test_config_store_is_a_path_or_a_zookeeper(tmp_path: Path) -> None:
     assert zk == ZkTarget((("127.0.0.1", 2181),), "/snapper")
     with pytest.raises(ConfigError, match="store"):
         parse_config({"store": "zk://nowhere/snapper"})
+
+
+KINDS = ("place", "reassign", "move", "finish", "delete", "register")
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # a fresh place each
+@given(ops=st.lists(st.tuples(st.sampled_from(KINDS), vms_st, zones_st, zones_st,
+                              st.booleans()), max_size=25))
+@pytest.mark.parametrize("kind", ["sqlite", "zookeeper"])
+def test_zone_removal_matches_a_model(kind: str, request: pytest.FixtureRequest,
+                                      tmp_path: Path,
+                                      ops: list[tuple[str, str, str, str, bool]]) -> None:
+    """A zone is removed exactly when no placement and no active move names it,
+    whatever placements, reassigns and moves came before (on ZooKeeper: the
+    refs bookkeeping every transaction carries)."""
+    zk = request.getfixturevalue("zookeeper") if kind == "zookeeper" else None
+
+    async def run() -> None:
+        s = await open_store(Backend(kind, tmp_path / uuid.uuid4().hex, zk).where)
+        placed: dict[str, tuple[str, str]] = {}
+        active: list[tuple[int, set[str]]] = []
+        zones: set[str] = set()
+        for op, vm, z1, z2, flag in ops:
+            if op == "register":
+                await s.upsert_zone(reg(z1), 1.0)
+                zones.add(z1)
+            elif op == "place" and z1 != z2:
+                assert await s.place(vm, (z1, z2)) == placed.setdefault(vm, (z1, z2))
+            elif op == "reassign" and z1 != z2:
+                expected = placed.get(vm, (A, B))
+                if not flag:
+                    expected = (expected[1], expected[0])  # the wrong order: not it
+                if placed.get(vm) == expected:
+                    await s.reassign(vm, expected, (z1, z2))
+                    placed[vm] = (z1, z2)
+                else:
+                    with pytest.raises(PlacementConflict):
+                        await s.reassign(vm, expected, (z1, z2))
+            elif op == "move":
+                move = Move(vm, z1 if flag else None, z2, z1, 1, "rebalance")
+                [m] = await s.add_moves([move], 1.0)
+                active.append((m.id, {z1, z2}))
+            elif op == "finish" and active:
+                move_id, _ = active.pop(0 if flag else -1)
+                await s.update_move(move_id, 2.0, state=MoveState.DONE if flag
+                                    else MoveState.FAILED)
+            elif op == "delete":
+                named = any(z1 in p for p in placed.values()) or any(
+                    z1 in zs for _, zs in active)
+                if z1 not in zones:
+                    with pytest.raises(ZoneNotFound):
+                        await s.delete_zone(z1)
+                elif named:
+                    with pytest.raises(ZoneNotEmpty):
+                        await s.delete_zone(z1)
+                else:
+                    await s.delete_zone(z1)
+                    zones.discard(z1)
+        assert await s.placements() == dict(sorted(placed.items()))
+        assert {z.uuid for z in await s.zones()} == zones
+        assert [m.id for m in await s.moves([MoveState.PLANNED])] == sorted(
+            i for i, _ in active)
+        await s.close()
+
+    asyncio.run(run())
