@@ -82,7 +82,7 @@ from rebalance.store.base import (
     next_move,
 )
 
-__all__ = ["SCHEMA_VERSION", "ZkStore"]
+__all__ = ["SCHEMA_VERSION", "ZkStore", "vm_bucket"]
 
 log = logging.getLogger("snapper.coordinator.store")
 T = TypeVar("T")
@@ -145,7 +145,7 @@ def _move_zones(m: Move | MoveRecord) -> set[str]:
     return {z for z in (m.from_zone, m.to_zone, m.source) if z is not None}
 
 
-def _bucket(vm: str) -> str:
+def vm_bucket(vm: str) -> str:
     """The bucket of placement/ and sizes/ that holds ``vm`` (stable hash)."""
     h = int.from_bytes(hashlib.blake2b(vm.encode(), digest_size=4).digest(), "big")
     return f"{h % _BUCKETS:03x}"
@@ -446,7 +446,7 @@ class ZkStore:
 
     async def _buckets(self, kinds: Sequence[str], vm: str) -> list[_Bucket]:
         """The VM's bucket of each kind ("placement", "sizes"), read together."""
-        paths = [self._p(k, _bucket(vm)) for k in kinds]
+        paths = [self._p(k, vm_bucket(vm)) for k in kinds]
         got = await self._wait_all(functools.partial(self._start_gets, paths))
         out = []
         for path, x in zip(paths, got, strict=True):
@@ -509,7 +509,7 @@ class ZkStore:
     async def set_sizes(self, sizes: dict[str, int]) -> None:
         by_bucket: dict[str, list[str]] = {}
         for vm in sizes:
-            by_bucket.setdefault(_bucket(_name("vm", vm)), []).append(vm)
+            by_bucket.setdefault(vm_bucket(_name("vm", vm)), []).append(vm)
         names = sorted(by_bucket)
         paths = [self._p("sizes", n) for n in names]
 
