@@ -38,9 +38,10 @@ from rebalance.zoneclient import HttpZoneApi, SnapshotView, ZoneRequestFailed, Z
 from snapper_zone.cli import main as cli_main
 from snapper_zone.common.config import ConfigError, parse_keys
 from snapper_zone.common.httpsig import Signer, signing_session
+from snapper_zone.fleet.zookeeper import LocalZooKeeper
 from snapper_zone.wire import ZoneRegistration
 from snapper_zone.zfs import proc
-from tests.helpers import wait_for, wait_until
+from tests.helpers import Cable, wait_for, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 ZONES = [f"00000000-0000-4000-8000-00000000000{i}" for i in range(1, 6)]
@@ -892,3 +893,33 @@ def test_order_holders_puts_the_pushed_copy_first(vm: str, holders: list[str],
     assert order[:len(live)] == live  # zones that cannot take copies go last
     if primary not in lost:
         assert order[0] == primary
+
+
+async def test_a_store_out_of_reach_is_503_not_a_hang(tmp_path: Path, fleet: Fleet,
+                                                       zookeeper: LocalZooKeeper) -> None:
+    """The coordinator on ZooKeeper through a cable the test cuts: a placement
+    asked meanwhile is 503 StoreUnavailable within the store's timeout."""
+    cable = Cable(zookeeper.port)
+    await cable.mend()
+    store = await ZkStore.open(f"127.0.0.1:{cable.port}", f"/t-{uuidlib.uuid4().hex}",
+                               timeout=1.0, session_timeout=2.0)
+    env = await Env(tmp_path, fleet, store).start()
+    try:
+        await fleet_of(env, 3)
+        pair = await env.placement(VMS[0])
+        await cable.cut()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        err = await env.call("GET", f"/v1/placement/{VMS[0]}", status=503)
+        assert err["code"] == "StoreUnavailable" and loop.time() - t0 < 5
+        await cable.mend()  # kazoo reconnects by itself; the answer is the same
+        await wait_until(lambda: _answers(env, VMS[0]), 20, "the store back")
+        assert await env.placement(VMS[0]) == pair
+    finally:
+        await env.close()
+        await cable.cut()
+
+
+async def _answers(env: Env, vm: str) -> bool:
+    async with env.http.get(str(env.server.make_url(f"/v1/placement/{vm}"))) as r:
+        return r.status == 200

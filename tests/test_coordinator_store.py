@@ -40,6 +40,7 @@ from rebalance.store.zookeeper import vm_bucket
 from snapper_zone.common.config import ConfigError
 from snapper_zone.fleet.local import free_port
 from snapper_zone.fleet.zookeeper import LocalZooKeeper
+from tests.helpers import Cable
 
 A, B, C = (f"00000000-0000-4000-8000-00000000000{i}" for i in (1, 2, 3))
 VM = "74c59c61-4559-4ca2-b1ef-0ca22f2f936a"
@@ -268,43 +269,6 @@ async def test_move_ids_unique_across_clients(backend: Backend) -> None:
 
 
 # -- ZooKeeper out of reach ---------------------------------------------------------------
-
-
-class Cable:
-    """A TCP relay between the store and ZooKeeper that the test can cut and mend."""
-
-    def __init__(self, target: int) -> None:
-        self.target, self.port = target, free_port()
-        self.server: asyncio.Server | None = None
-        self.writers: set[asyncio.StreamWriter] = set()
-
-    async def mend(self) -> None:
-        self.server = await asyncio.start_server(self._relay, "127.0.0.1", self.port,
-                                                 reuse_address=True)
-
-    async def cut(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for w in list(self.writers):
-            w.transport.abort()
-        await self.server.wait_closed()
-
-    async def _relay(self, r1: asyncio.StreamReader, w1: asyncio.StreamWriter) -> None:
-        try:
-            r2, w2 = await asyncio.open_connection("127.0.0.1", self.target)
-        except OSError:
-            w1.transport.abort()
-            return
-        self.writers.update((w1, w2))
-
-        async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while data := await r.read(65536):
-                    w.write(data)
-                    await w.drain()
-            w.transport.abort()
-        await asyncio.gather(pump(r1, w2), pump(r2, w1))
-        self.writers.difference_update((w1, w2))
 
 
 async def test_a_lost_connection_and_session_are_typed_not_a_hang(
