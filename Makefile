@@ -8,7 +8,7 @@ PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 APT_PKGS := zfs-fuse openssh-client openssh-server libxml2-utils python3-venv python3-pip \
-            qemu-system-x86 qemu-utils mmdebstrap e2fsprogs
+            qemu-system-x86 qemu-utils mmdebstrap e2fsprogs zookeeper
 
 .PHONY: deps demo test test-host test-vm test-soak lint bench
 

@@ -88,11 +88,13 @@ from rebalance.store import (
     MoveState,
     MoveStep,
     PlacementConflict,
-    SqliteStore,
     Store,
+    ZkTarget,
     ZoneNotEmpty,
     ZoneNotFound,
     ZoneRecord,
+    open_store,
+    parse_zk_url,
 )
 from rebalance.zoneclient import HttpZoneApi, InventoryVm, SnapshotView, ZoneApi
 from snapper_zone.common.bootstrap import (
@@ -172,7 +174,8 @@ def _guids(s: SnapshotView) -> set[int]:
 class CoordinatorConfig:
     host: str = "127.0.0.1"
     port: int = 8480
-    store: Path = Path("/var/db/snapper/coordinator.db")
+    # A SQLite file, or a ZooKeeper ensemble: zk://host:port[,host:port...]/chroot
+    store: Path | ZkTarget = Path("/var/db/snapper/coordinator.db")
     health_interval: float = 10.0
     health_timeout: float = 5.0
     lost_after: float = 300.0
@@ -214,6 +217,13 @@ def parse_config(data: Mapping[str, object], source: str = "<config>",
     """Every problem is a ConfigError naming the file and the dotted field."""
     values: dict[str, Any] = {}
     for key, value in data.items():
+        if key == "store" and isinstance(value, str) and value.startswith("zk://"):
+            try:
+                values[key] = parse_zk_url(value)
+            except ValueError as e:
+                raise ConfigError(source, key, f"zk://host:port[,host:port...]/chroot: {e}"
+                                  ) from e
+            continue
         if key in ("store", "key"):
             if not isinstance(value, str) or not value:
                 raise ConfigError(source, key, "must be a non-empty path")
@@ -1098,9 +1108,8 @@ def _parser() -> argparse.ArgumentParser:
 
 async def serve(config: CoordinatorConfig, args: argparse.Namespace) -> int:
     try:
-        config.store.parent.mkdir(parents=True, exist_ok=True)
-        store = SqliteStore(config.store)
-    except (OSError, RuntimeError) as e:
+        store = await open_store(config.store)
+    except (OSError, RuntimeError, SnapperError) as e:
         raise StartupError(f"store {config.store}: {e}", EXIT_USAGE) from e
     ensure_private_key(config.key, "key", "snapper-coordinator", log)
     signer = Signer.load(config.key)

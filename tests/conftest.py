@@ -14,6 +14,8 @@ import pytest
 
 from snapper_zone.fleet import pools as localpool
 from snapper_zone.fleet.pools import FilePool
+from snapper_zone.fleet.zookeeper import LocalZooKeeper
+from snapper_zone.fleet.zookeeper import missing as zookeeper_missing
 from snapper_zone.zfs.zfs import Capabilities, Zfs
 
 
@@ -35,6 +37,21 @@ def zfs_tier(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ZfsTier]:
     finally:
         if daemon is not None:
             daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def zookeeper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalZooKeeper]:
+    """A private standalone ZooKeeper on 127.0.0.1 for the whole session (each test
+    uses its own chroot); skipped, with the reason, where it cannot run."""
+    why = zookeeper_missing()
+    if why is not None:
+        pytest.skip(f"needs ZooKeeper: {why}")
+    zk = LocalZooKeeper(tmp_path_factory.mktemp("zookeeper"))
+    zk.start()
+    try:
+        yield zk
+    finally:
+        zk.stop()
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 from collections.abc import Awaitable, Callable
@@ -11,6 +12,7 @@ from pathlib import Path
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from snapper_zone.fleet.local import free_port
 from snapper_zone.fleet.pools import FilePool
 from snapper_zone.zfs import proc
 from snapper_zone.zfs.names import Dataset
@@ -110,3 +112,41 @@ async def scrape(http_url: str, name: str, **labels: str) -> float:
     return sum(float(s.value) for fam in text_string_to_metric_families(text)
                for s in fam.samples
                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+class Cable:
+    """A TCP relay on 127.0.0.1 to ``target`` (say a ZooKeeper) that a test can cut
+    (every connection aborted, new ones refused) and mend (on the same port)."""
+
+    def __init__(self, target: int) -> None:
+        self.target, self.port = target, free_port()
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    async def mend(self) -> None:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", self.port,
+                                                 reuse_address=True)
+
+    async def cut(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for w in list(self.writers):
+            w.transport.abort()
+        await self.server.wait_closed()
+
+    async def _relay(self, r1: asyncio.StreamReader, w1: asyncio.StreamWriter) -> None:
+        try:
+            r2, w2 = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            w1.transport.abort()
+            return
+        self.writers.update((w1, w2))
+
+        async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            w.transport.abort()
+        await asyncio.gather(pump(r1, w2), pump(r2, w1))
+        self.writers.difference_update((w1, w2))

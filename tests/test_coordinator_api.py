@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import uuid as uuidlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -32,15 +33,16 @@ from rebalance.coordinator import (
     parse_config,
 )
 from rebalance.placement import ZoneState
-from rebalance.store import SqliteStore, ZoneRecord
+from rebalance.store import SqliteStore, Store, ZkStore, ZoneRecord
 from rebalance.zoneclient import HttpZoneApi, SnapshotView, ZoneRequestFailed, ZoneUnreachable
 from snapper_zone.cli import main as cli_main
 from snapper_zone.common.config import ConfigError, parse_keys
 from snapper_zone.common.httpsig import Signer, signing_session
 from snapper_zone.common.version import version
+from snapper_zone.fleet.zookeeper import LocalZooKeeper
 from snapper_zone.wire import ZoneRegistration
 from snapper_zone.zfs import proc
-from tests.helpers import wait_for, wait_until
+from tests.helpers import Cable, wait_for, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 ZONES = [f"00000000-0000-4000-8000-00000000000{i}" for i in range(1, 6)]
@@ -195,12 +197,12 @@ class Fleet:
 
 
 class Env:
-    def __init__(self, tmp_path: Path, fleet: Fleet) -> None:
+    def __init__(self, tmp_path: Path, fleet: Fleet, store: Store | None = None) -> None:
         self.tmp_path = tmp_path
         self.fleet = fleet
         self.config = CoordinatorConfig(store=tmp_path / "c.db", keys=KEYS, health_interval=3600,
                                         auto_rebalance=False, retry_delay=0.05)
-        self.store = SqliteStore(self.config.store)
+        self.store: Store = store or SqliteStore(tmp_path / "c.db")
         self.api = HttpZoneApi(COORD, request_timeout=5)
         self.coordinator = Coordinator(self.store, self.api, self.config)
         self.server = TestServer(make_app(self.coordinator, COORD), host="127.0.0.1")
@@ -272,8 +274,15 @@ async def fleet() -> AsyncIterator[Fleet]:
 
 
 @pytest.fixture
-async def env(tmp_path: Path, fleet: Fleet) -> AsyncIterator[Env]:
-    e = await Env(tmp_path, fleet).start()
+async def env(request: pytest.FixtureRequest, tmp_path: Path,
+              fleet: Fleet) -> AsyncIterator[Env]:
+    """A coordinator on SQLite; ``parametrize("env", ["zookeeper"], indirect=True)``
+    puts it on a chroot of the session's private ZooKeeper."""
+    store: Store | None = None
+    if getattr(request, "param", "sqlite") == "zookeeper":
+        zk = request.getfixturevalue("zookeeper")
+        store = await ZkStore.open(zk.hosts, f"/t-{uuidlib.uuid4().hex}")
+    e = await Env(tmp_path, fleet, store).start()
     yield e
     await e.close()
 
@@ -360,6 +369,7 @@ async def test_errors_are_json(env: Env) -> None:
         "NotEnoughZones"
 
 
+@pytest.mark.parametrize("env", ["sqlite", "zookeeper"], indirect=True)
 async def test_placement_is_stable_and_decided_once(env: Env) -> None:
     await fleet_of(env, 3)
     answers = await asyncio.gather(*(env.call("GET", f"/v1/placement/{VMS[0]}")
@@ -374,6 +384,7 @@ async def test_placement_is_stable_and_decided_once(env: Env) -> None:
     assert [zones[z]["vms"] for z in first["zones"]] == [1, 1]
 
 
+@pytest.mark.parametrize("env", ["sqlite", "zookeeper"], indirect=True)
 async def test_delete_zone_refused_while_it_holds_copies(env: Env) -> None:
     await fleet_of(env, 3)
     pair = await env.placement(VMS[0])
@@ -390,6 +401,7 @@ async def test_delete_zone_refused_while_it_holds_copies(env: Env) -> None:
 # -- moves ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("env", ["sqlite", "zookeeper"], indirect=True)
 async def test_adding_a_zone_moves_its_fair_share(env: Env) -> None:
     await fleet_of(env, 3)
     await push_all(env, VMS)
@@ -416,6 +428,7 @@ async def test_adding_a_zone_moves_its_fair_share(env: Env) -> None:
     assert status["moves"]["done"] == 6 and status["in_flight"] == []
 
 
+@pytest.mark.parametrize("env", ["sqlite", "zookeeper"], indirect=True)
 async def test_drain_then_remove(env: Env) -> None:
     await fleet_of(env, 4)
     await push_all(env, VMS)
@@ -436,6 +449,7 @@ async def test_drain_then_remove(env: Env) -> None:
     await env.call("DELETE", f"/v1/zones/{victim}", status=204)
 
 
+@pytest.mark.parametrize("env", ["sqlite", "zookeeper"], indirect=True)
 async def test_lost_zone_is_repaired_from_the_survivors(env: Env) -> None:
     await fleet_of(env, 4)
     await push_all(env, VMS)
@@ -523,7 +537,8 @@ async def test_moves_and_metrics_shapes(env: Env) -> None:
 
 def test_example_config_parses() -> None:
     c = load_config(REPO / "etc" / "coordinator.example.toml")
-    assert c.host == "127.0.0.1" and c.port > 0 and c.store.is_absolute()
+    assert c.host == "127.0.0.1" and c.port > 0
+    assert isinstance(c.store, Path) and c.store.is_absolute()
     assert c.lost_after > c.health_interval and c.per_zone >= 1
 
 
@@ -542,9 +557,15 @@ def test_bad_config_names_the_field(data: dict[str, Any], field: str) -> None:
     assert e.value.field == field
 
 
-async def test_daemon_ready_file_and_clean_stop(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "zookeeper"])
+async def test_daemon_ready_file_and_clean_stop(tmp_path: Path, backend: str,
+                                                request: pytest.FixtureRequest) -> None:
     conf = tmp_path / "c.toml"
-    conf.write_text('store = "state/c.db"\nkey = "state/key"\n[listen]\nport = 0\n')
+    store = '"state/c.db"'
+    if backend == "zookeeper":
+        chroot = f"/t-{uuidlib.uuid4().hex}"
+        store = f'"zk://{request.getfixturevalue("zookeeper").hosts}{chroot}"'
+    conf.write_text(f'store = {store}\nkey = "state/key"\n[listen]\nport = 0\n')
     ready = tmp_path / "ready.json"
     daemon = proc.Daemon([sys.executable, "-m", "rebalance.coordinator", "--config", str(conf),
                           "--ready-file", str(ready)], str(tmp_path / "log"),
@@ -563,7 +584,11 @@ async def test_daemon_ready_file_and_clean_stop(tmp_path: Path) -> None:
     finally:
         status = daemon.stop(timeout=20)
     assert status == 0
-    assert (tmp_path / "state" / "c.db").exists()
+    if backend == "zookeeper":
+        started = [json.loads(x) for x in (tmp_path / "log").read_text().splitlines()]
+        assert [x["store"] for x in started if "store" in x] == [store.strip('"')]
+    else:
+        assert (tmp_path / "state" / "c.db").exists()
     assert (tmp_path / "state" / "key.pub").exists()  # generated at first start
     records = [json.loads(line) for line in (tmp_path / "log").read_text().splitlines()]
     assert all(r["name"] == "snapper-coordinator" for r in records)
@@ -872,3 +897,33 @@ def test_order_holders_puts_the_pushed_copy_first(vm: str, holders: list[str],
     assert order[:len(live)] == live  # zones that cannot take copies go last
     if primary not in lost:
         assert order[0] == primary
+
+
+async def test_a_store_out_of_reach_is_503_not_a_hang(tmp_path: Path, fleet: Fleet,
+                                                       zookeeper: LocalZooKeeper) -> None:
+    """The coordinator on ZooKeeper through a cable the test cuts: a placement
+    asked meanwhile is 503 StoreUnavailable within the store's timeout."""
+    cable = Cable(zookeeper.port)
+    await cable.mend()
+    store = await ZkStore.open(f"127.0.0.1:{cable.port}", f"/t-{uuidlib.uuid4().hex}",
+                               timeout=1.0, session_timeout=2.0)
+    env = await Env(tmp_path, fleet, store).start()
+    try:
+        await fleet_of(env, 3)
+        pair = await env.placement(VMS[0])
+        await cable.cut()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        err = await env.call("GET", f"/v1/placement/{VMS[0]}", status=503)
+        assert err["code"] == "StoreUnavailable" and loop.time() - t0 < 5
+        await cable.mend()  # kazoo reconnects by itself; the answer is the same
+        await wait_until(lambda: _answers(env, VMS[0]), 20, "the store back")
+        assert await env.placement(VMS[0]) == pair
+    finally:
+        await env.close()
+        await cable.cut()
+
+
+async def _answers(env: Env, vm: str) -> bool:
+    async with env.http.get(str(env.server.make_url(f"/v1/placement/{vm}"))) as r:
+        return r.status == 200

@@ -1,0 +1,251 @@
+"""The coordinator's store: the narrow ``Store`` protocol, its records and errors.
+
+``Store`` is what the coordinator, health checker and mover use; every
+mutation is atomic (all of it or nothing). Two backends implement it:
+``sqlite.SqliteStore`` (one file, the embedded default) and
+``zookeeper.ZkStore`` (a ZooKeeper ensemble, for several coordinators).
+``tests/test_coordinator_store.py`` is the one contract suite, run on both.
+
+The zones' ZFS contents remain the truth about what exists: placement is
+what the coordinator *wants*, and it can be rebuilt from the zones'
+inventories (see ``coordinator.Coordinator.adopt_inventory``) if the store
+is lost.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from typing import Any, Protocol
+
+from rebalance.placement import Move, ZoneState
+from snapper_zone.errors import SnapperError
+from snapper_zone.wire import ZoneRegistration  # what a zone says about itself: POST /v1/zones
+
+__all__ = [
+    "HostKeyMismatch",
+    "MoveRecord",
+    "MoveState",
+    "MoveStep",
+    "PlacementConflict",
+    "Store",
+    "StoreUnavailable",
+    "ZoneNotEmpty",
+    "ZoneNotFound",
+    "ZoneRecord",
+    "ZoneRegistration",
+    "key_identity",
+    "next_move",
+]
+
+
+class ZoneNotFound(SnapperError):
+    code = "ResourceNotFound"
+    http_status = 404
+
+
+class HostKeyMismatch(SnapperError):
+    """A registration of a known zone with another host key than the one pinned."""
+
+    code = "HostKeyMismatch"
+    http_status = 409
+
+
+def key_identity(line: str) -> str:
+    """An OpenSSH public key line without its comment: what pinning compares."""
+    return " ".join(line.split()[:2])
+
+
+class ZoneNotEmpty(SnapperError):
+    code = "ZoneNotEmpty"
+    http_status = 409
+
+
+class StoreUnavailable(SnapperError):
+    """The store cannot be reached now (ZooKeeper connection or session lost, or no
+    answer in time). For a write the outcome is unknown: read again before retrying."""
+
+    code = "StoreUnavailable"
+    http_status = 503
+
+
+class PlacementConflict(SnapperError):
+    """The placement changed under a move (another move, an operator)."""
+
+    code = "PlacementConflict"
+    http_status = 409
+
+
+class MoveState(StrEnum):
+    PLANNED = "planned"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class MoveStep(StrEnum):
+    """Where a running move is; persisted before the step starts."""
+
+    COPY = "copy"
+    VERIFY = "verify"
+    DELETE = "delete"  # placement already switched (same transaction as this step)
+
+
+@dataclass(frozen=True, slots=True)
+class ZoneRecord:
+    uuid: str
+    name: str
+    ssh_host: str
+    ssh_port: int
+    http_url: str
+    host_key: str
+    capacity: int
+    state: ZoneState
+    registered: float
+    suspect_since: float | None = None
+    last_seen: float | None = None
+    used: int | None = None  # observed by the health check (None: never seen)
+    free: int | None = None
+
+    @property
+    def admitted(self) -> bool:
+        """An operator activated it: it may hold copies and its key is trusted."""
+        return self.state is not ZoneState.PENDING
+
+    @property
+    def readable(self) -> bool:
+        """Its inventory and copies count: admitted and not lost."""
+        return self.admitted and self.state is not ZoneState.LOST
+
+    @property
+    def health(self) -> str:
+        if self.suspect_since is not None:
+            return "down" if self.state is ZoneState.LOST else "suspect"
+        return "healthy" if self.last_seen is not None else "unknown"
+
+    def endpoint(self) -> dict[str, Any]:
+        return {"uuid": self.uuid, "ssh_host": self.ssh_host, "ssh_port": self.ssh_port,
+                "http_url": self.http_url, "host_key": self.host_key}
+
+
+@dataclass(frozen=True, slots=True)
+class MoveRecord:
+    id: int
+    vm: str
+    from_zone: str | None
+    to_zone: str
+    source: str
+    bytes: int
+    reason: str
+    state: MoveState
+    step: MoveStep | None
+    progress: int
+    error: str | None
+    attempts: int
+    created: float
+    updated: float
+    started: float | None
+    finished: float | None
+
+    @property
+    def active(self) -> bool:
+        return self.state in (MoveState.PLANNED, MoveState.RUNNING)
+
+    def eta(self, now: float) -> float | None:
+        """Seconds left at the average rate so far, while copying."""
+        if self.state is not MoveState.RUNNING or self.started is None:
+            return None
+        if self.progress <= 0 or self.progress >= self.bytes:
+            return None
+        rate = self.progress / max(now - self.started, 1e-3)
+        return (self.bytes - self.progress) / rate
+
+    def to_json(self, now: float | None = None) -> dict[str, Any]:
+        eta = self.eta(time.time() if now is None else now)
+        return {"id": self.id, "vm": self.vm, "from_zone": self.from_zone,
+                "to_zone": self.to_zone, "source": self.source, "bytes": self.bytes,
+                "reason": self.reason, "state": str(self.state),
+                "step": None if self.step is None else str(self.step),
+                "progress": self.progress, "error": self.error, "attempts": self.attempts,
+                "created": self.created, "updated": self.updated, "started": self.started,
+                "finished": self.finished, "eta": None if eta is None else round(eta, 1)}
+
+
+class Store(Protocol):
+    """The coordinator's state; every mutation is atomic."""
+
+    async def zones(self) -> list[ZoneRecord]: ...
+    async def zone(self, uuid: str) -> ZoneRecord | None: ...
+    async def upsert_zone(self, reg: ZoneRegistration, now: float) -> tuple[ZoneRecord, bool]:
+        """Register (state ``pending``, its host key pinned) or update a known zone's
+        endpoint, name and capacity (state, health and host key are kept); True when
+        it is new. Raises HostKeyMismatch, changing nothing, when ``reg`` carries
+        another host key than the pinned one."""
+        ...
+    async def set_host_key(self, uuid: str, host_key: str) -> ZoneRecord:
+        """Pin another host key (an operator's rotation); the only way to change it."""
+        ...
+    async def set_zone_state(self, uuid: str, state: ZoneState) -> ZoneRecord: ...
+    async def set_zone_health(self, uuid: str, *, last_seen: float | None,
+                              suspect_since: float | None, used: int | None = None,
+                              free: int | None = None) -> ZoneRecord: ...
+    async def delete_zone(self, uuid: str) -> None:
+        """Refused (ZoneNotEmpty) while a placement or an active move names it."""
+        ...
+
+    async def placement(self, vm: str) -> tuple[str, str] | None: ...
+    async def placements(self) -> dict[str, tuple[str, str]]: ...
+    async def vm_sizes(self) -> dict[str, int]: ...
+    async def place(self, vm: str, zones: tuple[str, str], size: int = 0) -> tuple[str, str]:
+        """Record ``vm -> zones`` unless it is placed already; the placement in force."""
+        ...
+    async def set_sizes(self, sizes: dict[str, int]) -> None: ...
+    async def reassign(self, vm: str, expected: tuple[str, str], new: tuple[str, str]) -> None:
+        """Placement ``expected -> new`` with no move: a VM with no data yet, or one
+        whose placement follows the zones that hold its copies."""
+        ...
+
+    async def add_moves(self, moves: Sequence[Move], now: float) -> list[MoveRecord]: ...
+    async def moves(self, states: Iterable[MoveState] | None = None) -> list[MoveRecord]: ...
+    async def move(self, move_id: int) -> MoveRecord | None: ...
+    async def update_move(self, move_id: int, now: float, *, state: MoveState | None = None,
+                          step: MoveStep | None = None, progress: int | None = None,
+                          error: str | None = None, clear_error: bool = False,
+                          attempt: bool = False) -> MoveRecord: ...
+    async def switch_placement(self, move_id: int, vm: str, expected: tuple[str, str],
+                               new: tuple[str, str], now: float) -> MoveRecord:
+        """Placement ``expected -> new`` and the move to step ``delete``, in one transaction.
+
+        Raises PlacementConflict when the placement is no longer ``expected``.
+        """
+        ...
+
+    async def close(self) -> None: ...
+
+
+
+
+def next_move(old: MoveRecord, now: float, *, state: MoveState | None = None,
+              step: MoveStep | None = None, progress: int | None = None,
+              error: str | None = None, clear_error: bool = False,
+              attempt: bool = False) -> MoveRecord:
+    """``Store.update_move``'s rule, one for every backend: ``started`` set by the
+    first ``running``, ``finished`` by ``done`` or ``failed``."""
+    new = replace(old, updated=now)
+    if state is not None:
+        new = replace(new, state=state)
+        if state is MoveState.RUNNING and old.started is None:
+            new = replace(new, started=now)
+        if state in (MoveState.DONE, MoveState.FAILED):
+            new = replace(new, finished=now)
+    if step is not None:
+        new = replace(new, step=step)
+    if progress is not None:
+        new = replace(new, progress=progress)
+    if error is not None or clear_error:
+        new = replace(new, error=error)
+    if attempt:
+        new = replace(new, attempts=old.attempts + 1)
+    return new

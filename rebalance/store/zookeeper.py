@@ -1,0 +1,689 @@
+"""``Store`` on a ZooKeeper ensemble (kazoo), for coordinators that share state.
+
+Layout under the chroot (``/snapper`` by default), JSON znodes:
+
+    schema              the layout's version
+    move-seq            the next move id (bumped, version-checked, in the
+                        transaction that creates moves: ids are unique)
+    zones/<uuid>        a ZoneRecord
+    placement/<bucket>  {vm: [primary, mirror]} for the VMs hashed to it
+                        (1024 buckets: see _BUCKETS)
+    sizes/<bucket>      {vm: bytes}, the same buckets (apart from placement,
+                        so a size update never races a placement change)
+    moves/<id>          a MoveRecord (ids zero-padded: children sort by id)
+    active/<id>         empty: the move is planned or running (what the mover
+                        lists, without reading every finished move)
+    refs/<zone>/p-<vm>  the zone is in the VM's placement
+    refs/<zone>/m-<id>  the zone is in an active move (from, to or source)
+
+Every mutation is ONE ZooKeeper transaction (``multi``) whose ``set_data`` and
+``delete`` carry the version read before: a concurrent writer makes it fail
+whole, never half-applied. A failed version check (another writer, or
+another VM of the same bucket) is read again and decided as the SQLite
+backend decides it (``PlacementConflict`` when the placement is
+no longer the expected one; a concurrent health or progress write is just
+retried). ``refs`` make "delete a zone only while nothing names it" atomic:
+the transaction deletes ``refs/<zone>``, which ZooKeeper refuses while it has
+children, so no scan of the placement is needed and none can race.
+
+Two writes are chunked into several transactions because one ZooKeeper
+request is limited to about 1 MB: ``set_sizes`` (each bucket whole; each
+VM's size stands alone) and ``add_moves`` of a large plan (each move whole;
+a crash between chunks records part of a plan, the next rebalance plans the
+rest).
+
+kazoo is threaded (a connection thread; its sync calls block). The event loop
+must never wait on the network, so calls go through kazoo's async results,
+awaited via ``loop.call_soon_threadsafe``; only connect and close, which have
+no async form, run in ``asyncio.to_thread``. Every call is bounded by
+``timeout``: a lost connection or session is ``StoreUnavailable`` (503),
+never a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any, TypeVar
+
+from kazoo.client import KazooClient, TransactionRequest
+from kazoo.exceptions import (
+    BadVersionError,
+    ConnectionClosedError,
+    ConnectionLoss,
+    NodeExistsError,
+    NoNodeError,
+    NotEmptyError,
+    OperationTimeoutError,
+    RolledBackError,
+    SessionExpiredError,
+)
+from kazoo.protocol.states import KazooState, ZnodeStat
+
+from rebalance.placement import Move, ZoneState
+from rebalance.store.base import (
+    HostKeyMismatch,
+    MoveRecord,
+    MoveState,
+    MoveStep,
+    PlacementConflict,
+    StoreUnavailable,
+    ZoneNotEmpty,
+    ZoneNotFound,
+    ZoneRecord,
+    ZoneRegistration,
+    key_identity,
+    next_move,
+)
+
+__all__ = ["SCHEMA_VERSION", "ZkStore", "vm_bucket"]
+
+log = logging.getLogger("snapper.coordinator.store")
+T = TypeVar("T")
+SCHEMA_VERSION = 1
+# VMs per znode: a whole placement read is one get per bucket (kazoo manages a
+# few thousand gets a second, too slow for 100k VMs one znode each), while a
+# write rewrites one small bucket (~10 kB at 100k VMs). Fixed by the schema.
+_BUCKETS = 1024
+_DIRS = ("zones", "placement", "sizes", "moves", "active", "refs")
+_ACTIVE = frozenset({MoveState.PLANNED, MoveState.RUNNING})
+# Below ZooKeeper's 1 MB request limit with room to spare (a sizes bucket is
+# ~5 kB at 100k VMs, a move with its index and refs ~600 bytes).
+_BUCKETS_PER_TXN = 16
+_MOVES_PER_TXN = 200
+# Version races (not conflicts) are retried; this many in a row means a writer
+# is hammering one record, which never happens in a healthy fleet.
+_MAX_RACES = 200
+# What says the ensemble is out of reach (the outcome of a write is unknown).
+_UNREACHABLE = (ConnectionLoss, SessionExpiredError, ConnectionClosedError,
+                OperationTimeoutError)
+
+
+class _Race(Exception):
+    """Someone wrote between our read and our transaction: read again."""
+
+
+def _name(kind: str, value: str) -> str:
+    """A path component, checked (ids come validated; a '/' must never reach a path)."""
+    if not value or "/" in value or value in (".", ".."):
+        raise ValueError(f"{kind} {value!r}: not usable as a ZooKeeper node name")
+    return value
+
+
+def _dump(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _zone_bytes(z: ZoneRecord) -> bytes:
+    return _dump({**asdict(z), "state": str(z.state)})
+
+
+def _zone_of(data: bytes) -> ZoneRecord:
+    d = json.loads(data)
+    return ZoneRecord(**{**d, "state": ZoneState(d["state"])})
+
+
+def _move_bytes(m: MoveRecord) -> bytes:
+    d = asdict(m)
+    del d["id"]  # the node's name
+    return _dump({**d, "state": str(m.state), "step": None if m.step is None else str(m.step)})
+
+
+def _move_of(move_id: int, data: bytes) -> MoveRecord:
+    d = json.loads(data)
+    return MoveRecord(id=move_id, **{**d, "state": MoveState(d["state"]),
+                                     "step": None if d["step"] is None else MoveStep(d["step"])})
+
+
+def _move_zones(m: Move | MoveRecord) -> set[str]:
+    return {z for z in (m.from_zone, m.to_zone, m.source) if z is not None}
+
+
+def vm_bucket(vm: str) -> str:
+    """The bucket of placement/ and sizes/ that holds ``vm`` (stable hash)."""
+    h = int.from_bytes(hashlib.blake2b(vm.encode(), digest_size=4).digest(), "big")
+    return f"{h % _BUCKETS:03x}"
+
+
+@dataclass(slots=True)
+class _Bucket:
+    """One bucket znode as read: ``version`` None when it does not exist yet."""
+
+    path: str
+    data: dict[str, Any]
+    version: int | None
+
+    def write(self, t: TransactionRequest, data: dict[str, Any]) -> None:
+        """Create it, or replace it if it is still the version read."""
+        if self.version is None:
+            t.create(self.path, _dump(data))
+        else:
+            t.set_data(self.path, _dump(data), self.version)
+
+
+class ZkStore:
+    """``Store`` on ZooKeeper; ``await ZkStore.open(hosts, chroot)`` connects."""
+
+    def __init__(self, client: KazooClient, chroot: str, timeout: float) -> None:
+        self._zk = client
+        self.chroot = chroot.rstrip("/") or "/"
+        self.timeout = timeout
+        self._refs_known: set[str] = set()  # refs/<zone> dirs seen to exist
+        # Sessions the ensemble expired; kazoo then opens a new one by itself.
+        # Nothing here is tied to a session (no ephemeral nodes), so the store
+        # simply works again; calls meanwhile were StoreUnavailable.
+        self.sessions_lost = 0
+        self._closing = False
+        client.add_listener(self._state)
+
+    def _state(self, state: KazooState) -> None:
+        # On kazoo's thread: only count and log. stop() reports LOST too.
+        if self._closing:
+            return
+        if state == KazooState.LOST:
+            self.sessions_lost += 1
+            log.warning("ZooKeeper session lost", extra={"chroot": self.chroot})
+        elif state == KazooState.SUSPENDED:
+            log.warning("ZooKeeper connection lost", extra={"chroot": self.chroot})
+
+    @classmethod
+    async def open(cls, hosts: str, chroot: str = "/snapper", *, timeout: float = 10.0,
+                   session_timeout: float = 10.0) -> ZkStore:
+        """Connect (within ``timeout`` s, else StoreUnavailable) and lay out the chroot."""
+        client = KazooClient(hosts=hosts, timeout=session_timeout)
+        try:
+            # start() blocks until connected: a thread, not the loop. On timeout
+            # it stops its own connection thread.
+            await asyncio.to_thread(client.start, timeout)
+        except client.handler.timeout_exception as e:
+            raise StoreUnavailable(f"ZooKeeper {hosts}: no connection in {timeout:g} s") from e
+        store = cls(client, chroot, timeout)
+        try:
+            await store._layout()
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    # -- plumbing --
+
+    def _p(self, *parts: str) -> str:
+        return "/".join((self.chroot.rstrip("/"), *parts)) if parts else self.chroot
+
+    async def _wait_all(self, start: Callable[[], Sequence[Any]]) -> list[Any]:
+        """Start kazoo async calls and wait for all: each its value or its exception.
+
+        One future per batch (not per call): the last callback, on kazoo's
+        thread, hands the batch to the loop."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        try:
+            pending = list(start())
+        except _UNREACHABLE as e:  # a closed client refuses at once
+            raise StoreUnavailable(f"ZooKeeper: {type(e).__name__}") from e
+        left = [len(pending)]
+        lock = threading.Lock()
+
+        def settle() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        def one(_: Any) -> None:
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                loop.call_soon_threadsafe(settle)
+
+        if pending:
+            for r in pending:
+                r.rawlink(one)
+            try:
+                await asyncio.wait_for(asyncio.shield(done), self.timeout)
+            except TimeoutError as e:
+                raise StoreUnavailable(f"ZooKeeper: no answer in {self.timeout:g} s "
+                                       f"(state {self._zk.state})") from e
+        out = [r.value if r.successful() else r.exception for r in pending]
+        for x in out:
+            if isinstance(x, _UNREACHABLE):
+                raise StoreUnavailable(f"ZooKeeper: {type(x).__name__} "
+                                       f"(state {self._zk.state})") from x
+        return out
+
+    async def _one(self, start: Callable[[], Any]) -> Any:
+        [x] = await self._wait_all(lambda: [start()])
+        if isinstance(x, BaseException):
+            raise x
+        return x
+
+    async def _get(self, path: str) -> tuple[bytes, ZnodeStat] | None:
+        x = (await self._wait_all(lambda: [self._zk.get_async(path)]))[0]
+        if isinstance(x, NoNodeError):
+            return None
+        if isinstance(x, BaseException):
+            raise x
+        return (x[0], x[1])
+
+    async def _get_many(self, paths: Sequence[str]) -> list[bytes | None]:
+        """Pipelined reads (one round trip's latency for all): None where absent."""
+        out: list[bytes | None] = []
+        for i in range(0, len(paths), 5000):
+            got = await self._wait_all(functools.partial(self._start_gets, paths[i:i + 5000]))
+            for x in got:
+                if isinstance(x, NoNodeError):
+                    out.append(None)
+                elif isinstance(x, BaseException):
+                    raise x
+                else:
+                    out.append(x[0])
+        return out
+
+    def _start_gets(self, paths: Sequence[str]) -> list[Any]:
+        return [self._zk.get_async(p) for p in paths]
+
+    async def _children(self, path: str) -> list[str]:
+        return list(await self._one(lambda: self._zk.get_children_async(path)))
+
+    async def _commit(self, build: Callable[[TransactionRequest], object]) -> None:
+        """One transaction; its failing operation's exception (never RolledBackError)."""
+        t = self._zk.transaction()
+        build(t)
+        results = await self._one(t.commit_async)
+        for r in results:
+            if isinstance(r, Exception) and not isinstance(r, RolledBackError):
+                raise r
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        for _ in range(_MAX_RACES):
+            try:
+                return await attempt()
+            except _Race:
+                continue
+        raise StoreUnavailable(f"ZooKeeper: {_MAX_RACES} write races in a row on one record")
+
+    async def _ensure_refs(self, zones: Iterable[str]) -> None:
+        """``refs/<zone>`` exists for each (a zone the store never registered too:
+        placement does not require registration, as in SQLite)."""
+        missing = [z for z in zones if z not in self._refs_known]
+        got = await self._wait_all(lambda: [
+            self._zk.create_async(self._p("refs", _name("zone", z))) for z in missing])
+        for z, x in zip(missing, got, strict=True):
+            if isinstance(x, BaseException) and not isinstance(x, NodeExistsError):
+                raise x
+            self._refs_known.add(z)
+
+    async def _layout(self) -> None:
+        schema = await self._get(self._p("schema"))
+        if schema is not None:
+            version = int(schema[0])
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(f"ZooKeeper {self.chroot}: store schema {version} is newer "
+                                   f"than this coordinator's ({SCHEMA_VERSION})")
+            return
+        # Idempotent: coordinators starting together both get through; schema last,
+        # so whoever sees it sees every directory.
+        paths = [self._p(d) for d in _DIRS]
+        await self._one(lambda: self._zk.ensure_path_async(self._p()))
+        for batch in ([(p, b"") for p in paths], [(self._p("move-seq"), b"1")],
+                      [(self._p("schema"), str(SCHEMA_VERSION).encode())]):
+            got = await self._wait_all(lambda b=batch: [  # type: ignore[misc]
+                self._zk.create_async(p, v) for p, v in b])
+            for x in got:
+                if isinstance(x, BaseException) and not isinstance(x, NodeExistsError):
+                    raise x
+
+    async def close(self) -> None:
+        self._closing = True
+
+        def stop() -> None:
+            self._zk.stop()
+            self._zk.close()
+        await asyncio.to_thread(stop)
+
+    # -- zones --
+
+    async def zones(self) -> list[ZoneRecord]:
+        names = sorted(await self._children(self._p("zones")))
+        got = await self._get_many([self._p("zones", n) for n in names])
+        return [_zone_of(d) for d in got if d is not None]
+
+    async def _zone(self, uuid: str) -> tuple[ZoneRecord, int] | None:
+        got = await self._get(self._p("zones", _name("zone", uuid)))
+        return None if got is None else (_zone_of(got[0]), got[1].version)
+
+    async def zone(self, uuid: str) -> ZoneRecord | None:
+        got = await self._zone(uuid)
+        return None if got is None else got[0]
+
+    async def upsert_zone(self, reg: ZoneRegistration, now: float) -> tuple[ZoneRecord, bool]:
+        path = self._p("zones", _name("zone", reg.uuid))
+
+        async def attempt() -> tuple[ZoneRecord, bool]:
+            got = await self._zone(reg.uuid)
+            if got is None:
+                z = ZoneRecord(uuid=reg.uuid, name=reg.name, ssh_host=reg.ssh_host,
+                               ssh_port=reg.ssh_port, http_url=reg.http_url,
+                               host_key=reg.host_key, capacity=reg.capacity,
+                               state=ZoneState.PENDING, registered=now)
+                await self._ensure_refs([reg.uuid])
+                try:
+                    await self._commit(lambda t: t.create(path, _zone_bytes(z)))
+                except NodeExistsError as e:
+                    raise _Race from e  # registered meanwhile: update it instead
+                return z, True
+            old, version = got
+            if key_identity(old.host_key) != key_identity(reg.host_key):
+                # Whoever knows a zone's uuid must not take over its endpoint.
+                raise HostKeyMismatch(
+                    f"zone {reg.uuid} is registered with another host key; a key is "
+                    "changed only by an operator (snapper zone rekey)")
+            z = replace(old, name=reg.name, ssh_host=reg.ssh_host, ssh_port=reg.ssh_port,
+                        http_url=reg.http_url, capacity=reg.capacity)
+            await self._set_zone(z, version)
+            return z, False
+        return await self._retrying(attempt)
+
+    async def _set_zone(self, z: ZoneRecord, version: int) -> None:
+        path = self._p("zones", z.uuid)
+        try:
+            await self._commit(lambda t: t.set_data(path, _zone_bytes(z), version))
+        except (BadVersionError, NoNodeError) as e:
+            raise _Race from e
+
+    async def _update_zone(self, uuid: str, fn: Callable[[ZoneRecord], ZoneRecord]) -> ZoneRecord:
+        async def attempt() -> ZoneRecord:
+            got = await self._zone(uuid)
+            if got is None:
+                raise ZoneNotFound(f"zone {uuid} is not registered")
+            z = fn(got[0])
+            await self._set_zone(z, got[1])
+            return z
+        return await self._retrying(attempt)
+
+    async def set_host_key(self, uuid: str, host_key: str) -> ZoneRecord:
+        return await self._update_zone(uuid, lambda z: replace(z, host_key=host_key))
+
+    async def set_zone_state(self, uuid: str, state: ZoneState) -> ZoneRecord:
+        return await self._update_zone(uuid, lambda z: replace(z, state=state))
+
+    async def set_zone_health(self, uuid: str, *, last_seen: float | None,
+                              suspect_since: float | None, used: int | None = None,
+                              free: int | None = None) -> ZoneRecord:
+        return await self._update_zone(uuid, lambda z: replace(
+            z, last_seen=last_seen, suspect_since=suspect_since,
+            used=z.used if used is None else used, free=z.free if free is None else free))
+
+    async def delete_zone(self, uuid: str) -> None:
+        zpath, rpath = self._p("zones", _name("zone", uuid)), self._p("refs", uuid)
+
+        async def attempt() -> None:
+            got = await self._zone(uuid)
+            if got is None:
+                raise ZoneNotFound(f"zone {uuid} is not registered")
+            await self._ensure_refs([uuid])  # a zone registered before refs existed
+            try:
+                # refs/<zone> is deleted only while empty: the check and the delete
+                # are one step, so no placement or move can slip in between.
+                await self._commit(lambda t: (t.delete(zpath, got[1]), t.delete(rpath)))
+            except NotEmptyError as e:
+                refs = await self._children(rpath)
+                placed = sum(r.startswith("p-") for r in refs)
+                raise ZoneNotEmpty(f"zone {uuid} still holds {placed} VM copies and is part "
+                                   f"of {len(refs) - placed} active moves; drain it "
+                                   "first") from e
+            except (BadVersionError, NoNodeError) as e:
+                raise _Race from e
+            self._refs_known.discard(uuid)
+        await self._retrying(attempt)
+
+    # -- placement --
+
+    async def _buckets(self, kinds: Sequence[str], vm: str) -> list[_Bucket]:
+        """The VM's bucket of each kind ("placement", "sizes"), read together."""
+        paths = [self._p(k, vm_bucket(vm)) for k in kinds]
+        got = await self._wait_all(functools.partial(self._start_gets, paths))
+        out = []
+        for path, x in zip(paths, got, strict=True):
+            if isinstance(x, NoNodeError):
+                out.append(_Bucket(path, {}, None))
+            elif isinstance(x, BaseException):
+                raise x
+            else:
+                out.append(_Bucket(path, json.loads(x[0]), x[1].version))
+        return out
+
+    async def _all_buckets(self, kind: str) -> dict[str, Any]:
+        names = await self._children(self._p(kind))
+        merged: dict[str, Any] = {}
+        for data in await self._get_many([self._p(kind, n) for n in names]):
+            if data is not None:
+                merged.update(json.loads(data))
+        return merged
+
+    async def placement(self, vm: str) -> tuple[str, str] | None:
+        [b] = await self._buckets(["placement"], _name("vm", vm))
+        pair = b.data.get(vm)
+        return None if pair is None else (pair[0], pair[1])
+
+    async def placements(self) -> dict[str, tuple[str, str]]:
+        got = await self._all_buckets("placement")
+        return {vm: (got[vm][0], got[vm][1]) for vm in sorted(got)}
+
+    async def vm_sizes(self) -> dict[str, int]:
+        return {vm: int(b) for vm, b in (await self._all_buckets("sizes")).items()}
+
+    async def place(self, vm: str, zones: tuple[str, str], size: int = 0) -> tuple[str, str]:
+        if zones[0] == zones[1]:
+            raise ValueError(f"vm {vm}: both copies on zone {zones[0]}")
+        _name("vm", vm)
+
+        async def attempt() -> tuple[str, str]:
+            pb, sb = await self._buckets(["placement", "sizes"], vm)
+            if vm in pb.data:
+                return (pb.data[vm][0], pb.data[vm][1])
+            await self._ensure_refs(zones)
+
+            def build(t: TransactionRequest) -> None:
+                pb.write(t, {**pb.data, vm: list(zones)})
+                sb.write(t, {**sb.data, vm: size})
+                for z in zones:
+                    t.create(self._p("refs", z, f"p-{vm}"))
+            try:
+                await self._commit(build)
+            except (NodeExistsError, BadVersionError) as e:
+                # Two CNs asking at once (the first wins: read it), or another VM
+                # of the same bucket written meanwhile.
+                raise _Race from e
+            except NoNodeError as e:
+                self._refs_known.difference_update(zones)  # a refs dir went with its zone
+                raise _Race from e
+            return zones
+        return await self._retrying(attempt)
+
+    async def set_sizes(self, sizes: dict[str, int]) -> None:
+        by_bucket: dict[str, list[str]] = {}
+        for vm in sizes:
+            by_bucket.setdefault(vm_bucket(_name("vm", vm)), []).append(vm)
+        names = sorted(by_bucket)
+        paths = [self._p("sizes", n) for n in names]
+
+        async def attempt() -> None:
+            got = await self._wait_all(functools.partial(self._start_gets, paths))
+            writes: list[tuple[_Bucket, dict[str, int]]] = []
+            for name, path, x in zip(names, paths, got, strict=True):
+                if isinstance(x, NoNodeError):
+                    continue  # no VM of it is placed
+                if isinstance(x, BaseException):
+                    raise x
+                b = _Bucket(path, json.loads(x[0]), x[1].version)
+                # Unplaced VMs are skipped (as SQLite's UPDATE does), unchanged ones
+                # too: every ZooKeeper write goes through the quorum's disks.
+                new = {vm: sizes[vm] for vm in by_bucket[name]
+                       if vm in b.data and b.data[vm] != sizes[vm]}
+                if new:
+                    writes.append((b, {**b.data, **new}))
+            # Each bucket whole, in as few transactions as the request limit allows;
+            # a bucket written meanwhile is read again (those done read as unchanged).
+            for i in range(0, len(writes), _BUCKETS_PER_TXN):
+                chunk = writes[i:i + _BUCKETS_PER_TXN]
+
+                def build(t: TransactionRequest,
+                          chunk: list[tuple[_Bucket, dict[str, int]]] = chunk) -> None:
+                    for b, d in chunk:
+                        b.write(t, d)
+                try:
+                    await self._commit(build)
+                except (BadVersionError, NodeExistsError) as e:
+                    raise _Race from e
+        await self._retrying(attempt)
+
+    def _swap_refs(self, t: TransactionRequest, vm: str, old: tuple[str, str],
+                   new: tuple[str, str]) -> None:
+        for z in set(old) - set(new):
+            t.delete(self._p("refs", z, f"p-{vm}"))
+        for z in set(new) - set(old):
+            t.create(self._p("refs", z, f"p-{vm}"))
+
+    async def _cas(self, vm: str, expected: tuple[str, str], new: tuple[str, str],
+                   more: Callable[[], Awaitable[Callable[[TransactionRequest], None]]]
+                   | None = None) -> None:
+        """Placement ``expected -> new`` (plus ``more``'s operations) in one transaction."""
+        if new[0] == new[1]:
+            raise ValueError(f"vm {vm}: both copies on zone {new[0]}")
+        _name("vm", vm)
+
+        async def attempt() -> None:
+            [b] = await self._buckets(["placement"], vm)
+            pair = b.data.get(vm)
+            current = None if pair is None else (pair[0], pair[1])
+            if current is None or current != expected:
+                raise PlacementConflict(f"vm {vm}: placement is {current}, expected {expected}")
+            extra = None if more is None else await more()
+            await self._ensure_refs(new)
+
+            def build(t: TransactionRequest) -> None:
+                b.write(t, {**b.data, vm: list(new)})
+                self._swap_refs(t, vm, current, new)
+                if extra is not None:
+                    extra(t)
+            try:
+                await self._commit(build)
+            except BadVersionError as e:
+                raise _Race from e  # decided again on what is there now
+            except (NoNodeError, NodeExistsError) as e:
+                self._refs_known.difference_update(new)
+                raise _Race from e
+        await self._retrying(attempt)
+
+    async def reassign(self, vm: str, expected: tuple[str, str], new: tuple[str, str]) -> None:
+        await self._cas(vm, expected, new)
+
+    async def switch_placement(self, move_id: int, vm: str, expected: tuple[str, str],
+                               new: tuple[str, str], now: float) -> MoveRecord:
+        out: list[MoveRecord] = []
+
+        async def step() -> Callable[[TransactionRequest], None]:
+            got = await self._move(move_id)
+            if got is None:
+                raise KeyError(f"move {move_id}")
+            m = replace(got[0], step=MoveStep.DELETE, updated=now)
+            out[:] = [m]
+            return lambda t: t.set_data(self._p("moves", f"{move_id:010d}"), _move_bytes(m),
+                                        got[1])
+        await self._cas(vm, expected, new, step)
+        return out[0]
+
+    # -- moves --
+
+    async def add_moves(self, moves: Sequence[Move], now: float) -> list[MoveRecord]:
+        out: list[MoveRecord] = []
+        for i in range(0, len(moves), _MOVES_PER_TXN):
+            out += await self._retrying(functools.partial(
+                self._add_chunk, moves[i:i + _MOVES_PER_TXN], now))
+        return out
+
+    async def _add_chunk(self, moves: Sequence[Move], now: float) -> list[MoveRecord]:
+        seq = await self._get(self._p("move-seq"))
+        if seq is None:
+            raise StoreUnavailable(f"ZooKeeper {self.chroot}: move-seq is missing")
+        first = int(seq[0])
+        records = [MoveRecord(id=first + i, vm=m.vm, from_zone=m.from_zone, to_zone=m.to_zone,
+                              source=m.source, bytes=m.bytes, reason=m.reason,
+                              state=MoveState.PLANNED, step=None, progress=0, error=None,
+                              attempts=0, created=now, updated=now, started=None,
+                              finished=None) for i, m in enumerate(moves)]
+        zones = set().union(*(_move_zones(m) for m in moves))
+        await self._ensure_refs(zones)
+
+        def build(t: TransactionRequest) -> None:
+            t.set_data(self._p("move-seq"), str(first + len(moves)).encode(), seq[1].version)
+            for m in records:
+                name = f"{m.id:010d}"
+                t.create(self._p("moves", name), _move_bytes(m))
+                t.create(self._p("active", name))
+                for z in _move_zones(m):
+                    t.create(self._p("refs", z, f"m-{name}"))
+        try:
+            await self._commit(build)
+        except BadVersionError as e:
+            raise _Race from e  # another coordinator took these ids
+        except NoNodeError as e:
+            self._refs_known.difference_update(zones)
+            raise _Race from e
+        return records
+
+    async def moves(self, states: Iterable[MoveState] | None = None) -> list[MoveRecord]:
+        wanted = None if states is None else {MoveState(s) for s in states}
+        where = "active" if wanted is not None and wanted <= _ACTIVE else "moves"
+        names = sorted(await self._children(self._p(where)))
+        got = await self._get_many([self._p("moves", n) for n in names])
+        recs = [_move_of(int(n), d) for n, d in zip(names, got, strict=True) if d is not None]
+        return [m for m in recs if wanted is None or m.state in wanted]
+
+    async def _move(self, move_id: int) -> tuple[MoveRecord, int] | None:
+        got = await self._get(self._p("moves", f"{move_id:010d}"))
+        return None if got is None else (_move_of(move_id, got[0]), got[1].version)
+
+    async def move(self, move_id: int) -> MoveRecord | None:
+        got = await self._move(move_id)
+        return None if got is None else got[0]
+
+    async def update_move(self, move_id: int, now: float, *, state: MoveState | None = None,
+                          step: MoveStep | None = None, progress: int | None = None,
+                          error: str | None = None, clear_error: bool = False,
+                          attempt: bool = False) -> MoveRecord:
+        name = f"{move_id:010d}"
+
+        async def once() -> MoveRecord:
+            got = await self._move(move_id)
+            if got is None:
+                raise KeyError(f"move {move_id}")
+            old, version = got
+            new = next_move(old, now, state=state, step=step, progress=progress, error=error,
+                            clear_error=clear_error, attempt=attempt)
+            if new.active and not old.active:
+                await self._ensure_refs(_move_zones(new))
+
+            def build(t: TransactionRequest) -> None:
+                t.set_data(self._p("moves", name), _move_bytes(new), version)
+                # The active index and the zones' refs follow the state, in the
+                # same transaction.
+                if old.active != new.active:
+                    op = t.create if new.active else t.delete
+                    op(self._p("active", name))
+                    for z in _move_zones(new):
+                        op(self._p("refs", z, f"m-{name}"))
+            try:
+                await self._commit(build)
+            except (BadVersionError, NoNodeError, NodeExistsError) as e:
+                self._refs_known.difference_update(_move_zones(new))
+                raise _Race from e
+            return new
+        return await self._retrying(once)
+
