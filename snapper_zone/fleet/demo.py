@@ -342,6 +342,9 @@ class Demo:
                 await self.add_zone(http)
                 await self.lose_zone(http)
         say("Where to look (these stay up with --keep)")
+        info("/metrics and /ping are open; every other route wants a request signed "
+             f"with a fleet key (HTTP Signatures), e.g. the operator's {self.fleet.operator_key} "
+             "through `snapper ... --key`; docs/trust-model.md")
         for zone in self.fleet.zones:
             info(f"{zone.name}: {zone.http_url}/v1/vms  {zone.http_url}/v1/replication  "
                  f"{zone.http_url}/metrics  log {zone.config_path.with_name('snapperd.log')}")
