@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kazoo.client import KazooClient
 
 from rebalance.coordinator import parse_config
 from rebalance.placement import Move, ZoneState
@@ -40,7 +41,7 @@ from rebalance.store.zookeeper import vm_bucket
 from snapper_zone.common.config import ConfigError
 from snapper_zone.fleet.local import free_port
 from snapper_zone.fleet.zookeeper import LocalZooKeeper
-from tests.helpers import Cable
+from tests.helpers import Cable, wait_until
 
 A, B, C = (f"00000000-0000-4000-8000-00000000000{i}" for i in (1, 2, 3))
 VM = "74c59c61-4559-4ca2-b1ef-0ca22f2f936a"
@@ -277,8 +278,14 @@ async def test_a_lost_connection_and_session_are_typed_not_a_hang(
     await cable.mend()
     s = await ZkStore.open(f"127.0.0.1:{cable.port}", f"/t-{uuid.uuid4().hex}",
                            timeout=1.0, session_timeout=2.0)
+    # A direct client sees the session expire on the ensemble: the ephemeral
+    # node the store's session owns goes with it.
+    marker = f"/session-{uuid.uuid4().hex}"
+    watcher = KazooClient(hosts=f"127.0.0.1:{zookeeper.port}")
+    await asyncio.to_thread(watcher.start, 10)
     try:
         await s.place(VM, (A, B))
+        await asyncio.to_thread(s._zk.create, marker, ephemeral=True)
         await cable.cut()
         loop = asyncio.get_running_loop()
         for call in (s.placement(VM), s.reassign(VM, (A, B), (A, C)), s.zones()):
@@ -290,8 +297,11 @@ async def test_a_lost_connection_and_session_are_typed_not_a_hang(
         # Past the session timeout the ensemble has expired the session; once it
         # answers again kazoo learns it, opens a new one, and the store works on.
         # The ensemble expires the session by its clock, with no event the cut-off
-        # client could see: wait out its timeout, then let it learn of it.
-        await asyncio.sleep(2.5)
+        # client could see: wait until the ensemble has dropped it, then mend.
+        async def expired() -> bool:
+            return await asyncio.to_thread(watcher.exists, marker) is None
+
+        await wait_until(expired, 20, "the ensemble expired the cut-off session")
         await cable.mend()
         deadline = loop.time() + 20
         while True:
@@ -304,6 +314,8 @@ async def test_a_lost_connection_and_session_are_typed_not_a_hang(
         assert s.sessions_lost == 1
     finally:
         await s.close()
+        await asyncio.to_thread(watcher.stop)
+        await asyncio.to_thread(watcher.close)
         if cable.server is not None:
             cable.server.close()
 
