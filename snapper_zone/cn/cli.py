@@ -1,4 +1,4 @@
-"""``snapper``: the compute node's command line (push, restore, list).
+"""``snapper``: the compute node's command line (push, restore, list, export, import).
 
     snapper [--config F] [--zone HOST:PORT] [--key PATH]
             [--known-hosts PATH | --host-key PUBFILE] [--dataset-root DS] COMMAND ...
@@ -7,6 +7,8 @@
                  [--durability mirrored|local]
     snapper restore VM_UUID SNAP [--target DATASET] [--rollback] [--metadata-out FILE]
     snapper list [VM_UUID] [--json]
+    snapper export VM_UUID SNAP FILE [--json]
+    snapper import FILE [--target DATASET] [--check] [--metadata-out FILE] [--json]
 
 Options on the command line override the config file (TOML, see
 ``etc/snapper-cn.example.toml``). Errors print one line on stderr; the exit
@@ -31,6 +33,7 @@ from typing import Any
 
 import asyncssh
 
+from snapper_zone.cn import archive
 from snapper_zone.cn.client import CnClient, PlanError
 from snapper_zone.cn.client import placement as placement  # re-exported: the CN's lookup
 from snapper_zone.common import progress
@@ -38,6 +41,8 @@ from snapper_zone.common.progress import format_bytes
 from snapper_zone.common.version import add_version_argument
 from snapper_zone.errors import SnapperError
 from snapper_zone.transfer.remote import ZoneClient, ZoneError, ZoneUnreachable
+from snapper_zone.zfs.names import Dataset
+from snapper_zone.zfs.zfs import Zfs
 
 DEFAULT_CONFIG = "/opt/smartdc/snapper/etc/snapper-cn.toml"
 CONFIG_ENV = "SNAPPER_CN_CONFIG"
@@ -116,13 +121,22 @@ def load_cn_config(path: Path) -> dict[str, Any]:
     return data
 
 
-def settings(args: argparse.Namespace) -> CnSettings:
-    cfg: dict[str, Any] = {}
+def _config(args: argparse.Namespace) -> dict[str, Any]:
     cfg_path = args.config or os.environ.get(CONFIG_ENV)
     if cfg_path:
-        cfg = load_cn_config(Path(cfg_path))
-    elif Path(DEFAULT_CONFIG).exists():
-        cfg = load_cn_config(Path(DEFAULT_CONFIG))
+        return load_cn_config(Path(cfg_path))
+    if Path(DEFAULT_CONFIG).exists():
+        return load_cn_config(Path(DEFAULT_CONFIG))
+    return {}
+
+
+def dataset_root(args: argparse.Namespace) -> str:
+    """Where this CN's VMs are (what a command that needs no zone takes of the config)."""
+    return str(args.dataset_root or _config(args).get("dataset_root") or "zones")
+
+
+def settings(args: argparse.Namespace) -> CnSettings:
+    cfg = _config(args)
     listed = [args.zone] if args.zone else list(cfg.get("zones") or [])
     coordinator = cfg.get("coordinator_url")
     if not listed and not coordinator:
@@ -249,6 +263,50 @@ async def cmd_restore(args: argparse.Namespace, s: CnSettings) -> int:
     return 0
 
 
+async def cmd_export(args: argparse.Namespace, s: CnSettings) -> int:
+    async with _client(s) as zone:
+        report = await archive.export_snapshot(zone, args.vm, args.snapshot, args.file,
+                                               progress=_reporter(args.progress))
+    if args.json:
+        print(json.dumps(report.to_json()))
+        return 0
+    h = report.header
+    print(f"exported {h.vm}@{h.snapshot} to {report.path} ({format_bytes(report.bytes)}, "
+          f"{len(h.parts)} dataset{'s' if len(h.parts) != 1 else ''})")
+    for p in h.parts:
+        print(f"  {p.label:<12} guid {p.guid}  {format_bytes(p.bytes)}  sha256 {p.sha256}")
+    return 0
+
+
+async def cmd_import(args: argparse.Namespace, root: str) -> int:
+    """Runs without a zone: the file holds all it needs."""
+    progress = _reporter(args.progress)
+    if args.check:
+        header, _ = await archive.verify(args.file, progress=progress)
+        report = archive.ArchiveReport(header, Path(args.file))
+        if args.json:
+            print(json.dumps(report.to_json()))
+        else:
+            print(f"{args.file}: {header.vm}@{header.snapshot}, {len(header.parts)} "
+                  f"dataset(s), {format_bytes(header.stream_bytes)}: every checksum matches")
+        return 0
+    report = await archive.import_snapshot(
+        args.file, Zfs(), target=Dataset(args.target) if args.target else None,
+        dataset_root=root, progress=progress)
+    for p, ds in zip(report.header.parts, report.datasets, strict=True):
+        print(f"imported {ds}@{report.header.snapshot} ({format_bytes(p.bytes)}, "
+              f"guid {p.guid})", file=sys.stderr)
+    meta = report.header.metadata
+    if args.json:
+        print(json.dumps({**report.to_json(), "metadata": meta}))
+    elif args.metadata_out is not None:
+        text = json.dumps(meta, indent=2) + "\n"
+        await asyncio.to_thread(Path(args.metadata_out).write_text, text)
+    else:
+        print(json.dumps(meta, indent=2))  # as restore: pipe it into vmadm
+    return 0
+
+
 def _table(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
@@ -275,6 +333,8 @@ async def cmd_list(args: argparse.Namespace, s: CnSettings) -> int:
 
 
 Handler = Callable[[argparse.Namespace, CnSettings], Coroutine[Any, Any, int]]
+# A command that needs no zone (import): it gets the CN's dataset root only.
+OfflineHandler = Callable[[argparse.Namespace, str], Coroutine[Any, Any, int]]
 
 
 def build_parser(more: Callable[[Any], None] | None = None) -> argparse.ArgumentParser:
@@ -322,6 +382,27 @@ def build_parser(more: Callable[[Any], None] | None = None) -> argparse.Argument
                          help="write the metadata JSON here (default: stdout)")
     restore.set_defaults(handler=cmd_restore)
 
+    export = sub.add_parser("export", help="write a VM snapshot the zone holds (every "
+                            "dataset) to one file, e.g. on an NFS mount")
+    export.add_argument("vm", metavar="VM_UUID")
+    export.add_argument("snapshot", metavar="SNAP")
+    export.add_argument("file", metavar="FILE", help="the export file (must not exist)")
+    export.add_argument("--json", action="store_true", help="print the result as JSON")
+    export.set_defaults(handler=cmd_export)
+
+    imp = sub.add_parser("import", help="receive an export file onto this CN (checked "
+                         "whole first; needs no zone)")
+    imp.add_argument("file", metavar="FILE")
+    imp.add_argument("--target", metavar="DATASET",
+                     help="receive into this new dataset (default: the VM's own, "
+                     "DATASET_ROOT/VM_UUID, which must not exist)")
+    imp.add_argument("--check", action="store_true",
+                     help="only verify the file (header, length, checksums); receive nothing")
+    imp.add_argument("--metadata-out", metavar="FILE",
+                     help="write the VM's metadata JSON here (default: stdout)")
+    imp.add_argument("--json", action="store_true", help="print the result as JSON")
+    imp.set_defaults(offline=cmd_import)
+
     lst = sub.add_parser("list", help="what the zone holds (default: this CN's VMs)")
     lst.add_argument("vm", metavar="VM_UUID", nargs="?")
     lst.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -330,7 +411,7 @@ def build_parser(more: Callable[[Any], None] | None = None) -> argparse.Argument
     if more is not None:
         more(sub)
 
-    for sp in (push, restore):
+    for sp in (push, restore, export, imp):
         sp.add_argument("--progress", choices=("auto", "bar", "json", "none"), default="auto",
                         help="progress on stderr: a bar on a terminal, JSON lines otherwise")
     return p
@@ -347,6 +428,9 @@ def main(argv: Sequence[str] | None = None,
         status: int = args.standalone(args)
         return status
     try:
+        offline: OfflineHandler | None = getattr(args, "offline", None)
+        if offline is not None:
+            return asyncio.run(offline(args, dataset_root(args)))
         s = settings(args)
         handler: Handler = args.handler
         return asyncio.run(handler(args, s))
