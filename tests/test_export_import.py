@@ -197,3 +197,35 @@ async def test_cli_export_check_import(env: Env) -> None:
     assert "ArchiveTruncated" in ours[0]
     done = await _cli(env, "export", VM, "c1", str(out))
     assert done.returncode == 1 and "ExportFailed" in done.stderr
+
+
+async def test_a_file_changed_after_its_check_is_undone(env: Env,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file changes between the check and the receive (another writer on the NFS
+    mount): the second stream's damage is found while it is received, and the first
+    dataset, already received, is destroyed with it."""
+    from snapper_zone.cn import archive
+    from snapper_zone.errors import SnapperError
+
+    async with asyncio.timeout(240):
+        out, _, _ = await _pushed(env, env.tmp)
+        header, region = await verify(out)
+        (_, at), = [(p, at) for p, at in header.spans(region) if p.label == "disk0"]
+        checked = archive.verify
+
+        async def check_then_damage(path: Path, **kw: object) -> object:
+            got = await checked(path)
+            with open(path, "r+b") as f:  # noqa: ASYNC230 (the test's own writer)
+                f.seek(at + header.parts[1].bytes // 2)
+                byte = f.read(1)
+                f.seek(-1, 1)
+                f.write(bytes([byte[0] ^ 0xFF]))
+            return got
+
+        monkeypatch.setattr(archive, "verify", check_then_damage)
+        target = Dataset(env.cn_pool.name).child("copy")
+        with pytest.raises(SnapperError) as ei:
+            await import_snapshot(out, env.zfs, target=target)
+        # ZFS's own stream checksum, or ours once the stream is in: either way undone.
+        assert ei.value.code in ("ArchiveCorrupt", "InvalidStream", "ZfsError"), ei.value
+        assert not await env.zfs.exists(target)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -37,7 +38,7 @@ from aiofiles.threadpool.binary import AsyncBufferedIOBase, AsyncBufferedReader
 
 from snapper_zone.common.progress import NoProgress, Reporter
 from snapper_zone.common.version import version
-from snapper_zone.errors import SnapperError
+from snapper_zone.errors import DatasetBusy, SnapperError
 from snapper_zone.transfer.local import Expect, receive_stream
 from snapper_zone.transfer.remote import ZoneClient
 from snapper_zone.transfer.stream import ClientGone, Inbound
@@ -62,6 +63,8 @@ __all__ = ["ArchiveReport", "ExportFailed", "ImportRefused", "export_snapshot",
            "import_snapshot", "read_header", "verify"]
 
 CHUNK = 1 << 20
+
+log = logging.getLogger("snapper.cn")
 
 
 class ExportFailed(SnapperError):
@@ -285,14 +288,36 @@ async def import_snapshot(path: str | Path, zfs: Zfs, *, target: Dataset | None 
                 await _receive_part(f, offset, part, local, zfs, header.snapshot, progress)
     except BaseException as exc:
         # Nothing of a half import stays: the whole tree was ours (top did not exist).
-        with contextlib.suppress(SnapperError):
-            if report.datasets and await zfs.exists(top):
-                await zfs.destroy(top, recursive=True)
+        if report.datasets:
+            await _undo(zfs, top)
         if isinstance(exc, OSError):
             raise ImportRefused(f"{path}: {exc.strerror or exc}") from exc
         raise
     report.seconds = time.monotonic() - started
     return report
+
+
+async def _undo(zfs: Zfs, top: Dataset, settle: float = 30.0) -> None:
+    """Destroy the tree a failed import made (it did not exist before).
+
+    zfs-fuse reports a dataset it mounted moments ago as busy for a while
+    (``fleet.pools`` retries the same way); anything else is logged, not
+    raised: the import's own error is the one to report.
+    """
+    deadline = time.monotonic() + settle
+    while True:
+        try:
+            if await zfs.exists(top):
+                await zfs.destroy(top, recursive=True)
+            return
+        except DatasetBusy:
+            if time.monotonic() > deadline:
+                log.warning("could not destroy %s after a failed import: still busy", top)
+                return
+            await asyncio.sleep(0.2)
+        except SnapperError as exc:
+            log.warning("could not destroy %s after a failed import: %s", top, exc)
+            return
 
 
 async def _receive_part(f: AsyncBufferedReader, offset: int, part: ArchivePart,
