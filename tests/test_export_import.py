@@ -229,3 +229,66 @@ async def test_a_file_changed_after_its_check_is_undone(env: Env,
         # ZFS's own stream checksum, or ours once the stream is in: either way undone.
         assert ei.value.code in ("ArchiveCorrupt", "InvalidStream", "ZfsError"), ei.value
         assert not await env.zfs.exists(target)
+
+
+async def test_import_onto_a_new_zone_then_restore(env: Env, make_pool: PoolFactory) -> None:
+    """The site's only zone is gone: a new zone takes the VM from the file (as the
+    CN's push would bring it), and a restore from that zone is the VM at s2."""
+    from snapper_zone.cn.archive import import_to_zone
+    from snapper_zone.common.config import parse_config
+    from snapper_zone.daemon.sshserver import start_ssh_server
+    from snapper_zone.daemon.zone import Zone
+    from snapper_zone.transfer.remote import ZoneClient, ZoneError
+    from tests.test_cnclient import CN_ID, _keypair
+
+    async with asyncio.timeout(240):
+        out, at, _ = await _pushed(env, env.tmp)
+        pool = await make_pool("zone2", mounted=False)
+        root = Dataset(pool.name).child("snapper")
+        await env.zfs.create(root)
+        host_key = _keypair(env.tmp / "host2_ed25519")
+        cfg = parse_config({
+            "uuid": "0f0c1a52-0b8e-4c61-9d7e-6f1f3ad0e0a2", "name": "snapper1",
+            "root": str(root), "ssh": {"port": 0, "host_key": str(host_key)},
+            "http": {"port": 0},
+            "keys": [{"role": "cn", "cn_id": CN_ID,
+                      "public_key": env.cn_key.with_suffix(".pub").read_text()}],
+            "vms": {VM: CN_ID}, "durability": "local"}, str(env.tmp / "snapperd2.toml"))
+        zone2 = Zone.from_config(cfg, env.zfs)
+        acceptor = await start_ssh_server(zone2)
+        try:
+            port = acceptor.sockets[0].getsockname()[1]
+            client = ZoneClient("127.0.0.1", port, env.cn_key,
+                                host_key=host_key.with_suffix(".pub"))
+            async with client as zone:
+                report = await import_to_zone(out, zone)
+                assert report.datasets == [cfg.uuid]  # committed; durability local
+                (held,) = await zone.snapshots(VM)
+                assert held.name == "s2" and held.complete
+                assert held.guids == await _guids(env, env.vm, "s2")
+                assert await zone.metadata(VM, "s2") == {"uuid": VM, "alias": "two"}
+                # Not twice; and a damaged file never reaches the zone.
+                with pytest.raises(ImportRefused, match="already holds"):
+                    await import_to_zone(out, zone)
+                bad = env.tmp / "bad.snapper"
+                bad.write_bytes(out.read_bytes()[:-1])
+                with pytest.raises(ArchiveTruncated):
+                    await import_to_zone(bad, zone)
+
+                target = Dataset(env.cn_pool.name).child("back")
+                await env.cn(zone).restore(VM, "s2", str(target))
+                assert await _files(env, env.cn_pool, target) == at["root"]
+                assert await _files(env, env.cn_pool, target.child("disk0")) == at["disk0"]
+
+                # A zone that holds other snapshots of the VM refuses the full streams,
+                # and the parts it took end with the session: nothing half kept.
+                await zone.run("delete " + VM + " s2")
+                env.write("c")
+                await env.cn(zone).push(VM, "s3")
+                before = await zone.inventory(VM)
+                with pytest.raises(ZoneError):
+                    await import_to_zone(out, zone)
+                assert await zone.inventory(VM) == before
+        finally:
+            acceptor.close()
+            await acceptor.wait_closed()

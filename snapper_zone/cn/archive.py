@@ -27,7 +27,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -54,13 +54,13 @@ from snapper_zone.wire.archive import (
     encode,
     region_for,
 )
-from snapper_zone.wire.protocol import Send
+from snapper_zone.wire.protocol import Receive, Send
 from snapper_zone.zfs.names import Dataset, check_component, check_uuid
 from snapper_zone.zfs.sendstream import StreamHeaderError, read_begin
 from snapper_zone.zfs.zfs import Zfs
 
 __all__ = ["ArchiveReport", "ExportFailed", "ImportRefused", "export_snapshot",
-           "import_snapshot", "read_header", "verify"]
+           "import_snapshot", "import_to_zone", "read_header", "verify"]
 
 CHUNK = 1 << 20
 
@@ -85,9 +85,10 @@ class ImportRefused(SnapperError):
 class ArchiveReport:
     header: ArchiveHeader
     path: Path
-    target: str | None = None  # import: the top dataset
+    target: str | None = None  # import: the top dataset, or the zone's endpoint
     seconds: float = 0.0
-    datasets: list[str] = field(default_factory=list)  # import: the datasets made
+    # import: the datasets made; onto a zone, the zones that hold it (the commit's answer)
+    datasets: list[str] = field(default_factory=list)
 
     @property
     def bytes(self) -> int:
@@ -295,6 +296,65 @@ async def import_snapshot(path: str | Path, zfs: Zfs, *, target: Dataset | None 
         raise
     report.seconds = time.monotonic() - started
     return report
+
+
+async def import_to_zone(path: str | Path, zone: ZoneClient, *,
+                         durability: str | None = None,
+                         progress: Reporter | None = None) -> ArchiveReport:
+    """Push the export at ``path`` into ``zone`` and commit it with its metadata.
+
+    For a zone that must hold the VM again (its only zone was lost): the file
+    takes a push's way in (the CN's key, the zone's vetting, slots, quotas),
+    each dataset's full stream as a ``receive --session``, so what is not
+    committed ends with the connection. The zone must not hold the VM's
+    datasets yet (a full stream onto snapshots is refused there).
+    """
+    progress = progress or NoProgress()
+    path = Path(path)
+    started = time.monotonic()
+    header, region = await verify(path, progress=progress)
+    snap = header.snapshot
+    if any(s.name == snap for s in await zone.snapshots(header.vm)):
+        raise ImportRefused(f"the zone already holds {header.vm}@{snap}")
+    try:
+        async with aiofiles.open(path, "rb") as f:
+            for part, offset in header.spans(region):
+                digest = hashlib.sha256()
+                progress.start(f"{part.label}@{snap} > {zone.endpoint}", part.bytes,
+                               dataset=part.label, snapshot=snap)
+                ok = False
+                try:
+                    await zone.push_chunks(
+                        Receive(header.vm, part.label, snap, None, part.bytes, session=True),
+                        _chunks(f, offset, part, digest), progress)
+                    ok = True
+                finally:
+                    progress.done(ok)
+                if digest.hexdigest() != part.sha256:
+                    # Not committed: the zone drops the parts with our connection.
+                    raise ArchiveCorrupt(f"{part.label}: the file changed while being "
+                                         "imported (its sha256 no longer matches the header)")
+    except OSError as exc:
+        raise ImportRefused(f"{path}: {exc.strerror or exc}") from exc
+    done = await zone.commit(header.vm, snap, [p.label for p in header.parts],
+                             header.metadata, durability)
+    report = ArchiveReport(header, path, zone.endpoint, time.monotonic() - started)
+    report.datasets = [str(z) for z in done.get("zones") or []]
+    return report
+
+
+async def _chunks(f: AsyncBufferedReader, offset: int, part: ArchivePart,
+                  digest: hashlib._Hash) -> AsyncIterator[bytes]:
+    """The part's stream from the file, hashed as it goes."""
+    await f.seek(offset)
+    left = part.bytes
+    while left:
+        chunk = await f.read(min(CHUNK, left))
+        if not chunk:
+            raise ArchiveTruncated(f"{part.label}: the file shrank while being imported")
+        digest.update(chunk)
+        left -= len(chunk)
+        yield chunk
 
 
 async def _undo(zfs: Zfs, top: Dataset, settle: float = 30.0) -> None:

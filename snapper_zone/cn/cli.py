@@ -9,6 +9,7 @@
     snapper list [VM_UUID] [--json]
     snapper export VM_UUID SNAP FILE [--json]
     snapper import FILE [--target DATASET] [--check] [--metadata-out FILE] [--json]
+    snapper import FILE --onto-zone [--durability mirrored|local]
 
 Options on the command line override the config file (TOML, see
 ``etc/snapper-cn.example.toml``). Errors print one line on stderr; the exit
@@ -279,7 +280,7 @@ async def cmd_export(args: argparse.Namespace, s: CnSettings) -> int:
 
 
 async def cmd_import(args: argparse.Namespace, root: str) -> int:
-    """Runs without a zone: the file holds all it needs."""
+    """Runs without a zone (the file holds all it needs), unless ``--onto-zone``."""
     progress = _reporter(args.progress)
     if args.check:
         header, _ = await archive.verify(args.file, progress=progress)
@@ -290,6 +291,21 @@ async def cmd_import(args: argparse.Namespace, root: str) -> int:
             print(f"{args.file}: {header.vm}@{header.snapshot}, {len(header.parts)} "
                   f"dataset(s), {format_bytes(header.stream_bytes)}: every checksum matches")
         return 0
+    if args.onto_zone:
+        if args.target or args.metadata_out:
+            raise UsageError("--onto-zone takes neither --target nor --metadata-out")
+        async with _client(settings(args)) as zone:
+            report = await archive.import_to_zone(args.file, zone, durability=args.durability,
+                                                  progress=progress)
+        if args.json:
+            print(json.dumps({**report.to_json(), "zones": report.datasets}))
+        else:
+            h = report.header
+            print(f"imported {h.vm}@{h.snapshot} into zone {report.target} "
+                  f"({format_bytes(report.bytes)}); held by {', '.join(report.datasets) or '?'}")
+        return 0
+    if args.durability:
+        raise UsageError("--durability is for --onto-zone only")
     report = await archive.import_snapshot(
         args.file, Zfs(), target=Dataset(args.target) if args.target else None,
         dataset_root=root, progress=progress)
@@ -400,6 +416,11 @@ def build_parser(more: Callable[[Any], None] | None = None) -> argparse.Argument
                      help="only verify the file (header, length, checksums); receive nothing")
     imp.add_argument("--metadata-out", metavar="FILE",
                      help="write the VM's metadata JSON here (default: stdout)")
+    imp.add_argument("--onto-zone", action="store_true",
+                     help="push it into the zone (--zone or the config's first) instead, "
+                     "as this CN: for a zone that must hold the VM again")
+    imp.add_argument("--durability", choices=("mirrored", "local"),
+                     help="with --onto-zone: as push's (default: the zone's)")
     imp.add_argument("--json", action="store_true", help="print the result as JSON")
     imp.set_defaults(offline=cmd_import)
 
