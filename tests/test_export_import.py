@@ -197,6 +197,10 @@ async def test_cli_export_check_import(env: Env) -> None:
     assert "ArchiveTruncated" in ours[0]
     done = await _cli(env, "export", VM, "c1", str(out))
     assert done.returncode == 1 and "ExportFailed" in done.stderr
+    # Usage errors are refused before the file is read: exit 2.
+    for bad in (["--durability", "local"], ["--onto-zone", "--target", "x/y"]):
+        done = await _cli(env, "import", str(env.tmp / "absent"), *bad)
+        assert done.returncode == 2, (bad, done.stderr)
 
 
 async def test_a_file_changed_after_its_check_is_undone(env: Env,

@@ -281,6 +281,10 @@ async def cmd_export(args: argparse.Namespace, s: CnSettings) -> int:
 
 async def cmd_import(args: argparse.Namespace, root: str) -> int:
     """Runs without a zone (the file holds all it needs), unless ``--onto-zone``."""
+    if args.onto_zone and (args.target or args.metadata_out):
+        raise UsageError("--onto-zone takes neither --target nor --metadata-out")
+    if args.durability and not args.onto_zone:
+        raise UsageError("--durability is for --onto-zone only")
     progress = _reporter(args.progress)
     if args.check:
         header, _ = await archive.verify(args.file, progress=progress)
@@ -292,8 +296,6 @@ async def cmd_import(args: argparse.Namespace, root: str) -> int:
                   f"dataset(s), {format_bytes(header.stream_bytes)}: every checksum matches")
         return 0
     if args.onto_zone:
-        if args.target or args.metadata_out:
-            raise UsageError("--onto-zone takes neither --target nor --metadata-out")
         async with _client(settings(args)) as zone:
             report = await archive.import_to_zone(args.file, zone, durability=args.durability,
                                                   progress=progress)
@@ -304,8 +306,6 @@ async def cmd_import(args: argparse.Namespace, root: str) -> int:
             print(f"imported {h.vm}@{h.snapshot} into zone {report.target} "
                   f"({format_bytes(report.bytes)}); held by {', '.join(report.datasets) or '?'}")
         return 0
-    if args.durability:
-        raise UsageError("--durability is for --onto-zone only")
     report = await archive.import_snapshot(
         args.file, Zfs(), target=Dataset(args.target) if args.target else None,
         dataset_root=root, progress=progress)
