@@ -152,6 +152,12 @@ async def test_export_refuses_and_leaves_nothing(env: Env) -> None:
             await export_snapshot(zone, VM, "nope", env.tmp / "x")
         with pytest.raises(ExportFailed, match="No such file"):
             await export_snapshot(zone, VM, "s1", env.tmp / "no-dir" / "x")
+        # Another export's (or a dead one's) partial file is not ours to remove.
+        (env.tmp / ".y.part").write_text("theirs")
+        with pytest.raises(ExportFailed, match="another export"):
+            await export_snapshot(zone, VM, "s1", env.tmp / "y")
+        assert (env.tmp / ".y.part").read_text() == "theirs"
+        (env.tmp / ".y.part").unlink()
         assert sorted(p.name for p in env.tmp.iterdir() if p.name.endswith(".part")) == []
 
 

@@ -124,11 +124,22 @@ async def export_snapshot(zone: ZoneClient, vm: str, snap: str, path: str | Path
     header = ArchiveHeader(vm, snap, entry.created, int(time.time()),
                            tuple(ArchivePart(lb, entry.parts[lb].guid) for lb in labels),
                            await zone.metadata(vm, snap), f"snapper {version()}")
-    region = region_for(header)
+    try:
+        region = region_for(header)
+    except ValueError as exc:
+        raise ExportFailed(str(exc)) from None
     part_path = path.with_name(f".{path.name}.part")
     started = time.monotonic()
     try:
-        async with aiofiles.open(part_path, "xb") as f:
+        f = await aiofiles.open(part_path, "xb")
+    except FileExistsError:
+        # Not ours to remove: another export to FILE, or one that died.
+        raise ExportFailed(f"{part_path} exists: another export to {path} is running, or "
+                           "one died; remove it if none is running") from None
+    except OSError as exc:
+        raise ExportFailed(f"{path}: {exc.strerror or exc}") from exc
+    try:
+        try:
             # The header goes in last, where this placeholder is (its checksum
             # is of zeros, so a file left by a crash never passes for whole).
             await f.write(b"\0" * (PREAMBLE_SIZE + region))
@@ -150,6 +161,8 @@ async def export_snapshot(zone: ZoneClient, vm: str, snap: str, path: str | Path
             await f.write(encode(header, region))
             await f.flush()
             await asyncio.to_thread(os.fsync, f.fileno())
+        finally:
+            await f.close()
         await _link_into_place(part_path, path)
     except OSError as exc:
         await _remove(part_path)

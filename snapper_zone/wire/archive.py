@@ -207,8 +207,8 @@ def region_for(header: ArchiveHeader) -> int:
     need = len(_header_bytes(widest))
     region = -(-need // REGION_ALIGN) * REGION_ALIGN
     if region > MAX_REGION:
-        raise ArchiveCorrupt(f"the header needs {need} bytes, more than {MAX_REGION}: "
-                             "the VM's metadata is too large to export")
+        raise ValueError(f"the header needs {need} bytes, more than {MAX_REGION}: "
+                         "the VM's metadata is too large to export")
     return region
 
 
