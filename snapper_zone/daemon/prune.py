@@ -16,6 +16,7 @@ the same check, so a transfer starting between plan and delete is safe.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -122,7 +123,6 @@ class Pruner:
             self.passes += 1
             self._wake.clear()
             left = self.interval - (time.monotonic() - started)
-            try:
-                await asyncio.wait_for(self._wake.wait(), max(left, 0.0))
-            except TimeoutError:
-                pass
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(left, 0.0)):
+                    await self._wake.wait()
