@@ -30,6 +30,7 @@ from snapper_zone.policy import (
     parse_policies,
     plan_prune,
     snapshot_name,
+    time_of,
 )
 from snapper_zone.policy.durations import format_duration
 from snapper_zone.policy.retention import RetentionError
@@ -319,6 +320,7 @@ def test_due_levels_and_catch_up() -> None:
 def test_snapshot_names_carry_their_level(level: str, t: float) -> None:
     name = snapshot_name(level, t)
     assert level_of(name) == level and len(name) < 64
+    assert time_of(name) == float(int(t))
     assert level_of(name.replace("snapper-", "snap-")) is None
 
 

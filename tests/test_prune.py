@@ -4,6 +4,7 @@ what it never touches, and who prunes."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from snapper_zone.daemon.httpapi import make_app
 from snapper_zone.daemon.prune import Pruner
 from snapper_zone.daemon.zone import Zone
 from snapper_zone.fleet.pools import FilePool
-from snapper_zone.policy import parse_policies
+from snapper_zone.policy import parse_policies, snapshot_name
 from snapper_zone.zfs.names import Dataset
 from snapper_zone.zfs.zfs import SendSpec, Zfs
 from tests.helpers import wait_for, write_random
@@ -31,8 +32,11 @@ ZONE_UUID = "bd932c2b-caae-495a-abf2-fb958111c3fb"
 VM = "74c59c61-4559-4ca2-b1ef-0ca22f2f936a"
 OPERATOR = asyncssh.generate_private_key("ssh-ed25519", comment="ops@test")
 CN0 = asyncssh.generate_private_key("ssh-ed25519")
-HOURLY = [f"snapper-hourly-20261201T0{i}0000Z" for i in range(1, 6)]
-DAILY = "snapper-daily-20261201T000000Z"
+# Scheduled a day from now: later than the hand-made snapshot's real creation
+# time (retention counts policy snapshots from the time in their names).
+_DAY = (int(time.time()) // 86400 + 1) * 86400
+HOURLY = [snapshot_name("hourly", _DAY + i * 3600) for i in range(1, 6)]
+DAILY = snapshot_name("daily", _DAY)
 # In push order: a daily, a hand-made one, then five hourlies.
 NAMES = [DAILY, "before-upgrade", *HOURLY]
 POLICY = parse_policies({"policy": [{

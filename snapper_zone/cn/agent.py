@@ -121,6 +121,7 @@ class Outcome:
     ok: bool
     error: str | None = None
     trimmed: tuple[str, ...] = ()
+    bytes: int = 0  # sent, all datasets
 
 
 class Agent:
@@ -169,7 +170,7 @@ class Agent:
                       if s.complete and s.name in local and s.name != name]
             base = choose_base(level, common)
             base_name = base.name if base else None
-            await self.pusher.push(vm, name, base_name, policy.durability)
+            report = await self.pusher.push(vm, name, base_name, policy.durability)
         except SnapperError as e:
             st.failures += 1
             lo, hi = self.backoff
@@ -188,7 +189,8 @@ class Agent:
         log.info("agent: pushed", extra={"vm": vm, "snapshot": name, "base": base_name,
                                          "levels": [lv.name for lv in due]})
         trimmed = await self._trim(vm, name, policy.bases)
-        return Outcome(vm, level.name, name, base_name, True, trimmed=trimmed)
+        return Outcome(vm, level.name, name, base_name, True, trimmed=trimmed,
+                       bytes=int(getattr(report, "bytes", 0)))
 
     async def _local(self, vm: str) -> set[str]:
         with contextlib.suppress(SnapperError):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from snapper_zone.errors import SnapperError
-from snapper_zone.policy import PolicySet, Snap, Verdict, level_of, plan_prune
+from snapper_zone.policy import PolicySet, Snap, Verdict, level_of, plan_prune, time_of
 
 if TYPE_CHECKING:
     from snapper_zone.daemon.zone import Zone
@@ -75,7 +75,10 @@ class Pruner:
             keep = tuple(Verdict(s.name, True, "no policy names this VM") for s in snaps)
             return PrunePlan(vm, None, pruner, keep)
         pinned = {n: "a transfer uses it now" for n in self.zone.transfers.in_use(vm)}
-        view = [Snap(s.name, float(s.created), s.complete, level_of(s.name)) for s in snaps]
+        # A policy snapshot counts from its scheduled time (in its name), not from
+        # when a late or retried push happened to take it.
+        view = [Snap(s.name, time_of(s.name) or float(s.created), s.complete, level_of(s.name))
+                for s in snaps]
         verdicts = plan_prune(view, policy.retention, bases=policy.bases, pinned=pinned)
         return PrunePlan(vm, policy.name, pruner, tuple(verdicts))
 

@@ -13,8 +13,9 @@ from snapper_zone.policy.spec import (
     load_policies,
     parse_policies,
     snapshot_name,
+    time_of,
 )
 
 __all__ = ["Cron", "Grid", "Interval", "Level", "Policy", "PolicySet", "Retention", "Snap",
            "Verdict", "choose_base", "level_of", "load_policies", "parse_duration",
-           "parse_policies", "parse_schedule", "plan_prune", "snapshot_name"]
+           "parse_policies", "parse_schedule", "plan_prune", "snapshot_name", "time_of"]

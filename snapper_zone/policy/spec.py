@@ -36,6 +36,7 @@ so retention needs no state of its own.
 
 from __future__ import annotations
 
+import calendar
 import datetime as dt
 import difflib
 import re
@@ -50,7 +51,7 @@ from snapper_zone.policy.retention import Grid, Retention, RetentionError, Snap
 from snapper_zone.policy.schedule import Cron, Interval, ScheduleError, parse_schedule
 
 __all__ = ["Level", "Policy", "PolicySet", "choose_base", "level_of", "load_policies",
-           "parse_policies", "snapshot_name"]
+           "parse_policies", "snapshot_name", "time_of"]
 
 BaseRule = Literal["full", "newest"] | tuple[str, ...]
 DURABILITIES = ("mirrored", "local")
@@ -69,6 +70,19 @@ def level_of(name: str) -> str | None:
     """The level a policy snapshot's name carries; None for any other name."""
     m = _NAME_RE.fullmatch(name)
     return m.group(1) if m else None
+
+
+def time_of(name: str) -> float | None:
+    """The scheduled time a policy snapshot's name carries (retention counts from
+    it, not from when the push happened to run); None for any other name."""
+    m = _NAME_RE.fullmatch(name)
+    if m is None:
+        return None
+    try:
+        stamp = dt.datetime.strptime(m.group(2), "%Y%m%dT%H%M%SZ")
+    except ValueError:  # 20261399T...: the shape of a stamp, not a time
+        return None
+    return float(calendar.timegm(stamp.timetuple()))
 
 
 @dataclass(frozen=True)
