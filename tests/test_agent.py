@@ -35,8 +35,7 @@ CN_ID = "44454c4c-3800-1051-8036-b4c04f4e3232"
 VM = "74c59c61-4559-4ca2-b1ef-0ca22f2f936a"
 POLICY_DOC = {"policy": [{
     "name": "p", "vms": ["*"], "durability": "local", "retention": {"keep": {"hourly": 24}},
-    "level": [{"name": "daily", "cron": "0 3 * * *", "base": "newest"},
-              {"name": "hourly", "every": "1h", "base": ["daily", "hourly"]}]}]}
+    "level": [{"name": "daily", "cron": "0 3 * * *"}, {"name": "hourly", "every": "1h"}]}]}
 T3 = float(calendar.timegm((2026, 12, 2, 3, 0, 0)))  # a daily and an hourly are due
 
 
@@ -109,7 +108,7 @@ async def env(zfs: Zfs, cn_pool: FilePool, zone_pool: FilePool,
         gc.collect()
 
 
-async def test_schedule_bases_and_a_small_cn_side(env: Env) -> None:
+async def test_schedule_incrementals_and_a_small_cn_side(env: Env) -> None:
     agent = env.agent()
     [first] = await agent.tick()
     assert first.ok and first.level == "daily" and first.snapshot == \
@@ -121,12 +120,12 @@ async def test_schedule_bases_and_a_small_cn_side(env: Env) -> None:
         write_random(env.cn_pool, env.vm, f"f{h}", 64 << 10)
         [o] = await agent.tick()
         assert o.ok and o.level == "hourly", o
-        # hourly from the newest daily-or-hourly: the daily, then each previous hourly
+        # each from the zone's newest: the daily, then the previous hourly
         assert o.base == (hourlies[-1] if hourlies else first.snapshot)
         hourlies.append(o.snapshot)
     assert await env.zone_names() == [first.snapshot, *hourlies]
-    # The CN keeps the newest of each base level only: the daily and the last hourly.
-    assert await env.local() == [first.snapshot, hourlies[-1]]
+    # The CN keeps only what the next push is sent from: the last one.
+    assert await env.local() == [hourlies[-1]]
     assert await agent.tick() == []
 
 

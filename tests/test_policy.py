@@ -20,10 +20,8 @@ from snapper_zone.policy import (
     Cron,
     Grid,
     Interval,
-    Level,
     Retention,
     Snap,
-    choose_base,
     level_of,
     load_policies,
     parse_duration,
@@ -219,7 +217,7 @@ def test_prune_never_deletes_what_is_needed(snaps: list[Snap], ret: Retention,
                                             data: st.DataObject) -> None:
     pinned = {s.name: "a restore" for s in data.draw(st.lists(st.sampled_from(snaps)))
               } if snaps else {}
-    plan = plan_prune(snaps, ret, bases={"daily"}, pinned=pinned)
+    plan = plan_prune(snaps, ret, pinned=pinned)
     assert [v.name for v in plan] == [s.name for s in snaps]
     keep = {v.name for v in plan if v.keep}
     complete = [s for s in snaps if s.complete]
@@ -228,15 +226,12 @@ def test_prune_never_deletes_what_is_needed(snaps: list[Snap], ret: Retention,
             assert s.name in keep, s
     if complete:
         assert max(complete, key=lambda s: (s.created, s.name)).name in keep
-    dailies = [s for s in complete if s.level == "daily"]
-    if dailies:
-        assert max(dailies, key=lambda s: (s.created, s.name)).name in keep
     assert all(v.reason for v in plan)
     # Pruning again what was kept deletes nothing more: the plan is stable.
-    again = plan_prune([s for s in snaps if s.name in keep], ret, bases={"daily"}, pinned=pinned)
+    again = plan_prune([s for s in snaps if s.name in keep], ret, pinned=pinned)
     assert all(v.keep for v in again)
     # More pins never delete more.
-    fewer = plan_prune(snaps, ret, bases={"daily"})
+    fewer = plan_prune(snaps, ret)
     assert keep >= {v.name for v in fewer if v.keep}
 
 
@@ -248,15 +243,14 @@ def test_example_policy_file_parses() -> None:
     default = ps.for_vm(VM)
     assert default is not None and default.name == "default"
     assert [lv.name for lv in default.levels] == ["monthly", "daily", "hourly"]
-    assert default.bases == {"monthly", "daily", "hourly"}
     crit = ps.for_vm(VM, tags={"backup": "critical"})
     assert crit is not None and crit.name == "critical"
 
 
 def policy_doc(**over: Any) -> dict[str, Any]:
     p: dict[str, Any] = {"name": "p", "vms": ["*"], "retention": {"grid": "24x1h"},
-                         "level": [{"name": "daily", "cron": "0 3 * * *", "base": "full"},
-                                   {"name": "hourly", "every": "1h", "base": ["daily", "hourly"]}]}
+                         "level": [{"name": "daily", "cron": "0 3 * * *"},
+                                   {"name": "hourly", "every": "1h", "base": "newest"}]}
     p.update(over)
     return {"policy": [p]}
 
@@ -275,7 +269,9 @@ def policy_doc(**over: Any) -> dict[str, Any]:
      "exactly one"),
     ({"level": [{"name": "d", "every": "1 day"}]}, "policy[0].level[0].every", "duration"),
     ({"level": [{"name": "d", "every": "1d", "base": ["weekly"]}]}, "policy[0].level[0].base",
-     "no level 'weekly'"),
+     "only 'newest'"),
+    ({"level": [{"name": "d", "every": "1d", "base": "full"}]}, "policy[0].level[0].base",
+     "live pool"),
     ({"level": [{"name": "d", "every": "1d", "bsae": "full"}]}, "policy[0].level[0].bsae",
      "did you mean 'base'"),
     ({"retnetion": {}}, "policy[0].retnetion", "did you mean 'retention'"),
@@ -322,16 +318,3 @@ def test_snapshot_names_carry_their_level(level: str, t: float) -> None:
     assert level_of(name) == level and len(name) < 64
     assert time_of(name) == float(int(t))
     assert level_of(name.replace("snapper-", "snap-")) is None
-
-
-@given(snap_lists, st.sampled_from(["full", "newest", ("daily",), ("daily", "hourly")]))
-def test_base_is_the_newest_allowed_common_snapshot(common: list[Snap], rule: Any) -> None:
-    level = Level("x", Interval(H), rule)
-    base = choose_base(level, common)
-    allowed = [s for s in common if s.complete and
-               (rule == "newest" or (isinstance(rule, tuple) and s.level in rule))]
-    if rule == "full" or not allowed:
-        assert base is None
-    else:
-        assert base is not None and base in allowed
-        assert all((s.created, s.name) <= (base.created, base.name) for s in allowed)

@@ -1,5 +1,5 @@
-"""``snapper agent``: the CN runs its VMs' policies — snapshots on schedule, each
-pushed from the base its level names, the CN side kept small.
+"""``snapper agent``: the CN runs its VMs' policies — snapshots on schedule,
+pushed as ``snapper push`` does, the CN side kept small.
 
 One pass (``Agent.tick``) looks at every VM on this CN: the policy that names
 it (``policy/spec.py``), the levels due since their last run (from the state
@@ -11,9 +11,9 @@ pushed one at a time: two pushes of one VM never overlap (and the zone's VM
 lock would serialise a manual ``snapper push`` too).
 
 After a push the CN keeps, of the snapshots the policy made, only what the
-next pushes need: the one just pushed and the newest of each level another
-level is sent from; the rest are destroyed locally once the zone holds them
-complete (where ZFS has bookmarks the client also keeps ``#snapper-<snap>``).
+next push needs: the one just pushed (the next is sent from it); the rest are
+destroyed locally once the zone holds them complete (where ZFS has bookmarks
+the client also keeps ``#snapper-<snap>``).
 Snapshots the policy did not make are never touched.
 
 The I/O is the ``Pusher``'s (the CLI builds it on the CN client, with the same
@@ -35,7 +35,7 @@ from typing import Any, Protocol
 from snapper_zone.common.bootstrap import write_atomically
 from snapper_zone.common.tasks import cancel_and_wait
 from snapper_zone.errors import SnapperError
-from snapper_zone.policy import PolicySet, Snap, choose_base, level_of, snapshot_name
+from snapper_zone.policy import PolicySet, Snap, level_of, snapshot_name
 
 __all__ = ["Agent", "AgentState", "Outcome", "Pusher", "VmState"]
 
@@ -165,12 +165,11 @@ class Agent:
         name = st.pending or snapshot_name(level.name, level.schedule.last_at_or_before(now))
         base_name = None
         try:
-            local = set(await self.pusher.local_snapshots(vm))
-            common = [s for s in await self.pusher.zone_snapshots(vm)
-                      if s.complete and s.name in local and s.name != name]
-            base = choose_base(level, common)
-            base_name = base.name if base else None
-            report = await self.pusher.push(vm, name, base_name, policy.durability)
+            # From the zone's newest snapshot: the only one a live pool receives on.
+            report = await self.pusher.push(vm, name, None, policy.durability)
+            base = next((str(d.base) for d in getattr(report, "datasets", ()) if d.base), None)
+            # "pool/vm@snap" or "pool/vm#bookmark": the name is what the VM's snapshots share
+            base_name = base.replace("#", "@").rpartition("@")[2] if base else None
         except SnapperError as e:
             st.failures += 1
             lo, hi = self.backoff
@@ -188,7 +187,7 @@ class Agent:
         self.state.save()
         log.info("agent: pushed", extra={"vm": vm, "snapshot": name, "base": base_name,
                                          "levels": [lv.name for lv in due]})
-        trimmed = await self._trim(vm, name, policy.bases)
+        trimmed = await self._trim(vm, name)
         return Outcome(vm, level.name, name, base_name, True, trimmed=trimmed,
                        bytes=int(getattr(report, "bytes", 0)))
 
@@ -197,7 +196,7 @@ class Agent:
             return set(await self.pusher.local_snapshots(vm))
         return set()
 
-    async def _trim(self, vm: str, pushed: str, bases: frozenset[str]) -> tuple[str, ...]:
+    async def _trim(self, vm: str, pushed: str) -> tuple[str, ...]:
         """Destroy local policy snapshots the next pushes do not need (best effort)."""
         try:
             local = await self.pusher.local_snapshots(vm)
@@ -205,13 +204,7 @@ class Agent:
         except SnapperError as e:
             log.warning("agent: cannot trim", extra={"vm": vm, "err_msg": e.message})
             return ()
-        ours = [n for n in local if level_of(n) is not None]
-        keep = {pushed}
-        for lv in bases:
-            of_level = sorted(n for n in ours if level_of(n) == lv)  # names sort by time
-            if of_level:
-                keep.add(of_level[-1])
-        drop = [n for n in ours if n not in keep and n in on_zone]
+        drop = [n for n in local if level_of(n) is not None and n != pushed and n in on_zone]
         if drop:
             try:
                 await self.pusher.destroy_local(vm, drop)

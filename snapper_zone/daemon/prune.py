@@ -7,7 +7,7 @@ may prune for a while; every delete is still one the rules allow on the zone
 making it, so nothing needed goes.
 
 Besides the policy's own guarantees (``policy/retention.py``: never the
-newest, a base level's newest, an incomplete or a hand-made snapshot), a
+newest, an incomplete or a hand-made snapshot), a
 snapshot a transfer uses now — a restore, a move's copy, a mirror, a push
 built on it — is pinned, and ``Zone.delete_snapshot`` refuses it again under
 the same check, so a transfer starting between plan and delete is safe.
@@ -79,7 +79,7 @@ class Pruner:
         # when a late or retried push happened to take it.
         view = [Snap(s.name, time_of(s.name) or float(s.created), s.complete, level_of(s.name))
                 for s in snaps]
-        verdicts = plan_prune(view, policy.retention, bases=policy.bases, pinned=pinned)
+        verdicts = plan_prune(view, policy.retention, pinned=pinned)
         return PrunePlan(vm, policy.name, pruner, tuple(verdicts))
 
     async def prune(self, vm: str, *, dry_run: bool, force: bool = False) -> PrunePlan:

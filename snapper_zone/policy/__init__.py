@@ -8,7 +8,6 @@ from snapper_zone.policy.spec import (
     Level,
     Policy,
     PolicySet,
-    choose_base,
     level_of,
     load_policies,
     parse_policies,
@@ -17,5 +16,5 @@ from snapper_zone.policy.spec import (
 )
 
 __all__ = ["Cron", "Grid", "Interval", "Level", "Policy", "PolicySet", "Retention", "Snap",
-           "Verdict", "choose_base", "level_of", "load_policies", "parse_duration",
+           "Verdict", "level_of", "load_policies", "parse_duration",
            "parse_policies", "parse_schedule", "plan_prune", "snapshot_name", "time_of"]

@@ -14,8 +14,7 @@ rules combine):
 
 Whatever the rules say, these are never deleted (each with its reason): a
 snapshot still arriving (incomplete); the newest complete one (the base of the
-next incremental); the newest of each level another level's snapshots are
-sent from (``bases``); snapshots pinned by the caller (a pending push's base, a
+next incremental); snapshots pinned by the caller (a pending push's base, a
 restore or a move in progress); snapshots the policy did not make (no level in
 their name: an operator's ``snapper push`` is the operator's to delete).
 """
@@ -23,7 +22,7 @@ their name: an operator's ``snapper push`` is the operator's to delete).
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from snapper_zone.policy.durations import format_duration, parse_duration
@@ -136,11 +135,9 @@ class Retention:
 
 
 def plan_prune(snaps: Sequence[Snap], retention: Retention, *,
-               bases: Collection[str] = (), pinned: Mapping[str, str] | None = None
-               ) -> list[Verdict]:
+               pinned: Mapping[str, str] | None = None) -> list[Verdict]:
     """A verdict for every snapshot in ``snaps`` (same order): keep or delete, and why.
 
-    ``bases``: levels other levels are sent from (their newest is kept);
     ``pinned``: name -> why something else needs it now.
     """
     pinned = pinned or {}
@@ -150,11 +147,6 @@ def plan_prune(snaps: Sequence[Snap], retention: Retention, *,
     if complete:
         newest = max(complete, key=lambda s: (s.created, s.name))
         reasons[newest.name] = "newest complete snapshot: the base of the next incremental"
-    for level in bases:
-        of_level = [s for s in ours if s.level == level]
-        if of_level:
-            s = max(of_level, key=lambda s: (s.created, s.name))
-            reasons.setdefault(s.name, f"newest {level}: the base other levels are sent from")
     rule_kept: dict[str, str] = {}
     if retention.grid is not None:
         rule_kept.update(retention.grid.keeps(ours))

@@ -1,4 +1,4 @@
-"""The policy file: which VMs, how often, sent from which base, kept how long.
+"""The policy file: which VMs, how often, kept how long.
 
 One TOML file (``etc/policy.example.toml`` documents every field)::
 
@@ -6,22 +6,20 @@ One TOML file (``etc/policy.example.toml`` documents every field)::
     name = "default"
     vms = ["*"]                       # VM uuids, or "*"; also cns = [...], tags = ["k=v"]
     durability = "mirrored"
-    retention = { grid = "1x1h(keep=all) | 24x1h | 14x1d | 12x1M", keep = { monthly = 12 } }
+    retention = { grid = "1x1h(keep=all) | 24x1h | 14x1d", keep = { monthly = 12 } }
 
     [[policy.level]]                  # coarsest first
     name = "monthly"
     cron = "0 3 1 * *"
-    base = "full"
-
-    [[policy.level]]
-    name = "daily"
-    cron = "0 3 * * *"
-    base = ["monthly"]                # from the newest monthly
 
     [[policy.level]]
     name = "hourly"
     every = "1h"
-    base = ["daily", "hourly"]        # from the newest daily-or-hourly
+
+Every snapshot is sent from the newest one the zone holds: on the zones' live
+pool a stream can only be received on top of the newest snapshot, and each
+snapshot there is whole by itself, so levels differ in schedule and
+retention, not in base (``base = "newest"`` is accepted, nothing else).
 
 A VM gets the most specific policy that names it: by VM uuid, else by tag,
 else by CN, else ``"*"`` (ties: the first in the file). When several of its
@@ -30,8 +28,8 @@ coarsest): it serves as the finer levels' run too. An agent that was down
 catches up with one snapshot, not one per missed run.
 
 Snapshots the agent takes are named ``snapper-<level>-<UTC time>``
-(``snapper-hourly-20261201T180000Z``): the level is read back from the name,
-so retention needs no state of its own.
+(``snapper-hourly-20261201T180000Z``): the level and the scheduled time are
+read back from the name, so retention needs no state of its own.
 """
 
 from __future__ import annotations
@@ -44,16 +42,15 @@ import tomllib
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, cast
+from typing import cast
 
 from snapper_zone.common.config import ConfigError
-from snapper_zone.policy.retention import Grid, Retention, RetentionError, Snap
+from snapper_zone.policy.retention import Grid, Retention, RetentionError
 from snapper_zone.policy.schedule import Cron, Interval, ScheduleError, parse_schedule
 
-__all__ = ["Level", "Policy", "PolicySet", "choose_base", "level_of", "load_policies",
+__all__ = ["Level", "Policy", "PolicySet", "level_of", "load_policies",
            "parse_policies", "snapshot_name", "time_of"]
 
-BaseRule = Literal["full", "newest"] | tuple[str, ...]
 DURABILITIES = ("mirrored", "local")
 _LEVEL_RE = re.compile(r"[a-z][a-z0-9]{0,15}")
 _NAME_RE = re.compile(r"snapper-([a-z][a-z0-9]{0,15})-([0-9]{8}T[0-9]{6}Z)")
@@ -89,20 +86,6 @@ def time_of(name: str) -> float | None:
 class Level:
     name: str
     schedule: Interval | Cron
-    base: BaseRule
-
-
-def choose_base(level: Level, common: Sequence[Snap]) -> Snap | None:
-    """The snapshot a ``level`` push is sent from, among those both sides hold
-    complete (``common``); None: a full send."""
-    done = [s for s in common if s.complete]
-    if level.base == "full":
-        return None
-    if level.base == "newest":
-        candidates = done
-    else:
-        candidates = [s for s in done if s.level in level.base]
-    return max(candidates, key=lambda s: (s.created, s.name), default=None)
 
 
 @dataclass(frozen=True)
@@ -117,12 +100,6 @@ class Policy:
 
     def level(self, name: str) -> Level:
         return next(lv for lv in self.levels if lv.name == name)
-
-    @property
-    def bases(self) -> frozenset[str]:
-        """Levels other levels are sent from: retention keeps the newest of each."""
-        return frozenset(b for lv in self.levels if isinstance(lv.base, tuple)
-                         for b in lv.base)
 
     def due(self, last: Mapping[str, float], now: float) -> tuple[Level, ...]:
         """The levels due now, given when each last ran; () when nothing is.
@@ -248,11 +225,6 @@ class _Reader:
         for i, lv in enumerate(levels):
             if lv.name in known[:i]:
                 raise self.err(f"{fld}.level[{i}].name", f"{lv.name!r} is used twice")
-            if isinstance(lv.base, tuple):
-                for b in lv.base:
-                    if b not in known:
-                        raise self.err(f"{fld}.level[{i}].base",
-                                       f"no level {b!r} in this policy")
         if "retention" not in t:
             raise self.err(f"{fld}.retention", "missing required field")
         retention = self.retention(f"{fld}.retention", t["retention"], known)
@@ -276,15 +248,17 @@ class _Reader:
             schedule = parse_schedule(every, cron)
         except ScheduleError as e:
             raise self.err(f"{fld}.{'cron' if cron is not None else 'every'}", str(e)) from e
-        raw = t.get("base", "newest")
-        base: BaseRule
-        if raw in ("full", "newest"):
-            base = cast(BaseRule, raw)
-        elif isinstance(raw, list) and raw and all(isinstance(b, str) for b in raw):
-            base = tuple(cast(list[str], raw))
-        else:
-            raise self.err(f"{fld}.base", "'full', 'newest', or a list of level names")
-        return Level(name, schedule, base)
+        if t.get("base", "newest") != "newest":
+            # RFD 148's "daily from the monthly" fits stream files in an object
+            # store. On a live pool a stream is received on top of the dataset's
+            # newest snapshot; one from an older snapshot needs `zfs receive -F`,
+            # which destroys every newer snapshot on the zone.
+            raise self.err(f"{fld}.base", "only 'newest': the zones keep a live pool, "
+                           "where a snapshot can only be received on top of the newest "
+                           "one (from an older one, zfs receive would have to destroy "
+                           "the newer ones); each snapshot there is whole by itself, so "
+                           "levels differ in schedule and retention, not in base")
+        return Level(name, schedule)
 
     def retention(self, fld: str, value: object, levels: Sequence[str]) -> Retention:
         t = self.table(fld, value, ("grid", "keep"))
