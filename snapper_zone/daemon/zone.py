@@ -36,6 +36,15 @@ class CopyNotRedundant(SnapperError):
     http_status = 409
 
 
+class NotPlacedHere(SnapperError):
+    """A CN pushes a VM to a zone it is not placed on (the CN's placement is stale:
+    a move took the VM away). Its snapshot stays on the CN; the next push with
+    a fresh placement carries it along."""
+
+    code = "NotPlacedHere"
+    http_status = 409
+
+
 @dataclass
 class Zone:
     config: ZoneConfig
@@ -104,6 +113,30 @@ class Zone:
         got = await coordinator.lookup(vm, fresh=True, create=False)
         return None if got is None else got.scope
 
+    async def check_placed(self, vm: str) -> None:
+        """Refuse (``NotPlacedHere``) a CN's push of ``vm`` when this zone's own view
+        of the placement (asked afresh, else the last verified one) names other
+        zones and no copy is here.
+
+        A copy here is kept taking pushes: a move's old copy until it is dropped
+        (the mover sends what it got on), a move's new copy before this zone
+        saw the switch. No view at all: the CN's signed placement named us.
+        """
+        me = self.config.uuid
+        coordinator = self.replicator.links.coordinator if self.replicator else None
+        if coordinator is None:
+            return
+        got = await coordinator.lookup(vm)
+        if got is None or me in got.zones:
+            return
+        got = await coordinator.lookup(vm, fresh=True)  # a switch since we asked?
+        if got is None or me in got.zones:
+            return
+        if await self.zfs.exists(self.store.vm_dataset(vm)):
+            return
+        raise NotPlacedHere(f"VM {vm} is placed on {', '.join(got.zones)}, not on this zone "
+                            f"({me}): a move took it away; ask the coordinator again")
+
     async def http_identity(self, fingerprint: str) -> Identity | None:
         """Who signed an HTTP request with the key of this fingerprint: a config
         key (operator, cn, peer -> role "zone"), the coordinator (``coordinator_key``),
@@ -167,6 +200,12 @@ class Zone:
                         f"lacks ({', '.join(extra[:5])}); copy them first")
             await self.store.drop_vm(vm)
         self.log.info("dropped VM copy", extra={"vm": vm})
+        coordinator = self.replicator.links.coordinator if self.replicator else None
+        if coordinator is not None:
+            # The coordinator drops a copy after switching the placement away: learn
+            # the new pair now, so a CN that pushes here from a stale placement
+            # (the coordinator down by then) is told so (``check_placed``).
+            await coordinator.lookup(vm, fresh=True, create=False)
 
     def _refuse_in_use(self, vm: str) -> None:
         if self.transfers.in_use(vm):
