@@ -18,7 +18,7 @@ from snapper_zone.common.httpsig import Identity
 from snapper_zone.common.metrics import Metrics
 from snapper_zone.daemon.auth import peer_in_scope
 from snapper_zone.daemon.limits import PerPrincipal
-from snapper_zone.errors import SnapperError
+from snapper_zone.errors import NotPlacedHere, SnapperError
 from snapper_zone.transfer.local import LocalEndpoint, Quotas, ReceiveSlots, ZoneReceiver
 from snapper_zone.transfer.registry import SnapshotInUse, TransferRegistry
 from snapper_zone.transfer.store import ZoneStore
@@ -33,15 +33,6 @@ class CopyNotRedundant(SnapperError):
     """A drop of this zone's copy of a VM that holds a snapshot the new copy lacks."""
 
     code = "CopyNotRedundant"
-    http_status = 409
-
-
-class NotPlacedHere(SnapperError):
-    """A CN pushes a VM to a zone it is not placed on (the CN's placement is stale:
-    a move took the VM away). Its snapshot stays on the CN; the next push with
-    a fresh placement carries it along."""
-
-    code = "NotPlacedHere"
     http_status = 409
 
 
