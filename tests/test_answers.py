@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from replication.coordinator_client import CoordinatorClient, VmPlacement
+from snapper_zone.cn.cli import main as cn_main
 from snapper_zone.cn.client import PlacementUnknown, lookup_placement
 from snapper_zone.common.answers import AnswerCache, CacheCorrupt, Seen, decode, encode
 from snapper_zone.common.httpsig import Signer
@@ -198,3 +199,24 @@ async def test_zone_client_answers_from_the_file_and_pauses_after_a_failure(
         # Within RETRY_AFTER of the failure: not asked, the cache answers at once.
         assert await restarted.placement(VM, fresh=True) == (A, B)
         await restarted.close()
+
+
+def test_snapper_push_with_no_coordinator_and_no_cache_is_placement_unknown(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The CLI: a clear typed error, exit 1, nothing guessed and nothing written."""
+    _key(tmp_path / "cn_key")
+    conf = tmp_path / "cn.toml"
+    conf.write_text(f'coordinator_url = "http://127.0.0.1:{free_port()}"\n'
+                    'key = "cn_key"\nstate_dir = "state"\n')
+    assert cn_main(["--config", str(conf), "push", VM]) == 1
+    err = capsys.readouterr().err
+    assert "PlacementUnknown" in err and "has not seen its placement" in err
+    assert not (tmp_path / "state").exists()
+
+
+def test_cn_config_state_dir_must_be_a_path(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    conf = tmp_path / "cn.toml"
+    conf.write_text('coordinator_url = "http://c:1"\nkey = "k"\nstate_dir = ""\n')
+    assert cn_main(["--config", str(conf), "push", VM]) == 2
+    assert "state_dir: must be a non-empty string" in capsys.readouterr().err

@@ -113,7 +113,9 @@ class Placement:
         return f"coordinator unreachable: using the placement seen at {at} ({self.why})"
 
 
-_PLACEMENT_TIMEOUT = aiohttp.ClientTimeout(total=10, sock_connect=3)  # short: cache next
+# Bounded: a coordinator that is gone fails the connect within 3 s (the cache
+# answers next); one that hangs, within 15 s (placing a new VM asks the zones).
+_PLACEMENT_TIMEOUT = aiohttp.ClientTimeout(total=15, sock_connect=3)
 
 
 async def lookup_placement(coordinator_url: str, vm: str, key: Path,
