@@ -163,8 +163,9 @@ class PeerLinks:
                     await self.refresh()
                 if other is not None and other in self._peers:
                     return self._peers[other]
-            # The coordinator decides where copies go; without its answer (down,
-            # rebuilding) no copy is made by guesswork: wait for it.
+            # The coordinator decides where copies go; with no answer ever seen
+            # for this VM (placement() bridges an outage with the last one) no
+            # copy is made by guesswork: wait for it.
             return None
         return self.partner_of(vm)
 
