@@ -111,17 +111,20 @@ class Zone:
 
         A copy here is kept taking pushes: a move's old copy until it is dropped
         (the mover sends what it got on), a move's new copy before this zone
-        saw the switch. No view at all: the CN's signed placement named us.
+        saw the switch. No view at all, or a VM not placed yet: accepted (a
+        CN's signed placement named us, or the CN has no coordinator).
         """
         me = self.config.uuid
         coordinator = self.replicator.links.coordinator if self.replicator else None
         if coordinator is None:
             return
-        got = await coordinator.lookup(vm)
-        if got is None or me in got.zones:
+        # Not placed by asking (create=False): a VM the coordinator has not
+        # placed yet (a CN without coordinator_url) is no reason to refuse.
+        got = await coordinator.lookup(vm, create=False)
+        if got is None or not got.zones or me in got.zones:
             return
-        got = await coordinator.lookup(vm, fresh=True)  # a switch since we asked?
-        if got is None or me in got.zones:
+        got = await coordinator.lookup(vm, fresh=True, create=False)  # a switch since?
+        if got is None or not got.zones or me in got.zones:
             return
         if await self.zfs.exists(self.store.vm_dataset(vm)):
             return
