@@ -117,9 +117,12 @@ class CoordinatorClient:
             self._session = None
         await self.cache.close()
 
-    async def _call(self, method: str, path: str, body: Any = None) -> Any:
+    async def _call(self, method: str, path: str, body: Any = None, *,
+                    pause: bool = True) -> Any:
+        """One request; ``pause``: not sent within ``RETRY_AFTER`` of a failure (the
+        lookups, which have the cache; registration has its own backoff)."""
         now = time.monotonic()
-        if now < self._down_until:
+        if pause and now < self._down_until:
             raise CoordinatorUnavailable(f"{method} {self.url}{path}: not answering (asked "
                                          f"again in {self._down_until - now:.1f} s)")
         try:
@@ -134,6 +137,7 @@ class CoordinatorClient:
         except (aiohttp.ClientError, TimeoutError, ValueError, UntrustedResponse) as exc:
             self._failed()
             raise CoordinatorUnavailable(f"{method} {self.url}{path}: {exc!r}") from exc
+        self._down_until = 0.0
         if self._noted:
             log.info("coordinator answers again", extra={"vms_served_from_cache":
                                                           len(self._noted)})
@@ -144,7 +148,7 @@ class CoordinatorClient:
         self._down_until = time.monotonic() + RETRY_AFTER
 
     async def register(self, record: ZoneRegistration) -> None:
-        await self._call("POST", "/v1/zones", record.to_json())
+        await self._call("POST", "/v1/zones", record.to_json(), pause=False)
 
     async def knows(self, zone: str) -> bool:
         """Whether the coordinator has ``zone`` registered (a new store has nobody)."""
