@@ -11,7 +11,7 @@ stops nothing; the zone keeps the last view (across its own restarts too),
 or its static config when it never had one. After a failed call the
 coordinator is not asked again for ``RETRY_AFTER`` seconds (every lookup in
 between answers from the cache at once), and each call is bounded by
-``_TIMEOUT``.
+``_TIMEOUT`` (``_PROBE_TIMEOUT`` until the coordinator answers again).
 
 Every request is signed with the zone's host key (``common/httpsig``); with
 ``coordinator_key`` configured, every answer must be signed by the
@@ -40,6 +40,9 @@ __all__ = ["CoordinatorClient", "CoordinatorNotFound", "CoordinatorUnavailable",
 
 # Short and bounded: a coordinator that does not answer must not hold a push up.
 _TIMEOUT = aiohttp.ClientTimeout(total=5, sock_connect=2)
+# Once a call failed, the next lookups only probe (a hung coordinator costs a
+# second per RETRY_AFTER, not five per push) until one is answered.
+_PROBE_TIMEOUT = aiohttp.ClientTimeout(total=1, sock_connect=1)
 PLACEMENT_TTL = 10.0  # seconds a VM's placement is trusted before asking again
 RETRY_AFTER = 2.0  # seconds without a call after one failed: the cache answers meanwhile
 
@@ -102,7 +105,8 @@ class CoordinatorClient:
             got = VmPlacement.from_json(seen.doc) if seen is not None else None
             if got is not None:
                 self._placement[vm] = (-PLACEMENT_TTL, got)
-        self._down_until = 0.0  # monotonic: no call before (the last one failed)
+        # Monotonic: no lookup before (the last call failed); 0: the last one was answered.
+        self._down_until = 0.0
         self._noted: set[str] = set()  # VMs whose cached placement was used this outage
 
     def _http(self) -> aiohttp.ClientSession:
@@ -125,8 +129,12 @@ class CoordinatorClient:
         if pause and now < self._down_until:
             raise CoordinatorUnavailable(f"{method} {self.url}{path}: not answering (asked "
                                          f"again in {self._down_until - now:.1f} s)")
+        # (No timeout argument at all means the session's: None would mean none.)
+        probe: dict[str, Any] = {"timeout": _PROBE_TIMEOUT} if pause and self._down_until \
+            else {}
         try:
-            async with self._http().request(method, self.url + path, json=body) as r:
+            async with self._http().request(method, self.url + path, json=body,
+                                            **probe) as r:
                 doc = await r.json(content_type=None)
                 if r.status >= 400:
                     msg = doc.get("message", "") if isinstance(doc, dict) else ""

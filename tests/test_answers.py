@@ -220,3 +220,42 @@ def test_cn_config_state_dir_must_be_a_path(tmp_path: Path,
     conf.write_text('coordinator_url = "http://c:1"\nkey = "k"\nstate_dir = ""\n')
     assert cn_main(["--config", str(conf), "push", VM]) == 2
     assert "state_dir: must be a non-empty string" in capsys.readouterr().err
+
+
+async def test_a_hung_coordinator_costs_a_zone_one_bounded_wait_then_probes(
+        tmp_path: Path) -> None:
+    """It accepts connections and never answers (a stopped process): the first
+    lookup waits the call's timeout, the next ones answer from the cache at
+    once or after a one-second probe."""
+    _key(tmp_path / "zone_key")
+    release = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_get("/v1/placement/{vm}", hang)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    cache = AnswerCache(None, LOG)
+    cache.put_placement(VM, {"zones": [A, B], "scope": [A, B]})
+    client = CoordinatorClient(f"http://127.0.0.1:{port}", Signer.load(tmp_path / "zone_key"),
+                               cache=cache)
+    loop = asyncio.get_running_loop()
+    try:
+        t0 = loop.time()
+        assert await client.placement(VM, fresh=True) == (A, B)
+        first = loop.time() - t0
+        t1 = loop.time()
+        for _ in range(20):
+            assert await client.placement(VM, fresh=True) == (A, B)
+        rest = loop.time() - t1
+        assert first < 6.5, f"first lookup took {first:.1f} s"
+        assert rest < 2.5, f"20 more lookups took {rest:.1f} s"
+    finally:
+        release.set()
+        await client.close()
+        await runner.cleanup()
