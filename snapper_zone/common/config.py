@@ -140,6 +140,15 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    """Where the zone's retention policy is (``policy/spec.py``'s file format) and
+    how often the VMs pushed to this zone are pruned by it."""
+
+    policy: Path
+    interval_seconds: int = 600
+
+
+@dataclass(frozen=True)
 class TrustedKey:
     """A client key snapperd accepts and the role it grants.
 
@@ -219,6 +228,7 @@ class ZoneConfig:
     def answers_path(self) -> Path:
         """The answer cache (``common/answers``); one per zone uuid, so zones may share a dir."""
         return self.state_dir / f"coordinator-answers-{self.uuid}.json"
+    retention: RetentionConfig | None = None  # None: snapshots are deleted by hand only
 
     @property
     def receives_per_principal(self) -> int:
@@ -300,6 +310,7 @@ def parse_config(data: object, source: str = "<config>") -> ZoneConfig:
 
 
 _TOP_FIELDS = (
+    "retention",
     "uuid",
     "name",
     "root",
@@ -522,6 +533,7 @@ class _Parser:
             raise self.err("pipelined_mirroring", f"must be true or false, not {_kind(pipelined)}")
         limits = self.limits(top.get("limits", {}), max_recv)
         state_dir = self.path("state_dir", top.get("state_dir", DEFAULT_STATE_DIR))
+        retention = self.retention(top["retention"]) if "retention" in top else None
         if coordinator_url is not None:
             # Registration tells the coordinator where to reach us: a wildcard
             # would have it (and every peer) health-check itself.
@@ -554,7 +566,15 @@ class _Parser:
             pipelined_mirroring=pipelined,
             limits=limits,
             state_dir=state_dir,
+            retention=retention,
         )
+
+    def retention(self, value: object) -> RetentionConfig:
+        t = self.table("retention", value, ("policy", "interval_seconds"))
+        policy = self.path("retention.policy", self.required(t, "retention", "policy"))
+        interval = self.integer("retention.interval_seconds",
+                                t.get("interval_seconds", 600), 10, 86_400)
+        return RetentionConfig(policy, interval)
 
     def limits(self, value: object, max_recv: int) -> Limits:
         t = self.table("limits", value, _LIMIT_FIELDS)
