@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import signal
 import sys
@@ -37,13 +38,14 @@ import asyncssh
 
 from snapper_zone.cn import archive
 from snapper_zone.cn.agent import Agent, AgentState
-from snapper_zone.cn.client import CnClient, PlanError, PushReport
+from snapper_zone.cn.client import CnClient, PlanError, PushReport, lookup_placement
 from snapper_zone.cn.client import placement as placement  # re-exported: the CN's lookup
 from snapper_zone.common import progress
+from snapper_zone.common.answers import AnswerCache
 from snapper_zone.common.config import ConfigError
 from snapper_zone.common.progress import format_bytes
 from snapper_zone.common.version import add_version_argument
-from snapper_zone.errors import SnapperError
+from snapper_zone.errors import NotPlacedHere, SnapperError
 from snapper_zone.policy import Snap, level_of, load_policies
 from snapper_zone.transfer.remote import ZoneClient, ZoneError, ZoneUnreachable
 from snapper_zone.zfs.names import Dataset
@@ -51,8 +53,13 @@ from snapper_zone.zfs.zfs import Zfs
 
 DEFAULT_CONFIG = "/opt/smartdc/snapper/etc/snapper-cn.toml"
 CONFIG_ENV = "SNAPPER_CN_CONFIG"
+log = logging.getLogger("snapper.cn")
 _CONFIG_FIELDS = ("zones", "key", "known_hosts", "host_key", "dataset_root",
-                  "coordinator_url", "coordinator_key")
+                  "coordinator_url", "coordinator_key", "state_dir")
+# The CN's answer cache (the coordinator's last verified placement per VM), in
+# state_dir: by default beside the agent's state file.
+ANSWERS_FILE = "cn-placements.json"
+DEFAULT_STATE_DIR = "/var/opt/smartdc/snapper"
 
 
 class UsageError(Exception):
@@ -72,6 +79,9 @@ class CnSettings:
     zones: tuple[tuple[str, int], ...] = ()
     coordinator_url: str | None = None
     coordinator_key: str | None = None  # OpenSSH line: placements must be signed by it
+    # Where the last verified placement of each VM is kept: pushes go on to the
+    # known pair while no coordinator answers.
+    state_dir: Path = Path(DEFAULT_STATE_DIR)
 
 
 def parse_endpoint(text: str) -> tuple[str, int]:
@@ -110,7 +120,7 @@ def load_cn_config(path: Path) -> dict[str, Any]:
     zones = data.get("zones", [])
     if not isinstance(zones, list) or not all(isinstance(z, str) for z in zones):
         raise UsageError(f"{path}: zones: must be a list of \"HOST:PORT\" strings")
-    for k in ("key", "known_hosts", "host_key", "dataset_root", "coordinator_key"):
+    for k in ("key", "known_hosts", "host_key", "dataset_root", "coordinator_key", "state_dir"):
         if k in data and not (isinstance(data[k], str) and data[k]):
             raise UsageError(f"{path}: {k}: must be a non-empty string")
     if "coordinator_key" in data:
@@ -120,7 +130,7 @@ def load_cn_config(path: Path) -> dict[str, Any]:
             raise UsageError(f"{path}: coordinator_key: not an OpenSSH public key line: "
                              f"{exc}") from exc
     # Relative paths are relative to the config file, so the two can move together.
-    for k in ("key", "known_hosts", "host_key"):
+    for k in ("key", "known_hosts", "host_key", "state_dir"):
         if k in data and not Path(data[k]).is_absolute():
             data[k] = str(path.parent / data[k])
     return data
@@ -165,7 +175,8 @@ def settings(args: argparse.Namespace) -> CnSettings:
                       Path(pinned) if pinned else None,
                       args.dataset_root or cfg.get("dataset_root") or "zones",
                       endpoints, str(coordinator) if coordinator else None,
-                      cfg.get("coordinator_key"))
+                      cfg.get("coordinator_key"),
+                      Path(cfg.get("state_dir") or DEFAULT_STATE_DIR))
 
 
 def _client(s: CnSettings) -> ZoneClient:
@@ -183,10 +194,19 @@ async def _push_targets(s: CnSettings, vm: str) -> list[ZoneClient]:
     zone, so failover needs a known_hosts file.
     """
     if s.coordinator_url:
-        placed = await placement(s.coordinator_url, vm, s.key, s.coordinator_key)
-        return [ZoneClient(e["ssh_host"], int(e["ssh_port"]), s.key,
-                           host_key=asyncssh.import_public_key(e["host_key"]))
-                for e in placed]
+        cache = AnswerCache.load(s.state_dir / ANSWERS_FILE, log, min_interval=0)
+        placed = await lookup_placement(s.coordinator_url, vm, s.key, s.coordinator_key,
+                                        cache)
+        if placed.seen_at is not None:
+            print(f"snapper: push: {placed.note()}", file=sys.stderr)
+        try:
+            return [ZoneClient(e["ssh_host"], int(e["ssh_port"]), s.key,
+                               host_key=asyncssh.import_public_key(e["host_key"]))
+                    for e in placed.endpoints]
+        except (KeyError, TypeError, ValueError, asyncssh.KeyImportError) as exc:
+            raise ZoneError("BadAnswer", f"placement of VM {vm}: an endpoint without a "
+                            f"usable ssh_host, ssh_port or host_key: {exc}",
+                            "placement") from exc
     zones = s.zones or ((s.zone_host, s.zone_port),)
     if s.host_key is not None:
         zones = zones[:1]
@@ -217,12 +237,17 @@ async def push_with_failover(s: CnSettings, vm: str, *, name: str | None, base: 
                 cn.bwlimit = bwlimit
                 return await cn.push(vm, name=name, base=base, metadata=metadata,
                                      durability=durability)
-        except ZoneUnreachable as exc:
-            if i + 1 == len(targets):
+        except (ZoneUnreachable, ZoneError) as exc:
+            # A zone a move took the VM away from (a placement from the cache)
+            # says so before anything is sent: the pair's other zone may still hold it.
+            moved = isinstance(exc, ZoneError) and exc.code == NotPlacedHere.code
+            if i + 1 == len(targets) or not (moved or isinstance(exc, ZoneUnreachable)):
                 raise
             # Failover: the other zone takes this snapshot; the pair converges later.
-            print(f"snapper: push: {zone.endpoint} unreachable ({_one_line(str(exc))}); "
-                  f"trying {targets[i + 1].endpoint}", file=sys.stderr)
+            print(f"snapper: push: {zone.endpoint} "
+                  f"{'does not hold the VM' if moved else 'unreachable'} "
+                  f"({_one_line(str(exc))}); trying {targets[i + 1].endpoint}",
+                  file=sys.stderr)
     raise ZoneUnreachable(f"VM {vm}: no zone to push to")
 
 
