@@ -235,6 +235,21 @@ def test_prune_never_deletes_what_is_needed(snaps: list[Snap], ret: Retention,
     assert keep >= {v.name for v in fewer if v.keep}
 
 
+def test_the_grids_anchor_stays_so_a_second_pass_agrees() -> None:
+    """Found by hypothesis: with a hand-made snapshot newer than the policy's, the
+    policy's newest is not "the newest complete"; were it let go (not the oldest
+    of its interval), the next pass would lay the grid out anew and delete more."""
+    snaps = [Snap(snapshot_name("hourly", T0 + 2), T0 + 2, level="hourly"),
+             Snap(snapshot_name("hourly", T0), T0, level="hourly"),
+             Snap(snapshot_name("hourly", T0 + 14400), T0 + 14400, level="hourly"),
+             Snap("manual-14401", T0 + 14401)]
+    ret = Retention(Grid.parse("6x4h | 4x1w"))
+    plan = plan_prune(snaps, ret)
+    kept = [s for s, v in zip(snaps, plan, strict=True) if v.keep]
+    assert "grid counts back from it" in plan[2].reason
+    assert all(v.keep for v in plan_prune(kept, ret))
+
+
 # -- the policy file and the base -----------------------------------------------------
 
 

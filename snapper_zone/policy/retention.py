@@ -14,7 +14,8 @@ rules combine):
 
 Whatever the rules say, these are never deleted (each with its reason): a
 snapshot still arriving (incomplete); the newest complete one (the base of the
-next incremental); snapshots pinned by the caller (a pending push's base, a
+next incremental); the newest the policy made (the grid's anchor, so a second
+pass agrees with the first); snapshots pinned by the caller (a pending push's base, a
 restore or a move in progress); snapshots the policy did not make (no level in
 their name: an operator's ``snapper push`` is the operator's to delete).
 """
@@ -147,6 +148,11 @@ def plan_prune(snaps: Sequence[Snap], retention: Retention, *,
     if complete:
         newest = max(complete, key=lambda s: (s.created, s.name))
         reasons[newest.name] = "newest complete snapshot: the base of the next incremental"
+    if ours and retention.grid is not None:
+        # The grid counts back from it: were it to go, the next pass would lay
+        # the intervals out anew and could let go of what this one kept.
+        anchor = max(ours, key=lambda s: (s.created, s.name))
+        reasons.setdefault(anchor.name, "newest policy snapshot: the grid counts back from it")
     rule_kept: dict[str, str] = {}
     if retention.grid is not None:
         rule_kept.update(retention.grid.keeps(ours))
