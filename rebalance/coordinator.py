@@ -67,7 +67,6 @@ import os
 import signal
 import sys
 import time
-import tomllib
 import uuid as _uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -106,7 +105,13 @@ from snapper_zone.common.bootstrap import (
     run_daemon,
     write_atomically,
 )
-from snapper_zone.common.config import ConfigError, TrustedKey, parse_keys
+from snapper_zone.common.config import (
+    ConfigError,
+    FieldParser,
+    TrustedKey,
+    parse_keys,
+    read_document,
+)
 from snapper_zone.common.httpsig import (
     NONCE_HEADER,
     OPEN,
@@ -195,28 +200,39 @@ class CoordinatorConfig:
     # Operator and CN public keys (snapperd's [[keys]] shape); zones are known
     # by the host keys they registered with.
     keys: tuple[TrustedKey, ...] = ()
+    # Finished moves (done, failed) kept for GET /v1/moves: those newer than
+    # keep_days, and at least the newest keep_finished of them; older ones pruned.
+    keep_days: float = 30.0
+    keep_finished: int = 1000
 
 
-_SCHEMA: dict[str, dict[str, tuple[str, type, float]]] = {
-    # table -> field -> (attribute, type, lowest value)
-    "listen": {"host": ("host", str, 0), "port": ("port", int, 0)},
-    "health": {"interval": ("health_interval", float, 0.01),
-               "timeout": ("health_timeout", float, 0.01),
-               "lost_after": ("lost_after", float, 0)},
-    "moves": {"per_zone": ("per_zone", int, 1), "max_attempts": ("max_attempts", int, 1),
-              "bandwidth": ("move_bandwidth", float, 0),
-              "retry_delay": ("retry_delay", float, 0), "sync_timeout": ("sync_timeout", float, 1)},
-    "rebalance": {"auto": ("auto_rebalance", bool, 0), "settle": ("settle", float, 0),
-                  "interval": ("rebalance_interval", float, 1),
-                  "rebuild_grace": ("rebuild_grace", float, 0)},
+# table -> field -> (attribute, kind, lowest value); kind "size": bytes or "50MiB".
+_SCHEMA: dict[str, dict[str, tuple[str, str, float]]] = {
+    "listen": {"host": ("host", "str", 0), "port": ("port", "port", 0)},
+    "health": {"interval": ("health_interval", "float", 0.01),
+               "timeout": ("health_timeout", "float", 0.01),
+               "lost_after": ("lost_after", "float", 0)},
+    "moves": {"per_zone": ("per_zone", "int", 1), "max_attempts": ("max_attempts", "int", 1),
+              "bandwidth": ("move_bandwidth", "size", 0),
+              "retry_delay": ("retry_delay", "float", 0),
+              "sync_timeout": ("sync_timeout", "float", 1),
+              "keep_days": ("keep_days", "float", 0),
+              "keep_finished": ("keep_finished", "int", 0)},
+    "rebalance": {"auto": ("auto_rebalance", "bool", 0), "settle": ("settle", "float", 0),
+                  "interval": ("rebalance_interval", "float", 1),
+                  "rebuild_grace": ("rebuild_grace", "float", 0)},
 }
+_TOP = ("store", "key", "keys", *_SCHEMA)
 
 
-def parse_config(data: Mapping[str, object], source: str = "<config>",
+def parse_config(data: object, source: str = "<config>",
                  base: Path | None = None) -> CoordinatorConfig:
-    """Every problem is a ConfigError naming the file and the dotted field."""
+    """Every problem is a ConfigError naming the file and the dotted field; an
+    unknown field suggests the one meant (snapperd's ``FieldParser``)."""
+    f = FieldParser(source)
+    top = f.table("", data, _TOP)
     values: dict[str, Any] = {}
-    for key, value in data.items():
+    for key, value in top.items():
         if key == "store" and isinstance(value, str) and value.startswith("zk://"):
             try:
                 values[key] = parse_zk_url(value)
@@ -233,44 +249,28 @@ def parse_config(data: Mapping[str, object], source: str = "<config>",
         if key == "keys":
             values["keys"] = parse_keys(value, source, roles=("operator", "cn"))
             continue
-        fields = _SCHEMA.get(key)
-        if fields is None:
-            raise ConfigError(source, key, "unknown field (known: store, key, keys, "
-                              + ", ".join(_SCHEMA) + ")")
-        if not isinstance(value, dict):
-            raise ConfigError(source, key, "must be a table")
-        for name, v in value.items():
+        fields = _SCHEMA[key]
+        for name, v in f.table(key, value, fields).items():
             where = f"{key}.{name}"
-            if name not in fields:
-                raise ConfigError(source, where, f"unknown field (known: {', '.join(fields)})")
             attr, kind, lowest = fields[name]
-            if kind is bool:
-                if not isinstance(v, bool):
-                    raise ConfigError(source, where, "must be true or false")
-            elif kind is str:
-                if not isinstance(v, str) or not v:
-                    raise ConfigError(source, where, "must be a non-empty string")
-            elif isinstance(v, bool) or not isinstance(v, int | float) or (
-                    kind is int and not isinstance(v, int)):
-                what = "an integer" if kind is int else "a number"
-                raise ConfigError(source, where, f"must be {what}")
-            elif v < lowest:
-                raise ConfigError(source, where, f"must be >= {lowest:g}")
-            values[attr] = kind(v)
-    if not 0 <= values.get("port", 0) <= 65535:
-        raise ConfigError(source, "listen.port", "must be 0-65535 (0: any free port)")
+            if kind == "bool":
+                values[attr] = f.boolean(where, v)
+            elif kind == "str":
+                values[attr] = f.host(where, v)
+            elif kind == "port":
+                values[attr] = f.port(where, v, allow_zero=True)
+            elif kind == "int":
+                values[attr] = f.integer(where, v, int(lowest))
+            elif kind == "size":
+                values[attr] = float(f.size(where, v, int(lowest)))
+            else:
+                values[attr] = f.number(where, v, lowest)
     return CoordinatorConfig(**values)
 
 
 def load_config(path: str | Path) -> CoordinatorConfig:
     p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text())
-    except OSError as e:
-        raise ConfigError(str(p), "", f"cannot read: {e.strerror or e}") from e
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(str(p), "", f"invalid TOML: {e}") from e
-    return parse_config(data, str(p), p.parent)
+    return parse_config(read_document(p), str(p), p.parent)
 
 
 # -- the coordinator ------------------------------------------------------------------
