@@ -448,8 +448,8 @@ class FieldParser:
             except SizeError as e:
                 raise self.err(fld, str(e)) from None
         elif isinstance(value, bool) or not isinstance(value, int):
-            raise self.err(fld, f"must be a size (bytes, or a string such as \"50GiB\"), "
-                           f"not {_kind(value)}")
+            raise self.err(fld, f"must be a size: an integer of bytes or a string such as "
+                           f"\"50GiB\", not {_kind(value)}")
         if value < lo or value > hi:
             raise self.err(fld, f"{value} is out of range ({lo}..{hi} bytes)")
         return value
