@@ -14,6 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from rebalance.coordinator import CoordinatorConfig
+from rebalance.coordinator import load_config as load_coordinator
 from snapper_zone.common.config import (
     DEFAULT_METADATA_MAX_BYTES,
     ConfigError,
@@ -458,8 +460,7 @@ def test_parse_keys_limits_roles() -> None:
 # --- one loader for the three files: snapperd's, the coordinator's, the CN's
 
 
-def _coordinator(path: Path) -> object:
-    from rebalance.coordinator import load_config as load_coordinator
+def _coordinator(path: Path) -> CoordinatorConfig:
     return load_coordinator(path)
 
 
@@ -514,5 +515,4 @@ def test_sizes_in_config_files_take_the_one_grammar(tmp_path: Path) -> None:
     c = tmp_path / "c.toml"
     c.write_text('[moves]\nbandwidth = "50MiB"\nkeep_days = 7\nkeep_finished = 10\n')
     cc = _coordinator(c)
-    assert (cc.move_bandwidth, cc.keep_days, cc.keep_finished) == \
-        (50 << 20, 7.0, 10)  # type: ignore[attr-defined]
+    assert (cc.move_bandwidth, cc.keep_days, cc.keep_finished) == (50 << 20, 7.0, 10)
