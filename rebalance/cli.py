@@ -43,7 +43,7 @@ import aiohttp
 import asyncssh
 
 from snapper_zone.common.config import ConfigError
-from snapper_zone.common.httpsig import Signer, signing_session
+from snapper_zone.common.httpsig import NoAnswer, Signer, call_json, signing_session
 from snapper_zone.common.progress import (
     SizeError,
     format_bytes,
@@ -148,18 +148,15 @@ class Client:
 
     async def call(self, method: str, path: str, body: object = None) -> Any:
         try:
-            async with signing_session(self.signer, timeout=self.timeout) as http, \
-                    http.request(method, self.url + path, json=body) as r:
-                text = await r.text()
-                data = json.loads(text) if text else None
-        except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            raise CoordinatorError("CoordinatorUnreachable", f"{self.url}: {e}") from e
-        except ValueError as e:
-            raise CoordinatorError("BadResponse", f"{method} {path}: {e}") from e
-        if r.status >= 400:
-            err = data if isinstance(data, dict) else {}
-            raise CoordinatorError(str(err.get("code", r.status)), str(err.get("message", text)))
-        return data
+            async with signing_session(self.signer, timeout=self.timeout) as http:
+                got = await call_json(http, method, self.url + path, body=body)
+        except NoAnswer as e:
+            raise CoordinatorError("CoordinatorUnreachable", f"{self.url}: {e.message}") from e
+        if not got.ok:
+            raise CoordinatorError(*got.error())
+        if got.body is None and got.text.strip():
+            raise CoordinatorError("BadResponse", f"{method} {path}: not JSON")
+        return got.body
 
     async def pages(self, path: str, key: str, **query: str) -> list[Any]:
         """Every item of a paged list route, following ``next`` page by page."""

@@ -517,3 +517,28 @@ def test_pages_make_the_whole_list(kind: str, request: pytest.FixtureRequest, tm
         await s.close()
 
     asyncio.run(run())
+
+
+async def test_a_zookeeper_store_without_the_failed_index_gets_it_at_open(
+        zookeeper: LocalZooKeeper) -> None:
+    """A store laid out before ``failed/`` existed: the index is built once at open."""
+    where = parse_zk_url(f"zk://{zookeeper.hosts}/t-{uuid.uuid4().hex}")
+    s = await open_store(where)
+    ms = await s.add_moves([Move(VM, None, C, A, 1, "add-copy") for _ in range(3)], 1.0)
+    await s.update_move(ms[0].id, 2.0, state=MoveState.FAILED)
+    await s.update_move(ms[1].id, 2.0, state=MoveState.DONE)
+    await s.close()
+    old = KazooClient(hosts=zookeeper.hosts)
+    await asyncio.to_thread(old.start, 10)
+    try:
+        await asyncio.to_thread(old.delete, f"{where.chroot}/failed", recursive=True)
+    finally:
+        await asyncio.to_thread(old.stop)
+        await asyncio.to_thread(old.close)
+    s = await open_store(where)
+    try:
+        assert await s.move_counts() == {MoveState.PLANNED: 1, MoveState.RUNNING: 0,
+                                         MoveState.DONE: 1, MoveState.FAILED: 1}
+        assert [m.id for m in await s.moves([MoveState.FAILED])] == [ms[0].id]
+    finally:
+        await s.close()

@@ -24,7 +24,13 @@ from typing import Any
 import aiohttp
 import asyncssh
 
-from snapper_zone.common.httpsig import Signer, UntrustedResponse, signing_session
+from snapper_zone.common.httpsig import (
+    NoAnswer,
+    Signer,
+    UntrustedResponse,
+    call_json,
+    signing_session,
+)
 from snapper_zone.common.progress import NoProgress, Reporter
 from snapper_zone.errors import (
     ResumeTokenInvalid,
@@ -95,17 +101,16 @@ async def placement(coordinator_url: str, vm: str, key: Path,
     trusted = None if coordinator_key is None else asyncssh.import_public_key(coordinator_key)
     try:
         async with signing_session(Signer.load(key), response_key=trusted,
-                                   timeout=aiohttp.ClientTimeout(total=30)) as http, \
-                http.get(url) as r:
-            body = await r.json(content_type=None)
-            if r.status != 200:
-                raise ZoneError(str(body.get("code", r.status)), str(body.get("message", "")),
-                                "placement")
+                                   timeout=aiohttp.ClientTimeout(total=30)) as http:
+            got = await call_json(http, "GET", url)
     except UntrustedResponse as exc:
         raise ZoneError(exc.code, f"coordinator {coordinator_url}: {exc.message}",
                         "placement") from exc
-    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        raise ZoneUnreachable(f"coordinator {coordinator_url}: {exc}") from exc
+    except NoAnswer as exc:
+        raise ZoneUnreachable(f"coordinator {coordinator_url}: {exc.message}") from exc
+    if got.status != 200:
+        raise ZoneError(*got.error(), "placement")
+    body = got.body
     endpoints = body.get("endpoints") if isinstance(body, dict) else None
     if not isinstance(endpoints, list) or not endpoints:
         raise ZoneError("BadAnswer", f"coordinator gave no endpoints for VM {vm}", "placement")
