@@ -141,17 +141,19 @@ def operator_key(given: str | None) -> Path:
 
 
 class Client:
-    def __init__(self, url: str, signer: Signer, timeout: float = 60.0) -> None:
+    def __init__(self, url: str, signer: Signer, timeout: float = 60.0,
+                 unreachable: str = "CoordinatorUnreachable") -> None:
         self.url = url.rstrip("/")
         self.signer = signer
         self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self.unreachable = unreachable  # the code when no answer comes
 
     async def call(self, method: str, path: str, body: object = None) -> Any:
         try:
             async with signing_session(self.signer, timeout=self.timeout) as http:
                 got = await call_json(http, method, self.url + path, body=body)
         except NoAnswer as e:
-            raise CoordinatorError("CoordinatorUnreachable", f"{self.url}: {e.message}") from e
+            raise CoordinatorError(self.unreachable, f"{self.url}: {e.message}") from e
         if not got.ok:
             raise CoordinatorError(*got.error())
         if got.body is None and got.text.strip():
@@ -171,7 +173,7 @@ class Client:
 
     def at(self, url: str, timeout: float) -> Client:
         """The same signer towards another server (a zone's HTTP API)."""
-        return Client(url, self.signer, timeout)
+        return Client(url, self.signer, timeout, "ZoneUnreachable")
 
 
 def _table(rows: Sequence[Sequence[str]]) -> str:
@@ -427,14 +429,14 @@ def render_view(view: dict[str, Any], width: int = 100, interval: float | None =
         lines.append("  " + render_bar(label, t["bytes"], t.get("expected"),
                                        float(t.get("rate") or 0), width - 2))
     lines += ["", "stalest VMs (newest complete copy):"]
-    rows = [["VM", "NEWEST", "AGE", "ON"]]
+    rows = [["AGE", "VM", "ON", "NEWEST"]]  # what matters first: a narrow terminal cuts the end
     for v in view["stalest"]:
-        rows.append([v["vm"], _when(v["newest"]), format_age(v["age"]), ",".join(v["zones"])])
+        rows.append([format_age(v["age"]), v["vm"], ",".join(v["zones"]), _when(v["newest"])])
     lines.append(_table(rows) if view["stalest"] else "  no VMs on any zone")
     for z in view["unreachable"]:
         lines.append(f"zone {z['name']} ({_short(z['zone'])}) unreachable: "
                      f"{_one_line(z['error'], width - 40)}")
-    return "\n".join(line[:width] for line in lines)
+    return "\n".join(line[:width] for line in "\n".join(lines).split("\n"))
 
 
 async def watch(args: argparse.Namespace, c: Client) -> int:

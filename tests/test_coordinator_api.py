@@ -29,7 +29,7 @@ from aiohttp.test_utils import TestServer
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rebalance.cli import COORDINATOR_ENV, parse_size, status_text
+from rebalance.cli import COORDINATOR_ENV, parse_size, render_view, status_text
 from rebalance.coordinator import (
     Coordinator,
     CoordinatorConfig,
@@ -1154,3 +1154,28 @@ async def test_status_watch_redraws_in_place_and_quits_on_ctrl_c(env: Env,
     assert rc == 0, err.decode()
     assert seen.startswith(b"\x1b[?25l") and seen.rstrip().endswith(b"\x1b[?25h")
     assert b"snapper status  " in seen and b"z1" in seen and b"\x1b[J" in seen
+
+
+@given(st.integers(40, 200))
+def test_render_view_draws_every_part_within_the_width(width: int) -> None:
+    view = {"time": 1e9, "zones": [{"name": "z1", "state": "active", "health": "healthy",
+                                    "used": GIB, "free": 5 * GIB, "vms": 2}],
+            "status": {"zones": {"active": 1}, "vms": 2, "copies": 2, "under_replicated": 2,
+                       "moves": {"planned": 0, "running": 1, "done": 0, "failed": 0},
+                       "in_flight": [{"vm": VMS[0], "reason": "lost", "to_zone": ZONES[0],
+                                      "state": "running", "bytes": 100, "progress": 50,
+                                      "started": 1.0, "step": "copy"}]},
+            "transfers": [{"zone_name": "z1", "kind": "receive", "vm": VMS[0],
+                           "dataset": "root", "snapshot": "s9", "bytes": 3 << 20,
+                           "expected": 6 << 20, "rate": 1 << 20}],
+            "stalest": [{"vm": VMS[1], "newest": None, "age": None, "zones": ["z1"]},
+                        {"vm": VMS[0], "newest": 1e9 - 90000, "age": 90000.0,
+                         "zones": ["z1", "z2"]}],
+            "unreachable": [{"zone": ZONES[1], "name": "z2", "error": "ZoneUnreachable: x"}]}
+    lines = render_view(view, width, 2.0).split("\n")
+    assert all(len(line) <= width for line in lines)
+    text = "\n".join(lines)
+    for part in ("under-replicated: 2", "moves:            1 running", "transfers in flight: 1",
+                 "z2", "never"):
+        assert part in text, text
+    assert sum(VMS[0][:8] in line for line in lines) >= 2  # its move, its transfer, its row
