@@ -36,8 +36,9 @@ from snapper_zone.common import progress
 from snapper_zone.common.config import ConfigError, FieldParser, read_document
 from snapper_zone.common.progress import SizeError, format_bytes, parse_size
 from snapper_zone.common.version import add_version_argument
-from snapper_zone.errors import SnapperError
+from snapper_zone.errors import InvalidName, SnapperError
 from snapper_zone.transfer.remote import ZoneClient, ZoneError, ZoneUnreachable
+from snapper_zone.zfs.names import check_uuid
 
 DEFAULT_CONFIG = "/opt/smartdc/snapper/etc/snapper-cn.toml"
 CONFIG_ENV = "SNAPPER_CN_CONFIG"
@@ -70,6 +71,14 @@ def parse_endpoint(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise UsageError(f"zone endpoint {text!r}: expected HOST:PORT")
     return host.strip("[]"), int(port)
+
+
+def parse_vm(text: str) -> str:
+    """A VM uuid argument, checked before anything runs (argparse: exit 2)."""
+    try:
+        return check_uuid(text.lower(), "VM uuid")
+    except InvalidName as e:
+        raise argparse.ArgumentTypeError(e.message) from None
 
 
 def parse_rate(text: str) -> float:
@@ -299,7 +308,7 @@ def build_parser(more: Callable[[Any], None] | None = None) -> argparse.Argument
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     push = sub.add_parser("push", help="snapshot a VM and store it on the zone")
-    push.add_argument("vm", metavar="VM_UUID")
+    push.add_argument("vm", metavar="VM_UUID", type=parse_vm)
     push.add_argument("--name", help="snapshot name (default: UTC time, e.g. 20260101T120000Z); "
                       "an existing local snapshot of that name is pushed as is")
     push.add_argument("--from", dest="base", metavar="BASE",
@@ -316,7 +325,7 @@ def build_parser(more: Callable[[Any], None] | None = None) -> argparse.Argument
     push.set_defaults(handler=cmd_push)
 
     restore = sub.add_parser("restore", help="bring a VM snapshot back from the zone")
-    restore.add_argument("vm", metavar="VM_UUID")
+    restore.add_argument("vm", metavar="VM_UUID", type=parse_vm)
     restore.add_argument("snapshot", metavar="SNAP")
     restore.add_argument("--target", metavar="DATASET",
                          help="restore into this new dataset instead of the VM's own")
@@ -328,7 +337,7 @@ def build_parser(more: Callable[[Any], None] | None = None) -> argparse.Argument
     restore.set_defaults(handler=cmd_restore)
 
     lst = sub.add_parser("list", help="what the zone holds (default: this CN's VMs)")
-    lst.add_argument("vm", metavar="VM_UUID", nargs="?")
+    lst.add_argument("vm", metavar="VM_UUID", nargs="?", type=parse_vm)
     lst.add_argument("--json", action="store_true", help="print JSON instead of a table")
     lst.set_defaults(handler=cmd_list)
 
