@@ -383,7 +383,8 @@ def build_parser(more: Callable[[Any], None] | None = None) -> argparse.Argument
                                 "zones and restore them (run on a compute node).")
     add_version_argument(p)
     p.add_argument("--config", help=f"CN config file (TOML); default ${CONFIG_ENV} or "
-                   f"{DEFAULT_CONFIG} if it exists")
+                   f"{DEFAULT_CONFIG} if it exists. Its coordinator_url is also where the "
+                   "operator commands go without --coordinator or $SNAPPER_COORDINATOR")
     p.add_argument("--zone", metavar="HOST:PORT", help="the snapper zone's SSH endpoint")
     p.add_argument("--key", metavar="PATH", help="this CN's SSH private key")
     trust = p.add_mutually_exclusive_group()
