@@ -438,7 +438,7 @@ class FieldParser:
         if not isinstance(value, str):
             raise self.err(fld, f"must be a string, not {_kind(value)}")
         if not value.strip():
-            raise self.err(fld, "must not be empty")
+            raise self.err(fld, "must be a non-empty string")
         return value
 
     def integer(self, fld: str, value: object, lo: int, hi: int | None = None) -> int:
