@@ -11,8 +11,8 @@ snapperd's), with the roles that may call each (``ROUTES``, the one table)::
                                       capacity} -> 201 (new: state "pending") or 200, the
                                       zone; 409 HostKeyMismatch: another key than the
                                       pinned one
-    GET    /v1/zones[?admitted=true]  zone, operator: {"zones": [zone]} (admitted=true:
-                                      the trust list)
+    GET    /v1/zones[?admitted=true]  zone, operator: {"zones": [zone], "next"} (admitted=true:
+                                      the trust list; by uuid, paged: see below)
     GET    /v1/zones/{uuid}           zone, operator: zone (a pending zone: its own only)
     PUT    /v1/zones/{uuid}/state     operator: {"state": "active"|"draining"|"lost"} -> zone
                                       ("active" on a pending zone admits it)
@@ -25,11 +25,18 @@ snapperd's), with the roles that may call each (``ROUTES``, the one table)::
                                                       host_key}, ...],
                                        "scope": [zone uuids whose peers may act on it]};
                                        create=false: 404 for a VM not placed (else it is)
-    GET    /v1/moves[?state=S]        operator: {"moves": [move]}
+    GET    /v1/moves[?state=S]        operator: {"moves": [move], "next"} by id, oldest
+                                      first, paged; finished moves are pruned after
+                                      [moves] keep_days, beyond the newest keep_finished
     POST   /v1/rebalance?dry_run=B    operator: {"dry_run", "moves", "moved_bytes",
                                        "projected", "warnings", "degraded", "stale_copies"}
     GET    /v1/status                 operator: fleet summary (``snapper status``)
     GET    /metrics                   open: Prometheus text
+
+List routes are paged: ``?limit=N`` (1..1000, default 1000) and ``?marker=M``
+(the ``next`` of the previous page: the last uuid or move id it held; the page
+starts after it). ``next`` is null on the last page. A bad limit or marker is
+422 ``InvalidArgument``.
 
 Requests are HTTP Signatures (``common/httpsig``) by a key the coordinator
 knows: its config's ``[[keys]]`` (operator and cn keys, snapperd's shape) or a
@@ -67,7 +74,6 @@ import os
 import signal
 import sys
 import time
-import tomllib
 import uuid as _uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -106,7 +112,13 @@ from snapper_zone.common.bootstrap import (
     run_daemon,
     write_atomically,
 )
-from snapper_zone.common.config import ConfigError, TrustedKey, parse_keys
+from snapper_zone.common.config import (
+    ConfigError,
+    FieldParser,
+    TrustedKey,
+    parse_keys,
+    read_document,
+)
 from snapper_zone.common.httpsig import (
     NONCE_HEADER,
     OPEN,
@@ -136,6 +148,8 @@ HTTP_DRAIN = 5.0
 # The HTTP role of a registered zone no operator has admitted yet.
 PENDING_ZONE = "pending-zone"
 GRACE_MARGIN = 0.05  # s past the end of rebuild_grace that the deferred pass wakes
+PAGE_LIMIT = 1000  # the most (and default) items of a list route's page
+PRUNE_INTERVAL = 600.0  # s between prunings of finished moves
 
 
 class InvalidArgument(SnapperError):
@@ -195,28 +209,39 @@ class CoordinatorConfig:
     # Operator and CN public keys (snapperd's [[keys]] shape); zones are known
     # by the host keys they registered with.
     keys: tuple[TrustedKey, ...] = ()
+    # Finished moves (done, failed) kept for GET /v1/moves: those newer than
+    # keep_days, and at least the newest keep_finished of them; older ones pruned.
+    keep_days: float = 30.0
+    keep_finished: int = 1000
 
 
-_SCHEMA: dict[str, dict[str, tuple[str, type, float]]] = {
-    # table -> field -> (attribute, type, lowest value)
-    "listen": {"host": ("host", str, 0), "port": ("port", int, 0)},
-    "health": {"interval": ("health_interval", float, 0.01),
-               "timeout": ("health_timeout", float, 0.01),
-               "lost_after": ("lost_after", float, 0)},
-    "moves": {"per_zone": ("per_zone", int, 1), "max_attempts": ("max_attempts", int, 1),
-              "bandwidth": ("move_bandwidth", float, 0),
-              "retry_delay": ("retry_delay", float, 0), "sync_timeout": ("sync_timeout", float, 1)},
-    "rebalance": {"auto": ("auto_rebalance", bool, 0), "settle": ("settle", float, 0),
-                  "interval": ("rebalance_interval", float, 1),
-                  "rebuild_grace": ("rebuild_grace", float, 0)},
+# table -> field -> (attribute, kind, lowest value); kind "size": bytes or "50MiB".
+_SCHEMA: dict[str, dict[str, tuple[str, str, float]]] = {
+    "listen": {"host": ("host", "str", 0), "port": ("port", "port", 0)},
+    "health": {"interval": ("health_interval", "float", 0.01),
+               "timeout": ("health_timeout", "float", 0.01),
+               "lost_after": ("lost_after", "float", 0)},
+    "moves": {"per_zone": ("per_zone", "int", 1), "max_attempts": ("max_attempts", "int", 1),
+              "bandwidth": ("move_bandwidth", "size", 0),
+              "retry_delay": ("retry_delay", "float", 0),
+              "sync_timeout": ("sync_timeout", "float", 1),
+              "keep_days": ("keep_days", "float", 0),
+              "keep_finished": ("keep_finished", "int", 0)},
+    "rebalance": {"auto": ("auto_rebalance", "bool", 0), "settle": ("settle", "float", 0),
+                  "interval": ("rebalance_interval", "float", 1),
+                  "rebuild_grace": ("rebuild_grace", "float", 0)},
 }
+_TOP = ("store", "key", "keys", *_SCHEMA)
 
 
-def parse_config(data: Mapping[str, object], source: str = "<config>",
+def parse_config(data: object, source: str = "<config>",
                  base: Path | None = None) -> CoordinatorConfig:
-    """Every problem is a ConfigError naming the file and the dotted field."""
+    """Every problem is a ConfigError naming the file and the dotted field; an
+    unknown field suggests the one meant (snapperd's ``FieldParser``)."""
+    f = FieldParser(source)
+    top = f.table("", data, _TOP)
     values: dict[str, Any] = {}
-    for key, value in data.items():
+    for key, value in top.items():
         if key == "store" and isinstance(value, str) and value.startswith("zk://"):
             try:
                 values[key] = parse_zk_url(value)
@@ -233,44 +258,28 @@ def parse_config(data: Mapping[str, object], source: str = "<config>",
         if key == "keys":
             values["keys"] = parse_keys(value, source, roles=("operator", "cn"))
             continue
-        fields = _SCHEMA.get(key)
-        if fields is None:
-            raise ConfigError(source, key, "unknown field (known: store, key, keys, "
-                              + ", ".join(_SCHEMA) + ")")
-        if not isinstance(value, dict):
-            raise ConfigError(source, key, "must be a table")
-        for name, v in value.items():
+        fields = _SCHEMA[key]
+        for name, v in f.table(key, value, fields).items():
             where = f"{key}.{name}"
-            if name not in fields:
-                raise ConfigError(source, where, f"unknown field (known: {', '.join(fields)})")
             attr, kind, lowest = fields[name]
-            if kind is bool:
-                if not isinstance(v, bool):
-                    raise ConfigError(source, where, "must be true or false")
-            elif kind is str:
-                if not isinstance(v, str) or not v:
-                    raise ConfigError(source, where, "must be a non-empty string")
-            elif isinstance(v, bool) or not isinstance(v, int | float) or (
-                    kind is int and not isinstance(v, int)):
-                what = "an integer" if kind is int else "a number"
-                raise ConfigError(source, where, f"must be {what}")
-            elif v < lowest:
-                raise ConfigError(source, where, f"must be >= {lowest:g}")
-            values[attr] = kind(v)
-    if not 0 <= values.get("port", 0) <= 65535:
-        raise ConfigError(source, "listen.port", "must be 0-65535 (0: any free port)")
+            if kind == "bool":
+                values[attr] = f.boolean(where, v)
+            elif kind == "str":
+                values[attr] = f.host(where, v)
+            elif kind == "port":
+                values[attr] = f.port(where, v, allow_zero=True)
+            elif kind == "int":
+                values[attr] = f.integer(where, v, int(lowest))
+            elif kind == "size":
+                values[attr] = float(f.size(where, v, int(lowest)))
+            else:
+                values[attr] = f.number(where, v, lowest)
     return CoordinatorConfig(**values)
 
 
 def load_config(path: str | Path) -> CoordinatorConfig:
     p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text())
-    except OSError as e:
-        raise ConfigError(str(p), "", f"cannot read: {e.strerror or e}") from e
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(str(p), "", f"invalid TOML: {e}") from e
-    return parse_config(data, str(p), p.parent)
+    return parse_config(read_document(p), str(p), p.parent)
 
 
 # -- the coordinator ------------------------------------------------------------------
@@ -387,7 +396,8 @@ class Coordinator:
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self.mover.run(), name="mover"),
-                       asyncio.create_task(self.health.run(), name="health")]
+                       asyncio.create_task(self.health.run(), name="health"),
+                       asyncio.create_task(self._pruning(), name="prune-moves")]
         if self.config.auto_rebalance:
             self._tasks.append(asyncio.create_task(self._auto(), name="auto-rebalance"))
             self.trigger()
@@ -451,6 +461,23 @@ class Coordinator:
             if after_grace:
                 self.deferred = False
             self.auto_passes += 1
+
+    async def prune(self, now: float | None = None) -> int:
+        """Forget finished moves older than ``keep_days`` beyond the newest ``keep_finished``."""
+        now = time.time() if now is None else now
+        n = await self.store.prune_moves(now - self.config.keep_days * 86400.0,
+                                         self.config.keep_finished)
+        if n:
+            log.info("finished moves pruned", extra={"moves": n})
+        return n
+
+    async def _pruning(self) -> None:
+        while True:
+            try:
+                await self.prune()
+            except Exception:
+                log.exception("pruning finished moves failed")
+            await asyncio.sleep(PRUNE_INTERVAL)
 
     async def _zone_lost(self, z: ZoneRecord) -> None:
         self.trigger()
@@ -859,19 +886,20 @@ class Coordinator:
     async def status(self) -> dict[str, Any]:
         zones = {z.uuid: z for z in await self.store.zones()}
         placements = await self.store.placements()
-        moves = await self.store.moves()
+        # Counts and the active moves: a status (a scrape) reads no finished history.
+        active = await self.store.moves([MoveState.PLANNED, MoveState.RUNNING])
+        counts = await self.store.move_counts()
         live = {u for u, z in zones.items() if z.readable}
         by_copies = Counter(sum(1 for z in set(pair) if z in live)
                             for pair in placements.values())
         under = sum(n for k, n in by_copies.items() if k < 2)
         copies = sum(k * n for k, n in by_copies.items())
-        states = Counter(str(m.state) for m in moves)
         now = time.time()
         return {"zones": dict(Counter(str(z.state) for z in zones.values())),
                 "vms": len(placements), "copies": copies, "under_replicated": under,
                 "vms_by_copies": {str(k): by_copies.get(k, 0) for k in (0, 1, 2)},
-                "moves": {s.value: states.get(s.value, 0) for s in MoveState},
-                "in_flight": [m.to_json(now) for m in moves if m.active]}
+                "moves": {s.value: counts.get(s, 0) for s in MoveState},
+                "in_flight": [m.to_json(now) for m in active]}
 
     async def update_gauges(self) -> None:
         zones = await self.store.zones()
@@ -1000,9 +1028,25 @@ async def post_zone(request: web.Request) -> web.Response:
     return web.json_response(await c.zone_json(z), status=201 if created else 200)
 
 
+def _limit(request: web.Request) -> int:
+    text = request.query.get("limit", str(PAGE_LIMIT))
+    if not text.isdigit() or not 1 <= int(text) <= PAGE_LIMIT:
+        raise InvalidArgument(f"invalid limit {text!r}: expected 1..{PAGE_LIMIT}")
+    return int(text)
+
+
 async def list_zones(request: web.Request) -> web.Response:
     admitted = _flag(request, "admitted", "false")
-    return web.json_response({"zones": await request.app[COORDINATOR].zones_json(admitted)})
+    limit = _limit(request)
+    marker = request.query.get("marker")
+    if marker is not None:
+        check_uuid(marker, "marker (a zone uuid)")
+    # A fleet has tens of zones: paged after reading them all, by uuid.
+    zones = [z for z in await request.app[COORDINATOR].zones_json(admitted)
+             if marker is None or z["uuid"] > marker]
+    page = zones[:limit]
+    more = len(zones) > limit
+    return web.json_response({"zones": page, "next": page[-1]["uuid"] if more else None})
 
 
 async def get_zone(request: web.Request) -> web.Response:
@@ -1045,8 +1089,17 @@ async def list_moves(request: web.Request) -> web.Response:
         states = [MoveState(s) for s in wanted] or None
     except ValueError as e:
         raise InvalidArgument(f"state: {e}") from e
+    limit = _limit(request)
+    marker = request.query.get("marker")
+    if marker is not None and not marker.isdigit():
+        raise InvalidArgument(f"invalid marker {marker!r}: expected a move id")
+    # One more than the page: whether there is a next page, without counting.
+    got = await c.store.moves(states, after=None if marker is None else int(marker),
+                              limit=limit + 1)
+    page = got[:limit]
     now = time.time()
-    return web.json_response({"moves": [m.to_json(now) for m in await c.store.moves(states)]})
+    return web.json_response({"moves": [m.to_json(now) for m in page],
+                              "next": str(page[-1].id) if len(got) > limit else None})
 
 
 async def post_rebalance(request: web.Request) -> web.Response:

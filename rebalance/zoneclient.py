@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from snapper_zone.common.httpsig import Signer, signing_session
+from snapper_zone.common.httpsig import NoAnswer, Signer, call_json, signing_session
 from snapper_zone.errors import SnapperError
 from snapper_zone.wire import (
     InvalidDocument,
@@ -153,23 +153,21 @@ class HttpZoneApi:
     async def _call(self, method: str, url: str, path: str, *, json: Any = None,
                     timeout: float | None = None, allow_404: bool = False) -> Any:
         full = url.rstrip("/") + path
-        t = aiohttp.ClientTimeout(total=timeout or self.request_timeout)
         try:
-            async with self._http().request(method, full, json=json, timeout=t) as r:
-                if r.status == 404 and allow_404:
-                    return None
-                if r.status >= 400:
-                    try:
-                        err = await r.json(content_type=None)
-                        code, msg = str(err["code"]), str(err["message"])
-                    except (ValueError, KeyError, TypeError, aiohttp.ClientError):
-                        code, msg = "HttpError", r.reason or ""
-                    raise ZoneRequestFailed(url, r.status, code, msg)
-                if r.status == 204:
-                    return {}
-                return await r.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            raise ZoneUnreachable(f"{method} {full}: {type(e).__name__}: {e}") from e
+            got = await call_json(self._http(), method, full, body=json,
+                                  timeout=timeout or self.request_timeout)
+        except NoAnswer as e:
+            raise ZoneUnreachable(e.message) from e
+        if got.status == 404 and allow_404:
+            return None
+        if not got.ok:
+            code, msg = got.error() if isinstance(got.body, dict) else ("HttpError", got.reason)
+            raise ZoneRequestFailed(url, got.status, code, msg)
+        if got.status == 204:
+            return {}
+        if got.body is None:
+            raise ZoneRequestFailed(url, got.status, "BadResponse", f"{method} {path}: not JSON")
+        return got.body
 
     async def ping(self, url: str, timeout: float) -> None:
         await self._call("GET", url, "/ping", timeout=timeout)

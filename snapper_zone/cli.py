@@ -8,6 +8,7 @@ that imports all three.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -24,7 +25,15 @@ def _more(sub: Any) -> None:
                             "and show the whole mission, narrated (no CN settings needed)")
     demo.add_arguments(demo_p)
     demo_p.set_defaults(standalone=demo.run)
-    coordinator_cli.register(sub)
+    coordinator_cli.register(sub, _config_coordinator_url)
+
+
+def _config_coordinator_url(args: argparse.Namespace) -> str | None:
+    """The operator commands' last resort: ``coordinator_url`` of snapper's config
+    file (the CN's: ``--config``, ``$SNAPPER_CN_CONFIG``, or the default path)."""
+    path = cn_cli.config_path(args)
+    url = None if path is None else cn_cli.load_cn_config(path).get("coordinator_url")
+    return None if url is None else str(url)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -369,8 +369,8 @@ async def test_cli_push_list_restore(env: Env) -> None:
     ours = [ln for ln in done.stderr.splitlines() if ln.startswith("snapper:")]
     assert done.returncode == 1 and len(ours) == 1, done.stderr
     assert "no snapshot 'nope'" in ours[0]
-    done = await _cli(env, "push", "not-a-uuid")
-    assert done.returncode == 1 and "InvalidArgument" in done.stderr
+    done = await _cli(env, "push", "not-a-uuid")  # refused before any zfs or SSH
+    assert done.returncode == 2 and "invalid VM uuid" in done.stderr, done.stderr
     done = await _cli(env, "push")
     assert done.returncode == 2
 

@@ -14,6 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from rebalance.coordinator import CoordinatorConfig
+from rebalance.coordinator import load_config as load_coordinator
 from snapper_zone.common.config import (
     DEFAULT_METADATA_MAX_BYTES,
     ConfigError,
@@ -453,3 +455,64 @@ def test_parse_keys_limits_roles() -> None:
         parse_keys([{"role": "peer", "zone": PEER, "public_key": pubkey(1)}], "c.toml",
                    roles=("operator", "cn"))
     assert info.value.field == "keys[0].role"
+
+
+# --- one loader for the three files: snapperd's, the coordinator's, the CN's
+
+
+def _coordinator(path: Path) -> CoordinatorConfig:
+    return load_coordinator(path)
+
+
+def _cn(path: Path) -> object:
+    from snapper_zone.cn.cli import load_cn_config
+    return load_cn_config(path)
+
+
+def _zone_toml(extra: str) -> str:
+    return (f'uuid = "{ZONE}"\nname = "z"\nroot = "zones/z"\n{extra}\n'
+            f'[ssh]\nport = 2222\nhost_key = "k"\n[http]\nport = 8080\n'
+            f'[[keys]]\nrole = "operator"\npublic_key = "{pubkey(2)}"\n')
+
+
+@pytest.mark.parametrize("load, text, field, says", [
+    (load_config, _zone_toml("durabilty = 'local'"), "durabilty", "did you mean 'durability'"),
+    (load_config, _zone_toml("[limits]\nvm_quota_bytes = '5X'"), "limits.vm_quota_bytes",
+     "not a size"),
+    (load_config, _zone_toml("metadata_max_bytes = true"), "metadata_max_bytes",
+     "must be a size: an integer"),
+    (_coordinator, "[moves]\nper_zon = 3\n", "moves.per_zon", "did you mean 'per_zone'"),
+    (_coordinator, "[helth]\ninterval = 3\n", "helth", "did you mean 'health'"),
+    (_coordinator, "[health]\ninterval = 'often'\n", "health.interval",
+     "must be a number, not a string"),
+    (_coordinator, "[moves]\nbandwidth = '50 furlongs'\n", "moves.bandwidth", "not a size"),
+    (_coordinator, "[rebalance]\nauto = 1\n", "rebalance.auto", "must be true or false"),
+    (_coordinator, "[listen]\nport = 70000\n", "listen.port", "out of range"),
+    (_cn, 'zone = ["h:1"]\n', "zone", "did you mean 'zones'"),
+    (_cn, 'zones = ["h"]\n', "zones[0]", "HOST:PORT"),
+    (_cn, 'zones = "h:1"\n', "zones", "must be a list"),
+    (_cn, 'key = 3\n', "key", "must be a string, not an integer"),
+    (_cn, 'coordinator_url = "ftp://c"\n', "coordinator_url", "http(s) URL"),
+])
+def test_the_three_config_files_name_file_and_field(
+        tmp_path: Path, load: Callable[[Path], object], text: str, field: str,
+        says: str) -> None:
+    path = tmp_path / "some.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load(path)
+    assert (e.value.path, e.value.field) == (str(path), field)
+    assert says in e.value.message and str(e.value).startswith(f"{path}: {field}: ")
+
+
+def test_sizes_in_config_files_take_the_one_grammar(tmp_path: Path) -> None:
+    z = tmp_path / "z.toml"
+    z.write_text(_zone_toml('metadata_max_bytes = "64KiB"\n[limits]\nvm_quota_bytes = "1.5T"\n'
+                            'cn_quota_bytes = 1048576'))
+    zc = load_config(z)
+    assert (zc.metadata_max_bytes, zc.limits.vm_quota_bytes, zc.limits.cn_quota_bytes) == \
+        (64 << 10, 3 << 39, 1 << 20)
+    c = tmp_path / "c.toml"
+    c.write_text('[moves]\nbandwidth = "50MiB"\nkeep_days = 7\nkeep_finished = 10\n')
+    cc = _coordinator(c)
+    assert (cc.move_bandwidth, cc.keep_days, cc.keep_finished) == (50 << 20, 7.0, 10)

@@ -8,7 +8,13 @@ HTTP zone client, planner and mover run end to end without ZFS.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
+import os
+import pty
+import signal
+import subprocess
 import sys
 import uuid as uuidlib
 from collections.abc import AsyncIterator
@@ -23,7 +29,7 @@ from aiohttp.test_utils import TestServer
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rebalance.cli import COORDINATOR_ENV, parse_size, status_text
+from rebalance.cli import COORDINATOR_ENV, parse_size, render_view, status_text
 from rebalance.coordinator import (
     Coordinator,
     CoordinatorConfig,
@@ -89,6 +95,7 @@ class StandIn:
         self.ssh_port = 0
         self.requests: list[str] = []  # "GET /path" of every request it was sent
         self.ssh_connects = 0
+        self.inflight: list[dict[str, Any]] = []  # what GET /v1/transfers answers
 
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
@@ -137,14 +144,16 @@ class StandIn:
         return web.json_response({"used": 0, "available": 1 << 50})
 
     async def transfers(self, _: web.Request) -> web.Response:
-        return web.json_response([])
+        return web.json_response(self.inflight)
 
     def _missing(self, vm: str) -> web.Response:
         return web.json_response({"code": "ResourceNotFound", "message": f"no {vm}"}, status=404)
 
     async def list_vms(self, _: web.Request) -> web.Response:
         return web.json_response([{"uuid": vm, "cn": None, "snapshots": len(s), "complete": len(s),
-                                   "bytes": GIB} for vm, s in sorted(self.vms.items())])
+                                   "bytes": GIB,
+                                   "newest": max((x["created"] for x in s), default=None)}
+                                  for vm, s in sorted(self.vms.items())])
 
     async def snapshots(self, request: web.Request) -> web.Response:
         vm = request.match_info["vm"]
@@ -927,3 +936,246 @@ async def test_a_store_out_of_reach_is_503_not_a_hang(tmp_path: Path, fleet: Fle
 async def _answers(env: Env, vm: str) -> bool:
     async with env.http.get(str(env.server.make_url(f"/v1/placement/{vm}"))) as r:
         return r.status == 200
+
+
+# -- operator commands: arguments, coordinator_url, pages, the live view ----------------
+
+
+class Listener:
+    """A TCP port that counts who connects: proof that nothing reached the network."""
+
+    def __init__(self) -> None:
+        self.connects = 0
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        async def accept(_: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            self.connects += 1
+            w.close()
+
+        self.server = await asyncio.start_server(accept, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+_ADD = ["zone", "add", ZONES[0], "--name", "z1", "--ssh-host", "127.0.0.1", "--http-url",
+        "http://127.0.0.1:1", "--host-key", HOST_KEY, "--capacity", "1T"]
+
+
+def _with(argv: list[str], flag: str, value: str) -> list[str]:
+    return [*argv[:argv.index(flag) + 1], value, *argv[argv.index(flag) + 2:]]
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["zone", "drain", "not-a-uuid"], "uuid"),
+    (["zone", "remove", "00000000-0000-4000-8000"], "uuid"),
+    (_with(_ADD, "--capacity", "5X"), "not a size"),
+    (_with(_ADD, "--capacity", "1G5"), "not a size"),
+    ([*_ADD, "--ssh-port", "0"], "not a port"),
+    (_with(_ADD, "--http-url", "ftp://x"), "http(s) URL"),
+    (["moves", "--limit", "0"], "count"),
+    (["moves", "--marker", "5"], "--marker needs --limit"),
+    (["moves", "--state", "gone"], "invalid choice"),
+    (["status", "--watch", "--interval", "0"], "seconds"),
+    (["status", "--count", "2"], "--count needs --watch"),
+    (["zones", "--bogus"], "unrecognized"),
+])
+async def test_cli_bad_arguments_exit_2_before_any_request(
+        argv: list[str], says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    key = tmp_path / "operator_key"
+    OPERATOR.write_private_key(str(key))
+    monkeypatch.delenv(COORDINATOR_ENV, raising=False)
+    listener = Listener()
+    async with listener as url:
+        rc = await asyncio.to_thread(cli_main, [*argv, "--coordinator", url, "--key", str(key)])
+    err = capsys.readouterr().err
+    assert rc == 2 and says in err, err
+    assert "usage:" in err or err.startswith("snapper: ")
+    assert listener.connects == 0
+
+
+async def test_cli_coordinator_url_flag_env_then_config(
+        env: Env, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """--coordinator > $SNAPPER_COORDINATOR > coordinator_url of snapper's config file."""
+    await fleet_of(env, 1)
+    live = str(env.server.make_url("/"))
+    key = tmp_path / "operator_key"
+    OPERATOR.write_private_key(str(key))
+    conf = tmp_path / "snapper.toml"
+    monkeypatch.delenv(COORDINATOR_ENV, raising=False)
+    monkeypatch.delenv("SNAPPER_CN_CONFIG", raising=False)
+
+    def run(*argv: str) -> tuple[int, str]:
+        rc = cli_main(["--config", str(conf), *argv, "--key", str(key)])
+        out = capsys.readouterr()
+        return rc, out.out + out.err
+
+    async with Listener() as dead:  # answers nothing useful: closes every connection
+        conf.write_text(f'coordinator_url = "{live}"\n')
+        rc, out = await asyncio.to_thread(run, "zones")
+        assert rc == 0 and "z1" in out, out
+        monkeypatch.setenv(COORDINATOR_ENV, dead)  # env beats the config
+        rc, out = await asyncio.to_thread(run, "zones")
+        assert rc == 1 and "CoordinatorUnreachable" in out, out
+        rc, out = await asyncio.to_thread(run, "zones", "--coordinator", live)  # flag beats env
+        assert rc == 0 and "z1" in out, out
+        monkeypatch.setenv(COORDINATOR_ENV, "not a url")
+        rc, out = await asyncio.to_thread(run, "zones")
+        assert rc == 2 and f"${COORDINATOR_ENV}" in out, out
+    monkeypatch.delenv(COORDINATOR_ENV)
+    conf.write_text(f'coordinator_ulr = "{live}"\n')  # the one loader: a typo is named
+    rc, out = await asyncio.to_thread(run, "zones")
+    assert rc == 2 and "did you mean 'coordinator_url'" in out and str(conf) in out, out
+
+
+async def test_list_routes_are_paged(env: Env) -> None:
+    await fleet_of(env, 4)
+    page = await env.call("GET", "/v1/zones?limit=3")
+    assert [z["uuid"] for z in page["zones"]] == ZONES[:3] and page["next"] == ZONES[2]
+    page = await env.call("GET", f"/v1/zones?limit=3&marker={page['next']}")
+    assert [z["uuid"] for z in page["zones"]] == ZONES[3:4] and page["next"] is None
+    await env.call("GET", "/v1/zones?limit=0", status=422)
+    await env.call("GET", "/v1/zones?marker=nope", status=422)
+    await push_all(env, VMS)
+    await env.call("PUT", f"/v1/zones/{ZONES[0]}/state", {"state": "draining"})
+    env.coordinator.start()
+    await env.call("POST", "/v1/rebalance")
+    moves = await env.moves_finished()
+    assert len(moves) >= 3 and (await env.call("GET", "/v1/moves"))["next"] is None
+    seen, marker = [], None
+    while True:
+        page = await env.call("GET", "/v1/moves?limit=2" + (f"&marker={marker}" if marker
+                                                             else ""))
+        assert len(page["moves"]) <= 2
+        seen += [m["id"] for m in page["moves"]]
+        if (marker := page["next"]) is None:
+            break
+    assert seen == [m["id"] for m in moves] == sorted(seen)
+    for bad in ("limit=1001", "limit=x", "marker=-1"):
+        assert (await env.call("GET", f"/v1/moves?{bad}", status=422))["code"] == \
+            "InvalidArgument"
+
+
+async def test_finished_moves_are_pruned(env: Env) -> None:
+    await fleet_of(env, 3)
+    await push_all(env, VMS[:6])
+    await env.call("PUT", f"/v1/zones/{ZONES[0]}/state", {"state": "draining"})
+    env.coordinator.start()
+    await env.call("POST", "/v1/rebalance")
+    moves = await env.moves_finished()
+    c = env.coordinator
+    assert await c.prune() == 0  # all of them younger than keep_days
+    c.config = dataclasses.replace(c.config, keep_days=0.0, keep_finished=1)
+    assert await c.prune() == len(moves) - 1
+    assert [m["id"] for m in (await env.call("GET", "/v1/moves"))["moves"]] == \
+        [moves[-1]["id"]]
+    status = await env.call("GET", "/v1/status")
+    assert sum(status["moves"].values()) == 1
+
+
+async def test_cli_moves_transfers_and_the_live_view(env: Env, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    await fleet_of(env, 3)
+    await push_all(env, VMS[:8])
+    env.fleet.zones[ZONES[1]].inflight = [{
+        "id": 1, "kind": "receive", "vm": VMS[0], "dataset": "root", "snapshot": "s9",
+        "base": "s0", "peer": "cn:cn1", "bytes": 3 << 20, "expected": 6 << 20,
+        "rate": 1 << 20, "eta": 3.0, "started": 1000.0}]
+    await env.call("PUT", f"/v1/zones/{ZONES[0]}/state", {"state": "draining"})
+    env.coordinator.start()
+    await env.call("POST", "/v1/rebalance")
+    moves = await env.moves_finished()
+    assert len(moves) >= 2
+    rc, out = await snapper(env, capsys, "moves", "--json")
+    assert rc == 0 and [m["id"] for m in json.loads(out)] == [m["id"] for m in moves]
+    rc, out = await snapper(env, capsys, "moves", "--limit", "1", "--state", "done")
+    assert rc == 0 and out.splitlines()[0].split()[:3] == ["ID", "VM", "REASON"], out
+    assert f"more: snapper moves --limit 1 --marker {moves[0]['id']}" in out, out
+    rc, out = await snapper(env, capsys, "transfers")
+    assert rc == 0 and "receive" in out and "3.0 MiB/6.0 MiB" in out and "0:03" in out, out
+    rc, out = await snapper(env, capsys, "transfers", "--json")
+    [t] = json.loads(out)
+    assert (t["zone"], t["vm"], t["rate"]) == (ZONES[1], VMS[0], 1 << 20)
+    rc, out = await snapper(env, capsys, "status", "--watch", "--count", "1", "--json")
+    view = json.loads(out)
+    assert rc == 0 and view["status"]["vms"] == 8 and len(view["zones"]) == 3
+    assert [v["vm"] for v in view["stalest"]] == sorted(VMS[:8])[:5] and \
+        all(v["newest"] == 1002 and len(v["zones"]) == 2 for v in view["stalest"])
+    rc, out = await snapper(env, capsys, "status", "--watch", "--count", "2",
+                            "--interval", "0.1")
+    assert rc == 0 and out.count("snapper status  ") == 2, out
+    assert "transfers in flight: 1" in out and "stalest VMs" in out and "[#" in out, out
+    assert "\x1b[" not in out  # not a terminal: frames one after another
+
+
+async def test_status_watch_redraws_in_place_and_quits_on_ctrl_c(env: Env,
+                                                                 tmp_path: Path) -> None:
+    """On a terminal (a pty): cursor home and clear each frame; Ctrl-C (SIGINT) ends it
+    with status 0 and the cursor shown again."""
+    await fleet_of(env, 2)
+    key = tmp_path / "operator_key"
+    OPERATOR.write_private_key(str(key))
+    master, slave = pty.openpty()
+    os.set_blocking(master, False)
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "snapper_zone.cli", "status", "--watch", "--interval", "0.2",
+        "--coordinator", str(env.server.make_url("/")), "--key", str(key),
+        stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.PIPE,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "COLUMNS": "100"})
+    os.close(slave)
+    seen = b""
+
+    def frames() -> int:
+        nonlocal seen
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(master, 65536):
+                seen += chunk
+        return seen.count(b"\x1b[H")
+
+    try:
+        await wait_for(lambda: frames() >= 2, 30, "two frames of the live view", poll=0.05)
+        child.send_signal(signal.SIGINT)
+        async with asyncio.timeout(20):
+            rc = await child.wait()
+            err = await child.stderr.read() if child.stderr else b""
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+    with contextlib.suppress(OSError):
+        frames()
+    os.close(master)
+    assert rc == 0, err.decode()
+    assert seen.startswith(b"\x1b[?25l") and seen.rstrip().endswith(b"\x1b[?25h")
+    assert b"snapper status  " in seen and b"z1" in seen and b"\x1b[J" in seen
+
+
+@given(st.integers(40, 200))
+def test_render_view_draws_every_part_within_the_width(width: int) -> None:
+    view = {"time": 1e9, "zones": [{"name": "z1", "state": "active", "health": "healthy",
+                                    "used": GIB, "free": 5 * GIB, "vms": 2}],
+            "status": {"zones": {"active": 1}, "vms": 2, "copies": 2, "under_replicated": 2,
+                       "moves": {"planned": 0, "running": 1, "done": 0, "failed": 0},
+                       "in_flight": [{"vm": VMS[0], "reason": "lost", "to_zone": ZONES[0],
+                                      "state": "running", "bytes": 100, "progress": 50,
+                                      "started": 1.0, "step": "copy"}]},
+            "transfers": [{"zone_name": "z1", "kind": "receive", "vm": VMS[0],
+                           "dataset": "root", "snapshot": "s9", "bytes": 3 << 20,
+                           "expected": 6 << 20, "rate": 1 << 20}],
+            "stalest": [{"vm": VMS[1], "newest": None, "age": None, "zones": ["z1"]},
+                        {"vm": VMS[0], "newest": 1e9 - 90000, "age": 90000.0,
+                         "zones": ["z1", "z2"]}],
+            "unreachable": [{"zone": ZONES[1], "name": "z2", "error": "ZoneUnreachable: x"}]}
+    lines = render_view(view, width, 2.0).split("\n")
+    assert all(len(line) <= width for line in lines)
+    text = "\n".join(lines)
+    for part in ("under-replicated: 2", "moves:            1 running", "transfers in flight: 1",
+                 "z2", "never"):
+        assert part in text, text
+    assert sum(VMS[0][:8] in line for line in lines) >= 2  # its move, its transfer, its row

@@ -451,3 +451,94 @@ async def test_large_writes_are_whole(backend: Backend) -> None:
     await s.upsert_zone(reg(C), 1.0)
     with pytest.raises(ZoneNotEmpty, match="0 VM copies and is part of 600 active moves"):
         await s.delete_zone(C)
+
+
+# -- history: pages, counts, pruning ----------------------------------------------------
+
+
+async def test_move_pages_counts_and_pruning(backend: Backend) -> None:
+    """Pages by id with a marker, counts by state, and pruning of finished moves
+    (older than the cut-off and beyond the newest ``keep``), the active never."""
+    s = await backend.open()
+    ms = await s.add_moves([Move(VM, None, C, A, i, "add-copy") for i in range(7)], 1.0)
+    ids = [m.id for m in ms]
+    # 0, 1, 2 done at t=10, 11, 12; 3 failed at 13; 4 running; 5, 6 planned.
+    for i, m in enumerate(ms[:4]):
+        await s.update_move(m.id, 5.0, state=MoveState.RUNNING)
+        await s.update_move(m.id, 10.0 + i, state=MoveState.DONE if i < 3 else MoveState.FAILED)
+    await s.update_move(ids[4], 20.0, state=MoveState.RUNNING)
+    assert await s.move_counts() == {MoveState.PLANNED: 2, MoveState.RUNNING: 1,
+                                     MoveState.DONE: 3, MoveState.FAILED: 1}
+    assert [m.id for m in await s.moves(limit=3)] == ids[:3]
+    assert [m.id for m in await s.moves(after=ids[2], limit=3)] == ids[3:6]
+    assert [m.id for m in await s.moves(after=ids[5], limit=3)] == ids[6:]
+    assert [m.id for m in await s.moves([MoveState.DONE], after=ids[0])] == ids[1:3]
+    assert [m.id for m in await s.moves([MoveState.FAILED])] == [ids[3]]
+    assert [m.id for m in await s.moves([MoveState.PLANNED], limit=1)] == [ids[5]]
+    # Finished before t=12.5 are 0, 1, 2; the newest 2 finished (2 and 3) are kept.
+    assert await s.prune_moves(12.5, keep=2) == 2
+    assert [m.id for m in await s.moves()] == ids[2:]
+    assert await s.prune_moves(100.0, keep=0) == 2  # the active ones stay
+    assert [m.id for m in await s.moves()] == ids[4:]
+    assert await s.move_counts() == {MoveState.PLANNED: 2, MoveState.RUNNING: 1,
+                                     MoveState.DONE: 0, MoveState.FAILED: 0}
+    [m] = await s.add_moves([Move(VM, None, C, A, 1, "add-copy")], 2.0)
+    assert m.id > ids[-1]  # ids are never reused, pruned or not
+    await s.close()
+
+
+@settings(max_examples=10, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(finish=st.lists(st.sampled_from([None, "done", "failed"]), max_size=12),
+       limit=st.integers(1, 5), state=st.sampled_from([None, "done", "planned"]))
+@pytest.mark.parametrize("kind", ["sqlite", "zookeeper"])
+def test_pages_make_the_whole_list(kind: str, request: pytest.FixtureRequest, tmp_path: Path,
+                                   finish: list[str | None], limit: int,
+                                   state: str | None) -> None:
+    """Following the marker page by page lists each move once, in id order."""
+    zk = request.getfixturevalue("zookeeper") if kind == "zookeeper" else None
+
+    async def run() -> None:
+        s = await open_store(Backend(kind, tmp_path / uuid.uuid4().hex, zk).where)
+        ms = await s.add_moves([Move(VM, None, C, A, 1, "add-copy") for _ in finish], 1.0)
+        for m, f in zip(ms, finish, strict=True):
+            if f is not None:
+                await s.update_move(m.id, 2.0, state=MoveState(f))
+        states = None if state is None else [MoveState(state)]
+        pages: list[int] = []
+        after = None
+        while page := await s.moves(states, after=after, limit=limit):
+            assert len(page) <= limit
+            pages += [m.id for m in page]
+            after = page[-1].id
+        assert pages == [m.id for m in await s.moves(states)]
+        assert len(pages) == sum(1 for f in finish if (f or "planned") == (state or f or
+                                                                            "planned"))
+        await s.close()
+
+    asyncio.run(run())
+
+
+async def test_a_zookeeper_store_without_the_failed_index_gets_it_at_open(
+        zookeeper: LocalZooKeeper) -> None:
+    """A store laid out before ``failed/`` existed: the index is built once at open."""
+    where = parse_zk_url(f"zk://{zookeeper.hosts}/t-{uuid.uuid4().hex}")
+    s = await open_store(where)
+    ms = await s.add_moves([Move(VM, None, C, A, 1, "add-copy") for _ in range(3)], 1.0)
+    await s.update_move(ms[0].id, 2.0, state=MoveState.FAILED)
+    await s.update_move(ms[1].id, 2.0, state=MoveState.DONE)
+    await s.close()
+    old = KazooClient(hosts=zookeeper.hosts)
+    await asyncio.to_thread(old.start, 10)
+    try:
+        await asyncio.to_thread(old.delete, f"{where.chroot}/failed", recursive=True)
+    finally:
+        await asyncio.to_thread(old.stop)
+        await asyncio.to_thread(old.close)
+    s = await open_store(where)
+    try:
+        assert await s.move_counts() == {MoveState.PLANNED: 1, MoveState.RUNNING: 0,
+                                         MoveState.DONE: 1, MoveState.FAILED: 1}
+        assert [m.id for m in await s.moves([MoveState.FAILED])] == [ms[0].id]
+    finally:
+        await s.close()

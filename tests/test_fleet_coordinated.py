@@ -7,6 +7,9 @@ with it and learn their peers from it; the CN asks it where to push.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -16,6 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from snapper_zone.cli import main as snapper_main
 from snapper_zone.cn.client import CnClient, Placement, lookup_placement
 from snapper_zone.common.answers import AnswerCache
 from snapper_zone.fleet.local import LocalFleet, LocalZone
@@ -216,6 +220,19 @@ async def test_add_a_fourth_zone_takes_its_share(fleet: Fleet) -> None:
     # Every copy there came from its move's source: while not yet placed there,
     # the new zone took nothing by itself (both filling it at once only race).
     assert await scrape(new.http_url, "snapper_mirror_transfers_total", direction="in") == 0
+    # The operator's live view over the real fleet: every zone answers, every VM's
+    # newest complete copy is s3 (pushed last) and sits on two zones.
+    argv = ["status", "--watch", "--count", "1", "--json", "--coordinator", fleet.url,
+            "--key", str(fleet.f.operator_key)]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert await asyncio.to_thread(snapper_main, argv) == 0
+    view = json.loads(out.getvalue())
+    assert view["unreachable"] == [] and len(view["zones"]) == 4
+    assert view["status"]["under_replicated"] == 0 and view["status"]["in_flight"] == []
+    assert {v["vm"] for v in view["stalest"]} <= set(fleet.cn.vms)
+    assert all(v["newest"] and len(v["zones"]) == 2 and v["age"] < 3600
+               for v in view["stalest"]), view["stalest"]
 
 
 @pytest.mark.vms(6)

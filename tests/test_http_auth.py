@@ -27,9 +27,9 @@ from rebalance.coordinator import make_app as coordinator_app
 from rebalance.store import SqliteStore
 from rebalance.zoneclient import HttpZoneApi
 from replication.coordinator_client import CoordinatorClient, CoordinatorUnavailable
-from snapper_zone.cn.cli import UsageError, load_cn_config
+from snapper_zone.cn.cli import load_cn_config
 from snapper_zone.cn.client import placement
-from snapper_zone.common.config import parse_config, parse_keys
+from snapper_zone.common.config import ConfigError, parse_config, parse_keys
 from snapper_zone.common.httpsig import Route, Signer, signing_session
 from snapper_zone.daemon.httpapi import ROUTES as ZONE_ROUTES
 from snapper_zone.daemon.httpapi import make_app as zone_app
@@ -332,5 +332,5 @@ def test_the_cn_config_takes_a_coordinator_key(tmp_path: Path) -> None:
                     f'coordinator_key = "{_pub(COORD)}"\n')
     assert load_cn_config(conf)["coordinator_key"] == _pub(COORD)
     conf.write_text('coordinator_key = "ssh-ed25519 AAAA"\n')
-    with pytest.raises(UsageError, match="coordinator_key"):
+    with pytest.raises(ConfigError, match="coordinator_key"):
         load_cn_config(conf)

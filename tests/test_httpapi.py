@@ -132,6 +132,8 @@ async def test_inventory_guids_equal_the_cns(api: Api) -> None:
         assert s["datasets"]["root"]["guid"] == cn_guids[s["name"]]
         assert s["size"] >= 0
     assert all(s["created"] > 0 and s["source"] == "cn:test" for s in snaps[:3])
+    # The inventory names the newest complete one's time (the live view's stalest VMs).
+    assert vm["newest"] == max(s["created"] for s in snaps[:3])
 
     status, snaps = await api.call("GET", f"/v1/vms/{VM}/snapshots?metadata=true")
     assert status == 200

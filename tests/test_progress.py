@@ -10,11 +10,14 @@ from hypothesis import strategies as st
 
 from snapper_zone.common.progress import (
     JsonProgress,
+    SizeError,
     TtyProgress,
     for_stream,
     format_bytes,
     format_eta,
     format_rate,
+    format_size,
+    parse_size,
     render_bar,
 )
 
@@ -98,3 +101,40 @@ def test_json_events() -> None:
 
 def test_for_stream_picks_json_off_a_terminal() -> None:
     assert isinstance(for_stream(io.StringIO()), JsonProgress)
+
+
+# -- the one size grammar (--bwlimit, --capacity, config sizes) ---------------------
+
+UNITS = ["", "K", "M", "G", "T", "P", "E"]
+
+
+@given(st.integers(0, 1 << 70))
+def test_format_size_round_trips(n: int) -> None:
+    assert parse_size(format_size(n)) == n
+
+
+@given(st.integers(0, 10**6), st.sampled_from(UNITS),
+       st.sampled_from(["", "B", "iB", "ib", "b"]), st.booleans(), st.sampled_from(["", " "]))
+def test_parse_size_units(n: int, unit: str, tail: str, lower: bool, gap: str) -> None:
+    text = f"{n}{gap}{unit.lower() if lower else unit}{tail if unit else tail[-1:]}"
+    assert parse_size(text) == n * 1024 ** UNITS.index(unit)
+
+
+@given(st.decimals(0, 10**6, places=3), st.sampled_from(UNITS[1:]))
+def test_parse_size_fractions_round_down_exactly(x: object, unit: str) -> None:
+    from decimal import Decimal
+    assert isinstance(x, Decimal)
+    got = parse_size(f"{x}{unit}")
+    assert got == int(x * 1024 ** UNITS.index(unit))
+
+
+def test_parse_size_examples_and_refusals() -> None:
+    assert [parse_size(t) for t in ("50MiB", "1.5G", "100k", "4096", "512B", ".5K")] == \
+        [50 << 20, 3 << 29, 100 << 10, 4096, 512, 512]
+    for bad in ("", "-1G", "1G5", "5X", "1e3", "nan", "inf", "G", "1.2.3", "0x10", "1 GiBs"):
+        try:
+            parse_size(bad)
+        except SizeError as e:
+            assert "not a size" in str(e)
+        else:
+            raise AssertionError(f"{bad!r} parsed")

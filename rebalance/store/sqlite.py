@@ -294,18 +294,36 @@ class SqliteStore:
                                      (i,)).fetchone()) for i in ids]
         return await self._txn(fn)
 
-    async def moves(self, states: Iterable[MoveState] | None = None) -> list[MoveRecord]:
-        wanted = None if states is None else [str(s) for s in states]
+    async def moves(self, states: Iterable[MoveState] | None = None, *,
+                    after: int | None = None, limit: int | None = None) -> list[MoveRecord]:
+        where = ["id > ?"]
+        params: list[object] = [-1 if after is None else after]
+        if states is not None:
+            wanted = [str(s) for s in states]
+            where.append(f"state IN ({', '.join('?' * len(wanted))})")
+            params += wanted
+        tail = "" if limit is None else f" LIMIT {int(limit)}"
 
         def fn(db: sqlite3.Connection) -> list[MoveRecord]:
-            if wanted is None:
-                rows = db.execute(f"SELECT {_MOVE_COLS} FROM moves ORDER BY id")
-            else:
-                marks = ", ".join("?" * len(wanted))
-                rows = db.execute(f"SELECT {_MOVE_COLS} FROM moves WHERE state IN ({marks}) "
-                                  "ORDER BY id", wanted)
-            return [_move(r) for r in rows]
+            return [_move(r) for r in db.execute(
+                f"SELECT {_MOVE_COLS} FROM moves WHERE {' AND '.join(where)} ORDER BY id{tail}",
+                params)]
         return await self._run(fn)
+
+    async def move_counts(self) -> dict[MoveState, int]:
+        def fn(db: sqlite3.Connection) -> dict[MoveState, int]:
+            got = dict(db.execute("SELECT state, COUNT(*) FROM moves GROUP BY state").fetchall())
+            return {s: int(got.get(str(s), 0)) for s in MoveState}
+        return await self._run(fn)
+
+    async def prune_moves(self, finished_before: float, keep: int) -> int:
+        def fn(db: sqlite3.Connection) -> int:
+            cur = db.execute(
+                "DELETE FROM moves WHERE state IN ('done', 'failed') AND finished < ? AND id "
+                "NOT IN (SELECT id FROM moves WHERE state IN ('done', 'failed') "
+                "ORDER BY id DESC LIMIT ?)", (finished_before, keep))
+            return int(cur.rowcount)
+        return await self._txn(fn)
 
     @staticmethod
     def _get_move(db: sqlite3.Connection, move_id: int) -> MoveRecord:

@@ -13,6 +13,8 @@ Layout under the chroot (``/snapper`` by default), JSON znodes:
     moves/<id>          a MoveRecord (ids zero-padded: children sort by id)
     active/<id>         empty: the move is planned or running (what the mover
                         lists, without reading every finished move)
+    failed/<id>         empty: the move failed (counts by state read no history;
+                        added to a store laid out before it, at open)
     refs/<zone>/p-<vm>  the zone is in the VM's placement
     refs/<zone>/m-<id>  the zone is in an active move (from, to or source)
 
@@ -91,7 +93,7 @@ SCHEMA_VERSION = 1
 # few thousand gets a second, too slow for 100k VMs one znode each), while a
 # write rewrites one small bucket (~10 kB at 100k VMs). Fixed by the schema.
 _BUCKETS = 1024
-_DIRS = ("zones", "placement", "sizes", "moves", "active", "refs")
+_DIRS = ("zones", "placement", "sizes", "moves", "active", "refs", "failed")
 _ACTIVE = frozenset({MoveState.PLANNED, MoveState.RUNNING})
 # Below ZooKeeper's 1 MB request limit with room to spare (a sizes bucket is
 # ~5 kB at 100k VMs, a move with its index and refs ~600 bytes).
@@ -326,6 +328,7 @@ class ZkStore:
             if version > SCHEMA_VERSION:
                 raise RuntimeError(f"ZooKeeper {self.chroot}: store schema {version} is newer "
                                    f"than this coordinator's ({SCHEMA_VERSION})")
+            await self._index_failed()
             return
         # Idempotent: coordinators starting together both get through; schema last,
         # so whoever sees it sees every directory.
@@ -336,6 +339,22 @@ class ZkStore:
             got = await self._wait_all(lambda b=batch: [  # type: ignore[misc]
                 self._zk.create_async(p, v) for p, v in b])
             for x in got:
+                if isinstance(x, BaseException) and not isinstance(x, NodeExistsError):
+                    raise x
+
+    async def _index_failed(self) -> None:
+        """A store laid out before ``failed/`` existed: index its failed moves once."""
+        if await self._get(self._p("failed")) is not None:
+            return
+        names = sorted(await self._children(self._p("moves")))
+        got = await self._get_many([self._p("moves", n) for n in names])
+        failed = [n for n, d in zip(names, got, strict=True)
+                  if d is not None and _move_of(int(n), d).state is MoveState.FAILED]
+        # Children first under a temporary name would need a rename ZooKeeper lacks:
+        # the directory, then its entries (a coordinator meanwhile counts a few less).
+        for batch in ([self._p("failed")], [self._p("failed", n) for n in failed]):
+            for x in await self._wait_all(lambda b=batch: [  # type: ignore[misc]
+                    self._zk.create_async(p) for p in b]):
                 if isinstance(x, BaseException) and not isinstance(x, NodeExistsError):
                     raise x
 
@@ -639,13 +658,66 @@ class ZkStore:
             raise _Race from e
         return records
 
-    async def moves(self, states: Iterable[MoveState] | None = None) -> list[MoveRecord]:
+    async def moves(self, states: Iterable[MoveState] | None = None, *,
+                    after: int | None = None, limit: int | None = None) -> list[MoveRecord]:
         wanted = None if states is None else {MoveState(s) for s in states}
-        where = "active" if wanted is not None and wanted <= _ACTIVE else "moves"
-        names = sorted(await self._children(self._p(where)))
-        got = await self._get_many([self._p("moves", n) for n in names])
-        recs = [_move_of(int(n), d) for n, d in zip(names, got, strict=True) if d is not None]
-        return [m for m in recs if wanted is None or m.state in wanted]
+        # The indexes list a state's moves without reading the others.
+        where = ("active" if wanted is not None and wanted <= _ACTIVE else
+                 "failed" if wanted == {MoveState.FAILED} else "moves")
+        names = sorted(n for n in await self._children(self._p(where))
+                       if after is None or int(n) > after)
+        out: list[MoveRecord] = []
+        # A page reads only as far as it needs: chunks until ``limit`` match.
+        chunk = len(names) if limit is None else max(limit, 1 if wanted is None else 200)
+        for i in range(0, len(names), max(chunk, 1)):
+            part = names[i:i + chunk]
+            got = await self._get_many([self._p("moves", n) for n in part])
+            out += [m for m in (_move_of(int(n), d) for n, d in zip(part, got, strict=True)
+                                if d is not None) if wanted is None or m.state in wanted]
+            if limit is not None and len(out) >= limit:
+                return out[:limit]
+        return out
+
+    async def move_counts(self) -> dict[MoveState, int]:
+        # Listed in this order, a move finishing meanwhile is counted once at most.
+        total = len(await self._children(self._p("moves")))
+        active = await self.moves(_ACTIVE)
+        failed = len(await self._children(self._p("failed")))
+        counts = {s: sum(1 for m in active if m.state is s) for s in _ACTIVE}
+        return {**counts, MoveState.FAILED: failed,
+                MoveState.DONE: max(total - len(active) - failed, 0)}
+
+    async def prune_moves(self, finished_before: float, keep: int) -> int:
+        listed = await self._children(self._p("moves"))
+        active = set(await self._children(self._p("active")))
+        finished = sorted(n for n in listed if n not in active)
+        candidates = finished[:max(len(finished) - keep, 0)]
+        pruned = 0
+        for i in range(0, len(candidates), _MOVES_PER_TXN):
+            part = candidates[i:i + _MOVES_PER_TXN]
+            got = await self._wait_all(functools.partial(
+                self._start_gets, [self._p("moves", n) for n in part]))
+            old: list[tuple[str, int, bool]] = []
+            for n, x in zip(part, got, strict=True):
+                if isinstance(x, BaseException):
+                    continue  # gone meanwhile (another coordinator pruned it)
+                m = _move_of(int(n), x[0])
+                if not m.active and m.finished is not None and m.finished < finished_before:
+                    old.append((n, x[1].version, m.state is MoveState.FAILED))
+            if not old:
+                continue
+
+            def build(t: TransactionRequest, old: list[tuple[str, int, bool]] = old) -> None:
+                for n, version, failed in old:
+                    t.delete(self._p("moves", n), version)
+                    if failed:
+                        t.delete(self._p("failed", n))
+            try:
+                await self._commit(build)
+            except (BadVersionError, NoNodeError):
+                continue  # pruned or written meanwhile: the next pass sees it again
+            pruned += len(old)
+        return pruned
 
     async def _move(self, move_id: int) -> tuple[MoveRecord, int] | None:
         got = await self._get(self._p("moves", f"{move_id:010d}"))
@@ -680,6 +752,9 @@ class ZkStore:
                     op(self._p("active", name))
                     for z in _move_zones(new):
                         op(self._p("refs", z, f"m-{name}"))
+                failed = new.state is MoveState.FAILED
+                if failed != (old.state is MoveState.FAILED):
+                    (t.create if failed else t.delete)(self._p("failed", name))
             try:
                 await self._commit(build)
             except (BadVersionError, NoNodeError, NodeExistsError) as e:

@@ -28,7 +28,6 @@ import os
 import signal
 import sys
 import time
-import tomllib
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,13 +41,13 @@ from snapper_zone.cn.client import CnClient, PlanError, PushReport, lookup_place
 from snapper_zone.cn.client import placement as placement  # re-exported: the CN's lookup
 from snapper_zone.common import progress
 from snapper_zone.common.answers import AnswerCache
-from snapper_zone.common.config import ConfigError
-from snapper_zone.common.progress import format_bytes
+from snapper_zone.common.config import ConfigError, FieldParser, read_document
+from snapper_zone.common.progress import SizeError, format_bytes, parse_size
 from snapper_zone.common.version import add_version_argument
-from snapper_zone.errors import NotPlacedHere, SnapperError
+from snapper_zone.errors import InvalidName, NotPlacedHere, SnapperError
 from snapper_zone.policy import Snap, level_of, load_policies
 from snapper_zone.transfer.remote import ZoneClient, ZoneError, ZoneUnreachable
-from snapper_zone.zfs.names import Dataset
+from snapper_zone.zfs.names import Dataset, check_uuid
 from snapper_zone.zfs.zfs import Zfs
 
 DEFAULT_CONFIG = "/opt/smartdc/snapper/etc/snapper-cn.toml"
@@ -92,57 +91,70 @@ def parse_endpoint(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def parse_rate(text: str) -> float:
-    """"50M" -> 52428800.0 bytes/s; for argparse (ArgumentTypeError on bad input)."""
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    t = text.strip().upper().removesuffix("B")
-    unit = t[-1:] if t[-1:] in units and t[-1:] else ""
+def parse_vm(text: str) -> str:
+    """A VM uuid argument, checked before anything runs (argparse: exit 2)."""
     try:
-        value = float(t[: len(t) - len(unit)]) * units[unit]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a rate: {text!r} (e.g. 50M)") from None
-    if not value > 0 or value != value or value == float("inf"):
+        return check_uuid(text.lower(), "VM uuid")
+    except InvalidName as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+
+
+def parse_rate(text: str) -> float:
+    """"50M", "50MiB" -> 52428800.0 bytes/s: the one size grammar (``progress.parse_size``),
+    for argparse (ArgumentTypeError on bad input)."""
+    try:
+        value = parse_size(text)
+    except SizeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if value <= 0:
         raise argparse.ArgumentTypeError(f"rate must be positive: {text!r}")
-    return value
+    return float(value)
 
 
 def load_cn_config(path: Path) -> dict[str, Any]:
-    """Read and check the CN config file; every problem names the file and field."""
-    try:
-        data = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"{path}: invalid TOML: {exc}") from exc
-    for k in data:
-        if k not in _CONFIG_FIELDS:
-            raise UsageError(f"{path}: {k}: unknown field (known: {', '.join(_CONFIG_FIELDS)})")
+    """Read and check the CN config file with the one config loader
+    (``common/config.py``): every problem is a ConfigError naming the file and
+    the field, an unknown field suggests the one meant."""
+    f = FieldParser(str(path))
+    data = dict(f.table("", read_document(path), _CONFIG_FIELDS))
     zones = data.get("zones", [])
-    if not isinstance(zones, list) or not all(isinstance(z, str) for z in zones):
-        raise UsageError(f"{path}: zones: must be a list of \"HOST:PORT\" strings")
+    if not isinstance(zones, list):
+        raise f.err("zones", 'must be a list of "HOST:PORT" strings')
+    for i, z in enumerate(zones):
+        try:
+            parse_endpoint(f.string(f"zones[{i}]", z))
+        except UsageError as e:
+            raise f.err(f"zones[{i}]", str(e)) from None
     for k in ("key", "known_hosts", "host_key", "dataset_root", "coordinator_key", "state_dir"):
-        if k in data and not (isinstance(data[k], str) and data[k]):
-            raise UsageError(f"{path}: {k}: must be a non-empty string")
+        if k in data:
+            f.string(k, data[k])
+    if "coordinator_url" in data:
+        f.url("coordinator_url", data["coordinator_url"])
     if "coordinator_key" in data:
         try:
-            asyncssh.import_public_key(data["coordinator_key"].strip())
+            asyncssh.import_public_key(str(data["coordinator_key"]).strip())
         except (asyncssh.KeyImportError, ValueError) as exc:
-            raise UsageError(f"{path}: coordinator_key: not an OpenSSH public key line: "
-                             f"{exc}") from exc
+            raise f.err("coordinator_key", f"not an OpenSSH public key line: {exc}") from exc
     # Relative paths are relative to the config file, so the two can move together.
     for k in ("key", "known_hosts", "host_key", "state_dir"):
-        if k in data and not Path(data[k]).is_absolute():
-            data[k] = str(path.parent / data[k])
+        if k in data:
+            data[k] = str(f.path(k, data[k]))
     return data
 
 
+def config_path(args: argparse.Namespace) -> Path | None:
+    """The ``snapper`` config file: ``--config``, else ``$SNAPPER_CN_CONFIG``, else
+    the default path if it exists (the CN's file; operator commands read its
+    ``coordinator_url`` too)."""
+    given = getattr(args, "config", None) or os.environ.get(CONFIG_ENV)
+    if given:
+        return Path(given)
+    return Path(DEFAULT_CONFIG) if Path(DEFAULT_CONFIG).exists() else None
+
+
 def _config(args: argparse.Namespace) -> dict[str, Any]:
-    cfg_path = args.config or os.environ.get(CONFIG_ENV)
-    if cfg_path:
-        return load_cn_config(Path(cfg_path))
-    if Path(DEFAULT_CONFIG).exists():
-        return load_cn_config(Path(DEFAULT_CONFIG))
-    return {}
+    path = config_path(args)
+    return load_cn_config(path) if path is not None else {}
 
 
 def dataset_root(args: argparse.Namespace) -> str:
@@ -470,7 +482,8 @@ def build_parser(more: Callable[[Any], None] | None = None) -> argparse.Argument
                                 "zones and restore them (run on a compute node).")
     add_version_argument(p)
     p.add_argument("--config", help=f"CN config file (TOML); default ${CONFIG_ENV} or "
-                   f"{DEFAULT_CONFIG} if it exists")
+                   f"{DEFAULT_CONFIG} if it exists. Its coordinator_url is also where the "
+                   "operator commands go without --coordinator or $SNAPPER_COORDINATOR")
     p.add_argument("--zone", metavar="HOST:PORT", help="the snapper zone's SSH endpoint")
     p.add_argument("--key", metavar="PATH", help="this CN's SSH private key")
     trust = p.add_mutually_exclusive_group()
@@ -481,7 +494,7 @@ def build_parser(more: Callable[[Any], None] | None = None) -> argparse.Argument
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     push = sub.add_parser("push", help="snapshot a VM and store it on the zone")
-    push.add_argument("vm", metavar="VM_UUID")
+    push.add_argument("vm", metavar="VM_UUID", type=parse_vm)
     push.add_argument("--name", help="snapshot name (default: UTC time, e.g. 20260101T120000Z); "
                       "an existing local snapshot of that name is pushed as is")
     push.add_argument("--from", dest="base", metavar="BASE",
@@ -493,12 +506,12 @@ def build_parser(more: Callable[[Any], None] | None = None) -> argparse.Argument
                       help="mirrored: return once both of the VM's zones hold it; local: once "
                       "the zone pushed to does (the mirror follows). Default: the zone's")
     push.add_argument("--bwlimit", type=parse_rate, metavar="RATE",
-                      help="pace the stream to RATE bytes/s (suffix K, M, G: powers of 1024)")
+                      help="pace the stream to RATE bytes/s (50MiB, 1.5G, 100k: powers of 1024)")
     push.add_argument("--json", action="store_true", help="print the result as JSON")
     push.set_defaults(handler=cmd_push)
 
     restore = sub.add_parser("restore", help="bring a VM snapshot back from the zone")
-    restore.add_argument("vm", metavar="VM_UUID")
+    restore.add_argument("vm", metavar="VM_UUID", type=parse_vm)
     restore.add_argument("snapshot", metavar="SNAP")
     restore.add_argument("--target", metavar="DATASET",
                          help="restore into this new dataset instead of the VM's own")
@@ -550,7 +563,7 @@ def build_parser(more: Callable[[Any], None] | None = None) -> argparse.Argument
     agent.set_defaults(handler=cmd_agent)
 
     lst = sub.add_parser("list", help="what the zone holds (default: this CN's VMs)")
-    lst.add_argument("vm", metavar="VM_UUID", nargs="?")
+    lst.add_argument("vm", metavar="VM_UUID", nargs="?", type=parse_vm)
     lst.add_argument("--json", action="store_true", help="print JSON instead of a table")
     lst.set_defaults(handler=cmd_list)
 
@@ -580,7 +593,7 @@ def main(argv: Sequence[str] | None = None,
         s = settings(args)
         handler: Handler = args.handler
         return asyncio.run(handler(args, s))
-    except UsageError as exc:
+    except (UsageError, ConfigError) as exc:
         print(f"snapper: {exc}", file=sys.stderr)
         return 2
     except PlanError as exc:

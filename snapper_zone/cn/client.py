@@ -25,7 +25,13 @@ import aiohttp
 import asyncssh
 
 from snapper_zone.common.answers import AnswerCache
-from snapper_zone.common.httpsig import Signer, UntrustedResponse, signing_session
+from snapper_zone.common.httpsig import (
+    NoAnswer,
+    Signer,
+    UntrustedResponse,
+    call_json,
+    signing_session,
+)
 from snapper_zone.common.progress import NoProgress, Reporter
 from snapper_zone.errors import (
     ResumeTokenInvalid,
@@ -180,21 +186,19 @@ async def _ask_placement(coordinator_url: str, vm: str, key: Path,
     trusted = None if coordinator_key is None else asyncssh.import_public_key(coordinator_key)
     try:
         async with signing_session(Signer.load(key), response_key=trusted,
-                                   timeout=_PLACEMENT_TIMEOUT) as http, \
-                http.get(url) as r:
-            body = await r.json(content_type=None)
-            if r.status != 200:
-                code = body.get("code", r.status) if isinstance(body, dict) else r.status
-                msg = body.get("message", "") if isinstance(body, dict) else ""
-                if r.status >= 500:  # its store away, rebuilding: no answer yet
-                    raise ZoneUnreachable(f"coordinator {coordinator_url}: {r.status} "
-                                          f"{code}: {msg}")
-                raise ZoneError(str(code), str(msg), "placement")
+                                   timeout=_PLACEMENT_TIMEOUT) as http:
+            got = await call_json(http, "GET", url)
     except UntrustedResponse as exc:
         raise ZoneError(exc.code, f"coordinator {coordinator_url}: {exc.message}",
                         "placement") from exc
-    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        raise ZoneUnreachable(f"coordinator {coordinator_url}: {exc}") from exc
+    except NoAnswer as exc:
+        raise ZoneUnreachable(f"coordinator {coordinator_url}: {exc.message}") from exc
+    if got.status != 200:
+        code, msg = got.error()
+        if got.status >= 500:  # its store away, rebuilding: no answer yet
+            raise ZoneUnreachable(f"coordinator {coordinator_url}: {got.status} {code}: {msg}")
+        raise ZoneError(code, msg, "placement")
+    body = got.body
     endpoints = _endpoints(body)
     if not endpoints:
         raise ZoneError("BadAnswer", f"coordinator gave no endpoints for VM {vm}", "placement")

@@ -1,12 +1,18 @@
-"""snapperd's configuration: schema, parsing and validation.
+"""The one config loader: snapperd's configuration (schema, parsing, validation),
+and the reading and field checks the coordinator's and the CN's files use too.
 
-The file is TOML (stdlib ``tomllib``); a ``.json`` file with the same shape is
-accepted too. See ``etc/snapperd.example.toml`` for a documented example.
+A file is TOML (stdlib ``tomllib``); a ``.json`` file with the same shape is
+accepted too (``read_document``). See ``etc/snapperd.example.toml`` for a
+documented example; ``etc/coordinator.example.toml`` and
+``etc/snapper-cn.example.toml`` are parsed with the same ``FieldParser``.
 
 Every problem is a :class:`ConfigError` naming the file and the dotted field
 (``ssh.port``, ``keys[2].cn_id``, ``vms.<uuid>``), so an operator can fix it
-without reading this code. Unknown fields are errors: a misspelt optional
-field would otherwise silently fall back to its default.
+without reading this code. Unknown fields are errors that suggest the field
+meant (a misspelt optional field would otherwise silently fall back to its
+default). Sizes (``vm_quota_bytes``, ``metadata_max_bytes``, the coordinator's
+``moves.bandwidth``) take an integer of bytes or a size string, ``"50GiB"``,
+in the grammar of ``progress.parse_size`` (the CLI's ``--capacity``, ``--bwlimit``).
 """
 
 from __future__ import annotations
@@ -24,12 +30,15 @@ from urllib.parse import urlsplit
 
 import asyncssh
 
+from snapper_zone.common.progress import SizeError, parse_size
+
 __all__ = [
     "DEFAULT_LISTEN_HOST",
     "DEFAULT_MAX_CONCURRENT_RECEIVES",
     "DEFAULT_METADATA_MAX_BYTES",
     "ConfigError",
     "Durability",
+    "FieldParser",
     "HTTPConfig",
     "Limits",
     "PeerConfig",
@@ -40,6 +49,7 @@ __all__ = [
     "load_config",
     "parse_config",
     "parse_keys",
+    "read_document",
 ]
 
 Role = Literal["cn", "peer", "operator"]
@@ -258,6 +268,12 @@ class ZoneConfig:
 
 def load_config(path: str | Path) -> ZoneConfig:
     """Read and validate a config file (TOML, or JSON when it ends in ``.json``)."""
+    return parse_config(read_document(path), str(path))
+
+
+def read_document(path: str | Path) -> object:
+    """A config file decoded (TOML, or JSON when it ends in ``.json``); ConfigError
+    naming the file when it cannot be read or decoded."""
     p = Path(path)
     src = str(p)
     try:
@@ -279,14 +295,14 @@ def load_config(path: str | Path) -> ZoneConfig:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(src, "", f"invalid TOML: {e}") from e
-    return parse_config(data, src)
+    return data
 
 
 def parse_keys(value: object, source: str, roles: Collection[Role] = ROLES
                ) -> tuple[TrustedKey, ...]:
     """A ``[[keys]]`` list as snapperd's config has it (the coordinator's too),
     limited to ``roles``; relative ``public_key_file`` paths against ``source``'s dir."""
-    keys = _Parser(source).keys(value, "")
+    keys = FieldParser(source).keys(value, "")
     for i, k in enumerate(keys):
         if k.role not in roles:
             raise ConfigError(source, f"keys[{i}].role",
@@ -302,7 +318,7 @@ def parse_config(data: object, source: str = "<config>") -> ZoneConfig:
     against the directory of ``source``, so a config and its keys can move
     together.
     """
-    return _Parser(source).zone(data)
+    return FieldParser(source).zone(data)
 
 
 # --------------------------------------------------------------------------
@@ -383,7 +399,11 @@ def _is_dataset_name(name: str) -> bool:
     return all(comp != "." and _DATASET_COMPONENT_RE.fullmatch(comp) for comp in name.split("/"))
 
 
-class _Parser:
+class FieldParser:
+    """Checks for one file's fields, each failing with a ConfigError naming the file
+    and the dotted field: snapperd's sections here, and the coordinator's and the
+    CN's files (``rebalance/coordinator.py``, ``cn/cli.py``) with the same helpers."""
+
     def __init__(self, source: str) -> None:
         self.src = source
         self.base_dir = Path(source).parent
@@ -418,7 +438,7 @@ class _Parser:
         if not isinstance(value, str):
             raise self.err(fld, f"must be a string, not {_kind(value)}")
         if not value.strip():
-            raise self.err(fld, "must not be empty")
+            raise self.err(fld, "must be a non-empty string")
         return value
 
     def integer(self, fld: str, value: object, lo: int, hi: int | None = None) -> int:
@@ -428,6 +448,33 @@ class _Parser:
         if value < lo or (hi is not None and value > hi):
             rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
             raise self.err(fld, f"{value} is out of range ({rng})")
+        return value
+
+    def number(self, fld: str, value: object, lo: float, hi: float | None = None) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.err(fld, f"must be a number, not {_kind(value)}")
+        if value != value or value < lo or (hi is not None and value > hi):
+            rng = f"{lo:g}..{hi:g}" if hi is not None else f">= {lo:g}"
+            raise self.err(fld, f"{value} is out of range ({rng})")
+        return float(value)
+
+    def boolean(self, fld: str, value: object) -> bool:
+        if not isinstance(value, bool):
+            raise self.err(fld, f"must be true or false, not {_kind(value)}")
+        return value
+
+    def size(self, fld: str, value: object, lo: int = 0, hi: int = 1 << 62) -> int:
+        """Bytes: an integer, or a size string (``"50GiB"``, ``"1.5T"``)."""
+        if isinstance(value, str):
+            try:
+                value = parse_size(value)
+            except SizeError as e:
+                raise self.err(fld, str(e)) from None
+        elif isinstance(value, bool) or not isinstance(value, int):
+            raise self.err(fld, f"must be a size: an integer of bytes or a string such as "
+                           f"\"50GiB\", not {_kind(value)}")
+        if value < lo or value > hi:
+            raise self.err(fld, f"{value} is out of range ({lo}..{hi} bytes)")
         return value
 
     def uuid(self, fld: str, value: object) -> str:
@@ -500,7 +547,7 @@ class _Parser:
             1,
             1024,
         )
-        meta_max = self.integer(
+        meta_max = self.size(
             "metadata_max_bytes",
             top.get("metadata_max_bytes", DEFAULT_METADATA_MAX_BYTES),
             1,
@@ -528,9 +575,7 @@ class _Parser:
         idle = self.integer("stream_idle_seconds",
                             top.get("stream_idle_seconds", DEFAULT_STREAM_IDLE_SECONDS),
                             1, 86_400)
-        pipelined = top.get("pipelined_mirroring", True)
-        if not isinstance(pipelined, bool):
-            raise self.err("pipelined_mirroring", f"must be true or false, not {_kind(pipelined)}")
+        pipelined = self.boolean("pipelined_mirroring", top.get("pipelined_mirroring", True))
         limits = self.limits(top.get("limits", {}), max_recv)
         state_dir = self.path("state_dir", top.get("state_dir", DEFAULT_STATE_DIR))
         retention = self.retention(top["retention"]) if "retention" in top else None
@@ -610,8 +655,10 @@ class _Parser:
             login_timeout_seconds=seconds("login_timeout_seconds"),
             keepalive_interval_seconds=seconds("keepalive_interval_seconds"),
             keepalive_count_max=count("keepalive_count_max", 1, 1000),
-            vm_quota_bytes=count("vm_quota_bytes", 0, 1 << 62),
-            cn_quota_bytes=count("cn_quota_bytes", 0, 1 << 62),
+            vm_quota_bytes=self.size("limits.vm_quota_bytes",
+                                     t.get("vm_quota_bytes", d.vm_quota_bytes)),
+            cn_quota_bytes=self.size("limits.cn_quota_bytes",
+                                     t.get("cn_quota_bytes", d.cn_quota_bytes)),
         )
 
     def advertise(self, fld: str, value: object) -> str | None:

@@ -32,7 +32,10 @@ nor come from anyone reachable at the coordinator's address.
 
 The canonical string and the header grammar are pure (:func:`canonical`,
 :func:`parse_authorization`); :func:`signing_session` is the one client (an
-aiohttp session that signs every request), :class:`Verifier` and
+aiohttp session that signs every request) and :func:`call_json` the one way
+to make a call with it and read the JSON answer (``HttpAnswer``: status, body,
+the ``{"code", "message"}`` of an error; ``NoAnswer`` when none came),
+:class:`Verifier` and
 :func:`guard` the one server side, with each app's :class:`Route` table
 naming the roles that may call each route.
 """
@@ -44,6 +47,7 @@ import binascii
 import email.utils
 import hashlib
 import heapq
+import json
 import re
 import secrets
 import struct
@@ -67,7 +71,9 @@ __all__ = [
     "SIGNED_HEADERS",
     "WINDOW",
     "WWW_AUTHENTICATE",
+    "HttpAnswer",
     "Identity",
+    "NoAnswer",
     "NotAuthorized",
     "ReplayCache",
     "Route",
@@ -78,6 +84,7 @@ __all__ = [
     "UntrustedResponse",
     "Verifier",
     "add_routes",
+    "call_json",
     "canonical",
     "digest",
     "guard",
@@ -445,6 +452,57 @@ def signing_session(signer: Signer, *, response_key: asyncssh.SSHKey | None = No
         return resp
 
     return aiohttp.ClientSession(middlewares=(sign,), **kwargs)
+
+
+class NoAnswer(SnapperError):
+    """No HTTP answer: refused, reset, timed out, not HTTP."""
+
+    code = "Unreachable"
+    http_status = 503
+
+
+@dataclass(frozen=True, slots=True)
+class HttpAnswer:
+    """An answer as ``call_json`` read it: ``body`` is its JSON (None: empty or not JSON)."""
+
+    status: int
+    body: Any
+    text: str
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status < 400
+
+    def error(self) -> tuple[str, str]:
+        """An error answer's ``(code, message)``: our services' ``{"code", "message"}``,
+        else the status and whatever text came."""
+        b = self.body if isinstance(self.body, dict) else {}
+        return (str(b.get("code", self.status)),
+                str(b.get("message", self.text.strip()[:500] or self.reason)))
+
+
+async def call_json(http: aiohttp.ClientSession, method: str, url: str, *, body: Any = None,
+                    timeout: float | None = None) -> HttpAnswer:
+    """One request with ``http`` (a ``signing_session``), its JSON answer read whole.
+
+    NoAnswer when none came (the message names the request); an answer that
+    fails its signature check raises UntrustedResponse as the session does.
+    Error statuses are the caller's to judge (``HttpAnswer.error``)."""
+    try:
+        # Without a timeout of its own, the session's applies.
+        req = http.request(method, url, json=body) if timeout is None else \
+            http.request(method, url, json=body, timeout=aiohttp.ClientTimeout(total=timeout))
+        async with req as r:
+            text = await r.text()
+            status, reason = r.status, r.reason or ""
+    except (aiohttp.ClientError, TimeoutError, OSError) as e:
+        raise NoAnswer(f"{method} {url}: {type(e).__name__}: {e}") from e
+    try:
+        doc = json.loads(text) if text.strip() else None
+    except ValueError:
+        doc = None
+    return HttpAnswer(status, doc, text, reason)
 
 
 # -- server ---------------------------------------------------------------------------

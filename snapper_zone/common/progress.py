@@ -13,9 +13,11 @@ tested without waiting.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from collections.abc import Callable
+from decimal import Decimal
 from typing import Any, Protocol, TextIO
 
 Clock = Callable[[], float]
@@ -30,6 +32,43 @@ def format_bytes(n: float) -> str:
             return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+# The one size grammar (``--bwlimit``, ``--capacity``, sizes in config files):
+# a number, optionally fractional, then an optional unit K, M, G, T, P, E (binary:
+# powers of 1024, as ZFS quotes sizes), optionally followed by "iB" or "B";
+# case-insensitive. ``50MiB``, ``1.5G``, ``100k``, ``4096``, ``512B``.
+_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([kmgtpe]?)(?:i?b)?", re.IGNORECASE)
+_UNITS = "KMGTPE"
+
+
+class SizeError(ValueError):
+    """Text that is not a size: the message says what is expected."""
+
+
+def parse_size(text: str) -> int:
+    """``50MiB`` -> 52428800: the one size parser (bytes; fractions rounded down).
+
+    SizeError on anything else (negative, empty, unknown unit, NaN, ...)."""
+    m = _SIZE.fullmatch(text.strip()) if isinstance(text, str) else None
+    if m is None:
+        raise SizeError(f"{text!r} is not a size: a number of bytes with an optional unit "
+                        "K, M, G, T, P or E (powers of 1024; e.g. 50MiB, 1.5G, 100k)")
+    unit = m.group(2).upper()
+    power = _UNITS.index(unit) + 1 if unit else 0
+    # Decimal: 1.1T is exact, as float would not be for every input.
+    return int(Decimal(m.group(1)) * (1 << (10 * power)))
+
+
+def format_size(n: int) -> str:
+    """Bytes in the largest unit that states them exactly (``parse_size``'s inverse):
+    ``52428800`` -> ``50MiB``, ``1000`` -> ``1000``."""
+    if n < 0:
+        raise SizeError(f"{n} is not a size: negative")
+    for power in range(len(_UNITS), 0, -1):
+        if n and n % (1 << (10 * power)) == 0:
+            return f"{n >> (10 * power)}{_UNITS[power - 1]}iB"
+    return str(n)
 
 
 def format_rate(bytes_per_second: float) -> str:

@@ -4,7 +4,9 @@ Routes, and the roles that may call each (``ROUTES``, the one table)::
 
     GET    /ping                              open: {"ping": "pong", zone, version}
     GET    /v1/vms                            operator, coordinator:
-                                              [{uuid, cn, snapshots, complete, bytes}]
+                                              [{uuid, cn, snapshots, complete, bytes,
+                                              newest}] (newest: its newest complete
+                                              snapshot's creation time, or null)
     GET    /v1/vms/{uuid}/snapshots           operator, coordinator, own cn:
                                               [VmSnapshot JSON], oldest first
                                               (?metadata=true: each with "metadata")
@@ -231,8 +233,9 @@ async def list_vms(request: web.Request) -> web.Response:
     async def describe(vm: str, used: int) -> dict[str, Any]:
         async with limit:
             snaps = await zone.store.snapshots(vm)
+        done = [s.created for s in snaps if s.complete]
         return {"uuid": vm, "cn": zone.config.cn_for_vm(vm), "snapshots": len(snaps),
-                "complete": sum(1 for s in snaps if s.complete), "bytes": used}
+                "complete": len(done), "bytes": used, "newest": max(done, default=None)}
 
     vms = await asyncio.gather(*(describe(i.dataset.basename, i.used)
                                  for i in sorted(infos, key=lambda i: i.dataset.path)))

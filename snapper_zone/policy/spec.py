@@ -36,15 +36,13 @@ from __future__ import annotations
 
 import calendar
 import datetime as dt
-import difflib
 import re
-import tomllib
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
-from snapper_zone.common.config import ConfigError
+from snapper_zone.common.config import FieldParser, read_document
 from snapper_zone.policy.retention import Grid, Retention, RetentionError
 from snapper_zone.policy.schedule import Cron, Interval, ScheduleError, parse_schedule
 
@@ -141,47 +139,21 @@ class PolicySet:
 
 
 def load_policies(path: str | Path) -> PolicySet:
-    p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text())
-    except OSError as e:
-        raise ConfigError(str(p), "", f"cannot read: {e.strerror or e}") from e
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(str(p), "", f"not TOML: {e}") from e
-    return parse_policies(data, str(p))
+    """A policy file (TOML, or JSON by its suffix) with the one config loader."""
+    return parse_policies(read_document(path), str(path))
 
 
 def parse_policies(data: object, source: str = "<policy>") -> PolicySet:
-    """Every field checked; a ConfigError names the file and the field."""
+    """Every field checked; a ConfigError names the file and the field (an unknown
+    one suggests the field meant): ``common/config.FieldParser``'s checks."""
     return _Reader(source).policy_set(data)
 
 
-class _Reader:
-    def __init__(self, source: str) -> None:
-        self.src = source
-
-    def err(self, fld: str, message: str) -> ConfigError:
-        return ConfigError(self.src, fld, message)
-
-    def table(self, fld: str, value: object, allowed: Collection[str]) -> dict[str, object]:
-        if not isinstance(value, dict):
-            raise self.err(fld, "must be a table")
-        for k in value:
-            if k not in allowed:
-                hint = difflib.get_close_matches(str(k), list(allowed), n=1)
-                raise self.err(f"{fld}.{k}" if fld else str(k),
-                               "unknown field" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
-        return cast(dict[str, object], value)
-
+class _Reader(FieldParser):
     def strings(self, fld: str, value: object) -> list[str]:
         if not isinstance(value, list) or not all(isinstance(x, str) and x for x in value):
             raise self.err(fld, "must be a list of non-empty strings")
         return cast(list[str], value)
-
-    def string(self, fld: str, value: object) -> str:
-        if not isinstance(value, str) or not value.strip():
-            raise self.err(fld, "must be a non-empty string")
-        return value
 
     def policy_set(self, data: object) -> PolicySet:
         top = self.table("", data, ("policy",))
@@ -227,7 +199,7 @@ class _Reader:
                 raise self.err(f"{fld}.level[{i}].name", f"{lv.name!r} is used twice")
         if "retention" not in t:
             raise self.err(f"{fld}.retention", "missing required field")
-        retention = self.retention(f"{fld}.retention", t["retention"], known)
+        retention = self.keep(f"{fld}.retention", t["retention"], known)
         return Policy(name, frozenset(vms), frozenset(cns), frozenset(tags), levels, retention,
                       str(durability))
 
@@ -260,7 +232,7 @@ class _Reader:
                            "levels differ in schedule and retention, not in base")
         return Level(name, schedule)
 
-    def retention(self, fld: str, value: object, levels: Sequence[str]) -> Retention:
+    def keep(self, fld: str, value: object, levels: Sequence[str]) -> Retention:
         t = self.table(fld, value, ("grid", "keep"))
         grid = None
         if "grid" in t:
