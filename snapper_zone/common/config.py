@@ -11,6 +11,7 @@ field would otherwise silently fall back to its default.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import re
@@ -28,6 +29,8 @@ __all__ = [
     "DEFAULT_LISTEN_HOST",
     "DEFAULT_MAX_CONCURRENT_RECEIVES",
     "DEFAULT_METADATA_MAX_BYTES",
+    "FIXED_LIMITS",
+    "LIVE_FIELDS",
     "ConfigError",
     "Durability",
     "HTTPConfig",
@@ -40,6 +43,7 @@ __all__ = [
     "load_config",
     "parse_config",
     "parse_keys",
+    "reloaded",
 ]
 
 Role = Literal["cn", "peer", "operator"]
@@ -208,6 +212,13 @@ class ZoneConfig:
     # the time of one); off: the peer is sent the snapshot after it is in.
     pipelined_mirroring: bool = True
     limits: Limits = field(default_factory=Limits)
+    # Where the last verified copy of the coordinator's identity registry is
+    # kept (None: identity.json beside the host key).
+    identity_file: Path | None = None
+
+    @property
+    def identity_path(self) -> Path:
+        return self.identity_file or self.ssh.host_key.with_name("identity.json")
 
     @property
     def receives_per_principal(self) -> int:
@@ -229,6 +240,30 @@ class ZoneConfig:
     def cn_for_vm(self, vm_uuid: str) -> str | None:
         """The CN a VM belongs to per the static map, or None if unmapped."""
         return self.vms.get(vm_uuid.lower())
+
+
+# What a SIGHUP (SMF ``refresh``) changes in a running snapperd; every other
+# field is bound at start-up (listeners, root, uuid, peers, coordinator, receive
+# slots) and a change to it is logged and left for a restart.
+LIVE_FIELDS = ("keys", "vms", "durability", "mirror_timeout_seconds", "stream_idle_seconds",
+               "limits")
+# Of ``limits``, these are bound at start-up too (the SSH server's own settings).
+FIXED_LIMITS = ("max_connections", "max_connections_per_principal", "login_timeout_seconds",
+                "keepalive_interval_seconds", "keepalive_count_max", "max_receives_per_principal",
+                "max_concurrent_mirror_receives")
+
+
+def reloaded(old: ZoneConfig, new: ZoneConfig) -> tuple[ZoneConfig, list[str]]:
+    """The config a SIGHUP puts in force: ``new``'s live fields, ``old``'s others;
+    and the dotted names of the changes left for a restart."""
+    fixed = [f.name for f in dataclasses.fields(new) if f.name not in LIVE_FIELDS
+             and getattr(new, f.name) != getattr(old, f.name)]
+    fixed += [f"limits.{n}" for n in FIXED_LIMITS
+              if getattr(new.limits, n) != getattr(old.limits, n)]
+    limits = dataclasses.replace(new.limits, **{n: getattr(old.limits, n)
+                                                for n in FIXED_LIMITS})
+    live = {n: getattr(new, n) for n in LIVE_FIELDS}
+    return dataclasses.replace(old, **{**live, "limits": limits}), fixed
 
 
 # --------------------------------------------------------------------------
@@ -307,6 +342,7 @@ _TOP_FIELDS = (
     "stream_idle_seconds",
     "pipelined_mirroring",
     "limits",
+    "identity_file",
 )
 _SSH_FIELDS = ("host", "port", "host_key", "advertise_host")
 _HTTP_FIELDS = ("host", "port", "advertise_host")
@@ -509,6 +545,8 @@ class _Parser:
         if not isinstance(pipelined, bool):
             raise self.err("pipelined_mirroring", f"must be true or false, not {_kind(pipelined)}")
         limits = self.limits(top.get("limits", {}), max_recv)
+        identity_file = self.path("identity_file", top["identity_file"]) \
+            if "identity_file" in top else None
         if coordinator_url is not None:
             # Registration tells the coordinator where to reach us: a wildcard
             # would have it (and every peer) health-check itself.
@@ -540,6 +578,7 @@ class _Parser:
             stream_idle_seconds=idle,
             pipelined_mirroring=pipelined,
             limits=limits,
+            identity_file=identity_file,
         )
 
     def limits(self, value: object, max_recv: int) -> Limits:
