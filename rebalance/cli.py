@@ -9,6 +9,7 @@
     snapper status [--json]
     snapper cn add ID --key FILE|-                   (a CN and its public key(s))
     snapper cn remove ID [--key FILE|-]              (the CN, or one of its keys)
+                                                     (their operator key: --operator-key)
     snapper cn list [--json]
     snapper vm assign VM CN                          (the VM now belongs to CN)
     snapper vm sync FILE|URL                         (owners from a VMAPI listing)
@@ -248,18 +249,19 @@ def parse_duration(text: str) -> float:
 
 async def cmd_cn(args: argparse.Namespace, c: Client) -> int:
     if args.action == "add":
-        cn = await c.call("POST", f"/v1/cns/{args.id}/keys", {"keys": _public_keys(args.key)})
+        cn = await c.call("POST", f"/v1/cns/{args.id}/keys",
+                          {"keys": _public_keys(args.cn_key)})
         print(f"CN {cn['id']}: {len(cn['keys'])} key(s); zones follow within seconds")
     elif args.action == "remove":
-        if args.key is None:
+        if args.cn_key is None:
             await c.call("DELETE", f"/v1/cns/{args.id}")
             print(f"CN {args.id} removed: its keys are refused on their next command")
             return 0
-        for line in _public_keys(args.key):
+        for line in _public_keys(args.cn_key):
             try:
                 fp = asyncssh.import_public_key(line).get_fingerprint()
             except (asyncssh.KeyImportError, ValueError) as e:
-                raise UsageError(f"--key {args.key}: not an OpenSSH public key: {e}") from e
+                raise UsageError(f"--key {args.cn_key}: not an OpenSSH public key: {e}") from e
             await c.call("DELETE", f"/v1/cns/{args.id}?key={fp}")
             print(f"CN {args.id}: key {fp} revoked")
     else:
@@ -344,6 +346,13 @@ def register(sub: Any) -> None:
                         help=f"the operator's SSH private key requests are signed with "
                              f"(default ${KEY_ENV}, else ~/.ssh/id_ed25519, id_ecdsa, id_rsa)")
 
+    # `cn add|remove` take --key for the CN's public key: the operator's is --operator-key.
+    cn_common = argparse.ArgumentParser(add_help=False)
+    cn_common.add_argument("--coordinator", metavar="URL",
+                           help=f"the coordinator's HTTP URL (default ${COORDINATOR_ENV})")
+    cn_common.add_argument("--operator-key", dest="key", metavar="PATH",
+                           help=f"the operator's SSH private key (default ${KEY_ENV}, ...)")
+
     def add(name: str, cmd: Command, help: str, own: bool = True) -> argparse.ArgumentParser:
         # `zone` leaves --coordinator to its actions: argparse would reset it otherwise.
         p: argparse.ArgumentParser = sub.add_parser(name, help=help,
@@ -387,14 +396,15 @@ def register(sub: Any) -> None:
             "list", own=False)
     acts = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     a = acts.add_parser("add", help="register a CN with its public key(s), or add keys",
-                        parents=[common])
+                        parents=[cn_common])
     a.add_argument("id", metavar="ID", help="the CN's id (its Triton server uuid)")
-    a.add_argument("--key", required=True, metavar="FILE|-",
+    a.add_argument("--key", dest="cn_key", required=True, metavar="FILE|-",
                    help="its OpenSSH public key(s), one a line (-: stdin)")
     a = acts.add_parser("remove", help="remove a CN (every key), or with --key one key",
-                        parents=[common])
+                        parents=[cn_common])
     a.add_argument("id", metavar="ID")
-    a.add_argument("--key", metavar="FILE|-", help="revoke only this public key")
+    a.add_argument("--key", dest="cn_key", metavar="FILE|-",
+                   help="revoke only this public key")
     acts.add_parser("list", help="the CNs, their key fingerprints and VM counts",
                     parents=[common]).add_argument("--json", action="store_true")
     p = add("vm", cmd_vm, "which CN owns a VM: assign one, or sync from a VMAPI listing",
