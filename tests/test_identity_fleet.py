@@ -154,7 +154,8 @@ async def test_registry_reassign_grant_and_revoke_reach_the_next_command(
 
 
 async def _both(a: Awaitable[bool], b: Awaitable[bool]) -> bool:
-    return await a and await b
+    first, second = await a, await b  # both asked: neither left unawaited
+    return first and second
 
 
 async def test_sighup_reloads_the_static_map(zfs_tier: ZfsTier, tmp_path: Path) -> None:
