@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import asyncssh
@@ -262,7 +263,7 @@ async def cmd_cn(args: argparse.Namespace, c: Client) -> int:
                 fp = asyncssh.import_public_key(line).get_fingerprint()
             except (asyncssh.KeyImportError, ValueError) as e:
                 raise UsageError(f"--key {args.cn_key}: not an OpenSSH public key: {e}") from e
-            await c.call("DELETE", f"/v1/cns/{args.id}?key={fp}")
+            await c.call("DELETE", f"/v1/cns/{args.id}?key={quote(fp, safe='')}")
             print(f"CN {args.id}: key {fp} revoked")
     else:
         cns = (await c.call("GET", "/v1/cns"))["cns"]

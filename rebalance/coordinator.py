@@ -1264,8 +1264,10 @@ async def post_cn_keys(request: web.Request) -> web.Response:
 
 
 async def delete_cn(request: web.Request) -> web.Response:
+    key = request.query.get("key")
+    # A '+' of the base64 fingerprint sent unquoted reads as a space: never one in base64.
     await request.app[COORDINATOR].remove_cn(request.match_info["cn"],
-                                             request.query.get("key"))
+                                             None if key is None else key.replace(" ", "+"))
     return web.Response(status=204)
 
 

@@ -6,13 +6,19 @@ grants, and the signed, versioned identity document zones follow.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import json
+from pathlib import Path
 from typing import Any
 
 import asyncssh
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from rebalance.coordinator import SYNC_BATCH, CoordinatorConfig
+from snapper_zone.cli import main as cli_main
 from snapper_zone.common.config import parse_keys
 from snapper_zone.common.httpsig import Signer, signing_session
 from snapper_zone.wire import IdentityDocument
@@ -157,3 +163,82 @@ async def test_reload_takes_keys_and_reports_the_rest(env: Env) -> None:
     async with signing_session(Signer(CN_B)) as ops, \
             ops.get(str(env.server.make_url("/v1/status"))) as r:
         assert r.status == 200
+
+
+# -- the operator CLI -------------------------------------------------------------------
+
+
+async def snapper(env: Env, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                  *argv: str) -> tuple[int, str]:
+    """``snapper ARGV`` in a thread (its own event loop), the operator's key from
+    ``$SNAPPER_KEY`` (``cn add|remove`` take ``--key`` for the CN's)."""
+    key = env.tmp_path / "operator_key"
+    if not key.exists():
+        OPERATOR.write_private_key(str(key))
+    monkeypatch.setenv("SNAPPER_KEY", str(key))
+    url = str(env.server.make_url("/"))
+    status = await asyncio.to_thread(cli_main, [*argv, "--coordinator", url])
+    out = capsys.readouterr()
+    return status, out.out + out.err
+
+
+async def test_cli_cn_vm_grant(env: Env, capsys: pytest.CaptureFixture[str],
+                               monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    keys = tmp_path / "cn-a.pub"
+    keys.write_text(f"# cn-a's keys\n{pub(CN_A)}\n{pub(CN_A2)}\n")
+    rc, out = await snapper(env, capsys, monkeypatch, "cn", "add", "cn-a", "--key", str(keys))
+    assert rc == 0 and "2 key(s)" in out, out
+    (tmp_path / "cn-b.pub").write_text(pub(CN_B) + "\n")
+    assert (await snapper(env, capsys, monkeypatch, "cn", "add", "cn-b", "--key",
+                          str(tmp_path / "cn-b.pub")))[0] == 0
+    rc, out = await snapper(env, capsys, monkeypatch, "vm", "assign", VM1, "cn-a")
+    assert rc == 0 and "belongs to CN cn-a" in out, out
+    # A sync from a file, and from a URL (VMAPI's GET /vms answers the same list).
+    listing = [{"uuid": VM2, "server_uuid": "cn-b", "brand": "joyent"},
+               {"uuid": VM3, "server_uuid": "cn-9"}]
+    (tmp_path / "vms.json").write_text(json.dumps(listing))
+    rc, out = await snapper(env, capsys, monkeypatch, "vm", "sync", str(tmp_path / "vms.json"))
+    assert rc == 0 and "1 assigned" in out and "cn-9 (1)" in out, out
+
+    async def vms(_: web.Request) -> web.Response:
+        return web.json_response([{"uuid": VM3, "server_uuid": "cn-b"}])
+    app = web.Application()
+    app.router.add_get("/vms", vms)
+    async with TestServer(app, host="127.0.0.1") as vmapi:
+        rc, out = await snapper(env, capsys, monkeypatch, "vm", "sync", "--json",
+                                str(vmapi.make_url("/vms?state=active")))
+    assert rc == 0 and json.loads(out)["assigned"] == 1, out
+    rc, out = await snapper(env, capsys, monkeypatch, "grant", "restore", VM1, "--to-cn", "cn-b",
+                            "--for", "90s")
+    assert rc == 0 and "CN cn-b may restore VM" in out, out
+    rc, out = await snapper(env, capsys, monkeypatch, "cn", "list", "--json")
+    assert [(c["id"], c["vms"]) for c in json.loads(out)] == [("cn-a", 1), ("cn-b", 2)]
+    rc, out = await snapper(env, capsys, monkeypatch, "cn", "list")
+    assert CN_A2.get_fingerprint() in out
+    (tmp_path / "a2.pub").write_text(pub(CN_A2))
+    rc, out = await snapper(env, capsys, monkeypatch, "cn", "remove", "cn-a", "--key",
+                            str(tmp_path / "a2.pub"))
+    assert rc == 0 and "revoked" in out, out
+    doc = IdentityDocument.from_json(await identity(env))
+    assert {c.id: c.keys for c in doc.cns}["cn-a"] == (pub(CN_A),)
+    assert dict(doc.vms) == {VM1: "cn-a", VM2: "cn-b", VM3: "cn-b"}
+    assert [(g.vm, g.cn) for g in doc.grants] == [(VM1, "cn-b")]
+    # Refusals: the coordinator's typed code (exit 1); bad usage (exit 2).
+    rc, out = await snapper(env, capsys, monkeypatch, "vm", "assign", VM1, "cn-nobody")
+    assert rc == 1 and "ResourceNotFound" in out, out
+    rc, out = await snapper(env, capsys, monkeypatch, "grant", "restore", VM1, "--to-cn", "cn-b",
+                            "--for", "soon")
+    assert rc == 2 and "duration" in out, out
+    rc, out = await snapper(env, capsys, monkeypatch, "vm", "sync", str(tmp_path / "none.json"))
+    assert rc == 2, out
+    rc, out = await snapper(env, capsys, monkeypatch, "cn", "remove", "cn-b")
+    assert rc == 0 and "removed" in out
+
+
+async def test_a_fingerprint_with_a_plus_removes_its_key(env: Env) -> None:
+    """base64's '+' reads as a space in a query string sent unquoted: still found."""
+    key = next(k for k in iter(lambda: asyncssh.generate_private_key("ssh-ed25519"), None)
+               if "+" in k.get_fingerprint())
+    await env.call("POST", "/v1/cns/cn-a/keys", {"keys": [pub(CN_A), pub(key)]})
+    await env.call("DELETE", f"/v1/cns/cn-a?key={key.get_fingerprint()}", status=204)
+    assert [c["keys"] for c in (await env.call("GET", "/v1/cns"))["cns"]] == [[pub(CN_A)]]

@@ -108,6 +108,8 @@ class Zone:
         the names of the changes that need a restart, which are not applied."""
         self.config, fixed = reloaded(self.config, new)
         self.sends.cap = self.config.limits.max_sends_per_principal
+        if self.replicator is not None:
+            self.replicator.links.reconfigure(self.config)
         return fixed
 
     async def peer_scope(self, vm: str, peer: str) -> frozenset[str] | None:
