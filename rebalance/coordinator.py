@@ -1139,7 +1139,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         response.headers[RESPONSE_HEADER] = request.app[SIGNER].response_header(
             nonce, response.status, response.body)
     who = request.get(PRINCIPAL)
-    log.info("handled request", extra={
+    # Every zone asks for the identity registry each second: those polls go to debug.
+    level = logging.DEBUG if request.path == "/v1/identity" and response.status == 200 \
+        else logging.INFO
+    log.log(level, "handled request", extra={
         "req_id": req_id, "method": request.method, "url": request.path_qs,
         "status": response.status, "principal": who.label if who is not None else None,
         "latency_ms": round((time.monotonic() - start) * 1000, 3)})
