@@ -27,6 +27,7 @@ from snapper_zone.daemon.auth import (
     authorize,
     verb,
 )
+from snapper_zone.wire import CnIdentity, IdentityDocument, InvalidDocument, RestoreGrant
 from tests.test_auth import commands
 from tests.test_coordinator_api import COORD, HOST_KEYS, ZONES, Env, env, fleet
 
@@ -157,3 +158,35 @@ async def test_an_unsigned_identity_answer_is_no_answer(env: Env, tmp_path: Path
     finally:
         await c.close()
 
+
+
+# -- the document ---------------------------------------------------------------------
+
+cn_ids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}", fullmatch=True)
+vm_ids = st.uuids().map(str)
+docs = st.builds(
+    IdentityDocument, st.integers(0, 2**63 - 1),
+    st.lists(st.builds(CnIdentity, cn_ids, st.lists(st.just(pub(CN_KEY)), max_size=2)
+                       .map(tuple)), max_size=3).map(tuple),
+    st.dictionaries(vm_ids, cn_ids, max_size=5),
+    st.lists(st.builds(RestoreGrant, vm_ids, cn_ids, st.integers(0, 2**39).map(float),
+                       st.text(max_size=20)), max_size=3).map(tuple))
+
+
+@given(doc=docs)
+def test_identity_document_round_trips(doc: IdentityDocument) -> None:
+    assert IdentityDocument.from_json(json.loads(json.dumps(doc.to_json()))) == doc
+
+
+@pytest.mark.parametrize("bad", [
+    [], {"cns": []}, {"version": -1}, {"version": "1"},
+    {"version": 1, "cns": [{"id": "bad id", "keys": []}]},
+    {"version": 1, "cns": [{"id": "a", "keys": ["two\nlines"]}]},
+    {"version": 1, "vms": {"not-a-uuid": "a"}},
+    {"version": 1, "vms": {VM: "bad id"}},
+    {"version": 1, "grants": [{"vm": VM, "cn": "a", "expires": "soon"}]},
+    {"version": 1, "grants": [{"vm": VM, "cn": "a", "expires": float("nan")}]},
+])
+def test_a_bad_identity_document_is_a_typed_error(bad: object) -> None:
+    with pytest.raises(InvalidDocument):
+        IdentityDocument.from_json(bad)
