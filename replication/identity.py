@@ -20,7 +20,6 @@ checks its principal again per command: ``snapper_zone/daemon/service.py``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -36,6 +35,7 @@ from replication.coordinator_client import (
 from snapper_zone.common.bootstrap import write_atomically
 from snapper_zone.common.config import TrustedKey
 from snapper_zone.common.httpsig import UntrustedResponse, verify_response
+from snapper_zone.common.tasks import cancel_and_wait
 from snapper_zone.wire import IdentityDocument, InvalidDocument, jsontext
 
 __all__ = ["IdentityFollower"]
@@ -169,7 +169,5 @@ class IdentityFollower:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None

@@ -141,6 +141,15 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    """Where the zone's retention policy is (``policy/spec.py``'s file format) and
+    how often the VMs pushed to this zone are pruned by it."""
+
+    policy: Path
+    interval_seconds: int = 600
+
+
+@dataclass(frozen=True)
 class TrustedKey:
     """A client key snapperd accepts and the role it grants.
 
@@ -219,6 +228,7 @@ class ZoneConfig:
     @property
     def identity_path(self) -> Path:
         return self.identity_file or self.ssh.host_key.with_name("identity.json")
+    retention: RetentionConfig | None = None  # None: snapshots are deleted by hand only
 
     @property
     def receives_per_principal(self) -> int:
@@ -324,6 +334,7 @@ def parse_config(data: object, source: str = "<config>") -> ZoneConfig:
 
 
 _TOP_FIELDS = (
+    "retention",
     "uuid",
     "name",
     "root",
@@ -547,6 +558,7 @@ class _Parser:
         limits = self.limits(top.get("limits", {}), max_recv)
         identity_file = self.path("identity_file", top["identity_file"]) \
             if "identity_file" in top else None
+        retention = self.retention(top["retention"]) if "retention" in top else None
         if coordinator_url is not None:
             # Registration tells the coordinator where to reach us: a wildcard
             # would have it (and every peer) health-check itself.
@@ -579,7 +591,15 @@ class _Parser:
             pipelined_mirroring=pipelined,
             limits=limits,
             identity_file=identity_file,
+            retention=retention,
         )
+
+    def retention(self, value: object) -> RetentionConfig:
+        t = self.table("retention", value, ("policy", "interval_seconds"))
+        policy = self.path("retention.policy", self.required(t, "retention", "policy"))
+        interval = self.integer("retention.interval_seconds",
+                                t.get("interval_seconds", 600), 10, 86_400)
+        return RetentionConfig(policy, interval)
 
     def limits(self, value: object, max_recv: int) -> Limits:
         t = self.table("limits", value, _LIMIT_FIELDS)

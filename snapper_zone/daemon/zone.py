@@ -28,6 +28,7 @@ from snapper_zone.zfs.zfs import Zfs
 
 if TYPE_CHECKING:
     from replication.replicator import Replicator
+    from snapper_zone.daemon.prune import Pruner
 
 
 class CopyNotRedundant(SnapperError):
@@ -58,6 +59,8 @@ class Zone:
     # Set by the daemon with a coordinator: its identity registry (CN keys, VM
     # owners, restore grants), followed live.
     identity: IdentityFollower | None = None
+    # Set by the daemon when the config names a retention policy (daemon/prune).
+    pruner: Pruner | None = None
 
     @property
     def receiver(self) -> ZoneReceiver:
