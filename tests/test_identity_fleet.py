@@ -17,7 +17,7 @@ import pytest
 
 from snapper_zone.cn.client import CnClient, placement
 from snapper_zone.fleet.local import LocalCN, LocalFleet, LocalZone
-from snapper_zone.transfer.remote import ZoneClient, ZoneError
+from snapper_zone.transfer.remote import ZoneClient, ZoneError, ZoneUnreachable
 from snapper_zone.wire.protocol import Delete
 from snapper_zone.zfs.names import Dataset
 from snapper_zone.zfs.zfs import Zfs
@@ -63,7 +63,15 @@ class Cns:
         out = []
         for z in zones:
             zc = ZoneClient("127.0.0.1", z.ssh_port, cn.key_path, host_key=z.host_key_pub)
-            await zc.connect()
+
+            async def connected(zc: ZoneClient = zc) -> bool:
+                # A key just added to the registry is known once the zone has polled it.
+                try:
+                    await zc.connect()
+                    return True
+                except ZoneUnreachable:
+                    return False
+            await wait_until(connected, FOLLOW, f"{cn.id} let into {z.name}", poll=0.1)
             self.open[(cn.id, z.uuid)] = zc
             out.append(zc)
         return out
