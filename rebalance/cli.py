@@ -10,6 +10,13 @@ over HTTP.
     snapper moves [--state S ...] [--limit N [--marker M]] [--json]
     snapper transfers [--json]                       (every zone's streams in flight)
     snapper status [--json] [--watch [--interval S] [--count N]]
+    snapper cn add ID --key FILE|-                   (a CN and its public key(s))
+    snapper cn remove ID [--key FILE|-]              (the CN, or one of its keys)
+                                                     (their operator key: --operator-key)
+    snapper cn list [--json]
+    snapper vm assign VM CN                          (the VM now belongs to CN)
+    snapper vm sync FILE|URL                         (owners from a VMAPI listing)
+    snapper grant restore VM --to-cn CN --for 1h     (CN may restore VM, for a while)
 
 Each takes ``--coordinator URL``, else ``$SNAPPER_COORDINATOR``, else the
 ``coordinator_url`` of ``snapper``'s config file (``snapper --config FILE``,
@@ -37,12 +44,13 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 import aiohttp
 import asyncssh
 
 from snapper_zone.common.config import ConfigError
+from snapper_zone.common.durations import parse_duration
 from snapper_zone.common.httpsig import NoAnswer, Signer, call_json, signing_session
 from snapper_zone.common.progress import (
     SizeError,
@@ -55,6 +63,8 @@ from snapper_zone.common.progress import (
 from snapper_zone.errors import InvalidName
 from snapper_zone.wire import ZoneRegistration
 from snapper_zone.zfs.names import check_uuid
+
+SYNC_BATCH = 5000  # VMs per request: the coordinator's own cap (coordinator.SYNC_BATCH)
 
 __all__ = ["COORDINATOR_ENV", "CoordinatorError", "dispatch", "fleet_view", "parse_size",
            "register", "render_view", "run"]
@@ -367,6 +377,116 @@ async def cmd_status(args: argparse.Namespace, c: Client) -> int:
     return 0
 
 
+# -- identity: CNs, VM owners, restore grants ----------------------------------------
+
+
+def _public_keys(source: str) -> list[str]:
+    """``--key FILE`` (``-``: stdin): one or more OpenSSH public key lines."""
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text()
+    except OSError as e:
+        raise UsageError(f"--key {source}: {e.strerror or e}") from e
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    if not lines:
+        raise UsageError(f"--key {source}: no public key line in it")
+    return lines
+
+
+def _seconds_for(text: str) -> float:
+    """``--for``: the one duration grammar (90s, 15m, 1h, 2d)."""
+    try:
+        return float(parse_duration(text))
+    except ValueError as e:
+        raise UsageError(f"--for: {e}") from None
+
+
+async def cmd_cn(args: argparse.Namespace, c: Client) -> int:
+    if args.action == "add":
+        cn = await c.call("POST", f"/v1/cns/{args.id}/keys",
+                          {"keys": _public_keys(args.cn_key)})
+        print(f"CN {cn['id']}: {len(cn['keys'])} key(s); zones follow within seconds")
+    elif args.action == "remove":
+        if args.cn_key is None:
+            await c.call("DELETE", f"/v1/cns/{args.id}")
+            print(f"CN {args.id} removed: its keys are refused on their next command")
+            return 0
+        for line in _public_keys(args.cn_key):
+            try:
+                fp = asyncssh.import_public_key(line).get_fingerprint()
+            except (asyncssh.KeyImportError, ValueError) as e:
+                raise UsageError(f"--key {args.cn_key}: not an OpenSSH public key: {e}") from e
+            await c.call("DELETE", f"/v1/cns/{args.id}?key={quote(fp, safe='')}")
+            print(f"CN {args.id}: key {fp} revoked")
+    else:
+        cns = (await c.call("GET", "/v1/cns"))["cns"]
+        if args.json:
+            print(json.dumps(cns, indent=2))
+        elif not cns:
+            print("no CNs registered")
+        else:
+            rows = [["CN", "KEYS", "VMS"]]
+            for cn in cns:
+                fps = [asyncssh.import_public_key(k).get_fingerprint() for k in cn["keys"]]
+                rows.append([cn["id"], ", ".join(fps) or "-", str(cn["vms"])])
+            print(_table(rows))
+    return 0
+
+
+def _read(source: str) -> str:
+    return sys.stdin.read() if source == "-" else Path(source).read_text()
+
+
+async def _listing(source: str) -> list[dict[str, Any]]:
+    """A VMAPI-style listing (``GET /vms``'s answer), from a file or a URL."""
+    try:
+        if source.startswith(("http://", "https://")):
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as h, \
+                    h.get(source) as r:
+                r.raise_for_status()
+                doc = json.loads(await r.read())
+        else:
+            doc = json.loads(await asyncio.to_thread(_read, source))
+    except (OSError, aiohttp.ClientError, TimeoutError, ValueError) as e:
+        raise UsageError(f"{source}: cannot read a VM listing: {e}") from e
+    if not isinstance(doc, list) or not all(isinstance(v, dict) for v in doc):
+        raise UsageError(f"{source}: expected a JSON list of {{\"uuid\", \"server_uuid\"}}")
+    return [{"uuid": v.get("uuid"), "server_uuid": v.get("server_uuid")} for v in doc]
+
+
+async def cmd_vm(args: argparse.Namespace, c: Client) -> int:
+    if args.action == "assign":
+        got = await c.call("PUT", f"/v1/vms/{args.vm}/owner", {"cn": args.cn})
+        print(f"VM {got['vm']} belongs to CN {got['cn']}; zones follow within seconds")
+        return 0
+    vms = await _listing(args.source)
+    total = {"assigned": 0, "unchanged": 0, "invalid": 0}
+    skipped: dict[str, int] = {}
+    for i in range(0, len(vms), SYNC_BATCH):  # each batch one request, applied whole
+        got = await c.call("POST", "/v1/vms/owners", {"vms": vms[i:i + SYNC_BATCH]})
+        for k in total:
+            total[k] += got[k]
+        for cn, n in got["skipped"].items():
+            skipped[cn] = skipped.get(cn, 0) + n
+    if args.json:
+        print(json.dumps({**total, "skipped": skipped}, indent=2))
+        return 0
+    print(f"{len(vms)} VMs listed: {total['assigned']} assigned, {total['unchanged']} "
+          f"unchanged, {total['invalid']} on no CN")
+    if skipped:
+        print(f"{sum(skipped.values())} VMs on CNs not registered (snapper cn add): "
+              + ", ".join(f"{cn} ({n})" for cn, n in sorted(skipped.items())), file=sys.stderr)
+    return 0
+
+
+async def cmd_grant(args: argparse.Namespace, c: Client) -> int:
+    g = await c.call("POST", "/v1/grants", {"vm": args.vm, "cn": args.to_cn,
+                                            "seconds": _seconds_for(args.duration)})
+    until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(g["expires"]))
+    print(f"CN {g['cn']} may restore VM {g['vm']} until {until} "
+          f"(snapper restore {g['vm']} SNAP --to-cn {g['cn']}, on that CN)")
+    return 0
+
+
 # -- the live view -------------------------------------------------------------------
 
 
@@ -496,6 +616,13 @@ def register(sub: Any, config_url: ConfigUrl | None = None) -> None:
                         help=f"the operator's SSH private key requests are signed with "
                              f"(default ${KEY_ENV}, else ~/.ssh/id_ed25519, id_ecdsa, id_rsa)")
 
+    # `cn add|remove` take --key for the CN's public key: the operator's is --operator-key.
+    cn_common = argparse.ArgumentParser(add_help=False)
+    cn_common.add_argument("--coordinator", metavar="URL", type=_url_arg,
+                           help=f"the coordinator's HTTP URL (default ${COORDINATOR_ENV})")
+    cn_common.add_argument("--operator-key", dest="key", metavar="PATH",
+                           help=f"the operator's SSH private key (default ${KEY_ENV}, ...)")
+
     def add(name: str, cmd: Command, help: str, own: bool = True) -> argparse.ArgumentParser:
         # `zone` leaves --coordinator to its actions: argparse would reset it otherwise.
         p: argparse.ArgumentParser = sub.add_parser(name, help=help,
@@ -555,6 +682,41 @@ def register(sub: Any, config_url: ConfigUrl | None = None) -> None:
                    help="with --watch: seconds between redraws (default 2)")
     p.add_argument("--count", type=_count_arg, metavar="N",
                    help="with --watch: stop after N views")
+    p = add("cn", cmd_cn, "the compute nodes zones accept: add, remove (or revoke a key), "
+            "list", own=False)
+    acts = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = acts.add_parser("add", help="register a CN with its public key(s), or add keys",
+                        parents=[cn_common])
+    a.add_argument("id", metavar="ID", help="the CN's id (its Triton server uuid)")
+    a.add_argument("--key", dest="cn_key", required=True, metavar="FILE|-",
+                   help="its OpenSSH public key(s), one a line (-: stdin)")
+    a = acts.add_parser("remove", help="remove a CN (every key), or with --key one key",
+                        parents=[cn_common])
+    a.add_argument("id", metavar="ID")
+    a.add_argument("--key", dest="cn_key", metavar="FILE|-",
+                   help="revoke only this public key")
+    acts.add_parser("list", help="the CNs, their key fingerprints and VM counts",
+                    parents=[common]).add_argument("--json", action="store_true")
+    p = add("vm", cmd_vm, "which CN owns a VM: assign one, or sync from a VMAPI listing",
+            own=False)
+    acts = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = acts.add_parser("assign", help="the VM belongs to CN from now on", parents=[common])
+    a.add_argument("vm", metavar="VM")
+    a.add_argument("cn", metavar="CN")
+    a = acts.add_parser("sync", help="owners from a VMAPI-style listing: a JSON list of "
+                        '{"uuid", "server_uuid"} (a file, -, or a URL such as '
+                        "http://vmapi/vms?state=active)", parents=[common])
+    a.add_argument("source", metavar="FILE|URL")
+    a.add_argument("--json", action="store_true")
+    p = add("grant", cmd_grant, "let a CN restore a VM it does not own, for a while",
+            own=False)
+    acts = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = acts.add_parser("restore", help="CN may list, read and restore VM's snapshots until "
+                        "the grant expires", parents=[common])
+    a.add_argument("vm", metavar="VM")
+    a.add_argument("--to-cn", required=True, metavar="CN")
+    a.add_argument("--for", dest="duration", required=True, metavar="DURATION",
+                   help="how long: 90s, 15m, 1h, 2d (30 days at most)")
 
 
 def _marker_arg(text: str) -> str:

@@ -31,6 +31,19 @@ snapperd's), with the roles that may call each (``ROUTES``, the one table)::
     POST   /v1/rebalance?dry_run=B    operator: {"dry_run", "moves", "moved_bytes",
                                        "projected", "warnings", "degraded", "stale_copies"}
     GET    /v1/status                 operator: fleet summary (``snapper status``)
+    GET    /v1/identity[?since=N]     zone, operator: the registry (CNs and their keys, VM
+                                      owners, grants in force) as an IdentityDocument;
+                                      {"version": N, "unchanged": true} while it is at N
+    GET    /v1/cns                    operator: {"cns": [{id, keys, added, vms}]}
+    POST   /v1/cns/{cn}/keys          operator: {"keys": [OpenSSH lines]} -> the CN (created
+                                      if new); 409 KeyInUse: another CN's (or the config's)
+    DELETE /v1/cns/{cn}[?key=FP]      operator: 204; the CN (with its grants), or one key
+    PUT    /v1/vms/{vm}/owner         operator: {"cn": ID} -> {"vm", "cn"}
+    POST   /v1/vms/owners             operator: {"vms": [{"uuid", "server_uuid"}, ...]} (a
+                                      VMAPI listing, 5000 at most) -> {"assigned",
+                                      "unchanged", "skipped": {cn: n}, "invalid": n}
+    POST   /v1/grants                 operator: {"vm", "cn", "seconds"} -> the grant
+    GET    /v1/grants                 operator: {"grants": [grant in force]}
     GET    /metrics                   open: Prometheus text
 
 List routes are paged: ``?limit=N`` (1..1000, default 1000) and ``?marker=M``
@@ -89,11 +102,15 @@ from rebalance.metrics import CONTENT_TYPE_LATEST, CoordinatorMetrics
 from rebalance.mover import Mover, MoverSettings
 from rebalance.placement import VmInfo, ZoneInfo, ZoneState, hrw_ranking, plan
 from rebalance.store import (
+    CnNotFound,
+    GrantRecord,
     HostKeyMismatch,
+    KeyInUse,
     MoveRecord,
     MoveState,
     MoveStep,
     PlacementConflict,
+    Registry,
     Store,
     ZkTarget,
     ZoneNotEmpty,
@@ -135,8 +152,16 @@ from snapper_zone.common.httpsig import (
     guard,
 )
 from snapper_zone.common.version import version
-from snapper_zone.errors import SnapperError
-from snapper_zone.wire import InvalidDocument, ZoneRegistration, jsontext
+from snapper_zone.errors import InvalidName, SnapperError
+from snapper_zone.wire import (
+    CnIdentity,
+    IdentityDocument,
+    InvalidDocument,
+    RestoreGrant,
+    ZoneRegistration,
+    check_cn_id,
+    jsontext,
+)
 from snapper_zone.zfs.names import check_uuid
 
 __all__ = ["COORDINATOR", "Coordinator", "CoordinatorConfig", "load_config", "main",
@@ -150,6 +175,12 @@ PENDING_ZONE = "pending-zone"
 GRACE_MARGIN = 0.05  # s past the end of rebuild_grace that the deferred pass wakes
 PAGE_LIMIT = 1000  # the most (and default) items of a list route's page
 PRUNE_INTERVAL = 600.0  # s between prunings of finished moves
+
+SYNC_BATCH = 5000  # VMs per POST /v1/vms/owners (the CLI sends a listing in batches)
+MAX_GRANT = 30 * 86400.0  # the longest restore grant, seconds
+# What a SIGHUP reloads; the rest (listen address, store, key, intervals) is
+# bound at start-up.
+LIVE_FIELDS = ("keys",)
 
 
 class InvalidArgument(SnapperError):
@@ -307,6 +338,13 @@ def _host_key(text: object, where: str) -> str:
     return text.strip()
 
 
+def _cn_id(value: object) -> str:
+    try:
+        return check_cn_id(value, "cn")
+    except InvalidDocument as e:
+        raise InvalidArgument(e.message) from e
+
+
 def vm_scope(pair: Sequence[str] | None, moves: Sequence[MoveRecord]) -> list[str]:
     """The zones that may act on a VM as each other's peers: its placement and
     every zone of a move in flight for it (the copy replaced, source, target)."""
@@ -374,6 +412,10 @@ class Coordinator:
         self._tasks: list[asyncio.Task[None]] = []
         self.auto_passes = 0  # automatic planning passes finished, for whoever waits on one
         self.deferred = False  # a change seen during rebuild_grace awaits the pass after it
+        # The identity registry as last read, and a CN key fingerprint -> CN id
+        # index of it (every signed request looks its key up).
+        self._registry: Registry | None = None
+        self._cn_keys: dict[str, tuple[str, str]] = {}
 
     # -- background work --
 
@@ -479,6 +521,16 @@ class Coordinator:
                 log.exception("pruning finished moves failed")
             await asyncio.sleep(PRUNE_INTERVAL)
 
+    def reload(self, new: CoordinatorConfig) -> list[str]:
+        """SIGHUP (SMF ``refresh``): the config's ``[[keys]]`` (operators, static CNs)
+        take effect at once; every other field needs a restart: the names of those
+        that changed, which keep their running values."""
+        fixed = [f.name for f in dataclasses.fields(new) if f.name not in LIVE_FIELDS
+                 and getattr(new, f.name) != getattr(self.config, f.name)]
+        self.config = dataclasses.replace(
+            self.config, **{k: getattr(new, k) for k in LIVE_FIELDS})
+        return fixed
+
     async def _zone_lost(self, z: ZoneRecord) -> None:
         self.trigger()
 
@@ -519,6 +571,10 @@ class Coordinator:
         for k in self.config.keys:
             if k.fingerprint == fingerprint:
                 return Identity(k.role, k.name, k.ssh_key())
+        await self.registry()
+        if fingerprint in self._cn_keys:
+            cn, line = self._cn_keys[fingerprint]
+            return Identity("cn", cn, asyncssh.import_public_key(line))
         for z in await self.store.zones():
             if _fingerprint(z.host_key) == fingerprint:
                 # Not admitted: it may register again and see its own record only.
@@ -585,6 +641,139 @@ class Coordinator:
         [out] = [j for j in await self.zones_json() if j["uuid"] == z.uuid] or [
             self._zone_json(z, 0, 0)]
         return out
+
+    # -- identity: CNs, VM owners, restore grants --
+
+    async def registry(self) -> Registry:
+        """The registry, read again only when its version moved (one cheap read)."""
+        version = await self.store.registry_version()
+        if self._registry is None or self._registry.version != version:
+            reg = await self.store.registry(time.time())
+            index: dict[str, tuple[str, str]] = {}
+            for c in reg.cns:
+                for line in c.keys:
+                    fp = _fingerprint(line)
+                    if fp is not None:
+                        index[fp] = (c.id, line)
+            self._registry, self._cn_keys = reg, index
+        assert self._registry is not None
+        return self._registry
+
+    async def identity_json(self, since: int | None) -> dict[str, Any]:
+        """``GET /v1/identity``: the registry as zones follow it."""
+        reg = await self.registry()
+        if since is not None and since == reg.version:
+            return {"version": reg.version, "unchanged": True}
+        now = time.time()
+        return IdentityDocument(
+            reg.version, tuple(CnIdentity(c.id, c.keys) for c in reg.cns), dict(reg.owners),
+            tuple(RestoreGrant(g.vm, g.cn, g.expires, g.granted_by)
+                  for g in reg.grants if g.expires > now)).to_json()
+
+    async def cns_json(self) -> list[dict[str, Any]]:
+        reg = await self.registry()
+        owned = Counter(reg.owners.values())
+        return [{**c.to_json(), "vms": owned.get(c.id, 0)} for c in reg.cns]
+
+    async def add_cn_keys(self, cn: str, body: object) -> dict[str, Any]:
+        cn = _cn_id(cn)
+        keys = body.get("keys") if isinstance(body, dict) else None
+        if not isinstance(body, dict) or set(body) != {"keys"} or not isinstance(keys, list) \
+                or not keys or len(keys) > 64:
+            raise InvalidArgument('body must be {"keys": ["<OpenSSH public key line>", ...]} '
+                                  "(1 to 64 keys)")
+        lines = [_host_key(k, f"keys[{i}]") for i, k in enumerate(keys)]
+        for line in lines:
+            # A config key is an operator's or a static CN's: never a registry CN's too.
+            fp = _fingerprint(line)
+            clash = next((k for k in self.config.keys if k.fingerprint == fp), None)
+            if clash is not None:
+                raise KeyInUse(f"key {fp} is the config's {clash.role} key "
+                               f"({clash.name}); one key belongs to one identity")
+        rec = await self.store.add_cn_keys(cn, lines, time.time())
+        log.info("CN keys added", extra={"cn": cn, "keys": len(rec.keys)})
+        return rec.to_json()
+
+    async def remove_cn(self, cn: str, fingerprint: str | None) -> None:
+        cn = _cn_id(cn)
+        line: str | None = None
+        if fingerprint is not None:
+            reg = await self.registry()
+            rec = next((c for c in reg.cns if c.id == cn), None)
+            line = next((k for k in (rec.keys if rec else ()) if _fingerprint(k) == fingerprint),
+                        None)
+            if line is None:
+                raise CnNotFound(f"CN {cn} has no key {fingerprint}")
+        await self.store.remove_cn(cn, line)
+        log.warning("CN key revoked" if line else "CN removed",
+                    extra={"cn": cn, "fingerprint": fingerprint})
+
+    async def assign(self, vm: str, body: object) -> dict[str, Any]:
+        vm = check_uuid(vm, "VM uuid")
+        cn = body.get("cn") if isinstance(body, dict) else None
+        if not isinstance(body, dict) or set(body) != {"cn"}:
+            raise InvalidArgument('body must be {"cn": "<CN id>"}')
+        cn = _cn_id(cn)
+        await self.store.assign_vms({vm: cn})
+        log.info("VM assigned", extra={"vm": vm, "cn": cn})
+        return {"vm": vm, "cn": cn}
+
+    async def sync_owners(self, body: object) -> dict[str, Any]:
+        """A VMAPI-style listing's owners: each VM's ``server_uuid`` becomes its
+        owner when that CN is registered; others are counted, never guessed."""
+        vms = body.get("vms") if isinstance(body, dict) else None
+        if not isinstance(body, dict) or set(body) != {"vms"} or not isinstance(vms, list):
+            raise InvalidArgument('body must be {"vms": [{"uuid", "server_uuid"}, ...]}')
+        if len(vms) > SYNC_BATCH:
+            raise InvalidArgument(f"at most {SYNC_BATCH} VMs per request (send batches)")
+        reg = await self.registry()
+        known = {c.id for c in reg.cns}
+        want: dict[str, str] = {}
+        skipped: Counter[str] = Counter()
+        invalid = 0
+        for i, v in enumerate(vms):
+            if not isinstance(v, dict):
+                raise InvalidArgument(f"vms[{i}]: expected an object")
+            try:
+                vm = check_uuid(v.get("uuid"), "VM uuid")  # type: ignore[arg-type]
+            except InvalidName as e:
+                raise InvalidArgument(f"vms[{i}].uuid: {e.message}") from e
+            server = v.get("server_uuid")
+            if server is None:  # VMAPI lists VMs not (or no longer) on any CN
+                invalid += 1
+                continue
+            try:
+                cn = check_cn_id(server, f"vms[{i}].server_uuid")
+            except InvalidDocument as e:
+                raise InvalidArgument(e.message) from e
+            if cn in known:
+                want[vm] = cn
+            else:
+                skipped[cn] += 1
+        changed = await self.store.assign_vms(want)
+        log.info("VM owners synced", extra={"assigned": changed, "listed": len(vms),
+                                            "skipped": sum(skipped.values())})
+        return {"assigned": changed, "unchanged": len(want) - changed,
+                "skipped": dict(skipped), "invalid": invalid}
+
+    async def grant(self, body: object, who: str) -> dict[str, Any]:
+        if not isinstance(body, dict) or set(body) != {"vm", "cn", "seconds"}:
+            raise InvalidArgument('body must be {"vm", "cn", "seconds"}')
+        vm = check_uuid(body["vm"], "VM uuid")
+        cn = _cn_id(body["cn"])
+        seconds = body["seconds"]
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) \
+                or not 0 < seconds <= MAX_GRANT:
+            raise InvalidArgument(f"seconds must be a number in (0, {MAX_GRANT:.0f}]")
+        now = time.time()
+        g = await self.store.add_grant(GrantRecord(vm, cn, now + float(seconds), who, now))
+        log.warning("restore granted", extra={"vm": vm, "cn": cn, "expires": g.expires,
+                                              "granted_by": who})
+        return g.to_json()
+
+    async def grants_json(self) -> list[dict[str, Any]]:
+        now = time.time()
+        return [g.to_json() for g in (await self.registry()).grants if g.expires > now]
 
     # -- placement --
 
@@ -981,7 +1170,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         response.headers[RESPONSE_HEADER] = request.app[SIGNER].response_header(
             nonce, response.status, response.body)
     who = request.get(PRINCIPAL)
-    log.info("handled request", extra={
+    # Every zone asks for the identity registry each second: those polls go to debug.
+    level = logging.DEBUG if request.path == "/v1/identity" and response.status == 200 \
+        else logging.INFO
+    log.log(level, "handled request", extra={
         "req_id": req_id, "method": request.method, "url": request.path_qs,
         "status": response.status, "principal": who.label if who is not None else None,
         "latency_ms": round((time.monotonic() - start) * 1000, 3)})
@@ -1111,6 +1303,52 @@ async def get_status(request: web.Request) -> web.Response:
     return web.json_response(await request.app[COORDINATOR].status())
 
 
+async def get_identity(request: web.Request) -> web.Response:
+    raw = request.query.get("since")
+    since: int | None = None
+    if raw is not None:
+        if not raw.isdigit() or len(raw) > 18:
+            raise InvalidArgument(f"since must be a version number, not {raw[:40]!r}")
+        since = int(raw)
+    return web.json_response(await request.app[COORDINATOR].identity_json(since))
+
+
+async def list_cns(request: web.Request) -> web.Response:
+    return web.json_response({"cns": await request.app[COORDINATOR].cns_json()})
+
+
+async def post_cn_keys(request: web.Request) -> web.Response:
+    c = request.app[COORDINATOR]
+    return web.json_response(await c.add_cn_keys(request.match_info["cn"], await _body(request)))
+
+
+async def delete_cn(request: web.Request) -> web.Response:
+    key = request.query.get("key")
+    # A '+' of the base64 fingerprint sent unquoted reads as a space: never one in base64.
+    await request.app[COORDINATOR].remove_cn(request.match_info["cn"],
+                                             None if key is None else key.replace(" ", "+"))
+    return web.Response(status=204)
+
+
+async def put_owner(request: web.Request) -> web.Response:
+    c = request.app[COORDINATOR]
+    return web.json_response(await c.assign(request.match_info["vm"], await _body(request)))
+
+
+async def post_owners(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[COORDINATOR].sync_owners(await _body(request)))
+
+
+async def post_grant(request: web.Request) -> web.Response:
+    c = request.app[COORDINATOR]
+    return web.json_response(await c.grant(await _body(request), request[PRINCIPAL].label),
+                             status=201)
+
+
+async def list_grants(request: web.Request) -> web.Response:
+    return web.json_response({"grants": await request.app[COORDINATOR].grants_json()})
+
+
 async def metrics(request: web.Request) -> web.Response:
     c = request.app[COORDINATOR]
     await c.update_gauges()
@@ -1132,6 +1370,14 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/moves", list_moves, _OPERATOR),
     Route("POST", "/v1/rebalance", post_rebalance, _OPERATOR),
     Route("GET", "/v1/status", get_status, _OPERATOR),
+    Route("GET", "/v1/identity", get_identity, frozenset({"zone", "operator"})),
+    Route("GET", "/v1/cns", list_cns, _OPERATOR),
+    Route("POST", "/v1/cns/{cn}/keys", post_cn_keys, _OPERATOR),
+    Route("DELETE", "/v1/cns/{cn}", delete_cn, _OPERATOR),
+    Route("PUT", "/v1/vms/{vm}/owner", put_owner, _OPERATOR),
+    Route("POST", "/v1/vms/owners", post_owners, _OPERATOR),
+    Route("POST", "/v1/grants", post_grant, _OPERATOR),
+    Route("GET", "/v1/grants", list_grants, _OPERATOR),
     Route("GET", "/metrics", metrics, OPEN),
 )
 
@@ -1161,6 +1407,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _reload(coordinator: Coordinator, path: str) -> None:
+    """SIGHUP: read the config again; a bad one is logged and changes nothing."""
+    try:
+        new = load_config(path)
+    except ConfigError as e:
+        log.error("config not reloaded: %s", e, extra={"config": path})
+        return
+    fixed = coordinator.reload(new)
+    log.info("config reloaded", extra={"config": path, "live": list(LIVE_FIELDS),
+                                       "keys": len(new.keys)})
+    if fixed:
+        log.warning("config changes that need a restart were not applied",
+                    extra={"fields": fixed})
+
+
 async def serve(config: CoordinatorConfig, args: argparse.Namespace) -> int:
     try:
         store = await open_store(config.store)
@@ -1175,6 +1436,7 @@ async def serve(config: CoordinatorConfig, args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload, coordinator, args.config)
     runner = web.AppRunner(make_app(coordinator, signer), access_log=None,
                            shutdown_timeout=HTTP_DRAIN)
     try:

@@ -31,12 +31,18 @@ import aiohttp
 import asyncssh
 
 from snapper_zone.common.answers import AnswerCache
-from snapper_zone.common.httpsig import Signer, UntrustedResponse, signing_session
+from snapper_zone.common.httpsig import (
+    NONCE_HEADER,
+    RESPONSE_HEADER,
+    Signer,
+    UntrustedResponse,
+    signing_session,
+)
 from snapper_zone.errors import SnapperError
 from snapper_zone.wire import InvalidDocument, ZoneEndpoint, ZoneRegistration
 
 __all__ = ["CoordinatorClient", "CoordinatorNotFound", "CoordinatorUnavailable", "KnownZone",
-           "VmPlacement"]
+           "SignedAnswer", "VmPlacement"]
 
 # Short and bounded: a coordinator that does not answer must not hold a push up.
 _TIMEOUT = aiohttp.ClientTimeout(total=5, sock_connect=2)
@@ -84,6 +90,16 @@ class VmPlacement:
         # An older coordinator names no scope: the pair is all it vouches for.
         return cls(zones, frozenset(str(z) for z in scope) if isinstance(scope, list)
                    else frozenset(zones))
+
+
+@dataclass(frozen=True)
+class SignedAnswer:
+    """An answer as it came, with what proves it is the coordinator's: the
+    request's nonce and the response signature over it (``verify_response``)."""
+
+    body: bytes
+    nonce: str
+    signature: str | None
 
 
 class CoordinatorClient:
@@ -154,6 +170,20 @@ class CoordinatorClient:
 
     def _failed(self) -> None:
         self._down_until = time.monotonic() + RETRY_AFTER
+
+    async def signed(self, path: str) -> SignedAnswer:
+        """``GET path``'s answer kept whole with its signature (already checked
+        against ``coordinator_key`` by the session), to be checked again later."""
+        try:
+            async with self._http().get(self.url + path) as r:
+                body = await r.read()
+                if r.status >= 400:
+                    what = CoordinatorNotFound if r.status == 404 else CoordinatorUnavailable
+                    raise what(f"GET {path}: {r.status} {body[:200]!r}")
+                return SignedAnswer(body, r.request_info.headers.get(NONCE_HEADER, ""),
+                                    r.headers.get(RESPONSE_HEADER))
+        except (aiohttp.ClientError, TimeoutError, UntrustedResponse) as exc:
+            raise CoordinatorUnavailable(f"GET {self.url}{path}: {exc!r}") from exc
 
     async def register(self, record: ZoneRegistration) -> None:
         await self._call("POST", "/v1/zones", record.to_json(), pause=False)

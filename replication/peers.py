@@ -74,12 +74,9 @@ class PeerLinks:
 
     def __init__(self, config: ZoneConfig, log: logging.Logger,
                  coordinator: CoordinatorClient | None = None) -> None:
-        self.config = config
         self.log = log
         self.coordinator = coordinator
-        keys = {k.zone: k.public_key for k in config.keys if k.role == "peer"}
-        self._static = {p.uuid: Peer(p.uuid, p.ssh_host, p.ssh_port, p.http_url,
-                                     keys.get(p.uuid)) for p in config.peers}
+        self.reconfigure(config)
         # Zones the coordinator knows (its registry), with their host keys;
         # the config's own peers win over them.
         self._learned: dict[str, Peer] = {}
@@ -96,6 +93,14 @@ class PeerLinks:
             self._learn(cached[0])
             self.log.info("trust list from the answer cache", extra={
                 "zones": len(self._learned), "seen_at": cached[1]})
+
+    def reconfigure(self, config: ZoneConfig) -> None:
+        """The static peers, each pinned to its ``[[keys]]`` peer key (again after a
+        SIGHUP: a peer key rotated in the config pins the next connection)."""
+        self.config = config
+        keys = {k.zone: k.public_key for k in config.keys if k.role == "peer"}
+        self._static = {p.uuid: Peer(p.uuid, p.ssh_host, p.ssh_port, p.http_url,
+                                     keys.get(p.uuid)) for p in config.peers}
 
     @property
     def _peers(self) -> dict[str, Peer]:

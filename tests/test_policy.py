@@ -16,6 +16,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from snapper_zone.common.config import ConfigError
+from snapper_zone.common.durations import format_duration
 from snapper_zone.policy import (
     Cron,
     Grid,
@@ -30,7 +31,6 @@ from snapper_zone.policy import (
     snapshot_name,
     time_of,
 )
-from snapper_zone.policy.durations import format_duration
 from snapper_zone.policy.retention import RetentionError
 from snapper_zone.policy.schedule import ScheduleError
 

@@ -106,6 +106,9 @@ def test_manifest_shape(manifest: Path) -> None:
 
     stops = [m for m in service.iter("exec_method") if m.get("name") == "stop"]
     assert [m.get("exec") for m in stops] == [":kill"]
+    # svcadm refresh: the daemon reloads its config on SIGHUP (no restart).
+    refresh = [m for m in service.iter("exec_method") if m.get("name") == "refresh"]
+    assert [m.get("exec") for m in refresh] == [":kill -HUP"]
 
     # A foreground daemon: startd must watch the exec'd child, not wait for an exit.
     duration = service.find("property_group[@name='startd']/propval[@name='duration']")

@@ -11,11 +11,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rebalance.store.base import (
+    CnNotFound,
+    CnRecord,
+    GrantRecord,
     HostKeyMismatch,
+    KeyInUse,
     MoveRecord,
     MoveState,
     MoveStep,
     PlacementConflict,
+    Registry,
     Store,
     StoreUnavailable,
     ZoneNotEmpty,
@@ -28,11 +33,16 @@ from rebalance.store.sqlite import SqliteStore
 from rebalance.store.zookeeper import ZkStore
 
 __all__ = [
+    "CnNotFound",
+    "CnRecord",
+    "GrantRecord",
     "HostKeyMismatch",
+    "KeyInUse",
     "MoveRecord",
     "MoveState",
     "MoveStep",
     "PlacementConflict",
+    "Registry",
     "SqliteStore",
     "Store",
     "StoreUnavailable",

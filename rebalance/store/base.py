@@ -15,8 +15,8 @@ is lost.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -25,17 +25,24 @@ from snapper_zone.errors import SnapperError
 from snapper_zone.wire import ZoneRegistration  # what a zone says about itself: POST /v1/zones
 
 __all__ = [
+    "CnNotFound",
+    "CnRecord",
+    "GrantRecord",
     "HostKeyMismatch",
+    "KeyInUse",
     "MoveRecord",
     "MoveState",
     "MoveStep",
     "PlacementConflict",
+    "Registry",
     "Store",
     "StoreUnavailable",
     "ZoneNotEmpty",
     "ZoneNotFound",
     "ZoneRecord",
     "ZoneRegistration",
+    "add_keys",
+    "drop_key",
     "key_identity",
     "next_move",
 ]
@@ -56,6 +63,20 @@ class HostKeyMismatch(SnapperError):
 def key_identity(line: str) -> str:
     """An OpenSSH public key line without its comment: what pinning compares."""
     return " ".join(line.split()[:2])
+
+
+class CnNotFound(SnapperError):
+    """A CN (or one of its keys) the registry does not hold."""
+
+    code = "ResourceNotFound"
+    http_status = 404
+
+
+class KeyInUse(SnapperError):
+    """A key already registered for another CN: one key, one identity."""
+
+    code = "KeyInUse"
+    http_status = 409
 
 
 class ZoneNotEmpty(SnapperError):
@@ -173,6 +194,78 @@ class MoveRecord:
                 "finished": self.finished, "eta": None if eta is None else round(eta, 1)}
 
 
+@dataclass(frozen=True, slots=True)
+class CnRecord:
+    """A compute node in the registry: its id (a Triton server uuid, or any
+    ``cn_id``) and the OpenSSH public key lines it may sign with."""
+
+    id: str
+    keys: tuple[str, ...]
+    added: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "keys": list(self.keys), "added": self.added}
+
+
+@dataclass(frozen=True, slots=True)
+class GrantRecord:
+    """An operator's leave for CN ``cn`` to restore VM ``vm`` (not its own) until
+    ``expires`` (epoch seconds)."""
+
+    vm: str
+    cn: str
+    expires: float
+    granted_by: str
+    created: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"vm": self.vm, "cn": self.cn, "expires": self.expires,
+                "granted_by": self.granted_by, "created": self.created}
+
+
+@dataclass(frozen=True, slots=True)
+class Registry:
+    """Who is who, as one consistent read: ``version`` grows with every change
+    of a CN, an owner or a grant (what zones poll for)."""
+
+    version: int
+    cns: tuple[CnRecord, ...] = ()
+    owners: Mapping[str, str] = field(default_factory=dict)  # vm -> cn id
+    grants: tuple[GrantRecord, ...] = ()  # those in force at the read's ``now``
+
+
+def add_keys(cns: Iterable[CnRecord], cn: str, keys: Sequence[str],
+             now: float) -> CnRecord:
+    """``Store.add_cn_keys``'s rule, one for every backend: the CN with ``keys``
+    added (created if new); KeyInUse when another CN holds one of them."""
+    have = {c.id: c for c in cns}
+    wanted = {key_identity(k): k.strip() for k in keys}
+    for other in have.values():
+        if other.id != cn:
+            taken = wanted.keys() & {key_identity(k) for k in other.keys}
+            if taken:
+                raise KeyInUse(f"key {sorted(taken)[0][:40]}... is CN {other.id}'s; "
+                               "one key belongs to one CN")
+    old = have.get(cn)
+    mine = list(old.keys) if old is not None else []
+    known = {key_identity(k) for k in mine}
+    mine += [line for ident, line in wanted.items() if ident not in known]
+    return CnRecord(cn, tuple(mine), old.added if old is not None else now)
+
+
+def drop_key(old: CnRecord | None, cn: str, key: str | None) -> CnRecord | None:
+    """``Store.remove_cn``'s rule: None (the whole CN goes), or the CN without
+    ``key``; CnNotFound for a CN or key it does not hold."""
+    if old is None:
+        raise CnNotFound(f"CN {cn} is not registered")
+    if key is None:
+        return None
+    left = tuple(k for k in old.keys if key_identity(k) != key_identity(key))
+    if len(left) == len(old.keys):
+        raise CnNotFound(f"CN {cn} has no such key")
+    return replace(old, keys=left)
+
+
 class Store(Protocol):
     """The coordinator's state; every mutation is atomic."""
 
@@ -231,6 +324,31 @@ class Store(Protocol):
 
         Raises PlacementConflict when the placement is no longer ``expected``.
         """
+        ...
+
+    # -- identity: CNs, VM owners, restore grants (one ``Registry``) --
+
+    async def registry(self, now: float) -> Registry:
+        """Every CN, owner and grant in force at ``now``, read as one."""
+        ...
+    async def registry_version(self) -> int:
+        """The version ``registry`` would say (cheap: what a zone polls)."""
+        ...
+    async def add_cn_keys(self, cn: str, keys: Sequence[str], now: float) -> CnRecord:
+        """Register CN ``cn`` (if new) with ``keys`` added; KeyInUse, changing nothing,
+        when another CN holds one of them (compared without comments)."""
+        ...
+    async def remove_cn(self, cn: str, key: str | None = None) -> CnRecord | None:
+        """Remove one key of a CN, or (``key`` None) the CN with its keys and
+        grants (its VMs keep naming it: nobody can act on them). CnNotFound."""
+        ...
+    async def assign_vms(self, owners: Mapping[str, str]) -> int:
+        """VM -> owning CN, for each given; the count that changed. CnNotFound,
+        changing nothing, when one names a CN not registered."""
+        ...
+    async def add_grant(self, grant: GrantRecord) -> GrantRecord:
+        """Record (or replace) the grant for (vm, cn); CnNotFound for an unknown CN.
+        Expired grants of the VM are dropped on the way."""
         ...
 
     async def close(self) -> None: ...

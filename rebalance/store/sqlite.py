@@ -8,24 +8,31 @@ under one lock, so the event loop never waits on the disk.
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
 from rebalance.placement import Move, ZoneState
 from rebalance.store.base import (
+    CnNotFound,
+    CnRecord,
+    GrantRecord,
     HostKeyMismatch,
     MoveRecord,
     MoveState,
     MoveStep,
     PlacementConflict,
+    Registry,
     ZoneNotEmpty,
     ZoneNotFound,
     ZoneRecord,
     ZoneRegistration,
+    add_keys,
+    drop_key,
     key_identity,
     next_move,
 )
@@ -79,10 +86,33 @@ CREATE TABLE IF NOT EXISTS moves (
     finished REAL
 );
 CREATE INDEX IF NOT EXISTS moves_state ON moves (state);
+CREATE TABLE IF NOT EXISTS cns (
+    id TEXT PRIMARY KEY,
+    keys TEXT NOT NULL,  -- JSON list of OpenSSH public key lines
+    added REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS owners (
+    vm TEXT PRIMARY KEY,
+    cn TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS grants (
+    vm TEXT NOT NULL,
+    cn TEXT NOT NULL,
+    expires REAL NOT NULL,
+    granted_by TEXT NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (vm, cn)
+);
+CREATE TABLE IF NOT EXISTS registry_version (
+    one INTEGER PRIMARY KEY CHECK (one = 1),
+    version INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO registry_version (one, version) VALUES (1, 0);
 """
 # 2: zone state 'pending' (admission). A version 1 store's zones were all let in
 # before admission existed: they keep their states, i.e. count as admitted.
-_SCHEMA_VERSION = 2
+# 3: the identity registry (cns, owners, grants, registry_version): new tables only.
+_SCHEMA_VERSION = 3
 _ZONE_COLS = ("uuid, name, ssh_host, ssh_port, http_url, host_key, capacity, state, "
               "registered, suspect_since, last_seen, used, free")
 _MOVE_COLS = ("id, vm, from_zone, to_zone, source, bytes, reason, state, step, progress, "
@@ -382,4 +412,90 @@ class SqliteStore:
             m = replace(self._get_move(db, move_id), step=MoveStep.DELETE, updated=now)
             self._write_move(db, m)
             return m
+        return await self._txn(fn)
+
+    # -- identity --
+
+    @staticmethod
+    def _cns(db: sqlite3.Connection) -> list[CnRecord]:
+        return [CnRecord(r[0], tuple(json.loads(r[1])), r[2])
+                for r in db.execute("SELECT id, keys, added FROM cns ORDER BY id")]
+
+    @staticmethod
+    def _bump(db: sqlite3.Connection) -> None:
+        db.execute("UPDATE registry_version SET version = version + 1")
+
+    @staticmethod
+    def _version(db: sqlite3.Connection) -> int:
+        return int(db.execute("SELECT version FROM registry_version").fetchone()[0])
+
+    async def registry_version(self) -> int:
+        return await self._run(self._version)
+
+    async def registry(self, now: float) -> Registry:
+        def fn(db: sqlite3.Connection) -> Registry:
+            # One read transaction: the version and what it versions agree.
+            db.execute("BEGIN")
+            try:
+                return Registry(
+                    self._version(db), tuple(self._cns(db)),
+                    {r[0]: r[1] for r in db.execute("SELECT vm, cn FROM owners ORDER BY vm")},
+                    tuple(GrantRecord(*r) for r in db.execute(
+                        "SELECT vm, cn, expires, granted_by, created FROM grants "
+                        "WHERE expires > ? ORDER BY vm, cn", (now,))))
+            finally:
+                db.execute("COMMIT")
+        return await self._run(fn)
+
+    async def add_cn_keys(self, cn: str, keys: Sequence[str], now: float) -> CnRecord:
+        def fn(db: sqlite3.Connection) -> CnRecord:
+            new = add_keys(self._cns(db), cn, keys, now)
+            db.execute("INSERT OR REPLACE INTO cns (id, keys, added) VALUES (?, ?, ?)",
+                       (new.id, json.dumps(list(new.keys)), new.added))
+            self._bump(db)
+            return new
+        return await self._txn(fn)
+
+    async def remove_cn(self, cn: str, key: str | None = None) -> CnRecord | None:
+        def fn(db: sqlite3.Connection) -> CnRecord | None:
+            old = next((c for c in self._cns(db) if c.id == cn), None)
+            new = drop_key(old, cn, key)
+            if new is None:
+                db.execute("DELETE FROM cns WHERE id=?", (cn,))
+                db.execute("DELETE FROM grants WHERE cn=?", (cn,))
+            else:
+                db.execute("UPDATE cns SET keys=? WHERE id=?", (json.dumps(list(new.keys)), cn))
+            self._bump(db)
+            return new
+        return await self._txn(fn)
+
+    async def assign_vms(self, owners: Mapping[str, str]) -> int:
+        def fn(db: sqlite3.Connection) -> int:
+            known = {c.id for c in self._cns(db)}
+            missing = sorted(set(owners.values()) - known)
+            if missing:
+                raise CnNotFound(f"CN {missing[0]} is not registered (snapper cn add)")
+            n = 0
+            for vm, cn in owners.items():
+                row = db.execute("SELECT cn FROM owners WHERE vm=?", (vm,)).fetchone()
+                if row is None or row[0] != cn:
+                    db.execute("INSERT OR REPLACE INTO owners (vm, cn) VALUES (?, ?)",
+                               (vm, cn))
+                    n += 1
+            if n:
+                self._bump(db)
+            return n
+        return await self._txn(fn)
+
+    async def add_grant(self, grant: GrantRecord) -> GrantRecord:
+        def fn(db: sqlite3.Connection) -> GrantRecord:
+            if db.execute("SELECT 1 FROM cns WHERE id=?", (grant.cn,)).fetchone() is None:
+                raise CnNotFound(f"CN {grant.cn} is not registered (snapper cn add)")
+            db.execute("DELETE FROM grants WHERE vm=? AND expires <= ?",
+                       (grant.vm, grant.created))
+            db.execute("INSERT OR REPLACE INTO grants (vm, cn, expires, granted_by, created) "
+                       "VALUES (?, ?, ?, ?, ?)", (grant.vm, grant.cn, grant.expires,
+                                                  grant.granted_by, grant.created))
+            self._bump(db)
+            return grant
         return await self._txn(fn)

@@ -17,6 +17,13 @@ Layout under the chroot (``/snapper`` by default), JSON znodes:
                         added to a store laid out before it, at open)
     refs/<zone>/p-<vm>  the zone is in the VM's placement
     refs/<zone>/m-<id>  the zone is in an active move (from, to or source)
+    identity            the registry's version (an integer): every transaction
+                        that changes a CN, an owner or a grant sets it, checked
+                        against the version read, so identity writers are
+                        serialised and a reader can tell a torn read
+    cns/<id>            a CN: {"keys": [OpenSSH lines], "added"}
+    owners/<bucket>     {vm: cn id}, the placement's buckets
+    grants/<vm>@<cn>    a restore grant: {"expires", "granted_by", "created"}
 
 Every mutation is ONE ZooKeeper transaction (``multi``) whose ``set_data`` and
 ``delete`` carry the version read before: a concurrent writer makes it fail
@@ -50,7 +57,7 @@ import hashlib
 import json
 import logging
 import threading
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, TypeVar
 
@@ -70,16 +77,22 @@ from kazoo.protocol.states import KazooState, ZnodeStat
 
 from rebalance.placement import Move, ZoneState
 from rebalance.store.base import (
+    CnNotFound,
+    CnRecord,
+    GrantRecord,
     HostKeyMismatch,
     MoveRecord,
     MoveState,
     MoveStep,
     PlacementConflict,
+    Registry,
     StoreUnavailable,
     ZoneNotEmpty,
     ZoneNotFound,
     ZoneRecord,
     ZoneRegistration,
+    add_keys,
+    drop_key,
     key_identity,
     next_move,
 )
@@ -94,6 +107,9 @@ SCHEMA_VERSION = 1
 # write rewrites one small bucket (~10 kB at 100k VMs). Fixed by the schema.
 _BUCKETS = 1024
 _DIRS = ("zones", "placement", "sizes", "moves", "active", "refs", "failed")
+# The identity registry's, created on every open (a chroot laid out before them
+# gains them; schema 1 stands, older coordinators just ignore them).
+_IDENTITY_DIRS = ("cns", "owners", "grants")
 _ACTIVE = frozenset({MoveState.PLANNED, MoveState.RUNNING})
 # Below ZooKeeper's 1 MB request limit with room to spare (a sizes bucket is
 # ~5 kB at 100k VMs, a move with its index and refs ~600 bytes).
@@ -329,6 +345,7 @@ class ZkStore:
                 raise RuntimeError(f"ZooKeeper {self.chroot}: store schema {version} is newer "
                                    f"than this coordinator's ({SCHEMA_VERSION})")
             await self._index_failed()
+            await self._identity_layout()
             return
         # Idempotent: coordinators starting together both get through; schema last,
         # so whoever sees it sees every directory.
@@ -341,6 +358,15 @@ class ZkStore:
             for x in got:
                 if isinstance(x, BaseException) and not isinstance(x, NodeExistsError):
                     raise x
+        await self._identity_layout()
+
+    async def _identity_layout(self) -> None:
+        got = await self._wait_all(lambda: [
+            self._zk.create_async(p, v) for p, v in
+            [(self._p(d), b"") for d in _IDENTITY_DIRS] + [(self._p("identity"), b"0")]])
+        for x in got:
+            if isinstance(x, BaseException) and not isinstance(x, NodeExistsError):
+                raise x
 
     async def _index_failed(self) -> None:
         """A store laid out before ``failed/`` existed: index its failed moves once."""
@@ -763,3 +789,158 @@ class ZkStore:
             return new
         return await self._retrying(once)
 
+
+    # -- identity --
+
+    async def _identity(self) -> tuple[int, int]:
+        """The registry's version and its znode's (what a writer checks)."""
+        got = await self._get(self._p("identity"))
+        if got is None:
+            raise StoreUnavailable(f"ZooKeeper {self.chroot}: identity is missing")
+        return int(got[0] or b"0"), got[1].version
+
+    async def registry_version(self) -> int:
+        return (await self._identity())[0]
+
+    async def _cns(self) -> list[CnRecord]:
+        names = sorted(await self._children(self._p("cns")))
+        got = await self._get_many([self._p("cns", n) for n in names])
+        out = []
+        for n, d in zip(names, got, strict=True):
+            if d is not None:
+                doc = json.loads(d)
+                out.append(CnRecord(n, tuple(doc["keys"]), float(doc["added"])))
+        return out
+
+    async def _grants(self) -> list[GrantRecord]:
+        names = sorted(await self._children(self._p("grants")))
+        got = await self._get_many([self._p("grants", n) for n in names])
+        out = []
+        for n, d in zip(names, got, strict=True):
+            if d is not None:
+                vm, _, cn = n.partition("@")
+                doc = json.loads(d)
+                out.append(GrantRecord(vm, cn, float(doc["expires"]), str(doc["granted_by"]),
+                                       float(doc["created"])))
+        return out
+
+    async def registry(self, now: float) -> Registry:
+        async def attempt() -> Registry:
+            version, _ = await self._identity()
+            cns = await self._cns()
+            owners = await self._all_buckets("owners")
+            grants = [g for g in await self._grants() if g.expires > now]
+            if (await self._identity())[0] != version:
+                raise _Race  # a writer between the reads: read it all again
+            return Registry(version, tuple(cns), dict(sorted(owners.items())), tuple(grants))
+        return await self._retrying(attempt)
+
+    async def _identity_commit(self, version: tuple[int, int],
+                               build: Callable[[TransactionRequest], None]) -> None:
+        """``build``'s writes and the registry's version bump, as one transaction;
+        any identity write since ``version`` was read makes it a race."""
+        def with_bump(t: TransactionRequest) -> None:
+            build(t)
+            t.set_data(self._p("identity"), str(version[0] + 1).encode(), version[1])
+        try:
+            await self._commit(with_bump)
+        except (BadVersionError, NoNodeError, NodeExistsError) as e:
+            raise _Race from e
+
+    async def add_cn_keys(self, cn: str, keys: Sequence[str], now: float) -> CnRecord:
+        path = self._p("cns", _name("cn", cn))
+
+        async def attempt() -> CnRecord:
+            version = await self._identity()
+            cns = await self._cns()
+            new = add_keys(cns, cn, keys, now)
+            data = _dump({"keys": list(new.keys), "added": new.added})
+            exists = any(c.id == cn for c in cns)
+            await self._identity_commit(version, lambda t: (
+                t.set_data(path, data) if exists else t.create(path, data)))
+            return new
+        return await self._retrying(attempt)
+
+    async def remove_cn(self, cn: str, key: str | None = None) -> CnRecord | None:
+        path = self._p("cns", _name("cn", cn))
+
+        async def attempt() -> CnRecord | None:
+            version = await self._identity()
+            old = next((c for c in await self._cns() if c.id == cn), None)
+            new = drop_key(old, cn, key)
+            gone = [g for g in await self._grants() if g.cn == cn] if new is None else []
+
+            def build(t: TransactionRequest) -> None:
+                if new is None:
+                    t.delete(path)
+                    for g in gone:
+                        t.delete(self._p("grants", f"{g.vm}@{g.cn}"))
+                else:
+                    t.set_data(path, _dump({"keys": list(new.keys), "added": new.added}))
+            await self._identity_commit(version, build)
+            return new
+        return await self._retrying(attempt)
+
+    async def assign_vms(self, owners: Mapping[str, str]) -> int:
+        by_bucket: dict[str, list[str]] = {}
+        for vm in owners:
+            by_bucket.setdefault(vm_bucket(_name("vm", vm)), []).append(vm)
+        names = sorted(by_bucket)
+        paths = [self._p("owners", n) for n in names]
+        changed: set[str] = set()  # over retries: a chunk committed stays counted
+
+        async def attempt() -> None:
+            version = await self._identity()
+            known = {c.id for c in await self._cns()}
+            missing = sorted(set(owners.values()) - known)
+            if missing:
+                raise CnNotFound(f"CN {missing[0]} is not registered (snapper cn add)")
+            got = await self._wait_all(functools.partial(self._start_gets, paths))
+            writes: list[tuple[_Bucket, dict[str, str]]] = []
+            for name, path, x in zip(names, paths, got, strict=True):
+                if isinstance(x, BaseException) and not isinstance(x, NoNodeError):
+                    raise x
+                b = _Bucket(path, {}, None) if isinstance(x, NoNodeError) else \
+                    _Bucket(path, json.loads(x[0]), x[1].version)
+                new = {vm: owners[vm] for vm in by_bucket[name] if b.data.get(vm) != owners[vm]}
+                if new:
+                    writes.append((b, {**b.data, **new}))
+            # Each chunk of buckets one transaction with its own version bump (the
+            # 1 MB request limit); a crash between chunks leaves each VM's owner
+            # whole, and a sync again does the rest.
+            for i in range(0, len(writes), _BUCKETS_PER_TXN):
+                chunk = writes[i:i + _BUCKETS_PER_TXN]
+
+                def build(t: TransactionRequest,
+                          chunk: list[tuple[_Bucket, dict[str, str]]] = chunk) -> None:
+                    for b, d in chunk:
+                        b.write(t, d)
+                await self._identity_commit(version, build)
+                version = (version[0] + 1, version[1] + 1)
+                for b, d in chunk:
+                    changed.update(vm for vm, cn in d.items() if b.data.get(vm) != cn)
+        await self._retrying(attempt)
+        return len(changed)
+
+    async def add_grant(self, grant: GrantRecord) -> GrantRecord:
+        path = self._p("grants", f"{_name('vm', grant.vm)}@{_name('cn', grant.cn)}")
+
+        async def attempt() -> GrantRecord:
+            version = await self._identity()
+            if not any(c.id == grant.cn for c in await self._cns()):
+                raise CnNotFound(f"CN {grant.cn} is not registered (snapper cn add)")
+            mine = [g for g in await self._grants() if g.vm == grant.vm]
+            data = _dump({"expires": grant.expires, "granted_by": grant.granted_by,
+                          "created": grant.created})
+
+            def build(t: TransactionRequest) -> None:
+                for g in mine:
+                    if g.cn != grant.cn and g.expires <= grant.created:
+                        t.delete(self._p("grants", f"{g.vm}@{g.cn}"))
+                if any(g.cn == grant.cn for g in mine):
+                    t.set_data(path, data)
+                else:
+                    t.create(path, data)
+            await self._identity_commit(version, build)
+            return grant
+        return await self._retrying(attempt)

@@ -6,6 +6,7 @@
     snapper push VM_UUID [--name SNAP] [--from BASE] [--metadata FILE]
                  [--durability mirrored|local]
     snapper restore VM_UUID SNAP [--target DATASET] [--rollback] [--metadata-out FILE]
+                    [--to-cn CN]
     snapper list [VM_UUID] [--json]
     snapper export VM_UUID SNAP FILE [--json]
     snapper import FILE [--target DATASET] [--check] [--metadata-out FILE] [--json]
@@ -375,8 +376,17 @@ async def cmd_push(args: argparse.Namespace, s: CnSettings) -> int:
 async def cmd_restore(args: argparse.Namespace, s: CnSettings) -> int:
     async with _client(s) as zone:
         cn = CnClient(zone, dataset_root=s.dataset_root, progress=_reporter(args.progress))
-        report = await cn.restore(args.vm, args.snapshot, args.target, rollback=args.rollback,
-                                  metadata_path=args.metadata_out)
+        try:
+            report = await cn.restore(args.vm, args.snapshot, args.target,
+                                      rollback=args.rollback, metadata_path=args.metadata_out)
+        except ZoneError as e:
+            if args.to_cn is None or e.code != "NotAuthorized":
+                raise
+            # Onto another CN than the VM's own: only an operator's grant in force lets it.
+            raise ZoneError(e.code, f"{e.message}. Restoring VM {args.vm} onto CN "
+                            f"{args.to_cn} needs an operator's grant in force: snapper grant "
+                            f"restore {args.vm} --to-cn {args.to_cn} --for 1h",
+                            e.command, e.exit_status) from e
     for d in report.datasets:
         base = f" from @{d.base}" if d.base else ""
         print(f"restored {d.dataset}@{report.snapshot}: {d.action}{base} "
@@ -520,6 +530,9 @@ def build_parser(more: Callable[[Any], None] | None = None) -> argparse.Argument
                          "and changes (receive -F)")
     restore.add_argument("--metadata-out", metavar="FILE",
                          help="write the metadata JSON here (default: stdout)")
+    restore.add_argument("--to-cn", metavar="CN",
+                         help="this CN (its id) restores a VM it does not own, under an "
+                         "operator's grant (snapper grant restore VM --to-cn CN --for 1h)")
     restore.set_defaults(handler=cmd_restore)
 
     export = sub.add_parser("export", help="write a VM snapshot the zone holds (every "

@@ -17,6 +17,7 @@ in the grammar of ``progress.parse_size`` (the CLI's ``--capacity``, ``--bwlimit
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import re
@@ -36,6 +37,8 @@ __all__ = [
     "DEFAULT_LISTEN_HOST",
     "DEFAULT_MAX_CONCURRENT_RECEIVES",
     "DEFAULT_METADATA_MAX_BYTES",
+    "FIXED_LIMITS",
+    "LIVE_FIELDS",
     "ConfigError",
     "Durability",
     "FieldParser",
@@ -50,6 +53,7 @@ __all__ = [
     "parse_config",
     "parse_keys",
     "read_document",
+    "reloaded",
 ]
 
 Role = Literal["cn", "peer", "operator"]
@@ -238,6 +242,12 @@ class ZoneConfig:
     def answers_path(self) -> Path:
         """The answer cache (``common/answers``); one per zone uuid, so zones may share a dir."""
         return self.state_dir / f"coordinator-answers-{self.uuid}.json"
+
+    @property
+    def identity_path(self) -> Path:
+        """The last verified copy of the coordinator's identity registry
+        (``replication/identity``), its signature with it."""
+        return self.state_dir / f"coordinator-identity-{self.uuid}.json"
     retention: RetentionConfig | None = None  # None: snapshots are deleted by hand only
 
     @property
@@ -260,6 +270,30 @@ class ZoneConfig:
     def cn_for_vm(self, vm_uuid: str) -> str | None:
         """The CN a VM belongs to per the static map, or None if unmapped."""
         return self.vms.get(vm_uuid.lower())
+
+
+# What a SIGHUP (SMF ``refresh``) changes in a running snapperd; every other
+# field is bound at start-up (listeners, root, uuid, peers, coordinator, receive
+# slots) and a change to it is logged and left for a restart.
+LIVE_FIELDS = ("keys", "vms", "durability", "mirror_timeout_seconds", "stream_idle_seconds",
+               "limits")
+# Of ``limits``, these are bound at start-up too (the SSH server's own settings).
+FIXED_LIMITS = ("max_connections", "max_connections_per_principal", "login_timeout_seconds",
+                "keepalive_interval_seconds", "keepalive_count_max", "max_receives_per_principal",
+                "max_concurrent_mirror_receives")
+
+
+def reloaded(old: ZoneConfig, new: ZoneConfig) -> tuple[ZoneConfig, list[str]]:
+    """The config a SIGHUP puts in force: ``new``'s live fields, ``old``'s others;
+    and the dotted names of the changes left for a restart."""
+    fixed = [f.name for f in dataclasses.fields(new) if f.name not in LIVE_FIELDS
+             and getattr(new, f.name) != getattr(old, f.name)]
+    fixed += [f"limits.{n}" for n in FIXED_LIMITS
+              if getattr(new.limits, n) != getattr(old.limits, n)]
+    limits = dataclasses.replace(new.limits, **{n: getattr(old.limits, n)
+                                                for n in FIXED_LIMITS})
+    live = {n: getattr(new, n) for n in LIVE_FIELDS}
+    return dataclasses.replace(old, **{**live, "limits": limits}), fixed
 
 
 # --------------------------------------------------------------------------

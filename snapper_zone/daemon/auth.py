@@ -4,7 +4,9 @@ Every SSH client is one of the keys in the zone's config, and each key has a
 role:
 
 - ``cn``: a compute node. It may push, restore, list, commit, read and delete
-  snapshots of the VMs mapped to it, and nothing of any other VM.
+  snapshots of the VMs mapped to it (the coordinator's registry, else the
+  static ``[vms]``), and nothing of any other VM, except restoring (list, read
+  metadata, ``send``) a VM an operator's grant in force names it for.
 - ``peer``: another snapper zone. It may run every command, but only on a
   VM whose *scope* holds both zones: the VM's placement and every zone of a
   move in flight for it (the coordinator's ``scope``), or without a
@@ -22,7 +24,7 @@ command would then do to ZFS is none of its business.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from snapper_zone.common.config import Role, TrustedKey
 from snapper_zone.common.httpsig import NotAuthorized
@@ -40,8 +42,8 @@ from snapper_zone.wire.protocol import (
     Snapshots,
 )
 
-__all__ = ["NotAuthorized", "Principal", "allowed_verbs", "authorize", "check_owner",
-           "peer_in_scope", "verb", "vm_of"]
+__all__ = ["RESTORE_VERBS", "NotAuthorized", "Principal", "allowed_verbs", "authorize",
+           "check_owner", "peer_in_scope", "verb", "vm_of"]
 
 
 _VERBS: dict[type, str] = {
@@ -65,6 +67,10 @@ _ALLOWED: dict[Role, frozenset[str]] = {
 }
 
 
+# What a restore grant lets a CN run on a VM not its own: reading, never writing.
+RESTORE_VERBS = frozenset({"snapshots", "metadata", "send"})
+
+
 def verb(command: Command) -> str:
     """The grammar's verb for a parsed command ("resume-token", ...)."""
     return _VERBS[type(command)]
@@ -82,10 +88,12 @@ class Principal:
     id: str  # cn_id, peer zone uuid, or operator name (key comment, else fingerprint)
     fingerprint: str
     connection: int = 0  # which SSH connection (for logs)
+    # The key's wire encoding: who it is is looked up again per command.
+    key_data: bytes = field(default=b"", repr=False, compare=False)
 
     @classmethod
     def from_key(cls, key: TrustedKey, connection: int = 0) -> Principal:
-        return cls(key.role, key.name, key.fingerprint, connection)
+        return cls(key.role, key.name, key.fingerprint, connection, key.key_data)
 
     @property
     def label(self) -> str:
@@ -107,11 +115,13 @@ def peer_in_scope(me: str, peer: str, scope: Collection[str] | None) -> bool:
 
 def authorize(principal: Principal, command: Command,
               owner_of: Callable[[str], str | None], *, me: str = "",
-              scope: Collection[str] | None = None) -> None:
+              scope: Collection[str] | None = None,
+              granted: Callable[[str, str], bool] = lambda vm, cn: False) -> None:
     """Return if ``principal`` may run ``command``; raise NotAuthorized otherwise.
 
     ``owner_of(vm)`` is the CN id a VM is mapped to (None when unmapped);
-    ``scope`` is the command's VM's scope, for a peer on zone ``me``.
+    ``scope`` is the command's VM's scope, for a peer on zone ``me``;
+    ``granted(vm, cn)`` whether a restore grant in force names the CN.
     """
     name = verb(command)
     if name not in _ALLOWED[principal.role]:
@@ -129,7 +139,10 @@ def authorize(principal: Principal, command: Command,
             raise NotAuthorized(f"VM {vm} is {where}: peer zone {principal.id} may not "
                                 f"{name} it here (zone {me})")
         return
-    check_owner(principal.id, vm, owner_of(vm), name)
+    owner = owner_of(vm)
+    if owner != principal.id and name in RESTORE_VERBS and granted(vm, principal.id):
+        return  # an operator let this CN restore the VM, for a while
+    check_owner(principal.id, vm, owner, name)
 
 
 def check_owner(cn_id: str, vm: str, owner: str | None, what: str) -> None:

@@ -24,6 +24,7 @@ import asyncssh
 from aiohttp import web
 
 from replication.coordinator_client import CoordinatorClient
+from replication.identity import IdentityFollower
 from replication.peers import PeerLinks
 from replication.registration import Registrar, zone_record
 from replication.replicator import Replicator
@@ -145,6 +146,11 @@ async def serve(config: ZoneConfig, args: argparse.Namespace, log: logging.Logge
         AnswerCache.load(config.answers_path, log)) if config.coordinator_url else None
     if config.peers or coordinator is not None:
         zone.replicator = Replicator(zone, PeerLinks(config, log, coordinator))
+    if coordinator is not None:
+        # The registry's last verified copy is in force before the first command:
+        # a zone restarted while no coordinator answers keeps who is who.
+        zone.identity = IdentityFollower(coordinator, config.identity_path, log)
+        zone.identity.load()
     if config.retention is not None:
         try:
             policies = load_policies(config.retention.policy)
@@ -164,6 +170,7 @@ async def serve(config: ZoneConfig, args: argparse.Namespace, log: logging.Logge
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    loop.add_signal_handler(signal.SIGHUP, reload_config, zone, args.config)
 
     acceptor: asyncssh.SSHAcceptor | None = None
     # aiohttp's access log would repeat the API's own audit line for each request.
@@ -185,6 +192,8 @@ async def serve(config: ZoneConfig, args: argparse.Namespace, log: logging.Logge
             ready: dict[str, Any] = {"pid": os.getpid(), "ssh_port": ssh_port,
                                      "http_port": http_port}
             write_atomically(args.ready_file, json.dumps(ready).encode() + b"\n")
+        if zone.identity is not None:
+            zone.identity.start()
         if zone.replicator is not None:
             zone.replicator.start()
             if coordinator is not None:
@@ -208,12 +217,31 @@ async def serve(config: ZoneConfig, args: argparse.Namespace, log: logging.Logge
         pruning.cancel()
         await asyncio.gather(pruning, return_exceptions=True)
     await _wait_for_transfers(zone, args.grace)
+    if zone.identity is not None:
+        await zone.identity.stop()
     if registrar is not None:
         await registrar.stop()
     if zone.replicator is not None:
         await zone.replicator.stop()  # between rounds; a cut transfer is redone later
     log.info("stopped")
     return EXIT_OK
+
+
+def reload_config(zone: Zone, path: str) -> None:
+    """SIGHUP (SMF ``refresh``): read the config again and put its live fields in
+    force (``config.LIVE_FIELDS``: keys, vms, durability, timeouts, most limits);
+    a bad file is logged and changes nothing, as is a change needing a restart."""
+    try:
+        new = load_config(path)
+    except ConfigError as e:
+        zone.log.error("config not reloaded: %s", e, extra={"config": path})
+        return
+    fixed = zone.reload(new)
+    zone.log.info("config reloaded", extra={"config": path, "keys": len(new.keys),
+                                            "vms": len(new.vms)})
+    if fixed:
+        zone.log.warning("config changes that need a restart were not applied",
+                         extra={"fields": fixed})
 
 
 async def _registration(zone: Zone, ssh_port: int, http_port: int) -> ZoneRegistration:

@@ -103,6 +103,16 @@ class Service:
         """Parse, authorise and run one command; return its exit status."""
         label = _verb_label(line)
         try:
+            now = self.zone.current(principal)
+            if now is None:
+                # Revoked since the connection authenticated: refused per command.
+                self.zone.metrics.auth_failures.labels("not_authorized").inc()
+                self.log.warning("command refused: key no longer trusted", extra={
+                    "principal": principal.label, "fingerprint": principal.fingerprint,
+                    "command": line[:200]})
+                raise NotAuthorized(f"key {principal.fingerprint} ({principal.label}) is no "
+                                    "longer trusted by this zone")
+            principal = now
             cmd = protocol.parse(line)
             label = verb(cmd)
             vm = vm_of(cmd)
@@ -111,7 +121,7 @@ class Service:
                 if principal.role == "peer" and vm is not None else None
             try:
                 authorize(principal, cmd, self.zone.owner_of, me=self.zone.config.uuid,
-                          scope=scope)
+                          scope=scope, granted=self.zone.granted)
             except NotAuthorized as err:
                 self.zone.metrics.auth_failures.labels("not_authorized").inc()
                 self.log.warning("command refused", extra={

@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING
 
 import asyncssh
 
+from replication.identity import IdentityFollower
 from replication.peers import static_scope
-from snapper_zone.common.config import TrustedKey, ZoneConfig
+from snapper_zone.common.config import TrustedKey, ZoneConfig, reloaded
 from snapper_zone.common.httpsig import Identity
 from snapper_zone.common.metrics import Metrics
-from snapper_zone.daemon.auth import peer_in_scope
+from snapper_zone.daemon.auth import Principal, peer_in_scope
 from snapper_zone.daemon.limits import PerPrincipal
 from snapper_zone.errors import NotPlacedHere, SnapperError
 from snapper_zone.transfer.local import LocalEndpoint, Quotas, ReceiveSlots, ZoneReceiver
@@ -55,6 +56,9 @@ class Zone:
         default_factory=lambda: defaultdict(asyncio.Lock))
     # Set by the daemon when the zone has peers (replication/).
     replicator: Replicator | None = None
+    # Set by the daemon with a coordinator: its identity registry (CN keys, VM
+    # owners, restore grants), followed live.
+    identity: IdentityFollower | None = None
     # Set by the daemon when the config names a retention policy (daemon/prune).
     pruner: Pruner | None = None
 
@@ -81,11 +85,35 @@ class Zone:
             sends=PerPrincipal(config.limits.max_sends_per_principal))
 
     def key_for(self, key_data: bytes) -> TrustedKey | None:
-        """A client key the config trusts, or a peer zone's the coordinator registered."""
+        """A client key the config trusts, a CN's of the coordinator's registry, or a
+        peer zone's the coordinator registered."""
         found = self.config.key_for(key_data)
+        if found is None and self.identity is not None:
+            found = self.identity.keys.get(key_data)
         if found is None and self.replicator is not None:
             found = self.replicator.links.learned_keys.get(key_data)
         return found
+
+    def current(self, principal: Principal) -> Principal | None:
+        """Who ``principal``'s key is now (checked per command): None once it is no
+        longer trusted (removed from the registry, or the config after a reload)."""
+        if not principal.key_data:
+            return principal  # not from a key (an in-process caller)
+        key = self.key_for(principal.key_data)
+        return None if key is None else Principal.from_key(key, principal.connection)
+
+    def granted(self, vm: str, cn: str) -> bool:
+        """Whether an operator's grant in the registry lets CN ``cn`` restore ``vm``."""
+        return self.identity is not None and self.identity.granted(vm, cn)
+
+    def reload(self, new: ZoneConfig) -> list[str]:
+        """SIGHUP: the live fields of ``new`` in force at once (``config.LIVE_FIELDS``);
+        the names of the changes that need a restart, which are not applied."""
+        self.config, fixed = reloaded(self.config, new)
+        self.sends.cap = self.config.limits.max_sends_per_principal
+        if self.replicator is not None:
+            self.replicator.links.reconfigure(self.config)
+        return fixed
 
     async def peer_scope(self, vm: str, peer: str) -> frozenset[str] | None:
         """The zones whose peers may act on ``vm`` here (``auth.authorize``'s scope);
@@ -139,6 +167,8 @@ class Zone:
         key (operator, cn, peer -> role "zone"), the coordinator (``coordinator_key``),
         or a peer zone the coordinator registered; None for a stranger."""
         keys: list[TrustedKey] = list(self.config.keys)
+        if self.identity is not None:
+            keys += self.identity.keys.values()
         if self.replicator is not None:
             keys += self.replicator.links.learned_keys.values()
         for k in keys:
@@ -209,8 +239,10 @@ class Zone:
             raise SnapshotInUse(f"VM {vm} has transfers in flight; retry when they end")
 
     def owner_of(self, vm: str) -> str | None:
-        """The CN a VM belongs to, from the static map (the coordinator comes later)."""
-        return self.config.vms.get(vm)
+        """The CN a VM belongs to: the coordinator's registry where it names the VM,
+        else the config's static ``[vms]``."""
+        owner = self.identity.owner_of(vm) if self.identity is not None else None
+        return owner if owner is not None else self.config.vms.get(vm)
 
     async def refresh_capacity(self) -> int:
         root = await self.zfs.dataset(self.store.root)

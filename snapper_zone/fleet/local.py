@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import random
+import signal
 import socket
 import sys
 import time
@@ -60,6 +61,9 @@ class LocalCN:
     pool: FilePool
     key_path: Path
     vms: list[str] = field(default_factory=list)
+    # In the zones' and the coordinator's static config ([[keys]], [vms]); a CN
+    # that is not is known through the coordinator's registry only (snapper cn add).
+    static: bool = True
 
     @property
     def dataset_root(self) -> str:
@@ -204,13 +208,8 @@ class LocalFleet:
             self.fuse = localpool.ZfsFuse(self.workdir / "zfs-fuse")
             await asyncio.to_thread(self.fuse.start)
         _keypair(self.operator_key, "operator")
-        for i in range(cns):
-            pool = await localpool.create_pool(self.zfs, self.workdir / "pools", "cn",
-                                               size=pool_size)
-            cn = LocalCN(f"cn{i}", pool, self.workdir / f"cn{i}_ed25519")
-            _keypair(cn.key_path, cn.id)
-            cn.vms = [str(uuid.uuid4()) for _ in range(vms_per_cn)]
-            self.cns.append(cn)
+        for _ in range(cns):
+            await self.add_cn(vms_per_cn, pool_size)
         if self.coordinator is not None:
             # After the operator and CN keys: its config trusts them.
             await self.start_coordinator()
@@ -220,10 +219,31 @@ class LocalFleet:
         if self.coordinator is not None:
             await self.admit(self.zones)
 
+    async def add_cn(self, vms: int = 1, pool_size: int = 1 << 30, *,
+                     static: bool = True) -> LocalCN:
+        """A compute node: a pool, a key and ``vms`` VM uuids. Static ones are in the
+        configs written after this; others are the registry's to know
+        (``register_cn``)."""
+        pool = await localpool.create_pool(self.zfs, self.workdir / "pools", "cn",
+                                           size=pool_size)
+        n = len(self.cns)
+        cn = LocalCN(f"cn{n}", pool, self.workdir / f"cn{n}_ed25519", static=static)
+        _keypair(cn.key_path, cn.id)
+        cn.vms = [str(uuid.uuid4()) for _ in range(vms)]
+        self.cns.append(cn)
+        return cn
+
+    async def register_cn(self, cn: LocalCN) -> None:
+        """As the operator: the CN and its key into the coordinator's registry, and
+        its VMs assigned to it (``snapper cn add``, ``snapper vm assign``)."""
+        await self.snapper("cn", "add", cn.id, "--key", f"{cn.key_path}.pub")
+        for vm in cn.vms:
+            await self.snapper("vm", "assign", vm, cn.id)
+
     def zone_config(self, zone: LocalZone) -> dict[str, Any]:
         keys: list[dict[str, str]] = [
             {"role": "cn", "cn_id": cn.id, "public_key_file": str(cn.key_path) + ".pub"}
-            for cn in self.cns]
+            for cn in self.cns if cn.static]
         keys.append({"role": "operator", "public_key_file": str(self.operator_key) + ".pub"})
         keys += [{"role": "peer", "zone": z.uuid, "public_key_file": str(z.host_key_pub)}
                  for z in self.zones if z is not zone and z.host_key_pub.exists()]
@@ -238,7 +258,7 @@ class LocalFleet:
             "http": {"host": "127.0.0.1", "advertise_host": "127.0.0.1",
                      "port": zone.http_port},
             "keys": keys,
-            "vms": {vm: cn.id for cn in self.cns for vm in cn.vms},
+            "vms": {vm: cn.id for cn in self.cns if cn.static for vm in cn.vms},
             "peers": peers if self.mirrored else [],
             "reconcile_interval_ms": self.reconcile_interval_ms,
             "pipelined_mirroring": self.pipelined and zone.pipelined,
@@ -283,6 +303,17 @@ class LocalFleet:
                 and self.coordinator.daemon is not None:
             await self.admit([zone])
 
+    async def snapper(self, *args: str) -> Any:
+        """Run the ``snapper`` operator CLI against our coordinator; its JSON output
+        with ``--json``; AdmissionFailed (with its stderr) when it fails."""
+        return await self._snapper(*args)
+
+    def reload_zone(self, zone: LocalZone) -> None:
+        """Write the zone's config again and have it reload (SIGHUP, SMF ``refresh``)."""
+        assert zone.daemon is not None
+        zone.config_path.write_text(json.dumps(self.zone_config(zone), indent=2))
+        os.kill(zone.daemon.pid, signal.SIGHUP)
+
     async def _snapper(self, *args: str) -> Any:
         """Run the ``snapper`` operator CLI against our coordinator; its JSON output."""
         assert self.coordinator is not None
@@ -322,7 +353,8 @@ class LocalFleet:
         if not c.key.exists():  # kept across restarts: the zones pin its .pub
             _keypair(c.key, "snapper-coordinator")
         keys = "".join(f'[[keys]]\nrole = "cn"\ncn_id = "{cn.id}"\n'
-                       f'public_key_file = "{cn.key_path}.pub"\n' for cn in self.cns)
+                       f'public_key_file = "{cn.key_path}.pub"\n' for cn in self.cns
+                       if cn.static)
         c.config_path.write_text(
             f'store = "{c.store}"\nkey = "{c.key}"\n'
             f'[listen]\nhost = "127.0.0.1"\nport = {c.port}\n'

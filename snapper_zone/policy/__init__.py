@@ -1,7 +1,7 @@
 """Policies: when snapshots are taken, from which base they are sent, how long
 they are kept. Pure: the CN's agent and the zones' pruning do the I/O."""
 
-from snapper_zone.policy.durations import parse_duration
+from snapper_zone.common.durations import parse_duration
 from snapper_zone.policy.retention import Grid, Retention, Snap, Verdict, plan_prune
 from snapper_zone.policy.schedule import Cron, Interval, parse_schedule
 from snapper_zone.policy.spec import (

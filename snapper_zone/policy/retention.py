@@ -26,7 +26,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from snapper_zone.policy.durations import format_duration, parse_duration
+from snapper_zone.common.durations import format_duration, parse_duration
 
 __all__ = ["Grid", "Interval", "Retention", "RetentionError", "Snap", "Verdict",
            "plan_prune"]

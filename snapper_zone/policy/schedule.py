@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Protocol
 
-from snapper_zone.policy.durations import parse_duration
+from snapper_zone.common.durations import parse_duration
 
 __all__ = ["Cron", "Interval", "Schedule", "ScheduleError", "parse_schedule"]
 

@@ -5,12 +5,16 @@ Below everything else: imports only ``snapper_zone.errors`` and ``snapper_zone.z
 
 from snapper_zone.wire.documents import (
     GUID_MAX,
+    CnIdentity,
+    IdentityDocument,
     InvalidDocument,
     Inventory,
     Part,
+    RestoreGrant,
     VmSnapshot,
     ZoneEndpoint,
     ZoneRegistration,
+    check_cn_id,
     elsewhere_from_json,
     elsewhere_to_json,
     guid_from_json,
@@ -22,12 +26,16 @@ from snapper_zone.wire.documents import (
 
 __all__ = [
     "GUID_MAX",
+    "CnIdentity",
+    "IdentityDocument",
     "InvalidDocument",
     "Inventory",
     "Part",
+    "RestoreGrant",
     "VmSnapshot",
     "ZoneEndpoint",
     "ZoneRegistration",
+    "check_cn_id",
     "elsewhere_from_json",
     "elsewhere_to_json",
     "guid_from_json",

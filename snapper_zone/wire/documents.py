@@ -405,3 +405,100 @@ class ZoneEndpoint(ZoneRegistration):
         if not isinstance(admitted, bool):
             _fail(f"{where}({fields[0]}).admitted", "must be true or false")
         return cls(*fields, state, admitted and state != "pending")
+
+
+# -- identity: CNs, VM owners, restore grants (``GET /v1/identity``) ------------------
+
+# As a config's cn_id (a Triton server uuid, a hostname): it ends up in logs and labels.
+_CN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+MAX_VMS = 1_000_000  # a datacenter's VMs, in one identity document
+
+
+def check_cn_id(value: object, where: str = "cn") -> str:
+    """A CN id (letters, digits, ``_ . : -``, at most 64), or InvalidDocument."""
+    if not isinstance(value, str) or not _CN_ID.fullmatch(value):
+        _fail(where, f"{value!r:.80} is not a CN id (letters, digits, '_', '.', ':', '-'; "
+              "at most 64, starting with a letter or digit)")
+    return value
+
+
+def _time(value: object, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        _fail(where, f"expected a time (seconds since the epoch), got {_kind(value)}")
+    if not 0 <= value < 2**40:
+        _fail(where, f"{value} is out of range")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class CnIdentity:
+    """A compute node and the OpenSSH public key lines it signs with."""
+
+    id: str
+    keys: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "keys": list(self.keys)}
+
+
+@dataclass(frozen=True)
+class RestoreGrant:
+    """CN ``cn`` may restore VM ``vm`` (not its own) until ``expires``."""
+
+    vm: str
+    cn: str
+    expires: float
+    granted_by: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"vm": self.vm, "cn": self.cn, "expires": self.expires,
+                "granted_by": self.granted_by}
+
+
+@dataclass(frozen=True)
+class IdentityDocument:
+    """Who is who, as the coordinator's registry says at ``version``: CNs and their
+    keys, each VM's owning CN, and the restore grants in force. Zones follow it
+    (``replication/identity.py``); ``version`` only grows."""
+
+    version: int
+    cns: tuple[CnIdentity, ...] = ()
+    vms: Mapping[str, str] = field(default_factory=dict)  # vm uuid -> cn id
+    grants: tuple[RestoreGrant, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": self.version, "cns": [c.to_json() for c in self.cns],
+                "vms": dict(self.vms), "grants": [g.to_json() for g in self.grants]}
+
+    def granted(self, vm: str, cn: str, now: float) -> bool:
+        """Whether a grant lets CN ``cn`` restore ``vm`` at ``now``."""
+        return any(g.vm == vm and g.cn == cn and g.expires > now for g in self.grants)
+
+    @classmethod
+    def from_json(cls, value: object, where: str = "identity") -> IdentityDocument:
+        if not isinstance(value, Mapping):
+            _fail(where, f"expected an object, got {_kind(value)}")
+        version = _int(_field(value, "version", where), f"{where}.version")
+        cns = []
+        for i, c in enumerate(_list(value.get("cns", []), f"{where}.cns")):
+            at = f"{where}.cns[{i}]"
+            doc = _obj(c, at)
+            cn = check_cn_id(_field(doc, "id", at), f"{at}.id")
+            keys = tuple(_line(k, f"{at}.keys[{j}]", MAX_HOST_KEY)
+                         for j, k in enumerate(_list(_field(doc, "keys", at), f"{at}.keys")))
+            cns.append(CnIdentity(cn, keys))
+        raw = value.get("vms", {})
+        if not isinstance(raw, Mapping) or len(raw) > MAX_VMS:
+            _fail(f"{where}.vms", f"expected an object of at most {MAX_VMS} VMs")
+        vms = {_checked(lambda v: check_uuid(v, "VM uuid"), vm, f"{where}.vms"):
+               check_cn_id(cn, f"{where}.vms.{vm}") for vm, cn in raw.items()}
+        grants = []
+        for i, g in enumerate(_list(value.get("grants", []), f"{where}.grants")):
+            at = f"{where}.grants[{i}]"
+            doc = _obj(g, at)
+            grants.append(RestoreGrant(
+                _checked(lambda v: check_uuid(v, "VM uuid"), _field(doc, "vm", at), f"{at}.vm"),
+                check_cn_id(_field(doc, "cn", at), f"{at}.cn"),
+                _time(_field(doc, "expires", at), f"{at}.expires"),
+                str(doc.get("granted_by", ""))[:MAX_TEXT]))
+        return cls(version, tuple(cns), vms, tuple(grants))
