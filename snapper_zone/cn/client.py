@@ -3,9 +3,11 @@
 The connection to a zone is ``transfer.remote.ZoneClient`` (the endpoint over
 SSH, shared with the zones' replication).
 
-``CnClient`` is the product on top: ``push`` (recursive snapshot, per dataset
-plan by guid, resume or abort a partial receive, send, commit with metadata,
-bookmark), ``restore`` and ``list``. Every decision about *what* to send is in
+``CnClient`` is the product on top: ``push`` (the VM's datasets as SmartOS
+lays them out, ``cn.datasets``; one atomic snapshot; send options by both
+sides' capabilities, raw for an encrypted dataset; per dataset plan by guid,
+resume or abort a partial receive, send, commit with metadata, bookmark),
+``restore`` (each part where it was) and ``list``. Every decision about *what* to send is in
 ``planning``; this module only gathers inputs and carries out the plan.
 """
 

@@ -13,7 +13,10 @@ rebalancer and the tests) talks to ZFS through this module and nothing else.
   stdout/stdin to a pipe, socket or SSH channel. ``pipe`` joins a local send
   to a local receive through a kernel pipe, so bytes never enter Python.
 - What this host's ZFS can do (resumable receive, bookmarks, zvols,
-  ``send -n -P``, ``receive -x``) is detected once per process and binary.
+  ``send -n -P``, ``receive -x``, encryption and raw sends, ``send -c -L -e``)
+  is detected once per process and binary; ``choose_send_options`` (pure)
+  decides a stream's options from both sides' ``stream_features``: raw for an
+  encrypted dataset or nothing, else every option both have.
 - A stream's properties never take effect on a receive that asks for it
   (``protect``): ``PROTECTED_PROPS`` are excluded with ``receive -x`` where
   ZFS has it (OpenZFS, illumos), and where it lacks it (zfs-fuse) overridden
