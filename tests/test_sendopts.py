@@ -199,6 +199,8 @@ def test_stream_features_from_usage() -> None:
     assert "raw" not in no_keys.stream_features()
 
 
+@pytest.mark.zfs
+@pytest.mark.openzfs
 async def test_send_argv_carries_the_options(zfs: Zfs, caps: Capabilities) -> None:
     snap = Dataset("p/vm").snapshot("s1")
     assert "-w" not in await zfs.send_argv(SendSpec(snap))
