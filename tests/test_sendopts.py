@@ -12,6 +12,7 @@ a compressed send moves fewer bytes (the OpenZFS tier).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import string
@@ -217,6 +218,7 @@ async def test_send_argv_carries_the_options(zfs: Zfs, caps: Capabilities) -> No
 # -- on a real fleet ----------------------------------------------------------------
 
 KEY_TEXT = "correct horse battery staple\n"
+ZONE_START = 240.0  # seconds a snapperd may take to be ready
 
 
 class Vm:
@@ -289,9 +291,13 @@ class Vm:
 
 @pytest.fixture
 async def fleet_vm(zfs_tier: ZfsTier, zfs: Zfs, tmp_path: Path) -> AsyncIterator[Vm]:
-    fleet = await LocalFleet.start(tmp_path / "fleet", zones=2, cns=1, vms_per_cn=1,
+    fleet = await LocalFleet.start(tmp_path / "fleet", zones=0, cns=1, vms_per_cn=1,
                                    pool_size=512 << 20, reconcile_interval_ms=500)
     try:
+        # Both added before either starts (each trusts the other's key); a slow
+        # start is the OpenZFS tier's TCG guest, not a hang.
+        zones = [await fleet.add_zone(512 << 20) for _ in range(2)]
+        await asyncio.gather(*(fleet.start_zone(z, ZONE_START, admit=False) for z in zones))
         yield Vm(fleet, zfs)
     finally:
         await fleet.stop()
@@ -386,7 +392,7 @@ async def test_an_encrypted_vm_goes_raw_all_the_way_and_its_key_opens_the_restor
     v.write(v.top.child("disk0"), "b", os.urandom(512 << 10))
     at_s2 = _files(mountpoint(v.cn.pool, v.top.child("disk0")))
     await v.push(v.primary, "s2", durability="local")
-    await v.fleet.start_zone(v.mirror)
+    await v.fleet.start_zone(v.mirror, ZONE_START)
 
     async def caught_up() -> bool:
         return "s2" in await v.holdings(v.mirror)
