@@ -351,6 +351,10 @@ async def test_every_part_of_a_vm_pushes_mirrors_and_restores_where_it_was(
         assert (await v.holdings(v.mirror))[snap] == want
     if caps.zvols:
         assert (await v.zone_parts(v.mirror))["root-disk0"]["type"] == "volume"
+    # What each side chose by: the zone's answer to `features` is its ZFS's.
+    zc, _cn = v.client(v.mirror)
+    async with zc:
+        assert await zc.features() == caps.stream_features()
     target = Dataset(v.cn.pool.name).child("copy")
     rr = await v.restore(v.mirror, "s1", target)
     assert {d.dataset for d in rr.datasets} == {str(place(target, lb)) for lb in parts}
