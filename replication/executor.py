@@ -50,7 +50,7 @@ from snapper_zone.transfer.registry import Transfer
 from snapper_zone.transfer.remote import ZoneClient
 from snapper_zone.wire.protocol import Receive, Send
 from snapper_zone.zfs.names import Snapshot
-from snapper_zone.zfs.zfs import SendSpec
+from snapper_zone.zfs.zfs import SendSpec, choose_send_options
 
 if TYPE_CHECKING:
     from replication.zone import LocalZone
@@ -150,7 +150,13 @@ class Executor:
         store = self.zone.store
         local = store.part_dataset(self.vm, ds)
         from_snap = Snapshot(local, base.name) if base else None
-        spec = SendSpec(Snapshot(local, snap.name), from_snap)
+        # Raw for an encrypted part (ciphertext, no key here), else every option
+        # both zones have; refused before a byte moves when the peer cannot.
+        options = choose_send_options(
+            (await self.zone.zfs.capabilities()).stream_features(),
+            await self.client.features(), encrypted=await self.zone.zfs.encrypted(local),
+            what=f"VM {self.vm} dataset {ds!r}")
+        spec = SendSpec(Snapshot(local, snap.name), from_snap, options=options)
         resume = await self._resumable(ds, snap)
         async with self._transfer("mirror-out", ds, snap, base) as t, self._held(from_snap):
             size = None
@@ -200,7 +206,8 @@ class Executor:
         """The peer's ``send`` into this zone, through the zone's one receive path:
         vetted (no ``-R``/``-p``, this snapshot, this guid), a receive slot,
         the VM lock, guid-confirmed."""
-        cmd = Send(self.vm, ds, snap.name, base.name if base else None)
+        cmd = Send(self.vm, ds, snap.name, base.name if base else None,
+                   (await self.zone.zfs.capabilities()).stream_features())
         req = ReceiveRequest("mirror-in", self.vm, ds,
                              Expect(snap.name, cmd.base, toguid=snap.guid),
                              f"zone:{self.peer}", lease=False)

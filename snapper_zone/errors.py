@@ -133,6 +133,15 @@ class UnsupportedFeature(SnapperError):
         super().__init__(f"this ZFS lacks {feature}" + (f": {detail}" if detail else ""))
 
 
+class EncryptionUnsupported(SnapperError):
+    """An encrypted dataset cannot go raw (``zfs send -w``) to or from this receiver:
+    refused before any byte moves, since a decrypted send would leave the key's
+    protection behind (and an encrypted zone copy cannot be sent any other way)."""
+
+    code = "EncryptionUnsupported"
+    http_status = 422
+
+
 class MetadataTooLarge(SnapperError):
     """A snapshot's metadata (a command's input) is over the zone's limit."""
 

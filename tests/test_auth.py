@@ -19,6 +19,7 @@ from snapper_zone.wire.protocol import (
     Commit,
     Delete,
     Destroy,
+    Features,
     Metadata,
     Ping,
     Receive,
@@ -26,10 +27,11 @@ from snapper_zone.wire.protocol import (
     Send,
     Snapshots,
 )
+from snapper_zone.zfs.zfs import STREAM_FEATURES
 
 CN_VERBS = {"receive", "send", "resume-token", "abort", "snapshots", "commit", "metadata",
-            "delete", "ping"}
-OPERATOR_VERBS = {"ping", "snapshots", "metadata", "delete"}
+            "delete", "ping", "features"}
+OPERATOR_VERBS = {"ping", "features", "snapshots", "metadata", "delete"}
 
 vms = st.uuids().map(str)
 names = st.from_regex(r"[a-z0-9][a-z0-9_.:-]{0,20}", fullmatch=True).filter(
@@ -39,7 +41,8 @@ opt_names = st.none() | names
 commands: st.SearchStrategy[Command] = st.one_of(
     st.builds(Receive, vms, names, names, opt_names,
               st.none() | st.integers(0, 2**40), st.booleans()),
-    st.builds(Send, vms, names, names, opt_names),
+    st.builds(Send, vms, names, names, opt_names,
+              st.frozensets(st.sampled_from(STREAM_FEATURES))),
     st.builds(ResumeToken, vms, names),
     st.builds(Abort, vms, names),
     st.builds(Snapshots, vms),
@@ -49,6 +52,7 @@ commands: st.SearchStrategy[Command] = st.one_of(
     st.builds(Delete, vms, names),
     st.builds(Destroy, vms, names, opt_names, st.none() | st.integers(1, 2**64 - 1)),
     st.just(Ping()),
+    st.just(Features()),
 )
 roles: st.SearchStrategy[Role] = st.sampled_from(["cn", "peer", "operator"])
 # Who owns the command's VM, relative to the principal.
@@ -81,11 +85,12 @@ def test_authorize_matrix(role: Role, command: Command, owner: str, where: str) 
     name = verb(command)
     if role == "peer":
         # Any verb, but only on a VM whose scope holds both zones.
-        expect_ok = isinstance(command, Ping) or where in ("both", "both+other")
+        expect_ok = isinstance(command, Ping | Features) or where in ("both", "both+other")
     elif role == "operator":
         expect_ok = name in OPERATOR_VERBS
     else:
-        expect_ok = name in CN_VERBS and (isinstance(command, Ping) or owner == "self")
+        expect_ok = name in CN_VERBS and (isinstance(command, Ping | Features)
+                                          or owner == "self")
     if expect_ok:
         authorize(principal, command, owner_of, me=ME, scope=scope)
     else:
@@ -96,7 +101,7 @@ def test_authorize_matrix(role: Role, command: Command, owner: str, where: str) 
         assert name in err.message  # says what was refused
         assert err.to_json() == {"code": "NotAuthorized", "message": err.message}
     # Only a CN's command about a VM consults the VM map.
-    if role == "cn" and not isinstance(command, Ping) and name in CN_VERBS:
+    if role == "cn" and not isinstance(command, Ping | Features) and name in CN_VERBS:
         assert asked == [command.vm]
 
 

@@ -15,6 +15,7 @@ from snapper_zone.wire.protocol import (
     Commit,
     Delete,
     Destroy,
+    Features,
     Metadata,
     Ping,
     Receive,
@@ -24,6 +25,7 @@ from snapper_zone.wire.protocol import (
     format_command,
     parse,
 )
+from snapper_zone.zfs.zfs import STREAM_FEATURES
 
 names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,20}", fullmatch=True).filter(
     lambda s: ".." not in s)
@@ -31,7 +33,8 @@ vms = st.uuids().map(str)
 commands: st.SearchStrategy[Command] = st.one_of(
     st.builds(Receive, vms, names, names, st.none() | names,
               st.none() | st.integers(0, 2**62), st.booleans(), st.booleans()),
-    st.builds(Send, vms, names, names, st.none() | names),
+    st.builds(Send, vms, names, names, st.none() | names,
+              st.frozensets(st.sampled_from(STREAM_FEATURES))),
     st.builds(ResumeToken, vms, names),
     st.builds(Abort, vms, names),
     st.builds(Snapshots, vms),
@@ -43,6 +46,7 @@ commands: st.SearchStrategy[Command] = st.one_of(
     st.builds(lambda vm, snap, ds, g: Destroy(vm, snap, ds, g),
               vms, names, names, st.integers(0, 2**64 - 1)),
     st.just(Ping()),
+    st.just(Features()),
 )
 
 
@@ -69,7 +73,9 @@ VM = "0b4f5a3c-1f2e-4d3c-9b8a-7f6e5d4c3b2a"
     f"receive {VM} disk0 s1 --from", f"receive {VM} disk0 s1 --size -5",
     f"receive {VM} disk0 s1 --force", f"receive {VM} disk0 s1 --from a --from b",
     f"send {VM.upper()} disk0 s1", f"send {VM} disk0 $(id)", f"commit {VM} s1 a,a",
-    f"delete {VM} s1; rm -rf /", "ping extra", "x" * 5000,
+    f"delete {VM} s1; rm -rf /", "ping extra", "x" * 5000, "features extra",
+    f"send {VM} disk0 s1 --accept", f"send {VM} disk0 s1 --accept raw,dedup",
+    f"send {VM} disk0 s1 --accept raw --accept compressed",
 ])
 def test_bad_lines_refused(line: str) -> None:
     with pytest.raises(SnapperError):

@@ -36,7 +36,7 @@ from snapper_zone.transfer.remote import ZoneClient
 from snapper_zone.zfs import proc
 from snapper_zone.zfs.names import Dataset
 from snapper_zone.zfs.sendstream import Feature, HeaderType, StreamBegin
-from snapper_zone.zfs.zfs import SendSpec, SnapshotInfo, Zfs
+from snapper_zone.zfs.zfs import STREAM_FEATURES, SendSpec, SnapshotInfo, Zfs
 from tests.helpers import send_bytes
 from tests.test_sshserver import (
     PEER_UUID,
@@ -101,11 +101,27 @@ def test_a_stream_of_another_guid_is_refused(carried: int, expected: int) -> Non
             vet_stream(begin, Expect("s1", toguid=expected), "t", [], None)
 
 
-@given(st.sampled_from([Feature.RAW, Feature.REDACTED]), guid_values)
-def test_raw_and_redacted_streams_are_refused(flag: Feature, guid: int) -> None:
-    with pytest.raises(StreamRefused, match=r"raw|redacted"):
-        vet_stream(_begin("s1", guid, featureflags=int(flag)), Expect("s1"), "t", [], None)
+@given(guid_values)
+def test_redacted_streams_are_refused(guid: int) -> None:
+    with pytest.raises(StreamRefused, match="redacted"):
+        vet_stream(_begin("s1", guid, featureflags=int(Feature.REDACTED)), Expect("s1"), "t",
+                   [], None, frozenset(STREAM_FEATURES))
     assert vet_stream(_begin("s1", guid), Expect("s1"), "t", [], None) is None
+
+
+@given(st.sampled_from([(Feature.RAW, "raw"), (Feature.COMPRESSED, "compressed")]),
+       st.sets(st.sampled_from(STREAM_FEATURES)), guid_values)
+def test_raw_and_compressed_streams_only_where_zfs_takes_them(
+        flag: tuple[Feature, str], features: set[str], guid: int) -> None:
+    """A raw (encrypted) or compressed stream is received exactly where this host's
+    ZFS has that feature; elsewhere it is refused before ZFS sees a byte."""
+    bit, name = flag
+    begin = _begin("s1", guid, featureflags=int(bit | Feature.LARGE_BLOCKS))
+    if name in features:
+        assert vet_stream(begin, Expect("s1"), "t", [], None, frozenset(features)) is None
+    else:
+        with pytest.raises(StreamRefused, match=name):
+            vet_stream(begin, Expect("s1"), "t", [], None, frozenset(features))
 
 
 def test_incremental_rules() -> None:

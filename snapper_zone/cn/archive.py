@@ -36,6 +36,7 @@ import aiofiles
 import aiofiles.os
 from aiofiles.threadpool.binary import AsyncBufferedIOBase, AsyncBufferedReader
 
+from snapper_zone.cn.datasets import place
 from snapper_zone.common.progress import NoProgress, Reporter
 from snapper_zone.common.version import version
 from snapper_zone.errors import DatasetBusy, SnapperError
@@ -149,7 +150,10 @@ async def export_snapshot(zone: ZoneClient, vm: str, snap: str, path: str | Path
                 progress.start(f"{vm[:8]}/{p.label}@{snap} > {path.name}", total, vm=vm,
                                dataset=p.label, snapshot=snap, file=str(path))
                 try:
-                    n, digest = await zone.pull(Send(vm, p.label, snap, None),
+                    # Raw where the zone must (an encrypted part: ciphertext, never
+                    # decrypted); otherwise a plain stream any ZFS can import.
+                    n, digest = await zone.pull(Send(vm, p.label, snap, None,
+                                                     accept=frozenset({"raw"})),
                                                 _write_stream(f, p, snap, progress.advance))
                 except BaseException as exc:
                     progress.done(False, str(exc) or type(exc).__name__)
@@ -297,7 +301,7 @@ async def import_snapshot(path: str | Path, zfs: Zfs, *, target: Dataset | None 
     try:
         async with aiofiles.open(path, "rb") as f:
             for part, offset in header.spans(region):
-                local = top if part.label == ROOT_LABEL else top.child(part.label)
+                local = place(top, part.label)  # a KVM disk beside the VM, as it was
                 report.datasets.append(str(local))
                 await _receive_part(f, offset, part, local, zfs, header.snapshot, progress)
     except BaseException as exc:

@@ -309,9 +309,13 @@ class CnPusher:
                                         reporter=progress.NoProgress())
 
     async def destroy_local(self, vm: str, names: Sequence[str]) -> None:
-        top = self._local().vm_dataset(vm)
+        # Every part's: children, and a KVM VM's sibling disks, which -r on the
+        # top would miss.
+        parts = (await self._local().vm_layout(vm)).parts.values()
         for n in names:
-            await self.zfs.destroy(top.snapshot(n), recursive=True)
+            for ds in parts:
+                if await self.zfs.exists(ds.snapshot(n)):
+                    await self.zfs.destroy(ds.snapshot(n))
 
 
 async def cmd_agent(args: argparse.Namespace, s: CnSettings) -> int:
@@ -366,7 +370,10 @@ async def cmd_push(args: argparse.Namespace, s: CnSettings) -> int:
           f"{copies} cop{'y' if copies == 1 else 'ies'} on {', '.join(report.zones) or '?'}")
     for d in report.datasets:
         base = f" from {d.base}" if d.base else ""
-        print(f"  {d.label:<12} {d.action}{base}  {format_bytes(d.bytes)}")
+        how = f" ({', '.join(d.options)})" if d.options else ""
+        print(f"  {d.label:<12} {d.action}{base}{how}  {format_bytes(d.bytes)}")
+    if report.not_included:
+        print(f"  not included (below a child dataset): {', '.join(report.not_included)}")
     if report.carried:
         print(f"  also committed (earlier snapshots sent with it, durability local): "
               f"{', '.join(report.carried)}")
@@ -391,6 +398,9 @@ async def cmd_restore(args: argparse.Namespace, s: CnSettings) -> int:
         base = f" from @{d.base}" if d.base else ""
         print(f"restored {d.dataset}@{report.snapshot}: {d.action}{base} "
               f"({format_bytes(d.bytes)})", file=sys.stderr)
+        if "raw" in d.options:
+            print(f"  {d.dataset} is encrypted, as it was: open it with "
+                  f"`zfs load-key {d.dataset}` (the VM's key)", file=sys.stderr)
     if args.metadata_out is None:
         # The metadata goes to stdout so it can be piped (e.g. into vmadm).
         print(json.dumps(report.metadata, indent=2))

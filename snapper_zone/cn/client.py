@@ -3,9 +3,11 @@
 The connection to a zone is ``transfer.remote.ZoneClient`` (the endpoint over
 SSH, shared with the zones' replication).
 
-``CnClient`` is the product on top: ``push`` (recursive snapshot, per dataset
-plan by guid, resume or abort a partial receive, send, commit with metadata,
-bookmark), ``restore`` and ``list``. Every decision about *what* to send is in
+``CnClient`` is the product on top: ``push`` (the VM's datasets as SmartOS
+lays them out, ``cn.datasets``; one atomic snapshot; send options by both
+sides' capabilities, raw for an encrypted dataset; per dataset plan by guid,
+resume or abort a partial receive, send, commit with metadata, bookmark),
+``restore`` (each part where it was) and ``list``. Every decision about *what* to send is in
 ``planning``; this module only gathers inputs and carries out the plan.
 """
 
@@ -24,6 +26,7 @@ from typing import Any
 import aiohttp
 import asyncssh
 
+from snapper_zone.cn.datasets import ROOT_LABEL, Layout, discover, place
 from snapper_zone.common.answers import AnswerCache
 from snapper_zone.common.httpsig import (
     NoAnswer,
@@ -63,12 +66,12 @@ from snapper_zone.wire.protocol import (
 )
 from snapper_zone.zfs import proc
 from snapper_zone.zfs.names import Bookmark, Dataset, Snapshot, check_component, check_uuid
-from snapper_zone.zfs.zfs import SendSpec, Zfs
+from snapper_zone.zfs.zfs import SendOptions, SendSpec, Zfs, choose_send_options
 
 log = logging.getLogger("snapper.cn")
 
-ROOT_LABEL = "root"  # the zone's name for the VM's top dataset (<root>/<vm>)
 BOOKMARK_PREFIX = "snapper-"
+
 class PushError(SnapperError):
     code = "PushFailed"
 
@@ -232,6 +235,7 @@ class DatasetReport:
     base: str | None = None
     bytes: int = 0
     seconds: float = 0.0
+    options: list[str] = field(default_factory=list)  # raw, compressed, ... (zfs send)
 
 
 @dataclass
@@ -243,6 +247,7 @@ class PushReport:
     durability: str = ""
     zones: list[str] = field(default_factory=list)  # uuids of the zones holding it complete
     carried: list[str] = field(default_factory=list)  # earlier snapshots committed with it
+    not_included: list[str] = field(default_factory=list)  # datasets below a child
 
     @property
     def bytes(self) -> int:
@@ -277,17 +282,20 @@ class CnClient:
     def vm_dataset(self, vm: str) -> Dataset:
         return self.root.child(check_uuid(vm, "VM uuid"))
 
-    async def vm_datasets(self, vm: str) -> dict[str, Dataset]:
-        """label -> dataset: ``root`` for <root>/<vm>, each child by its basename."""
+    async def vm_layout(self, vm: str) -> Layout:
+        """The VM's datasets as SmartOS lays them out (``cn.datasets.discover``):
+        <root>/<vm>, its children, and KVM's sibling zvols <root>/<vm>-disk<N>."""
         top = self.vm_dataset(vm)
-        out = {ROOT_LABEL: top}
-        for info in await self.zfs.datasets(top, depth=1):
-            if info.dataset.parent == top:
-                if info.dataset.basename == ROOT_LABEL:
-                    raise PushError(f"{info.dataset}: a child called {ROOT_LABEL!r} would "
-                                    "collide with the VM's top dataset on the zone")
-                out[info.dataset.basename] = info.dataset
-        return out
+        # Siblings are beside the VM (one level under the root); children and
+        # the datasets below them (named, not sent) under it.
+        rows = [*await self.zfs.datasets(self.root, depth=1),
+                *await self.zfs.datasets(top, depth=2)]
+        return discover(top, ((str(i.dataset), i.type) for i in rows))
+
+    async def vm_datasets(self, vm: str) -> dict[str, Dataset]:
+        """label -> dataset: ``root`` for <root>/<vm>, each child by its basename,
+        ``root-disk<N>`` for a sibling zvol <root>/<vm>-disk<N>."""
+        return (await self.vm_layout(vm)).parts
 
     async def versions(self, ds: Dataset) -> list[Version]:
         """This CN's snapshots and (where ZFS has them) bookmarks of ``ds``."""
@@ -313,21 +321,33 @@ class CnClient:
         snap = check_component(name or default_snapshot_name(), "snapshot name")
         if base is not None:
             check_component(base, "base snapshot")
-        datasets = await self.vm_datasets(vm)
+        layout = await self.vm_layout(vm)
+        datasets = layout.parts
+        # Chosen before anything changes: an encrypted dataset a zone cannot take
+        # raw is refused here, with no snapshot taken and no byte sent.
+        options = await self._send_options(datasets)
         have = [await self.zfs.exists(ds.snapshot(snap)) for ds in datasets.values()]
         if not any(have):
-            await self.zfs.snapshot([self.vm_dataset(vm).snapshot(snap)], recursive=True)
+            # One command, so one transaction group: the VM and its sibling disks
+            # are snapshotted at the same instant.
+            await self.zfs.snapshot([self.vm_dataset(vm).snapshot(snap),
+                                     *(ds.snapshot(snap) for ds in layout.siblings)],
+                                    recursive=True)
         elif not all(have):
             missing = [label for label, h in zip(datasets, have, strict=True) if not h]
             raise PushError(f"snapshot @{snap} exists on some of the VM's datasets but not "
                             f"on: {', '.join(missing)}")
-        report = PushReport(vm, snap)
+        report = PushReport(vm, snap, not_included=[str(d) for d in layout.skipped])
+        if layout.skipped:
+            log.warning("%s: not part of the VM snapshot (below a child dataset): %s", vm,
+                        ", ".join(report.not_included))
         inventory = await self.zone.inventory(vm)
         zone_snaps = list(inventory.snapshots)
         deleted = frozenset(inventory.tombstones)
         for label, ds in datasets.items():
             report.datasets.append(await self._push_dataset(vm, label, ds, snap, base,
-                                                            zone_snaps, deleted))
+                                                            zone_snaps, deleted,
+                                                            options[label]))
         meta, report.metadata_source = await self._metadata(vm, list(datasets), metadata)
         report.carried = await self._commit_carried(vm, datasets, snap, meta)
         done = await self.zone.commit(vm, snap, list(datasets), meta, durability)
@@ -335,6 +355,14 @@ class CnClient:
         report.zones = [str(z) for z in done.get("zones") or []]
         await self._bookmark(datasets.values(), snap)
         return report
+
+    async def _send_options(self, datasets: Mapping[str, Dataset]) -> dict[str, SendOptions]:
+        """Per part: raw for an encrypted dataset, else what both ZFSes have (-c -L -e)."""
+        mine = (await self.zfs.capabilities()).stream_features()
+        theirs = await self.zone.features()
+        return {label: choose_send_options(mine, theirs, encrypted=await self.zfs.encrypted(ds),
+                                           what=str(ds))
+                for label, ds in datasets.items()}
 
     async def _commit_carried(self, vm: str, datasets: Mapping[str, Dataset], snap: str,
                               meta: Mapping[str, Any]) -> list[str]:
@@ -360,8 +388,10 @@ class CnClient:
 
     async def _push_dataset(self, vm: str, label: str, ds: Dataset, snap: str,
                             base: str | None, zone_snaps: list[VmSnapshot],
-                            deleted: frozenset[int]) -> DatasetReport:
-        report = DatasetReport(label, str(ds), "")
+                            deleted: frozenset[int],
+                            options: SendOptions | None = None) -> DatasetReport:
+        options = options or SendOptions()
+        report = DatasetReport(label, str(ds), "", options=sorted(options.features()))
         caps = await self.zfs.capabilities()
         # Bounded: a resume, then the real push. A token that survives an abort
         # is an error, not a reason to loop.
@@ -408,7 +438,8 @@ class CnClient:
             try:
                 for v in chain:
                     res = await self._send(vm, label, v.name,
-                                           SendSpec(ds.snapshot(v.name), base=_source(ds, src)),
+                                           SendSpec(ds.snapshot(v.name), base=_source(ds, src),
+                                                    options=options),
                                            base_zone=base_zone)
                     report.bytes += res.bytes
                     report.seconds += res.seconds
@@ -536,9 +567,11 @@ class CnClient:
         labels = sorted(entry.parts, key=lambda lb: lb != ROOT_LABEL)
         if ROOT_LABEL not in labels:
             raise RestoreError(f"snapshot {snap!r} of VM {vm} has no {ROOT_LABEL!r} dataset")
+        # Each part where it was: children under the top, sibling disks beside it.
+        places = {label: place(top, label) for label in labels}
         report = RestoreReport(vm, snap, str(top))
         for label in labels:
-            local = top if label == ROOT_LABEL else top.child(label)
+            local = places[label]
             report.datasets.append(await self._restore_dataset(vm, label, local, snap, snaps,
                                                                rollback))
         report.metadata = await self.zone.metadata(vm, snap)
@@ -581,7 +614,9 @@ class CnClient:
                 await self.zfs.rollback(by_guid[base.guid].snapshot, destroy_later=True)
             # -F discards changes made since the base, but only when asked to roll back.
             force = rollback
-        cmd = Send(vm, label, snap, base.name if base else None)
+        # The zone picks the options (raw for an encrypted part) among those we take.
+        accept = (await self.zfs.capabilities()).stream_features()
+        cmd = Send(vm, label, snap, base.name if base else None, accept)
         total = None
         if base is None:
             total = next(s for s in snaps if s.name == snap).parts[label].referenced or None
@@ -597,6 +632,9 @@ class CnClient:
         self.progress.done(True)
         report.action = "incremental" if base else "full"
         report.base = base.name if base else None
+        if await self.zfs.encrypted(local):
+            # It came raw: ciphertext until `zfs load-key` with the VM's key.
+            report.options = ["raw"]
         report.bytes, report.seconds = res.bytes, res.seconds
         return report
 

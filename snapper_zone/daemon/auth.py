@@ -34,6 +34,7 @@ from snapper_zone.wire.protocol import (
     Commit,
     Delete,
     Destroy,
+    Features,
     Metadata,
     Ping,
     Receive,
@@ -57,13 +58,14 @@ _VERBS: dict[type, str] = {
     Delete: "delete",
     Destroy: "destroy",
     Ping: "ping",
+    Features: "features",
 }
 
 _ALLOWED: dict[Role, frozenset[str]] = {
     "cn": frozenset({"receive", "send", "resume-token", "abort", "snapshots", "commit",
-                     "metadata", "delete", "ping"}),
+                     "metadata", "delete", "ping", "features"}),
     "peer": frozenset(_VERBS.values()),
-    "operator": frozenset({"ping", "snapshots", "metadata", "delete"}),
+    "operator": frozenset({"ping", "features", "snapshots", "metadata", "delete"}),
 }
 
 
@@ -103,8 +105,8 @@ class Principal:
 
 
 def vm_of(command: Command) -> str | None:
-    """The VM a command acts on (None: ``ping``)."""
-    return None if isinstance(command, Ping) else command.vm
+    """The VM a command acts on (None: ``ping``, ``features``)."""
+    return None if isinstance(command, Ping | Features) else command.vm
 
 
 def peer_in_scope(me: str, peer: str, scope: Collection[str] | None) -> bool:

@@ -44,6 +44,7 @@ from snapper_zone.wire.protocol import (
     Commit,
     Delete,
     Destroy,
+    Features,
     Metadata,
     Ping,
     Receive,
@@ -52,7 +53,7 @@ from snapper_zone.wire.protocol import (
     Snapshots,
 )
 from snapper_zone.zfs.names import Snapshot
-from snapper_zone.zfs.zfs import SendSpec
+from snapper_zone.zfs.zfs import SendSpec, choose_send_options
 
 __all__ = [
     "SPACE_MARGIN",
@@ -171,6 +172,10 @@ class Service:
                 await self.zone.endpoint(p.label).destroy(vm, snap, ds, guid)
             case Ping():
                 io.write(b"pong\n")
+            case Features():
+                caps = await self.zone.zfs.capabilities()
+                io.write(_json_line({"flavour": caps.flavour,
+                                     "features": sorted(caps.stream_features())}))
 
     # -- receive --------------------------------------------------------------
 
@@ -235,12 +240,19 @@ class Service:
                 raise SnapshotNotFound(f"VM {cmd.vm} snapshot {cmd.base!r} has no dataset "
                                        f"{cmd.dataset!r}")
             base = Snapshot(ds, cmd.base)
+        # Raw for an encrypted part (this zone has no key: ciphertext or nothing),
+        # else whatever shortens the stream that the receiver said it takes.
+        options = choose_send_options(
+            (await zone.zfs.capabilities()).stream_features(), cmd.accept,
+            encrypted=await zone.zfs.encrypted(ds),
+            what=f"VM {cmd.vm} dataset {cmd.dataset!r}")
         kind = "send" if p.role == "cn" else "mirror-out"
         t = zone.transfers.start(kind, cmd.vm, cmd.dataset, cmd.snapshot, cmd.base, p.label)
         lg = slog.child(self.log, vm=cmd.vm, snapshot=cmd.snapshot, dataset=cmd.dataset,
                         kind=kind, peer=p.label, transfer=t.id)
         with zone.transfers.running(t, lg):
-            child = await zone.zfs.send(SendSpec(Snapshot(ds, cmd.snapshot), base))
+            child = await zone.zfs.send(SendSpec(Snapshot(ds, cmd.snapshot), base,
+                                                 options=options))
             try:
                 await copy_out(child.stdout, io.write, io.drain, t.add,
                                stall_timeout=zone.config.stream_idle_seconds)

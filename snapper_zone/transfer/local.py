@@ -7,7 +7,8 @@ a zone. Each gets the same checks, in this order:
 
 1. the stream's header (DRR_BEGIN) is read and parsed before ``zfs receive``
    starts; ``vet_stream`` (pure) refuses a compound (``-R``) or property
-   (``-p``) stream, a clone, redacted or raw one, a stream of another snapshot
+   (``-p``) stream, a clone or redacted one, a raw or compressed one this
+   host's ZFS cannot take, a stream of another snapshot
    than the one asked for, one of another guid than expected, a full stream onto a dataset that has
    snapshots, an incremental whose base is not the target's newest
    snapshot, and a resume that does not match the partial state;
@@ -133,12 +134,16 @@ class Expect:
 
 
 def vet_stream(begin: StreamBegin, expect: Expect, target: str,
-               snaps: Sequence[SnapshotInfo], token: str | None) -> SnapshotInfo | None:
+               snaps: Sequence[SnapshotInfo], token: str | None,
+               features: frozenset[str] = frozenset()) -> SnapshotInfo | None:
     """Refuse a stream that is not what ``expect`` names or does not fit ``target``.
 
     ``snaps`` are the target's snapshots, oldest first; ``token`` its resume
-    token. Pure. Returns the base snapshot for an incremental, None for a
-    full stream; raises ``StreamRefused`` or a ZFS-typed refusal.
+    token; ``features`` the stream options this host receives
+    (``Capabilities.stream_features``: a raw stream of an encrypted dataset is
+    kept as ciphertext where ZFS has encryption, refused elsewhere). Pure.
+    Returns the base snapshot for an incremental, None for a full stream;
+    raises ``StreamRefused`` or a ZFS-typed refusal.
     """
     if begin.is_compound:
         # -R and -p both make a compound stream: child datasets and received
@@ -147,10 +152,12 @@ def vet_stream(begin: StreamBegin, expect: Expect, target: str,
                             "send each dataset on its own, without properties")
     if begin.is_clone or begin.is_redacted:
         raise StreamRefused("clone and redacted streams are not accepted")
-    if Feature.RAW in begin.features:
-        # Raw (zfs send -w) streams of encrypted datasets are not handled on
-        # purpose yet: the zone would hold ciphertext it cannot verify or restore.
-        raise StreamRefused("raw (zfs send -w) streams are not accepted yet")
+    for flag, name, how in ((Feature.RAW, "raw", "raw (zfs send -w)"),
+                            (Feature.COMPRESSED, "compressed", "compressed (zfs send -c)")):
+        if flag in begin.features and name not in features:
+            # The sender should have asked (``features``); say it before ZFS
+            # fails on it with a less telling message.
+            raise StreamRefused(f"{how} streams cannot be received by this host's ZFS")
     if begin.snapname != expect.snapshot:
         raise StreamRefused(f"the stream is of snapshot {begin.snapname!r}, "
                             f"the command names {expect.snapshot!r}")
@@ -357,7 +364,8 @@ async def receive_stream(zfs: Zfs, target: Dataset, source: Inbound, expect: Exp
         token = await zfs.resume_token(target)
     except DatasetNotFound:
         snaps, token = [], None
-    base = vet_stream(begin, expect, str(target), snaps, token)
+    base = vet_stream(begin, expect, str(target), snaps, token,
+                      (await zfs.capabilities()).stream_features())
     guarded = protected_props(begin.is_zvol) if protect else ()
     base_name = base.name if base is not None else None
     tee = await on_vetted(base_name) if on_vetted is not None else None

@@ -35,6 +35,7 @@ from snapper_zone.wire.protocol import (
     Command,
     Commit,
     Destroy,
+    Features,
     Metadata,
     Receive,
     ResumeToken,
@@ -44,7 +45,7 @@ from snapper_zone.wire.protocol import (
     parse_error_line,
 )
 from snapper_zone.zfs.names import Dataset
-from snapper_zone.zfs.zfs import SendSpec, Zfs, classify
+from snapper_zone.zfs.zfs import SendSpec, Zfs, classify, parse_features
 
 T = TypeVar("T")
 
@@ -197,6 +198,7 @@ class ZoneClient:
         self.username = username
         self.connect_timeout = connect_timeout
         self.conn: asyncssh.SSHClientConnection | None = None
+        self._features: frozenset[str] | None = None
 
     @property
     def endpoint(self) -> str:
@@ -497,6 +499,25 @@ class ZoneClient:
         return StreamResult(moved, time.monotonic() - started)
 
     # -- the small commands -----------------------------------------------------
+
+    async def features(self) -> frozenset[str]:
+        """The stream options the zone sends and receives (asked once per connection).
+
+        A zone that predates ``features`` answers BadCommand: it takes plain
+        streams only, so nothing encrypted is sent to it.
+        """
+        if self._features is None:
+            try:
+                doc = json.loads(await self.run(Features()) or b"{}")
+            except ZoneError as exc:
+                if exc.code != "BadCommand":
+                    raise
+                doc = {}
+            except ValueError as exc:
+                raise ZoneError("BadAnswer", f"features: not JSON: {exc}") from None
+            words = doc.get("features") if isinstance(doc, dict) else None
+            self._features = parse_features(w for w in words or () if isinstance(w, str))
+        return self._features
 
     async def inventory(self, vm: str) -> Inventory:
         """The zone's whole ``snapshots VM`` answer (snapshots, datasets, tombstones,

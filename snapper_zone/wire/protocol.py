@@ -11,7 +11,15 @@ client, the zone-to-zone mirror and an operator's plain ``ssh`` agree.
         The parts wait for their ``commit`` for a lease (any connection may
         commit); with ``--session`` they end with this connection instead, as
         snapper's own client commits on the connection it pushed on.
-    send VM DATASET SNAP [--from BASE]      stdout: a zfs send stream
+    send VM DATASET SNAP [--from BASE] [--accept FEATURE[,FEATURE...]]
+                                            stdout: a zfs send stream, with the
+                                            options (raw, compressed, large_blocks,
+                                            embedded) the receiver accepts and this
+                                            zone has; an encrypted dataset goes raw
+                                            or not at all (EncryptionUnsupported)
+    features                                stdout: JSON {"flavour", "features": [...]},
+                                            the stream options this zone sends and
+                                            receives (a sender chooses by them)
     resume-token VM DATASET                 stdout: the token or "-"
     abort VM DATASET                        discard a partial receive
     snapshots VM                            stdout: JSON {"vm", "snapshots": [...],
@@ -38,6 +46,7 @@ from dataclasses import dataclass
 
 from snapper_zone.errors import InvalidName, SnapperError
 from snapper_zone.zfs.names import check_component, check_uuid
+from snapper_zone.zfs.zfs import STREAM_FEATURES
 
 MAX_LINE = 4096
 
@@ -64,6 +73,9 @@ class Send:
     dataset: str
     snapshot: str
     base: str | None = None
+    # The stream options the receiver takes (``zfs.STREAM_FEATURES``); an older
+    # client names none and gets a plain stream.
+    accept: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -119,13 +131,19 @@ class Ping:
     pass
 
 
+@dataclass(frozen=True)
+class Features:
+    pass
+
+
 Command = (Receive | Send | ResumeToken | Abort | Snapshots | Commit | Metadata | Delete
-           | Destroy | Ping)
+           | Destroy | Ping | Features)
+
 
 # verb -> (number of positional args, allowed options and whether each takes a value)
 _GRAMMAR: dict[str, tuple[int, dict[str, bool]]] = {
     "receive": (3, {"--from": True, "--size": True, "--resume": False, "--session": False}),
-    "send": (3, {"--from": True}),
+    "send": (3, {"--from": True, "--accept": True}),
     "resume-token": (2, {}),
     "abort": (2, {}),
     "snapshots": (1, {}),
@@ -134,6 +152,7 @@ _GRAMMAR: dict[str, tuple[int, dict[str, bool]]] = {
     "delete": (2, {}),
     "destroy": (2, {"--dataset": True, "--guid": True}),
     "ping": (0, {}),
+    "features": (0, {}),
 }
 
 
@@ -181,6 +200,8 @@ def parse(line: str) -> Command:
 def _build(verb: str, a: list[str], o: dict[str, str | None]) -> Command:
     if verb == "ping":
         return Ping()
+    if verb == "features":
+        return Features()
     vm = check_uuid(a[0], "VM uuid")
     if verb == "snapshots":
         return Snapshots(vm)
@@ -189,7 +210,7 @@ def _build(verb: str, a: list[str], o: dict[str, str | None]) -> Command:
         snap = check_component(a[2], "snapshot name")
         base = check_component(b, "base snapshot") if (b := o.get("--from")) else None
         if verb == "send":
-            return Send(vm, ds, snap, base)
+            return Send(vm, ds, snap, base, _accept(o.get("--accept")))
         size = o.get("--size")
         if size is not None and (not size.isdigit() or len(size) > 19):
             raise ValueError("--size must be a byte count")
@@ -226,6 +247,8 @@ def format_command(cmd: Command) -> str:
     match cmd:
         case Ping():
             return "ping"
+        case Features():
+            return "features"
         case Receive(vm, ds, snap, base, size, resume, session):
             line = f"receive {vm} {ds} {snap}"
             if base:
@@ -233,8 +256,9 @@ def format_command(cmd: Command) -> str:
             if size is not None:
                 line += f" --size {size}"
             return line + (" --resume" if resume else "") + (" --session" if session else "")
-        case Send(vm, ds, snap, base):
-            return f"send {vm} {ds} {snap}" + (f" --from {base}" if base else "")
+        case Send(vm, ds, snap, base, accept):
+            return f"send {vm} {ds} {snap}" + (f" --from {base}" if base else "") + (
+                f" --accept {','.join(sorted(accept))}" if accept else "")
         case ResumeToken(vm, ds):
             return f"resume-token {vm} {ds}"
         case Abort(vm, ds):
@@ -251,6 +275,19 @@ def format_command(cmd: Command) -> str:
         case Delete(vm, snap):
             return f"delete {vm} {snap}"
     raise TypeError(f"not a command: {cmd!r}")
+
+
+def _accept(value: str | None) -> frozenset[str]:
+    """``--accept``'s features; one this grammar does not know is refused (a typo
+    would silently turn into a plain stream)."""
+    if value is None:
+        return frozenset()
+    words = value.split(",")
+    unknown = [w for w in words if w not in STREAM_FEATURES]
+    if unknown:
+        raise ValueError(f"--accept: unknown feature {unknown[0][:40]!r}; known: "
+                         f"{', '.join(STREAM_FEATURES)}")
+    return frozenset(words)
 
 
 def error_line(err: SnapperError) -> str:

@@ -13,7 +13,10 @@ rebalancer and the tests) talks to ZFS through this module and nothing else.
   stdout/stdin to a pipe, socket or SSH channel. ``pipe`` joins a local send
   to a local receive through a kernel pipe, so bytes never enter Python.
 - What this host's ZFS can do (resumable receive, bookmarks, zvols,
-  ``send -n -P``, ``receive -x``) is detected once per process and binary.
+  ``send -n -P``, ``receive -x``, encryption and raw sends, ``send -c -L -e``)
+  is detected once per process and binary; ``choose_send_options`` (pure)
+  decides a stream's options from both sides' ``stream_features``: raw for an
+  encrypted dataset or nothing, else every option both have.
 - A stream's properties never take effect on a receive that asks for it
   (``protect``): ``PROTECTED_PROPS`` are excluded with ``receive -x`` where
   ZFS has it (OpenZFS, illumos), and where it lacks it (zfs-fuse) overridden
@@ -35,6 +38,7 @@ from snapper_zone.errors import (
     DatasetExists,
     DatasetNotFound,
     DestinationModified,
+    EncryptionUnsupported,
     IncrementalSourceMismatch,
     InvalidName,
     OutOfSpace,
@@ -119,6 +123,17 @@ class Capabilities:
     receive_unmounted: bool  # receive -u
     receive_exclude: bool  # receive -x PROPERTY (a stream's value never applied)
     holds_list: bool  # zfs holds (zfs-fuse's needs a missing python helper)
+    # Send stream options (OpenZFS, illumos); a host that writes them reads them too.
+    encryption: bool = False  # native encryption (load-key), with raw sends (send -w)
+    compressed_send: bool = False  # send -c: blocks as compressed on disk
+    large_blocks: bool = False  # send -L: records over 128 KiB kept whole
+    embedded_data: bool = False  # send -e: embedded-data block pointers kept
+
+    def stream_features(self) -> frozenset[str]:
+        """What this host can send and receive beyond a plain stream (``STREAM_FEATURES``)."""
+        have = {"raw": self.encryption, "compressed": self.compressed_send,
+                "large_blocks": self.large_blocks, "embedded": self.embedded_data}
+        return frozenset(k for k, v in have.items() if v)
 
     def require(self, feature: str) -> None:
         if not getattr(self, feature):
@@ -152,7 +167,67 @@ def parse_capabilities(usage: str, system: str, has_dev_zfs: bool) -> Capabiliti
         receive_unmounted="u" in recv,
         receive_exclude=bool(re.search(r"^\s*receive\b.*\[-x\s", usage, re.M)),
         holds_list=flavour != "zfs-fuse",
+        encryption="w" in send and bool(re.search(r"^\s*load-key\b", usage, re.M)),
+        compressed_send="c" in send,
+        large_blocks="L" in send,
+        embedded_data="e" in send,
     )
+
+
+# The stream options two hosts agree on: the names one side says it takes
+# (the SSH grammar's ``features`` answer and ``send --accept``).
+STREAM_FEATURES = ("raw", "compressed", "large_blocks", "embedded")
+
+
+@dataclass(frozen=True)
+class SendOptions:
+    """How a stream is written: ``-w`` (raw), else any of ``-c``, ``-L``, ``-e``."""
+
+    raw: bool = False
+    compressed: bool = False
+    large_blocks: bool = False
+    embedded: bool = False
+
+    def flags(self) -> list[str]:
+        if self.raw:
+            # -w implies -L -e -c in OpenZFS: the blocks go as they are on disk.
+            return ["-w"]
+        return [f for f, on in (("-c", self.compressed), ("-L", self.large_blocks),
+                                ("-e", self.embedded)) if on]
+
+    def features(self) -> frozenset[str]:
+        have = {"raw": self.raw, "compressed": self.compressed,
+                "large_blocks": self.large_blocks, "embedded": self.embedded}
+        return frozenset(k for k, v in have.items() if v)
+
+
+def choose_send_options(sender: frozenset[str], receiver: frozenset[str], *, encrypted: bool,
+                        what: str = "the dataset") -> SendOptions:
+    """Pure: the options of a send from a host with ``sender``'s stream features to
+    one with ``receiver``'s, for an encrypted dataset or not.
+
+    An encrypted dataset goes raw, always: the zone keeps ciphertext (and
+    without the key it cannot send it any other way). When either side
+    cannot, ``EncryptionUnsupported`` says which, before a byte moves.
+    Otherwise every option both sides have is used: ``-c``/``-L``/``-e``
+    only shorten the stream and keep large records whole.
+    """
+    if encrypted:
+        for side, feats in (("sending", sender), ("receiving", receiver)):
+            if "raw" not in feats:
+                raise EncryptionUnsupported(
+                    f"{what} is encrypted and the {side} host's ZFS has no native "
+                    "encryption (raw send/receive): it is never sent decrypted; use an "
+                    "OpenZFS or illumos zone for encrypted VMs")
+        return SendOptions(raw=True)
+    both = sender & receiver
+    return SendOptions(compressed="compressed" in both, large_blocks="large_blocks" in both,
+                       embedded="embedded" in both)
+
+
+def parse_features(words: Iterable[str]) -> frozenset[str]:
+    """The known stream features among ``words`` (unknown ones: a newer peer's, ignored)."""
+    return frozenset(w for w in words if w in STREAM_FEATURES)
 
 
 @dataclass(frozen=True)
@@ -199,7 +274,8 @@ class SendSpec:
     base: Snapshot | Bookmark | None = None  # incremental source
     intermediates: bool = False  # -I: every snapshot between base and snapshot
     resume_token: str | None = None
-    compressed: bool = False  # -c -L -e: smaller, but the receiver must be modern
+    # -w or -c -L -e (``choose_send_options``); a resumed send takes its token's own.
+    options: SendOptions = field(default_factory=SendOptions)
 
     def __post_init__(self) -> None:
         if (self.snapshot is None) == (self.resume_token is None):
@@ -350,6 +426,21 @@ class Zfs:
         rows = await self._get([str(target)], [_check_native_prop(n) for n in names])
         return {k: v for k, (v, _src) in rows.get(str(target), {}).items()}
 
+    async def encrypted(self, ds: Dataset) -> bool:
+        """Whether ``ds`` is encrypted (ZFS native encryption); never where ZFS lacks it."""
+        if not (await self.capabilities()).encryption:
+            return False
+        return (await self.props(ds, ["encryption"])).get("encryption", "off") not in (
+            "off", "-", "")
+
+    async def load_key(self, ds: Dataset, location: str | None = None) -> None:
+        """``zfs load-key [-L LOCATION] ds``: open a dataset received raw with its key."""
+        (await self.capabilities()).require("encryption")
+        if location is not None and ("\0" in location or "\n" in location
+                                     or location.startswith("-")):
+            raise InvalidName("invalid key location")
+        await self._run("load-key", *(["-L", location] if location else []), str(ds))
+
     async def set_props(self, target: Dataset, props: Mapping[str, str]) -> None:
         for k, v in props.items():
             await self._run("set", f"{_check_native_prop(k)}={_check_value(v)}", str(target))
@@ -453,11 +544,16 @@ class Zfs:
         if dry_run:
             caps.require("send_size_estimate")
             args += ["-n", "-P"]
-        if spec.compressed and caps.flavour != "zfs-fuse":
-            args += ["-c", "-L", "-e"]
         if spec.resume_token is not None:
             caps.require("resumable_receive")
             return [*args, "-t", spec.resume_token]
+        opts = spec.options
+        for on, feature in ((opts.raw, "encryption"), (opts.compressed, "compressed_send"),
+                            (opts.large_blocks, "large_blocks"),
+                            (opts.embedded, "embedded_data")):
+            if on:
+                caps.require(feature)
+        args += opts.flags()
         assert spec.snapshot is not None
         if spec.base is not None:
             if isinstance(spec.base, Bookmark):
