@@ -135,6 +135,12 @@ def status_text(status: dict[str, Any], width: int = 80) -> str:
              f"under-replicated: {status['under_replicated']}",
              f"moves:            {moves['running']} running, {moves['planned']} planned, "
              f"{moves['done']} done, {moves['failed']} failed"]
+    me, leader = status.get("coordinator"), status.get("leader")
+    if me is not None:  # several coordinators on one ZooKeeper store: who leads
+        lead = f"{leader['id']} ({leader['url']})" if leader else "none elected"
+        lines[:0] = [f"leader:           {lead}",
+                     f"this coordinator: {me['id']} ({me['role']}), "
+                     f"{len(status.get('candidates', []))} standing"]
     now = time.time()
     for m in status["in_flight"]:
         label = f"{m['vm'][:8]} {m['reason']} -> {_short(m['to_zone'])}"

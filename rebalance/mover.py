@@ -56,6 +56,7 @@ from rebalance.store import (
     MoveRecord,
     MoveState,
     MoveStep,
+    NotLeader,
     PlacementConflict,
     Store,
     ZoneRecord,
@@ -189,6 +190,10 @@ class Mover:
             await self.execute(m)
         except asyncio.CancelledError:
             raise
+        except NotLeader as e:
+            # Fenced: this term is over and the step wrote nothing; the new
+            # leader resumes the move from its persisted step.
+            log.warning("move left to the new leader", extra={"move": m.id, "err_msg": str(e)})
         except Exception:
             log.exception("move failed unexpectedly; will retry", extra={"move": m.id})
             self._later(m.id)

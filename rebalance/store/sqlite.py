@@ -17,11 +17,14 @@ from typing import TypeVar
 
 from rebalance.placement import Move, ZoneState
 from rebalance.store.base import (
+    Candidate,
+    Fence,
     HostKeyMismatch,
     MoveRecord,
     MoveState,
     MoveStep,
     PlacementConflict,
+    SoloElection,
     ZoneNotEmpty,
     ZoneNotFound,
     ZoneRecord,
@@ -161,6 +164,13 @@ class SqliteStore:
 
     async def close(self) -> None:
         await self._run(lambda db: db.close())
+
+    def fenced(self, fence: Fence) -> SqliteStore:
+        # One process owns the file: its term never ends while it runs.
+        return self
+
+    def election(self, me: Candidate) -> SoloElection:
+        return SoloElection(me)
 
     # -- zones --
 

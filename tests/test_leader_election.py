@@ -1,0 +1,268 @@
+"""Several coordinators on one store: the election and the fencing of a leader's writes.
+
+On the session's private ZooKeeper (``conftest.zookeeper``): candidates are
+ephemeral sequential znodes, the lowest leads, and a fenced view's every
+transaction checks the leader's own znode first, so a write of a term that is
+over fails whole (``NotLeader``) and changes nothing. On SQLite one process is
+always the leader and a fenced view is the store itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from kazoo.client import KazooClient
+
+from rebalance.coordinator import parse_config
+from rebalance.placement import Move, ZoneState
+from rebalance.store import (
+    Candidate,
+    Fence,
+    MoveState,
+    MoveStep,
+    NotLeader,
+    SoloElection,
+    SqliteStore,
+    Store,
+    ZkStore,
+    ZoneRegistration,
+)
+from rebalance.store.zookeeper import ZkElection, _seq
+from snapper_zone.common.config import ConfigError
+from snapper_zone.fleet.zookeeper import LocalZooKeeper
+from tests.helpers import Cable, wait_until
+
+A, B, C = (f"00000000-0000-4000-8000-00000000000{i}" for i in (1, 2, 3))
+VM = "74c59c61-4559-4ca2-b1ef-0ca22f2f936a"
+VM2 = "84c59c61-4559-4ca2-b1ef-0ca22f2f936a"
+
+
+def reg(zone: str, capacity: int = 100) -> ZoneRegistration:
+    return ZoneRegistration(uuid=zone, name=f"z{zone[-1]}", ssh_host="127.0.0.1",
+                            ssh_port=2222, http_url="http://127.0.0.1:1",
+                            host_key="ssh-ed25519 X", capacity=capacity)
+
+
+def me(i: int) -> Candidate:
+    return Candidate(f"c{i}", f"http://127.0.0.1:{9000 + i}")
+
+
+@pytest.fixture
+async def chroot(zookeeper: LocalZooKeeper) -> AsyncIterator[Callable[..., Awaitable[ZkStore]]]:
+    """Opens stores (each its own session: a coordinator) on one fresh chroot."""
+    where = f"/t-{uuid.uuid4().hex}"
+    opened: list[ZkStore] = []
+
+    async def open_one(hosts: str | None = None, **kw: Any) -> ZkStore:
+        s = await ZkStore.open(hosts or zookeeper.hosts, where, timeout=5.0, **kw)
+        opened.append(s)
+        return s
+
+    yield open_one
+    for s in opened:
+        with contextlib.suppress(Exception):  # a test may have closed it already
+            await s.close()
+
+
+async def _fill(s: Store) -> int:
+    """Zones, a placement, sizes and a move at step verify: something to change."""
+    for z in (A, B, C):
+        await s.upsert_zone(reg(z), 1.0)
+        await s.set_zone_state(z, ZoneState.ACTIVE)
+    await s.place(VM, (A, B), size=10)
+    [m] = await s.add_moves([Move(VM, B, C, B, 10, "rebalance")], 2.0)
+    await s.update_move(m.id, 3.0, state=MoveState.RUNNING, step=MoveStep.VERIFY)
+    return m.id
+
+
+async def _snapshot(s: Store) -> tuple[Any, ...]:
+    return (await s.zones(), await s.placements(), await s.vm_sizes(), await s.moves())
+
+
+def _mutations(s: Store, move_id: int) -> list[tuple[str, Callable[[], Awaitable[object]]]]:
+    """Every kind of store write, each one that would change something."""
+    return [
+        ("register a new zone", lambda: s.upsert_zone(reg("00000000-0000-4000-8000-000000000009"),
+                                                      5.0)),
+        ("update a zone", lambda: s.upsert_zone(reg(A, capacity=7), 5.0)),
+        ("rekey", lambda: s.set_host_key(A, "ssh-ed25519 Y")),
+        ("zone state", lambda: s.set_zone_state(C, ZoneState.LOST)),
+        ("health verdict", lambda: s.set_zone_health(C, last_seen=None, suspect_since=5.0)),
+        ("remove a zone", lambda: s.delete_zone(C)),  # named by the move: refused anyway
+        ("place", lambda: s.place(VM2, (A, C))),
+        ("sizes", lambda: s.set_sizes({VM: 99})),
+        ("reassign", lambda: s.reassign(VM, (A, B), (A, C))),
+        ("plan moves", lambda: s.add_moves([Move(VM, A, C, A, 1, "rebalance")], 5.0)),
+        ("move step", lambda: s.update_move(move_id, 5.0, step=MoveStep.COPY, progress=5)),
+        ("finish a move", lambda: s.update_move(move_id, 5.0, state=MoveState.FAILED)),
+        ("switch placement", lambda: s.switch_placement(move_id, VM, (A, B), (A, C), 5.0)),
+    ]
+
+
+async def test_a_fenced_write_of_an_ended_term_fails_whole(
+        chroot: Callable[..., Awaitable[ZkStore]]) -> None:
+    """The leader resigns (its znode goes, its client lives on): every write of
+    its old term is NotLeader and changes nothing; a new term's view writes."""
+    s = await chroot()
+    move_id = await _fill(s)
+    e = s.election(me(1))
+    fence = await asyncio.wait_for(e.campaign(), 10)
+    view = s.fenced(fence)
+    await view.set_zone_health(A, last_seen=4.0, suspect_since=None)  # the term writes
+    await e.resign()
+    before = await _snapshot(s)
+    for what, write in _mutations(view, move_id):
+        with pytest.raises(NotLeader) as err:
+            await write()
+        assert (err.value.http_status, err.value.code) == (503, "NotLeader"), what
+        assert await _snapshot(s) == before, f"{what}: a stale term changed the store"
+    # The unfenced store (a follower's HTTP writes) is not affected ...
+    await s.set_zone_health(A, last_seen=6.0, suspect_since=None)
+    # ... and a new term writes through its own fence.
+    fence2 = await asyncio.wait_for(e.campaign(), 10)
+    assert fence2.path != fence.path
+    await s.fenced(fence2).reassign(VM, (A, B), (B, A))
+    assert await s.placement(VM) == (B, A)
+
+
+async def test_a_step_started_under_an_expired_session_cannot_commit(
+        zookeeper: LocalZooKeeper, chroot: Callable[..., Awaitable[ZkStore]]) -> None:
+    """The real case: the leader is cut off from ZooKeeper past its session
+    timeout; a follower takes over; when the old leader's client is back (with a
+    new session) its in-flight switch fails, and the new leader's commits."""
+    cable = Cable(zookeeper.port)
+    await cable.mend()
+    old = await chroot(f"127.0.0.1:{cable.port}", session_timeout=2.0)
+    new = await chroot(session_timeout=2.0)
+    move_id = await _fill(new)
+    e_old, e_new = old.election(me(1)), new.election(me(2))
+    fence = await asyncio.wait_for(e_old.campaign(), 10)
+    await e_new.join()
+    stale = old.fenced(fence)
+    watcher = KazooClient(hosts=zookeeper.hosts)
+    await asyncio.to_thread(watcher.start, 10)
+    try:
+        await cable.cut()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        fence2 = await asyncio.wait_for(e_new.campaign(), 15)  # the follower takes over
+        took = loop.time() - t0
+        assert took < 2.0 + 3.0, f"failover took {took:.1f} s with a 2 s session"
+        assert await asyncio.to_thread(watcher.exists, fence.path) is None
+        await cable.mend()
+
+        async def back() -> bool:
+            with contextlib.suppress(Exception):
+                await old.zones()
+                return True
+            return False
+
+        await wait_until(back, 20, "the old leader's client reconnected")
+        before = await _snapshot(new)
+        with pytest.raises(NotLeader):
+            await stale.switch_placement(move_id, VM, (A, B), (A, C), 9.0)
+        assert await _snapshot(new) == before
+        got = await new.fenced(fence2).switch_placement(move_id, VM, (A, B), (A, C), 9.0)
+        assert got.step is MoveStep.DELETE and await new.placement(VM) == (A, C)
+        assert (await e_new.candidates())[0].id == "c2"  # who leads, as all see it
+    finally:
+        await asyncio.to_thread(watcher.stop)
+        await asyncio.to_thread(watcher.close)
+        if cable.server is not None:
+            cable.server.close()
+
+
+async def test_three_candidates_lead_in_turn(chroot: Callable[..., Awaitable[ZkStore]]) -> None:
+    """The first to stand leads; the others wait in order; when the leader's
+    session ends the next one leads at once (a clean close), and its term's
+    deposed() returns when it resigns."""
+    stores = [await chroot() for _ in range(3)]
+    elections = [s.election(me(i)) for i, s in enumerate(stores)]
+    for e in elections:
+        await e.join()
+    assert [c.id for c in await elections[2].candidates()] == ["c0", "c1", "c2"]
+    f0 = await asyncio.wait_for(elections[0].campaign(), 10)
+    waiting = [asyncio.create_task(e.campaign()) for e in elections[1:]]
+    try:
+        await asyncio.sleep(0)  # let them stand; neither may win while c0 leads
+        done, _ = await asyncio.wait(waiting, timeout=0.5)
+        assert not done
+        gone = asyncio.create_task(elections[0].deposed(f0))
+        await stores[0].close()  # its session ends: its znode goes with it
+        f1 = await asyncio.wait_for(waiting[0], 10)
+        assert not waiting[1].done()
+        assert [c.id for c in await elections[2].candidates()] == ["c1", "c2"]
+        await asyncio.wait_for(gone, 10)
+        ended = asyncio.create_task(elections[1].deposed(f1))
+        await elections[1].resign()
+        await asyncio.wait_for(ended, 10)
+        f2 = await asyncio.wait_for(waiting[1], 10)
+        assert len({f0.path, f1.path, f2.path}) == 3  # a term per znode, never reused
+        assert [c.id for c in await elections[2].candidates()] == ["c2"]
+    finally:
+        for t in waiting:
+            t.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+
+
+async def test_a_store_from_before_the_election_gets_its_directory(
+        zookeeper: LocalZooKeeper) -> None:
+    """A chroot laid out before election/ existed: standing creates it."""
+    where = f"/t-{uuid.uuid4().hex}"
+    s = await ZkStore.open(zookeeper.hosts, where, timeout=5.0)
+    try:
+        await asyncio.to_thread(s._zk.delete, f"{where}/election")
+        e = s.election(me(0))
+        fence = await asyncio.wait_for(e.campaign(), 10)
+        assert fence.path.startswith(f"{where}/election/n-")
+        assert isinstance(e, ZkElection) and not e.solo
+    finally:
+        await s.close()
+
+
+async def test_sqlite_is_always_its_own_leader(tmp_path: Path) -> None:
+    s = SqliteStore(tmp_path / "c.db")
+    try:
+        assert s.fenced(Fence("/x", 3)) is s
+        e = s.election(me(0))
+        assert isinstance(e, SoloElection) and e.solo
+        assert await asyncio.wait_for(e.campaign(), 1) == SoloElection.FENCE
+        assert await e.candidates() == [me(0)]
+        ended = asyncio.create_task(e.deposed(SoloElection.FENCE))
+        await asyncio.sleep(0)
+        assert not ended.done()
+        await e.resign()
+        await asyncio.wait_for(ended, 1)
+    finally:
+        await s.close()
+
+
+# -- pure parts ---------------------------------------------------------------------------
+
+
+@given(st.lists(st.tuples(st.uuids(), st.integers(0, 10**9)), unique_by=lambda t: t[1]))
+def test_candidates_order_by_sequence_not_name(nodes: list[tuple[uuid.UUID, int]]) -> None:
+    """ZooKeeper's sequence decides, whatever the guid before it."""
+    names = [f"n-{g.hex}-{n:010d}" for g, n in nodes]
+    assert [_seq(x) for x in sorted(names, key=_seq)] == sorted(n for _, n in nodes)
+
+
+def test_election_config() -> None:
+    c = parse_config({"election": {"id": "headnode-1", "url": "http://10.0.0.5:8480",
+                                   "session_timeout": 4}})
+    assert (c.coordinator_id, c.advertise_url, c.session_timeout) == (
+        "headnode-1", "http://10.0.0.5:8480", 4.0)
+    d = parse_config({})
+    assert (d.coordinator_id, d.advertise_url, d.session_timeout) == ("", "", 6.0)
+    for bad in ({"url": "10.0.0.5:8480"}, {"id": "a b"}, {"id": "a/b"},
+                {"session_timeout": 0.5}, {"session_timeout": "6"}, {"leader": True}):
+        with pytest.raises(ConfigError, match="election"):
+            parse_config({"election": bad})
