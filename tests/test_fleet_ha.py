@@ -67,7 +67,7 @@ async def _kill_leader(f: Fleet, leader: LocalCoordinator, heir: LocalCoordinato
             s = await _status(f, heir)
         except aiohttp.ClientError:
             return False
-        return s["coordinator"]["role"] == "leader" and s["leader"]["id"] == heir.id
+        return bool(s["coordinator"]["role"] == "leader" and s["leader"]["id"] == heir.id)
 
     await wait_until(taken_over, 30, f"{heir.id} leading", poll=0.1)
     took = time.monotonic() - t0
