@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import asyncssh
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from kazoo.client import KazooClient
 
-from rebalance.coordinator import parse_config
+from rebalance.coordinator import Coordinator, CoordinatorConfig, parse_config
 from rebalance.placement import Move, ZoneState
 from rebalance.store import (
     Candidate,
@@ -36,7 +39,9 @@ from rebalance.store import (
     ZoneRegistration,
 )
 from rebalance.store.zookeeper import ZkElection, _seq
+from rebalance.zoneclient import HttpZoneApi
 from snapper_zone.common.config import ConfigError
+from snapper_zone.common.httpsig import Signer
 from snapper_zone.fleet.zookeeper import LocalZooKeeper
 from tests.helpers import Cable, wait_until
 
@@ -266,3 +271,83 @@ def test_election_config() -> None:
                 {"session_timeout": 0.5}, {"session_timeout": "6"}, {"leader": True}):
         with pytest.raises(ConfigError, match="election"):
             parse_config({"election": bad})
+
+
+# -- coordinators on one store ------------------------------------------------------------
+
+
+async def test_followers_answer_the_leader_plans(chroot: Callable[..., Awaitable[ZkStore]],
+                                                tmp_path: Path) -> None:
+    """Two coordinators in one process, each its own session: the first leads;
+    the follower serves status and dry runs, refuses a real rebalance naming
+    the leader, and an operator's zone change sent to it makes the leader plan
+    (it watches the zone set). When the leader stops, the follower leads."""
+    signer = Signer(asyncssh.generate_private_key("ssh-ed25519"))
+    api = HttpZoneApi(signer, request_timeout=1)
+    config = CoordinatorConfig(store=tmp_path / "unused", health_interval=0.05,
+                               health_timeout=0.2, lost_after=3600, settle=0.05,
+                               rebalance_interval=3600, rebuild_grace=0)
+    coords = []
+    for i in range(2):
+        c = Coordinator(await chroot(), api, dataclasses.replace(
+            config, coordinator_id=f"c{i}", advertise_url=f"http://127.0.0.1:{9100 + i}"))
+        await c.join()
+        c.start()
+        coords.append(c)
+    lead, follow = coords
+    try:
+        await wait_until(lambda: _role_is(lead, "leader"), 10, "c0 leading", poll=0.02)
+        s = await follow.status()
+        assert s["coordinator"] == {"id": "c1", "url": "http://127.0.0.1:9101",
+                                    "role": "follower"}
+        assert s["leader"] == {"id": "c0", "url": "http://127.0.0.1:9100"}
+        assert [c["id"] for c in s["candidates"]] == ["c0", "c1"]
+        assert s["vms"] == 0 and "under_replicated" in s
+        assert (await follow.rebalance(dry_run=True))["moves"] == []
+        with pytest.raises(NotLeader, match=re.escape("c0 at http://127.0.0.1:9100")):
+            await follow.rebalance(dry_run=False)
+        await lead.rebalance(dry_run=False)  # the leader plans (nothing to plan here)
+        # A zone admitted through the follower: the leader sees the set change.
+        await follow.store.upsert_zone(reg(A), 1.0)
+        passes = lead.auto_passes
+        await follow.set_state(A, {"state": "active"})
+        await wait_until(lambda: _passes_over(lead, passes), 10, "the leader planning again",
+                         poll=0.02)
+        assert follow.auto_passes == 0 and follow.terms == 0  # a follower never plans
+        await lead.stop()  # resigns: the follower takes over at once
+        await wait_until(lambda: _role_is(follow, "leader"), 10, "c1 leading", poll=0.02)
+        assert (await follow.status())["candidates"] == [
+            {"id": "c1", "url": "http://127.0.0.1:9101"}]
+    finally:
+        for c in coords:
+            await c.stop()
+        await api.close()
+
+
+async def _role_is(c: Coordinator, role: str) -> bool:
+    return c.role == role
+
+
+async def _passes_over(c: Coordinator, n: int) -> bool:
+    return c.auto_passes > n
+
+
+async def test_a_solo_coordinator_leads_without_election(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "c.db")
+    signer = Signer(asyncssh.generate_private_key("ssh-ed25519"))
+    api = HttpZoneApi(signer, request_timeout=1)
+    c = Coordinator(store, api, CoordinatorConfig(store=tmp_path / "c.db", port=8481,
+                                                  auto_rebalance=False))
+    try:
+        assert c.role == "leader"  # before start: SQLite has one process
+        s = await c.status()
+        assert s["coordinator"]["role"] == "leader" and s["leader"] == {
+            "id": c.me.id, "url": "http://127.0.0.1:8481"}
+        assert c.me.id.endswith(":8481")  # hostname:port by default
+        c.set_port(9999)
+        assert c.me.url == "http://127.0.0.1:9999" and c.election.me == c.me
+        await c.rebalance(dry_run=False)
+    finally:
+        await c.stop()
+        await api.close()
+        await store.close()
