@@ -24,6 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from kazoo.client import KazooClient
 
+from rebalance.cli import status_text
 from rebalance.coordinator import Coordinator, CoordinatorConfig, parse_config
 from rebalance.placement import Move, ZoneState
 from rebalance.store import (
@@ -351,3 +352,17 @@ async def test_a_solo_coordinator_leads_without_election(tmp_path: Path) -> None
         await c.stop()
         await api.close()
         await store.close()
+
+
+def test_status_text_says_who_leads() -> None:
+    base = {"zones": {"active": 3}, "vms": 0, "copies": 0, "under_replicated": 0,
+            "moves": {"planned": 0, "running": 0, "done": 0, "failed": 0}, "in_flight": []}
+    text = status_text({**base, "coordinator": {"id": "c1", "url": "u1", "role": "follower"},
+                        "leader": {"id": "c0", "url": "http://h0:8480"},
+                        "candidates": [{"id": "c0", "url": "u0"}, {"id": "c1", "url": "u1"}]})
+    assert "leader:           c0 (http://h0:8480)" in text
+    assert "this coordinator: c1 (follower), 2 standing" in text
+    none = status_text({**base, "coordinator": {"id": "c1", "url": "u1", "role": "follower"},
+                        "leader": None, "candidates": []})
+    assert "leader:           none elected" in none
+    assert "leader" not in status_text(base)  # an older coordinator's answer
