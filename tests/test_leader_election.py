@@ -156,12 +156,18 @@ async def test_a_step_started_under_an_expired_session_cannot_commit(
     watcher = KazooClient(hosts=zookeeper.hosts)
     await asyncio.to_thread(watcher.start, 10)
     try:
-        await cable.cut()
         loop = asyncio.get_running_loop()
+        ended_at: list[float] = []
+        term = asyncio.create_task(e_old.deposed(fence))
+        term.add_done_callback(lambda _: ended_at.append(loop.time()))
+        await cable.cut()
         t0 = loop.time()
         fence2 = await asyncio.wait_for(e_new.campaign(), 15)  # the follower takes over
         took = loop.time() - t0
         assert took < 2.0 + 3.0, f"failover took {took:.1f} s with a 2 s session"
+        # The cut-off leader stopped its term (its connection suspended) before
+        # the ensemble expired its session, so before the follower led.
+        assert term.done() and ended_at[0] <= t0 + took
         assert await asyncio.to_thread(watcher.exists, fence.path) is None
         await cable.mend()
 
