@@ -44,7 +44,7 @@ lint: deps
 
 # Host tier: zfs-fuse on file-backed pools (started and stopped by the fixtures).
 test-host: deps
-	$(VPY) -m pytest -rs -q -p no:cacheprovider -m "not soak" tests
+	$(VPY) -m pytest -rs -q -p no:cacheprovider --durations=15 -m "not soak" tests
 
 # Soak tier: a real local fleet under load and a seeded fault schedule, then the
 # invariants (soak/); SNAPPER_SOAK_SECONDS sets the load time (default 120; the

@@ -591,14 +591,16 @@ class Coordinator:
             if self.deferred:  # wake when the grace ends, not a whole interval later
                 wait = min(wait, self.grace_left() + GRACE_MARGIN)
             try:
-                await asyncio.wait_for(self._trigger.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await self._trigger.wait()
             except TimeoutError:
                 changed = False
             # Settle: zones (re)registering together, say after a rebuild, make one plan.
             while True:
                 self._trigger.clear()
                 try:
-                    await asyncio.wait_for(self._trigger.wait(), self.config.settle)
+                    async with asyncio.timeout(self.config.settle):
+                        await self._trigger.wait()
                 except TimeoutError:
                     break
                 changed = True  # a change while settling counts, even on a periodic pass

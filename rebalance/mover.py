@@ -63,6 +63,7 @@ from rebalance.store import (
 )
 from rebalance.zoneclient import SnapshotView, ZoneApi
 from snapper_zone.common.log import child
+from snapper_zone.common.tasks import cancel_and_wait
 from snapper_zone.errors import SnapperError
 
 __all__ = ["Mover", "MoverSettings", "verify_copy"]
@@ -294,9 +295,7 @@ class Mover:
         except SnapperError as e:
             raise _Retry(f"copy: {e}") from e
         finally:
-            poll.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await poll
+            await cancel_and_wait(poll)
         if res.state not in _COPIED:
             raise _Retry(f"copy: {res.state}" + (f": {res.error}" if res.error else ""))
 

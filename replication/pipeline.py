@@ -121,7 +121,8 @@ class MirrorTee:
         if self.active and not self._ended:
             self.let_go("the primary's receive ended before the client's stream")
         try:
-            await asyncio.wait_for(asyncio.shield(self.session.closed), timeout)
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self.session.closed)
         except (TimeoutError, OSError, asyncssh.Error) as exc:
             if isinstance(exc, TimeoutError):
                 self.chan.close()
@@ -192,9 +193,10 @@ class Pipeliner:
             return None  # the peer failed a moment ago: do not slow this push down
         mirror_cmd = Receive(cmd.vm, cmd.dataset, cmd.snapshot, base, cmd.size)
         try:
-            client = await asyncio.wait_for(self.links.client(peer.uuid), _TEE_CONNECT)
-            return await asyncio.wait_for(
-                MirrorTee.open(client, mirror_cmd, inbound, peer.uuid, self.log), _TEE_CONNECT)
+            async with asyncio.timeout(_TEE_CONNECT):
+                client = await self.links.client(peer.uuid)
+            async with asyncio.timeout(_TEE_CONNECT):
+                return await MirrorTee.open(client, mirror_cmd, inbound, peer.uuid, self.log)
         except (SnapperError, OSError, TimeoutError, asyncssh.Error) as exc:
             self.log.info("no pipelined mirror", extra={"vm": cmd.vm, "peer": peer.uuid,
                                                         "reason": str(exc)})

@@ -17,6 +17,7 @@ import asyncssh
 from replication.coordinator_client import CoordinatorClient
 from replication.peers import PeerLinks
 from snapper_zone.common.config import ZoneConfig
+from snapper_zone.common.tasks import cancel_and_wait
 from snapper_zone.errors import SnapperError
 from snapper_zone.wire import ZoneRegistration
 
@@ -55,9 +56,7 @@ class Registrar:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
 
     async def _run(self) -> None:
@@ -79,6 +78,7 @@ class Registrar:
             forgotten = self.links.forgotten
             forgotten.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(forgotten.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await forgotten.wait()
             if forgotten.is_set():
                 registered = False

@@ -42,6 +42,7 @@ from replication.reconcile import (
     still_awaited,
     tombstones_to_adopt,
 )
+from snapper_zone.common.tasks import cancel_and_wait
 from snapper_zone.errors import DatasetNotFound, SnapperError
 from snapper_zone.wire import Inventory
 
@@ -310,7 +311,8 @@ class Replicator:
         if peer is None:
             return None, self._no_peer_reason()
         try:
-            st = await asyncio.wait_for(self.sync_vm(vm, peer.uuid), timeout)
+            async with asyncio.timeout(timeout):
+                st = await self.sync_vm(vm, peer.uuid)
         except TimeoutError:
             return peer.uuid, f"no answer within {timeout:.0f} s"
         b = st.peer_view  # the last round listed the peer: no need to ask again
@@ -336,7 +338,8 @@ class Replicator:
         """
         task = asyncio.ensure_future(self.sync_vm(vm))
         try:
-            st = await asyncio.wait_for(asyncio.shield(task), timeout)
+            async with asyncio.timeout(timeout):
+                st = await asyncio.shield(task)
         except TimeoutError:
             return False
         return st.peer_view is not None and not snapshot_guids(st.peer_view, name,
@@ -354,9 +357,7 @@ class Replicator:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
         await self.links.close()
 
@@ -391,8 +392,8 @@ class Replicator:
             if vms:
                 await asyncio.gather(*(one(vm) for vm in sorted(vms)))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(),
-                                       max(next_full - time.monotonic(), 0.01))
+                async with asyncio.timeout(max(next_full - time.monotonic(), 0.01)):
+                    await self._wake.wait()
 
     def report(self) -> dict[str, Any]:
         return {"zone": self.me,

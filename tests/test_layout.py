@@ -5,7 +5,7 @@ cycle cannot hide behind a lazy or type-only import. The layers, bottom up:
 
     errors
     zfs (zfs, names, proc, sendstream)      common (config, log, metrics, ...)
-    wire (protocol, documents)
+    wire (protocol, documents)              policy (schedules, retention: pure)
     transfer (stream, local, remote, plan, registry, store)
     replication            cn (the CN client)            rebalance (coordinator)
     daemon (snapperd)
@@ -30,7 +30,9 @@ ALLOWED: dict[str, set[str]] = {
 }
 ALLOWED["snapper_zone.transfer"] = {"snapper_zone", "snapper_zone.common",
                                     *ALLOWED["snapper_zone.wire"], "snapper_zone.wire"}
-ALLOWED["replication"] = {*ALLOWED["snapper_zone.transfer"], "snapper_zone.transfer"}
+ALLOWED["snapper_zone.policy"] = {"snapper_zone.errors", "snapper_zone.common"}
+ALLOWED["replication"] = {*ALLOWED["snapper_zone.transfer"], "snapper_zone.transfer",
+                          "snapper_zone.policy"}
 ALLOWED["snapper_zone.cn"] = set(ALLOWED["replication"])
 ALLOWED["rebalance"] = {"snapper_zone.errors", "snapper_zone.common", "snapper_zone.wire",
                         "snapper_zone.zfs"}

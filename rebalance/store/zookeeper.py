@@ -261,7 +261,8 @@ class ZkStore:
             for r in pending:
                 r.rawlink(one)
             try:
-                await asyncio.wait_for(asyncio.shield(done), self.timeout)
+                async with asyncio.timeout(self.timeout):
+                    await asyncio.shield(done)
             except TimeoutError as e:
                 raise StoreUnavailable(f"ZooKeeper: no answer in {self.timeout:g} s "
                                        f"(state {self._zk.state})") from e

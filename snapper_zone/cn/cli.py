@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
 import tomllib
@@ -31,13 +32,17 @@ from typing import Any
 
 import asyncssh
 
-from snapper_zone.cn.client import CnClient, PlanError
+from snapper_zone.cn.agent import Agent, AgentState
+from snapper_zone.cn.client import CnClient, PlanError, PushReport
 from snapper_zone.cn.client import placement as placement  # re-exported: the CN's lookup
 from snapper_zone.common import progress
+from snapper_zone.common.config import ConfigError
 from snapper_zone.common.progress import format_bytes
 from snapper_zone.common.version import add_version_argument
 from snapper_zone.errors import SnapperError
+from snapper_zone.policy import Snap, level_of, load_policies
 from snapper_zone.transfer.remote import ZoneClient, ZoneError, ZoneUnreachable
+from snapper_zone.zfs.zfs import Zfs
 
 DEFAULT_CONFIG = "/opt/smartdc/snapper/etc/snapper-cn.toml"
 CONFIG_ENV = "SNAPPER_CN_CONFIG"
@@ -185,6 +190,103 @@ def _reporter(choice: str) -> progress.Reporter:
     return progress.for_stream(sys.stderr)
 
 
+async def push_with_failover(s: CnSettings, vm: str, *, name: str | None, base: str | None,
+                             metadata: dict[str, Any] | None, durability: str | None,
+                             bwlimit: float | None, reporter: progress.Reporter
+                             ) -> PushReport:
+    """Push to the VM's first zone that answers (``snapper push`` and the agent)."""
+    targets = await _push_targets(s, vm)
+    for i, zone in enumerate(targets):
+        try:
+            async with zone:
+                cn = CnClient(zone, dataset_root=s.dataset_root, progress=reporter)
+                cn.bwlimit = bwlimit
+                return await cn.push(vm, name=name, base=base, metadata=metadata,
+                                     durability=durability)
+        except ZoneUnreachable as exc:
+            if i + 1 == len(targets):
+                raise
+            # Failover: the other zone takes this snapshot; the pair converges later.
+            print(f"snapper: push: {zone.endpoint} unreachable ({_one_line(str(exc))}); "
+                  f"trying {targets[i + 1].endpoint}", file=sys.stderr)
+    raise ZoneUnreachable(f"VM {vm}: no zone to push to")
+
+
+class CnPusher:
+    """The agent's I/O (``cn/agent.Pusher``) on the CN client, with ``snapper push``'s
+    zone failover."""
+
+    def __init__(self, s: CnSettings, *, zfs: Zfs | None = None, vmadm: str | None = "vmadm",
+                 bwlimit: float | None = None) -> None:
+        self.s = s
+        self.zfs = zfs or Zfs()
+        self.vmadm = vmadm
+        self.bwlimit = bwlimit
+
+    def _local(self) -> CnClient:
+        # Local work only: the zone client is never connected.
+        return CnClient(ZoneClient("127.0.0.1", 1, self.s.key), dataset_root=self.s.dataset_root,
+                        zfs=self.zfs, vmadm=self.vmadm)
+
+    async def local_vms(self) -> list[str]:
+        return await self._local().local_vms()
+
+    async def tags(self, vm: str) -> dict[str, str]:
+        return await self._local().vm_tags(vm)
+
+    async def local_snapshots(self, vm: str) -> list[str]:
+        cn = self._local()
+        return [i.snapshot.name for i in await self.zfs.snapshots(cn.vm_dataset(vm))]
+
+    async def zone_snapshots(self, vm: str) -> list[Snap]:
+        targets = await _push_targets(self.s, vm)
+        for i, zone in enumerate(targets):
+            try:
+                async with zone:
+                    snaps = await zone.snapshots(vm)
+                return [Snap(x.name, float(x.created), x.complete, level_of(x.name))
+                        for x in snaps]
+            except ZoneUnreachable:
+                if i + 1 == len(targets):
+                    raise
+        return []
+
+    async def push(self, vm: str, name: str, base: str | None, durability: str) -> PushReport:
+        return await push_with_failover(self.s, vm, name=name, base=base, metadata=None,
+                                        durability=durability, bwlimit=self.bwlimit,
+                                        reporter=progress.NoProgress())
+
+    async def destroy_local(self, vm: str, names: Sequence[str]) -> None:
+        top = self._local().vm_dataset(vm)
+        for n in names:
+            await self.zfs.destroy(top.snapshot(n), recursive=True)
+
+
+async def cmd_agent(args: argparse.Namespace, s: CnSettings) -> int:
+    """Run the CN's policies: in the foreground until SIGTERM/SIGINT, or one pass."""
+    try:
+        policies = load_policies(args.policy)
+    except ConfigError as e:
+        raise UsageError(f"agent: {e}") from e
+    state = AgentState.load(Path(args.state))
+    agent = Agent(policies, CnPusher(s, bwlimit=args.bwlimit), state, cn_id=args.cn_id)
+    if args.once:
+        outcomes = await agent.tick()
+        for o in outcomes:
+            what = f"from {o.base}" if o.base else "from the newest common snapshot"
+            print(f"{o.vm} {o.level}: {o.snapshot} {what}: "
+                  + ("pushed" + (f", trimmed {len(o.trimmed)}" if o.trimmed else "")
+                     if o.ok else f"FAILED: {o.error}"))
+        return 0 if all(o.ok for o in outcomes) else 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, agent.wake.set)  # run a pass now
+    await agent.run(stop)
+    return 0
+
+
 # -- subcommands ------------------------------------------------------------------
 
 
@@ -197,24 +299,9 @@ async def cmd_push(args: argparse.Namespace, s: CnSettings) -> int:
             raise UsageError(f"--metadata {args.metadata}: {exc}") from exc
         if not isinstance(meta, dict):
             raise UsageError(f"--metadata {args.metadata}: must hold a JSON object")
-    targets = await _push_targets(s, args.vm)
-    report = None
-    for i, zone in enumerate(targets):
-        try:
-            async with zone:
-                cn = CnClient(zone, dataset_root=s.dataset_root,
-                              progress=_reporter(args.progress))
-                cn.bwlimit = args.bwlimit
-                report = await cn.push(args.vm, name=args.name, base=args.base, metadata=meta,
-                                       durability=args.durability)
-            break
-        except ZoneUnreachable as exc:
-            if i + 1 == len(targets):
-                raise
-            # Failover: the other zone takes this snapshot; the pair converges later.
-            print(f"snapper: push: {zone.endpoint} unreachable ({_one_line(str(exc))}); "
-                  f"trying {targets[i + 1].endpoint}", file=sys.stderr)
-    assert report is not None
+    report = await push_with_failover(s, args.vm, name=args.name, base=args.base,
+                                      metadata=meta, durability=args.durability,
+                                      bwlimit=args.bwlimit, reporter=_reporter(args.progress))
     if args.json:
         print(json.dumps({"vm": report.vm, "snapshot": report.snapshot, "bytes": report.bytes,
                           "metadata": report.metadata_source, "durability": report.durability,
@@ -321,6 +408,20 @@ def build_parser(more: Callable[[Any], None] | None = None) -> argparse.Argument
     restore.add_argument("--metadata-out", metavar="FILE",
                          help="write the metadata JSON here (default: stdout)")
     restore.set_defaults(handler=cmd_restore)
+
+    agent = sub.add_parser("agent", help="run the policies for this CN's VMs: snapshots "
+                           "on schedule, pushed from their base (SMF: svc:/smartdc/snapper-agent)")
+    agent.add_argument("--policy", metavar="FILE", required=True,
+                       help="the policy file (etc/policy.example.toml documents it)")
+    agent.add_argument("--state", metavar="FILE",
+                       default="/var/opt/smartdc/snapper/agent-state.json",
+                       help="where the agent records what it did (default: %(default)s)")
+    agent.add_argument("--cn-id", metavar="ID", help="this CN's id, for policies by cns")
+    agent.add_argument("--once", action="store_true",
+                       help="one pass (push what is due now), then exit: 1 if a push failed")
+    agent.add_argument("--bwlimit", type=parse_rate, metavar="RATE",
+                       help="pace each stream to RATE bytes/s")
+    agent.set_defaults(handler=cmd_agent)
 
     lst = sub.add_parser("list", help="what the zone holds (default: this CN's VMs)")
     lst.add_argument("vm", metavar="VM_UUID", nargs="?")

@@ -380,6 +380,12 @@ class CnClient:
             log.debug("no size estimate: %s", exc)
             return None
 
+    async def vm_tags(self, vm: str) -> dict[str, str]:
+        """The VM's tags (``vmadm get``'s ``tags``): policies may name VMs by tag."""
+        meta, _ = await self._metadata(vm, [], None)
+        tags = meta.get("tags")
+        return {str(k): str(v) for k, v in tags.items()} if isinstance(tags, dict) else {}
+
     async def _metadata(self, vm: str, labels: list[str],
                         given: Mapping[str, Any] | None) -> tuple[dict[str, Any], str]:
         """The user's file wins; else ``vmadm get`` on SmartOS; else a minimal record."""

@@ -137,6 +137,15 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    """Where the zone's retention policy is (``policy/spec.py``'s file format) and
+    how often the VMs pushed to this zone are pruned by it."""
+
+    policy: Path
+    interval_seconds: int = 600
+
+
+@dataclass(frozen=True)
 class TrustedKey:
     """A client key snapperd accepts and the role it grants.
 
@@ -208,6 +217,7 @@ class ZoneConfig:
     # the time of one); off: the peer is sent the snapshot after it is in.
     pipelined_mirroring: bool = True
     limits: Limits = field(default_factory=Limits)
+    retention: RetentionConfig | None = None  # None: snapshots are deleted by hand only
 
     @property
     def receives_per_principal(self) -> int:
@@ -289,6 +299,7 @@ def parse_config(data: object, source: str = "<config>") -> ZoneConfig:
 
 
 _TOP_FIELDS = (
+    "retention",
     "uuid",
     "name",
     "root",
@@ -509,6 +520,7 @@ class _Parser:
         if not isinstance(pipelined, bool):
             raise self.err("pipelined_mirroring", f"must be true or false, not {_kind(pipelined)}")
         limits = self.limits(top.get("limits", {}), max_recv)
+        retention = self.retention(top["retention"]) if "retention" in top else None
         if coordinator_url is not None:
             # Registration tells the coordinator where to reach us: a wildcard
             # would have it (and every peer) health-check itself.
@@ -540,7 +552,15 @@ class _Parser:
             stream_idle_seconds=idle,
             pipelined_mirroring=pipelined,
             limits=limits,
+            retention=retention,
         )
+
+    def retention(self, value: object) -> RetentionConfig:
+        t = self.table("retention", value, ("policy", "interval_seconds"))
+        policy = self.path("retention.policy", self.required(t, "retention", "policy"))
+        interval = self.integer("retention.interval_seconds",
+                                t.get("interval_seconds", 600), 10, 86_400)
+        return RetentionConfig(policy, interval)
 
     def limits(self, value: object, max_recv: int) -> Limits:
         t = self.table("limits", value, _LIMIT_FIELDS)

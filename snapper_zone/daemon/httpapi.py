@@ -20,6 +20,11 @@ Routes, and the roles that may call each (``ROUTES``, the one table)::
     DELETE /v1/vms/{uuid}                     coordinator, operator: drop this copy;
                                               body {"elsewhere": ...} required (422
                                               without); 409 CopyNotRedundant / ResourceBusy
+    POST   /v1/vms/{uuid}/prune               operator: apply the retention policy now
+                                              (?dry_run=true: what would go, and why;
+                                              ?force=true: though another zone prunes it)
+                                              -> {vm, policy, pruner, keep, delete, deleted}
+    POST   /v1/prune                          operator: the same for every VM here
     GET    /v1/replication                    operator, coordinator, zone: each VM's peer,
                                               state, lag
     GET    /v1/capacity                       operator, coordinator, zone:
@@ -75,6 +80,7 @@ from snapper_zone.common.httpsig import (
 from snapper_zone.common.metrics import CONTENT_TYPE_LATEST
 from snapper_zone.common.version import version
 from snapper_zone.daemon.auth import check_owner
+from snapper_zone.daemon.prune import Pruner
 from snapper_zone.daemon.zone import Zone
 from snapper_zone.errors import InvalidName, SnapperError
 from snapper_zone.transfer.registry import SnapshotInUse
@@ -82,7 +88,8 @@ from snapper_zone.transfer.store import P_META_COUNT, decode_metadata
 from snapper_zone.wire import InvalidDocument, elsewhere_from_json, jsontext, tombstones_to_json
 from snapper_zone.zfs.names import Dataset, check_component, check_uuid
 
-__all__ = ["ROUTES", "ZONE", "MethodNotAllowed", "ResourceNotFound", "SnapshotInUse", "make_app"]
+__all__ = ["ROUTES", "ZONE", "MethodNotAllowed", "NoRetentionPolicy", "ResourceNotFound",
+           "SnapshotInUse", "make_app"]
 
 ZONE = web.AppKey("zone", Zone)
 VERIFIER = web.AppKey("verifier", Verifier)
@@ -415,6 +422,37 @@ async def metrics(request: web.Request) -> web.Response:
                         headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+class NoRetentionPolicy(SnapperError):
+    code = "NoRetentionPolicy"
+    http_status = 409
+
+
+def _pruner(zone: Zone) -> Pruner:
+    if zone.pruner is None:
+        raise NoRetentionPolicy("this zone has no retention policy configured "
+                                "([retention] policy in snapperd's config)")
+    return zone.pruner
+
+
+async def prune_vm(request: web.Request) -> web.Response:
+    """Apply the retention policy to one VM now (``?dry_run=true``: only say what
+    would go and why; ``?force=true``: even if the CN pushes to the other zone)."""
+    zone = request.app[ZONE]
+    vm = check_uuid(request.match_info["uuid"], "VM uuid")
+    dry_run, force = _flag(request, "dry_run"), _flag(request, "force")
+    await _known_vm(zone, vm)
+    plan = await _pruner(zone).prune(vm, dry_run=dry_run, force=force)
+    return web.json_response({"dry_run": dry_run, **plan.to_json()})
+
+
+async def prune_all(request: web.Request) -> web.Response:
+    """Apply the retention policy to every VM on this zone now (``?dry_run=true``)."""
+    zone = request.app[ZONE]
+    dry_run = _flag(request, "dry_run")
+    plans = await _pruner(zone).prune_all(dry_run=dry_run)
+    return web.json_response({"dry_run": dry_run, "vms": [p.to_json() for p in plans]})
+
+
 _OPERATORS = frozenset({"operator", "coordinator"})
 # A peer zone reads VMs over SSH, within their scope (``auth.authorize``); over
 # HTTP it sees only fleet-level state, never the VM -> CN map or metadata.
@@ -431,6 +469,8 @@ ROUTES: tuple[Route, ...] = (
     Route("DELETE", "/v1/vms/{uuid}/snapshots/{name}", delete_snapshot,
           frozenset({"operator", "cn"})),
     Route("POST", "/v1/vms/{uuid}/sync", sync_vm, _OPERATORS),
+    Route("POST", "/v1/vms/{uuid}/prune", prune_vm, frozenset({"operator"})),
+    Route("POST", "/v1/prune", prune_all, frozenset({"operator"})),
     Route("DELETE", "/v1/vms/{uuid}", drop_vm, _OPERATORS),
     Route("GET", "/v1/replication", replication, _READERS),
     Route("GET", "/v1/capacity", capacity, _READERS),

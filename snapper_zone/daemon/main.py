@@ -36,13 +36,15 @@ from snapper_zone.common.bootstrap import (
     run_daemon,
     write_atomically,
 )
-from snapper_zone.common.config import ZoneConfig, load_config
+from snapper_zone.common.config import ConfigError, ZoneConfig, load_config
 from snapper_zone.common.httpsig import Signer
 from snapper_zone.daemon.httpapi import make_app
+from snapper_zone.daemon.prune import Pruner
 from snapper_zone.daemon.service import Service
 from snapper_zone.daemon.sshserver import start_ssh_server
 from snapper_zone.daemon.zone import Zone
 from snapper_zone.errors import SnapperError
+from snapper_zone.policy import load_policies
 from snapper_zone.wire import ZoneRegistration
 from snapper_zone.zfs.names import Dataset
 from snapper_zone.zfs.zfs import SAFE_CONTAINER_PROPS, Zfs
@@ -140,7 +142,14 @@ async def serve(config: ZoneConfig, args: argparse.Namespace, log: logging.Logge
         config.coordinator_key) if config.coordinator_url else None
     if config.peers or coordinator is not None:
         zone.replicator = Replicator(zone, PeerLinks(config, log, coordinator))
+    if config.retention is not None:
+        try:
+            policies = load_policies(config.retention.policy)
+        except ConfigError as e:
+            raise StartupError(f"retention policy: {e}", EXIT_USAGE) from e
+        zone.pruner = Pruner(zone, policies, config.retention.interval_seconds)
     registrar: Registrar | None = None
+    pruning: asyncio.Task[None] | None = None
 
     stop = asyncio.Event()
     received: list[str] = []
@@ -179,6 +188,8 @@ async def serve(config: ZoneConfig, args: argparse.Namespace, log: logging.Logge
                 registrar = Registrar(coordinator, zone.replicator.links,
                                       await _registration(zone, ssh_port, http_port), log)
                 registrar.start()
+        if zone.pruner is not None:
+            pruning = asyncio.create_task(zone.pruner.run(), name="retention")
 
         await stop.wait()
         log.info("stopping", extra={"signal": received[0] if received else None})
@@ -190,6 +201,9 @@ async def serve(config: ZoneConfig, args: argparse.Namespace, log: logging.Logge
         if acceptor is not None:
             acceptor.close()
         await runner.cleanup()  # stops listening, lets requests in flight finish
+    if pruning is not None:
+        pruning.cancel()
+        await asyncio.gather(pruning, return_exceptions=True)
     await _wait_for_transfers(zone, args.grace)
     if registrar is not None:
         await registrar.stop()

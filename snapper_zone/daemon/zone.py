@@ -27,6 +27,7 @@ from snapper_zone.zfs.zfs import Zfs
 
 if TYPE_CHECKING:
     from replication.replicator import Replicator
+    from snapper_zone.daemon.prune import Pruner
 
 
 class CopyNotRedundant(SnapperError):
@@ -54,6 +55,8 @@ class Zone:
         default_factory=lambda: defaultdict(asyncio.Lock))
     # Set by the daemon when the zone has peers (replication/).
     replicator: Replicator | None = None
+    # Set by the daemon when the config names a retention policy (daemon/prune).
+    pruner: Pruner | None = None
 
     @property
     def receiver(self) -> ZoneReceiver:

@@ -429,7 +429,8 @@ async def copy_out(reader: asyncio.StreamReader, write: Callable[[bytes], None],
         write(chunk)
         on_bytes(len(chunk))
         try:
-            await asyncio.wait_for(drain(), stall_timeout)
+            async with asyncio.timeout(stall_timeout):
+                await drain()
         except TimeoutError:
             raise StreamIdle(f"the client read nothing for {stall_timeout:g} s; its "
                              "stream was cut off") from None

@@ -80,7 +80,8 @@ async def run(
     except FileNotFoundError as exc:
         raise CommandNotFound(f"{args[0]}: command not found") from exc
     try:
-        out, err = await asyncio.wait_for(proc.communicate(input), timeout)
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate(input)
     except (TimeoutError, asyncio.CancelledError) as exc:
         if proc.returncode is None:
             proc.kill()

@@ -1,0 +1,185 @@
+"""``snapper agent`` on a real CN pool and a real zone (in-process snapperd over
+loopback SSH, zfs-fuse): the schedule, the base each level names, backoff,
+restarts, and the CN side kept small. Time is the test's clock."""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import gc
+import json
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from snapper_zone.cn.agent import Agent, AgentState
+from snapper_zone.cn.cli import CnPusher, CnSettings
+from snapper_zone.cn.cli import main as cli_main
+from snapper_zone.common.config import parse_config
+from snapper_zone.daemon.sshserver import start_ssh_server
+from snapper_zone.daemon.zone import Zone
+from snapper_zone.fleet.pools import FilePool
+from snapper_zone.policy import PolicySet, parse_policies
+from snapper_zone.zfs.names import Dataset
+from snapper_zone.zfs.zfs import Zfs
+from tests.helpers import write_random
+
+pytestmark = pytest.mark.zfs
+
+ZONE_UUID = "bd932c2b-caae-495a-abf2-fb958111c3fb"
+CN_ID = "44454c4c-3800-1051-8036-b4c04f4e3232"
+VM = "74c59c61-4559-4ca2-b1ef-0ca22f2f936a"
+POLICY_DOC = {"policy": [{
+    "name": "p", "vms": ["*"], "durability": "local", "retention": {"keep": {"hourly": 24}},
+    "level": [{"name": "daily", "cron": "0 3 * * *"}, {"name": "hourly", "every": "1h"}]}]}
+T3 = float(calendar.timegm((2026, 12, 2, 3, 0, 0)))  # a daily and an hourly are due
+
+
+def _keypair(path: Path) -> Path:
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    key.write_private_key(str(path))
+    os.chmod(path, 0o600)
+    path.with_suffix(".pub").write_bytes(key.export_public_key())
+    return path
+
+
+class Clock:
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@dataclass
+class Env:
+    zfs: Zfs
+    zone: Zone
+    settings: CnSettings
+    cn_pool: FilePool
+    vm: Dataset
+    tmp: Path
+    policies: PolicySet
+    clock: Clock
+
+    def agent(self) -> Agent:
+        pusher = CnPusher(self.settings, zfs=self.zfs, vmadm=None)
+        return Agent(self.policies, pusher, AgentState.load(self.tmp / "state.json"),
+                     clock=self.clock, backoff=(60, 600))
+
+    async def local(self) -> list[str]:
+        return [i.snapshot.name for i in await self.zfs.snapshots(self.vm)]
+
+    async def zone_names(self) -> list[str]:
+        return [s.name for s in await self.zone.store.snapshots(VM) if s.complete]
+
+
+@pytest.fixture
+async def env(zfs: Zfs, cn_pool: FilePool, zone_pool: FilePool,
+              tmp_path: Path) -> AsyncIterator[Env]:
+    host_key = _keypair(tmp_path / "host_ed25519")
+    cn_key = _keypair(tmp_path / "cn_ed25519")
+    root = Dataset(zone_pool.name).child("snapper")
+    await zfs.create(root)
+    cfg = parse_config({
+        "uuid": ZONE_UUID, "name": "snapper0", "root": str(root),
+        "ssh": {"port": 0, "host_key": str(host_key)}, "http": {"port": 0},
+        "keys": [{"role": "cn", "cn_id": CN_ID,
+                  "public_key": cn_key.with_suffix(".pub").read_text()}],
+        "vms": {VM: CN_ID}, "durability": "local"}, str(tmp_path / "snapperd.toml"))
+    zone = Zone.from_config(cfg, zfs)
+    acceptor = await start_ssh_server(zone)
+    vm = Dataset(cn_pool.name).child(VM)
+    await zfs.create(vm)
+    write_random(cn_pool, vm, "f0", 256 << 10)
+    port = acceptor.sockets[0].getsockname()[1]
+    settings = CnSettings("127.0.0.1", port, cn_key, None, host_key.with_suffix(".pub"),
+                          cn_pool.name, (("127.0.0.1", port),))
+    try:
+        yield Env(zfs, zone, settings, cn_pool, vm, tmp_path, parse_policies(POLICY_DOC),
+                  Clock(T3 + 5))
+    finally:
+        acceptor.close()
+        await acceptor.wait_closed()
+        gc.collect()
+
+
+async def test_schedule_incrementals_and_a_small_cn_side(env: Env) -> None:
+    agent = env.agent()
+    [first] = await agent.tick()
+    assert first.ok and first.level == "daily" and first.snapshot == \
+        "snapper-daily-20261202T030000Z"
+    assert await agent.tick() == []  # the hourly due at 03:00 ran with it
+    hourlies: list[str] = []
+    for h in (1, 2, 3):
+        env.clock.t = T3 + h * 3600 + 5
+        write_random(env.cn_pool, env.vm, f"f{h}", 64 << 10)
+        [o] = await agent.tick()
+        assert o.ok and o.level == "hourly", o
+        # each from the zone's newest: the daily, then the previous hourly
+        assert o.base == (hourlies[-1] if hourlies else first.snapshot)
+        hourlies.append(o.snapshot)
+    assert await env.zone_names() == [first.snapshot, *hourlies]
+    # The CN keeps only what the next push is sent from: the last one.
+    assert await env.local() == [hourlies[-1]]
+    assert await agent.tick() == []
+
+
+async def test_restart_misses_nothing_and_repeats_nothing(env: Env) -> None:
+    assert [o.ok for o in await env.agent().tick()] == [True]
+    state = json.loads((env.tmp / "state.json").read_text())
+    assert set(state["vms"][VM]["last"]) == {"daily", "hourly"}
+    # A new agent (a restart) at the same time: nothing; five hours later: one hourly.
+    assert await env.agent().tick() == []
+    env.clock.t = T3 + 5 * 3600 + 30
+    [o] = await env.agent().tick()
+    assert o.ok and o.snapshot == "snapper-hourly-20261202T080000Z"
+    assert await env.agent().tick() == []
+
+
+async def test_a_failed_push_backs_off_and_retries_the_same_snapshot(env: Env) -> None:
+    good = env.settings
+    env.settings = CnSettings("127.0.0.1", 1, good.key, None, good.host_key, good.dataset_root,
+                              (("127.0.0.1", 1),))  # nothing listens there
+    agent = env.agent()
+    [o] = await agent.tick()
+    assert not o.ok and "ZoneUnreachable" in (o.error or "")
+    st = agent.state.vm(VM)
+    assert st.failures == 1 and st.retry_at == env.clock.t + 60
+    env.clock.t += 30
+    assert await agent.tick() == []  # backing off
+    env.clock.t += 31
+    [o] = await agent.tick()
+    assert not o.ok and agent.state.vm(VM).retry_at == env.clock.t + 120  # doubled
+    # The zone is back: the retry pushes the snapshot scheduled at 03:00, not a new one.
+    env.settings = good
+    agent = env.agent()  # (a restart too: the pending name is in the state file)
+    env.clock.t += 121
+    [o] = await agent.tick()
+    assert o.ok and o.snapshot == "snapper-daily-20261202T030000Z"
+    assert await env.zone_names() == [o.snapshot]
+    assert agent.state.vm(VM).failures == 0
+
+
+async def test_cli_once_and_bad_policy(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    policy = env.tmp / "policy.toml"
+    policy.write_text('[[policy]]\nname = "p"\nvms = ["*"]\nretention = { grid = "24x1h" }\n'
+                      '[[policy.level]]\nname = "hourly"\nevery = "1h"\n')
+    s = env.settings
+    args = ["--zone", f"127.0.0.1:{s.zone_port}", "--key", str(s.key),
+            "--host-key", str(s.host_key), "--dataset-root", s.dataset_root]
+    # In a thread: the CLI runs its own event loop; the zone runs on this one.
+    rc = await asyncio.to_thread(cli_main, [*args, "agent", "--policy", str(policy), "--state",
+                                            str(env.tmp / "cli-state.json"), "--once"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert f"{VM} hourly: snapper-hourly-" in out and "pushed" in out
+    assert len(await env.zone_names()) == 1
+    policy.write_text('[[policy]]\nname = "p"\n')
+    rc = await asyncio.to_thread(cli_main, [*args, "agent", "--policy", str(policy), "--once"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "policy[0]" in err
