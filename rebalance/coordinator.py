@@ -138,6 +138,7 @@ from snapper_zone.common.httpsig import (
     add_routes,
     guard,
 )
+from snapper_zone.common.tasks import cancel_and_wait
 from snapper_zone.common.version import version
 from snapper_zone.errors import SnapperError
 from snapper_zone.wire import InvalidDocument, ZoneRegistration, jsontext
@@ -454,7 +455,8 @@ class Coordinator:
             cands = await self.election.candidates()
             if not cands or cands[0].id == self.me.id:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._led.wait(), self.config.session_timeout)
+                    async with asyncio.timeout(self.config.session_timeout):
+                        await self._led.wait()
         store = self._leading
         if store is None:
             cands = await self.election.candidates()
@@ -509,9 +511,7 @@ class Coordinator:
         if not self.election.solo:
             self._leading = None
         self.metrics.leader.set(0)
-        for t in self._term_tasks:
-            t.cancel()
-        await asyncio.gather(*self._term_tasks, return_exceptions=True)
+        await cancel_and_wait(*self._term_tasks)
         self._term_tasks = []
 
     async def _watch_zones(self, store: Store) -> None:
@@ -554,9 +554,7 @@ class Coordinator:
             self._tasks = [asyncio.create_task(self._lead(), name="election")]
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(*self._tasks)
         self._tasks = []
         await self._end_term()
         if not self.election.solo:

@@ -780,7 +780,8 @@ class ZkElection:
 
     async def _wait(self, changed: asyncio.Event) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(changed.wait(), _RECHECK)
+            async with asyncio.timeout(_RECHECK):
+                await changed.wait()
 
     async def _names(self) -> list[str]:
         names = await self._s._children(self._path())
