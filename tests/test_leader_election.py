@@ -20,12 +20,13 @@ from typing import Any
 
 import asyncssh
 import pytest
+from aiohttp import web
 from hypothesis import given
 from hypothesis import strategies as st
 from kazoo.client import KazooClient
 
 from rebalance.cli import status_text
-from rebalance.coordinator import Coordinator, CoordinatorConfig, parse_config
+from rebalance.coordinator import Coordinator, CoordinatorConfig, make_app, parse_config
 from rebalance.placement import Move, ZoneState
 from rebalance.store import (
     Candidate,
@@ -41,7 +42,8 @@ from rebalance.store import (
 )
 from rebalance.store.zookeeper import ZkElection, _seq
 from rebalance.zoneclient import HttpZoneApi
-from snapper_zone.common.config import ConfigError
+from snapper_zone.cli import main as cli_main
+from snapper_zone.common.config import ConfigError, parse_keys
 from snapper_zone.common.httpsig import Signer
 from snapper_zone.fleet.zookeeper import LocalZooKeeper
 from tests.helpers import Cable, wait_until
@@ -284,20 +286,32 @@ def test_election_config() -> None:
 
 
 async def test_followers_answer_the_leader_plans(chroot: Callable[..., Awaitable[ZkStore]],
-                                                tmp_path: Path) -> None:
-    """Two coordinators in one process, each its own session: the first leads;
-    the follower serves status and dry runs, refuses a real rebalance naming
-    the leader, and an operator's zone change sent to it makes the leader plan
-    (it watches the zone set). When the leader stops, the follower leads."""
+                                                tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Two coordinators in one process, each its own session, each serving HTTP:
+    the first leads; the follower serves status and dry runs, refuses a real
+    rebalance naming the leader (``snapper rebalance`` sent to it asks the
+    leader instead), and an operator's zone change sent to it makes the leader
+    plan (it watches the zone set). When the leader stops, the follower leads."""
     signer = Signer(asyncssh.generate_private_key("ssh-ed25519"))
+    operator = asyncssh.generate_private_key("ssh-ed25519")
+    key = tmp_path / "operator_key"
+    operator.write_private_key(str(key))
     api = HttpZoneApi(signer, request_timeout=1)
-    config = CoordinatorConfig(store=tmp_path / "unused", health_interval=0.05,
-                               health_timeout=0.2, lost_after=3600, settle=0.05,
-                               rebalance_interval=3600, rebuild_grace=0)
-    coords = []
+    config = CoordinatorConfig(
+        store=tmp_path / "unused", health_interval=0.05, health_timeout=0.2,
+        lost_after=3600, settle=0.05, rebalance_interval=3600, rebuild_grace=0,
+        keys=parse_keys([{"role": "operator", "public_key": operator.export_public_key()
+                          .decode().strip()}], "c.toml"))
+    coords: list[Coordinator] = []
+    runners: list[web.AppRunner] = []
     for i in range(2):
-        c = Coordinator(await chroot(), api, dataclasses.replace(
-            config, coordinator_id=f"c{i}", advertise_url=f"http://127.0.0.1:{9100 + i}"))
+        c = Coordinator(await chroot(), api, dataclasses.replace(config, coordinator_id=f"c{i}"))
+        runner = web.AppRunner(make_app(c, signer))
+        await runner.setup()
+        runners.append(runner)
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        c.set_port(int(runner.addresses[0][1]))
         await c.join()
         c.start()
         coords.append(c)
@@ -305,15 +319,16 @@ async def test_followers_answer_the_leader_plans(chroot: Callable[..., Awaitable
     try:
         await wait_until(lambda: _role_is(lead, "leader"), 10, "c0 leading", poll=0.02)
         s = await follow.status()
-        assert s["coordinator"] == {"id": "c1", "url": "http://127.0.0.1:9101",
-                                    "role": "follower"}
-        assert s["leader"] == {"id": "c0", "url": "http://127.0.0.1:9100"}
+        assert s["coordinator"] == {**follow.me.to_json(), "role": "follower"}
+        assert s["leader"] == {"id": "c0", "url": lead.me.url}
         assert [c["id"] for c in s["candidates"]] == ["c0", "c1"]
         assert s["vms"] == 0 and "under_replicated" in s
         assert (await follow.rebalance(dry_run=True))["moves"] == []
-        with pytest.raises(NotLeader, match=re.escape("c0 at http://127.0.0.1:9100")):
+        with pytest.raises(NotLeader, match=re.escape(f"c0 at {lead.me.url}")):
             await follow.rebalance(dry_run=False)
-        await lead.rebalance(dry_run=False)  # the leader plans (nothing to plan here)
+        argv = ["rebalance", "--coordinator", follow.me.url, "--key", str(key)]
+        assert await asyncio.to_thread(cli_main, argv) == 0
+        assert f"asking the leader, c0 at {lead.me.url}" in capsys.readouterr().err
         # A zone admitted through the follower: the leader sees the set change.
         await follow.store.upsert_zone(reg(A), 1.0)
         passes = lead.auto_passes
@@ -323,11 +338,12 @@ async def test_followers_answer_the_leader_plans(chroot: Callable[..., Awaitable
         assert follow.auto_passes == 0 and follow.terms == 0  # a follower never plans
         await lead.stop()  # resigns: the follower takes over at once
         await wait_until(lambda: _role_is(follow, "leader"), 10, "c1 leading", poll=0.02)
-        assert (await follow.status())["candidates"] == [
-            {"id": "c1", "url": "http://127.0.0.1:9101"}]
+        assert (await follow.status())["candidates"] == [follow.me.to_json()]
     finally:
         for c in coords:
             await c.stop()
+        for r in runners:
+            await r.cleanup()
         await api.close()
 
 
