@@ -195,6 +195,7 @@ class Mover:
             # Fenced: this term is over and the step wrote nothing; the new
             # leader resumes the move from its persisted step.
             log.warning("move left to the new leader", extra={"move": m.id, "err_msg": str(e)})
+            self._later(m.id)  # not again at once: this term is ending
         except Exception:
             log.exception("move failed unexpectedly; will retry", extra={"move": m.id})
             self._later(m.id)
