@@ -48,7 +48,7 @@ test-host: deps
 
 # Soak tier: a real local fleet under load and a seeded fault schedule, then the
 # invariants (soak/); SNAPPER_SOAK_SECONDS sets the load time (default 120; each
-# soak takes about 4 minutes, three with a fleet). Longer runs: python -m soak --duration N.
+# of the three fleet soaks takes about 4 minutes). Longer: python -m soak --duration N.
 test-soak: deps
 	$(VPY) -m pytest -rs -q -p no:cacheprovider -m soak tests/test_soak.py
 
