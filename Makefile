@@ -19,6 +19,9 @@ $(VENV)/.installed: pyproject.toml
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; fi
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
+	@# The distribution was called "snapper" before it became snapper-zone:
+	@# drop an old install, or two distributions would claim snapper_zone.
+	$(VPY) -m pip uninstall -q -y snapper 2>/dev/null || true
 	$(VPY) -m pip install -q -e '.[test]'
 	touch $@
 

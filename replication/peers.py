@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import asyncssh
 
-from replication.coordinator_client import CoordinatorClient, CoordinatorUnavailable
+from replication.coordinator_client import CoordinatorClient, CoordinatorUnavailable, KnownZone
 from snapper_zone.common.config import TrustedKey, ZoneConfig
 from snapper_zone.common.hashing import rank
 from snapper_zone.errors import SnapperError
@@ -88,6 +88,14 @@ class PeerLinks:
         self.forgotten = asyncio.Event()
         self._clients: dict[str, ZoneClient] = {}
         self._connecting: dict[str, asyncio.Lock] = {}
+        cached = coordinator.cached_zones() if coordinator is not None else None
+        if cached is not None:
+            # The trust list as last verified (an earlier run): peers and their
+            # keys stay trusted while the coordinator does not answer, until
+            # its next answer replaces the list.
+            self._learn(cached[0])
+            self.log.info("trust list from the answer cache", extra={
+                "zones": len(self._learned), "seen_at": cached[1]})
 
     @property
     def _peers(self) -> dict[str, Peer]:
@@ -119,6 +127,10 @@ class PeerLinks:
                     self.forgotten.set()
             except CoordinatorUnavailable:
                 pass
+        self._learn(zones)
+
+    def _learn(self, zones: Sequence[KnownZone]) -> None:
+        """Trust ``zones`` (a trust list from the coordinator) as this zone's peers."""
         learned: dict[str, Peer] = {}
         keys: dict[bytes, TrustedKey] = {}
         for z in zones:
@@ -151,8 +163,9 @@ class PeerLinks:
                     await self.refresh()
                 if other is not None and other in self._peers:
                     return self._peers[other]
-            # The coordinator decides where copies go; without its answer (down,
-            # rebuilding) no copy is made by guesswork: wait for it.
+            # The coordinator decides where copies go; with no answer ever seen
+            # for this VM (placement() bridges an outage with the last one) no
+            # copy is made by guesswork: wait for it.
             return None
         return self.partner_of(vm)
 

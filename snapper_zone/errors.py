@@ -138,3 +138,13 @@ class MetadataTooLarge(SnapperError):
 
     code = "MetadataTooLarge"
     http_status = 413
+
+
+class NotPlacedHere(SnapperError):
+    """A CN pushes a VM to a zone it is not placed on (the CN's placement is stale:
+    a move took the VM away while no coordinator answered). Refused before
+    anything is sent; the snapshot stays on the CN, and the next push with a
+    fresh placement carries it along."""
+
+    code = "NotPlacedHere"
+    http_status = 409

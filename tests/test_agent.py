@@ -9,6 +9,7 @@ import calendar
 import gc
 import json
 import os
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +25,10 @@ from snapper_zone.daemon.sshserver import start_ssh_server
 from snapper_zone.daemon.zone import Zone
 from snapper_zone.fleet.pools import FilePool
 from snapper_zone.policy import PolicySet, parse_policies
+from snapper_zone.zfs import proc
 from snapper_zone.zfs.names import Dataset
 from snapper_zone.zfs.zfs import Zfs
-from tests.helpers import write_random
+from tests.helpers import wait_for, write_random
 
 pytestmark = pytest.mark.zfs
 
@@ -163,6 +165,36 @@ async def test_a_failed_push_backs_off_and_retries_the_same_snapshot(env: Env) -
     assert o.ok and o.snapshot == "snapper-daily-20261202T030000Z"
     assert await env.zone_names() == [o.snapshot]
     assert agent.state.vm(VM).failures == 0
+
+
+async def test_an_agent_killed_mid_push_neither_misses_nor_doubles(env: Env) -> None:
+    """SIGKILL while the stream flows; the next start finishes the same snapshot."""
+    write_random(env.cn_pool, env.vm, "big", 6 << 20)
+    policy = env.tmp / "policy.toml"
+    # A yearly level: its name cannot change between the two runs.
+    policy.write_text('[[policy]]\nname = "p"\nvms = ["*"]\ndurability = "local"\n'
+                      'retention = { keep = { yearly = 3 } }\n'
+                      '[[policy.level]]\nname = "yearly"\nevery = "1y"\n')
+    s = env.settings
+    argv = [sys.executable, "-m", "snapper_zone.cli", "--zone", f"127.0.0.1:{s.zone_port}",
+            "--key", str(s.key), "--host-key", str(s.host_key), "--dataset-root",
+            s.dataset_root, "agent", "--policy", str(policy), "--state",
+            str(env.tmp / "kill-state.json"), "--once"]
+    agent = proc.Daemon([*argv, "--bwlimit", "1M"], str(env.tmp / "agent1.log"))
+    try:
+        await wait_for(lambda: any(t.bytes > 0 for t in env.zone.transfers.active()), 60,
+                       "the push's stream flowing")
+    finally:
+        agent.kill()
+    assert await env.zone_names() == []
+    done = await proc.run(argv, timeout=120)
+    assert done.ok, done.stderr
+    [name] = await env.zone_names()
+    assert name.startswith("snapper-yearly-") and name in done.stdout.decode()
+    assert await env.local() == [name]
+    again = await proc.run(argv, timeout=60)
+    assert again.ok and again.stdout == b""  # nothing due: nothing repeated
+    assert await env.zone_names() == [name]
 
 
 async def test_cli_once_and_bad_policy(env: Env, capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,6 +7,8 @@ with it and learn their peers from it; the CN asks it where to push.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from snapper_zone.cn.client import CnClient, placement
+from snapper_zone.cn.client import CnClient, Placement, lookup_placement
+from snapper_zone.common.answers import AnswerCache
 from snapper_zone.fleet.local import LocalFleet, LocalZone
 from snapper_zone.transfer.remote import ZoneClient
 from snapper_zone.zfs.names import Dataset
@@ -36,6 +39,11 @@ class Fleet:
         assert fleet.coordinator is not None
         self.url = fleet.coordinator.url
         self.coordinator_key = fleet.coordinator.public_key  # placements are signed by it
+        # The CN's answer cache, as `snapper push` keeps it in its state_dir.
+        self.answers = AnswerCache.load(fleet.workdir / "cn-placements.json",
+                                        logging.getLogger("test.cn"), min_interval=0)
+        self.placed: Placement | None = None  # the last push's placement
+        self.refused: list[Exception] = []  # what the last push's failed zones said
 
     def zone(self, uuid: str) -> LocalZone:
         return next(z for z in self.f.zones if z.uuid == uuid)
@@ -53,10 +61,13 @@ class Fleet:
             write_random(self.cn.pool, top.child("disk0"), "s0", 1 << 20)
 
     async def push(self, vm: str, name: str, durability: str | None = None) -> list[str]:
-        """Push to the VM's primary as the coordinator places it; the zones holding it."""
-        ends = await placement(self.url, vm, self.cn.key_path, self.coordinator_key)
+        """Push to the VM's primary as the coordinator places it (or as the CN last
+        saw it placed, when no coordinator answers); the zones holding it."""
+        self.placed = await lookup_placement(self.url, vm, self.cn.key_path,
+                                             self.coordinator_key, self.answers)
         last: Exception | None = None
-        for e in ends:  # the CN fails over as `snapper push` does
+        self.refused = []
+        for e in self.placed.endpoints:  # the CN fails over as `snapper push` does
             zone = next((z for z in self.f.zones if z.uuid == e["uuid"]), None)
             if zone is None or zone.daemon is None:
                 last = ConnectionRefusedError(f"zone {e['uuid']} is gone")
@@ -72,6 +83,7 @@ class Fleet:
                     return rep.zones
             except Exception as exc:  # any failure: the next zone, as the CLI does
                 last = exc
+                self.refused.append(exc)
         raise AssertionError(f"push of {vm}@{name} failed everywhere: {last}")
 
     async def cn_guids(self, vm: str) -> dict[str, dict[str, int]]:
@@ -320,3 +332,91 @@ async def test_lost_store_is_rebuilt_with_the_same_placement(fleet: Fleet) -> No
     moves = (await fleet.get(f"{fleet.url}/v1/moves"))["moves"]
     assert moves == []
     assert await fleet.copies_wrong(acked) == ""
+
+
+# -- the coordinator off the push path (issue 14) ----------------------------------------
+
+OUTAGE = 60.0  # seconds without any coordinator
+
+
+@pytest.mark.vms(3)
+async def test_without_a_coordinator_for_a_minute_pushes_and_mirroring_go_on(
+        fleet: Fleet) -> None:
+    """Every coordinator down for 60 s (its process killed by pid): the CN pushes
+    mirrored snapshots to the pair it knows, the zones mirror them (one zone
+    restarted meanwhile: its trust list and placements come from its state_dir);
+    once it is back, nothing is lost and both copies are identical."""
+    acked = await _push_rounds(fleet, ["s0"])
+    await _settled_two_copies(fleet, acked, "settled before the outage")
+    fleet.f.stop_coordinator(kill=True)
+    start = time.monotonic()
+    restarted = False
+    rounds = 0
+    while time.monotonic() - start < OUTAGE:
+        rounds += 1
+        await _push_rounds(fleet, [f"out{rounds}"], acked=acked)  # mirrored: two zones each
+        assert fleet.placed is not None and fleet.placed.seen_at is not None, \
+            "the CN's placement came from somewhere other than its cache"
+        if not restarted and time.monotonic() - start > OUTAGE / 4:
+            # A zone restarted with no coordinator to ask: from its answer cache only.
+            zone = fleet.zone(fleet.placed.endpoints[1]["uuid"])
+            fleet.f.stop_zone(zone)
+            await fleet.f.start_zone(zone)
+            restarted = True
+    assert restarted and rounds >= 3, f"only {rounds} rounds in {OUTAGE:.0f} s"
+    assert await fleet.copies_wrong(acked) == ""  # every snapshot on both zones already
+    await fleet.f.start_coordinator()
+    await _push_rounds(fleet, ["back"], acked=acked)
+    assert fleet.placed is not None and fleet.placed.seen_at is None  # fresh again
+    await _settled_two_copies(fleet, acked, "two identical copies after the outage")
+
+
+@pytest.mark.vms(2)
+async def test_a_placement_made_stale_by_a_move_is_corrected_without_losing_a_push(
+        fleet: Fleet) -> None:
+    """The CN's cached pair (P, M) while a drain moved the VM to (M, N) and no
+    coordinator answers: P says NotPlacedHere before anything is sent, the push
+    goes on to M, which mirrors it to N; the next answer replaces the cache."""
+    vm = fleet.cn.vms[0]
+    acked = await _push_rounds(fleet, ["s1"])
+    assert fleet.placed is not None
+    await _push_rounds(fleet, ["s2"], acked=acked)
+    old = [e["uuid"] for e in (await lookup_placement(
+        fleet.url, vm, fleet.cn.key_path, fleet.coordinator_key, fleet.answers)).endpoints]
+    primary, mirror = old
+    async with fleet.http.put(f"{fleet.url}/v1/zones/{primary}/state",
+                              json={"state": "draining"}) as r:
+        assert r.status == 200, await r.text()
+
+    async def moved() -> bool:
+        pair = (await fleet.get(f"{fleet.url}/v1/placement/{vm}"))["zones"]
+        if primary in pair or not await fleet.moves_settled():
+            return False
+        # Both zones of the new pair have seen it (each mirrors to the other).
+        for z in pair:
+            rep = await fleet.get(f"{fleet.zone(z).http_url}/v1/replication")
+            st = next((v for v in rep["vms"] if v["vm"] == vm), None)
+            if st is None or st["peer"] not in pair or st["peer"] == z:
+                return False
+        return True
+
+    await wait_until(moved, 240, "the VM moved off the drained zone", poll=1.0)
+    new = (await fleet.get(f"{fleet.url}/v1/placement/{vm}"))["zones"]
+    assert mirror in new
+    assert fleet.answers.placement(vm) is not None  # still the old pair: never asked since
+    fleet.f.stop_coordinator(kill=True)
+    write_random(fleet.cn.pool, Dataset(fleet.cn.pool.name).child(vm).child("disk0"),
+                 "s3", 128 << 10)
+    zones = await fleet.push(vm, "s3")
+    assert fleet.placed is not None and fleet.placed.seen_at is not None
+    assert [e["uuid"] for e in fleet.placed.endpoints] == old  # the stale pair
+    assert [getattr(e, "code", None) for e in fleet.refused] == ["NotPlacedHere"]
+    assert sorted(zones) == sorted(new)  # mirrored: acked on the new pair
+    acked[vm].add("s3")
+    held = await fleet.holders()
+    assert sorted(held[vm]) == sorted(new) and all("s3" in held[vm][z] for z in new)
+    await fleet.f.start_coordinator()
+    await _push_rounds(fleet, ["s4"], acked=acked)
+    fresh = fleet.answers.placement(vm)
+    assert fresh is not None and [e["uuid"] for e in fresh.doc["endpoints"]] == new
+    await _settled_two_copies(fleet, acked, "two copies after the move")

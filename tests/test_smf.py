@@ -12,11 +12,24 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SMF = REPO / "smf"
-# Where the service_bundle DTD is found: illumos' own place, then shared/ beside
-# the checkout (this workplace). A clone with neither skips with the reason.
+# Where the service_bundle DTD is found (smf/README.md names these places):
+# $SNAPPER_SMF_DTD when set, else illumos' own place, then shared/ beside the
+# checkout (this workplace). A clone with none of them skips, saying where it looked.
+DTD_ENV = "SNAPPER_SMF_DTD"
 DTD_PLACES = (Path("/usr/share/lib/xml/dtd/service_bundle.dtd.1"),
               REPO.parent / "shared" / "smf" / "service_bundle.dtd.1")
-DTD = next((p for p in DTD_PLACES if p.is_file()), None)
+
+
+def find_dtd(env: dict[str, str] | os._Environ[str] = os.environ,
+             places: tuple[Path, ...] = DTD_PLACES) -> Path | None:
+    """The DTD to validate against; a $SNAPPER_SMF_DTD that names no file is an error."""
+    named = env.get(DTD_ENV)
+    if named:
+        assert Path(named).is_file(), f"${DTD_ENV}={named}: no such file"
+        return Path(named)
+    return next((p for p in places if p.is_file()), None)
+
+
 MANIFESTS = sorted((SMF / "manifests").glob("*.xml"))
 METHODS = sorted(p for p in (SMF / "method").iterdir() if p.is_file())
 
@@ -54,17 +67,32 @@ def test_there_is_a_snapperd_manifest() -> None:
 
 @pytest.mark.parametrize("manifest", MANIFESTS, ids=_ids(MANIFESTS))
 def test_manifest_valid_against_dtd(manifest: Path) -> None:
-    if DTD is None:
-        pytest.skip("service_bundle DTD not found in "
+    dtd = find_dtd()
+    if dtd is None:
+        pytest.skip(f"service_bundle DTD not found: ${DTD_ENV} is unset and none is at "
                     + " or ".join(str(p) for p in DTD_PLACES))
     res = subprocess.run(
-        [_xmllint(), "--noout", "--nonet", "--dtdvalid", str(DTD), str(manifest)],
+        [_xmllint(), "--noout", "--nonet", "--dtdvalid", str(dtd), str(manifest)],
         capture_output=True,
         text=True,
         check=False,
     )
     assert res.returncode == 0, f"{manifest.name} is not valid:\n{res.stderr}"
     assert "validity error" not in res.stderr, res.stderr
+
+
+def test_the_dtd_is_looked_for_where_the_docs_say(tmp_path: Path) -> None:
+    given = tmp_path / "service_bundle.dtd.1"
+    given.write_text("<!ELEMENT service_bundle ANY>\n")
+    absent = (tmp_path / "a", tmp_path / "b")
+    assert find_dtd({}, absent) is None  # the test above then skips, naming the places
+    assert find_dtd({}, (absent[0], given)) == given
+    assert find_dtd({DTD_ENV: str(given)}, absent) == given
+    with pytest.raises(AssertionError, match="no such file"):
+        find_dtd({DTD_ENV: str(absent[0])}, (given,))
+    readme = (SMF / "README.md").read_text()
+    for place in (DTD_ENV, "/usr/share/lib/xml/dtd/", "../shared/smf/"):
+        assert place in readme, place
 
 
 @pytest.mark.parametrize("manifest", MANIFESTS, ids=_ids(MANIFESTS))

@@ -22,11 +22,19 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_version_is_the_distributions() -> None:
-    # One distribution (found twice when an egg-info sits in the checkout too).
-    (dist,) = set(metadata.packages_distributions()["snapper_zone"])
-    assert version() == metadata.version(dist)
-    # This checkout is what is installed (editable): the same number as its pyproject.
-    assert version() == tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    # Looked up by the name pyproject gives the distribution.
+    assert version_mod.DISTRIBUTION == project["name"]
+    # The checkout's own number, and the installed distribution's where this
+    # checkout is what is installed (editable); a tree run beside another
+    # install (a worktree) reads its pyproject.
+    assert version() == project["version"]
+    try:
+        installed = metadata.version(version_mod.DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        assert version_mod._from_metadata() is None
+    else:
+        assert version_mod._from_metadata() == installed
 
 
 @given(st.from_regex(r"\A[0-9]{1,3}(\.[0-9]{1,3}){0,3}(\.dev[0-9]+|rc[0-9]+)?\Z"))
@@ -47,7 +55,7 @@ def test_an_unreadable_pyproject_gives_none(tmp_path: Path, text: str | None) ->
 
 def test_nothing_known_is_unknown_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(version_mod, "_PYPROJECT", Path("/nonexistent/pyproject.toml"))
-    monkeypatch.setattr(version_mod, "_PACKAGE", "no_such_package_here")
+    monkeypatch.setattr(version_mod, "DISTRIBUTION", "no-such-distribution-here")
     version_mod.version.cache_clear()
     try:
         assert version_mod.version() == UNKNOWN

@@ -1,4 +1,4 @@
-"""``snapper``: the compute node's command line (push, restore, list).
+"""``snapper``: the compute node's command line (push, restore, list, export, import).
 
     snapper [--config F] [--zone HOST:PORT] [--key PATH]
             [--known-hosts PATH | --host-key PUBFILE] [--dataset-root DS] COMMAND ...
@@ -7,6 +7,9 @@
                  [--durability mirrored|local]
     snapper restore VM_UUID SNAP [--target DATASET] [--rollback] [--metadata-out FILE]
     snapper list [VM_UUID] [--json]
+    snapper export VM_UUID SNAP FILE [--json]
+    snapper import FILE [--target DATASET] [--check] [--metadata-out FILE] [--json]
+    snapper import FILE --onto-zone [--durability mirrored|local]
 
 Options on the command line override the config file (TOML, see
 ``etc/snapper-cn.example.toml``). Errors print one line on stderr; the exit
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import signal
 import sys
@@ -32,22 +36,30 @@ from typing import Any
 
 import asyncssh
 
+from snapper_zone.cn import archive
 from snapper_zone.cn.agent import Agent, AgentState
-from snapper_zone.cn.client import CnClient, PlanError, PushReport
+from snapper_zone.cn.client import CnClient, PlanError, PushReport, lookup_placement
 from snapper_zone.cn.client import placement as placement  # re-exported: the CN's lookup
 from snapper_zone.common import progress
+from snapper_zone.common.answers import AnswerCache
 from snapper_zone.common.config import ConfigError
 from snapper_zone.common.progress import format_bytes
 from snapper_zone.common.version import add_version_argument
-from snapper_zone.errors import SnapperError
+from snapper_zone.errors import NotPlacedHere, SnapperError
 from snapper_zone.policy import Snap, level_of, load_policies
 from snapper_zone.transfer.remote import ZoneClient, ZoneError, ZoneUnreachable
+from snapper_zone.zfs.names import Dataset
 from snapper_zone.zfs.zfs import Zfs
 
 DEFAULT_CONFIG = "/opt/smartdc/snapper/etc/snapper-cn.toml"
 CONFIG_ENV = "SNAPPER_CN_CONFIG"
+log = logging.getLogger("snapper.cn")
 _CONFIG_FIELDS = ("zones", "key", "known_hosts", "host_key", "dataset_root",
-                  "coordinator_url", "coordinator_key")
+                  "coordinator_url", "coordinator_key", "state_dir")
+# The CN's answer cache (the coordinator's last verified placement per VM), in
+# state_dir: by default beside the agent's state file.
+ANSWERS_FILE = "cn-placements.json"
+DEFAULT_STATE_DIR = "/var/opt/smartdc/snapper"
 
 
 class UsageError(Exception):
@@ -67,6 +79,9 @@ class CnSettings:
     zones: tuple[tuple[str, int], ...] = ()
     coordinator_url: str | None = None
     coordinator_key: str | None = None  # OpenSSH line: placements must be signed by it
+    # Where the last verified placement of each VM is kept: pushes go on to the
+    # known pair while no coordinator answers.
+    state_dir: Path = Path(DEFAULT_STATE_DIR)
 
 
 def parse_endpoint(text: str) -> tuple[str, int]:
@@ -105,7 +120,7 @@ def load_cn_config(path: Path) -> dict[str, Any]:
     zones = data.get("zones", [])
     if not isinstance(zones, list) or not all(isinstance(z, str) for z in zones):
         raise UsageError(f"{path}: zones: must be a list of \"HOST:PORT\" strings")
-    for k in ("key", "known_hosts", "host_key", "dataset_root", "coordinator_key"):
+    for k in ("key", "known_hosts", "host_key", "dataset_root", "coordinator_key", "state_dir"):
         if k in data and not (isinstance(data[k], str) and data[k]):
             raise UsageError(f"{path}: {k}: must be a non-empty string")
     if "coordinator_key" in data:
@@ -115,19 +130,28 @@ def load_cn_config(path: Path) -> dict[str, Any]:
             raise UsageError(f"{path}: coordinator_key: not an OpenSSH public key line: "
                              f"{exc}") from exc
     # Relative paths are relative to the config file, so the two can move together.
-    for k in ("key", "known_hosts", "host_key"):
+    for k in ("key", "known_hosts", "host_key", "state_dir"):
         if k in data and not Path(data[k]).is_absolute():
             data[k] = str(path.parent / data[k])
     return data
 
 
-def settings(args: argparse.Namespace) -> CnSettings:
-    cfg: dict[str, Any] = {}
+def _config(args: argparse.Namespace) -> dict[str, Any]:
     cfg_path = args.config or os.environ.get(CONFIG_ENV)
     if cfg_path:
-        cfg = load_cn_config(Path(cfg_path))
-    elif Path(DEFAULT_CONFIG).exists():
-        cfg = load_cn_config(Path(DEFAULT_CONFIG))
+        return load_cn_config(Path(cfg_path))
+    if Path(DEFAULT_CONFIG).exists():
+        return load_cn_config(Path(DEFAULT_CONFIG))
+    return {}
+
+
+def dataset_root(args: argparse.Namespace) -> str:
+    """Where this CN's VMs are (what a command that needs no zone takes of the config)."""
+    return str(args.dataset_root or _config(args).get("dataset_root") or "zones")
+
+
+def settings(args: argparse.Namespace) -> CnSettings:
+    cfg = _config(args)
     listed = [args.zone] if args.zone else list(cfg.get("zones") or [])
     coordinator = cfg.get("coordinator_url")
     if not listed and not coordinator:
@@ -151,7 +175,8 @@ def settings(args: argparse.Namespace) -> CnSettings:
                       Path(pinned) if pinned else None,
                       args.dataset_root or cfg.get("dataset_root") or "zones",
                       endpoints, str(coordinator) if coordinator else None,
-                      cfg.get("coordinator_key"))
+                      cfg.get("coordinator_key"),
+                      Path(cfg.get("state_dir") or DEFAULT_STATE_DIR))
 
 
 def _client(s: CnSettings) -> ZoneClient:
@@ -169,10 +194,19 @@ async def _push_targets(s: CnSettings, vm: str) -> list[ZoneClient]:
     zone, so failover needs a known_hosts file.
     """
     if s.coordinator_url:
-        placed = await placement(s.coordinator_url, vm, s.key, s.coordinator_key)
-        return [ZoneClient(e["ssh_host"], int(e["ssh_port"]), s.key,
-                           host_key=asyncssh.import_public_key(e["host_key"]))
-                for e in placed]
+        cache = AnswerCache.load(s.state_dir / ANSWERS_FILE, log, min_interval=0)
+        placed = await lookup_placement(s.coordinator_url, vm, s.key, s.coordinator_key,
+                                        cache)
+        if placed.seen_at is not None:
+            print(f"snapper: push: {placed.note()}", file=sys.stderr)
+        try:
+            return [ZoneClient(e["ssh_host"], int(e["ssh_port"]), s.key,
+                               host_key=asyncssh.import_public_key(e["host_key"]))
+                    for e in placed.endpoints]
+        except (KeyError, TypeError, ValueError, asyncssh.KeyImportError) as exc:
+            raise ZoneError("BadAnswer", f"placement of VM {vm}: an endpoint without a "
+                            f"usable ssh_host, ssh_port or host_key: {exc}",
+                            "placement") from exc
     zones = s.zones or ((s.zone_host, s.zone_port),)
     if s.host_key is not None:
         zones = zones[:1]
@@ -203,12 +237,17 @@ async def push_with_failover(s: CnSettings, vm: str, *, name: str | None, base: 
                 cn.bwlimit = bwlimit
                 return await cn.push(vm, name=name, base=base, metadata=metadata,
                                      durability=durability)
-        except ZoneUnreachable as exc:
-            if i + 1 == len(targets):
+        except (ZoneUnreachable, ZoneError) as exc:
+            # A zone a move took the VM away from (a placement from the cache)
+            # says so before anything is sent: the pair's other zone may still hold it.
+            moved = isinstance(exc, ZoneError) and exc.code == NotPlacedHere.code
+            if i + 1 == len(targets) or not (moved or isinstance(exc, ZoneUnreachable)):
                 raise
             # Failover: the other zone takes this snapshot; the pair converges later.
-            print(f"snapper: push: {zone.endpoint} unreachable ({_one_line(str(exc))}); "
-                  f"trying {targets[i + 1].endpoint}", file=sys.stderr)
+            print(f"snapper: push: {zone.endpoint} "
+                  f"{'does not hold the VM' if moved else 'unreachable'} "
+                  f"({_one_line(str(exc))}); trying {targets[i + 1].endpoint}",
+                  file=sys.stderr)
     raise ZoneUnreachable(f"VM {vm}: no zone to push to")
 
 
@@ -336,6 +375,65 @@ async def cmd_restore(args: argparse.Namespace, s: CnSettings) -> int:
     return 0
 
 
+async def cmd_export(args: argparse.Namespace, s: CnSettings) -> int:
+    async with _client(s) as zone:
+        report = await archive.export_snapshot(zone, args.vm, args.snapshot, args.file,
+                                               progress=_reporter(args.progress))
+    if args.json:
+        print(json.dumps(report.to_json()))
+        return 0
+    h = report.header
+    print(f"exported {h.vm}@{h.snapshot} to {report.path} ({format_bytes(report.bytes)}, "
+          f"{len(h.parts)} dataset{'s' if len(h.parts) != 1 else ''})")
+    for p in h.parts:
+        print(f"  {p.label:<12} guid {p.guid}  {format_bytes(p.bytes)}  sha256 {p.sha256}")
+    return 0
+
+
+async def cmd_import(args: argparse.Namespace, root: str) -> int:
+    """Runs without a zone (the file holds all it needs), unless ``--onto-zone``."""
+    if args.onto_zone and (args.target or args.metadata_out):
+        raise UsageError("--onto-zone takes neither --target nor --metadata-out")
+    if args.durability and not args.onto_zone:
+        raise UsageError("--durability is for --onto-zone only")
+    progress = _reporter(args.progress)
+    if args.check:
+        header, _ = await archive.verify(args.file, progress=progress)
+        report = archive.ArchiveReport(header, Path(args.file))
+        if args.json:
+            print(json.dumps(report.to_json()))
+        else:
+            print(f"{args.file}: {header.vm}@{header.snapshot}, {len(header.parts)} "
+                  f"dataset(s), {format_bytes(header.stream_bytes)}: every checksum matches")
+        return 0
+    if args.onto_zone:
+        async with _client(settings(args)) as zone:
+            report = await archive.import_to_zone(args.file, zone, durability=args.durability,
+                                                  progress=progress)
+        if args.json:
+            print(json.dumps({**report.to_json(), "zones": report.datasets}))
+        else:
+            h = report.header
+            print(f"imported {h.vm}@{h.snapshot} into zone {report.target} "
+                  f"({format_bytes(report.bytes)}); held by {', '.join(report.datasets) or '?'}")
+        return 0
+    report = await archive.import_snapshot(
+        args.file, Zfs(), target=Dataset(args.target) if args.target else None,
+        dataset_root=root, progress=progress)
+    for p, ds in zip(report.header.parts, report.datasets, strict=True):
+        print(f"imported {ds}@{report.header.snapshot} ({format_bytes(p.bytes)}, "
+              f"guid {p.guid})", file=sys.stderr)
+    meta = report.header.metadata
+    if args.json:
+        print(json.dumps({**report.to_json(), "metadata": meta}))
+    elif args.metadata_out is not None:
+        text = json.dumps(meta, indent=2) + "\n"
+        await asyncio.to_thread(Path(args.metadata_out).write_text, text)
+    else:
+        print(json.dumps(meta, indent=2))  # as restore: pipe it into vmadm
+    return 0
+
+
 def _table(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
@@ -362,6 +460,8 @@ async def cmd_list(args: argparse.Namespace, s: CnSettings) -> int:
 
 
 Handler = Callable[[argparse.Namespace, CnSettings], Coroutine[Any, Any, int]]
+# A command that needs no zone (import): it gets the CN's dataset root only.
+OfflineHandler = Callable[[argparse.Namespace, str], Coroutine[Any, Any, int]]
 
 
 def build_parser(more: Callable[[Any], None] | None = None) -> argparse.ArgumentParser:
@@ -409,6 +509,32 @@ def build_parser(more: Callable[[Any], None] | None = None) -> argparse.Argument
                          help="write the metadata JSON here (default: stdout)")
     restore.set_defaults(handler=cmd_restore)
 
+    export = sub.add_parser("export", help="write a VM snapshot the zone holds (every "
+                            "dataset) to one file, e.g. on an NFS mount")
+    export.add_argument("vm", metavar="VM_UUID")
+    export.add_argument("snapshot", metavar="SNAP")
+    export.add_argument("file", metavar="FILE", help="the export file (must not exist)")
+    export.add_argument("--json", action="store_true", help="print the result as JSON")
+    export.set_defaults(handler=cmd_export)
+
+    imp = sub.add_parser("import", help="receive an export file onto this CN (checked "
+                         "whole first; needs no zone)")
+    imp.add_argument("file", metavar="FILE")
+    imp.add_argument("--target", metavar="DATASET",
+                     help="receive into this new dataset (default: the VM's own, "
+                     "DATASET_ROOT/VM_UUID, which must not exist)")
+    imp.add_argument("--check", action="store_true",
+                     help="only verify the file (header, length, checksums); receive nothing")
+    imp.add_argument("--metadata-out", metavar="FILE",
+                     help="write the VM's metadata JSON here (default: stdout)")
+    imp.add_argument("--onto-zone", action="store_true",
+                     help="push it into the zone (--zone or the config's first) instead, "
+                     "as this CN: for a zone that must hold the VM again")
+    imp.add_argument("--durability", choices=("mirrored", "local"),
+                     help="with --onto-zone: as push's (default: the zone's)")
+    imp.add_argument("--json", action="store_true", help="print the result as JSON")
+    imp.set_defaults(offline=cmd_import)
+
     agent = sub.add_parser("agent", help="run the policies for this CN's VMs: snapshots "
                            "on schedule, pushed from their base (SMF: svc:/smartdc/snapper-agent)")
     agent.add_argument("--policy", metavar="FILE", required=True,
@@ -431,7 +557,7 @@ def build_parser(more: Callable[[Any], None] | None = None) -> argparse.Argument
     if more is not None:
         more(sub)
 
-    for sp in (push, restore):
+    for sp in (push, restore, export, imp):
         sp.add_argument("--progress", choices=("auto", "bar", "json", "none"), default="auto",
                         help="progress on stderr: a bar on a terminal, JSON lines otherwise")
     return p
@@ -448,6 +574,9 @@ def main(argv: Sequence[str] | None = None,
         status: int = args.standalone(args)
         return status
     try:
+        offline: OfflineHandler | None = getattr(args, "offline", None)
+        if offline is not None:
+            return asyncio.run(offline(args, dataset_root(args)))
         s = settings(args)
         handler: Handler = args.handler
         return asyncio.run(handler(args, s))

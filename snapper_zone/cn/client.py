@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 import asyncssh
 
+from snapper_zone.common.answers import AnswerCache
 from snapper_zone.common.httpsig import Signer, UntrustedResponse, signing_session
 from snapper_zone.common.progress import NoProgress, Reporter
 from snapper_zone.errors import (
@@ -82,34 +83,122 @@ class PlanError(SnapperError):
 # -- the SSH connection -----------------------------------------------------------
 
 
-async def placement(coordinator_url: str, vm: str, key: Path,
-                    coordinator_key: str | None = None) -> list[dict[str, Any]]:
+class PlacementUnknown(SnapperError):
+    """No coordinator answers and this CN has no placement of the VM it saw before.
+
+    No fallback guesses one: a zone chosen here (a hash over the zones this CN
+    knows) could be draining, full or lost, and the coordinator would later
+    place the VM elsewhere, leaving an unplaced copy; the snapshot stays on
+    the CN instead, and the next push with an answer carries it along.
+    """
+
+    code = "PlacementUnknown"
+    http_status = 503
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where to push a VM: its zones' endpoints, primary first; ``seen_at`` (unix
+    time) when they come from the cache because no coordinator answered."""
+
+    endpoints: list[dict[str, Any]]
+    seen_at: float | None = None
+    why: str = ""  # what the coordinator did instead of answering
+
+    def note(self) -> str | None:
+        """The line a person is told when the placement is not fresh."""
+        if self.seen_at is None:
+            return None
+        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.seen_at))
+        return f"coordinator unreachable: using the placement seen at {at} ({self.why})"
+
+
+# Bounded: a coordinator that is gone fails the connect within 3 s (the cache
+# answers next); one that hangs, within 15 s (placing a new VM asks the zones).
+_PLACEMENT_TIMEOUT = aiohttp.ClientTimeout(total=15, sock_connect=3)
+
+
+async def lookup_placement(coordinator_url: str, vm: str, key: Path,
+                           coordinator_key: str | None = None,
+                           cache: AnswerCache | None = None) -> Placement:
     """The VM's zones (primary first) with their endpoints, from the coordinator.
 
     Asked as this CN: the request is signed with its SSH key ``key``. The
     answer names the host keys the CN then pins, so with ``coordinator_key``
     (an OpenSSH public key line) it must be signed by the coordinator:
     whoever merely answers at its address cannot send a push elsewhere.
+
+    With ``cache``, a verified answer is kept (on disk), and used when the
+    coordinator does not answer (down, timeout, 5xx, an answer not signed by
+    it); a refusal (401, 403, 4xx) is never bridged. Nothing cached:
+    ``PlacementUnknown``.
     """
+    try:
+        endpoints = await _ask_placement(coordinator_url, vm, key, coordinator_key)
+    except (ZoneUnreachable, ZoneError) as exc:
+        if isinstance(exc, ZoneError) and not _no_answer(exc):
+            raise
+        seen = cache.placement(vm) if cache is not None else None
+        cached = _endpoints(seen.doc) if seen is not None else None
+        if seen is None or not cached:
+            if isinstance(exc, ZoneUnreachable):
+                raise PlacementUnknown(
+                    f"VM {vm}: no coordinator answers ({exc.message}) and this CN has not "
+                    "seen its placement before; no zone can be chosen safely. The "
+                    "snapshot stays here; push again once the coordinator answers") from exc
+            raise
+        found = Placement(cached, seen.at, " ".join(exc.message.split())[:200])
+        log.info(found.note(), extra={"vm": vm})  # the CLI tells the person itself
+        return found
+    if cache is not None:
+        cache.put_placement(vm, {"endpoints": endpoints})
+        await cache.flush()
+    return Placement(endpoints)
+
+
+async def placement(coordinator_url: str, vm: str, key: Path,
+                    coordinator_key: str | None = None) -> list[dict[str, Any]]:
+    """``lookup_placement``'s endpoints, without a cache (the coordinator must answer)."""
+    return (await lookup_placement(coordinator_url, vm, key, coordinator_key)).endpoints
+
+
+def _no_answer(exc: ZoneError) -> bool:
+    """A coordinator error that is as good as no answer: one not signed by it."""
+    return exc.code == UntrustedResponse.code
+
+
+def _endpoints(doc: Any) -> list[dict[str, Any]]:
+    got = doc.get("endpoints") if isinstance(doc, dict) else None
+    if not isinstance(got, list):
+        return []
+    return [e for e in got if isinstance(e, dict)]
+
+
+async def _ask_placement(coordinator_url: str, vm: str, key: Path,
+                         coordinator_key: str | None) -> list[dict[str, Any]]:
     url = f"{coordinator_url.rstrip('/')}/v1/placement/{vm}"
     trusted = None if coordinator_key is None else asyncssh.import_public_key(coordinator_key)
     try:
         async with signing_session(Signer.load(key), response_key=trusted,
-                                   timeout=aiohttp.ClientTimeout(total=30)) as http, \
+                                   timeout=_PLACEMENT_TIMEOUT) as http, \
                 http.get(url) as r:
             body = await r.json(content_type=None)
             if r.status != 200:
-                raise ZoneError(str(body.get("code", r.status)), str(body.get("message", "")),
-                                "placement")
+                code = body.get("code", r.status) if isinstance(body, dict) else r.status
+                msg = body.get("message", "") if isinstance(body, dict) else ""
+                if r.status >= 500:  # its store away, rebuilding: no answer yet
+                    raise ZoneUnreachable(f"coordinator {coordinator_url}: {r.status} "
+                                          f"{code}: {msg}")
+                raise ZoneError(str(code), str(msg), "placement")
     except UntrustedResponse as exc:
         raise ZoneError(exc.code, f"coordinator {coordinator_url}: {exc.message}",
                         "placement") from exc
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         raise ZoneUnreachable(f"coordinator {coordinator_url}: {exc}") from exc
-    endpoints = body.get("endpoints") if isinstance(body, dict) else None
-    if not isinstance(endpoints, list) or not endpoints:
+    endpoints = _endpoints(body)
+    if not endpoints:
         raise ZoneError("BadAnswer", f"coordinator gave no endpoints for VM {vm}", "placement")
-    return [e for e in endpoints if isinstance(e, dict)]
+    return endpoints
 
 
 # -- what a zone holds, per dataset ----------------------------------------------

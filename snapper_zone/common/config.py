@@ -56,6 +56,9 @@ DEFAULT_MIRROR_TIMEOUT_SECONDS = 600
 # A client that sends nothing for this long while its stream is read is cut
 # off: its VM lock and receive slot go to the others.
 DEFAULT_STREAM_IDLE_SECONDS = 60
+# The coordinator answer cache and other state that outlives a restart (the
+# coordinator keeps its own in /var/db/snapper too; file names never collide).
+DEFAULT_STATE_DIR = "/var/db/snapper"
 # Addresses that mean "every interface": fine to bind, useless to advertise.
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", "*", ""})
 
@@ -217,6 +220,14 @@ class ZoneConfig:
     # the time of one); off: the peer is sent the snapshot after it is in.
     pipelined_mirroring: bool = True
     limits: Limits = field(default_factory=Limits)
+    # Where the zone keeps what must outlive a restart beside its pool: the
+    # coordinator's last verified answers (placements, trust list).
+    state_dir: Path = Path(DEFAULT_STATE_DIR)
+
+    @property
+    def answers_path(self) -> Path:
+        """The answer cache (``common/answers``); one per zone uuid, so zones may share a dir."""
+        return self.state_dir / f"coordinator-answers-{self.uuid}.json"
     retention: RetentionConfig | None = None  # None: snapshots are deleted by hand only
 
     @property
@@ -318,6 +329,7 @@ _TOP_FIELDS = (
     "stream_idle_seconds",
     "pipelined_mirroring",
     "limits",
+    "state_dir",
 )
 _SSH_FIELDS = ("host", "port", "host_key", "advertise_host")
 _HTTP_FIELDS = ("host", "port", "advertise_host")
@@ -520,6 +532,7 @@ class _Parser:
         if not isinstance(pipelined, bool):
             raise self.err("pipelined_mirroring", f"must be true or false, not {_kind(pipelined)}")
         limits = self.limits(top.get("limits", {}), max_recv)
+        state_dir = self.path("state_dir", top.get("state_dir", DEFAULT_STATE_DIR))
         retention = self.retention(top["retention"]) if "retention" in top else None
         if coordinator_url is not None:
             # Registration tells the coordinator where to reach us: a wildcard
@@ -552,6 +565,7 @@ class _Parser:
             stream_idle_seconds=idle,
             pipelined_mirroring=pipelined,
             limits=limits,
+            state_dir=state_dir,
             retention=retention,
         )
 

@@ -1,9 +1,10 @@
 """The one version of snapper: ``--version``, ``/ping``, the first log line, ``build_info``.
 
 Read from the installed distribution's metadata (``importlib.metadata``), looked
-up by this package's import name so a renamed distribution still answers; a
-checkout that was never installed reads ``pyproject.toml`` beside the package
-instead, and anything else says ``0+unknown`` rather than failing to start.
+up by the distribution's name (``snapper-zone``, pyproject's ``project.name``;
+tests/test_version.py holds the two together). A checkout that was never
+installed reads ``pyproject.toml`` beside the package instead, and anything else
+says ``0+unknown`` rather than failing to start.
 """
 
 from __future__ import annotations
@@ -14,20 +15,18 @@ from functools import cache
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["UNKNOWN", "add_version_argument", "version"]
+__all__ = ["DISTRIBUTION", "UNKNOWN", "add_version_argument", "version"]
 
 UNKNOWN = "0+unknown"
-_PACKAGE = "snapper_zone"
+DISTRIBUTION = "snapper-zone"
 _PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
 
 def _from_metadata() -> str | None:
-    for dist in metadata.packages_distributions().get(_PACKAGE, []):
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def _from_checkout(pyproject: Path | None = None) -> str | None:

@@ -27,6 +27,7 @@ from replication.coordinator_client import CoordinatorClient
 from replication.peers import PeerLinks
 from replication.registration import Registrar, zone_record
 from replication.replicator import Replicator
+from snapper_zone.common.answers import AnswerCache
 from snapper_zone.common.bootstrap import (
     EXIT_OK,
     EXIT_USAGE,
@@ -137,9 +138,11 @@ async def serve(config: ZoneConfig, args: argparse.Namespace, log: logging.Logge
     ensure_host_key(config.ssh.host_key, log)
     # The zone signs its requests to the coordinator with its host key: the
     # key it registers is the key it proves it holds.
+    # Its last verified answers, kept across restarts: pushes and mirroring go
+    # on with the known pairs while no coordinator answers.
     coordinator = CoordinatorClient(
-        config.coordinator_url, Signer.load(config.ssh.host_key),
-        config.coordinator_key) if config.coordinator_url else None
+        config.coordinator_url, Signer.load(config.ssh.host_key), config.coordinator_key,
+        AnswerCache.load(config.answers_path, log)) if config.coordinator_url else None
     if config.peers or coordinator is not None:
         zone.replicator = Replicator(zone, PeerLinks(config, log, coordinator))
     if config.retention is not None:

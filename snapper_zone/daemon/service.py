@@ -168,6 +168,8 @@ class Service:
         zone = self.zone
         tees = zone.replicator.pipeliner if zone.replicator is not None else None
         kind = "receive" if p.role == "cn" else "mirror-in"
+        if kind == "receive":
+            await zone.check_placed(cmd.vm)
         req = ReceiveRequest(kind, cmd.vm, cmd.dataset,
                              Expect(cmd.snapshot, cmd.base, cmd.resume), p.label, cmd.size,
                              # A peer's parts end with its link (its push does); a

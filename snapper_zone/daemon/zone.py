@@ -18,7 +18,7 @@ from snapper_zone.common.httpsig import Identity
 from snapper_zone.common.metrics import Metrics
 from snapper_zone.daemon.auth import peer_in_scope
 from snapper_zone.daemon.limits import PerPrincipal
-from snapper_zone.errors import SnapperError
+from snapper_zone.errors import NotPlacedHere, SnapperError
 from snapper_zone.transfer.local import LocalEndpoint, Quotas, ReceiveSlots, ZoneReceiver
 from snapper_zone.transfer.registry import SnapshotInUse, TransferRegistry
 from snapper_zone.transfer.store import ZoneStore
@@ -107,6 +107,33 @@ class Zone:
         got = await coordinator.lookup(vm, fresh=True, create=False)
         return None if got is None else got.scope
 
+    async def check_placed(self, vm: str) -> None:
+        """Refuse (``NotPlacedHere``) a CN's push of ``vm`` when this zone's own view
+        of the placement (asked afresh, else the last verified one) names other
+        zones and no copy is here.
+
+        A copy here is kept taking pushes: a move's old copy until it is dropped
+        (the mover sends what it got on), a move's new copy before this zone
+        saw the switch. No view at all, or a VM not placed yet: accepted (a
+        CN's signed placement named us, or the CN has no coordinator).
+        """
+        me = self.config.uuid
+        coordinator = self.replicator.links.coordinator if self.replicator else None
+        if coordinator is None:
+            return
+        # Not placed by asking (create=False): a VM the coordinator has not
+        # placed yet (a CN without coordinator_url) is no reason to refuse.
+        got = await coordinator.lookup(vm, create=False)
+        if got is None or not got.zones or me in got.zones:
+            return
+        got = await coordinator.lookup(vm, fresh=True, create=False)  # a switch since?
+        if got is None or not got.zones or me in got.zones:
+            return
+        if await self.zfs.exists(self.store.vm_dataset(vm)):
+            return
+        raise NotPlacedHere(f"VM {vm} is placed on {', '.join(got.zones)}, not on this zone "
+                            f"({me}): a move took it away; ask the coordinator again")
+
     async def http_identity(self, fingerprint: str) -> Identity | None:
         """Who signed an HTTP request with the key of this fingerprint: a config
         key (operator, cn, peer -> role "zone"), the coordinator (``coordinator_key``),
@@ -170,6 +197,12 @@ class Zone:
                         f"lacks ({', '.join(extra[:5])}); copy them first")
             await self.store.drop_vm(vm)
         self.log.info("dropped VM copy", extra={"vm": vm})
+        coordinator = self.replicator.links.coordinator if self.replicator else None
+        if coordinator is not None:
+            # The coordinator drops a copy after switching the placement away: learn
+            # the new pair now, so a CN that pushes here from a stale placement
+            # (the coordinator down by then) is told so (``check_placed``).
+            await coordinator.lookup(vm, fresh=True, create=False)
 
     def _refuse_in_use(self, vm: str) -> None:
         if self.transfers.in_use(vm):

@@ -260,6 +260,8 @@ class LocalFleet:
             "peers": peers if self.mirrored else [],
             "reconcile_interval_ms": self.reconcile_interval_ms,
             "pipelined_mirroring": self.pipelined and zone.pipelined,
+            # The coordinator's last answers, beside the zone's other files.
+            "state_dir": str(zone.config_path.parent),
             **({"coordinator_url": self.coordinator.url,
                 "coordinator_key": self.coordinator.public_key} if self.coordinator else {}),
             **self.zone_settings,

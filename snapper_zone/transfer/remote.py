@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -361,6 +361,51 @@ class ZoneClient:
         if not sent.ok:
             raise classify(sent.argv, sent.stderr, sent.returncode)
         return StreamResult(pump.bytes, time.monotonic() - started)
+
+    async def push_chunks(self, cmd: Receive, chunks: AsyncIterator[bytes],
+                          progress: Reporter | None = None) -> StreamResult:
+        """A stream that is already bytes (an export file) → the zone's ``receive``.
+
+        ``push_stream``'s rules without a ``zfs send``: the next chunk is
+        taken only while the SSH window is open, and a zone that ends the
+        channel first (it refused the stream) stops the sending; its error is
+        raised.
+        """
+        progress = progress or NoProgress()
+        line = format_command(cmd)
+        chan, session = await self._open(line)
+        writable = asyncio.Event()
+        writable.set()
+        session.on_pause = writable.clear
+        session.on_resume = writable.set
+        started = time.monotonic()
+        sent = 0
+        try:
+            async for chunk in chunks:
+                if not writable.is_set():
+                    opened: asyncio.Future[Any] = asyncio.ensure_future(writable.wait())
+                    try:
+                        await asyncio.wait([opened, session.closed],
+                                           return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        opened.cancel()
+                if session.closed.done():
+                    break  # the zone hung up: its exit status says why
+                chan.write(chunk)
+                sent += len(chunk)
+                progress.advance(len(chunk))
+            else:
+                chan.write_eof()
+            try:
+                await session.closed
+            except (OSError, asyncssh.Error) as exc:
+                raise ZoneUnreachable(f"{self.endpoint}: receive: {exc}") from exc
+        except BaseException:
+            chan.close()
+            raise
+        if session.exit_status != 0:
+            raise session.error(line)
+        return StreamResult(sent, time.monotonic() - started)
 
     async def pull(self, cmd: Send, into: Callable[[Inbound], Awaitable[T]]) -> T:
         """Run the zone's ``send`` and hand its stream to ``into`` (a vetted receive).

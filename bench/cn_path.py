@@ -1,0 +1,202 @@
+#!/usr/bin/env python3
+"""The CN's whole path: a live ``zfs send`` to a zone, three ways, with the
+receiving side's CPU per GB.
+
+One dataset holding ``--size-mib`` of random data (incompressible) with one
+snapshot on a CN pool; then, ``--repeat`` times each, interleaved so drift
+hits all alike:
+
+  a. ``zfs send | ssh -c aes128-gcm@openssh.com root@zone zfs receive``
+     into a private sshd on 127.0.0.1 (what people script by hand)
+  b. ``snapper push VM --name SNAP``: the real CLI, snapper's asyncssh
+     client, live ``zfs send``, into a ``snapperd`` process
+  c. ``syncoid`` (Debian's sanoid package, if installed) over the same sshd
+
+Each run lands in a fresh dataset, destroyed afterwards; the time is from
+starting the command to its exit (the remote receive is done by then). CPU
+is the receiving side's, from the kernel's accounting (``/proc/PID/stat``:
+user + system of the daemon and of its reaped children): sshd's listener
+(every connection's sshd and its ``zfs receive`` are reaped into it) and
+snapperd (its ``zfs receive`` children). MB/s is 10^6 bytes/s; the ratios
+are from the same run.
+
+    python bench/cn_path.py [--size-mib 512] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from push_throughput import CIPHER, SNAP, VM, Bench, ssh_argv  # noqa: E402
+
+from snapper_zone.zfs import proc  # noqa: E402
+from snapper_zone.zfs.names import Dataset  # noqa: E402
+from snapper_zone.zfs.zfs import SendSpec  # noqa: E402
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime + cutime + cstime of ``pid`` (reaped children included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / _TICK
+
+
+def children(pid: int) -> list[int]:
+    """Live (or unreaped) children of ``pid``."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == pid:
+                out.append(int(d.name))
+    return out
+
+
+class CnPathBench(Bench):
+    async def setup(self) -> None:
+        await super().setup()
+        # The CN's VM: the stream's source dataset under the name snapper pushes.
+        src = Dataset(self.pools[0].name)
+        self.vm = src.child(VM)
+        await self.zfs.pipe(SendSpec(src.child("data").snapshot(SNAP)), self.vm)
+        await self.zfs.destroy(src.child("data"), recursive=True)
+        self.sshd_pid = self.daemons[0].pid
+        self.snapperd_pid = self.daemons[1].pid
+        self.syncoid = shutil.which("syncoid")
+
+    async def _cpu(self, pid: int, before: float, timeout: float = 30.0) -> float:
+        """The CPU ``pid`` used since ``before``, once it has reaped its children
+        (their time is added to its own only then)."""
+        deadline = time.monotonic() + timeout
+        while children(pid) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)  # waiting for another process's wait(), bounded
+        return cpu_seconds(pid) - before
+
+    async def _timed(self, argv: list[str], env: dict[str, str] | None = None) -> float:
+        start = time.monotonic()
+        child = await proc.spawn(argv, env=env)
+        done = await child.wait()
+        took = time.monotonic() - start
+        if not done.ok:
+            raise RuntimeError(f"{' '.join(argv[:3])}... failed: {done.stderr.strip()[-800:]}")
+        return took
+
+    async def openssh(self, i: int) -> float:
+        target = self.dst.child(f"b{i}")
+        remote = " ".join(await self.zfs.receive_argv(target, resumable=False))
+        send = " ".join(await self.zfs.send_argv(SendSpec(self.vm.snapshot(SNAP))))
+        ssh = " ".join(ssh_argv(self.client_key, self.sshd_known, self.sshd_port, "root",
+                                f"'{remote}'"))
+        before = cpu_seconds(self.sshd_pid)
+        # A shell pipeline, as people write it: the bench's own fixed strings only.
+        took = await self._timed(["sh", "-c", f"{send} | {ssh}"])
+        self.cpu.setdefault("a", []).append(await self._cpu(self.sshd_pid, before))
+        await self.zfs.destroy(target, recursive=True)
+        return took
+
+    async def snapper_push(self, i: int) -> float:
+        cli = [sys.executable, "-m", "snapper_zone.cli", "--zone", f"127.0.0.1:{self.zone_port}",
+               "--key", str(self.client_key), "--known-hosts", str(self.zone_known),
+               "--dataset-root", self.pools[0].name, "push", VM, "--name", SNAP,
+               "--progress", "none"]
+        before = cpu_seconds(self.snapperd_pid)
+        took = await self._timed(cli, env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+        self.cpu.setdefault("b", []).append(await self._cpu(self.snapperd_pid, before))
+        await self.zfs.destroy(self.zone_root.child(VM), recursive=True)
+        return took
+
+    async def syncoid_push(self, i: int) -> float:
+        assert self.syncoid is not None
+        target = self.dst.child(f"c{i}")
+        argv = [self.syncoid, "--no-sync-snap", "--no-privilege-elevation", "--quiet",
+                f"--sshcipher={CIPHER}", f"--sshport={self.sshd_port}",
+                f"--sshkey={self.client_key}",
+                f"--sshoption=UserKnownHostsFile={self.sshd_known}",
+                "--sshoption=GlobalKnownHostsFile=/dev/null",
+                str(self.vm), f"root@127.0.0.1:{target}"]
+        before = cpu_seconds(self.sshd_pid)
+        took = await self._timed(argv)
+        self.cpu.setdefault("c", []).append(await self._cpu(self.sshd_pid, before))
+        await self.zfs.destroy(target, recursive=True)
+        return took
+
+    async def run(self) -> dict[str, list[float]]:
+        self.cpu: dict[str, list[float]] = {}
+        methods: dict[str, Callable[[int], Awaitable[float]]] = {
+            "a": self.openssh, "b": self.snapper_push}
+        if self.syncoid:
+            methods["c"] = self.syncoid_push
+        times: dict[str, list[float]] = {k: [] for k in methods}
+        for i in range(self.repeat):
+            for name, method in methods.items():
+                t = await method(i)
+                times[name].append(t)
+                print(f"  run {i + 1}: {LABELS[name]:<44} {self.bytes / t / 1e6:8.1f} MB/s",
+                      file=sys.stderr, flush=True)
+        return times
+
+
+LABELS = {"a": "zfs send | ssh -> sshd -> zfs receive",
+          "b": "snapper push -> snapperd -> zfs receive",
+          "c": "syncoid -> sshd -> zfs receive"}
+
+
+async def amain(args: argparse.Namespace) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="snapper-bench-"))
+    bench = CnPathBench(workdir, args.size_mib, args.repeat)
+    try:
+        print(f"preparing {args.size_mib} MiB of data in {workdir} ...", file=sys.stderr)
+        await bench.setup()
+        caps = await bench.zfs.capabilities()
+        times = await bench.run()
+    finally:
+        await bench.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
+    gb = bench.bytes / 1e9
+    rates = {k: bench.bytes / statistics.median(v) / 1e6 for k, v in times.items()}
+    cpu = {k: statistics.median(v) / gb for k, v in bench.cpu.items()}
+    print(f"\nstream: {bench.bytes} bytes ({bench.bytes / 1e6:.0f} MB), ZFS: {caps.flavour}, "
+          f"cipher {CIPHER}, median of {args.repeat}, {os.cpu_count()} CPUs")
+    print(f"  {'path':<44} {'MB/s':>8} {'recv CPU s/GB':>14}")
+    for k, rate in rates.items():
+        print(f"  {LABELS[k]:<44} {rate:8.1f} {cpu[k]:14.2f}")
+    if "c" not in rates:
+        print("  (syncoid not installed: apt-get install sanoid)")
+    print(f"  snapper push / OpenSSH pipe: {rates['b'] / rates['a']:.2f}x MB/s "
+          "(target >= 1.0)")
+    if "c" in rates:
+        print(f"  snapper push / syncoid: {rates['b'] / rates['c']:.2f}x MB/s (target >= 2)")
+    print(f"  snapperd CPU per GB / sshd + zfs receive: {cpu['b'] / cpu['a']:.2f}x "
+          "(target <= 1.2)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--size-mib", type=int, default=512, help="data in the dataset (MiB)")
+    p.add_argument("--repeat", type=int, default=3, help="runs per method; median reported")
+    args = p.parse_args(argv)
+    if args.size_mib < 1 or args.repeat < 1:
+        p.error("--size-mib and --repeat must be positive")
+    return asyncio.run(amain(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
