@@ -50,8 +50,8 @@ test-host: deps
 	$(VPY) -m pytest -rs -q -p no:cacheprovider --durations=15 -m "not soak" tests
 
 # Soak tier: a real local fleet under load and a seeded fault schedule, then the
-# invariants (soak/); SNAPPER_SOAK_SECONDS sets the load time (default 120; the
-# whole tier takes about 4 minutes). Longer runs: python -m soak --duration N.
+# invariants (soak/); SNAPPER_SOAK_SECONDS sets the load time (default 120; each
+# of the three fleet soaks takes about 4 minutes). Longer: python -m soak --duration N.
 test-soak: deps
 	$(VPY) -m pytest -rs -q -p no:cacheprovider -m soak tests/test_soak.py
 

@@ -266,6 +266,12 @@ def status_text(status: dict[str, Any], width: int = 80) -> str:
              f"under-replicated: {status['under_replicated']}",
              f"moves:            {moves['running']} running, {moves['planned']} planned, "
              f"{moves['done']} done, {moves['failed']} failed"]
+    me, leader = status.get("coordinator"), status.get("leader")
+    if me is not None:  # several coordinators on one ZooKeeper store: who leads
+        lead = f"{leader['id']} ({leader['url']})" if leader else "none elected"
+        lines[:0] = [f"leader:           {lead}",
+                     f"this coordinator: {me['id']} ({me['role']}), "
+                     f"{len(status.get('candidates', []))} standing"]
     now = time.time()
     for m in status["in_flight"]:
         label = f"{m['vm'][:8]} {m['reason']} -> {_short(m['to_zone'])}"
@@ -327,7 +333,18 @@ async def cmd_zone(args: argparse.Namespace, c: Client) -> int:
 
 async def cmd_rebalance(args: argparse.Namespace, c: Client) -> int:
     flag = "true" if args.dry_run else "false"
-    res = await c.call("POST", f"/v1/rebalance?dry_run={flag}")
+    try:
+        res = await c.call("POST", f"/v1/rebalance?dry_run={flag}")
+    except CoordinatorError as e:
+        if e.code != "NotLeader":
+            raise
+        # Several coordinators: planning is the leader's; ask it, once.
+        leader = (await c.call("GET", "/v1/status")).get("leader")
+        if not leader or leader["url"].rstrip("/") == c.url:
+            raise
+        print(f"asking the leader, {leader['id']} at {leader['url']}", file=sys.stderr)
+        c = Client(leader["url"], c.signer, c.timeout.total or 60.0)
+        res = await c.call("POST", f"/v1/rebalance?dry_run={flag}")
     if args.json:
         print(json.dumps(res, indent=2))
         return 0

@@ -3,7 +3,8 @@
 Routes (JSON; errors are ``{"code", "message"}`` with a matching status, as
 snapperd's), with the roles that may call each (``ROUTES``, the one table)::
 
-    GET    /ping                      open: {"ping": "pong", "version"} (common/version.py)
+    GET    /ping                      open: {"ping": "pong", "version", "role"}
+                                      (common/version.py; role: leader or follower)
     POST   /v1/zones                  the zone itself (signed by the very host key the
                                       body registers: proof of possession), operator:
                                       register/update, idempotent by uuid: body {uuid,
@@ -29,8 +30,11 @@ snapperd's), with the roles that may call each (``ROUTES``, the one table)::
                                       first, paged; finished moves are pruned after
                                       [moves] keep_days, beyond the newest keep_finished
     POST   /v1/rebalance?dry_run=B    operator: {"dry_run", "moves", "moved_bytes",
-                                       "projected", "warnings", "degraded", "stale_copies"}
-    GET    /v1/status                 operator: fleet summary (``snapper status``)
+                                       "projected", "warnings", "degraded", "stale_copies"};
+                                       not a dry run: the leader only (503 NotLeader)
+    GET    /v1/status                 operator: fleet summary (``snapper status``) with
+                                      "coordinator": {id, url, role}, "leader": {id, url},
+                                      "candidates": [{id, url}, ...]
     GET    /v1/identity[?since=N]     zone, operator: the registry (CNs and their keys, VM
                                       owners, grants in force) as an IdentityDocument;
                                       {"version": N, "unchanged": true} while it is at N
@@ -71,6 +75,13 @@ then and changes only by ``PUT .../host-key``. A VM's ``scope`` is its
 placement plus every zone of a move in flight for it: zones outside it may
 not act on the VM as each other's peers (``snapper_zone/daemon/auth.py``).
 
+Several coordinators may share one ZooKeeper store: they elect a leader
+(``Store.election``), which alone runs the mover, the health checks and
+automatic planning, each term through a store view fenced to that term
+(``Store.fenced``). Every coordinator answers reads and the writes that are one
+store transaction (registration, zone state, host key, removal, placement of
+a new VM); planning and moving (``POST /v1/rebalance``) is the leader's.
+
 Exit status as snapperd's: 0 after SIGTERM/SIGINT, 2 for a bad config or
 arguments, 1 otherwise.  Logs are bunyan JSON lines on stderr.
 """
@@ -79,12 +90,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 import uuid as _uuid
@@ -102,6 +115,7 @@ from rebalance.metrics import CONTENT_TYPE_LATEST, CoordinatorMetrics
 from rebalance.mover import Mover, MoverSettings
 from rebalance.placement import VmInfo, ZoneInfo, ZoneState, hrw_ranking, plan
 from rebalance.store import (
+    Candidate,
     CnNotFound,
     GrantRecord,
     HostKeyMismatch,
@@ -109,9 +123,11 @@ from rebalance.store import (
     MoveRecord,
     MoveState,
     MoveStep,
+    NotLeader,
     PlacementConflict,
     Registry,
     Store,
+    StoreUnavailable,
     ZkTarget,
     ZoneNotEmpty,
     ZoneNotFound,
@@ -151,6 +167,7 @@ from snapper_zone.common.httpsig import (
     add_routes,
     guard,
 )
+from snapper_zone.common.tasks import cancel_and_wait
 from snapper_zone.common.version import version
 from snapper_zone.errors import InvalidName, SnapperError
 from snapper_zone.wire import (
@@ -181,6 +198,7 @@ MAX_GRANT = 30 * 86400.0  # the longest restore grant, seconds
 # What a SIGHUP reloads; the rest (listen address, store, key, intervals) is
 # bound at start-up.
 LIVE_FIELDS = ("keys",)
+ELECTION_RETRY = 1.0  # s before standing again after an unexpected election error
 
 
 class InvalidArgument(SnapperError):
@@ -244,6 +262,13 @@ class CoordinatorConfig:
     # keep_days, and at least the newest keep_finished of them; older ones pruned.
     keep_days: float = 30.0
     keep_finished: int = 1000
+    # Several coordinators on one ZooKeeper store: this one's id ("": its
+    # hostname:port) and the URL the others show for it ("": http://host:port).
+    coordinator_id: str = ""
+    advertise_url: str = ""
+    # ZooKeeper session timeout: a dead leader's term ends this long after its
+    # last word, then a follower leads (the failover time).
+    session_timeout: float = 6.0
 
 
 # table -> field -> (attribute, kind, lowest value); kind "size": bytes or "50MiB".
@@ -261,6 +286,8 @@ _SCHEMA: dict[str, dict[str, tuple[str, str, float]]] = {
     "rebalance": {"auto": ("auto_rebalance", "bool", 0), "settle": ("settle", "float", 0),
                   "interval": ("rebalance_interval", "float", 1),
                   "rebuild_grace": ("rebuild_grace", "float", 0)},
+    "election": {"id": ("coordinator_id", "text", 0), "url": ("advertise_url", "url", 0),
+                 "session_timeout": ("session_timeout", "float", 1)},
 }
 _TOP = ("store", "key", "keys", *_SCHEMA)
 
@@ -297,6 +324,10 @@ def parse_config(data: object, source: str = "<config>",
                 values[attr] = f.boolean(where, v)
             elif kind == "str":
                 values[attr] = f.host(where, v)
+            elif kind == "text":
+                values[attr] = f.string(where, v)
+            elif kind == "url":
+                values[attr] = f.url(where, v)
             elif kind == "port":
                 values[attr] = f.port(where, v, allow_zero=True)
             elif kind == "int":
@@ -305,6 +336,11 @@ def parse_config(data: object, source: str = "<config>",
                 values[attr] = float(f.size(where, v, int(lowest)))
             else:
                 values[attr] = f.number(where, v, lowest)
+    url = values.get("advertise_url", "")
+    if url and not url.startswith(("http://", "https://")):
+        raise ConfigError(source, "election.url", "must be an http:// or https:// URL")
+    if any(c.isspace() or c == "/" for c in values.get("coordinator_id", "")):
+        raise ConfigError(source, "election.id", "must have no space and no '/'")
     return CoordinatorConfig(**values)
 
 
@@ -398,12 +434,17 @@ class Coordinator:
         self.api = api
         self.config = config
         self.metrics = metrics or CoordinatorMetrics()
-        self.mover = Mover(store, api, MoverSettings(
-            per_zone=config.per_zone, max_attempts=config.max_attempts,
-            retry_delay=config.retry_delay, bandwidth=config.move_bandwidth), self.metrics)
-        self.health = HealthChecker(store, api, HealthSettings(
-            interval=config.health_interval, timeout=config.health_timeout,
-            lost_after=config.lost_after), on_lost=self._zone_lost, metrics=self.metrics)
+        self.mover, self.health = self._workers(store)
+        self.me = self._candidate(config.port)
+        self.election = store.election(self.me)
+        # The store the leader's work writes through, fenced to its term; None
+        # while following. A solo store (SQLite) always leads.
+        self._leading: Store | None = store if self.election.solo else None
+        self._led = asyncio.Event()  # set while leading
+        if self._leading is not None:
+            self._led.set()
+        self._term_tasks: list[asyncio.Task[None]] = []
+        self.terms = 0  # terms led so far (tests, logs)
         self._plan_lock = asyncio.Lock()
         self._started = time.monotonic()
         self._fresh_store: bool | None = None  # learnt by prepare(): no zone registered yet
@@ -416,6 +457,130 @@ class Coordinator:
         # index of it (every signed request looks its key up).
         self._registry: Registry | None = None
         self._cn_keys: dict[str, tuple[str, str]] = {}
+
+    # -- leadership --
+
+    def _workers(self, store: Store) -> tuple[Mover, HealthChecker]:
+        c = self.config
+        mover = Mover(store, self.api, MoverSettings(
+            per_zone=c.per_zone, max_attempts=c.max_attempts,
+            retry_delay=c.retry_delay, bandwidth=c.move_bandwidth), self.metrics)
+        health = HealthChecker(store, self.api, HealthSettings(
+            interval=c.health_interval, timeout=c.health_timeout,
+            lost_after=c.lost_after), on_lost=self._zone_lost, metrics=self.metrics)
+        return mover, health
+
+    def _candidate(self, port: int) -> Candidate:
+        c = self.config
+        return Candidate(c.coordinator_id or f"{socket.gethostname()}:{port}",
+                         c.advertise_url or f"http://{c.host}:{port}")
+
+    def set_port(self, port: int) -> None:
+        """The port it listens on, known once bound (``listen.port = 0``): the
+        defaults of its id and URL name it. Before ``join``."""
+        self.me = self._candidate(port)
+        self.election.me = self.me
+
+    @property
+    def role(self) -> str:
+        return "leader" if self._leading is not None else "follower"
+
+    async def join(self) -> None:
+        """Stand for election now (before saying ready); ``start`` campaigns."""
+        try:
+            await self.election.join()
+        except StoreUnavailable as e:
+            log.warning("cannot stand for election yet; will retry", extra={"err_msg": str(e)})
+
+    async def leadership(self) -> dict[str, Any]:
+        """Who leads (as the election says), and this coordinator's role."""
+        try:
+            cands = [c.to_json() for c in await self.election.candidates()]
+        except StoreUnavailable:
+            cands = []
+        return {"coordinator": {**self.me.to_json(), "role": self.role},
+                "leader": cands[0] if cands else None, "candidates": cands}
+
+    async def _leader_store(self) -> Store:
+        """The store view of this leader's term; NotLeader on a follower.
+
+        A coordinator whose election shows no other leader (just started, or the
+        leader just went) waits for its own term up to a session timeout."""
+        if self._leading is None and self._tasks:
+            cands = await self.election.candidates()
+            if not cands or cands[0].id == self.me.id:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.config.session_timeout):
+                        await self._led.wait()
+        store = self._leading
+        if store is None:
+            cands = await self.election.candidates()
+            who = f"{cands[0].id} at {cands[0].url}" if cands else "not elected yet"
+            raise NotLeader(f"coordinator {self.me.id} is a follower; planning and moves "
+                            f"are the leader's: {who}")
+        return store
+
+    async def _lead(self) -> None:
+        """Campaign; lead each term won until it is over; then stand again."""
+        while True:
+            try:
+                fence = await self.election.campaign()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("election failed; standing again")
+                await asyncio.sleep(ELECTION_RETRY)  # a backoff, not a synchronisation
+                continue
+            self._begin_term(self.store.fenced(fence))
+            log.info("leading", extra={"coordinator": self.me.id, "url": self.me.url,
+                                       "term": fence.path})
+            try:
+                await self.election.deposed(fence)
+            finally:
+                await self._end_term()
+            log.warning("no longer leading", extra={"coordinator": self.me.id,
+                                                    "term": fence.path})
+
+    def _begin_term(self, store: Store) -> None:
+        # New workers per term: a task of an older term never writes through
+        # this term's fence.
+        if store is not self.store:
+            self.mover, self.health = self._workers(store)
+        self._leading = store
+        self.terms += 1
+        self.metrics.leader.set(1)
+        self._term_tasks = [asyncio.create_task(self.mover.run(), name="mover"),
+                            asyncio.create_task(self.health.run(), name="health"),
+                            asyncio.create_task(self._pruning(), name="prune-moves")]
+        if not self.election.solo:
+            self._term_tasks.append(asyncio.create_task(self._watch_zones(store),
+                                                        name="zone-watch"))
+        if self.config.auto_rebalance:
+            self._term_tasks.append(asyncio.create_task(self._auto(store),
+                                                        name="auto-rebalance"))
+            self.trigger()
+        self._led.set()
+        self.mover.kick()  # resume the moves a previous term or run left running
+
+    async def _end_term(self) -> None:
+        self._led.clear()
+        if not self.election.solo:
+            self._leading = None
+        self.metrics.leader.set(0)
+        await cancel_and_wait(*self._term_tasks)
+        self._term_tasks = []
+
+    async def _watch_zones(self, store: Store) -> None:
+        """Plan again when the zone set changes: an operator's change may reach a
+        follower (any coordinator takes zone writes), which cannot plan."""
+        seen: dict[str, tuple[str, int]] | None = None
+        while True:
+            with contextlib.suppress(SnapperError):
+                now = {z.uuid: (str(z.state), z.capacity) for z in await store.zones()}
+                if seen is not None and now != seen:
+                    self.trigger()
+                seen = now
+            await asyncio.sleep(self.config.health_interval)  # a period, like health's
 
     # -- background work --
 
@@ -437,25 +602,27 @@ class Coordinator:
         return max(0.0, self.config.rebuild_grace - (time.monotonic() - self._started))
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self.mover.run(), name="mover"),
-                       asyncio.create_task(self.health.run(), name="health"),
-                       asyncio.create_task(self._pruning(), name="prune-moves")]
-        if self.config.auto_rebalance:
-            self._tasks.append(asyncio.create_task(self._auto(), name="auto-rebalance"))
-            self.trigger()
-        self.mover.kick()  # resume the moves a previous run left running
+        """The background work: at once on a solo store, else once elected."""
+        if self.election.solo:
+            self._begin_term(self.store)
+            self._tasks = list(self._term_tasks)
+        else:
+            self._tasks = [asyncio.create_task(self._lead(), name="election")]
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(*self._tasks)
         self._tasks = []
+        await self._end_term()
+        if not self.election.solo:
+            # A clean stop hands over at once, not a session timeout later.
+            with contextlib.suppress(SnapperError):
+                await self.election.resign()
 
     def trigger(self) -> None:
         """The zone set changed: plan again once it has settled."""
         self._trigger.set()
 
-    async def _auto(self) -> None:
+    async def _auto(self, store: Store) -> None:
         """Plan after the zone set changes; in between, only repairs.
 
         Balancing is driven by capacity changes (a zone added, drained, lost,
@@ -497,7 +664,7 @@ class Coordinator:
                 self.deferred = self.deferred or changed
             try:
                 await self.rebalance(dry_run=False, repairs_only=grace or not changed,
-                                     balance_empty_zones=after_grace)
+                                     balance_empty_zones=after_grace, store=store)
             except Exception:
                 log.exception("automatic rebalance failed")
             if after_grace:
@@ -847,9 +1014,11 @@ class Coordinator:
         return out
 
     async def adopt_inventory(self, zones: Sequence[ZoneRecord],
-                              inv: Mapping[str, Sequence[InventoryVm]]) -> int:
+                              inv: Mapping[str, Sequence[InventoryVm]],
+                              store: Store | None = None) -> int:
         """Place every VM the zones hold that the placement does not know (a rebuild)."""
-        placed = await self.store.placements()
+        store = store or self.store
+        placed = await store.placements()
         unknown: dict[str, list[str]] = {}
         for zone, vms in inv.items():
             for v in vms:
@@ -868,41 +1037,47 @@ class Coordinator:
                 pair = self._choose_pair(vm, holders, zones)
             except NotEnoughZones:
                 continue
-            await self.store.place(vm, pair)
+            await store.place(vm, pair)
             n += 1
         if n:
             log.info("placement adopted from the zones' inventories", extra={"vms": n})
         return n
 
     async def rebalance(self, dry_run: bool, repairs_only: bool = False, *,
-                        balance_empty_zones: bool = False) -> dict[str, Any]:
+                        balance_empty_zones: bool = False,
+                        store: Store | None = None) -> dict[str, Any]:
         """Plan (and unless ``dry_run``, record and start) the moves.
+
+        Not a dry run: the leader's work, written through its term's ``store``
+        (NotLeader on a follower). A dry run reads only: any coordinator.
 
         ``repairs_only`` keeps the repairs and drops the balancing moves; with
         ``balance_empty_zones`` it balances all the same when an active zone
         holds no complete copy (new capacity, see ``_auto``).
         """
+        if store is None:
+            store = self.store if dry_run else await self._leader_store()
         async with self._plan_lock:
-            zones = await self.store.zones()
+            zones = await store.zones()
             inv = await self.inventories(zones)
             if not dry_run:
-                await self.adopt_inventory(zones, inv)
-            placements = await self.store.placements()
+                await self.adopt_inventory(zones, inv, store)
+            placements = await store.placements()
             fresh: dict[str, int] = {}  # a VM's size: its largest copy now
             for vms in inv.values():
                 for v in vms:
                     fresh[v.uuid] = max(v.bytes, fresh.get(v.uuid, 0))
             seen = set(fresh)
-            sizes = {**await self.store.vm_sizes(), **fresh}
+            sizes = {**await store.vm_sizes(), **fresh}
             by_id = {z.uuid: z for z in zones}
             if not dry_run:
-                await self.store.set_sizes({vm: sizes[vm] for vm in placements if vm in sizes})
-                await self._replace_unpushed(placements, seen, by_id)
-                placements = await self.store.placements()
-            active = await self.store.moves([MoveState.PLANNED, MoveState.RUNNING])
+                await store.set_sizes({vm: sizes[vm] for vm in placements if vm in sizes})
+                await self._replace_unpushed(placements, seen, by_id, store)
+                placements = await store.placements()
+            active = await store.moves([MoveState.PLANNED, MoveState.RUNNING])
             busy = {m.vm for m in active}
-            if not dry_run and await self._follow_holders(placements, inv, busy, by_id):
-                placements = await self.store.placements()
+            if not dry_run and await self._follow_holders(placements, inv, busy, by_id, store):
+                placements = await store.placements()
             stale = await self.stale_copies(zones, inv, placements, busy, dry_run)
             current = {vm: pair for vm, pair in placements.items()
                        if vm in seen and vm not in busy}
@@ -937,7 +1112,7 @@ class Coordinator:
                           "source": m.source, "bytes": m.bytes, "reason": m.reason}
                          for m in p.moves]
             else:
-                records = await self.store.add_moves(p.moves, time.time())
+                records = await store.add_moves(p.moves, time.time())
                 moves = [r.to_json() for r in records]
                 self.mover.kick()
             log.info("rebalance planned", extra={
@@ -1022,7 +1197,7 @@ class Coordinator:
 
     async def _follow_holders(self, placements: Mapping[str, tuple[str, str]],
                               inv: Mapping[str, Sequence[InventoryVm]], busy: set[str],
-                              zones: Mapping[str, ZoneRecord]) -> int:
+                              zones: Mapping[str, ZoneRecord], store: Store) -> int:
         """Point a placement at the zones that hold the VM, where one of its zones does not.
 
         After the store was rebuilt from zones that registered one by one, a VM
@@ -1048,7 +1223,7 @@ class Coordinator:
             if new[0] == new[1] or tuple(new) == pair:
                 continue
             try:
-                await self.store.reassign(vm, pair, (new[0], new[1]))
+                await store.reassign(vm, pair, (new[0], new[1]))
             except PlacementConflict:
                 continue
             n += 1
@@ -1057,7 +1232,8 @@ class Coordinator:
         return n
 
     async def _replace_unpushed(self, placements: Mapping[str, tuple[str, str]],
-                                seen: set[str], zones: Mapping[str, ZoneRecord]) -> None:
+                                seen: set[str], zones: Mapping[str, ZoneRecord],
+                                store: Store) -> None:
         """A VM no zone holds yet has no data to move: re-place it off a zone it must leave."""
         for vm, pair in placements.items():
             if vm in seen or all(z in zones and zones[z].state is ZoneState.ACTIVE
@@ -1066,13 +1242,17 @@ class Coordinator:
             keep = [z for z in pair if z in zones and zones[z].state is ZoneState.ACTIVE]
             try:
                 new = self._choose_pair(vm, {z: [] for z in keep}, list(zones.values()))
-                await self.store.reassign(vm, pair, new)
+                await store.reassign(vm, pair, new)
             except (NotEnoughZones, PlacementConflict):
                 continue
 
     # -- status --
 
     async def status(self) -> dict[str, Any]:
+        """The fleet summary and who leads (``snapper status``)."""
+        return {**await self._fleet(), **await self.leadership()}
+
+    async def _fleet(self) -> dict[str, Any]:
         zones = {z.uuid: z for z in await self.store.zones()}
         placements = await self.store.placements()
         # Counts and the active moves: a status (a scrape) reads no finished history.
@@ -1101,7 +1281,7 @@ class Coordinator:
             if z.admitted:
                 self.metrics.zone_up.labels(z.uuid, z.name, str(z.state)).set(
                     1 if z.health == "healthy" else 0)
-        s = await self.status()
+        s = await self._fleet()
         self.metrics.vms.set(s["vms"])
         self.metrics.under_replicated.set(s["under_replicated"])
         for k, n in s["vms_by_copies"].items():
@@ -1199,7 +1379,8 @@ def _flag(request: web.Request, name: str, default: str) -> bool:
 
 async def ping(request: web.Request) -> web.Response:
     # Open to anyone (health checks): liveness and version, nothing about the fleet.
-    return web.json_response({"ping": "pong", "version": version()})
+    return web.json_response({"ping": "pong", "version": version(),
+                              "role": request.app[COORDINATOR].role})
 
 
 async def post_zone(request: web.Request) -> web.Response:
@@ -1424,7 +1605,7 @@ def _reload(coordinator: Coordinator, path: str) -> None:
 
 async def serve(config: CoordinatorConfig, args: argparse.Namespace) -> int:
     try:
-        store = await open_store(config.store)
+        store = await open_store(config.store, session_timeout=config.session_timeout)
     except (OSError, RuntimeError, SnapperError) as e:
         raise StartupError(f"store {config.store}: {e}", EXIT_USAGE) from e
     ensure_private_key(config.key, "key", "snapper-coordinator", log)
@@ -1444,9 +1625,12 @@ async def serve(config: CoordinatorConfig, args: argparse.Namespace) -> int:
         await runner.setup()
         await web.TCPSite(runner, config.host, config.port).start()
         port = int(runner.addresses[0][1])
+        coordinator.set_port(port)
+        await coordinator.join()
         coordinator.start()
         log.info("snapper-coordinator started", extra={
-            "http_host": config.host, "http_port": port, "store": str(config.store)})
+            "http_host": config.host, "http_port": port, "store": str(config.store),
+            "coordinator": coordinator.me.id, "url": coordinator.me.url})
         if args.ready_file is not None:
             write_atomically(args.ready_file,
                              json.dumps({"pid": os.getpid(), "http_port": port}).encode() + b"\n")

@@ -44,6 +44,9 @@ class CoordinatorMetrics:
                                    "Bytes of VMs copied by finished moves", registry=r)
         self.health_checks = Counter("snapper_coordinator_health_checks",
                                      "Zone health checks by result", ["result"], registry=r)
+        self.leader = Gauge("snapper_coordinator_leader",
+                            "1 while this coordinator leads (runs moves, health checks and "
+                            "planning), else 0", registry=r)
         self.zones_lost = Counter("snapper_coordinator_zones_declared_lost",
                                   "Zones the health checker declared lost", registry=r)
 

@@ -56,6 +56,7 @@ from rebalance.store import (
     MoveRecord,
     MoveState,
     MoveStep,
+    NotLeader,
     PlacementConflict,
     Store,
     ZoneRecord,
@@ -190,6 +191,11 @@ class Mover:
             await self.execute(m)
         except asyncio.CancelledError:
             raise
+        except NotLeader as e:
+            # Fenced: this term is over and the step wrote nothing; the new
+            # leader resumes the move from its persisted step.
+            log.warning("move left to the new leader", extra={"move": m.id, "err_msg": str(e)})
+            self._later(m.id)  # not again at once: this term is ending
         except Exception:
             log.exception("move failed unexpectedly; will retry", extra={"move": m.id})
             self._later(m.id)

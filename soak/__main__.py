@@ -1,4 +1,5 @@
-"""``python -m soak --duration 300 --seed N --cns 2 --zones 3 --report PATH [--coordinator]``.
+"""``python -m soak --duration 300 --seed N --cns 2 --zones 3 --report PATH [--coordinator
+[--coordinators 3 [--zookeeper HOSTS]]]``.
 
 Prints the seed and the schedule first, so a failure can be replayed; exits 1
 when an invariant fails.
@@ -29,6 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--coordinator", action="store_true",
                     help="run a coordinator too, and add its faults (add, drain, lose a zone; "
                          "kill the coordinator)")
+    ap.add_argument("--coordinators", type=int, default=1,
+                    help="with --coordinator: this many on one ZooKeeper chroot "
+                         "(kill-coordinator kills the leader)")
+    ap.add_argument("--zookeeper", default=None, metavar="HOST:PORT[,...]",
+                    help="the ensemble for --coordinators > 1 (default: a private one)")
     ap.add_argument("--kinds", default=None,
                     help="comma-separated fault kinds (default: every kind of this mode: "
                          f"{', '.join(STATIC_KINDS)}; with --coordinator also "
@@ -40,9 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     bad = [k for k in kinds or () if k not in FAULTS]
     if bad:
         ap.error(f"unknown fault kinds: {', '.join(bad)}")
+    if args.coordinators > 1 and not args.coordinator:
+        ap.error("--coordinators needs --coordinator")
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
     config = SoakConfig(duration=args.duration, seed=seed, cns=args.cns, zones=args.zones,
                         vms_per_cn=args.vms_per_cn, coordinator=args.coordinator,
+                        coordinators=args.coordinators, zookeeper=args.zookeeper,
                         fault_kinds=kinds,
                         workdir=args.workdir or default_workdir())
     print(report.schedule_text(seed, config.make_schedule(), config.kinds()), flush=True)

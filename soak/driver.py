@@ -28,7 +28,8 @@ from replication.peers import pair_of
 from snapper_zone.cn.cli import placement
 from snapper_zone.cn.client import CnClient, PushReport
 from snapper_zone.errors import DatasetBusy, SnapperError
-from snapper_zone.fleet.local import LocalCN, LocalFleet, LocalZone
+from snapper_zone.fleet.local import LocalCN, LocalCoordinator, LocalFleet, LocalZone
+from snapper_zone.fleet.zookeeper import LocalZooKeeper
 from snapper_zone.transfer.remote import ZoneError
 from snapper_zone.zfs import proc
 from snapper_zone.zfs.names import Dataset
@@ -63,6 +64,10 @@ class SoakConfig:
     zones: int = 3
     vms_per_cn: int = 2
     coordinator: bool = False
+    # > 1: that many coordinators on one ZooKeeper chroot (kill-coordinator
+    # kills the leader); ``zookeeper`` its hosts, else a private one is started.
+    coordinators: int = 1
+    zookeeper: str | None = None
     workdir: Path = Path("/var/tmp/snapper-soak")
     pool_size: int = 1 << 30
     interval: tuple[float, float] = (0.3, 2.0)  # seconds between a CN's operations
@@ -383,6 +388,18 @@ class Soak:
     def client(self, zone: LocalZone, key: Path) -> CuttingZoneClient:
         return CuttingZoneClient("127.0.0.1", zone.ssh_port, key, host_key=zone.host_key_pub)
 
+    async def leader(self) -> LocalCoordinator:
+        """The coordinator that leads, as the zones' own says (its own self if
+        there is one coordinator, or none answers)."""
+        front = self.fleet.coordinator
+        assert front is not None
+        if len(self.fleet.coordinators) > 1:
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError, KeyError, TypeError):
+                async with self.http.get(f"{front.url}/v1/status") as r:
+                    lead = (await r.json())["leader"]["id"]
+                return next((c for c in self.fleet.coordinators if c.id == lead), front)
+        return front
+
     async def targets(self, vm: str) -> list[LocalZone]:
         """The VM's zones, primary first: the static pair, or the coordinator's
         placement (the last one it gave while it is down, as a CN would cache it)."""
@@ -549,8 +566,7 @@ class Soak:
 
     def rss(self) -> list[RssSample]:
         procs: list[tuple[str, proc.Daemon | None]] = [(z.name, z.daemon) for z in self.zones()]
-        if self.fleet.coordinator is not None:
-            procs.append(("coordinator", self.fleet.coordinator.daemon))
+        procs += [(c.id, c.daemon) for c in self.fleet.coordinators]
         out = []
         for name, d in procs:
             if d is not None and (kib := invariants.rss_kib(d.pid)) is not None:
@@ -558,9 +574,10 @@ class Soak:
         return out
 
     async def bring_back(self) -> None:
-        """Every zone that is not gone for good runs; the coordinator runs."""
-        if self.fleet.coordinator is not None and self.fleet.coordinator.daemon is None:
-            await self.fleet.start_coordinator()
+        """Every zone that is not gone for good runs; every coordinator runs."""
+        for c in self.fleet.coordinators:
+            if c.daemon is None:
+                await self.fleet.start_coordinator(c)
         for zone in self.zones():
             if zone.daemon is None:
                 await self.fleet.start_zone(zone)
@@ -596,16 +613,30 @@ async def run_soak(config: SoakConfig, *, log: Callable[[str], None] = print) ->
     """Run a whole soak; the fleet is always stopped and its pools destroyed."""
     schedule = config.make_schedule()
     started = time.monotonic()
-    fleet = await LocalFleet.start(
-        config.workdir, zones=config.zones, cns=config.cns, vms_per_cn=config.vms_per_cn,
-        pool_size=config.pool_size, coordinator=config.coordinator,
-        reconcile_interval_ms=1000, lost_after=6.0, zone_module=config.zone_module)
+    zk: LocalZooKeeper | None = None
+    store_url = None
+    if config.coordinators > 1:
+        hosts = config.zookeeper
+        if hosts is None:
+            zk = LocalZooKeeper(config.workdir / "zookeeper")
+            await asyncio.to_thread(zk.start)
+            hosts = zk.hosts
+        store_url = f"zk://{hosts}/soak-{config.seed}-{os.getpid()}-{int(started)}"
     try:
-        async with fleet.http(timeout=aiohttp.ClientTimeout(total=60)) as http:
-            soak = Soak(config, fleet, http, log)
-            return await _run(soak, schedule, started)
+        fleet = await LocalFleet.start(
+            config.workdir, zones=config.zones, cns=config.cns, vms_per_cn=config.vms_per_cn,
+            pool_size=config.pool_size, coordinator=config.coordinator,
+            reconcile_interval_ms=1000, lost_after=6.0, zone_module=config.zone_module,
+            coordinators=config.coordinators, store_url=store_url)
+        try:
+            async with fleet.http(timeout=aiohttp.ClientTimeout(total=60)) as http:
+                soak = Soak(config, fleet, http, log)
+                return await _run(soak, schedule, started)
+        finally:
+            await fleet.stop()
     finally:
-        await fleet.stop()
+        if zk is not None:
+            await asyncio.to_thread(zk.stop)
 
 
 async def _run(soak: Soak, schedule: list[PlannedFault], started: float) -> SoakResult:

@@ -292,10 +292,12 @@ class KillCoordinator(Fault):
 
     async def _inject(self) -> None:
         fleet = self.soak.fleet
-        self.record.target = "coordinator"
-        fleet.stop_coordinator(kill=True)
+        # Several on one ZooKeeper store: the leader, so a follower must take over.
+        c = await self.soak.leader()
+        self.record.target = c.id
+        fleet.stop_coordinator(kill=True, c=c)
         await asyncio.sleep(self.planned.hold)
-        await fleet.start_coordinator()
+        await fleet.start_coordinator(c)
 
 
 FAULTS: dict[str, type[Fault]] = {f.name: f for f in (

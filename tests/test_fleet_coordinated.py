@@ -101,7 +101,8 @@ class Fleet:
     async def holders(self) -> dict[str, dict[str, dict[str, dict[str, int]]]]:
         """vm -> zone uuid -> snapshot -> dataset -> guid (complete snapshots only)."""
         out: dict[str, dict[str, dict[str, dict[str, int]]]] = {}
-        for z in self.f.zones:
+        # A copy of the list: a test may drop a zone from it while this reads.
+        for z in list(self.f.zones):
             if z.daemon is None:
                 continue
             for row in await self.get(f"{z.http_url}/v1/vms"):

@@ -154,7 +154,9 @@ async def test_ping_says_nothing_but_liveness(servers: Servers) -> None:
     async with aiohttp.ClientSession() as anon:
         _, zone, _ = await _call(anon, "GET", servers.zurl("/ping"))
         _, coord, _ = await _call(anon, "GET", servers.curl("/ping"))
-    assert set(zone) == {"ping", "zone", "version"} and set(coord) == {"ping", "version"}
+    # The coordinator's role (leader or follower) is for load balancers: where
+    # to send an operator's rebalance; nothing about the fleet.
+    assert set(zone) == {"ping", "zone", "version"} and set(coord) == {"ping", "version", "role"}
 
 
 # -- roles -----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from snapper_zone.fleet.local import LocalFleet, LocalZone
+from snapper_zone.fleet.zookeeper import LocalZooKeeper
 from soak import invariants, report
 from soak.driver import Soak, SoakConfig, run_soak
 from soak.faults import (
@@ -227,6 +228,25 @@ async def test_soak_with_a_coordinator(zfs_tier: ZfsTier, tmp_path: Path) -> Non
     print(report.summary(doc))
     kinds = set(doc["faults"]["by_kind"])
     assert {"add-zone", "drain-zone", "lose-zone", "kill-coordinator"} <= kinds, kinds
+    assert result.passed, report.summary(doc)
+
+
+@pytest.mark.soak
+@pytest.mark.zfs
+async def test_soak_with_three_coordinators_on_zookeeper(
+        zfs_tier: ZfsTier, tmp_path: Path, zookeeper: LocalZooKeeper) -> None:
+    """The same load and faults with three coordinators on one ZooKeeper chroot;
+    kill-coordinator SIGKILLs whichever leads, so a follower takes over."""
+    seed = int(os.environ.get("SNAPPER_SOAK_COORDINATOR_SEED", "3"))
+    config = SoakConfig(duration=_seconds(), seed=seed, cns=2, zones=3, coordinator=True,
+                        coordinators=3, zookeeper=zookeeper.hosts,
+                        workdir=tmp_path / "soak", settle_timeout=150)
+    print(report.schedule_text(seed, config.make_schedule(), config.kinds()))
+    result = await run_soak(config)
+    doc = report.write(result, tmp_path / "soak-report.json")
+    print(report.summary(doc))
+    kills = [f for f in result.faults if f.kind == "kill-coordinator"]
+    assert kills and all(f.target.startswith("coordinator") for f in kills), kills
     assert result.passed, report.summary(doc)
 
 

@@ -11,16 +11,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rebalance.store.base import (
+    Candidate,
     CnNotFound,
     CnRecord,
+    Election,
+    Fence,
     GrantRecord,
     HostKeyMismatch,
     KeyInUse,
     MoveRecord,
     MoveState,
     MoveStep,
+    NotLeader,
     PlacementConflict,
     Registry,
+    SoloElection,
     Store,
     StoreUnavailable,
     ZoneNotEmpty,
@@ -33,16 +38,21 @@ from rebalance.store.sqlite import SqliteStore
 from rebalance.store.zookeeper import ZkStore
 
 __all__ = [
+    "Candidate",
     "CnNotFound",
     "CnRecord",
+    "Election",
+    "Fence",
     "GrantRecord",
     "HostKeyMismatch",
     "KeyInUse",
     "MoveRecord",
     "MoveState",
     "MoveStep",
+    "NotLeader",
     "PlacementConflict",
     "Registry",
+    "SoloElection",
     "SqliteStore",
     "Store",
     "StoreUnavailable",
@@ -93,10 +103,14 @@ def parse_zk_url(text: str) -> ZkTarget:
     return ZkTarget(tuple(hosts), chroot)
 
 
-async def open_store(where: Path | ZkTarget, *, timeout: float = 10.0) -> Store:
+async def open_store(where: Path | ZkTarget, *, timeout: float = 10.0,
+                     session_timeout: float = 6.0) -> Store:
     """The store ``where`` names, ready to use. ``timeout``: how long ZooKeeper may
-    take to connect and to answer one call before StoreUnavailable."""
+    take to connect and to answer one call before StoreUnavailable;
+    ``session_timeout``: how long after its last word a coordinator's session
+    (and with it its leadership) ends, i.e. the failover time."""
     if isinstance(where, ZkTarget):
-        return await ZkStore.open(where.connect_string, where.chroot, timeout=timeout)
+        return await ZkStore.open(where.connect_string, where.chroot, timeout=timeout,
+                                  session_timeout=session_timeout)
     where.parent.mkdir(parents=True, exist_ok=True)
     return SqliteStore(where)

@@ -6,6 +6,13 @@ mutation is atomic (all of it or nothing). Two backends implement it:
 ``zookeeper.ZkStore`` (a ZooKeeper ensemble, for several coordinators).
 ``tests/test_coordinator_store.py`` is the one contract suite, run on both.
 
+Several coordinators may share one store (ZooKeeper): ``Store.election``
+elects the one that runs the mover, health checks and planning, and
+``Store.fenced`` gives that leader a view of the store whose every mutation
+commits only while its term lasts (``Fence``; ``NotLeader`` otherwise). On
+SQLite one process owns the file: it is always the leader and a fenced view
+is the store itself.
+
 The zones' ZFS contents remain the truth about what exists: placement is
 what the coordinator *wants*, and it can be rebuilt from the zones'
 inventories (see ``coordinator.Coordinator.adopt_inventory``) if the store
@@ -14,6 +21,7 @@ is lost.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -25,16 +33,21 @@ from snapper_zone.errors import SnapperError
 from snapper_zone.wire import ZoneRegistration  # what a zone says about itself: POST /v1/zones
 
 __all__ = [
+    "Candidate",
     "CnNotFound",
     "CnRecord",
+    "Election",
+    "Fence",
     "GrantRecord",
     "HostKeyMismatch",
     "KeyInUse",
     "MoveRecord",
     "MoveState",
     "MoveStep",
+    "NotLeader",
     "PlacementConflict",
     "Registry",
+    "SoloElection",
     "Store",
     "StoreUnavailable",
     "ZoneNotEmpty",
@@ -90,6 +103,94 @@ class StoreUnavailable(SnapperError):
 
     code = "StoreUnavailable"
     http_status = 503
+
+
+class NotLeader(SnapperError):
+    """Leader-only work asked of a follower, or a fenced write whose term is over
+    (the leader's election znode is gone: its session expired or it resigned).
+    The write changed nothing."""
+
+    code = "NotLeader"
+    http_status = 503
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """One leadership term: the leader's election znode and the version it was
+    created with. A fenced transaction checks both; the znode is ephemeral and
+    its name is never reused, so once the term is over no check can pass again."""
+
+    path: str
+    version: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A coordinator standing in the election: its id and the URL it serves on."""
+
+    id: str
+    url: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"id": self.id, "url": self.url}
+
+
+class Election(Protocol):
+    """Who of the coordinators sharing a store leads (runs the background work)."""
+
+    me: Candidate  # may be replaced until join() (the port is known late)
+    # True: this process is the only possible leader (SQLite); it leads at once.
+    solo: bool
+
+    async def join(self) -> None:
+        """Stand as a candidate (idempotent); campaign() joins if need be."""
+        ...
+
+    async def campaign(self) -> Fence:
+        """Until this candidate leads: the fence of its term."""
+        ...
+
+    async def deposed(self, fence: Fence) -> None:
+        """Returns once the term of ``fence`` is over or can no longer be proven
+        (its znode gone, the session lost, the connection suspended)."""
+        ...
+
+    async def candidates(self) -> list[Candidate]:
+        """Every candidate, the leader first (then the order they would take over)."""
+        ...
+
+    async def resign(self) -> None:
+        """Leave the election (a clean stop: a follower takes over at once)."""
+        ...
+
+
+class SoloElection:
+    """The election of a store only one process opens (SQLite): it always leads."""
+
+    solo = True
+    FENCE = Fence("", 0)
+
+    def __init__(self, me: Candidate) -> None:
+        self.me = me
+        self._resigned: asyncio.Event | None = None
+
+    async def join(self) -> None:
+        return None
+
+    async def campaign(self) -> Fence:
+        return self.FENCE
+
+    async def deposed(self, fence: Fence) -> None:
+        if self._resigned is None:
+            self._resigned = asyncio.Event()
+        await self._resigned.wait()
+
+    async def candidates(self) -> list[Candidate]:
+        return [self.me]
+
+    async def resign(self) -> None:
+        if self._resigned is not None:
+            self._resigned.set()
 
 
 class PlacementConflict(SnapperError):
@@ -351,9 +452,17 @@ class Store(Protocol):
         Expired grants of the VM are dropped on the way."""
         ...
 
+    def fenced(self, fence: Fence) -> Store:
+        """This store, every mutation of which also checks ``fence`` in its own
+        transaction: NotLeader (nothing changed) once that term is over. Reads
+        are the store's. SQLite: the store itself (one process, always leader)."""
+        ...
+
+    def election(self, me: Candidate) -> Election:
+        """The election among the coordinators sharing this store."""
+        ...
+
     async def close(self) -> None: ...
-
-
 
 
 def next_move(old: MoveRecord, now: float, *, state: MoveState | None = None,

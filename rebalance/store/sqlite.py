@@ -18,8 +18,10 @@ from typing import TypeVar
 
 from rebalance.placement import Move, ZoneState
 from rebalance.store.base import (
+    Candidate,
     CnNotFound,
     CnRecord,
+    Fence,
     GrantRecord,
     HostKeyMismatch,
     MoveRecord,
@@ -27,6 +29,7 @@ from rebalance.store.base import (
     MoveStep,
     PlacementConflict,
     Registry,
+    SoloElection,
     ZoneNotEmpty,
     ZoneNotFound,
     ZoneRecord,
@@ -191,6 +194,13 @@ class SqliteStore:
 
     async def close(self) -> None:
         await self._run(lambda db: db.close())
+
+    def fenced(self, fence: Fence) -> SqliteStore:
+        # One process owns the file: its term never ends while it runs.
+        return self
+
+    def election(self, me: Candidate) -> SoloElection:
+        return SoloElection(me)
 
     # -- zones --
 

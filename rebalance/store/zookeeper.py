@@ -41,6 +41,14 @@ VM's size stands alone) and ``add_moves`` of a large plan (each move whole;
 a crash between chunks records part of a plan, the next rebalance plans the
 rest).
 
+Several coordinators share a chroot; ``election/`` holds one ephemeral
+sequential znode per coordinator (``n-<guid>-<seq>``, data ``{id, url}``), and
+the lowest leads (``ZkElection``). A leader's fenced view (``fenced``) puts a
+``check`` of its own znode and version first in every transaction it commits:
+once its session is gone the znode is gone, the check fails, and the whole
+transaction with it (``NotLeader``), so a deposed leader's step in flight
+cannot land after a follower took over.
+
 kazoo is threaded (a connection thread; its sync calls block). The event loop
 must never wait on the network, so calls go through kazoo's async results,
 awaited via ``loop.call_soon_threadsafe``; only connect and close, which have
@@ -52,11 +60,14 @@ never a hang.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
 import functools
 import hashlib
 import json
 import logging
 import threading
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, TypeVar
@@ -77,13 +88,16 @@ from kazoo.protocol.states import KazooState, ZnodeStat
 
 from rebalance.placement import Move, ZoneState
 from rebalance.store.base import (
+    Candidate,
     CnNotFound,
     CnRecord,
+    Fence,
     GrantRecord,
     HostKeyMismatch,
     MoveRecord,
     MoveState,
     MoveStep,
+    NotLeader,
     PlacementConflict,
     Registry,
     StoreUnavailable,
@@ -97,7 +111,7 @@ from rebalance.store.base import (
     next_move,
 )
 
-__all__ = ["SCHEMA_VERSION", "ZkStore", "vm_bucket"]
+__all__ = ["SCHEMA_VERSION", "ZkElection", "ZkStore", "vm_bucket"]
 
 log = logging.getLogger("snapper.coordinator.store")
 T = TypeVar("T")
@@ -106,7 +120,7 @@ SCHEMA_VERSION = 1
 # few thousand gets a second, too slow for 100k VMs one znode each), while a
 # write rewrites one small bucket (~10 kB at 100k VMs). Fixed by the schema.
 _BUCKETS = 1024
-_DIRS = ("zones", "placement", "sizes", "moves", "active", "refs", "failed")
+_DIRS = ("zones", "placement", "sizes", "moves", "active", "refs", "failed", "election")
 # The identity registry's, created on every open (a chroot laid out before them
 # gains them; schema 1 stands, older coordinators just ignore them).
 _IDENTITY_DIRS = ("cns", "owners", "grants")
@@ -198,6 +212,8 @@ class ZkStore:
         # simply works again; calls meanwhile were StoreUnavailable.
         self.sessions_lost = 0
         self._closing = False
+        # Set on a leader's fenced view (``fenced``): checked by every transaction.
+        self._fence: Fence | None = None
         client.add_listener(self._state)
 
     def _state(self, state: KazooState) -> None:
@@ -212,7 +228,7 @@ class ZkStore:
 
     @classmethod
     async def open(cls, hosts: str, chroot: str = "/snapper", *, timeout: float = 10.0,
-                   session_timeout: float = 10.0) -> ZkStore:
+                   session_timeout: float = 6.0) -> ZkStore:
         """Connect (within ``timeout`` s, else StoreUnavailable) and lay out the chroot."""
         client = KazooClient(hosts=hosts, timeout=session_timeout)
         try:
@@ -310,10 +326,18 @@ class ZkStore:
         return list(await self._one(lambda: self._zk.get_children_async(path)))
 
     async def _commit(self, build: Callable[[TransactionRequest], object]) -> None:
-        """One transaction; its failing operation's exception (never RolledBackError)."""
+        """One transaction; its failing operation's exception (never RolledBackError).
+        On a fenced view the term's check comes first: NotLeader when it fails."""
         t = self._zk.transaction()
+        fence = self._fence
+        if fence is not None:
+            t.check(fence.path, fence.version)
         build(t)
         results = await self._one(t.commit_async)
+        if fence is not None and isinstance(results[0], Exception) \
+                and not isinstance(results[0], RolledBackError):
+            raise NotLeader(f"leadership term {fence.path.rsplit('/', 1)[-1]} is over "
+                            f"({type(results[0]).__name__}): nothing was written")
         for r in results:
             if isinstance(r, Exception) and not isinstance(r, RolledBackError):
                 raise r
@@ -384,7 +408,18 @@ class ZkStore:
                 if isinstance(x, BaseException) and not isinstance(x, NodeExistsError):
                     raise x
 
+    def fenced(self, fence: Fence) -> ZkStore:
+        """A view on the same client whose every transaction checks ``fence`` first."""
+        view = copy.copy(self)  # shares the client and the refs cache
+        view._fence = fence
+        return view
+
+    def election(self, me: Candidate) -> ZkElection:
+        return ZkElection(self, me)
+
     async def close(self) -> None:
+        if self._fence is not None:
+            return  # a view: the store it came from owns the client
         self._closing = True
 
         def stop() -> None:
@@ -944,3 +979,148 @@ class ZkStore:
             await self._identity_commit(version, build)
             return grant
         return await self._retrying(attempt)
+
+# -- leader election ---------------------------------------------------------------------
+
+_ELECTION = "election"
+# How often a waiting candidate or leader looks again without an event: only a
+# safety net for a watch that never came; watches and state changes wake it.
+_RECHECK = 5.0
+
+
+def _seq(name: str) -> int:
+    return int(name.rsplit("-", 1)[-1])
+
+
+class ZkElection:
+    """Leader election on ephemeral sequential znodes under ``election/``.
+
+    Our own recipe rather than kazoo's ``Election``/``Lock``: those block a
+    thread in ``run()`` and hide the znode, while fencing needs the leader's
+    znode path and version, and the coordinator's loop needs to await each
+    term's start and end. Each candidate watches only the one just ahead of
+    it (no herd when the leader goes); a guid in the name finds our own node
+    again after a create whose answer was lost.
+    """
+
+    solo = False
+
+    def __init__(self, store: ZkStore, me: Candidate) -> None:
+        self._s = store
+        self.me = me
+        self._guid = uuid.uuid4().hex
+        self._name: str | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._changed: asyncio.Event | None = None
+        store._zk.add_listener(self._state)
+
+    def _poke(self, *_: object) -> None:
+        # On kazoo's thread (a watch, a state change): wake the loop's waiter.
+        loop, changed = self._loop, self._changed
+        if loop is not None and changed is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(changed.set)
+
+    def _state(self, state: KazooState) -> None:
+        self._poke()
+
+    def _events(self) -> asyncio.Event:
+        if self._changed is None:
+            self._loop = asyncio.get_running_loop()
+            self._changed = asyncio.Event()
+        return self._changed
+
+    def _path(self, *name: str) -> str:
+        return self._s._p(_ELECTION, *name)
+
+    async def _wait(self, changed: asyncio.Event) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_RECHECK):
+                await changed.wait()
+
+    async def _names(self) -> list[str]:
+        names = await self._s._children(self._path())
+        return sorted((n for n in names if n.startswith("n-")), key=_seq)
+
+    async def join(self) -> None:
+        self._events()
+        zk = self._s._zk
+        await self._s._one(lambda: zk.ensure_path_async(self._path()))  # an older chroot
+        mine = [n for n in await self._names() if n.startswith(f"n-{self._guid}-")]
+        if mine:  # an earlier create landed though its answer was lost
+            self._name = mine[0]
+            return
+        data = _dump(self.me.to_json())
+        path = await self._s._one(lambda: zk.create_async(
+            self._path(f"n-{self._guid}-"), data, ephemeral=True, sequence=True))
+        self._name = str(path).rsplit("/", 1)[-1]
+        log.info("standing for election", extra={"candidate": self.me.id, "node": self._name})
+
+    async def campaign(self) -> Fence:
+        changed = self._events()
+        zk = self._s._zk
+        while True:
+            changed.clear()
+            if zk.state == KazooState.CONNECTED:
+                try:
+                    fence = await self._lead_or_watch()
+                except StoreUnavailable:
+                    fence = None
+                if fence is not None:
+                    return fence
+            await self._wait(changed)
+
+    async def _lead_or_watch(self) -> Fence | None:
+        """Our term's fence if we lead now; else a watch set on the one ahead."""
+        zk = self._s._zk
+        if self._name is None:
+            await self.join()
+        names = await self._names()
+        if self._name not in names:  # our session expired: stand again
+            self._name = None
+            await self.join()
+            names = await self._names()
+        assert self._name is not None
+        i = names.index(self._name)
+        mine = self._path(self._name)
+        if i == 0:
+            stat = await self._s._one(lambda: zk.exists_async(mine))
+            return None if stat is None else Fence(mine, stat.version)
+        ahead = self._path(names[i - 1])
+        await self._s._one(lambda: zk.exists_async(ahead, watch=self._poke))
+        return None  # gone already or not: look again (the watch, or at once)
+
+    async def deposed(self, fence: Fence) -> None:
+        changed = self._events()
+        zk = self._s._zk
+        while True:
+            changed.clear()
+            # Suspended: the session may be expiring and a follower about to
+            # lead; stop before that can happen rather than after.
+            if zk.state != KazooState.CONNECTED:
+                return
+            try:
+                stat = await self._s._one(lambda: zk.exists_async(fence.path,
+                                                                  watch=self._poke))
+            except StoreUnavailable:
+                return
+            if stat is None or stat.version != fence.version:
+                return
+            await self._wait(changed)
+
+    async def candidates(self) -> list[Candidate]:
+        names = await self._names()
+        out = []
+        for data in await self._s._get_many([self._path(n) for n in names]):
+            if data is not None:
+                d = json.loads(data)
+                out.append(Candidate(str(d["id"]), str(d["url"])))
+        return out
+
+    async def resign(self) -> None:
+        name, self._name = self._name, None
+        if name is not None:
+            got = await self._s._wait_all(lambda: [self._s._zk.delete_async(self._path(name))])
+            if isinstance(got[0], BaseException) and not isinstance(got[0], NoNodeError):
+                raise got[0]
+        self._poke()

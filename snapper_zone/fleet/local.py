@@ -124,6 +124,11 @@ class LocalCoordinator:
     port: int
     lost_after: float = 10.0
     daemon: proc.Daemon | None = None
+    # zk://... : several coordinators share it (and elect a leader); None: SQLite.
+    store_url: str | None = None
+    # Coordinators of one store share one key (zones pin one coordinator_key).
+    key_file: Path | None = None
+    id: str = "coordinator"
 
     @property
     def url(self) -> str:
@@ -137,7 +142,7 @@ class LocalCoordinator:
     def key(self) -> Path:
         """Its private key (``key`` in its config); zones get the ``.pub`` as
         their ``coordinator_key``."""
-        return self.config_path.with_name("coordinator_ed25519")
+        return self.key_file or self.config_path.with_name("coordinator_ed25519")
 
     @property
     def public_key(self) -> str:
@@ -173,7 +178,10 @@ class LocalFleet:
         self.mirrored = mirrored
         self.reconcile_interval_ms = reconcile_interval_ms
         self.pipelined = pipelined
+        # The one zones and CNs are given (coordinator_url); with several on one
+        # ZooKeeper store, the last of ``coordinators`` (any of them answers).
         self.coordinator: LocalCoordinator | None = None
+        self.coordinators: list[LocalCoordinator] = []
         self.zfs = Zfs()
         self.fuse: localpool.ZfsFuse | None = None
         self.zones: list[LocalZone] = []
@@ -186,16 +194,25 @@ class LocalFleet:
                     reconcile_interval_ms: int = 2000, pipelined: bool = True,
                     coordinator: bool = False, lost_after: float = 10.0,
                     zone_module: str = "snapper_zone.daemon.main",
-                    zone_settings: dict[str, Any] | None = None) -> LocalFleet:
+                    zone_settings: dict[str, Any] | None = None,
+                    coordinators: int = 1, store_url: str | None = None) -> LocalFleet:
+        """``coordinators`` > 1 needs ``store_url`` (``zk://...``): they share it,
+        started in order (the first leads), and zones and CNs use the last."""
         fleet = cls(workdir, mirrored=mirrored, reconcile_interval_ms=reconcile_interval_ms,
                     pipelined=pipelined, zone_module=zone_module, zone_settings=zone_settings)
+        if coordinators > 1 and store_url is None:
+            raise ValueError("several coordinators share a ZooKeeper store: give store_url")
         try:
             if coordinator:
                 cdir = workdir / "coordinator"
-                os.makedirs(cdir, exist_ok=True)
-                fleet.coordinator = LocalCoordinator(cdir / "coordinator.toml",
-                                                     cdir / "ready.json", free_port(),
-                                                     lost_after)
+                for i in range(coordinators):
+                    one = cdir if coordinators == 1 else cdir / f"c{i}"
+                    os.makedirs(one, exist_ok=True)
+                    fleet.coordinators.append(LocalCoordinator(
+                        one / "coordinator.toml", one / "ready.json", free_port(), lost_after,
+                        store_url=store_url, key_file=cdir / "coordinator_ed25519",
+                        id="coordinator" if coordinators == 1 else f"coordinator{i}"))
+                fleet.coordinator = fleet.coordinators[-1]
             await fleet._start(zones, cns, vms_per_cn, pool_size)
         except BaseException:
             await fleet.stop()
@@ -210,9 +227,10 @@ class LocalFleet:
         _keypair(self.operator_key, "operator")
         for _ in range(cns):
             await self.add_cn(vms_per_cn, pool_size)
-        if self.coordinator is not None:
-            # After the operator and CN keys: its config trusts them.
-            await self.start_coordinator()
+        # After the operator and CN keys: their configs trust them. One by one:
+        # each stands for election before it is ready, so the first leads.
+        for c in self.coordinators:
+            await self.start_coordinator(c)
         for _ in range(zones):
             await self.add_zone(pool_size)
         await asyncio.gather(*(self.start_zone(z, admit=False) for z in self.zones))
@@ -347,16 +365,23 @@ class LocalFleet:
                 raise AdmissionFailed(f"zones never registered: {', '.join(sorted(left))}")
             await asyncio.sleep(0.2)  # the zones register on their own schedule; deadline above
 
-    async def start_coordinator(self, timeout: float = 60.0) -> None:
-        c = self.coordinator
+    async def start_coordinator(self, c: LocalCoordinator | None = None,
+                                timeout: float = 60.0) -> None:
+        """Start (or restart) one coordinator (default: the zones' own)."""
+        c = c or self.coordinator
         assert c is not None
         if not c.key.exists():  # kept across restarts: the zones pin its .pub
             _keypair(c.key, "snapper-coordinator")
         keys = "".join(f'[[keys]]\nrole = "cn"\ncn_id = "{cn.id}"\n'
                        f'public_key_file = "{cn.key_path}.pub"\n' for cn in self.cns
                        if cn.static)
+        election = ""
+        if c.store_url is not None:
+            # A short session: a killed leader is followed within seconds.
+            election = (f'[election]\nid = "{c.id}"\nurl = "{c.url}"\n'
+                        "session_timeout = 4.0\n")
         c.config_path.write_text(
-            f'store = "{c.store}"\nkey = "{c.key}"\n'
+            f'store = "{c.store_url or c.store}"\nkey = "{c.key}"\n' + election +
             f'[listen]\nhost = "127.0.0.1"\nport = {c.port}\n'
             f"[health]\ninterval = 0.5\ntimeout = 2.0\nlost_after = {c.lost_after}\n"
             "[moves]\nper_zone = 2\nmax_attempts = 20\nretry_delay = 0.5\n"
@@ -365,7 +390,8 @@ class LocalFleet:
             f'[[keys]]\nrole = "operator"\npublic_key_file = "{self.operator_key}.pub"\n'
             + keys)
         c.ready_path.unlink(missing_ok=True)
-        new_store = not c.store.exists()
+        # A ZooKeeper store outlives its coordinators: the zones stay admitted.
+        new_store = c.store_url is None and not c.store.exists()
         c.daemon = proc.Daemon(
             [sys.executable, "-m", "rebalance.coordinator", "--config", str(c.config_path),
              "--ready-file", str(c.ready_path)],
@@ -381,8 +407,8 @@ class LocalFleet:
         """An HTTP session as the fleet's operator: every request signed with its key."""
         return signing_session(Signer.load(self.operator_key), **kwargs)
 
-    def stop_coordinator(self, *, kill: bool = False) -> None:
-        c = self.coordinator
+    def stop_coordinator(self, *, kill: bool = False, c: LocalCoordinator | None = None) -> None:
+        c = c or self.coordinator
         if c is not None and c.daemon is not None:
             c.daemon.kill() if kill else c.daemon.stop()
             c.daemon = None
@@ -396,7 +422,8 @@ class LocalFleet:
         """Stop every daemon, destroy every pool, stop zfs-fuse if we started it."""
         for zone in self.zones:
             self.stop_zone(zone)
-        self.stop_coordinator()
+        for c in self.coordinators:
+            self.stop_coordinator(c=c)
         for pool in [z.pool for z in self.zones] + [c.pool for c in self.cns]:
             try:
                 await pool.destroy(self.zfs)
