@@ -70,6 +70,7 @@ def children(pid: int) -> list[int]:
 
 
 class CnPathBench(Bench):
+    copies = 2  # the stream's dataset and the VM received from it
     async def setup(self) -> None:
         await super().setup()
         # The CN's VM: the stream's source dataset under the name snapper pushes.

@@ -111,6 +111,8 @@ async def timed_pipe(stream: Path, argv: list[str]) -> float:
 
 
 class Bench:
+    copies = 1  # of the data the source pool must hold at once
+
     def __init__(self, workdir: Path, size_mib: int, repeat: int) -> None:
         self.workdir = workdir
         self.size = size_mib << 20
@@ -125,7 +127,7 @@ class Bench:
         if localpool.tier() == "fuse":
             self.fuse = localpool.ZfsFuse(self.workdir / "fuse")
             await asyncio.to_thread(self.fuse.start)  # shares a running daemon
-        pool_size = self.size + self.size // 4 + (256 << 20)
+        pool_size = self.size * self.copies + self.size // 4 + (256 << 20)
         src = await localpool.create_pool(self.zfs, self.workdir, "bsrc", size=pool_size)
         self.pools.append(src)
         dst = await localpool.create_pool(self.zfs, self.workdir, "bdst", size=pool_size,
