@@ -61,30 +61,37 @@ async def test_a_cancel_landing_with_the_answer_is_kept() -> None:
 
 async def test_cancel_and_wait_stops_tasks_and_keeps_the_callers_cancel() -> None:
     started = asyncio.Event()
+    cleaning = asyncio.Event()  # set when a stubborn task is in its cleanup
+    release = asyncio.Event()  # ends that cleanup
 
     async def stubborn() -> None:
         started.set()
         try:
             await asyncio.Event().wait()
         finally:
-            await asyncio.sleep(0.05)  # a cleanup that takes a moment
+            cleaning.set()
+            await release.wait()  # a cleanup that takes until the test says
 
     async def failing() -> None:
         raise RuntimeError("failed before it was stopped")
 
+    release.set()
     a, b = asyncio.create_task(stubborn()), asyncio.create_task(failing())
     await started.wait()
     await cancel_and_wait(a, b)
     assert a.cancelled() and isinstance(b.exception(), RuntimeError)
 
     # The stopper itself cancelled while it waits: that cancel is not swallowed.
-    c = asyncio.create_task(stubborn())
+    release.clear()
+    cleaning.clear()
     started.clear()
+    c = asyncio.create_task(stubborn())
     await started.wait()
     stopper = asyncio.create_task(cancel_and_wait(c))
-    await asyncio.sleep(0)  # the stopper is waiting on c's cleanup now
+    await cleaning.wait()  # c is cancelled and in its cleanup: the stopper waits on it
     stopper.cancel()
     with pytest.raises(asyncio.CancelledError):
         await stopper
+    release.set()
     await asyncio.wait([c])
     assert c.cancelled()
