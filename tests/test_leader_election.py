@@ -206,7 +206,7 @@ async def test_three_candidates_lead_in_turn(chroot: Callable[..., Awaitable[ZkS
     f0 = await asyncio.wait_for(elections[0].campaign(), 10)
     waiting = [asyncio.create_task(e.campaign()) for e in elections[1:]]
     try:
-        await asyncio.sleep(0)  # let them stand; neither may win while c0 leads
+        # Given time to stand, neither may win while c0 leads.
         done, _ = await asyncio.wait(waiting, timeout=0.5)
         assert not done
         gone = asyncio.create_task(elections[0].deposed(f0))
@@ -251,8 +251,8 @@ async def test_sqlite_is_always_its_own_leader(tmp_path: Path) -> None:
         assert await asyncio.wait_for(e.campaign(), 1) == SoloElection.FENCE
         assert await e.candidates() == [me(0)]
         ended = asyncio.create_task(e.deposed(SoloElection.FENCE))
-        await asyncio.sleep(0)
-        assert not ended.done()
+        done, _ = await asyncio.wait([ended], timeout=0.2)  # a solo term never ends alone
+        assert not done
         await e.resign()
         await asyncio.wait_for(ended, 1)
     finally:
