@@ -122,18 +122,36 @@ class Outcome:
     error: str | None = None
     trimmed: tuple[str, ...] = ()
     bytes: int = 0  # sent, all datasets
+    # On the agent's clock: when the push began and when the pass was done with
+    # the VM (trim included); after a failure, when it is tried again. What an
+    # outside judge (the soak) needs to tell a missed tick from a busy agent.
+    started: float = 0.0
+    ended: float = 0.0
+    retry_at: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"vm": self.vm, "level": self.level, "snapshot": self.snapshot,
+                "base": self.base, "ok": self.ok, "error": self.error,
+                "trimmed": list(self.trimmed), "bytes": self.bytes, "started": self.started,
+                "ended": self.ended, "retry_at": self.retry_at}
 
 
 class Agent:
     def __init__(self, policies: PolicySet, pusher: Pusher, state: AgentState, *,
                  cn_id: str | None = None, clock: Callable[[], float] = time.time,
-                 backoff: tuple[float, float] = (30.0, 3600.0)) -> None:
+                 backoff: tuple[float, float] = (30.0, 3600.0),
+                 report: Callable[[Outcome], None] | None = None,
+                 speed: float = 1.0) -> None:
         self.policies = policies
         self.pusher = pusher
         self.state = state
         self.cn_id = cn_id
         self.clock = clock
         self.backoff = backoff
+        self.report = report  # each outcome as it happens (the CLI prints it)
+        # ``clock`` runs this many times faster than real time (a compressed clock
+        # for tests and the soak): the waits between passes shrink with it.
+        self.speed = speed
         self.wake = asyncio.Event()  # set to run a pass now (tests, SIGHUP)
 
     async def tick(self) -> list[Outcome]:
@@ -147,6 +165,8 @@ class Agent:
                 continue
             if got is not None:
                 out.append(got)
+                if self.report is not None:
+                    self.report(got)
         return out
 
     async def _one(self, vm: str) -> Outcome | None:
@@ -180,7 +200,8 @@ class Agent:
             log.warning("agent: push failed; will retry", extra={
                 "vm": vm, "snapshot": name, "err_code": e.code, "err_msg": e.message,
                 "failures": st.failures, "retry_in": st.retry_at - now})
-            return Outcome(vm, level.name, name, base_name, False, st.last_error)
+            return Outcome(vm, level.name, name, base_name, False, st.last_error,
+                           started=now, ended=self.clock(), retry_at=st.retry_at)
         for lv in due:  # the one snapshot serves every level due at this tick
             st.last[lv.name] = now
         st.failures, st.retry_at, st.last_error, st.pending = 0, 0.0, None, None
@@ -189,7 +210,7 @@ class Agent:
                                          "levels": [lv.name for lv in due]})
         trimmed = await self._trim(vm, name)
         return Outcome(vm, level.name, name, base_name, True, trimmed=trimmed,
-                       bytes=int(getattr(report, "bytes", 0)))
+                       bytes=int(getattr(report, "bytes", 0)), started=now, ended=self.clock())
 
     async def _local(self, vm: str) -> set[str]:
         with contextlib.suppress(SnapperError):
@@ -225,7 +246,7 @@ class Agent:
         while not stop.is_set():
             await self.tick()
             self.wake.clear()
-            delay = max(self.next_wake(self.clock()) - self.clock(), 0.0)
+            delay = max(self.next_wake(self.clock()) - self.clock(), 0.0) / self.speed
             waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.wake.wait())]
             try:
                 await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)

@@ -37,12 +37,13 @@ from typing import Any
 import asyncssh
 
 from snapper_zone.cn import archive
-from snapper_zone.cn.agent import Agent, AgentState
+from snapper_zone.cn.agent import Agent, AgentState, Outcome
 from snapper_zone.cn.client import CnClient, PlanError, PushReport, lookup_placement
 from snapper_zone.cn.client import placement as placement  # re-exported: the CN's lookup
 from snapper_zone.common import progress
 from snapper_zone.common.answers import AnswerCache
 from snapper_zone.common.config import ConfigError, FieldParser, read_document
+from snapper_zone.common.durations import parse_duration
 from snapper_zone.common.progress import SizeError, format_bytes, parse_size
 from snapper_zone.common.version import add_version_argument
 from snapper_zone.errors import InvalidName, NotPlacedHere, SnapperError
@@ -318,21 +319,54 @@ class CnPusher:
                     await self.zfs.destroy(ds.snapshot(n))
 
 
+def _outcome_printer(as_json: bool) -> Callable[[Outcome], None]:
+    def show(o: Outcome) -> None:
+        if as_json:
+            print(json.dumps(o.to_json(), sort_keys=True), flush=True)
+            return
+        what = f"from {o.base}" if o.base else "from the newest common snapshot"
+        print(f"{o.vm} {o.level}: {o.snapshot} {what}: "
+              + ("pushed" + (f", trimmed {len(o.trimmed)}" if o.trimmed else "")
+                 if o.ok else f"FAILED: {o.error}"), flush=True)
+    return show
+
+
+def parse_backoff(text: str) -> tuple[float, float]:
+    """``MIN,MAX`` durations (``30s,1h``): the agent's retry delays, for argparse."""
+    lo, sep, hi = text.partition(",")
+    try:
+        got = (float(parse_duration(lo.strip())), float(parse_duration(hi.strip())))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"backoff {text!r}: {e}") from None
+    if not sep or not 0 < got[0] <= got[1]:
+        raise argparse.ArgumentTypeError(f"backoff {text!r}: write MIN,MAX with 0 < MIN <= MAX")
+    return got
+
+
 async def cmd_agent(args: argparse.Namespace, s: CnSettings) -> int:
-    """Run the CN's policies: in the foreground until SIGTERM/SIGINT, or one pass."""
+    """Run the CN's policies: in the foreground until SIGTERM/SIGINT, or one pass.
+    Each push's outcome is printed as it happens (a line, or JSON with ``--json``)."""
     try:
         policies = load_policies(args.policy)
     except ConfigError as e:
         raise UsageError(f"agent: {e}") from e
     state = AgentState.load(Path(args.state))
-    agent = Agent(policies, CnPusher(s, bwlimit=args.bwlimit), state, cn_id=args.cn_id)
+    speed, origin = args.clock_speed, args.clock_origin
+    if not speed > 0:
+        raise UsageError(f"agent: --clock-speed {speed}: must be positive")
+    if speed != 1.0 and origin is None:
+        raise UsageError("agent: --clock-speed needs --clock-origin (the same on every "
+                         "restart, so the compressed clock goes on where it was)")
+
+    def clock() -> float:
+        now = time.time()
+        return now if origin is None else origin + (now - origin) * speed
+
+    agent = Agent(policies, CnPusher(s, bwlimit=args.bwlimit), state, cn_id=args.cn_id,
+                  backoff=args.backoff, report=_outcome_printer(args.json), clock=clock,
+                  speed=speed)
     if args.once:
         outcomes = await agent.tick()
-        for o in outcomes:
-            what = f"from {o.base}" if o.base else "from the newest common snapshot"
-            print(f"{o.vm} {o.level}: {o.snapshot} {what}: "
-                  + ("pushed" + (f", trimmed {len(o.trimmed)}" if o.trimmed else "")
-                     if o.ok else f"FAILED: {o.error}"))
         return 0 if all(o.ok for o in outcomes) else 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -583,6 +617,18 @@ def build_parser(more: Callable[[Any], None] | None = None) -> argparse.Argument
                        help="one pass (push what is due now), then exit: 1 if a push failed")
     agent.add_argument("--bwlimit", type=parse_rate, metavar="RATE",
                        help="pace each stream to RATE bytes/s")
+    agent.add_argument("--backoff", type=parse_backoff, metavar="MIN,MAX", default=(30.0, 3600.0),
+                       help="a failed push is retried after MIN, doubling up to MAX "
+                       "(durations: 30s,1h, the default)")
+    agent.add_argument("--json", action="store_true",
+                       help="print each outcome as one JSON line (started, ended and "
+                       "retry_at in seconds since the epoch, on the agent's clock)")
+    # A compressed clock, for tests and the soak: a policy's hour in a minute.
+    agent.add_argument("--clock-speed", type=float, default=1.0, metavar="K",
+                       help="for tests: the agent's clock runs K times real time from "
+                       "--clock-origin (schedules, backoff and snapshot names follow it)")
+    agent.add_argument("--clock-origin", type=float, default=None, metavar="EPOCH",
+                       help="for tests: where the compressed clock agrees with real time")
     agent.set_defaults(handler=cmd_agent)
 
     lst = sub.add_parser("list", help="what the zone holds (default: this CN's VMs)")
