@@ -16,7 +16,7 @@ from pathlib import Path
 
 from soak import report
 from soak.driver import SoakConfig, default_workdir, run_soak
-from soak.faults import COORDINATOR_KINDS, FAULTS, STATIC_KINDS
+from soak.faults import AGENT_KINDS, COORDINATOR_KINDS, FAULTS, STATIC_KINDS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kinds", default=None,
                     help="comma-separated fault kinds (default: every kind of this mode: "
                          f"{', '.join(STATIC_KINDS)}; with --coordinator also "
-                         f"{', '.join(k for k in COORDINATOR_KINDS if k not in STATIC_KINDS)})")
+                         f"{', '.join(k for k in COORDINATOR_KINDS if k not in STATIC_KINDS)}; "
+                         f"the policy agents' kinds, in either mode: {', '.join(AGENT_KINDS)})")
+    ap.add_argument("--agents", type=int, default=None,
+                    help="CNs that also run `snapper agent` for one more VM each, on a "
+                         "compressed clock (default: 1 when an agent kind is scheduled)")
     ap.add_argument("--report", type=Path, default=None, help="write the JSON report here")
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -52,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     config = SoakConfig(duration=args.duration, seed=seed, cns=args.cns, zones=args.zones,
                         vms_per_cn=args.vms_per_cn, coordinator=args.coordinator,
                         coordinators=args.coordinators, zookeeper=args.zookeeper,
-                        fault_kinds=kinds,
+                        fault_kinds=kinds, agents=args.agents,
                         workdir=args.workdir or default_workdir())
     print(report.schedule_text(seed, config.make_schedule(), config.kinds()), flush=True)
     t0 = time.monotonic()

@@ -35,7 +35,9 @@ from snapper_zone.zfs import proc
 from snapper_zone.zfs.names import Dataset
 from snapper_zone.zfs.zfs import Zfs
 from soak import invariants
+from soak.agents import Agents
 from soak.faults import (
+    AGENT_KINDS,
     COORDINATOR_KINDS,
     FAULTS,
     STATIC_KINDS,
@@ -44,6 +46,7 @@ from soak.faults import (
     make_schedule,
 )
 from soak.records import (
+    AgentRun,
     DeleteRecord,
     FaultRecord,
     Holdings,
@@ -79,11 +82,21 @@ class SoakConfig:
     schedule: list[PlannedFault] | None = None  # None: from the seed
     fault_kinds: tuple[str, ...] | None = None  # None: every kind this mode has
     zone_module: str = "snapper_zone.daemon.main"  # a test's broken build runs its own
+    # CNs that run a ``snapper agent`` for one more VM each (``soak/agents.py``);
+    # None: one when an agent fault kind is scheduled, else none.
+    agents: int | None = None
 
     def kinds(self) -> tuple[str, ...]:
         if self.fault_kinds is not None:
             return self.fault_kinds
         return COORDINATOR_KINDS if self.coordinator else STATIC_KINDS
+
+    def agent_cns(self) -> int:
+        if self.agents is not None:
+            return min(self.agents, self.cns)
+        kinds = {f.kind for f in self.schedule} if self.schedule is not None else set(
+            self.kinds())
+        return 1 if kinds & set(AGENT_KINDS) else 0
 
     def make_schedule(self) -> list[PlannedFault]:
         if self.schedule is not None:
@@ -107,6 +120,7 @@ class SoakResult:
     settle_seconds: float
     total_seconds: float
     skipped: list[PlannedFault] = field(default_factory=list)
+    agent_runs: list[AgentRun] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -151,7 +165,7 @@ class Workload:
     def top(self, cn: LocalCN, vm: str) -> Dataset:
         return Dataset(cn.pool.name).child(vm)
 
-    def _dir(self, cn: LocalCN, ds: Dataset) -> Path:
+    def dir_of(self, cn: LocalCN, ds: Dataset) -> Path:
         assert cn.pool.mountpoint is not None
         return cn.pool.mountpoint / ds.relative_to(Dataset(cn.pool.name))
 
@@ -168,7 +182,7 @@ class Workload:
         files = self._files[vm]
         label = DISK if rng.random() < 0.8 else "root"
         ds = self.top(cn, vm) if label == "root" else self.top(cn, vm).child(DISK)
-        where = self._dir(cn, ds)
+        where = self.dir_of(cn, ds)
         have = sorted(files[label])
         if have and rng.random() < 0.15:
             gone = rng.choice(have)
@@ -179,6 +193,10 @@ class Workload:
         (where / name).write_bytes(data)
         files[label][name] = hashlib.sha256(data).hexdigest()
         self.bytes_written += len(data)
+
+    def vms(self, cn: LocalCN) -> list[str]:
+        """The CN's VMs this workload drives (not those an agent runs)."""
+        return [vm for vm in cn.vms if vm not in self.soak.agents.vms]
 
     def next_name(self, vm: str) -> str:
         self._counter[vm] = self._counter.get(vm, 0) + 1
@@ -192,7 +210,7 @@ class Workload:
         retry: dict[str, str] = {}  # vm -> a snapshot whose push failed: push it again
         while time.monotonic() < until or not faults_done.is_set():
             await asyncio.sleep(rng.uniform(*self.soak.config.interval))  # the workload's pace
-            vm = rng.choice(cn.vms)
+            vm = rng.choice(self.vms(cn))
             roll = rng.random()
             if roll < 0.10:
                 await self.restore_one(cn, vm, rng)
@@ -345,7 +363,7 @@ class Workload:
             done = await proc.run([zfs.zfs_bin, "mount", str(ds)], timeout=60)
             if not done.ok and "already mounted" not in done.stderr:
                 raise RuntimeError(f"zfs mount {ds}: {done.stderr}")
-        return await asyncio.to_thread(_hash_tree, self._dir(cn, ds))
+        return await asyncio.to_thread(_hash_tree, self.dir_of(cn, ds))
 
 
 class Soak:
@@ -365,6 +383,9 @@ class Soak:
         self.gone: set[str] = set()  # zones lost for good (no longer in the fleet)
         self.losses: dict[str, float] = {}  # zone uuid -> when its pool was destroyed
         self._placements: dict[str, list[str]] = {}
+        # The last VM of each of the first ``agents`` CNs is an agent's.
+        self.agents = Agents(self, [(cn, cn.vms[-1])
+                                    for cn in fleet.cns[:config.agent_cns()]])
 
     def now(self) -> float:
         return round(time.monotonic() - self.t0, 3)
@@ -498,9 +519,11 @@ class Soak:
                 return None
             await asyncio.sleep(0.5)  # polling the zones' state, with a deadline
 
-    async def zone_receiving(self, timeout: float, pick: int = 0) -> tuple[LocalZone, str]:
-        """A running zone with a receive in progress that has moved some bytes
-        (asked in an order rotated by ``pick``, so every zone gets its turn)."""
+    async def zone_receiving(self, timeout: float, pick: int = 0,
+                             vm: str | None = None) -> tuple[LocalZone, str]:
+        """A running zone with a receive in progress (of ``vm``'s, if given) that has
+        moved some bytes (asked in an order rotated by ``pick``, so every zone gets
+        its turn)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             zones = self.running_zones()
@@ -509,7 +532,8 @@ class Soak:
                     async with self.http.get(f"{zone.http_url}/v1/transfers") as r:
                         rows = await r.json() if r.status == 200 else []
                     for t in rows:
-                        if t.get("kind") in ("receive", "mirror-in") and t.get("bytes", 0) > 0:
+                        if t.get("kind") in ("receive", "mirror-in") and t.get("bytes", 0) > 0 \
+                                and vm in (None, t.get("vm")):
                             return zone, (f"{t['kind']} of {str(t.get('vm'))[:8]}/"
                                           f"{t.get('dataset')}@{t.get('snapshot')} "
                                           f"at {t['bytes']} bytes")
@@ -624,7 +648,8 @@ async def run_soak(config: SoakConfig, *, log: Callable[[str], None] = print) ->
         store_url = f"zk://{hosts}/soak-{config.seed}-{os.getpid()}-{int(started)}"
     try:
         fleet = await LocalFleet.start(
-            config.workdir, zones=config.zones, cns=config.cns, vms_per_cn=config.vms_per_cn,
+            config.workdir, zones=config.zones, cns=config.cns,
+            vms_per_cn=config.vms_per_cn + (1 if config.agent_cns() else 0),
             pool_size=config.pool_size, coordinator=config.coordinator,
             reconcile_interval_ms=1000, lost_after=6.0, zone_module=config.zone_module,
             coordinators=config.coordinators, store_url=store_url)
@@ -647,9 +672,10 @@ async def _run(soak: Soak, schedule: list[PlannedFault], started: float) -> Soak
     await w.make_vms()
     # Every VM once, so the RSS baseline is taken with the daemons warmed up.
     for cn in soak.fleet.cns:
-        for vm in cn.vms:
+        for vm in w.vms(cn):
             w.mutate(cn, vm, random.Random(config.seed))
             await w.push(cn, vm, w.next_name(vm))
+    await soak.agents.start()
     rss_before = soak.rss()
     soak.run_start = time.monotonic()
     until = soak.run_start + config.duration
@@ -664,6 +690,8 @@ async def _run(soak: Soak, schedule: list[PlannedFault], started: float) -> Soak
                                    faults, skipped, finished))
         for i in range(len(soak.fleet.cns)):
             tg.create_task(w.run_cn(i, until, finished))
+        tg.create_task(soak.agents.feed(until, finished))
+    agent_runs = await soak.agents.stop()
     run_end = time.monotonic()
     soak.log(f"workload done after {run_end - soak.run_start:.0f}s: {len(w.pushes)} pushes; "
              "settling")
@@ -677,6 +705,8 @@ async def _run(soak: Soak, schedule: list[PlannedFault], started: float) -> Soak
                      for zs in partial.values() for st in zs.values())
         moving = soak.fleet.coordinator is not None and not await soak.moves_settled()
         undeleted = not invariants.check_deletes(w.deletes, holdings).ok
+        # The agents' snapshots are acked by no record here: wait for two copies each.
+        problems += invariants.agent_copies_problems(soak.agents.vms, holdings)
         if (not problems and not tokens and not moving and not undeleted) \
                 or time.monotonic() > deadline:
             break
@@ -685,7 +715,7 @@ async def _run(soak: Soak, schedule: list[PlannedFault], started: float) -> Soak
     rng = random.Random(config.seed + 1)
     for _ in range(config.restore_sample):
         cn = rng.choice(soak.fleet.cns)
-        await w.restore_one(cn, rng.choice(cn.vms), rng, final=True)
+        await w.restore_one(cn, rng.choice(w.vms(cn)), rng, final=True)
     holdings, partial, _ = await soak.survey()
     rss_after = soak.rss()
     checks = invariants.check_all(
@@ -694,9 +724,14 @@ async def _run(soak: Soak, schedule: list[PlannedFault], started: float) -> Soak
         rss_after=rss_after, losses=soak.losses,
         static_pairs=soak.fleet.coordinator is None,
         min_faults=config.min_faults, min_kinds=min(config.min_kinds, len(config.kinds())))
+    if agent_runs:
+        pairs = None if soak.fleet.coordinator is not None else {
+            vm: [z.uuid for z in await soak.targets(vm)] for vm in soak.agents.vms}
+        checks.append(invariants.check_agents(agent_runs, holdings, soak.agents.clock,
+                                              pairs=pairs))
     return SoakResult(config, schedule, w.pushes, w.deletes, w.restores, faults, checks,
                       rss_before, rss_after, w.bytes_written, run_end - soak.run_start,
-                      settle_seconds, time.monotonic() - started, skipped)
+                      settle_seconds, time.monotonic() - started, skipped, agent_runs)
 
 
 def default_workdir() -> Path:

@@ -35,6 +35,8 @@ STATIC_KINDS: tuple[str, ...] = (
 # With one: zones come and go, and the coordinator itself can die.
 COORDINATOR_KINDS: tuple[str, ...] = (
     *STATIC_KINDS, "add-zone", "drain-zone", "lose-zone", "kill-coordinator")
+# Either mode, with policy agents running (``SoakConfig.agents``; ``soak/agents.py``).
+AGENT_KINDS: tuple[str, ...] = ("kill-agent", "kill-zone-mid-schedule")
 _SHRINKS = ("drain-zone", "lose-zone")
 MIN_ACTIVE = 3  # fewer, and a drain or loss leaves no room for a second copy elsewhere
 FILLER = "soak-filler"  # outside the zone's delegated root: someone else's data
@@ -66,7 +68,8 @@ def make_schedule(seed: int, duration: float, kinds: Sequence[str], *, zones: in
     slot = (end - start) / len(chosen)
     out = []
     for i, kind in enumerate(chosen):
-        at = round(start + i * slot + rng.uniform(0, 0.5 * slot), 2)
+        # Rounded, then kept inside the span (156.1 < 0.1 * 1561.0 in floats).
+        at = min(max(round(start + i * slot + rng.uniform(0, 0.5 * slot), 2), start), end)
         out.append(PlannedFault(at, kind, rng.randrange(1 << 16),
                                 round(rng.uniform(1.0, 4.0), 2)))
     return out
@@ -300,9 +303,51 @@ class KillCoordinator(Fault):
         await fleet.start_coordinator(c)
 
 
+class KillAgent(Fault):
+    """SIGKILL a CN's ``snapper agent`` (mid-push when it gets to see one within a
+    few ticks), leave it down for the hold, start it again on the same state file."""
+
+    name = "kill-agent"
+
+    async def _inject(self) -> None:
+        a = self.soak.agents.pick(self.planned.pick)
+        self.record.target = f"agent of {a.cn.id}"
+        try:
+            _, what = await self.soak.zone_receiving(
+                timeout=4 * a.clock.every / a.clock.speed, pick=self.planned.pick, vm=a.vm)
+            self.record.detail = f"mid-push: {what}"
+        except TimeoutError:
+            self.record.detail = "between pushes (none seen in flight)"
+        a.kill()
+        await asyncio.sleep(self.planned.hold)  # the agent's downtime: ticks fall due
+        a.start()
+
+
+class KillZoneMidSchedule(Fault):
+    """kill -9 the zone an agent is pushing to (mid-push when one is seen, else the
+    VM's primary), keep it down for the hold, start it again: the agent's pushes
+    fail, back off and catch up."""
+
+    name = "kill-zone-mid-schedule"
+    loss = True
+
+    async def _inject(self) -> None:
+        a = self.soak.agents.pick(self.planned.pick)
+        try:
+            zone, what = await self.soak.zone_receiving(
+                timeout=4 * a.clock.every / a.clock.speed, pick=self.planned.pick, vm=a.vm)
+        except TimeoutError:
+            targets = await self.soak.targets(a.vm)
+            if not targets or targets[0].daemon is None:
+                raise RuntimeError(f"no running zone holds {a.vm[:8]}") from None
+            zone, what = targets[0], "between pushes (none seen in flight)"
+        self.record.target, self.record.detail = zone.name, f"agent of {a.cn.id}: {what}"
+        await self.outage(zone)
+
+
 FAULTS: dict[str, type[Fault]] = {f.name: f for f in (
     KillRestart, KillMidTransfer, ReplaceZone, Truncate, FillPool, AddZone, DrainZone, LoseZone,
-    KillCoordinator)}
+    KillCoordinator, KillAgent, KillZoneMidSchedule)}
 
 
 # -- a stream cut as a crash would cut it ------------------------------------------

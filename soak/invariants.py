@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from snapper_zone.policy import level_of, time_of
 from soak.records import (
+    AgentRun,
     DeleteRecord,
     FaultRecord,
     Holdings,
@@ -248,3 +250,140 @@ def rss_kib(pid: int) -> int | None:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return None
+
+
+# -- the policy agents -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AgentClock:
+    """The agents' compressed clock and schedule: two levels, ``coarse`` every
+    ``2 * every`` and ``fine`` every ``every`` seconds of agent time."""
+
+    origin: float  # wall clock where agent time agrees with it
+    speed: float  # agent seconds per wall second
+    every: float  # the fine level's interval, agent seconds
+    coarse: str = "slow"
+    fine: str = "fast"
+
+    def at(self, wall: float) -> float:
+        return self.origin + (wall - self.origin) * self.speed
+
+
+def _covered(windows: Sequence[tuple[float, float]], lo: float, hi: float) -> float:
+    """The longest stretch of [lo, hi) that no window covers."""
+    gap, at = 0.0, lo
+    for a, b in sorted(windows):
+        if b <= a or b <= at or a >= hi:  # empty, or outside what is left
+            continue
+        gap = max(gap, min(a, hi) - at)
+        at = max(at, b)
+        if at >= hi:
+            return gap
+    return max(gap, hi - at)
+
+
+def agent_copies_problems(vms: Iterable[str], holdings: Holdings) -> list[str]:
+    """Each snapshot of an agent's VM on exactly two zones with equal guids."""
+    out = []
+    for vm in sorted(vms):
+        copies = holdings.get(vm, {})
+        for n in sorted({s for snaps in copies.values() for s in snaps}):
+            held = [snaps[n] for snaps in copies.values() if n in snaps]
+            if len(held) != 2 or held[0] != held[1]:
+                out.append(f"{vm[:8]}@{n}: {len(held)} copies"
+                           + (", guids differ" if len(held) == 2 else ""))
+    return out
+
+
+def check_agents(runs: Sequence[AgentRun], holdings: Holdings, clock: AgentClock, *,
+                 pairs: Mapping[str, Sequence[str]] | None = None,
+                 slack: float | None = None) -> Check:
+    """For each VM an agent ran, what the zones hold is exactly its schedule.
+
+    - every snapshot is a policy snapshot at a tick of its level, of the coarse
+      level where both are due, and no two are for one scheduled time (doubled);
+    - none was pushed twice (an ok outcome repeated after a restart);
+    - each is on two zones (``pairs``: the VM's static pair) with equal guids,
+      and every ok outcome's snapshot is among them;
+    - each was pushed by an ok outcome, or taken before a SIGKILL by the run
+      killed (its push carried by the next one, as a CN's unsent snapshots are);
+    - no fine tick was missed: a tick ``t`` may be absent only if no stretch of
+      ``[t, t + every)`` longer than ``slack`` found the agent idle — it was
+      down (killed, or not yet started), pushing, or backing off after a failure.
+      That is the documented catch-up: several runs due during one outage or one
+      long push are caught up with one snapshot.
+    """
+    slack = clock.every / 2 if slack is None else slack
+    out: list[str] = []
+    checked = 0
+    by_vm: dict[str, list[AgentRun]] = {}
+    for r in runs:
+        by_vm.setdefault(r.vm, []).append(r)
+    for vm, vruns in sorted(by_vm.items()):
+        vruns = sorted(vruns, key=lambda r: r.started)
+        copies = holdings.get(vm, {})
+        names = sorted({s for snaps in copies.values() for s in snaps})
+        checked += len(names)
+        oks = [o for r in vruns for o in r.outcomes if o.get("ok")]
+        pushed = [str(o["snapshot"]) for o in oks]
+        for n in sorted({n for n in pushed if pushed.count(n) > 1}):
+            out.append(f"{vm[:8]}: {n} pushed {pushed.count(n)} times")
+        times: dict[float, str] = {}
+        for n in names:
+            level, t = level_of(n), time_of(n)
+            if level is None or t is None:
+                out.append(f"{vm[:8]}: {n} is not a policy snapshot")
+                continue
+            step = 2 * clock.every if level == clock.coarse else clock.every
+            if level not in (clock.coarse, clock.fine) or t % step:
+                out.append(f"{vm[:8]}: {n} is not at a tick of its level")
+            elif level == clock.fine and t % (2 * clock.every) == 0:
+                out.append(f"{vm[:8]}: {n} should be {clock.coarse} (both were due)")
+            if t in times:
+                out.append(f"{vm[:8]}: {times[t]} and {n}: doubled (one scheduled time)")
+            times[t] = n
+            holders = sorted(z for z, snaps in copies.items() if n in snaps)
+            if len(holders) != 2 or copies[holders[0]][n] != copies[holders[-1]][n]:
+                out.append(f"{vm[:8]}@{n} on {[z[:8] for z in holders]}: not two copies "
+                           "with equal guids")
+            elif pairs is not None and vm in pairs and set(holders) != set(pairs[vm]):
+                out.append(f"{vm[:8]}@{n} on {[z[:8] for z in holders]}, not its pair")
+            if n not in pushed and not any(
+                    r.killed and r.ended is not None and clock.at(r.started) - 2 * step
+                    <= t <= clock.at(r.ended) for r in vruns):
+                out.append(f"{vm[:8]}: {n} held, but no agent pushed it or was killed "
+                           "while it was due")
+        for n in sorted(set(pushed) - set(names)):
+            out.append(f"{vm[:8]}: {n} pushed (ok) but not on the zones")
+        # When the agent could not have taken a tick: dead, starting, busy, backing off.
+        windows: list[tuple[float, float]] = []
+        prev_end: float | None = None
+        for r in vruns:
+            start = clock.at(r.started)
+            if prev_end is not None:
+                windows.append((prev_end, start))
+            first = min((float(o["started"]) for o in r.outcomes), default=None)
+            ready = start + 10 * clock.speed  # a start takes a few seconds at most
+            windows.append((start, min(first, ready) if first is not None else ready))
+            for o in r.outcomes:
+                windows.append((float(o["started"]), float(o["ended"])))
+                if not o.get("ok") and o.get("retry_at") is not None:
+                    windows.append((float(o["started"]), float(o["retry_at"])))
+            prev_end = clock.at(r.ended) if r.ended is not None else None
+        if not oks and not names:
+            out.append(f"{vm[:8]}: the agent pushed nothing")
+            continue
+        first_t = min(float(o["started"]) for r in vruns for o in r.outcomes)
+        last_t = max((clock.at(r.ended) for r in vruns if r.ended is not None),
+                     default=first_t)
+        t = (first_t // clock.every + 1) * clock.every
+        while t + clock.every <= last_t:
+            if t not in times:
+                idle = _covered(windows, t, t + clock.every)
+                if idle > slack:
+                    out.append(f"{vm[:8]}: the tick at agent time {t:.0f} missed: the agent "
+                               f"was idle {idle:.0f}s of the {clock.every:.0f}s after it")
+            t += clock.every
+    return _check("policy agents: each VM holds its schedule's ticks, none missed or "
+                  "doubled, on two zones by guid", out, checked)

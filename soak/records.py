@@ -86,3 +86,17 @@ class RssSample:
 
 def to_json(obj: Any) -> Any:
     return asdict(obj)
+
+
+@dataclass
+class AgentRun:
+    """One life of one ``snapper agent`` process (wall-clock times, ``time.time()``)."""
+
+    cn: str
+    vm: str
+    started: float
+    ended: float | None = None  # None while it runs
+    killed: bool = False  # SIGKILL (a fault), not the driver's SIGTERM at the end
+    # What it printed, one JSON object per push (``snapper agent --json``):
+    # snapshot, ok, error, started/ended/retry_at on the agent's (compressed) clock.
+    outcomes: list[dict[str, Any]] = field(default_factory=list)

@@ -54,6 +54,11 @@ def build(result: SoakResult) -> dict[str, Any]:
                    "failed": sum(1 for f in result.faults if f.error)},
         "back_to_two_s": [{"kind": f.kind, "target": f.target, "at": f.started,
                            "seconds": f.back_to_two_s} for f in losses],
+        "agents": {"runs": len(result.agent_runs),
+                   "killed": sum(1 for r in result.agent_runs if r.killed),
+                   "pushed": sum(1 for r in result.agent_runs for o in r.outcomes if o.get("ok")),
+                   "failed": sum(1 for r in result.agent_runs for o in r.outcomes
+                                 if not o.get("ok"))},
         "invariants": [ch.to_json() for ch in result.checks],
         "rss_kib": {"before": [to_json(s) for s in result.rss_before],
                     "after": [to_json(s) for s in result.rss_after]},
@@ -61,6 +66,7 @@ def build(result: SoakResult) -> dict[str, Any]:
         "push_log": [to_json(p) for p in pushes],
         "delete_log": [to_json(d) for d in result.deletes],
         "restore_log": [to_json(r) for r in result.restores],
+        "agent_log": [to_json(r) for r in result.agent_runs],
     }
 
 
@@ -80,6 +86,10 @@ def summary(doc: dict[str, Any]) -> str:
         f"faults: {f['injected']} injected {f['by_kind']}, {f['failed']} failed"
         + (f", {len(doc['skipped'])} skipped (out of time)" if doc["skipped"] else ""),
     ]
+    a = doc["agents"]
+    if a["runs"]:
+        lines.append(f"agents: {a['runs']} lives ({a['killed']} killed), {a['pushed']} pushes, "
+                     f"{a['failed']} failed and retried")
     back = [f"{b['kind']} {b['target']} {b['seconds']}s" for b in doc["back_to_two_s"]]
     if back:
         lines.append("back to two copies: " + ", ".join(back))

@@ -22,6 +22,7 @@ from snapper_zone.fleet.zookeeper import LocalZooKeeper
 from soak import invariants, report
 from soak.driver import Soak, SoakConfig, run_soak
 from soak.faults import (
+    AGENT_KINDS,
     COORDINATOR_KINDS,
     FAULTS,
     MIN_ACTIVE,
@@ -31,6 +32,7 @@ from soak.faults import (
     replace_pool,
 )
 from soak.records import (
+    AgentRun,
     DeleteRecord,
     FaultRecord,
     PartialState,
@@ -269,6 +271,28 @@ async def test_soak_catches_a_zone_that_acks_before_its_mirror(
     assert not result.passed
 
 
+@pytest.mark.soak
+@pytest.mark.zfs
+async def test_soak_policy_agents(zfs_tier: ZfsTier, tmp_path: Path) -> None:
+    """Issue 15: the real ``snapper agent`` on a compressed clock (a policy minute in
+    three seconds) for one VM, beside the usual load; its agent SIGKILLed and its
+    zone killed in the middle of the schedule, mid-push when one is seen. After:
+    every tick either on both zones or excused by downtime, a push or a backoff;
+    none doubled, none pushed twice."""
+    seed = int(os.environ.get("SNAPPER_SOAK_AGENT_SEED", "15"))
+    config = SoakConfig(duration=min(_seconds(), 60), seed=seed, cns=1, zones=3,
+                        vms_per_cn=1, workdir=tmp_path / "soak", settle_timeout=120,
+                        fault_kinds=AGENT_KINDS, min_faults=4, min_kinds=2)
+    print(report.schedule_text(seed, config.make_schedule(), AGENT_KINDS))
+    result = await run_soak(config)
+    doc = report.write(result, tmp_path / "soak-report.json")
+    print(report.summary(doc))
+    assert doc["agents"]["killed"] >= 1 and doc["agents"]["pushed"] >= 10, doc["agents"]
+    assert any(f.kind == "kill-agent" and f.detail.startswith("mid-push")
+               for f in result.faults), [f.detail for f in result.faults]
+    assert result.passed, report.summary(doc)
+
+
 # -- what the soak found ------------------------------------------------------------------
 
 
@@ -343,3 +367,92 @@ async def test_replaced_zone_taking_a_full_push_converges(pair: tuple[Soak, str]
     assert (await _push_next(soak, vm, rng)).zones == [a.uuid]
     await soak.fleet.start_zone(b)
     await _two_copies(soak)
+
+
+# -- the policy agents' invariant (pure) ---------------------------------------------------
+
+CLOCK = invariants.AgentClock(origin=0.0, speed=1.0, every=60.0)
+ZA, ZB = A, B
+
+
+def _name(t: float) -> str:
+    from snapper_zone.policy import snapshot_name
+    return snapshot_name("slow" if t % 120 == 0 else "fast", t)
+
+
+def _held(times: list[float], guid: int = 7) -> dict[str, dict[str, dict[str, int]]]:
+    snaps = {_name(t): {"root": guid + int(t)} for t in times}
+    return {ZA: dict(snaps), ZB: dict(snaps)}
+
+
+def _ok(t: float, start: float, end: float) -> dict[str, object]:
+    return {"vm": VM, "snapshot": _name(t), "ok": True, "started": start, "ended": end}
+
+
+def test_agents_every_tick_passes_and_a_missed_one_fails() -> None:
+    ticks = [600.0 + 60 * i for i in range(6)]
+    run = AgentRun("cn0", VM, 590.0, 960.0, outcomes=[_ok(t, t + 1, t + 3) for t in ticks])
+    assert invariants.check_agents([run], {VM: _held(ticks)}, CLOCK).ok
+    # The agent idle through the tick at 720 and never took it: missed.
+    run2 = AgentRun("cn0", VM, 590.0, 960.0,
+                    outcomes=[_ok(t, t + 1, t + 3) for t in ticks if t != 720])
+    got = invariants.check_agents([run2], {VM: _held([t for t in ticks if t != 720])}, CLOCK)
+    assert not got.ok and any("720 missed" in d for d in got.detail), got.detail
+
+
+def test_agents_a_long_push_or_a_backoff_or_a_kill_excuses_a_tick() -> None:
+    # Pushing 660 took until 790: the runs at 720 and 780 caught up with one (780).
+    busy = AgentRun("cn0", VM, 590.0, 960.0, outcomes=[
+        _ok(600, 601, 603), _ok(660, 661, 790), _ok(780, 790, 792), _ok(840, 841, 843),
+        _ok(900, 901, 903)])
+    held = [600.0, 660, 780, 840, 900]
+    assert invariants.check_agents([busy], {VM: _held(held)}, CLOCK).ok
+    # Failed at 661, backing off until 800: the retry pushes 660, the catch-up 780.
+    failed = {"vm": VM, "snapshot": _name(660), "ok": False, "started": 661, "ended": 662,
+              "retry_at": 800}
+    back = AgentRun("cn0", VM, 590.0, 960.0, outcomes=[
+        _ok(600, 601, 603), failed, _ok(660, 800, 802), _ok(780, 802, 804),
+        _ok(840, 841, 843), _ok(900, 901, 903)])
+    assert invariants.check_agents([back], {VM: _held(held)}, CLOCK).ok
+    # Killed mid-push of 660 (its snapshot committed by the next life's first push),
+    # restarted at 770: the catch-up is 720; 780 on.
+    first = AgentRun("cn0", VM, 590.0, 665.0, killed=True, outcomes=[_ok(600, 601, 603)])
+    second = AgentRun("cn0", VM, 770.0, 960.0, outcomes=[
+        _ok(720, 772, 774), _ok(780, 781, 783), _ok(840, 841, 843), _ok(900, 901, 903)])
+    held = [600.0, 660, 720, 780, 840, 900]
+    assert invariants.check_agents([first, second], {VM: _held(held)}, CLOCK).ok
+
+
+def test_agents_doubles_repeats_and_single_copies_fail() -> None:
+    ticks = [600.0, 660, 720]
+    outcomes = [_ok(t, t + 1, t + 3) for t in ticks]
+    run = AgentRun("cn0", VM, 590.0, 780.0, outcomes=outcomes)
+    held = _held(ticks)
+    from snapper_zone.policy import snapshot_name
+    doubled = snapshot_name("fast", 600)  # a fast one beside the slow one at 600
+    for z in held.values():
+        z[doubled] = {"root": 1}
+    got = invariants.check_agents([run], {VM: held}, CLOCK)
+    assert not got.ok and any("doubled" in d for d in got.detail), got.detail
+    again = AgentRun("cn0", VM, 590.0, 780.0, outcomes=[*outcomes, _ok(720, 740, 742)])
+    got = invariants.check_agents([again], {VM: _held(ticks)}, CLOCK)
+    assert any("pushed 2 times" in d for d in got.detail), got.detail
+    one = _held(ticks)
+    del one[ZB][_name(660)]
+    got = invariants.check_agents([run], {VM: one}, CLOCK)
+    assert any("not two copies" in d for d in got.detail), got.detail
+    assert invariants.agent_copies_problems([VM], {VM: one})
+
+
+@settings(max_examples=300, deadline=None)
+@given(windows=st.lists(st.tuples(st.integers(0, 100), st.integers(0, 30)), max_size=6),
+       lo=st.integers(0, 100), width=st.integers(1, 50))
+def test_idle_stretch_agrees_with_counting(windows: list[tuple[int, int]], lo: int,
+                                           width: int) -> None:
+    ws = [(float(a), float(a + d)) for a, d in windows]
+    free = [x for x in range(lo, lo + width) if not any(a <= x < b for a, b in ws)]
+    longest, run = 0, 0
+    for x in range(lo, lo + width):
+        run = run + 1 if x in free else 0
+        longest = max(longest, run)
+    assert invariants._covered(ws, float(lo), float(lo + width)) == longest

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 from snapper_zone.common.bootstrap import write_atomically
 from snapper_zone.common.tasks import cancel_and_wait
 from snapper_zone.errors import SnapperError
-from snapper_zone.policy import PolicySet, Snap, level_of, snapshot_name
+from snapper_zone.policy import PolicySet, Snap, level_of, snapshot_name, time_of
 
 __all__ = ["Agent", "AgentState", "Outcome", "Pusher", "VmState"]
 
@@ -182,7 +182,8 @@ class Agent:
             return None
         level = due[0]
         # A retry pushes the snapshot it already took (the client finishes it).
-        name = st.pending or snapshot_name(level.name, level.schedule.last_at_or_before(now))
+        retry = st.pending
+        name = retry or snapshot_name(level.name, level.schedule.last_at_or_before(now))
         base_name = None
         try:
             # From the zone's newest snapshot: the only one a live pool receives on.
@@ -202,8 +203,12 @@ class Agent:
                 "failures": st.failures, "retry_in": st.retry_at - now})
             return Outcome(vm, level.name, name, base_name, False, st.last_error,
                            started=now, ended=self.clock(), retry_at=st.retry_at)
-        for lv in due:  # the one snapshot serves every level due at this tick
-            st.last[lv.name] = now
+        # The one snapshot serves every level due at this tick. A retry's snapshot
+        # is from an earlier tick: the runs due since then are still due, and the
+        # next pass takes them (the one catch-up after the outage).
+        ran = (time_of(retry) or now) if retry else now
+        for lv in due:
+            st.last[lv.name] = max(st.last.get(lv.name, ran), ran)
         st.failures, st.retry_at, st.last_error, st.pending = 0, 0.0, None, None
         self.state.save()
         log.info("agent: pushed", extra={"vm": vm, "snapshot": name, "base": base_name,
@@ -244,8 +249,12 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         """Passes until ``stop`` is set; between them, wait for the next due time."""
         while not stop.is_set():
-            await self.tick()
+            done = await self.tick()
             self.wake.clear()
+            if any(o.ok for o in done):
+                # A push takes time: a run that fell due meanwhile is taken now,
+                # not skipped until the next scheduled time.
+                continue
             delay = max(self.next_wake(self.clock()) - self.clock(), 0.0) / self.speed
             waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.wake.wait())]
             try:
