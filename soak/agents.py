@@ -3,12 +3,12 @@
 One VM of each of the first ``SoakConfig.agents`` CNs is left to an agent
 instead of the simulated CN: a policy with two levels (``slow`` every 2m,
 ``fast`` every 1m) on a compressed clock (``--clock-speed``: the policy's
-minute is three real seconds), ``mirrored``, retried with a short backoff.
-A writer changes the VM's data all along, and ``--bwlimit`` keeps each push
-long enough to be killed in the middle of. Faults (``soak/faults.py``:
-``kill-agent``, ``kill-zone-mid-schedule``) SIGKILL an agent or its VM's zone,
-mid-push when they can; each life of each agent is recorded (``AgentRun``),
-with what it printed, for ``invariants.check_agents``.
+minute is five real seconds), ``mirrored``, retried with a short backoff.
+A writer changes the VM's data all along, so each push has a stream to cut.
+Faults (``soak/faults.py``: ``kill-agent``, ``kill-zone-mid-schedule``)
+SIGKILL an agent or its VM's zone, mid-push when they can; each life of each
+agent is recorded (``AgentRun``), with what it printed, for
+``invariants.check_agents``.
 """
 
 from __future__ import annotations
@@ -30,11 +30,10 @@ from soak.records import AgentRun
 if TYPE_CHECKING:
     from soak.driver import Soak
 
-SPEED = 20.0  # agent seconds per real second: the policy's minute in 3 s
+SPEED = 12.0  # agent seconds per real second: the policy's minute in 5 s
 EVERY = 60.0  # the fine level's interval, agent seconds
-BACKOFF = "20s,160s"  # a failed push is retried after 1 s, doubling to 8 s (real)
-BWLIMIT = "512k"  # a push lasts about a second: long enough to be cut
-WRITE = (32 << 10, 160 << 10)  # bytes the VM changes per real second
+BACKOFF = "12s,96s"  # a failed push is retried after 1 s, doubling to 8 s (real)
+WRITE = (16 << 10, 96 << 10)  # bytes the VM changes per real second
 POLICY = """# The soak's agents: written by soak/agents.py.
 [[policy]]
 name = "soak"
@@ -87,7 +86,7 @@ class AgentProc:
     def argv(self, config: Path) -> list[str]:
         return [sys.executable, "-m", "snapper_zone.cli", "--config", str(config), "agent",
                 "--policy", str(self.policy), "--state", str(self.dir / "state.json"),
-                "--cn-id", self.cn.id, "--json", "--backoff", BACKOFF, "--bwlimit", BWLIMIT,
+                "--cn-id", self.cn.id, "--json", "--backoff", BACKOFF,
                 "--clock-speed", str(self.clock.speed),
                 "--clock-origin", str(self.clock.origin)]
 

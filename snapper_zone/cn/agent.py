@@ -201,7 +201,8 @@ class Agent:
             log.warning("agent: push failed; will retry", extra={
                 "vm": vm, "snapshot": name, "err_code": e.code, "err_msg": e.message,
                 "failures": st.failures, "retry_in": st.retry_at - now})
-            return Outcome(vm, level.name, name, base_name, False, st.last_error,
+            return Outcome(vm, level_of(name) or level.name, name, base_name, False,
+                           st.last_error,
                            started=now, ended=self.clock(), retry_at=st.retry_at)
         # The one snapshot serves every level due at this tick. A retry's snapshot
         # is from an earlier tick: the runs due since then are still due, and the
@@ -214,7 +215,7 @@ class Agent:
         log.info("agent: pushed", extra={"vm": vm, "snapshot": name, "base": base_name,
                                          "levels": [lv.name for lv in due]})
         trimmed = await self._trim(vm, name)
-        return Outcome(vm, level.name, name, base_name, True, trimmed=trimmed,
+        return Outcome(vm, level_of(name) or level.name, name, base_name, True, trimmed=trimmed,
                        bytes=int(getattr(report, "bytes", 0)), started=now, ended=self.clock())
 
     async def _local(self, vm: str) -> set[str]:
