@@ -215,3 +215,55 @@ async def test_cli_once_and_bad_policy(env: Env, capsys: pytest.CaptureFixture[s
     rc = await asyncio.to_thread(cli_main, [*args, "agent", "--policy", str(policy), "--once"])
     err = capsys.readouterr().err
     assert rc == 2 and "policy[0]" in err
+
+
+async def test_a_retried_snapshot_is_its_own_tick_then_the_catch_up(env: Env) -> None:
+    good = env.settings
+    env.settings = CnSettings("127.0.0.1", 1, good.key, None, good.host_key, good.dataset_root,
+                              (("127.0.0.1", 1),))  # nothing listens there
+    # The snapshot was taken before the push failed (as when the mirror is down).
+    await env.zfs.snapshot([env.vm.snapshot("snapper-daily-20261202T030000Z")])
+    [o] = await env.agent().tick()
+    assert not o.ok and o.retry_at == env.clock.t + 60 and o.started <= o.ended
+    # The zone is back 2.5 hours later: the snapshot taken at 03:00 goes first, then
+    # the one catch-up for the hourlies due meanwhile (05:00), not one per hour.
+    env.settings = good
+    env.clock.t = T3 + 2.5 * 3600
+    agent = env.agent()
+    [o] = await agent.tick()
+    assert o.ok and o.snapshot == "snapper-daily-20261202T030000Z" and o.level == "daily"
+    [o] = await agent.tick()
+    assert o.ok and o.snapshot == "snapper-hourly-20261202T050000Z"
+    assert await agent.tick() == []
+    assert await env.zone_names() == ["snapper-daily-20261202T030000Z",
+                                      "snapper-hourly-20261202T050000Z"]
+
+
+async def test_run_takes_what_fell_due_during_a_push_at_once(env: Env) -> None:
+    """A pass that pushed runs again at once: a run due meanwhile is not left for
+    the next scheduled time."""
+    seen: list[str] = []
+    agent = env.agent()
+    stop = asyncio.Event()
+
+    def report(o: object) -> None:
+        seen.append(getattr(o, "snapshot", ""))
+        if len(seen) == 1:
+            env.clock.t = T3 + 3600 + 5  # the push took an hour: 04:00 is due now
+        else:
+            stop.set()
+
+    agent.report = report
+    await asyncio.wait_for(agent.run(stop), 60)
+    assert seen == ["snapper-daily-20261202T030000Z", "snapper-hourly-20261202T040000Z"]
+
+
+def test_cli_agent_options_are_checked(capsys: pytest.CaptureFixture[str],
+                                       tmp_path: Path) -> None:
+    key = _keypair(tmp_path / "k")
+    base = ["--zone", "127.0.0.1:1", "--key", str(key), "agent", "--policy", "x.toml"]
+    assert cli_main([*base, "--backoff", "1h,1m"]) == 2
+    assert "0 < MIN <= MAX" in capsys.readouterr().err
+    assert cli_main([*base, "--backoff", "soon"]) == 2
+    assert cli_main([*base, "--clock-speed", "10"]) == 2
+    assert "--clock-origin" in capsys.readouterr().err
