@@ -285,9 +285,9 @@ async def test_a_version_1_stores_zones_are_admitted(tmp_path: Path) -> None:
                                                       "http://h:1", HOST_KEY, 1), 2.0)
     assert created and z.state is ZoneState.PENDING  # the new table allows it
     await s.close()
-    # Straight to the newest schema (3: the identity registry, tables of its own).
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 3
-    s = SqliteStore(path)  # and opens again as version 3
+    # Straight to the newest schema (4: policies, a table of its own).
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 4
+    s = SqliteStore(path)  # and opens again as version 4
     assert len(await s.zones()) == 4
     await s.close()
 

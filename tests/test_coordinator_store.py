@@ -26,6 +26,7 @@ from rebalance.store import (
     MoveState,
     MoveStep,
     PlacementConflict,
+    PolicyNotFound,
     SqliteStore,
     Store,
     StoreUnavailable,
@@ -542,3 +543,36 @@ async def test_a_zookeeper_store_without_the_failed_index_gets_it_at_open(
         assert [m.id for m in await s.moves([MoveState.FAILED])] == [ms[0].id]
     finally:
         await s.close()
+
+
+async def test_policies_are_kept_versioned_and_removed(backend: Backend) -> None:
+    s = await backend.open()
+    assert await s.policies() == [] and await s.policy("p") is None
+    doc = {"policy": [{"name": "a", "vms": ["*"], "retention": {"grid": "24x1h"},
+                       "level": [{"name": "hourly", "every": "1h"}]}]}
+    first = await s.put_policy("p", doc, "operator op", 10.0)
+    assert (first.version, first.updated, first.updated_by) == (1, 10.0, "operator op")
+    second = await s.put_policy("p", {**doc, "x": 1}, "operator op", 11.0)
+    assert second.version == 2
+    await s.put_policy("another", doc, "operator op", 12.0)
+    again = await backend.open()  # a reopen (another coordinator) sees it all
+    assert [(r.name, r.version) for r in await again.policies()] == [("another", 1), ("p", 2)]
+    got = await again.policy("p")
+    assert got is not None and got.document == {**doc, "x": 1} and got.updated == 11.0
+    await again.delete_policy("p")
+    assert await s.policy("p") is None
+    with pytest.raises(PolicyNotFound):
+        await s.delete_policy("p")
+    assert [r.name for r in await s.policies()] == ["another"]
+
+
+async def test_racing_policy_writers_all_land_with_distinct_versions(backend: Backend) -> None:
+    one, two = await backend.open(), await backend.open()
+
+    async def writes(s: Store, who: str) -> list[int]:
+        return [(await s.put_policy("p", {"n": i}, who, float(i))).version for i in range(8)]
+
+    a, b = await asyncio.gather(writes(one, "a"), writes(two, "b"))
+    assert sorted(a + b) == list(range(1, 17))
+    got = await one.policy("p")
+    assert got is not None and got.version == 16

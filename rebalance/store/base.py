@@ -46,6 +46,8 @@ __all__ = [
     "MoveStep",
     "NotLeader",
     "PlacementConflict",
+    "PolicyNotFound",
+    "PolicyRecord",
     "Registry",
     "SoloElection",
     "Store",
@@ -367,6 +369,28 @@ def drop_key(old: CnRecord | None, cn: str, key: str | None) -> CnRecord | None:
     return replace(old, keys=left)
 
 
+class PolicyNotFound(SnapperError):
+    code = "PolicyNotFound"
+    http_status = 404
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRecord:
+    """The registry's copy of a policy file (``snapper_zone/policy/spec.py``'s
+    document, as JSON), by name. ``version`` grows by one with every write of it:
+    an agent or zone can tell it has the newest."""
+
+    name: str
+    document: Mapping[str, Any]
+    version: int
+    updated: float
+    updated_by: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "document": dict(self.document), "version": self.version,
+                "updated": self.updated, "updated_by": self.updated_by}
+
+
 class Store(Protocol):
     """The coordinator's state; every mutation is atomic."""
 
@@ -450,6 +474,18 @@ class Store(Protocol):
     async def add_grant(self, grant: GrantRecord) -> GrantRecord:
         """Record (or replace) the grant for (vm, cn); CnNotFound for an unknown CN.
         Expired grants of the VM are dropped on the way."""
+        ...
+
+    async def policies(self) -> list[PolicyRecord]:
+        """Every policy, by name."""
+        ...
+    async def policy(self, name: str) -> PolicyRecord | None: ...
+    async def put_policy(self, name: str, document: Mapping[str, Any], updated_by: str,
+                         now: float) -> PolicyRecord:
+        """Create or replace (version + 1); the document is checked by the caller."""
+        ...
+    async def delete_policy(self, name: str) -> None:
+        """PolicyNotFound when there is none of that name."""
         ...
 
     def fenced(self, fence: Fence) -> Store:

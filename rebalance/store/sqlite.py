@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from rebalance.placement import Move, ZoneState
 from rebalance.store.base import (
@@ -28,6 +28,8 @@ from rebalance.store.base import (
     MoveState,
     MoveStep,
     PlacementConflict,
+    PolicyNotFound,
+    PolicyRecord,
     Registry,
     SoloElection,
     ZoneNotEmpty,
@@ -111,11 +113,19 @@ CREATE TABLE IF NOT EXISTS registry_version (
     version INTEGER NOT NULL
 );
 INSERT OR IGNORE INTO registry_version (one, version) VALUES (1, 0);
+CREATE TABLE IF NOT EXISTS policies (
+    name TEXT PRIMARY KEY,
+    document TEXT NOT NULL,  -- JSON: the policy file's document
+    version INTEGER NOT NULL,
+    updated REAL NOT NULL,
+    updated_by TEXT NOT NULL
+);
 """
 # 2: zone state 'pending' (admission). A version 1 store's zones were all let in
 # before admission existed: they keep their states, i.e. count as admitted.
 # 3: the identity registry (cns, owners, grants, registry_version): new tables only.
-_SCHEMA_VERSION = 3
+# 4: policies (the registry's copy of policy files): a new table only.
+_SCHEMA_VERSION = 4
 _ZONE_COLS = ("uuid, name, ssh_host, ssh_port, http_url, host_key, capacity, state, "
               "registered, suspect_since, last_seen, used, free")
 _MOVE_COLS = ("id, vm, from_zone, to_zone, source, bytes, reason, state, step, progress, "
@@ -509,3 +519,40 @@ class SqliteStore:
             self._bump(db)
             return grant
         return await self._txn(fn)
+
+    # -- policies --
+
+    @staticmethod
+    def _policy(row: sqlite3.Row) -> PolicyRecord:
+        return PolicyRecord(row["name"], json.loads(row["document"]), row["version"],
+                            row["updated"], row["updated_by"])
+
+    async def policies(self) -> list[PolicyRecord]:
+        return await self._run(lambda db: [self._policy(r) for r in db.execute(
+            "SELECT name, document, version, updated, updated_by FROM policies ORDER BY name")])
+
+    async def policy(self, name: str) -> PolicyRecord | None:
+        def one(db: sqlite3.Connection) -> PolicyRecord | None:
+            row = db.execute("SELECT name, document, version, updated, updated_by "
+                             "FROM policies WHERE name=?", (name,)).fetchone()
+            return None if row is None else self._policy(row)
+        return await self._run(one)
+
+    async def put_policy(self, name: str, document: Mapping[str, Any], updated_by: str,
+                         now: float) -> PolicyRecord:
+        def put(db: sqlite3.Connection) -> PolicyRecord:
+            row = db.execute("SELECT version FROM policies WHERE name=?", (name,)).fetchone()
+            rec = PolicyRecord(name, dict(document), (row[0] if row else 0) + 1, now,
+                               updated_by)
+            db.execute("INSERT OR REPLACE INTO policies (name, document, version, updated, "
+                       "updated_by) VALUES (?, ?, ?, ?, ?)",
+                       (name, json.dumps(rec.document, sort_keys=True), rec.version, now,
+                        updated_by))
+            return rec
+        return await self._txn(put)
+
+    async def delete_policy(self, name: str) -> None:
+        def delete(db: sqlite3.Connection) -> None:
+            if db.execute("DELETE FROM policies WHERE name=?", (name,)).rowcount == 0:
+                raise PolicyNotFound(f"no policy {name!r}")
+        await self._txn(delete)

@@ -24,6 +24,8 @@ Layout under the chroot (``/snapper`` by default), JSON znodes:
     cns/<id>            a CN: {"keys": [OpenSSH lines], "added"}
     owners/<bucket>     {vm: cn id}, the placement's buckets
     grants/<vm>@<cn>    a restore grant: {"expires", "granted_by", "created"}
+    policies/<name>     a policy file's document: {"document", "updated",
+                        "updated_by"}; its version is the znode's version + 1
 
 Every mutation is ONE ZooKeeper transaction (``multi``) whose ``set_data`` and
 ``delete`` carry the version read before: a concurrent writer makes it fail
@@ -99,6 +101,8 @@ from rebalance.store.base import (
     MoveStep,
     NotLeader,
     PlacementConflict,
+    PolicyNotFound,
+    PolicyRecord,
     Registry,
     StoreUnavailable,
     ZoneNotEmpty,
@@ -123,7 +127,7 @@ _BUCKETS = 1024
 _DIRS = ("zones", "placement", "sizes", "moves", "active", "refs", "failed", "election")
 # The identity registry's, created on every open (a chroot laid out before them
 # gains them; schema 1 stands, older coordinators just ignore them).
-_IDENTITY_DIRS = ("cns", "owners", "grants")
+_IDENTITY_DIRS = ("cns", "owners", "grants", "policies")
 _ACTIVE = frozenset({MoveState.PLANNED, MoveState.RUNNING})
 # Below ZooKeeper's 1 MB request limit with room to spare (a sizes bucket is
 # ~5 kB at 100k VMs, a move with its index and refs ~600 bytes).
@@ -979,6 +983,56 @@ class ZkStore:
             await self._identity_commit(version, build)
             return grant
         return await self._retrying(attempt)
+
+    # -- policies --
+
+    def _policy_of(self, name: str, data: bytes, stat: ZnodeStat) -> PolicyRecord:
+        doc = json.loads(data)
+        return PolicyRecord(name, doc["document"], stat.version + 1, float(doc["updated"]),
+                            str(doc["updated_by"]))
+
+    async def policies(self) -> list[PolicyRecord]:
+        names = sorted(await self._children(self._p("policies")))
+        got = await self._wait_all(functools.partial(
+            self._start_gets, [self._p("policies", n) for n in names]))
+        out = []
+        for n, x in zip(names, got, strict=True):
+            if isinstance(x, NoNodeError):
+                continue  # deleted between the listing and the read
+            if isinstance(x, BaseException):
+                raise x
+            out.append(self._policy_of(n, x[0], x[1]))
+        return out
+
+    async def policy(self, name: str) -> PolicyRecord | None:
+        got = await self._get(self._p("policies", _name("policy", name)))
+        return None if got is None else self._policy_of(name, *got)
+
+    async def put_policy(self, name: str, document: Mapping[str, Any], updated_by: str,
+                         now: float) -> PolicyRecord:
+        path = self._p("policies", _name("policy", name))
+        data = _dump({"document": dict(document), "updated": now, "updated_by": updated_by})
+
+        async def attempt() -> PolicyRecord:
+            old = await self._get(path)
+            try:
+                if old is None:
+                    await self._commit(lambda t: t.create(path, data))
+                else:
+                    await self._commit(lambda t: t.set_data(path, data, old[1].version))
+            except (BadVersionError, NoNodeError, NodeExistsError) as e:
+                raise _Race from e  # another writer: read again, write over it
+            version = 1 if old is None else old[1].version + 2
+            return PolicyRecord(name, dict(document), version, now, updated_by)
+        return await self._retrying(attempt)
+
+    async def delete_policy(self, name: str) -> None:
+        path = self._p("policies", _name("policy", name))
+        try:
+            await self._commit(lambda t: t.delete(path))
+        except NoNodeError as e:
+            raise PolicyNotFound(f"no policy {name!r}") from e
+
 
 # -- leader election ---------------------------------------------------------------------
 
