@@ -17,6 +17,8 @@ over HTTP.
     snapper vm assign VM CN                          (the VM now belongs to CN)
     snapper vm sync FILE|URL                         (owners from a VMAPI listing)
     snapper grant restore VM --to-cn CN --for 1h     (CN may restore VM, for a while)
+    snapper policy set NAME FILE                     (the registry's copy of a policy file)
+    snapper policy show NAME [--json] | list [--json] | remove NAME
 
 Each takes ``--coordinator URL``, else ``$SNAPPER_COORDINATOR``, else the
 ``coordinator_url`` of ``snapper``'s config file (``snapper --config FILE``,
@@ -49,7 +51,7 @@ from urllib.parse import quote, urlencode, urlsplit
 import aiohttp
 import asyncssh
 
-from snapper_zone.common.config import ConfigError
+from snapper_zone.common.config import ConfigError, read_document
 from snapper_zone.common.durations import parse_duration
 from snapper_zone.common.httpsig import NoAnswer, Signer, call_json, signing_session
 from snapper_zone.common.progress import (
@@ -61,6 +63,7 @@ from snapper_zone.common.progress import (
     render_bar,
 )
 from snapper_zone.errors import InvalidName
+from snapper_zone.policy import InvalidPolicy, check_policy_document, check_policy_name
 from snapper_zone.wire import ZoneRegistration
 from snapper_zone.zfs.names import check_uuid
 
@@ -504,6 +507,48 @@ async def cmd_grant(args: argparse.Namespace, c: Client) -> int:
     return 0
 
 
+# -- policies: the registry's copy of policy files -----------------------------------
+
+
+def _policy_name(text: str) -> str:
+    try:
+        return check_policy_name(text)
+    except InvalidPolicy as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+
+
+async def cmd_policy(args: argparse.Namespace, c: Client) -> int:
+    if args.action == "set":
+        # Checked here as the coordinator checks it: a bad file is exit 2, nothing sent.
+        doc = read_document(args.file)
+        try:
+            policies = check_policy_document(doc, args.name)
+        except InvalidPolicy as e:
+            raise UsageError(e.message) from None
+        got = await c.call("PUT", f"/v1/policies/{args.name}", doc)
+        print(f"policy {got['name']} version {got['version']}: "
+              f"{len(policies.policies)} polic{'y' if len(policies.policies) == 1 else 'ies'}; "
+              "agents that follow it (snapper agent --policy-from-coordinator) take it on "
+              "their next pass")
+    elif args.action == "show":
+        got = await c.call("GET", f"/v1/policies/{args.name}")
+        print(json.dumps(got if args.json else got["document"], indent=2, sort_keys=True))
+    elif args.action == "remove":
+        await c.call("DELETE", f"/v1/policies/{args.name}")
+        print(f"policy {args.name} removed (agents following it keep their last copy)")
+    else:
+        got = (await c.call("GET", "/v1/policies"))["policies"]
+        if args.json:
+            print(json.dumps(got, indent=2))
+        elif not got:
+            print("no policies (snapper policy set NAME FILE)")
+        else:
+            print(_table([["NAME", "VERSION", "UPDATED", "BY"]]
+                         + [[p["name"], str(p["version"]), _when(p["updated"]),
+                             p["updated_by"]] for p in got]))
+    return 0
+
+
 # -- the live view -------------------------------------------------------------------
 
 
@@ -734,6 +779,22 @@ def register(sub: Any, config_url: ConfigUrl | None = None) -> None:
     a.add_argument("--to-cn", required=True, metavar="CN")
     a.add_argument("--for", dest="duration", required=True, metavar="DURATION",
                    help="how long: 90s, 15m, 1h, 2d (30 days at most)")
+    p = add("policy", cmd_policy, "the registry's copy of policy files (what agents with "
+            "--policy-from-coordinator follow): set, show, list, remove", own=False)
+    acts = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = acts.add_parser("set", help="store FILE (TOML, or JSON by its suffix: "
+                        "etc/policy.example.toml) as policy NAME; checked first, field by "
+                        "field", parents=[common])
+    a.add_argument("name", metavar="NAME", type=_policy_name)
+    a.add_argument("file", metavar="FILE")
+    a = acts.add_parser("show", help="the document (--json: with its version)",
+                        parents=[common])
+    a.add_argument("name", metavar="NAME", type=_policy_name)
+    a.add_argument("--json", action="store_true")
+    a = acts.add_parser("remove", help="forget policy NAME", parents=[common])
+    a.add_argument("name", metavar="NAME", type=_policy_name)
+    acts.add_parser("list", help="the policies, their versions and who set them",
+                    parents=[common]).add_argument("--json", action="store_true")
 
 
 def _marker_arg(text: str) -> str:

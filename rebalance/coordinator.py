@@ -48,6 +48,14 @@ snapperd's), with the roles that may call each (``ROUTES``, the one table)::
                                       "unchanged", "skipped": {cn: n}, "invalid": n}
     POST   /v1/grants                 operator: {"vm", "cn", "seconds"} -> the grant
     GET    /v1/grants                 operator: {"grants": [grant in force]}
+    GET    /v1/policies               cn, zone, operator: {"policies": [{name, version,
+                                      updated, updated_by}]} by name
+    GET    /v1/policies/{name}        cn, zone, operator: {name, document, version, updated,
+                                      updated_by}; 404 PolicyNotFound
+    PUT    /v1/policies/{name}        operator: body the policy file's document as JSON
+                                      (``snapper_zone/policy/spec.py``) -> the record
+                                      (version + 1); 422 InvalidPolicy naming the field
+    DELETE /v1/policies/{name}        operator: 204; 404 PolicyNotFound
     GET    /metrics                   open: Prometheus text
 
 List routes are paged: ``?limit=N`` (1..1000, default 1000) and ``?marker=M``
@@ -125,6 +133,7 @@ from rebalance.store import (
     MoveStep,
     NotLeader,
     PlacementConflict,
+    PolicyNotFound,
     Registry,
     Store,
     StoreUnavailable,
@@ -170,6 +179,7 @@ from snapper_zone.common.httpsig import (
 from snapper_zone.common.tasks import cancel_and_wait
 from snapper_zone.common.version import version
 from snapper_zone.errors import InvalidName, SnapperError
+from snapper_zone.policy import check_policy_document, check_policy_name
 from snapper_zone.wire import (
     CnIdentity,
     IdentityDocument,
@@ -938,6 +948,30 @@ class Coordinator:
                                               "granted_by": who})
         return g.to_json()
 
+    async def set_policy(self, name: str, body: object, who: str) -> dict[str, Any]:
+        """Checked as the file is (every field), then stored whole; nothing is
+        stored when one field is wrong."""
+        name = check_policy_name(name)
+        check_policy_document(body, name)
+        assert isinstance(body, dict)  # a PolicySet parsed from it: a table
+        rec = await self.store.put_policy(name, body, who, time.time())
+        log.info("policy stored", extra={"policy": name, "version": rec.version, "by": who})
+        return rec.to_json()
+
+    async def policy_json(self, name: str) -> dict[str, Any]:
+        rec = await self.store.policy(check_policy_name(name))
+        if rec is None:
+            raise PolicyNotFound(f"no policy {name!r} (snapper policy list)")
+        return rec.to_json()
+
+    async def policies_json(self) -> list[dict[str, Any]]:
+        return [{"name": r.name, "version": r.version, "updated": r.updated,
+                 "updated_by": r.updated_by} for r in await self.store.policies()]
+
+    async def remove_policy(self, name: str, who: str) -> None:
+        await self.store.delete_policy(check_policy_name(name))
+        log.warning("policy removed", extra={"policy": name, "by": who})
+
     async def grants_json(self) -> list[dict[str, Any]]:
         now = time.time()
         return [g.to_json() for g in (await self.registry()).grants if g.expires > now]
@@ -1530,6 +1564,27 @@ async def list_grants(request: web.Request) -> web.Response:
     return web.json_response({"grants": await request.app[COORDINATOR].grants_json()})
 
 
+async def list_policies(request: web.Request) -> web.Response:
+    return web.json_response({"policies": await request.app[COORDINATOR].policies_json()})
+
+
+async def get_policy(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[COORDINATOR].policy_json(
+        request.match_info["name"]))
+
+
+async def put_policy(request: web.Request) -> web.Response:
+    c = request.app[COORDINATOR]
+    return web.json_response(await c.set_policy(request.match_info["name"],
+                                                await _body(request), request[PRINCIPAL].label))
+
+
+async def delete_policy(request: web.Request) -> web.Response:
+    await request.app[COORDINATOR].remove_policy(request.match_info["name"],
+                                                 request[PRINCIPAL].label)
+    return web.Response(status=204)
+
+
 async def metrics(request: web.Request) -> web.Response:
     c = request.app[COORDINATOR]
     await c.update_gauges()
@@ -1559,6 +1614,10 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/vms/owners", post_owners, _OPERATOR),
     Route("POST", "/v1/grants", post_grant, _OPERATOR),
     Route("GET", "/v1/grants", list_grants, _OPERATOR),
+    Route("GET", "/v1/policies", list_policies, frozenset({"cn", "zone", "operator"})),
+    Route("GET", "/v1/policies/{name}", get_policy, frozenset({"cn", "zone", "operator"})),
+    Route("PUT", "/v1/policies/{name}", put_policy, _OPERATOR),
+    Route("DELETE", "/v1/policies/{name}", delete_policy, _OPERATOR),
     Route("GET", "/metrics", metrics, OPEN),
 )
 

@@ -36,18 +36,21 @@ times = st.floats(0, 4e9, allow_nan=False)
 seens = st.builds(Seen, docs, times)
 
 
-@given(st.dictionaries(st.uuids().map(str), seens, max_size=5), st.none() | seens)
-def test_encode_decode_round_trip(placements: dict[str, Seen], zones: Seen | None) -> None:
-    got, got_zones = decode(encode(placements, zones))
+@given(st.dictionaries(st.uuids().map(str), seens, max_size=5), st.none() | seens,
+       st.dictionaries(st.text(min_size=1, max_size=8), seens, max_size=3))
+def test_encode_decode_round_trip(placements: dict[str, Seen], zones: Seen | None,
+                                  policies: dict[str, Seen]) -> None:
+    got, got_zones, got_policies = decode(encode(placements, zones, policies))
     assert got == {vm: Seen(dict(s.doc), float(s.at)) for vm, s in placements.items()}
     assert got_zones == (None if zones is None else Seen(dict(zones.doc), float(zones.at)))
+    assert got_policies == {n: Seen(dict(s.doc), float(s.at)) for n, s in policies.items()}
 
 
 @settings(max_examples=300)
 @given(st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode()))
 def test_decode_of_anything_else_is_cache_corrupt_or_a_cache(raw: bytes) -> None:
     try:
-        placements, _zones = decode(raw)
+        placements, _zones, _policies = decode(raw)
     except CacheCorrupt as exc:
         assert exc.code == "CacheCorrupt"
         return
@@ -58,7 +61,9 @@ def test_decode_of_anything_else_is_cache_corrupt_or_a_cache(raw: bytes) -> None
                         b'{"format": 1, "placements": {"v": {"at": 1e999, "doc": {}}}}',
                         b'{"format": 1, "placements": {"v": {"at": 1, "doc": []}}}',
                         b'{"format": 2, "placements": {}}', b'{"format": 1}', b"[]",
-                        b'{"format": 1, "placements": {}, "zones": {"at": true, "doc": {}}}']))
+                        b'{"format": 1, "placements": {}, "zones": {"at": true, "doc": {}}}',
+                        b'{"format": 1, "placements": {}, "policies": []}',
+                        b'{"format": 1, "placements": {}, "policies": {"p": {"at": 1}}}']))
 def test_decode_refuses_each_malformed_part(raw: bytes) -> None:
     with pytest.raises(CacheCorrupt):
         decode(raw)

@@ -27,7 +27,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -141,7 +141,8 @@ class Agent:
                  cn_id: str | None = None, clock: Callable[[], float] = time.time,
                  backoff: tuple[float, float] = (30.0, 3600.0),
                  report: Callable[[Outcome], None] | None = None,
-                 speed: float = 1.0) -> None:
+                 speed: float = 1.0,
+                 source: Callable[[], Awaitable[PolicySet]] | None = None) -> None:
         self.policies = policies
         self.pusher = pusher
         self.state = state
@@ -152,10 +153,20 @@ class Agent:
         # ``clock`` runs this many times faster than real time (a compressed clock
         # for tests and the soak): the waits between passes shrink with it.
         self.speed = speed
+        # Where the policies come from anew before each pass (the coordinator's
+        # registry, with the CN's last verified copy while it does not answer);
+        # None: ``policies`` as given (a file).
+        self.source = source
         self.wake = asyncio.Event()  # set to run a pass now (tests, SIGHUP)
 
     async def tick(self) -> list[Outcome]:
         """One pass over this CN's VMs: push what is due, trim what is not needed."""
+        if self.source is not None:
+            try:
+                self.policies = await self.source()
+            except SnapperError as e:  # keep the policies held: the schedule goes on
+                log.warning("agent: cannot refresh the policy; keeping the one held",
+                            extra={"err_code": e.code, "err_msg": e.message})
         out = []
         for vm in await self.pusher.local_vms():
             try:

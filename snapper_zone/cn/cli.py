@@ -38,7 +38,13 @@ import asyncssh
 
 from snapper_zone.cn import archive
 from snapper_zone.cn.agent import Agent, AgentState, Outcome
-from snapper_zone.cn.client import CnClient, PlanError, PushReport, lookup_placement
+from snapper_zone.cn.client import (
+    CnClient,
+    PlanError,
+    PushReport,
+    lookup_placement,
+    lookup_policy,
+)
 from snapper_zone.cn.client import placement as placement  # re-exported: the CN's lookup
 from snapper_zone.common import progress
 from snapper_zone.common.answers import AnswerCache
@@ -47,7 +53,7 @@ from snapper_zone.common.durations import parse_duration
 from snapper_zone.common.progress import SizeError, format_bytes, parse_size
 from snapper_zone.common.version import add_version_argument
 from snapper_zone.errors import InvalidName, NotPlacedHere, SnapperError
-from snapper_zone.policy import Snap, level_of, load_policies
+from snapper_zone.policy import InvalidPolicy, PolicySet, Snap, level_of, load_policies
 from snapper_zone.transfer.remote import ZoneClient, ZoneError, ZoneUnreachable
 from snapper_zone.zfs.names import Dataset, check_uuid
 from snapper_zone.zfs.zfs import Zfs
@@ -346,10 +352,30 @@ def parse_backoff(text: str) -> tuple[float, float]:
 async def cmd_agent(args: argparse.Namespace, s: CnSettings) -> int:
     """Run the CN's policies: in the foreground until SIGTERM/SIGINT, or one pass.
     Each push's outcome is printed as it happens (a line, or JSON with ``--json``)."""
-    try:
-        policies = load_policies(args.policy)
-    except ConfigError as e:
-        raise UsageError(f"agent: {e}") from e
+    source = None
+    if args.policy_from_coordinator is not None:
+        if not s.coordinator_url:
+            raise UsageError("agent: --policy-from-coordinator needs coordinator_url in the "
+                             "CN config (--config)")
+        cache = AnswerCache.load(s.state_dir / ANSWERS_FILE, log, min_interval=0)
+        name = args.policy_from_coordinator
+        url, coordinator_key = s.coordinator_url, s.coordinator_key
+
+        async def source() -> PolicySet:
+            got = await lookup_policy(url, name, s.key, coordinator_key, cache)
+            if got.note():
+                print(f"snapper: agent: {got.note()}", file=sys.stderr, flush=True)
+            return got.policies
+
+        try:  # the first copy: from the coordinator, else the last one verified
+            policies = await source()
+        except InvalidPolicy as e:
+            raise UsageError(f"agent: {e.message}") from e
+    else:
+        try:
+            policies = load_policies(args.policy)
+        except ConfigError as e:
+            raise UsageError(f"agent: {e}") from e
     state = AgentState.load(Path(args.state))
     speed, origin = args.clock_speed, args.clock_origin
     if not speed > 0:
@@ -364,7 +390,7 @@ async def cmd_agent(args: argparse.Namespace, s: CnSettings) -> int:
 
     agent = Agent(policies, CnPusher(s, bwlimit=args.bwlimit), state, cn_id=args.cn_id,
                   backoff=args.backoff, report=_outcome_printer(args.json), clock=clock,
-                  speed=speed)
+                  speed=speed, source=source)
     if args.once:
         outcomes = await agent.tick()
         return 0 if all(o.ok for o in outcomes) else 1
@@ -607,8 +633,13 @@ def build_parser(more: Callable[[Any], None] | None = None) -> argparse.Argument
 
     agent = sub.add_parser("agent", help="run the policies for this CN's VMs: snapshots "
                            "on schedule, pushed from their base (SMF: svc:/smartdc/snapper-agent)")
-    agent.add_argument("--policy", metavar="FILE", required=True,
+    which = agent.add_mutually_exclusive_group(required=True)
+    which.add_argument("--policy", metavar="FILE",
                        help="the policy file (etc/policy.example.toml documents it)")
+    which.add_argument("--policy-from-coordinator", metavar="NAME",
+                       help="the coordinator's copy of policy NAME (snapper policy set), "
+                       "read again before each pass; the last verified copy (in state_dir) "
+                       "while the coordinator does not answer")
     agent.add_argument("--state", metavar="FILE",
                        default="/var/opt/smartdc/snapper/agent-state.json",
                        help="where the agent records what it did (default: %(default)s)")

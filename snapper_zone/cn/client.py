@@ -42,6 +42,7 @@ from snapper_zone.errors import (
     SnapperError,
     ZfsError,
 )
+from snapper_zone.policy import PolicySet, check_policy_document, check_policy_name
 from snapper_zone.transfer import plan as planning
 from snapper_zone.transfer.plan import (
     AbortPartial,
@@ -169,6 +170,73 @@ async def placement(coordinator_url: str, vm: str, key: Path,
                     coordinator_key: str | None = None) -> list[dict[str, Any]]:
     """``lookup_placement``'s endpoints, without a cache (the coordinator must answer)."""
     return (await lookup_placement(coordinator_url, vm, key, coordinator_key)).endpoints
+
+
+@dataclass(frozen=True)
+class PolicyAnswer:
+    """The registry's copy of a policy file: checked (``check_policy_document``), its
+    version; ``seen_at`` when it is the last verified copy because no coordinator
+    answered."""
+
+    name: str
+    policies: PolicySet
+    version: int
+    seen_at: float | None = None
+    why: str = ""
+
+    def note(self) -> str | None:
+        if self.seen_at is None:
+            return None
+        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.seen_at))
+        return (f"coordinator unreachable: policy {self.name} version {self.version} as seen "
+                f"at {at} ({self.why})")
+
+
+async def lookup_policy(coordinator_url: str, name: str, key: Path,
+                        coordinator_key: str | None = None,
+                        cache: AnswerCache | None = None) -> PolicyAnswer:
+    """Policy ``name`` from the coordinator's registry (``GET /v1/policies/{name}``),
+    asked as this CN, the answer signed by ``coordinator_key``, checked field by
+    field before it is believed or kept. As with placements, a verified copy is
+    kept in ``cache`` and used while no coordinator answers; a refusal (404: no
+    such policy, 403) is never bridged. Nothing cached: ``ZoneUnreachable``."""
+    url = f"{coordinator_url.rstrip('/')}/v1/policies/{check_policy_name(name)}"
+    trusted = None if coordinator_key is None else asyncssh.import_public_key(coordinator_key)
+    try:
+        try:
+            async with signing_session(Signer.load(key), response_key=trusted,
+                                       timeout=_PLACEMENT_TIMEOUT) as http:
+                got = await call_json(http, "GET", url)
+        except UntrustedResponse as exc:
+            raise ZoneError(exc.code, f"coordinator {coordinator_url}: {exc.message}",
+                            "policy") from exc
+        except NoAnswer as exc:
+            raise ZoneUnreachable(f"coordinator {coordinator_url}: {exc.message}") from exc
+        if got.status >= 500:
+            code, msg = got.error()
+            raise ZoneUnreachable(f"coordinator {coordinator_url}: {got.status} {code}: {msg}")
+        if got.status != 200:
+            code, msg = got.error()
+            raise ZoneError(code, msg, "policy")
+    except (ZoneUnreachable, ZoneError) as exc:
+        if isinstance(exc, ZoneError) and not _no_answer(exc):
+            raise
+        seen = cache.policy(name) if cache is not None else None
+        if seen is None:
+            raise ZoneUnreachable(f"policy {name}: no coordinator answers ({exc.message}) "
+                                  "and this CN has no copy of it yet") from exc
+        return PolicyAnswer(name, check_policy_document(seen.doc.get("document"), name),
+                            int(seen.doc.get("version") or 0), seen.at,
+                            " ".join(exc.message.split())[:200])
+    body = got.body if isinstance(got.body, dict) else {}
+    policies = check_policy_document(body.get("document"), name)
+    version = body.get("version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ZoneError("BadAnswer", f"policy {name}: the answer has no version", "policy")
+    if cache is not None:
+        cache.put_policy(name, {"document": body["document"], "version": version})
+        await cache.flush()
+    return PolicyAnswer(name, policies, version)
 
 
 def _no_answer(exc: ZoneError) -> bool:

@@ -2,7 +2,8 @@
 
 CNs and zones ask the coordinator where a VM lives (``GET /v1/placement/{vm}``)
 and zones which zones are admitted with their pinned host keys (``GET
-/v1/zones?admitted=true``, the trust list). Each answer they have *verified*
+/v1/zones?admitted=true``, the trust list); a CN's agent asks for its policy
+(``GET /v1/policies/{name}``). Each answer they have *verified*
 (signed by ``coordinator_key`` when one is configured) is put here with the
 time it arrived, and written to one JSON file in the state dir (atomically:
 a temporary file, fsync, rename). While no coordinator answers, the last
@@ -53,14 +54,20 @@ class Seen:
     at: float
 
 
-def encode(placements: Mapping[str, Seen], zones: Seen | None) -> bytes:
-    """The file's bytes: ``{"format", "placements": {vm: {"at", "doc"}}, "zones"}``."""
+def encode(placements: Mapping[str, Seen], zones: Seen | None,
+           policies: Mapping[str, Seen] | None = None) -> bytes:
+    """The file's bytes: ``{"format", "placements": {vm: {"at", "doc"}}, "zones",
+    "policies": {name: {"at", "doc"}}}`` (``policies`` only when there are some: a
+    file without them is read as before)."""
     out: dict[str, Any] = {
         "format": FORMAT,
         "placements": {vm: {"at": s.at, "doc": dict(s.doc)}
                        for vm, s in sorted(placements.items())},
         "zones": None if zones is None else {"at": zones.at, "doc": dict(zones.doc)},
     }
+    if policies:
+        out["policies"] = {n: {"at": s.at, "doc": dict(s.doc)}
+                           for n, s in sorted(policies.items())}
     return json.dumps(out, separators=(",", ":"), sort_keys=True).encode()
 
 
@@ -76,7 +83,7 @@ def _seen(value: object, where: str) -> Seen:
     return Seen(doc, float(at))
 
 
-def decode(raw: bytes) -> tuple[dict[str, Seen], Seen | None]:
+def decode(raw: bytes) -> tuple[dict[str, Seen], Seen | None, dict[str, Seen]]:
     """``encode``'s inverse; anything else is a ``CacheCorrupt``."""
     try:
         data = json.loads(raw)
@@ -89,7 +96,11 @@ def decode(raw: bytes) -> tuple[dict[str, Seen], Seen | None]:
         raise CacheCorrupt("placements: not an object (or too large)")
     got = {str(vm): _seen(s, f"placements[{vm!r:.60}]") for vm, s in placements.items()}
     zones = data.get("zones")
-    return got, None if zones is None else _seen(zones, "zones")
+    policies = data.get("policies", {})
+    if not isinstance(policies, dict) or len(policies) > MAX_VMS:
+        raise CacheCorrupt("policies: not an object (or too large)")
+    return (got, None if zones is None else _seen(zones, "zones"),
+            {str(n): _seen(s, f"policies[{n!r:.60}]") for n, s in policies.items()})
 
 
 class AnswerCache:
@@ -110,6 +121,7 @@ class AnswerCache:
         self.touch_interval = touch_interval
         self._placements: dict[str, Seen] = {}
         self._zones: Seen | None = None
+        self._policies: dict[str, Seen] = {}
         self._changed = False  # a document differs from the file's
         self._touched = False  # only times differ
         self._written = 0.0  # monotonic time of the last write
@@ -131,7 +143,7 @@ class AnswerCache:
                         extra={"path": str(path), "error": str(exc)})
             return cache
         try:
-            cache._placements, cache._zones = decode(raw)
+            cache._placements, cache._zones, cache._policies = decode(raw)
         except CacheCorrupt as exc:
             log.warning("coordinator answer cache corrupt; starting empty",
                         extra={"path": str(path), "code": exc.code, "error": exc.message})
@@ -148,6 +160,9 @@ class AnswerCache:
     def vms(self) -> list[str]:
         return sorted(self._placements)
 
+    def policy(self, name: str) -> Seen | None:
+        return self._policies.get(name)
+
     # -- remembering ----------------------------------------------------------------
 
     def put_placement(self, vm: str, doc: Mapping[str, Any], at: float | None = None) -> None:
@@ -157,6 +172,10 @@ class AnswerCache:
     def put_zones(self, doc: Mapping[str, Any], at: float | None = None) -> None:
         self._mark(self._zones, doc)
         self._zones = Seen(dict(doc), time.time() if at is None else at)
+
+    def put_policy(self, name: str, doc: Mapping[str, Any], at: float | None = None) -> None:
+        self._mark(self._policies.get(name), doc)
+        self._policies[name] = Seen(dict(doc), time.time() if at is None else at)
 
     def forget(self, vm: str) -> None:
         if self._placements.pop(vm, None) is not None:
@@ -194,7 +213,7 @@ class AnswerCache:
         async with self._lock:
             if not (self._changed or self._touched):
                 return
-            data = encode(self._placements, self._zones)
+            data = encode(self._placements, self._zones, self._policies)
             self._changed = self._touched = False
             self._written = time.monotonic()
             try:

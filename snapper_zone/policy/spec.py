@@ -42,17 +42,50 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
-from snapper_zone.common.config import FieldParser, read_document
+from snapper_zone.common.config import ConfigError, FieldParser, read_document
+from snapper_zone.errors import SnapperError
 from snapper_zone.policy.retention import Grid, Retention, RetentionError
 from snapper_zone.policy.schedule import Cron, Interval, ScheduleError, parse_schedule
 
-__all__ = ["Level", "Policy", "PolicySet", "level_of", "load_policies",
-           "parse_policies", "snapshot_name", "time_of"]
+__all__ = ["InvalidPolicy", "Level", "Policy", "PolicySet", "check_policy_document",
+           "check_policy_name", "level_of", "load_policies", "parse_policies",
+           "snapshot_name", "time_of"]
 
 DURABILITIES = ("mirrored", "local")
 _LEVEL_RE = re.compile(r"[a-z][a-z0-9]{0,15}")
 _NAME_RE = re.compile(r"snapper-([a-z][a-z0-9]{0,15})-([0-9]{8}T[0-9]{6}Z)")
 _UUID_RE = re.compile(r"[0-9a-f]{8}-(?:[0-9a-f]{4}-){3}[0-9a-f]{12}")
+# A policy document's name in the coordinator's registry (a path component there).
+_POLICY_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+
+class InvalidPolicy(SnapperError):
+    """A policy document (or its name) the registry refuses; ``field`` names the
+    part at fault (``policy[0].level[1].every``), "" for the whole."""
+
+    code = "InvalidPolicy"
+    http_status = 422
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def check_policy_name(name: object) -> str:
+    """A registry policy's name: 1-64 of a-z 0-9 . _ -, starting with a letter or digit."""
+    if not isinstance(name, str) or not _POLICY_NAME_RE.fullmatch(name):
+        raise InvalidPolicy(f"policy name {str(name)[:80]!r}: 1-64 of a-z 0-9 . _ -, "
+                            "starting with a letter or digit", "name")
+    return name
+
+
+def check_policy_document(doc: object, name: str) -> PolicySet:
+    """The registry's copy checked as the file is (``parse_policies``): an
+    ``InvalidPolicy`` naming the field."""
+    try:
+        return parse_policies(doc, f"policy {name}")
+    except ConfigError as e:
+        raise InvalidPolicy(str(e), e.field) from e
 
 
 def snapshot_name(level: str, t: float) -> str:
