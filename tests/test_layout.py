@@ -34,8 +34,9 @@ ALLOWED["snapper_zone.policy"] = {"snapper_zone.errors", "snapper_zone.common"}
 ALLOWED["replication"] = {*ALLOWED["snapper_zone.transfer"], "snapper_zone.transfer",
                           "snapper_zone.policy"}
 ALLOWED["snapper_zone.cn"] = set(ALLOWED["replication"])
+# policy: the registry checks a policy document as the agent reads it (one parser).
 ALLOWED["rebalance"] = {"snapper_zone.errors", "snapper_zone.common", "snapper_zone.wire",
-                        "snapper_zone.zfs"}
+                        "snapper_zone.zfs", "snapper_zone.policy"}
 ALLOWED["snapper_zone.daemon"] = {*ALLOWED["replication"], "replication"}
 ALLOWED["snapper_zone.fleet"] = {*ALLOWED["snapper_zone.daemon"], "snapper_zone.daemon",
                                  "snapper_zone.cn"}
