@@ -267,3 +267,7 @@ def test_cli_agent_options_are_checked(capsys: pytest.CaptureFixture[str],
     assert cli_main([*base, "--backoff", "soon"]) == 2
     assert cli_main([*base, "--clock-speed", "10"]) == 2
     assert "--clock-origin" in capsys.readouterr().err
+    # The registry's copy needs a coordinator; one source of policies, not two.
+    assert cli_main([*base[:-2], "--policy-from-coordinator", "fleet"]) == 2
+    assert "coordinator_url" in capsys.readouterr().err
+    assert cli_main([*base, "--policy-from-coordinator", "fleet"]) == 2
