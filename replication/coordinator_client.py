@@ -39,6 +39,7 @@ from snapper_zone.common.httpsig import (
     signing_session,
 )
 from snapper_zone.errors import SnapperError
+from snapper_zone.policy import PolicySet, check_policy_document, check_policy_name
 from snapper_zone.wire import InvalidDocument, ZoneEndpoint, ZoneRegistration
 
 __all__ = ["CoordinatorClient", "CoordinatorNotFound", "CoordinatorUnavailable", "KnownZone",
@@ -124,6 +125,7 @@ class CoordinatorClient:
         # Monotonic: no lookup before (the last call failed); 0: the last one was answered.
         self._down_until = 0.0
         self._noted: set[str] = set()  # VMs whose cached placement was used this outage
+        self._noted_policies: set[str] = set()  # the same, for policies
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -270,6 +272,33 @@ class CoordinatorClient:
                         extra={"vm": vm, "placement": list(cached[1].zones),
                                "error": why.message})
         return cached[1]
+
+    async def policy(self, name: str) -> PolicySet:
+        """Policy ``name`` from the registry (``GET /v1/policies/{name}``), checked
+        field by field; while the coordinator does not answer, the last copy
+        verified (kept in the answer cache). CoordinatorNotFound: removed, or never
+        set; CoordinatorUnavailable: no answer and no copy; InvalidPolicy."""
+        try:
+            doc = await self._call("GET", f"/v1/policies/{check_policy_name(name)}")
+        except CoordinatorNotFound:
+            raise
+        except CoordinatorUnavailable as exc:
+            seen = self.cache.policy(name)
+            if seen is None:
+                raise
+            if name not in self._noted_policies:  # once per outage
+                self._noted_policies.add(name)
+                at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seen.at))
+                log.warning(f"coordinator unreachable: using policy {name} as seen at {at}",
+                            extra={"policy": name, "error": exc.message})
+            return check_policy_document(seen.doc.get("document"), name)
+        self._noted_policies.clear()
+        got = check_policy_document(doc.get("document") if isinstance(doc, dict) else None,
+                                    name)
+        self.cache.put_policy(name, {"document": doc["document"],
+                                     "version": doc.get("version")})
+        await self.cache.flush()
+        return got
 
     def seen_at(self, vm: str) -> float | None:
         """When the cached placement of ``vm`` arrived (unix time), if there is one."""

@@ -15,6 +15,7 @@ from typing import Any
 import asyncssh
 import pytest
 
+from replication.coordinator_client import CoordinatorClient, CoordinatorNotFound
 from snapper_zone.cli import main as cli_main
 from snapper_zone.cn.agent import Agent, AgentState
 from snapper_zone.cn.client import lookup_policy
@@ -233,3 +234,36 @@ async def test_an_agent_follows_the_registry(env: Env, tmp_path: Path) -> None:
     clock[0] += 900
     await agent.tick()
     assert len(pusher.pushed) == 3 and pusher.pushed[-1].startswith("snapper-quarter-")
+
+
+@BOTH
+async def test_a_zone_takes_its_retention_from_the_registry(env: Env, tmp_path: Path) -> None:
+    """``[retention] policy_from_coordinator``: the zone's coordinator client reads
+    the policy as the zone (its host key), keeps the verified copy, and uses it
+    while the coordinator is away; a removed policy is not bridged."""
+    await env.fleet.add(ZONES[0])
+    await env.register(ZONES[0])
+    await env.call("PUT", "/v1/policies/fleet", DOC)
+    path = tmp_path / "answers.json"
+    client = CoordinatorClient(str(env.server.make_url("/")), Signer(HOST_KEYS[ZONES[0]]),
+                               pub(COORD.key), AnswerCache(path, LOG, min_interval=0))
+    try:
+        got = await client.policy("fleet")
+        policy = got.for_vm(VM)
+        assert policy is not None and policy.retention.counts == {"daily": 7}
+    finally:
+        await client.close()
+    away = CoordinatorClient("http://127.0.0.1:1", Signer(HOST_KEYS[ZONES[0]]),
+                             pub(COORD.key), AnswerCache.load(path, LOG))
+    try:
+        assert (await away.policy("fleet")).for_vm(VM) is not None
+    finally:
+        await away.close()
+    await env.call("DELETE", "/v1/policies/fleet", status=204)
+    client = CoordinatorClient(str(env.server.make_url("/")), Signer(HOST_KEYS[ZONES[0]]),
+                               pub(COORD.key), AnswerCache.load(path, LOG))
+    try:
+        with pytest.raises(CoordinatorNotFound):
+            await client.policy("fleet")
+    finally:
+        await client.close()

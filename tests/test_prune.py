@@ -180,6 +180,9 @@ async def test_prune_is_for_operators_and_needs_a_policy(
     ({}, "retention.policy"), ({"policy": "p.toml", "interval_seconds": 1},
                                "retention.interval_seconds"),
     ({"policy": "p.toml", "every": 5}, "retention.every"),
+    ({"policy_from_coordinator": "fleet"}, "retention.policy_from_coordinator"),
+    ({"policy_from_coordinator": 7}, "retention.policy_from_coordinator"),
+    ({"policy": "p.toml", "policy_from_coordinator": "fleet"}, "retention.policy"),
 ])
 def test_retention_config_names_the_field(retention: dict[str, Any], field: str) -> None:
     with pytest.raises(ConfigError) as e:
@@ -196,3 +199,10 @@ def test_retention_config_resolves_the_policy_beside_the_config() -> None:
     assert c.retention is not None
     assert c.retention.policy == Path("/etc/snapper/policy.toml")
     assert c.retention.interval_seconds == 600
+    c = parse_config({"uuid": ZONE_UUID, "name": "z", "root": "tank/snapper",
+                      "ssh": {"port": 0, "host_key": "/k", "advertise_host": "10.0.0.5"},
+                      "http": {"port": 0, "advertise_host": "10.0.0.5"}, "keys": [],
+                      "coordinator_url": "http://coord:8080",
+                      "retention": {"policy_from_coordinator": "fleet"}}, "/etc/snapperd.toml")
+    assert c.retention is not None and c.retention.policy is None
+    assert c.retention.policy_from_coordinator == "fleet"

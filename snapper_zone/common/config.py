@@ -155,11 +155,13 @@ class Limits:
 
 @dataclass(frozen=True)
 class RetentionConfig:
-    """Where the zone's retention policy is (``policy/spec.py``'s file format) and
-    how often the VMs pushed to this zone are pruned by it."""
+    """Where the zone's retention policy is (``policy/spec.py``'s file format: a
+    file, or the coordinator's registry copy of that name) and how often the VMs
+    pushed to this zone are pruned by it."""
 
-    policy: Path
+    policy: Path | None
     interval_seconds: int = 600
+    policy_from_coordinator: str | None = None
 
 
 @dataclass(frozen=True)
@@ -613,6 +615,9 @@ class FieldParser:
         limits = self.limits(top.get("limits", {}), max_recv)
         state_dir = self.path("state_dir", top.get("state_dir", DEFAULT_STATE_DIR))
         retention = self.retention(top["retention"]) if "retention" in top else None
+        if retention is not None and retention.policy_from_coordinator and not coordinator_url:
+            raise self.err("retention.policy_from_coordinator", "needs coordinator_url: the "
+                           "policy is the coordinator's copy")
         if coordinator_url is not None:
             # Registration tells the coordinator where to reach us: a wildcard
             # would have it (and every peer) health-check itself.
@@ -649,10 +654,18 @@ class FieldParser:
         )
 
     def retention(self, value: object) -> RetentionConfig:
-        t = self.table("retention", value, ("policy", "interval_seconds"))
-        policy = self.path("retention.policy", self.required(t, "retention", "policy"))
+        t = self.table("retention", value, ("policy", "policy_from_coordinator",
+                                            "interval_seconds"))
         interval = self.integer("retention.interval_seconds",
                                 t.get("interval_seconds", 600), 10, 86_400)
+        if "policy_from_coordinator" in t:
+            if "policy" in t:
+                raise self.err("retention.policy", "give policy (a file) or "
+                               "policy_from_coordinator (the registry's), not both")
+            name = self.string("retention.policy_from_coordinator",
+                               t["policy_from_coordinator"])
+            return RetentionConfig(None, interval, name)
+        policy = self.path("retention.policy", self.required(t, "retention", "policy"))
         return RetentionConfig(policy, interval)
 
     def limits(self, value: object, max_recv: int) -> Limits:

@@ -46,7 +46,7 @@ from snapper_zone.daemon.service import Service
 from snapper_zone.daemon.sshserver import start_ssh_server
 from snapper_zone.daemon.zone import Zone
 from snapper_zone.errors import SnapperError
-from snapper_zone.policy import load_policies
+from snapper_zone.policy import PolicySet, load_policies
 from snapper_zone.wire import ZoneRegistration
 from snapper_zone.zfs.names import Dataset
 from snapper_zone.zfs.zfs import SAFE_CONTAINER_PROPS, Zfs
@@ -151,12 +151,18 @@ async def serve(config: ZoneConfig, args: argparse.Namespace, log: logging.Logge
         # a zone restarted while no coordinator answers keeps who is who.
         zone.identity = IdentityFollower(coordinator, config.identity_path, log)
         zone.identity.load()
-    if config.retention is not None:
+    if config.retention is not None and config.retention.policy is not None:
         try:
             policies = load_policies(config.retention.policy)
         except ConfigError as e:
             raise StartupError(f"retention policy: {e}", EXIT_USAGE) from e
         zone.pruner = Pruner(zone, policies, config.retention.interval_seconds)
+    elif config.retention is not None and config.retention.policy_from_coordinator:
+        assert coordinator is not None  # the config requires coordinator_url
+        name, client = config.retention.policy_from_coordinator, coordinator
+        # Until the first answer (or the cached copy) no policy names a VM: nothing goes.
+        zone.pruner = Pruner(zone, PolicySet(()), config.retention.interval_seconds,
+                             source=lambda: client.policy(name))
     registrar: Registrar | None = None
     pruning: asyncio.Task[None] | None = None
 

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -52,9 +52,13 @@ class PrunePlan:
 
 
 class Pruner:
-    def __init__(self, zone: Zone, policies: PolicySet, interval: float) -> None:
+    def __init__(self, zone: Zone, policies: PolicySet, interval: float,
+                 source: Callable[[], Awaitable[PolicySet]] | None = None) -> None:
         self.zone = zone
         self.policies = policies
+        # The coordinator's copy, asked again before each pass over every VM (the
+        # last verified one while it does not answer); None: ``policies`` (a file).
+        self.source = source
         self.interval = interval
         self.passes = 0
         self._wake = asyncio.Event()
@@ -102,7 +106,17 @@ class Pruner:
                                                "policy": plan.policy, "reason": v.reason})
         return PrunePlan(vm, plan.policy, plan.pruner, plan.verdicts, tuple(deleted), failed)
 
+    async def refresh(self) -> None:
+        if self.source is None:
+            return
+        try:
+            self.policies = await self.source()
+        except SnapperError as e:  # the policy held stays in force (none: nothing goes)
+            log.warning("cannot refresh the retention policy; keeping the one held",
+                        extra={"err_code": e.code, "err_msg": e.message})
+
     async def prune_all(self, *, dry_run: bool) -> list[PrunePlan]:
+        await self.refresh()
         out = []
         for vm in await self.zone.store.vms():
             out.append(await self.prune(vm, dry_run=dry_run))
