@@ -1273,7 +1273,9 @@ class Coordinator:
 
     async def status(self) -> dict[str, Any]:
         """The fleet summary and who leads (``snapper status``)."""
-        return {**await self._fleet(), **await self.leadership()}
+        # The grace after a start on an empty store: why a VM may get 503 Rebuilding.
+        return {**await self._fleet(), **await self.leadership(),
+                "rebuild_grace_left": round(self.grace_left(), 1)}
 
     async def _fleet(self) -> dict[str, Any]:
         zones = {z.uuid: z for z in await self.store.zones()}

@@ -764,6 +764,9 @@ async def test_a_rebuilt_store_waits_for_a_vms_second_copy(tmp_path: Path,
         body = await env.call("GET", f"/v1/placement/{vm}", status=503)
         assert body["code"] == "Rebuilding"
         assert "1 not admitted yet" in body["message"]
+        status = await env.call("GET", "/v1/status")  # the operator sees why
+        assert status["rebuild_grace_left"] > 0
+        assert "rebuilding:" in status_text(status)
         await env.call("PUT", f"/v1/zones/{ZONES[2]}/state", {"state": "active"})
         body = await env.call("GET", f"/v1/placement/{vm}", status=503)
         assert body["code"] == "Rebuilding"
