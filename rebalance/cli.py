@@ -275,6 +275,10 @@ def status_text(status: dict[str, Any], width: int = 80) -> str:
         lines[:0] = [f"leader:           {lead}",
                      f"this coordinator: {me['id']} ({me['role']}), "
                      f"{len(status.get('candidates', []))} standing"]
+    if status.get("rebuild_grace_left"):
+        lines.append(f"rebuilding:       started on an empty store; zones re-registering "
+                     f"for {status['rebuild_grace_left']:.0f} s more (placements of VMs "
+                     "not found on two zones wait)")
     now = time.time()
     for m in status["in_flight"]:
         label = f"{m['vm'][:8]} {m['reason']} -> {_short(m['to_zone'])}"

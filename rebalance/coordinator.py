@@ -999,15 +999,38 @@ class Coordinator:
                                      return_exceptions=True)
         holders = {z.uuid: r for z, r in zip(readable, found, strict=True)
                    if isinstance(r, list)}
-        if len(holders) == 1 and await self._in_grace():
-            raise Rebuilding(f"VM {vm} is on one registered zone; zones are still "
-                             f"registering after a restart on an empty store (at most "
-                             f"{self.config.rebuild_grace:.0f} s): ask again")
+        if len(holders) < 2 and await self._in_grace():
+            self._wait_for_holders(vm, holders, [
+                z.uuid for z, r in zip(readable, found, strict=True)
+                if isinstance(r, BaseException)], zones)
         pair = self._choose_pair(vm, holders, list(zones.values()))
         got = await self.store.place(vm, pair)
         log.info("VM placed", extra={"vm": vm, "placement": got,
                                      "found_on": sorted(holders)})
         return got
+
+    def _wait_for_holders(self, vm: str, holders: Mapping[str, object],
+                          unanswered: Sequence[str], zones: Mapping[str, ZoneRecord]) -> None:
+        """During the grace, Rebuilding unless the zones' silence is proof.
+
+        Placed from one copy found, or from none while a zone did not answer
+        or is registered but not admitted yet (it is never asked), the VM would
+        go to a hashed pair that a zone could mirror to before any planning
+        pass points it back at its data. Every zone known answering "no copy"
+        means a new VM: placed by hash, as outside the grace.
+        """
+        pending = [z.uuid for z in zones.values()
+                   if not z.admitted and z.state is not ZoneState.LOST]
+        if holders:
+            why = "is on one registered zone"
+        elif unanswered or pending:
+            why = (f"is on no zone that answered ({len(unanswered)} did not, "
+                   f"{len(pending)} not admitted yet)")
+        else:
+            return
+        raise Rebuilding(f"VM {vm} {why}; zones are still registering after a restart "
+                         f"on an empty store (at most {self.config.rebuild_grace:.0f} s): "
+                         f"ask again")
 
     def _choose_pair(self, vm: str, holders: Mapping[str, Sequence[SnapshotView]],
                      zones: Sequence[ZoneRecord]) -> tuple[str, str]:
@@ -1284,7 +1307,9 @@ class Coordinator:
 
     async def status(self) -> dict[str, Any]:
         """The fleet summary and who leads (``snapper status``)."""
-        return {**await self._fleet(), **await self.leadership()}
+        # The grace after a start on an empty store: why a VM may get 503 Rebuilding.
+        return {**await self._fleet(), **await self.leadership(),
+                "rebuild_grace_left": round(self.grace_left(), 1)}
 
     async def _fleet(self) -> dict[str, Any]:
         zones = {z.uuid: z for z in await self.store.zones()}

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import asyncssh
 from prometheus_client.parser import text_string_to_metric_families
 
+from snapper_zone.common.config import parse_config
+from snapper_zone.daemon.sshserver import start_ssh_server
+from snapper_zone.daemon.zone import Zone
 from snapper_zone.fleet.local import free_port
 from snapper_zone.fleet.pools import FilePool
 from snapper_zone.zfs import proc
@@ -150,3 +157,54 @@ class Cable:
             w.transport.abort()
         await asyncio.gather(pump(r1, w2), pump(r2, w1))
         self.writers.difference_update((w1, w2))
+
+
+def write_keypair(path: Path) -> Path:
+    """A new ed25519 key at ``path`` (0600) and its ``.pub`` beside it."""
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    key.write_private_key(str(path))
+    os.chmod(path, 0o600)
+    path.with_suffix(".pub").write_bytes(key.export_public_key())
+    return path
+
+
+@dataclass
+class SshZone:
+    """An in-process zone's SSH side and the CN key it knows."""
+
+    zone: Zone
+    port: int
+    cn_key: Path
+    host_pub: Path
+
+
+@contextlib.asynccontextmanager
+async def ssh_zone(zfs: Zfs, zone_pool: FilePool, tmp: Path, *, uuid: str, cn_id: str,
+                   vms: dict[str, str], cn_key: Path | None = None,
+                   **config: Any) -> AsyncIterator[SshZone]:
+    """A zone on ``zone_pool/snapper`` serving SSH on 127.0.0.1 (no HTTP, no
+    peer: durability local unless ``config`` says otherwise), with one CN key
+    (``cn_key``, else a new one); its keys and config file in ``tmp``."""
+    os.makedirs(tmp, exist_ok=True)
+    host_key = write_keypair(tmp / "host_ed25519")
+    cn_key = cn_key or write_keypair(tmp / "cn_ed25519")
+    root = Dataset(zone_pool.name).child("snapper")
+    await zfs.create(root)
+    doc: dict[str, Any] = {
+        "uuid": uuid, "name": "snapper0", "root": str(root),
+        "ssh": {"port": 0, "host_key": str(host_key)}, "http": {"port": 0},
+        "keys": [{"role": "cn", "cn_id": cn_id,
+                  "public_key": cn_key.with_suffix(".pub").read_text()}],
+        "vms": vms, "durability": "local", **config}
+    zone = Zone.from_config(parse_config(doc, str(tmp / "snapperd.toml")), zfs)
+    acceptor = await start_ssh_server(zone)
+    try:
+        # .sockets, not get_port(): Debian bookworm's asyncssh 2.13 lacks the latter.
+        yield SshZone(zone, acceptor.sockets[0].getsockname()[1], cn_key,
+                      host_key.with_suffix(".pub"))
+    finally:
+        acceptor.close()
+        await acceptor.wait_closed()
+        # Finalise finished subprocess transports while their loop still runs;
+        # collected after it closes, they raise "Event loop is closed".
+        gc.collect()

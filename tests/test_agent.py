@@ -6,29 +6,24 @@ from __future__ import annotations
 
 import asyncio
 import calendar
-import gc
 import json
-import os
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncssh
 import pytest
 
 from snapper_zone.cn.agent import Agent, AgentState
 from snapper_zone.cn.cli import CnPusher, CnSettings
 from snapper_zone.cn.cli import main as cli_main
-from snapper_zone.common.config import parse_config
-from snapper_zone.daemon.sshserver import start_ssh_server
 from snapper_zone.daemon.zone import Zone
 from snapper_zone.fleet.pools import FilePool
 from snapper_zone.policy import PolicySet, parse_policies
 from snapper_zone.zfs import proc
 from snapper_zone.zfs.names import Dataset
 from snapper_zone.zfs.zfs import Zfs
-from tests.helpers import wait_for, write_random
+from tests.helpers import ssh_zone, wait_for, write_random
 
 pytestmark = pytest.mark.zfs
 
@@ -39,14 +34,6 @@ POLICY_DOC = {"policy": [{
     "name": "p", "vms": ["*"], "durability": "local", "retention": {"keep": {"hourly": 24}},
     "level": [{"name": "daily", "cron": "0 3 * * *"}, {"name": "hourly", "every": "1h"}]}]}
 T3 = float(calendar.timegm((2026, 12, 2, 3, 0, 0)))  # a daily and an hourly are due
-
-
-def _keypair(path: Path) -> Path:
-    key = asyncssh.generate_private_key("ssh-ed25519")
-    key.write_private_key(str(path))
-    os.chmod(path, 0o600)
-    path.with_suffix(".pub").write_bytes(key.export_public_key())
-    return path
 
 
 class Clock:
@@ -83,31 +70,15 @@ class Env:
 @pytest.fixture
 async def env(zfs: Zfs, cn_pool: FilePool, zone_pool: FilePool,
               tmp_path: Path) -> AsyncIterator[Env]:
-    host_key = _keypair(tmp_path / "host_ed25519")
-    cn_key = _keypair(tmp_path / "cn_ed25519")
-    root = Dataset(zone_pool.name).child("snapper")
-    await zfs.create(root)
-    cfg = parse_config({
-        "uuid": ZONE_UUID, "name": "snapper0", "root": str(root),
-        "ssh": {"port": 0, "host_key": str(host_key)}, "http": {"port": 0},
-        "keys": [{"role": "cn", "cn_id": CN_ID,
-                  "public_key": cn_key.with_suffix(".pub").read_text()}],
-        "vms": {VM: CN_ID}, "durability": "local"}, str(tmp_path / "snapperd.toml"))
-    zone = Zone.from_config(cfg, zfs)
-    acceptor = await start_ssh_server(zone)
-    vm = Dataset(cn_pool.name).child(VM)
-    await zfs.create(vm)
-    write_random(cn_pool, vm, "f0", 256 << 10)
-    port = acceptor.sockets[0].getsockname()[1]
-    settings = CnSettings("127.0.0.1", port, cn_key, None, host_key.with_suffix(".pub"),
-                          cn_pool.name, (("127.0.0.1", port),))
-    try:
-        yield Env(zfs, zone, settings, cn_pool, vm, tmp_path, parse_policies(POLICY_DOC),
+    async with ssh_zone(zfs, zone_pool, tmp_path, uuid=ZONE_UUID, cn_id=CN_ID,
+                        vms={VM: CN_ID}) as z:
+        vm = Dataset(cn_pool.name).child(VM)
+        await zfs.create(vm)
+        write_random(cn_pool, vm, "f0", 256 << 10)
+        settings = CnSettings("127.0.0.1", z.port, z.cn_key, None, z.host_pub,
+                              cn_pool.name, (("127.0.0.1", z.port),))
+        yield Env(zfs, z.zone, settings, cn_pool, vm, tmp_path, parse_policies(POLICY_DOC),
                   Clock(T3 + 5))
-    finally:
-        acceptor.close()
-        await acceptor.wait_closed()
-        gc.collect()
 
 
 async def test_schedule_incrementals_and_a_small_cn_side(env: Env) -> None:

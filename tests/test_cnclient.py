@@ -8,7 +8,6 @@ SSH; what comes back is compared byte for byte.
 from __future__ import annotations
 
 import asyncio
-import gc
 import hashlib
 import json
 import os
@@ -18,12 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncssh
 import pytest
 
 from snapper_zone.cn.client import CnClient, PlanError, RestoreError
-from snapper_zone.common.config import parse_config
-from snapper_zone.daemon.sshserver import start_ssh_server
 from snapper_zone.daemon.zone import Zone
 from snapper_zone.fleet.pools import FilePool
 from snapper_zone.transfer.remote import ZoneClient, ZoneError
@@ -33,7 +29,15 @@ from snapper_zone.zfs.names import Dataset
 from snapper_zone.zfs.zfs import Capabilities, Zfs
 from soak.faults import CuttingZoneClient
 from tests.conftest import require
-from tests.helpers import mountpoint, read_device, write_device, write_random, zvol_device
+from tests.helpers import (
+    mountpoint,
+    read_device,
+    ssh_zone,
+    write_device,
+    write_keypair,
+    write_random,
+    zvol_device,
+)
 
 pytestmark = pytest.mark.zfs
 
@@ -41,14 +45,6 @@ ZONE_UUID = "bd932c2b-caae-495a-abf2-fb958111c3fb"
 CN_ID = "44454c4c-3800-1051-8036-b4c04f4e3232"
 VM = "74c59c61-4559-4ca2-b1ef-0ca22f2f936a"
 ZVOL_SIZE = 32 << 20
-
-
-def _keypair(path: Path) -> Path:
-    key = asyncssh.generate_private_key("ssh-ed25519")
-    key.write_private_key(str(path))
-    os.chmod(path, 0o600)
-    path.with_suffix(".pub").write_bytes(key.export_public_key())
-    return path
 
 
 @dataclass
@@ -77,34 +73,14 @@ class Env:
 @pytest.fixture
 async def env(zfs: Zfs, caps: Capabilities, cn_pool: FilePool, zone_pool: FilePool,
               tmp_path: Path) -> AsyncIterator[Env]:
-    host_key = _keypair(tmp_path / "host_ed25519")
-    cn_key = _keypair(tmp_path / "cn_ed25519")
-    root = Dataset(zone_pool.name).child("snapper")
-    await zfs.create(root)
-    cfg = parse_config({
-        "uuid": ZONE_UUID, "name": "snapper0", "root": str(root),
-        "ssh": {"port": 0, "host_key": str(host_key)}, "http": {"port": 0},
-        "keys": [{"role": "cn", "cn_id": CN_ID,
-                  "public_key": cn_key.with_suffix(".pub").read_text()}],
-        "vms": {VM: CN_ID}, "durability": "local"}, str(tmp_path / "snapperd.toml"))
-    zone = Zone.from_config(cfg, zfs)
-    acceptor = await start_ssh_server(zone)
-    vm = Dataset(cn_pool.name).child(VM)
-    await zfs.create(vm)
-    await zfs.create(vm.child("disk0"))
-    if caps.zvols:
-        await zfs.create(vm.child("disk1"), volsize=ZVOL_SIZE)
-    try:
-        # .sockets, not get_port(): Debian bookworm's asyncssh 2.13 lacks the latter.
-        port = acceptor.sockets[0].getsockname()[1]
-        yield Env(zfs, caps, zone, port, cn_key,
-                  host_key.with_suffix(".pub"), cn_pool, vm, tmp_path)
-    finally:
-        acceptor.close()
-        await acceptor.wait_closed()
-        # Finalise finished subprocess transports while their loop still runs;
-        # collected after it closes, they raise "Event loop is closed".
-        gc.collect()
+    async with ssh_zone(zfs, zone_pool, tmp_path, uuid=ZONE_UUID, cn_id=CN_ID,
+                        vms={VM: CN_ID}) as z:
+        vm = Dataset(cn_pool.name).child(VM)
+        await zfs.create(vm)
+        await zfs.create(vm.child("disk0"))
+        if caps.zvols:
+            await zfs.create(vm.child("disk1"), volsize=ZVOL_SIZE)
+        yield Env(zfs, caps, z.zone, z.port, z.cn_key, z.host_pub, cn_pool, vm, tmp_path)
 
 
 def _tree_hashes(path: Path) -> dict[str, str]:
@@ -376,7 +352,7 @@ async def test_cli_push_list_restore(env: Env) -> None:
 
 
 async def test_unknown_host_key_is_refused(env: Env) -> None:
-    other = _keypair(env.tmp / "other_ed25519")
+    other = write_keypair(env.tmp / "other_ed25519")
     client = ZoneClient("127.0.0.1", env.port, env.cn_key,
                         host_key=other.with_suffix(".pub"))
     from snapper_zone.transfer.remote import ZoneUnreachable

@@ -748,7 +748,7 @@ async def test_a_rebuilt_store_waits_for_a_vms_second_copy(tmp_path: Path,
     """The store was lost: the first zone back must not get the VMs it holds
     placed by hash; placement answers 503 Rebuilding until the other copy's zone
     is back, then follows the data (primary: the zone the CN pushed to)."""
-    for z in ZONES[:3]:
+    for z in ZONES[:4]:
         await fleet.add(z)
     vm, pair = VMS[0], [ZONES[2], ZONES[1]]
     fleet.push(vm, pair)
@@ -756,12 +756,26 @@ async def test_a_rebuilt_store_waits_for_a_vms_second_copy(tmp_path: Path,
     await env.coordinator.prepare()  # as the daemon does before it serves
     await env.start()
     try:
-        await env.register(ZONES[2])  # zones come back one by one
+        # Zones come back one by one; the first holder is registered but not admitted
+        # yet (never asked): found on no zone is not proof, no hashed pair.
+        await env.register(ZONES[2], admit=False)
+        await env.register(ZONES[0])
+        await env.register(ZONES[3])
         body = await env.call("GET", f"/v1/placement/{vm}", status=503)
         assert body["code"] == "Rebuilding"
-        await env.register(ZONES[0])
+        assert "1 not admitted yet" in body["message"]
+        status = await env.call("GET", "/v1/status")  # the operator sees why
+        assert status["rebuild_grace_left"] > 0
+        assert "rebuilding:" in status_text(status)
+        await env.call("PUT", f"/v1/zones/{ZONES[2]}/state", {"state": "active"})
+        body = await env.call("GET", f"/v1/placement/{vm}", status=503)
+        assert body["code"] == "Rebuilding"
+        assert "one registered zone" in body["message"]
         await env.register(ZONES[1])
         assert await env.placement(vm) == pair
+        # Every zone answered "no copy": a new VM, placed by hash during the grace too.
+        assert env.coordinator.grace_left() > 0, "after the grace: proves nothing"
+        assert len(await env.placement(VMS[1])) == 2
     finally:
         await env.close()
 

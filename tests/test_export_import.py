@@ -25,7 +25,7 @@ from snapper_zone.zfs import proc
 from snapper_zone.zfs.names import Dataset
 from tests import test_cnclient
 from tests.conftest import PoolFactory
-from tests.helpers import mountpoint, read_device, write_device, zvol_device
+from tests.helpers import mountpoint, read_device, ssh_zone, write_device, zvol_device
 from tests.test_cnclient import VM, ZVOL_SIZE, Env, _tree_hashes
 
 pytestmark = pytest.mark.zfs
@@ -245,34 +245,19 @@ async def test_import_onto_a_new_zone_then_restore(env: Env, make_pool: PoolFact
     """The site's only zone is gone: a new zone takes the VM from the file (as the
     CN's push would bring it), and a restore from that zone is the VM at s2."""
     from snapper_zone.cn.archive import import_to_zone
-    from snapper_zone.common.config import parse_config
-    from snapper_zone.daemon.sshserver import start_ssh_server
-    from snapper_zone.daemon.zone import Zone
     from snapper_zone.transfer.remote import ZoneClient, ZoneError
-    from tests.test_cnclient import CN_ID, _keypair
+    from tests.test_cnclient import CN_ID
 
     async with asyncio.timeout(240):
         out, at, _ = await _pushed(env, env.tmp)
         pool = await make_pool("zone2", mounted=False)
-        root = Dataset(pool.name).child("snapper")
-        await env.zfs.create(root)
-        host_key = _keypair(env.tmp / "host2_ed25519")
-        cfg = parse_config({
-            "uuid": "0f0c1a52-0b8e-4c61-9d7e-6f1f3ad0e0a2", "name": "snapper1",
-            "root": str(root), "ssh": {"port": 0, "host_key": str(host_key)},
-            "http": {"port": 0},
-            "keys": [{"role": "cn", "cn_id": CN_ID,
-                      "public_key": env.cn_key.with_suffix(".pub").read_text()}],
-            "vms": {VM: CN_ID}, "durability": "local"}, str(env.tmp / "snapperd2.toml"))
-        zone2 = Zone.from_config(cfg, env.zfs)
-        acceptor = await start_ssh_server(zone2)
-        try:
-            port = acceptor.sockets[0].getsockname()[1]
-            client = ZoneClient("127.0.0.1", port, env.cn_key,
-                                host_key=host_key.with_suffix(".pub"))
+        async with ssh_zone(env.zfs, pool, env.tmp / "zone2", cn_key=env.cn_key,
+                            uuid="0f0c1a52-0b8e-4c61-9d7e-6f1f3ad0e0a2", cn_id=CN_ID,
+                            vms={VM: CN_ID}) as z2:
+            client = ZoneClient("127.0.0.1", z2.port, env.cn_key, host_key=z2.host_pub)
             async with client as zone:
                 report = await import_to_zone(out, zone)
-                assert report.datasets == [cfg.uuid]  # committed; durability local
+                assert report.datasets == [z2.zone.config.uuid]  # committed; durability local
                 (held,) = await zone.snapshots(VM)
                 assert held.name == "s2" and held.complete
                 assert held.guids == await _guids(env, env.vm, "s2")
@@ -299,6 +284,3 @@ async def test_import_onto_a_new_zone_then_restore(env: Env, make_pool: PoolFact
                 with pytest.raises(ZoneError):
                     await import_to_zone(out, zone)
                 assert await zone.inventory(VM) == before
-        finally:
-            acceptor.close()
-            await acceptor.wait_closed()

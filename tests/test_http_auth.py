@@ -172,6 +172,12 @@ async def test_wrong_role_is_403(servers: Servers) -> None:
                 (peer, "DELETE", servers.zurl(f"/v1/vms/{VM}/snapshots/s1"), None),
                 (peer, "POST", servers.zurl(f"/v1/vms/{VM}/sync"), {}),
                 (coord, "DELETE", servers.zurl(f"/v1/vms/{VM}/snapshots/s1"), None),
+                # Retention deletes snapshots: the operator's alone, not even the owner's.
+                (cn, "POST", servers.zurl(f"/v1/vms/{VM}/prune"), {}),
+                (cn, "POST", servers.zurl("/v1/prune"), {}),
+                (peer, "POST", servers.zurl(f"/v1/vms/{VM}/prune"), {}),
+                (peer, "POST", servers.zurl("/v1/prune"), {}),
+                (coord, "POST", servers.zurl("/v1/prune"), {}),
                 (cn, "GET", servers.curl("/v1/zones"), None),
                 (cn, "PUT", servers.curl(f"/v1/zones/{PEER}/state"), {"state": "lost"}),
                 (cn, "POST", servers.curl("/v1/rebalance"), None),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import functools
+import math
 import time
 from collections.abc import AsyncIterator
 
@@ -158,6 +159,22 @@ def test_any_one_byte_change_fails(method: str, target: str, body: bytes,
 
 def _skewed(skew: float) -> float:
     return time.time() + skew
+
+
+def test_a_request_signed_before_the_server_started_is_not_taken() -> None:
+    """The replay cache is in memory: what the last process saw, this one has not.
+    A request signed before the start (captured, say) is refused, not replayed."""
+    now = [1_800_000_000.5]
+    old = Signer(KEYS["ssh-ed25519"], clock=lambda: now[0] - 2)
+    h = _headers(old, "GET", "/v1/x", b"")
+    now[0] += 1.0
+    v = Verifier(clock=lambda: now[0])  # started after `old` signed
+    with pytest.raises(Unauthorized, match="before this server started"):
+        _verify(v, "GET", "/v1/x", h, b"")
+    assert len(v.cache) == 0  # refused before its nonce was taken
+    # Signed in the second it started (dates have whole seconds): taken.
+    same = Signer(KEYS["ssh-ed25519"], clock=lambda: math.floor(now[0]) + 0.0)
+    _verify(v, "GET", "/v1/x", _headers(same, "GET", "/v1/x", b""), b"")
 
 
 def test_replay_skew_and_unknown_key() -> None:

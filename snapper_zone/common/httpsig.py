@@ -12,7 +12,8 @@ of the body (of the empty body too), so a signature covers what is asked,
 of whom, when, and with what payload. The server finds the key by its
 fingerprint in its key ring (fingerprint -> :class:`Identity`: role, id,
 key), checks the signature, the date (within ``WINDOW`` seconds), the body's
-digest, and that the nonce was not seen within the window; anything else is
+digest, and that the nonce was not seen within the window (nor signed before
+the server started: the seen nonces are kept in memory); anything else is
 401 ``Unauthorized``. ``signature`` is the SSH signature blob (``string
 algorithm, string signature``, what ``SSHKey.sign`` returns), so asyncssh
 signs and verifies ed25519, ecdsa and rsa (``rsa-sha2-256``; SHA-1 ``ssh-rsa``
@@ -48,6 +49,7 @@ import email.utils
 import hashlib
 import heapq
 import json
+import math
 import re
 import secrets
 import struct
@@ -378,6 +380,10 @@ class Verifier:
         self.window = window
         self.clock = clock
         self.cache = cache or ReplayCache()
+        # Nonces live in memory: a request signed before this process started
+        # may have been seen by the one before it, so it is not taken. Dates
+        # have whole seconds: one signed in the second of the start passes.
+        self.started = math.floor(clock())
 
     async def verify(self, method: str, target: str, headers: Mapping[str, str],
                      body: bytes, lookup: KeyLookup,
@@ -411,6 +417,9 @@ class Verifier:
         if abs(now - when) > self.window:
             raise Unauthorized(f"date {signed['date']} is more than {self.window:g}s "
                                "from the server's clock")
+        if when < self.started:
+            raise Unauthorized(f"date {signed['date']} is before this server started (a "
+                               "replay cannot be ruled out): sign the request again")
         if signed["digest"] != digest(body):
             raise Unauthorized("digest does not match the body")
         nonce = signed[NONCE_HEADER]
