@@ -23,7 +23,7 @@ from snapper_zone.policy import PolicySet, parse_policies
 from snapper_zone.zfs import proc
 from snapper_zone.zfs.names import Dataset
 from snapper_zone.zfs.zfs import Zfs
-from tests.helpers import ssh_zone, wait_for, write_random
+from tests.helpers import ssh_zone, wait_for, write_keypair, write_random
 
 pytestmark = pytest.mark.zfs
 
@@ -231,7 +231,7 @@ async def test_run_takes_what_fell_due_during_a_push_at_once(env: Env) -> None:
 
 def test_cli_agent_options_are_checked(capsys: pytest.CaptureFixture[str],
                                        tmp_path: Path) -> None:
-    key = _keypair(tmp_path / "k")
+    key = write_keypair(tmp_path / "k")
     base = ["--zone", "127.0.0.1:1", "--key", str(key), "agent", "--policy", "x.toml"]
     assert cli_main([*base, "--backoff", "1h,1m"]) == 2
     assert "0 < MIN <= MAX" in capsys.readouterr().err
