@@ -199,3 +199,43 @@ def test_method_property_unset(tmp_path: Path) -> None:
     assert proc.returncode == 96
     assert "config/file is not set" in err
     assert "pid=" not in out
+
+
+# --- the agent's method: a policy file, or a policy of the registry by name
+
+AGENT_FMRI = "svc:/smartdc/agent/snapper-agent:default"
+
+
+def _run_agent_method(tmp_path: Path, props: dict[str, str]) -> tuple[int, list[str], str]:
+    bindir = tmp_path / "bin"
+    bindir.mkdir(parents=True)
+    cases = "".join(f'  "-p config/{k} {AGENT_FMRI}") echo \'{v}\' ;;\n'
+                    for k, v in props.items())
+    _stub(bindir, "svcprop", f'case "$1 $2 $3" in\n{cases}'
+                             '  *) echo "svcprop: Couldn\'t find property." >&2; exit 1 ;;\n'
+                             "esac\n")
+    _stub(bindir, "snapper", 'for a in "$@"; do echo "arg=$a"; done\n')
+    res = subprocess.run([str(SMF / "method" / "snapper-agent")], capture_output=True,
+                         text=True, timeout=30, check=False,
+                         env={"PATH": f"{bindir}:/usr/bin:/bin", "SMF_FMRI": AGENT_FMRI})
+    return res.returncode, [a[4:] for a in res.stdout.splitlines()], res.stderr
+
+
+def test_agent_method_runs_a_policy_file_or_a_registry_policy(tmp_path: Path) -> None:
+    conf, policy = tmp_path / "cn.toml", tmp_path / "policy.toml"
+    conf.write_text("# test\n")
+    policy.write_text("# test\n")
+    base = {"file": str(conf), "policy": str(policy), "state": "/var/tmp/state.json"}
+    rc, argv, err = _run_agent_method(tmp_path / "a", {**base, "policy_name": '""'})
+    assert rc == 0, err
+    assert argv == ["--config", str(conf), "agent", "--policy", str(policy),
+                    "--state", "/var/tmp/state.json"]
+    rc, argv, err = _run_agent_method(tmp_path / "b", {**base, "policy_name": "gold",
+                                                       "policy": str(tmp_path / "none")})
+    assert rc == 0, err  # the file is not needed when the registry's policy is named
+    assert argv == ["--config", str(conf), "agent", "--policy-from-coordinator", "gold",
+                    "--state", "/var/tmp/state.json"]
+    rc, argv, err = _run_agent_method(tmp_path / "c", {**base, "policy": str(tmp_path / "x")})
+    assert rc == 96 and argv == [] and "config/policy" in err and "not readable" in err
+    rc, argv, err = _run_agent_method(tmp_path / "d", {"file": str(conf), "state": "s"})
+    assert rc == 96 and argv == [] and "config/policy_name" in err
