@@ -15,6 +15,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from snapper_zone.cn.cli import slowest
 from snapper_zone.common.config import ConfigError
 from snapper_zone.common.durations import format_duration
 from snapper_zone.policy import (
@@ -274,6 +275,8 @@ def policy_doc(**over: Any) -> dict[str, Any]:
     ({"vms": ["nope"]}, "policy[0].vms", "uuid"),
     ({"vms": []}, "policy[0]", "names no VM"),
     ({"durability": "triple"}, "policy[0].durability", "one of"),
+    ({"bwlimit": "fast"}, "policy[0].bwlimit", ""),
+    ({"bwlimit": 0}, "policy[0].bwlimit", ""),
     ({"retention": {}}, "policy[0].retention", "grid or counts"),
     ({"retention": {"grid": "24"}}, "policy[0].retention.grid", "COUNTxLENGTH"),
     ({"retention": {"keep": {"weekly": 2}}}, "policy[0].retention.keep.weekly", "unknown"),
@@ -295,6 +298,15 @@ def test_bad_policies_name_the_field(over: dict[str, Any], field: str, word: str
     with pytest.raises(ConfigError) as e:
         parse_policies(policy_doc(**over), "p.toml")
     assert e.value.field == field and word in e.value.message
+
+
+def test_a_policy_paces_its_pushes() -> None:
+    assert parse_policies(policy_doc(bwlimit="50M"), "p.toml").policies[0].bwlimit == 50 << 20
+    assert parse_policies(policy_doc(bwlimit=1000), "p.toml").policies[0].bwlimit == 1000
+    assert parse_policies(policy_doc(), "p.toml").policies[0].bwlimit is None
+    # The CN's own cap and the policy's: the lower holds.
+    assert slowest(None, None) is None and slowest(10.0, None) == 10.0
+    assert slowest(None, 5.0) == 5.0 and slowest(10.0, 5.0) == 5.0
 
 
 def test_most_specific_policy_wins() -> None:

@@ -181,6 +181,7 @@ class _Pusher:
 
     def __init__(self) -> None:
         self.pushed: list[str] = []
+        self.rates: list[float | None] = []
 
     async def local_vms(self) -> list[str]:
         return [VM]
@@ -194,8 +195,10 @@ class _Pusher:
     async def zone_snapshots(self, vm: str) -> list[Snap]:
         return []
 
-    async def push(self, vm: str, name: str, base: str | None, durability: str) -> Any:
+    async def push(self, vm: str, name: str, base: str | None, durability: str,
+                   bwlimit: float | None = None) -> Any:
         self.pushed.append(name)
+        self.rates.append(bwlimit)
         return None
 
     async def destroy_local(self, vm: str, names: Any) -> None:
@@ -226,10 +229,12 @@ async def test_an_agent_follows_the_registry(env: Env, tmp_path: Path) -> None:
     quick = json.loads(json.dumps(DOC))
     quick["policy"][0]["level"] = [{"name": "quarter", "every": "15m"}]
     quick["policy"][0]["retention"] = {"keep": {"quarter": 4}}
+    quick["policy"][0]["bwlimit"] = "20M"  # and paces its pushes
     await env.call("PUT", "/v1/policies/fleet", quick)
     clock[0] += 900
     await agent.tick()
     assert pusher.pushed[-1].startswith("snapper-quarter-")
+    assert pusher.rates == [None, 20 << 20]
     where["url"] = "http://127.0.0.1:1"  # the coordinator away: the copy goes on
     clock[0] += 900
     await agent.tick()

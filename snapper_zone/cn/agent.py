@@ -56,7 +56,10 @@ class Pusher(Protocol):
         """The VM's snapshots on its zone (complete or not)."""
         ...
 
-    async def push(self, vm: str, name: str, base: str | None, durability: str) -> Any: ...
+    async def push(self, vm: str, name: str, base: str | None, durability: str,
+                   bwlimit: float | None = None) -> Any:
+        """``bwlimit``: the policy's bytes/s (the CN's own cap, if lower, still holds)."""
+        ...
 
     async def destroy_local(self, vm: str, names: Sequence[str]) -> None: ...
 
@@ -198,7 +201,8 @@ class Agent:
         base_name = None
         try:
             # From the zone's newest snapshot: the only one a live pool receives on.
-            report = await self.pusher.push(vm, name, None, policy.durability)
+            report = await self.pusher.push(vm, name, None, policy.durability,
+                                            policy.bwlimit)
             base = next((str(d.base) for d in getattr(report, "datasets", ()) if d.base), None)
             # "pool/vm@snap" or "pool/vm#bookmark": the name is what the VM's snapshots share
             base_name = base.replace("#", "@").rpartition("@")[2] if base else None

@@ -271,6 +271,12 @@ async def push_with_failover(s: CnSettings, vm: str, *, name: str | None, base: 
     raise ZoneUnreachable(f"VM {vm}: no zone to push to")
 
 
+def slowest(*rates: float | None) -> float | None:
+    """The lowest of the limits given (bytes/s); None when there is none."""
+    given = [r for r in rates if r is not None]
+    return min(given) if given else None
+
+
 class CnPusher:
     """The agent's I/O (``cn/agent.Pusher``) on the CN client, with ``snapper push``'s
     zone failover."""
@@ -310,9 +316,11 @@ class CnPusher:
                     raise
         return []
 
-    async def push(self, vm: str, name: str, base: str | None, durability: str) -> PushReport:
+    async def push(self, vm: str, name: str, base: str | None, durability: str,
+                   bwlimit: float | None = None) -> PushReport:
         return await push_with_failover(self.s, vm, name=name, base=base, metadata=None,
-                                        durability=durability, bwlimit=self.bwlimit,
+                                        durability=durability,
+                                        bwlimit=slowest(self.bwlimit, bwlimit),
                                         reporter=progress.NoProgress())
 
     async def destroy_local(self, vm: str, names: Sequence[str]) -> None:

@@ -6,6 +6,7 @@ One TOML file (``etc/policy.example.toml`` documents every field)::
     name = "default"
     vms = ["*"]                       # VM uuids, or "*"; also cns = [...], tags = ["k=v"]
     durability = "mirrored"
+    bwlimit = "50M"                   # bytes/s for this policy's pushes (optional)
     retention = { grid = "1x1h(keep=all) | 24x1h | 14x1d", keep = { monthly = 12 } }
 
     [[policy.level]]                  # coarsest first
@@ -128,6 +129,7 @@ class Policy:
     levels: tuple[Level, ...]
     retention: Retention
     durability: str = "mirrored"
+    bwlimit: float | None = None  # bytes/s for its pushes; None: as fast as allowed
 
     def level(self, name: str) -> Level:
         return next(lv for lv in self.levels if lv.name == name)
@@ -202,7 +204,7 @@ class _Reader(FieldParser):
 
     def policy(self, fld: str, value: object) -> Policy:
         t = self.table(fld, value, ("name", "vms", "cns", "tags", "level", "retention",
-                                    "durability"))
+                                    "durability", "bwlimit"))
         if "name" not in t:
             raise self.err(f"{fld}.name", "missing required field")
         name = self.string(f"{fld}.name", t["name"])
@@ -233,8 +235,10 @@ class _Reader(FieldParser):
         if "retention" not in t:
             raise self.err(f"{fld}.retention", "missing required field")
         retention = self.keep(f"{fld}.retention", t["retention"], known)
+        bwlimit = float(self.size(f"{fld}.bwlimit", t["bwlimit"], lo=1)) \
+            if "bwlimit" in t else None
         return Policy(name, frozenset(vms), frozenset(cns), frozenset(tags), levels, retention,
-                      str(durability))
+                      str(durability), bwlimit)
 
     def level(self, fld: str, value: object) -> Level:
         t = self.table(fld, value, ("name", "every", "cron", "base"))
