@@ -837,7 +837,7 @@ async def test_zones_re_registering_after_a_lost_store_move_nothing(tmp_path: Pa
         await fleet.add(z)
     for i, vm in enumerate(VMS):  # ZONES[2] holds 2 of 24 copies: far below its share
         fleet.push(vm, [ZONES[0], ZONES[1]] if i >= 2 else [ZONES[1], ZONES[2]])
-    env = _auto_env(tmp_path, fleet, grace=1.0)
+    env = _auto_env(tmp_path, fleet, grace=3.0)  # registering 3 zones fits, under load too
     await env.coordinator.prepare()
     await env.start()
     env.coordinator.start()
