@@ -65,7 +65,6 @@ class CnPathBench(Bench):
         # The CN's VM: the stream's source dataset under the name snapper pushes.
         self.vm = self.src.child(VM)
         await self.zfs.pipe(SendSpec(self.data.snapshot(SNAP)), self.vm)
-        await self.zfs.destroy(self.data, recursive=True)
         self.bytes = await self.send_bytes(SendSpec(self.vm.snapshot(SNAP)))
         await self.start_sshd([self.client_key])
         await self.start_snapperd([CnKey(CN_ID, self.client_key, (VM,))])
