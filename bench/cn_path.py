@@ -8,8 +8,9 @@ hits all alike:
 
   a. ``zfs send | ssh -c aes128-gcm@openssh.com root@zone zfs receive``
      into a private sshd on 127.0.0.1 (what people script by hand)
-  b. ``snapper push VM --name SNAP``: the real CLI, snapper's asyncssh
-     client, live ``zfs send``, into a ``snapperd`` process
+  b. ``snapper push VM --name SNAP``: the real CLI, live ``zfs send``, into
+     a ``snapperd`` process; its stream through OpenSSH's ``ssh`` where
+     installed (``--ssh-client asyncssh``: snapper's own client)
   c. ``syncoid`` (Debian's sanoid package, if installed) over the same sshd
 
 Each run lands in a fresh dataset, destroyed afterwards; the time is from
@@ -46,6 +47,7 @@ from common import (  # noqa: E402
     VM,
     Bench,
     CnKey,
+    add_ssh_client_option,
     cpu_seconds,
     cpu_since,
     header,
@@ -132,6 +134,7 @@ async def amain(args: argparse.Namespace) -> int:
     bench = CnPathBench(workdir, args.size_mib, args.repeat)
     try:
         print(f"preparing {args.size_mib} MiB of data in {workdir} ...", file=sys.stderr)
+        bench.ssh_client = args.ssh_client
         await bench.setup()
         caps = await bench.zfs.capabilities()
         times = await bench.run()
@@ -160,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--size-mib", type=int, default=512, help="data in the dataset (MiB)")
     p.add_argument("--repeat", type=int, default=3, help="runs per method; median reported")
+    add_ssh_client_option(p)
     args = p.parse_args(argv)
     if args.size_mib < 1 or args.repeat < 1:
         p.error("--size-mib and --repeat must be positive")

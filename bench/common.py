@@ -218,6 +218,12 @@ def rate_rows(nbytes: int, times: Mapping[str, Sequence[float]],
     return out
 
 
+def add_ssh_client_option(p: Any) -> None:
+    p.add_argument("--ssh-client", choices=("openssh", "asyncssh"),
+                   help="what carries snapper push's stream (default: the CLI's, OpenSSH "
+                   "where installed)")
+
+
 def run_line(i: int, label: str, nbytes: int, seconds: float) -> None:
     print(f"  run {i + 1}: {label:<44} {nbytes / seconds / 1e6:8.1f} MB/s",
           file=sys.stderr, flush=True)
@@ -258,6 +264,7 @@ class Bench:
         self.pools: list[FilePool] = []
         self.daemons: list[proc.Daemon] = []
         self.snapperd_config: dict[str, Any] = {}  # extra keys for snapperd's config
+        self.ssh_client: str | None = None  # snapper push --ssh-client
 
     async def setup(self) -> None:
         if localpool.tier() == "fuse":
@@ -357,10 +364,12 @@ class Bench:
                                    + key.export_public_key().decode())
 
     def push_argv(self, key: Path, vm: str, dataset_root: str) -> list[str]:
-        """``snapper push VM --name SNAP``'s arguments (after the program)."""
+        """``snapper push VM --name SNAP``'s arguments (after the program); the stream
+        through ``ssh_client`` (None: the CLI's default, OpenSSH where installed)."""
+        client = ["--ssh-client", self.ssh_client] if self.ssh_client else []
         return ["--zone", f"127.0.0.1:{self.zone_port}", "--key", str(key),
                 "--known-hosts", str(self.zone_known), "--dataset-root", dataset_root,
-                "push", vm, "--name", SNAP, "--progress", "none"]
+                *client, "push", vm, "--name", SNAP, "--progress", "none"]
 
     async def cleanup(self) -> None:
         for daemon in reversed(self.daemons):

@@ -9,7 +9,8 @@ same run, one after the other:
 
   a. ``zfs send | ssh -c aes128-gcm@openssh.com root@zone zfs receive``,
      N at once into one private sshd on 127.0.0.1
-  b. ``snapper push VM --name SNAP``, N at once into one ``snapperd``
+  b. ``snapper push VM --name SNAP`` (its stream through OpenSSH where
+     installed, or ``--ssh-client``), N at once into one ``snapperd``
      (``max_concurrent_receives`` = the largest N, so none is queued). Each
      CN is a worker process that has imported snapper and waits for the
      start: the real CLI, timed without Python's start-up
@@ -56,6 +57,7 @@ from common import (  # noqa: E402
     Bench,
     CnKey,
     RssPeak,
+    add_ssh_client_option,
     cpu_seconds,
     cpu_since,
     header,
@@ -234,6 +236,7 @@ async def amain(args: argparse.Namespace) -> int:
     try:
         print(f"preparing {max(args.cns)} CNs of {args.size_mib} MiB in {workdir} ...",
               file=sys.stderr)
+        bench.ssh_client = args.ssh_client
         await bench.setup()
         caps = await bench.zfs.capabilities()
         figures = await bench.run()
@@ -273,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="runs per N and path; median reported")
     p.add_argument("--cns", default="1,4,16,32",
                    help="how many CNs push at once, comma-separated (default 1,4,16,32)")
+    add_ssh_client_option(p)
     args = p.parse_args(argv)
     try:
         args.cns = sorted({int(x) for x in args.cns.split(",")})
