@@ -44,8 +44,10 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -101,6 +103,7 @@ class ScaleBench(Bench):
         self.copies = max(cns) + 1
         self.dst_copies = max(cns)
         self.snapperd_config = {"max_concurrent_receives": max(cns)}
+        self.round_timeout = 300.0
 
     async def setup(self) -> None:
         await super().setup()
@@ -128,16 +131,19 @@ class ScaleBench(Bench):
                                     f"'{remote}'"))
             start = time.monotonic()
             # A shell pipeline, as people write it: the bench's own fixed strings only.
-            child = await proc.spawn(["sh", "-c", f"{send} | {ssh}"])
-            done = await child.wait()
+            child = await proc.spawn(["sh", "-c", f"{send} | {ssh}"], new_session=True)
+            try:
+                done = await child.wait()
+            except BaseException:  # the round timed out: end the whole pipeline
+                child.kill_group()
+                raise
             if not done.ok:
                 raise RuntimeError(done.stderr.strip()[-400:])
             return time.monotonic() - start
 
         before = cpu_seconds(self.sshd_pid)
         start = time.monotonic()
-        got = await asyncio.gather(*(one(c, k) for k, c in enumerate(self.cns[:n])),
-                                   return_exceptions=True)
+        got = await self._bounded([one(c, k) for k, c in enumerate(self.cns[:n])])
         took = time.monotonic() - start
         cpu = await cpu_since(self.sshd_pid, before)
         for k in range(n):
@@ -149,7 +155,8 @@ class ScaleBench(Bench):
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         workers = [await proc.spawn([sys.executable, ME, "--worker",
                                      *self.push_argv(c.key, c.vms[0], str(self.src))],
-                                    stdin=proc.PIPE, stdout=proc.PIPE, env=env)
+                                    stdin=proc.PIPE, stdout=proc.PIPE, env=env,
+                                    new_session=True)
                    for c in self.cns[:n]]
         try:
             for w in workers:  # every CN ready (snapper imported) before any starts
@@ -170,12 +177,12 @@ class ScaleBench(Bench):
                 start = time.monotonic()
                 for w in workers:
                     w.stdin.write(GO)
-                got = await asyncio.gather(*(one(w) for w in workers), return_exceptions=True)
+                got = await self._bounded([one(w) for w in workers])
                 took = time.monotonic() - start
             cpu = await cpu_since(self.snapperd_pid, before)
         finally:
-            for w in workers:
-                w.kill()
+            for w in workers:  # a worker's zfs send and ssh too, if it is still running
+                w.kill_group()
                 await w.wait()
         for c in self.cns[:n]:
             with contextlib.suppress(Exception):
@@ -183,6 +190,23 @@ class ScaleBench(Bench):
         r = _round(took, got, cpu)
         r.rss_growth = rss.growth
         return r
+
+    async def _bounded(self, pushes: list[Coroutine[Any, Any, float]]) -> list[
+            float | BaseException]:
+        """Every push's seconds or error; those still running after ``round_timeout``
+        are cancelled (their processes killed) and count as failures."""
+        tasks = [asyncio.ensure_future(p) for p in pushes]
+        await asyncio.wait(tasks, timeout=self.round_timeout)
+        out: list[float | BaseException] = []
+        for t in tasks:
+            if not t.done():
+                t.cancel()
+                with contextlib.suppress(BaseException):
+                    await t
+                out.append(TimeoutError(f"still running after {self.round_timeout:g} s"))
+            else:
+                out.append(t.exception() or t.result())
+        return out
 
     async def run(self) -> dict[int, Figures]:
         out: dict[int, Figures] = {}
@@ -237,6 +261,7 @@ async def amain(args: argparse.Namespace) -> int:
         print(f"preparing {max(args.cns)} CNs of {args.size_mib} MiB in {workdir} ...",
               file=sys.stderr)
         bench.ssh_client = args.ssh_client
+        bench.round_timeout = args.timeout
         await bench.setup()
         caps = await bench.zfs.capabilities()
         figures = await bench.run()
@@ -276,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="runs per N and path; median reported")
     p.add_argument("--cns", default="1,4,16,32",
                    help="how many CNs push at once, comma-separated (default 1,4,16,32)")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds a run of N pushes may take; pushes still running then are "
+                   "killed and count as failures (default 300)")
     add_ssh_client_option(p)
     args = p.parse_args(argv)
     try:
