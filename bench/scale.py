@@ -28,7 +28,7 @@ On one machine the CNs' own work (``zfs send``, the client's encryption)
 shares the CPUs with the zone's: the ratio compares the two paths under the
 same handicap, it is not what a zone with N separate CNs would see.
 
-    python bench/scale.py [--size-mib 16] [--repeat 3] [--cns 1,4,16,32]
+    python bench/scale.py [--size-mib 2] [--repeat 3] [--cns 1,4,16,32]
 """
 
 from __future__ import annotations
@@ -297,7 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--worker"]:
         return worker(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("--size-mib", type=int, default=16, help="data per CN (MiB)")
+    p.add_argument("--size-mib", type=int, default=2,
+                   help="data per CN (MiB; default 2: on zfs-fuse, 8 or more concurrent "
+                   "streams much larger than the pipes and SSH windows hang the daemon)")
     p.add_argument("--repeat", type=int, default=3, help="runs per N and path; median reported")
     p.add_argument("--cns", default="1,4,16,32",
                    help="how many CNs push at once, comma-separated (default 1,4,16,32)")
