@@ -185,6 +185,10 @@ def _bounded_append(buf: bytearray, data: bytes) -> None:
         del buf[: len(buf) - STDERR_LIMIT]
 
 
+class _SshFailed(ZoneUnreachable):
+    """OpenSSH's ssh exited 255: it could not connect, authenticate or trust the zone."""
+
+
 class _PipeFlow(asyncio.BaseProtocol):
     """The write side of ``ssh``'s stdin pipe: a full pipe holds the pump, as a full
     SSH window does."""
@@ -348,11 +352,21 @@ class ZoneClient:
         encrypts at about twice the rate of asyncssh's in Python
         (bench/cn_path.py). The pump still reads ``zfs send`` (counting,
         pacing), writing into ``ssh``'s stdin pipe. Its parts are then held by
-        a lease, not ``--session``: the commit comes over this connection.
+        a lease, not ``--session``: the commit comes over this connection. An
+        ``ssh`` that cannot connect (exit 255) while this connection works
+        leaves this stream and the next ones to asyncssh.
         """
         if self.openssh is not None and (known := await self._known_hosts_text()):
-            return await self._push_openssh(self.openssh, known, cmd, spec, zfs,
-                                            progress or NoProgress(), bwlimit)
+            try:
+                return await self._push_openssh(self.openssh, known, cmd, spec, zfs,
+                                                progress or NoProgress(), bwlimit)
+            except _SshFailed as exc:
+                # Our own connection to the zone works, so it is this ssh that
+                # does not (an old client, options or cipher it lacks): the rest
+                # of this connection's streams go over asyncssh, this one first.
+                log.warning("%s: ssh could not carry the stream (%s); using asyncssh",
+                            self.endpoint, exc.message)
+                self.openssh = None
         progress = progress or NoProgress()
         line = format_command(cmd)
         loop = asyncio.get_running_loop()
@@ -520,8 +534,8 @@ class ZoneClient:
                 await child.abort()
                 raise
         if done.returncode == 255:  # ssh's own failure: connect, auth, host key
-            raise ZoneUnreachable(f"{self.endpoint}: receive (ssh): "
-                                  f"{done.stderr.strip()[-1000:]}")
+            raise _SshFailed(f"{self.endpoint}: receive (ssh): "
+                             f"{done.stderr.strip()[-1000:]}")
         if not done.ok:
             code, message = parse_error_line(done.stderr)
             err = ZoneError(code, message or f"exit status {done.returncode}", line,
