@@ -8,8 +8,9 @@ hits all alike:
 
   a. ``zfs send | ssh -c aes128-gcm@openssh.com root@zone zfs receive``
      into a private sshd on 127.0.0.1 (what people script by hand)
-  b. ``snapper push VM --name SNAP``: the real CLI, snapper's asyncssh
-     client, live ``zfs send``, into a ``snapperd`` process
+  b. ``snapper push VM --name SNAP``: the real CLI, live ``zfs send``, into
+     a ``snapperd`` process; its stream through OpenSSH's ``ssh`` where
+     installed (``--ssh-client asyncssh``: snapper's own client)
   c. ``syncoid`` (Debian's sanoid package, if installed) over the same sshd
 
 Each run lands in a fresh dataset, destroyed afterwards; the time is from
@@ -32,72 +33,44 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from push_throughput import CIPHER, SNAP, VM, Bench, ssh_argv  # noqa: E402
+from common import (  # noqa: E402
+    CIPHER,
+    CN_ID,
+    REPO,
+    SNAP,
+    VM,
+    Bench,
+    CnKey,
+    add_ssh_client_option,
+    cpu_seconds,
+    cpu_since,
+    header,
+    run_line,
+    ssh_argv,
+    timed,
+)
 
-from snapper_zone.zfs import proc  # noqa: E402
-from snapper_zone.zfs.names import Dataset  # noqa: E402
 from snapper_zone.zfs.zfs import SendSpec  # noqa: E402
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime + cutime + cstime of ``pid`` (reaped children included)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(x) for x in fields[11:15]) / _TICK
-
-
-def children(pid: int) -> list[int]:
-    """Live (or unreaped) children of ``pid``."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            if ppid == pid:
-                out.append(int(d.name))
-    return out
 
 
 class CnPathBench(Bench):
     copies = 2  # the stream's dataset and the VM received from it
+
     async def setup(self) -> None:
         await super().setup()
         # The CN's VM: the stream's source dataset under the name snapper pushes.
-        src = Dataset(self.pools[0].name)
-        self.vm = src.child(VM)
-        await self.zfs.pipe(SendSpec(src.child("data").snapshot(SNAP)), self.vm)
-        await self.zfs.destroy(src.child("data"), recursive=True)
-        self.sshd_pid = self.daemons[0].pid
-        self.snapperd_pid = self.daemons[1].pid
+        self.vm = self.src.child(VM)
+        await self.zfs.pipe(SendSpec(self.data.snapshot(SNAP)), self.vm)
+        self.bytes = await self.send_bytes(SendSpec(self.vm.snapshot(SNAP)))
+        await self.start_sshd([self.client_key])
+        await self.start_snapperd([CnKey(CN_ID, self.client_key, (VM,))])
         self.syncoid = shutil.which("syncoid")
-
-    async def _cpu(self, pid: int, before: float, timeout: float = 30.0) -> float:
-        """The CPU ``pid`` used since ``before``, once it has reaped its children
-        (their time is added to its own only then)."""
-        deadline = time.monotonic() + timeout
-        while children(pid) and time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.01)  # waiting for another process's wait(), bounded
-        return cpu_seconds(pid) - before
-
-    async def _timed(self, argv: list[str], env: dict[str, str] | None = None) -> float:
-        start = time.monotonic()
-        child = await proc.spawn(argv, env=env)
-        done = await child.wait()
-        took = time.monotonic() - start
-        if not done.ok:
-            raise RuntimeError(f"{' '.join(argv[:3])}... failed: {done.stderr.strip()[-800:]}")
-        return took
 
     async def openssh(self, i: int) -> float:
         target = self.dst.child(f"b{i}")
@@ -107,19 +80,17 @@ class CnPathBench(Bench):
                                 f"'{remote}'"))
         before = cpu_seconds(self.sshd_pid)
         # A shell pipeline, as people write it: the bench's own fixed strings only.
-        took = await self._timed(["sh", "-c", f"{send} | {ssh}"])
-        self.cpu.setdefault("a", []).append(await self._cpu(self.sshd_pid, before))
+        took = await timed(["sh", "-c", f"{send} | {ssh}"])
+        self.cpu.setdefault("a", []).append(await cpu_since(self.sshd_pid, before))
         await self.zfs.destroy(target, recursive=True)
         return took
 
     async def snapper_push(self, i: int) -> float:
-        cli = [sys.executable, "-m", "snapper_zone.cli", "--zone", f"127.0.0.1:{self.zone_port}",
-               "--key", str(self.client_key), "--known-hosts", str(self.zone_known),
-               "--dataset-root", self.pools[0].name, "push", VM, "--name", SNAP,
-               "--progress", "none"]
+        cli = [sys.executable, "-m", "snapper_zone.cli",
+               *self.push_argv(self.client_key, VM, str(self.src))]
         before = cpu_seconds(self.snapperd_pid)
-        took = await self._timed(cli, env={**os.environ, "PYTHONPATH": str(HERE.parent)})
-        self.cpu.setdefault("b", []).append(await self._cpu(self.snapperd_pid, before))
+        took = await timed(cli, env={**os.environ, "PYTHONPATH": str(REPO)})
+        self.cpu.setdefault("b", []).append(await cpu_since(self.snapperd_pid, before))
         await self.zfs.destroy(self.zone_root.child(VM), recursive=True)
         return took
 
@@ -133,8 +104,8 @@ class CnPathBench(Bench):
                 "--sshoption=GlobalKnownHostsFile=/dev/null",
                 str(self.vm), f"root@127.0.0.1:{target}"]
         before = cpu_seconds(self.sshd_pid)
-        took = await self._timed(argv)
-        self.cpu.setdefault("c", []).append(await self._cpu(self.sshd_pid, before))
+        took = await timed(argv)
+        self.cpu.setdefault("c", []).append(await cpu_since(self.sshd_pid, before))
         await self.zfs.destroy(target, recursive=True)
         return took
 
@@ -149,8 +120,7 @@ class CnPathBench(Bench):
             for name, method in methods.items():
                 t = await method(i)
                 times[name].append(t)
-                print(f"  run {i + 1}: {LABELS[name]:<44} {self.bytes / t / 1e6:8.1f} MB/s",
-                      file=sys.stderr, flush=True)
+                run_line(i, LABELS[name], self.bytes, t)
         return times
 
 
@@ -164,6 +134,7 @@ async def amain(args: argparse.Namespace) -> int:
     bench = CnPathBench(workdir, args.size_mib, args.repeat)
     try:
         print(f"preparing {args.size_mib} MiB of data in {workdir} ...", file=sys.stderr)
+        bench.ssh_client = args.ssh_client
         await bench.setup()
         caps = await bench.zfs.capabilities()
         times = await bench.run()
@@ -173,8 +144,7 @@ async def amain(args: argparse.Namespace) -> int:
     gb = bench.bytes / 1e9
     rates = {k: bench.bytes / statistics.median(v) / 1e6 for k, v in times.items()}
     cpu = {k: statistics.median(v) / gb for k, v in bench.cpu.items()}
-    print(f"\nstream: {bench.bytes} bytes ({bench.bytes / 1e6:.0f} MB), ZFS: {caps.flavour}, "
-          f"cipher {CIPHER}, median of {args.repeat}, {os.cpu_count()} CPUs")
+    print("\n" + header(bench.bytes, caps.flavour, args.repeat))
     print(f"  {'path':<44} {'MB/s':>8} {'recv CPU s/GB':>14}")
     for k, rate in rates.items():
         print(f"  {LABELS[k]:<44} {rate:8.1f} {cpu[k]:14.2f}")
@@ -193,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--size-mib", type=int, default=512, help="data in the dataset (MiB)")
     p.add_argument("--repeat", type=int, default=3, help="runs per method; median reported")
+    add_ssh_client_option(p)
     args = p.parse_args(argv)
     if args.size_mib < 1 or args.repeat < 1:
         p.error("--size-mib and --repeat must be positive")

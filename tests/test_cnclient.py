@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import json
 import os
+import shutil
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -393,3 +394,70 @@ async def test_failed_local_receive_does_not_hang(env: Env) -> None:
         with pytest.raises(ZfsError):
             await cn.restore(VM, "s2", str(target))
         assert await zone.run("ping") == b"pong\n"
+
+
+# -- the stream through OpenSSH's ssh (the CLI's default where ssh is installed) --------
+
+
+def _logging_ssh(env: Env) -> tuple[str, Path]:
+    """OpenSSH's ssh behind a wrapper that notes each run, so a test can tell the
+    stream went through it."""
+    ssh = shutil.which("ssh")
+    if ssh is None:
+        pytest.skip("needs OpenSSH's ssh client")
+    log = env.tmp / "ssh-runs.log"
+    wrapper = env.tmp / "ssh"
+    wrapper.write_text(f'#!/bin/sh\necho run >> "{log}"\nexec "{ssh}" "$@"\n')
+    wrapper.chmod(0o755)
+    return str(wrapper), log
+
+
+async def test_push_through_openssh(env: Env) -> None:
+    """Full then incremental through ``ssh``, by pinned host key and by known_hosts:
+    the zone holds the CN's guids; the parts were leased (not --session), so the
+    commit over the asyncssh connection finds them."""
+    ssh, log = _logging_ssh(env)
+    known = env.tmp / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{env.port} {env.host_pub.read_text()}")
+    clients = [ZoneClient("127.0.0.1", env.port, env.cn_key, host_key=env.host_pub,
+                          openssh=ssh),
+               ZoneClient("127.0.0.1", env.port, env.cn_key, known_hosts=known, openssh=ssh)]
+    for i, client in enumerate(clients):
+        async with client as zone, asyncio.timeout(120):
+            env.write(f"f{i}", 4 << 20)
+            rep = await env.cn(zone).push(VM, f"s{i}")
+            assert {d.action for d in rep.datasets} == {"incremental" if i else "full"}
+            assert rep.bytes > (4 << 20)
+            assert await _zone_guids(env, f"s{i}") == await _cn_guids(env, f"s{i}")
+    runs = log.read_text().split()
+    assert len(runs) == 2 * len(await _cn_guids(env, "s0")), runs  # one per dataset
+
+
+async def test_openssh_refusal_and_fallback(env: Env) -> None:
+    """Through ``ssh`` too: the zone's refusal mid-stream is its typed error, no hang.
+    An ``ssh`` that cannot carry the stream (here: told another host key) while our
+    own connection works leaves it to asyncssh, for this stream and the next."""
+    from snapper_zone.wire.protocol import Receive
+    from snapper_zone.zfs.zfs import SendSpec
+
+    ssh, log = _logging_ssh(env)
+    env.write("a", 8 << 20)
+    await env.zfs.snapshot([env.vm.snapshot("s1")])
+    async with ZoneClient("127.0.0.1", env.port, env.cn_key, host_key=env.host_pub,
+                          openssh=ssh) as zone, asyncio.timeout(60):
+        with pytest.raises(ZoneError) as ei:
+            await zone.push_stream(Receive(VM, "root", "other-name"),
+                                   SendSpec(env.vm.snapshot("s1")), env.zfs)
+        assert ei.value.code == "StreamRefused"
+        assert await zone.run("ping") == b"pong\n"
+    assert len(log.read_text().split()) == 1
+    other = _keypair(env.tmp / "other_ed25519")
+    async with ZoneClient("127.0.0.1", env.port, env.cn_key, host_key=env.host_pub,
+                          openssh=ssh) as zone, asyncio.timeout(60):
+        # Our connection trusts the zone; the stream's ssh is told another key.
+        zone.host_key = other.with_suffix(".pub")
+        res = await zone.push_stream(Receive(VM, "root", "s1"),
+                                     SendSpec(env.vm.snapshot("s1")), env.zfs)
+        assert res.bytes > (8 << 20) and zone.openssh is None
+    assert len(log.read_text().split()) == 2  # ssh tried (and refused the zone) once
+    assert await env.zfs.exists(env.zone.store.part_dataset(VM, "root").snapshot("s1"))

@@ -26,6 +26,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -62,7 +63,10 @@ DEFAULT_CONFIG = "/opt/smartdc/snapper/etc/snapper-cn.toml"
 CONFIG_ENV = "SNAPPER_CN_CONFIG"
 log = logging.getLogger("snapper.cn")
 _CONFIG_FIELDS = ("zones", "key", "known_hosts", "host_key", "dataset_root",
-                  "coordinator_url", "coordinator_key", "state_dir")
+                  "coordinator_url", "coordinator_key", "state_dir", "ssh_client")
+# What carries a pushed stream: OpenSSH's ssh (when installed; about twice the
+# rate of asyncssh's client in Python, bench/cn_path.py), or asyncssh.
+SSH_CLIENTS = ("openssh", "asyncssh")
 # The CN's answer cache (the coordinator's last verified placement per VM), in
 # state_dir: by default beside the agent's state file.
 ANSWERS_FILE = "cn-placements.json"
@@ -89,6 +93,7 @@ class CnSettings:
     # Where the last verified placement of each VM is kept: pushes go on to the
     # known pair while no coordinator answers.
     state_dir: Path = Path(DEFAULT_STATE_DIR)
+    openssh: str | None = None  # the ssh binary that carries pushed streams; None: asyncssh
 
 
 def parse_endpoint(text: str) -> tuple[str, int]:
@@ -138,6 +143,9 @@ def load_cn_config(path: Path) -> dict[str, Any]:
             f.string(k, data[k])
     if "coordinator_url" in data:
         f.url("coordinator_url", data["coordinator_url"])
+    if "ssh_client" in data and f.string("ssh_client", data["ssh_client"]) not in SSH_CLIENTS:
+        raise f.err("ssh_client", f"{data['ssh_client']!r} is not one of: "
+                    + ", ".join(SSH_CLIENTS))
     if "coordinator_key" in data:
         try:
             asyncssh.import_public_key(str(data["coordinator_key"]).strip())
@@ -191,19 +199,23 @@ def settings(args: argparse.Namespace) -> CnSettings:
     for what, path in (("key", key), ("known_hosts", known), ("host_key", pinned)):
         if path and not Path(path).is_file():
             raise UsageError(f"{what} {path}: no such file")
+    client = getattr(args, "ssh_client", None) or cfg.get("ssh_client")
+    openssh = shutil.which("ssh") if client in (None, "openssh") else None
+    if client == "openssh" and openssh is None:
+        raise UsageError("ssh_client openssh: no ssh command on PATH")
     return CnSettings(host, port, Path(key), Path(known) if known else None,
                       Path(pinned) if pinned else None,
                       args.dataset_root or cfg.get("dataset_root") or "zones",
                       endpoints, str(coordinator) if coordinator else None,
                       cfg.get("coordinator_key"),
-                      Path(cfg.get("state_dir") or DEFAULT_STATE_DIR))
+                      Path(cfg.get("state_dir") or DEFAULT_STATE_DIR), openssh)
 
 
 def _client(s: CnSettings) -> ZoneClient:
     if not s.zone_host:
         raise UsageError("this command needs a zone: give --zone HOST:PORT or zones = [...]")
     return ZoneClient(s.zone_host, s.zone_port, s.key, known_hosts=s.known_hosts,
-                      host_key=s.host_key)
+                      host_key=s.host_key, openssh=s.openssh)
 
 
 async def _push_targets(s: CnSettings, vm: str) -> list[ZoneClient]:
@@ -221,7 +233,8 @@ async def _push_targets(s: CnSettings, vm: str) -> list[ZoneClient]:
             print(f"snapper: push: {placed.note()}", file=sys.stderr)
         try:
             return [ZoneClient(e["ssh_host"], int(e["ssh_port"]), s.key,
-                               host_key=asyncssh.import_public_key(e["host_key"]))
+                               host_key=asyncssh.import_public_key(e["host_key"]),
+                               openssh=s.openssh)
                     for e in placed.endpoints]
         except (KeyError, TypeError, ValueError, asyncssh.KeyImportError) as exc:
             raise ZoneError("BadAnswer", f"placement of VM {vm}: an endpoint without a "
@@ -230,8 +243,8 @@ async def _push_targets(s: CnSettings, vm: str) -> list[ZoneClient]:
     zones = s.zones or ((s.zone_host, s.zone_port),)
     if s.host_key is not None:
         zones = zones[:1]
-    return [ZoneClient(h, p, s.key, known_hosts=s.known_hosts, host_key=s.host_key)
-            for h, p in zones]
+    return [ZoneClient(h, p, s.key, known_hosts=s.known_hosts, host_key=s.host_key,
+                       openssh=s.openssh) for h, p in zones]
 
 
 def _reporter(choice: str) -> progress.Reporter:
@@ -579,6 +592,9 @@ def build_parser(more: Callable[[Any], None] | None = None) -> argparse.Argument
     trust.add_argument("--host-key", metavar="PUBFILE", help="pin the zone's host key (.pub)")
     p.add_argument("--dataset-root", metavar="DATASET",
                    help="parent of the VMs' datasets on this CN (default: zones)")
+    p.add_argument("--ssh-client", choices=SSH_CLIENTS,
+                   help="what carries a pushed stream: OpenSSH's ssh (the default when "
+                   "installed: faster) or asyncssh (snapper's own connection)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     push = sub.add_parser("push", help="snapshot a VM and store it on the zone")

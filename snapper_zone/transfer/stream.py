@@ -27,13 +27,21 @@ from typing import Protocol
 from snapper_zone.errors import MetadataTooLarge, SnapperError
 
 __all__ = ["ClientGone", "Inbound", "PipeGone", "SendPump", "Sink", "StreamIdle",
-           "copy_out"]
+           "copy_out", "widen_pipe"]
 
 _BUFFER_LIMIT = 256 << 10  # bytes held before a stream is piped (header, metadata)
 # A bigger kernel pipe means fewer partial writes (and event-loop writer
 # callbacks) while zfs receive catches up; Linux only, best effort.
 _PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ: int | None = getattr(fcntl, "F_SETPIPE_SZ", None)
+
+
+def widen_pipe(fd: int) -> None:
+    """Give a pipe a 1 MiB kernel buffer: fewer, larger reads and writes (and event-loop
+    wake-ups) on either end. Linux only, best effort."""
+    if _F_SETPIPE_SZ is not None:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_SIZE)
 
 
 class ClientGone(SnapperError):
@@ -305,9 +313,7 @@ class Inbound:
         ``stop`` was called); raises ClientGone if the client disconnected
         first, PipeGone if the reader closed the pipe.
         """
-        if _F_SETPIPE_SZ is not None:
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_SIZE)
+        widen_pipe(fd)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         writer = _PipeWriter(fd, lambda p: self._vote("pipe", p), on_bytes, done)
         head = first + bytes(self._buf)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -136,6 +137,13 @@ class Spawned:
             except ProcessLookupError:
                 pass
 
+    def kill_group(self) -> None:
+        """SIGKILL the process group this child leads (spawned with ``new_session``)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
     async def abort(self) -> Completed:
         """Kill and reap: used when the other end of a stream failed.
 
@@ -159,13 +167,18 @@ async def spawn(
     stdin: Wire = DEVNULL,
     stdout: Wire = DEVNULL,
     env: Mapping[str, str] | None = None,
+    new_session: bool = False,
 ) -> Spawned:
-    """Start a streaming child. ``stdin``/``stdout`` are PIPE, DEVNULL or an fd/file."""
+    """Start a streaming child. ``stdin``/``stdout`` are PIPE, DEVNULL or an fd/file.
+
+    ``new_session``: the child leads a process group of its own, so
+    ``Spawned.kill_group`` ends it with whatever it started (a shell pipeline).
+    """
     args = _check_argv(argv)
     try:
         proc = await asyncio.create_subprocess_exec(
             *args, stdin=stdin, stdout=stdout, stderr=PIPE,
-            env=dict(env) if env is not None else None,
+            env=dict(env) if env is not None else None, start_new_session=new_session,
         )
     except FileNotFoundError as exc:
         raise CommandNotFound(f"{args[0]}: command not found") from exc

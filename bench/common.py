@@ -1,0 +1,383 @@
+"""What the streaming benches share: pools and data, a private sshd, a snapperd
+process, the kernel's accounting of CPU and memory, and the report.
+
+``Bench`` makes a source pool holding one dataset of ``size`` random bytes
+(incompressible) with one snapshot, an unmounted destination pool, an
+OpenSSH ``sshd`` on 127.0.0.1 (its own host key, root's keys in its own
+authorized_keys, AES-GCM only) and a ``snapperd`` process into the
+destination pool, each CN key registered as a CN. Subclasses add their
+methods; ``cleanup`` stops every daemon by pid and destroys every pool.
+Pools come from ``snapper_zone.fleet.pools`` (zfs-fuse file pools on a host
+without kernel ZFS).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import asyncssh  # noqa: E402
+
+from snapper_zone.fleet import pools as localpool  # noqa: E402
+from snapper_zone.fleet.local import free_port  # noqa: E402
+from snapper_zone.fleet.pools import FilePool  # noqa: E402
+from snapper_zone.zfs import proc  # noqa: E402
+from snapper_zone.zfs.names import Dataset  # noqa: E402
+from snapper_zone.zfs.zfs import SendSpec, Zfs  # noqa: E402
+
+VM = "5b6c1d0e-6f0a-4c5e-9d1e-0b3f7a2c9e41"
+CN_ID = "bench-cn"
+ZONE_UUID = "9f1e2d3c-4b5a-4968-8776-655443322110"
+SNAP = "bench"
+CIPHER = "aes128-gcm@openssh.com"
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+# -- waiting for daemons ------------------------------------------------------------
+
+
+async def wait_port(port: int, daemon: proc.Daemon, timeout: float = 30.0) -> None:
+    """Poll until something accepts on the port (or the daemon died)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _, w = await asyncio.open_connection("127.0.0.1", port)
+            w.close()
+            await w.wait_closed()
+            return
+        except OSError:
+            if not daemon.alive():
+                raise RuntimeError(f"{daemon.argv[0]} exited: {tail(daemon)}") from None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on port {port} after {timeout}s") from None
+            await asyncio.sleep(0.05)  # polling a condition with a deadline
+
+
+async def wait_file(path: Path, daemon: proc.Daemon, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(path.exists):
+        if not daemon.alive():
+            raise RuntimeError(f"snapperd exited: {tail(daemon)}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout}s")
+        await asyncio.sleep(0.05)  # polling a condition with a deadline
+
+
+def tail(daemon: proc.Daemon) -> str:
+    return Path(daemon.log_path).read_text()[-2000:]
+
+
+# -- keys and commands -------------------------------------------------------------
+
+
+def keygen(path: Path) -> Path:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)],
+                   check=True)
+    return path
+
+
+def ssh_argv(key: Path, known_hosts: Path, port: int, user: str, command: str) -> list[str]:
+    return ["ssh", "-c", CIPHER, "-o", "Compression=no", "-o", "BatchMode=yes",
+            "-o", f"UserKnownHostsFile={known_hosts}", "-o", "StrictHostKeyChecking=yes",
+            "-o", "GlobalKnownHostsFile=/dev/null", "-o", "IdentitiesOnly=yes",
+            "-i", str(key), "-p", str(port), f"{user}@127.0.0.1", command]
+
+
+async def timed(argv: list[str], *, stdin: Path | None = None,
+                env: Mapping[str, str] | None = None) -> float:
+    """Run ``argv`` (with a file on stdin); seconds until it exits OK."""
+    start = time.monotonic()
+    if stdin is None:
+        child = await proc.spawn(argv, env=env)
+        done = await child.wait()
+    else:
+        with open(stdin, "rb") as f:  # noqa: ASYNC230 - opening is instant; the child reads
+            child = await proc.spawn(argv, stdin=f, env=env)
+            done = await child.wait()
+    took = time.monotonic() - start
+    if not done.ok:
+        raise RuntimeError(f"{' '.join(argv[:3])}... failed: {done.stderr.strip()[-800:]}")
+    return took
+
+
+# -- the kernel's accounting ------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime + cutime + cstime of ``pid`` (reaped children included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / _TICK
+
+
+def children(pid: int) -> list[int]:
+    """Live (or unreaped) children of ``pid``."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == pid:
+                out.append(int(d.name))
+    return out
+
+
+async def cpu_since(pid: int, before: float, timeout: float = 30.0) -> float:
+    """The CPU ``pid`` used since ``before``, once it has reaped its children
+    (their time is added to its own only then)."""
+    deadline = time.monotonic() + timeout
+    while children(pid) and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)  # waiting for another process's wait(), bounded
+    return cpu_seconds(pid) - before
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of ``pid`` now (``VmRSS``), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+class RssPeak:
+    """The highest ``VmRSS`` of a process while the ``async with`` body runs,
+    sampled every ``every`` seconds (peaks shorter than that may be missed;
+    a stream's buffers live as long as the stream, so they are not)."""
+
+    def __init__(self, pid: int, every: float = 0.02) -> None:
+        self.pid = pid
+        self.every = every
+        self.before = 0
+        self.peak = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, rss_bytes(self.pid))
+            await asyncio.sleep(self.every)  # a sampling period, not a synchronisation
+
+    async def __aenter__(self) -> RssPeak:
+        self.before = self.peak = rss_bytes(self.pid)
+        self._task = asyncio.create_task(self._sample())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        self.peak = max(self.peak, rss_bytes(self.pid))
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.before
+
+
+# -- the report --------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-quantile (0..1) by nearest rank: p99 of 32 values is the largest."""
+    ordered = sorted(values)
+    return ordered[max(0, min(len(ordered) - 1, round(q * len(ordered) + 0.5) - 1))]
+
+
+def header(nbytes: int, flavour: str, repeat: int, what: str = "stream") -> str:
+    return (f"{what}: {nbytes} bytes ({nbytes / 1e6:.0f} MB), ZFS: {flavour}, cipher {CIPHER}, "
+            f"median of {repeat}, {os.cpu_count()} CPUs")
+
+
+def rate_rows(nbytes: int, times: Mapping[str, Sequence[float]],
+              labels: Mapping[str, str] | None = None,
+              extra: Mapping[str, str] | None = None) -> list[str]:
+    """One line per method: median MB/s and each run's, plus an ``extra`` column."""
+    out = []
+    for k, runs in times.items():
+        rate = nbytes / statistics.median(runs) / 1e6
+        spread = ", ".join(f"{nbytes / t / 1e6:.0f}" for t in runs)
+        label = (labels or {}).get(k, k)
+        more = (extra or {}).get(k, "")
+        out.append(f"  {label:<44} {rate:8.1f} MB/s {more}  (runs: {spread})")
+    return out
+
+
+def add_ssh_client_option(p: Any) -> None:
+    p.add_argument("--ssh-client", choices=("openssh", "asyncssh"),
+                   help="what carries snapper push's stream (default: the CLI's, OpenSSH "
+                   "where installed)")
+
+
+def run_line(i: int, label: str, nbytes: int, seconds: float) -> None:
+    print(f"  run {i + 1}: {label:<44} {nbytes / seconds / 1e6:8.1f} MB/s",
+          file=sys.stderr, flush=True)
+
+
+# -- the bench's machinery -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CnKey:
+    """A CN as the zone knows it: its id, its private key file, the VMs it pushes."""
+
+    cn_id: str
+    key: Path
+    vms: tuple[str, ...]
+
+    @property
+    def public(self) -> str:
+        return self.key.with_suffix(".pub").read_text().strip()
+
+
+class Bench:
+    """Pools with the data, sshd and snapperd (see the module's docstring).
+
+    ``copies``: of the data the source pool must hold at once; ``dst_copies``:
+    of the data the destination pool must hold at once.
+    """
+
+    copies = 1
+    dst_copies = 1
+
+    def __init__(self, workdir: Path, size_mib: int, repeat: int) -> None:
+        self.workdir = workdir
+        self.size = size_mib << 20
+        self.repeat = repeat
+        self.zfs = Zfs()
+        self.fuse: localpool.ZfsFuse | None = None
+        self.pools: list[FilePool] = []
+        self.daemons: list[proc.Daemon] = []
+        self.snapperd_config: dict[str, Any] = {}  # extra keys for snapperd's config
+        self.ssh_client: str | None = None  # snapper push --ssh-client
+
+    async def setup(self) -> None:
+        if localpool.tier() == "fuse":
+            self.fuse = localpool.ZfsFuse(self.workdir / "fuse")
+            await asyncio.to_thread(self.fuse.start)  # shares a running daemon
+        slack = self.size // 4 + (256 << 20)
+        src = await localpool.create_pool(self.zfs, self.workdir, "bsrc",
+                                          size=self.size * self.copies + slack)
+        self.pools.append(src)
+        dst = await localpool.create_pool(self.zfs, self.workdir, "bdst",
+                                          size=self.size * self.dst_copies + slack,
+                                          mounted=False)
+        self.pools.append(dst)
+        self.src = Dataset(src.name)
+        self.dst = Dataset(dst.name)
+        self.data = self.src.child("data")
+        await self.zfs.create(self.data)
+        assert src.mountpoint is not None
+        await asyncio.to_thread(self._fill, src.mountpoint / "data" / "random")
+        await self.zfs.snapshot([self.data.snapshot(SNAP)])
+        self.client_key = keygen(self.workdir / "client_ed25519")
+
+    def _fill(self, path: Path) -> None:
+        chunk = 4 << 20
+        with open(path, "wb") as f:
+            for _ in range(self.size // chunk):
+                f.write(os.urandom(chunk))
+            f.write(os.urandom(self.size % chunk))
+
+    async def send_bytes(self, spec: SendSpec) -> int:
+        """The size of ``spec``'s stream, counted (no estimate)."""
+        child = await self.zfs.send(spec, stdout=proc.PIPE)
+        n = 0
+        while chunk := await child.stdout.read(1 << 20):
+            n += len(chunk)
+        await self.zfs.check(child)
+        return n
+
+    async def start_sshd(self, keys: Sequence[Path]) -> None:
+        """A private sshd; root's authorized keys are ``keys``' public halves."""
+        sshd = shutil.which("sshd") or shutil.which("sshd", path="/usr/sbin")
+        if sshd is None:
+            raise RuntimeError("sshd not found: apt-get install -y openssh-server")
+        d = self.workdir / "sshd"
+        d.mkdir()
+        host = keygen(d / "host_ed25519")
+        (d / "authorized_keys").write_text(
+            "".join(k.with_suffix(".pub").read_text() for k in keys))
+        self.sshd_port = free_port()
+        cfg = d / "sshd_config"
+        cfg.write_text("\n".join([
+            f"Port {self.sshd_port}", "ListenAddress 127.0.0.1", f"HostKey {host}",
+            f"AuthorizedKeysFile {d / 'authorized_keys'}", f"PidFile {d / 'sshd.pid'}",
+            "StrictModes no", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
+            "UsePAM no", "PermitRootLogin prohibit-password", "Compression no",
+            # Many CNs connect at once: do not drop unauthenticated ones.
+            "MaxStartups 200", "PerSourceMaxStartups none",
+            f"Ciphers {CIPHER},aes256-gcm@openssh.com", ""]))
+        # sshd refuses to start without its privilege separation directory.
+        await asyncio.to_thread(os.makedirs, "/run/sshd", exist_ok=True)
+        daemon = proc.Daemon([sshd, "-D", "-e", "-f", str(cfg)], str(d / "sshd.log"))
+        self.daemons.append(daemon)
+        self.sshd_pid = daemon.pid
+        await wait_port(self.sshd_port, daemon)
+        self.sshd_known = d / "known_hosts"
+        self.sshd_known.write_text(f"[127.0.0.1]:{self.sshd_port} "
+                                   f"{host.with_suffix('.pub').read_text()}")
+
+    async def start_snapperd(self, cns: Sequence[CnKey]) -> None:
+        """snapperd into ``<dst>/snapper``; each CN's key registered, its VMs mapped."""
+        d = self.workdir / "snapperd"
+        d.mkdir()
+        key = asyncssh.generate_private_key("ssh-ed25519")
+        key.write_private_key(str(d / "host_ed25519"))
+        os.chmod(d / "host_ed25519", 0o600)
+        self.zone_root = self.dst.child("snapper")
+        cfg = {
+            "uuid": ZONE_UUID, "name": "bench", "root": str(self.zone_root),
+            "ssh": {"port": 0, "host_key": str(d / "host_ed25519")}, "http": {"port": 0},
+            "durability": "local",
+            "keys": [{"role": "cn", "cn_id": c.cn_id, "public_key": c.public} for c in cns],
+            "vms": {vm: c.cn_id for c in cns for vm in c.vms},
+            **self.snapperd_config,
+        }
+        (d / "snapperd.json").write_text(json.dumps(cfg))
+        ready = d / "ready.json"
+        daemon = proc.Daemon([sys.executable, "-m", "snapper_zone.daemon.main", "--config",
+                              str(d / "snapperd.json"), "--ready-file", str(ready),
+                              "--create-root", "--log-level", "warn"], str(d / "snapperd.log"),
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+        self.daemons.append(daemon)
+        self.snapperd_pid = daemon.pid
+        await wait_file(ready, daemon)
+        self.zone_port = int(json.loads(ready.read_text())["ssh_port"])
+        self.zone_known = d / "known_hosts"
+        self.zone_known.write_text(f"[127.0.0.1]:{self.zone_port} "
+                                   + key.export_public_key().decode())
+
+    def push_argv(self, key: Path, vm: str, dataset_root: str) -> list[str]:
+        """``snapper push VM --name SNAP``'s arguments (after the program); the stream
+        through ``ssh_client`` (None: the CLI's default, OpenSSH where installed)."""
+        client = ["--ssh-client", self.ssh_client] if self.ssh_client else []
+        return ["--zone", f"127.0.0.1:{self.zone_port}", "--key", str(key),
+                "--known-hosts", str(self.zone_known), "--dataset-root", dataset_root,
+                *client, "push", vm, "--name", SNAP, "--progress", "none"]
+
+    async def cleanup(self) -> None:
+        for daemon in reversed(self.daemons):
+            daemon.stop()
+        for pool in reversed(self.pools):
+            try:
+                await pool.destroy(self.zfs)
+            except Exception as exc:  # keep cleaning the rest; say what was left
+                print(f"could not destroy pool {pool.name}: {exc}", file=sys.stderr)
+        if self.fuse is not None:
+            self.fuse.stop()  # a no-op when the daemon was someone else's
