@@ -451,7 +451,7 @@ async def test_openssh_refusal_and_fallback(env: Env) -> None:
         assert ei.value.code == "StreamRefused"
         assert await zone.run("ping") == b"pong\n"
     assert len(log.read_text().split()) == 1
-    other = _keypair(env.tmp / "other_ed25519")
+    other = write_keypair(env.tmp / "other_ed25519")
     async with ZoneClient("127.0.0.1", env.port, env.cn_key, host_key=env.host_pub,
                           openssh=ssh) as zone, asyncio.timeout(60):
         # Our connection trusts the zone; the stream's ssh is told another key.
