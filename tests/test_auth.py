@@ -26,12 +26,13 @@ from snapper_zone.wire.protocol import (
     ResumeToken,
     Send,
     Snapshots,
+    Whoami,
 )
 from snapper_zone.zfs.zfs import STREAM_FEATURES
 
 CN_VERBS = {"receive", "send", "resume-token", "abort", "snapshots", "commit", "metadata",
-            "delete", "ping", "features"}
-OPERATOR_VERBS = {"ping", "features", "snapshots", "metadata", "delete"}
+            "delete", "ping", "features", "whoami"}
+OPERATOR_VERBS = {"ping", "features", "whoami", "snapshots", "metadata", "delete"}
 
 vms = st.uuids().map(str)
 names = st.from_regex(r"[a-z0-9][a-z0-9_.:-]{0,20}", fullmatch=True).filter(
@@ -53,6 +54,7 @@ commands: st.SearchStrategy[Command] = st.one_of(
     st.builds(Destroy, vms, names, opt_names, st.none() | st.integers(1, 2**64 - 1)),
     st.just(Ping()),
     st.just(Features()),
+    st.just(Whoami()),
 )
 roles: st.SearchStrategy[Role] = st.sampled_from(["cn", "peer", "operator"])
 # Who owns the command's VM, relative to the principal.
@@ -85,11 +87,11 @@ def test_authorize_matrix(role: Role, command: Command, owner: str, where: str) 
     name = verb(command)
     if role == "peer":
         # Any verb, but only on a VM whose scope holds both zones.
-        expect_ok = isinstance(command, Ping | Features) or where in ("both", "both+other")
+        expect_ok = isinstance(command, Ping | Features | Whoami) or where in ("both", "both+other")
     elif role == "operator":
         expect_ok = name in OPERATOR_VERBS
     else:
-        expect_ok = name in CN_VERBS and (isinstance(command, Ping | Features)
+        expect_ok = name in CN_VERBS and (isinstance(command, Ping | Features | Whoami)
                                           or owner == "self")
     if expect_ok:
         authorize(principal, command, owner_of, me=ME, scope=scope)
@@ -101,7 +103,7 @@ def test_authorize_matrix(role: Role, command: Command, owner: str, where: str) 
         assert name in err.message  # says what was refused
         assert err.to_json() == {"code": "NotAuthorized", "message": err.message}
     # Only a CN's command about a VM consults the VM map.
-    if role == "cn" and not isinstance(command, Ping | Features) and name in CN_VERBS:
+    if role == "cn" and not isinstance(command, Ping | Features | Whoami) and name in CN_VERBS:
         assert asked == [command.vm]
 
 

@@ -8,6 +8,7 @@ SSH; what comes back is compared byte for byte.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import os
@@ -34,6 +35,7 @@ from tests.helpers import (
     mountpoint,
     read_device,
     ssh_zone,
+    wait_for,
     write_device,
     write_keypair,
     write_random,
@@ -414,8 +416,8 @@ def _logging_ssh(env: Env) -> tuple[str, Path]:
 
 async def test_push_through_openssh(env: Env) -> None:
     """Full then incremental through ``ssh``, by pinned host key and by known_hosts:
-    the zone holds the CN's guids; the parts were leased (not --session), so the
-    commit over the asyncssh connection finds them."""
+    the zone holds the CN's guids; the parts were bound to the asyncssh
+    connection (--bind), so the commit over it finds them."""
     ssh, log = _logging_ssh(env)
     known = env.tmp / "known_hosts"
     known.write_text(f"[127.0.0.1]:{env.port} {env.host_pub.read_text()}")
@@ -461,3 +463,42 @@ async def test_openssh_refusal_and_fallback(env: Env) -> None:
         assert res.bytes > (8 << 20) and zone.openssh is None
     assert len(log.read_text().split()) == 2  # ssh tried (and refused the zone) once
     assert await env.zfs.exists(env.zone.store.part_dataset(VM, "root").snapshot("s1"))
+
+
+async def test_openssh_stream_parts_end_with_the_connection_they_are_bound_to(
+        env: Env) -> None:
+    """A stream through ``ssh`` binds its parts to the client's own connection:
+    while it runs that connection is not idle (here: 1 s idle limit, a 3 s
+    stream); when the client dies before its commit, the parts end with it
+    (not a 10-minute lease). Binding to a connection not one's own is refused."""
+    from snapper_zone.wire.protocol import Receive, Whoami
+    from snapper_zone.zfs.zfs import SendSpec
+
+    ssh, _log = _logging_ssh(env)
+    cfg = env.zone.config
+    env.zone.config = dataclasses.replace(cfg, limits=dataclasses.replace(
+        cfg.limits, connection_idle_seconds=1.0))
+    env.write("a", 1 << 20)
+    await env.zfs.snapshot([env.vm.snapshot("s1")])
+    part = env.zone.store.part_dataset(VM, "root").snapshot("s1")
+    async with asyncio.timeout(60):
+        async with ZoneClient("127.0.0.1", env.port, env.cn_key, host_key=env.host_pub,
+                              openssh=ssh) as zone:
+            me = json.loads(await zone.run(Whoami()))
+            assert me == {"connection": await zone.connection_number(), "principal": "cn:" + CN_ID}
+            res = await zone.push_stream(Receive(VM, "root", "s1"),
+                                         SendSpec(env.vm.snapshot("s1")), env.zfs,
+                                         bwlimit=400 << 10)
+            assert res.seconds > 2.0  # longer than the idle limit: not idled meanwhile
+            assert await env.zfs.exists(part)
+            assert "s1" in env.zone.transfers.in_use(VM)  # pending its commit
+            assert await zone.run("ping") == b"pong\n"  # still open
+        # The client is gone without a commit: nothing of s1 is awaited any more.
+        await wait_for(lambda: "s1" not in env.zone.transfers.in_use(VM), 10,
+                       "the bound parts released with their connection")
+        # Someone else's connection, or none: refused before a byte is read.
+        async with ZoneClient("127.0.0.1", env.port, env.cn_key,
+                              host_key=env.host_pub) as zone:
+            with pytest.raises(ZoneError) as ei:
+                await zone.run(f"receive {VM} root s2 --bind 999999")
+            assert ei.value.code == "NotAuthorized"

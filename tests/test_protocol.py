@@ -22,6 +22,7 @@ from snapper_zone.wire.protocol import (
     ResumeToken,
     Send,
     Snapshots,
+    Whoami,
     format_command,
     parse,
 )
@@ -33,6 +34,9 @@ vms = st.uuids().map(str)
 commands: st.SearchStrategy[Command] = st.one_of(
     st.builds(Receive, vms, names, names, st.none() | names,
               st.none() | st.integers(0, 2**62), st.booleans(), st.booleans()),
+    st.builds(Receive, vms, names, names, st.none() | names,
+              st.none() | st.integers(0, 2**62), st.booleans(), st.just(False),
+              st.integers(0, 2**62)),
     st.builds(Send, vms, names, names, st.none() | names,
               st.frozensets(st.sampled_from(STREAM_FEATURES))),
     st.builds(ResumeToken, vms, names),
@@ -47,6 +51,7 @@ commands: st.SearchStrategy[Command] = st.one_of(
               vms, names, names, st.integers(0, 2**64 - 1)),
     st.just(Ping()),
     st.just(Features()),
+    st.just(Whoami()),
 )
 
 
@@ -76,6 +81,9 @@ VM = "0b4f5a3c-1f2e-4d3c-9b8a-7f6e5d4c3b2a"
     f"delete {VM} s1; rm -rf /", "ping extra", "x" * 5000, "features extra",
     f"send {VM} disk0 s1 --accept", f"send {VM} disk0 s1 --accept raw,dedup",
     f"send {VM} disk0 s1 --accept raw --accept compressed",
+    f"receive {VM} disk0 s1 --bind", f"receive {VM} disk0 s1 --bind -1",
+    f"receive {VM} disk0 s1 --bind x", f"receive {VM} disk0 s1 --session --bind 3",
+    "whoami me",
 ])
 def test_bad_lines_refused(line: str) -> None:
     with pytest.raises(SnapperError):

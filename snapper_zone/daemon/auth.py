@@ -41,6 +41,7 @@ from snapper_zone.wire.protocol import (
     ResumeToken,
     Send,
     Snapshots,
+    Whoami,
 )
 
 __all__ = ["RESTORE_VERBS", "NotAuthorized", "Principal", "allowed_verbs", "authorize",
@@ -59,13 +60,14 @@ _VERBS: dict[type, str] = {
     Destroy: "destroy",
     Ping: "ping",
     Features: "features",
+    Whoami: "whoami",
 }
 
 _ALLOWED: dict[Role, frozenset[str]] = {
     "cn": frozenset({"receive", "send", "resume-token", "abort", "snapshots", "commit",
-                     "metadata", "delete", "ping", "features"}),
+                     "metadata", "delete", "ping", "features", "whoami"}),
     "peer": frozenset(_VERBS.values()),
-    "operator": frozenset({"ping", "features", "snapshots", "metadata", "delete"}),
+    "operator": frozenset({"ping", "features", "whoami", "snapshots", "metadata", "delete"}),
 }
 
 
@@ -105,8 +107,8 @@ class Principal:
 
 
 def vm_of(command: Command) -> str | None:
-    """The VM a command acts on (None: ``ping``, ``features``)."""
-    return None if isinstance(command, Ping | Features) else command.vm
+    """The VM a command acts on (None: ``ping``, ``features``, ``whoami``)."""
+    return None if isinstance(command, Ping | Features | Whoami) else command.vm
 
 
 def peer_in_scope(me: str, peer: str, scope: Collection[str] | None) -> bool:

@@ -51,6 +51,7 @@ from snapper_zone.wire.protocol import (
     ResumeToken,
     Send,
     Snapshots,
+    Whoami,
 )
 from snapper_zone.zfs.names import Snapshot
 from snapper_zone.zfs.zfs import SendSpec, choose_send_options
@@ -172,6 +173,8 @@ class Service:
                 await self.zone.endpoint(p.label).destroy(vm, snap, ds, guid)
             case Ping():
                 io.write(b"pong\n")
+            case Whoami():
+                io.write(_json_line({"connection": p.connection, "principal": p.label}))
             case Features():
                 caps = await self.zone.zfs.capabilities()
                 io.write(_json_line({"flavour": caps.flavour,
@@ -180,6 +183,17 @@ class Service:
     # -- receive --------------------------------------------------------------
 
     async def receive(self, p: Principal, cmd: Receive, io: Io) -> None:
+        if cmd.bind is None:
+            await self._receive(p, cmd, io)
+            return
+        # Parts bound to another connection: it must be this client's own, open.
+        if self.zone.transfers.owner(cmd.bind) != p.label:
+            raise NotAuthorized(f"connection {cmd.bind} is not an open connection of "
+                                f"{p.label}")
+        with self.zone.transfers.holding_open(cmd.bind):
+            await self._receive(p, cmd, io)
+
+    async def _receive(self, p: Principal, cmd: Receive, io: Io) -> None:
         zone = self.zone
         tees = zone.replicator.pipeliner if zone.replicator is not None else None
         kind = "receive" if p.role == "cn" else "mirror-in"
@@ -188,8 +202,10 @@ class Service:
         req = ReceiveRequest(kind, cmd.vm, cmd.dataset,
                              Expect(cmd.snapshot, cmd.base, cmd.resume), p.label, cmd.size,
                              # A peer's parts end with its link (its push does); a
-                             # client's too when it asks (--session), else a lease.
-                             connection=p.connection if p.role == "peer" or cmd.session
+                             # client's too when it asks (--session, or --bind to
+                             # another of its connections), else a lease.
+                             connection=cmd.bind if cmd.bind is not None
+                             else p.connection if p.role == "peer" or cmd.session
                              else None)
         open_tee: OpenTee | None = None
         teed: list[MirrorTee] = []
@@ -209,8 +225,9 @@ class Service:
         io.write(_json_line({"pending": {
             "vm": cmd.vm, "snapshot": cmd.snapshot, "dataset": cmd.dataset,
             "guid": str(got.begin.toguid), "base": got.base,
-            # With --session the parts end with this connection: no lease.
-            "lease_seconds": None if cmd.session else int(PENDING_TTL)}}))
+            # With --session (--bind) the parts end with this (that) connection: no lease.
+            "lease_seconds": None if cmd.session or cmd.bind is not None
+            else int(PENDING_TTL)}}))
 
     # -- send -------------------------------------------------------------------
 

@@ -144,7 +144,16 @@ class _Server(asyncssh.SSHServer):
             self._refuse(self._too_many(p), asyncssh.DISC_TOO_MANY_CONNECTIONS)
             return
         self._counted = p.label
+        # Its number lets the same client bind a stream on another connection to
+        # this one (receive --bind), which that stream then keeps from idling.
+        self._zone.transfers.opened(self._id, p.label, self._held)
         self._start_idle()
+
+    def _held(self, on: bool) -> None:
+        if on:
+            self.command_started()
+        else:
+            self.command_ended()
 
     # -- idle connections -----------------------------------------------------
 

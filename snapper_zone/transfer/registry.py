@@ -83,6 +83,8 @@ class TransferRegistry:
         self._pending: dict[tuple[str, str], tuple[float, str]] = {}
         # (vm, snapshot) -> the connection it ends with: parts a peer teed here.
         self._bound: dict[tuple[str, str], int] = {}
+        # open connections -> (who, how to keep one from idling): for --bind
+        self._open: dict[int, tuple[str, Callable[[bool], None]]] = {}
 
     def start(self, kind: str, vm: str, dataset: str, snapshot: str, base: str | None,
               peer: str, expected: int | None = None) -> Transfer:
@@ -136,12 +138,36 @@ class TransferRegistry:
         """The pending ``snapshot`` ends with ``connection`` (see ``release``)."""
         self._bound[(vm, snapshot)] = connection
 
+    def opened(self, connection: int, who: str, busy: Callable[[bool], None]) -> None:
+        """``connection`` is ``who``'s; ``busy(True/False)`` holds it from idling."""
+        self._open[connection] = (who, busy)
+
+    def owner(self, connection: int) -> str | None:
+        """Whose open connection this is (None: closed, or never opened)."""
+        got = self._open.get(connection)
+        return None if got is None else got[0]
+
+    @contextlib.contextmanager
+    def holding_open(self, connection: int) -> Iterator[None]:
+        """``connection`` is not idle while the block runs (a stream bound to it
+        runs on another connection; the commit will come on this one)."""
+        got = self._open.get(connection)
+        if got is not None:
+            got[1](True)
+        try:
+            yield
+        finally:
+            now = self._open.get(connection)
+            if got is not None and now is got:
+                got[1](False)
+
     def release(self, connection: int) -> None:
         """``connection`` closed: what was bound to it is not awaited any more.
 
         Parts a peer zone teed here belong to its push, which ends with its
         link; a client's own push keeps its lease (commit from any connection).
         """
+        self._open.pop(connection, None)
         for key, conn in list(self._bound.items()):
             if conn == connection:
                 del self._bound[key]

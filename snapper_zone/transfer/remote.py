@@ -44,6 +44,7 @@ from snapper_zone.wire.protocol import (
     ResumeToken,
     Send,
     Snapshots,
+    Whoami,
     format_command,
     parse_error_line,
 )
@@ -241,6 +242,7 @@ class ZoneClient:
         self.connect_timeout = connect_timeout
         self.conn: asyncssh.SSHClientConnection | None = None
         self._features: frozenset[str] | None = None
+        self._whoami: tuple[object, int | None] | None = None  # (connection, its number)
 
     @property
     def endpoint(self) -> str:
@@ -351,8 +353,10 @@ class ZoneClient:
         connection, same key, same host key) instead: OpenSSH's client
         encrypts at about twice the rate of asyncssh's in Python
         (bench/cn_path.py). The pump still reads ``zfs send`` (counting,
-        pacing), writing into ``ssh``'s stdin pipe. Its parts are then held by
-        a lease, not ``--session``: the commit comes over this connection. An
+        pacing), writing into ``ssh``'s stdin pipe. Its parts are bound to this
+        connection (``--bind``, from ``whoami``): they end with it, as with
+        ``--session``, and the zone keeps it from idling while the stream runs;
+        the commit comes over it. An
         ``ssh`` that cannot connect (exit 255) while this connection works
         leaves this stream and the next ones to asyncssh.
         """
@@ -465,7 +469,11 @@ class ZoneClient:
                             zfs: Zfs, progress: Reporter,
                             bwlimit: float | None) -> StreamResult:
         """``push_stream`` through a child ``ssh``: zfs send -> pump -> ssh's stdin."""
-        line = format_command(dataclasses.replace(cmd, session=False))
+        # The parts end with this (asyncssh) connection, which commits them and
+        # which the zone keeps from idling meanwhile: no lease left by a push
+        # that died.
+        line = format_command(dataclasses.replace(cmd, session=False,
+                                                  bind=await self.connection_number()))
         loop = asyncio.get_running_loop()
         with tempfile.TemporaryDirectory(prefix="snapper-ssh-") as tmp:
             known_hosts = Path(tmp) / "known_hosts"
@@ -701,6 +709,24 @@ class ZoneClient:
             words = doc.get("features") if isinstance(doc, dict) else None
             self._features = parse_features(w for w in words or () if isinstance(w, str))
         return self._features
+
+    async def connection_number(self) -> int | None:
+        """This connection's number on the zone (``whoami``), for ``receive --bind``;
+        None from a zone that predates it (a stream's parts then hold a lease)."""
+        conn = self._conn()
+        if self._whoami is None or self._whoami[0] is not conn:
+            try:
+                doc = json.loads(await self.run(Whoami()) or b"{}")
+            except ZoneError as exc:
+                if exc.code != "BadCommand":
+                    raise
+                doc = {}
+            except ValueError as exc:
+                raise ZoneError("BadAnswer", f"whoami: not JSON: {exc}") from None
+            n = doc.get("connection") if isinstance(doc, dict) else None
+            self._whoami = (conn, n if isinstance(n, int) and not isinstance(n, bool)
+                            else None)
+        return self._whoami[1]
 
     async def inventory(self, vm: str) -> Inventory:
         """The zone's whole ``snapshots VM`` answer (snapshots, datasets, tombstones,

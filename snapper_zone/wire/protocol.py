@@ -5,12 +5,16 @@ no shell: every token is a validated name or number) and parsed into a typed
 command. The same module builds the lines on the client side, so the CN
 client, the zone-to-zone mirror and an operator's plain ``ssh`` agree.
 
-    receive VM DATASET SNAP [--from BASE] [--size BYTES] [--resume] [--session]
+    receive VM DATASET SNAP [--from BASE] [--size BYTES] [--resume]
+            [--session | --bind CONNECTION]
         stdin: a zfs send stream of VM's DATASET at SNAP (incremental from
         BASE when given; ``--resume`` when it is a ``zfs send -t`` stream).
         The parts wait for their ``commit`` for a lease (any connection may
         commit); with ``--session`` they end with this connection instead, as
-        snapper's own client commits on the connection it pushed on.
+        snapper's own client commits on the connection it pushed on; with
+        ``--bind`` they end with CONNECTION, another open connection of the
+        same client (``whoami``), kept from idling while the stream runs: a
+        stream carried by a separate ``ssh`` that commits on the first one.
     send VM DATASET SNAP [--from BASE] [--accept FEATURE[,FEATURE...]]
                                             stdout: a zfs send stream, with the
                                             options (raw, compressed, large_blocks,
@@ -34,6 +38,8 @@ client, the zone-to-zone mirror and an operator's plain ``ssh`` agree.
                                             part if it is still guid G, or (no
                                             --dataset) only the VM's marker
     ping                                    stdout: "pong"
+    whoami                                  stdout: JSON {"connection", "principal"}:
+                                            this connection's number (for --bind)
 
 Exit status 0 is success; otherwise stderr holds one JSON line
 ``{"code": ..., "message": ...}`` (the same shape as the HTTP API's errors).
@@ -65,6 +71,7 @@ class Receive:
     size: int | None = None  # the sender's estimate (send -n -P), for the space check
     resume: bool = False
     session: bool = False  # uncommitted parts end with this connection, not a lease
+    bind: int | None = None  # ... or with this other connection of the same client
 
 
 @dataclass(frozen=True)
@@ -136,13 +143,19 @@ class Features:
     pass
 
 
+@dataclass(frozen=True)
+class Whoami:
+    pass
+
+
 Command = (Receive | Send | ResumeToken | Abort | Snapshots | Commit | Metadata | Delete
-           | Destroy | Ping | Features)
+           | Destroy | Ping | Features | Whoami)
 
 
 # verb -> (number of positional args, allowed options and whether each takes a value)
 _GRAMMAR: dict[str, tuple[int, dict[str, bool]]] = {
-    "receive": (3, {"--from": True, "--size": True, "--resume": False, "--session": False}),
+    "receive": (3, {"--from": True, "--size": True, "--resume": False, "--session": False,
+                    "--bind": True}),
     "send": (3, {"--from": True, "--accept": True}),
     "resume-token": (2, {}),
     "abort": (2, {}),
@@ -153,6 +166,7 @@ _GRAMMAR: dict[str, tuple[int, dict[str, bool]]] = {
     "destroy": (2, {"--dataset": True, "--guid": True}),
     "ping": (0, {}),
     "features": (0, {}),
+    "whoami": (0, {}),
 }
 
 
@@ -202,6 +216,8 @@ def _build(verb: str, a: list[str], o: dict[str, str | None]) -> Command:
         return Ping()
     if verb == "features":
         return Features()
+    if verb == "whoami":
+        return Whoami()
     vm = check_uuid(a[0], "VM uuid")
     if verb == "snapshots":
         return Snapshots(vm)
@@ -214,8 +230,13 @@ def _build(verb: str, a: list[str], o: dict[str, str | None]) -> Command:
         size = o.get("--size")
         if size is not None and (not size.isdigit() or len(size) > 19):
             raise ValueError("--size must be a byte count")
+        bind = o.get("--bind")
+        if bind is not None and (not bind.isdigit() or len(bind) > 19):
+            raise ValueError("--bind must be a connection number")
+        if bind is not None and "--session" in o:
+            raise ValueError("--session and --bind: give one")
         return Receive(vm, ds, snap, base, int(size) if size else None, "--resume" in o,
-                       "--session" in o)
+                       "--session" in o, int(bind) if bind is not None else None)
     if verb == "resume-token":
         return ResumeToken(vm, check_component(a[1], "VM dataset"))
     if verb == "abort":
@@ -249,13 +270,16 @@ def format_command(cmd: Command) -> str:
             return "ping"
         case Features():
             return "features"
-        case Receive(vm, ds, snap, base, size, resume, session):
+        case Whoami():
+            return "whoami"
+        case Receive(vm, ds, snap, base, size, resume, session, bind):
             line = f"receive {vm} {ds} {snap}"
             if base:
                 line += f" --from {base}"
             if size is not None:
                 line += f" --size {size}"
-            return line + (" --resume" if resume else "") + (" --session" if session else "")
+            return line + (" --resume" if resume else "") + (" --session" if session else "") \
+                + (f" --bind {bind}" if bind is not None else "")
         case Send(vm, ds, snap, base, accept):
             return f"send {vm} {ds} {snap}" + (f" --from {base}" if base else "") + (
                 f" --accept {','.join(sorted(accept))}" if accept else "")
