@@ -691,6 +691,17 @@ class ZoneClient:
 
     # -- the small commands -----------------------------------------------------
 
+    async def _newer_answer(self, cmd: Features | Whoami) -> object:
+        """A newer command's JSON answer; {} from a zone that predates it (BadCommand)."""
+        try:
+            return json.loads(await self.run(cmd) or b"{}")
+        except ZoneError as exc:
+            if exc.code != "BadCommand":
+                raise
+            return {}
+        except ValueError as exc:
+            raise ZoneError("BadAnswer", f"{format_command(cmd)}: not JSON: {exc}") from None
+
     async def features(self) -> frozenset[str]:
         """The stream options the zone sends and receives (asked once per connection).
 
@@ -698,14 +709,7 @@ class ZoneClient:
         streams only, so nothing encrypted is sent to it.
         """
         if self._features is None:
-            try:
-                doc = json.loads(await self.run(Features()) or b"{}")
-            except ZoneError as exc:
-                if exc.code != "BadCommand":
-                    raise
-                doc = {}
-            except ValueError as exc:
-                raise ZoneError("BadAnswer", f"features: not JSON: {exc}") from None
+            doc = await self._newer_answer(Features())
             words = doc.get("features") if isinstance(doc, dict) else None
             self._features = parse_features(w for w in words or () if isinstance(w, str))
         return self._features
@@ -715,14 +719,7 @@ class ZoneClient:
         None from a zone that predates it (a stream's parts then hold a lease)."""
         conn = self._conn()
         if self._whoami is None or self._whoami[0] is not conn:
-            try:
-                doc = json.loads(await self.run(Whoami()) or b"{}")
-            except ZoneError as exc:
-                if exc.code != "BadCommand":
-                    raise
-                doc = {}
-            except ValueError as exc:
-                raise ZoneError("BadAnswer", f"whoami: not JSON: {exc}") from None
+            doc = await self._newer_answer(Whoami())
             n = doc.get("connection") if isinstance(doc, dict) else None
             self._whoami = (conn, n if isinstance(n, int) and not isinstance(n, bool)
                             else None)
