@@ -1090,6 +1090,8 @@ class Coordinator:
             lists = await asyncio.gather(*(self.api.snapshots(by_id[z].http_url, vm)
                                            for z in where), return_exceptions=True)
             holders = {z: r for z, r in zip(where, lists, strict=True) if isinstance(r, list)}
+            if grace and len(holders) < 2:
+                continue  # a holder did not answer: by hash, its copy could be passed over
             try:
                 pair = self._choose_pair(vm, holders, zones)
             except NotEnoughZones:

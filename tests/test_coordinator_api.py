@@ -96,6 +96,7 @@ class StandIn:
         self.requests: list[str] = []  # "GET /path" of every request it was sent
         self.ssh_connects = 0
         self.inflight: list[dict[str, Any]] = []  # what GET /v1/transfers answers
+        self.unanswered: set[str] = set()  # VMs whose snapshots it answers with a 503
 
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
@@ -157,6 +158,8 @@ class StandIn:
 
     async def snapshots(self, request: web.Request) -> web.Response:
         vm = request.match_info["vm"]
+        if vm in self.unanswered:
+            return web.json_response({"code": "Busy", "message": "try again"}, status=503)
         return web.json_response(self.vms[vm]) if vm in self.vms else self._missing(vm)
 
     async def tombstones(self, request: web.Request) -> web.Response:
@@ -776,6 +779,35 @@ async def test_a_rebuilt_store_waits_for_a_vms_second_copy(tmp_path: Path,
         # Every zone answered "no copy": a new VM, placed by hash during the grace too.
         assert env.coordinator.grace_left() > 0, "after the grace: proves nothing"
         assert len(await env.placement(VMS[1])) == 2
+    finally:
+        await env.close()
+
+
+async def test_a_rebuilt_store_adopts_no_vm_a_holder_did_not_answer_for(
+        tmp_path: Path, fleet: Fleet) -> None:
+    """Both holders are back, but one does not answer for the VM: adopting it from
+    the other alone would fill the pair by hash and pass over the silent copy."""
+    for z in ZONES[:3]:
+        await fleet.add(z)
+    vm, pair = VMS[0], [ZONES[2], ZONES[1]]
+    fleet.push(vm, pair)
+    fleet.zones[ZONES[1]].unanswered.add(vm)
+    env = Env(tmp_path, fleet)  # an empty store
+    await env.coordinator.prepare()
+    await env.start()
+    try:
+        for z in ZONES[:3]:
+            await env.register(z)
+        assert env.coordinator.grace_left() > 0, "after the grace: proves nothing"
+        zones = await env.coordinator.store.zones()
+        inv = await env.coordinator.inventories(zones)
+        assert await env.coordinator.adopt_inventory(zones, inv) == 0
+        assert await env.coordinator.store.placement(vm) is None
+        body = await env.call("GET", f"/v1/placement/{vm}", status=503)
+        assert body["code"] == "Rebuilding"
+        fleet.zones[ZONES[1]].unanswered.clear()  # it answers again: the data decides
+        assert await env.coordinator.adopt_inventory(zones, inv) == 1
+        assert await env.placement(vm) == pair
     finally:
         await env.close()
 
