@@ -26,6 +26,7 @@ from snapper_zone.daemon.auth import (
     allowed_verbs,
     authorize,
     verb,
+    vm_of,
 )
 from snapper_zone.wire import CnIdentity, IdentityDocument, InvalidDocument, RestoreGrant
 from tests.test_auth import commands
@@ -61,8 +62,8 @@ def test_a_grant_opens_restoring_only(cmd: object, owner: str | None, grant: boo
     if name not in allowed_verbs("cn"):
         assert not allowed  # destroy: never a CN's, grant or not
         return
-    # ping and features name no VM: anyone's
-    vmless = name in ("ping", "features")
+    # ping, features and whoami name no VM: anyone's
+    vmless = vm_of(cmd) is None  # type: ignore[arg-type]
     assert allowed == (vmless or owner == "me" or (grant and name in RESTORE_VERBS))
 
 
