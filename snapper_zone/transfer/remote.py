@@ -217,6 +217,34 @@ def _keys_for(known_hosts: Path, host: str, port: int) -> str:
                    for k in keys)
 
 
+async def _pumped_send(zfs: Zfs, spec: SendSpec, pump: SendPump,
+                       undo: Callable[[], Awaitable[None]]
+                       ) -> tuple[proc.Spawned, SendPump, asyncio.ReadTransport]:
+    """``zfs send`` into a widened pipe that ``pump`` reads, for either carrier of a
+    pushed stream; on a failure to start, nothing is left running (``undo`` ends
+    the carrier)."""
+    loop = asyncio.get_running_loop()
+    r, w = os.pipe()
+    widen_pipe(r)
+    try:
+        sender = await zfs.send(spec, stdout=w)
+    except BaseException:
+        os.close(r)
+        await undo()
+        raise
+    finally:
+        os.close(w)
+    try:
+        transport, _ = await loop.connect_read_pipe(lambda: pump,
+                                                    os.fdopen(r, "rb", buffering=0))
+    except BaseException:
+        os.close(r)
+        await sender.abort()
+        await undo()
+        raise
+    return sender, pump, transport
+
+
 class ZoneClient:
     """One SSH connection to a snapper zone. Use ``async with ZoneClient(...)``.
 
@@ -373,28 +401,14 @@ class ZoneClient:
                 self.openssh = None
         progress = progress or NoProgress()
         line = format_command(cmd)
-        loop = asyncio.get_running_loop()
         chan, session = await self._open(line)
-        r, w = os.pipe()
-        widen_pipe(r)
-        try:
-            sender = await zfs.send(spec, stdout=w)
-        except BaseException:
-            os.close(r)
+
+        async def undo() -> None:
             chan.close()
-            raise
-        finally:
-            os.close(w)
-        pump = SendPump(self.stream_channel(chan), progress.advance, bwlimit)
+
+        sender, pump, transport = await _pumped_send(
+            zfs, spec, SendPump(self.stream_channel(chan), progress.advance, bwlimit), undo)
         started = time.monotonic()
-        try:
-            transport, _ = await loop.connect_read_pipe(lambda: pump,
-                                                        os.fdopen(r, "rb", buffering=0))
-        except BaseException:
-            os.close(r)
-            await sender.abort()
-            chan.close()
-            raise
         session.on_pause = lambda: pump.hold("window")
         session.on_resume = lambda: pump.release("window")
         zone_hung_up = False
@@ -496,29 +510,14 @@ class ZoneClient:
                 os.close(w)
                 await child.abort()
                 raise
-            r, w = os.pipe()
-            widen_pipe(r)
-            try:
-                sender = await zfs.send(spec, stdout=w)
-            except BaseException:
-                os.close(r)
+
+            async def undo() -> None:
                 out.close()
                 await child.abort()
-                raise
-            finally:
-                os.close(w)
-            pump = SendPump(out, progress.advance, bwlimit)
-            flow.pump = pump
+
+            flow.pump = SendPump(out, progress.advance, bwlimit)
+            sender, pump, transport = await _pumped_send(zfs, spec, flow.pump, undo)
             started = time.monotonic()
-            try:
-                transport, _ = await loop.connect_read_pipe(lambda: pump,
-                                                            os.fdopen(r, "rb", buffering=0))
-            except BaseException:
-                os.close(r)
-                await sender.abort()
-                out.close()
-                await child.abort()
-                raise
             exited = asyncio.ensure_future(child.wait())
             zone_hung_up = False
             try:
