@@ -442,17 +442,11 @@ async def cmd_cn(args: argparse.Namespace, c: Client) -> int:
             await c.call("DELETE", f"/v1/cns/{args.id}?key={quote(fp, safe='')}")
             print(f"CN {args.id}: key {fp} revoked")
     else:
-        cns = (await c.call("GET", "/v1/cns"))["cns"]
-        if args.json:
-            print(json.dumps(cns, indent=2))
-        elif not cns:
-            print("no CNs registered")
-        else:
-            rows = [["CN", "KEYS", "VMS"]]
-            for cn in cns:
-                fps = [asyncssh.import_public_key(k).get_fingerprint() for k in cn["keys"]]
-                rows.append([cn["id"], ", ".join(fps) or "-", str(cn["vms"])])
-            print(_table(rows))
+        _print_list(args, (await c.call("GET", "/v1/cns"))["cns"], "no CNs registered",
+                    ["CN", "KEYS", "VMS"],
+                    lambda cn: [cn["id"], ", ".join(
+                        asyncssh.import_public_key(k).get_fingerprint()
+                        for k in cn["keys"]) or "-", str(cn["vms"])])
     return 0
 
 
@@ -541,16 +535,23 @@ async def cmd_policy(args: argparse.Namespace, c: Client) -> int:
         await c.call("DELETE", f"/v1/policies/{args.name}")
         print(f"policy {args.name} removed (agents following it keep their last copy)")
     else:
-        got = (await c.call("GET", "/v1/policies"))["policies"]
-        if args.json:
-            print(json.dumps(got, indent=2))
-        elif not got:
-            print("no policies (snapper policy set NAME FILE)")
-        else:
-            print(_table([["NAME", "VERSION", "UPDATED", "BY"]]
-                         + [[p["name"], str(p["version"]), _when(p["updated"]),
-                             p["updated_by"]] for p in got]))
+        _print_list(args, (await c.call("GET", "/v1/policies"))["policies"],
+                    "no policies (snapper policy set NAME FILE)",
+                    ["NAME", "VERSION", "UPDATED", "BY"],
+                    lambda p: [p["name"], str(p["version"]), _when(p["updated"]),
+                               p["updated_by"]])
     return 0
+
+
+def _print_list(args: argparse.Namespace, items: list[dict[str, Any]], none: str,
+                header: list[str], row: Callable[[dict[str, Any]], list[str]]) -> None:
+    """A registry list: as JSON with ``--json``, else a table (or ``none``)."""
+    if args.json:
+        print(json.dumps(items, indent=2))
+    elif not items:
+        print(none)
+    else:
+        print(_table([header, *map(row, items)]))
 
 
 # -- the live view -------------------------------------------------------------------

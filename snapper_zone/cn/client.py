@@ -200,24 +200,10 @@ async def lookup_policy(coordinator_url: str, name: str, key: Path,
     field before it is believed or kept. As with placements, a verified copy is
     kept in ``cache`` and used while no coordinator answers; a refusal (404: no
     such policy, 403) is never bridged. Nothing cached: ``ZoneUnreachable``."""
-    url = f"{coordinator_url.rstrip('/')}/v1/policies/{check_policy_name(name)}"
-    trusted = None if coordinator_key is None else asyncssh.import_public_key(coordinator_key)
     try:
-        try:
-            async with signing_session(Signer.load(key), response_key=trusted,
-                                       timeout=_PLACEMENT_TIMEOUT) as http:
-                got = await call_json(http, "GET", url)
-        except UntrustedResponse as exc:
-            raise ZoneError(exc.code, f"coordinator {coordinator_url}: {exc.message}",
-                            "policy") from exc
-        except NoAnswer as exc:
-            raise ZoneUnreachable(f"coordinator {coordinator_url}: {exc.message}") from exc
-        if got.status >= 500:
-            code, msg = got.error()
-            raise ZoneUnreachable(f"coordinator {coordinator_url}: {got.status} {code}: {msg}")
-        if got.status != 200:
-            code, msg = got.error()
-            raise ZoneError(code, msg, "policy")
+        body = await _ask_coordinator(
+            coordinator_url, f"/v1/policies/{check_policy_name(name)}", key, coordinator_key,
+            "policy")
     except (ZoneUnreachable, ZoneError) as exc:
         if isinstance(exc, ZoneError) and not _no_answer(exc):
             raise
@@ -228,7 +214,6 @@ async def lookup_policy(coordinator_url: str, name: str, key: Path,
         return PolicyAnswer(name, check_policy_document(seen.doc.get("document"), name),
                             int(seen.doc.get("version") or 0), seen.at,
                             " ".join(exc.message.split())[:200])
-    body = got.body if isinstance(got.body, dict) else {}
     policies = check_policy_document(body.get("document"), name)
     version = body.get("version")
     if not isinstance(version, int) or isinstance(version, bool):
@@ -253,7 +238,20 @@ def _endpoints(doc: Any) -> list[dict[str, Any]]:
 
 async def _ask_placement(coordinator_url: str, vm: str, key: Path,
                          coordinator_key: str | None) -> list[dict[str, Any]]:
-    url = f"{coordinator_url.rstrip('/')}/v1/placement/{vm}"
+    body = await _ask_coordinator(coordinator_url, f"/v1/placement/{vm}", key,
+                                  coordinator_key, "placement")
+    endpoints = _endpoints(body)
+    if not endpoints:
+        raise ZoneError("BadAnswer", f"coordinator gave no endpoints for VM {vm}", "placement")
+    return endpoints
+
+
+async def _ask_coordinator(coordinator_url: str, path: str, key: Path,
+                           coordinator_key: str | None, what: str) -> dict[str, Any]:
+    """``GET path`` of the coordinator signed as this CN, the answer checked against
+    ``coordinator_key``: the JSON object of a 200. No answer, or a 5xx (its store
+    away, rebuilding): ``ZoneUnreachable``; any other refusal: ``ZoneError``."""
+    url = f"{coordinator_url.rstrip('/')}{path}"
     trusted = None if coordinator_key is None else asyncssh.import_public_key(coordinator_key)
     try:
         async with signing_session(Signer.load(key), response_key=trusted,
@@ -261,19 +259,15 @@ async def _ask_placement(coordinator_url: str, vm: str, key: Path,
             got = await call_json(http, "GET", url)
     except UntrustedResponse as exc:
         raise ZoneError(exc.code, f"coordinator {coordinator_url}: {exc.message}",
-                        "placement") from exc
+                        what) from exc
     except NoAnswer as exc:
         raise ZoneUnreachable(f"coordinator {coordinator_url}: {exc.message}") from exc
     if got.status != 200:
         code, msg = got.error()
-        if got.status >= 500:  # its store away, rebuilding: no answer yet
+        if got.status >= 500:
             raise ZoneUnreachable(f"coordinator {coordinator_url}: {got.status} {code}: {msg}")
-        raise ZoneError(code, msg, "placement")
-    body = got.body
-    endpoints = _endpoints(body)
-    if not endpoints:
-        raise ZoneError("BadAnswer", f"coordinator gave no endpoints for VM {vm}", "placement")
-    return endpoints
+        raise ZoneError(code, msg, what)
+    return got.body if isinstance(got.body, dict) else {}
 
 
 # -- what a zone holds, per dataset ----------------------------------------------

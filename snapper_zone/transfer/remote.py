@@ -245,6 +245,50 @@ async def _pumped_send(zfs: Zfs, spec: SendSpec, pump: SendPump,
     return sender, pump, transport
 
 
+async def _drive_push(sender: proc.Spawned, pump: SendPump, transport: asyncio.ReadTransport,
+                      carrier: asyncio.Future[T], eof: Callable[[], None],
+                      teardown: Callable[[], Awaitable[None]]
+                      ) -> tuple[proc.Completed, T, bool]:
+    """Run a pushed stream to its end on either carrier: (the send's result, the
+    carrier's, whether the zone hung up first).
+
+    Either the stream ends (``eof`` passes that on), or the carrier ends first
+    (the zone refused the stream, or the link failed): then the pipe may be
+    paused on a full window and would never end by itself, so the send is
+    killed. Cancelled (CN killed, Ctrl-C) or failed: no child is left behind."""
+    hung_up = False
+    try:
+        waits: list[asyncio.Future[Any]] = [pump.done, carrier]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if pump.done.done() and pump.done.exception() is None:
+            eof()
+        else:
+            hung_up = True
+            transport.close()
+            sender.kill()
+        sent = await sender.wait()
+        ended = await carrier
+    except BaseException:
+        transport.close()
+        await sender.abort()
+        await teardown()
+        raise
+    return sent, ended, hung_up
+
+
+def _push_result(err: ZoneError | None, sent: proc.Completed, hung_up: bool, pump: SendPump,
+                 started: float) -> StreamResult:
+    """A pushed stream's outcome, raising the most telling error: when the zone saw
+    a truncated stream because our send failed, the send's own error says why."""
+    if err is not None:
+        if not sent.ok and not hung_up:
+            raise classify(sent.argv, sent.stderr, sent.returncode) from err
+        raise err
+    if not sent.ok:
+        raise classify(sent.argv, sent.stderr, sent.returncode)
+    return StreamResult(pump.bytes, time.monotonic() - started)
+
+
 class ZoneClient:
     """One SSH connection to a snapper zone. Use ``async with ZoneClient(...)``.
 
@@ -411,39 +455,17 @@ class ZoneClient:
         started = time.monotonic()
         session.on_pause = lambda: pump.hold("window")
         session.on_resume = lambda: pump.release("window")
-        zone_hung_up = False
-        try:
-            # Either the stream ends, or the zone ends the channel first (it
-            # refused the stream): then the pipe may be paused on a full window
-            # and would never end by itself.
-            await asyncio.wait([pump.done, session.closed],
-                               return_when=asyncio.FIRST_COMPLETED)
-            if pump.done.done() and pump.done.exception() is None:
-                chan.write_eof()
-            else:
-                zone_hung_up = True
-                transport.close()
-                sender.kill()
-            sent = await sender.wait()
-            try:
-                await session.closed
-            except (OSError, asyncssh.Error) as exc2:
-                raise ZoneUnreachable(f"{self.endpoint}: receive: {exc2}") from exc2
-        except BaseException:
-            # Cancelled (CN killed, Ctrl-C) or failed: never leave a child behind.
-            transport.close()
-            await sender.abort()
+
+        async def teardown() -> None:
             chan.close()
-            raise
-        if session.exit_status != 0:
-            err = session.error(line)
-            if not sent.ok and not zone_hung_up:
-                # The zone saw a truncated stream because our send failed: say why.
-                raise classify(sent.argv, sent.stderr, sent.returncode) from err
-            raise err
-        if not sent.ok:
-            raise classify(sent.argv, sent.stderr, sent.returncode)
-        return StreamResult(pump.bytes, time.monotonic() - started)
+
+        try:
+            sent, _, hung_up = await _drive_push(sender, pump, transport, session.closed,
+                                                 chan.write_eof, teardown)
+        except (OSError, asyncssh.Error) as exc:
+            raise ZoneUnreachable(f"{self.endpoint}: receive: {exc}") from exc
+        return _push_result(session.error(line) if session.exit_status != 0 else None,
+                            sent, hung_up, pump, started)
 
     def openssh_argv(self, ssh: str, line: str, known_hosts: Path) -> list[str]:
         """``ssh`` running ``line`` on the zone: this client's key and host key only
@@ -519,40 +541,23 @@ class ZoneClient:
             sender, pump, transport = await _pumped_send(zfs, spec, flow.pump, undo)
             started = time.monotonic()
             exited = asyncio.ensure_future(child.wait())
-            zone_hung_up = False
-            try:
-                # As over our own connection: the stream ends, or ssh exits first
-                # (the zone refused the stream, or the connection failed).
-                waits: list[asyncio.Future[Any]] = [pump.done, exited]
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                if pump.done.done() and pump.done.exception() is None:
-                    out.close()  # EOF: ssh sends it on, the zone's receive ends
-                else:
-                    zone_hung_up = True
-                    transport.close()
-                    sender.kill()
-                sent = await sender.wait()
-                done = await exited
-            except BaseException:
-                transport.close()
+
+            async def teardown() -> None:
                 out.close()
                 exited.cancel()
-                await sender.abort()
                 await child.abort()
-                raise
+
+            sent, done, hung_up = await _drive_push(sender, pump, transport, exited,
+                                                    out.close, teardown)
         if done.returncode == 255:  # ssh's own failure: connect, auth, host key
             raise _SshFailed(f"{self.endpoint}: receive (ssh): "
                              f"{done.stderr.strip()[-1000:]}")
+        err = None
         if not done.ok:
             code, message = parse_error_line(done.stderr)
             err = ZoneError(code, message or f"exit status {done.returncode}", line,
                             done.returncode)
-            if not sent.ok and not zone_hung_up:
-                raise classify(sent.argv, sent.stderr, sent.returncode) from err
-            raise err
-        if not sent.ok:
-            raise classify(sent.argv, sent.stderr, sent.returncode)
-        return StreamResult(pump.bytes, time.monotonic() - started)
+        return _push_result(err, sent, hung_up, pump, started)
 
     async def push_chunks(self, cmd: Receive, chunks: AsyncIterator[bytes],
                           progress: Reporter | None = None) -> StreamResult:
