@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -98,6 +99,43 @@ def summary(doc: dict[str, Any]) -> str:
         for d in ch["detail"][:5] if not ch["ok"] else []:
             lines.append(f"        {d}")
     return "\n".join(lines)
+
+
+_VM_SNAP = re.compile(r"\b([0-9a-f]{8})@(\S+)")
+
+
+def evidence(doc: dict[str, Any], workdir: Path, limit: int = 40) -> str:
+    """The daemons' log lines about each ``vm@snapshot`` a failed check names (that
+    snapshot, or a warning about the VM), oldest first: what a failure on a
+    machine whose work directory is gone (CI) leaves to read."""
+    wanted = {m.groups() for ch in doc["invariants"] if not ch["ok"]
+              for d in ch["detail"] for m in _VM_SNAP.finditer(d)}
+    if not wanted:
+        return ""
+    rows: list[tuple[str, str]] = []
+    for log in sorted(workdir.rglob("*.log")):
+        who = log.parent.name
+        with open(log, errors="replace") as f:
+            for line in f:
+                hit = [(vm, snap) for vm, snap in wanted if vm in line]
+                if not hit:
+                    continue
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if not isinstance(rec, dict) or not any(
+                        snap in line or int(rec.get("level") or 0) >= 40 for _, snap in hit):
+                    continue
+                extra = {k: v for k, v in rec.items() if k not in
+                         ("v", "name", "hostname", "pid", "level", "time", "msg")}
+                rows.append((str(rec.get("time")),
+                             f"{rec.get('time')} {who}: {rec.get('msg')} "
+                             f"{json.dumps(extra)[:300]}"))
+    rows.sort()
+    shown = [r for _, r in rows[-limit:]]
+    return "\n".join([f"log lines about {', '.join(f'{v}@{s}' for v, s in sorted(wanted))} "
+                      f"(last {len(shown)} of {len(rows)}):", *shown])
 
 
 def write(result: SoakResult, path: Path | None) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import os
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -198,6 +199,11 @@ def test_parse_inventory() -> None:
 CI_KINDS = STATIC_KINDS
 
 
+def _failure(doc: dict[str, Any], config: SoakConfig) -> str:
+    """The summary, and the daemons' log lines about what failed (CI keeps no files)."""
+    return report.summary(doc) + "\n" + report.evidence(doc, config.workdir)
+
+
 def _seconds() -> float:
     return float(os.environ.get("SNAPPER_SOAK_SECONDS", "120"))
 
@@ -213,7 +219,7 @@ async def test_soak_static_pairs(zfs_tier: ZfsTier, tmp_path: Path) -> None:
     doc = report.write(result, tmp_path / "soak-report.json")
     print(report.summary(doc))
     assert doc["faults"]["injected"] >= 6 and len(doc["faults"]["by_kind"]) >= 4
-    assert result.passed, report.summary(doc)
+    assert result.passed, _failure(doc, config)
 
 
 @pytest.mark.soak
@@ -230,7 +236,7 @@ async def test_soak_with_a_coordinator(zfs_tier: ZfsTier, tmp_path: Path) -> Non
     print(report.summary(doc))
     kinds = set(doc["faults"]["by_kind"])
     assert {"add-zone", "drain-zone", "lose-zone", "kill-coordinator"} <= kinds, kinds
-    assert result.passed, report.summary(doc)
+    assert result.passed, _failure(doc, config)
 
 
 @pytest.mark.soak
@@ -249,7 +255,7 @@ async def test_soak_with_three_coordinators_on_zookeeper(
     print(report.summary(doc))
     kills = [f for f in result.faults if f.kind == "kill-coordinator"]
     assert kills and all(f.target.startswith("coordinator") for f in kills), kills
-    assert result.passed, report.summary(doc)
+    assert result.passed, _failure(doc, config)
 
 
 @pytest.mark.soak
@@ -288,7 +294,7 @@ async def test_soak_policy_agents(zfs_tier: ZfsTier, tmp_path: Path) -> None:
     doc = report.write(result, tmp_path / "soak-report.json")
     print(report.summary(doc))
     assert doc["agents"]["killed"] >= 1 and doc["agents"]["pushed"] >= 5, doc["agents"]
-    assert result.passed, report.summary(doc)
+    assert result.passed, _failure(doc, config)
 
 
 # -- what the soak found ------------------------------------------------------------------

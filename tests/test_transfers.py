@@ -41,6 +41,30 @@ def test_pending_expires_idle_but_not_while_the_vm_still_receives() -> None:
     assert reg.in_use(VM) == set()
 
 
+def test_a_peers_stranded_parts_are_not_kept_by_another_senders_pushes() -> None:
+    """A move's copy that failed between two parts, its sender's link still open:
+    the VM's own pushes (from its CN) go on, yet those parts stop being awaited
+    PEER_PENDING_TTL after the last one, so a discard or reconcile can clean up."""
+    now = [1000.0]
+    reg = TransferRegistry(Metrics(), clock=lambda: now[0])
+    reg.pending(VM, "s1", "zone:old")
+    reg.bind(VM, "s1", 7)
+    reg.pending(VM, "s9", "cn:a")
+    cn = reg.start("receive", VM, "root", "s10", "s9", "cn:a")
+    now[0] += transfers.PEER_PENDING_TTL - 1
+    assert reg.in_use(VM) == {"s1", "s9", "s10"}
+    now[0] += 2
+    assert reg.in_use(VM) == {"s9", "s10"}  # the CN's own parts stay awaited
+    peer = reg.start("mirror-in", VM, "root", "s11", "s10", "zone:p")
+    reg.pending(VM, "s11", "zone:p")
+    now[0] += 10 * transfers.PEER_PENDING_TTL
+    assert reg.in_use(VM) == {"s9", "s10", "s11"}  # each sender still sending
+    reg.finish(cn, "ok")
+    reg.finish(peer, "ok")
+    now[0] += transfers.PEER_PENDING_TTL + 1
+    assert reg.in_use(VM) == {"s9"}  # a client's lease is minutes long (plain OpenSSH)
+
+
 def test_parts_teed_for_a_push_that_died_on_the_primary(reg: TransferRegistry) -> None:
     reg.pending(VM, "s3", "zone:p")  # teed by the primary over its long-lived link
     reg.pending(VM, "s4", "zone:p")

@@ -30,8 +30,15 @@ _ids = itertools.count(1)
 # commits, on the same connection or on another one (plain OpenSSH: one
 # ``ssh`` per command). Until then its parts are pending (in use, not
 # debris): a lease that ends at the commit, at a delete of the snapshot, or
-# PENDING_TTL after its last part with no transfer of the VM running.
+# PENDING_TTL after its last part with no transfer of the VM from that sender
+# running.
 PENDING_TTL = 600.0
+# Parts a peer zone sent (a tee, a copy for a move or a repair) are followed by
+# its commit within seconds. Its link stays open for its other VMs, so the
+# link's end does not say that a round which failed between two parts will
+# never commit: after this long idle they are not awaited any more (reconcile
+# completes them from a complete copy, or drops them as debris).
+PEER_PENDING_TTL = 60.0
 
 
 @dataclass
@@ -199,12 +206,14 @@ class TransferRegistry:
         and snapshots of pushes still between their parts."""
         now = self.clock()
         running = [t for t in self._active.values() if t.vm == vm]
+        senders = {t.peer for t in running}
         for key, (when, src) in list(self._pending.items()):
-            if key[0] == vm and running:
-                # The push is still sending (a later dataset, a later snapshot of its
-                # chain): its earlier parts are still awaited.
+            if key[0] == vm and src in senders:
+                # Its sender is still sending (a later dataset, a later snapshot of
+                # its chain): its earlier parts are still awaited. Another
+                # sender's pushes of the VM say nothing about these.
                 self._pending[key] = (now, src)
-            elif now - when > PENDING_TTL:
+            elif now - when > (PEER_PENDING_TTL if src.startswith("zone:") else PENDING_TTL):
                 del self._pending[key]
                 self._bound.pop(key, None)
         names: set[str] = {s for (v, s) in self._pending if v == vm}
