@@ -79,7 +79,7 @@ class ZoneCopyBench(Bench):
             start = time.monotonic()
             await client.push_stream(Receive(vm, "disk0", SNAP, None, None),
                                      SendSpec(self.data.snapshot(SNAP)), self.zfs)
-            await client.commit(vm, SNAP, ["disk0"])
+            await client.commit(vm, SNAP, ["disk0"], None)
             return time.monotonic() - start
 
     async def local(self, i: int) -> float:
