@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Protocol, Self, TypeVar
 
 import asyncssh
 from asyncssh.channel import SSHChannel
@@ -31,7 +31,15 @@ from snapper_zone.errors import (
     SnapperError,
 )
 from snapper_zone.transfer.local import Expect, receive_stream
-from snapper_zone.transfer.stream import Channel, ClientGone, Inbound, SendPump, widen_pipe
+from snapper_zone.transfer.stream import (
+    Channel,
+    ClientGone,
+    Inbound,
+    SendPump,
+    SplicePump,
+    can_splice,
+    widen_pipe,
+)
 from snapper_zone.wire import Inventory, VmSnapshot
 from snapper_zone.wire.protocol import (
     Abort,
@@ -245,7 +253,31 @@ async def _pumped_send(zfs: Zfs, spec: SendSpec, pump: SendPump,
     return sender, pump, transport
 
 
-async def _drive_push(sender: proc.Spawned, pump: SendPump, transport: asyncio.ReadTransport,
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+async def _spliced_send(zfs: Zfs, spec: SendSpec, dst: int, on_bytes: Callable[[int], None],
+                        bwlimit: float | None, undo: Callable[[], Awaitable[None]]
+                        ) -> tuple[proc.Spawned, SplicePump]:
+    """``zfs send`` into a pipe that a ``SplicePump`` moves into ``dst`` (owned by
+    the pump from then on); on a failure to start, nothing is left running and
+    ``dst`` is closed (``undo`` ends the carrier)."""
+    r, w = os.pipe()
+    widen_pipe(r)
+    try:
+        sender = await zfs.send(spec, stdout=w)
+    except BaseException:
+        os.close(r)
+        os.close(dst)
+        await undo()
+        raise
+    finally:
+        os.close(w)
+    return sender, SplicePump(r, dst, on_bytes, bwlimit)
+
+
+async def _drive_push(sender: proc.Spawned, pump: SendPump | SplicePump, transport: _Closable,
                       carrier: asyncio.Future[T], eof: Callable[[], None],
                       teardown: Callable[[], Awaitable[None]]
                       ) -> tuple[proc.Completed, T, bool]:
@@ -276,8 +308,8 @@ async def _drive_push(sender: proc.Spawned, pump: SendPump, transport: asyncio.R
     return sent, ended, hung_up
 
 
-def _push_result(err: ZoneError | None, sent: proc.Completed, hung_up: bool, pump: SendPump,
-                 started: float) -> StreamResult:
+def _push_result(err: ZoneError | None, sent: proc.Completed, hung_up: bool,
+                 pump: SendPump | SplicePump, started: float) -> StreamResult:
     """A pushed stream's outcome, raising the most telling error: when the zone saw
     a truncated stream because our send failed, the send's own error says why."""
     if err is not None:
@@ -533,21 +565,35 @@ class ZoneClient:
                 raise
             finally:
                 os.close(to_ssh)
-            flow = _PipeFlow()
-            try:
-                out, _ = await loop.connect_write_pipe(lambda: flow,
-                                                       os.fdopen(w, "wb", buffering=0))
-            except BaseException:
-                os.close(w)
-                await child.abort()
-                raise
+            pump: SendPump | SplicePump
+            transport: _Closable
+            out: _Closable  # ssh's stdin: closing it is the stream's EOF
 
-            async def undo() -> None:
-                out.close()
+            async def end_ssh() -> None:
                 await child.abort()
 
-            flow.pump = SendPump(out, progress.advance, bwlimit)
-            sender, pump, transport = await _pumped_send(zfs, spec, flow.pump, undo)
+            if can_splice():
+                # zfs send's pipe into ssh's in the kernel (Linux): no copy in Python.
+                sender, pump = await _spliced_send(zfs, spec, w, progress.advance, bwlimit,
+                                                   end_ssh)
+                transport = out = pump
+            else:
+                flow = _PipeFlow()
+                try:
+                    to_pipe, _ = await loop.connect_write_pipe(
+                        lambda: flow, os.fdopen(w, "wb", buffering=0))
+                except BaseException:
+                    os.close(w)
+                    await child.abort()
+                    raise
+                out = to_pipe
+
+                async def undo() -> None:
+                    to_pipe.close()
+                    await child.abort()
+
+                flow.pump = SendPump(to_pipe, progress.advance, bwlimit)
+                sender, pump, transport = await _pumped_send(zfs, spec, flow.pump, undo)
             started = time.monotonic()
             exited = asyncio.ensure_future(child.wait())
 
@@ -556,6 +602,7 @@ class ZoneClient:
                 exited.cancel()
                 await child.abort()
 
+            # EOF: closing ssh's stdin (the pump's end of it) ends the zone's receive.
             sent, done, hung_up = await _drive_push(sender, pump, transport, exited,
                                                     out.close, teardown)
         if done.returncode == 255:  # ssh's own failure: connect, auth, host key
