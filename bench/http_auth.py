@@ -3,7 +3,7 @@
     python3 bench/http_auth.py [--requests 400] [--runs 3] [--key ed25519|ecdsa|rsa]
 
 A real aiohttp server on 127.0.0.1 with two routes answering the same small
-JSON: one open, one guarded by ``httpsig.guard`` (signature, date, digest,
+JSON: one open, one guarded by ``httpguard.guard`` (signature, date, digest,
 nonce, role). A client sends ``--requests`` sequential GETs to each, as the
 coordinator's and an operator's clients do (the open route through a plain
 session, the guarded one through ``signing_session``). Prints the median of
@@ -27,14 +27,11 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from snapper_zone.common.httpguard import OPEN, Route, add_routes, guard
 from snapper_zone.common.httpsig import (
-    OPEN,
     Identity,
-    Route,
     Signer,
     Verifier,
-    add_routes,
-    guard,
     signing_session,
 )
 

@@ -161,20 +161,16 @@ from snapper_zone.common.config import (
     parse_keys,
     read_document,
 )
+from snapper_zone.common.httpguard import OPEN, PRINCIPAL, Route, add_routes, guard
 from snapper_zone.common.httpsig import (
     NONCE_HEADER,
-    OPEN,
-    PRINCIPAL,
     RESPONSE_HEADER,
     WWW_AUTHENTICATE,
     Identity,
     NotAuthorized,
-    Route,
     Signer,
     Unauthorized,
     Verifier,
-    add_routes,
-    guard,
 )
 from snapper_zone.common.tasks import cancel_and_wait
 from snapper_zone.common.version import version

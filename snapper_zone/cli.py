@@ -13,14 +13,23 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from rebalance import cli as coordinator_cli
 from snapper_zone.cn import cli as cn_cli
-from snapper_zone.fleet import demo
 
 __all__ = ["main"]
 
+# The CN's commands need neither the operator's (aiohttp) nor the demo's (a
+# whole local fleet): a command line that names one of them and nothing else
+# leaves those modules unimported, a third of a push's start-up. Anything else
+# (another command, none, help first) gets every command.
+CN_COMMANDS = frozenset({"push", "restore", "export", "import", "agent", "list"})
+OTHER_COMMANDS = frozenset({"demo", "zones", "zone", "rebalance", "moves", "transfers",
+                            "status", "cn", "vm", "grant", "policy"})
+
 
 def _more(sub: Any) -> None:
+    from rebalance import cli as coordinator_cli
+    from snapper_zone.fleet import demo
+
     demo_p = sub.add_parser("demo", help="run a local fleet of zones on file-backed pools "
                             "and show the whole mission, narrated (no CN settings needed)")
     demo.add_arguments(demo_p)
@@ -36,8 +45,19 @@ def _config_coordinator_url(args: argparse.Namespace) -> str | None:
     return None if url is None else str(url)
 
 
+def cn_only(argv: Sequence[str]) -> bool:
+    """Whether ``argv`` can only be one of the CN's commands (see CN_COMMANDS)."""
+    for a in argv:
+        if a in ("-h", "--help", "--version"):
+            return False
+        if a in CN_COMMANDS:
+            return not any(b in OTHER_COMMANDS for b in argv)
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    return cn_cli.main(argv, _more)
+    args = list(sys.argv[1:] if argv is None else argv)
+    return cn_cli.main(args, None if cn_only(args) else _more)
 
 
 if __name__ == "__main__":

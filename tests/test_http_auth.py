@@ -30,7 +30,11 @@ from replication.coordinator_client import CoordinatorClient, CoordinatorUnavail
 from snapper_zone.cn.cli import load_cn_config
 from snapper_zone.cn.client import placement
 from snapper_zone.common.config import ConfigError, parse_config, parse_keys
-from snapper_zone.common.httpsig import Route, Signer, signing_session
+from snapper_zone.common.httpguard import Route
+from snapper_zone.common.httpsig import (
+    Signer,
+    signing_session,
+)
 from snapper_zone.daemon.httpapi import ROUTES as ZONE_ROUTES
 from snapper_zone.daemon.httpapi import make_app as zone_app
 from snapper_zone.daemon.zone import Zone

@@ -18,20 +18,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
+from snapper_zone.common.httpguard import PRINCIPAL, Route, add_routes, guard
 from snapper_zone.common.httpsig import (
     NONCE_HEADER,
-    PRINCIPAL,
     RESPONSE_HEADER,
     SIGNED_HEADERS,
     Identity,
     ReplayCache,
-    Route,
     Signer,
     Unauthorized,
     UntrustedResponse,
     Verifier,
-    add_routes,
-    guard,
     parse_authorization,
     signing_session,
     verify_response,

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import asyncssh
 
 from snapper_zone.cn.datasets import ROOT_LABEL, Layout, discover, place
@@ -125,7 +124,7 @@ class Placement:
 
 # Bounded: a coordinator that is gone fails the connect within 3 s (the cache
 # answers next); one that hangs, within 15 s (placing a new VM asks the zones).
-_PLACEMENT_TIMEOUT = aiohttp.ClientTimeout(total=15, sock_connect=3)
+_COORDINATOR_TIMEOUT = (15.0, 3.0)  # seconds: the whole answer, the connection
 
 
 async def lookup_placement(coordinator_url: str, vm: str, key: Path,
@@ -254,9 +253,9 @@ async def _ask_coordinator(coordinator_url: str, path: str, key: Path,
     url = f"{coordinator_url.rstrip('/')}{path}"
     trusted = None if coordinator_key is None else asyncssh.import_public_key(coordinator_key)
     try:
-        async with signing_session(Signer.load(key), response_key=trusted,
-                                   timeout=_PLACEMENT_TIMEOUT) as http:
-            got = await call_json(http, "GET", url)
+        async with signing_session(Signer.load(key), response_key=trusted) as http:
+            total, connect = _COORDINATOR_TIMEOUT
+            got = await call_json(http, "GET", url, timeout=total, connect_timeout=connect)
     except UntrustedResponse as exc:
         raise ZoneError(exc.code, f"coordinator {coordinator_url}: {exc.message}",
                         what) from exc

@@ -35,10 +35,9 @@ The canonical string and the header grammar are pure (:func:`canonical`,
 :func:`parse_authorization`); :func:`signing_session` is the one client (an
 aiohttp session that signs every request) and :func:`call_json` the one way
 to make a call with it and read the JSON answer (``HttpAnswer``: status, body,
-the ``{"code", "message"}`` of an error; ``NoAnswer`` when none came),
-:class:`Verifier` and
-:func:`guard` the one server side, with each app's :class:`Route` table
-naming the roles that may call each route.
+the ``{"code", "message"}`` of an error; ``NoAnswer`` when none came);
+:class:`Verifier` checks a request, and ``httpguard`` applies it to a
+server's routes.
 """
 
 from __future__ import annotations
@@ -57,18 +56,17 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import asyncssh
-from aiohttp import web
 
 from snapper_zone.errors import SnapperError
 
+if TYPE_CHECKING:
+    import aiohttp
+
 __all__ = [
     "NONCE_HEADER",
-    "OPEN",
-    "PRINCIPAL",
     "RESPONSE_HEADER",
     "SIGNED_HEADERS",
     "WINDOW",
@@ -78,18 +76,15 @@ __all__ = [
     "NoAnswer",
     "NotAuthorized",
     "ReplayCache",
-    "Route",
     "SignatureParams",
     "Signer",
     "Unauthorized",
     "UnsupportedMediaType",
     "UntrustedResponse",
     "Verifier",
-    "add_routes",
     "call_json",
     "canonical",
     "digest",
-    "guard",
     "parse_authorization",
     "parse_params",
     "signing_session",
@@ -446,6 +441,9 @@ def signing_session(signer: Signer, *, response_key: asyncssh.SSHKey | None = No
     With ``response_key``, every answer must be signed by that key for the
     request's nonce (UntrustedResponse otherwise, raised by the request).
     """
+    # Imported here: aiohttp is a fifth of a CLI's start-up, and a CN's push
+    # needs it only with a coordinator.
+    import aiohttp
 
     async def sign(req: aiohttp.ClientRequest,
                    handler: aiohttp.ClientHandlerType) -> aiohttp.ClientResponse:
@@ -492,16 +490,20 @@ class HttpAnswer:
 
 
 async def call_json(http: aiohttp.ClientSession, method: str, url: str, *, body: Any = None,
-                    timeout: float | None = None) -> HttpAnswer:
+                    timeout: float | None = None,
+                    connect_timeout: float | None = None) -> HttpAnswer:
     """One request with ``http`` (a ``signing_session``), its JSON answer read whole.
 
     NoAnswer when none came (the message names the request); an answer that
     fails its signature check raises UntrustedResponse as the session does.
     Error statuses are the caller's to judge (``HttpAnswer.error``)."""
+    import aiohttp  # as in signing_session
+
     try:
         # Without a timeout of its own, the session's applies.
         req = http.request(method, url, json=body) if timeout is None else \
-            http.request(method, url, json=body, timeout=aiohttp.ClientTimeout(total=timeout))
+            http.request(method, url, json=body, timeout=aiohttp.ClientTimeout(
+                total=timeout, sock_connect=connect_timeout))
         async with req as r:
             text = await r.text()
             status, reason = r.status, r.reason or ""
@@ -512,64 +514,3 @@ async def call_json(http: aiohttp.ClientSession, method: str, url: str, *, body:
     except ValueError:
         doc = None
     return HttpAnswer(status, doc, text, reason)
-
-
-# -- server ---------------------------------------------------------------------------
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-OPEN: frozenset[str] = frozenset()  # a route anyone may call (health, metrics)
-# The verified caller, for handlers: ``request[PRINCIPAL]`` (absent on open routes).
-PRINCIPAL = web.RequestKey("principal", Identity)
-
-
-@dataclass(frozen=True)
-class Route:
-    """One route and the roles that may call it; ``roles`` empty: open to anyone."""
-
-    method: str
-    path: str
-    handler: Handler
-    roles: frozenset[str]
-
-
-def add_routes(app: web.Application, routes: Sequence[Route]) -> None:
-    for r in routes:
-        app.router.add_route(r.method, r.path, r.handler)
-
-
-def route_of(request: web.Request, routes: Sequence[Route]) -> Route | None:
-    """The table's entry for the route aiohttp matched (None: 404/405 to come)."""
-    resource = request.match_info.route.resource
-    if resource is None or request.match_info.http_exception is not None:
-        return None
-    method = "GET" if request.method == "HEAD" else request.method
-    for r in routes:
-        if r.path == resource.canonical and r.method == method:
-            return r
-    return None
-
-
-async def guard(request: web.Request, routes: Sequence[Route], verifier: Verifier,
-                lookup: KeyLookup, presented: Identity | None = None) -> Identity | None:
-    """Authenticate and authorise one request by its route's roles.
-
-    Open routes pass unsigned (None). Anything else must be signed by a known
-    key (401) whose role the route names (403); a body must be JSON (415).
-    Unknown routes are authenticated too, so their 404 tells nobody anything.
-    """
-    route = route_of(request, routes)
-    if route is not None and not route.roles:
-        return None
-    body = await request.read()
-    who = await verifier.verify(request.method, request.raw_path, request.headers, body,
-                                lookup, presented)
-    if route is not None and who.role not in route.roles:
-        raise NotAuthorized(f"{who.role} key {who.fingerprint} ({who.label}) may not call "
-                            f"{route.method} {route.path}; allowed: "
-                            f"{', '.join(sorted(route.roles))}")
-    if body and request.content_type != "application/json":
-        # A text/plain POST is what a browser sends cross-site without asking.
-        raise UnsupportedMediaType(f"a body must be application/json, not "
-                                   f"{request.content_type!r}")
-    request[PRINCIPAL] = who
-    return who

@@ -69,15 +69,11 @@ from aiohttp import web
 
 from replication.peers import NoPeer
 from replication.replicator import Replicator
+from snapper_zone.common.httpguard import OPEN, PRINCIPAL, Route, add_routes, guard
 from snapper_zone.common.httpsig import (
-    OPEN,
-    PRINCIPAL,
     WWW_AUTHENTICATE,
-    Route,
     Unauthorized,
     Verifier,
-    add_routes,
-    guard,
 )
 from snapper_zone.common.metrics import CONTENT_TYPE_LATEST
 from snapper_zone.common.version import version
