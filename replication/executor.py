@@ -168,24 +168,9 @@ class Executor:
             cmd = Receive(self.vm, ds, snap.name, base.name if base else None, size,
                           resume is not None)
             res = await self.client.push_stream(cmd, spec, self.zone.zfs, _Counted(t),
-                                                bwlimit=self.bwlimit,
-                                                expected=await self._guess(spec, size))
+                                                bwlimit=self.bwlimit)
             self.moved += res.bytes
         await self._check_remote(ds, snap)
-
-    async def _guess(self, spec: SendSpec, size: int | None) -> int | None:
-        """A stream's size where ZFS gives no estimate (zfs-fuse): what the snapshot
-        wrote since its base, or all it references; only to choose its carrier
-        (``ZoneClient.openssh_min_bytes``), never declared to the peer."""
-        if size is not None or spec.snapshot is None or self.client.openssh is None \
-                or self.client.openssh_min_bytes <= 0:
-            return None
-        prop = "written" if spec.base is not None else "referenced"
-        try:
-            got = await self.zone.zfs.props(spec.snapshot, [prop])
-            return int(got[prop])
-        except (SnapperError, KeyError, ValueError):
-            return None
 
     async def _resumable(self, ds: str, snap: SnapRef) -> str | None:
         """The peer's resume token if ``planning.plan_resume`` says to resume it for

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,11 +23,6 @@ from snapper_zone.errors import SnapperError
 from snapper_zone.transfer.remote import ZoneClient, ZoneUnreachable
 
 __all__ = ["NoPeer", "Peer", "PeerLinks", "pair_of", "static_partner", "static_scope"]
-
-# Streams to a peer at least this large go through OpenSSH's ssh (about twice
-# asyncssh's rate per core: bench/mirror_pipeline.py); smaller ones stay on the
-# peer link, where a stream costs no handshake.
-OPENSSH_MIN_BYTES = 32 << 20
 
 
 class NoPeer(SnapperError):
@@ -104,10 +98,6 @@ class PeerLinks:
         """The static peers, each pinned to its ``[[keys]]`` peer key (again after a
         SIGHUP: a peer key rotated in the config pins the next connection)."""
         self.config = config
-        self.openssh = None if config.ssh.client == "asyncssh" else shutil.which("ssh")
-        if self.openssh is None and config.ssh.client == "openssh":
-            self.log.warning("ssh.client openssh: no ssh command on PATH; streams to "
-                             "peers go over asyncssh")
         keys = {k.zone: k.public_key for k in config.keys if k.role == "peer"}
         self._static = {p.uuid: Peer(p.uuid, p.ssh_host, p.ssh_port, p.http_url,
                                      keys.get(p.uuid)) for p in config.peers}
@@ -202,8 +192,7 @@ class PeerLinks:
                 return have
             client = ZoneClient(peer.ssh_host, peer.ssh_port, self.config.ssh.host_key,
                                 host_key=asyncssh.import_public_key(peer.host_key),
-                                connect_timeout=10.0, openssh=self.openssh,
-                                openssh_min_bytes=OPENSSH_MIN_BYTES)
+                                connect_timeout=10.0)
             await client.connect()
             self._clients[uuid] = client
             return client

@@ -49,11 +49,9 @@ class GatedZoneClient(ZoneClient):
 
     async def push_stream(self, cmd: Receive, spec: SendSpec, zfs: Zfs,
                           progress: Reporter | None = None, *,
-                          bwlimit: float | None = None,
-                          expected: int | None = None) -> StreamResult:
+                          bwlimit: float | None = None) -> StreamResult:
         await self.gate.wait()
-        return await super().push_stream(cmd, spec, zfs, progress, bwlimit=bwlimit,
-                                         expected=expected)
+        return await super().push_stream(cmd, spec, zfs, progress, bwlimit=bwlimit)
 
 
 def _status(pid: int, field: str) -> int:

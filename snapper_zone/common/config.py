@@ -109,10 +109,6 @@ class SSHConfig:
     host: str = DEFAULT_LISTEN_HOST
     # What the coordinator is told (``host`` when unset); never a wildcard.
     advertise_host: str | None = None
-    # What carries this zone's large streams to its peers: "openssh" (the ssh
-    # command, when on PATH), "asyncssh" (the peer link itself), "auto" (openssh
-    # where found).
-    client: str = "auto"
 
     @property
     def advertised(self) -> str:
@@ -387,8 +383,7 @@ _TOP_FIELDS = (
     "limits",
     "state_dir",
 )
-_SSH_FIELDS = ("host", "port", "host_key", "advertise_host", "client")
-SSH_CLIENTS = ("auto", "openssh", "asyncssh")
+_SSH_FIELDS = ("host", "port", "host_key", "advertise_host")
 _HTTP_FIELDS = ("host", "port", "advertise_host")
 _LIMIT_FIELDS = (
     "max_connections",
@@ -730,14 +725,7 @@ class FieldParser:
             host_key=self.path("ssh.host_key", self.required(t, "ssh", "host_key")),
             advertise_host=self.advertise("ssh.advertise_host",
                                           t.get("advertise_host", _MISSING)),
-            client=self.ssh_client(t.get("client", "auto")),
         )
-
-    def ssh_client(self, value: object) -> str:
-        s = self.string("ssh.client", value)
-        if s not in SSH_CLIENTS:
-            raise self.err("ssh.client", f"{s!r} is not one of: {', '.join(SSH_CLIENTS)}")
-        return s
 
     def http(self, value: object) -> HTTPConfig:
         t = self.table("http", value, _HTTP_FIELDS)

@@ -326,20 +326,17 @@ class ZoneClient:
 
     ``openssh``: the path of OpenSSH's ``ssh``, to carry pushed streams
     (``push_stream``) when the client key is a file; None: every byte goes
-    over this connection (asyncssh). ``openssh_min_bytes``: only streams
-    expected to be at least this large take it (a new ssh's handshake costs
-    more than a small stream on this connection); 0: every stream.
+    over this connection (asyncssh).
     """
 
     def __init__(self, host: str, port: int, client_key: str | Path | asyncssh.SSHKey, *,
                  known_hosts: str | Path | None = None,
                  host_key: str | Path | asyncssh.SSHKey | None = None,
                  username: str = "snapper", connect_timeout: float = 30.0,
-                 openssh: str | None = None, openssh_min_bytes: int = 0) -> None:
+                 openssh: str | None = None) -> None:
         if known_hosts is not None and host_key is not None:
             raise ValueError("give a known_hosts file or a pinned host key, not both")
         self.openssh = openssh if not isinstance(client_key, asyncssh.SSHKey) else None
-        self.openssh_min_bytes = openssh_min_bytes
         self.host = host
         self.port = port
         self.client_key = client_key
@@ -448,8 +445,7 @@ class ZoneClient:
 
     async def push_stream(self, cmd: Receive, spec: SendSpec, zfs: Zfs,
                           progress: Reporter | None = None, *,
-                          bwlimit: float | None = None,
-                          expected: int | None = None) -> StreamResult:
+                          bwlimit: float | None = None) -> StreamResult:
         """``zfs send SPEC`` → the zone's ``receive``; raises the most telling error.
 
         ``bwlimit`` (bytes/s) paces the stream, so a CN's pushes leave room
@@ -466,14 +462,9 @@ class ZoneClient:
         ``--session``, and the zone keeps it from idling while the stream runs;
         the commit comes over it. An
         ``ssh`` that cannot connect (exit 255) while this connection works
-        leaves this stream and the next ones to asyncssh. ``expected``: the
-        caller's guess of the stream's size where ``cmd`` declares none (for
-        ``openssh_min_bytes``; never enforced).
+        leaves this stream and the next ones to asyncssh.
         """
-        size = cmd.size if cmd.size is not None else expected
-        big = self.openssh_min_bytes <= 0 or (size is not None
-                                              and size >= self.openssh_min_bytes)
-        if self.openssh is not None and big and (known := await self._known_hosts_text()):
+        if self.openssh is not None and (known := await self._known_hosts_text()):
             try:
                 return await self._push_openssh(self.openssh, known, cmd, spec, zfs,
                                                 progress or NoProgress(), bwlimit)

@@ -421,7 +421,7 @@ class Zfs:
     async def inherit_user_prop(self, target: Dataset | Snapshot, name: str) -> None:
         await self._run("inherit", check_user_property(name), str(target))
 
-    async def props(self, target: Dataset | Snapshot, names: Sequence[str]) -> dict[str, str]:
+    async def props(self, target: Dataset, names: Sequence[str]) -> dict[str, str]:
         """Native properties' values (``-p``: exact numbers)."""
         rows = await self._get([str(target)], [_check_native_prop(n) for n in names])
         return {k: v for k, (v, _src) in rows.get(str(target), {}).items()}
