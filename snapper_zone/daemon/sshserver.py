@@ -66,6 +66,9 @@ async def start_ssh_server(zone: Zone, service: Service | None = None) -> asyncs
         agent_forwarding=False,
         x11_forwarding=False,
         allow_scp=False,
+        # No PTY, so no line editing: without it asyncssh wraps every session
+        # in an editor layer each packet passes through.
+        line_editor=False,
         encoding=None,
         server_version="snapperd",
         # A CN that vanished (power loss) leaves no FIN; notice within ~2 min
