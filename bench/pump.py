@@ -14,8 +14,8 @@ The source is ``cat`` of a file of random bytes in the page cache, the sink
 MB/s and this process's CPU-seconds per GB (``getrusage``: the pump only; the
 two ``cat`` children are the same in both rows), median of ``--repeat``, and
 the ratio. Measured here (1 GiB, 2 CPUs, two runs): python 0.30-0.33, splice
-0.19-0.20 CPU-s/GB
-(1.5-1.7x), both over 2 GB/s, far above what ``ssh`` encrypts.
+0.19-0.20 CPU-s/GB (1.5-1.7x), both over 2 GB/s, far above what ``ssh``
+encrypts.
 
     python bench/pump.py [--size-mib 1024] [--repeat 5]
 """
