@@ -34,7 +34,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from snapper_zone.transfer.stream import SendPump, SplicePump, can_splice, widen_pipe
+from snapper_zone.transfer.stream import (
+    PipeFlow,
+    SendPump,
+    SplicePump,
+    can_splice,
+    widen_pipe,
+)
 from snapper_zone.zfs import proc
 
 
@@ -48,20 +54,6 @@ def _fill(path: Path, size_mib: int) -> int:
 def _self_cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
-
-
-class _Flow(asyncio.BaseProtocol):
-    """A full sink pipe holds the pump, as ``remote._PipeFlow`` does for ssh's stdin."""
-
-    pump: SendPump | None = None
-
-    def pause_writing(self) -> None:
-        if self.pump is not None:
-            self.pump.hold("window")
-
-    def resume_writing(self) -> None:
-        if self.pump is not None:
-            self.pump.release("window")
 
 
 async def one(kind: str, path: Path) -> tuple[float, float, int]:
@@ -87,7 +79,7 @@ async def one(kind: str, path: Path) -> tuple[float, float, int]:
         await pump.done
         pump.close()
     else:
-        flow = _Flow()
+        flow = PipeFlow()
         out, _ = await loop.connect_write_pipe(lambda: flow, os.fdopen(dst_w, "wb", buffering=0))
         flow.pump = send = SendPump(out, count)
         transport, _ = await loop.connect_read_pipe(lambda: send,

@@ -35,6 +35,7 @@ from snapper_zone.transfer.stream import (
     Channel,
     ClientGone,
     Inbound,
+    PipeFlow,
     SendPump,
     SplicePump,
     can_splice,
@@ -198,21 +199,6 @@ class _SshFailed(ZoneUnreachable):
     """OpenSSH's ssh exited 255: it could not connect, authenticate or trust the zone."""
 
 
-class _PipeFlow(asyncio.BaseProtocol):
-    """The write side of ``ssh``'s stdin pipe: a full pipe holds the pump, as a full
-    SSH window does."""
-
-    pump: SendPump | None = None
-
-    def pause_writing(self) -> None:
-        if self.pump is not None:
-            self.pump.hold("window")
-
-    def resume_writing(self) -> None:
-        if self.pump is not None:
-            self.pump.release("window")
-
-
 def _keys_for(known_hosts: Path, host: str, port: int) -> str:
     """The lines of ``known_hosts`` for ``host``:``port``, re-keyed to the alias
     ``snapper-zone`` (hashed names and patterns are asyncssh's to match)."""
@@ -225,13 +211,10 @@ def _keys_for(known_hosts: Path, host: str, port: int) -> str:
                    for k in keys)
 
 
-async def _pumped_send(zfs: Zfs, spec: SendSpec, pump: SendPump,
-                       undo: Callable[[], Awaitable[None]]
-                       ) -> tuple[proc.Spawned, SendPump, asyncio.ReadTransport]:
-    """``zfs send`` into a widened pipe that ``pump`` reads, for either carrier of a
-    pushed stream; on a failure to start, nothing is left running (``undo`` ends
-    the carrier)."""
-    loop = asyncio.get_running_loop()
+async def _send_to_pipe(zfs: Zfs, spec: SendSpec, undo: Callable[[], Awaitable[None]]
+                        ) -> tuple[proc.Spawned, int]:
+    """``zfs send`` into a new widened pipe: the child and the pipe's read end. On a
+    failure to start nothing is left running (``undo`` ends the carrier)."""
     r, w = os.pipe()
     widen_pipe(r)
     try:
@@ -242,9 +225,18 @@ async def _pumped_send(zfs: Zfs, spec: SendSpec, pump: SendPump,
         raise
     finally:
         os.close(w)
+    return sender, r
+
+
+async def _pumped_send(zfs: Zfs, spec: SendSpec, pump: SendPump,
+                       undo: Callable[[], Awaitable[None]]
+                       ) -> tuple[proc.Spawned, SendPump, asyncio.ReadTransport]:
+    """``zfs send`` into a pipe that ``pump`` reads, for either carrier of a pushed
+    stream; on a failure to start, nothing is left running."""
+    sender, r = await _send_to_pipe(zfs, spec, undo)
     try:
-        transport, _ = await loop.connect_read_pipe(lambda: pump,
-                                                    os.fdopen(r, "rb", buffering=0))
+        transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+            lambda: pump, os.fdopen(r, "rb", buffering=0))
     except BaseException:
         os.close(r)
         await sender.abort()
@@ -255,26 +247,6 @@ async def _pumped_send(zfs: Zfs, spec: SendSpec, pump: SendPump,
 
 class _Closable(Protocol):
     def close(self) -> None: ...
-
-
-async def _spliced_send(zfs: Zfs, spec: SendSpec, dst: int, on_bytes: Callable[[int], None],
-                        bwlimit: float | None, undo: Callable[[], Awaitable[None]]
-                        ) -> tuple[proc.Spawned, SplicePump]:
-    """``zfs send`` into a pipe that a ``SplicePump`` moves into ``dst`` (owned by
-    the pump from then on); on a failure to start, nothing is left running and
-    ``dst`` is closed (``undo`` ends the carrier)."""
-    r, w = os.pipe()
-    widen_pipe(r)
-    try:
-        sender = await zfs.send(spec, stdout=w)
-    except BaseException:
-        os.close(r)
-        os.close(dst)
-        await undo()
-        raise
-    finally:
-        os.close(w)
-    return sender, SplicePump(r, dst, on_bytes, bwlimit)
 
 
 async def _drive_push(sender: proc.Spawned, pump: SendPump | SplicePump, transport: _Closable,
@@ -560,16 +532,17 @@ class ZoneClient:
             transport: _Closable
             out: _Closable  # ssh's stdin: closing it is the stream's EOF
 
-            async def end_ssh() -> None:
-                await child.abort()
-
             if can_splice():
+                async def end_ssh() -> None:
+                    os.close(w)
+                    await child.abort()
+
                 # zfs send's pipe into ssh's in the kernel (Linux): no copy in Python.
-                sender, pump = await _spliced_send(zfs, spec, w, progress.advance, bwlimit,
-                                                   end_ssh)
+                sender, r = await _send_to_pipe(zfs, spec, end_ssh)
+                pump = SplicePump(r, w, progress.advance, bwlimit)
                 transport = out = pump
             else:
-                flow = _PipeFlow()
+                flow = PipeFlow()
                 try:
                     to_pipe, _ = await loop.connect_write_pipe(
                         lambda: flow, os.fdopen(w, "wb", buffering=0))

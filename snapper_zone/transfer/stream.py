@@ -27,8 +27,8 @@ from typing import Protocol
 
 from snapper_zone.errors import MetadataTooLarge, SnapperError
 
-__all__ = ["ClientGone", "Inbound", "PipeGone", "SendPump", "Sink", "SplicePump", "StreamIdle",
-           "can_splice", "copy_out", "widen_pipe"]
+__all__ = ["ClientGone", "Inbound", "PipeFlow", "PipeGone", "SendPump", "Sink", "SplicePump",
+           "StreamIdle", "can_splice", "copy_out", "widen_pipe"]
 
 _BUFFER_LIMIT = 256 << 10  # bytes held before a stream is piped (header, metadata)
 # A bigger kernel pipe means fewer partial writes (and event-loop writer
@@ -447,6 +447,21 @@ class Channel(Protocol):
     """The part of an SSH channel a pump writes to."""
 
     def write(self, data: bytes) -> None: ...
+
+
+class PipeFlow(asyncio.BaseProtocol):
+    """The write side of a pipe a ``SendPump`` writes into (``ssh``'s stdin): a full
+    pipe holds the pump, as a full SSH window does."""
+
+    pump: SendPump | None = None
+
+    def pause_writing(self) -> None:
+        if self.pump is not None:
+            self.pump.hold("window")
+
+    def resume_writing(self) -> None:
+        if self.pump is not None:
+            self.pump.release("window")
 
 
 class SendPump(asyncio.Protocol):
