@@ -97,11 +97,37 @@ async def test_a_reader_that_goes_away_fails_the_pump() -> None:
 
 
 async def test_bwlimit_paces_the_stream() -> None:
-    data = os.urandom(4 << 20)
-    rate = 8e6  # bytes/s: the stream cannot end sooner than 0.5 s
+    """A send that writes a little, then (while the pump waits for its rate) all
+    the rest, which fits in the pipe: one move could carry it at once, past the
+    rate, and the reader would have it all too soon. It must arrive no sooner
+    than the rate allows."""
+    first, rest = os.urandom(256 << 10), os.urandom(800 << 10)
+    rate = 400 << 10  # bytes/s: the stream cannot have arrived before 2.6 s
+    src_r, src_w = os.pipe()
+    dst_r, dst_w = os.pipe()
+    for fd in (src_r, src_w, dst_w):
+        widen_pipe(fd)
+    counted: list[int] = []
+    took_first = asyncio.Event()
+
+    def count(n: int) -> None:
+        counted.append(n)
+        if sum(counted) >= len(first):
+            took_first.set()
+
+    got = bytearray()
     start = time.monotonic()
-    _, got, counted = await _pumped(data, bwlimit=rate)
+    pump = SplicePump(src_r, dst_w, count, rate)
+    # The reader stops at the stream's last byte, as a zone's receive ends at the
+    # stream's last record, whenever the pump's own end comes.
+    reader = asyncio.ensure_future(_read_all(dst_r, got, len(first) + len(rest)))
+    os.write(src_w, first)
+    await asyncio.wait_for(took_first.wait(), 30)  # the pump took it: now the rest
+    await _write_all(src_w, rest)
+    await asyncio.wait_for(reader, 30)
     took = time.monotonic() - start
-    assert bytes(got) == data
-    assert took >= len(data) / rate * 0.9, took
-    assert sum(counted) == len(data)
+    await asyncio.wait([pump.done], timeout=30)
+    pump.close()
+    assert bytes(got) == first + rest
+    assert sum(counted) == len(got)
+    assert took >= len(got) / rate * 0.9, took

@@ -245,6 +245,9 @@ async def _pumped_send(zfs: Zfs, spec: SendSpec, pump: SendPump,
     return sender, pump, transport
 
 
+_SEND_GRACE = 10.0  # seconds a send may take to exit once its reader is gone
+
+
 class _Closable(Protocol):
     def close(self) -> None: ...
 
@@ -256,9 +259,11 @@ async def _drive_push(sender: proc.Spawned, pump: SendPump | SplicePump, transpo
     """Run a pushed stream to its end on either carrier: (the send's result, the
     carrier's, whether the zone hung up first).
 
-    Either the stream ends (``eof`` passes that on), or the carrier ends first
-    (the zone refused the stream, or the link failed): then the pipe may be
-    paused on a full window and would never end by itself, so the send is
+    Either the stream ends (``eof`` passes that on), or the carrier ends first:
+    the zone refused the stream, the link failed, or the zone's receive ended
+    at the stream's last record before the pump saw the pipe's end. Then the
+    pump stops reading (a send still writing gets EPIPE; one that wrote all
+    its stream exits as it would) and a send still there after a grace is
     killed. Cancelled (CN killed, Ctrl-C) or failed: no child is left behind."""
     hung_up = False
     try:
@@ -266,11 +271,15 @@ async def _drive_push(sender: proc.Spawned, pump: SendPump | SplicePump, transpo
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         if pump.done.done() and pump.done.exception() is None:
             eof()
+            sent = await sender.wait()
         else:
             hung_up = True
             transport.close()
-            sender.kill()
-        sent = await sender.wait()
+            exiting = asyncio.ensure_future(sender.wait())
+            await asyncio.wait([exiting], timeout=_SEND_GRACE)
+            if not exiting.done():
+                sender.kill()
+            sent = await exiting
         ended = await carrier
     except BaseException:
         transport.close()

@@ -544,6 +544,9 @@ class SendPump(asyncio.Protocol):
 
 _SPLICE_CHUNK = 1 << 20
 _SPLICE_MOVES = 16  # moves per event-loop turn: others' callbacks run in between
+# Paced, a move carries at most this much of a second's allowance (and at least
+# 16 KiB): a whole pipe in one move would burst far past --bwlimit.
+_PACED_SLICE = 0.05
 
 
 def can_splice() -> bool:
@@ -574,6 +577,8 @@ class SplicePump:
         self.loop = asyncio.get_running_loop()
         self.done: asyncio.Future[None] = self.loop.create_future()
         self._started = time.monotonic()
+        self._chunk = _SPLICE_CHUNK if not bwlimit else \
+            max(16 << 10, min(_SPLICE_CHUNK, int(bwlimit * _PACED_SLICE)))
         self._later: asyncio.Handle | None = None
         self._watching: int | None = None  # the fd a reader/writer callback is on
         self._closed = False
@@ -592,8 +597,14 @@ class SplicePump:
     def _move(self) -> None:
         self._unwatch()
         for _ in range(_SPLICE_MOVES):
+            if self.bwlimit:
+                # As SendPump: ahead of schedule by more than a few ms, wait.
+                ahead = self.bytes / self.bwlimit - (time.monotonic() - self._started)
+                if ahead > 0.005:
+                    self._later = self.loop.call_later(ahead, self._move)
+                    return
             try:
-                n = os.splice(self.src, self.dst, _SPLICE_CHUNK,
+                n = os.splice(self.src, self.dst, self._chunk,
                               flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
             except BlockingIOError:
                 self._wait()
@@ -606,12 +617,6 @@ class SplicePump:
                 return
             self.bytes += n
             self.on_bytes(n)
-            if self.bwlimit:
-                # As SendPump: ahead of schedule by more than a few ms, wait.
-                ahead = self.bytes / self.bwlimit - (time.monotonic() - self._started)
-                if ahead > 0.005:
-                    self._later = self.loop.call_later(ahead, self._move)
-                    return
         self._later = self.loop.call_soon(self._move)
 
     def _wait(self) -> None:
