@@ -103,6 +103,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -222,6 +223,12 @@ class NotPlaced(SnapperError):
 
     code = "ResourceNotFound"
     http_status = 404
+
+
+def shown_seconds(left: float) -> float:
+    """Seconds left as shown (tenths), rounded up: 0 only once none are left (0.04 s
+    shown as 0 was still a grace that refused placements)."""
+    return math.ceil(left * 10) / 10
 
 
 class Rebuilding(SnapperError):
@@ -1307,7 +1314,7 @@ class Coordinator:
         """The fleet summary and who leads (``snapper status``)."""
         # The grace after a start on an empty store: why a VM may get 503 Rebuilding.
         return {**await self._fleet(), **await self.leadership(),
-                "rebuild_grace_left": round(self.grace_left(), 1)}
+                "rebuild_grace_left": shown_seconds(self.grace_left())}
 
     async def _fleet(self) -> dict[str, Any]:
         zones = {z.uuid: z for z in await self.store.zones()}

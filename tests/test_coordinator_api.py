@@ -37,6 +37,7 @@ from rebalance.coordinator import (
     make_app,
     order_holders,
     parse_config,
+    shown_seconds,
 )
 from rebalance.placement import ZoneState
 from rebalance.store import SqliteStore, Store, ZkStore, ZoneRecord
@@ -781,6 +782,14 @@ async def test_a_rebuilt_store_waits_for_a_vms_second_copy(tmp_path: Path,
         assert len(await env.placement(VMS[1])) == 2
     finally:
         await env.close()
+
+
+def test_the_grace_shown_is_zero_only_when_over() -> None:
+    """A test (or an operator's script) waits for 0 and then places: with a few ms
+    left the grace still refuses, so 0 is shown only once it is over."""
+    assert shown_seconds(0.0) == 0
+    assert shown_seconds(0.04) == 0.1
+    assert shown_seconds(7.91) == 8.0
 
 
 async def test_a_rebuilt_store_adopts_no_vm_a_holder_did_not_answer_for(
