@@ -279,35 +279,19 @@ async def test_soak_catches_a_zone_that_acks_before_its_mirror(
 
 @pytest.mark.soak
 @pytest.mark.zfs
-async def test_soak_policy_agents(zfs_tier: ZfsTier, tmp_path: Path) -> None:
+@pytest.mark.parametrize("coordinator", [False, True], ids=["static", "coordinator"])
+async def test_soak_policy_agents(zfs_tier: ZfsTier, tmp_path: Path, coordinator: bool) -> None:
     """Issue 15: the real ``snapper agent`` on a compressed clock (a policy minute in
     five seconds) for one VM, beside the usual load; its agent SIGKILLed and its
     zone killed in the middle of the schedule, mid-push when one is seen. After:
     every tick either on both zones or excused by downtime, a push or a backoff;
-    none doubled, none pushed twice."""
+    none doubled, none pushed twice. With static pairs, and with a coordinator:
+    the agent asks it where its VM is placed (its last verified answer kept for
+    when it does not answer), and a zone killed mid-schedule comes back to the
+    pair the coordinator names."""
     seed = int(os.environ.get("SNAPPER_SOAK_AGENT_SEED", "15"))
     config = SoakConfig(duration=min(_seconds(), 60), seed=seed, cns=1, zones=3,
-                        vms_per_cn=1, workdir=tmp_path / "soak", settle_timeout=120,
-                        fault_kinds=AGENT_KINDS, min_faults=4, min_kinds=2)
-    print(report.schedule_text(seed, config.make_schedule(), AGENT_KINDS))
-    result = await run_soak(config)
-    doc = report.write(result, tmp_path / "soak-report.json")
-    print(report.summary(doc))
-    assert doc["agents"]["killed"] >= 1 and doc["agents"]["pushed"] >= 5, doc["agents"]
-    assert result.passed, _failure(doc, config)
-
-
-
-@pytest.mark.soak
-@pytest.mark.zfs
-async def test_soak_policy_agents_with_a_coordinator(zfs_tier: ZfsTier, tmp_path: Path) -> None:
-    """The same with a coordinator: the agent asks it where its VM is placed (the
-    CN's last verified answer kept for when it does not answer), the zones learn
-    their peers from it, and a zone killed mid-schedule comes back to the pair
-    the coordinator names."""
-    seed = int(os.environ.get("SNAPPER_SOAK_AGENT_SEED", "15"))
-    config = SoakConfig(duration=min(_seconds(), 60), seed=seed, cns=1, zones=3,
-                        vms_per_cn=1, coordinator=True, workdir=tmp_path / "soak",
+                        vms_per_cn=1, coordinator=coordinator, workdir=tmp_path / "soak",
                         settle_timeout=120, fault_kinds=AGENT_KINDS, min_faults=4,
                         min_kinds=2)
     print(report.schedule_text(seed, config.make_schedule(), AGENT_KINDS))
@@ -316,6 +300,7 @@ async def test_soak_policy_agents_with_a_coordinator(zfs_tier: ZfsTier, tmp_path
     print(report.summary(doc))
     assert doc["agents"]["killed"] >= 1 and doc["agents"]["pushed"] >= 5, doc["agents"]
     assert result.passed, _failure(doc, config)
+
 
 # -- what the soak found ------------------------------------------------------------------
 
