@@ -129,6 +129,9 @@ class LocalCoordinator:
     # Coordinators of one store share one key (zones pin one coordinator_key).
     key_file: Path | None = None
     id: str = "coordinator"
+    # After a start on a new store: how long VMs seen on one zone wait for their
+    # other copy's zone to be back (short for the tests; 120 s by default).
+    rebuild_grace: float = 8.0
 
     @property
     def url(self) -> str:
@@ -386,7 +389,7 @@ class LocalFleet:
             f"[health]\ninterval = 0.5\ntimeout = 2.0\nlost_after = {c.lost_after}\n"
             "[moves]\nper_zone = 2\nmax_attempts = 20\nretry_delay = 0.5\n"
             "[rebalance]\nauto = true\nsettle = 1.0\ninterval = 5.0\n"
-            "rebuild_grace = 8.0\n"
+            f"rebuild_grace = {c.rebuild_grace}\n"
             f'[[keys]]\nrole = "operator"\npublic_key_file = "{self.operator_key}.pub"\n'
             + keys)
         c.ready_path.unlink(missing_ok=True)
