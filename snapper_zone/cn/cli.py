@@ -33,12 +33,10 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncssh
 
-from snapper_zone.cn import archive
-from snapper_zone.cn.agent import Agent, AgentState, Outcome
 from snapper_zone.cn.client import (
     CnClient,
     PlanError,
@@ -58,6 +56,12 @@ from snapper_zone.policy import InvalidPolicy, PolicySet, Snap, level_of, load_p
 from snapper_zone.transfer.remote import ZoneClient, ZoneError, ZoneUnreachable
 from snapper_zone.zfs.names import Dataset, check_uuid
 from snapper_zone.zfs.zfs import Zfs
+
+if TYPE_CHECKING:
+    from snapper_zone.cn.agent import Outcome
+
+# ``cn.agent`` and ``cn.archive`` (which brings the zone's receive path) are
+# imported by the commands that use them: a push starts without them.
 
 DEFAULT_CONFIG = "/opt/smartdc/snapper/etc/snapper-cn.toml"
 CONFIG_ENV = "SNAPPER_CN_CONFIG"
@@ -373,6 +377,8 @@ def parse_backoff(text: str) -> tuple[float, float]:
 async def cmd_agent(args: argparse.Namespace, s: CnSettings) -> int:
     """Run the CN's policies: in the foreground until SIGTERM/SIGINT, or one pass.
     Each push's outcome is printed as it happens (a line, or JSON with ``--json``)."""
+    from snapper_zone.cn.agent import Agent, AgentState
+
     source = None
     if args.policy_from_coordinator is not None:
         if not s.coordinator_url:
@@ -489,6 +495,8 @@ async def cmd_restore(args: argparse.Namespace, s: CnSettings) -> int:
 
 
 async def cmd_export(args: argparse.Namespace, s: CnSettings) -> int:
+    from snapper_zone.cn import archive
+
     async with _client(s) as zone:
         report = await archive.export_snapshot(zone, args.vm, args.snapshot, args.file,
                                                progress=_reporter(args.progress))
@@ -505,6 +513,8 @@ async def cmd_export(args: argparse.Namespace, s: CnSettings) -> int:
 
 async def cmd_import(args: argparse.Namespace, root: str) -> int:
     """Runs without a zone (the file holds all it needs), unless ``--onto-zone``."""
+    from snapper_zone.cn import archive
+
     if args.onto_zone and (args.target or args.metadata_out):
         raise UsageError("--onto-zone takes neither --target nor --metadata-out")
     if args.durability and not args.onto_zone:

@@ -30,7 +30,6 @@ from snapper_zone.common.progress import NoProgress, Reporter
 from snapper_zone.errors import (
     SnapperError,
 )
-from snapper_zone.transfer.local import Expect, receive_stream
 from snapper_zone.transfer.stream import (
     Channel,
     ClientGone,
@@ -708,6 +707,10 @@ class ZoneClient:
 
         ``toguid``, when known, is the guid the stream must carry.
         """
+        # The receive path (and its slots, quotas, metrics) is imported by the
+        # commands that receive here: a CN's push starts without it.
+        from snapper_zone.transfer.local import Expect, receive_stream
+
         progress = progress or NoProgress()
         started = time.monotonic()
         moved = 0
