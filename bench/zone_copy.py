@@ -73,9 +73,14 @@ class ZoneCopyBench(Bench):
         # and a peer entry, so that both zones are every VM's static pair. Its
         # endpoint listens nowhere: the receiving zone's own catch-up toward it
         # fails quietly, on a slow timer.
+        # The VMs' owner, a CN that never connects: every VM the config maps
+        # needs one.
+        cn_key = keygen(self.workdir / "cn_ed25519")
         self.snapperd_config = {
             "keys": [{"role": "peer", "zone": PEER_UUID,
-                      "public_key": self.peer_key.with_suffix(".pub").read_text().strip()}],
+                      "public_key": self.peer_key.with_suffix(".pub").read_text().strip()},
+                     {"role": "cn", "cn_id": "bench-cn",
+                      "public_key": cn_key.with_suffix(".pub").read_text().strip()}],
             "peers": [{"uuid": PEER_UUID, "ssh_host": "127.0.0.1", "ssh_port": 9,
                        "http_url": "http://127.0.0.1:9"}],
             "vms": {vm: "bench-cn" for vm in self.vms},
