@@ -38,7 +38,7 @@ from snapper_zone.daemon.limits import (
 from snapper_zone.daemon.service import Service
 from snapper_zone.daemon.zone import Zone
 from snapper_zone.errors import SnapperError
-from snapper_zone.transfer.stream import ClientGone, Inbound
+from snapper_zone.transfer.stream import ClientGone, Inbound, narrow_reads
 from snapper_zone.wire import protocol
 
 __all__ = ["ENCRYPTION_ALGS", "start_ssh_server"]
@@ -110,6 +110,7 @@ class _Server(asyncssh.SSHServer):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
+        narrow_reads(conn)  # every stream a client pushes is read from this socket
         addr = conn.get_extra_info("peername")
         self._peer = f"{addr[0]}:{addr[1]}" if addr else "?"
         self._table.open += 1

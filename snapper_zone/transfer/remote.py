@@ -38,6 +38,7 @@ from snapper_zone.transfer.stream import (
     SendPump,
     SplicePump,
     can_splice,
+    narrow_reads,
     widen_pipe,
 )
 from snapper_zone.wire import Inventory, VmSnapshot
@@ -348,6 +349,7 @@ class ZoneClient:
                 known_hosts=known, agent_path=None, config=None,
                 encryption_algs=list(ENCRYPTION_ALGS), compression_algs=None,
                 connect_timeout=self.connect_timeout)
+            narrow_reads(self.conn)  # what the zone sends (a restore, a pull) arrives here
         except asyncssh.HostKeyNotVerifiable as exc:
             raise ZoneUnreachable(f"{self.endpoint}: host key not trusted: {exc.reason}") \
                 from exc
