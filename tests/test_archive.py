@@ -29,6 +29,9 @@ from snapper_zone.wire.documents import GUID_MAX, INT_MAX, InvalidDocument
 VM = "74c59c61-4559-4ca2-b1ef-0ca22f2f936a"
 
 labels = st.from_regex(r"\A[a-z][a-z0-9_]{0,11}\Z").filter(lambda s: s != "root")
+# What check_component takes: its alphabet, and no ".." anywhere.
+snapshot_names = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_.:-]{0,20}\Z").filter(
+    lambda s: ".." not in s)
 json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-(2**53), 2**53),
                       st.text(max_size=30))
 metadata = st.one_of(st.none(), st.dictionaries(
@@ -45,7 +48,7 @@ def headers(draw: st.DrawFn) -> ArchiveHeader:
                               draw(st.integers(0, INT_MAX)),
                               draw(st.binary(min_size=32, max_size=32)).hex())
                   for label in ["root", *children])
-    return ArchiveHeader(VM, draw(st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_.:-]{0,20}\Z")),
+    return ArchiveHeader(VM, draw(snapshot_names),
                          draw(st.integers(0, 2**40)), draw(st.integers(0, 2**40)), parts,
                          draw(metadata), draw(st.text(max_size=20)))
 
