@@ -25,6 +25,7 @@ from snapper_zone.cn.client import CnClient, PlanError, RestoreError
 from snapper_zone.daemon.zone import Zone
 from snapper_zone.fleet.pools import FilePool
 from snapper_zone.transfer.remote import ZoneClient, ZoneError
+from snapper_zone.wire import VmSnapshot
 from snapper_zone.wire.protocol import Delete
 from snapper_zone.zfs import proc
 from snapper_zone.zfs.names import Dataset
@@ -187,6 +188,39 @@ async def test_snapshots_carried_along_by_a_push_are_committed(env: Env) -> None
         for n in ("s2", "s3"):
             assert await _zone_guids(env, n) == await _cn_guids(env, n)
         assert "s2" not in env.zone.transfers.in_use(VM)
+
+
+async def test_a_push_lists_the_zone_again_only_when_something_may_be_carried(
+        env: Env) -> None:
+    """With nothing unfinished on the zone and one stream per part (the target),
+    nothing can have arrived with the push: it does not ask the zone for its
+    snapshots after sending (a listing on each side saved per push). With more
+    than the target sent it does, and commits what came along."""
+    async with env.client() as zone:
+        cn = env.cn(zone)
+        env.write("f0", 64 << 10)
+        await cn.push(VM, "s1")
+        asked = 0
+        listing = zone.snapshots
+
+        async def counted(vm: str) -> list[VmSnapshot]:
+            nonlocal asked
+            asked += 1
+            return await listing(vm)
+
+        zone.snapshots = counted  # type: ignore[method-assign]
+        env.write("f1", 64 << 10)
+        rep = await cn.push(VM, "s2")
+        assert (asked, rep.carried) == (0, [])
+        assert {d.streams for d in rep.datasets} == {1}
+        env.write("f2", 64 << 10)
+        await env.zfs.snapshot([env.vm.snapshot("s3")], recursive=True)  # never pushed
+        env.write("f3", 64 << 10)
+        rep = await cn.push(VM, "s4")
+        assert asked == 1 and rep.carried == ["s3"]
+        assert {d.streams for d in rep.datasets} == {2}
+        held = [(s["name"], s["complete"]) for s in (await cn.list(VM))[VM]]
+        assert held == [("s1", True), ("s2", True), ("s3", True), ("s4", True)]
 
 
 async def test_a_push_never_sends_back_a_snapshot_deleted_on_the_zone(env: Env) -> None:

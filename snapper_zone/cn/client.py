@@ -297,6 +297,7 @@ class DatasetReport:
     bytes: int = 0
     seconds: float = 0.0
     options: list[str] = field(default_factory=list)  # raw, compressed, ... (zfs send)
+    streams: int = 0  # sent (resumed ones included)
 
 
 @dataclass
@@ -410,7 +411,12 @@ class CnClient:
                                                             zone_snaps, deleted,
                                                             options[label]))
         meta, report.metadata_source = await self._metadata(vm, list(datasets), metadata)
-        report.carried = await self._commit_carried(vm, datasets, snap, meta)
+        if any(not s.complete for s in zone_snaps) or any(d.streams > 1
+                                                          for d in report.datasets):
+            # Something unfinished on the zone, or more than the target sent:
+            # earlier snapshots may have arrived whole. Otherwise none can
+            # have, and asking the zone again costs the push two listings.
+            report.carried = await self._commit_carried(vm, datasets, snap, meta)
         done = await self.zone.commit(vm, snap, list(datasets), meta, durability)
         report.durability = str(done.get("durability") or durability or "")
         report.zones = [str(z) for z in done.get("zones") or []]
@@ -475,6 +481,7 @@ class CnClient:
                         await self.zone.abort(vm, label)
                     else:
                         report.action = "resumed+"
+                        report.streams += 1
                         report.bytes += res.bytes
                         report.seconds += res.seconds
                     zone_snaps = await self.zone.snapshots(vm)
@@ -502,6 +509,7 @@ class CnClient:
                                            SendSpec(ds.snapshot(v.name), base=_source(ds, src),
                                                     options=options),
                                            base_zone=base_zone)
+                    report.streams += 1
                     report.bytes += res.bytes
                     report.seconds += res.seconds
                     src, base_zone = v, v.name
