@@ -63,6 +63,10 @@ async def test_complete_metadata_and_delete(zfs: Zfs, cn_pool: FilePool,
     meta = {"uuid": VM, "alias": "web", "big": "x" * 50_000}
     done = await store.mark_complete(VM, "s2", ["root"], meta, "cn:x")
     assert done.complete and done.source == "cn:x"
+    # What it answers (without listing again) is what a listing says now.
+    assert done == await store.snapshot(VM, "s2")
+    assert await store.mark_complete(VM, "s2", ["root"], meta, "cn:y") == \
+        await store.snapshot(VM, "s2")  # committed again: the marker's properties reset
     assert await store.metadata(VM, "s2") == meta
     with pytest.raises(SnapshotNotFound):
         await store.metadata(VM, "s3")  # incomplete: no marker, so no metadata

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import time
 import zlib
@@ -204,11 +205,15 @@ class ZoneStore:
         props.update({P_COMPLETE: "yes", P_PARTS: ",".join(sorted(datasets)),
                       P_CREATED: str(int(time.time())), P_SOURCE: source})
         snap = Snapshot(self.vm_dataset(vm), name)
-        if have is not None and have.complete:
+        assert have is not None  # no part would be missing otherwise
+        if have.complete:
             await self.zfs.set_user_props(snap, props)
         else:
             await self.zfs.snapshot([snap], props=props)
-        return await self.snapshot(vm, name)
+        # What a listing would now say, without listing every snapshot of the
+        # VM again: the parts are as read above, the marker holds ``props``.
+        return dataclasses.replace(have, complete=True, created=int(props[P_CREATED]),
+                                   source=source)
 
     async def metadata(self, vm: str, name: str) -> dict[str, Any] | None:
         snap = Snapshot(self.vm_dataset(vm), check_component(name, "snapshot name"))
