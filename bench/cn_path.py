@@ -13,13 +13,13 @@ hits all alike:
      installed (``--ssh-client asyncssh``: snapper's own client)
   c. ``syncoid`` (Debian's sanoid package, if installed) over the same sshd
 
-Each run lands in a fresh dataset, destroyed afterwards; the time is from
-starting the command to its exit (the remote receive is done by then). CPU
-is the receiving side's, from the kernel's accounting (``/proc/PID/stat``:
-user + system of the daemon and of its reaped children): sshd's listener
-(every connection's sshd and its ``zfs receive`` are reaped into it) and
-snapperd (its ``zfs receive`` children). MB/s is 10^6 bytes/s; the ratios
-are from the same run.
+After one untimed round (cold caches), each run lands in a fresh dataset,
+destroyed afterwards; the time is from starting the command to its exit (the
+remote receive is done by then). CPU is the receiving side's, from the
+kernel's accounting (``/proc/PID/stat``: user + system of the daemon and of
+its reaped children): sshd's listener (every connection's sshd and its ``zfs
+receive`` are reaped into it) and snapperd (its ``zfs receive`` children).
+MB/s is 10^6 bytes/s; the ratios are from the same run.
 
     python bench/cn_path.py [--size-mib 512] [--repeat 3]
 """
@@ -116,6 +116,12 @@ class CnPathBench(Bench):
         if self.syncoid:
             methods["c"] = self.syncoid_push
         times: dict[str, list[float]] = {k: [] for k in methods}
+        # One untimed round first: the first stream after the data was written
+        # ran ~2x slower whichever method it was (ZFS's caches are cold), and
+        # the median of 3 should not depend on which one that is.
+        for method in methods.values():
+            await method(-1)
+        self.cpu.clear()
         for i in range(self.repeat):
             for name, method in methods.items():
                 t = await method(i)
