@@ -484,6 +484,22 @@ class PipeFlow(asyncio.BaseProtocol):
             self.pump.release("window")
 
 
+class Pace:
+    """``bwlimit`` bytes/s for a whole stream: a token bucket whose window is the
+    stream, shared by both pumps so they pace alike."""
+
+    SLACK = 0.005  # ahead by less than this (timer granularity): go on
+
+    def __init__(self, bwlimit: float) -> None:
+        self.bwlimit = bwlimit
+        self.started = time.monotonic()
+
+    def wait(self, moved: int) -> float:
+        """Seconds to wait before moving more, having moved ``moved`` bytes; 0: on time."""
+        ahead = moved / self.bwlimit - (time.monotonic() - self.started)
+        return ahead if ahead > self.SLACK else 0.0
+
+
 class SendPump(asyncio.Protocol):
     """Reads ``zfs send``'s stdout pipe and writes each chunk to a channel.
 
@@ -502,7 +518,7 @@ class SendPump(asyncio.Protocol):
         self.bytes = 0
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._holds: set[str] = set()
-        self._started = time.monotonic()
+        self._pace = Pace(bwlimit) if bwlimit else None
 
     def hold(self, why: str) -> None:
         if not self._holds and self.transport is not None:
@@ -516,15 +532,6 @@ class SendPump(asyncio.Protocol):
                     and not self.transport.is_closing():
                 self.transport.resume_reading()
 
-    def _pace(self) -> None:
-        # Token bucket with the whole stream as the window: ahead of schedule
-        # by more than a few ms, stop reading zfs send's pipe until on time.
-        assert self.bwlimit is not None
-        ahead = self.bytes / self.bwlimit - (time.monotonic() - self._started)
-        if ahead > 0.005:
-            self.hold("pace")
-            asyncio.get_running_loop().call_later(ahead, self.release, "pace")
-
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.ReadTransport)
         self.transport = transport
@@ -537,8 +544,10 @@ class SendPump(asyncio.Protocol):
             return
         self.bytes += len(data)
         self.on_bytes(len(data))
-        if self.bwlimit:
-            self._pace()
+        if self._pace is not None and (wait := self._pace.wait(self.bytes)):
+            # Ahead of schedule: stop reading zfs send's pipe until on time.
+            self.hold("pace")
+            asyncio.get_running_loop().call_later(wait, self.release, "pace")
 
     def _fail(self, exc: BaseException) -> None:
         # The receiver hung up (refused the stream); its exit status says why.
@@ -596,7 +605,7 @@ class SplicePump:
         self.bytes = 0
         self.loop = asyncio.get_running_loop()
         self.done: asyncio.Future[None] = self.loop.create_future()
-        self._started = time.monotonic()
+        self._pace = Pace(bwlimit) if bwlimit else None
         self._chunk = _SPLICE_CHUNK if not bwlimit else \
             max(16 << 10, min(_SPLICE_CHUNK, int(bwlimit * _PACED_SLICE)))
         self._watching: int | None = None  # the fd a reader/writer callback is on
@@ -616,12 +625,9 @@ class SplicePump:
     def _move(self) -> None:
         self._unwatch()
         for _ in range(_SPLICE_MOVES):
-            if self.bwlimit:
-                # As SendPump: ahead of schedule by more than a few ms, wait.
-                ahead = self.bytes / self.bwlimit - (time.monotonic() - self._started)
-                if ahead > 0.005:
-                    self._later = self.loop.call_later(ahead, self._move)
-                    return
+            if self._pace is not None and (wait := self._pace.wait(self.bytes)):
+                self._later = self.loop.call_later(wait, self._move)
+                return
             try:
                 n = os.splice(self.src, self.dst, self._chunk,
                               flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
