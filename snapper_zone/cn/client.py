@@ -35,6 +35,7 @@ from snapper_zone.common.httpsig import (
     signing_session,
 )
 from snapper_zone.common.progress import NoProgress, Reporter
+from snapper_zone.common.tasks import cancel_and_wait
 from snapper_zone.errors import (
     ResumeTokenInvalid,
     ResumeTokenStale,
@@ -383,27 +384,34 @@ class CnClient:
         snap = check_component(name or default_snapshot_name(), "snapshot name")
         if base is not None:
             check_component(base, "base snapshot")
-        layout = await self.vm_layout(vm)
-        datasets = layout.parts
-        # Chosen before anything changes: an encrypted dataset a zone cannot take
-        # raw is refused here, with no snapshot taken and no byte sent.
-        options = await self._send_options(datasets)
-        have = [await self.zfs.exists(ds.snapshot(snap)) for ds in datasets.values()]
-        if not any(have):
-            # One command, so one transaction group: the VM and its sibling disks
-            # are snapshotted at the same instant.
-            await self.zfs.snapshot([self.vm_dataset(vm).snapshot(snap),
-                                     *(ds.snapshot(snap) for ds in layout.siblings)],
-                                    recursive=True)
-        elif not all(have):
-            missing = [label for label, h in zip(datasets, have, strict=True) if not h]
-            raise PushError(f"snapshot @{snap} exists on some of the VM's datasets but not "
-                            f"on: {', '.join(missing)}")
+        # The zone's answers do not depend on anything here: asked while this
+        # CN's ZFS is read (a push's round trips are much of a small push's time).
+        asked = (asyncio.ensure_future(self.zone.features()),
+                 asyncio.ensure_future(self.zone.inventory(vm)))
+        try:
+            layout = await self.vm_layout(vm)
+            datasets = layout.parts
+            # Chosen before anything changes: an encrypted dataset a zone cannot
+            # take raw is refused here, with no snapshot taken and no byte sent.
+            options = await self._send_options(datasets, await asked[0])
+            have = [await self.zfs.exists(ds.snapshot(snap)) for ds in datasets.values()]
+            if not any(have):
+                # One command, so one transaction group: the VM and its sibling
+                # disks are snapshotted at the same instant.
+                await self.zfs.snapshot([self.vm_dataset(vm).snapshot(snap),
+                                         *(ds.snapshot(snap) for ds in layout.siblings)],
+                                        recursive=True)
+            elif not all(have):
+                missing = [label for label, h in zip(datasets, have, strict=True) if not h]
+                raise PushError(f"snapshot @{snap} exists on some of the VM's datasets but "
+                                f"not on: {', '.join(missing)}")
+            inventory = await asked[1]
+        finally:
+            await cancel_and_wait(*asked)  # none left running, no failure unheard
         report = PushReport(vm, snap, not_included=[str(d) for d in layout.skipped])
         if layout.skipped:
             log.warning("%s: not part of the VM snapshot (below a child dataset): %s", vm,
                         ", ".join(report.not_included))
-        inventory = await self.zone.inventory(vm)
         zone_snaps = list(inventory.snapshots)
         deleted = frozenset(inventory.tombstones)
         for label, ds in datasets.items():
@@ -423,10 +431,11 @@ class CnClient:
         await self._bookmark(datasets.values(), snap)
         return report
 
-    async def _send_options(self, datasets: Mapping[str, Dataset]) -> dict[str, SendOptions]:
-        """Per part: raw for an encrypted dataset, else what both ZFSes have (-c -L -e)."""
+    async def _send_options(self, datasets: Mapping[str, Dataset],
+                            theirs: frozenset[str]) -> dict[str, SendOptions]:
+        """Per part: raw for an encrypted dataset, else what both ZFSes have (-c -L -e);
+        ``theirs``: the zone's ``features``."""
         mine = (await self.zfs.capabilities()).stream_features()
-        theirs = await self.zone.features()
         return {label: choose_send_options(mine, theirs, encrypted=await self.zfs.encrypted(ds),
                                            what=str(ds))
                 for label, ds in datasets.items()}
