@@ -39,7 +39,6 @@ from snapper_zone.transfer.stream import (
     SendPump,
     SplicePump,
     can_splice,
-    widen_pipe,
 )
 from snapper_zone.zfs import proc
 
@@ -62,7 +61,7 @@ async def one(kind: str, path: Path) -> tuple[float, float, int]:
     src_r, src_w = os.pipe()
     dst_r, dst_w = os.pipe()
     for fd in (src_r, dst_w):
-        widen_pipe(fd)
+        proc.widen_pipe(fd)
     start, cpu = time.monotonic(), _self_cpu()
     source = await proc.spawn(["cat", str(path)], stdout=src_w)
     sink = await proc.spawn(["sh", "-c", "cat > /dev/null"], stdin=dst_r)

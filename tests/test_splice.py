@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from snapper_zone.transfer.stream import SplicePump, can_splice, widen_pipe
+from snapper_zone.transfer.stream import SplicePump, can_splice
+from snapper_zone.zfs.proc import widen_pipe
 
 pytestmark = pytest.mark.skipif(not can_splice(), reason="no splice(2) here (Linux only); "
                                 "SendPump carries the stream instead")

@@ -39,7 +39,6 @@ from snapper_zone.transfer.stream import (
     SplicePump,
     can_splice,
     narrow_reads,
-    widen_pipe,
 )
 from snapper_zone.wire import Inventory, VmSnapshot
 from snapper_zone.wire.protocol import (
@@ -215,17 +214,11 @@ async def _send_to_pipe(zfs: Zfs, spec: SendSpec, undo: Callable[[], Awaitable[N
                         ) -> tuple[proc.Spawned, int]:
     """``zfs send`` into a new widened pipe: the child and the pipe's read end. On a
     failure to start nothing is left running (``undo`` ends the carrier)."""
-    r, w = os.pipe()
-    widen_pipe(r)
     try:
-        sender = await zfs.send(spec, stdout=w)
+        return await proc.child_on_pipe(lambda w: zfs.send(spec, stdout=w), child_writes=True)
     except BaseException:
-        os.close(r)
         await undo()
         raise
-    finally:
-        os.close(w)
-    return sender, r
 
 
 async def _pumped_send(zfs: Zfs, spec: SendSpec, pump: SendPump,
@@ -529,15 +522,8 @@ class ZoneClient:
             known_hosts = Path(tmp) / "known_hosts"
             await asyncio.to_thread(known_hosts.write_text, known)
             argv = self.openssh_argv(ssh, line, known_hosts)
-            to_ssh, w = os.pipe()
-            widen_pipe(w)
-            try:
-                child = await proc.spawn(argv, stdin=to_ssh)
-            except BaseException:
-                os.close(w)
-                raise
-            finally:
-                os.close(to_ssh)
+            child, w = await proc.child_on_pipe(lambda r: proc.spawn(argv, stdin=r),
+                                                child_writes=False)
             pump: SendPump | SplicePump
             transport: _Closable
             out: _Closable  # ssh's stdin: closing it is the stream's EOF

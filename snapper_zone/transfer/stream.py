@@ -17,8 +17,6 @@ stays bounded by the SSH window plus one pipe buffer plus the mirror's window.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
 import os
 import select
 import time
@@ -26,23 +24,12 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from snapper_zone.errors import MetadataTooLarge, SnapperError
+from snapper_zone.zfs.proc import widen_pipe
 
 __all__ = ["ClientGone", "Inbound", "PipeFlow", "PipeGone", "SendPump", "Sink", "SplicePump",
-           "StreamIdle", "can_splice", "copy_out", "widen_pipe"]
+           "StreamIdle", "can_splice", "copy_out"]
 
 _BUFFER_LIMIT = 256 << 10  # bytes held before a stream is piped (header, metadata)
-# A bigger kernel pipe means fewer partial writes (and event-loop writer
-# callbacks) while zfs receive catches up; Linux only, best effort.
-_PIPE_SIZE = 1 << 20
-_F_SETPIPE_SZ: int | None = getattr(fcntl, "F_SETPIPE_SZ", None)
-
-
-def widen_pipe(fd: int) -> None:
-    """Give a pipe a 1 MiB kernel buffer: fewer, larger reads and writes (and event-loop
-    wake-ups) on either end. Linux only, best effort."""
-    if _F_SETPIPE_SZ is not None:
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_SIZE)
 
 
 # asyncssh appends each socket read to its input buffer and slices every

@@ -9,13 +9,15 @@ failure can say what the command said.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import os
 import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, TypeVar
 
 from snapper_zone.errors import CommandNotFound, CommandTimeout
 
@@ -189,6 +191,44 @@ def os_pipe() -> tuple[int, int]:
     """A kernel pipe for child-to-child streams: bytes never enter Python."""
     r, w = os.pipe()
     return r, w
+
+
+# A bigger kernel pipe means fewer partial writes (and event-loop writer
+# callbacks) while the reader catches up; Linux only, best effort.
+_PIPE_SIZE = 1 << 20
+_F_SETPIPE_SZ: int | None = getattr(fcntl, "F_SETPIPE_SZ", None)
+
+
+def widen_pipe(fd: int) -> None:
+    """Give a pipe a 1 MiB kernel buffer: fewer, larger reads and writes (and event-loop
+    wake-ups) on either end. Linux only, best effort."""
+    if _F_SETPIPE_SZ is not None:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_SIZE)
+
+
+C = TypeVar("C")
+
+
+async def child_on_pipe(start: Callable[[int], Awaitable[C]], *,
+                        child_writes: bool) -> tuple[C, int]:
+    """A child started on one end of a new, widened pipe, and the other end (ours).
+
+    ``start(fd)`` starts the child with ``fd`` as its stdout (``child_writes``)
+    or stdin. The child's end is closed here once the child has it; if the
+    child does not start, ours is closed too and the error raised.
+    """
+    r, w = os.pipe()
+    theirs, ours = (w, r) if child_writes else (r, w)
+    widen_pipe(ours)
+    try:
+        child = await start(theirs)
+    except BaseException:
+        os.close(ours)
+        raise
+    finally:
+        os.close(theirs)
+    return child, ours
 
 
 class Daemon:
