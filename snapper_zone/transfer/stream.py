@@ -500,7 +500,6 @@ class SendPump(asyncio.Protocol):
                  bwlimit: float | None = None) -> None:
         self.chan = chan
         self.on_bytes = on_bytes
-        self.bwlimit = bwlimit  # bytes/s, or None
         self.transport: asyncio.ReadTransport | None = None
         self.bytes = 0
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -588,7 +587,6 @@ class SplicePump:
         os.set_blocking(src, False)
         os.set_blocking(dst, False)
         self.on_bytes = on_bytes
-        self.bwlimit = bwlimit
         self.bytes = 0
         self.loop = asyncio.get_running_loop()
         self.done: asyncio.Future[None] = self.loop.create_future()
