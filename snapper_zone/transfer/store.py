@@ -204,8 +204,9 @@ class ZoneStore:
                                    f"{', '.join(missing)}")
         props.update({P_COMPLETE: "yes", P_PARTS: ",".join(sorted(datasets)),
                       P_CREATED: str(int(time.time())), P_SOURCE: source})
+        if have is None:  # no dataset was listed to show it missing
+            raise SnapshotNotFound(f"VM {vm} has no snapshot {name!r} on this zone")
         snap = Snapshot(self.vm_dataset(vm), name)
-        assert have is not None  # no part would be missing otherwise
         if have.complete:
             await self.zfs.set_user_props(snap, props)
         else:
