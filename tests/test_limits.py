@@ -92,7 +92,12 @@ def test_receive_slots_bounded_fair_and_never_stuck(total: int, data: st.DataObj
             mirror = w.startswith("zone:")
             t = asyncio.ensure_future(slots.acquire(mirror, w))
             tasks.append((mirror, w, t))
-        await asyncio.sleep(0)  # let each acquire run to its first await: no timing
+        def settled() -> bool:
+            # Every acquire has taken its slot or waits in line, not yet granted.
+            running = sum(not t.done() for _m, _w, t in tasks)
+            return running == sum(not f.done() for _m, _w, f in slots._waiters)
+
+        await wait_for(settled, 10, "every acquire at its slot or in line", poll=0)
         while True:
             for mirror, w, t in list(tasks):
                 if t.done():
@@ -111,7 +116,7 @@ def test_receive_slots_bounded_fair_and_never_stuck(total: int, data: st.DataObj
             i = data.draw(st.integers(0, len(held) - 1))
             mirror, w = held.pop(i)
             slots.release(mirror, w)
-            await asyncio.sleep(0)
+            await wait_for(settled, 10, "the released slot taken by whoever fits", poll=0)
 
     asyncio.run(scenario())
 

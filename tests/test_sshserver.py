@@ -6,13 +6,16 @@ OpenZFS in the VM tier); the others stop before ZFS is ever asked anything.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
+import termios
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -322,6 +325,13 @@ async def _drain_pipe(r: int, into: bytearray) -> None:
         loop.remove_reader(r)
 
 
+def _pipe_holds(r: int) -> int:
+    """Bytes waiting in pipe ``r`` (FIONREAD)."""
+    buf = array.array("i", [0])
+    fcntl.ioctl(r, termios.FIONREAD, buf)
+    return buf[0]
+
+
 async def test_inbound_backpressure_bounds_memory() -> None:
     flow = _Flow()
     inbound = Inbound(flow.pause, flow.resume)
@@ -336,21 +346,24 @@ async def test_inbound_backpressure_bounds_memory() -> None:
         # Bytes fed before pipe_to starts are buffered and then moved: no wait needed.
         feeding = asyncio.ensure_future(inbound.pipe_to(w, header, written.append))
         # Nobody reads the pipe (zfs receive is stuck): the source must be
-        # paused long before the stream is buffered in memory.
+        # paused long before the stream is buffered in memory. After each
+        # packet the writer has written what the pipe takes: all of it, or
+        # until the pipe is full.
         sent = chunk
         while not flow.paused:
             inbound.feed(data[sent:sent + chunk])
             sent += chunk
-            await asyncio.sleep(0)  # one event-loop turn per packet batch
+            await wait_for(lambda: flow.paused or sum(written) == sent  # noqa: B023
+                           or _pipe_holds(r) >= fcntl.fcntl(w, fcntl.F_GETPIPE_SZ), 10,
+                           "the writer's flush", poll=0)
             assert sent < 4 << 20, "never paused"
         got = bytearray()
         reader = asyncio.ensure_future(_drain_pipe(r, got))
         while sent < len(data):
-            if flow.paused:
+            if flow.paused:  # the writer and the reader run meanwhile
                 await asyncio.wait_for(flow.resumed.wait(), 30)
             inbound.feed(data[sent:sent + chunk])
             sent += chunk
-            await asyncio.sleep(0)
         inbound.feed_eof()
         await asyncio.wait_for(feeding, 30)
         await asyncio.wait_for(reader, 30)
