@@ -42,6 +42,7 @@ __all__ = [
     "ConfigError",
     "Durability",
     "FieldParser",
+    "GateConfig",
     "HTTPConfig",
     "Limits",
     "PeerConfig",
@@ -128,6 +129,15 @@ class HTTPConfig:
         host = self.advertise_host or self.host
         bare = ":" in host and not host.startswith("[")  # IPv6 needs brackets in a URL
         return f"http://[{host}]:{port}" if bare else f"http://{host}:{port}"
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """The zone's sshd as a second front door for streams (``daemon/gateserver.py``)."""
+
+    socket: Path  # snapperd listens here for snapper-gate
+    port: int  # the zone's sshd, as CNs are told to reach it (``features``)
+    uid: int | None = None  # the user sshd runs snapper-gate as; None: snapperd's own
 
 
 @dataclass(frozen=True)
@@ -251,6 +261,7 @@ class ZoneConfig:
         (``replication/identity``), its signature with it."""
         return self.state_dir / f"coordinator-identity-{self.uuid}.json"
     retention: RetentionConfig | None = None  # None: snapshots are deleted by hand only
+    gate: GateConfig | None = None  # None: streams come through snapperd's SSH server only
 
     @property
     def receives_per_principal(self) -> int:
@@ -382,6 +393,7 @@ _TOP_FIELDS = (
     "pipelined_mirroring",
     "limits",
     "state_dir",
+    "gate",
 )
 _SSH_FIELDS = ("host", "port", "host_key", "advertise_host")
 _HTTP_FIELDS = ("host", "port", "advertise_host")
@@ -615,6 +627,7 @@ class FieldParser:
         limits = self.limits(top.get("limits", {}), max_recv)
         state_dir = self.path("state_dir", top.get("state_dir", DEFAULT_STATE_DIR))
         retention = self.retention(top["retention"]) if "retention" in top else None
+        gate = self.gate(top["gate"]) if "gate" in top else None
         if retention is not None and retention.policy_from_coordinator and not coordinator_url:
             raise self.err("retention.policy_from_coordinator", "needs coordinator_url: the "
                            "policy is the coordinator's copy")
@@ -651,7 +664,17 @@ class FieldParser:
             limits=limits,
             state_dir=state_dir,
             retention=retention,
+            gate=gate,
         )
+
+    def gate(self, value: object) -> GateConfig:
+        t = self.table("gate", value, ("socket", "port", "uid"))
+        sock = self.path("gate.socket", self.required(t, "gate", "socket"))
+        if len(bytes(sock)) > 100:  # sun_path holds 104-108 bytes, by system
+            raise self.err("gate.socket", f"{str(sock)!r} is too long for a unix socket")
+        port = self.port("gate.port", self.required(t, "gate", "port"), allow_zero=False)
+        uid = self.integer("gate.uid", t["uid"], 0, 2**31 - 1) if "uid" in t else None
+        return GateConfig(sock, port, uid)
 
     def retention(self, value: object) -> RetentionConfig:
         t = self.table("retention", value, ("policy", "policy_from_coordinator",

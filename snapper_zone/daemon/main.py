@@ -40,6 +40,7 @@ from snapper_zone.common.bootstrap import (
 )
 from snapper_zone.common.config import ConfigError, ZoneConfig, load_config
 from snapper_zone.common.httpsig import Signer
+from snapper_zone.daemon.gateserver import GateServer
 from snapper_zone.daemon.httpapi import make_app
 from snapper_zone.daemon.prune import Pruner
 from snapper_zone.daemon.service import Service
@@ -179,10 +180,15 @@ async def serve(config: ZoneConfig, args: argparse.Namespace, log: logging.Logge
     loop.add_signal_handler(signal.SIGHUP, reload_config, zone, args.config)
 
     acceptor: asyncssh.SSHAcceptor | None = None
+    gate: GateServer | None = None
     # aiohttp's access log would repeat the API's own audit line for each request.
     runner = web.AppRunner(make_app(zone), access_log=None, shutdown_timeout=HTTP_DRAIN)
     try:
-        acceptor = await start_ssh_server(zone, service(zone))
+        svc = service(zone)
+        acceptor = await start_ssh_server(zone, svc)
+        if config.gate is not None:
+            gate = GateServer(zone, svc, config.gate)
+            await gate.start()
         await runner.setup()
         site = web.TCPSite(runner, config.http.host, config.http.port)
         await site.start()
@@ -218,6 +224,8 @@ async def serve(config: ZoneConfig, args: argparse.Namespace, log: logging.Logge
         # waits for every connection, which is the grace period's job.)
         if acceptor is not None:
             acceptor.close()
+        if gate is not None:
+            await gate.close()
         await runner.cleanup()  # stops listening, lets requests in flight finish
     if pruning is not None:
         pruning.cancel()

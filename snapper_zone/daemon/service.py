@@ -177,8 +177,13 @@ class Service:
                 io.write(_json_line({"connection": p.connection, "principal": p.label}))
             case Features():
                 caps = await self.zone.zfs.capabilities()
-                io.write(_json_line({"flavour": caps.flavour,
-                                     "features": sorted(caps.stream_features())}))
+                answer: dict[str, Any] = {"flavour": caps.flavour,
+                                          "features": sorted(caps.stream_features())}
+                if self.zone.config.gate is not None:
+                    # Pushed streams may come through the zone's sshd instead
+                    # (same host, same host key): docs/data-plane.md.
+                    answer["stream_port"] = self.zone.config.gate.port
+                io.write(_json_line(answer))
 
     # -- receive --------------------------------------------------------------
 

@@ -79,7 +79,8 @@ async def start_ssh_server(zone: Zone, service: Service | None = None) -> asyncs
     )
 
 
-_connections = itertools.count(1)
+# Numbers every client connection, the gate's commands too (receive --bind names one).
+connection_numbers = itertools.count(1)
 
 
 class _Connections:
@@ -101,7 +102,7 @@ class _Server(asyncssh.SSHServer):
         self._principal: Principal | None = None
         self._counted: str | None = None  # the label counted in table.per_principal
         self._peer = "?"
-        self._id = next(_connections)
+        self._id = next(connection_numbers)
         self._conn: asyncssh.SSHServerConnection | None = None
         self._sessions: set[_Session] = set()
         self._busy = 0  # sessions running a command

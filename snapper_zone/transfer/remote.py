@@ -320,6 +320,8 @@ class ZoneClient:
         self.connect_timeout = connect_timeout
         self.conn: asyncssh.SSHClientConnection | None = None
         self._features: frozenset[str] | None = None
+        # Where the zone's sshd takes pushed streams (the gate), per ``features``.
+        self.stream_port: int | None = None
         self._whoami: tuple[object, int | None] | None = None  # (connection, its number)
 
     @property
@@ -440,9 +442,22 @@ class ZoneClient:
         leaves this stream and the next ones to asyncssh.
         """
         if self.openssh is not None and (known := await self._known_hosts_text()):
+            await self.features()  # learns the gate's port, if the zone has one
+            if self.stream_port is not None:
+                try:
+                    return await self._push_openssh(self.openssh, known, cmd, spec, zfs,
+                                                    progress or NoProgress(), bwlimit,
+                                                    self.stream_port)
+                except _SshFailed as exc:
+                    # The zone's sshd does not take us (not set up for the gate,
+                    # or down): its own SSH server carries the rest.
+                    log.warning("%s: the zone's sshd (port %d) could not carry the stream "
+                                "(%s); using snapperd's own port", self.endpoint,
+                                self.stream_port, exc.message)
+                    self.stream_port = None
             try:
                 return await self._push_openssh(self.openssh, known, cmd, spec, zfs,
-                                                progress or NoProgress(), bwlimit)
+                                                progress or NoProgress(), bwlimit, self.port)
             except _SshFailed as exc:
                 # Our own connection to the zone works, so it is this ssh that
                 # does not (an old client, options or cipher it lacks): the rest
@@ -474,9 +489,11 @@ class ZoneClient:
         return _push_result(session.error(line) if session.exit_status != 0 else None,
                             sent, hung_up, pump, started)
 
-    def openssh_argv(self, ssh: str, line: str, known_hosts: Path) -> list[str]:
-        """``ssh`` running ``line`` on the zone: this client's key and host key only
-        (no user config, agent or multiplexing), AES-GCM, no compression."""
+    def openssh_argv(self, ssh: str, line: str, known_hosts: Path,
+                     port: int | None = None) -> list[str]:
+        """``ssh`` running ``line`` on the zone (at ``port``, else snapperd's): this
+        client's key and host key only (no user config, agent or multiplexing),
+        AES-GCM, no compression."""
         key = self.client_key
         assert not isinstance(key, asyncssh.SSHKey)
         return [ssh, "-F", "/dev/null", "-T", "-x", "-a",
@@ -487,7 +504,7 @@ class ZoneClient:
                 "-o", "GlobalKnownHostsFile=/dev/null", "-o", "HostKeyAlias=snapper-zone",
                 "-o", f"ConnectTimeout={max(1, round(self.connect_timeout))}",
                 "-o", "ServerAliveInterval=30", "-o", "ServerAliveCountMax=4",
-                "-i", str(key), "-p", str(self.port), "-l", self.username, "--",
+                "-i", str(key), "-p", str(port or self.port), "-l", self.username, "--",
                 self.host, line]
 
     async def _known_hosts_text(self) -> str:
@@ -510,7 +527,7 @@ class ZoneClient:
 
     async def _push_openssh(self, ssh: str, known: str, cmd: Receive, spec: SendSpec,
                             zfs: Zfs, progress: Reporter,
-                            bwlimit: float | None) -> StreamResult:
+                            bwlimit: float | None, port: int) -> StreamResult:
         """``push_stream`` through a child ``ssh``: zfs send -> pump -> ssh's stdin."""
         # The parts end with this (asyncssh) connection, which commits them and
         # which the zone keeps from idling meanwhile: no lease left by a push
@@ -521,7 +538,7 @@ class ZoneClient:
         with tempfile.TemporaryDirectory(prefix="snapper-ssh-") as tmp:
             known_hosts = Path(tmp) / "known_hosts"
             await asyncio.to_thread(known_hosts.write_text, known)
-            argv = self.openssh_argv(ssh, line, known_hosts)
+            argv = self.openssh_argv(ssh, line, known_hosts, port)
             child, w = await proc.child_on_pipe(lambda r: proc.spawn(argv, stdin=r),
                                                 child_writes=False)
             pump: SendPump | SplicePump
@@ -736,6 +753,9 @@ class ZoneClient:
             doc = await self._newer_answer(Features())
             words = doc.get("features") if isinstance(doc, dict) else None
             self._features = parse_features(w for w in words or () if isinstance(w, str))
+            port = doc.get("stream_port") if isinstance(doc, dict) else None
+            if isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536:
+                self.stream_port = port
         return self._features
 
     async def connection_number(self) -> int | None:

@@ -1,0 +1,353 @@
+"""snapperd's end of the sshd gate (``snapper_zone/sshgate.py``): a unix socket.
+
+The zone's ``sshd`` authenticates a client and decrypts its stream; each
+connection is its own process, so streams are decrypted on every core
+(``docs/data-plane.md``). What crosses this socket: a gate asking whether a
+key is trusted (sshd's ``AuthorizedKeysCommand``), or a gate handing over a
+client's command line, its key, and the channel's three descriptors
+(``SCM_RIGHTS``). snapperd runs the command exactly as for its own SSH server
+(``Service.execute``: the same grammar, authorisation, slots, budgets, vetted
+stream), on those descriptors, and sends the exit status back.
+
+Who may connect: the socket is created mode 0600, owned by ``gate.uid`` (the
+user sshd runs the gate as), and on Linux the peer's uid is checked
+(``SO_PEERCRED``) as well. That user must be able to do nothing else: every
+key sshd takes for it is forced to ``snapper-gate run`` (``restrict``).
+
+Limits are the SSH server's: a run counts as one connection of its client
+(``max_connections_per_principal``; ``max_connections`` in all), a request
+must arrive within ``login_timeout_seconds``, a stream that stops is cut
+after ``stream_idle_seconds``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import struct
+from pathlib import Path
+
+from snapper_zone.common.config import GateConfig
+from snapper_zone.daemon.auth import Principal
+from snapper_zone.daemon.limits import PerPrincipal, TooManyConnections
+from snapper_zone.daemon.service import Service
+from snapper_zone.daemon.sshserver import connection_numbers
+from snapper_zone.daemon.zone import Zone
+from snapper_zone.errors import SnapperError
+from snapper_zone.sshgate import MAX_LINE, GateError, Request
+from snapper_zone.transfer.stream import ClientGone, Inbound
+from snapper_zone.wire import protocol
+
+__all__ = ["GateServer"]
+
+
+class GateRefused(SnapperError):
+    """A gate's request is not one snapperd takes (malformed, unknown key)."""
+
+    code = "NotAuthorized"
+    http_status = 403
+
+
+class GateServer:
+    """Listens on ``gate.socket``; one task per gate connection."""
+
+    def __init__(self, zone: Zone, service: Service, gate: GateConfig) -> None:
+        self.zone = zone
+        self.service = service
+        self.gate = gate
+        self.log = zone.log
+        self.path = Path(gate.socket)
+        self.uid = gate.uid if gate.uid is not None else os.geteuid()
+        lim = zone.config.limits
+        self.per_principal = PerPrincipal(lim.max_connections_per_principal)
+        self.running = 0
+        self._sock: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        if self.path.is_socket():
+            self.path.unlink()  # a stale socket of an earlier run
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # 0600 from the start: nobody else connects in between
+        try:
+            sock.bind(str(self.path))
+        finally:
+            os.umask(old)
+        if self.uid != os.geteuid():
+            os.chown(self.path, self.uid, -1)
+        sock.listen(128)
+        sock.setblocking(False)
+        self._sock = sock
+        self._accepting = asyncio.create_task(self._accept(sock), name="gate-accept")
+
+    async def close(self) -> None:
+        """Stop accepting; commands in flight go on (the daemon's grace period)."""
+        if self._accepting is not None:
+            self._accepting.cancel()
+            await asyncio.gather(self._accepting, return_exceptions=True)
+        if self._sock is not None:
+            self._sock.close()
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+
+    async def _accept(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(sock)
+            task = asyncio.create_task(self._serve(conn), name="gate")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        fds: list[int] = []
+        try:
+            conn.setblocking(False)
+            if not self._peer_allowed(conn):
+                return
+            try:
+                async with asyncio.timeout(self.zone.config.limits.login_timeout_seconds):
+                    line, fds = await _receive_request(conn)
+                request = Request.from_line(line)
+            except (GateError, TimeoutError, OSError) as exc:
+                self.log.warning("gate request refused", extra={"reason": str(exc)})
+                return
+            if request.op == "keys":
+                trusted = self.zone.key_for(request.key) is not None
+                if not trusted:
+                    self.zone.metrics.auth_failures.labels("unknown_key").inc()
+                await _answer(conn, {"trusted": trusted})
+                return
+            if len(fds) != 3:
+                self.log.warning("gate run without its three descriptors",
+                                 extra={"descriptors": len(fds)})
+                return
+            stdin, stdout, stderr = fds
+            fds = []  # the session owns them now
+            io = _FdIo(self.zone, stdin, stdout, stderr)
+            try:
+                await io.start()
+            except (OSError, ValueError) as exc:
+                io.write_stderr(protocol.error_line(GateRefused(
+                    f"snapperd cannot use the gate's descriptors: {exc}")).encode())
+                await io.close()
+                await _answer(conn, {"status": 1})
+                return
+            status = await self._run(conn, request, io)
+            await _answer(conn, {"status": status})
+        except OSError:
+            pass  # the gate went away: sshd's connection is gone, nothing to tell
+        finally:
+            for fd in fds:
+                os.close(fd)
+            conn.close()
+
+    def _peer_allowed(self, conn: socket.socket) -> bool:
+        if not hasattr(socket, "SO_PEERCRED"):
+            return True  # illumos: the socket's owner and mode are the check
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, _ = struct.unpack("3i", creds)
+        if uid in (self.uid, 0):
+            return True
+        self.log.warning("gate connection from another user refused",
+                         extra={"uid": uid, "pid": pid})
+        return False
+
+    async def _run(self, conn: socket.socket, request: Request, io: _FdIo) -> int:
+        try:
+            trusted = self.zone.key_for(request.key)
+            if trusted is None:
+                self.zone.metrics.auth_failures.labels("unknown_key").inc()
+                raise GateRefused("the key is not trusted by this zone (any more)")
+            principal = Principal.from_key(trusted, next(connection_numbers))
+            lim = self.zone.config.limits
+            if self.running >= lim.max_connections:
+                raise TooManyConnections(f"this zone runs {lim.max_connections} gate "
+                                         "commands, the most it takes; retry later")
+            if not self.per_principal.take(principal.label):
+                raise TooManyConnections(
+                    f"{principal.label} already has {self.per_principal.cap} connections "
+                    "open to this zone's gate, the most one client may")
+        except SnapperError as err:
+            io.write_stderr(protocol.error_line(err).encode())
+            await io.close()
+            return 1
+        self.running += 1
+        self.zone.transfers.opened(principal.connection, principal.label, lambda _: None)
+        watch = asyncio.create_task(_watch_gate(conn, io))
+        try:
+            status = await self.service.execute(principal, request.command, io)
+        finally:
+            watch.cancel()
+            self.running -= 1
+            self.per_principal.give_back(principal.label)
+            self.zone.transfers.release(principal.connection)
+            await io.close()
+        return status
+
+
+async def _receive_request(conn: socket.socket) -> tuple[bytes, list[int]]:
+    """The request line and the descriptors sent with it."""
+    loop = asyncio.get_running_loop()
+    buf = bytearray()
+    fds: list[int] = []
+    while b"\n" not in buf:
+        ready = loop.create_future()
+        loop.add_reader(conn.fileno(), ready.set_result, None)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(conn.fileno())
+        try:
+            data, got, _, _ = socket.recv_fds(conn, MAX_LINE, 3)
+        except BlockingIOError:
+            continue
+        fds += got
+        if not data:
+            break
+        buf += data
+        if len(buf) > MAX_LINE:
+            for fd in fds:
+                os.close(fd)
+            raise GateError("request too long")
+    if b"\n" not in buf:
+        for fd in fds:
+            os.close(fd)
+        raise GateError("the gate closed before its request ended")
+    return bytes(buf[: buf.index(b"\n")]), fds
+
+
+async def _answer(conn: socket.socket, doc: dict[str, object]) -> None:
+    await asyncio.get_running_loop().sock_sendall(conn, json.dumps(doc).encode() + b"\n")
+
+
+async def _watch_gate(conn: socket.socket, io: _FdIo) -> None:
+    """The gate process ends only after our answer: its socket closing first means
+    it was killed (sshd's connection is gone), so the stream is cut, not ended."""
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(OSError):
+        while await loop.sock_recv(conn, 1):
+            pass  # a gate says nothing more after its request
+    io.gone(ClientGone("the gate's connection ended before the command did"))
+
+
+class _Reading(asyncio.Protocol):
+    """The channel's stdin (a pipe or socket from sshd) into the handler's Inbound."""
+
+    def __init__(self, io: _FdIo) -> None:
+        self.io = io
+
+    def data_received(self, data: bytes) -> None:
+        self.io.inbound.feed(data)
+
+    def eof_received(self) -> bool:
+        self.io.inbound.feed_eof()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            self.io.gone(ClientGone(f"the gate's stdin failed: {exc}"))
+
+
+class _Writing(asyncio.Protocol):
+    """Flow control of the channel's stdout."""
+
+    def __init__(self) -> None:
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.closed = asyncio.get_running_loop().create_future()
+        self.lost = False
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = exc is not None
+        self.writable.set()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+class _FdIo:
+    """The handler's ``Io`` (``service.Io``) on the descriptors a gate passed."""
+
+    def __init__(self, zone: Zone, stdin: int, stdout: int, stderr: int) -> None:
+        self._fds = [stdin, stdout]  # until their transports own them
+        self._stderr = stderr
+        self._idle = zone.config.stream_idle_seconds
+        os.set_blocking(stderr, False)
+        self._reader: asyncio.ReadTransport | None = None
+        self._writer: asyncio.WriteTransport | None = None
+        self._out = _Writing()
+        self._gone = False
+        self._closed = False
+        self.inbound = Inbound(self._pause, self._resume,
+                               idle_timeout=zone.config.stream_idle_seconds)
+
+    async def start(self) -> None:
+        """Transports on stdin and stdout (a pipe or a socket each, as sshd made them)."""
+        loop = asyncio.get_running_loop()
+        stdin, stdout = self._fds
+        self._reader, _ = await loop.connect_read_pipe(
+            lambda: _Reading(self), os.fdopen(stdin, "rb", buffering=0, closefd=True))
+        self._fds[0] = -1
+        self._writer, _ = await loop.connect_write_pipe(
+            lambda: self._out, os.fdopen(stdout, "wb", buffering=0, closefd=True))
+        self._fds[1] = -1
+
+    def gone(self, err: SnapperError) -> None:
+        self._gone = True
+        self.inbound.feed_error(err)
+        self._out.writable.set()
+
+    def _pause(self) -> None:
+        if self._reader is not None and not self._reader.is_closing():
+            self._reader.pause_reading()
+
+    def _resume(self) -> None:
+        if self._reader is not None and not self._reader.is_closing():
+            self._reader.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        if self._gone or self._out.lost or self._writer is None or self._writer.is_closing():
+            raise ClientGone("the client disconnected")
+        self._writer.write(data)
+
+    async def drain(self) -> None:
+        await self._out.writable.wait()
+        if self._gone or self._out.lost:
+            raise ClientGone("the client disconnected")
+
+    def write_stderr(self, data: bytes) -> None:
+        # Error lines only, far below a pipe's buffer: never worth a transport.
+        if self._stderr >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self._stderr, data)
+
+    async def close(self) -> None:
+        """Flush stdout, then close every descriptor: sshd sees the output end."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._reader is not None:
+                self._reader.close()
+            if self._writer is not None:
+                self._writer.close()  # after what is buffered is written
+                try:
+                    async with asyncio.timeout(self._idle):  # a client not reading
+                        await self._out.closed
+                except TimeoutError:
+                    self._writer.abort()
+        finally:
+            for fd in (*self._fds, self._stderr):
+                if fd >= 0:
+                    os.close(fd)
+            self._fds = [-1, -1]
+            self._stderr = -1

@@ -1,0 +1,319 @@
+"""The sshd gate: a real OpenSSH ``sshd`` on 127.0.0.1 in front of an in-process
+snapperd, its ``AuthorizedKeysCommand`` and forced command the real
+``snapper-gate``, pushes from the real CN client through OpenSSH's ``ssh``, on
+real ZFS. Who is let in, what a client can make of its command line, and what a
+client killed mid-stream leaves behind."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from snapper_zone.cn.client import CnClient
+from snapper_zone.daemon.gateserver import GateServer
+from snapper_zone.daemon.service import Service
+from snapper_zone.daemon.zone import Zone
+from snapper_zone.fleet.local import free_port
+from snapper_zone.fleet.pools import FilePool
+from snapper_zone.sshgate import GateError, Request, authorized_line, decode_key
+from snapper_zone.transfer.remote import ZoneClient, ZoneError
+from snapper_zone.wire.protocol import Receive
+from snapper_zone.zfs import proc
+from snapper_zone.zfs.names import Dataset
+from snapper_zone.zfs.zfs import SendSpec, Zfs
+from tests.helpers import ssh_zone, wait_for, write_keypair, write_random
+
+ZONE_UUID = "5d0c6a44-2b8e-4c37-9a51-3f0e8d2b6c11"
+CN_ID = "cn-gate"
+VM = "0f6e5b1c-7d2a-4e8b-9c3f-a1b2c3d4e5f6"
+OTHER_VM = "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d"
+
+
+# -- the messages (pure) --------------------------------------------------------
+
+
+@given(st.sampled_from(["keys", "run"]), st.binary(min_size=1, max_size=600),
+       st.text(max_size=300), st.text(max_size=300))
+def test_request_round_trips(op: str, key: bytes, command: str, client: str) -> None:
+    line = Request(op, key, command, client).to_line()
+    assert line.endswith(b"\n") and line.count(b"\n") == 1  # one line, whatever the text
+    assert Request.from_line(line[:-1]) == Request(op, key, command, client[:200])
+
+
+@pytest.mark.parametrize("line", [
+    b"", b"[]", b"not json", b'{"op": "shell", "key": "AAAA", "command": "", "client": ""}',
+    b'{"op": "run", "key": "%%%", "command": "", "client": ""}',
+    b'{"op": "run", "key": "", "command": "", "client": ""}',
+    b'{"op": "run", "key": "AAAA", "command": 5, "client": ""}',
+    b'{"op": "run", "key": "AAAA", "command": "ping"}', b"\xff\xfe"])
+def test_malformed_requests_are_refused(line: bytes) -> None:
+    with pytest.raises(GateError):
+        Request.from_line(line)
+
+
+@given(st.text(min_size=1, max_size=80).filter(lambda s: "\x00" not in s),
+       st.text(min_size=1, max_size=80).filter(lambda s: "\x00" not in s),
+       st.binary(min_size=1, max_size=100))
+def test_authorized_line_forces_exactly_the_gate(gate: str, sock: str, key: bytes) -> None:
+    """Whatever the paths hold, the user's shell reads back exactly the gate's argv."""
+    line = authorized_line(gate, sock, "ssh-ed25519", key)
+    opts, key_type, b64 = line.rstrip("\n").rsplit(" ", 2)
+    assert (key_type, decode_key(b64)) == ("ssh-ed25519", key)
+    assert opts.startswith('restrict,command="') and opts.endswith('"')
+    forced = opts[len('restrict,command="'):-1]
+    if '"' in forced:  # sshd ends the option at an unescaped quote
+        return
+    assert shlex.split(forced) == [gate, "run", "--socket", sock, "--key", b64]
+
+
+def test_authorized_line_refuses_a_strange_key_type() -> None:
+    with pytest.raises(GateError):
+        authorized_line("/g", "/s", 'ssh-ed25519" evil', b"k")
+
+
+# -- through a real sshd ------------------------------------------------------------
+
+
+@dataclass
+class Gate:
+    zone: Zone
+    server: GateServer
+    port: int  # snapperd's own SSH port
+    sshd_port: int
+    cn_key: Path
+    host_pub: Path
+    cn_pool: FilePool
+    vm: Dataset
+    tmp: Path
+    ssh: str
+    ssh_log: Path
+
+    def client(self, **kw: object) -> ZoneClient:
+        return ZoneClient("127.0.0.1", self.port, self.cn_key, host_key=self.host_pub,
+                          username="root", openssh=self.ssh, **kw)  # type: ignore[arg-type]
+
+    def ports_used(self) -> list[str]:
+        """The -p of every ssh the client ran."""
+        runs = [line.split() for line in self.ssh_log.read_text().splitlines()]
+        return [r[r.index("-p") + 1] for r in runs]
+
+
+def _sshd_config(d: Path, port: int, host_key: Path, gate_cmd: str, sock: Path) -> Path:
+    cfg = d / "sshd_config"
+    cfg.write_text("\n".join([
+        f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {host_key}",
+        f"PidFile {d / 'sshd.pid'}", "AuthorizedKeysFile none",
+        f"AuthorizedKeysCommand {gate_cmd} keys --socket {sock} %u %t %k",
+        "AuthorizedKeysCommandUser root", "PermitRootLogin forced-commands-only",
+        "StrictModes no", "UsePAM no", "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no", "DisableForwarding yes", "PermitTTY no",
+        "Ciphers aes128-gcm@openssh.com,aes256-gcm@openssh.com", "LogLevel VERBOSE", ""]))
+    return cfg
+
+
+@pytest.fixture
+async def gate(zfs: Zfs, cn_pool: FilePool, zone_pool: FilePool,
+               tmp_path: Path) -> AsyncIterator[Gate]:
+    sshd = shutil.which("sshd") or shutil.which("sshd", path="/usr/sbin")
+    ssh = shutil.which("ssh")
+    gate_cmd = shutil.which("snapper-gate", path=str(Path(sys.executable).parent))
+    if sshd is None or ssh is None:
+        pytest.skip("needs OpenSSH's sshd and ssh (apt-get install openssh-server)")
+    if gate_cmd is None:
+        pytest.skip("needs the snapper-gate script beside this Python (pip install -e .)")
+    sock = tmp_path / "gate.sock"
+    sshd_port = free_port()
+    async with ssh_zone(zfs, zone_pool, tmp_path / "zone", uuid=ZONE_UUID, cn_id=CN_ID,
+                        vms={VM: CN_ID},
+                        gate={"socket": str(sock), "port": sshd_port}) as z:
+        assert z.zone.config.gate is not None
+        server = GateServer(z.zone, Service(z.zone), z.zone.config.gate)
+        await server.start()
+        d = tmp_path / "sshd"
+        d.mkdir()
+        host_key = tmp_path / "zone" / "host_ed25519"
+        cfg = _sshd_config(d, sshd_port, host_key, gate_cmd, sock)
+        os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege separation directory
+        daemon = proc.Daemon([sshd, "-D", "-e", "-f", str(cfg)], str(d / "sshd.log"))
+        try:
+            await wait_for(lambda: _listening(sshd_port), 20, "sshd listening")
+            vm = Dataset(cn_pool.name).child(VM)
+            await zfs.create(vm)
+            log = tmp_path / "ssh-runs.log"
+            wrapper = tmp_path / "ssh"
+            wrapper.write_text(f'#!/bin/sh\necho "$@" >> "{log}"\nexec "{ssh}" "$@"\n')
+            wrapper.chmod(0o755)
+            log.write_text("")
+            yield Gate(z.zone, server, z.port, sshd_port, z.cn_key, z.host_pub, cn_pool, vm,
+                       tmp_path, str(wrapper), log)
+        finally:
+            daemon.stop()
+            await server.close()
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def _ssh(g: Gate, key: Path, line: str) -> proc.Completed:
+    """OpenSSH's ssh straight to the gate's sshd, running ``line``."""
+    known = g.tmp / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{g.sshd_port} {g.host_pub.read_text()}")
+    return await proc.run(
+        ["ssh", "-F", "/dev/null", "-T", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
+         "-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes",
+         "-i", str(key), "-p", str(g.sshd_port), "-l", "root", "127.0.0.1", line])
+
+
+async def test_a_push_goes_through_the_zones_sshd(gate: Gate, zfs: Zfs) -> None:
+    """The zone names its sshd in ``features``; the CN's ssh goes there (not to
+    snapperd's port), and the zone holds the CN's snapshot, guid for guid."""
+    write_random(gate.cn_pool, gate.vm, "a", 4 << 20)
+    async with gate.client() as zone, asyncio.timeout(120):
+        doc = json.loads(await zone.run("features"))
+        assert doc["stream_port"] == gate.sshd_port
+        rep = await CnClient(zone, dataset_root=gate.cn_pool.name, zfs=zfs,
+                             vmadm=None).push(VM, "s1")
+        assert rep.bytes > (4 << 20)
+        write_random(gate.cn_pool, gate.vm, "b", 1 << 20)
+        rep = await CnClient(zone, dataset_root=gate.cn_pool.name, zfs=zfs,
+                             vmadm=None).push(VM, "s2")
+        assert {d.action for d in rep.datasets} == {"incremental"}
+    assert gate.ports_used() == [str(gate.sshd_port)] * 2
+    for snap in ("s1", "s2"):
+        mine = next(s.guid for s in await zfs.snapshots(gate.vm) if s.name == snap)
+        held = await gate.zone.store.snapshot(VM, snap)
+        assert held.complete and held.parts["root"].guid == mine
+
+
+async def test_unknown_and_revoked_keys_are_refused_at_login(gate: Gate) -> None:
+    stranger = write_keypair(gate.tmp / "stranger_ed25519")
+    done = await _ssh(gate, stranger, "ping")
+    assert done.returncode == 255 and "Permission denied" in done.stderr
+    done = await _ssh(gate, gate.cn_key, "ping")
+    assert done.ok and done.stdout == b"pong\n"
+    gate.zone.config = replace(gate.zone.config, keys=())  # revoked (a reload)
+    done = await _ssh(gate, gate.cn_key, "ping")
+    assert done.returncode == 255 and "Permission denied" in done.stderr
+
+
+async def test_a_command_through_the_gate_is_checked_as_any(gate: Gate) -> None:
+    """Another CN's VM is refused; shell syntax is a bad command, run by nobody."""
+    done = await _ssh(gate, gate.cn_key, f"snapshots {OTHER_VM}")
+    assert done.returncode == 1 and json.loads(done.stderr)["code"] == "NotAuthorized"
+    marker = gate.tmp / "pwned"
+    done = await _ssh(gate, gate.cn_key, f"ping; touch {marker}")
+    assert done.returncode == 1 and json.loads(done.stderr)["code"] == "BadCommand"
+    done = await _ssh(gate, gate.cn_key, f"snapshots $(touch {marker})")
+    assert done.returncode == 1
+    assert not marker.exists()
+    done = await _ssh(gate, gate.cn_key, f"snapshots {VM}")
+    assert done.ok and json.loads(done.stdout)["snapshots"] == []
+
+
+async def test_a_gate_from_another_user_is_refused(gate: Gate) -> None:
+    """Only the gate's user (and root) may talk to snapperd's socket: the socket's
+    mode keeps others out, and past it (mode opened here) its peer's uid does."""
+    d = Path(tempfile.mkdtemp(prefix="gate-", dir="/tmp"))  # a directory others may enter
+    try:
+        os.chmod(d, 0o755)
+        assert gate.zone.config.gate is not None
+        server = GateServer(gate.zone, gate.server.service,
+                            replace(gate.zone.config.gate, socket=d / "gate.sock"))
+        await server.start()
+        key = gate.cn_key.with_suffix(".pub").read_text().split()[1]
+        line = Request("keys", base64.b64decode(key)).to_line().decode()
+        script = ("import os, socket, sys\nos.setuid(65534)\n"
+                  "s = socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\n"
+                  "try:\n    s.sendall(sys.argv[2].encode())\n"
+                  "    print(repr(s.recv(100)))\n"
+                  "except (BrokenPipeError, ConnectionResetError):\n    print(repr(b''))\n")
+        argv = [sys.executable, "-c", script, str(server.path), line]
+        done = await proc.run(argv)
+        assert not done.ok and "PermissionError" in done.stderr, done.stderr
+        os.chmod(server.path, 0o666)
+        done = await proc.run(argv)
+        assert done.ok and done.stdout.strip() == b"b''", done.stderr  # closed, no answer
+        done = await proc.run([sys.executable, "-c", script.replace("os.setuid(65534)", ""),
+                               str(server.path), line])
+        assert done.ok and b"trusted" in done.stdout, done.stderr
+        await server.close()
+        assert not server.path.exists()
+    finally:
+        shutil.rmtree(d)
+
+
+async def test_a_client_killed_mid_stream_loses_only_its_own_push(gate: Gate,
+                                                                  zfs: Zfs) -> None:
+    """Two paced pushes through the gate; one client's ssh is killed mid-stream.
+    Its receive ends (nothing of it committed, its slot and lease given back,
+    its gate process gone); the other finishes whole."""
+    other = Dataset(gate.cn_pool.name).child("b")
+    await zfs.create(other)
+    write_random(gate.cn_pool, gate.vm, "a", 6 << 20)
+    write_random(gate.cn_pool, other, "a", 6 << 20)
+    for ds in (gate.vm, other):  # one at a time: zfs-fuse snapshots one per command
+        await zfs.snapshot([ds.snapshot("k1")])
+    async with gate.client() as a, gate.client() as b, asyncio.timeout(120):
+        await a.features()
+        await b.features()
+        pa = asyncio.create_task(a.push_stream(Receive(VM, "root", "k1"),
+                                               SendSpec(gate.vm.snapshot("k1")), zfs,
+                                               bwlimit=2 << 20))
+        pb = asyncio.create_task(b.push_stream(Receive(VM, "disk9", "k1"),
+                                               SendSpec(other.snapshot("k1")), zfs,
+                                               bwlimit=2 << 20))
+        await wait_for(lambda: gate.server.running == 2, 30, "both streams in the gate")
+        victim = await _ssh_child_of(pa)
+        os.kill(victim, signal.SIGKILL)
+        with pytest.raises(ZoneError):
+            await pa
+        res = await pb
+        assert res.bytes > (6 << 20)
+        await wait_for(lambda: gate.server.running == 0, 30, "the cut command ended")
+    store = gate.zone.store
+    assert await zfs.exists(store.part_dataset(VM, "disk9").snapshot("k1"))
+    assert not await zfs.exists(store.part_dataset(VM, "root").snapshot("k1"))
+    assert gate.server.per_principal.total() == 0
+
+
+async def _ssh_child_of(task: asyncio.Task[object]) -> int:
+    """The pid of the ``ssh`` the push in ``task`` started: the newest ssh child of ours
+    whose -p is the gate's (found through /proc, as a fault injector would)."""
+    me = os.getpid()
+    found: list[int] = []
+
+    def scan() -> bool:
+        found.clear()
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == me and cmd and cmd[0].endswith(b"sh") and b"receive" in b" ".join(cmd) \
+                    and f"{VM} root".encode() in b" ".join(cmd):
+                found.append(int(pid))
+        return bool(found)
+
+    await wait_for(scan, 30, "the push's ssh running")
+    return found[0]
