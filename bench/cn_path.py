@@ -12,6 +12,9 @@ hits all alike:
      a ``snapperd`` process; its stream through OpenSSH's ``ssh`` where
      installed (``--ssh-client asyncssh``: snapper's own client)
   c. ``syncoid`` (Debian's sanoid package, if installed) over the same sshd
+  d. with ``--gate``: ``snapper push`` with its stream through snapperd's
+     sshd gate (a second private sshd, ``snapper-gate``; docs/data-plane.md),
+     the receiving side's CPU being that sshd's and snapperd's together
 
 After one untimed round (cold caches), each run lands in a fresh dataset,
 destroyed afterwards; the time is from starting the command to its exit (the
@@ -21,7 +24,7 @@ its reaped children): sshd's listener (every connection's sshd and its ``zfs
 receive`` are reaped into it) and snapperd (its ``zfs receive`` children).
 MB/s is 10^6 bytes/s; the ratios are from the same run.
 
-    python bench/cn_path.py [--size-mib 512] [--repeat 3]
+    python bench/cn_path.py [--size-mib 512] [--repeat 3] [--gate]
 """
 
 from __future__ import annotations
@@ -85,14 +88,19 @@ class CnPathBench(Bench):
         await self.zfs.destroy(target, recursive=True)
         return took
 
-    async def snapper_push(self, i: int) -> float:
+    async def snapper_push(self, i: int, via_gate: bool = False) -> float:
         cli = [sys.executable, "-m", "snapper_zone.cli",
-               *self.push_argv(self.client_key, VM, str(self.src))]
-        before = cpu_seconds(self.snapperd_pid)
+               *self.push_argv(self.client_key, VM, str(self.src), via_gate)]
+        zone = [self.snapperd_pid, *([self.gate_pid] if via_gate else [])]
+        before = [cpu_seconds(pid) for pid in zone]
         took = await timed(cli, env={**os.environ, "PYTHONPATH": str(REPO)})
-        self.cpu.setdefault("b", []).append(await cpu_since(self.snapperd_pid, before))
+        self.cpu.setdefault("d" if via_gate else "b", []).append(
+            sum([await cpu_since(pid, b) for pid, b in zip(zone, before, strict=True)]))
         await self.zfs.destroy(self.zone_root.child(VM), recursive=True)
         return took
+
+    async def gate_push(self, i: int) -> float:
+        return await self.snapper_push(i, via_gate=True)
 
     async def syncoid_push(self, i: int) -> float:
         assert self.syncoid is not None
@@ -115,6 +123,8 @@ class CnPathBench(Bench):
             "a": self.openssh, "b": self.snapper_push}
         if self.syncoid:
             methods["c"] = self.syncoid_push
+        if self.gate:
+            methods["d"] = self.gate_push
         times: dict[str, list[float]] = {k: [] for k in methods}
         # One untimed round first: the first stream after the data was written
         # ran ~2x slower whichever method it was (ZFS's caches are cold), and
@@ -132,7 +142,8 @@ class CnPathBench(Bench):
 
 LABELS = {"a": "zfs send | ssh -> sshd -> zfs receive",
           "b": "snapper push -> snapperd -> zfs receive",
-          "c": "syncoid -> sshd -> zfs receive"}
+          "c": "syncoid -> sshd -> zfs receive",
+          "d": "snapper push -> sshd gate -> snapperd"}
 
 
 async def amain(args: argparse.Namespace) -> int:
@@ -141,6 +152,7 @@ async def amain(args: argparse.Namespace) -> int:
     try:
         print(f"preparing {args.size_mib} MiB of data in {workdir} ...", file=sys.stderr)
         bench.ssh_client = args.ssh_client
+        bench.gate = args.gate
         await bench.setup()
         caps = await bench.zfs.capabilities()
         times = await bench.run()
@@ -162,6 +174,10 @@ async def amain(args: argparse.Namespace) -> int:
         print(f"  snapper push / syncoid: {rates['b'] / rates['c']:.2f}x MB/s (target >= 2)")
     print(f"  snapperd CPU per GB / sshd + zfs receive: {cpu['b'] / cpu['a']:.2f}x "
           "(target <= 1.2)")
+    if "d" in rates:
+        print(f"  through the gate: {rates['d'] / rates['a']:.2f}x the OpenSSH pipe's MB/s, "
+              f"{rates['d'] / rates['b']:.2f}x snapperd's own port's; CPU per GB "
+              f"{cpu['d'] / cpu['a']:.2f}x sshd + zfs receive's")
     return 0
 
 
@@ -169,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--size-mib", type=int, default=512, help="data in the dataset (MiB)")
     p.add_argument("--repeat", type=int, default=3, help="runs per method; median reported")
+    p.add_argument("--gate", action="store_true",
+                   help="also push through snapperd's sshd gate (path d)")
     add_ssh_client_option(p)
     args = p.parse_args(argv)
     if args.size_mib < 1 or args.repeat < 1:

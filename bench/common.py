@@ -265,6 +265,8 @@ class Bench:
         self.daemons: list[proc.Daemon] = []
         self.snapperd_config: dict[str, Any] = {}  # extra keys for snapperd's config
         self.ssh_client: str | None = None  # snapper push --ssh-client
+        # snapperd with a [gate]: a second private sshd, its front door for streams
+        self.gate = False
 
     async def setup(self) -> None:
         if localpool.tier() == "fuse":
@@ -349,6 +351,10 @@ class Bench:
             "vms": {vm: c.cn_id for c in cns for vm in c.vms},
             **self.snapperd_config,
         }
+        if self.gate:
+            self.gate_port = free_port()
+            cfg["gate"] = {"socket": str(d / "gate.sock"), "port": self.gate_port,
+                           "min_bytes": 0}
         (d / "snapperd.json").write_text(json.dumps(cfg))
         ready = d / "ready.json"
         daemon = proc.Daemon([sys.executable, "-m", "snapper_zone.daemon.main", "--config",
@@ -362,11 +368,47 @@ class Bench:
         self.zone_known = d / "known_hosts"
         self.zone_known.write_text(f"[127.0.0.1]:{self.zone_port} "
                                    + key.export_public_key().decode())
+        if self.gate:
+            await self.start_gate_sshd(d / "host_ed25519", d / "gate.sock")
 
-    def push_argv(self, key: Path, vm: str, dataset_root: str) -> list[str]:
+    async def start_gate_sshd(self, host_key: Path, sock: Path) -> None:
+        """sshd as snapperd's gate (etc/sshd_config.gate.example, as root): keys
+        asked of snapperd, every login forced to ``snapper-gate run``."""
+        sshd = shutil.which("sshd") or shutil.which("sshd", path="/usr/sbin")
+        gate = shutil.which("snapper-gate", path=str(Path(sys.executable).parent))
+        if sshd is None or gate is None:
+            raise RuntimeError("the gate needs sshd (apt-get install -y openssh-server) and "
+                               "snapper-gate beside this Python (pip install -e .)")
+        d = self.workdir / "gate-sshd"
+        d.mkdir()
+        cfg = d / "sshd_config"
+        cfg.write_text("\n".join([
+            f"Port {self.gate_port}", "ListenAddress 127.0.0.1", f"HostKey {host_key}",
+            f"PidFile {d / 'sshd.pid'}", "AuthorizedKeysFile none",
+            f"AuthorizedKeysCommand {gate} keys --socket {sock} %u %t %k",
+            "AuthorizedKeysCommandUser root", "PermitRootLogin forced-commands-only",
+            "StrictModes no", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
+            "UsePAM no", "DisableForwarding yes", "PermitTTY no", "Compression no",
+            "MaxStartups 200", "PerSourceMaxStartups none",
+            f"Ciphers {CIPHER},aes256-gcm@openssh.com", ""]))
+        await asyncio.to_thread(os.makedirs, "/run/sshd", exist_ok=True)
+        daemon = proc.Daemon([sshd, "-D", "-e", "-f", str(cfg)], str(d / "sshd.log"))
+        self.daemons.append(daemon)
+        self.gate_pid = daemon.pid
+        await wait_port(self.gate_port, daemon)
+        # The CNs log in as root here (the gate's user on a zone is "snapper").
+        self.cn_config = {True: d / "cn-gate.toml", False: d / "cn-no-gate.toml"}
+        self.cn_config[True].write_text('ssh_user = "root"\n')
+        self.cn_config[False].write_text("use_gate = false\n")
+
+    def push_argv(self, key: Path, vm: str, dataset_root: str,
+                  via_gate: bool = True) -> list[str]:
         """``snapper push VM --name SNAP``'s arguments (after the program); the stream
-        through ``ssh_client`` (None: the CLI's default, OpenSSH where installed)."""
+        through ``ssh_client`` (None: the CLI's default, OpenSSH where installed), and
+        through snapperd's gate if it has one and ``via_gate``."""
         client = ["--ssh-client", self.ssh_client] if self.ssh_client else []
+        if self.gate:
+            client += ["--config", str(self.cn_config[via_gate])]
         return ["--zone", f"127.0.0.1:{self.zone_port}", "--key", str(key),
                 "--known-hosts", str(self.zone_known), "--dataset-root", dataset_root,
                 *client, "push", vm, "--name", SNAP, "--progress", "none"]

@@ -13,7 +13,10 @@ same run, one after the other:
      installed, or ``--ssh-client``), N at once into one ``snapperd``
      (``max_concurrent_receives`` = the largest N, so none is queued). Each
      CN is a worker process that has imported snapper and waits for the
-     start: the real CLI, timed without Python's start-up
+     start: the real CLI, timed without Python's start-up; with ``--gate``
+     snapperd has a ``[gate]`` and the streams go through a second private
+     sshd, its front door (``snapper-gate``, docs/data-plane.md), the
+     receiving side's CPU then being that sshd's and snapperd's together
 
 Printed per N: aggregate MB/s (N streams' bytes over the wall time from the
 start to the last push's end; medians of the runs) and the ratio snapper /
@@ -28,7 +31,7 @@ On one machine the CNs' own work (``zfs send``, the client's encryption)
 shares the CPUs with the zone's: the ratio compares the two paths under the
 same handicap, it is not what a zone with N separate CNs would see.
 
-    python bench/scale.py [--size-mib 2] [--repeat 3] [--cns 1,4,16,32]
+    python bench/scale.py [--size-mib 2] [--repeat 3] [--cns 1,4,16,32] [--gate]
 """
 
 from __future__ import annotations
@@ -172,14 +175,15 @@ class ScaleBench(Bench):
                     raise RuntimeError(done.stderr.strip()[-400:] or f"exit {done.returncode}")
                 return float(res["seconds"])
 
-            before = cpu_seconds(self.snapperd_pid)
+            zone = [self.snapperd_pid, *([self.gate_pid] if self.gate else [])]
+            before = [cpu_seconds(pid) for pid in zone]
             async with RssPeak(self.snapperd_pid) as rss:
                 start = time.monotonic()
                 for w in workers:
                     w.stdin.write(GO)
                 got = await self._bounded([one(w) for w in workers])
                 took = time.monotonic() - start
-            cpu = await cpu_since(self.snapperd_pid, before)
+            cpu = sum([await cpu_since(pid, b) for pid, b in zip(zone, before, strict=True)])
         finally:
             for w in workers:  # a worker's zfs send and ssh too, if it is still running
                 w.kill_group()
@@ -261,6 +265,9 @@ async def amain(args: argparse.Namespace) -> int:
         print(f"preparing {max(args.cns)} CNs of {args.size_mib} MiB in {workdir} ...",
               file=sys.stderr)
         bench.ssh_client = args.ssh_client
+        bench.gate = args.gate
+        if args.gate:
+            LABELS["b"] = "snapper push -> sshd gate -> snapperd"
         bench.round_timeout = args.timeout
         await bench.setup()
         caps = await bench.zfs.capabilities()
@@ -306,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds a run of N pushes may take; pushes still running then are "
                    "killed and count as failures (default 300)")
+    p.add_argument("--gate", action="store_true",
+                   help="snapper's path through snapperd's sshd gate instead of its own "
+                   "SSH server")
     add_ssh_client_option(p)
     args = p.parse_args(argv)
     try:

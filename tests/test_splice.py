@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from snapper_zone.transfer.stream import SplicePump, can_splice
+from snapper_zone.transfer.stream import Inbound, PipeGone, SplicePump, StreamIdle, can_splice
 from snapper_zone.zfs.proc import widen_pipe
 
 pytestmark = pytest.mark.skipif(not can_splice(), reason="no splice(2) here (Linux only); "
@@ -132,3 +132,95 @@ async def test_bwlimit_paces_the_stream() -> None:
     assert bytes(got) == first + rest
     assert sum(counted) == len(got)
     assert took >= len(got) / rate * 0.9, took
+
+
+# -- Inbound with a detachable source (the gate's stdin) -----------------------------
+
+
+async def _detachable(idle_timeout: float | None = None) -> tuple[Inbound, int, list[int]]:
+    """An Inbound fed from a pipe by an asyncio read transport, as the gate's stdin
+    is; its ``detach`` stops the transport and hands over a duplicate of the pipe.
+    Returns it, the pipe's write end, and a list noting each detach."""
+    loop = asyncio.get_running_loop()
+    r, w = os.pipe()
+    widen_pipe(w)
+    detached: list[int] = []
+    transport: list[asyncio.ReadTransport] = []
+
+    def pause() -> None:
+        if not detached:
+            transport[0].pause_reading()
+
+    def resume() -> None:
+        if not detached:
+            transport[0].resume_reading()
+
+    def detach() -> int:
+        transport[0].pause_reading()
+        detached.append(1)
+        return os.dup(r)
+
+    inbound = Inbound(pause, resume, idle_timeout=idle_timeout, detach=detach)
+
+    class Feed(asyncio.Protocol):
+        def data_received(self, data: bytes) -> None:
+            inbound.feed(data)
+
+        def eof_received(self) -> bool:
+            inbound.feed_eof()
+            return False
+
+    t, _ = await loop.connect_read_pipe(Feed, os.fdopen(r, "rb", buffering=0))
+    transport.append(t)
+    return inbound, w, detached
+
+
+async def test_a_detached_source_is_spliced_after_the_header_in_order() -> None:
+    """The handler reads a header through the buffer, hands it back as ``first``;
+    the rest goes by splice: every byte arrives, in order, each counted once."""
+    data = os.urandom(12 << 20)
+    inbound, w, detached = await _detachable()
+    dst_r, dst_w = os.pipe()
+    writer = asyncio.ensure_future(_write_all(w, data))
+    head = await inbound.read(1000)
+    got = bytearray()
+    reader = asyncio.ensure_future(_read_all(dst_r, got))
+    counted: list[int] = []
+    async with asyncio.timeout(60):
+        await inbound.pipe_to(dst_w, head, counted.append)
+        await reader
+        await writer
+    assert detached == [1]
+    assert bytes(got) == data
+    assert sum(counted) == len(data)
+
+
+async def test_a_spliced_source_that_goes_quiet_is_cut_as_idle() -> None:
+    inbound, w, detached = await _detachable(idle_timeout=0.5)
+    os.write(w, os.urandom(64 << 10))  # then nothing, the pipe left open
+    dst_r, dst_w = os.pipe()
+    got = bytearray()
+    reader = asyncio.ensure_future(_read_all(dst_r, got))
+    start = time.monotonic()
+    with pytest.raises(StreamIdle):
+        async with asyncio.timeout(30):
+            await inbound.pipe_to(dst_w, b"", lambda n: None)
+    assert detached == [1] and time.monotonic() - start < 10
+    await asyncio.wait_for(reader, 10)  # the destination was closed: its reader saw EOF
+    assert len(got) == 64 << 10
+    os.close(w)
+
+
+async def test_a_receiver_that_exits_mid_splice_is_pipe_gone() -> None:
+    inbound, w, _ = await _detachable()
+    writer = asyncio.ensure_future(_write_all(w, os.urandom(16 << 20)))
+    dst_r, dst_w = os.pipe()
+    got = bytearray()
+    reader = asyncio.ensure_future(_read_all(dst_r, got, stop_after=1 << 20))
+    with pytest.raises(PipeGone):
+        async with asyncio.timeout(30):
+            await inbound.pipe_to(dst_w, b"", lambda n: None)
+    await reader
+    writer.cancel()
+    await asyncio.gather(writer, return_exceptions=True)
+    os.close(w)  # the writer was stopped mid-stream, its end still open

@@ -67,7 +67,8 @@ DEFAULT_CONFIG = "/opt/smartdc/snapper/etc/snapper-cn.toml"
 CONFIG_ENV = "SNAPPER_CN_CONFIG"
 log = logging.getLogger("snapper.cn")
 _CONFIG_FIELDS = ("zones", "key", "known_hosts", "host_key", "dataset_root",
-                  "coordinator_url", "coordinator_key", "state_dir", "ssh_client")
+                  "coordinator_url", "coordinator_key", "state_dir", "ssh_client",
+                  "ssh_user", "use_gate")
 # What carries a pushed stream: OpenSSH's ssh (when installed; about twice the
 # rate of asyncssh's client in Python, bench/cn_path.py), or asyncssh.
 SSH_CLIENTS = ("openssh", "asyncssh")
@@ -98,6 +99,9 @@ class CnSettings:
     # known pair while no coordinator answers.
     state_dir: Path = Path(DEFAULT_STATE_DIR)
     openssh: str | None = None  # the ssh binary that carries pushed streams; None: asyncssh
+    # Who we log in as: snapperd ignores it, a zone's sshd gate (docs/data-plane.md) does not.
+    ssh_user: str = "snapper"
+    use_gate: bool = True  # a zone's sshd gate for large streams, when it offers one
 
 
 def parse_endpoint(text: str) -> tuple[str, int]:
@@ -145,6 +149,10 @@ def load_cn_config(path: Path) -> dict[str, Any]:
     for k in ("key", "known_hosts", "host_key", "dataset_root", "coordinator_key", "state_dir"):
         if k in data:
             f.string(k, data[k])
+    if "ssh_user" in data:
+        f.ident("ssh_user", data["ssh_user"])
+    if "use_gate" in data:
+        f.boolean("use_gate", data["use_gate"])
     if "coordinator_url" in data:
         f.url("coordinator_url", data["coordinator_url"])
     if "ssh_client" in data and f.string("ssh_client", data["ssh_client"]) not in SSH_CLIENTS:
@@ -212,14 +220,16 @@ def settings(args: argparse.Namespace) -> CnSettings:
                       args.dataset_root or cfg.get("dataset_root") or "zones",
                       endpoints, str(coordinator) if coordinator else None,
                       cfg.get("coordinator_key"),
-                      Path(cfg.get("state_dir") or DEFAULT_STATE_DIR), openssh)
+                      Path(cfg.get("state_dir") or DEFAULT_STATE_DIR), openssh,
+                      str(cfg.get("ssh_user") or "snapper"), cfg.get("use_gate", True))
 
 
 def _client(s: CnSettings) -> ZoneClient:
     if not s.zone_host:
         raise UsageError("this command needs a zone: give --zone HOST:PORT or zones = [...]")
     return ZoneClient(s.zone_host, s.zone_port, s.key, known_hosts=s.known_hosts,
-                      host_key=s.host_key, openssh=s.openssh)
+                      host_key=s.host_key, openssh=s.openssh, username=s.ssh_user,
+                      use_gate=s.use_gate)
 
 
 async def _push_targets(s: CnSettings, vm: str) -> list[ZoneClient]:
@@ -238,7 +248,7 @@ async def _push_targets(s: CnSettings, vm: str) -> list[ZoneClient]:
         try:
             return [ZoneClient(e["ssh_host"], int(e["ssh_port"]), s.key,
                                host_key=asyncssh.import_public_key(e["host_key"]),
-                               openssh=s.openssh)
+                               openssh=s.openssh, username=s.ssh_user, use_gate=s.use_gate)
                     for e in placed.endpoints]
         except (KeyError, TypeError, ValueError, asyncssh.KeyImportError) as exc:
             raise ZoneError("BadAnswer", f"placement of VM {vm}: an endpoint without a "
@@ -248,7 +258,8 @@ async def _push_targets(s: CnSettings, vm: str) -> list[ZoneClient]:
     if s.host_key is not None:
         zones = zones[:1]
     return [ZoneClient(h, p, s.key, known_hosts=s.known_hosts, host_key=s.host_key,
-                       openssh=s.openssh) for h, p in zones]
+                       openssh=s.openssh, username=s.ssh_user, use_gate=s.use_gate)
+            for h, p in zones]
 
 
 def _reporter(choice: str) -> progress.Reporter:

@@ -138,6 +138,9 @@ class GateConfig:
     socket: Path  # snapperd listens here for snapper-gate
     port: int  # the zone's sshd, as CNs are told to reach it (``features``)
     uid: int | None = None  # the user sshd runs snapper-gate as; None: snapperd's own
+    # Streams estimated smaller go to snapperd's own port: the gate's login (an
+    # sshd process, snapper-gate started) costs more than it saves on them.
+    min_bytes: int = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -668,13 +671,14 @@ class FieldParser:
         )
 
     def gate(self, value: object) -> GateConfig:
-        t = self.table("gate", value, ("socket", "port", "uid"))
+        t = self.table("gate", value, ("socket", "port", "uid", "min_bytes"))
         sock = self.path("gate.socket", self.required(t, "gate", "socket"))
         if len(bytes(sock)) > 100:  # sun_path holds 104-108 bytes, by system
             raise self.err("gate.socket", f"{str(sock)!r} is too long for a unix socket")
         port = self.port("gate.port", self.required(t, "gate", "port"), allow_zero=False)
         uid = self.integer("gate.uid", t["uid"], 0, 2**31 - 1) if "uid" in t else None
-        return GateConfig(sock, port, uid)
+        least = self.size("gate.min_bytes", t.get("min_bytes", GateConfig.min_bytes))
+        return GateConfig(sock, port, uid, least)
 
     def retention(self, value: object) -> RetentionConfig:
         t = self.table("retention", value, ("policy", "policy_from_coordinator",

@@ -38,7 +38,7 @@ from snapper_zone.daemon.sshserver import connection_numbers
 from snapper_zone.daemon.zone import Zone
 from snapper_zone.errors import SnapperError
 from snapper_zone.sshgate import MAX_LINE, GateError, Request
-from snapper_zone.transfer.stream import ClientGone, Inbound
+from snapper_zone.transfer.stream import ClientGone, Inbound, wait_ready
 from snapper_zone.wire import protocol
 
 __all__ = ["GateServer"]
@@ -191,16 +191,10 @@ class GateServer:
 
 async def _receive_request(conn: socket.socket) -> tuple[bytes, list[int]]:
     """The request line and the descriptors sent with it."""
-    loop = asyncio.get_running_loop()
     buf = bytearray()
     fds: list[int] = []
     while b"\n" not in buf:
-        ready = loop.create_future()
-        loop.add_reader(conn.fileno(), ready.set_result, None)
-        try:
-            await ready
-        finally:
-            loop.remove_reader(conn.fileno())
+        await wait_ready(conn.fileno(), write=False)
         try:
             data, got, _, _ = socket.recv_fds(conn, MAX_LINE, 3)
         except BlockingIOError:
@@ -287,8 +281,10 @@ class _FdIo:
         self._out = _Writing()
         self._gone = False
         self._closed = False
+        self._detached = False
         self.inbound = Inbound(self._pause, self._resume,
-                               idle_timeout=zone.config.stream_idle_seconds)
+                               idle_timeout=zone.config.stream_idle_seconds,
+                               detach=self._detach)
 
     async def start(self) -> None:
         """Transports on stdin and stdout (a pipe or a socket each, as sshd made them)."""
@@ -307,12 +303,21 @@ class _FdIo:
         self._out.writable.set()
 
     def _pause(self) -> None:
-        if self._reader is not None and not self._reader.is_closing():
+        if self._reader is not None and not self._reader.is_closing() and not self._detached:
             self._reader.pause_reading()
 
     def _resume(self) -> None:
-        if self._reader is not None and not self._reader.is_closing():
+        if self._reader is not None and not self._reader.is_closing() and not self._detached:
             self._reader.resume_reading()
+
+    def _detach(self) -> int | None:
+        """Stop reading stdin here for good; a descriptor of it for ``splice``. A
+        read transport holds nothing back: every byte it read was fed already."""
+        if self._reader is None or self._reader.is_closing():
+            return None
+        self._reader.pause_reading()
+        self._detached = True
+        return os.dup(self._reader.get_extra_info("pipe").fileno())
 
     def write(self, data: bytes) -> None:
         if self._gone or self._out.lost or self._writer is None or self._writer.is_closing():

@@ -183,6 +183,7 @@ class Service:
                     # Pushed streams may come through the zone's sshd instead
                     # (same host, same host key): docs/data-plane.md.
                     answer["stream_port"] = self.zone.config.gate.port
+                    answer["stream_port_min_bytes"] = self.zone.config.gate.min_bytes
                 io.write(_json_line(answer))
 
     # -- receive --------------------------------------------------------------

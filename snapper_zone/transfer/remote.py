@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol, Self, TypeVar
+from typing import Any, Protocol, Self, TypeGuard, TypeVar
 
 import asyncssh
 from asyncssh.channel import SSHChannel
@@ -188,6 +188,10 @@ class ExecSession(asyncssh.SSHClientSession[bytes]):
         return ZoneError(code, message or f"exit status {status}", command, status)
 
 
+def _is_int(v: object) -> TypeGuard[int]:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _bounded_append(buf: bytearray, data: bytes) -> None:
     buf += data
     if len(buf) > STDERR_LIMIT:
@@ -307,7 +311,7 @@ class ZoneClient:
                  known_hosts: str | Path | None = None,
                  host_key: str | Path | asyncssh.SSHKey | None = None,
                  username: str = "snapper", connect_timeout: float = 30.0,
-                 openssh: str | None = None) -> None:
+                 openssh: str | None = None, use_gate: bool = True) -> None:
         if known_hosts is not None and host_key is not None:
             raise ValueError("give a known_hosts file or a pinned host key, not both")
         self.openssh = openssh if not isinstance(client_key, asyncssh.SSHKey) else None
@@ -320,8 +324,11 @@ class ZoneClient:
         self.connect_timeout = connect_timeout
         self.conn: asyncssh.SSHClientConnection | None = None
         self._features: frozenset[str] | None = None
-        # Where the zone's sshd takes pushed streams (the gate), per ``features``.
+        # Where the zone's sshd takes pushed streams (the gate), per ``features``,
+        # for streams of at least stream_port_min_bytes; ``use_gate``: whether to.
+        self.use_gate = use_gate
         self.stream_port: int | None = None
+        self.stream_port_min_bytes = 0
         self._whoami: tuple[object, int | None] | None = None  # (connection, its number)
 
     @property
@@ -443,7 +450,8 @@ class ZoneClient:
         """
         if self.openssh is not None and (known := await self._known_hosts_text()):
             await self.features()  # learns the gate's port, if the zone has one
-            if self.stream_port is not None:
+            if self.stream_port is not None and (cmd.size is None or
+                                                 cmd.size >= self.stream_port_min_bytes):
                 try:
                     return await self._push_openssh(self.openssh, known, cmd, spec, zfs,
                                                     progress or NoProgress(), bwlimit,
@@ -753,9 +761,10 @@ class ZoneClient:
             doc = await self._newer_answer(Features())
             words = doc.get("features") if isinstance(doc, dict) else None
             self._features = parse_features(w for w in words or () if isinstance(w, str))
-            port = doc.get("stream_port") if isinstance(doc, dict) else None
-            if isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536:
-                self.stream_port = port
+            if isinstance(doc, dict) and self.use_gate:
+                port, least = doc.get("stream_port"), doc.get("stream_port_min_bytes", 0)
+                if _is_int(port) and 0 < port < 65536 and _is_int(least) and least >= 0:
+                    self.stream_port, self.stream_port_min_bytes = port, least
         return self._features
 
     async def connection_number(self) -> int | None:

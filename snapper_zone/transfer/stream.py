@@ -27,7 +27,7 @@ from snapper_zone.errors import MetadataTooLarge, SnapperError
 from snapper_zone.zfs.proc import widen_pipe
 
 __all__ = ["ClientGone", "Inbound", "PipeFlow", "PipeGone", "SendPump", "Sink", "SplicePump",
-           "StreamIdle", "can_splice", "copy_out"]
+           "StreamIdle", "can_splice", "copy_out", "wait_ready"]
 
 _BUFFER_LIMIT = 256 << 10  # bytes held before a stream is piped (header, metadata)
 
@@ -202,9 +202,16 @@ class Inbound:
 
     def __init__(self, pause_reading: Callable[[], None],
                  resume_reading: Callable[[], None], *, idle_timeout: float | None = None,
-                 on_idle: Callable[[], None] | None = None) -> None:
+                 on_idle: Callable[[], None] | None = None,
+                 detach: Callable[[], int | None] | None = None) -> None:
         self._pause_reading = pause_reading
         self._resume_reading = resume_reading
+        # A transport whose stream is itself a descriptor (sshd's pipe, through
+        # the gate) can hand it over: pipe_to then splices it into zfs receive
+        # in the kernel. ``detach()`` stops the transport's reading for good
+        # and returns a descriptor of the stream's (ours to close), or None.
+        self._detach = detach
+        self._pump: SplicePump | None = None
         # The idle watchdog runs only while a handler waits for bytes and the
         # client is not paused by us: a client queued for a slot, or held back
         # by a full pipe, is not idle.
@@ -261,6 +268,8 @@ class Inbound:
             self._writer.abort()
         if self._tee is not None:
             self._tee.abort()  # the mirror must see a cut stream too, not a short one
+        if self._pump is not None:
+            self._pump.close()
         self._wake()
 
     def cut(self, err: SnapperError) -> None:
@@ -273,6 +282,8 @@ class Inbound:
             self._writer.abort()
         if self._tee is not None:
             self._tee.abort()
+        if self._pump is not None:
+            self._pump.close()
         self._discard = True
         self._wake()
 
@@ -322,6 +333,12 @@ class Inbound:
         first, PipeGone if the reader closed the pipe.
         """
         widen_pipe(fd)
+        if tee is None and self._detach is not None and can_splice() and \
+                not (self._eof or self._error is not None or self._discard):
+            src = self._detach()
+            if src is not None:
+                await self._splice(src, fd, first, on_bytes)
+                return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         writer = _PipeWriter(fd, lambda p: self._vote("pipe", p), on_bytes, done)
         head = first + bytes(self._buf)
@@ -361,6 +378,40 @@ class Inbound:
         if self._error is not None:
             raise self._error
 
+    async def _splice(self, src: int, fd: int, first: bytes,
+                      on_bytes: Callable[[int], None]) -> None:
+        """``pipe_to`` for a detached source: the head, then the rest in the kernel."""
+        head = first + bytes(self._buf)
+        self._buf.clear()
+        self._votes.clear()  # the transport reads no more: nothing to pause or resume
+        loop = asyncio.get_running_loop()
+
+        def moved(n: int) -> None:
+            self._last = loop.time()  # bytes came: the idle watchdog's clock
+            on_bytes(n)
+
+        try:
+            await _write_all(fd, head)
+        except BaseException:
+            os.close(src)
+            os.close(fd)
+            raise
+        moved(len(head))
+        pump = self._pump = SplicePump(src, fd, moved)
+        self._watch_idle(True)
+        try:
+            await pump.done
+        except OSError as exc:
+            if self._error is None and not self._discard:  # zfs receive exited
+                raise PipeGone(str(exc)) from None
+        finally:
+            self._watch_idle(False)
+            self._pump = None
+            self._discard = True
+            pump.close()  # the destination's close is zfs receive's EOF
+        if self._error is not None:
+            raise self._error
+
     async def gone(self) -> None:
         """Return once the client has disconnected."""
         await self._gone.wait()
@@ -370,6 +421,8 @@ class Inbound:
         self._discard = True
         if self._writer is not None:
             self._writer.abort()
+        if self._pump is not None:
+            self._pump.close()
 
     # -- flow control -------------------------------------------------------
 
@@ -422,6 +475,35 @@ class Inbound:
         self._waiter = None
 
 
+
+
+async def wait_ready(fd: int, *, write: bool) -> None:
+    """Return once non-blocking ``fd`` can be written (``write``) or read."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    (loop.add_writer if write else loop.add_reader)(fd, wake)
+    try:
+        await ready
+    finally:
+        (loop.remove_writer if write else loop.remove_reader)(fd)
+
+
+async def _write_all(fd: int, data: bytes) -> None:
+    """Every byte of ``data`` into non-blocking pipe ``fd``, waiting while it is full."""
+    os.set_blocking(fd, False)
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            await wait_ready(fd, write=True)
+        except OSError as exc:  # EPIPE: zfs receive exited
+            raise PipeGone(str(exc)) from None
 
 
 # -- out of zfs send ----------------------------------------------------------------
@@ -654,6 +736,7 @@ class SplicePump:
         self._closed = True
         if not self.done.done():
             self._finish(BrokenPipeError("the pump was closed before the stream ended"))
+        if not self.done.cancelled():
             self.done.exception()  # the closer knows: no "never retrieved" warning
         self._unwatch()
         os.close(self.src)
