@@ -1,66 +1,65 @@
-"""snapper-gate: the zone's OpenSSH ``sshd`` as snapperd's second front door.
+"""snapper-gate: the forced command of the zone's sshd when it carries pushed streams.
 
-With ``[gate]`` in snapperd's config, the zone's ``sshd`` can carry pushed
-streams instead of snapperd's own SSH server: each connection is then
+With ``[gate]`` in snapperd's config, the zone's OpenSSH ``sshd`` can carry
+pushed streams instead of snapperd's own SSH server: each connection is then
 decrypted by its own ``sshd`` process, in C, on as many cores as there are
 connections (``docs/data-plane.md``). ``sshd`` only authenticates and carries
-bytes; snapperd still decides everything, in the same code as for its own
-SSH server. Two small programs, both this module, meet snapperd on a unix
-socket (``daemon/gateserver.py``):
+bytes; snapperd decides everything, in the same code as for its own port.
 
-``snapper-gate keys --socket S USER TYPE KEY``
-    sshd's ``AuthorizedKeysCommand`` (``%u %t %k``): asks snapperd whether it
-    trusts the key now (its config, the registry's CNs, learned peers) and,
-    if so, prints one ``authorized_keys`` line forcing ``snapper-gate run``
-    with that key. Nothing printed: sshd refuses the key. A revoked key is
-    refused at its next login, as by snapperd itself.
+snapperd writes the ``authorized_keys`` file sshd reads (``gate.authorized_keys``):
+one line per key it trusts, each forcing this program with ``restrict`` (no
+forwarding, pty or rc files). The program hands its stdin, stdout and stderr
+(``SCM_RIGHTS``), the client's command line (``SSH_ORIGINAL_COMMAND``, never
+seen by a shell) and the key to snapperd on its unix socket
+(``daemon/gateserver.py``), which runs the command on them, and exits with
+the status snapperd sends back.
 
-``snapper-gate run --socket S --key KEY``
-    the forced command: passes its stdin, stdout and stderr (``SCM_RIGHTS``)
-    with the client's command line (``SSH_ORIGINAL_COMMAND``, never seen by
-    a shell) and the key to snapperd, which runs the command on them, and
-    exits with the status snapperd sends back.
-
-Standard library only, and nothing of snapper's imported: each push starts
-one of these, so it starts in a few tens of milliseconds. The messages are
-single JSON lines (``Request``/answers below), the only thing the two ends share.
+Standard library only, nothing of snapper's imported, and started with
+``python -I -S`` (no site, no user paths): each push through the gate starts
+one, so it starts in ~30 ms. The request is one JSON line (``Request``), the
+answer ``{"status": N}``.
 """
 
 from __future__ import annotations
 
-import argparse
-import base64
 import binascii
 import json
 import os
-import shlex
 import socket
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-__all__ = ["MAX_LINE", "GateError", "Request", "authorized_line", "main", "read_line"]
+__all__ = ["MAX_LINE", "GateError", "Request", "authorized_line", "decode_key", "main"]
 
-MAX_LINE = 64 << 10  # a request or an answer; a command line is far shorter
-TIMEOUT = 10.0  # for snapperd's answer to a key question, and to accept a command
+MAX_LINE = 64 << 10  # a request; a command line is far shorter
+CONNECT_TIMEOUT = 10.0
 
 
 class GateError(Exception):
     """A message that is not one: too long, not JSON, a field missing or wrong."""
 
 
-@dataclass(frozen=True)
 class Request:
-    """What a gate asks snapperd: ``keys`` (is KEY trusted?) or ``run`` (run COMMAND
-    for KEY on the descriptors passed along)."""
+    """What a gate asks snapperd: run ``command`` for ``key`` on the descriptors
+    passed along with this line. (A plain class: dataclasses' import costs more
+    than the rest of this program's start.)"""
 
-    op: str  # "keys" | "run"
-    key: bytes  # the public key's wire encoding (what sshd's %k is the base64 of)
-    command: str = ""
-    client: str = ""  # SSH_CLIENT: "address port localport", for logs
+    __slots__ = ("client", "command", "key")
+
+    def __init__(self, key: bytes, command: str, client: str = "") -> None:
+        self.key = key  # the public key's wire encoding
+        self.command = command
+        self.client = client  # SSH_CLIENT: "address port localport", for logs
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Request) and \
+            (self.key, self.command, self.client) == (other.key, other.command, other.client)
+
+    def __repr__(self) -> str:
+        return f"Request(command={self.command!r}, client={self.client!r})"
 
     def to_line(self) -> bytes:
-        doc = {"op": self.op, "key": base64.b64encode(self.key).decode("ascii"),
+        doc = {"key": _b64(self.key),
                "command": self.command, "client": self.client}
         return json.dumps(doc).encode() + b"\n"
 
@@ -72,19 +71,17 @@ class Request:
             raise GateError(f"not JSON: {exc}") from None
         if not isinstance(doc, dict):
             raise GateError("not a JSON object")
-        op, key, command, client = (doc.get(f) for f in ("op", "key", "command", "client"))
-        if op not in ("keys", "run"):
-            raise GateError(f"op must be keys or run, not {op!r}")
+        key, command, client = (doc.get(f) for f in ("key", "command", "client"))
         if not isinstance(key, str) or not isinstance(command, str) or \
                 not isinstance(client, str):
             raise GateError("key, command and client must be strings")
-        return cls(op, decode_key(key), command, client[:200])
+        return cls(decode_key(key), command, client[:200])
 
 
 def decode_key(text: str) -> bytes:
-    """A key's base64 (sshd's ``%k``) as its wire encoding; GateError if it is not one."""
+    """A key's base64 as its wire encoding; GateError if it is not one."""
     try:
-        data = base64.b64decode(text.encode("ascii"), validate=True)
+        data = binascii.a2b_base64(text.encode("ascii"), strict_mode=True)
     except (binascii.Error, UnicodeEncodeError):
         raise GateError("the key is not base64") from None
     if not data or len(data) > 16 << 10:
@@ -92,18 +89,33 @@ def decode_key(text: str) -> bytes:
     return data
 
 
-def authorized_line(gate: str, sock: str, key_type: str, key: bytes) -> str:
-    """The ``authorized_keys`` line for a trusted key: it may run ``gate run`` only.
+def forced_argv(sock: str) -> list[str]:
+    """How sshd starts this program: this Python, isolated and without site (the
+    module needs nothing but the standard library), on this very file."""
+    return [sys.executable, "-I", "-S", os.path.abspath(__file__), "--socket", sock]
 
-    ``restrict`` turns off forwarding, ptys and rc files; the forced command
-    goes through the user's shell, so every word is quoted, and the key
-    travels as base64 (letters, digits, ``+/=``).
+
+def authorized_line(argv: Sequence[str], key_type: str, key: bytes) -> str:
+    """The ``authorized_keys`` line of a trusted key: it may run ``argv --key KEY`` only.
+
+    The forced command goes through the user's shell, so every word is
+    single-quoted; sshd ends the option at a double quote and gives backslashes
+    meaning, so a word holding a quote, a backslash or a newline is refused.
     """
     if not key_type.replace("-", "").replace("@", "").replace(".", "").isalnum():
         raise GateError(f"{key_type!r} is not a key type")
-    b64 = base64.b64encode(key).decode("ascii")
-    forced = " ".join(shlex.quote(w) for w in (gate, "run", "--socket", sock, "--key", b64))
+    for w in argv:
+        if any(c in w for c in "'\"\\\n\x00"):
+            raise GateError(f"the gate's command line cannot be quoted for sshd: {w!r}")
+    import shlex  # snapperd's side only: not imported per push
+
+    b64 = _b64(key)
+    forced = " ".join(shlex.quote(w) for w in (*argv, "--key", b64))
     return f'restrict,command="{forced}" {key_type} {b64}\n'
+
+
+def _b64(data: bytes) -> str:
+    return binascii.b2a_base64(data, newline=False).decode("ascii")
 
 
 def read_line(sock: socket.socket) -> bytes:
@@ -119,50 +131,24 @@ def read_line(sock: socket.socket) -> bytes:
     return bytes(buf[: buf.index(b"\n")])
 
 
-def _connect(path: str) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(TIMEOUT)
-    s.connect(path)
-    return s
-
-
 def _say(message: str, code: str = "GateUnavailable") -> None:
     """An error line as snapperd writes them (the CN parses it), on our stderr."""
-    line = json.dumps({"code": code, "message": message})
     try:
-        os.write(2, line.encode() + b"\n")
+        os.write(2, json.dumps({"code": code, "message": message}).encode() + b"\n")
     except OSError:
         pass
 
 
-def _keys(args: argparse.Namespace) -> int:
+def run(sock_path: str, key_b64: str) -> int:
     try:
-        key = decode_key(args.key)
-        with _connect(args.socket) as s:
-            s.sendall(Request("keys", key).to_line())
-            answer = json.loads(read_line(s) or b"{}")
-        if isinstance(answer, dict) and answer.get("trusted") is True:
-            sys.stdout.write(authorized_line(os.path.abspath(sys.argv[0]), args.socket,
-                                             args.type, key))
-    except (OSError, ValueError, GateError) as exc:
-        # Printing nothing refuses the key; sshd logs our stderr.
-        print(f"snapper-gate keys: {exc}", file=sys.stderr)
-    return 0
-
-
-def _run(args: argparse.Namespace) -> int:
-    try:
-        key = decode_key(args.key)
-        s = _connect(args.socket)
-    except (OSError, GateError) as exc:
-        _say(f"this zone's snapperd does not answer on its gate: {exc}")
-        return 1
-    request = Request("run", key, os.environ.get("SSH_ORIGINAL_COMMAND", ""),
-                      os.environ.get("SSH_CLIENT", ""))
-    try:
+        request = Request(decode_key(key_b64), os.environ.get("SSH_ORIGINAL_COMMAND", ""),
+                          os.environ.get("SSH_CLIENT", ""))
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(CONNECT_TIMEOUT)
+        s.connect(sock_path)
         socket.send_fds(s, [request.to_line()], [0, 1, 2])
-    except OSError as exc:
-        _say(f"could not hand the command to snapperd: {exc}")
+    except (OSError, GateError) as exc:
+        _say(f"this zone's snapperd does not take the command on its gate: {exc}")
         return 1
     # snapperd holds the channel's descriptors now; ours would keep sshd from
     # seeing the end of the output when snapperd closes its copies.
@@ -185,18 +171,13 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="snapper-gate", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="op", required=True)
-    k = sub.add_parser("keys", help="sshd's AuthorizedKeysCommand (%%u %%t %%k)")
-    k.add_argument("--socket", required=True)
-    k.add_argument("user")
-    k.add_argument("type")
-    k.add_argument("key")
-    r = sub.add_parser("run", help="the forced command of a key keys printed")
-    r.add_argument("--socket", required=True)
-    r.add_argument("--key", required=True)
-    args = p.parse_args(argv)
-    return _keys(args) if args.op == "keys" else _run(args)
+    args = list(sys.argv[1:] if argv is None else argv)
+    # Two fixed options, written by snapperd: no argparse to import per push.
+    if len(args) != 4 or args[0] != "--socket" or args[2] != "--key":
+        _say("usage: snapper-gate --socket PATH --key BASE64 (sshd's forced command)",
+             "BadCommand")
+        return 2
+    return run(args[1], args[3])
 
 
 if __name__ == "__main__":

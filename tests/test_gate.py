@@ -1,7 +1,7 @@
 """The sshd gate: a real OpenSSH ``sshd`` on 127.0.0.1 in front of an in-process
-snapperd, its ``AuthorizedKeysCommand`` and forced command the real
-``snapper-gate``, pushes from the real CN client through OpenSSH's ``ssh``, on
-real ZFS. Who is let in, what a client can make of its command line, and what a
+snapperd, reading the ``authorized_keys`` snapperd writes, its forced command
+the real ``snapper-gate``; pushes from the real CN client through OpenSSH's
+``ssh``, on real ZFS. Who is let in, what a client can make of its command line, and what a
 client killed mid-stream leaves behind."""
 
 from __future__ import annotations
@@ -47,43 +47,46 @@ OTHER_VM = "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d"
 # -- the messages (pure) --------------------------------------------------------
 
 
-@given(st.sampled_from(["keys", "run"]), st.binary(min_size=1, max_size=600),
-       st.text(max_size=300), st.text(max_size=300))
-def test_request_round_trips(op: str, key: bytes, command: str, client: str) -> None:
-    line = Request(op, key, command, client).to_line()
+@given(st.binary(min_size=1, max_size=600), st.text(max_size=300), st.text(max_size=300))
+def test_request_round_trips(key: bytes, command: str, client: str) -> None:
+    line = Request(key, command, client).to_line()
     assert line.endswith(b"\n") and line.count(b"\n") == 1  # one line, whatever the text
-    assert Request.from_line(line[:-1]) == Request(op, key, command, client[:200])
+    assert Request.from_line(line[:-1]) == Request(key, command, client[:200])
 
 
 @pytest.mark.parametrize("line", [
-    b"", b"[]", b"not json", b'{"op": "shell", "key": "AAAA", "command": "", "client": ""}',
-    b'{"op": "run", "key": "%%%", "command": "", "client": ""}',
-    b'{"op": "run", "key": "", "command": "", "client": ""}',
-    b'{"op": "run", "key": "AAAA", "command": 5, "client": ""}',
-    b'{"op": "run", "key": "AAAA", "command": "ping"}', b"\xff\xfe"])
+    b"", b"[]", b"not json", b'{"key": "%%%", "command": "", "client": ""}',
+    b'{"key": "", "command": "", "client": ""}',
+    b'{"key": "AAAA", "command": 5, "client": ""}',
+    b'{"key": "AAAA", "command": "ping"}', b"\xff\xfe"])
 def test_malformed_requests_are_refused(line: bytes) -> None:
     with pytest.raises(GateError):
         Request.from_line(line)
 
 
-@given(st.text(min_size=1, max_size=80).filter(lambda s: "\x00" not in s),
-       st.text(min_size=1, max_size=80).filter(lambda s: "\x00" not in s),
-       st.binary(min_size=1, max_size=100))
-def test_authorized_line_forces_exactly_the_gate(gate: str, sock: str, key: bytes) -> None:
-    """Whatever the paths hold, the user's shell reads back exactly the gate's argv."""
-    line = authorized_line(gate, sock, "ssh-ed25519", key)
+_WORD = st.text(min_size=1, max_size=60).filter(lambda s: "\x00" not in s)
+
+
+@given(st.lists(_WORD, min_size=1, max_size=5), st.binary(min_size=1, max_size=100))
+def test_authorized_line_forces_exactly_the_gate(argv: list[str], key: bytes) -> None:
+    """Whatever the gate's argv holds, the user's shell reads back exactly it and the
+    key; what sshd could not read back whole is refused, not written."""
+    try:
+        line = authorized_line(argv, "ssh-ed25519", key)
+    except GateError:
+        assert any(c in w for w in argv for c in "'\"\\\n")
+        return
     opts, key_type, b64 = line.rstrip("\n").rsplit(" ", 2)
     assert (key_type, decode_key(b64)) == ("ssh-ed25519", key)
     assert opts.startswith('restrict,command="') and opts.endswith('"')
     forced = opts[len('restrict,command="'):-1]
-    if '"' in forced:  # sshd ends the option at an unescaped quote
-        return
-    assert shlex.split(forced) == [gate, "run", "--socket", sock, "--key", b64]
+    assert '"' not in forced
+    assert shlex.split(forced) == [*argv, "--key", b64]
 
 
 def test_authorized_line_refuses_a_strange_key_type() -> None:
     with pytest.raises(GateError):
-        authorized_line("/g", "/s", 'ssh-ed25519" evil', b"k")
+        authorized_line(["/g"], 'ssh-ed25519" evil', b"k")
 
 
 # -- through a real sshd ------------------------------------------------------------
@@ -113,13 +116,12 @@ class Gate:
         return [r[r.index("-p") + 1] for r in runs]
 
 
-def _sshd_config(d: Path, port: int, host_key: Path, gate_cmd: str, sock: Path) -> Path:
+def _sshd_config(d: Path, port: int, host_key: Path, keys: Path) -> Path:
     cfg = d / "sshd_config"
     cfg.write_text("\n".join([
         f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {host_key}",
-        f"PidFile {d / 'sshd.pid'}", "AuthorizedKeysFile none",
-        f"AuthorizedKeysCommand {gate_cmd} keys --socket {sock} %u %t %k",
-        "AuthorizedKeysCommandUser root", "PermitRootLogin forced-commands-only",
+        f"PidFile {d / 'sshd.pid'}", f"AuthorizedKeysFile {keys}",
+        "PermitRootLogin forced-commands-only",
         "StrictModes no", "UsePAM no", "PasswordAuthentication no",
         "KbdInteractiveAuthentication no", "DisableForwarding yes", "PermitTTY no",
         "Ciphers aes128-gcm@openssh.com,aes256-gcm@openssh.com", "LogLevel VERBOSE", ""]))
@@ -131,23 +133,22 @@ async def gate(zfs: Zfs, cn_pool: FilePool, zone_pool: FilePool,
                tmp_path: Path) -> AsyncIterator[Gate]:
     sshd = shutil.which("sshd") or shutil.which("sshd", path="/usr/sbin")
     ssh = shutil.which("ssh")
-    gate_cmd = shutil.which("snapper-gate", path=str(Path(sys.executable).parent))
     if sshd is None or ssh is None:
         pytest.skip("needs OpenSSH's sshd and ssh (apt-get install openssh-server)")
-    if gate_cmd is None:
-        pytest.skip("needs the snapper-gate script beside this Python (pip install -e .)")
     sock = tmp_path / "gate.sock"
+    keys = tmp_path / "gate_authorized_keys"
     sshd_port = free_port()
     async with ssh_zone(zfs, zone_pool, tmp_path / "zone", uuid=ZONE_UUID, cn_id=CN_ID,
                         vms={VM: CN_ID},
-                        gate={"socket": str(sock), "port": sshd_port}) as z:
+                        gate={"socket": str(sock), "port": sshd_port,
+                              "authorized_keys": str(keys)}) as z:
         assert z.zone.config.gate is not None
         server = GateServer(z.zone, Service(z.zone), z.zone.config.gate)
         await server.start()
         d = tmp_path / "sshd"
         d.mkdir()
         host_key = tmp_path / "zone" / "host_ed25519"
-        cfg = _sshd_config(d, sshd_port, host_key, gate_cmd, sock)
+        cfg = _sshd_config(d, sshd_port, host_key, keys)
         os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege separation directory
         daemon = proc.Daemon([sshd, "-D", "-e", "-f", str(cfg)], str(d / "sshd.log"))
         try:
@@ -202,13 +203,24 @@ async def test_a_push_goes_through_the_zones_sshd(gate: Gate, zfs: Zfs) -> None:
         assert held.complete and held.parts["root"].guid == mine
 
 
-async def test_unknown_and_revoked_keys_are_refused_at_login(gate: Gate) -> None:
+async def test_unknown_and_revoked_keys_are_refused(gate: Gate) -> None:
+    """A stranger is refused at login. A revoked key is refused by snapperd at
+    once (the key is looked up again per command), and by sshd once snapperd
+    has rewritten the file, within seconds."""
     stranger = write_keypair(gate.tmp / "stranger_ed25519")
     done = await _ssh(gate, stranger, "ping")
     assert done.returncode == 255 and "Permission denied" in done.stderr
     done = await _ssh(gate, gate.cn_key, "ping")
     assert done.ok and done.stdout == b"pong\n"
+    keys = gate.zone.config.gate.authorized_keys  # type: ignore[union-attr]
+    pub = gate.cn_key.with_suffix(".pub").read_text().split()[1]
+    assert pub in keys.read_text()
     gate.zone.config = replace(gate.zone.config, keys=())  # revoked (a reload)
+    done = await _ssh(gate, gate.cn_key, "ping")
+    assert done.returncode in (1, 255), done  # by snapperd, or sshd if the file is new
+    if done.returncode == 1:
+        assert json.loads(done.stderr)["code"] == "NotAuthorized"
+    await wait_for(lambda: pub not in keys.read_text(), 30, "the key gone from sshd's file")
     done = await _ssh(gate, gate.cn_key, "ping")
     assert done.returncode == 255 and "Permission denied" in done.stderr
 
@@ -229,16 +241,18 @@ async def test_a_command_through_the_gate_is_checked_as_any(gate: Gate) -> None:
 
 async def test_a_gate_from_another_user_is_refused(gate: Gate) -> None:
     """Only the gate's user (and root) may talk to snapperd's socket: the socket's
-    mode keeps others out, and past it (mode opened here) its peer's uid does."""
+    mode keeps others out, and past it (mode opened here) its peer's uid does.
+    The gate's own request, from root: descriptors and a line, status back."""
     d = Path(tempfile.mkdtemp(prefix="gate-", dir="/tmp"))  # a directory others may enter
     try:
         os.chmod(d, 0o755)
         assert gate.zone.config.gate is not None
         server = GateServer(gate.zone, gate.server.service,
-                            replace(gate.zone.config.gate, socket=d / "gate.sock"))
+                            replace(gate.zone.config.gate, socket=d / "gate.sock",
+                                    authorized_keys=d / "keys"))
         await server.start()
-        key = gate.cn_key.with_suffix(".pub").read_text().split()[1]
-        line = Request("keys", base64.b64decode(key)).to_line().decode()
+        key = base64.b64decode(gate.cn_key.with_suffix(".pub").read_text().split()[1])
+        line = Request(key, "ping").to_line().decode()
         script = ("import os, socket, sys\nos.setuid(65534)\n"
                   "s = socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\n"
                   "try:\n    s.sendall(sys.argv[2].encode())\n"
@@ -250,13 +264,34 @@ async def test_a_gate_from_another_user_is_refused(gate: Gate) -> None:
         os.chmod(server.path, 0o666)
         done = await proc.run(argv)
         assert done.ok and done.stdout.strip() == b"b''", done.stderr  # closed, no answer
-        done = await proc.run([sys.executable, "-c", script.replace("os.setuid(65534)", ""),
-                               str(server.path), line])
-        assert done.ok and b"trusted" in done.stdout, done.stderr
+        assert await _ask(server.path, Request(key, "ping")) == (0, b"pong\n", b"")
+        status, out, err = await _ask(server.path, Request(b"\x00\x00\x00\x07ssh-rsa", "ping"))
+        assert status == 1 and out == b"" and json.loads(err)["code"] == "NotAuthorized"
         await server.close()
         assert not server.path.exists()
     finally:
         shutil.rmtree(d)
+
+
+async def _ask(path: Path, request: Request) -> tuple[int, bytes, bytes]:
+    """What snapper-gate does, in-process: the request with three pipes; the status
+    and what came out of the two output pipes."""
+    def ask() -> tuple[int, bytes, bytes]:
+        pipes = [os.pipe() for _ in range(3)]
+        ends = [pipes[0][0], pipes[1][1], pipes[2][1]]
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(30)
+            s.connect(str(path))
+            socket.send_fds(s, [request.to_line()], ends)
+            for fd in (*ends, pipes[0][1]):  # ours closed: stdin at EOF, outputs end
+                os.close(fd)
+            answer = s.makefile("rb").readline()
+        outs = []
+        for r, _ in pipes[1:]:
+            with os.fdopen(r, "rb") as f:
+                outs.append(f.read())
+        return json.loads(answer)["status"], outs[0], outs[1]
+    return await asyncio.to_thread(ask)
 
 
 async def test_a_client_killed_mid_stream_loses_only_its_own_push(gate: Gate,

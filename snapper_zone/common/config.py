@@ -137,6 +137,7 @@ class GateConfig:
 
     socket: Path  # snapperd listens here for snapper-gate
     port: int  # the zone's sshd, as CNs are told to reach it (``features``)
+    authorized_keys: Path  # snapperd writes it, sshd reads it (AuthorizedKeysFile)
     uid: int | None = None  # the user sshd runs snapper-gate as; None: snapperd's own
     # Streams estimated smaller go to snapperd's own port: the gate's login (an
     # sshd process, snapper-gate started) costs more than it saves on them.
@@ -671,14 +672,15 @@ class FieldParser:
         )
 
     def gate(self, value: object) -> GateConfig:
-        t = self.table("gate", value, ("socket", "port", "uid", "min_bytes"))
+        t = self.table("gate", value, ("socket", "port", "authorized_keys", "uid", "min_bytes"))
         sock = self.path("gate.socket", self.required(t, "gate", "socket"))
         if len(bytes(sock)) > 100:  # sun_path holds 104-108 bytes, by system
             raise self.err("gate.socket", f"{str(sock)!r} is too long for a unix socket")
         port = self.port("gate.port", self.required(t, "gate", "port"), allow_zero=False)
+        keys = self.path("gate.authorized_keys", self.required(t, "gate", "authorized_keys"))
         uid = self.integer("gate.uid", t["uid"], 0, 2**31 - 1) if "uid" in t else None
         least = self.size("gate.min_bytes", t.get("min_bytes", GateConfig.min_bytes))
-        return GateConfig(sock, port, uid, least)
+        return GateConfig(sock, port, keys, uid, least)
 
     def retention(self, value: object) -> RetentionConfig:
         t = self.table("retention", value, ("policy", "policy_from_coordinator",

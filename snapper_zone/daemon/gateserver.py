@@ -1,20 +1,24 @@
-"""snapperd's end of the sshd gate (``snapper_zone/sshgate.py``): a unix socket.
+"""snapperd's end of the sshd gate (``snapper_zone/sshgate.py``): keys and a socket.
 
 The zone's ``sshd`` authenticates a client and decrypts its stream; each
 connection is its own process, so streams are decrypted on every core
-(``docs/data-plane.md``). What crosses this socket: a gate asking whether a
-key is trusted (sshd's ``AuthorizedKeysCommand``), or a gate handing over a
+(``docs/data-plane.md``). snapperd keeps sshd's ``authorized_keys`` file
+(``gate.authorized_keys``) equal to the keys it trusts (its config, the
+registry's CNs, learned peers; rewritten within ``KEYS_EVERY`` seconds of a
+change), each line forcing ``snapper-gate``. The gate hands over the
 client's command line, its key, and the channel's three descriptors
-(``SCM_RIGHTS``). snapperd runs the command exactly as for its own SSH server
-(``Service.execute``: the same grammar, authorisation, slots, budgets, vetted
-stream), on those descriptors, and sends the exit status back.
+(``SCM_RIGHTS``) on a unix socket; snapperd runs the command exactly as for
+its own SSH server (``Service.execute``: the key looked up again, the same
+grammar, authorisation, slots, budgets, vetted stream) on those descriptors
+and sends the exit status back. A key revoked a moment before its login is
+refused here, whatever the file still said.
 
 Who may connect: the socket is created mode 0600, owned by ``gate.uid`` (the
 user sshd runs the gate as), and on Linux the peer's uid is checked
 (``SO_PEERCRED``) as well. That user must be able to do nothing else: every
-key sshd takes for it is forced to ``snapper-gate run`` (``restrict``).
+key sshd takes for it is forced to ``snapper-gate`` (``restrict``).
 
-Limits are the SSH server's: a run counts as one connection of its client
+Limits are the SSH server's: a command counts as one connection of its client
 (``max_connections_per_principal``; ``max_connections`` in all), a request
 must arrive within ``login_timeout_seconds``, a stream that stops is cut
 after ``stream_idle_seconds``.
@@ -37,11 +41,13 @@ from snapper_zone.daemon.service import Service
 from snapper_zone.daemon.sshserver import connection_numbers
 from snapper_zone.daemon.zone import Zone
 from snapper_zone.errors import SnapperError
-from snapper_zone.sshgate import MAX_LINE, GateError, Request
+from snapper_zone.sshgate import MAX_LINE, GateError, Request, authorized_line, forced_argv
 from snapper_zone.transfer.stream import ClientGone, Inbound, wait_ready
 from snapper_zone.wire import protocol
 
-__all__ = ["GateServer"]
+__all__ = ["KEYS_EVERY", "GateServer"]
+
+KEYS_EVERY = 2.0  # seconds between looks at the trusted keys, for sshd's file
 
 
 class GateRefused(SnapperError):
@@ -66,6 +72,8 @@ class GateServer:
         self.running = 0
         self._sock: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
+        self._keeping: asyncio.Task[None] | None = None
+        self._keys_text: str | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -82,13 +90,60 @@ class GateServer:
         sock.listen(128)
         sock.setblocking(False)
         self._sock = sock
+        await self.write_keys()  # before the first login
         self._accepting = asyncio.create_task(self._accept(sock), name="gate-accept")
+        self._keeping = asyncio.create_task(self._keep_keys(), name="gate-keys")
+
+    def keys_text(self) -> str:
+        """sshd's ``authorized_keys`` for the keys trusted now, each forced to the gate."""
+        argv = forced_argv(str(self.path))
+        lines: dict[bytes, str] = {}
+        for k in self.zone.trusted_keys():
+            key_type = k.public_key.split()[0]
+            try:
+                lines.setdefault(k.key_data, authorized_line(argv, key_type, k.key_data))
+            except GateError as exc:
+                self.log.warning("key left out of the gate's keys", extra={
+                    "fingerprint": k.fingerprint, "reason": str(exc)})
+        head = "# Written by snapperd from the keys it trusts ([gate]); do not edit.\n"
+        return head + "".join(lines.values())
+
+    async def write_keys(self) -> None:
+        """Rewrite sshd's file when the trusted keys changed (atomically: sshd reads it
+        at each login)."""
+        text = self.keys_text()
+        if text == self._keys_text:
+            return
+        path = self.gate.authorized_keys
+        tmp = path.with_name(path.name + ".new")
+
+        def write() -> None:
+            with open(tmp, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+
+        await asyncio.to_thread(write)
+        self._keys_text = text
+        self.log.info("gate keys written", extra={"path": str(path),
+                                                  "keys": text.count("\n") - 1})
+
+    async def _keep_keys(self) -> None:
+        while True:
+            await asyncio.sleep(KEYS_EVERY)
+            try:
+                await self.write_keys()
+            except OSError as exc:  # a full or read-only disk: logins use the old file
+                self.log.error("gate keys not written", extra={"reason": str(exc)})
 
     async def close(self) -> None:
         """Stop accepting; commands in flight go on (the daemon's grace period)."""
-        if self._accepting is not None:
-            self._accepting.cancel()
-            await asyncio.gather(self._accepting, return_exceptions=True)
+        for task in (self._accepting, self._keeping):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._sock is not None:
             self._sock.close()
             with contextlib.suppress(OSError):
@@ -114,12 +169,6 @@ class GateServer:
                 request = Request.from_line(line)
             except (GateError, TimeoutError, OSError) as exc:
                 self.log.warning("gate request refused", extra={"reason": str(exc)})
-                return
-            if request.op == "keys":
-                trusted = self.zone.key_for(request.key) is not None
-                if not trusted:
-                    self.zone.metrics.auth_failures.labels("unknown_key").inc()
-                await _answer(conn, {"trusted": trusted})
                 return
             if len(fds) != 3:
                 self.log.warning("gate run without its three descriptors",

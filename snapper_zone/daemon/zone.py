@@ -94,6 +94,15 @@ class Zone:
             found = self.replicator.links.learned_keys.get(key_data)
         return found
 
+    def trusted_keys(self) -> list[TrustedKey]:
+        """Every client key trusted now: the config's, the registry's CNs', learned peers'."""
+        keys: list[TrustedKey] = list(self.config.keys)
+        if self.identity is not None:
+            keys += self.identity.keys.values()
+        if self.replicator is not None:
+            keys += self.replicator.links.learned_keys.values()
+        return keys
+
     def current(self, principal: Principal) -> Principal | None:
         """Who ``principal``'s key is now (checked per command): None once it is no
         longer trusted (removed from the registry, or the config after a reload)."""
@@ -166,12 +175,7 @@ class Zone:
         """Who signed an HTTP request with the key of this fingerprint: a config
         key (operator, cn, peer -> role "zone"), the coordinator (``coordinator_key``),
         or a peer zone the coordinator registered; None for a stranger."""
-        keys: list[TrustedKey] = list(self.config.keys)
-        if self.identity is not None:
-            keys += self.identity.keys.values()
-        if self.replicator is not None:
-            keys += self.replicator.links.learned_keys.values()
-        for k in keys:
+        for k in self.trusted_keys():
             if k.fingerprint == fingerprint:
                 return Identity("zone" if k.role == "peer" else k.role, k.name, k.ssh_key())
         if self.config.coordinator_key is not None:

@@ -397,6 +397,7 @@ class Inbound:
             os.close(fd)
             raise
         moved(len(head))
+        widen_pipe(src)  # the transport's pipe (sshd's): it writes more per wake-up
         pump = self._pump = SplicePump(src, fd, moved)
         self._watch_idle(True)
         try:
