@@ -81,6 +81,20 @@ def test_example_parses() -> None:
         assert any(k.cn_id == cn for k in cfg.keys)
 
 
+def test_gate_section() -> None:
+    data = valid()
+    assert parse_config(data, "/etc/snapper/z.toml").gate is None
+    data["gate"] = {"socket": "gate.sock", "port": 22, "authorized_keys": "/var/k",
+                    "uid": 1000, "min_bytes": "1GiB"}
+    gate = parse_config(data, "/etc/snapper/z.toml").gate
+    assert gate is not None
+    assert (gate.socket, gate.port, gate.authorized_keys, gate.uid, gate.min_bytes) == (
+        Path("/etc/snapper/gate.sock"), 22, Path("/var/k"), 1000, 1 << 30)
+    data["gate"] = {"socket": "/run/g", "port": 22, "authorized_keys": "/var/k"}
+    gate = parse_config(data, "/etc/snapper/z.toml").gate
+    assert gate is not None and gate.uid is None and gate.min_bytes == 64 << 20
+
+
 def test_defaults_and_values() -> None:
     data = valid()
     del data["peers"]
@@ -311,6 +325,21 @@ BAD: list[tuple[str, Mutation, str, str]] = [
     ("ssh host empty", _set("ssh/host", " "), "ssh.host", "empty"),
     ("bad zone name", _set("name", "snapper zero"), "name", "id"),
     ("ssh not a table", _set("ssh", "0.0.0.0:22"), "ssh", "table"),
+    ("gate without socket", _set("gate", {"port": 22, "authorized_keys": "k"}),
+     "gate.socket", "missing"),
+    ("gate without keys file", _set("gate", {"port": 22, "socket": "/run/g"}),
+     "gate.authorized_keys", "missing"),
+    ("gate port zero", _set("gate", {"port": 0, "socket": "/run/g", "authorized_keys": "k"}),
+     "gate.port", "range"),
+    ("gate socket too long",
+     _set("gate", {"port": 22, "socket": "/" + "s" * 120, "authorized_keys": "k"}),
+     "gate.socket", "too long"),
+    ("gate unknown field",
+     _set("gate", {"port": 22, "socket": "/run/g", "authorized_keys": "k", "sockt": 1}),
+     "gate.sockt", "unknown"),
+    ("gate min_bytes junk",
+     _set("gate", {"port": 22, "socket": "/run/g", "authorized_keys": "k", "min_bytes": "x"}),
+     "gate.min_bytes", "size"),
 ]
 
 

@@ -77,6 +77,7 @@ class GateServer:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # /var/run is a tmpfs
         if self.path.is_socket():
             self.path.unlink()  # a stale socket of an earlier run
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
