@@ -27,10 +27,10 @@ from hypothesis import strategies as st
 from snapper_zone.cn.client import CnClient
 from snapper_zone.daemon.gateserver import GateServer
 from snapper_zone.daemon.service import Service
+from snapper_zone.daemon.sshgate import GateError, Request, authorized_line, decode_key
 from snapper_zone.daemon.zone import Zone
 from snapper_zone.fleet.local import free_port
 from snapper_zone.fleet.pools import FilePool
-from snapper_zone.sshgate import GateError, Request, authorized_line, decode_key
 from snapper_zone.transfer.remote import ZoneClient, ZoneError
 from snapper_zone.wire.protocol import Receive
 from snapper_zone.zfs import proc

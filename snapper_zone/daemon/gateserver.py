@@ -1,4 +1,4 @@
-"""snapperd's end of the sshd gate (``snapper_zone/sshgate.py``): keys and a socket.
+"""snapperd's end of the sshd gate (``snapper_zone/daemon/sshgate.py``): keys and a socket.
 
 The zone's ``sshd`` authenticates a client and decrypts its stream; each
 connection is its own process, so streams are decrypted on every core
@@ -38,10 +38,10 @@ from snapper_zone.common.config import GateConfig
 from snapper_zone.daemon.auth import Principal
 from snapper_zone.daemon.limits import PerPrincipal, TooManyConnections
 from snapper_zone.daemon.service import Service
+from snapper_zone.daemon.sshgate import MAX_LINE, GateError, Request, authorized_line, forced_argv
 from snapper_zone.daemon.sshserver import connection_numbers
 from snapper_zone.daemon.zone import Zone
 from snapper_zone.errors import SnapperError
-from snapper_zone.sshgate import MAX_LINE, GateError, Request, authorized_line, forced_argv
 from snapper_zone.transfer.stream import ClientGone, Inbound, wait_ready
 from snapper_zone.wire import protocol
 

@@ -447,6 +447,12 @@ class ZoneClient:
         the commit comes over it. An
         ``ssh`` that cannot connect (exit 255) while this connection works
         leaves this stream and the next ones to asyncssh.
+
+        A zone with an sshd gate names its port in ``features``: a stream
+        estimated at its ``stream_port_min_bytes`` or more (or of unknown
+        size) goes there, decrypted by the zone's sshd rather than snapperd
+        (docs/data-plane.md); a gate that refuses us leaves the rest of this
+        connection's streams to snapperd's own port.
         """
         if self.openssh is not None and (known := await self._known_hosts_text()):
             await self.features()  # learns the gate's port, if the zone has one
