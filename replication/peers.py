@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -190,9 +191,12 @@ class PeerLinks:
             have = self._clients.get(uuid)
             if have is not None and have.conn is not None and not have.conn.is_closed():
                 return have
+            # A peer with an sshd gate takes large copies (moves, repairs,
+            # catch-up) through it, decrypted by its sshd: bench/zone_copy.py.
             client = ZoneClient(peer.ssh_host, peer.ssh_port, self.config.ssh.host_key,
                                 host_key=asyncssh.import_public_key(peer.host_key),
-                                connect_timeout=10.0)
+                                connect_timeout=10.0, openssh=shutil.which("ssh"),
+                                openssh_gate_only=True)
             await client.connect()
             self._clients[uuid] = client
             return client

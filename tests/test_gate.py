@@ -352,3 +352,24 @@ async def _ssh_child_of(task: asyncio.Task[object]) -> int:
 
     await wait_for(scan, 30, "the push's ssh running")
     return found[0]
+
+
+async def test_a_zone_link_uses_ssh_only_through_a_gate(gate: Gate, zfs: Zfs) -> None:
+    """A zone's link to its peer (``openssh_gate_only``) sends a copy through the
+    peer's gate when it has one, and over the link itself (asyncssh) when not."""
+    write_random(gate.cn_pool, gate.vm, "a", 2 << 20)
+    await zfs.snapshot([gate.vm.snapshot("z1")])
+    async with gate.client(openssh_gate_only=True) as zone, asyncio.timeout(120):
+        res = await zone.push_stream(Receive(VM, "root", "z1"),
+                                     SendSpec(gate.vm.snapshot("z1")), zfs)
+        assert res.bytes > (2 << 20)
+        assert gate.ports_used() == [str(gate.sshd_port)]
+        await zone.commit(VM, "z1", ["root"], None)
+        write_random(gate.cn_pool, gate.vm, "b", 1 << 20)
+        await zfs.snapshot([gate.vm.snapshot("z2")])
+        zone.stream_port = None  # as from a peer without a gate
+        res = await zone.push_stream(Receive(VM, "root", "z2", "z1"),
+                                     SendSpec(gate.vm.snapshot("z2"), gate.vm.snapshot("z1")),
+                                     zfs)
+        assert res.bytes > (1 << 20)
+        assert gate.ports_used() == [str(gate.sshd_port)]  # no ssh this time

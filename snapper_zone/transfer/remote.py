@@ -311,7 +311,8 @@ class ZoneClient:
                  known_hosts: str | Path | None = None,
                  host_key: str | Path | asyncssh.SSHKey | None = None,
                  username: str = "snapper", connect_timeout: float = 30.0,
-                 openssh: str | None = None, use_gate: bool = True) -> None:
+                 openssh: str | None = None, use_gate: bool = True,
+                 openssh_gate_only: bool = False) -> None:
         if known_hosts is not None and host_key is not None:
             raise ValueError("give a known_hosts file or a pinned host key, not both")
         self.openssh = openssh if not isinstance(client_key, asyncssh.SSHKey) else None
@@ -327,6 +328,9 @@ class ZoneClient:
         # Where the zone's sshd takes pushed streams (the gate), per ``features``,
         # for streams of at least stream_port_min_bytes; ``use_gate``: whether to.
         self.use_gate = use_gate
+        # ssh carries streams through a gate only; else they stay on this connection
+        # (a zone's links to its peers: bench/zone_copy.py).
+        self.openssh_gate_only = openssh_gate_only
         self.stream_port: int | None = None
         self.stream_port_min_bytes = 0
         self._whoami: tuple[object, int | None] | None = None  # (connection, its number)
@@ -470,8 +474,10 @@ class ZoneClient:
                                 self.stream_port, exc.message)
                     self.stream_port = None
             try:
-                return await self._push_openssh(self.openssh, known, cmd, spec, zfs,
-                                                progress or NoProgress(), bwlimit, self.port)
+                if not self.openssh_gate_only:
+                    return await self._push_openssh(self.openssh, known, cmd, spec, zfs,
+                                                    progress or NoProgress(), bwlimit,
+                                                    self.port)
             except _SshFailed as exc:
                 # Our own connection to the zone works, so it is this ssh that
                 # does not (an old client, options or cipher it lacks): the rest
