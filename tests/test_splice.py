@@ -224,3 +224,40 @@ async def test_a_receiver_that_exits_mid_splice_is_pipe_gone() -> None:
     writer.cancel()
     await asyncio.gather(writer, return_exceptions=True)
     os.close(w)  # the writer was stopped mid-stream, its end still open
+
+
+class _Collect:
+    """A tee's sink (the mirror's channel) that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.ended: str | None = None
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def eof(self) -> None:
+        self.ended = "eof"
+
+    def abort(self) -> None:
+        self.ended = "abort"
+
+
+async def test_a_teed_stream_is_not_spliced_and_both_sinks_get_it_all() -> None:
+    """The mirror needs the bytes in user space: with a tee the detachable source
+    is read as before (never detached), and the pipe and the tee both get every
+    byte, in order, and the end."""
+    data = os.urandom(6 << 20)
+    inbound, w, detached = await _detachable()
+    dst_r, dst_w = os.pipe()
+    writer = asyncio.ensure_future(_write_all(w, data))
+    head = await inbound.read(1000)
+    got = bytearray()
+    reader = asyncio.ensure_future(_read_all(dst_r, got))
+    tee = _Collect()
+    async with asyncio.timeout(60):
+        await inbound.pipe_to(dst_w, head, lambda n: None, tee)
+        await reader
+        await writer
+    assert detached == []
+    assert bytes(got) == data and bytes(tee.data) == data and tee.ended == "eof"
