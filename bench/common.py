@@ -316,21 +316,9 @@ class Bench:
         (d / "authorized_keys").write_text(
             "".join(k.with_suffix(".pub").read_text() for k in keys))
         self.sshd_port = free_port()
-        cfg = d / "sshd_config"
-        cfg.write_text("\n".join([
-            f"Port {self.sshd_port}", "ListenAddress 127.0.0.1", f"HostKey {host}",
-            f"AuthorizedKeysFile {d / 'authorized_keys'}", f"PidFile {d / 'sshd.pid'}",
-            "StrictModes no", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
-            "UsePAM no", "PermitRootLogin prohibit-password", "Compression no",
-            # Many CNs connect at once: do not drop unauthenticated ones.
-            "MaxStartups 200", "PerSourceMaxStartups none",
-            f"Ciphers {CIPHER},aes256-gcm@openssh.com", ""]))
-        # sshd refuses to start without its privilege separation directory.
-        await asyncio.to_thread(os.makedirs, "/run/sshd", exist_ok=True)
-        daemon = proc.Daemon([sshd, "-D", "-e", "-f", str(cfg)], str(d / "sshd.log"))
-        self.daemons.append(daemon)
-        self.sshd_pid = daemon.pid
-        await wait_port(self.sshd_port, daemon)
+        self.sshd_pid = await self._sshd(sshd, d, self.sshd_port, host, [
+            f"AuthorizedKeysFile {d / 'authorized_keys'}",
+            "PermitRootLogin prohibit-password"])
         self.sshd_known = d / "known_hosts"
         self.sshd_known.write_text(f"[127.0.0.1]:{self.sshd_port} "
                                    f"{host.with_suffix('.pub').read_text()}")
@@ -372,6 +360,25 @@ class Bench:
         if self.gate:
             await self.start_gate_sshd(d / "host_ed25519", d / "gate_authorized_keys")
 
+    async def _sshd(self, sshd: str, d: Path, port: int, host_key: Path,
+                    extra: Sequence[str]) -> int:
+        """A private sshd on 127.0.0.1:``port`` (config and log in ``d``); its pid."""
+        cfg = d / "sshd_config"
+        cfg.write_text("\n".join([
+            f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {host_key}",
+            f"PidFile {d / 'sshd.pid'}", *extra,
+            "StrictModes no", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
+            "UsePAM no", "Compression no",
+            # Many CNs connect at once: do not drop unauthenticated ones.
+            "MaxStartups 200", "PerSourceMaxStartups none",
+            f"Ciphers {CIPHER},aes256-gcm@openssh.com", ""]))
+        # sshd refuses to start without its privilege separation directory.
+        await asyncio.to_thread(os.makedirs, "/run/sshd", exist_ok=True)
+        daemon = proc.Daemon([sshd, "-D", "-e", "-f", str(cfg)], str(d / "sshd.log"))
+        self.daemons.append(daemon)
+        await wait_port(port, daemon)
+        return daemon.pid
+
     async def start_gate_sshd(self, host_key: Path, keys: Path) -> None:
         """sshd as snapperd's gate (etc/sshd_config.gate.example, as root): the keys
         file snapperd writes, every login forced to ``snapper-gate``."""
@@ -380,20 +387,9 @@ class Bench:
             raise RuntimeError("the gate needs sshd: apt-get install -y openssh-server")
         d = self.workdir / "gate-sshd"
         d.mkdir()
-        cfg = d / "sshd_config"
-        cfg.write_text("\n".join([
-            f"Port {self.gate_port}", "ListenAddress 127.0.0.1", f"HostKey {host_key}",
-            f"PidFile {d / 'sshd.pid'}", f"AuthorizedKeysFile {keys}",
-            "PermitRootLogin forced-commands-only",
-            "StrictModes no", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
-            "UsePAM no", "DisableForwarding yes", "PermitTTY no", "Compression no",
-            "MaxStartups 200", "PerSourceMaxStartups none",
-            f"Ciphers {CIPHER},aes256-gcm@openssh.com", ""]))
-        await asyncio.to_thread(os.makedirs, "/run/sshd", exist_ok=True)
-        daemon = proc.Daemon([sshd, "-D", "-e", "-f", str(cfg)], str(d / "sshd.log"))
-        self.daemons.append(daemon)
-        self.gate_pid = daemon.pid
-        await wait_port(self.gate_port, daemon)
+        self.gate_pid = await self._sshd(sshd, d, self.gate_port, host_key, [
+            f"AuthorizedKeysFile {keys}", "PermitRootLogin forced-commands-only",
+            "DisableForwarding yes", "PermitTTY no"])
         # The CNs log in as root here (the gate's user on a zone is "snapper").
         self.cn_config = {True: d / "cn-gate.toml", False: d / "cn-no-gate.toml"}
         self.cn_config[True].write_text('ssh_user = "root"\n')

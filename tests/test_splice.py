@@ -175,10 +175,28 @@ async def _detachable(idle_timeout: float | None = None) -> tuple[Inbound, int, 
     return inbound, w, detached
 
 
-async def test_a_detached_source_is_spliced_after_the_header_in_order() -> None:
-    """The handler reads a header through the buffer, hands it back as ``first``;
-    the rest goes by splice: every byte arrives, in order, each counted once."""
-    data = os.urandom(12 << 20)
+class _Collect:
+    """A tee's sink (the mirror's channel) that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.ended: str | None = None
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def eof(self) -> None:
+        self.ended = "eof"
+
+    def abort(self) -> None:
+        self.ended = "abort"
+
+
+async def _header_then_rest(data: bytes, tee: _Collect | None = None
+                            ) -> tuple[bytes, list[int], list[int]]:
+    """A handler's receive from a detachable source: a header read through the
+    buffer and handed back as ``first``, then ``pipe_to``. What the pipe got,
+    what was counted, and the detaches."""
     inbound, w, detached = await _detachable()
     dst_r, dst_w = os.pipe()
     writer = asyncio.ensure_future(_write_all(w, data))
@@ -187,11 +205,18 @@ async def test_a_detached_source_is_spliced_after_the_header_in_order() -> None:
     reader = asyncio.ensure_future(_read_all(dst_r, got))
     counted: list[int] = []
     async with asyncio.timeout(60):
-        await inbound.pipe_to(dst_w, head, counted.append)
+        await inbound.pipe_to(dst_w, head, counted.append, tee)
         await reader
         await writer
+    return bytes(got), counted, detached
+
+
+async def test_a_detached_source_is_spliced_after_the_header_in_order() -> None:
+    """The rest goes by splice: every byte arrives, in order, each counted once."""
+    data = os.urandom(12 << 20)
+    got, counted, detached = await _header_then_rest(data)
     assert detached == [1]
-    assert bytes(got) == data
+    assert got == data
     assert sum(counted) == len(data)
 
 
@@ -226,38 +251,12 @@ async def test_a_receiver_that_exits_mid_splice_is_pipe_gone() -> None:
     os.close(w)  # the writer was stopped mid-stream, its end still open
 
 
-class _Collect:
-    """A tee's sink (the mirror's channel) that keeps what it is given."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.ended: str | None = None
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-
-    def eof(self) -> None:
-        self.ended = "eof"
-
-    def abort(self) -> None:
-        self.ended = "abort"
-
-
 async def test_a_teed_stream_is_not_spliced_and_both_sinks_get_it_all() -> None:
     """The mirror needs the bytes in user space: with a tee the detachable source
     is read as before (never detached), and the pipe and the tee both get every
     byte, in order, and the end."""
     data = os.urandom(6 << 20)
-    inbound, w, detached = await _detachable()
-    dst_r, dst_w = os.pipe()
-    writer = asyncio.ensure_future(_write_all(w, data))
-    head = await inbound.read(1000)
-    got = bytearray()
-    reader = asyncio.ensure_future(_read_all(dst_r, got))
     tee = _Collect()
-    async with asyncio.timeout(60):
-        await inbound.pipe_to(dst_w, head, lambda n: None, tee)
-        await reader
-        await writer
+    got, _, detached = await _header_then_rest(data, tee)
     assert detached == []
-    assert bytes(got) == data and bytes(tee.data) == data and tee.ended == "eof"
+    assert got == data and bytes(tee.data) == data and tee.ended == "eof"
