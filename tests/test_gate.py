@@ -373,3 +373,20 @@ async def test_a_zone_link_uses_ssh_only_through_a_gate(gate: Gate, zfs: Zfs) ->
                                      zfs)
         assert res.bytes > (1 << 20)
         assert gate.ports_used() == [str(gate.sshd_port)]  # no ssh this time
+
+
+async def test_a_gate_whose_snapperd_end_is_gone_leaves_the_push_to_snapperds_port(
+        gate: Gate, zfs: Zfs) -> None:
+    """sshd lets the CN in but nothing listens on the gate's socket: the gate says
+    GateUnavailable before reading a byte, and the push goes to snapperd's own
+    port (through ssh), whole."""
+    await gate.server.close()
+    write_random(gate.cn_pool, gate.vm, "a", 2 << 20)
+    async with gate.client() as zone, asyncio.timeout(120):
+        rep = await CnClient(zone, dataset_root=gate.cn_pool.name, zfs=zfs,
+                             vmadm=None).push(VM, "g1")
+        assert rep.bytes > (2 << 20)
+        assert zone.stream_port is None  # not tried again on this connection
+    assert gate.ports_used() == [str(gate.sshd_port), str(gate.port)]
+    held = await gate.zone.store.snapshot(VM, "g1")
+    assert held.complete

@@ -249,6 +249,8 @@ async def _receive_request(conn: socket.socket) -> tuple[bytes, list[int]]:
             data, got, _, _ = socket.recv_fds(conn, MAX_LINE, 3)
         except BlockingIOError:
             continue
+        for fd in got:  # not for the children snapperd starts (zfs receive, ssh)
+            os.set_inheritable(fd, False)
         fds += got
         if not data:
             break

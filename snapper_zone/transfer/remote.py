@@ -608,6 +608,11 @@ class ZoneClient:
         err = None
         if not done.ok:
             code, message = parse_error_line(done.stderr)
+            if code == "GateUnavailable" and port != self.port:
+                # The gate's sshd let us in but its snapperd end did not answer
+                # (daemon/sshgate.py says so before reading a byte): not this zone's
+                # refusal of the stream, so its own port gets it.
+                raise _SshFailed(f"{self.endpoint}: receive (gate): {message}")
             err = ZoneError(code, message or f"exit status {done.returncode}", line,
                             done.returncode)
         return _push_result(err, sent, hung_up, pump, started)
