@@ -197,6 +197,9 @@ async def test_a_push_goes_through_the_zones_sshd(gate: Gate, zfs: Zfs) -> None:
                              vmadm=None).push(VM, "s2")
         assert {d.action for d in rep.datasets} == {"incremental"}
     assert gate.ports_used() == [str(gate.sshd_port)] * 2
+    sample = gate.zone.metrics.registry.get_sample_value
+    assert sample("snapper_gate_commands_total", {"result": "ok"}) == 2
+    assert sample("snapper_gate_running", {}) == 0
     for snap in ("s1", "s2"):
         mine = next(s.guid for s in await zfs.snapshots(gate.vm) if s.name == snap)
         held = await gate.zone.store.snapshot(VM, snap)

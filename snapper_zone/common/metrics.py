@@ -128,6 +128,11 @@ class Metrics:
                                      ["reason"], registry=r)
         self.commands = Counter("snapper_commands", "SSH commands by verb and result",
                                 ["verb", "result"], registry=r)
+        self.gate_commands = Counter("snapper_gate_commands", "Commands the sshd gate "
+                                     "handed over, by result (ok, failed, refused)",
+                                     ["result"], registry=r)
+        self.gate_running = Gauge("snapper_gate_running", "Gate commands running",
+                                  registry=r)
 
         self.lag_snapshots = Gauge("snapper_replication_lag_snapshots",
                                    "VM snapshots complete here and not yet on the peer",
@@ -158,6 +163,8 @@ class Metrics:
             self.bytes_sent.labels(kind)
         for kind in ("receive", "mirror-in"):
             self.bytes_received.labels(kind)
+        for result in ("ok", "failed", "refused"):
+            self.gate_commands.labels(result)
 
     def set_freshness(self, newest: dict[str, int | None], now: float) -> None:
         """``newest``: each VM held here -> its newest complete snapshot's creation time."""

@@ -222,10 +222,12 @@ class GateServer:
                     f"{principal.label} already has {self.per_principal.cap} connections "
                     "open to this zone's gate, the most one client may")
         except SnapperError as err:
+            self.zone.metrics.gate_commands.labels("refused").inc()
             io.write_stderr(protocol.error_line(err).encode())
             await io.close()
             return 1
         self.running += 1
+        self.zone.metrics.gate_running.inc()
         self.zone.transfers.opened(principal.connection, principal.label, lambda _: None)
         watch = asyncio.create_task(_watch_gate(conn, io))
         try:
@@ -233,9 +235,11 @@ class GateServer:
         finally:
             watch.cancel()
             self.running -= 1
+            self.zone.metrics.gate_running.dec()
             self.per_principal.give_back(principal.label)
             self.zone.transfers.release(principal.connection)
             await io.close()
+        self.zone.metrics.gate_commands.labels("ok" if status == 0 else "failed").inc()
         return status
 
 
