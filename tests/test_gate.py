@@ -25,6 +25,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from snapper_zone.cn.client import CnClient
+from snapper_zone.common.bootstrap import StartupError
 from snapper_zone.daemon.gateserver import GateServer
 from snapper_zone.daemon.service import Service
 from snapper_zone.daemon.sshgate import GateError, Request, authorized_line, decode_key
@@ -393,3 +394,18 @@ async def test_a_gate_whose_snapperd_end_is_gone_leaves_the_push_to_snapperds_po
     assert gate.ports_used() == [str(gate.sshd_port), str(gate.port)]
     held = await gate.zone.store.snapshot(VM, "g1")
     assert held.complete
+
+
+async def test_a_gate_that_cannot_listen_stops_the_start_with_the_reason(gate: Gate) -> None:
+    """A regular file where the socket goes (not a stale socket: never removed), or a
+    path sshd could not be given in a forced command: StartupError naming it."""
+    assert gate.zone.config.gate is not None
+    taken = gate.tmp / "not-a-socket"
+    taken.write_text("mine\n")
+    for path, why in ((taken, "in use"), (gate.tmp / 'it"s', "quoted")):
+        server = GateServer(gate.zone, gate.server.service,
+                            replace(gate.zone.config.gate, socket=path))
+        with pytest.raises(StartupError, match=why):
+            await server.start()
+        await server.close()
+    assert taken.read_text() == "mine\n"

@@ -34,6 +34,7 @@ import socket
 import struct
 from pathlib import Path
 
+from snapper_zone.common.bootstrap import StartupError, write_atomically
 from snapper_zone.common.config import GateConfig
 from snapper_zone.daemon.auth import Principal
 from snapper_zone.daemon.limits import PerPrincipal, TooManyConnections
@@ -77,59 +78,56 @@ class GateServer:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)  # /var/run is a tmpfs
-        if self.path.is_socket():
-            self.path.unlink()  # a stale socket of an earlier run
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)  # 0600 from the start: nobody else connects in between
+        """Listen, and write sshd's keys file; StartupError naming what is wrong."""
         try:
-            sock.bind(str(self.path))
-        finally:
-            os.umask(old)
-        if self.uid != os.geteuid():
-            os.chown(self.path, self.uid, -1)
-        sock.listen(128)
-        sock.setblocking(False)
-        self._sock = sock
-        await self.write_keys()  # before the first login
+            # Refused now, not key by key every few seconds: a path sshd cannot quote.
+            authorized_line(forced_argv(str(self.path)), "ssh-ed25519", b"k")
+            self.path.parent.mkdir(parents=True, exist_ok=True)  # /var/run is a tmpfs
+            if self.path.is_socket():
+                self.path.unlink()  # a stale socket of an earlier run
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            old = os.umask(0o177)  # 0600 from the start: nobody else connects in between
+            try:
+                sock.bind(str(self.path))
+            finally:
+                os.umask(old)
+            if self.uid != os.geteuid():
+                os.chown(self.path, self.uid, -1)
+            sock.listen(128)
+            sock.setblocking(False)
+            self._sock = sock
+            await self.write_keys()  # before the first login
+        except (OSError, GateError) as exc:
+            raise StartupError(f"gate: {exc}") from exc
         self._accepting = asyncio.create_task(self._accept(sock), name="gate-accept")
         self._keeping = asyncio.create_task(self._keep_keys(), name="gate-keys")
 
-    def keys_text(self) -> str:
-        """sshd's ``authorized_keys`` for the keys trusted now, each forced to the gate."""
+    def keys_text(self) -> tuple[str, list[str]]:
+        """sshd's ``authorized_keys`` for the keys trusted now, each forced to the gate;
+        and the fingerprints of keys left out (a key type sshd could not be given)."""
         argv = forced_argv(str(self.path))
         lines: dict[bytes, str] = {}
+        skipped: list[str] = []
         for k in self.zone.trusted_keys():
-            key_type = k.public_key.split()[0]
             try:
-                lines.setdefault(k.key_data, authorized_line(argv, key_type, k.key_data))
-            except GateError as exc:
-                self.log.warning("key left out of the gate's keys", extra={
-                    "fingerprint": k.fingerprint, "reason": str(exc)})
+                lines.setdefault(k.key_data,
+                                 authorized_line(argv, k.public_key.split()[0], k.key_data))
+            except GateError:
+                skipped.append(k.fingerprint)
         head = "# Written by snapperd from the keys it trusts ([gate]); do not edit.\n"
-        return head + "".join(lines.values())
+        return head + "".join(lines.values()), skipped
 
     async def write_keys(self) -> None:
         """Rewrite sshd's file when the trusted keys changed (atomically: sshd reads it
         at each login)."""
-        text = self.keys_text()
+        text, skipped = self.keys_text()
         if text == self._keys_text:
             return
         path = self.gate.authorized_keys
-        tmp = path.with_name(path.name + ".new")
-
-        def write() -> None:
-            with open(tmp, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-
-        await asyncio.to_thread(write)
+        await asyncio.to_thread(write_atomically, path, text.encode(), 0o644)
         self._keys_text = text
-        self.log.info("gate keys written", extra={"path": str(path),
-                                                  "keys": text.count("\n") - 1})
+        self.log.info("gate keys written", extra={
+            "path": str(path), "keys": text.count("\n") - 1, "left_out": skipped})
 
     async def _keep_keys(self) -> None:
         while True:
