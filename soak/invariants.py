@@ -312,7 +312,8 @@ def check_agents(runs: Sequence[AgentRun], holdings: Holdings, clock: AgentClock
       ``[t, t + every)`` longer than ``slack`` found the agent idle — it was
       down (killed, or not yet started), pushing, or backing off after a failure.
       That is the documented catch-up: several runs due during one outage or one
-      long push are caught up with one snapshot.
+      long push are caught up with one snapshot per level (a finer level's
+      when its last tick came after the coarse one's).
     """
     slack = clock.every / 2 if slack is None else slack
     out: list[str] = []

@@ -4,11 +4,13 @@ pushed as ``snapper push`` does, the CN side kept small.
 One pass (``Agent.tick``) looks at every VM on this CN: the policy that names
 it (``policy/spec.py``), the levels due since their last run (from the state
 file), and pushes one snapshot named for the first due level at its scheduled
-time. A push that fails is retried with exponential backoff under the *same*
-name, which the CN client finishes where it stopped; only a successful push
-records the run, so a restart misses nothing and repeats nothing. VMs are
-pushed one at a time: two pushes of one VM never overlap (and the zone's VM
-lock would serialise a manual ``snapper push`` too).
+time; a finer level whose own tick came after that time is still due, and
+the next pass (at once) takes it. A push that fails is retried with
+exponential backoff under the *same* name, which the CN client finishes where
+it stopped; only a successful push records the run, so a restart misses
+nothing and repeats nothing. VMs are pushed one at a time: two pushes of one
+VM never overlap (and the zone's VM lock would serialise a manual ``snapper
+push`` too).
 
 After a push the CN keeps, of the snapshots the policy made, only what the
 next push needs: the one just pushed (the next is sent from it); the rest are
@@ -219,10 +221,11 @@ class Agent:
             return Outcome(vm, level_of(name) or level.name, name, base_name, False,
                            st.last_error,
                            started=now, ended=self.clock(), retry_at=st.retry_at)
-        # The one snapshot serves every level due at this tick. A retry's snapshot
-        # is from an earlier tick: the runs due since then are still due, and the
-        # next pass takes them (the one catch-up after the outage).
-        ran = (time_of(retry) or now) if retry else now
+        # The snapshot serves every level due up to its own scheduled time. A tick
+        # after it (a retry's snapshot is from an earlier tick; after an outage
+        # the coarse level's last tick can be older than the fine one's) is still
+        # due, and the next pass, at once, takes it: the one catch-up per level.
+        ran = time_of(name) or now
         for lv in due:
             st.last[lv.name] = max(st.last.get(lv.name, ran), ran)
         st.failures, st.retry_at, st.last_error, st.pending = 0, 0.0, None, None
