@@ -9,7 +9,14 @@ import time
 
 import pytest
 
-from snapper_zone.transfer.stream import Inbound, PipeGone, SplicePump, StreamIdle, can_splice
+from snapper_zone.transfer.stream import (
+    Inbound,
+    PipeGone,
+    SplicePump,
+    StreamIdle,
+    can_splice,
+    wait_ready,
+)
 from snapper_zone.zfs.proc import widen_pipe
 
 pytestmark = pytest.mark.skipif(not can_splice(), reason="no splice(2) here (Linux only); "
@@ -18,7 +25,6 @@ pytestmark = pytest.mark.skipif(not can_splice(), reason="no splice(2) here (Lin
 
 async def _write_all(fd: int, data: bytes) -> None:
     """Feed ``data`` into a non-blocking pipe as fast as it drains, then close it."""
-    loop = asyncio.get_running_loop()
     os.set_blocking(fd, False)
     view = memoryview(data)
     while view:
@@ -26,28 +32,17 @@ async def _write_all(fd: int, data: bytes) -> None:
             n = os.write(fd, view[:1 << 20])
             view = view[n:]
         except BlockingIOError:
-            ready = loop.create_future()
-            loop.add_writer(fd, ready.set_result, None)
-            try:
-                await ready
-            finally:
-                loop.remove_writer(fd)
+            await wait_ready(fd, write=True)
     os.close(fd)
 
 
 async def _read_all(fd: int, out: bytearray, stop_after: int | None = None) -> None:
-    loop = asyncio.get_running_loop()
     os.set_blocking(fd, False)
     while True:
         try:
             chunk = os.read(fd, 1 << 20)
         except BlockingIOError:
-            ready = loop.create_future()
-            loop.add_reader(fd, ready.set_result, None)
-            try:
-                await ready
-            finally:
-                loop.remove_reader(fd)
+            await wait_ready(fd, write=False)
             continue
         if not chunk:
             break

@@ -245,26 +245,25 @@ async def _receive_request(conn: socket.socket) -> tuple[bytes, list[int]]:
     """The request line and the descriptors sent with it."""
     buf = bytearray()
     fds: list[int] = []
-    while b"\n" not in buf:
-        await wait_ready(conn.fileno(), write=False)
-        try:
-            data, got, _, _ = socket.recv_fds(conn, MAX_LINE, 3)
-        except BlockingIOError:
-            continue
-        for fd in got:  # not for the children snapperd starts (zfs receive, ssh)
-            os.set_inheritable(fd, False)
-        fds += got
-        if not data:
-            break
-        buf += data
-        if len(buf) > MAX_LINE:
-            for fd in fds:
-                os.close(fd)
-            raise GateError("request too long")
-    if b"\n" not in buf:
+    try:
+        while b"\n" not in buf:
+            await wait_ready(conn.fileno(), write=False)
+            try:
+                data, got, _, _ = socket.recv_fds(conn, MAX_LINE, 3)
+            except BlockingIOError:
+                continue
+            for fd in got:  # not for the children snapperd starts (zfs receive, ssh)
+                os.set_inheritable(fd, False)
+            fds += got
+            if not data:
+                raise GateError("the gate closed before its request ended")
+            buf += data
+            if len(buf) > MAX_LINE:
+                raise GateError("request too long")
+    except BaseException:
         for fd in fds:
             os.close(fd)
-        raise GateError("the gate closed before its request ended")
+        raise
     return bytes(buf[: buf.index(b"\n")]), fds
 
 
@@ -336,8 +335,7 @@ class _FdIo:
         self._gone = False
         self._closed = False
         self._detached = False
-        self.inbound = Inbound(self._pause, self._resume,
-                               idle_timeout=zone.config.stream_idle_seconds,
+        self.inbound = Inbound(self._pause, self._resume, idle_timeout=self._idle,
                                detach=self._detach)
 
     async def start(self) -> None:

@@ -458,7 +458,10 @@ class ZoneClient:
         (docs/data-plane.md); a gate that refuses us leaves the rest of this
         connection's streams to snapperd's own port.
         """
-        if self.openssh is not None and (known := await self._known_hosts_text()):
+        if self.openssh is not None and self.openssh_gate_only:
+            await self.features()  # no gate, no ssh: skip the known_hosts text
+        if self.openssh is not None and (not self.openssh_gate_only or self.stream_port) \
+                and (known := await self._known_hosts_text()):
             await self.features()  # learns the gate's port, if the zone has one
             if self.stream_port is not None and (cmd.size is None or
                                                  cmd.size >= self.stream_port_min_bytes):
@@ -791,8 +794,7 @@ class ZoneClient:
         if self._whoami is None or self._whoami[0] is not conn:
             doc = await self._newer_answer(Whoami())
             n = doc.get("connection") if isinstance(doc, dict) else None
-            self._whoami = (conn, n if isinstance(n, int) and not isinstance(n, bool)
-                            else None)
+            self._whoami = (conn, n if _is_int(n) else None)
         return self._whoami[1]
 
     async def inventory(self, vm: str) -> Inventory:
