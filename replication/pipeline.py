@@ -55,6 +55,8 @@ class TeeResult:
 class MirrorTee:
     """One pipelined copy of one dataset stream to the mirror zone (an ``inbound.Sink``)."""
 
+    pipe: int | None = None  # written from Python, over the link's channel
+
     def __init__(self, chan: asyncssh.SSHClientChannel[bytes], session: ExecSession,
                  inbound: Inbound, peer: str, log: logging.Logger) -> None:
         self.chan = chan

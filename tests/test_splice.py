@@ -10,14 +10,17 @@ import time
 import pytest
 
 from snapper_zone.transfer.stream import (
+    ClientGone,
     Inbound,
     PipeGone,
     SplicePump,
     StreamIdle,
     can_splice,
+    can_tee,
     wait_ready,
 )
 from snapper_zone.zfs.proc import widen_pipe
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.skipif(not can_splice(), reason="no splice(2) here (Linux only); "
                                 "SendPump carries the stream instead")
@@ -173,6 +176,8 @@ async def _detachable(idle_timeout: float | None = None) -> tuple[Inbound, int, 
 class _Collect:
     """A tee's sink (the mirror's channel) that keeps what it is given."""
 
+    pipe: int | None = None
+
     def __init__(self) -> None:
         self.data = bytearray()
         self.ended: str | None = None
@@ -185,6 +190,41 @@ class _Collect:
 
     def abort(self) -> None:
         self.ended = "abort"
+
+    def let_go(self, why: str) -> None:
+        self.ended = f"let go: {why}"
+
+
+class _PipeTee(_Collect):
+    """A tee's sink that is a pipe (the mirror's ssh's stdin), read by a task;
+    ``read_only`` bytes, then its read end closed (a mirror that died)."""
+
+    def __init__(self, read_only: int | None = None, reading: bool = True) -> None:
+        super().__init__()
+        r, self.pipe = os.pipe()
+        self._r = r
+        self.reader = asyncio.ensure_future(self._read(read_only)) if reading else None
+
+    async def _read(self, read_only: int | None) -> None:
+        await _read_all(self._r, self.data, stop_after=read_only)
+
+    def write(self, data: bytes) -> None:
+        raise AssertionError("a kernel tee's sink is never written from Python")
+
+    def _close(self, how: str) -> None:
+        if self.ended is None:
+            self.ended = how
+            assert self.pipe is not None
+            os.close(self.pipe)
+
+    def eof(self) -> None:
+        self._close("eof")
+
+    def abort(self) -> None:
+        self._close("abort")
+
+    def let_go(self, why: str) -> None:
+        self._close(f"let go: {why}")
 
 
 async def _header_then_rest(data: bytes, tee: _Collect | None = None
@@ -255,3 +295,74 @@ async def test_a_teed_stream_is_not_spliced_and_both_sinks_get_it_all() -> None:
     got, _, detached = await _header_then_rest(data, tee)
     assert detached == []
     assert got == data and bytes(tee.data) == data and tee.ended == "eof"
+
+
+@pytest.mark.skipif(not can_tee(), reason="no tee(2) here (Linux only): a pipe sink is "
+                    "written from Python instead")
+async def test_a_detached_stream_is_teed_in_the_kernel_into_both_pipes() -> None:
+    """A tee that is a pipe (the mirror's ssh): the source is detached and every
+    byte goes to both pipes by tee(2) and splice(2), in order, counted once, and
+    the tee hears the end."""
+    data = os.urandom(12 << 20)
+    tee = _PipeTee()
+    got, counted, detached = await _header_then_rest(data, tee)
+    assert tee.reader is not None
+    await asyncio.wait_for(tee.reader, 30)
+    assert detached == [1]
+    assert got == data and bytes(tee.data) == data and tee.ended == "eof"
+    assert sum(counted) == len(data)
+
+
+@pytest.mark.skipif(not can_tee(), reason="no tee(2) here (Linux only)")
+async def test_a_tee_whose_reader_dies_is_let_go_and_the_receive_goes_on() -> None:
+    data = os.urandom(12 << 20)
+    tee = _PipeTee(read_only=1 << 20)
+    got, counted, _ = await _header_then_rest(data, tee)
+    assert got == data and sum(counted) == len(data)
+    assert tee.ended is not None and tee.ended.startswith("let go: the mirror's pipe broke")
+    assert 1 << 20 <= len(tee.data) < len(data)
+
+
+@pytest.mark.skipif(not can_tee(), reason="no tee(2) here (Linux only)")
+async def test_a_tee_that_stays_full_is_let_go_after_its_stall_time() -> None:
+    """Nobody reads the tee's pipe: after ``tee_stall`` the pump goes on into the
+    destination alone, and says why once."""
+    data = os.urandom(8 << 20)
+    src_r, src_w = os.pipe()
+    dst_r, dst_w = os.pipe()
+    tee_r, tee_w = os.pipe()
+    lost: list[str] = []
+    got = bytearray()
+    reader = asyncio.ensure_future(_read_all(dst_r, got))
+    writer = asyncio.ensure_future(_write_all(src_w, data))
+    pump = SplicePump(src_r, dst_w, lambda n: None, tee=tee_w, tee_lost=lost.append,
+                      tee_stall=0.3)
+    async with asyncio.timeout(30):
+        await pump.done
+        pump.close()
+        await reader
+        await writer
+    assert got == data
+    assert lost == ["the mirror took no data for 0.3 s"]
+    os.close(tee_r)
+    os.close(tee_w)
+
+
+@pytest.mark.skipif(not can_tee(), reason="no tee(2) here (Linux only)")
+async def test_a_client_gone_mid_tee_cuts_both() -> None:
+    """The client goes away mid-stream: the receive ends with its error and the
+    tee is aborted (the mirror must see a cut stream, never a short clean one)."""
+    inbound, w, _ = await _detachable()
+    os.write(w, os.urandom(256 << 10))  # part of a stream, then the client vanishes
+    dst_r, dst_w = os.pipe()
+    got = bytearray()
+    reader = asyncio.ensure_future(_read_all(dst_r, got))
+    tee = _PipeTee()
+    piping = asyncio.ensure_future(inbound.pipe_to(dst_w, b"", lambda n: None, tee))
+    await wait_for(lambda: len(got) >= 256 << 10, 30, "the first bytes through")
+    inbound.feed_error(ClientGone("the client disconnected"))
+    with pytest.raises(ClientGone):
+        await asyncio.wait_for(piping, 30)
+    assert tee.ended == "abort"
+    await asyncio.wait_for(reader, 30)
+    os.close(w)

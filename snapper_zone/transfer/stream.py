@@ -17,8 +17,11 @@ stays bounded by the SSH window plus one pipe buffer plus the mirror's window.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import select
+import stat
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -26,8 +29,21 @@ from typing import Protocol
 from snapper_zone.errors import MetadataTooLarge, SnapperError
 from snapper_zone.zfs.proc import widen_pipe
 
-__all__ = ["ClientGone", "Inbound", "PipeFlow", "PipeGone", "SendPump", "Sink", "SplicePump",
-           "StreamIdle", "can_splice", "copy_out", "wait_ready"]
+__all__ = [
+    "TEE_STALL_SECONDS",
+    "ClientGone",
+    "Inbound",
+    "PipeFlow",
+    "PipeGone",
+    "SendPump",
+    "Sink",
+    "SplicePump",
+    "StreamIdle",
+    "can_splice",
+    "can_tee",
+    "copy_out",
+    "wait_ready",
+]
 
 _BUFFER_LIMIT = 256 << 10  # bytes held before a stream is piped (header, metadata)
 
@@ -60,13 +76,24 @@ class ClientGone(SnapperError):
 
 
 class Sink(Protocol):
-    """A second consumer of a piped stream (the mirror zone's receive)."""
+    """A second consumer of a piped stream (the mirror zone's receive).
+
+    ``pipe``: a pipe the kernel may fill instead of ``write`` (an ``ssh``
+    child's stdin), or None. When ``Inbound`` tees a detached stream into it
+    (``tee(2)``), ``write`` is never called: only ``eof``, ``abort`` or
+    ``let_go`` (the pipe broke, or stayed full too long), after which it is
+    not touched again.
+    """
+
+    pipe: int | None
 
     def write(self, data: bytes) -> None: ...
 
     def eof(self) -> None: ...
 
     def abort(self) -> None: ...
+
+    def let_go(self, why: str) -> None: ...
 
 
 class StreamIdle(ClientGone):
@@ -333,11 +360,16 @@ class Inbound:
         first, PipeGone if the reader closed the pipe.
         """
         widen_pipe(fd)
-        if tee is None and self._detach is not None and can_splice() and \
+        if self._detach is not None and can_splice() and \
+                (tee is None or (tee.pipe is not None and can_tee())) and \
                 not (self._eof or self._error is not None or self._discard):
             src = self._detach()
             if src is not None:
-                await self._splice(src, fd, first, on_bytes)
+                if tee is not None and not _is_fifo(src):
+                    # tee(2) takes pipes only; sshd gives one on Linux.
+                    tee.let_go("the client's stream is not a pipe here")
+                    tee = None
+                await self._splice(src, fd, first, on_bytes, tee)
                 return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         writer = _PipeWriter(fd, lambda p: self._vote("pipe", p), on_bytes, done)
@@ -379,8 +411,9 @@ class Inbound:
             raise self._error
 
     async def _splice(self, src: int, fd: int, first: bytes,
-                      on_bytes: Callable[[int], None]) -> None:
-        """``pipe_to`` for a detached source: the head, then the rest in the kernel."""
+                      on_bytes: Callable[[int], None], tee: Sink | None) -> None:
+        """``pipe_to`` for a detached source: the head, then the rest in the kernel,
+        teed into ``tee.pipe`` too when there is a tee."""
         head = first + bytes(self._buf)
         self._buf.clear()
         self._votes.clear()  # the transport reads no more: nothing to pause or resume
@@ -392,16 +425,35 @@ class Inbound:
 
         try:
             await _write_all(fd, head)
+            if tee is not None and tee.pipe is not None:
+                try:
+                    async with asyncio.timeout(TEE_STALL_SECONDS):
+                        await _write_all(tee.pipe, head)
+                except (PipeGone, TimeoutError) as exc:
+                    tee.let_go(f"the mirror took not even the stream's head: {exc!r}")
+                    tee = None
         except BaseException:
             os.close(src)
             os.close(fd)
+            if tee is not None:
+                tee.abort()
             raise
         moved(len(head))
         widen_pipe(src)  # the transport's pipe (sshd's): it writes more per wake-up
-        pump = self._pump = SplicePump(src, fd, moved)
+        lost: list[str] = []
+
+        def tee_lost(why: str) -> None:
+            lost.append(why)
+            if tee is not None:
+                tee.let_go(why)
+
+        pump = self._pump = SplicePump(src, fd, moved, tee=tee.pipe if tee else None,
+                                       tee_lost=tee_lost)
         self._watch_idle(True)
+        whole = False
         try:
             await pump.done
+            whole = True
         except OSError as exc:
             if self._error is None and not self._discard:  # zfs receive exited
                 raise PipeGone(str(exc)) from None
@@ -410,6 +462,12 @@ class Inbound:
             self._pump = None
             self._discard = True
             pump.close()  # the destination's close is zfs receive's EOF
+            if tee is not None and not lost:
+                if whole and self._error is None:
+                    tee.eof()  # every byte is in its pipe too
+                elif self._error is not None:
+                    tee.abort()  # the client's stream was cut: the mirror's is too
+                # else zfs receive failed: the tee's owner lets it go (result())
         if self._error is not None:
             raise self._error
 
@@ -459,9 +517,10 @@ class Inbound:
             return
         loop = asyncio.get_running_loop()
         quiet = loop.time() - self._last
-        if self._votes or quiet < self._idle_timeout:
+        held = self._pump is not None and self._pump.held_by_sink
+        if self._votes or held or quiet < self._idle_timeout:
             # Paused by us, or bytes came: look again when it could expire.
-            wait = self._idle_timeout - (0 if self._votes else quiet)
+            wait = self._idle_timeout - (0 if self._votes or held else quiet)
             self._idle_timer = loop.call_later(max(wait, 0.01), self._check_idle)
             return
         self._watching_idle = False
@@ -652,6 +711,47 @@ def can_splice() -> bool:
     return hasattr(os, "splice")
 
 
+def _libc_tee() -> Callable[[int, int, int, int], int] | None:
+    """Linux's tee(2) (Python's ``os`` has splice but not tee), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).tee
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_size_t, ctypes.c_uint)
+    fn.restype = ctypes.c_ssize_t
+    return fn
+
+
+_TEE = _libc_tee()
+_SPLICE_F_NONBLOCK = 2  # <fcntl.h>, as os.SPLICE_F_NONBLOCK
+
+
+def can_tee() -> bool:
+    """Whether ``SplicePump`` can also duplicate a stream into a second pipe."""
+    return can_splice() and _TEE is not None
+
+
+def _tee(src: int, dst: int, n: int) -> int:
+    """Duplicate up to ``n`` bytes of pipe ``src`` into pipe ``dst`` (not consumed)."""
+    assert _TEE is not None
+    got = _TEE(src, dst, n, _SPLICE_F_NONBLOCK)
+    if got < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))  # EAGAIN: BlockingIOError
+    return got
+
+
+def _is_fifo(fd: int) -> bool:
+    return stat.S_ISFIFO(os.fstat(fd).st_mode)
+
+
+# A tee whose pipe stays full this long is let go (the mirror is too slow to
+# pipeline; catch-up sends it the snapshot afterwards), as replication's is.
+TEE_STALL_SECONDS = 15.0
+
+
 class SplicePump:
     """A send's pipe into another pipe (``ssh``'s stdin) inside the kernel.
 
@@ -662,10 +762,19 @@ class SplicePump:
     file descriptors are the pump's (non-blocking from now on; ``close``
     closes them: closing ``dst`` is the reader's EOF). ``done`` resolves at
     ``src``'s EOF, or with the write side's error (the reader exited).
+
+    ``tee``: a second pipe (the mirror's ``ssh``), not the pump's to close,
+    that gets every byte too: tee(2) duplicates what ``src`` holds into it,
+    then splice(2) moves exactly that much into ``dst``, so both see the same
+    bytes in order and the slower one holds the source. If ``tee`` breaks or
+    stays full for ``tee_stall`` seconds the pump stops using it, calls
+    ``tee_lost(why)`` and goes on into ``dst`` alone.
     """
 
     def __init__(self, src: int, dst: int, on_bytes: Callable[[int], None],
-                 bwlimit: float | None = None) -> None:
+                 bwlimit: float | None = None, *, tee: int | None = None,
+                 tee_lost: Callable[[str], None] | None = None,
+                 tee_stall: float = TEE_STALL_SECONDS) -> None:
         self.src, self.dst = src, dst
         os.set_blocking(src, False)
         os.set_blocking(dst, False)
@@ -676,15 +785,27 @@ class SplicePump:
         self._pace = Pace(bwlimit) if bwlimit else None
         self._chunk = _SPLICE_CHUNK if not bwlimit else \
             max(16 << 10, min(_SPLICE_CHUNK, int(bwlimit * _PACED_SLICE)))
+        self.tee = tee
+        if tee is not None:
+            os.set_blocking(tee, False)
+        self._tee_lost = tee_lost
+        self._tee_stall = tee_stall
+        self._stall: asyncio.TimerHandle | None = None
+        self._owed = 0  # bytes already teed, not yet moved into dst
         self._watching: int | None = None  # the fd a reader/writer callback is on
         self._closed = False
         self._later: asyncio.Handle | None = self.loop.call_soon(self._move)
 
+    @property
+    def held_by_sink(self) -> bool:
+        """Waiting for a destination to take bytes (not for the source to send)."""
+        return self._watching is not None and self._watching != self.src
+
     def _unwatch(self) -> None:
         if self._watching == self.src:
             self.loop.remove_reader(self.src)
-        elif self._watching == self.dst:
-            self.loop.remove_writer(self.dst)
+        elif self._watching is not None:
+            self.loop.remove_writer(self._watching)
         self._watching = None
         if self._later is not None:
             self._later.cancel()
@@ -696,34 +817,79 @@ class SplicePump:
             if self._pace is not None and (wait := self._pace.wait(self.bytes)):
                 self._later = self.loop.call_later(wait, self._move)
                 return
+            if self.tee is not None and not self._owed:
+                try:
+                    self._owed = _tee(self.src, self.tee, self._chunk)
+                except BlockingIOError:
+                    self._wait()
+                    return
+                except OSError as exc:  # EPIPE: the mirror's ssh is gone
+                    self._drop_tee(f"the mirror's pipe broke: {exc}")
+                    continue
+                self._stalled(False)
+                if self._owed == 0:
+                    self._finish(None)
+                    return
             try:
-                n = os.splice(self.src, self.dst, self._chunk,
+                n = os.splice(self.src, self.dst, self._owed or self._chunk,
                               flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
             except BlockingIOError:
                 self._wait()
                 return
-            except OSError as exc:  # EPIPE: the reader (ssh) is gone
+            except OSError as exc:  # EPIPE: the reader (ssh, zfs receive) is gone
                 self._finish(exc)
                 return
             if n == 0:
                 self._finish(None)
                 return
+            self._owed = max(0, self._owed - n)
             self.bytes += n
             self.on_bytes(n)
         self._later = self.loop.call_soon(self._move)
 
     def _wait(self) -> None:
-        # Nothing moved: either the source is empty or the destination full.
-        ready = select.select([self.src], [], [], 0)[0]
-        if ready:
-            self._watching = self.dst
-            self.loop.add_writer(self.dst, self._move)
+        # Nothing moved: the source is empty, or a destination is full. Bytes
+        # owed to dst are in the source already, so then dst is the full one.
+        if self._owed:
+            self._watch_writer(self.dst)
+        elif select.select([self.src], [], [], 0)[0]:
+            if self.tee is not None:
+                self._stalled(True)
+                self._watch_writer(self.tee)
+            else:
+                self._watch_writer(self.dst)
         else:
             self._watching = self.src
             self.loop.add_reader(self.src, self._move)
 
+    def _watch_writer(self, fd: int) -> None:
+        self._watching = fd
+        self.loop.add_writer(fd, self._move)
+
+    def _stalled(self, on: bool) -> None:
+        if on and self._stall is None:
+            self._stall = self.loop.call_later(
+                self._tee_stall, self._drop_tee,
+                f"the mirror took no data for {self._tee_stall:g} s")
+        elif not on and self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+
+    def _drop_tee(self, why: str) -> None:
+        """Go on without the tee; its owner hears why (and closes it)."""
+        if self.tee is None:
+            return
+        self._stalled(False)
+        if self._watching == self.tee:
+            self._unwatch()
+            self._later = self.loop.call_soon(self._move)
+        self.tee = None
+        if self._tee_lost is not None:
+            self._tee_lost(why)
+
     def _finish(self, exc: BaseException | None) -> None:
         self._unwatch()
+        self._stalled(False)
         if not self.done.done():
             if exc is None:
                 self.done.set_result(None)
@@ -731,7 +897,8 @@ class SplicePump:
                 self.done.set_exception(exc)
 
     def close(self) -> None:
-        """Stop moving and close both ends (idempotent); ``done`` ends if it had not."""
+        """Stop moving and close both ends (idempotent); ``done`` ends if it had not.
+        A tee's pipe is left to its owner."""
         if self._closed:
             return
         self._closed = True
@@ -740,6 +907,7 @@ class SplicePump:
         if not self.done.cancelled():
             self.done.exception()  # the closer knows: no "never retrieved" warning
         self._unwatch()
+        self._stalled(False)
+        self.tee = None
         os.close(self.src)
         os.close(self.dst)
-
