@@ -192,7 +192,8 @@ class PeerLinks:
             if have is not None and have.conn is not None and not have.conn.is_closed():
                 return have
             # A peer with an sshd gate takes large copies (moves, repairs,
-            # catch-up) through it, decrypted by its sshd: bench/zone_copy.py.
+            # catch-up, a push's pipelined mirror) through it, decrypted by its
+            # sshd: bench/zone_copy.py.
             client = ZoneClient(peer.ssh_host, peer.ssh_port, self.config.ssh.host_key,
                                 host_key=asyncssh.import_public_key(peer.host_key),
                                 connect_timeout=10.0, openssh=shutil.which("ssh"),

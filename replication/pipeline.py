@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,15 +29,15 @@ from typing import TYPE_CHECKING
 import asyncssh
 
 from snapper_zone.errors import SnapperError
-from snapper_zone.transfer.remote import ExecSession, ZoneClient
-from snapper_zone.transfer.stream import Inbound
-from snapper_zone.wire.protocol import Receive
+from snapper_zone.transfer.remote import ExecSession, SshChild, ZoneClient
+from snapper_zone.transfer.stream import Inbound, PipeWriter
+from snapper_zone.wire.protocol import Receive, parse_error_line
 
 if TYPE_CHECKING:
     from replication.peers import PeerLinks
     from replication.zone import LocalZone
 
-__all__ = ["STALL_SECONDS", "MirrorTee", "Pipeliner", "TeeResult"]
+__all__ = ["STALL_SECONDS", "MirrorTee", "Pipeliner", "SshMirrorTee", "TeeResult"]
 
 STALL_SECONDS = 15.0
 _VOTE = "mirror"
@@ -80,6 +81,9 @@ class MirrorTee:
         return cls(chan, session, inbound, peer, log)
 
     # -- Sink ---------------------------------------------------------------------
+
+    def teed(self, n: int) -> None:
+        raise AssertionError("a channel tee is never filled by the kernel")
 
     def write(self, data: bytes) -> None:
         if not self.active:
@@ -161,6 +165,121 @@ class MirrorTee:
             self.inbound.vote(_VOTE, False)
 
 
+class SshMirrorTee:
+    """One pipelined copy carried by OpenSSH's ``ssh`` into the mirror's gate.
+
+    The mirror's ``sshd`` decrypts it and this zone's ``ssh`` encrypts it, so
+    no byte of the copy passes asyncssh's packet path in Python. Its stdin is
+    a pipe: where the CN's stream is itself a pipe (a push through this
+    zone's gate, on Linux) ``Inbound`` tees it there in the kernel and calls
+    only ``eof``/``abort``/``let_go``/``teed``; otherwise ``write`` fills it
+    (``PipeWriter``), holding the CN back while it is full, as a channel's
+    window does.
+    """
+
+    def __init__(self, ssh: SshChild, client: ZoneClient, inbound: Inbound, peer: str,
+                 log: logging.Logger) -> None:
+        self.ssh = ssh
+        self.client = client
+        self.pipe: int | None = ssh.stdin
+        self.inbound = inbound
+        self.peer = peer
+        self.log = log
+        self.bytes = 0
+        self.active = True
+        self.why: str | None = None
+        self._ended = False
+        self._writer: PipeWriter | None = None
+        self._written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._written.add_done_callback(self._writer_done)
+        self._stall: asyncio.TimerHandle | None = None
+
+    # -- Sink ---------------------------------------------------------------------
+
+    def teed(self, n: int) -> None:
+        self.bytes += n
+
+    def write(self, data: bytes) -> None:
+        if not self.active or self.pipe is None:
+            return
+        if self._writer is None:
+            self._writer = PipeWriter(self.pipe, self._paused, self.teed, self._written)
+        self._writer.write(data)
+
+    def eof(self) -> None:
+        if self.active and not self._ended:
+            self._ended = True
+            if self._writer is not None:
+                self._writer.close()  # after what is queued: ssh's EOF
+            else:
+                self._close_pipe()
+
+    def abort(self) -> None:
+        """The CN's stream was cut: cut the mirror's too (never end it cleanly)."""
+        self.let_go("the client's stream was cut")
+
+    def let_go(self, why: str) -> None:
+        """Stop forwarding; the primary's copy goes on alone."""
+        if not self.active:
+            return
+        self.active = False
+        self.why = self.why or why
+        self._paused(False)
+        if not self.ssh.exited.done():
+            self.ssh.kill()  # before the pipe closes: a cut stream, not a short one
+        if self._writer is not None:
+            self._writer.abort()
+        else:
+            self._close_pipe()
+        self.log.info("pipelined mirror let go", extra={"peer": self.peer, "reason": why,
+                                                        "bytes": self.bytes})
+
+    async def result(self, timeout: float) -> TeeResult:
+        """Wait for the mirror's ssh to exit (after the primary's receive is done)."""
+        if self.active and not self._ended:
+            self.let_go("the primary's receive ended before the client's stream")
+        try:
+            async with asyncio.timeout(timeout):
+                done = await asyncio.shield(self.ssh.exited)
+        except TimeoutError:
+            self.ssh.kill()
+            return TeeResult(False, self.bytes, self.why or "the mirror's ssh did not end")
+        finally:
+            if self.pipe is not None and self._writer is None:
+                self._close_pipe()
+            self.ssh.cleanup()
+        if done.ok and self.why is None:
+            return TeeResult(True, self.bytes)
+        if done.returncode == 255:  # ssh's own failure (login, host key): the link's
+            self.client.gate_refused(done.stderr.strip()[-1000:])  # channel next time
+        code, message = parse_error_line(done.stderr)
+        return TeeResult(False, self.bytes, self.why or f"{code}: {message}")
+
+    # -- flow control -----------------------------------------------------------------
+
+    def _paused(self, on: bool) -> None:
+        if not self.active and on:
+            return
+        self.inbound.vote(_VOTE, on)
+        if on and self._stall is None:
+            loop = asyncio.get_running_loop()
+            self._stall = loop.call_later(STALL_SECONDS, self.let_go,
+                                          f"the mirror took no data for {STALL_SECONDS:.0f} s")
+        elif not on and self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+
+    def _writer_done(self, fut: asyncio.Future[None]) -> None:
+        self.pipe = None  # the writer closed it
+        if not fut.cancelled() and fut.exception() is not None:
+            self.let_go(f"the mirror's ssh stopped reading: {fut.exception()}")
+
+    def _close_pipe(self) -> None:
+        if self.pipe is not None:
+            os.close(self.pipe)
+            self.pipe = None
+
+
 class Pipeliner:
     """Opens and ends the pipelined copies of this zone's CN pushes.
 
@@ -178,7 +297,8 @@ class Pipeliner:
         self.failing_since = failing_since
         self.kick = kick
 
-    async def open(self, cmd: Receive, base: str | None, inbound: Inbound) -> MirrorTee | None:
+    async def open(self, cmd: Receive, base: str | None,
+                   inbound: Inbound) -> MirrorTee | SshMirrorTee | None:
         """Start the mirror's receive of a CN stream as it arrives, or None.
 
         None when pipelining is off, the VM has no peer, or the peer does not
@@ -198,6 +318,10 @@ class Pipeliner:
             async with asyncio.timeout(_TEE_CONNECT):
                 client = await self.links.client(peer.uuid)
             async with asyncio.timeout(_TEE_CONNECT):
+                # A large stream into a peer with a gate: OpenSSH's ssh carries the
+                # copy (docs/data-plane.md); else the link's own channel.
+                if (ssh := await client.ssh_receive(mirror_cmd)) is not None:
+                    return SshMirrorTee(ssh, client, inbound, peer.uuid, self.log)
                 return await MirrorTee.open(client, mirror_cmd, inbound, peer.uuid, self.log)
         except (SnapperError, OSError, TimeoutError, asyncssh.Error) as exc:
             self.log.info("no pipelined mirror", extra={"vm": cmd.vm, "peer": peer.uuid,
@@ -207,7 +331,7 @@ class Pipeliner:
             await self.links.forget(peer.uuid)
             return None
 
-    async def finish(self, cmd: Receive, tee: MirrorTee) -> None:
+    async def finish(self, cmd: Receive, tee: MirrorTee | SshMirrorTee) -> None:
         """Wait for the mirror's receive to end (after this zone's); count and log it."""
         res = await tee.result(_TEE_FINISH)
         result = "ok" if res.ok else "let-go"

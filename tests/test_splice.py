@@ -181,6 +181,7 @@ class _Collect:
     def __init__(self) -> None:
         self.data = bytearray()
         self.ended: str | None = None
+        self.counted = 0  # what the kernel said it teed
 
     def write(self, data: bytes) -> None:
         self.data += data
@@ -193,6 +194,9 @@ class _Collect:
 
     def let_go(self, why: str) -> None:
         self.ended = f"let go: {why}"
+
+    def teed(self, n: int) -> None:
+        self.counted += n
 
 
 class _PipeTee(_Collect):
@@ -311,6 +315,7 @@ async def test_a_detached_stream_is_teed_in_the_kernel_into_both_pipes() -> None
     assert detached == [1]
     assert got == data and bytes(tee.data) == data and tee.ended == "eof"
     assert sum(counted) == len(data)
+    assert tee.counted == len(data)
 
 
 @pytest.mark.skipif(not can_tee(), reason="no tee(2) here (Linux only)")

@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
+import pwd
 import re
 import tomllib
 import types
@@ -142,6 +144,13 @@ class GateConfig:
     # Streams estimated smaller go to snapperd's own port: the gate's login (an
     # sshd process, snapper-gate started) costs more than it saves on them.
     min_bytes: int = 64 << 20
+
+    def user(self) -> str | None:
+        """The name of the user sshd runs the gate as (clients log in as it)."""
+        try:
+            return pwd.getpwuid(self.uid if self.uid is not None else os.geteuid()).pw_name
+        except KeyError:
+            return None
 
 
 @dataclass(frozen=True)

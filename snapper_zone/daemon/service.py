@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from typing import Any, Protocol
 
-from replication.pipeline import MirrorTee
+from replication.pipeline import MirrorTee, SshMirrorTee
 from replication.replicator import MirrorUnavailable
 from snapper_zone.common import log as slog
 from snapper_zone.daemon.auth import NotAuthorized, Principal, authorize, verb, vm_of
@@ -184,6 +184,8 @@ class Service:
                     # (same host, same host key): docs/data-plane.md.
                     answer["stream_port"] = self.zone.config.gate.port
                     answer["stream_port_min_bytes"] = self.zone.config.gate.min_bytes
+                    if (user := self.zone.config.gate.user()) is not None:
+                        answer["stream_user"] = user  # whom sshd runs the gate as
                 io.write(_json_line(answer))
 
     # -- receive --------------------------------------------------------------
@@ -214,7 +216,7 @@ class Service:
                              else p.connection if p.role == "peer" or cmd.session
                              else None)
         open_tee: OpenTee | None = None
-        teed: list[MirrorTee] = []
+        teed: list[MirrorTee | SshMirrorTee] = []
         if tees is not None and kind == "receive" and not cmd.resume:
             async def open_tee(base: str | None) -> Sink | None:
                 assert tees is not None

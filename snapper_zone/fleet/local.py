@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import sys
@@ -49,6 +50,9 @@ class LocalZone:
     pipelined: bool = True
     # Activated at the coordinator (by this fleet, as its operator).
     admitted: bool = False
+    # With gates: the zone's own sshd in front of snapperd's gate socket.
+    gate_port: int | None = None
+    gate_sshd: proc.Daemon | None = None
 
     @property
     def http_url(self) -> str:
@@ -87,6 +91,39 @@ async def _wait_ready(daemon: proc.Daemon, ready: Path, what: str, timeout: floa
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} not ready within {timeout}s")
         await asyncio.sleep(0.05)  # polling a file another process writes, with a deadline
+
+
+async def _gate_sshd(zone: LocalZone, port: int, timeout: float) -> proc.Daemon:
+    """The zone's sshd in front of snapperd's gate (etc/sshd_config.gate.example,
+    logging in as this fleet's own user): the zone's host key, the keys file
+    snapperd writes, every login forced to snapper-gate."""
+    sshd = shutil.which("sshd") or shutil.which("sshd", path="/usr/sbin")
+    if sshd is None:
+        raise RuntimeError("a fleet with gates needs sshd: apt-get install openssh-server")
+    d = zone.config_path.parent
+    cfg = d / "gate_sshd_config"
+    cfg.write_text("\n".join([
+        f"Port {port}", "ListenAddress 127.0.0.1",
+        f"HostKey {zone.host_key_pub.with_suffix('')}", f"PidFile {d / 'gate_sshd.pid'}",
+        f"AuthorizedKeysFile {d / 'gate_keys'}", "PermitRootLogin forced-commands-only",
+        "StrictModes no", "UsePAM no", "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no", "DisableForwarding yes", "PermitTTY no",
+        "PermitUserRC no", "MaxStartups 100",
+        "Ciphers aes128-gcm@openssh.com,aes256-gcm@openssh.com", ""]))
+    await asyncio.to_thread(os.makedirs, "/run/sshd", exist_ok=True)  # privilege separation
+    daemon = proc.Daemon([sshd, "-D", "-e", "-f", str(cfg)], str(d / "gate_sshd.log"))
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(_listening, port):
+        if not daemon.alive() or time.monotonic() > deadline:
+            daemon.stop()
+            raise RuntimeError(f"{zone.name}'s gate sshd did not start; see {daemon.log_path}")
+        await asyncio.sleep(0.05)  # another process's port, with a deadline
+    return daemon
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 _PORTS_GIVEN: set[int] = set()
@@ -171,8 +208,12 @@ class LocalFleet:
     def __init__(self, workdir: Path, *, mirrored: bool = True,
                  reconcile_interval_ms: int = 2000, pipelined: bool = True,
                  zone_module: str = "snapper_zone.daemon.main",
-                 zone_settings: dict[str, Any] | None = None) -> None:
+                 zone_settings: dict[str, Any] | None = None,
+                 gate_min_bytes: int | None = None) -> None:
         self.workdir = workdir
+        # Not None: every zone runs an sshd gate (``[gate]``, docs/data-plane.md)
+        # taking streams of at least this many bytes.
+        self.gate_min_bytes = gate_min_bytes
         # Extra top-level snapperd settings for every zone (e.g. "limits").
         self.zone_settings = dict(zone_settings or {})
         self.zone_module = zone_module  # python -m this, for each zone
@@ -198,11 +239,14 @@ class LocalFleet:
                     coordinator: bool = False, lost_after: float = 10.0,
                     zone_module: str = "snapper_zone.daemon.main",
                     zone_settings: dict[str, Any] | None = None,
-                    coordinators: int = 1, store_url: str | None = None) -> LocalFleet:
+                    coordinators: int = 1, store_url: str | None = None,
+                    gate_min_bytes: int | None = None) -> LocalFleet:
         """``coordinators`` > 1 needs ``store_url`` (``zk://...``): they share it,
-        started in order (the first leads), and zones and CNs use the last."""
+        started in order (the first leads), and zones and CNs use the last.
+        ``gate_min_bytes``: every zone runs an sshd gate for streams that large."""
         fleet = cls(workdir, mirrored=mirrored, reconcile_interval_ms=reconcile_interval_ms,
-                    pipelined=pipelined, zone_module=zone_module, zone_settings=zone_settings)
+                    pipelined=pipelined, zone_module=zone_module, zone_settings=zone_settings,
+                    gate_min_bytes=gate_min_bytes)
         if coordinators > 1 and store_url is None:
             raise ValueError("several coordinators share a ZooKeeper store: give store_url")
         try:
@@ -287,6 +331,11 @@ class LocalFleet:
             "state_dir": str(zone.config_path.parent),
             **({"coordinator_url": self.coordinator.url,
                 "coordinator_key": self.coordinator.public_key} if self.coordinator else {}),
+            **({"gate": {"socket": str(zone.config_path.with_name("gate.sock")),
+                         "port": zone.gate_port,
+                         "authorized_keys": str(zone.config_path.with_name("gate_keys")),
+                         "min_bytes": self.gate_min_bytes}}
+               if zone.gate_port is not None and self.gate_min_bytes is not None else {}),
             **self.zone_settings,
         }
 
@@ -304,7 +353,8 @@ class LocalFleet:
         zone = LocalZone(str(uuid.uuid4()), f"zone{n}", pool, f"{pool.name}/snapper",
                          zdir / "snapperd.json", zdir / "ready.json",
                          host_key.with_suffix(".pub"), ssh_port=free_port(),
-                         http_port=free_port(), group=group, pipelined=pipelined)
+                         http_port=free_port(), group=group, pipelined=pipelined,
+                         gate_port=free_port() if self.gate_min_bytes is not None else None)
         self.zones.append(zone)
         return zone
 
@@ -318,6 +368,8 @@ class LocalFleet:
              "--ready-file", str(zone.ready_path), "--create-root"],
             str(zone.config_path.with_name("snapperd.log")))
         await _wait_ready(zone.daemon, zone.ready_path, f"{zone.name}'s snapperd", timeout)
+        if zone.gate_port is not None and zone.gate_sshd is None:
+            zone.gate_sshd = await _gate_sshd(zone, zone.gate_port, timeout)
         ready = json.loads(zone.ready_path.read_text())
         zone.ssh_port, zone.http_port = int(ready["ssh_port"]), int(ready["http_port"])
         if admit and not zone.admitted and self.coordinator is not None \
@@ -416,15 +468,20 @@ class LocalFleet:
             c.daemon.kill() if kill else c.daemon.stop()
             c.daemon = None
 
-    def stop_zone(self, zone: LocalZone) -> None:
+    def stop_zone(self, zone: LocalZone, *, gate: bool = False) -> None:
+        """Stop its snapperd (and, with ``gate``, its gate's sshd: a zone's sshd
+        outlives snapperd's restarts, as on a real zone)."""
         if zone.daemon is not None:
             zone.daemon.stop()
             zone.daemon = None
+        if gate and zone.gate_sshd is not None:
+            zone.gate_sshd.stop()
+            zone.gate_sshd = None
 
     async def stop(self) -> None:
         """Stop every daemon, destroy every pool, stop zfs-fuse if we started it."""
         for zone in self.zones:
-            self.stop_zone(zone)
+            self.stop_zone(zone, gate=True)
         for c in self.coordinators:
             self.stop_coordinator(c=c)
         for pool in [z.pool for z in self.zones] + [c.pool for c in self.cns]:

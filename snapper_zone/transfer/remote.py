@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -66,6 +67,7 @@ log = logging.getLogger("snapper.cn")
 
 
 STDERR_LIMIT = 64 * 1024
+_USER = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")  # a login name ssh -l is given
 # OpenSSH-compatible fast path (see shared/notes/ssh-throughput.md): AES-GCM
 # first, no compression (VM disk streams barely compress; it costs CPU).
 ENCRYPTION_ALGS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
@@ -299,6 +301,46 @@ def _push_result(err: ZoneError | None, sent: proc.Completed, hung_up: bool,
     return StreamResult(pump.bytes, time.monotonic() - started)
 
 
+class SshChild:
+    """A zone command run by a child ``ssh`` (OpenSSH) whose stdin is ours to fill.
+
+    ``stdin``: the write end of its stdin pipe (closing it is the stream's
+    EOF); ``exited``: its exit, as ``proc.Completed``. The known_hosts file
+    naming the zone's host key lives until ``cleanup``.
+    """
+
+    def __init__(self, child: proc.Spawned, stdin: int,
+                 tmp: tempfile.TemporaryDirectory[str]) -> None:
+        self.child = child
+        self.stdin = stdin
+        self.exited: asyncio.Future[proc.Completed] = asyncio.ensure_future(child.wait())
+        self._tmp = tmp
+
+    @classmethod
+    async def start(cls, argv: Callable[[Path], list[str]], known: str) -> SshChild:
+        """``argv(known_hosts)`` started with ``known`` written to that file."""
+        tmp = tempfile.TemporaryDirectory(prefix="snapper-ssh-")
+        try:
+            known_hosts = Path(tmp.name) / "known_hosts"
+            await asyncio.to_thread(known_hosts.write_text, known)
+            child, w = await proc.child_on_pipe(
+                lambda r: proc.spawn(argv(known_hosts), stdin=r), child_writes=False)
+        except BaseException:
+            tmp.cleanup()
+            raise
+        return cls(child, w, tmp)
+
+    def kill(self) -> None:
+        """End it now: the zone sees the stream cut, never a clean end."""
+        if not self.exited.done():
+            self.child.kill()
+
+    def cleanup(self) -> None:
+        if not self.exited.done():
+            self.exited.cancel()
+        self._tmp.cleanup()
+
+
 class ZoneClient:
     """One SSH connection to a snapper zone. Use ``async with ZoneClient(...)``.
 
@@ -333,6 +375,7 @@ class ZoneClient:
         self.openssh_gate_only = openssh_gate_only
         self.stream_port: int | None = None
         self.stream_port_min_bytes = 0
+        self.stream_user: str | None = None  # whom the gate's sshd logs us in as
         self._whoami: tuple[object, int | None] | None = None  # (connection, its number)
 
     @property
@@ -463,19 +506,12 @@ class ZoneClient:
         if self.openssh is not None and (not self.openssh_gate_only or self.stream_port) \
                 and (known := await self._known_hosts_text()):
             await self.features()  # learns the gate's port, if the zone has one
-            if self.stream_port is not None and (cmd.size is None or
-                                                 cmd.size >= self.stream_port_min_bytes):
+            if (gate := self.gate_port(cmd)) is not None:
                 try:
                     return await self._push_openssh(self.openssh, known, cmd, spec, zfs,
-                                                    progress or NoProgress(), bwlimit,
-                                                    self.stream_port)
+                                                    progress or NoProgress(), bwlimit, gate)
                 except _SshFailed as exc:
-                    # The zone's sshd does not take us (not set up for the gate,
-                    # or down): its own SSH server carries the rest.
-                    log.warning("%s: the zone's sshd (port %d) could not carry the stream "
-                                "(%s); using snapperd's own port", self.endpoint,
-                                self.stream_port, exc.message)
-                    self.stream_port = None
+                    self.gate_refused(exc.message)
             try:
                 if not self.openssh_gate_only:
                     return await self._push_openssh(self.openssh, known, cmd, spec, zfs,
@@ -519,6 +555,8 @@ class ZoneClient:
         AES-GCM, no compression."""
         key = self.client_key
         assert not isinstance(key, asyncssh.SSHKey)
+        gate = port is not None and port == self.stream_port
+        user = self.stream_user or self.username if gate else self.username
         return [ssh, "-F", "/dev/null", "-T", "-x", "-a",
                 "-c", "aes128-gcm@openssh.com,aes256-gcm@openssh.com",
                 "-o", "Compression=no", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
@@ -527,7 +565,7 @@ class ZoneClient:
                 "-o", "GlobalKnownHostsFile=/dev/null", "-o", "HostKeyAlias=snapper-zone",
                 "-o", f"ConnectTimeout={max(1, round(self.connect_timeout))}",
                 "-o", "ServerAliveInterval=30", "-o", "ServerAliveCountMax=4",
-                "-i", str(key), "-p", str(port or self.port), "-l", self.username, "--",
+                "-i", str(key), "-p", str(port or self.port), "-l", user, "--",
                 self.host, line]
 
     async def _known_hosts_text(self) -> str:
@@ -548,22 +586,51 @@ class ZoneClient:
                 text = await asyncio.to_thread(Path(text).read_text)
         return "snapper-zone " + " ".join(text.strip().split()[:2]) + "\n"
 
+    async def _bound_line(self, cmd: Receive) -> str:
+        # The parts end with this (asyncssh) connection, which commits them and
+        # which the zone keeps from idling meanwhile: no lease left by a stream
+        # that died.
+        return format_command(dataclasses.replace(cmd, session=False,
+                                                  bind=await self.connection_number()))
+
+    def gate_port(self, cmd: Receive) -> int | None:
+        """The zone's gate, if ``cmd``'s stream goes there (``features`` asked)."""
+        if self.openssh is None or (cmd.size is not None and
+                                    cmd.size < self.stream_port_min_bytes):
+            return None
+        return self.stream_port
+
+    def gate_refused(self, why: str) -> None:
+        """The zone's sshd does not take us (not set up for the gate, or down): its
+        own SSH server carries this connection's streams from now on."""
+        log.warning("%s: the zone's sshd (port %s) could not carry the stream (%s); "
+                    "using snapperd's own port", self.endpoint, self.stream_port, why)
+        self.stream_port = None
+
+    async def ssh_receive(self, cmd: Receive) -> SshChild | None:
+        """``cmd`` run on the zone's gate by a child ``ssh``, its stdin for the caller
+        to fill (a pipelined mirror's tee); None when this client has no ``ssh``, the
+        zone no gate, the stream is under the gate's size, or there is no host key
+        to name (the caller then uses this connection)."""
+        if self.openssh is None:
+            return None
+        await self.features()
+        port = self.gate_port(cmd)
+        if port is None or not (known := await self._known_hosts_text()):
+            return None
+        ssh = self.openssh
+        line = await self._bound_line(cmd)
+        return await SshChild.start(lambda kh: self.openssh_argv(ssh, line, kh, port), known)
+
     async def _push_openssh(self, ssh: str, known: str, cmd: Receive, spec: SendSpec,
                             zfs: Zfs, progress: Reporter,
                             bwlimit: float | None, port: int) -> StreamResult:
         """``push_stream`` through a child ``ssh``: zfs send -> pump -> ssh's stdin."""
-        # The parts end with this (asyncssh) connection, which commits them and
-        # which the zone keeps from idling meanwhile: no lease left by a push
-        # that died.
-        line = format_command(dataclasses.replace(cmd, session=False,
-                                                  bind=await self.connection_number()))
+        line = await self._bound_line(cmd)
         loop = asyncio.get_running_loop()
-        with tempfile.TemporaryDirectory(prefix="snapper-ssh-") as tmp:
-            known_hosts = Path(tmp) / "known_hosts"
-            await asyncio.to_thread(known_hosts.write_text, known)
-            argv = self.openssh_argv(ssh, line, known_hosts, port)
-            child, w = await proc.child_on_pipe(lambda r: proc.spawn(argv, stdin=r),
-                                                child_writes=False)
+        sc = await SshChild.start(lambda kh: self.openssh_argv(ssh, line, kh, port), known)
+        try:
+            child, w = sc.child, sc.stdin
             pump: SendPump | SplicePump
             transport: _Closable
             out: _Closable  # ssh's stdin: closing it is the stream's EOF
@@ -595,7 +662,7 @@ class ZoneClient:
                 flow.pump = SendPump(to_pipe, progress.advance, bwlimit)
                 sender, pump, transport = await _pumped_send(zfs, spec, flow.pump, undo)
             started = time.monotonic()
-            exited = asyncio.ensure_future(child.wait())
+            exited = sc.exited
 
             async def teardown() -> None:
                 out.close()
@@ -605,6 +672,8 @@ class ZoneClient:
             # EOF: closing ssh's stdin (the pump's end of it) ends the zone's receive.
             sent, done, hung_up = await _drive_push(sender, pump, transport, exited,
                                                     out.close, teardown)
+        finally:
+            sc.cleanup()
         if done.returncode == 255:  # ssh's own failure: connect, auth, host key
             raise _SshFailed(f"{self.endpoint}: receive (ssh): "
                              f"{done.stderr.strip()[-1000:]}")
@@ -785,6 +854,9 @@ class ZoneClient:
                 port, least = doc.get("stream_port"), doc.get("stream_port_min_bytes", 0)
                 if _is_int(port) and 0 < port < 65536 and _is_int(least) and least >= 0:
                     self.stream_port, self.stream_port_min_bytes = port, least
+                    user = doc.get("stream_user")
+                    if isinstance(user, str) and _USER.fullmatch(user):
+                        self.stream_user = user
         return self._features
 
     async def connection_number(self) -> int | None:

@@ -7,7 +7,7 @@ Into ``zfs receive``: ``Inbound`` is a stream as a transport delivers it
 
 ``Inbound`` buffers what a handler reads itself (a stream header, metadata)
 and, once the handler calls ``pipe_to``, pushes every packet straight into
-``zfs receive``'s stdin pipe (``_PipeWriter``: batched ``writev``, no copy)
+``zfs receive``'s stdin pipe (``PipeWriter``: batched ``writev``, no copy)
 and, when pipelined mirroring is on, to the mirror zone's channel as well
 (``Tee``). Reading from the client pauses while any sink is over its
 high-water mark ("votes": the pipe, the header buffer, the mirror), so memory
@@ -35,6 +35,7 @@ __all__ = [
     "Inbound",
     "PipeFlow",
     "PipeGone",
+    "PipeWriter",
     "SendPump",
     "Sink",
     "SplicePump",
@@ -95,6 +96,9 @@ class Sink(Protocol):
 
     def let_go(self, why: str) -> None: ...
 
+    def teed(self, n: int) -> None:
+        """``n`` more bytes went into ``pipe`` (not through ``write``)."""
+
 
 class StreamIdle(ClientGone):
     """The client sent nothing for too long while its stream was being read."""
@@ -107,8 +111,9 @@ class PipeGone(Exception):
     """zfs receive stopped reading (it failed); its exit status says why."""
 
 
-class _PipeWriter:
-    """Writes the client's packets into zfs receive's stdin, a non-blocking pipe.
+class PipeWriter:
+    """Writes the client's packets into a non-blocking pipe: zfs receive's stdin,
+    or a pipelined mirror's ``ssh``'s.
 
     Packets are queued as they arrive and written with one ``writev`` per
     event-loop turn (asyncssh hands over all packets of a socket read in one
@@ -252,7 +257,7 @@ class Inbound:
         self._error: SnapperError | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._votes: set[str] = set()  # who wants the client paused
-        self._writer: _PipeWriter | None = None
+        self._writer: PipeWriter | None = None
         self._tee: Sink | None = None
         self._discard = False
         self._gone = asyncio.Event()
@@ -372,7 +377,7 @@ class Inbound:
                 await self._splice(src, fd, first, on_bytes, tee)
                 return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        writer = _PipeWriter(fd, lambda p: self._vote("pipe", p), on_bytes, done)
+        writer = PipeWriter(fd, lambda p: self._vote("pipe", p), on_bytes, done)
         head = first + bytes(self._buf)
         self._buf.clear()
         writer.write(head)
@@ -429,6 +434,7 @@ class Inbound:
                 try:
                     async with asyncio.timeout(TEE_STALL_SECONDS):
                         await _write_all(tee.pipe, head)
+                    tee.teed(len(head))
                 except (PipeGone, TimeoutError) as exc:
                     tee.let_go(f"the mirror took not even the stream's head: {exc!r}")
                     tee = None
@@ -448,7 +454,7 @@ class Inbound:
                 tee.let_go(why)
 
         pump = self._pump = SplicePump(src, fd, moved, tee=tee.pipe if tee else None,
-                                       tee_lost=tee_lost)
+                                       tee_lost=tee_lost, teed=tee.teed if tee else None)
         self._watch_idle(True)
         whole = False
         try:
@@ -764,9 +770,10 @@ class SplicePump:
     ``src``'s EOF, or with the write side's error (the reader exited).
 
     ``tee``: a second pipe (the mirror's ``ssh``), not the pump's to close,
-    that gets every byte too: tee(2) duplicates what ``src`` holds into it,
-    then splice(2) moves exactly that much into ``dst``, so both see the same
-    bytes in order and the slower one holds the source. If ``tee`` breaks or
+    that gets every byte too (``teed(n)`` counts them): tee(2) duplicates what
+    ``src`` holds into it, then splice(2) moves exactly that much into
+    ``dst``, so both see the same bytes in order and the slower one holds the
+    source. If ``tee`` breaks or
     stays full for ``tee_stall`` seconds the pump stops using it, calls
     ``tee_lost(why)`` and goes on into ``dst`` alone.
     """
@@ -774,6 +781,7 @@ class SplicePump:
     def __init__(self, src: int, dst: int, on_bytes: Callable[[int], None],
                  bwlimit: float | None = None, *, tee: int | None = None,
                  tee_lost: Callable[[str], None] | None = None,
+                 teed: Callable[[int], None] | None = None,
                  tee_stall: float = TEE_STALL_SECONDS) -> None:
         self.src, self.dst = src, dst
         os.set_blocking(src, False)
@@ -789,6 +797,7 @@ class SplicePump:
         if tee is not None:
             os.set_blocking(tee, False)
         self._tee_lost = tee_lost
+        self._teed = teed
         self._tee_stall = tee_stall
         self._stall: asyncio.TimerHandle | None = None
         self._owed = 0  # bytes already teed, not yet moved into dst
@@ -830,6 +839,8 @@ class SplicePump:
                 if self._owed == 0:
                     self._finish(None)
                     return
+                if self._teed is not None:
+                    self._teed(self._owed)
             try:
                 n = os.splice(self.src, self.dst, self._owed or self._chunk,
                               flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
