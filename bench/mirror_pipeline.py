@@ -30,7 +30,14 @@ the unpaced ratio measures this box, not the design. Paced below what the box
 can do for two copies, the second copy's cost shows as it would where the
 zones are separate machines and the CN's link is the limit.
 
-    python bench/mirror_pipeline.py [--size-mib 256] [--repeat 3] [--bwlimit 40M]
+With ``--gate`` a fourth target, ``gated``: a pair whose zones each run an
+sshd gate (docs/data-plane.md); the CN's stream goes through the primary's
+gate (OpenSSH's ``ssh``) and is teed in the kernel into an ``ssh`` to the
+mirror's gate. Beside every target: the primary snapperd's own CPU-seconds
+per GB (its children, ``zfs receive`` and the mirror's ``ssh``, and the
+gate's sshd not counted): what the one process must keep up with.
+
+    python bench/mirror_pipeline.py [--size-mib 256] [--repeat 3] [--bwlimit 40M] [--gate]
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -68,15 +76,26 @@ def fill(path: Path, size: int) -> None:
             left -= n
 
 
+def own_cpu(pid: int) -> float:
+    """utime + stime of ``pid`` alone (no children), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def push(fleet: LocalFleet, cn: LocalCN, zone: LocalZone, vm: str,
-               mode: str, bwlimit: float | None) -> tuple[float, list[str]]:
-    zc = ZoneClient("127.0.0.1", zone.ssh_port, cn.key_path, host_key=zone.host_key_pub)
+               mode: str, bwlimit: float | None) -> tuple[float, float, list[str]]:
+    """Seconds, the zone's snapperd's own CPU-seconds, and the zones that hold it."""
+    # Through the zone's gate with OpenSSH's ssh where it has one.
+    zc = ZoneClient("127.0.0.1", zone.ssh_port, cn.key_path, host_key=zone.host_key_pub,
+                    openssh=shutil.which("ssh") if zone.gate_port else None)
     client = CnClient(zc, dataset_root=cn.pool.name, zfs=fleet.zfs, vmadm=None)
     client.bwlimit = bwlimit
+    assert zone.daemon is not None
     async with zc:
+        cpu0 = own_cpu(zone.daemon.pid)
         t0 = time.monotonic()
         rep = await client.push(vm, "bench", metadata={"uuid": vm}, durability=mode)
-        return time.monotonic() - t0, rep.zones
+        return time.monotonic() - t0, own_cpu(zone.daemon.pid) - cpu0, rep.zones
 
 
 async def copy_rates(fleet: LocalFleet, cn: LocalCN, zone: LocalZone, vm: str,
@@ -99,32 +118,37 @@ async def copy_rates(fleet: LocalFleet, cn: LocalCN, zone: LocalZone, vm: str,
     return ssh, local
 
 
-async def main(size_mib: int, repeat: int, bwlimit: float) -> int:
+async def main(size_mib: int, repeat: int, bwlimit: float, gate: bool) -> int:
     size = size_mib << 20
     pool = 2 * size * repeat + (512 << 20)
     with tempfile.TemporaryDirectory(prefix="snapper-bench-") as tmp:
         # The catch-up loop is slowed right down: only the pushes move data.
         fleet = await LocalFleet.start(Path(tmp), zones=0, cns=1, vms_per_cn=0,
                                        pool_size=pool,
-                                       reconcile_interval_ms=600_000)
+                                       reconcile_interval_ms=600_000,
+                                       gate_min_bytes=0 if gate else None)
         scratch: FilePool | None = None
         try:
-            one = await fleet.add_zone(pool, group=None)
-            p1 = await fleet.add_zone(pool, group="pipelined")
-            await fleet.add_zone(pool, group="pipelined")  # its mirror
-            p2 = await fleet.add_zone(pool, group="serial", pipelined=False)
-            await fleet.add_zone(pool, group="serial", pipelined=False)
+            one = await fleet.add_zone(pool, group=None, gate=False)
+            p1 = await fleet.add_zone(pool, group="pipelined", gate=False)
+            await fleet.add_zone(pool, group="pipelined", gate=False)  # its mirror
+            p2 = await fleet.add_zone(pool, group="serial", pipelined=False, gate=False)
+            await fleet.add_zone(pool, group="serial", pipelined=False, gate=False)
+            targets = {"one": (one, "local"), "pair": (p1, "mirrored"),
+                       "serial": (p2, "mirrored")}
+            if gate:
+                targets["gated"] = (await fleet.add_zone(pool, group="gated"), "mirrored")
+                await fleet.add_zone(pool, group="gated")
             cn = fleet.cns[0]
             # The zones map each VM to its CN at start: make them all first.
             fresh = [str(uuid.uuid4()) for _ in range(2 * repeat)]
             cn.vms = list(fresh)
             for z in fleet.zones:
                 await fleet.start_zone(z)
-            targets = {"one": (one, "local"), "pair": (p1, "mirrored"),
-                       "serial": (p2, "mirrored")}
             paces: dict[str, float | None] = {"full speed": None,
                                               f"paced {bwlimit / 1e6:.0f} MB/s": bwlimit}
             times: dict[tuple[str, str], list[float]] = {(p, k): [] for p in paces for k in targets}
+            cpus: dict[tuple[str, str], list[float]] = {(p, k): [] for p in paces for k in targets}
             copies: list[tuple[float, float]] = []
             scratch = await pools.create_pool(fleet.zfs, Path(tmp), "scratch",
                                               size=2 * size * repeat + (256 << 20),
@@ -137,10 +161,12 @@ async def main(size_mib: int, repeat: int, bwlimit: float) -> int:
                     await fleet.zfs.create(top.child("disk0"))
                     assert cn.pool.mountpoint is not None
                     fill(cn.pool.mountpoint / vm / "disk0" / "data", size)
-                    order = list(targets)[i % 3:] + list(targets)[: i % 3]
+                    shift = i % len(targets)
+                    order = list(targets)[shift:] + list(targets)[:shift]
                     for name in order:
                         zone, mode = targets[name]
-                        secs, zones = await push(fleet, cn, zone, vm, mode, rate)
+                        secs, cpu, zones = await push(fleet, cn, zone, vm, mode, rate)
+                        cpus[(pace, name)].append(cpu)
                         want = 1 if name == "one" else 2
                         if len(zones) != want:
                             raise SystemExit(f"{name}: push answered zones {zones}, "
@@ -155,19 +181,25 @@ async def main(size_mib: int, repeat: int, bwlimit: float) -> int:
                               f"local pipe {size / local / 1e6:6.1f} MB/s", flush=True)
             labels = {"one": "one copy (zone without peer)",
                       "pair": "two copies, pipelined (mirrored)",
-                      "serial": "two copies, one after the other"}
+                      "serial": "two copies, one after the other",
+                      "gated": "two copies, pipelined, via gates"}
             print(f"\n{size_mib} MiB of incompressible data per push, median of {repeat} "
                   f"(same CN snapshot to every target)")
             for pace in paces:
                 med = {k: statistics.median(times[(pace, k)]) for k in targets}
+                per_gb = {k: statistics.median(cpus[(pace, k)]) / (size / 1e9) for k in targets}
                 print(f"\n  {pace}")
-                print(f"  {'target':<34} {'seconds':>8} {'MB/s':>8}")
+                print(f"  {'target':<34} {'seconds':>8} {'MB/s':>8} {'snapperd CPU-s/GB':>18}")
                 for k, v in med.items():
-                    print(f"  {labels[k]:<34} {v:8.2f} {size / v / 1e6:8.1f}")
+                    print(f"  {labels[k]:<34} {v:8.2f} {size / v / 1e6:8.1f} {per_gb[k]:18.2f}")
                 print(f"  ratio two-copies-pipelined / one-copy : "
                       f"{med['pair'] / med['one']:.2f}  (target <= 1.2)")
                 print(f"  ratio two-copies-serial    / one-copy : "
                       f"{med['serial'] / med['one']:.2f}")
+                if gate:
+                    print(f"  ratio via-gates / pipelined (time)   : "
+                          f"{med['gated'] / med['pair']:.2f}; primary snapperd CPU per GB "
+                          f"{per_gb['gated'] / per_gb['pair']:.2f}x")
             ssh_med = statistics.median(c[0] for c in copies)
             pipe_med = statistics.median(c[1] for c in copies)
             print("\n  copy path (zone send -> SSH -> vetted receive) vs local pipe, "
@@ -192,5 +224,7 @@ if __name__ == "__main__":
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--bwlimit", type=parse_rate, default=parse_rate("40M"),
                     help="the paced run's CN rate (default 40M = 41.9 MB/s)")
+    ap.add_argument("--gate", action="store_true",
+                    help="also a pair of zones with sshd gates (needs sshd and ssh)")
     a = ap.parse_args()
-    raise SystemExit(asyncio.run(main(a.size_mib, a.repeat, a.bwlimit)))
+    raise SystemExit(asyncio.run(main(a.size_mib, a.repeat, a.bwlimit, a.gate)))

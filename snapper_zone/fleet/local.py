@@ -340,7 +340,9 @@ class LocalFleet:
         }
 
     async def add_zone(self, pool_size: int = 1 << 30, *, group: str | None = "fleet",
-                       pipelined: bool = True) -> LocalZone:
+                       pipelined: bool = True, gate: bool = True) -> LocalZone:
+        """A zone (started by ``start_zone``); ``gate``: with an sshd gate, if the
+        fleet runs gates (``gate_min_bytes``)."""
         pool = await localpool.create_pool(self.zfs, self.workdir / "pools", "zone",
                                            size=pool_size, mounted=False)
         n = len(self.zones)
@@ -354,7 +356,8 @@ class LocalFleet:
                          zdir / "snapperd.json", zdir / "ready.json",
                          host_key.with_suffix(".pub"), ssh_port=free_port(),
                          http_port=free_port(), group=group, pipelined=pipelined,
-                         gate_port=free_port() if self.gate_min_bytes is not None else None)
+                         gate_port=free_port() if gate and self.gate_min_bytes is not None
+                         else None)
         self.zones.append(zone)
         return zone
 
