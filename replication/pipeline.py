@@ -53,15 +53,13 @@ class TeeResult:
     error: str | None = None
 
 
-class MirrorTee:
-    """One pipelined copy of one dataset stream to the mirror zone (an ``inbound.Sink``)."""
+class _Tee:
+    """What both tees share: letting go (once, with the first reason), and the
+    stall rule: held full for ``STALL_SECONDS``, the mirror is let go."""
 
-    pipe: int | None = None  # written from Python, over the link's channel
+    pipe: int | None = None
 
-    def __init__(self, chan: asyncssh.SSHClientChannel[bytes], session: ExecSession,
-                 inbound: Inbound, peer: str, log: logging.Logger) -> None:
-        self.chan = chan
-        self.session = session
+    def __init__(self, inbound: Inbound, peer: str, log: logging.Logger) -> None:
         self.inbound = inbound
         self.peer = peer
         self.log = log
@@ -70,6 +68,48 @@ class MirrorTee:
         self.why: str | None = None
         self._ended = False
         self._stall: asyncio.TimerHandle | None = None
+
+    def abort(self) -> None:
+        """The CN's stream was cut: cut the mirror's too (never end it cleanly)."""
+        self.let_go("the client's stream was cut")
+
+    def let_go(self, why: str) -> None:
+        """Stop forwarding; the primary's copy goes on alone."""
+        if not self.active:
+            return
+        self.active = False
+        self.why = self.why or why
+        self._paused(False)
+        self._cut()
+        self.log.info("pipelined mirror let go", extra={"peer": self.peer, "reason": why,
+                                                        "bytes": self.bytes})
+
+    def _cut(self) -> None:
+        """End the mirror's stream so that it sees it cut, not ended."""
+        raise NotImplementedError
+
+    def _paused(self, on: bool) -> None:
+        if on and not self.active:
+            return
+        self.inbound.vote(_VOTE, on)
+        if on and self._stall is None:
+            loop = asyncio.get_running_loop()
+            self._stall = loop.call_later(STALL_SECONDS, self.let_go,
+                                          f"the mirror took no data for {STALL_SECONDS:.0f} s")
+        elif not on and self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+
+
+class MirrorTee(_Tee):
+    """One pipelined copy of one dataset stream to the mirror zone (an ``inbound.Sink``),
+    written from Python over the link's channel."""
+
+    def __init__(self, chan: asyncssh.SSHClientChannel[bytes], session: ExecSession,
+                 inbound: Inbound, peer: str, log: logging.Logger) -> None:
+        super().__init__(inbound, peer, log)
+        self.chan = chan
+        self.session = session
         session.on_pause = lambda: self._paused(True)
         session.on_resume = lambda: self._paused(False)
         session.closed.add_done_callback(self._closed)
@@ -103,24 +143,11 @@ class MirrorTee:
             except (BrokenPipeError, OSError, asyncssh.Error) as exc:
                 self.let_go(f"channel closed: {exc}")
 
-    def abort(self) -> None:
-        """The CN's stream was cut: cut the mirror's too (never end it cleanly)."""
-        self.let_go("the client's stream was cut")
-
     # -- control ------------------------------------------------------------------
 
-    def let_go(self, why: str) -> None:
-        """Stop forwarding; the primary's copy goes on alone."""
-        if not self.active:
-            return
-        self.active = False
-        self.why = self.why or why
-        self._cancel_stall()
-        self.inbound.vote(_VOTE, False)
+    def _cut(self) -> None:
         if not self.session.closed.done():
             self.chan.close()  # without EOF: the mirror sees a truncated stream
-        self.log.info("pipelined mirror let go", extra={"peer": self.peer, "reason": why,
-                                                        "bytes": self.bytes})
 
     async def result(self, timeout: float) -> TeeResult:
         """Wait for the mirror's exit status (after the primary's receive is done)."""
@@ -138,22 +165,6 @@ class MirrorTee:
         err = self.session.error("receive")
         return TeeResult(False, self.bytes, self.why or f"{err.code}: {err.message}")
 
-    def _paused(self, on: bool) -> None:
-        if not self.active:
-            return
-        self.inbound.vote(_VOTE, on)
-        if on and self._stall is None:
-            loop = asyncio.get_running_loop()
-            self._stall = loop.call_later(STALL_SECONDS, self.let_go,
-                                          f"the mirror took no data for {STALL_SECONDS:.0f} s")
-        elif not on:
-            self._cancel_stall()
-
-    def _cancel_stall(self) -> None:
-        if self._stall is not None:
-            self._stall.cancel()
-            self._stall = None
-
     def _closed(self, fut: asyncio.Future[None]) -> None:
         if not fut.cancelled():
             fut.exception()  # retrieved here; result() reports it
@@ -161,11 +172,10 @@ class MirrorTee:
             # The mirror ended the channel before our EOF: it refused or failed.
             self.why = self.why or "the mirror closed the channel early"
             self.active = False
-            self._cancel_stall()
-            self.inbound.vote(_VOTE, False)
+            self._paused(False)
 
 
-class SshMirrorTee:
+class SshMirrorTee(_Tee):
     """One pipelined copy carried by OpenSSH's ``ssh`` into the mirror's gate.
 
     The mirror's ``sshd`` decrypts it and this zone's ``ssh`` encrypts it, so
@@ -179,20 +189,13 @@ class SshMirrorTee:
 
     def __init__(self, ssh: SshChild, client: ZoneClient, inbound: Inbound, peer: str,
                  log: logging.Logger) -> None:
+        super().__init__(inbound, peer, log)
         self.ssh = ssh
         self.client = client
-        self.pipe: int | None = ssh.stdin
-        self.inbound = inbound
-        self.peer = peer
-        self.log = log
-        self.bytes = 0
-        self.active = True
-        self.why: str | None = None
-        self._ended = False
+        self.pipe = ssh.stdin
         self._writer: PipeWriter | None = None
         self._written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._written.add_done_callback(self._writer_done)
-        self._stall: asyncio.TimerHandle | None = None
 
     # -- Sink ---------------------------------------------------------------------
 
@@ -214,25 +217,13 @@ class SshMirrorTee:
             else:
                 self._close_pipe()
 
-    def abort(self) -> None:
-        """The CN's stream was cut: cut the mirror's too (never end it cleanly)."""
-        self.let_go("the client's stream was cut")
-
-    def let_go(self, why: str) -> None:
-        """Stop forwarding; the primary's copy goes on alone."""
-        if not self.active:
-            return
-        self.active = False
-        self.why = self.why or why
-        self._paused(False)
+    def _cut(self) -> None:
         if not self.ssh.exited.done():
             self.ssh.kill()  # before the pipe closes: a cut stream, not a short one
         if self._writer is not None:
             self._writer.abort()
         else:
             self._close_pipe()
-        self.log.info("pipelined mirror let go", extra={"peer": self.peer, "reason": why,
-                                                        "bytes": self.bytes})
 
     async def result(self, timeout: float) -> TeeResult:
         """Wait for the mirror's ssh to exit (after the primary's receive is done)."""
@@ -254,20 +245,6 @@ class SshMirrorTee:
             self.client.gate_refused(done.stderr.strip()[-1000:])  # channel next time
         code, message = parse_error_line(done.stderr)
         return TeeResult(False, self.bytes, self.why or f"{code}: {message}")
-
-    # -- flow control -----------------------------------------------------------------
-
-    def _paused(self, on: bool) -> None:
-        if not self.active and on:
-            return
-        self.inbound.vote(_VOTE, on)
-        if on and self._stall is None:
-            loop = asyncio.get_running_loop()
-            self._stall = loop.call_later(STALL_SECONDS, self.let_go,
-                                          f"the mirror took no data for {STALL_SECONDS:.0f} s")
-        elif not on and self._stall is not None:
-            self._stall.cancel()
-            self._stall = None
 
     def _writer_done(self, fut: asyncio.Future[None]) -> None:
         self.pipe = None  # the writer closed it
