@@ -196,6 +196,9 @@ class SshMirrorTee(_Tee):
         self._writer: PipeWriter | None = None
         self._written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._written.add_done_callback(self._writer_done)
+        # Its known_hosts goes when it exits, whether or not anyone asks for the
+        # result (a receive refused after the tee opened only aborts it).
+        ssh.exited.add_done_callback(lambda _: ssh.cleanup())
 
     # -- Sink ---------------------------------------------------------------------
 
@@ -238,7 +241,6 @@ class SshMirrorTee(_Tee):
         finally:
             if self.pipe is not None and self._writer is None:
                 self._close_pipe()
-            self.ssh.cleanup()
         if done.ok and self.why is None:
             return TeeResult(True, self.bytes)
         if done.returncode == 255:  # ssh's own failure (login, host key): the link's

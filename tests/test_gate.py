@@ -10,6 +10,7 @@ import asyncio
 import base64
 import json
 import os
+import pwd
 import shlex
 import shutil
 import signal
@@ -190,6 +191,7 @@ async def test_a_push_goes_through_the_zones_sshd(gate: Gate, zfs: Zfs) -> None:
     async with gate.client() as zone, asyncio.timeout(120):
         doc = json.loads(await zone.run("features"))
         assert doc["stream_port"] == gate.sshd_port
+        assert doc["stream_user"] == pwd.getpwuid(os.geteuid()).pw_name  # the gate's uid
         rep = await CnClient(zone, dataset_root=gate.cn_pool.name, zfs=zfs,
                              vmadm=None).push(VM, "s1")
         assert rep.bytes > (4 << 20)
