@@ -192,7 +192,7 @@ class SshMirrorTee(_Tee):
         super().__init__(inbound, peer, log)
         self.ssh = ssh
         self.client = client
-        self.pipe = ssh.stdin
+        self.pipe = ssh.pipe
         self._writer: PipeWriter | None = None
         self._written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._written.add_done_callback(self._writer_done)

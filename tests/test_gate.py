@@ -143,7 +143,7 @@ async def gate(zfs: Zfs, cn_pool: FilePool, zone_pool: FilePool,
     async with ssh_zone(zfs, zone_pool, tmp_path / "zone", uuid=ZONE_UUID, cn_id=CN_ID,
                         vms={VM: CN_ID},
                         gate={"socket": str(sock), "port": sshd_port,
-                              "authorized_keys": str(keys)}) as z:
+                              "authorized_keys": str(keys), "min_bytes": 0}) as z:
         assert z.zone.config.gate is not None
         server = GateServer(z.zone, Service(z.zone), z.zone.config.gate)
         await server.start()
@@ -207,6 +207,43 @@ async def test_a_push_goes_through_the_zones_sshd(gate: Gate, zfs: Zfs) -> None:
         mine = next(s.guid for s in await zfs.snapshots(gate.vm) if s.name == snap)
         held = await gate.zone.store.snapshot(VM, snap)
         assert held.complete and held.parts["root"].guid == mine
+
+
+async def test_a_restore_comes_through_the_zones_sshd(gate: Gate, zfs: Zfs) -> None:
+    """A full restore of a known size is pulled through the gate (ssh's stdout
+    spliced into zfs receive): the restored dataset is the pushed snapshot,
+    guid for guid and byte for byte."""
+    write_random(gate.cn_pool, gate.vm, "a", 4 << 20)
+    async with gate.client() as zone, asyncio.timeout(120):
+        cn = CnClient(zone, dataset_root=gate.cn_pool.name, zfs=zfs, vmadm=None)
+        await cn.push(VM, "r1")
+        target = Dataset(gate.cn_pool.name).child("restored")
+        rep = await cn.restore(VM, "r1", target=str(target))
+        assert rep.datasets[0].bytes > (4 << 20)
+    assert gate.ports_used() == [str(gate.sshd_port)] * 2  # the push's ssh, the restore's
+    src = next(s for s in await zfs.snapshots(gate.vm) if s.name == "r1")
+    got = next(s for s in await zfs.snapshots(target) if s.name == "r1")
+    assert got.guid == src.guid
+    assert gate.cn_pool.mountpoint is not None
+    assert (gate.cn_pool.mountpoint / "restored" / "a").read_bytes() == \
+        (gate.cn_pool.mountpoint / VM / "a").read_bytes()
+
+
+async def test_a_restore_whose_gate_is_gone_comes_over_snapperds_port(gate: Gate,
+                                                                     zfs: Zfs) -> None:
+    """The gate's snapperd end does not answer: the gate says so before a byte,
+    and the restore is pulled over the client's own connection instead, whole."""
+    write_random(gate.cn_pool, gate.vm, "a", 2 << 20)
+    async with gate.client() as zone, asyncio.timeout(120):
+        cn = CnClient(zone, dataset_root=gate.cn_pool.name, zfs=zfs, vmadm=None)
+        await cn.push(VM, "r2")
+        await gate.server.close()
+        target = Dataset(gate.cn_pool.name).child("restored2")
+        await cn.restore(VM, "r2", target=str(target))
+        assert zone.stream_port is None  # not tried again on this connection
+    src = next(s for s in await zfs.snapshots(gate.vm) if s.name == "r2")
+    got = next(s for s in await zfs.snapshots(target) if s.name == "r2")
+    assert got.guid == src.guid
 
 
 async def test_unknown_and_revoked_keys_are_refused(gate: Gate) -> None:

@@ -703,7 +703,7 @@ class CnClient:
         try:
             # Vetted and guid-confirmed by the one receive path (transfer.local).
             res = await self.zone.pull_stream(cmd, local, self.zfs, self.progress,
-                                              toguid=want.guid, force=force)
+                                              toguid=want.guid, force=force, size=total)
         except BaseException as exc:
             self.progress.done(False, str(exc) or type(exc).__name__)
             raise

@@ -40,6 +40,7 @@ from snapper_zone.transfer.stream import (
     SplicePump,
     can_splice,
     narrow_reads,
+    pipe_inbound,
 )
 from snapper_zone.wire import Inventory, VmSnapshot
 from snapper_zone.wire.protocol import (
@@ -302,33 +303,39 @@ def _push_result(err: ZoneError | None, sent: proc.Completed, hung_up: bool,
 
 
 class SshChild:
-    """A zone command run by a child ``ssh`` (OpenSSH) whose stdin is ours to fill.
+    """A zone command run by a child ``ssh`` (OpenSSH), one end of it a pipe of ours.
 
-    ``stdin``: the write end of its stdin pipe (closing it is the stream's
-    EOF); ``exited``: its exit, as ``proc.Completed``. The known_hosts file
-    naming the zone's host key lives until ``cleanup``.
+    ``pipe``: the write end of its stdin (closing it is the stream's EOF), or
+    with ``reads`` the read end of its stdout (the stream it brings);
+    ``exited``: its exit, as ``proc.Completed``. The known_hosts file naming
+    the zone's host key lives until ``cleanup``.
     """
 
-    def __init__(self, child: proc.Spawned, stdin: int,
+    def __init__(self, child: proc.Spawned, pipe: int,
                  tmp: tempfile.TemporaryDirectory[str]) -> None:
         self.child = child
-        self.stdin = stdin
+        self.pipe = pipe
         self.exited: asyncio.Future[proc.Completed] = asyncio.ensure_future(child.wait())
         self._tmp = tmp
 
     @classmethod
-    async def start(cls, argv: Callable[[Path], list[str]], known: str) -> SshChild:
+    async def start(cls, argv: Callable[[Path], list[str]], known: str, *,
+                    reads: bool = False) -> SshChild:
         """``argv(known_hosts)`` started with ``known`` written to that file."""
         tmp = tempfile.TemporaryDirectory(prefix="snapper-ssh-")
         try:
             known_hosts = Path(tmp.name) / "known_hosts"
             await asyncio.to_thread(known_hosts.write_text, known)
-            child, w = await proc.child_on_pipe(
-                lambda r: proc.spawn(argv(known_hosts), stdin=r), child_writes=False)
+            if reads:
+                child, fd = await proc.child_on_pipe(
+                    lambda w: proc.spawn(argv(known_hosts), stdout=w), child_writes=True)
+            else:
+                child, fd = await proc.child_on_pipe(
+                    lambda r: proc.spawn(argv(known_hosts), stdin=r), child_writes=False)
         except BaseException:
             tmp.cleanup()
             raise
-        return cls(child, w, tmp)
+        return cls(child, fd, tmp)
 
     def kill(self) -> None:
         """End it now: the zone sees the stream cut, never a clean end."""
@@ -339,6 +346,19 @@ class SshChild:
         if not self.exited.done():
             self.exited.cancel()
         self._tmp.cleanup()
+
+
+_SSH_EXIT_WAIT = 10.0  # seconds for an ssh whose stream ended to say how it went
+
+
+async def _exit_soon(sc: SshChild, timeout: float) -> proc.Completed | None:
+    """``sc``'s exit if it comes within ``timeout`` seconds, else None (killed)."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await asyncio.shield(sc.exited)
+    except TimeoutError:
+        sc.kill()
+        return None
 
 
 class ZoneClient:
@@ -506,7 +526,7 @@ class ZoneClient:
         if self.openssh is not None and (not self.openssh_gate_only or self.stream_port) \
                 and (known := await self._known_hosts_text()):
             await self.features()  # learns the gate's port, if the zone has one
-            if (gate := self.gate_port(cmd)) is not None:
+            if (gate := self.gate_port(cmd.size)) is not None:
                 try:
                     return await self._push_openssh(self.openssh, known, cmd, spec, zfs,
                                                     progress or NoProgress(), bwlimit, gate)
@@ -593,10 +613,10 @@ class ZoneClient:
         return format_command(dataclasses.replace(cmd, session=False,
                                                   bind=await self.connection_number()))
 
-    def gate_port(self, cmd: Receive) -> int | None:
-        """The zone's gate, if ``cmd``'s stream goes there (``features`` asked)."""
-        if self.openssh is None or (cmd.size is not None and
-                                    cmd.size < self.stream_port_min_bytes):
+    def gate_port(self, size: int | None) -> int | None:
+        """The zone's gate, if a stream of ``size`` bytes (None: unknown) goes there
+        (``features`` asked)."""
+        if self.openssh is None or (size is not None and size < self.stream_port_min_bytes):
             return None
         return self.stream_port
 
@@ -615,7 +635,7 @@ class ZoneClient:
         if self.openssh is None:
             return None
         await self.features()
-        port = self.gate_port(cmd)
+        port = self.gate_port(cmd.size)
         if port is None or not (known := await self._known_hosts_text()):
             return None
         ssh = self.openssh
@@ -630,7 +650,7 @@ class ZoneClient:
         loop = asyncio.get_running_loop()
         sc = await SshChild.start(lambda kh: self.openssh_argv(ssh, line, kh, port), known)
         try:
-            child, w = sc.child, sc.stdin
+            child, w = sc.child, sc.pipe
             pump: SendPump | SplicePump
             transport: _Closable
             out: _Closable  # ssh's stdin: closing it is the stream's EOF
@@ -734,12 +754,25 @@ class ZoneClient:
             raise session.error(line)
         return StreamResult(sent, time.monotonic() - started)
 
-    async def pull(self, cmd: Send, into: Callable[[Inbound], Awaitable[T]]) -> T:
+    async def pull(self, cmd: Send, into: Callable[[Inbound], Awaitable[T]], *,
+                   size: int | None = None) -> T:
         """Run the zone's ``send`` and hand its stream to ``into`` (a vetted receive).
 
         When the stream is cut the zone's own error is raised if it gave one;
         after ``into`` the zone must agree it sent a whole stream (exit 0).
+        ``size``: the stream's expected bytes, when known; one at least the
+        zone's gate's ``min_bytes`` comes through its gate with OpenSSH's
+        ``ssh`` (decrypted by ssh, not in Python), this connection otherwise,
+        or when the gate does not take us.
         """
+        if size is not None and self.openssh is not None:
+            await self.features()
+            port = self.gate_port(size)
+            if port is not None and (known := await self._known_hosts_text()):
+                try:
+                    return await self._pull_ssh(cmd, into, port, known)
+                except _SshFailed as exc:
+                    self.gate_refused(exc.message)
         source, session = await self._open_send(cmd)
         try:
             got = await into(source)
@@ -756,6 +789,51 @@ class ZoneClient:
             raise
         await self._finish_send(cmd, session)
         return got
+
+    async def _pull_ssh(self, cmd: Send, into: Callable[[Inbound], Awaitable[T]], port: int,
+                        known: str) -> T:
+        """``pull`` through the zone's gate: ssh's stdout is the stream, spliced into
+        ``zfs receive`` in the kernel where it can be (Linux)."""
+        ssh = self.openssh
+        assert ssh is not None
+        line = format_command(cmd)
+        sc = await SshChild.start(lambda kh: self.openssh_argv(ssh, line, kh, port), known,
+                                  reads=True)
+        transport: asyncio.ReadTransport | None = None
+        try:
+            source, transport = await pipe_inbound(sc.pipe)
+            try:
+                got = await into(source)
+            except BaseException as exc:
+                done = await _exit_soon(sc, _SSH_EXIT_WAIT)
+                if done is not None and not source.fed:
+                    if done.returncode == 255:  # ssh's own failure, before any byte
+                        raise _SshFailed(f"{self.endpoint}: send (ssh): "
+                                         f"{done.stderr.strip()[-1000:]}") from exc
+                    if parse_error_line(done.stderr)[0] == "GateUnavailable":
+                        raise _SshFailed(f"{self.endpoint}: send (gate): the gate's "
+                                         "snapperd end did not answer") from exc
+                if done is not None and done.returncode not in (0, None) and \
+                        isinstance(exc, (SnapperError, OSError)):
+                    # The zone's own reason for a cut stream, when it gave one.
+                    code, message = parse_error_line(done.stderr)
+                    raise ZoneError(code, message or f"exit status {done.returncode}", line,
+                                    done.returncode) from exc
+                raise
+            done = await _exit_soon(sc, _SSH_EXIT_WAIT)
+            if done is None:
+                raise ZoneUnreachable(f"{self.endpoint}: send: ssh did not exit after the "
+                                      "stream")
+            if not done.ok:  # the zone must agree it sent a whole stream
+                code, message = parse_error_line(done.stderr)
+                raise ZoneError(code, message or f"exit status {done.returncode}", line,
+                                done.returncode)
+            return got
+        finally:
+            if transport is not None:
+                transport.close()
+            sc.kill()
+            sc.cleanup()
 
     async def _open_send(self, cmd: Send) -> tuple[Inbound, ExecSession]:
         """Start the zone's ``send``; its stream as an ``Inbound`` to receive from.
@@ -804,10 +882,11 @@ class ZoneClient:
 
     async def pull_stream(self, cmd: Send, target: Dataset, zfs: Zfs,
                           progress: Reporter | None = None, *, toguid: int | None = None,
-                          force: bool = False) -> StreamResult:
+                          force: bool = False, size: int | None = None) -> StreamResult:
         """The zone's ``send`` → ``zfs receive TARGET`` here, vetted like any receive.
 
-        ``toguid``, when known, is the guid the stream must carry.
+        ``toguid``, when known, is the guid the stream must carry; ``size``, when
+        known, its bytes (a large one comes through the zone's gate: ``pull``).
         """
         # The receive path (and its slots, quotas, metrics) is imported by the
         # commands that receive here: a CN's push starts without it.
@@ -824,7 +903,7 @@ class ZoneClient:
 
         await self.pull(cmd, lambda source: receive_stream(
             zfs, target, source, Expect(cmd.snapshot, cmd.base, toguid=toguid),
-            on_bytes=count, resumable=False, force=force))
+            on_bytes=count, resumable=False, force=force), size=size)
         return StreamResult(moved, time.monotonic() - started)
 
     # -- the small commands -----------------------------------------------------

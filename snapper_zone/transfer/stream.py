@@ -43,6 +43,7 @@ __all__ = [
     "can_splice",
     "can_tee",
     "copy_out",
+    "pipe_inbound",
     "wait_ready",
 ]
 
@@ -261,10 +262,12 @@ class Inbound:
         self._tee: Sink | None = None
         self._discard = False
         self._gone = asyncio.Event()
+        self.fed = 0  # bytes the transport delivered (spliced ones not counted)
 
     # -- called by the transport ------------------------------------------
 
     def feed(self, data: bytes) -> None:
+        self.fed += len(data)
         if self._watching_idle:
             self._last = asyncio.get_running_loop().time()
         writer = self._writer
@@ -541,6 +544,51 @@ class Inbound:
         self._waiter = None
 
 
+
+
+async def pipe_inbound(fd: int, *, idle_timeout: float | None = None
+                       ) -> tuple[Inbound, asyncio.ReadTransport]:
+    """A pipe's bytes (a child's stdout: ``ssh`` bringing a zone's stream) as an
+    ``Inbound``, and the read transport feeding it (the caller closes it). Takes
+    ``fd``. ``detach`` hands a duplicate of the pipe to ``pipe_to``'s splice: a
+    read transport holds nothing back, every byte it read was fed already."""
+    loop = asyncio.get_running_loop()
+    held: list[asyncio.ReadTransport] = []
+    detached = False
+
+    def pause() -> None:
+        if held and not detached:
+            held[0].pause_reading()
+
+    def resume() -> None:
+        if held and not detached and not held[0].is_closing():
+            held[0].resume_reading()
+
+    def detach() -> int | None:
+        nonlocal detached
+        if not held or held[0].is_closing():
+            return None
+        held[0].pause_reading()
+        detached = True
+        return os.dup(held[0].get_extra_info("pipe").fileno())
+
+    inbound = Inbound(pause, resume, idle_timeout=idle_timeout, detach=detach)
+
+    class Feed(asyncio.Protocol):
+        def data_received(self, data: bytes) -> None:
+            inbound.feed(data)
+
+        def eof_received(self) -> bool:
+            inbound.feed_eof()
+            return False
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if exc is not None:
+                inbound.feed_error(ClientGone(f"the stream's pipe failed: {exc}"))
+
+    transport, _ = await loop.connect_read_pipe(Feed, os.fdopen(fd, "rb", buffering=0))
+    held.append(transport)
+    return inbound, transport
 
 
 async def wait_ready(fd: int, *, write: bool) -> None:
