@@ -35,7 +35,9 @@ sshd gate (docs/data-plane.md); the CN's stream goes through the primary's
 gate (OpenSSH's ``ssh``) and is teed in the kernel into an ``ssh`` to the
 mirror's gate. Beside every target: the primary snapperd's own CPU-seconds
 per GB (its children, ``zfs receive`` and the mirror's ``ssh``, and the
-gate's sshd not counted): what the one process must keep up with.
+gate's sshd not counted): what the one process must keep up with. And the
+copy path a third way: restored from the gated primary through its gate
+(``ssh``'s stdout spliced into ``zfs receive``).
 
     python bench/mirror_pipeline.py [--size-mib 256] [--repeat 3] [--bwlimit 40M] [--gate]
 """
@@ -57,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from snapper_zone.cn.cli import parse_rate
 from snapper_zone.cn.client import CnClient
+from snapper_zone.common.config import GateConfig
 from snapper_zone.fleet import pools
 from snapper_zone.fleet.local import LocalCN, LocalFleet, LocalZone
 from snapper_zone.fleet.pools import FilePool
@@ -98,24 +101,40 @@ async def push(fleet: LocalFleet, cn: LocalCN, zone: LocalZone, vm: str,
         return time.monotonic() - t0, own_cpu(zone.daemon.pid) - cpu0, rep.zones
 
 
-async def copy_rates(fleet: LocalFleet, cn: LocalCN, zone: LocalZone, vm: str,
-                     i: int, scratch_pool: FilePool) -> tuple[float, float]:
-    """Seconds for the SSH copy path and for a local pipe, same snapshot, same pools."""
-    zc = ZoneClient("127.0.0.1", zone.ssh_port, cn.key_path, host_key=zone.host_key_pub)
+async def restore_seconds(fleet: LocalFleet, cn: LocalCN, zone: LocalZone, vm: str,
+                          target: Dataset) -> tuple[float, float]:
+    """A CN's restore of the VM's snapshot into ``target``: through the zone's gate
+    with OpenSSH's ``ssh`` where it has one, over snapper's connection otherwise.
+    Seconds, and the zone's snapperd's own CPU-seconds."""
+    zc = ZoneClient("127.0.0.1", zone.ssh_port, cn.key_path, host_key=zone.host_key_pub,
+                    openssh=shutil.which("ssh") if zone.gate_port else None)
     client = CnClient(zc, dataset_root=cn.pool.name, zfs=fleet.zfs, vmadm=None)
+    assert zone.daemon is not None
+    async with zc:
+        cpu0 = own_cpu(zone.daemon.pid)
+        t0 = time.monotonic()
+        await client.restore(vm, "bench", target=str(target))
+        return time.monotonic() - t0, own_cpu(zone.daemon.pid) - cpu0
+
+
+async def copy_rates(fleet: LocalFleet, cn: LocalCN, zone: LocalZone, vm: str,
+                     i: int, scratch_pool: FilePool,
+                     gated: LocalZone | None
+                     ) -> tuple[tuple[float, float], float, tuple[float, float] | None]:
+    """(seconds, snapperd CPU-s) for the SSH copy path (and through a gate), and
+    seconds for a local pipe, same snapshot, same pools."""
     # An unmounted pool: nothing received is mounted, so nothing is busy.
     scratch = Dataset(scratch_pool.name).child(f"copy{i}")
     await fleet.zfs.create(scratch)
-    async with zc:
-        t0 = time.monotonic()
-        await client.restore(vm, "bench", target=str(scratch.child("ssh")))
-        ssh = time.monotonic() - t0
+    ssh = await restore_seconds(fleet, cn, zone, vm, scratch.child("ssh"))
+    gate = None if gated is None else \
+        await restore_seconds(fleet, cn, gated, vm, scratch.child("gate"))
     src = Dataset(zone.root).child(vm).child("disk0")
     t0 = time.monotonic()
     await fleet.zfs.pipe(SendSpec(src.snapshot("bench")), scratch.child("pipe"),
                          resumable=False)
     local = time.monotonic() - t0
-    return ssh, local
+    return ssh, local, gate
 
 
 async def main(size_mib: int, repeat: int, bwlimit: float, gate: bool) -> int:
@@ -126,7 +145,9 @@ async def main(size_mib: int, repeat: int, bwlimit: float, gate: bool) -> int:
         fleet = await LocalFleet.start(Path(tmp), zones=0, cns=1, vms_per_cn=0,
                                        pool_size=pool,
                                        reconcile_interval_ms=600_000,
-                                       gate_min_bytes=0 if gate else None)
+                                       # The product's default: small streams (a
+                                       # VM's root dataset) stay on snapperd's port.
+                                       gate_min_bytes=GateConfig.min_bytes if gate else None)
         scratch: FilePool | None = None
         try:
             one = await fleet.add_zone(pool, group=None, gate=False)
@@ -149,9 +170,9 @@ async def main(size_mib: int, repeat: int, bwlimit: float, gate: bool) -> int:
                                               f"paced {bwlimit / 1e6:.0f} MB/s": bwlimit}
             times: dict[tuple[str, str], list[float]] = {(p, k): [] for p in paces for k in targets}
             cpus: dict[tuple[str, str], list[float]] = {(p, k): [] for p in paces for k in targets}
-            copies: list[tuple[float, float]] = []
+            copies: list[tuple[tuple[float, float], float, tuple[float, float] | None]] = []
             scratch = await pools.create_pool(fleet.zfs, Path(tmp), "scratch",
-                                              size=2 * size * repeat + (256 << 20),
+                                              size=3 * size * repeat + (256 << 20),
                                               mounted=False)
             for i in range(repeat):
                 for pace, rate in paces.items():
@@ -175,10 +196,15 @@ async def main(size_mib: int, repeat: int, bwlimit: float, gate: bool) -> int:
                         print(f"  run {i + 1} {pace:<16} {name:<6} {secs:6.2f} s  "
                               f"{size / secs / 1e6:6.1f} MB/s", flush=True)
                     if rate is None:
-                        ssh, local = await copy_rates(fleet, cn, one, vm, i, scratch)
-                        copies.append((ssh, local))
-                        print(f"  run {i + 1} copy path: ssh {size / ssh / 1e6:6.1f} MB/s, "
-                              f"local pipe {size / local / 1e6:6.1f} MB/s", flush=True)
+                        gated = targets["gated"][0] if gate else None
+                        ssh, local, via = await copy_rates(fleet, cn, one, vm, i, scratch,
+                                                           gated)
+                        copies.append((ssh, local, via))
+                        through = "" if via is None else \
+                            f", through a gate {size / via[0] / 1e6:6.1f} MB/s"
+                        print(f"  run {i + 1} copy path: ssh {size / ssh[0] / 1e6:6.1f} MB/s"
+                              f"{through}, local pipe {size / local / 1e6:6.1f} MB/s",
+                              flush=True)
             labels = {"one": "one copy (zone without peer)",
                       "pair": "two copies, pipelined (mirrored)",
                       "serial": "two copies, one after the other",
@@ -200,15 +226,24 @@ async def main(size_mib: int, repeat: int, bwlimit: float, gate: bool) -> int:
                     print(f"  ratio via-gates / pipelined (time)   : "
                           f"{med['gated'] / med['pair']:.2f}; primary snapperd CPU per GB "
                           f"{per_gb['gated'] / per_gb['pair']:.2f}x")
-            ssh_med = statistics.median(c[0] for c in copies)
+            ssh_med = statistics.median(c[0][0] for c in copies)
+            ssh_cpu = statistics.median(c[0][1] for c in copies) / (size / 1e9)
             pipe_med = statistics.median(c[1] for c in copies)
             print("\n  copy path (zone send -> SSH -> vetted receive) vs local pipe, "
                   f"median of {len(copies)}")
-            print(f"  {'path':<34} {'seconds':>8} {'MB/s':>8}")
+            print(f"  {'path':<34} {'seconds':>8} {'MB/s':>8} {'snapperd CPU-s/GB':>18}")
             print(f"  {'zone -> ssh -> transfer.local':<34} {ssh_med:8.2f} "
-                  f"{size / ssh_med / 1e6:8.1f}")
+                  f"{size / ssh_med / 1e6:8.1f} {ssh_cpu:18.2f}")
             print(f"  {'zfs send | zfs receive (local)':<34} {pipe_med:8.2f} "
                   f"{size / pipe_med / 1e6:8.1f}")
+            if gate:
+                gate_med = statistics.median(c[2][0] for c in copies if c[2] is not None)
+                gate_cpu = statistics.median(c[2][1] for c in copies
+                                             if c[2] is not None) / (size / 1e9)
+                print(f"  {'zone gate -> ssh -> transfer.local':<34} {gate_med:8.2f} "
+                      f"{size / gate_med / 1e6:8.1f} {gate_cpu:18.2f}")
+                print(f"  ratio through-a-gate / local-pipe (rate): {pipe_med / gate_med:.2f}"
+                      "  (target >= 0.8)")
             print(f"  ratio copy-path / local-pipe (rate): {pipe_med / ssh_med:.2f}  "
                   "(target >= 0.8)")
         finally:

@@ -17,6 +17,7 @@ from snapper_zone.transfer.stream import (
     StreamIdle,
     can_splice,
     can_tee,
+    splice_out,
     wait_ready,
 )
 from snapper_zone.zfs.proc import widen_pipe
@@ -371,3 +372,51 @@ async def test_a_client_gone_mid_tee_cuts_both() -> None:
     assert tee.ended == "abort"
     await asyncio.wait_for(reader, 30)
     os.close(w)
+
+
+# -- a send's pipe out to the client's (a restore through the gate) ------------------
+
+
+async def test_splice_out_moves_the_whole_stream_counted() -> None:
+    data = os.urandom(6 << 20)
+    src_r, src_w = os.pipe()
+    dst_r, dst_w = os.pipe()
+    got = bytearray()
+    counted: list[int] = []
+    reader = asyncio.ensure_future(_read_all(dst_r, got))
+    writer = asyncio.ensure_future(_write_all(src_w, data))
+    async with asyncio.timeout(30):
+        await splice_out(src_r, dst_w, counted.append, stall_timeout=10)
+        await writer
+        await reader  # the destination was closed: its reader saw EOF
+    assert got == data and sum(counted) == len(data)
+
+
+async def test_splice_out_cuts_a_client_that_reads_nothing() -> None:
+    src_r, src_w = os.pipe()
+    dst_r, dst_w = os.pipe()
+    writer = asyncio.ensure_future(_write_all(src_w, os.urandom(8 << 20)))
+    start = time.monotonic()
+    with pytest.raises(StreamIdle):
+        async with asyncio.timeout(30):
+            await splice_out(src_r, dst_w, lambda n: None, stall_timeout=0.3)
+    assert time.monotonic() - start < 10
+    writer.cancel()
+    await asyncio.gather(writer, return_exceptions=True)
+    os.close(src_w)
+    os.close(dst_r)
+
+
+async def test_splice_out_says_client_gone_when_its_end_closes() -> None:
+    src_r, src_w = os.pipe()
+    dst_r, dst_w = os.pipe()
+    got = bytearray()
+    reader = asyncio.ensure_future(_read_all(dst_r, got, stop_after=1 << 20))
+    writer = asyncio.ensure_future(_write_all(src_w, os.urandom(16 << 20)))
+    with pytest.raises(ClientGone):
+        async with asyncio.timeout(30):
+            await splice_out(src_r, dst_w, lambda n: None, stall_timeout=10)
+    await reader
+    writer.cancel()
+    await asyncio.gather(writer, return_exceptions=True)
+    os.close(src_w)

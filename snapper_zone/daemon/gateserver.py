@@ -43,7 +43,7 @@ from snapper_zone.daemon.sshgate import MAX_LINE, GateError, Request, authorized
 from snapper_zone.daemon.sshserver import connection_numbers
 from snapper_zone.daemon.zone import Zone
 from snapper_zone.errors import SnapperError
-from snapper_zone.transfer.stream import ClientGone, Inbound, wait_ready
+from snapper_zone.transfer.stream import ClientGone, Inbound, can_splice, wait_ready
 from snapper_zone.wire import protocol
 
 __all__ = ["KEYS_EVERY", "GateServer"]
@@ -380,6 +380,15 @@ class _FdIo:
         await self._out.writable.wait()
         if self._gone or self._out.lost:
             raise ClientGone("the client disconnected")
+
+    def stdout_pipe(self) -> int | None:
+        """A duplicate of sshd's stdout pipe for ``splice``, when nothing written
+        through the transport is still held (its buffer is empty)."""
+        w = self._writer
+        if w is None or w.is_closing() or w.get_write_buffer_size() or self._gone \
+                or self._out.lost or not can_splice():
+            return None
+        return os.dup(w.get_extra_info("pipe").fileno())
 
     def write_stderr(self, data: bytes) -> None:
         # Error lines only, far below a pipe's buffer: never worth a transport.

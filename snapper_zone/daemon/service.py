@@ -17,6 +17,7 @@ drains, so memory stays bounded by the SSH window plus one pipe buffer.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Protocol
 
 from replication.pipeline import MirrorTee, SshMirrorTee
@@ -36,7 +37,7 @@ from snapper_zone.transfer.local import (
 )
 from snapper_zone.transfer.registry import PENDING_TTL, SnapshotInUse
 from snapper_zone.transfer.store import SnapshotNotFound, VmSnapshot
-from snapper_zone.transfer.stream import ClientGone, Inbound, Sink, copy_out
+from snapper_zone.transfer.stream import ClientGone, Inbound, Sink, copy_out, splice_out
 from snapper_zone.wire import jsontext, protocol
 from snapper_zone.wire.protocol import (
     Abort,
@@ -53,6 +54,7 @@ from snapper_zone.wire.protocol import (
     Snapshots,
     Whoami,
 )
+from snapper_zone.zfs import proc
 from snapper_zone.zfs.names import Snapshot
 from snapper_zone.zfs.zfs import SendSpec, choose_send_options
 
@@ -92,6 +94,10 @@ class Io(Protocol):
         """Wait until the client can take more stdout (raises ClientGone)."""
 
     def write_stderr(self, data: bytes) -> None: ...
+
+    def stdout_pipe(self) -> int | None:
+        """A descriptor of stdout to splice a stream into (the caller's to close), or
+        None: ``write``/``drain`` only. Nothing written before it is still held."""
 
 
 class Service:
@@ -275,12 +281,25 @@ class Service:
         t = zone.transfers.start(kind, cmd.vm, cmd.dataset, cmd.snapshot, cmd.base, p.label)
         lg = slog.child(self.log, vm=cmd.vm, snapshot=cmd.snapshot, dataset=cmd.dataset,
                         kind=kind, peer=p.label, transfer=t.id)
+        spec = SendSpec(Snapshot(ds, cmd.snapshot), base, options=options)
+        idle = zone.config.stream_idle_seconds
         with zone.transfers.running(t, lg):
-            child = await zone.zfs.send(SendSpec(Snapshot(ds, cmd.snapshot), base,
-                                                 options=options))
+            out = io.stdout_pipe()
+            if out is not None:
+                # Through the gate: zfs send's pipe into sshd's, in the kernel.
+                try:
+                    child, src = await proc.child_on_pipe(
+                        lambda w: zone.zfs.send(spec, stdout=w), child_writes=True)
+                except BaseException:
+                    os.close(out)
+                    raise
+            else:
+                child = await zone.zfs.send(spec)
             try:
-                await copy_out(child.stdout, io.write, io.drain, t.add,
-                               stall_timeout=zone.config.stream_idle_seconds)
+                if out is not None:
+                    await splice_out(src, out, t.add, stall_timeout=idle)
+                else:
+                    await copy_out(child.stdout, io.write, io.drain, t.add, stall_timeout=idle)
                 await zone.zfs.check(child)
             finally:
                 if child.proc.returncode is None:

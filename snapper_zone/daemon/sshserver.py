@@ -324,6 +324,9 @@ class _Session(asyncssh.SSHServerSession[bytes]):
         if not self._gone and self._chan is not None:
             self._chan.write_stderr(data)
 
+    def stdout_pipe(self) -> int | None:
+        return None  # an SSH channel: its bytes are encrypted here, in Python
+
     def _pause_reading(self) -> None:
         if self._chan is not None and not self._gone:
             self._chan.pause_reading()

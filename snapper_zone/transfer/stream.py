@@ -44,6 +44,7 @@ __all__ = [
     "can_tee",
     "copy_out",
     "pipe_inbound",
+    "splice_out",
     "wait_ready",
 ]
 
@@ -644,6 +645,30 @@ async def copy_out(reader: asyncio.StreamReader, write: Callable[[bytes], None],
         except TimeoutError:
             raise StreamIdle(f"the client read nothing for {stall_timeout:g} s; its "
                              "stream was cut off") from None
+
+
+async def splice_out(src: int, dst: int, on_bytes: Callable[[int], None], *,
+                     stall_timeout: float | None = None) -> None:
+    """A send's pipe ``src`` into the client's pipe ``dst`` (sshd's, through the
+    gate) in the kernel, until EOF; takes both descriptors. As ``copy_out``: a
+    client that takes nothing for ``stall_timeout`` seconds while bytes wait is
+    cut off with StreamIdle; one that is gone is ClientGone."""
+    pump = SplicePump(src, dst, on_bytes)
+    try:
+        while True:
+            moved = pump.bytes
+            done, _ = await asyncio.wait([pump.done], timeout=stall_timeout)
+            if done:
+                try:
+                    pump.done.result()
+                except OSError as exc:  # EPIPE: the client's end is closed
+                    raise ClientGone(f"the client stopped reading: {exc}") from None
+                return
+            if pump.bytes == moved and pump.held_by_sink:
+                raise StreamIdle(f"the client read nothing for {stall_timeout:g} s; its "
+                                 "stream was cut off")
+    finally:
+        pump.close()
 
 
 class Channel(Protocol):
