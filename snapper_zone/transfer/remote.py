@@ -348,6 +348,26 @@ class SshChild:
         self._tmp.cleanup()
 
 
+def _carrier_failed(done: proc.Completed, endpoint: str, what: str, *,
+                    gate: bool) -> _SshFailed | None:
+    """Whether a child ssh, not the zone, failed the command: ssh's own failure
+    (exit 255: connect, auth, host key) or, through a gate, its snapperd end
+    not answering (GateUnavailable, said before a byte is read). The stream may
+    then go another way."""
+    if done.returncode == 255:
+        return _SshFailed(f"{endpoint}: {what} (ssh): {done.stderr.strip()[-1000:]}")
+    code, message = parse_error_line(done.stderr)
+    if gate and code == "GateUnavailable":
+        return _SshFailed(f"{endpoint}: {what} (gate): {message}")
+    return None
+
+
+def _zone_error(done: proc.Completed, line: str) -> ZoneError:
+    """The zone's error for a command a child ssh ran, from its JSON stderr line."""
+    code, message = parse_error_line(done.stderr)
+    return ZoneError(code, message or f"exit status {done.returncode}", line, done.returncode)
+
+
 _SSH_EXIT_WAIT = 10.0  # seconds for an ssh whose stream ended to say how it went
 
 
@@ -694,20 +714,12 @@ class ZoneClient:
                                                     out.close, teardown)
         finally:
             sc.cleanup()
-        if done.returncode == 255:  # ssh's own failure: connect, auth, host key
-            raise _SshFailed(f"{self.endpoint}: receive (ssh): "
-                             f"{done.stderr.strip()[-1000:]}")
-        err = None
-        if not done.ok:
-            code, message = parse_error_line(done.stderr)
-            if code == "GateUnavailable" and port != self.port:
-                # The gate's sshd let us in but its snapperd end did not answer
-                # (daemon/sshgate.py says so before reading a byte): not this zone's
-                # refusal of the stream, so its own port gets it.
-                raise _SshFailed(f"{self.endpoint}: receive (gate): {message}")
-            err = ZoneError(code, message or f"exit status {done.returncode}", line,
-                            done.returncode)
-        return _push_result(err, sent, hung_up, pump, started)
+        # Not this zone's refusal of the stream: its own port gets it.
+        if (failed := _carrier_failed(done, self.endpoint, "receive",
+                                      gate=port != self.port)) is not None:
+            raise failed
+        return _push_result(None if done.ok else _zone_error(done, line), sent, hung_up,
+                            pump, started)
 
     async def push_chunks(self, cmd: Receive, chunks: AsyncIterator[bytes],
                           progress: Reporter | None = None) -> StreamResult:
@@ -806,28 +818,20 @@ class ZoneClient:
                 got = await into(source)
             except BaseException as exc:
                 done = await _exit_soon(sc, _SSH_EXIT_WAIT)
-                if done is not None and not source.fed:
-                    if done.returncode == 255:  # ssh's own failure, before any byte
-                        raise _SshFailed(f"{self.endpoint}: send (ssh): "
-                                         f"{done.stderr.strip()[-1000:]}") from exc
-                    if parse_error_line(done.stderr)[0] == "GateUnavailable":
-                        raise _SshFailed(f"{self.endpoint}: send (gate): the gate's "
-                                         "snapperd end did not answer") from exc
+                if done is not None and not source.fed and (failed := _carrier_failed(
+                        done, self.endpoint, "send", gate=True)) is not None:
+                    raise failed from exc  # before any byte: the channel may carry it
                 if done is not None and done.returncode not in (0, None) and \
                         isinstance(exc, (SnapperError, OSError)):
                     # The zone's own reason for a cut stream, when it gave one.
-                    code, message = parse_error_line(done.stderr)
-                    raise ZoneError(code, message or f"exit status {done.returncode}", line,
-                                    done.returncode) from exc
+                    raise _zone_error(done, line) from exc
                 raise
             done = await _exit_soon(sc, _SSH_EXIT_WAIT)
             if done is None:
                 raise ZoneUnreachable(f"{self.endpoint}: send: ssh did not exit after the "
                                       "stream")
             if not done.ok:  # the zone must agree it sent a whole stream
-                code, message = parse_error_line(done.stderr)
-                raise ZoneError(code, message or f"exit status {done.returncode}", line,
-                                done.returncode)
+                raise _zone_error(done, line)
             return got
         finally:
             if transport is not None:
