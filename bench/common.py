@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ sys.path.insert(0, str(REPO))
 import asyncssh  # noqa: E402
 
 from snapper_zone.fleet import pools as localpool  # noqa: E402
+from snapper_zone.fleet import sshd  # noqa: E402
 from snapper_zone.fleet.local import free_port  # noqa: E402
 from snapper_zone.fleet.pools import FilePool  # noqa: E402
 from snapper_zone.zfs import proc  # noqa: E402
@@ -48,23 +48,6 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 
 # -- waiting for daemons ------------------------------------------------------------
-
-
-async def wait_port(port: int, daemon: proc.Daemon, timeout: float = 30.0) -> None:
-    """Poll until something accepts on the port (or the daemon died)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            _, w = await asyncio.open_connection("127.0.0.1", port)
-            w.close()
-            await w.wait_closed()
-            return
-        except OSError:
-            if not daemon.alive():
-                raise RuntimeError(f"{daemon.argv[0]} exited: {tail(daemon)}") from None
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listens on port {port} after {timeout}s") from None
-            await asyncio.sleep(0.05)  # polling a condition with a deadline
 
 
 async def wait_file(path: Path, daemon: proc.Daemon, timeout: float = 60.0) -> None:
@@ -307,16 +290,13 @@ class Bench:
 
     async def start_sshd(self, keys: Sequence[Path]) -> None:
         """A private sshd; root's authorized keys are ``keys``' public halves."""
-        sshd = shutil.which("sshd") or shutil.which("sshd", path="/usr/sbin")
-        if sshd is None:
-            raise RuntimeError("sshd not found: apt-get install -y openssh-server")
         d = self.workdir / "sshd"
         d.mkdir()
         host = keygen(d / "host_ed25519")
         (d / "authorized_keys").write_text(
             "".join(k.with_suffix(".pub").read_text() for k in keys))
         self.sshd_port = free_port()
-        self.sshd_pid = await self._sshd(sshd, d, self.sshd_port, host, [
+        self.sshd_pid = await self._sshd(d, self.sshd_port, host, [
             f"AuthorizedKeysFile {d / 'authorized_keys'}",
             "PermitRootLogin prohibit-password"])
         self.sshd_known = d / "known_hosts"
@@ -360,36 +340,19 @@ class Bench:
         if self.gate:
             await self.start_gate_sshd(d / "host_ed25519", d / "gate_authorized_keys")
 
-    async def _sshd(self, sshd: str, d: Path, port: int, host_key: Path,
-                    extra: Sequence[str]) -> int:
+    async def _sshd(self, d: Path, port: int, host_key: Path,
+                    options: Sequence[str]) -> int:
         """A private sshd on 127.0.0.1:``port`` (config and log in ``d``); its pid."""
-        cfg = d / "sshd_config"
-        cfg.write_text("\n".join([
-            f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {host_key}",
-            f"PidFile {d / 'sshd.pid'}", *extra,
-            "StrictModes no", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
-            "UsePAM no", "Compression no",
-            # Many CNs connect at once: do not drop unauthenticated ones.
-            "MaxStartups 200", "PerSourceMaxStartups none",
-            f"Ciphers {CIPHER},aes256-gcm@openssh.com", ""]))
-        # sshd refuses to start without its privilege separation directory.
-        await asyncio.to_thread(os.makedirs, "/run/sshd", exist_ok=True)
-        daemon = proc.Daemon([sshd, "-D", "-e", "-f", str(cfg)], str(d / "sshd.log"))
+        daemon = await sshd.start_sshd(d, port, host_key, options, timeout=30.0)
         self.daemons.append(daemon)
-        await wait_port(port, daemon)
         return daemon.pid
 
     async def start_gate_sshd(self, host_key: Path, keys: Path) -> None:
         """sshd as snapperd's gate (etc/sshd_config.gate.example, as root): the keys
         file snapperd writes, every login forced to ``snapper-gate``."""
-        sshd = shutil.which("sshd") or shutil.which("sshd", path="/usr/sbin")
-        if sshd is None:
-            raise RuntimeError("the gate needs sshd: apt-get install -y openssh-server")
         d = self.workdir / "gate-sshd"
         d.mkdir()
-        self.gate_pid = await self._sshd(sshd, d, self.gate_port, host_key, [
-            f"AuthorizedKeysFile {keys}", "PermitRootLogin forced-commands-only",
-            "DisableForwarding yes", "PermitTTY no"])
+        self.gate_pid = await self._sshd(d, self.gate_port, host_key, sshd.gate_options(keys))
         # The CNs log in as root here (the gate's user on a zone is "snapper").
         self.cn_config = {True: d / "cn-gate.toml", False: d / "cn-no-gate.toml"}
         self.cn_config[True].write_text('ssh_user = "root"\n')

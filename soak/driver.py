@@ -561,9 +561,15 @@ class Soak:
         await self._coord("PUT", f"/v1/zones/{zone.uuid}/state", {"state": state})
 
     async def wait_empty(self, zone: LocalZone, timeout: float) -> None:
+        """Until the zone holds no VM and no active move names it: the zone's last
+        copy goes before the coordinator ends that move, and until then the
+        coordinator refuses the zone's removal (ZoneNotEmpty)."""
         async def empty() -> bool:
             async with self.http.get(f"{zone.http_url}/v1/vms") as r:
-                return r.status == 200 and not await r.json()
+                if r.status != 200 or await r.json():
+                    return False
+            return not any(zone.uuid in (m["from_zone"], m["to_zone"], m["source"])
+                           for m in await self.active_moves())
         await self._until(empty, timeout, f"{zone.name} drained")
 
     async def remove_zone(self, zone: LocalZone) -> None:
@@ -572,9 +578,14 @@ class Soak:
         self.fleet.stop_zone(zone)
         await zone.pool.destroy(self.fleet.zfs)
 
-    async def moves_settled(self) -> bool:
+    async def active_moves(self) -> list[dict[str, Any]]:
         # The active ones only: /v1/moves is paged, and the history may be long.
-        return not (await self._coord("GET", "/v1/moves?state=planned&state=running"))["moves"]
+        moves: list[dict[str, Any]] = (
+            await self._coord("GET", "/v1/moves?state=planned&state=running"))["moves"]
+        return moves
+
+    async def moves_settled(self) -> bool:
+        return not await self.active_moves()
 
     async def _until(self, cond: Any, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout

@@ -111,7 +111,7 @@ async def test_killing_the_leader_mid_move_and_mid_repair(ha: Fleet) -> None:
         nonlocal samples
         while not stop.is_set():
             try:
-                held = await f.holders()
+                held = await f.sampled_holders("s1")
                 moves = (await f.get(f"{f.url}/v1/moves?state=planned&state=running"))["moves"]
             except aiohttp.ClientError:
                 continue

@@ -31,6 +31,7 @@ from snapper_zone.daemon.gateserver import GateServer
 from snapper_zone.daemon.service import Service
 from snapper_zone.daemon.sshgate import GateError, Request, authorized_line, decode_key
 from snapper_zone.daemon.zone import Zone
+from snapper_zone.fleet import sshd
 from snapper_zone.fleet.local import free_port
 from snapper_zone.fleet.pools import FilePool
 from snapper_zone.transfer.remote import ZoneClient, ZoneError
@@ -118,24 +119,11 @@ class Gate:
         return [r[r.index("-p") + 1] for r in runs]
 
 
-def _sshd_config(d: Path, port: int, host_key: Path, keys: Path) -> Path:
-    cfg = d / "sshd_config"
-    cfg.write_text("\n".join([
-        f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {host_key}",
-        f"PidFile {d / 'sshd.pid'}", f"AuthorizedKeysFile {keys}",
-        "PermitRootLogin forced-commands-only",
-        "StrictModes no", "UsePAM no", "PasswordAuthentication no",
-        "KbdInteractiveAuthentication no", "DisableForwarding yes", "PermitTTY no",
-        "Ciphers aes128-gcm@openssh.com,aes256-gcm@openssh.com", "LogLevel VERBOSE", ""]))
-    return cfg
-
-
 @pytest.fixture
 async def gate(zfs: Zfs, cn_pool: FilePool, zone_pool: FilePool,
                tmp_path: Path) -> AsyncIterator[Gate]:
-    sshd = shutil.which("sshd") or shutil.which("sshd", path="/usr/sbin")
     ssh = shutil.which("ssh")
-    if sshd is None or ssh is None:
+    if sshd.sshd_path() is None or ssh is None:
         pytest.skip("needs OpenSSH's sshd and ssh (apt-get install openssh-server)")
     sock = tmp_path / "gate.sock"
     keys = tmp_path / "gate_authorized_keys"
@@ -149,12 +137,9 @@ async def gate(zfs: Zfs, cn_pool: FilePool, zone_pool: FilePool,
         await server.start()
         d = tmp_path / "sshd"
         d.mkdir()
-        host_key = tmp_path / "zone" / "host_ed25519"
-        cfg = _sshd_config(d, sshd_port, host_key, keys)
-        os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege separation directory
-        daemon = proc.Daemon([sshd, "-D", "-e", "-f", str(cfg)], str(d / "sshd.log"))
+        daemon = await sshd.start_sshd(d, sshd_port, tmp_path / "zone" / "host_ed25519",
+                                       [*sshd.gate_options(keys), "LogLevel VERBOSE"])
         try:
-            await wait_for(lambda: _listening(sshd_port), 20, "sshd listening")
             vm = Dataset(cn_pool.name).child(VM)
             await zfs.create(vm)
             log = tmp_path / "ssh-runs.log"
@@ -167,11 +152,6 @@ async def gate(zfs: Zfs, cn_pool: FilePool, zone_pool: FilePool,
         finally:
             daemon.stop()
             await server.close()
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 async def _ssh(g: Gate, key: Path, line: str) -> proc.Completed:

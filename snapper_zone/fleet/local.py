@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import random
-import shutil
 import signal
 import socket
 import sys
@@ -28,6 +27,7 @@ import asyncssh
 
 from snapper_zone.common.httpsig import Signer, signing_session
 from snapper_zone.fleet import pools as localpool
+from snapper_zone.fleet import sshd
 from snapper_zone.fleet.pools import FilePool
 from snapper_zone.zfs import proc
 from snapper_zone.zfs.zfs import Zfs
@@ -97,33 +97,13 @@ async def _gate_sshd(zone: LocalZone, port: int, timeout: float) -> proc.Daemon:
     """The zone's sshd in front of snapperd's gate (etc/sshd_config.gate.example,
     logging in as this fleet's own user): the zone's host key, the keys file
     snapperd writes, every login forced to snapper-gate."""
-    sshd = shutil.which("sshd") or shutil.which("sshd", path="/usr/sbin")
-    if sshd is None:
-        raise RuntimeError("a fleet with gates needs sshd: apt-get install openssh-server")
     d = zone.config_path.parent
-    cfg = d / "gate_sshd_config"
-    cfg.write_text("\n".join([
-        f"Port {port}", "ListenAddress 127.0.0.1",
-        f"HostKey {zone.host_key_pub.with_suffix('')}", f"PidFile {d / 'gate_sshd.pid'}",
-        f"AuthorizedKeysFile {d / 'gate_keys'}", "PermitRootLogin forced-commands-only",
-        "StrictModes no", "UsePAM no", "PasswordAuthentication no",
-        "KbdInteractiveAuthentication no", "DisableForwarding yes", "PermitTTY no",
-        "PermitUserRC no", "MaxStartups 100",
-        "Ciphers aes128-gcm@openssh.com,aes256-gcm@openssh.com", ""]))
-    await asyncio.to_thread(os.makedirs, "/run/sshd", exist_ok=True)  # privilege separation
-    daemon = proc.Daemon([sshd, "-D", "-e", "-f", str(cfg)], str(d / "gate_sshd.log"))
-    deadline = time.monotonic() + timeout
-    while not await asyncio.to_thread(_listening, port):
-        if not daemon.alive() or time.monotonic() > deadline:
-            daemon.stop()
-            raise RuntimeError(f"{zone.name}'s gate sshd did not start; see {daemon.log_path}")
-        await asyncio.sleep(0.05)  # another process's port, with a deadline
-    return daemon
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
+    try:
+        return await sshd.start_sshd(d, port, zone.host_key_pub.with_suffix(""),
+                                     sshd.gate_options(d / "gate_keys"),
+                                     name="gate_sshd", timeout=timeout)
+    except RuntimeError as e:
+        raise RuntimeError(f"{zone.name}'s gate: {e}") from e
 
 
 _PORTS_GIVEN: set[int] = set()

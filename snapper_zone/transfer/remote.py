@@ -541,11 +541,11 @@ class ZoneClient:
         (docs/data-plane.md); a gate that refuses us leaves the rest of this
         connection's streams to snapperd's own port.
         """
-        if self.openssh is not None and self.openssh_gate_only:
-            await self.features()  # no gate, no ssh: skip the known_hosts text
+        if self.openssh is not None:
+            await self.features()  # learns the gate's port, if the zone has one
+        # Gate-only and no gate: no ssh, so no known_hosts text either.
         if self.openssh is not None and (not self.openssh_gate_only or self.stream_port) \
                 and (known := await self._known_hosts_text()):
-            await self.features()  # learns the gate's port, if the zone has one
             if (gate := self.gate_port(cmd.size)) is not None:
                 try:
                     return await self._push_openssh(self.openssh, known, cmd, spec, zfs,
