@@ -51,7 +51,7 @@ test-host: deps
 
 # Soak tier: a real local fleet under load and a seeded fault schedule, then the
 # invariants (soak/); SNAPPER_SOAK_SECONDS sets the load time (default 120; each
-# of the three fleet soaks takes about 4 minutes; the policy agents' two soaks
+# of the four fleet soaks takes about 3-4 minutes; the policy agents' two soaks
 # (static pairs, a coordinator), at most 60 s of load each, about a minute and a
 # half each). Longer: python -m soak --duration N.
 test-soak: deps

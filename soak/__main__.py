@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--agents", type=int, default=None,
                     help="CNs that also run `snapper agent` for one more VM each, on a "
                          "compressed clock (default: 1 when an agent kind is scheduled)")
+    ap.add_argument("--gates", action="store_true",
+                    help="every zone behind its own OpenSSH sshd gate, every stream through "
+                         "it, the CNs pushing and restoring with OpenSSH's ssh")
     ap.add_argument("--report", type=Path, default=None, help="write the JSON report here")
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     config = SoakConfig(duration=args.duration, seed=seed, cns=args.cns, zones=args.zones,
                         vms_per_cn=args.vms_per_cn, coordinator=args.coordinator,
                         coordinators=args.coordinators, zookeeper=args.zookeeper,
-                        fault_kinds=kinds, agents=args.agents,
+                        fault_kinds=kinds, agents=args.agents, gates=args.gates,
                         workdir=args.workdir or default_workdir())
     print(report.schedule_text(seed, config.make_schedule(), config.kinds()), flush=True)
     t0 = time.monotonic()

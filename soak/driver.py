@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -85,6 +86,9 @@ class SoakConfig:
     # CNs that run a ``snapper agent`` for one more VM each (``soak/agents.py``);
     # None: one when an agent fault kind is scheduled, else none.
     agents: int | None = None
+    # Every zone behind its own sshd gate taking every stream (min_bytes 0), the
+    # CNs' pushes and restores through it with OpenSSH's ssh (docs/data-plane.md).
+    gates: bool = False
 
     def kinds(self) -> tuple[str, ...]:
         if self.fault_kinds is not None:
@@ -260,7 +264,7 @@ class Workload:
         last: Exception | None = None
         for zone in await self.soak.targets(vm):
             for durability in ("mirrored", "local"):
-                zc = self.soak.client(zone, cn.key_path)
+                zc = self.soak.client(zone, cn.key_path, cut=cut is not None)
                 zc.cut_after, cut = cut, None  # only the first attempt is cut
                 try:
                     async with zc:
@@ -406,8 +410,12 @@ class Soak:
         if gone:
             self.gone.add(zone.uuid)
 
-    def client(self, zone: LocalZone, key: Path) -> CuttingZoneClient:
-        return CuttingZoneClient("127.0.0.1", zone.ssh_port, key, host_key=zone.host_key_pub)
+    def client(self, zone: LocalZone, key: Path, *, cut: bool = False) -> CuttingZoneClient:
+        """A CN's client; through the zone's gate when the soak runs gates, except
+        a push to be ``cut``: the cut is made in snapper's own channel."""
+        ssh = shutil.which("ssh") if self.config.gates and not cut else None
+        return CuttingZoneClient("127.0.0.1", zone.ssh_port, key, host_key=zone.host_key_pub,
+                                 openssh=ssh)
 
     async def leader(self) -> LocalCoordinator:
         """The coordinator that leads, as the zones' own says (its own self if
@@ -663,7 +671,8 @@ async def run_soak(config: SoakConfig, *, log: Callable[[str], None] = print) ->
             vms_per_cn=config.vms_per_cn + (1 if config.agent_cns() else 0),
             pool_size=config.pool_size, coordinator=config.coordinator,
             reconcile_interval_ms=1000, lost_after=6.0, zone_module=config.zone_module,
-            coordinators=config.coordinators, store_url=store_url)
+            coordinators=config.coordinators, store_url=store_url,
+            gate_min_bytes=0 if config.gates else None)
         try:
             async with fleet.http(timeout=aiohttp.ClientTimeout(total=60)) as http:
                 soak = Soak(config, fleet, http, log)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from snapper_zone.fleet.local import LocalFleet, LocalZone
+from snapper_zone.fleet.sshd import sshd_path
 from snapper_zone.fleet.zookeeper import LocalZooKeeper
 from soak import invariants, report
 from soak.driver import Soak, SoakConfig, run_soak
@@ -219,6 +221,27 @@ async def test_soak_static_pairs(zfs_tier: ZfsTier, tmp_path: Path) -> None:
     doc = report.write(result, tmp_path / "soak-report.json")
     print(report.summary(doc))
     assert doc["faults"]["injected"] >= 6 and len(doc["faults"]["by_kind"]) >= 4
+    assert result.passed, _failure(doc, config)
+
+
+@pytest.mark.soak
+@pytest.mark.zfs
+async def test_soak_static_pairs_through_the_gates(zfs_tier: ZfsTier, tmp_path: Path) -> None:
+    """The same load and faults with every zone behind its own OpenSSH sshd gate:
+    the CNs' pushes and restores and the zones' pipelined mirrors go through the
+    gates (min_bytes 0), a truncated push over snapper's own channel."""
+    if sshd_path() is None or shutil.which("ssh") is None:
+        pytest.skip("needs OpenSSH's sshd and ssh (apt-get install openssh-server)")
+    seed = int(os.environ.get("SNAPPER_SOAK_SEED", "20261127"))
+    config = SoakConfig(duration=_seconds(), seed=seed, cns=2, zones=3, gates=True,
+                        workdir=tmp_path / "soak", settle_timeout=150, fault_kinds=CI_KINDS)
+    print(report.schedule_text(seed, config.make_schedule(), CI_KINDS))
+    result = await run_soak(config)
+    doc = report.write(result, tmp_path / "soak-report.json")
+    print(report.summary(doc))
+    logins = sum(log.read_text().count("Accepted publickey")
+                 for log in config.workdir.glob("zone*/gate_sshd.log"))
+    assert logins >= len(result.pushes), f"{logins} logins through the gates"
     assert result.passed, _failure(doc, config)
 
 
