@@ -15,6 +15,10 @@ hits all alike:
   d. with ``--gate``: ``snapper push`` with its stream through snapperd's
      sshd gate (a second private sshd, ``snapper-gate``; docs/data-plane.md),
      the receiving side's CPU being that sshd's and snapperd's together
+  e. the agent's push: the same CLI arguments, settings and push, run in the
+     bench's own (already running) process, as ``snapper agent`` runs its
+     scheduled pushes: no interpreter start or imports; through the gate with
+     ``--gate``, else snapperd's own port
 
 After one untimed round (cold caches), each run lands in a fresh dataset,
 destroyed afterwards; the time is from starting the command to its exit (the
@@ -36,6 +40,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -59,6 +64,8 @@ from common import (  # noqa: E402
     timed,
 )
 
+from snapper_zone.cn.cli import build_parser, push_with_failover, settings  # noqa: E402
+from snapper_zone.common.progress import NoProgress  # noqa: E402
 from snapper_zone.zfs.zfs import SendSpec  # noqa: E402
 
 
@@ -104,6 +111,24 @@ class CnPathBench(Bench):
     async def gate_push(self, i: int) -> float:
         return await self.snapper_push(i, via_gate=True)
 
+    async def running_push(self, i: int) -> float:
+        """The CLI's own push (its argv, settings and ``push_with_failover``) run in
+        this process: what ``snapper agent``'s scheduled pushes pay, with no
+        interpreter start or imports (through the gate with ``--gate``)."""
+        args = build_parser().parse_args(
+            self.push_argv(self.client_key, VM, str(self.src), via_gate=self.gate))
+        s = settings(args)
+        zone = [self.snapperd_pid, *([self.gate_pid] if self.gate else [])]
+        before = [cpu_seconds(pid) for pid in zone]
+        t0 = time.perf_counter()
+        await push_with_failover(s, VM, name=SNAP, base=None, metadata=None,
+                                 durability=None, bwlimit=None, reporter=NoProgress())
+        took = time.perf_counter() - t0
+        spent = [await cpu_since(pid, b) for pid, b in zip(zone, before, strict=True)]
+        self.cpu.setdefault("e", []).append(sum(spent))
+        await self.zfs.destroy(self.zone_root.child(VM), recursive=True)
+        return took
+
     async def syncoid_push(self, i: int) -> float:
         assert self.syncoid is not None
         target = self.dst.child(f"c{i}")
@@ -127,6 +152,7 @@ class CnPathBench(Bench):
             methods["c"] = self.syncoid_push
         if self.gate:
             methods["d"] = self.gate_push
+        methods["e"] = self.running_push
         times: dict[str, list[float]] = {k: [] for k in methods}
         # One untimed round first: the first stream after the data was written
         # ran ~2x slower whichever method it was (ZFS's caches are cold), and
@@ -145,7 +171,8 @@ class CnPathBench(Bench):
 LABELS = {"a": "zfs send | ssh -> sshd -> zfs receive",
           "b": "snapper push -> snapperd -> zfs receive",
           "c": "syncoid -> sshd -> zfs receive",
-          "d": "snapper push -> sshd gate -> snapperd"}
+          "d": "snapper push -> sshd gate -> snapperd",
+          "e": "the agent's push (running process) ->"}
 
 
 async def amain(args: argparse.Namespace) -> int:
@@ -162,12 +189,15 @@ async def amain(args: argparse.Namespace) -> int:
         await bench.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
     gb = bench.bytes / 1e9
+    via = "d" if bench.gate else "b"  # the CLI push on the agent's path
     rates = {k: bench.bytes / statistics.median(v) / 1e6 for k, v in times.items()}
     cpu = {k: statistics.median(v) / gb for k, v in bench.cpu.items()}
     print("\n" + header(bench.bytes, caps.flavour, args.repeat))
     print(f"  {'path':<44} {'MB/s':>8} {'recv CPU s/GB':>14}")
     for k, rate in rates.items():
-        print(f"  {LABELS[k]:<44} {rate:8.1f} {cpu[k]:14.2f}")
+        label = LABELS[k] + (" gate" if k == "e" and bench.gate else
+                             " snapperd" if k == "e" else "")
+        print(f"  {label:<44} {rate:8.1f} {cpu[k]:14.2f}")
         if k == "d":
             print(f"  {'  of which snapperd (one process)':<44} {'':8} {cpu['d-snapperd']:14.2f}")
     if "c" not in rates:
@@ -183,6 +213,8 @@ async def amain(args: argparse.Namespace) -> int:
               f"{rates['d'] / rates['b']:.2f}x snapperd's own port's; CPU per GB "
               f"{cpu['d'] / cpu['a']:.2f}x sshd + zfs receive's, snapperd's own "
               f"{cpu['d-snapperd'] / cpu['a']:.2f}x")
+    print(f"  the agent's push (no interpreter start) / OpenSSH pipe: "
+          f"{rates['e'] / rates['a']:.2f}x MB/s; / snapper push: {rates['e'] / rates[via]:.2f}x")
     return 0
 
 
