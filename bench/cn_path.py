@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -67,6 +68,12 @@ from common import (  # noqa: E402
 from snapper_zone.cn.cli import build_parser, push_with_failover, settings  # noqa: E402
 from snapper_zone.common.progress import NoProgress  # noqa: E402
 from snapper_zone.zfs.zfs import SendSpec  # noqa: E402
+
+
+def _self_cpu() -> float:
+    """This process's CPU-seconds (user + system), not its children's."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
 
 class CnPathBench(Bench):
@@ -120,10 +127,12 @@ class CnPathBench(Bench):
         s = settings(args)
         zone = [self.snapperd_pid, *([self.gate_pid] if self.gate else [])]
         before = [cpu_seconds(pid) for pid in zone]
+        mine = _self_cpu()
         t0 = time.perf_counter()
         await push_with_failover(s, VM, name=SNAP, base=None, metadata=None,
                                  durability=None, bwlimit=None, reporter=NoProgress())
         took = time.perf_counter() - t0
+        self.cpu.setdefault("e-cn", []).append(_self_cpu() - mine)
         spent = [await cpu_since(pid, b) for pid, b in zip(zone, before, strict=True)]
         self.cpu.setdefault("e", []).append(sum(spent))
         await self.zfs.destroy(self.zone_root.child(VM), recursive=True)
@@ -200,6 +209,9 @@ async def amain(args: argparse.Namespace) -> int:
         print(f"  {label:<44} {rate:8.1f} {cpu[k]:14.2f}")
         if k == "d":
             print(f"  {'  of which snapperd (one process)':<44} {'':8} {cpu['d-snapperd']:14.2f}")
+        if k == "e":
+            print(f"  {'  the CN: snapper in its process, CPU s/GB':<44} {'':8} "
+                  f"{cpu['e-cn']:14.2f}")
     if "c" not in rates:
         print("  (syncoid not installed: apt-get install sanoid)")
     print(f"  snapper push / OpenSSH pipe: {rates['b'] / rates['a']:.2f}x MB/s "
