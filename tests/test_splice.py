@@ -17,6 +17,7 @@ from snapper_zone.transfer.stream import (
     StreamIdle,
     can_splice,
     can_tee,
+    pipe_inbound,
     splice_out,
     wait_ready,
 )
@@ -137,40 +138,21 @@ async def test_bwlimit_paces_the_stream() -> None:
 
 
 async def _detachable(idle_timeout: float | None = None) -> tuple[Inbound, int, list[int]]:
-    """An Inbound fed from a pipe by an asyncio read transport, as the gate's stdin
-    is; its ``detach`` stops the transport and hands over a duplicate of the pipe.
+    """``stream.pipe_inbound`` on a new pipe (a stream fed by an asyncio read
+    transport, as ssh's stdout or the gate's stdin is), its ``detach`` noted.
     Returns it, the pipe's write end, and a list noting each detach."""
-    loop = asyncio.get_running_loop()
     r, w = os.pipe()
     widen_pipe(w)
+    inbound, _ = await pipe_inbound(r, idle_timeout=idle_timeout)
     detached: list[int] = []
-    transport: list[asyncio.ReadTransport] = []
+    detach = inbound._detach
+    assert detach is not None
 
-    def pause() -> None:
-        if not detached:
-            transport[0].pause_reading()
-
-    def resume() -> None:
-        if not detached:
-            transport[0].resume_reading()
-
-    def detach() -> int:
-        transport[0].pause_reading()
+    def noted() -> int | None:
         detached.append(1)
-        return os.dup(r)
+        return detach()
 
-    inbound = Inbound(pause, resume, idle_timeout=idle_timeout, detach=detach)
-
-    class Feed(asyncio.Protocol):
-        def data_received(self, data: bytes) -> None:
-            inbound.feed(data)
-
-        def eof_received(self) -> bool:
-            inbound.feed_eof()
-            return False
-
-    t, _ = await loop.connect_read_pipe(Feed, os.fdopen(r, "rb", buffering=0))
-    transport.append(t)
+    inbound._detach = noted
     return inbound, w, detached
 
 
