@@ -58,6 +58,7 @@ from common import (  # noqa: E402
     CnKey,
     add_ssh_client_option,
     cpu_seconds,
+    cpu_self_seconds,
     cpu_since,
     header,
     run_line,
@@ -107,11 +108,14 @@ class CnPathBench(Bench):
                *self.push_argv(self.client_key, VM, str(self.src), via_gate)]
         zone = [self.snapperd_pid, *([self.gate_pid] if via_gate else [])]
         before = [cpu_seconds(pid) for pid in zone]
+        alone = cpu_self_seconds(self.snapperd_pid)
         took = await timed(cli, env={**os.environ, "PYTHONPATH": str(REPO)})
         spent = [await cpu_since(pid, b) for pid, b in zip(zone, before, strict=True)]
         self.cpu.setdefault("d" if via_gate else "b", []).append(sum(spent))
         if via_gate:  # snapperd's own share: what one process must keep up with
             self.cpu.setdefault("d-snapperd", []).append(spent[0])
+            self.cpu.setdefault("d-alone", []).append(
+                cpu_self_seconds(self.snapperd_pid) - alone)
         await self.zfs.destroy(self.zone_root.child(VM), recursive=True)
         return took
 
@@ -209,6 +213,7 @@ async def amain(args: argparse.Namespace) -> int:
         print(f"  {label:<44} {rate:8.1f} {cpu[k]:14.2f}")
         if k == "d":
             print(f"  {'  of which snapperd (one process)':<44} {'':8} {cpu['d-snapperd']:14.2f}")
+            print(f"  {'    its Python alone (no zfs receive)':<44} {'':8} {cpu['d-alone']:14.2f}")
         if k == "e":
             print(f"  {'  the CN: snapper in its process, CPU s/GB':<44} {'':8} "
                   f"{cpu['e-cn']:14.2f}")
@@ -225,6 +230,9 @@ async def amain(args: argparse.Namespace) -> int:
               f"{rates['d'] / rates['b']:.2f}x snapperd's own port's; CPU per GB "
               f"{cpu['d'] / cpu['a']:.2f}x sshd + zfs receive's, snapperd's own "
               f"{cpu['d-snapperd'] / cpu['a']:.2f}x")
+        # 10 GbE: 1.25 GB/s; what snapperd's one process would need of a core.
+        print(f"  snapperd's own process at 10 GbE through the gate: "
+              f"{cpu['d-alone'] * 1.25:.2f} of a core")
     print(f"  the agent's push (no interpreter start) / OpenSSH pipe: "
           f"{rates['e'] / rates['a']:.2f}x MB/s; / snapper push: {rates['e'] / rates[via]:.2f}x")
     return 0

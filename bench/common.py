@@ -106,6 +106,12 @@ def cpu_seconds(pid: int) -> float:
     return sum(int(x) for x in fields[11:15]) / _TICK
 
 
+def cpu_self_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` alone (none of its children's)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:13]) / _TICK
+
+
 def children(pid: int) -> list[int]:
     """Live (or unreaped) children of ``pid``."""
     out = []
