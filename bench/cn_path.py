@@ -20,6 +20,9 @@ hits all alike:
      scheduled pushes: no interpreter start or imports; through the gate with
      ``--gate``, else snapperd's own port
 
+``--no-splice``: snapper (CN and zone) copies every stream through Python, as
+on illumos, instead of moving it with splice(2).
+
 After one untimed round (cold caches), each run lands in a fresh dataset,
 destroyed afterwards; the time is from starting the command to its exit (the
 remote receive is done by then). CPU is the receiving side's, from the
@@ -205,7 +208,8 @@ async def amain(args: argparse.Namespace) -> int:
     via = "d" if bench.gate else "b"  # the CLI push on the agent's path
     rates = {k: bench.bytes / statistics.median(v) / 1e6 for k, v in times.items()}
     cpu = {k: statistics.median(v) / gb for k, v in bench.cpu.items()}
-    print("\n" + header(bench.bytes, caps.flavour, args.repeat))
+    print("\n" + header(bench.bytes, caps.flavour, args.repeat)
+          + ("; streams copied through Python (--no-splice)" if args.no_splice else ""))
     print(f"  {'path':<44} {'MB/s':>8} {'recv CPU s/GB':>14}")
     for k, rate in rates.items():
         label = LABELS[k] + (" gate" if k == "e" and bench.gate else
@@ -244,8 +248,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="runs per method; median reported")
     p.add_argument("--gate", action="store_true",
                    help="also push through snapperd's sshd gate (path d)")
+    p.add_argument("--no-splice", action="store_true",
+                   help="copy every stream through Python as on illumos, which has no "
+                        "splice(2) (SNAPPER_NO_SPLICE, for snapper and its snapperd)")
     add_ssh_client_option(p)
     args = p.parse_args(argv)
+    if args.no_splice:
+        os.environ["SNAPPER_NO_SPLICE"] = "1"  # the CLI, snapperd and this process
     if args.size_mib < 1 or args.repeat < 1:
         p.error("--size-mib and --repeat must be positive")
     return asyncio.run(amain(args))

@@ -35,6 +35,7 @@ from snapper_zone.fleet import sshd
 from snapper_zone.fleet.local import free_port
 from snapper_zone.fleet.pools import FilePool
 from snapper_zone.transfer.remote import ZoneClient, ZoneError
+from snapper_zone.transfer.stream import can_splice
 from snapper_zone.wire.protocol import Receive
 from snapper_zone.zfs import proc
 from snapper_zone.zfs.names import Dataset
@@ -164,7 +165,18 @@ async def _ssh(g: Gate, key: Path, line: str) -> proc.Completed:
          "-i", str(key), "-p", str(g.sshd_port), "-l", "root", "127.0.0.1", line])
 
 
-async def test_a_push_goes_through_the_zones_sshd(gate: Gate, zfs: Zfs) -> None:
+@pytest.fixture(params=["splice", "copy"])
+def moved_by(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each stream moved by splice(2) (Linux), or ("copy") through Python as on
+    illumos, which has no splice (``SNAPPER_NO_SPLICE``)."""
+    if request.param == "copy":
+        monkeypatch.setenv("SNAPPER_NO_SPLICE", "1")
+    elif not can_splice():
+        pytest.skip("no splice(2) here (Linux only): the copy variant runs")
+    return str(request.param)
+
+
+async def test_a_push_goes_through_the_zones_sshd(gate: Gate, zfs: Zfs, moved_by: str) -> None:
     """The zone names its sshd in ``features``; the CN's ssh goes there (not to
     snapperd's port), and the zone holds the CN's snapshot, guid for guid."""
     write_random(gate.cn_pool, gate.vm, "a", 4 << 20)
@@ -189,9 +201,10 @@ async def test_a_push_goes_through_the_zones_sshd(gate: Gate, zfs: Zfs) -> None:
         assert held.complete and held.parts["root"].guid == mine
 
 
-async def test_a_restore_comes_through_the_zones_sshd(gate: Gate, zfs: Zfs) -> None:
+async def test_a_restore_comes_through_the_zones_sshd(gate: Gate, zfs: Zfs,
+                                                      moved_by: str) -> None:
     """A full restore of a known size is pulled through the gate (ssh's stdout
-    spliced into zfs receive): the restored dataset is the pushed snapshot,
+    spliced into zfs receive, or copied): the restored dataset is the pushed snapshot,
     guid for guid and byte for byte."""
     write_random(gate.cn_pool, gate.vm, "a", 4 << 20)
     async with gate.client() as zone, asyncio.timeout(120):

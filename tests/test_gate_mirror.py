@@ -5,7 +5,9 @@ of each other, on real ZFS. The primary tees the CN's stream into an ``ssh``
 to the mirror's gate: in the kernel (tee(2)) when the CN's stream came
 through the primary's gate, from Python when it came to snapperd's own port.
 Either way the push returns mirrored, guid for guid, and the copy went in
-through the mirror's gate.
+through the mirror's gate. Each test runs twice: with splice(2) and tee(2)
+(Linux), and with every stream copied through Python as on illumos
+(``SNAPPER_NO_SPLICE``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import pytest
 
 from snapper_zone.cn.client import CnClient
 from snapper_zone.fleet.local import LocalFleet, LocalZone
+from snapper_zone.fleet.sshd import sshd_path
 from snapper_zone.transfer.remote import ZoneClient
+from snapper_zone.transfer.stream import can_tee
 from snapper_zone.zfs.zfs import Zfs
 from tests.conftest import ZfsTier
 from tests.test_replication import Pair
@@ -56,11 +60,17 @@ class GatedPair(Pair):
                                  direction="pipelined", peer=self.mirror.uuid, result="ok")
 
 
-@pytest.fixture
-async def gated(zfs_tier: ZfsTier, zfs: Zfs, tmp_path: Path) -> AsyncIterator[GatedPair]:
-    sshd = shutil.which("sshd") or shutil.which("sshd", path="/usr/sbin")
-    if sshd is None or SSH is None:
+@pytest.fixture(params=["splice", "copy"])
+async def gated(request: pytest.FixtureRequest, zfs_tier: ZfsTier, zfs: Zfs, tmp_path: Path,
+                monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[GatedPair]:
+    """A pair with gates; each stream moved by splice(2) and tee(2) where Linux has
+    them, or ("copy") through Python as on illumos, in the CN and in both zones."""
+    if sshd_path() is None or SSH is None:
         pytest.skip("needs OpenSSH's sshd and ssh (apt-get install openssh-server)")
+    if request.param == "copy":
+        monkeypatch.setenv("SNAPPER_NO_SPLICE", "1")  # the zones are started with it
+    elif not can_tee():
+        pytest.skip("no splice(2)/tee(2) here (Linux only): the copy variant runs")
     fleet = await LocalFleet.start(tmp_path / "fleet", zones=2, cns=1, vms_per_cn=1,
                                    pool_size=512 << 20, reconcile_interval_ms=500,
                                    gate_min_bytes=0)
@@ -72,8 +82,9 @@ async def gated(zfs_tier: ZfsTier, zfs: Zfs, tmp_path: Path) -> AsyncIterator[Ga
         await fleet.stop()
 
 
-async def test_a_push_through_the_gate_is_teed_in_the_kernel_into_the_mirrors_gate(
+async def test_a_push_through_the_gate_is_teed_into_the_mirrors_gate(
         gated: GatedPair) -> None:
+    """In the kernel (tee(2)) with splice, from Python's copy without it."""
     gated.write("big", 6 << 20)
     await gated.push_via("g1", openssh=True)
     gated.write("more", 1 << 20)

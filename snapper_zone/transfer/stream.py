@@ -786,8 +786,12 @@ _PACED_SLICE = 0.05
 
 
 def can_splice() -> bool:
-    """Whether ``SplicePump`` works here (Linux's splice(2), Python 3.10+)."""
-    return hasattr(os, "splice")
+    """Whether ``SplicePump`` works here (Linux's splice(2), Python 3.10+).
+
+    ``SNAPPER_NO_SPLICE`` set (non-empty) says no: every stream is then copied
+    through Python as on illumos, which has no splice, so the tests and benches
+    run production's own path on Linux too."""
+    return hasattr(os, "splice") and not os.environ.get("SNAPPER_NO_SPLICE")
 
 
 def _libc_tee() -> Callable[[int, int, int, int], int] | None:
