@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import time
 
 import pytest
@@ -95,6 +96,41 @@ async def test_a_reader_that_goes_away_fails_the_pump() -> None:
     pump, got, _ = await _pumped(data, stop_after=1 << 20)
     assert len(got) < len(data)
     assert isinstance(pump.done.exception(), BrokenPipeError)
+
+
+async def test_a_flowing_stream_settles_only_while_its_pipes_cannot_fill() -> None:
+    """Between moves the pump lets a flowing stream's pipes settle (fewer, larger
+    splices) only where, at the rate it just moved, a 1 MiB pipe would fill or
+    drain by a third at most in that time; never a trickle, a tee, a paced stream
+    or anything that is not a pipe."""
+    src_r, src_w = os.pipe()
+    dst_r, dst_w = os.pipe()
+    for fd in (src_r, dst_w):
+        widen_pipe(fd)
+    pump = SplicePump(src_r, dst_w, lambda n: None)
+    try:
+        mib = 1 << 20
+        assert pump._settles(src_r, 256 << 10, 0.002)  # 131 MB/s: 131 KB a millisecond
+        assert pump._settles(dst_w, 300 << 10, 0.001)  # 307 MB/s
+        assert not pump._settles(src_r, mib, 0.001)  # 1 GB/s: a millisecond fills it
+        assert not pump._settles(src_r, 32 << 10, 0.0001)  # a trickle: no settling
+        assert not pump._settles(src_w, 256 << 10, 0.002)  # not the pump's: size unknown
+        a, b = socket.socketpair()
+        with a, b:
+            other = SplicePump(a.fileno(), dst_w, lambda n: None)
+            try:
+                assert not other._settles(a.fileno(), 256 << 10, 0.002)  # not a pipe
+            finally:
+                other._unwatch()
+        paced = SplicePump(src_r, dst_w, lambda n: None, 100e6)
+        try:
+            assert not paced._settles(src_r, 256 << 10, 0.002)
+        finally:
+            paced._unwatch()
+    finally:
+        pump.close()
+        for fd in (src_w, dst_r):
+            os.close(fd)
 
 
 async def test_bwlimit_paces_the_stream() -> None:
