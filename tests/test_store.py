@@ -17,7 +17,7 @@ from snapper_zone.transfer.store import (
     decode_metadata,
     encode_metadata,
 )
-from snapper_zone.zfs.names import Dataset
+from snapper_zone.zfs.names import Bookmark, Dataset, Snapshot
 from snapper_zone.zfs.zfs import SendSpec, Zfs
 from tests.helpers import write_random
 
@@ -77,6 +77,46 @@ async def test_complete_metadata_and_delete(zfs: Zfs, cn_pool: FilePool,
     assert [s.name for s in await store.snapshots(VM)] == ["s1", "s3"]
     with pytest.raises(SnapshotNotFound):
         await store.metadata(VM, "s2")
+
+
+class _ReconcileGetsThereFirst(Zfs):
+    """Real ZFS, where someone else destroys each snapshot just before this
+    store does, as a reconcile round following the delete's own tombstones
+    did (CI, the demo: a DELETE answered 404 for a part it had just listed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.raced: list[str] = []
+
+    async def destroy(self, target: Dataset | Snapshot | Bookmark, *,
+                      recursive: bool = False) -> None:
+        if isinstance(target, Snapshot):
+            await super().destroy(target, recursive=recursive)
+            self.raced.append(str(target))
+        await super().destroy(target, recursive=recursive)
+
+
+@pytest.mark.zfs
+async def test_a_delete_whose_parts_a_reconcile_destroyed_meanwhile_succeeds(
+        zfs: Zfs, cn_pool: FilePool, zone_pool: FilePool) -> None:
+    store = ZoneStore(zfs, Dataset(zone_pool.name).child("snapper"))
+    await zfs.create(store.root)
+    await _pushed(zfs, cn_pool, store, 3)
+    await store.mark_complete(VM, "s2", ["root"], None, "cn:x")
+    guid = (await store.snapshot(VM, "s2")).parts["root"].guid
+    racing = _ReconcileGetsThereFirst()
+    raced = ZoneStore(racing, store.root)
+    await raced.delete(VM, "s2")
+    assert len(racing.raced) == 2  # the marker and the part: both gone under it
+    assert [s.name for s in await store.snapshots(VM)] == ["s1", "s3"]
+    assert guid in await store.tombstones(VM)
+    await raced.delete(VM, "s3")  # the newest: the head settles back to s1
+    assert [s.name for s in await store.snapshots(VM)] == ["s1"]
+    # The reconcile's own destroy, finding it gone already, is done too.
+    await raced.destroy_part(VM, "root", "s1", (await store.snapshot(VM, "s1")).parts["root"].guid)
+    assert await store.snapshots(VM) == []
+    with pytest.raises(SnapshotNotFound):
+        await raced.delete(VM, "s2")  # a snapshot never there is still an error
 
 
 @pytest.mark.zfs

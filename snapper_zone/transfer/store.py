@@ -238,17 +238,27 @@ class ZoneStore:
         snap = await self.snapshot(vm, name)
         container = self.vm_dataset(vm)
         await self.add_tombstones(vm, [p.guid for p in snap.parts.values()])
+        # From here a reconcile round may follow the tombstones and destroy the
+        # same snapshots (under the VM lock, which a delete does not take: it
+        # would wait behind the VM's running push). What it destroyed is done.
         if snap.complete or await self.zfs.exists(Snapshot(container, name)):
-            await self.zfs.destroy(Snapshot(container, name))
+            await self._destroy_if_there(Snapshot(container, name))
         for part in snap.parts:
-            await self.zfs.destroy(Snapshot(container.child(part), name))
+            await self._destroy_if_there(Snapshot(container.child(part), name))
             await self._settle(container.child(part))
+
+    async def _destroy_if_there(self, target: Dataset | Snapshot, *,
+                                recursive: bool = False) -> None:
+        """Destroy ``target``; one already gone counts as destroyed."""
+        try:
+            await self.zfs.destroy(target, recursive=recursive)
+        except DatasetNotFound:
+            pass
 
     async def destroy_marker(self, vm: str, name: str) -> None:
         """Destroy only the VM-level marker of ``name`` (it is no longer complete)."""
         snap = Snapshot(self.vm_dataset(vm), check_component(name, "snapshot name"))
-        if await self.zfs.exists(snap):
-            await self.zfs.destroy(snap)
+        await self._destroy_if_there(snap)
 
     async def destroy_part(self, vm: str, dataset: str, name: str, guid: int) -> None:
         """Destroy ``<vm>/<dataset>@name`` if it still is the snapshot ``guid``."""
@@ -263,7 +273,7 @@ class ZoneStore:
         if have.guid != guid:
             raise SnapshotNotFound(f"{ds}@{name} is guid {have.guid}, not {guid}; "
                                    "not destroyed")
-        await self.zfs.destroy(have.snapshot)
+        await self._destroy_if_there(have.snapshot)
         await self._settle(ds)
 
     async def _settle(self, ds: Dataset) -> None:
@@ -283,7 +293,7 @@ class ZoneStore:
         if left:
             await self.zfs.rollback(left[-1].snapshot)
         elif not await self.zfs.resume_token(ds):
-            await self.zfs.destroy(ds, recursive=True)
+            await self._destroy_if_there(ds, recursive=True)
 
     async def drop_vm(self, vm: str) -> None:
         """Destroy this zone's whole copy of a VM (a move's last step)."""
