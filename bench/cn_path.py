@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import resource
 import shutil
 import statistics
 import sys
@@ -60,6 +59,7 @@ from common import (  # noqa: E402
     Bench,
     CnKey,
     add_ssh_client_option,
+    cpu_here,
     cpu_seconds,
     cpu_self_seconds,
     cpu_since,
@@ -72,12 +72,6 @@ from common import (  # noqa: E402
 from snapper_zone.cn.cli import build_parser, push_with_failover, settings  # noqa: E402
 from snapper_zone.common.progress import NoProgress  # noqa: E402
 from snapper_zone.zfs.zfs import SendSpec  # noqa: E402
-
-
-def _self_cpu() -> float:
-    """This process's CPU-seconds (user + system), not its children's."""
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
 
 
 class CnPathBench(Bench):
@@ -134,12 +128,12 @@ class CnPathBench(Bench):
         s = settings(args)
         zone = [self.snapperd_pid, *([self.gate_pid] if self.gate else [])]
         before = [cpu_seconds(pid) for pid in zone]
-        mine = _self_cpu()
+        mine = cpu_here()
         t0 = time.perf_counter()
         await push_with_failover(s, VM, name=SNAP, base=None, metadata=None,
                                  durability=None, bwlimit=None, reporter=NoProgress())
         took = time.perf_counter() - t0
-        self.cpu.setdefault("e-cn", []).append(_self_cpu() - mine)
+        self.cpu.setdefault("e-cn", []).append(cpu_here() - mine)
         spent = [await cpu_since(pid, b) for pid, b in zip(zone, before, strict=True)]
         self.cpu.setdefault("e", []).append(sum(spent))
         await self.zfs.destroy(self.zone_root.child(VM), recursive=True)

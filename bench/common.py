@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -34,6 +35,7 @@ from snapper_zone.fleet import pools as localpool  # noqa: E402
 from snapper_zone.fleet import sshd  # noqa: E402
 from snapper_zone.fleet.local import free_port  # noqa: E402
 from snapper_zone.fleet.pools import FilePool  # noqa: E402
+from snapper_zone.transfer.remote import AES_GCM  # noqa: E402
 from snapper_zone.zfs import proc  # noqa: E402
 from snapper_zone.zfs.names import Dataset  # noqa: E402
 from snapper_zone.zfs.zfs import SendSpec, Zfs  # noqa: E402
@@ -42,7 +44,7 @@ VM = "5b6c1d0e-6f0a-4c5e-9d1e-0b3f7a2c9e41"
 CN_ID = "bench-cn"
 ZONE_UUID = "9f1e2d3c-4b5a-4968-8776-655443322110"
 SNAP = "bench"
-CIPHER = "aes128-gcm@openssh.com"
+CIPHER = AES_GCM[0]  # what snapper's own clients negotiate first
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -110,6 +112,12 @@ def cpu_self_seconds(pid: int) -> float:
     """utime + stime of ``pid`` alone (none of its children's)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return sum(int(x) for x in fields[11:13]) / _TICK
+
+
+def cpu_here() -> float:
+    """This process's own CPU-seconds (user + system), not its children's."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
 
 def children(pid: int) -> list[int]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -33,6 +32,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import cpu_here
 
 from snapper_zone.transfer.stream import (
     PipeFlow,
@@ -50,11 +52,6 @@ def _fill(path: Path, size_mib: int) -> int:
     return path.stat().st_size
 
 
-def _self_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
 async def one(kind: str, path: Path) -> tuple[float, float, int]:
     """(seconds, this process's CPU seconds, bytes counted) for one pass."""
     loop = asyncio.get_running_loop()
@@ -62,7 +59,7 @@ async def one(kind: str, path: Path) -> tuple[float, float, int]:
     dst_r, dst_w = os.pipe()
     for fd in (src_r, dst_w):
         proc.widen_pipe(fd)
-    start, cpu = time.monotonic(), _self_cpu()
+    start, cpu = time.monotonic(), cpu_here()
     source = await proc.spawn(["cat", str(path)], stdout=src_w)
     sink = await proc.spawn(["sh", "-c", "cat > /dev/null"], stdin=dst_r)
     os.close(src_w)
@@ -89,7 +86,7 @@ async def one(kind: str, path: Path) -> tuple[float, float, int]:
     for child in (source, sink):
         got = await child.wait()
         assert got.ok, got.stderr
-    return time.monotonic() - start, _self_cpu() - cpu, counted
+    return time.monotonic() - start, cpu_here() - cpu, counted
 
 
 async def main(size_mib: int, repeat: int) -> int:

@@ -102,34 +102,39 @@ async def test_a_flowing_stream_settles_only_while_its_pipes_cannot_fill() -> No
     """Between moves the pump lets a flowing stream's pipes settle (fewer, larger
     splices) only where, at the rate it just moved, a 1 MiB pipe would fill or
     drain by a third at most in that time; never a trickle, a tee, a paced stream
-    or anything that is not a pipe."""
+    or anything that is not a pipe. The smaller of its two pipes rules."""
     src_r, src_w = os.pipe()
     dst_r, dst_w = os.pipe()
+    narrow_r, narrow_w = os.pipe()  # 64 KiB, as a pipe starts
     for fd in (src_r, dst_w):
         widen_pipe(fd)
     pump = SplicePump(src_r, dst_w, lambda n: None)
     try:
         mib = 1 << 20
-        assert pump._settles(src_r, 256 << 10, 0.002)  # 131 MB/s: 131 KB a millisecond
-        assert pump._settles(dst_w, 300 << 10, 0.001)  # 307 MB/s
-        assert not pump._settles(src_r, mib, 0.001)  # 1 GB/s: a millisecond fills it
-        assert not pump._settles(src_r, 32 << 10, 0.0001)  # a trickle: no settling
-        assert not pump._settles(src_w, 256 << 10, 0.002)  # not the pump's: size unknown
+        assert pump._settles(256 << 10, 0.002)  # 131 MB/s: 131 KB a millisecond
+        assert pump._settles(300 << 10, 0.001)  # 307 MB/s
+        assert not pump._settles(mib, 0.001)  # 1 GB/s: a millisecond fills it
+        assert not pump._settles(32 << 10, 0.0001)  # a trickle: no settling
+        narrow = SplicePump(src_r, narrow_w, lambda n: None)
+        try:
+            assert not narrow._settles(256 << 10, 0.002)  # 64 KiB fill in half of that
+        finally:
+            narrow._unwatch()
         a, b = socket.socketpair()
         with a, b:
             other = SplicePump(a.fileno(), dst_w, lambda n: None)
             try:
-                assert not other._settles(a.fileno(), 256 << 10, 0.002)  # not a pipe
+                assert not other._settles(256 << 10, 0.002)  # not a pipe: size unknown
             finally:
                 other._unwatch()
         paced = SplicePump(src_r, dst_w, lambda n: None, 100e6)
         try:
-            assert not paced._settles(src_r, 256 << 10, 0.002)
+            assert not paced._settles(256 << 10, 0.002)
         finally:
             paced._unwatch()
     finally:
         pump.close()
-        for fd in (src_w, dst_r):
+        for fd in (src_w, dst_r, narrow_r, narrow_w):
             os.close(fd)
 
 

@@ -38,12 +38,13 @@ from snapper_zone.daemon.limits import (
 from snapper_zone.daemon.service import Service
 from snapper_zone.daemon.zone import Zone
 from snapper_zone.errors import SnapperError
+from snapper_zone.transfer.remote import AES_GCM
 from snapper_zone.transfer.stream import ClientGone, Inbound, narrow_reads
 from snapper_zone.wire import protocol
 
 __all__ = ["ENCRYPTION_ALGS", "start_ssh_server"]
 
-ENCRYPTION_ALGS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com"]
+ENCRYPTION_ALGS = list(AES_GCM)
 
 
 async def start_ssh_server(zone: Zone, service: Service | None = None) -> asyncssh.SSHAcceptor:

@@ -16,11 +16,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from snapper_zone.transfer.remote import AES_GCM
 from snapper_zone.zfs import proc
 
 # AES-GCM: this CPU family's cheapest (AES-NI); chacha20, OpenSSH's default
 # choice, costs ~1.5x per byte (../shared/notes/ssh-throughput.md).
-CIPHERS = "aes128-gcm@openssh.com,aes256-gcm@openssh.com"
+CIPHERS = ",".join(AES_GCM)
 
 
 def sshd_path() -> str | None:

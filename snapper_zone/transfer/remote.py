@@ -71,8 +71,8 @@ STDERR_LIMIT = 64 * 1024
 _USER = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")  # a login name ssh -l is given
 # OpenSSH-compatible fast path (see shared/notes/ssh-throughput.md): AES-GCM
 # first, no compression (VM disk streams barely compress; it costs CPU).
-ENCRYPTION_ALGS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
-                   "chacha20-poly1305@openssh.com", "aes128-ctr", "aes256-ctr")
+AES_GCM = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+ENCRYPTION_ALGS = (*AES_GCM, "chacha20-poly1305@openssh.com", "aes128-ctr", "aes256-ctr")
 
 
 # -- errors -------------------------------------------------------------------
@@ -598,7 +598,7 @@ class ZoneClient:
         gate = port is not None and port == self.stream_port
         user = self.stream_user or self.username if gate else self.username
         return [ssh, "-F", "/dev/null", "-T", "-x", "-a",
-                "-c", "aes128-gcm@openssh.com,aes256-gcm@openssh.com",
+                "-c", ",".join(AES_GCM),
                 "-o", "Compression=no", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
                 "-o", "IdentityAgent=none", "-o", "ControlPath=none",
                 "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known_hosts}",

@@ -902,7 +902,7 @@ class SplicePump:
         self._owed = 0  # bytes already teed, not yet moved into dst
         self._watching: int | None = None  # the fd a reader/writer callback is on
         self._closed = False
-        self._sizes = {src: _pipe_size(src), dst: _pipe_size(dst)}
+        self._room = min(_pipe_size(src), _pipe_size(dst))  # the smaller pipe rules
         self._turn_at = self.loop.time()  # when the last move began
         self._later: asyncio.Handle | None = self.loop.call_soon(self._move)
 
@@ -963,20 +963,20 @@ class SplicePump:
             self.on_bytes(n)
         self._later = self.loop.call_soon(self._move)
 
-    def _settles(self, fd: int, moved: int, span: float) -> bool:
-        """Whether to let ``fd`` settle (``_SETTLE``) rather than wake on its next
-        change: the stream flows, and at its rate the pipe moves by a third at most."""
+    def _settles(self, moved: int, span: float) -> bool:
+        """Whether to let the pipes settle (``_SETTLE``) rather than wake on their
+        next change: the stream flows, and at its rate neither pipe fills or
+        drains by more than a third meanwhile."""
         if self.tee is not None or self._pace is not None or moved < _SETTLE_MIN \
                 or _SETTLE <= 0:
             return False
         rate = moved / max(span, 1e-4)
-        return rate * _SETTLE <= self._sizes.get(fd, 0) / 3
+        return rate * _SETTLE <= self._room / 3
 
     def _wait(self, moved: int = 0, span: float = 0.0) -> None:
         # Nothing moved: the source is empty, or a destination is full. Bytes
         # owed to dst are in the source already, so then dst is the full one.
-        if not self._owed and self._settles(self.src, moved, span) and \
-                self._settles(self.dst, moved, span):
+        if not self._owed and self._settles(moved, span):
             self._later = self.loop.call_later(_SETTLE, self._move)
             return
         if self._owed:
