@@ -119,6 +119,38 @@ async def test_a_delete_whose_parts_a_reconcile_destroyed_meanwhile_succeeds(
         await raced.delete(VM, "s2")  # a snapshot never there is still an error
 
 
+class _NewestGoesFirst(Zfs):
+    """Real ZFS, where the snapshot a settle rolls back to is destroyed just
+    before, once: a reconcile round deleting a tombstoned newest meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.raced: list[str] = []
+
+    async def rollback(self, snap: Snapshot, *, destroy_later: bool = False) -> None:
+        if not self.raced:
+            self.raced.append(str(snap))
+            await super().destroy(snap)
+        await super().rollback(snap, destroy_later=destroy_later)
+
+
+@pytest.mark.zfs
+async def test_a_settle_whose_newest_snapshot_goes_meanwhile_rolls_back_to_the_next(
+        zfs: Zfs, cn_pool: FilePool, zone_pool: FilePool) -> None:
+    store = ZoneStore(zfs, Dataset(zone_pool.name).child("snapper"))
+    await zfs.create(store.root)
+    await _pushed(zfs, cn_pool, store, 3)
+    racing = _NewestGoesFirst()
+    await ZoneStore(racing, store.root).delete(VM, "s2")
+    assert racing.raced == [f"{store.part_dataset(VM, 'root')}@s3"]
+    assert [s.name for s in await store.snapshots(VM)] == ["s1"]
+    # The head is s1's again: an incremental from s1 lands without -F.
+    src = Dataset(cn_pool.name).child("vm")
+    await zfs.pipe(SendSpec(src.snapshot("s3"), base=src.snapshot("s1")),
+                   store.part_dataset(VM, "root"))
+    assert [s.name for s in await store.snapshots(VM)] == ["s1", "s3"]
+
+
 @pytest.mark.zfs
 async def test_concurrent_tombstone_changes_keep_each_other(zfs: Zfs,
                                                             zone_pool: FilePool) -> None:

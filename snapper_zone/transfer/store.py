@@ -48,6 +48,9 @@ _MAX_CHUNKS = 64
 _CONTAINER_PROPS = [P_COMPLETE, P_PARTS, P_CREATED, P_SOURCE]
 
 
+_SETTLE_TRIES = 3  # a dataset's newest snapshot destroyed under a settle: look again
+
+
 class SnapshotNotFound(SnapperError):
     code = "ResourceNotFound"
     http_status = 404
@@ -284,16 +287,23 @@ class ZoneStore:
         Nothing but receive ever writes a zone's dataset, so rolling back to
         the newest snapshot discards no one's data; a dataset left with no
         snapshot at all holds nothing acknowledged and is destroyed, so a full
-        stream can create it again.
+        stream can create it again. A reconcile round may destroy the newest
+        meanwhile (a tombstoned one): then the newest is looked up again.
         """
-        try:
-            left = await self.zfs.snapshots(ds)
-        except DatasetNotFound:
-            return
-        if left:
-            await self.zfs.rollback(left[-1].snapshot)
-        elif not await self.zfs.resume_token(ds):
-            await self._destroy_if_there(ds, recursive=True)
+        for attempt in range(_SETTLE_TRIES):
+            try:
+                left = await self.zfs.snapshots(ds)
+            except DatasetNotFound:
+                return  # gone with its last snapshot
+            try:
+                if left:
+                    await self.zfs.rollback(left[-1].snapshot)
+                elif not await self.zfs.resume_token(ds):
+                    await self._destroy_if_there(ds, recursive=True)
+                return
+            except DatasetNotFound:
+                if attempt == _SETTLE_TRIES - 1:
+                    raise
 
     async def drop_vm(self, vm: str) -> None:
         """Destroy this zone's whole copy of a VM (a move's last step)."""
