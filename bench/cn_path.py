@@ -23,6 +23,13 @@ hits all alike:
 ``--no-splice``: snapper (CN and zone) copies every stream through Python, as
 on illumos, instead of moving it with splice(2).
 
+``--incremental-mib N``: the stream timed is an incremental one, N MiB of new
+data on top of the ``--size-mib`` snapshot, as a CN's scheduled push mostly
+is. Before each timed run the destination gets the base, untimed (a local
+``zfs send | zfs receive``, or a ``snapper push`` of the base), so every path
+sends the same incremental stream; what each pays around it (logins, listing
+snapshots, planning) is in its time.
+
 After one untimed round (cold caches), each run lands in a fresh dataset,
 destroyed afterwards; the time is from starting the command to its exit (the
 remote receive is done by then). CPU is the receiving side's, from the
@@ -31,7 +38,7 @@ its reaped children): sshd's listener (every connection's sshd and its ``zfs
 receive`` are reaped into it) and snapperd (its ``zfs receive`` children).
 MB/s is 10^6 bytes/s; the ratios are from the same run.
 
-    python bench/cn_path.py [--size-mib 512] [--repeat 3] [--gate]
+    python bench/cn_path.py [--size-mib 512] [--repeat 3] [--gate] [--incremental-mib N]
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+NEXT = "bench-next"  # --incremental-mib: the snapshot after SNAP, the one timed
 sys.path.insert(0, str(HERE))
 
 from common import (  # noqa: E402
@@ -63,6 +71,7 @@ from common import (  # noqa: E402
     cpu_seconds,
     cpu_self_seconds,
     cpu_since,
+    fill,
     header,
     run_line,
     ssh_argv,
@@ -71,26 +80,48 @@ from common import (  # noqa: E402
 
 from snapper_zone.cn.cli import build_parser, push_with_failover, settings  # noqa: E402
 from snapper_zone.common.progress import NoProgress  # noqa: E402
+from snapper_zone.zfs.names import Dataset  # noqa: E402
 from snapper_zone.zfs.zfs import SendSpec  # noqa: E402
 
 
 class CnPathBench(Bench):
     copies = 2  # the stream's dataset and the VM received from it
+    incremental = 0  # bytes of new data in the timed (incremental) stream; 0: full
 
     async def setup(self) -> None:
+        if self.incremental:
+            self.copies = 3  # and the new data, at most the same again
         await super().setup()
         # The CN's VM: the stream's source dataset under the name snapper pushes.
         self.vm = self.src.child(VM)
         await self.zfs.pipe(SendSpec(self.data.snapshot(SNAP)), self.vm)
-        self.bytes = await self.send_bytes(SendSpec(self.vm.snapshot(SNAP)))
+        self.name = SNAP
+        self.spec = SendSpec(self.vm.snapshot(SNAP))
+        if self.incremental:
+            mounted = self.pools[0].mountpoint
+            assert mounted is not None
+            await asyncio.to_thread(fill, mounted / VM / "next", self.incremental)
+            await self.zfs.snapshot([self.vm.snapshot(NEXT)])
+            self.name = NEXT
+            self.spec = SendSpec(self.vm.snapshot(NEXT), base=self.vm.snapshot(SNAP))
+        self.bytes = await self.send_bytes(self.spec)
         await self.start_sshd([self.client_key])
         await self.start_snapperd([CnKey(CN_ID, self.client_key, (VM,))])
         self.syncoid = shutil.which("syncoid")
+        self.no_syncoid = "" if self.syncoid else "syncoid not installed: apt-get install sanoid"
+        if self.syncoid and self.incremental and \
+                (await self.zfs.capabilities()).flavour == "zfs-fuse":
+            # It lists the target's snapshots with `zfs get -t snapshot`, which
+            # zfs-fuse lacks, and its fallback puts the ssh command in twice.
+            self.syncoid = None
+            self.no_syncoid = ("syncoid cannot send an incremental into zfs-fuse: it "
+                               "lists the target with `zfs get -t`, which zfs-fuse lacks")
 
     async def openssh(self, i: int) -> float:
         target = self.dst.child(f"b{i}")
+        await self.seed(target)
         remote = " ".join(await self.zfs.receive_argv(target, resumable=False))
-        send = " ".join(await self.zfs.send_argv(SendSpec(self.vm.snapshot(SNAP))))
+        send = " ".join(await self.zfs.send_argv(self.spec))
         ssh = " ".join(ssh_argv(self.client_key, self.sshd_known, self.sshd_port, "root",
                                 f"'{remote}'"))
         before = cpu_seconds(self.sshd_pid)
@@ -100,9 +131,27 @@ class CnPathBench(Bench):
         await self.zfs.destroy(target, recursive=True)
         return took
 
+    async def seed(self, target: Dataset) -> None:
+        """With ``--incremental-mib``: ``target`` gets the base first (untimed)."""
+        if self.incremental:
+            await self.zfs.pipe(SendSpec(self.vm.snapshot(SNAP)), target)
+
+    async def seed_zone(self, via_gate: bool) -> None:
+        """With ``--incremental-mib``: snapperd gets the base first (untimed), by
+        the agent's push on the same path."""
+        if self.incremental:
+            await self.agent_push(SNAP, via_gate)
+
+    async def agent_push(self, name: str, via_gate: bool) -> None:
+        args = build_parser().parse_args(
+            self.push_argv(self.client_key, VM, str(self.src), via_gate=via_gate, name=name))
+        await push_with_failover(settings(args), VM, name=name, base=None, metadata=None,
+                                 durability=None, bwlimit=None, reporter=NoProgress())
+
     async def snapper_push(self, i: int, via_gate: bool = False) -> float:
+        await self.seed_zone(via_gate)
         cli = [sys.executable, "-m", "snapper_zone.cli",
-               *self.push_argv(self.client_key, VM, str(self.src), via_gate)]
+               *self.push_argv(self.client_key, VM, str(self.src), via_gate, self.name)]
         zone = [self.snapperd_pid, *([self.gate_pid] if via_gate else [])]
         before = [cpu_seconds(pid) for pid in zone]
         alone = cpu_self_seconds(self.snapperd_pid)
@@ -123,15 +172,12 @@ class CnPathBench(Bench):
         """The CLI's own push (its argv, settings and ``push_with_failover``) run in
         this process: what ``snapper agent``'s scheduled pushes pay, with no
         interpreter start or imports (through the gate with ``--gate``)."""
-        args = build_parser().parse_args(
-            self.push_argv(self.client_key, VM, str(self.src), via_gate=self.gate))
-        s = settings(args)
+        await self.seed_zone(self.gate)
         zone = [self.snapperd_pid, *([self.gate_pid] if self.gate else [])]
         before = [cpu_seconds(pid) for pid in zone]
         mine = cpu_here()
         t0 = time.perf_counter()
-        await push_with_failover(s, VM, name=SNAP, base=None, metadata=None,
-                                 durability=None, bwlimit=None, reporter=NoProgress())
+        await self.agent_push(self.name, self.gate)
         took = time.perf_counter() - t0
         self.cpu.setdefault("e-cn", []).append(cpu_here() - mine)
         spent = [await cpu_since(pid, b) for pid, b in zip(zone, before, strict=True)]
@@ -142,6 +188,7 @@ class CnPathBench(Bench):
     async def syncoid_push(self, i: int) -> float:
         assert self.syncoid is not None
         target = self.dst.child(f"c{i}")
+        await self.seed(target)  # syncoid then sends from the newest snapshot both have
         argv = [self.syncoid, "--no-sync-snap", "--no-privilege-elevation", "--quiet",
                 f"--sshcipher={CIPHER}", f"--sshport={self.sshd_port}",
                 f"--sshkey={self.client_key}",
@@ -188,6 +235,7 @@ LABELS = {"a": "zfs send | ssh -> sshd -> zfs receive",
 async def amain(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="snapper-bench-"))
     bench = CnPathBench(workdir, args.size_mib, args.repeat)
+    bench.incremental = args.incremental_mib << 20
     try:
         print(f"preparing {args.size_mib} MiB of data in {workdir} ...", file=sys.stderr)
         bench.ssh_client = args.ssh_client
@@ -203,7 +251,9 @@ async def amain(args: argparse.Namespace) -> int:
     rates = {k: bench.bytes / statistics.median(v) / 1e6 for k, v in times.items()}
     cpu = {k: statistics.median(v) / gb for k, v in bench.cpu.items()}
     print("\n" + header(bench.bytes, caps.flavour, args.repeat)
-          + ("; streams copied through Python (--no-splice)" if args.no_splice else ""))
+          + ("; streams copied through Python (--no-splice)" if args.no_splice else "")
+          + (f"; incremental: {args.incremental_mib} MiB new on a {args.size_mib} MiB "
+             "base" if args.incremental_mib else ""))
     print(f"  {'path':<44} {'MB/s':>8} {'recv CPU s/GB':>14}")
     for k, rate in rates.items():
         label = LABELS[k] + (" gate" if k == "e" and bench.gate else
@@ -216,7 +266,7 @@ async def amain(args: argparse.Namespace) -> int:
             print(f"  {'  the CN: snapper in its process, CPU s/GB':<44} {'':8} "
                   f"{cpu['e-cn']:14.2f}")
     if "c" not in rates:
-        print("  (syncoid not installed: apt-get install sanoid)")
+        print(f"  ({bench.no_syncoid})")
     print(f"  snapper push / OpenSSH pipe: {rates['b'] / rates['a']:.2f}x MB/s "
           "(target >= 1.0)")
     if "c" in rates:
@@ -245,12 +295,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-splice", action="store_true",
                    help="copy every stream through Python as on illumos, which has no "
                         "splice(2) (SNAPPER_NO_SPLICE, for snapper and its snapperd)")
+    p.add_argument("--incremental-mib", type=int, default=0,
+                   help="time an incremental stream of this much new data on top of "
+                        "--size-mib (a scheduled push), each path given the base first")
     add_ssh_client_option(p)
     args = p.parse_args(argv)
     if args.no_splice:
         os.environ["SNAPPER_NO_SPLICE"] = "1"  # the CLI, snapperd and this process
-    if args.size_mib < 1 or args.repeat < 1:
-        p.error("--size-mib and --repeat must be positive")
+    if args.size_mib < 1 or args.repeat < 1 or args.incremental_mib < 0:
+        p.error("--size-mib and --repeat must be positive, --incremental-mib not negative")
     return asyncio.run(amain(args))
 
 

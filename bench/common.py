@@ -114,6 +114,16 @@ def cpu_self_seconds(pid: int) -> float:
     return sum(int(x) for x in fields[11:13]) / _TICK
 
 
+def fill(path: Path, size: int) -> int:
+    """Write ``size`` random (incompressible) bytes to ``path``; return the size."""
+    chunk = 4 << 20
+    with open(path, "wb") as f:
+        for _ in range(size // chunk):
+            f.write(os.urandom(chunk))
+        f.write(os.urandom(size % chunk))
+    return size
+
+
 def cpu_here() -> float:
     """This process's own CPU-seconds (user + system), not its children's."""
     ru = resource.getrusage(resource.RUSAGE_SELF)
@@ -282,16 +292,9 @@ class Bench:
         self.data = self.src.child("data")
         await self.zfs.create(self.data)
         assert src.mountpoint is not None
-        await asyncio.to_thread(self._fill, src.mountpoint / "data" / "random")
+        await asyncio.to_thread(fill, src.mountpoint / "data" / "random", self.size)
         await self.zfs.snapshot([self.data.snapshot(SNAP)])
         self.client_key = keygen(self.workdir / "client_ed25519")
-
-    def _fill(self, path: Path) -> None:
-        chunk = 4 << 20
-        with open(path, "wb") as f:
-            for _ in range(self.size // chunk):
-                f.write(os.urandom(chunk))
-            f.write(os.urandom(self.size % chunk))
 
     async def send_bytes(self, spec: SendSpec) -> int:
         """The size of ``spec``'s stream, counted (no estimate)."""
@@ -373,8 +376,8 @@ class Bench:
         self.cn_config[False].write_text("use_gate = false\n")
 
     def push_argv(self, key: Path, vm: str, dataset_root: str,
-                  via_gate: bool = True) -> list[str]:
-        """``snapper push VM --name SNAP``'s arguments (after the program); the stream
+                  via_gate: bool = True, name: str = SNAP) -> list[str]:
+        """``snapper push VM --name NAME``'s arguments (after the program); the stream
         through ``ssh_client`` (None: the CLI's default, OpenSSH where installed), and
         through snapperd's gate if it has one and ``via_gate``."""
         client = ["--ssh-client", self.ssh_client] if self.ssh_client else []
@@ -382,7 +385,7 @@ class Bench:
             client += ["--config", str(self.cn_config[via_gate])]
         return ["--zone", f"127.0.0.1:{self.zone_port}", "--key", str(key),
                 "--known-hosts", str(self.zone_known), "--dataset-root", dataset_root,
-                *client, "push", vm, "--name", SNAP, "--progress", "none"]
+                *client, "push", vm, "--name", name, "--progress", "none"]
 
     async def cleanup(self) -> None:
         for daemon in reversed(self.daemons):

@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import cpu_here
+from common import cpu_here, fill
 
 from snapper_zone.transfer.stream import (
     PipeFlow,
@@ -43,13 +43,6 @@ from snapper_zone.transfer.stream import (
     can_splice,
 )
 from snapper_zone.zfs import proc
-
-
-def _fill(path: Path, size_mib: int) -> int:
-    with open(path, "wb") as f:
-        for _ in range(size_mib):
-            f.write(os.urandom(1 << 20))
-    return path.stat().st_size
 
 
 async def one(kind: str, path: Path) -> tuple[float, float, int]:
@@ -93,7 +86,7 @@ async def main(size_mib: int, repeat: int) -> int:
     kinds = ["python"] + (["splice"] if can_splice() else [])
     with tempfile.TemporaryDirectory(prefix="snapper-bench-") as tmp:
         path = Path(tmp) / "data"
-        size = await asyncio.to_thread(_fill, path, size_mib)
+        size = await asyncio.to_thread(fill, path, size_mib << 20)
         await one("python", path)  # warm the page cache
         secs: dict[str, list[float]] = {k: [] for k in kinds}
         cpus: dict[str, list[float]] = {k: [] for k in kinds}

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import resource
 import shutil
 import statistics
 import sys
@@ -45,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from common import CIPHER, cpu_seconds  # noqa: E402
+from common import CIPHER, cpu_here, cpu_seconds, fill  # noqa: E402
 
 from snapper_zone.transfer.stream import narrow_reads  # noqa: E402
 from snapper_zone.zfs import proc  # noqa: E402
@@ -121,24 +120,13 @@ def _write(path: Path, text: str) -> None:
     path.write_text(text)
 
 
-def _fill(path: Path, size_mib: int) -> None:
-    with open(path, "wb") as f:
-        for _ in range(size_mib):
-            f.write(os.urandom(1 << 20))
-
-
-def _self_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
 async def send_asyncssh(port: int, key: Path, known: Path, nbytes: int) -> tuple[float, float]:
     """(seconds, this process's CPU seconds) to send ``nbytes`` over asyncssh."""
     data = os.urandom(CHUNK)
     async with asyncssh.connect("127.0.0.1", port, client_keys=[str(key)],
                                 known_hosts=str(known), encryption_algs=[CIPHER],
                                 compression_algs=None) as conn:
-        cpu, start = _self_cpu(), time.monotonic()
+        cpu, start = cpu_here(), time.monotonic()
         chan, opened = await conn.create_session(_Source, "sink", encoding=None)
         session = cast(_Source, opened)
         left = nbytes
@@ -149,7 +137,7 @@ async def send_asyncssh(port: int, key: Path, known: Path, nbytes: int) -> tuple
             left -= n
         chan.write_eof()
         await chan.wait_closed()
-        return time.monotonic() - start, _self_cpu() - cpu
+        return time.monotonic() - start, cpu_here() - cpu
 
 
 async def send_openssh(port: int, key: Path, known: Path, source: Path) -> float:
@@ -177,7 +165,7 @@ async def amain(args: argparse.Namespace) -> int:
     client.write_private_key(str(work / "client"))
     os.chmod(work / "client", 0o600)
     source = work / "bytes"
-    _fill(source, args.size_mib)
+    fill(source, args.size_mib << 20)
     servers: dict[int, tuple[proc.Spawned, int]] = {}
     rows: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
     try:
