@@ -114,6 +114,14 @@ def cpu_self_seconds(pid: int) -> float:
     return sum(int(x) for x in fields[11:13]) / _TICK
 
 
+def machine_cpu() -> float:
+    """CPU-seconds the whole machine has spent busy since boot (``/proc/stat``:
+    user, nice, system, irq, softirq; not idle, iowait or a hypervisor's steal)."""
+    first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in first[1:8])
+    return (user + nice + system + irq + softirq) / _TICK
+
+
 def fill(path: Path, size: int) -> int:
     """Write ``size`` random (incompressible) bytes to ``path``; return the size."""
     chunk = 4 << 20
