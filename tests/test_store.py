@@ -36,6 +36,12 @@ def test_metadata_limit() -> None:
         encode_metadata({"x": "y" * 1000}, 100)
 
 
+async def _new_store(zfs: Zfs, zone_pool: FilePool) -> ZoneStore:
+    store = ZoneStore(zfs, Dataset(zone_pool.name).child("snapper"))
+    await zfs.create(store.root)
+    return store
+
+
 async def _pushed(zfs: Zfs, cn_pool: FilePool, store: ZoneStore, snaps: int) -> Dataset:
     src = Dataset(cn_pool.name).child("vm")
     await zfs.create(src)
@@ -52,8 +58,7 @@ async def _pushed(zfs: Zfs, cn_pool: FilePool, store: ZoneStore, snaps: int) -> 
 @pytest.mark.openzfs
 async def test_complete_metadata_and_delete(zfs: Zfs, cn_pool: FilePool,
                                             zone_pool: FilePool) -> None:
-    store = ZoneStore(zfs, Dataset(zone_pool.name).child("snapper"))
-    await zfs.create(store.root)
+    store = await _new_store(zfs, zone_pool)
     src = await _pushed(zfs, cn_pool, store, 3)
     snaps = await store.snapshots(VM)
     assert [(s.name, s.complete) for s in snaps] == [("s1", False), ("s2", False),
@@ -99,8 +104,7 @@ class _ReconcileGetsThereFirst(Zfs):
 @pytest.mark.zfs
 async def test_a_delete_whose_parts_a_reconcile_destroyed_meanwhile_succeeds(
         zfs: Zfs, cn_pool: FilePool, zone_pool: FilePool) -> None:
-    store = ZoneStore(zfs, Dataset(zone_pool.name).child("snapper"))
-    await zfs.create(store.root)
+    store = await _new_store(zfs, zone_pool)
     await _pushed(zfs, cn_pool, store, 3)
     await store.mark_complete(VM, "s2", ["root"], None, "cn:x")
     guid = (await store.snapshot(VM, "s2")).parts["root"].guid
@@ -137,8 +141,7 @@ class _NewestGoesFirst(Zfs):
 @pytest.mark.zfs
 async def test_a_settle_whose_newest_snapshot_goes_meanwhile_rolls_back_to_the_next(
         zfs: Zfs, cn_pool: FilePool, zone_pool: FilePool) -> None:
-    store = ZoneStore(zfs, Dataset(zone_pool.name).child("snapper"))
-    await zfs.create(store.root)
+    store = await _new_store(zfs, zone_pool)
     await _pushed(zfs, cn_pool, store, 3)
     racing = _NewestGoesFirst()
     await ZoneStore(racing, store.root).delete(VM, "s2")
@@ -156,8 +159,7 @@ async def test_concurrent_tombstone_changes_keep_each_other(zfs: Zfs,
                                                             zone_pool: FilePool) -> None:
     """A delete tombstoning a snapshot while reconcile forgets expired tombstones:
     both land (a lost tombstone made a deleted snapshot come back in the soak)."""
-    store = ZoneStore(zfs, Dataset(zone_pool.name).child("snapper"))
-    await zfs.create(store.root)
+    store = await _new_store(zfs, zone_pool)
     await store.ensure_vm(VM)
     await store.add_tombstones(VM, [1, 2, 3], now=100)
     await asyncio.gather(store.forget_tombstones(VM, [1, 2]),
@@ -176,8 +178,7 @@ async def test_a_listing_never_sees_a_copy_half_dropped(zfs: Zfs, cn_pool: FileP
                                                         zone_pool: FilePool) -> None:
     """`zfs destroy -r` goes child by child; a reconcile round listing the VM
     meanwhile planned from a copy with datasets and snapshots missing (soak)."""
-    store = ZoneStore(zfs, Dataset(zone_pool.name).child("snapper"))
-    await zfs.create(store.root)
+    store = await _new_store(zfs, zone_pool)
     src = await _pushed(zfs, cn_pool, store, 3)
     before, _ = await asyncio.gather(store.document(VM), store.drop_vm(VM))
     assert [s.name for s in before.snapshots] == ["s1", "s2", "s3"]
