@@ -182,20 +182,55 @@ class Demo:
     async def delete_intermediate(self, http: aiohttp.ClientSession, name: str) -> None:
         say(f"Deleting the intermediate snapshot @{name} on the zones (any snapshot "
             "can go, not only the newest)")
+        await self.moves_done(http)
         for cn in self.fleet.cns:
             for vm in cn.vms:
-                zone = self.primary(vm)
-                async with http.delete(f"{zone.http_url}/v1/vms/{vm}/snapshots/{name}") as r:
-                    if r.status != 204:
-                        raise RuntimeError(f"DELETE failed: {r.status} {await r.text()}")
+                for attempt in (1, 2):
+                    zone = self.primary(vm)
+                    url = f"{zone.http_url}/v1/vms/{vm}/snapshots/{name}"
+                    async with http.delete(url) as r:
+                        if r.status == 204:
+                            break
+                        if attempt == 2:
+                            raise RuntimeError(f"DELETE failed: {r.status} {await r.text()}")
+                    # A move took the copy elsewhere meanwhile: ask the new primary.
+                    await self.moves_done(http)
                 info(f"{zone.name}: deleted {vm[:8]}@{name}")
         for cn in self.fleet.cns:
             for vm in cn.vms:
-                mirror = self.pair(vm)[1]
                 t0 = time.monotonic()
-                await wait_gone(http, mirror, vm, name)
+                mirror = await self.wait_gone(http, vm, name)
                 info(f"{mirror.name} (mirror): {vm[:8]}@{name} gone too, "
                      f"{time.monotonic() - t0:.1f}s later (tombstone + reconcile)")
+
+    async def moves_done(self, http: aiohttp.ClientSession) -> None:
+        """Wait until the coordinator runs no move, then learn the placement again.
+
+        It rebalances by itself: when the first placements happen to leave a
+        zone without copies (4 VMs on one pair: ~4% of runs), it moves some
+        onto it while the demo goes on."""
+        c = self.fleet.coordinator
+        if c is None:
+            return
+
+        async def idle() -> bool | None:
+            async with http.get(f"{c.url}/v1/moves?state=planned&state=running") as r:
+                return True if not (await r.json())["moves"] else None
+
+        await poll(idle, 180, "the coordinator's moves")
+        await self.refresh_placement()
+
+    async def wait_gone(self, http: aiohttp.ClientSession, vm: str, name: str,
+                        timeout: float = 60.0) -> LocalZone:
+        """Wait until ``vm``'s mirror (wherever a move has put it) no longer holds
+        ``name``; return that mirror."""
+        async def gone() -> LocalZone | None:
+            await self.refresh_placement()
+            mirror = self.pair(vm)[1]
+            held = await _complete(http, mirror, vm)
+            return mirror if held is not None and name not in held else None
+
+        return await poll(gone, timeout, f"{vm}'s mirror dropping @{name}")
 
     async def restore_and_check(self, snap: str) -> None:
         cn = self.fleet.cns[0]
@@ -378,15 +413,6 @@ async def poll(cond: Callable[[], Awaitable[T | None]], timeout: float, what: st
         if time.monotonic() > deadline:
             raise RuntimeError(f"{what}: not reached within {timeout:.0f}s")
         await asyncio.sleep(0.3)
-
-
-async def wait_gone(http: aiohttp.ClientSession, zone: LocalZone, vm: str, name: str,
-                    timeout: float = 60.0) -> None:
-    async def gone() -> bool | None:
-        held = await _complete(http, zone, vm)
-        return True if held is not None and name not in held else None
-
-    await poll(gone, timeout, f"{zone.name} dropping {vm}@{name}")
 
 
 async def wait_same(http: aiohttp.ClientSession, a: LocalZone, b: LocalZone, vm: str,
