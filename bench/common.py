@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -282,6 +283,7 @@ class Bench:
         self.ssh_client: str | None = None  # snapper push --ssh-client
         # snapperd with a [gate]: a second private sshd, its front door for streams
         self.gate = False
+        self.snapperd_log_level = "warn"  # "info" for a bench that reloads it (reconfigure)
 
     async def setup(self) -> None:
         if localpool.tier() == "fuse":
@@ -353,7 +355,8 @@ class Bench:
         ready = d / "ready.json"
         daemon = proc.Daemon([sys.executable, "-m", "snapper_zone.daemon.main", "--config",
                               str(d / "snapperd.json"), "--ready-file", str(ready),
-                              "--create-root", "--log-level", "warn"], str(d / "snapperd.log"),
+                              "--create-root", "--log-level", self.snapperd_log_level],
+                             str(d / "snapperd.log"),
                              env={**os.environ, "PYTHONPATH": str(REPO)})
         self.daemons.append(daemon)
         self.snapperd_pid = daemon.pid
@@ -364,6 +367,27 @@ class Bench:
                                    + key.export_public_key().decode())
         if self.gate:
             await self.start_gate_sshd(d / "host_ed25519", d / "gate_authorized_keys")
+
+    async def reconfigure(self, **fields: Any) -> None:
+        """Put ``fields`` into snapperd's config, SIGHUP it, and return once it says
+        "config reloaded" (the bench set ``snapperd_log_level = "info"``)."""
+        d = self.workdir / "snapperd"
+        cfg = json.loads((d / "snapperd.json").read_text())
+        for name, value in fields.items():  # "limits.copy_buffer_bytes" -> nested
+            *tables, key = name.split(".")
+            at = cfg
+            for t in tables:
+                at = at.setdefault(t, {})
+            at[key] = value
+        (d / "snapperd.json").write_text(json.dumps(cfg))
+        log = d / "snapperd.log"
+        before = log.read_text().count("config reloaded")
+        os.kill(self.snapperd_pid, signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while log.read_text().count("config reloaded") == before:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"snapperd did not reload its config: {log}")
+            await asyncio.sleep(0.02)  # polling a condition with a deadline
 
     async def _sshd(self, d: Path, port: int, host_key: Path,
                     options: Sequence[str]) -> int:

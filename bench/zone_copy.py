@@ -74,6 +74,7 @@ from common import (  # noqa: E402
     timed,
 )
 
+from snapper_zone.common.config import Limits  # noqa: E402
 from snapper_zone.transfer.remote import ZoneClient  # noqa: E402
 from snapper_zone.wire.protocol import Receive  # noqa: E402
 from snapper_zone.zfs.zfs import SendSpec  # noqa: E402
@@ -92,9 +93,10 @@ class ZoneCopyBench(Bench):
     def __init__(self, workdir: Path, size_mib: int, repeat: int) -> None:
         super().__init__(workdir, size_mib, repeat)
         self.dst_copies = 2  # each copy is destroyed after its run
-        self.vms = [str(uuid.uuid4()) for _ in range(2 * repeat + 2)]
+        self.vms = [str(uuid.uuid4()) for _ in range(3 * repeat + 3)]
         self.cpu: dict[str, list[float]] = {}
         self.machine: dict[str, list[float]] = {}  # the whole machine's, per run
+        self.ring = True  # the receiving zone has its default copy buffer
 
     def busy(self, path: str, since: float) -> None:
         self.machine.setdefault(path, []).append(machine_cpu() - since)
@@ -124,9 +126,14 @@ class ZoneCopyBench(Bench):
         await self.start_sshd([self.peer_key])
         self.ssh = shutil.which("ssh")
 
-    async def copy(self, openssh: bool) -> float:
+    async def copy(self, openssh: bool, path: str) -> float:
         """Seconds for one copy; the sending side's CPU (this process, its ssh and
-        zfs send) is added to ``self.cpu``."""
+        zfs send) is added to ``self.cpu[path]``."""
+        ring = path != "no-ring"
+        if self.gate and ring != self.ring:  # the receiving zone's copy buffer, or none
+            await self.reconfigure(**{"limits.copy_buffer_bytes":
+                                      Limits().copy_buffer_bytes if ring else 0})
+            self.ring = ring
         vm = self.vms.pop()
         cpu = _cpu()
         # Through the gate (--gate), its sshd runs the copy as root on this box.
@@ -140,8 +147,8 @@ class ZoneCopyBench(Bench):
                                      SendSpec(self.data.snapshot(SNAP)), self.zfs)
             await client.commit(vm, SNAP, ["disk0"], None)
             took = time.monotonic() - start
-            self.busy("openssh" if openssh else "asyncssh", busy)
-        self.cpu.setdefault("openssh" if openssh else "asyncssh", []).append(_cpu() - cpu)
+            self.busy(path, busy)
+        self.cpu.setdefault(path, []).append(_cpu() - cpu)
         # Each run into the same free space, not a pool filling up run by run.
         await self.zfs.destroy(self.zone_root.child(vm), recursive=True)
         return took
@@ -190,6 +197,7 @@ async def main(size_mib: int, repeat: int, gate: bool) -> int:
     with tempfile.TemporaryDirectory(prefix="snapper-bench-") as tmp:
         b = ZoneCopyBench(Path(tmp), size_mib, repeat)
         b.gate = gate
+        b.snapperd_log_level = "info"  # reconfigure waits for "config reloaded"
         try:
             await b.setup()
             if b.ssh is None:
@@ -199,6 +207,8 @@ async def main(size_mib: int, repeat: int, gate: bool) -> int:
                                              "ssh-only": [], "send-only": [], "ssh-pipe": []}
             if shutil.which("mbuffer"):
                 times["mbuffer"] = []
+            if gate:
+                times["no-ring"] = []
 
             async def run(k: str, i: int) -> float:
                 if k == "local":
@@ -209,7 +219,7 @@ async def main(size_mib: int, repeat: int, gate: bool) -> int:
                     return await b.send_only()
                 if k in ("ssh-pipe", "mbuffer"):
                     return await b.ssh_pipe(i, k == "mbuffer")
-                return await b.copy(k == "openssh")
+                return await b.copy(k != "asyncssh", k)
 
             # One untimed round first: the first stream after the data was
             # written runs slower whichever path it takes (cold caches).
@@ -233,6 +243,7 @@ async def main(size_mib: int, repeat: int, gate: bool) -> int:
             print("\n".join(rate_rows(b.bytes, times, {
                 "openssh": "zone -> ssh -> peer's sshd gate" if gate
                 else "zone -> ssh -> peer's vetted receive",
+                "no-ring": "the same, copy_buffer_bytes = 0 (no ring)",
                 "asyncssh": "zone -> asyncssh -> peer's vetted receive",
                 "local": "zfs send | zfs receive (local)",
                 "ssh-only": "zfs send | ssh 'cat > /dev/null'",
@@ -256,6 +267,9 @@ async def main(size_mib: int, repeat: int, gate: bool) -> int:
             for k in ("asyncssh", "openssh"):
                 print(f"  {k} / that ceiling: {b.bytes / med[k] / 1e6 / ceiling:.2f}; "
                       f"/ OpenSSH's pipe: {med['ssh-pipe'] / med[k]:.2f}")
+            if "no-ring" in med:
+                print(f"  the gate with its copy buffer / without: "
+                      f"{med['no-ring'] / med['openssh']:.2f}")
             if "mbuffer" in med:
                 print(f"  OpenSSH's pipe with mbuffer / without: "
                       f"{med['ssh-pipe'] / med['mbuffer']:.2f}; / the local pipe: "

@@ -510,6 +510,8 @@ def _zone_toml(extra: str) -> str:
      "not a size"),
     (load_config, _zone_toml("metadata_max_bytes = true"), "metadata_max_bytes",
      "must be a size: an integer"),
+    (load_config, _zone_toml("[limits]\ncopy_buffer_bytes = '2GiB'"),
+     "limits.copy_buffer_bytes", "out of range"),
     (_coordinator, "[moves]\nper_zon = 3\n", "moves.per_zon", "did you mean 'per_zone'"),
     (_coordinator, "[helth]\ninterval = 3\n", "helth", "did you mean 'health'"),
     (_coordinator, "[health]\ninterval = 'often'\n", "health.interval",
@@ -541,6 +543,11 @@ def test_sizes_in_config_files_take_the_one_grammar(tmp_path: Path) -> None:
     zc = load_config(z)
     assert (zc.metadata_max_bytes, zc.limits.vm_quota_bytes, zc.limits.cn_quota_bytes) == \
         (64 << 10, 3 << 39, 1 << 20)
+    assert zc.limits.copy_buffer_bytes == 64 << 20  # the default
+    z.write_text(_zone_toml('[limits]\ncopy_buffer_bytes = "16MiB"'))
+    assert load_config(z).limits.copy_buffer_bytes == 16 << 20
+    z.write_text(_zone_toml('[limits]\ncopy_buffer_bytes = 0'))  # none
+    assert load_config(z).limits.copy_buffer_bytes == 0
     c = tmp_path / "c.toml"
     c.write_text('[moves]\nbandwidth = "50MiB"\nkeep_days = 7\nkeep_finished = 10\n')
     cc = _coordinator(c)

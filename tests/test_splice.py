@@ -20,42 +20,13 @@ from snapper_zone.transfer.stream import (
     can_tee,
     pipe_inbound,
     splice_out,
-    wait_ready,
 )
 from snapper_zone.zfs.proc import widen_pipe
 from tests.helpers import wait_for
+from tests.pipes import read_all, write_all
 
 pytestmark = pytest.mark.skipif(not can_splice(), reason="no splice(2) here (Linux only); "
                                 "SendPump carries the stream instead")
-
-
-async def _write_all(fd: int, data: bytes) -> None:
-    """Feed ``data`` into a non-blocking pipe as fast as it drains, then close it."""
-    os.set_blocking(fd, False)
-    view = memoryview(data)
-    while view:
-        try:
-            n = os.write(fd, view[:1 << 20])
-            view = view[n:]
-        except BlockingIOError:
-            await wait_ready(fd, write=True)
-    os.close(fd)
-
-
-async def _read_all(fd: int, out: bytearray, stop_after: int | None = None) -> None:
-    os.set_blocking(fd, False)
-    while True:
-        try:
-            chunk = os.read(fd, 1 << 20)
-        except BlockingIOError:
-            await wait_ready(fd, write=False)
-            continue
-        if not chunk:
-            break
-        out += chunk
-        if stop_after is not None and len(out) >= stop_after:
-            break
-    os.close(fd)
 
 
 async def _pumped(data: bytes, bwlimit: float | None = None,
@@ -67,8 +38,8 @@ async def _pumped(data: bytes, bwlimit: float | None = None,
     counted: list[int] = []
     got = bytearray()
     pump = SplicePump(src_r, dst_w, counted.append, bwlimit)
-    writer = asyncio.ensure_future(_write_all(src_w, data))
-    reader = asyncio.ensure_future(_read_all(dst_r, got, stop_after))
+    writer = asyncio.ensure_future(write_all(src_w, data))
+    reader = asyncio.ensure_future(read_all(dst_r, got, stop_after))
     try:
         await asyncio.wait_for(asyncio.shield(pump.done), 60)
     except OSError:
@@ -162,10 +133,10 @@ async def test_bwlimit_paces_the_stream() -> None:
     pump = SplicePump(src_r, dst_w, count, rate)
     # The reader stops at the stream's last byte, as a zone's receive ends at the
     # stream's last record, whenever the pump's own end comes.
-    reader = asyncio.ensure_future(_read_all(dst_r, got, len(first) + len(rest)))
+    reader = asyncio.ensure_future(read_all(dst_r, got, len(first) + len(rest)))
     os.write(src_w, first)
     await asyncio.wait_for(took_first.wait(), 30)  # the pump took it: now the rest
-    await _write_all(src_w, rest)
+    await write_all(src_w, rest)
     await asyncio.wait_for(reader, 30)
     took = time.monotonic() - start
     await asyncio.wait([pump.done], timeout=30)
@@ -234,7 +205,7 @@ class _PipeTee(_Collect):
         self.reader = asyncio.ensure_future(self._read(read_only)) if reading else None
 
     async def _read(self, read_only: int | None) -> None:
-        await _read_all(self._r, self.data, stop_after=read_only)
+        await read_all(self._r, self.data, stop_after=read_only)
 
     def write(self, data: bytes) -> None:
         raise AssertionError("a kernel tee's sink is never written from Python")
@@ -262,10 +233,10 @@ async def _header_then_rest(data: bytes, tee: _Collect | None = None
     what was counted, and the detaches."""
     inbound, w, detached = await _detachable()
     dst_r, dst_w = os.pipe()
-    writer = asyncio.ensure_future(_write_all(w, data))
+    writer = asyncio.ensure_future(write_all(w, data))
     head = await inbound.read(1000)
     got = bytearray()
-    reader = asyncio.ensure_future(_read_all(dst_r, got))
+    reader = asyncio.ensure_future(read_all(dst_r, got))
     counted: list[int] = []
     async with asyncio.timeout(60):
         await inbound.pipe_to(dst_w, head, counted.append, tee)
@@ -288,7 +259,7 @@ async def test_a_spliced_source_that_goes_quiet_is_cut_as_idle() -> None:
     os.write(w, os.urandom(64 << 10))  # then nothing, the pipe left open
     dst_r, dst_w = os.pipe()
     got = bytearray()
-    reader = asyncio.ensure_future(_read_all(dst_r, got))
+    reader = asyncio.ensure_future(read_all(dst_r, got))
     start = time.monotonic()
     with pytest.raises(StreamIdle):
         async with asyncio.timeout(30):
@@ -301,10 +272,10 @@ async def test_a_spliced_source_that_goes_quiet_is_cut_as_idle() -> None:
 
 async def test_a_receiver_that_exits_mid_splice_is_pipe_gone() -> None:
     inbound, w, _ = await _detachable()
-    writer = asyncio.ensure_future(_write_all(w, os.urandom(16 << 20)))
+    writer = asyncio.ensure_future(write_all(w, os.urandom(16 << 20)))
     dst_r, dst_w = os.pipe()
     got = bytearray()
-    reader = asyncio.ensure_future(_read_all(dst_r, got, stop_after=1 << 20))
+    reader = asyncio.ensure_future(read_all(dst_r, got, stop_after=1 << 20))
     with pytest.raises(PipeGone):
         async with asyncio.timeout(30):
             await inbound.pipe_to(dst_w, b"", lambda n: None)
@@ -362,8 +333,8 @@ async def test_a_tee_that_stays_full_is_let_go_after_its_stall_time() -> None:
     tee_r, tee_w = os.pipe()
     lost: list[str] = []
     got = bytearray()
-    reader = asyncio.ensure_future(_read_all(dst_r, got))
-    writer = asyncio.ensure_future(_write_all(src_w, data))
+    reader = asyncio.ensure_future(read_all(dst_r, got))
+    writer = asyncio.ensure_future(write_all(src_w, data))
     pump = SplicePump(src_r, dst_w, lambda n: None, tee=tee_w, tee_lost=lost.append,
                       tee_stall=0.3)
     async with asyncio.timeout(30):
@@ -385,7 +356,7 @@ async def test_a_client_gone_mid_tee_cuts_both() -> None:
     os.write(w, os.urandom(256 << 10))  # part of a stream, then the client vanishes
     dst_r, dst_w = os.pipe()
     got = bytearray()
-    reader = asyncio.ensure_future(_read_all(dst_r, got))
+    reader = asyncio.ensure_future(read_all(dst_r, got))
     tee = _PipeTee()
     piping = asyncio.ensure_future(inbound.pipe_to(dst_w, b"", lambda n: None, tee))
     await wait_for(lambda: len(got) >= 256 << 10, 30, "the first bytes through")
@@ -406,8 +377,8 @@ async def test_splice_out_moves_the_whole_stream_counted() -> None:
     dst_r, dst_w = os.pipe()
     got = bytearray()
     counted: list[int] = []
-    reader = asyncio.ensure_future(_read_all(dst_r, got))
-    writer = asyncio.ensure_future(_write_all(src_w, data))
+    reader = asyncio.ensure_future(read_all(dst_r, got))
+    writer = asyncio.ensure_future(write_all(src_w, data))
     async with asyncio.timeout(30):
         await splice_out(src_r, dst_w, counted.append, stall_timeout=10)
         await writer
@@ -418,7 +389,7 @@ async def test_splice_out_moves_the_whole_stream_counted() -> None:
 async def test_splice_out_cuts_a_client_that_reads_nothing() -> None:
     src_r, src_w = os.pipe()
     dst_r, dst_w = os.pipe()
-    writer = asyncio.ensure_future(_write_all(src_w, os.urandom(8 << 20)))
+    writer = asyncio.ensure_future(write_all(src_w, os.urandom(8 << 20)))
     start = time.monotonic()
     with pytest.raises(StreamIdle):
         async with asyncio.timeout(30):
@@ -434,8 +405,8 @@ async def test_splice_out_says_client_gone_when_its_end_closes() -> None:
     src_r, src_w = os.pipe()
     dst_r, dst_w = os.pipe()
     got = bytearray()
-    reader = asyncio.ensure_future(_read_all(dst_r, got, stop_after=1 << 20))
-    writer = asyncio.ensure_future(_write_all(src_w, os.urandom(16 << 20)))
+    reader = asyncio.ensure_future(read_all(dst_r, got, stop_after=1 << 20))
+    writer = asyncio.ensure_future(write_all(src_w, os.urandom(16 << 20)))
     with pytest.raises(ClientGone):
         async with asyncio.timeout(30):
             await splice_out(src_r, dst_w, lambda n: None, stall_timeout=10)

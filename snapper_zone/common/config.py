@@ -174,6 +174,10 @@ class Limits:
     keepalive_count_max: int = 4
     vm_quota_bytes: int = 0  # ZFS ``used`` of a VM's copy on this zone
     cn_quota_bytes: int = 0  # the sum over a CN's VMs
+    # Memory between a peer zone's stream and ``zfs receive`` (each mirror-in,
+    # move or repair through the gate; 0: none): it lets the sender go on while
+    # the receive stalls on a transaction group (stream.RingPump).
+    copy_buffer_bytes: int = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -423,6 +427,7 @@ _LIMIT_FIELDS = (
     "keepalive_count_max",
     "vm_quota_bytes",
     "cn_quota_bytes",
+    "copy_buffer_bytes",
 )
 _KEY_FIELDS = ("role", "public_key", "public_key_file", "cn_id", "zone")
 _PEER_FIELDS = ("uuid", "ssh_host", "ssh_port", "http_url")
@@ -744,6 +749,9 @@ class FieldParser:
                                      t.get("vm_quota_bytes", d.vm_quota_bytes)),
             cn_quota_bytes=self.size("limits.cn_quota_bytes",
                                      t.get("cn_quota_bytes", d.cn_quota_bytes)),
+            copy_buffer_bytes=self.size("limits.copy_buffer_bytes",
+                                        t.get("copy_buffer_bytes", d.copy_buffer_bytes),
+                                        0, 1 << 30),
         )
 
     def advertise(self, fld: str, value: object) -> str | None:

@@ -68,7 +68,8 @@ class Zone:
         lim = self.config.limits
         return ZoneReceiver(self.zfs, self.store, self.transfers, self.receive_slots,
                             self.vm_locks, self.log, self.refresh_capacity,
-                            Quotas(lim.vm_quota_bytes, lim.cn_quota_bytes, self.owner_of))
+                            Quotas(lim.vm_quota_bytes, lim.cn_quota_bytes, self.owner_of),
+                            lim.copy_buffer_bytes)
 
     @classmethod
     def from_config(cls, config: ZoneConfig, zfs: Zfs | None = None,

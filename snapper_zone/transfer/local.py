@@ -343,7 +343,7 @@ async def receive_stream(zfs: Zfs, target: Dataset, source: Inbound, expect: Exp
                          on_bytes: Callable[[int], None],
                          on_vetted: OpenTee | None = None,
                          resumable: bool = True, force: bool = False,
-                         protect: bool = False) -> Received:
+                         protect: bool = False, ring: int = 0) -> Received:
     """Vet ``source``'s stream, receive it into ``target``, confirm the guid.
 
     ``on_vetted(base)`` runs once the stream passed vetting, before ``zfs
@@ -353,7 +353,8 @@ async def receive_stream(zfs: Zfs, target: Dataset, source: Inbound, expect: Exp
     ``force`` (``receive -F``) is only for a CN restoring onto its own
     rolled-back dataset. Nothing reaches ``zfs receive`` before vetting.
     ``protect`` (a zone's receive): no property the stream carries
-    (``zfs.PROTECTED_PROPS``) takes effect.
+    (``zfs.PROTECTED_PROPS``) takes effect. ``ring``: bytes of memory to
+    buffer the stream in before ``zfs receive`` (``Inbound.pipe_to``).
     """
     try:
         begin, header = await read_begin(source.read)
@@ -380,7 +381,7 @@ async def receive_stream(zfs: Zfs, target: Dataset, source: Inbound, expect: Exp
         raise
     finally:
         os.close(r)
-    feeding = asyncio.ensure_future(source.pipe_to(w, header, on_bytes, tee))
+    feeding = asyncio.ensure_future(source.pipe_to(w, header, on_bytes, tee, ring=ring))
     exited = asyncio.ensure_future(child.proc.wait())
     ok = False
     try:
@@ -499,6 +500,7 @@ class ZoneReceiver:
     log: logging.Logger
     free_bytes: Callable[[], Awaitable[int]]  # the pool's free space, asked afresh
     quotas: Quotas = Quotas()
+    copy_buffer: int = 0  # bytes of ring before zfs receive for a mirror-in (RingPump)
 
     async def receive(self, req: ReceiveRequest, source: Inbound, *,
                       open_tee: OpenTee | None = None) -> tuple[Received, Transfer]:
@@ -540,7 +542,8 @@ class ZoneReceiver:
                 try:
                     got = await receive_stream(self.zfs, target, source, exp,
                                                on_bytes=counted, on_vetted=vetted,
-                                               protect=True)
+                                               protect=True,
+                                               ring=self.copy_buffer if mirror else 0)
                 except SnapperError:
                     if budget.cut is not None:
                         # Cut for its size: unlike a client gone, nothing is kept

@@ -1,0 +1,166 @@
+"""``RingPump``: a peer's stream into ``zfs receive``'s pipe through a ring of
+anonymous memory, each end on a thread. Real pipes, real threads (no ZFS
+needed; no splice either, so this runs on every OS)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+
+import pytest
+
+from snapper_zone.transfer.stream import Inbound, PipeGone, RingPump, StreamIdle, pipe_inbound
+from snapper_zone.zfs.proc import widen_pipe
+from tests.helpers import wait_for
+from tests.pipes import read_all, write_all
+
+
+def _ring_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name in ("ring-in", "ring-out")]
+
+
+async def _pumped(data: bytes, size: int, stop_after: int | None = None
+                  ) -> tuple[RingPump, bytearray, list[int], BaseException | None]:
+    """``data`` written into a pipe, pumped through a ring of ``size`` bytes, read
+    from the other pipe (``stop_after`` bytes, then its read end closed)."""
+    src_r, src_w = os.pipe()
+    dst_r, dst_w = os.pipe()
+    for fd in (src_r, dst_w):
+        widen_pipe(fd)
+    counted: list[int] = []
+    got = bytearray()
+    pump = RingPump(src_r, dst_w, counted.append, size)
+    writer = asyncio.ensure_future(write_all(src_w, data))
+    reader = asyncio.ensure_future(read_all(dst_r, got, stop_after))
+    try:
+        async with asyncio.timeout(60):
+            await asyncio.wait([pump.done])
+            await reader
+    finally:
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+    return pump, got, counted, pump.done.exception()
+
+
+@pytest.mark.parametrize("size", [256 << 10, 64 << 20], ids=["wraps-often", "holds-it-all"])
+async def test_every_byte_moves_in_order_and_is_counted(size: int) -> None:
+    data = os.urandom(24 << 20)
+    pump, got, counted, err = await _pumped(data, size)
+    assert err is None
+    assert bytes(got) == data  # ring wrap-arounds keep the order
+    assert pump.bytes == sum(counted) == len(data)
+    await wait_for(lambda: not _ring_threads(), timeout=10)
+
+
+async def test_a_reader_that_goes_away_fails_the_pump_and_ends_both_threads() -> None:
+    data = os.urandom(32 << 20)
+    _, got, _, err = await _pumped(data, 4 << 20, stop_after=1 << 20)
+    assert len(got) < len(data)
+    assert isinstance(err, BrokenPipeError)  # EPIPE from write(2): zfs receive exited
+    await wait_for(lambda: not _ring_threads(), timeout=10)
+
+
+async def test_close_while_the_source_is_quiet_ends_at_once_and_cuts_the_stream() -> None:
+    """The reading thread waits in poll(2): ``close`` wakes it through the stop
+    pipe; the destination is closed (its reader sees EOF), the source too (its
+    writer gets EPIPE), and ``done`` says the stream was cut."""
+    src_r, src_w = os.pipe()
+    dst_r, dst_w = os.pipe()
+    pump = RingPump(src_r, dst_w, lambda n: None, 1 << 20)
+    os.write(src_w, b"x" * 1000)  # then nothing
+    got = bytearray()
+    reader = asyncio.ensure_future(read_all(dst_r, got))
+    await wait_for(lambda: len(got) == 1000, timeout=10)
+    start = time.monotonic()
+    pump.close()
+    async with asyncio.timeout(10):
+        await asyncio.wait([pump.done])
+        await reader  # EOF: the writing thread closed dst
+    assert time.monotonic() - start < 5
+    assert isinstance(pump.done.exception(), BrokenPipeError)
+    with pytest.raises(BrokenPipeError):
+        os.write(src_w, b"y")  # the reading thread closed src
+    os.close(src_w)
+    pump.close()  # again: nothing more happens
+    await wait_for(lambda: not _ring_threads(), timeout=10)
+
+
+async def test_a_full_ring_holds_the_client_and_says_so() -> None:
+    """A receive that stops reading fills the ring: the client is held by us (not
+    idle), and the bytes the ring took were counted."""
+    src_r, src_w = os.pipe()
+    dst_r, dst_w = os.pipe()
+    counted: list[int] = []
+    pump = RingPump(src_r, dst_w, counted.append, 256 << 10)
+    writer = asyncio.ensure_future(write_all(src_w, os.urandom(8 << 20)))
+    await wait_for(lambda: pump.held_by_sink, timeout=10)
+    await wait_for(lambda: sum(counted) >= 256 << 10, timeout=10)
+    pump.close()
+    os.close(dst_r)  # the writing thread, blocked in write(2), gets EPIPE
+    async with asyncio.timeout(10):
+        await asyncio.wait([pump.done])
+    assert pump.done.exception() is not None
+    writer.cancel()
+    await asyncio.gather(writer, return_exceptions=True)
+    await wait_for(lambda: not _ring_threads(), timeout=10)
+
+
+# -- through Inbound.pipe_to, as a zone's mirror-in through the gate -----------------
+
+
+async def _detachable(idle_timeout: float | None = None) -> tuple[Inbound, int]:
+    r, w = os.pipe()
+    widen_pipe(w)
+    inbound, _ = await pipe_inbound(r, idle_timeout=idle_timeout)
+    return inbound, w
+
+
+async def test_pipe_to_with_a_ring_sends_the_header_then_the_rest_in_order() -> None:
+    data = os.urandom(12 << 20)
+    inbound, w = await _detachable()
+    dst_r, dst_w = os.pipe()
+    writer = asyncio.ensure_future(write_all(w, data))
+    head = await inbound.read(1000)
+    got = bytearray()
+    reader = asyncio.ensure_future(read_all(dst_r, got))
+    counted: list[int] = []
+    async with asyncio.timeout(60):
+        await inbound.pipe_to(dst_w, head, counted.append, ring=1 << 20)
+        await reader
+        await writer
+    assert bytes(got) == data
+    assert sum(counted) == len(data)
+    await wait_for(lambda: not _ring_threads(), timeout=10)
+
+
+async def test_a_ringed_source_that_goes_quiet_is_cut_as_idle() -> None:
+    inbound, w = await _detachable(idle_timeout=0.5)
+    os.write(w, os.urandom(64 << 10))  # then nothing, the pipe left open
+    dst_r, dst_w = os.pipe()
+    got = bytearray()
+    reader = asyncio.ensure_future(read_all(dst_r, got))
+    with pytest.raises(StreamIdle):
+        async with asyncio.timeout(30):
+            await inbound.pipe_to(dst_w, b"", lambda n: None, ring=1 << 20)
+    await asyncio.wait_for(reader, 10)  # the destination was closed: EOF
+    assert len(got) == 64 << 10
+    os.close(w)
+    await wait_for(lambda: not _ring_threads(), timeout=10)
+
+
+async def test_a_receiver_that_exits_mid_ring_is_pipe_gone() -> None:
+    inbound, w = await _detachable()
+    writer = asyncio.ensure_future(write_all(w, os.urandom(16 << 20)))
+    dst_r, dst_w = os.pipe()
+    got = bytearray()
+    reader = asyncio.ensure_future(read_all(dst_r, got, stop_after=1 << 20))
+    with pytest.raises(PipeGone):
+        async with asyncio.timeout(30):
+            await inbound.pipe_to(dst_w, b"", lambda n: None, ring=1 << 20)
+    await reader
+    writer.cancel()
+    await asyncio.gather(writer, return_exceptions=True)
+    os.close(w)
+    await wait_for(lambda: not _ring_threads(), timeout=10)
