@@ -36,7 +36,7 @@ from snapper_zone.fleet import pools as localpool  # noqa: E402
 from snapper_zone.fleet import sshd  # noqa: E402
 from snapper_zone.fleet.local import free_port  # noqa: E402
 from snapper_zone.fleet.pools import FilePool  # noqa: E402
-from snapper_zone.transfer.remote import AES_GCM  # noqa: E402
+from snapper_zone.transfer.remote import AES_GCM, SLOW_KEX  # noqa: E402
 from snapper_zone.zfs import proc  # noqa: E402
 from snapper_zone.zfs.names import Dataset  # noqa: E402
 from snapper_zone.zfs.zfs import SendSpec, Zfs  # noqa: E402
@@ -77,7 +77,9 @@ def keygen(path: Path) -> Path:
 
 
 def ssh_argv(key: Path, known_hosts: Path, port: int, user: str, command: str) -> list[str]:
-    return ["ssh", "-c", CIPHER, "-o", "Compression=no", "-o", "BatchMode=yes",
+    # The baselines' ssh gets snapper's cipher and key exchange: the same login.
+    return ["ssh", "-c", CIPHER, "-o", f"KexAlgorithms=-{','.join(SLOW_KEX)}",
+            "-o", "Compression=no", "-o", "BatchMode=yes",
             "-o", f"UserKnownHostsFile={known_hosts}", "-o", "StrictHostKeyChecking=yes",
             "-o", "GlobalKnownHostsFile=/dev/null", "-o", "IdentitiesOnly=yes",
             "-i", str(key), "-p", str(port), f"{user}@127.0.0.1", command]
