@@ -81,11 +81,14 @@ class Demo:
 
         await poll(all_in, 60, "every zone registered with the coordinator")
 
-    async def refresh_placement(self) -> None:
-        """Each VM's (primary, mirror) as the coordinator places it (what a CN asks)."""
+    async def refresh_placement(self, only: str | None = None) -> None:
+        """Each VM's (primary, mirror) as the coordinator places it (what a CN
+        asks); ``only``: that VM's alone."""
         c = self.fleet.coordinator
         for cn in self.fleet.cns:
             for vm in cn.vms:
+                if only is not None and vm != only:
+                    continue
                 if c is None:
                     a, b = pair_of(vm, [z.uuid for z in self.fleet.zones])
                 else:
@@ -225,7 +228,7 @@ class Demo:
         """Wait until ``vm``'s mirror (wherever a move has put it) no longer holds
         ``name``; return that mirror."""
         async def gone() -> LocalZone | None:
-            await self.refresh_placement()
+            await self.refresh_placement(only=vm)
             mirror = self.pair(vm)[1]
             held = await _complete(http, mirror, vm)
             return mirror if held is not None and name not in held else None
