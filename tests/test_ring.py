@@ -1,6 +1,7 @@
-"""``RingPump``: a peer's stream into ``zfs receive``'s pipe through a ring of
-anonymous memory, each end on a thread. Real pipes, real threads (no ZFS
-needed; no splice either, so this runs on every OS)."""
+"""``RingPump``: a peer's stream into ``zfs receive``'s pipe, spliced while the
+reader keeps up and through a ring of anonymous memory while it does not.
+Real pipes, real threads (no ZFS needed; without splice every byte goes
+through the ring, as on illumos)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,15 @@ import time
 
 import pytest
 
-from snapper_zone.transfer.stream import Inbound, PipeGone, RingPump, StreamIdle, pipe_inbound
+from snapper_zone.transfer.stream import (
+    Inbound,
+    PipeGone,
+    RingPump,
+    StreamIdle,
+    can_splice,
+    pipe_inbound,
+    wait_ready,
+)
 from snapper_zone.zfs.proc import widen_pipe
 from tests.helpers import wait_for
 from tests.pipes import read_all, write_all
@@ -51,6 +60,55 @@ async def test_every_byte_moves_in_order_and_is_counted(size: int) -> None:
     assert err is None
     assert bytes(got) == data  # ring wrap-arounds keep the order
     assert pump.bytes == sum(counted) == len(data)
+    await wait_for(lambda: not _ring_threads(), timeout=10)
+
+
+async def _bursty_read(fd: int, out: bytearray) -> None:
+    """Read as ``zfs receive`` does: in bursts, with pauses (a transaction group
+    syncing) during which the pipe fills up."""
+    os.set_blocking(fd, False)
+    while True:
+        burst = 0
+        while burst < 3 << 20:
+            try:
+                chunk = os.read(fd, 256 << 10)
+            except BlockingIOError:
+                await wait_ready(fd, write=False)
+                continue
+            if not chunk:
+                os.close(fd)
+                return
+            out += chunk
+            burst += len(chunk)
+        await asyncio.sleep(0.02)  # the reader's own pause, not a synchronisation
+
+
+@pytest.mark.parametrize("splice", [True, False], ids=["splice", "ring-only"])
+async def test_a_bursty_reader_gets_every_byte_in_order_through_splice_and_ring(
+        splice: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stream goes back and forth between splicing (the ring empty) and the
+    ring (the reader paused): bytes in the ring always go before newer ones."""
+    if not splice:
+        monkeypatch.setenv("SNAPPER_NO_SPLICE", "1")  # illumos's path
+    elif not can_splice():
+        pytest.skip("no splice(2) here (Linux only): the ring carries every byte")
+    data = os.urandom(48 << 20)
+    src_r, src_w = os.pipe()
+    dst_r, dst_w = os.pipe()
+    for fd in (src_r, dst_w):
+        widen_pipe(fd)
+    counted: list[int] = []
+    got = bytearray()
+    pump = RingPump(src_r, dst_w, counted.append, 8 << 20)
+    writer = asyncio.ensure_future(write_all(src_w, data))
+    async with asyncio.timeout(120):
+        await asyncio.gather(pump.done, _bursty_read(dst_r, got), writer)
+    assert bytes(got) == data
+    assert pump.bytes == sum(counted) == len(data)
+    if splice:
+        assert 0 < pump.ringed < len(data)  # both ways were taken
+    else:
+        assert pump.ringed == len(data)
     await wait_for(lambda: not _ring_threads(), timeout=10)
 
 

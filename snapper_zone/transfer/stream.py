@@ -1065,8 +1065,8 @@ _RING_TELL_SECONDS = 0.25
 
 
 class RingPump:
-    """A stream from pipe ``src`` into pipe ``dst`` through a ring of anonymous
-    memory, each end on a thread of its own (mbuffer's shape).
+    """A stream from pipe ``src`` into pipe ``dst`` with a ring of anonymous
+    memory for when ``dst``'s reader falls behind, each end on a thread.
 
     ``zfs receive`` takes its stdin in bursts: it stops reading while a
     transaction group syncs. A pipe holds at most 1 MiB (more needs
@@ -1076,17 +1076,24 @@ class RingPump:
     it (docs/data-plane.md). For zone copies only, which are few at once: it
     holds up to ``size`` per stream.
 
-    The threads copy with ``readv``/``write`` outside the GIL. The reading one
-    waits in poll(2) on ``src`` and a stop pipe, so ``close`` ends it at once.
-    The writing one blocks in write(2) (a whole chunk per call: non-blocking
-    writes into a full pipe come a page at a time) and is ended by ``zfs
-    receive`` taking the bytes or exiting (EPIPE); ``local.receive_stream``
-    ends the child whenever it leaves. No descriptor is closed under a thread
-    using it: each thread closes its own end as it leaves (``dst``'s close is
-    the reader's EOF). ``on_bytes(n)`` (in the loop, in batches) counts what
-    came from ``src``; ``done`` resolves once both threads are gone: every
-    byte written and ``dst`` closed, or with the first error (EPIPE: the
-    reader exited; BrokenPipeError: ``close`` came first).
+    While the ring is empty and ``dst`` has room, the reading thread splices
+    ``src`` into ``dst`` in the kernel (Linux): no copy, as ``SplicePump``.
+    When ``dst`` is full it reads into the ring instead, and the writing
+    thread drains the ring into ``dst``; once the ring is empty again, the
+    splicing resumes. Bytes in the ring always go before newer ones. Where
+    there is no splice (illumos) every byte goes through the ring.
+
+    The threads copy outside the GIL. The reading one waits in poll(2) on
+    ``src`` and a stop pipe, so ``close`` ends it at once. The writing one
+    blocks in write(2) (a whole chunk per call: non-blocking writes into a
+    full pipe come a page at a time) and is ended by ``zfs receive`` taking
+    the bytes or exiting (EPIPE); ``local.receive_stream`` ends the child
+    whenever it leaves. The last thread out closes both descriptors, so none
+    is closed under a thread using it (``dst``'s close is the reader's EOF).
+    ``on_bytes(n)`` (in the loop, in batches) counts what came from ``src``;
+    ``done`` resolves once both threads are gone: every byte written and
+    ``dst`` closed, or with the first error (EPIPE: the reader exited;
+    BrokenPipeError: ``close`` came first).
     """
 
     def __init__(self, src: int, dst: int, on_bytes: Callable[[int], None],
@@ -1094,27 +1101,31 @@ class RingPump:
         self.loop = asyncio.get_running_loop()
         self.done: asyncio.Future[None] = self.loop.create_future()
         self.bytes = 0  # come from src, as the loop has been told
+        self.ringed = 0  # of them, went through the ring (the rest was spliced)
         self.on_bytes = on_bytes
+        self.src, self.dst = src, dst
+        self._splice = can_splice()
         self._size = size
         self._ring = mmap.mmap(-1, size)
         self._view = memoryview(self._ring)
         self._cv = threading.Condition()
-        # Guarded by _cv: bytes read in and written out (monotonic), src at
-        # EOF, the first error, a stop asked, bytes read the loop has not heard of.
+        # Guarded by _cv: bytes read into the ring and written out of it
+        # (monotonic), src at EOF, the first error, a stop asked, bytes come
+        # the loop has not heard of.
         self._head = self._tail = 0
         self._eof = False
         self._error: BaseException | None = None
         self._stop = False
         self._signalled = False  # the stop pipe has its byte
         self._unheard = 0
-        self._left = 2  # threads still running: the last one out frees the ring
+        self._left = 2  # threads still running: the last one out closes everything
         self._stop_r, self._stop_w = os.pipe()
         os.set_blocking(src, False)
         os.set_blocking(dst, True)
         self._threads = [
-            threading.Thread(target=self._run, args=(self._fill, src), daemon=True,
+            threading.Thread(target=self._run, args=(self._fill,), daemon=True,
                              name="ring-in"),
-            threading.Thread(target=self._run, args=(self._drain, dst), daemon=True,
+            threading.Thread(target=self._run, args=(self._drain,), daemon=True,
                              name="ring-out"),
         ]
         for t in self._threads:
@@ -1126,8 +1137,8 @@ class RingPump:
         return self._head - self._tail >= self._size
 
     def close(self) -> None:
-        """Stop both threads (idempotent); ``done`` ends if it had not. Each thread
-        closes its descriptor as it leaves: ``dst`` then reads a cut stream."""
+        """Stop both threads (idempotent); ``done`` ends if it had not. The last
+        thread out closes the descriptors: ``dst`` then reads a cut stream."""
         with self._cv:
             if self._stop:
                 return
@@ -1137,22 +1148,21 @@ class RingPump:
 
     # -- on the threads ---------------------------------------------------------
 
-    def _run(self, body: Callable[[int], None], fd: int) -> None:
+    def _run(self, body: Callable[[], None]) -> None:
         try:
-            body(fd)
+            body()
         except BaseException as exc:  # every error ends the stream
             with self._cv:
                 if self._error is None:
                     self._error = exc
                 self._stopping()
         finally:
-            os.close(fd)
             with self._cv:
                 self._left -= 1
                 last = self._left == 0
                 if last:  # under the lock: _stopping never writes to a closed pipe
-                    os.close(self._stop_r)
-                    os.close(self._stop_w)
+                    for fd in (self.src, self.dst, self._stop_r, self._stop_w):
+                        os.close(fd)
             if last:
                 with contextlib.suppress(BufferError):  # a slice not yet collected
                     self._view.release()
@@ -1170,16 +1180,30 @@ class RingPump:
             self._signalled = True
             os.write(self._stop_w, b"x")
 
-    def _readable(self, fd: int) -> bool:
-        """Wait until ``fd`` can be read; False if the pump is stopping instead."""
+    def _readable(self) -> bool:
+        """Wait until ``src`` can be read; False if the pump is stopping instead."""
         poll = select.poll()
-        poll.register(fd, select.POLLIN)
+        poll.register(self.src, select.POLLIN)
         poll.register(self._stop_r, select.POLLIN)
         poll.poll()
         with self._cv:
             return not self._stop
 
-    def _fill(self, src: int) -> None:
+    def _spliced(self) -> int | None:
+        """Splice what ``src`` holds into ``dst``: bytes moved (0: EOF), or None
+        when ``dst`` is full (or there is no splice here): the ring takes them.
+        Raises BlockingIOError when ``src`` is empty."""
+        if not self._splice:
+            return None
+        try:
+            return os.splice(self.src, self.dst, _RING_CHUNK,
+                             flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+        except BlockingIOError:
+            if select.select([self.src], [], [], 0)[0]:
+                return None  # src has bytes: dst is the full one
+            raise
+
+    def _fill(self) -> None:
         told, untold = time.monotonic(), 0
         while True:
             with self._cv:
@@ -1191,24 +1215,31 @@ class RingPump:
                     self._cv.wait()
                 if self._stop:
                     return
+                empty = self._head == self._tail  # so the writer has nothing to write
                 at = self._head % self._size
                 n = min(self._size - (self._head - self._tail), self._size - at, _RING_CHUNK)
             try:
-                got = os.readv(src, [self._view[at:at + n]])
+                got = self._spliced() if empty else None
+                if got is None:
+                    got = os.readv(self.src, [self._view[at:at + n]])
+                    if got:
+                        with self._cv:
+                            self._head += got
+                            self.ringed += got
+                            self._cv.notify_all()
             except BlockingIOError:
                 if untold:  # as above: the source is quiet
                     told, untold = self._tell()
-                if not self._readable(src):
+                if not self._readable():
                     return
                 continue
-            with self._cv:
-                if got == 0:
+            if got == 0:
+                with self._cv:
                     self._eof = True
                     self._cv.notify_all()
-                    return
-                self._head += got
+                return
+            with self._cv:
                 self._unheard += got
-                self._cv.notify_all()
             # The loop hears of bytes in batches, not of each read (sshd writes
             # ~40 KiB at a time): each wake-up takes the GIL from these threads.
             untold += got
@@ -1221,7 +1252,7 @@ class RingPump:
         self.loop.call_soon_threadsafe(self._heard)
         return time.monotonic(), 0
 
-    def _drain(self, dst: int) -> None:
+    def _drain(self) -> None:
         while True:
             with self._cv:
                 while self._head == self._tail and not self._eof and not self._stop:
@@ -1230,7 +1261,7 @@ class RingPump:
                     return
                 at = self._tail % self._size
                 n = min(self._head - self._tail, self._size - at, _RING_CHUNK)
-            put = os.write(dst, self._view[at:at + n])  # blocking: see the class
+            put = os.write(self.dst, self._view[at:at + n])  # blocking: see the class
             with self._cv:
                 self._tail += put
                 self._cv.notify_all()
