@@ -5,6 +5,17 @@ from __future__ import annotations
 import os
 
 from snapper_zone.transfer.stream import wait_ready
+from snapper_zone.zfs.proc import widen_pipe
+
+
+def pump_pipes() -> tuple[int, int, int, int]:
+    """A pump's two pipes, (src read, src write, dst read, dst write), its own
+    ends widened as snapperd widens them."""
+    src_r, src_w = os.pipe()
+    dst_r, dst_w = os.pipe()
+    for fd in (src_r, dst_w):
+        widen_pipe(fd)
+    return src_r, src_w, dst_r, dst_w
 
 
 async def write_all(fd: int, data: bytes) -> None:

@@ -9,6 +9,7 @@ import asyncio
 import os
 import threading
 import time
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -23,28 +24,28 @@ from snapper_zone.transfer.stream import (
 )
 from snapper_zone.zfs.proc import widen_pipe
 from tests.helpers import wait_for
-from tests.pipes import read_all, write_all
+from tests.pipes import pump_pipes, read_all, write_all
 
 
 def _ring_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name in ("ring-in", "ring-out")]
 
 
-async def _pumped(data: bytes, size: int, stop_after: int | None = None
+async def _pumped(data: bytes, size: int, stop_after: int | None = None,
+                  read: Callable[[int, bytearray], Awaitable[None]] | None = None
                   ) -> tuple[RingPump, bytearray, list[int], BaseException | None]:
-    """``data`` written into a pipe, pumped through a ring of ``size`` bytes, read
-    from the other pipe (``stop_after`` bytes, then its read end closed)."""
-    src_r, src_w = os.pipe()
-    dst_r, dst_w = os.pipe()
-    for fd in (src_r, dst_w):
-        widen_pipe(fd)
+    """``data`` written into a pipe, pumped with a ring of ``size`` bytes, read
+    from the other pipe by ``read`` (else at once: ``stop_after`` bytes, then
+    its read end closed)."""
+    src_r, src_w, dst_r, dst_w = pump_pipes()
     counted: list[int] = []
     got = bytearray()
     pump = RingPump(src_r, dst_w, counted.append, size)
     writer = asyncio.ensure_future(write_all(src_w, data))
-    reader = asyncio.ensure_future(read_all(dst_r, got, stop_after))
+    reader = asyncio.ensure_future(
+        read(dst_r, got) if read is not None else read_all(dst_r, got, stop_after))
     try:
-        async with asyncio.timeout(60):
+        async with asyncio.timeout(120):
             await asyncio.wait([pump.done])
             await reader
     finally:
@@ -93,16 +94,8 @@ async def test_a_bursty_reader_gets_every_byte_in_order_through_splice_and_ring(
     elif not can_splice():
         pytest.skip("no splice(2) here (Linux only): the ring carries every byte")
     data = os.urandom(48 << 20)
-    src_r, src_w = os.pipe()
-    dst_r, dst_w = os.pipe()
-    for fd in (src_r, dst_w):
-        widen_pipe(fd)
-    counted: list[int] = []
-    got = bytearray()
-    pump = RingPump(src_r, dst_w, counted.append, 8 << 20)
-    writer = asyncio.ensure_future(write_all(src_w, data))
-    async with asyncio.timeout(120):
-        await asyncio.gather(pump.done, _bursty_read(dst_r, got), writer)
+    pump, got, counted, err = await _pumped(data, 8 << 20, read=_bursty_read)
+    assert err is None
     assert bytes(got) == data
     assert pump.bytes == sum(counted) == len(data)
     if splice:

@@ -23,7 +23,7 @@ from snapper_zone.transfer.stream import (
 )
 from snapper_zone.zfs.proc import widen_pipe
 from tests.helpers import wait_for
-from tests.pipes import read_all, write_all
+from tests.pipes import pump_pipes, read_all, write_all
 
 pytestmark = pytest.mark.skipif(not can_splice(), reason="no splice(2) here (Linux only); "
                                 "SendPump carries the stream instead")
@@ -31,10 +31,7 @@ pytestmark = pytest.mark.skipif(not can_splice(), reason="no splice(2) here (Lin
 
 async def _pumped(data: bytes, bwlimit: float | None = None,
                   stop_after: int | None = None) -> tuple[SplicePump, bytearray, list[int]]:
-    src_r, src_w = os.pipe()
-    dst_r, dst_w = os.pipe()
-    for fd in (src_r, dst_w):
-        widen_pipe(fd)
+    src_r, src_w, dst_r, dst_w = pump_pipes()
     counted: list[int] = []
     got = bytearray()
     pump = SplicePump(src_r, dst_w, counted.append, bwlimit)
