@@ -12,6 +12,8 @@ and, when pipelined mirroring is on, to the mirror zone's channel as well
 (``Tee``). Reading from the client pauses while any sink is over its
 high-water mark ("votes": the pipe, the header buffer, the mirror), so memory
 stays bounded by the SSH window plus one pipe buffer plus the mirror's window.
+A peer zone's stream through the gate may also fill a ring of its own before
+``zfs receive`` (``RingPump``, ``limits.copy_buffer_bytes``).
 """
 
 from __future__ import annotations
@@ -369,7 +371,8 @@ class Inbound:
         With ``tee``, every byte goes to it as well, in order, and its end
         (EOF or abort) follows the client's. Takes ownership of ``fd``.
         ``ring`` (bytes; no tee): a stream that can be detached goes through a
-        ``RingPump`` that deep, on every OS, rather than splice(2).
+        ``RingPump`` with a ring that deep, on every OS (spliced past the ring
+        while it is empty, where there is splice).
         ``on_bytes(n)`` is told of every byte the
         kernel took. Returns once stdin ended and every byte was written (or
         ``stop`` was called); raises ClientGone if the client disconnected
