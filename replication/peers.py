@@ -193,11 +193,13 @@ class PeerLinks:
                 return have
             # A peer with an sshd gate takes large copies (moves, repairs,
             # catch-up, a push's pipelined mirror) through it, decrypted by its
-            # sshd: bench/zone_copy.py.
+            # sshd: bench/zone_copy.py. Logged-in ssh masters, as many as a
+            # zone takes mirror streams at once, spare each copy a login.
             client = ZoneClient(peer.ssh_host, peer.ssh_port, self.config.ssh.host_key,
                                 host_key=asyncssh.import_public_key(peer.host_key),
                                 connect_timeout=10.0, openssh=shutil.which("ssh"),
-                                openssh_gate_only=True)
+                                openssh_gate_only=True,
+                                keep_logins=self.config.mirror_receives)
             await client.connect()
             self._clients[uuid] = client
             return client

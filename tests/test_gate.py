@@ -411,6 +411,38 @@ async def test_a_zone_link_uses_ssh_only_through_a_gate(gate: Gate, zfs: Zfs) ->
         assert gate.ports_used() == [str(gate.sshd_port)]  # no ssh this time
 
 
+async def test_a_zone_link_logs_in_once_for_its_copies(gate: Gate, zfs: Zfs) -> None:
+    """A link that keeps logins (``keep_logins``, as a zone's peer links do) runs
+    three copies through the gate on one logged-in master: one sshd login, each
+    copy whole; closing the link ends the master."""
+    async with gate.client(openssh_gate_only=True, keep_logins=2) as zone, \
+            asyncio.timeout(120):
+        base: str | None = None
+        for snap in ("k1", "k2", "k3"):
+            write_random(gate.cn_pool, gate.vm, snap, 1 << 20)
+            await zfs.snapshot([gate.vm.snapshot(snap)])
+            res = await zone.push_stream(
+                Receive(VM, "root", snap, base),
+                SendSpec(gate.vm.snapshot(snap), None if base is None else
+                         gate.vm.snapshot(base)), zfs)
+            assert res.bytes > (1 << 20)
+            await zone.commit(VM, snap, ["root"], None)
+            base = snap
+        masters = zone._masters[gate.sshd_port]
+        assert masters.started == 1
+        [master] = masters._masters
+        assert master.child is not None
+        pid = master.child.pid
+    assert (gate.tmp / "sshd" / "sshd.log").read_text().count("Accepted publickey") == 1
+    assert len(gate.ports_used()) == 4  # the master, then a client per copy
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # ended and reaped with the link
+    for snap in ("k1", "k2", "k3"):
+        mine = next(s.guid for s in await zfs.snapshots(gate.vm) if s.name == snap)
+        held = await gate.zone.store.snapshot(VM, snap)
+        assert held.complete and held.parts["root"].guid == mine
+
+
 async def test_a_gate_whose_snapperd_end_is_gone_leaves_the_push_to_snapperds_port(
         gate: Gate, zfs: Zfs) -> None:
     """sshd lets the CN in but nothing listens on the gate's socket: the gate says

@@ -50,9 +50,16 @@ async def start_sshd(d: Path, port: int, host_key: Path, options: Sequence[str],
     if sshd is None:
         raise RuntimeError("needs OpenSSH's sshd: apt-get install openssh-server")
     cfg = d / f"{name}_config"
+    # An empty HOME for the sessions' shell: it runs every command sshd starts
+    # (each stream, the gate's included) and, as root's bash here, would source
+    # root's ~/.bashrc each time (~80 ms on a box with `pyenv init`). A zone's
+    # gate user has a plain /bin/sh (etc/sshd_config.gate.example); this stands
+    # in for it without a second user on the machine.
+    home = d / f"{name}_home"
+    await asyncio.to_thread(home.mkdir, exist_ok=True)
     cfg.write_text("\n".join([
         f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {host_key}",
-        f"PidFile {d / (name + '.pid')}", *options,
+        f"PidFile {d / (name + '.pid')}", *options, f"SetEnv HOME={home}",
         "StrictModes no", "UsePAM no", "PasswordAuthentication no",
         "KbdInteractiveAuthentication no", "Compression no",
         # Many clients log in at once (a scale bench's CNs): drop none unauthenticated.

@@ -31,6 +31,7 @@ from snapper_zone.common.progress import NoProgress, Reporter
 from snapper_zone.errors import (
     SnapperError,
 )
+from snapper_zone.transfer.sshmux import Lease, Masters
 from snapper_zone.transfer.stream import (
     Channel,
     ClientGone,
@@ -324,6 +325,7 @@ class SshChild:
         self.pipe = pipe
         self.exited: asyncio.Future[proc.Completed] = asyncio.ensure_future(child.wait())
         self._tmp = tmp
+        self.lease: Lease | None = None  # the logged-in master it runs on, if any
 
     @classmethod
     async def start(cls, argv: Callable[[Path], list[str]], known: str, *,
@@ -353,6 +355,8 @@ class SshChild:
         if not self.exited.done():
             self.exited.cancel()
         self._tmp.cleanup()
+        if self.lease is not None:
+            self.lease.release()
 
 
 def _carrier_failed(done: proc.Completed, endpoint: str, what: str, *,
@@ -393,7 +397,9 @@ class ZoneClient:
 
     ``openssh``: the path of OpenSSH's ``ssh``, to carry pushed streams
     (``push_stream``) when the client key is a file; None: every byte goes
-    over this connection (asyncssh).
+    over this connection (asyncssh). ``keep_logins``: how many logged-in
+    ``ssh`` masters to keep per port for those streams (``sshmux``), so that
+    each does not log in again; 0: each ``ssh`` logs in by itself.
     """
 
     def __init__(self, host: str, port: int, client_key: str | Path | asyncssh.SSHKey, *,
@@ -401,7 +407,7 @@ class ZoneClient:
                  host_key: str | Path | asyncssh.SSHKey | None = None,
                  username: str = "snapper", connect_timeout: float = 30.0,
                  openssh: str | None = None, use_gate: bool = True,
-                 openssh_gate_only: bool = False) -> None:
+                 openssh_gate_only: bool = False, keep_logins: int = 0) -> None:
         if known_hosts is not None and host_key is not None:
             raise ValueError("give a known_hosts file or a pinned host key, not both")
         self.openssh = openssh if not isinstance(client_key, asyncssh.SSHKey) else None
@@ -424,6 +430,8 @@ class ZoneClient:
         self.stream_port_min_bytes = 0
         self.stream_user: str | None = None  # whom the gate's sshd logs us in as
         self._whoami: tuple[object, int | None] | None = None  # (connection, its number)
+        self.keep_logins = keep_logins
+        self._masters: dict[int, Masters] = {}  # per port
 
     @property
     def endpoint(self) -> str:
@@ -463,6 +471,9 @@ class ZoneClient:
         return self
 
     async def close(self) -> None:
+        masters, self._masters = self._masters, {}
+        for m in masters.values():
+            await m.close()
         if self.conn is not None:
             self.conn.close()
             await self.conn.wait_closed()
@@ -596,24 +607,64 @@ class ZoneClient:
                             sent, hung_up, pump, started)
 
     def openssh_argv(self, ssh: str, line: str, known_hosts: Path,
-                     port: int | None = None) -> list[str]:
+                     port: int | None = None, *, mux: Path | None = None,
+                     master: bool = False) -> list[str]:
         """``ssh`` running ``line`` on the zone (at ``port``, else snapperd's): this
-        client's key and host key only (no user config, agent or multiplexing),
-        AES-GCM, no compression, no sntrup761 key exchange (``SLOW_KEX``)."""
+        client's key and host key only (no user config or agent), AES-GCM, no
+        compression, no sntrup761 key exchange (``SLOW_KEX``). ``mux``: the
+        control socket of a logged-in master to run on (``sshmux``), or with
+        ``master`` to be that master (no command); else no multiplexing."""
         key = self.client_key
         assert not isinstance(key, asyncssh.SSHKey)
         gate = port is not None and port == self.stream_port
         user = self.stream_user or self.username if gate else self.username
+        if mux is None:
+            control = ["-o", "ControlPath=none"]
+        else:
+            # ssh expands % in the path; ours has none, but never let it.
+            control = ["-o", f"ControlPath={str(mux).replace('%', '%%')}",
+                       "-o", "ControlMaster=yes" if master else "ControlMaster=no"]
+            if master:
+                control += ["-o", "ControlPersist=no", "-N"]
         return [ssh, "-F", "/dev/null", "-T", "-x", "-a",
                 "-c", ",".join(AES_GCM), "-o", f"KexAlgorithms=-{','.join(SLOW_KEX)}",
                 "-o", "Compression=no", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
-                "-o", "IdentityAgent=none", "-o", "ControlPath=none",
+                "-o", "IdentityAgent=none", *control,
                 "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known_hosts}",
                 "-o", "GlobalKnownHostsFile=/dev/null", "-o", "HostKeyAlias=snapper-zone",
                 "-o", f"ConnectTimeout={max(1, round(self.connect_timeout))}",
                 "-o", "ServerAliveInterval=30", "-o", "ServerAliveCountMax=4",
                 "-i", str(key), "-p", str(port or self.port), "-l", user, "--",
-                self.host, line]
+                self.host, *([] if master else [line])]
+
+    async def _ssh_child(self, line: str, port: int, known: str, *,
+                         reads: bool = False) -> SshChild:
+        """``line`` run by a child ``ssh`` at ``port`` (``SshChild.start``), on a
+        logged-in master when this client keeps them and one is free."""
+        ssh = self.openssh
+        assert ssh is not None
+        lease: Lease | None = None
+        if self.keep_logins > 0:
+            masters = self._masters.get(port)
+            if masters is None or masters.known != known:  # the zone's key changed
+                if masters is not None:
+                    await masters.close()
+                masters = self._masters[port] = Masters(
+                    lambda path, kh: self.openssh_argv(ssh, "", kh, port, mux=path,
+                                                       master=True),
+                    known, size=self.keep_logins,
+                    ready_timeout=self.connect_timeout + 5.0)
+            lease = await masters.lease()
+        mux = None if lease is None else lease.path
+        try:
+            sc = await SshChild.start(
+                lambda kh: self.openssh_argv(ssh, line, kh, port, mux=mux), known, reads=reads)
+        except BaseException:
+            if lease is not None:
+                lease.release()
+            raise
+        sc.lease = lease
+        return sc
 
     async def _known_hosts_text(self) -> str:
         """A known_hosts for ``ssh`` naming exactly the zone's trusted host keys,
@@ -665,9 +716,7 @@ class ZoneClient:
         port = self.gate_port(cmd.size)
         if port is None or not (known := await self._known_hosts_text()):
             return None
-        ssh = self.openssh
-        line = await self._bound_line(cmd)
-        return await SshChild.start(lambda kh: self.openssh_argv(ssh, line, kh, port), known)
+        return await self._ssh_child(await self._bound_line(cmd), port, known)
 
     async def _push_openssh(self, ssh: str, known: str, cmd: Receive, spec: SendSpec,
                             zfs: Zfs, progress: Reporter,
@@ -675,7 +724,7 @@ class ZoneClient:
         """``push_stream`` through a child ``ssh``: zfs send -> pump -> ssh's stdin."""
         line = await self._bound_line(cmd)
         loop = asyncio.get_running_loop()
-        sc = await SshChild.start(lambda kh: self.openssh_argv(ssh, line, kh, port), known)
+        sc = await self._ssh_child(line, port, known)
         try:
             child, w = sc.child, sc.pipe
             pump: SendPump | SplicePump
@@ -813,11 +862,8 @@ class ZoneClient:
                         known: str) -> T:
         """``pull`` through the zone's gate: ssh's stdout is the stream, spliced into
         ``zfs receive`` in the kernel where it can be (Linux)."""
-        ssh = self.openssh
-        assert ssh is not None
         line = format_command(cmd)
-        sc = await SshChild.start(lambda kh: self.openssh_argv(ssh, line, kh, port), known,
-                                  reads=True)
+        sc = await self._ssh_child(line, port, known, reads=True)
         transport: asyncio.ReadTransport | None = None
         try:
             source, transport = await pipe_inbound(sc.pipe)
