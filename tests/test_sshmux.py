@@ -111,7 +111,7 @@ async def test_concurrent_streams_take_masters_of_their_own(plain_sshd: Sshd) ->
         assert await m.lease() is None
         got = await asyncio.gather(plain_sshd.run("echo a", a), plain_sshd.run("echo b", b),
                                    plain_sshd.run("echo c", None))
-        assert got == [b"a\n", b"b\n", b"c\n"]
+        assert list(got) == [b"a\n", b"b\n", b"c\n"]
         assert plain_sshd.logins() == 3
         a.release()
         a.release()  # twice is once
