@@ -117,6 +117,43 @@ def cpu_self_seconds(pid: int) -> float:
     return sum(int(x) for x in fields[11:13]) / _TICK
 
 
+def cpu_by_process(names: Mapping[int, str] | None = None) -> dict[
+        tuple[int, int], tuple[str, float, float]]:
+    """Every process, by (pid, start time): its command name (or ``names[pid]``),
+    own CPU-seconds and its reaped children's, now (``/proc/*/stat``)."""
+    out: dict[tuple[int, int], tuple[str, float, float]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            text = (d / "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        # A kernel worker's name changes with its work: one name per kind.
+        comm = text[text.index("(") + 1:text.rindex(")")].split("/")[0]
+        f = text.rsplit(")", 1)[1].split()
+        pid = int(d.name)
+        out[(pid, int(f[19]))] = ((names or {}).get(pid, comm),
+                                  (int(f[11]) + int(f[12])) / _TICK,
+                                  (int(f[13]) + int(f[14])) / _TICK)
+    return out
+
+
+def cpu_split(before: Mapping[tuple[int, int], tuple[str, float, float]],
+              after: Mapping[tuple[int, int], tuple[str, float, float]]) -> dict[str, float]:
+    """CPU-seconds between two ``cpu_by_process`` samples, by command: each live
+    process's own (all of it for one started since), and as "<command>'s
+    children" what a process alive at both reaped meanwhile (children that
+    came and went)."""
+    split: dict[str, float] = {}
+    for key, (name, own, kids) in after.items():
+        was = before.get(key)
+        split[name] = split.get(name, 0.0) + own - (was[1] if was else 0.0)
+        if was is not None and kids > was[2]:
+            split[f"{name}'s children"] = split.get(f"{name}'s children", 0.0) + kids - was[2]
+    return split
+
+
 def machine_cpu() -> float:
     """CPU-seconds the whole machine has spent busy since boot (``/proc/stat``:
     user, nice, system, irq, softirq; not idle, iowait or a hypervisor's steal)."""

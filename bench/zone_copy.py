@@ -10,7 +10,10 @@ peer zone's, and the bench pushes with the same client the zone uses, over
 the zone's carrier and over the other one ``ZoneClient`` has:
 
   asyncssh  the peer link itself (asyncssh in Python): what zones use
-  openssh   OpenSSH's ``ssh`` with the zone's key (the CN's carrier)
+  openssh   OpenSSH's ``ssh`` with the zone's key, on the link's logged-in
+            masters as a zone's link keeps them (``keep_logins``): every copy
+            after a link's first
+  cold      the same on a new link: the copy's ``ssh`` logs in first
   local     ``zfs send | zfs receive`` between the same two pools, no SSH
   ssh-only  ``zfs send | ssh host 'cat > /dev/null'`` into a private sshd: the
             same stream through OpenSSH with nothing received
@@ -65,6 +68,8 @@ sys.path.insert(0, str(HERE))
 from common import (  # noqa: E402
     SNAP,
     Bench,
+    cpu_by_process,
+    cpu_split,
     header,
     keygen,
     machine_cpu,
@@ -93,10 +98,11 @@ class ZoneCopyBench(Bench):
     def __init__(self, workdir: Path, size_mib: int, repeat: int) -> None:
         super().__init__(workdir, size_mib, repeat)
         self.dst_copies = 2  # each copy is destroyed after its run
-        self.vms = [str(uuid.uuid4()) for _ in range(3 * repeat + 3)]
+        self.vms = [str(uuid.uuid4()) for _ in range(4 * (repeat + 1))]  # 4 copy paths
         self.cpu: dict[str, list[float]] = {}
         self.machine: dict[str, list[float]] = {}  # the whole machine's, per run
         self.ring = True  # the receiving zone has its default copy buffer
+        self.links: dict[bool, ZoneClient] = {}  # kept as PeerLinks keeps a zone's
 
     def busy(self, path: str, since: float) -> None:
         self.machine.setdefault(path, []).append(machine_cpu() - since)
@@ -135,19 +141,29 @@ class ZoneCopyBench(Bench):
                                       Limits().copy_buffer_bytes if ring else 0})
             self.ring = ring
         vm = self.vms.pop()
+        cold = path == "cold"
+        client = None if cold else self.links.get(openssh)
+        if client is None:
+            # Through the gate (--gate), its sshd runs the copy as root on this box.
+            client = ZoneClient("127.0.0.1", self.zone_port, self.peer_key,
+                                known_hosts=self.zone_known,
+                                openssh=self.ssh if openssh else None,
+                                username="root" if self.gate else "snapper",
+                                keep_logins=0 if cold else 4)
+            await client.connect()
+            if not cold:
+                self.links[openssh] = client
         cpu = _cpu()
-        # Through the gate (--gate), its sshd runs the copy as root on this box.
-        client = ZoneClient("127.0.0.1", self.zone_port, self.peer_key,
-                            known_hosts=self.zone_known,
-                            openssh=self.ssh if openssh else None,
-                            username="root" if self.gate else "snapper")
-        async with client:
+        try:
             start, busy = time.monotonic(), machine_cpu()
             await client.push_stream(Receive(vm, "disk0", SNAP, None, None),
                                      SendSpec(self.data.snapshot(SNAP)), self.zfs)
             await client.commit(vm, SNAP, ["disk0"], None)
             took = time.monotonic() - start
             self.busy(path, busy)
+        finally:
+            if cold:
+                await client.close()
         self.cpu.setdefault(path, []).append(_cpu() - cpu)
         # Each run into the same free space, not a pool filling up run by run.
         await self.zfs.destroy(self.zone_root.child(vm), recursive=True)
@@ -203,8 +219,9 @@ async def main(size_mib: int, repeat: int, gate: bool) -> int:
             if b.ssh is None:
                 raise SystemExit("no ssh command on PATH: apt-get install -y openssh-client")
             flavour = (await b.zfs.capabilities()).flavour
-            times: dict[str, list[float]] = {"asyncssh": [], "openssh": [], "local": [],
-                                             "ssh-only": [], "send-only": [], "ssh-pipe": []}
+            times: dict[str, list[float]] = {"asyncssh": [], "openssh": [], "cold": [],
+                                             "local": [], "ssh-only": [], "send-only": [],
+                                             "ssh-pipe": []}
             if shutil.which("mbuffer"):
                 times["mbuffer"] = []
             if gate:
@@ -227,10 +244,15 @@ async def main(size_mib: int, repeat: int, gate: bool) -> int:
                 await run(k, -1)
             b.cpu.clear()
             b.machine.clear()
+            names = {os.getpid(): "bench", b.snapperd_pid: "snapperd"}
+            split: dict[str, dict[str, float]] = {k: {} for k in times}
             for i in range(repeat):
                 order = list(times)[i % len(times):] + list(times)[: i % len(times)]
                 for k in order:
+                    before = cpu_by_process(names)
                     secs = await run(k, i)
+                    for name, cpu_s in cpu_split(before, cpu_by_process(names)).items():
+                        split[k][name] = split[k].get(name, 0.0) + cpu_s
                     times[k].append(secs)
                     run_line(i, k, b.bytes, secs)
             med = {k: statistics.median(v) for k, v in times.items()}
@@ -244,13 +266,14 @@ async def main(size_mib: int, repeat: int, gate: bool) -> int:
                 "openssh": "zone -> ssh -> peer's sshd gate" if gate
                 else "zone -> ssh -> peer's vetted receive",
                 "no-ring": "the same, copy_buffer_bytes = 0 (no ring)",
+                "cold": "the same on a new link: its ssh logs in first",
                 "asyncssh": "zone -> asyncssh -> peer's vetted receive",
                 "local": "zfs send | zfs receive (local)",
                 "ssh-only": "zfs send | ssh 'cat > /dev/null'",
                 "send-only": "zfs send > /dev/null",
                 "ssh-pipe": "zfs send | ssh 'zfs receive'",
                 "mbuffer": "zfs send | ssh 'mbuffer -m 64M | zfs receive'"}, cpu)))
-            for k in ("asyncssh", "openssh"):
+            for k in ("asyncssh", "openssh", "cold"):
                 print(f"  ratio {k} / local pipe (rate): {med['local'] / med[k]:.2f}"
                       + ("  (target >= 0.8)" if k == "asyncssh" or gate else "")
                       + f"; / ssh alone: {med['ssh-only'] / med[k]:.2f}")
@@ -267,6 +290,14 @@ async def main(size_mib: int, repeat: int, gate: bool) -> int:
             for k in ("asyncssh", "openssh"):
                 print(f"  {k} / that ceiling: {b.bytes / med[k] / 1e6 / ceiling:.2f}; "
                       f"/ OpenSSH's pipe: {med['ssh-pipe'] / med[k]:.2f}")
+            # Per process (the kernel's accounting, each run's copy and its clean-up).
+            print("  CPU-s/GB by process, all runs (children that came and went under "
+                  "their parent):")
+            for k in ("openssh", "cold", "no-ring", "mbuffer", "ssh-pipe", "local"):
+                if k in split:
+                    top = sorted(split[k].items(), key=lambda kv: -kv[1])
+                    print(f"    {k}: " + ", ".join(f"{n} {v / gb / repeat:.2f}"
+                                                  for n, v in top if v / gb / repeat >= 0.03))
             if "no-ring" in med:
                 print(f"  the gate with its copy buffer / without: "
                       f"{med['no-ring'] / med['openssh']:.2f}")
@@ -275,6 +306,8 @@ async def main(size_mib: int, repeat: int, gate: bool) -> int:
                       f"{med['ssh-pipe'] / med['mbuffer']:.2f}; / the local pipe: "
                       f"{med['local'] / med['mbuffer']:.2f}")
         finally:
+            for link in b.links.values():
+                await link.close()
             await b.cleanup()
     return 0
 

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import ctypes
 import fcntl
+import logging
 import mmap
 import os
 import select
@@ -34,6 +35,8 @@ from typing import Protocol
 
 from snapper_zone.errors import MetadataTooLarge, SnapperError
 from snapper_zone.zfs.proc import widen_pipe
+
+log = logging.getLogger("snapper.stream")
 
 __all__ = [
     "TEE_STALL_SECONDS",
@@ -481,6 +484,9 @@ class Inbound:
         try:
             await pump.done
             whole = True
+            if isinstance(pump, RingPump):
+                log.debug("copy buffer: %d bytes, %d through the ring; %d reads, %d splices, "
+                          "%d writes", pump.bytes, pump.ringed, *pump.calls)
         except OSError as exc:
             if self._error is None and not self._discard:  # zfs receive exited
                 raise PipeGone(str(exc)) from None
@@ -1105,6 +1111,7 @@ class RingPump:
         self.done: asyncio.Future[None] = self.loop.create_future()
         self.bytes = 0  # come from src, as the loop has been told
         self.ringed = 0  # of them, went through the ring (the rest was spliced)
+        self.calls = [0, 0, 0]  # reads into the ring, splices past it, writes out of it
         self.on_bytes = on_bytes
         self.src, self.dst = src, dst
         self._splice = can_splice()
@@ -1225,11 +1232,14 @@ class RingPump:
                 got = self._spliced() if empty else None
                 if got is None:
                     got = os.readv(self.src, [self._view[at:at + n]])
+                    self.calls[0] += 1
                     if got:
                         with self._cv:
                             self._head += got
                             self.ringed += got
                             self._cv.notify_all()
+                else:
+                    self.calls[1] += 1
             except BlockingIOError:
                 if untold:  # as above: the source is quiet
                     told, untold = self._tell()
@@ -1265,6 +1275,7 @@ class RingPump:
                 at = self._tail % self._size
                 n = min(self._head - self._tail, self._size - at, _RING_CHUNK)
             put = os.write(self.dst, self._view[at:at + n])  # blocking: see the class
+            self.calls[2] += 1
             with self._cv:
                 self._tail += put
                 self._cv.notify_all()
