@@ -28,12 +28,14 @@ less send-only's); on a machine whose every CPU it keeps busy, it can go no
 faster than its CPUs over that sum, which the bench prints as the ceiling.
 
 With each carrier, the sending side's CPU per GB (this process, its ``ssh``
-and its ``zfs send``, from ``getrusage``). Measured here (1 GiB, zfs-fuse, 2
-CPUs, docs/data-plane.md): the copy through the gate runs at the rate of
-OpenSSH's own pipe, ~0.73x the local one, and the machine is not CPU-bound
-(the ceiling is the local pipe itself); a deep buffer before ``zfs receive``
-is what lifts the SSH pipe (its stalls while a transaction group syncs hold
-the sender up across ssh's small buffers).
+and its ``zfs send``, from ``getrusage``; a kept link's masters are not yet
+reaped, so there it is this process and ``zfs send``), and each process's
+for every path (``common.cpu_split``). Measured here (1 GiB, zfs-fuse, 2
+CPUs, median of 5, docs/data-plane.md): the copy through the gate on a kept
+link 0.77x the local pipe, 1.18x OpenSSH's own, 0.94x that with mbuffer; a
+deep buffer before ``zfs receive`` is what lifts an SSH pipe (its stalls
+while a transaction group syncs hold the sender up across ssh's small
+buffers).
 
 After one untimed round (cold caches), each run lands in a fresh VM (or
 dataset), destroyed after it so every run writes into the same free space,
