@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,3 +180,42 @@ async def test_a_master_that_cannot_log_in_leaves_streams_to_log_in_alone(
         assert m.started == 1  # not retried within the minute
     finally:
         await m.close()
+
+
+_HOLDER = """
+import asyncio, sys
+from pathlib import Path
+from snapper_zone.transfer.remote import ZoneClient
+from snapper_zone.transfer.sshmux import Masters
+
+async def main(port, key, known, ssh):
+    zc = ZoneClient("127.0.0.1", port, Path(key), username="root", connect_timeout=10.0)
+    m = Masters(lambda p, kh: zc.openssh_argv(ssh, "", kh, port, mux=p, master=True), known)
+    lease = await m.lease()
+    print(m._masters[0].child.pid if lease else "none", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main(int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("setpriv") is None,
+                    reason="ends masters with their owner through setpriv --pdeathsig "
+                           "(Linux, util-linux); on illumos SMF's contract does")
+async def test_masters_end_with_the_process_that_started_them(plain_sshd: Sshd) -> None:
+    """A snapperd killed outright (no close) leaves no logged-in master behind."""
+    key = plain_sshd.tmp / "client_ed25519"
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _HOLDER, str(plain_sshd.port), str(key), plain_sshd.known,
+        plain_sshd.ssh, stdout=asyncio.subprocess.PIPE)
+    try:
+        assert holder.stdout is not None
+        async with asyncio.timeout(30):
+            line = (await holder.stdout.readline()).decode().strip()
+        assert line.isdigit(), line
+        master = int(line)
+        assert _alive(master)
+    finally:
+        holder.kill()
+        await holder.wait()
+    await wait_for(lambda: not _alive(master), 10, "the orphaned master's end")
