@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import asyncssh
@@ -20,6 +20,7 @@ import asyncssh
 from replication.coordinator_client import CoordinatorClient, CoordinatorUnavailable, KnownZone
 from snapper_zone.common.config import TrustedKey, ZoneConfig
 from snapper_zone.common.hashing import rank
+from snapper_zone.common.metrics import Metrics
 from snapper_zone.errors import SnapperError
 from snapper_zone.transfer.remote import ZoneClient, ZoneUnreachable
 
@@ -74,9 +75,11 @@ class PeerLinks:
     """The peers of one zone and a cached connection to each."""
 
     def __init__(self, config: ZoneConfig, log: logging.Logger,
-                 coordinator: CoordinatorClient | None = None) -> None:
+                 coordinator: CoordinatorClient | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.log = log
         self.coordinator = coordinator
+        self.metrics = metrics
         self.reconfigure(config)
         # Zones the coordinator knows (its registry), with their host keys;
         # the config's own peers win over them.
@@ -199,10 +202,17 @@ class PeerLinks:
                                 host_key=asyncssh.import_public_key(peer.host_key),
                                 connect_timeout=10.0, openssh=shutil.which("ssh"),
                                 openssh_gate_only=True,
-                                keep_logins=self.config.mirror_receives)
+                                keep_logins=self.config.mirror_receives,
+                                on_login=self._login_counter(uuid))
             await client.connect()
             self._clients[uuid] = client
             return client
+
+    def _login_counter(self, uuid: str) -> Callable[[str], None] | None:
+        if self.metrics is None:
+            return None
+        logins = self.metrics.peer_ssh_logins
+        return lambda how: logins.labels(uuid, how).inc()
 
     async def forget(self, uuid: str) -> None:
         """Drop a connection after an error; the next use reconnects."""

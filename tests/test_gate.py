@@ -415,8 +415,9 @@ async def test_a_zone_link_logs_in_once_for_its_copies(gate: Gate, zfs: Zfs) -> 
     """A link that keeps logins (``keep_logins``, as a zone's peer links do) runs
     three copies through the gate on one logged-in master: one sshd login, each
     copy whole; closing the link ends the master."""
-    async with gate.client(openssh_gate_only=True, keep_logins=2) as zone, \
-            asyncio.timeout(120):
+    logins: list[str] = []
+    async with gate.client(openssh_gate_only=True, keep_logins=2,
+                           on_login=logins.append) as zone, asyncio.timeout(120):
         base: str | None = None
         for snap in ("k1", "k2", "k3"):
             write_random(gate.cn_pool, gate.vm, snap, 1 << 20)
@@ -434,6 +435,7 @@ async def test_a_zone_link_logs_in_once_for_its_copies(gate: Gate, zfs: Zfs) -> 
         assert master.child is not None
         pid = master.child.pid
     assert (gate.tmp / "sshd" / "sshd.log").read_text().count("Accepted publickey") == 1
+    assert logins == ["master"]
     assert len(gate.ports_used()) == 4  # the master, then a client per copy
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # ended and reaped with the link

@@ -96,6 +96,11 @@ async def test_a_push_through_the_gate_is_teed_into_the_mirrors_gate(
     assert await gated.gate_runs(gated.mirror) == 4
     assert await gated.metric(gated.primary, "snapper_sent_bytes_total",
                               kind="mirror-pipelined") > 7 << 20
+    # Four copies on the link's kept logins: a master per copy at once, at most.
+    logins = {how: await gated.metric(gated.primary, "snapper_peer_ssh_logins_total",
+                                      peer=gated.mirror.uuid, how=how)
+              for how in ("master", "alone")}
+    assert logins["master"] >= 1 and logins["master"] + logins["alone"] <= 2, logins
 
 
 async def test_a_push_to_snapperds_port_is_teed_from_python_into_the_mirrors_gate(
@@ -121,3 +126,6 @@ async def test_a_mirror_whose_gate_is_down_still_gets_the_push_before_the_ack(
     await gated.push_via("d2", openssh=True)
     assert await gated.teed() >= 2  # the second push's, over the channel
     assert await gated.gate_runs(gated.mirror) == 0
+    # The master could not log in either: that copy's ssh tried alone.
+    assert await gated.metric(gated.primary, "snapper_peer_ssh_logins_total",
+                              peer=gated.mirror.uuid, how="alone") >= 1

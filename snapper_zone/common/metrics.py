@@ -133,6 +133,11 @@ class Metrics:
                                      ["result"], registry=r)
         self.gate_running = Gauge("snapper_gate_running", "Gate commands running",
                                   registry=r)
+        # Against the rate of copies: how well a link's kept logins serve them.
+        self.peer_ssh_logins = Counter(
+            "snapper_peer_ssh_logins", "ssh logins to carry copies to a peer's gate: a "
+            "kept master's (how=master) or a copy's own, none being free (how=alone)",
+            ["peer", "how"], registry=r)
 
         self.lag_snapshots = Gauge("snapper_replication_lag_snapshots",
                                    "VM snapshots complete here and not yet on the peer",

@@ -146,7 +146,7 @@ async def serve(config: ZoneConfig, args: argparse.Namespace, log: logging.Logge
         config.coordinator_url, Signer.load(config.ssh.host_key), config.coordinator_key,
         AnswerCache.load(config.answers_path, log)) if config.coordinator_url else None
     if config.peers or coordinator is not None:
-        zone.replicator = Replicator(zone, PeerLinks(config, log, coordinator))
+        zone.replicator = Replicator(zone, PeerLinks(config, log, coordinator, zone.metrics))
     if coordinator is not None:
         # The registry's last verified copy is in force before the first command:
         # a zone restarted while no coordinator answers keeps who is who.

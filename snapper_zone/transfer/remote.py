@@ -400,6 +400,8 @@ class ZoneClient:
     over this connection (asyncssh). ``keep_logins``: how many logged-in
     ``ssh`` masters to keep per port for those streams (``sshmux``), so that
     each does not log in again; 0: each ``ssh`` logs in by itself.
+    ``on_login(how)``: told of each login an ``ssh`` makes, a master's
+    ("master") or a stream's own ("alone").
     """
 
     def __init__(self, host: str, port: int, client_key: str | Path | asyncssh.SSHKey, *,
@@ -407,7 +409,8 @@ class ZoneClient:
                  host_key: str | Path | asyncssh.SSHKey | None = None,
                  username: str = "snapper", connect_timeout: float = 30.0,
                  openssh: str | None = None, use_gate: bool = True,
-                 openssh_gate_only: bool = False, keep_logins: int = 0) -> None:
+                 openssh_gate_only: bool = False, keep_logins: int = 0,
+                 on_login: Callable[[str], None] | None = None) -> None:
         if known_hosts is not None and host_key is not None:
             raise ValueError("give a known_hosts file or a pinned host key, not both")
         self.openssh = openssh if not isinstance(client_key, asyncssh.SSHKey) else None
@@ -431,6 +434,7 @@ class ZoneClient:
         self.stream_user: str | None = None  # whom the gate's sshd logs us in as
         self._whoami: tuple[object, int | None] | None = None  # (connection, its number)
         self.keep_logins = keep_logins
+        self.on_login = on_login
         self._masters: dict[int, Masters] = {}  # per port
 
     @property
@@ -653,8 +657,10 @@ class ZoneClient:
                     lambda path, kh: self.openssh_argv(ssh, "", kh, port, mux=path,
                                                        master=True),
                     known, size=self.keep_logins,
-                    ready_timeout=self.connect_timeout + 5.0)
+                    ready_timeout=self.connect_timeout + 5.0, on_start=self._master_started)
             lease = await masters.lease()
+        if lease is None and self.on_login is not None:
+            self.on_login("alone")
         mux = None if lease is None else lease.path
         try:
             sc = await SshChild.start(
@@ -665,6 +671,10 @@ class ZoneClient:
             raise
         sc.lease = lease
         return sc
+
+    def _master_started(self) -> None:
+        if self.on_login is not None:
+            self.on_login("master")
 
     async def _known_hosts_text(self) -> str:
         """A known_hosts for ``ssh`` naming exactly the zone's trusted host keys,

@@ -95,8 +95,10 @@ class Masters:
     """
 
     def __init__(self, argv: Callable[[Path, Path], list[str]], known: str, *,
-                 size: int = 4, idle: float = 300.0, ready_timeout: float = 30.0) -> None:
+                 size: int = 4, idle: float = 300.0, ready_timeout: float = 30.0,
+                 on_start: Callable[[], None] | None = None) -> None:
         self.argv = argv
+        self.on_start = on_start  # told of each master started (a login)
         self.known = known
         self.size = size
         self.idle = idle
@@ -163,6 +165,8 @@ class Masters:
             return None
         m = _Master(path)
         self._masters.append(m)
+        if self.on_start is not None:
+            self.on_start()
         why = "did not log in"
         try:
             m.child = await proc.spawn([*_die_with_us(), *self.argv(path, where / "known_hosts")])
