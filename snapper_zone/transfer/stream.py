@@ -193,7 +193,7 @@ class PipeWriter:
             self._finish(exc)
             return
         if n:
-            self._counted(n)
+            written = n
             self._size -= n
             i = 0
             while n and len(self._chunks[i]) <= n:
@@ -202,6 +202,11 @@ class PipeWriter:
             del self._chunks[:i]
             if n:
                 self._chunks[0] = memoryview(self._chunks[0])[n:]
+            # Told after the queue is settled: a budget it crosses aborts this
+            # writer from inside the call (a quota cut), which clears the queue.
+            self._counted(written)
+            if self._closed:
+                return
         if self._chunks:
             if not self._watching:
                 self._watching = True
