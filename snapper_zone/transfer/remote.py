@@ -570,13 +570,13 @@ class ZoneClient:
                 and (known := await self._known_hosts_text()):
             if (gate := self.gate_port(cmd.size)) is not None:
                 try:
-                    return await self._push_openssh(self.openssh, known, cmd, spec, zfs,
+                    return await self._push_openssh(known, cmd, spec, zfs,
                                                     progress or NoProgress(), bwlimit, gate)
                 except _SshFailed as exc:
                     self.gate_refused(exc.message)
             try:
                 if not self.openssh_gate_only:
-                    return await self._push_openssh(self.openssh, known, cmd, spec, zfs,
+                    return await self._push_openssh(known, cmd, spec, zfs,
                                                     progress or NoProgress(), bwlimit,
                                                     self.port)
             except _SshFailed as exc:
@@ -728,7 +728,7 @@ class ZoneClient:
             return None
         return await self._ssh_child(await self._bound_line(cmd), port, known)
 
-    async def _push_openssh(self, ssh: str, known: str, cmd: Receive, spec: SendSpec,
+    async def _push_openssh(self, known: str, cmd: Receive, spec: SendSpec,
                             zfs: Zfs, progress: Reporter,
                             bwlimit: float | None, port: int) -> StreamResult:
         """``push_stream`` through a child ``ssh``: zfs send -> pump -> ssh's stdin."""
