@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections import Counter
@@ -104,10 +105,17 @@ def summary(doc: dict[str, Any]) -> str:
 _VM_SNAP = re.compile(r"\b([0-9a-f]{8})@(\S+)")
 
 
-def evidence(doc: dict[str, Any], workdir: Path, limit: int = 40) -> str:
+# What happens to a VM's copy as a whole (a move, a drop): shown with its snapshots'
+# lines, since a copy that went away takes every snapshot with it.
+_VM_EVENTS = ("placement switched", "dropped VM copy", "move ", "partner")
+
+
+def evidence(doc: dict[str, Any], workdir: Path, head: int = 30, tail: int = 60) -> str:
     """The daemons' log lines about each ``vm@snapshot`` a failed check names (that
-    snapshot, or a warning about the VM), oldest first: what a failure on a
-    machine whose work directory is gone (CI) leaves to read."""
+    snapshot, a warning or a move about the VM), oldest first, and which zone
+    each uuid is: what a failure on a machine whose work directory is gone (CI)
+    leaves to read. SSH's own per-channel lines are left out (the daemons log
+    each command themselves)."""
     wanted = {m.groups() for ch in doc["invariants"] if not ch["ok"]
               for d in ch["detail"] for m in _VM_SNAP.finditer(d)}
     if not wanted:
@@ -124,8 +132,14 @@ def evidence(doc: dict[str, Any], workdir: Path, limit: int = 40) -> str:
                     rec = json.loads(line)
                 except ValueError:
                     continue
-                if not isinstance(rec, dict) or not any(
-                        snap in line or int(rec.get("level") or 0) >= 40 for _, snap in hit):
+                if not isinstance(rec, dict):
+                    continue
+                level = int(rec.get("level") or 0)
+                msg = str(rec.get("msg"))
+                if rec.get("component") == "asyncssh" and level < 40:
+                    continue
+                if not any(snap in line for _, snap in hit) and level < 40 \
+                        and not any(e in msg for e in _VM_EVENTS):
                     continue
                 extra = {k: v for k, v in rec.items() if k not in
                          ("v", "name", "hostname", "pid", "level", "time", "msg")}
@@ -133,9 +147,21 @@ def evidence(doc: dict[str, Any], workdir: Path, limit: int = 40) -> str:
                              f"{rec.get('time')} {who}: {rec.get('msg')} "
                              f"{json.dumps(extra)[:300]}"))
     rows.sort()
-    shown = [r for _, r in rows[-limit:]]
-    return "\n".join([f"log lines about {', '.join(f'{v}@{s}' for v, s in sorted(wanted))} "
-                      f"(last {len(shown)} of {len(rows)}):", *shown])
+    lines = [r for _, r in rows]
+    if len(lines) > head + tail:
+        lines = [*lines[:head], f"[... {len(lines) - head - tail} lines ...]", *lines[-tail:]]
+    return "\n".join([zone_legend(workdir),
+                      f"log lines about {', '.join(f'{v}@{s}' for v, s in sorted(wanted))} "
+                      f"({len(rows)}):", *lines])
+
+
+def zone_legend(workdir: Path) -> str:
+    """"zones: zone0=7944adf9 ...": the uuids the checks and logs name, by zone."""
+    names = []
+    for cfg in sorted(workdir.glob("zone*/snapperd.json")):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            names.append(f"{cfg.parent.name}={json.loads(cfg.read_text())['uuid'][:8]}")
+    return "zones: " + (" ".join(names) or "none found")
 
 
 def write(result: SoakResult, path: Path | None) -> dict[str, Any]:

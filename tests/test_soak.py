@@ -8,6 +8,7 @@ with ``make test-soak`` (``pytest -m soak``), its length from
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -191,6 +192,35 @@ def test_parse_inventory() -> None:
     complete, partial = invariants.parse_inventory(doc)
     assert complete == {"s1": G1}
     assert partial.incomplete == [("s2", 6)] and partial.resume_tokens == ["disk0"]
+
+
+def test_evidence_shows_the_snapshot_the_vms_moves_and_which_zone_is_which(
+        tmp_path: Path) -> None:
+    vm, other = "b8c5034a-8ae6-485e-9d2d-0ceefb994043", "11111111-0000-4000-8000-000000000000"
+    (tmp_path / "zone1").mkdir()
+    (tmp_path / "zone1" / "snapperd.json").write_text(json.dumps({"uuid": "d4479ad5-x"}))
+
+    def line(t: int, msg: str, level: int = 30, **extra: Any) -> str:
+        return json.dumps({"level": level, "time": f"T{t:03d}", "msg": msg, **extra}) + "\n"
+
+    (tmp_path / "zone1" / "snapperd.log").write_text("".join([
+        line(1, "transfer end", vm=vm, snapshot="s00007"),
+        line(2, "transfer end", vm=vm, snapshot="s00008"),  # another snapshot: not shown
+        line(3, "dropped VM copy", vm=vm),  # the copy as a whole: shown
+        line(4, "[conn=1, chan=2] Command: receive " + vm + " root s00007",
+             component="asyncssh"),  # ssh's own line: not shown
+        line(5, "receive failed", level=50, vm=vm),  # an error about the VM: shown
+        line(6, "dropped VM copy", vm=other)]))
+    doc = {"invariants": [{"ok": False, "detail": [f"{vm[:8]}@s00007 (mirrored) on d4479ad5"]}]}
+    text = report.evidence(doc, tmp_path)
+    assert text.splitlines()[0] == "zones: zone1=d4479ad5"
+    shown = [ln.split()[0] for ln in text.splitlines()[2:]]
+    assert shown == ["T001", "T003", "T005"], text
+    many = "".join(line(i, "transfer end", vm=vm, snapshot="s00007") for i in range(100))
+    (tmp_path / "zone1" / "snapperd.log").write_text(many)
+    cut = report.evidence(doc, tmp_path, head=3, tail=4).splitlines()[2:]
+    assert [ln.split()[0] for ln in cut] == ["T000", "T001", "T002", "[...",
+                                             "T096", "T097", "T098", "T099"]
 
 
 # -- the soak on a real fleet ---------------------------------------------------------------

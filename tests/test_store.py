@@ -188,3 +188,28 @@ async def test_a_listing_never_sees_a_copy_half_dropped(zfs: Zfs, cn_pool: FileP
     await zfs.pipe(SendSpec(src.snapshot("s1")), store.part_dataset(VM, "root"))
     _, after = await asyncio.gather(store.drop_vm(VM), store.document(VM))
     assert after.snapshots == () and after.datasets == {}
+
+
+@pytest.mark.zfs
+async def test_a_marker_that_outlived_its_parts_is_not_complete(zfs: Zfs, cn_pool: FilePool,
+                                                                zone_pool: FilePool) -> None:
+    """A `zfs destroy -r` of a copy cut short leaves markers whose parts are gone
+    (it goes child by child): those snapshots list as incomplete, never as
+    complete with nothing in them, and a commit once the parts are back marks
+    them whole again (soak: an ack's zone listed one complete with no parts)."""
+    store = await _new_store(zfs, zone_pool)
+    src = await _pushed(zfs, cn_pool, store, 3)
+    await store.mark_complete(VM, "s2", ["root"], {"alias": "web"}, "cn:x")
+    assert [s.name for s in await store.snapshots(VM) if s.complete] == ["s2"]
+    await zfs.destroy(store.part_dataset(VM, "root"), recursive=True)  # the cut drop
+    [s2] = await store.snapshots(VM)
+    assert (s2.name, s2.complete, dict(s2.parts)) == ("s2", False, {})
+    doc = await store.document(VM)
+    assert [(s.name, s.complete) for s in doc.snapshots] == [("s2", False)]
+    # The part comes back (a peer's copy, a re-push): committed again, whole again.
+    for i in (1, 2):
+        base = src.snapshot(f"s{i - 1}") if i > 1 else None
+        await zfs.pipe(SendSpec(src.snapshot(f"s{i}"), base=base), store.part_dataset(VM, "root"))
+    done = await store.mark_complete(VM, "s2", ["root"], None, "zone:y")
+    assert done.complete and done == await store.snapshot(VM, "s2")
+    assert await store.metadata(VM, "s2") == {"alias": "web"}  # the marker kept its metadata

@@ -137,12 +137,16 @@ class ZoneStore:
             return await self._snapshots(vm)
 
     async def _snapshots(self, vm: str) -> list[VmSnapshot]:
+        return (await self._read(vm))[0]
+
+    async def _read(self, vm: str) -> tuple[list[VmSnapshot], set[str]]:
+        """The VM's snapshots, and the names that have a marker (whole or not)."""
         container = self.vm_dataset(vm)
         try:
             infos = await self.zfs.snapshots(container, user_props=_CONTAINER_PROPS,
                                              recursive=True)
         except DatasetNotFound:
-            return []
+            return [], set()
         marks: dict[str, SnapshotInfo] = {}
         parts: dict[str, dict[str, Part]] = {}
         order: dict[str, int] = {}
@@ -160,13 +164,14 @@ class ZoneStore:
         out = []
         for name in sorted(order, key=lambda n: order[n]):
             mark = marks.get(name)
-            complete = mark is not None and mark.user_props.get(P_COMPLETE) == "yes"
+            complete = mark is not None and marked_whole(mark.user_props,
+                                                          parts.get(name, {}))
             created = int(mark.user_props.get(P_CREATED, mark.creation)) if mark else 0
             if not created:
                 created = min((_part_creations(infos, container, name)), default=0)
             out.append(VmSnapshot(vm, name, complete, created, parts.get(name, {}),
                                   mark.user_props.get(P_SOURCE) if mark else None))
-        return out
+        return out, set(marks)
 
     async def document(self, vm: str) -> wire.Inventory:
         """``snapshots VM``'s answer: every VM snapshot, each dataset's resume token,
@@ -199,7 +204,9 @@ class ZoneStore:
         leaves an incomplete VM snapshot and never a complete-looking partial one.
         """
         props = encode_metadata(metadata, self.metadata_max_bytes) if metadata else {}
-        current = {s.name: s for s in await self.snapshots(vm)}
+        async with self._views[vm]:
+            listed, marked = await self._read(vm)
+        current = {s.name: s for s in listed}
         have = current.get(name)
         missing = [d for d in datasets if have is None or d not in have.parts]
         if missing:
@@ -210,7 +217,9 @@ class ZoneStore:
         if have is None:  # no dataset was listed to show it missing
             raise SnapshotNotFound(f"VM {vm} has no snapshot {name!r} on this zone")
         snap = Snapshot(self.vm_dataset(vm), name)
-        if have.complete:
+        if name in marked:
+            # A marker that is there but not whole (a part went and came back)
+            # is written again: a snapshot cannot be taken twice.
             await self.zfs.set_user_props(snap, props)
         else:
             await self.zfs.snapshot([snap], props=props)
@@ -372,6 +381,21 @@ class ZoneStore:
             if (have := out[vm]) is None or created > have:
                 out[vm] = created
         return out
+
+
+def marked_whole(marker: Mapping[str, str], parts: Mapping[str, object]) -> bool:
+    """Whether a VM snapshot's marker (its user properties) and the parts listed
+    beside it make it complete: the marker says so and every part it names is there.
+
+    A marker outliving a part is not whole: `zfs destroy -r` of a VM copy goes
+    part by part, so one cut short (a killed daemon, a failed destroy) leaves
+    markers of snapshots whose data is gone. Markers from before the part list
+    was kept need at least one part.
+    """
+    if marker.get(P_COMPLETE) != "yes":
+        return False
+    named = [d for d in marker.get(P_PARTS, "").split(",") if d]
+    return all(d in parts for d in named) if named else bool(parts)
 
 
 def _is_uuid(name: str) -> bool:
