@@ -435,13 +435,20 @@ class Soak:
         if self.fleet.coordinator is None:
             uuids = list(pair_of(vm, [z.uuid for z in self.zones()]))
         else:
-            try:
-                c = self.fleet.coordinator
-                uuids = [str(e["uuid"]) for e in await placement(
-                    c.url, vm, self.fleet.operator_key, c.public_key)]
+            uuids = self._placements.get(vm, [])
+            # Any live coordinator answers (a follower reads the shared store): the
+            # one the CNs are given may be the leader just killed, and a stale
+            # placement would judge a copy that a move took away as lost.
+            live = [c for c in self.fleet.coordinators if c.daemon is not None] \
+                or [self.fleet.coordinator]
+            for c in live:
+                try:
+                    uuids = [str(e["uuid"]) for e in await placement(
+                        c.url, vm, self.fleet.operator_key, c.public_key)]
+                except SnapperError:
+                    continue
                 self._placements[vm] = uuids
-            except SnapperError:
-                uuids = self._placements.get(vm, [])
+                break
         return [z for u in uuids if (z := self.zone(u)) is not None and u not in self.gone]
 
     # -- what the zones hold --------------------------------------------------------------

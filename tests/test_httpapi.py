@@ -219,6 +219,25 @@ async def test_drop_copy_refused_while_it_holds_more_than_the_new_copy(api: Api)
     assert (await api.call("GET", f"/v1/vms/{VM}/snapshots"))[0] == 404
 
 
+async def test_drop_copy_counts_a_marker_that_outlived_its_parts(api: Api) -> None:
+    """A listing that lacks a marked snapshot's parts (a destroy cut short) makes it
+    incomplete, not unknown: the drop still wants the new copy to hold it."""
+    snaps = (await api.call("GET", f"/v1/vms/{VM}/snapshots"))[1]
+    held = {s["name"]: {"root": s["datasets"]["root"]["guid"]} for s in snaps}
+    assert all(s["complete"] for s in snaps)
+    await api.zone.zfs.destroy(api.zone.store.part_dataset(VM, "root"), recursive=True)
+    left = (await api.call("GET", f"/v1/vms/{VM}/snapshots"))[1]
+    assert [(s["name"], s["complete"], s["datasets"]) for s in left] == [
+        (n, False, {}) for n in held]
+    async with api.http.delete(api.url(f"/v1/vms/{VM}"), json={"elsewhere": {
+            k: v for k, v in held.items() if k != "s2"}}) as r:
+        body = await r.json()
+        assert (r.status, body["code"]) == (409, "CopyNotRedundant") and "s2" in body["message"]
+    async with api.http.delete(api.url(f"/v1/vms/{VM}"), json={"elsewhere": held}) as r:
+        assert r.status == 204
+    assert (await api.call("GET", f"/v1/vms/{VM}/snapshots"))[0] == 404
+
+
 async def test_unknown_vm_is_404(api: Api) -> None:
     for method, path in (("GET", f"/v1/vms/{OTHER_VM}/snapshots"),
                          ("GET", f"/v1/vms/{OTHER_VM}/snapshots/s1"),

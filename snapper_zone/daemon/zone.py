@@ -22,7 +22,7 @@ from snapper_zone.daemon.limits import PerPrincipal
 from snapper_zone.errors import NotPlacedHere, SnapperError
 from snapper_zone.transfer.local import LocalEndpoint, Quotas, ReceiveSlots, ZoneReceiver
 from snapper_zone.transfer.registry import SnapshotInUse, TransferRegistry
-from snapper_zone.transfer.store import ZoneStore
+from snapper_zone.transfer.store import VmSnapshot, ZoneStore
 from snapper_zone.zfs.names import Dataset
 from snapper_zone.zfs.zfs import Zfs
 
@@ -223,9 +223,12 @@ class Zone:
         async with self.vm_locks[vm]:
             self._refuse_in_use(vm)
             if elsewhere is not None:
-                extra = [s.name for s in await self.store.snapshots(vm) if s.complete
-                         and dict(elsewhere.get(s.name) or {})
-                         != {d: p.guid for d, p in s.parts.items()}]
+                # A marker here that is not whole (parts missing from a listing)
+                # counts too: the new copy must hold that snapshot, with every
+                # part this copy still has.
+                snaps, marked = await self.store.marked(vm)
+                extra = [s.name for s in snaps if (s.complete or s.name in marked)
+                         and not _holds(elsewhere.get(s.name), s)]
                 if extra:
                     raise CopyNotRedundant(
                         f"VM {vm}: this copy holds {len(extra)} snapshot(s) the new copy "
@@ -258,3 +261,15 @@ class Zone:
     async def refresh_freshness(self) -> None:
         """Each VM's newest complete snapshot's age, for the scrape (``common/metrics``)."""
         self.metrics.set_freshness(await self.store.newest_complete(), time.time())
+
+
+def _holds(there: Mapping[str, int] | None, here: VmSnapshot) -> bool:
+    """Whether a copy holding ``there`` (dataset -> guid) of a complete snapshot
+    has all of ``here``: exactly its parts when ``here`` is whole, else (a marker
+    outliving parts) at least those parts that are left."""
+    if there is None:
+        return False
+    mine = {d: p.guid for d, p in here.parts.items()}
+    if here.complete:
+        return dict(there) == mine
+    return all(there.get(d) == g for d, g in mine.items())

@@ -136,6 +136,11 @@ class ZoneStore:
         async with self._views[vm]:
             return await self._snapshots(vm)
 
+    async def marked(self, vm: str) -> tuple[list[VmSnapshot], set[str]]:
+        """``snapshots``, and the names whose marker is there, whole or not."""
+        async with self._views[vm]:
+            return await self._read(vm)
+
     async def _snapshots(self, vm: str) -> list[VmSnapshot]:
         return (await self._read(vm))[0]
 
@@ -204,8 +209,7 @@ class ZoneStore:
         leaves an incomplete VM snapshot and never a complete-looking partial one.
         """
         props = encode_metadata(metadata, self.metadata_max_bytes) if metadata else {}
-        async with self._views[vm]:
-            listed, marked = await self._read(vm)
+        listed, marked = await self.marked(vm)
         current = {s.name: s for s in listed}
         have = current.get(name)
         missing = [d for d in datasets if have is None or d not in have.parts]
