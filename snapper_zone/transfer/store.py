@@ -22,6 +22,7 @@ import asyncio
 import base64
 import dataclasses
 import json
+import logging
 import time
 import zlib
 from collections import defaultdict
@@ -47,6 +48,8 @@ _CHUNK = 8000
 _MAX_CHUNKS = 64
 _CONTAINER_PROPS = [P_COMPLETE, P_PARTS, P_CREATED, P_SOURCE]
 
+
+log = logging.getLogger("snapper.store")
 
 _SETTLE_TRIES = 3  # a dataset's newest snapshot destroyed under a settle: look again
 
@@ -110,6 +113,7 @@ class ZoneStore:
         # A listing and a whole-VM destroy exclude each other: `zfs destroy -r` goes
         # child by child, and a plan made from a half-destroyed copy is nonsense.
         self._views: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._warned: set[tuple[str, str]] = set()  # markers seen without their parts
 
     def vm_dataset(self, vm: str) -> Dataset:
         return self.root.child(check_uuid(vm, "VM uuid"))
@@ -171,6 +175,13 @@ class ZoneStore:
             mark = marks.get(name)
             complete = mark is not None and marked_whole(mark.user_props,
                                                           parts.get(name, {}))
+            if mark is not None and not complete and (vm, name) not in self._warned \
+                    and mark.user_props.get(P_COMPLETE) == "yes":
+                # Evidence for whoever reads the logs (once): which listing lacked what.
+                self._warned.add((vm, name))
+                log.warning("snapshot marker without its parts", extra={
+                    "vm": vm, "snapshot": name, "parts": sorted(parts.get(name, {})),
+                    "named": mark.user_props.get(P_PARTS, "")})
             created = int(mark.user_props.get(P_CREATED, mark.creation)) if mark else 0
             if not created:
                 created = min((_part_creations(infos, container, name)), default=0)
