@@ -9,6 +9,7 @@ import asyncio
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 from snapper_zone.fleet import sshd
 from snapper_zone.fleet.local import free_port
 from snapper_zone.transfer.remote import ZoneClient
-from snapper_zone.transfer.sshmux import Lease, Masters
+from snapper_zone.transfer.sshmux import Lease, Masters, sweep_stale
 from snapper_zone.zfs import proc
 from tests.helpers import wait_for, write_keypair
 
@@ -219,3 +220,17 @@ async def test_masters_end_with_the_process_that_started_them(plain_sshd: Sshd) 
         holder.kill()
         await holder.wait()
     await wait_for(lambda: not _alive(master), 10, "the orphaned master's end")
+    _swept_but_not_mine(holder.pid)
+
+
+def _swept_but_not_mine(dead: int) -> None:
+    """A dead process's socket directory outlived it; the next process to start
+    masters sweeps it, and leaves a live process's alone."""
+    left = list(Path(tempfile.gettempdir()).glob(f"snapper-mux-{dead}-*"))
+    assert len(left) == 1 and (left[0] / "known_hosts").exists(), left
+    mine = Path(tempfile.mkdtemp(prefix=f"snapper-mux-{os.getpid()}-"))
+    try:
+        assert left[0] in sweep_stale()
+        assert not left[0].exists() and mine.exists()
+    finally:
+        mine.rmdir()

@@ -18,7 +18,8 @@ Masters are our children, not ``ControlPersist``'s detached daemons: ended by
 ``close``, after ``idle`` seconds unused, and on Linux with the process that
 started them (``setpriv --pdeathsig``; on illumos SMF's contract ends them).
 Their control sockets live in a 0700 directory of ours, as a connected socket
-runs commands on the peer with our key. The peer still checks every command:
+runs commands on the peer with our key; it is named with our pid, so the one
+a killed process leaves is swept by the next that starts masters. The peer still checks every command:
 its snapperd looks the key up per stream, so a key revoked while a master is
 logged in is refused at the next stream.
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -44,7 +46,33 @@ log = logging.getLogger("snapper.cn")
 # A unix socket's path is at most 104 (BSD, illumos) or 108 bytes; ssh needs room.
 _MAX_SOCKET_PATH = 100
 _READY_POLL = 0.005  # seconds between looks for a starting master's socket
+_PREFIX = "snapper-mux-"  # + "<pid>-<random>"
 _RETRY_AFTER = 60.0  # seconds before trying a master again after one failed to start
+
+
+def sweep_stale(where: str | None = None) -> list[Path]:
+    """Remove socket directories (ours: this uid's) whose process is gone; the removed."""
+    out = []
+    for d in Path(where or tempfile.gettempdir()).glob(f"{_PREFIX}*-*"):
+        pid = d.name[len(_PREFIX):].split("-", 1)[0]
+        try:
+            if not pid.isdigit() or d.stat().st_uid != os.getuid() or _alive(int(pid)):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        out.append(d)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's: alive
+    return True
 
 
 def _die_with_us() -> list[str]:
@@ -151,7 +179,10 @@ class Masters:
 
     def _where(self) -> Path:
         if self._dir is None:
-            self._dir = tempfile.TemporaryDirectory(prefix="snapper-mux-")  # mode 0700
+            sweep_stale()
+            # mode 0700; the pid in the name lets the next process sweep it if we
+            # die without cleaning up (kill -9: the masters die, the directory stays).
+            self._dir = tempfile.TemporaryDirectory(prefix=f"{_PREFIX}{os.getpid()}-")
             (Path(self._dir.name) / "known_hosts").write_text(self.known)
         return Path(self._dir.name)
 
