@@ -213,3 +213,29 @@ async def test_a_marker_that_outlived_its_parts_is_not_complete(zfs: Zfs, cn_poo
     done = await store.mark_complete(VM, "s2", ["root"], None, "zone:y")
     assert done.complete and done == await store.snapshot(VM, "s2")
     assert await store.metadata(VM, "s2") == {"alias": "web"}  # the marker kept its metadata
+
+
+@pytest.mark.zfs
+async def test_a_drop_that_cannot_destroy_everything_leaves_no_half_copy(
+        zfs: Zfs, cn_pool: FilePool, zone_pool: FilePool) -> None:
+    """`zfs destroy -r` stops at the first busy snapshot (soak: an orphaned send
+    held one): its older snapshots went, its newer stayed, and reconcile took the
+    remains for a diverged history. The drop sets the copy aside in one rename
+    first; what cannot be destroyed yet waits, under no VM's name, for a sweep."""
+    store = await _new_store(zfs, zone_pool)
+    await _pushed(zfs, cn_pool, store, 3)
+    await store.mark_complete(VM, "s3", ["root"], None, "cn:x")
+    busy = store.part_dataset(VM, "root").snapshot("s2")
+    await zfs.hold("test", [busy])  # destroy refuses it as it would a busy one
+    await store.drop_vm(VM)
+    assert await store.snapshots(VM) == [] and await store.vms() == []
+    doc = await store.document(VM)
+    assert doc.snapshots == () and doc.datasets == {}
+    [aside] = [i.dataset for i in await zfs.datasets(store.root, depth=1)
+               if i.dataset != store.root]
+    assert aside.basename.startswith(f"dropped-{VM}-")
+    assert await store.sweep_aside() == [aside]  # still held: kept for the next sweep
+    await zfs.release("test", [aside.child("root").snapshot("s2")])
+    assert await store.sweep_aside() == []
+    assert [i.dataset for i in await zfs.datasets(store.root, depth=1)] == [store.root]
+    await store.drop_vm(VM)  # a copy already gone is dropped

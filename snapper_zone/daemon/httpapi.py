@@ -82,7 +82,7 @@ from snapper_zone.daemon.prune import Pruner
 from snapper_zone.daemon.zone import Zone
 from snapper_zone.errors import InvalidName, SnapperError
 from snapper_zone.transfer.registry import SnapshotInUse
-from snapper_zone.transfer.store import P_META_COUNT, decode_metadata
+from snapper_zone.transfer.store import P_META_COUNT, decode_metadata, set_aside
 from snapper_zone.wire import InvalidDocument, elsewhere_from_json, jsontext, tombstones_to_json
 from snapper_zone.zfs.names import Dataset, check_component, check_uuid
 
@@ -221,7 +221,8 @@ async def list_vms(request: web.Request) -> web.Response:
     # its datasets and all their snapshots: what the VM costs this zone.
     children = [i for i in await zone.zfs.datasets(root, depth=1) if i.dataset.parent == root]
     infos = [i for i in children if _is_vm(i.dataset.basename)]
-    if stray := sorted(i.dataset.basename for i in children if i not in infos):
+    if stray := sorted(i.dataset.basename for i in children
+                       if i not in infos and not set_aside(i.dataset.basename)):
         # Not ours (someone's hand-made dataset): one bad name must not hide every VM.
         zone.log.warning("datasets under the root that are not VMs", extra={"stray": stray})
     limit = asyncio.Semaphore(_LIST_CONCURRENCY)

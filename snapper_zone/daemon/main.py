@@ -136,6 +136,7 @@ async def serve(config: ZoneConfig, args: argparse.Namespace, log: logging.Logge
     zfs = Zfs()
     zone = Zone.from_config(config, zfs, log)
     await ensure_root(zfs, zone.store.root, args.create_root, log)
+    await zone.store.sweep_aside()  # copies a drop set aside before a crash
     caps = await zfs.capabilities()
     ensure_host_key(config.ssh.host_key, log)
     # The zone signs its requests to the coordinator with its host key: the

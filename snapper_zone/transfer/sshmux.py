@@ -19,9 +19,9 @@ Masters are our children, not ``ControlPersist``'s detached daemons: ended by
 started them (``setpriv --pdeathsig``; on illumos SMF's contract ends them).
 Their control sockets live in a 0700 directory of ours, as a connected socket
 runs commands on the peer with our key; it is named with our pid, so the one
-a killed process leaves is swept by the next that starts masters. The peer still checks every command:
-its snapperd looks the key up per stream, so a key revoked while a master is
-logged in is refused at the next stream.
+a killed process leaves is swept by the next that starts masters. The peer
+still checks every command: its snapperd looks the key up per stream, so a key
+revoked while a master is logged in is refused at the next stream.
 """
 
 from __future__ import annotations

@@ -51,6 +51,7 @@ _CONTAINER_PROPS = [P_COMPLETE, P_PARTS, P_CREATED, P_SOURCE]
 
 log = logging.getLogger("snapper.store")
 
+_ASIDE = "dropped-"  # + "<vm>-<hex ns>": a dropped copy renamed out of the VM's name
 _SETTLE_TRIES = 3  # a dataset's newest snapshot destroyed under a settle: look again
 
 
@@ -114,6 +115,7 @@ class ZoneStore:
         # child by child, and a plan made from a half-destroyed copy is nonsense.
         self._views: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._warned: set[tuple[str, str]] = set()  # markers seen without their parts
+        self._sweeping = asyncio.Lock()
 
     def vm_dataset(self, vm: str) -> Dataset:
         return self.root.child(check_uuid(vm, "VM uuid"))
@@ -131,7 +133,7 @@ class ZoneStore:
     async def vms(self) -> list[str]:
         out = []
         for info in await self.zfs.datasets(self.root, depth=1):
-            if info.dataset.parent == self.root:
+            if info.dataset.parent == self.root and _is_uuid(info.dataset.basename):
                 out.append(info.dataset.basename)
         return sorted(out)
 
@@ -330,11 +332,39 @@ class ZoneStore:
                     raise
 
     async def drop_vm(self, vm: str) -> None:
-        """Destroy this zone's whole copy of a VM (a move's last step)."""
+        """Destroy this zone's whole copy of a VM (a move's last step).
+
+        The copy is first renamed aside in one step, then destroyed. `zfs destroy
+        -r` goes snapshot by snapshot and stops at the first one that is busy
+        (a send still reading it, a hold), leaving a copy with its older
+        snapshots gone and its newer ones there, which no peer can fill in
+        again. A rename either happens or, busy, changes nothing (ResourceBusy:
+        try again); what is set aside and not yet destroyed is no VM's copy any
+        more and goes at the next sweep.
+        """
         ds = self.vm_dataset(vm)
-        async with self._views[vm]:  # nobody lists it half destroyed
-            if await self.zfs.exists(ds):
-                await self.zfs.destroy(ds, recursive=True)
+        async with self._views[vm]:  # nobody lists it half renamed
+            if not await self.zfs.exists(ds):
+                return
+            await self.zfs.rename(ds, self.root.child(f"{_ASIDE}{vm}-{time.time_ns():x}"))
+        await self.sweep_aside()
+
+    async def sweep_aside(self) -> list[Dataset]:
+        """Destroy the copies drops set aside; those still busy stay for the next
+        sweep (a drop, a daemon start). Returns what is left."""
+        async with self._sweeping:
+            left = []
+            for info in await self.zfs.datasets(self.root, depth=1):
+                ds = info.dataset
+                if ds.parent != self.root or not set_aside(ds.basename):
+                    continue
+                try:
+                    await self._destroy_if_there(ds, recursive=True)
+                except SnapperError as e:
+                    log.warning("dropped VM copy not yet destroyed", extra={
+                        "dataset": str(ds), "err_msg": str(e)})
+                    left.append(ds)
+            return left
 
     async def tombstones(self, vm: str) -> dict[int, int]:
         """guid -> unix time deleted, for the VM's parts deleted on purpose (here,
@@ -396,6 +426,11 @@ class ZoneStore:
             if (have := out[vm]) is None or created > have:
                 out[vm] = created
         return out
+
+
+def set_aside(name: str) -> bool:
+    """Whether a dataset under the root is a dropped VM copy awaiting its destroy."""
+    return name.startswith(_ASIDE)
 
 
 def marked_whole(marker: Mapping[str, str], parts: Mapping[str, object]) -> bool:

@@ -360,6 +360,13 @@ class Zfs:
             args.append("-r")
         await self._run(*args, str(target))
 
+    async def rename(self, ds: Dataset, to: Dataset) -> None:
+        """``zfs rename``: one step, so a reader sees the old name or the new one.
+        Both names stay in one pool (ZFS cannot rename across pools)."""
+        if to.pool != ds.pool:
+            raise InvalidName(f"cannot rename {ds} to {to}: another pool")
+        await self._run("rename", str(ds), str(to))
+
     async def exists(self, target: Dataset | Snapshot) -> bool:
         try:
             await self._run("get", "-H", "-p", "-o", "value", "guid", str(target))
