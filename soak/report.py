@@ -144,15 +144,24 @@ def evidence(doc: dict[str, Any], workdir: Path, head: int = 30, tail: int = 60)
                 extra = {k: v for k, v in rec.items() if k not in
                          ("v", "name", "hostname", "pid", "level", "time", "msg")}
                 rows.append((str(rec.get("time")),
-                             f"{rec.get('time')} {who}: {rec.get('msg')} "
-                             f"{json.dumps(extra)[:300]}"))
+                             f"{who}: {rec.get('msg')} {json.dumps(extra)[:300]}"))
     rows.sort()
-    lines = [r for _, r in rows]
+    # A failure repeated every round (reconcile's) is one line with its count,
+    # so the lines before it stay in view.
+    seen: dict[str, list[Any]] = {}
+    for t, text in rows:
+        if text in seen:
+            seen[text][1] += 1
+            seen[text][2] = t
+        else:
+            seen[text] = [t, 1, t]
+    lines = [f"{t} {text}" + (f" [x{n}, last {last}]" if n > 1 else "")
+             for text, (t, n, last) in seen.items()]
     if len(lines) > head + tail:
         lines = [*lines[:head], f"[... {len(lines) - head - tail} lines ...]", *lines[-tail:]]
     return "\n".join([zone_legend(workdir),
                       f"log lines about {', '.join(f'{v}@{s}' for v, s in sorted(wanted))} "
-                      f"({len(rows)}):", *lines])
+                      f"({len(rows)}, {len(seen)} distinct):", *lines])
 
 
 def zone_legend(workdir: Path) -> str:

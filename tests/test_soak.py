@@ -216,7 +216,16 @@ def test_evidence_shows_the_snapshot_the_vms_moves_and_which_zone_is_which(
     assert text.splitlines()[0] == "zones: zone1=d4479ad5"
     shown = [ln.split()[0] for ln in text.splitlines()[2:]]
     assert shown == ["T001", "T003", "T005"], text
-    many = "".join(line(i, "transfer end", vm=vm, snapshot="s00007") for i in range(100))
+    again = [line(9, "reconcile failed", level=40, vm=vm, error="NeedsOperator"),
+             line(10, "transfer end", vm=vm, snapshot="s00007"),
+             line(11, "reconcile failed", level=40, vm=vm, error="NeedsOperator")]
+    (tmp_path / "zone1" / "snapperd.log").write_text("".join(again))
+    assert report.evidence(doc, tmp_path).splitlines()[2:] == [
+        'T009 zone1: reconcile failed {"vm": "' + vm + '", "error": "NeedsOperator"} '
+        "[x2, last T011]",
+        'T010 zone1: transfer end {"vm": "' + vm + '", "snapshot": "s00007"}']
+    many = "".join(line(i, "transfer end", vm=vm, snapshot=f"s00007 #{i}")
+                   for i in range(100))
     (tmp_path / "zone1" / "snapperd.log").write_text(many)
     cut = report.evidence(doc, tmp_path, head=3, tail=4).splitlines()[2:]
     assert [ln.split()[0] for ln in cut] == ["T000", "T001", "T002", "[...",
