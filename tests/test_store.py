@@ -16,6 +16,7 @@ from snapper_zone.transfer.store import (
     ZoneStore,
     decode_metadata,
     encode_metadata,
+    set_aside,
 )
 from snapper_zone.zfs.names import Bookmark, Dataset, Snapshot
 from snapper_zone.zfs.zfs import SendSpec, Zfs
@@ -34,6 +35,14 @@ def test_metadata_codec_round_trip(meta: dict[str, str]) -> None:
 def test_metadata_limit() -> None:
     with pytest.raises(MetadataTooLarge):
         encode_metadata({"x": "y" * 1000}, 100)
+
+
+@given(st.uuids(), st.integers(min_value=0, max_value=(1 << 64) - 1))
+def test_only_the_names_a_drop_gives_are_swept(vm: uuid.UUID, ns: int) -> None:
+    assert set_aside(f"dropped-{vm}-{ns:x}")
+    for other in (str(vm), f"dropped-{vm}", f"dropped-{vm}-{ns:x}-x", f"dropped-{vm}-",
+                  f"Dropped-{vm}-{ns:x}", "dropped-data", f"my-dropped-{vm}-{ns:x}"):
+        assert not set_aside(other), other
 
 
 async def _new_store(zfs: Zfs, zone_pool: FilePool) -> ZoneStore:

@@ -23,6 +23,7 @@ import base64
 import dataclasses
 import json
 import logging
+import re
 import time
 import zlib
 from collections import defaultdict
@@ -52,6 +53,7 @@ _CONTAINER_PROPS = [P_COMPLETE, P_PARTS, P_CREATED, P_SOURCE]
 log = logging.getLogger("snapper.store")
 
 _ASIDE = "dropped-"  # + "<vm>-<hex ns>": a dropped copy renamed out of the VM's name
+_ASIDE_NAME = re.compile(_ASIDE + r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}-[0-9a-f]{1,16}")
 _SETTLE_TRIES = 3  # a dataset's newest snapshot destroyed under a settle: look again
 
 
@@ -429,8 +431,9 @@ class ZoneStore:
 
 
 def set_aside(name: str) -> bool:
-    """Whether a dataset under the root is a dropped VM copy awaiting its destroy."""
-    return name.startswith(_ASIDE)
+    """Whether a dataset under the root is a dropped VM copy awaiting its destroy
+    (exactly the name a drop gives: nothing else there is ever swept)."""
+    return _ASIDE_NAME.fullmatch(name) is not None
 
 
 def marked_whole(marker: Mapping[str, str], parts: Mapping[str, object]) -> bool:
