@@ -35,8 +35,11 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
 from snapper_zone.common import log as slog
 from snapper_zone.errors import (
+    DatasetBusy,
     DatasetExists,
     DatasetNotFound,
     IncrementalSourceMismatch,
@@ -222,6 +225,9 @@ async def confirm_guid(zfs: Zfs, target: Dataset, name: str, guid: int) -> None:
                    f"after receive, {target}@{name} has guid {got.guid if got else 'none'}, "
                    f"the stream said {guid}; the snapshot was destroyed")
 
+
+# How long a cut stream's clean-up waits for ZFS to let go of its dataset.
+_DISCARD_BUSY_SECONDS = 10.0
 
 @dataclass(frozen=True)
 class Received:
@@ -622,19 +628,36 @@ class ZoneReceiver:
 
     async def _discard(self, vm: str, target: Dataset, container_created: bool) -> None:
         """Leave nothing of a stream that was cut: its partial state, a dataset it
-        created, the VM container it created."""
-        with contextlib.suppress(SnapperError):
+        created, the VM container it created.
+
+        Each step is retried while ZFS calls the dataset busy: the receive that
+        was cut may hold it a moment after its process has gone (zfs-fuse's
+        daemon finishes the ioctl by itself)."""
+        async def abort() -> None:
             if await self.zfs.resume_token(target):
                 await self.zfs.receive_abort(target)
-        with contextlib.suppress(SnapperError):
+
+        async def created() -> None:
             if await self.zfs.exists(target) and not await self.zfs.snapshots(target):
                 await self.zfs.destroy(target, recursive=True)
-        if container_created:
-            container = self.store.vm_dataset(vm)
-            with contextlib.suppress(SnapperError):
-                inside = await self.zfs.datasets(container)
-                if len(inside) <= 1 and not await self.zfs.snapshots(container):
-                    await self.zfs.destroy(container, recursive=True)
+
+        async def container() -> None:
+            ds = self.store.vm_dataset(vm)
+            if len(await self.zfs.datasets(ds)) <= 1 and not await self.zfs.snapshots(ds):
+                await self.zfs.destroy(ds, recursive=True)
+
+        for step in (abort, created, *([container] if container_created else [])):
+            try:
+                async for attempt in AsyncRetrying(
+                        retry=retry_if_exception_type(DatasetBusy), reraise=True,
+                        stop=stop_after_delay(_DISCARD_BUSY_SECONDS),
+                        wait=wait_exponential(multiplier=0.05, max=1.0)):
+                    with attempt:
+                        await step()
+            except SnapperError as e:  # the stream's own error is what the sender hears
+                self.log.warning("a cut stream's clean-up left something", extra={
+                    "vm": vm, "dataset": str(target), "step": step.__name__,
+                    "err_msg": str(e)})
 
 
 async def _acquire_unless_gone(held: contextlib.AsyncExitStack,
