@@ -272,3 +272,24 @@ async def test_startup_failures_are_logged_and_exit_nonzero(
     records = [json.loads(line) for line in done.stderr.splitlines()]
     assert records[-1]["msg"] == "snapperd cannot run" and records[-1]["level"] == 60
     assert "address already in use" in records[-1]["err"]["message"].lower()
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+async def test_a_killed_daemon_takes_its_children_with_it(tmp_path: Path) -> None:
+    """A crash (the soak's kill -9) ends the service's children too, as its SMF
+    contract does: an orphaned `zfs send` held a snapshot busy for minutes."""
+    log = tmp_path / "d.log"
+    d = proc.Daemon(["sh", "-c", "sleep 300 & echo $!; wait"], str(log))
+    await wait_for(lambda: log.read_text().strip().isdigit(), 10, "the child's pid")
+    child = int(log.read_text())
+    assert _running(child)
+    d.kill()
+    await wait_for(lambda: not _running(child), 10, "the child's end")

@@ -270,7 +270,12 @@ class Daemon:
         return self.popen.wait()
 
     def kill(self) -> int:
-        """SIGKILL: a crash, for fault tests."""
+        """SIGKILL: a crash, for fault tests. Its whole process group goes with it,
+        as a crashed service's processes do under its SMF contract (or cgroup):
+        a `zfs send` left running would hold its snapshot busy for no one."""
         if self.popen.poll() is None:
-            self.popen.kill()
+            try:
+                os.killpg(self.popen.pid, signal.SIGKILL)  # its own session: see __init__
+            except ProcessLookupError:
+                pass
         return self.popen.wait()
