@@ -113,8 +113,8 @@ class ZoneStore:
         # The tombstone list is one property, read, changed and written back: a
         # delete adding one while reconcile forgets others must not lose either.
         self._tombstone_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        # A listing and a whole-VM destroy exclude each other: `zfs destroy -r` goes
-        # child by child, and a plan made from a half-destroyed copy is nonsense.
+        # A listing and a whole-VM drop exclude each other: a plan made from a copy
+        # caught half way through any multi-step change is nonsense.
         self._views: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._warned: set[tuple[str, str]] = set()  # markers seen without their parts
         self._sweeping = asyncio.Lock()
