@@ -225,6 +225,7 @@ async def test_a_marker_that_outlived_its_parts_is_not_complete(zfs: Zfs, cn_poo
 
 
 @pytest.mark.zfs
+@pytest.mark.openzfs
 async def test_a_drop_that_cannot_destroy_everything_leaves_no_half_copy(
         zfs: Zfs, cn_pool: FilePool, zone_pool: FilePool) -> None:
     """`zfs destroy -r` stops at the first busy snapshot (soak: an orphaned send
