@@ -252,19 +252,22 @@ async def test_a_stolen_cn_key_is_refused_once_revoked(target: Target) -> None:
     async with _session(stolen.key_path) as thief:  # before: it works
         assert (await _status(thief, "GET", f"{zone.http_url}/v1/vms/{vm}/snapshots"))[0] \
             in (200, 404)
-    target.fleet.cns.remove(stolen)
-    target.fleet.stop_coordinator()
-    await target.fleet.start_coordinator()
-    for z in target.fleet.zones:
-        target.fleet.stop_zone(z)
-        await target.fleet.start_zone(z)
-    with pytest.raises(asyncssh.PermissionDenied):
-        await _ssh(zone, str(stolen.key_path))
-    async with _session(stolen.key_path) as thief:
+    target.fleet.cns.remove(stolen)  # the configs the daemons restart with omit it
+    try:
+        target.fleet.stop_coordinator()
+        await target.fleet.start_coordinator()
         for z in target.fleet.zones:
-            assert await _status(thief, "GET", f"{z.http_url}/v1/vms/{vm}/snapshots") == \
+            target.fleet.stop_zone(z)
+            await target.fleet.start_zone(z)
+        with pytest.raises(asyncssh.PermissionDenied):
+            await _ssh(zone, str(stolen.key_path))
+        async with _session(stolen.key_path) as thief:
+            for z in target.fleet.zones:
+                assert await _status(thief, "GET", f"{z.http_url}/v1/vms/{vm}/snapshots") \
+                    == (401, "Unauthorized")
+            assert await _status(thief, "GET", f"{target.url}/v1/placement/{vm}") == \
                 (401, "Unauthorized")
-        assert await _status(thief, "GET", f"{target.url}/v1/placement/{vm}") == \
-            (401, "Unauthorized")
-    # The CN that was not revoked goes on.
-    assert len(await target.push(target.victim, target.victim.vms[0], "s3")) == 2
+        # The CN that was not revoked goes on.
+        assert len(await target.push(target.victim, target.victim.vms[0], "s3")) == 2
+    finally:
+        target.fleet.cns.append(stolen)  # so the fleet's stop destroys its pool too
