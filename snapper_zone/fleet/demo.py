@@ -30,11 +30,14 @@ import aiohttp
 from replication.peers import pair_of
 from snapper_zone.cn.client import CnClient, placement
 from snapper_zone.common import progress
+from snapper_zone.errors import NotPlacedHere
 from snapper_zone.fleet import pools as localpool
 from snapper_zone.fleet.local import LocalCN, LocalFleet, LocalZone
 from snapper_zone.transfer.remote import ZoneClient, ZoneError
 from snapper_zone.zfs.names import Dataset
 from snapper_zone.zfs.zfs import Zfs
+
+_MOVED_RETRIES = 5  # placement lookups per push while moves switch it under us
 
 STATE_FILE = "fleet.json"
 T = TypeVar("T")
@@ -136,14 +139,27 @@ class Demo:
             for vm in cn.vms:
                 if only is not None and vm != only:
                     continue
-                zone = self.primary(vm)
-                zc, client = self.client(cn, zone)
-                async with zc:
-                    t0 = time.monotonic()
-                    rep = await client.push(vm, name=label,
-                                            metadata={"uuid": vm, "alias": f"demo-{vm[:8]}",
-                                                      "brand": "joyent"},
-                                            durability=durability)
+                t0 = time.monotonic()
+                for attempt in range(_MOVED_RETRIES):
+                    # As a CN does: where the coordinator places the VM now. The
+                    # fleet may rebalance mid-demo (a zone left without copies).
+                    await self.refresh_placement(only=vm)
+                    zone = self.primary(vm)
+                    zc, client = self.client(cn, zone)
+                    try:
+                        async with zc:
+                            rep = await client.push(
+                                vm, name=label, durability=durability,
+                                metadata={"uuid": vm, "alias": f"demo-{vm[:8]}",
+                                          "brand": "joyent"})
+                        break
+                    except ZoneError as exc:
+                        # A move switched the placement between the lookup and the
+                        # push; nothing was sent. Ask again.
+                        if exc.code != NotPlacedHere.code or attempt + 1 == _MOVED_RETRIES:
+                            raise
+                        info(f"{cn.id}: {vm[:8]} moved off {zone.name} just now; "
+                             "asking the coordinator again")
                 secs = time.monotonic() - t0
                 disk = Dataset(cn.pool.name).child(vm).child("disk0")
                 self.digests[(vm, label)] = _digests(self.mnt(cn, disk))
