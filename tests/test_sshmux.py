@@ -74,14 +74,6 @@ async def plain_sshd(tmp_path: Path) -> AsyncIterator[Sshd]:
         daemon.stop()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def _pids(m: Masters) -> list[int]:
     return [x.child.pid for x in m._masters if x.child is not None]
 
@@ -156,14 +148,14 @@ async def test_idle_masters_end_and_close_ends_the_rest(plain_sshd: Sshd) -> Non
     assert lease is not None
     [pid] = _pids(m)
     lease.release()
-    await wait_for(lambda: not _alive(pid), 10, "the idle master's end")
+    await wait_for(lambda: not proc.alive(pid), 10, "the idle master's end")
     assert m.alive == 0
     lease = await m.lease()
     assert lease is not None
     [pid] = _pids(m)
     where = lease.path.parent
     await m.close()
-    assert not _alive(pid)
+    assert not proc.alive(pid)
     assert not where.exists()
     lease.release()  # after close: nothing to give back to
     assert await m.lease() is None  # closed: streams log in alone
@@ -215,11 +207,11 @@ async def test_masters_end_with_the_process_that_started_them(plain_sshd: Sshd) 
             line = (await holder.stdout.readline()).decode().strip()
         assert line.isdigit(), line
         master = int(line)
-        assert _alive(master)
+        assert proc.alive(master)
     finally:
         holder.kill()
         await holder.wait()
-    await wait_for(lambda: not _alive(master), 10, "the orphaned master's end")
+    await wait_for(lambda: not proc.alive(master), 10, "the orphaned master's end")
     _swept_but_not_mine(holder.pid)
 
 

@@ -9,7 +9,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from snapper_zone import errors
-from snapper_zone.zfs.names import Bookmark, Dataset, Snapshot, check_component, check_uuid
+from snapper_zone.zfs.names import (
+    Bookmark,
+    Dataset,
+    Snapshot,
+    check_component,
+    check_uuid,
+    is_uuid,
+)
 from snapper_zone.zfs.zfs import SendSpec, Zfs, classify, parse_capabilities
 
 BAD_NAMES = ["", ".", "..", "a/b", "a@b", "a#b", "a b", " a", "-F", "--help", "a;b", "a|b",
@@ -62,6 +69,18 @@ def test_uuid_check() -> None:
     for bad in ["0B4F5A3C-1F2E-4D3C-9B8A-7F6E5D4C3B2A", "x", "../../x", ""]:
         with pytest.raises(errors.InvalidName):
             check_uuid(bad)
+        assert not is_uuid(bad)
+    assert is_uuid("0b4f5a3c-1f2e-4d3c-9b8a-7f6e5d4c3b2a")
+
+
+@given(st.uuids().map(str) | st.text(alphabet="0123456789abcdef-xX./", max_size=40))
+def test_is_uuid_agrees_with_check_uuid(value: str) -> None:
+    try:
+        check_uuid(value)
+    except errors.InvalidName:
+        assert not is_uuid(value)
+    else:
+        assert is_uuid(value)
 
 
 async def test_bad_input_rejected_before_any_command_runs() -> None:

@@ -84,7 +84,7 @@ from snapper_zone.errors import InvalidName, SnapperError
 from snapper_zone.transfer.registry import SnapshotInUse
 from snapper_zone.transfer.store import P_META_COUNT, decode_metadata, set_aside
 from snapper_zone.wire import InvalidDocument, elsewhere_from_json, jsontext, tombstones_to_json
-from snapper_zone.zfs.names import Dataset, check_component, check_uuid
+from snapper_zone.zfs.names import Dataset, check_component, check_uuid, is_uuid
 
 __all__ = ["ROUTES", "ZONE", "MethodNotAllowed", "NoRetentionPolicy", "ResourceNotFound",
            "SnapshotInUse", "make_app"]
@@ -206,21 +206,13 @@ async def ping(request: web.Request) -> web.Response:
     return web.json_response({"ping": "pong", "zone": zone.config.uuid, "version": version()})
 
 
-def _is_vm(name: str) -> bool:
-    try:
-        check_uuid(name)
-    except InvalidName:
-        return False
-    return True
-
-
 async def list_vms(request: web.Request) -> web.Response:
     zone = request.app[ZONE]
     root = zone.store.root
     # One `zfs get` for every VM's space; `used` of the VM's container counts
     # its datasets and all their snapshots: what the VM costs this zone.
     children = [i for i in await zone.zfs.datasets(root, depth=1) if i.dataset.parent == root]
-    infos = [i for i in children if _is_vm(i.dataset.basename)]
+    infos = [i for i in children if is_uuid(i.dataset.basename)]
     if stray := sorted(i.dataset.basename for i in children
                        if i not in infos and not set_aside(i.dataset.basename)):
         # Not ours (someone's hand-made dataset): one bad name must not hide every VM.

@@ -56,23 +56,13 @@ def sweep_stale(where: str | None = None) -> list[Path]:
     for d in Path(where or tempfile.gettempdir()).glob(f"{_PREFIX}*-*"):
         pid = d.name[len(_PREFIX):].split("-", 1)[0]
         try:
-            if not pid.isdigit() or d.stat().st_uid != os.getuid() or _alive(int(pid)):
+            if not pid.isdigit() or d.stat().st_uid != os.getuid() or proc.alive(int(pid)):
                 continue
         except OSError:
             continue
         shutil.rmtree(d, ignore_errors=True)
         out.append(d)
     return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's: alive
-    return True
 
 
 def _die_with_us() -> list[str]:

@@ -32,8 +32,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from snapper_zone import wire
-from snapper_zone.errors import DatasetNotFound, InvalidName, MetadataTooLarge, SnapperError
-from snapper_zone.zfs.names import Dataset, Snapshot, check_component, check_uuid
+from snapper_zone.errors import DatasetNotFound, MetadataTooLarge, SnapperError
+from snapper_zone.zfs.names import (
+    UUID_PATTERN,
+    Dataset,
+    Snapshot,
+    check_component,
+    check_uuid,
+    is_uuid,
+)
 from snapper_zone.zfs.zfs import SAFE_CONTAINER_PROPS, SnapshotInfo, Zfs
 
 P_COMPLETE = "snapper:complete"
@@ -53,7 +60,7 @@ _CONTAINER_PROPS = [P_COMPLETE, P_PARTS, P_CREATED, P_SOURCE]
 log = logging.getLogger("snapper.store")
 
 _ASIDE = "dropped-"  # + "<vm>-<hex ns>": a dropped copy renamed out of the VM's name
-_ASIDE_NAME = re.compile(_ASIDE + r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}-[0-9a-f]{1,16}")
+_ASIDE_NAME = re.compile(_ASIDE + UUID_PATTERN + r"-[0-9a-f]{1,16}")
 _SETTLE_TRIES = 3  # a dataset's newest snapshot destroyed under a settle: look again
 
 
@@ -135,7 +142,7 @@ class ZoneStore:
     async def vms(self) -> list[str]:
         out = []
         for info in await self.zfs.datasets(self.root, depth=1):
-            if info.dataset.parent == self.root and _is_uuid(info.dataset.basename):
+            if info.dataset.parent == self.root and is_uuid(info.dataset.basename):
                 out.append(info.dataset.basename)
         return sorted(out)
 
@@ -414,7 +421,7 @@ class ZoneStore:
         reads it), not one per VM as ``snapshots`` would.
         """
         vms = {i.dataset.basename for i in await self.zfs.datasets(self.root, depth=1)
-               if i.dataset.parent == self.root and _is_uuid(i.dataset.basename)}
+               if i.dataset.parent == self.root and is_uuid(i.dataset.basename)}
         out: dict[str, int | None] = dict.fromkeys(vms)
         # depth 2: the VM containers' own snapshots (the markers), not their parts'.
         for s in await self.zfs.snapshots(self.root, user_props=[P_COMPLETE, P_CREATED],
@@ -449,14 +456,6 @@ def marked_whole(marker: Mapping[str, str], parts: Mapping[str, object]) -> bool
         return False
     named = [d for d in marker.get(P_PARTS, "").split(",") if d]
     return all(d in parts for d in named) if named else bool(parts)
-
-
-def _is_uuid(name: str) -> bool:
-    try:
-        check_uuid(name)
-    except InvalidName:
-        return False
-    return True
 
 
 def parse_tombstones(text: str) -> dict[int, int]:

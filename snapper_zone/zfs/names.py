@@ -15,7 +15,8 @@ from snapper_zone.errors import InvalidName
 
 # One path component: starts alphanumeric so it can never read as an option.
 _COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}")
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+UUID_PATTERN = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+_UUID = re.compile(UUID_PATTERN)
 _USER_PROP = re.compile(r"snapper:[a-z0-9][a-z0-9_.-]{0,63}")
 MAX_DATASET_LEN = 200  # ZFS's limit is 256 including the snapshot part
 
@@ -36,6 +37,15 @@ def check_uuid(value: str, what: str = "uuid") -> str:
         raise InvalidName(f"invalid {what} {value!r}: expected a lowercase UUID")
     _uuid.UUID(value)
     return value
+
+
+def is_uuid(value: str) -> bool:
+    """Whether ``value`` passes check_uuid (a VM's dataset, not something beside it)."""
+    try:
+        check_uuid(value)
+    except InvalidName:
+        return False
+    return True
 
 
 def check_user_property(name: str) -> str:

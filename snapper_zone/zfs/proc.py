@@ -207,6 +207,17 @@ def widen_pipe(fd: int) -> None:
             fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_SIZE)
 
 
+def alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (someone else's counts: it is alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 C = TypeVar("C")
 
 
