@@ -16,9 +16,12 @@ hits all alike:
      sshd gate (a second private sshd, ``snapper-gate``; docs/data-plane.md),
      the receiving side's CPU being that sshd's and snapperd's together
   e. the agent's push: the same CLI arguments, settings and push, run in the
-     bench's own (already running) process, as ``snapper agent`` runs its
-     scheduled pushes: no interpreter start or imports; through the gate with
-     ``--gate``, else snapperd's own port
+     bench's own (already running) process: no interpreter start or imports;
+     through the gate with ``--gate``, else snapperd's own port; on a new
+     connection (and ``ssh`` login) each time
+  f. the same on kept links, as ``snapper agent`` pushes (``cn/links.py``):
+     the connection to snapperd and the gate's logged-in ``ssh`` master
+     stay from the push before, so no login is made
 
 ``--no-splice``: snapper (CN and zone) copies every stream through Python, as
 on illumos, instead of moving it with splice(2).
@@ -35,7 +38,9 @@ destroyed afterwards; the time is from starting the command to its exit (the
 remote receive is done by then). CPU is the receiving side's, from the
 kernel's accounting (``/proc/PID/stat``: user + system of the daemon and of
 its reaped children): sshd's listener (every connection's sshd and its ``zfs
-receive`` are reaped into it) and snapperd (its ``zfs receive`` children).
+receive`` are reaped into it) and snapperd (its ``zfs receive`` children);
+for snapperd and its gate, the whole process tree's, live children included
+(path f's kept connection has an sshd that stays).
 MB/s is 10^6 bytes/s; the ratios are from the same run.
 
     python bench/cn_path.py [--size-mib 512] [--repeat 3] [--gate] [--incremental-mib N]
@@ -71,6 +76,7 @@ from common import (  # noqa: E402
     cpu_seconds,
     cpu_self_seconds,
     cpu_since,
+    cpu_tree_seconds,
     fill,
     header,
     run_line,
@@ -79,6 +85,7 @@ from common import (  # noqa: E402
 )
 
 from snapper_zone.cn.cli import build_parser, push_with_failover, settings  # noqa: E402
+from snapper_zone.cn.links import ZoneLinks  # noqa: E402
 from snapper_zone.common.progress import NoProgress  # noqa: E402
 from snapper_zone.zfs.names import Dataset  # noqa: E402
 from snapper_zone.zfs.zfs import SendSpec  # noqa: E402
@@ -87,6 +94,7 @@ from snapper_zone.zfs.zfs import SendSpec  # noqa: E402
 class CnPathBench(Bench):
     copies = 2  # the stream's dataset and the VM received from it
     incremental = 0  # bytes of new data in the timed (incremental) stream; 0: full
+    links = ZoneLinks()  # path f's, kept from run to run
 
     async def setup(self) -> None:
         if self.incremental:
@@ -142,21 +150,23 @@ class CnPathBench(Bench):
         if self.incremental:
             await self.agent_push(SNAP, via_gate)
 
-    async def agent_push(self, name: str, via_gate: bool) -> None:
+    async def agent_push(self, name: str, via_gate: bool,
+                         links: ZoneLinks | None = None) -> None:
         args = build_parser().parse_args(
             self.push_argv(self.client_key, VM, str(self.src), via_gate=via_gate, name=name))
         await push_with_failover(settings(args), VM, name=name, base=None, metadata=None,
-                                 durability=None, bwlimit=None, reporter=NoProgress())
+                                 durability=None, bwlimit=None, reporter=NoProgress(),
+                                 links=links)
 
     async def snapper_push(self, i: int, via_gate: bool = False) -> float:
         await self.seed_zone(via_gate)
         cli = [sys.executable, "-m", "snapper_zone.cli",
                *self.push_argv(self.client_key, VM, str(self.src), via_gate, self.name)]
         zone = [self.snapperd_pid, *([self.gate_pid] if via_gate else [])]
-        before = [cpu_seconds(pid) for pid in zone]
+        before = [cpu_tree_seconds(pid) for pid in zone]
         alone = cpu_self_seconds(self.snapperd_pid)
         took = await timed(cli, env={**os.environ, "PYTHONPATH": str(REPO)})
-        spent = [await cpu_since(pid, b) for pid, b in zip(zone, before, strict=True)]
+        spent = [cpu_tree_seconds(pid) - b for pid, b in zip(zone, before, strict=True)]
         self.cpu.setdefault("d" if via_gate else "b", []).append(sum(spent))
         if via_gate:  # snapperd's own share: what one process must keep up with
             self.cpu.setdefault("d-snapperd", []).append(spent[0])
@@ -168,22 +178,26 @@ class CnPathBench(Bench):
     async def gate_push(self, i: int) -> float:
         return await self.snapper_push(i, via_gate=True)
 
-    async def running_push(self, i: int) -> float:
+    async def running_push(self, i: int, links: ZoneLinks | None = None) -> float:
         """The CLI's own push (its argv, settings and ``push_with_failover``) run in
-        this process: what ``snapper agent``'s scheduled pushes pay, with no
-        interpreter start or imports (through the gate with ``--gate``)."""
+        this process, with no interpreter start or imports (through the gate
+        with ``--gate``); with ``links``, on the agent's kept links."""
+        key = "f" if links else "e"
         await self.seed_zone(self.gate)
         zone = [self.snapperd_pid, *([self.gate_pid] if self.gate else [])]
-        before = [cpu_seconds(pid) for pid in zone]
+        before = [cpu_tree_seconds(pid) for pid in zone]
         mine = cpu_here()
         t0 = time.perf_counter()
-        await self.agent_push(self.name, self.gate)
+        await self.agent_push(self.name, self.gate, links)
         took = time.perf_counter() - t0
-        self.cpu.setdefault("e-cn", []).append(cpu_here() - mine)
-        spent = [await cpu_since(pid, b) for pid, b in zip(zone, before, strict=True)]
-        self.cpu.setdefault("e", []).append(sum(spent))
+        self.cpu.setdefault(f"{key}-cn", []).append(cpu_here() - mine)
+        spent = [cpu_tree_seconds(pid) - b for pid, b in zip(zone, before, strict=True)]
+        self.cpu.setdefault(key, []).append(sum(spent))
         await self.zfs.destroy(self.zone_root.child(VM), recursive=True)
         return took
+
+    async def kept_push(self, i: int) -> float:
+        return await self.running_push(i, self.links)
 
     async def syncoid_push(self, i: int) -> float:
         assert self.syncoid is not None
@@ -210,6 +224,7 @@ class CnPathBench(Bench):
         if self.gate:
             methods["d"] = self.gate_push
         methods["e"] = self.running_push
+        methods["f"] = self.kept_push
         times: dict[str, list[float]] = {k: [] for k in methods}
         # One untimed round first: the first stream after the data was written
         # ran ~2x slower whichever method it was (ZFS's caches are cold), and
@@ -229,7 +244,8 @@ LABELS = {"a": "zfs send | ssh -> sshd -> zfs receive",
           "b": "snapper push -> snapperd -> zfs receive",
           "c": "syncoid -> sshd -> zfs receive",
           "d": "snapper push -> sshd gate -> snapperd",
-          "e": "the agent's push (running process) ->"}
+          "e": "the agent's push (running process) ->",
+          "f": "the agent's push, kept link ->"}
 
 
 async def amain(args: argparse.Namespace) -> int:
@@ -244,6 +260,7 @@ async def amain(args: argparse.Namespace) -> int:
         caps = await bench.zfs.capabilities()
         times = await bench.run()
     finally:
+        await bench.links.close()
         await bench.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
     gb = bench.bytes / 1e9
@@ -256,15 +273,15 @@ async def amain(args: argparse.Namespace) -> int:
              "base" if args.incremental_mib else ""))
     print(f"  {'path':<44} {'MB/s':>8} {'recv CPU s/GB':>14}")
     for k, rate in rates.items():
-        label = LABELS[k] + (" gate" if k == "e" and bench.gate else
-                             " snapperd" if k == "e" else "")
+        label = LABELS[k] + (" gate" if k in "ef" and bench.gate else
+                             " snapperd" if k in "ef" else "")
         print(f"  {label:<44} {rate:8.1f} {cpu[k]:14.2f}")
         if k == "d":
             print(f"  {'  of which snapperd (one process)':<44} {'':8} {cpu['d-snapperd']:14.2f}")
             print(f"  {'    its Python alone (no zfs receive)':<44} {'':8} {cpu['d-alone']:14.2f}")
-        if k == "e":
+        if k in "ef":
             print(f"  {'  the CN: snapper in its process, CPU s/GB':<44} {'':8} "
-                  f"{cpu['e-cn']:14.2f}")
+                  f"{cpu[k + '-cn']:14.2f}")
     if "c" not in rates:
         print(f"  ({bench.no_syncoid})")
     print(f"  snapper push / OpenSSH pipe: {rates['b'] / rates['a']:.2f}x MB/s "
@@ -283,6 +300,10 @@ async def amain(args: argparse.Namespace) -> int:
               f"{cpu['d-alone'] * 1.25:.2f} of a core")
     print(f"  the agent's push (no interpreter start) / OpenSSH pipe: "
           f"{rates['e'] / rates['a']:.2f}x MB/s; / snapper push: {rates['e'] / rates[via]:.2f}x")
+    print(f"  the agent's push on its kept links / OpenSSH pipe: "
+          f"{rates['f'] / rates['a']:.2f}x MB/s; / a new link: {rates['f'] / rates['e']:.2f}x"
+          + (f"; / syncoid: {rates['f'] / rates['c']:.2f}x" if "c" in rates else "")
+          + f"; logins on the kept links: {bench.links.logins}")
     return 0
 
 

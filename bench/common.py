@@ -192,6 +192,28 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def cpu_tree_seconds(pid: int) -> float:
+    """``cpu_seconds`` of ``pid`` and of every live descendant: what a process
+    tree spent so far, with children that stay (a kept connection's sshd)."""
+    kids: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            kids.setdefault(ppid, []).append(int(d.name))
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            total += cpu_seconds(p)
+        except OSError:
+            continue  # gone meanwhile: its time is in its parent's now
+        todo.extend(kids.get(p, ()))
+    return total
+
+
 async def cpu_since(pid: int, before: float, timeout: float = 30.0) -> float:
     """The CPU ``pid`` used since ``before``, once it has reaped its children
     (their time is added to its own only then)."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,6 +46,7 @@ from snapper_zone.cn.client import (
     lookup_policy,
 )
 from snapper_zone.cn.client import placement as placement  # re-exported: the CN's lookup
+from snapper_zone.cn.links import ZoneLinks
 from snapper_zone.common import progress
 from snapper_zone.common.answers import AnswerCache
 from snapper_zone.common.config import ConfigError, FieldParser, read_document
@@ -274,14 +276,17 @@ def _reporter(choice: str) -> progress.Reporter:
 
 async def push_with_failover(s: CnSettings, vm: str, *, name: str | None, base: str | None,
                              metadata: dict[str, Any] | None, durability: str | None,
-                             bwlimit: float | None, reporter: progress.Reporter
-                             ) -> PushReport:
-    """Push to the VM's first zone that answers (``snapper push`` and the agent)."""
+                             bwlimit: float | None, reporter: progress.Reporter,
+                             links: ZoneLinks | None = None) -> PushReport:
+    """Push to the VM's first zone that answers (``snapper push`` and the agent).
+
+    ``links``: the agent's kept connections, used (and kept) instead of a
+    connection made for this push and closed after it."""
     targets = await _push_targets(s, vm)
     for i, zone in enumerate(targets):
         try:
-            async with zone:
-                cn = CnClient(zone, dataset_root=s.dataset_root, progress=reporter)
+            async with _link(zone, links) as link:
+                cn = CnClient(link, dataset_root=s.dataset_root, progress=reporter)
                 cn.bwlimit = bwlimit
                 return await cn.push(vm, name=name, base=base, metadata=metadata,
                                      durability=durability)
@@ -299,6 +304,25 @@ async def push_with_failover(s: CnSettings, vm: str, *, name: str | None, base: 
     raise ZoneUnreachable(f"VM {vm}: no zone to push to")
 
 
+@contextlib.asynccontextmanager
+async def _link(zone: ZoneClient, links: ZoneLinks | None) -> AsyncIterator[ZoneClient]:
+    """``zone`` connected for one push and closed after it, or (with ``links``) the
+    kept link to it; a kept link is let go when anything but the zone's own answer
+    (a ZoneError) ends the work on it, so that a retry starts on a new one."""
+    if links is None:
+        async with zone:
+            yield zone
+        return
+    link = await links.connected(zone)
+    try:
+        yield link
+    except ZoneError:
+        raise
+    except BaseException:
+        await links.forget(link)
+        raise
+
+
 def slowest(*rates: float | None) -> float | None:
     """The lowest of the limits given (bytes/s); None when there is none."""
     given = [r for r in rates if r is not None]
@@ -310,11 +334,12 @@ class CnPusher:
     zone failover."""
 
     def __init__(self, s: CnSettings, *, zfs: Zfs | None = None, vmadm: str | None = "vmadm",
-                 bwlimit: float | None = None) -> None:
+                 bwlimit: float | None = None, links: ZoneLinks | None = None) -> None:
         self.s = s
         self.zfs = zfs or Zfs()
         self.vmadm = vmadm
         self.bwlimit = bwlimit
+        self.links = links  # the agent's kept connections to its zones
 
     def _local(self) -> CnClient:
         # Local work only: the zone client is never connected.
@@ -335,8 +360,8 @@ class CnPusher:
         targets = await _push_targets(self.s, vm)
         for i, zone in enumerate(targets):
             try:
-                async with zone:
-                    snaps = await zone.snapshots(vm)
+                async with _link(zone, self.links) as link:
+                    snaps = await link.snapshots(vm)
                 return [Snap(x.name, float(x.created), x.complete, level_of(x.name))
                         for x in snaps]
             except ZoneUnreachable:
@@ -349,7 +374,7 @@ class CnPusher:
         return await push_with_failover(self.s, vm, name=name, base=base, metadata=None,
                                         durability=durability,
                                         bwlimit=slowest(self.bwlimit, bwlimit),
-                                        reporter=progress.NoProgress())
+                                        reporter=progress.NoProgress(), links=self.links)
 
     async def destroy_local(self, vm: str, names: Sequence[str]) -> None:
         # Every part's: children, and a KVM VM's sibling disks, which -r on the
@@ -426,19 +451,23 @@ async def cmd_agent(args: argparse.Namespace, s: CnSettings) -> int:
         now = time.time()
         return now if origin is None else origin + (now - origin) * speed
 
-    agent = Agent(policies, CnPusher(s, bwlimit=args.bwlimit), state, cn_id=args.cn_id,
-                  backoff=args.backoff, report=_outcome_printer(args.json), clock=clock,
-                  speed=speed, source=source)
-    if args.once:
-        outcomes = await agent.tick()
-        return 0 if all(o.ok for o in outcomes) else 1
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, agent.wake.set)  # run a pass now
-    await agent.run(stop)
-    return 0
+    links = ZoneLinks()  # a pass's pushes to one zone share one login
+    agent = Agent(policies, CnPusher(s, bwlimit=args.bwlimit, links=links), state,
+                  cn_id=args.cn_id, backoff=args.backoff, report=_outcome_printer(args.json),
+                  clock=clock, speed=speed, source=source)
+    try:
+        if args.once:
+            outcomes = await agent.tick()
+            return 0 if all(o.ok for o in outcomes) else 1
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, agent.wake.set)  # run a pass now
+        await agent.run(stop)
+        return 0
+    finally:
+        await links.close()
 
 
 # -- subcommands ------------------------------------------------------------------

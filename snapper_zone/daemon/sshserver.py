@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from collections.abc import Mapping
 
 import asyncssh
@@ -128,9 +129,10 @@ class _Server(asyncssh.SSHServer):
         # client's own parts keep their lease for a commit from any connection.
         self._zone.transfers.release(self._id)
 
-    def _refuse(self, err: SnapperError, code: int) -> None:
+    def _refuse(self, err: SnapperError, code: int, what: str = "connection refused",
+                level: int = logging.WARNING) -> None:
         """Close this connection, telling the client why in the disconnect reason."""
-        self._zone.log.warning("connection refused", extra={
+        self._zone.log.log(level, what, extra={
             "remote": self._peer, "reason": err.message,
             "principal": self._principal.label if self._principal else None})
         if self._conn is not None and not self._closed:
@@ -178,8 +180,10 @@ class _Server(asyncssh.SSHServer):
         self._idle_timer = None
         if self._busy:
             return
+        # Routine (a CN agent's kept link between its pushes): not a refusal.
         self._refuse(ConnectionIdle(f"this connection ran no command for {after:g} s; "
-                                    "closed"), asyncssh.DISC_BY_APPLICATION)
+                                    "closed"), asyncssh.DISC_BY_APPLICATION,
+                     "idle connection closed", logging.INFO)
 
     def command_started(self) -> None:
         self._busy += 1
