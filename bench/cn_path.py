@@ -22,6 +22,9 @@ hits all alike:
   f. the same on kept links, as ``snapper agent`` pushes (``cn/links.py``):
      the connection to snapperd and the gate's logged-in ``ssh`` master
      stay from the push before, so no login is made
+  g. ``snapper push`` (the real CLI, as b or d) on a CN where ``snapper
+     agent`` runs: the CLI hands the push to the agent's control socket
+     (``cn/control.py``; the agent is this process, its links those of f)
 
 ``--no-splice``: snapper (CN and zone) copies every stream through Python, as
 on illumos, instead of moving it with splice(2).
@@ -84,7 +87,15 @@ from common import (  # noqa: E402
     timed,
 )
 
-from snapper_zone.cn.cli import build_parser, push_with_failover, settings  # noqa: E402
+from snapper_zone.cn.cli import (  # noqa: E402
+    CnPusher,
+    build_parser,
+    failure,
+    push_with_failover,
+    settings,
+)
+from snapper_zone.cn.control import ControlServer  # noqa: E402
+from snapper_zone.cn.handoff import socket_path  # noqa: E402
 from snapper_zone.cn.links import ZoneLinks  # noqa: E402
 from snapper_zone.common.progress import NoProgress  # noqa: E402
 from snapper_zone.zfs.names import Dataset  # noqa: E402
@@ -94,7 +105,8 @@ from snapper_zone.zfs.zfs import SendSpec  # noqa: E402
 class CnPathBench(Bench):
     copies = 2  # the stream's dataset and the VM received from it
     incremental = 0  # bytes of new data in the timed (incremental) stream; 0: full
-    links = ZoneLinks()  # path f's, kept from run to run
+    links = ZoneLinks()  # path f's and g's, kept from run to run
+    control: ControlServer | None = None  # path g's agent end
 
     async def setup(self) -> None:
         if self.incremental:
@@ -115,6 +127,18 @@ class CnPathBench(Bench):
         self.bytes = await self.send_bytes(self.spec)
         await self.start_sshd([self.client_key])
         await self.start_snapperd([CnKey(CN_ID, self.client_key, (VM,))])
+        # Path g's CN: snapper agent's control socket in its state_dir.
+        state = self.workdir / "agent-state"
+        state.mkdir(mode=0o700)
+        self.agent_config = self.workdir / "cn-agent.toml"
+        self.agent_config.write_text(f'state_dir = "{state}"\n'
+                                     + ('ssh_user = "root"\n' if self.gate else ""))
+        args = build_parser().parse_args(self.push_argv(
+            self.client_key, VM, str(self.src), config=self.agent_config))
+        pusher = CnPusher(settings(args), links=self.links)
+        self.control = ControlServer(socket_path(state), pusher.push_for_cli,
+                                     lambda exc: failure("push", exc))
+        await self.control.start()
         self.syncoid = shutil.which("syncoid")
         self.no_syncoid = "" if self.syncoid else "syncoid not installed: apt-get install sanoid"
         if self.syncoid and self.incremental and \
@@ -199,6 +223,24 @@ class CnPathBench(Bench):
     async def kept_push(self, i: int) -> float:
         return await self.running_push(i, self.links)
 
+    async def cli_to_agent(self, i: int) -> float:
+        """``snapper push`` with an agent running: the CLI hands the push over."""
+        await self.seed_zone(self.gate)
+        control = self.control
+        assert control is not None
+        served = control.served
+        cli = [sys.executable, "-m", "snapper_zone.cli",
+               *self.push_argv(self.client_key, VM, str(self.src), name=self.name,
+                               config=self.agent_config)]
+        zone = [self.snapperd_pid, *([self.gate_pid] if self.gate else [])]
+        before = [cpu_tree_seconds(pid) for pid in zone]
+        took = await timed(cli, env={**os.environ, "PYTHONPATH": str(REPO)})
+        self.cpu.setdefault("g", []).append(
+            sum(cpu_tree_seconds(pid) - b for pid, b in zip(zone, before, strict=True)))
+        assert control.served == served + 1, "the CLI pushed by itself"
+        await self.zfs.destroy(self.zone_root.child(VM), recursive=True)
+        return took
+
     async def syncoid_push(self, i: int) -> float:
         assert self.syncoid is not None
         target = self.dst.child(f"c{i}")
@@ -225,6 +267,7 @@ class CnPathBench(Bench):
             methods["d"] = self.gate_push
         methods["e"] = self.running_push
         methods["f"] = self.kept_push
+        methods["g"] = self.cli_to_agent
         times: dict[str, list[float]] = {k: [] for k in methods}
         # One untimed round first: the first stream after the data was written
         # ran ~2x slower whichever method it was (ZFS's caches are cold), and
@@ -245,7 +288,8 @@ LABELS = {"a": "zfs send | ssh -> sshd -> zfs receive",
           "c": "syncoid -> sshd -> zfs receive",
           "d": "snapper push -> sshd gate -> snapperd",
           "e": "the agent's push (running process) ->",
-          "f": "the agent's push, kept link ->"}
+          "f": "the agent's push, kept link ->",
+          "g": "snapper push, agent running ->"}
 
 
 async def amain(args: argparse.Namespace) -> int:
@@ -260,6 +304,8 @@ async def amain(args: argparse.Namespace) -> int:
         caps = await bench.zfs.capabilities()
         times = await bench.run()
     finally:
+        if bench.control is not None:
+            await bench.control.close()
         await bench.links.close()
         await bench.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -273,8 +319,8 @@ async def amain(args: argparse.Namespace) -> int:
              "base" if args.incremental_mib else ""))
     print(f"  {'path':<44} {'MB/s':>8} {'recv CPU s/GB':>14}")
     for k, rate in rates.items():
-        label = LABELS[k] + (" gate" if k in "ef" and bench.gate else
-                             " snapperd" if k in "ef" else "")
+        label = LABELS[k] + (" gate" if k in "efg" and bench.gate else
+                             " snapperd" if k in "efg" else "")
         print(f"  {label:<44} {rate:8.1f} {cpu[k]:14.2f}")
         if k == "d":
             print(f"  {'  of which snapperd (one process)':<44} {'':8} {cpu['d-snapperd']:14.2f}")
@@ -304,6 +350,10 @@ async def amain(args: argparse.Namespace) -> int:
           f"{rates['f'] / rates['a']:.2f}x MB/s; / a new link: {rates['f'] / rates['e']:.2f}x"
           + (f"; / syncoid: {rates['f'] / rates['c']:.2f}x" if "c" in rates else "")
           + f"; logins on the kept links: {bench.links.logins}")
+    print(f"  snapper push with the agent running / OpenSSH pipe: "
+          f"{rates['g'] / rates['a']:.2f}x MB/s (target >= 1.0)"
+          + (f"; / syncoid: {rates['g'] / rates['c']:.2f}x (target >= 2)" if "c" in rates
+             else "") + f"; / without an agent: {rates['g'] / rates[via]:.2f}x")
     return 0
 
 

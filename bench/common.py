@@ -469,12 +469,16 @@ class Bench:
         self.cn_config[False].write_text("use_gate = false\n")
 
     def push_argv(self, key: Path, vm: str, dataset_root: str,
-                  via_gate: bool = True, name: str = SNAP) -> list[str]:
+                  via_gate: bool = True, name: str = SNAP,
+                  config: Path | None = None) -> list[str]:
         """``snapper push VM --name NAME``'s arguments (after the program); the stream
         through ``ssh_client`` (None: the CLI's default, OpenSSH where installed), and
-        through snapperd's gate if it has one and ``via_gate``."""
+        through snapperd's gate if it has one and ``via_gate``; ``config``: this CN
+        config file instead."""
         client = ["--ssh-client", self.ssh_client] if self.ssh_client else []
-        if self.gate:
+        if config is not None:
+            client += ["--config", str(config)]
+        elif self.gate:
             client += ["--config", str(self.cn_config[via_gate])]
         return ["--zone", f"127.0.0.1:{self.zone_port}", "--key", str(key),
                 "--known-hosts", str(self.zone_known), "--dataset-root", dataset_root,

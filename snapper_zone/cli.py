@@ -15,8 +15,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from snapper_zone.cn import cli as cn_cli
-
 __all__ = ["main", "run"]
 
 # The CN's commands need neither the operator's (aiohttp) nor the demo's (a
@@ -42,8 +40,10 @@ def _more(sub: Any) -> None:
 def _config_coordinator_url(args: argparse.Namespace) -> str | None:
     """The operator commands' last resort: ``coordinator_url`` of snapper's config
     file (the CN's: ``--config``, ``$SNAPPER_CN_CONFIG``, or the default path)."""
-    path = cn_cli.config_path(args)
-    url = None if path is None else cn_cli.load_cn_config(path).get("coordinator_url")
+    from snapper_zone.cn.options import config_path, load_cn_config
+
+    path = config_path(args)
+    url = None if path is None else load_cn_config(path).get("coordinator_url")
     return None if url is None else str(url)
 
 
@@ -59,6 +59,20 @@ def cn_only(argv: Sequence[str]) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if cn_only(args):
+        # A running agent takes a push with its client started and logged in:
+        # this process then needs neither asyncssh nor the CN client (cn/handoff.py).
+        from snapper_zone.cn.handoff import push_via_agent
+
+        try:
+            status = push_via_agent(args)
+        except KeyboardInterrupt:
+            print("snapper: interrupted", file=sys.stderr)
+            return 130
+        if status is not None:
+            return status
+    from snapper_zone.cn import cli as cn_cli
+
     return cn_cli.main(args, None if cn_only(args) else _more)
 
 

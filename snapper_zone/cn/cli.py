@@ -26,13 +26,10 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
-import shutil
 import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,185 +43,51 @@ from snapper_zone.cn.client import (
     lookup_policy,
 )
 from snapper_zone.cn.client import placement as placement  # re-exported: the CN's lookup
+from snapper_zone.cn.control import ControlServer
+from snapper_zone.cn.handoff import ControlError, PushRequest, socket_path
 from snapper_zone.cn.links import ZoneLinks
+from snapper_zone.cn.options import (
+    ANSWERS_FILE,
+    CONFIG_ENV,
+    DEFAULT_CONFIG,
+    DEFAULT_STATE_DIR,
+    SSH_CLIENTS,
+    CnSettings,
+    UsageError,
+    build_parser,
+    config_path,
+    dataset_root,
+    load_cn_config,
+    parse_backoff,
+    parse_endpoint,
+    parse_rate,
+    parse_vm,
+    read_metadata,
+    settings,
+)
+from snapper_zone.cn.output import show_push
 from snapper_zone.common import progress
 from snapper_zone.common.answers import AnswerCache
-from snapper_zone.common.config import ConfigError, FieldParser, read_document
-from snapper_zone.common.durations import parse_duration
-from snapper_zone.common.progress import SizeError, format_bytes, parse_size
-from snapper_zone.common.version import add_version_argument
-from snapper_zone.errors import InvalidName, NotPlacedHere, SnapperError
+from snapper_zone.common.config import ConfigError
+from snapper_zone.common.progress import format_bytes
+from snapper_zone.errors import NotPlacedHere, SnapperError
 from snapper_zone.policy import InvalidPolicy, PolicySet, Snap, level_of, load_policies
 from snapper_zone.transfer.remote import ZoneClient, ZoneError, ZoneUnreachable
-from snapper_zone.zfs.names import Dataset, check_uuid
+from snapper_zone.zfs.names import Dataset
 from snapper_zone.zfs.zfs import Zfs
 
 if TYPE_CHECKING:
     from snapper_zone.cn.agent import Outcome
 
+# Re-exported: this module is the CN's command line, its options included.
+__all__ = ["ANSWERS_FILE", "CONFIG_ENV", "DEFAULT_CONFIG", "DEFAULT_STATE_DIR", "SSH_CLIENTS",
+           "CnPusher", "CnSettings", "UsageError", "build_parser", "config_path",
+           "dataset_root", "load_cn_config", "main", "parse_backoff", "parse_endpoint",
+           "parse_rate", "parse_vm", "placement", "push_with_failover", "settings", "slowest"]
+log = logging.getLogger("snapper.cn")
+
 # ``cn.agent`` and ``cn.archive`` (which brings the zone's receive path) are
 # imported by the commands that use them: a push starts without them.
-
-DEFAULT_CONFIG = "/opt/smartdc/snapper/etc/snapper-cn.toml"
-CONFIG_ENV = "SNAPPER_CN_CONFIG"
-log = logging.getLogger("snapper.cn")
-_CONFIG_FIELDS = ("zones", "key", "known_hosts", "host_key", "dataset_root",
-                  "coordinator_url", "coordinator_key", "state_dir", "ssh_client",
-                  "ssh_user", "use_gate")
-# What carries a pushed stream: OpenSSH's ssh (when installed; about twice the
-# rate of asyncssh's client in Python, bench/cn_path.py), or asyncssh.
-SSH_CLIENTS = ("openssh", "asyncssh")
-# The CN's answer cache (the coordinator's last verified placement per VM), in
-# state_dir: by default beside the agent's state file.
-ANSWERS_FILE = "cn-placements.json"
-DEFAULT_STATE_DIR = "/var/opt/smartdc/snapper"
-
-
-class UsageError(Exception):
-    """Bad arguments or configuration: exit status 2."""
-
-
-@dataclass(frozen=True)
-class CnSettings:
-    zone_host: str
-    zone_port: int
-    key: Path
-    known_hosts: Path | None
-    host_key: Path | None
-    dataset_root: str
-    # Every zone of the config, in order: a push fails over to the next one
-    # when a zone does not answer (the first is ``zone_host:zone_port``).
-    zones: tuple[tuple[str, int], ...] = ()
-    coordinator_url: str | None = None
-    coordinator_key: str | None = None  # OpenSSH line: placements must be signed by it
-    # Where the last verified placement of each VM is kept: pushes go on to the
-    # known pair while no coordinator answers.
-    state_dir: Path = Path(DEFAULT_STATE_DIR)
-    openssh: str | None = None  # the ssh binary that carries pushed streams; None: asyncssh
-    # Who we log in as: snapperd ignores it, a zone's sshd gate (docs/data-plane.md) does not.
-    ssh_user: str = "snapper"
-    use_gate: bool = True  # a zone's sshd gate for large streams, when it offers one
-
-
-def parse_endpoint(text: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6addr]:port``."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"zone endpoint {text!r}: expected HOST:PORT")
-    return host.strip("[]"), int(port)
-
-
-def parse_vm(text: str) -> str:
-    """A VM uuid argument, checked before anything runs (argparse: exit 2)."""
-    try:
-        return check_uuid(text.lower(), "VM uuid")
-    except InvalidName as e:
-        raise argparse.ArgumentTypeError(e.message) from None
-
-
-def parse_rate(text: str) -> float:
-    """"50M", "50MiB" -> 52428800.0 bytes/s: the one size grammar (``progress.parse_size``),
-    for argparse (ArgumentTypeError on bad input)."""
-    try:
-        value = parse_size(text)
-    except SizeError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"rate must be positive: {text!r}")
-    return float(value)
-
-
-def load_cn_config(path: Path) -> dict[str, Any]:
-    """Read and check the CN config file with the one config loader
-    (``common/config.py``): every problem is a ConfigError naming the file and
-    the field, an unknown field suggests the one meant."""
-    f = FieldParser(str(path))
-    data = dict(f.table("", read_document(path), _CONFIG_FIELDS))
-    zones = data.get("zones", [])
-    if not isinstance(zones, list):
-        raise f.err("zones", 'must be a list of "HOST:PORT" strings')
-    for i, z in enumerate(zones):
-        try:
-            parse_endpoint(f.string(f"zones[{i}]", z))
-        except UsageError as e:
-            raise f.err(f"zones[{i}]", str(e)) from None
-    for k in ("key", "known_hosts", "host_key", "dataset_root", "coordinator_key", "state_dir"):
-        if k in data:
-            f.string(k, data[k])
-    if "ssh_user" in data:
-        f.ident("ssh_user", data["ssh_user"])
-    if "use_gate" in data:
-        f.boolean("use_gate", data["use_gate"])
-    if "coordinator_url" in data:
-        f.url("coordinator_url", data["coordinator_url"])
-    if "ssh_client" in data and f.string("ssh_client", data["ssh_client"]) not in SSH_CLIENTS:
-        raise f.err("ssh_client", f"{data['ssh_client']!r} is not one of: "
-                    + ", ".join(SSH_CLIENTS))
-    if "coordinator_key" in data:
-        try:
-            asyncssh.import_public_key(str(data["coordinator_key"]).strip())
-        except (asyncssh.KeyImportError, ValueError) as exc:
-            raise f.err("coordinator_key", f"not an OpenSSH public key line: {exc}") from exc
-    # Relative paths are relative to the config file, so the two can move together.
-    for k in ("key", "known_hosts", "host_key", "state_dir"):
-        if k in data:
-            data[k] = str(f.path(k, data[k]))
-    return data
-
-
-def config_path(args: argparse.Namespace) -> Path | None:
-    """The ``snapper`` config file: ``--config``, else ``$SNAPPER_CN_CONFIG``, else
-    the default path if it exists (the CN's file; operator commands read its
-    ``coordinator_url`` too)."""
-    given = getattr(args, "config", None) or os.environ.get(CONFIG_ENV)
-    if given:
-        return Path(given)
-    return Path(DEFAULT_CONFIG) if Path(DEFAULT_CONFIG).exists() else None
-
-
-def _config(args: argparse.Namespace) -> dict[str, Any]:
-    path = config_path(args)
-    return load_cn_config(path) if path is not None else {}
-
-
-def dataset_root(args: argparse.Namespace) -> str:
-    """Where this CN's VMs are (what a command that needs no zone takes of the config)."""
-    return str(args.dataset_root or _config(args).get("dataset_root") or "zones")
-
-
-def settings(args: argparse.Namespace) -> CnSettings:
-    cfg = _config(args)
-    listed = [args.zone] if args.zone else list(cfg.get("zones") or [])
-    coordinator = cfg.get("coordinator_url")
-    if not listed and not coordinator:
-        raise UsageError("no zone: give --zone HOST:PORT, or zones = [...] or "
-                         "coordinator_url in --config")
-    endpoints = tuple(parse_endpoint(z) for z in listed)
-    host, port = endpoints[0] if endpoints else ("", 0)
-    key = args.key or cfg.get("key")
-    if not key:
-        raise UsageError("no client key: give --key PATH or key = \"...\" in --config")
-    known = args.known_hosts
-    pinned = args.host_key
-    if known is None and pinned is None:
-        known, pinned = cfg.get("known_hosts"), cfg.get("host_key")
-    if known and pinned:
-        raise UsageError("give either a known_hosts file or a pinned host key, not both")
-    for what, path in (("key", key), ("known_hosts", known), ("host_key", pinned)):
-        if path and not Path(path).is_file():
-            raise UsageError(f"{what} {path}: no such file")
-    client = getattr(args, "ssh_client", None) or cfg.get("ssh_client")
-    openssh = shutil.which("ssh") if client in (None, "openssh") else None
-    if client == "openssh" and openssh is None:
-        raise UsageError("ssh_client openssh: no ssh command on PATH")
-    return CnSettings(host, port, Path(key), Path(known) if known else None,
-                      Path(pinned) if pinned else None,
-                      args.dataset_root or cfg.get("dataset_root") or "zones",
-                      endpoints, str(coordinator) if coordinator else None,
-                      cfg.get("coordinator_key"),
-                      Path(cfg.get("state_dir") or DEFAULT_STATE_DIR), openssh,
-                      str(cfg.get("ssh_user") or "snapper"), cfg.get("use_gate", True))
-
 
 def _client(s: CnSettings) -> ZoneClient:
     if not s.zone_host:
@@ -234,7 +97,12 @@ def _client(s: CnSettings) -> ZoneClient:
                       use_gate=s.use_gate)
 
 
-async def _push_targets(s: CnSettings, vm: str) -> list[ZoneClient]:
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+async def _push_targets(s: CnSettings, vm: str,
+                        say: Callable[[str], None] = _stderr) -> list[ZoneClient]:
     """Where to push ``vm``, best first: the coordinator's placement, else the config's zones.
 
     The coordinator names both of the VM's zones with their host keys; the
@@ -246,7 +114,7 @@ async def _push_targets(s: CnSettings, vm: str) -> list[ZoneClient]:
         placed = await lookup_placement(s.coordinator_url, vm, s.key, s.coordinator_key,
                                         cache)
         if placed.seen_at is not None:
-            print(f"snapper: push: {placed.note()}", file=sys.stderr)
+            say(f"snapper: push: {placed.note()}")
         try:
             return [ZoneClient(e["ssh_host"], int(e["ssh_port"]), s.key,
                                host_key=asyncssh.import_public_key(e["host_key"]),
@@ -264,25 +132,17 @@ async def _push_targets(s: CnSettings, vm: str) -> list[ZoneClient]:
             for h, p in zones]
 
 
-def _reporter(choice: str) -> progress.Reporter:
-    if choice == "none":
-        return progress.NoProgress()
-    if choice == "json":
-        return progress.JsonProgress(sys.stderr)
-    if choice == "bar":
-        return progress.TtyProgress(sys.stderr)
-    return progress.for_stream(sys.stderr)
-
-
 async def push_with_failover(s: CnSettings, vm: str, *, name: str | None, base: str | None,
                              metadata: dict[str, Any] | None, durability: str | None,
                              bwlimit: float | None, reporter: progress.Reporter,
-                             links: ZoneLinks | None = None) -> PushReport:
+                             links: ZoneLinks | None = None,
+                             say: Callable[[str], None] = _stderr) -> PushReport:
     """Push to the VM's first zone that answers (``snapper push`` and the agent).
 
     ``links``: the agent's kept connections, used (and kept) instead of a
-    connection made for this push and closed after it."""
-    targets = await _push_targets(s, vm)
+    connection made for this push and closed after it. ``say``: where the
+    notes for the person pushing go (stderr; the agent's: its client's)."""
+    targets = await _push_targets(s, vm, say)
     for i, zone in enumerate(targets):
         try:
             async with _link(zone, links) as link:
@@ -297,10 +157,9 @@ async def push_with_failover(s: CnSettings, vm: str, *, name: str | None, base: 
             if i + 1 == len(targets) or not (moved or isinstance(exc, ZoneUnreachable)):
                 raise
             # Failover: the other zone takes this snapshot; the pair converges later.
-            print(f"snapper: push: {zone.endpoint} "
-                  f"{'does not hold the VM' if moved else 'unreachable'} "
-                  f"({_one_line(str(exc))}); trying {targets[i + 1].endpoint}",
-                  file=sys.stderr)
+            say(f"snapper: push: {zone.endpoint} "
+                f"{'does not hold the VM' if moved else 'unreachable'} "
+                f"({_one_line(str(exc))}); trying {targets[i + 1].endpoint}")
     raise ZoneUnreachable(f"VM {vm}: no zone to push to")
 
 
@@ -340,6 +199,22 @@ class CnPusher:
         self.vmadm = vmadm
         self.bwlimit = bwlimit
         self.links = links  # the agent's kept connections to its zones
+        # One push of a VM at a time: the agent's own and those `snapper push` hands it.
+        self._vm_locks: dict[str, asyncio.Lock] = {}
+
+    def vm_lock(self, vm: str) -> asyncio.Lock:
+        return self._vm_locks.setdefault(vm, asyncio.Lock())
+
+    async def push_for_cli(self, req: PushRequest, reporter: progress.Reporter,
+                           say: Callable[[str], None]) -> dict[str, Any]:
+        """A push `snapper push` handed over (``cn/control.py``): its settings, its
+        options and its own pace, on this agent's links."""
+        async with self.vm_lock(req.vm):
+            report = await push_with_failover(
+                req.settings, req.vm, name=req.name, base=req.base, metadata=req.metadata,
+                durability=req.durability, bwlimit=req.bwlimit, reporter=reporter,
+                links=self.links, say=say)
+        return push_document(report)
 
     def _local(self) -> CnClient:
         # Local work only: the zone client is never connected.
@@ -371,10 +246,11 @@ class CnPusher:
 
     async def push(self, vm: str, name: str, base: str | None, durability: str,
                    bwlimit: float | None = None) -> PushReport:
-        return await push_with_failover(self.s, vm, name=name, base=base, metadata=None,
-                                        durability=durability,
-                                        bwlimit=slowest(self.bwlimit, bwlimit),
-                                        reporter=progress.NoProgress(), links=self.links)
+        async with self.vm_lock(vm):
+            return await push_with_failover(self.s, vm, name=name, base=base, metadata=None,
+                                            durability=durability,
+                                            bwlimit=slowest(self.bwlimit, bwlimit),
+                                            reporter=progress.NoProgress(), links=self.links)
 
     async def destroy_local(self, vm: str, names: Sequence[str]) -> None:
         # Every part's: children, and a KVM VM's sibling disks, which -r on the
@@ -396,18 +272,6 @@ def _outcome_printer(as_json: bool) -> Callable[[Outcome], None]:
               + ("pushed" + (f", trimmed {len(o.trimmed)}" if o.trimmed else "")
                  if o.ok else f"FAILED: {o.error}"), flush=True)
     return show
-
-
-def parse_backoff(text: str) -> tuple[float, float]:
-    """``MIN,MAX`` durations (``30s,1h``): the agent's retry delays, for argparse."""
-    lo, sep, hi = text.partition(",")
-    try:
-        got = (float(parse_duration(lo.strip())), float(parse_duration(hi.strip())))
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"backoff {text!r}: {e}") from None
-    if not sep or not 0 < got[0] <= got[1]:
-        raise argparse.ArgumentTypeError(f"backoff {text!r}: write MIN,MAX with 0 < MIN <= MAX")
-    return got
 
 
 async def cmd_agent(args: argparse.Namespace, s: CnSettings) -> int:
@@ -452,13 +316,15 @@ async def cmd_agent(args: argparse.Namespace, s: CnSettings) -> int:
         return now if origin is None else origin + (now - origin) * speed
 
     links = ZoneLinks()  # a pass's pushes to one zone share one login
-    agent = Agent(policies, CnPusher(s, bwlimit=args.bwlimit, links=links), state,
-                  cn_id=args.cn_id, backoff=args.backoff, report=_outcome_printer(args.json),
-                  clock=clock, speed=speed, source=source)
+    pusher = CnPusher(s, bwlimit=args.bwlimit, links=links)
+    agent = Agent(policies, pusher, state, cn_id=args.cn_id, backoff=args.backoff,
+                  report=_outcome_printer(args.json), clock=clock, speed=speed, source=source)
+    control: ControlServer | None = None
     try:
         if args.once:
             outcomes = await agent.tick()
             return 0 if all(o.ok for o in outcomes) else 1
+        control = await _control(s, pusher)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -467,49 +333,52 @@ async def cmd_agent(args: argparse.Namespace, s: CnSettings) -> int:
         await agent.run(stop)
         return 0
     finally:
+        if control is not None:
+            await control.close()
         await links.close()
+
+
+async def _control(s: CnSettings, pusher: CnPusher) -> ControlServer | None:
+    """The socket `snapper push` hands its pushes to (``cn/control.py``), in state_dir;
+    None, said on stderr, where it cannot listen (the agent runs on without it)."""
+    path = socket_path(s.state_dir)
+    server = ControlServer(path, pusher.push_for_cli, lambda exc: failure("push", exc))
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        await server.start()
+    except (OSError, ControlError) as exc:
+        print(f"snapper: agent: no control socket ({exc}): `snapper push` pushes by itself",
+              file=sys.stderr, flush=True)
+        return None
+    return server
 
 
 # -- subcommands ------------------------------------------------------------------
 
 
+def push_document(report: PushReport) -> dict[str, Any]:
+    """A push's result as ``snapper push --json`` prints it (and the agent hands it back)."""
+    return {"vm": report.vm, "snapshot": report.snapshot, "bytes": report.bytes,
+            "metadata": report.metadata_source, "durability": report.durability,
+            "zones": report.zones, "carried": report.carried,
+            "datasets": [vars(d) for d in report.datasets],
+            "not_included": report.not_included}
+
+
 async def cmd_push(args: argparse.Namespace, s: CnSettings) -> int:
-    meta: dict[str, Any] | None = None
-    if args.metadata:
-        try:
-            meta = json.loads(await asyncio.to_thread(Path(args.metadata).read_text))
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"--metadata {args.metadata}: {exc}") from exc
-        if not isinstance(meta, dict):
-            raise UsageError(f"--metadata {args.metadata}: must hold a JSON object")
+    meta = await asyncio.to_thread(read_metadata, args.metadata)
     report = await push_with_failover(s, args.vm, name=args.name, base=args.base,
                                       metadata=meta, durability=args.durability,
-                                      bwlimit=args.bwlimit, reporter=_reporter(args.progress))
-    if args.json:
-        print(json.dumps({"vm": report.vm, "snapshot": report.snapshot, "bytes": report.bytes,
-                          "metadata": report.metadata_source, "durability": report.durability,
-                          "zones": report.zones, "carried": report.carried,
-                          "datasets": [vars(d) for d in report.datasets]}))
-        return 0
-    copies = len(report.zones)
-    print(f"pushed {report.vm}@{report.snapshot} ({format_bytes(report.bytes)}, "
-          f"metadata: {report.metadata_source}); durability {report.durability or 'n/a'}: "
-          f"{copies} cop{'y' if copies == 1 else 'ies'} on {', '.join(report.zones) or '?'}")
-    for d in report.datasets:
-        base = f" from {d.base}" if d.base else ""
-        how = f" ({', '.join(d.options)})" if d.options else ""
-        print(f"  {d.label:<12} {d.action}{base}{how}  {format_bytes(d.bytes)}")
-    if report.not_included:
-        print(f"  not included (below a child dataset): {', '.join(report.not_included)}")
-    if report.carried:
-        print(f"  also committed (earlier snapshots sent with it, durability local): "
-              f"{', '.join(report.carried)}")
+                                      bwlimit=args.bwlimit,
+                                      reporter=progress.for_choice(args.progress))
+    show_push(push_document(report), args.json)
     return 0
 
 
 async def cmd_restore(args: argparse.Namespace, s: CnSettings) -> int:
     async with _client(s) as zone:
-        cn = CnClient(zone, dataset_root=s.dataset_root, progress=_reporter(args.progress))
+        cn = CnClient(zone, dataset_root=s.dataset_root,
+                      progress=progress.for_choice(args.progress))
         try:
             report = await cn.restore(args.vm, args.snapshot, args.target,
                                       rollback=args.rollback, metadata_path=args.metadata_out)
@@ -539,7 +408,7 @@ async def cmd_export(args: argparse.Namespace, s: CnSettings) -> int:
 
     async with _client(s) as zone:
         report = await archive.export_snapshot(zone, args.vm, args.snapshot, args.file,
-                                               progress=_reporter(args.progress))
+                                               progress=progress.for_choice(args.progress))
     if args.json:
         print(json.dumps(report.to_json()))
         return 0
@@ -559,9 +428,9 @@ async def cmd_import(args: argparse.Namespace, root: str) -> int:
         raise UsageError("--onto-zone takes neither --target nor --metadata-out")
     if args.durability and not args.onto_zone:
         raise UsageError("--durability is for --onto-zone only")
-    progress = _reporter(args.progress)
+    reporter = progress.for_choice(args.progress)
     if args.check:
-        header, _ = await archive.verify(args.file, progress=progress)
+        header, _ = await archive.verify(args.file, progress=reporter)
         report = archive.ArchiveReport(header, Path(args.file))
         if args.json:
             print(json.dumps(report.to_json()))
@@ -572,7 +441,7 @@ async def cmd_import(args: argparse.Namespace, root: str) -> int:
     if args.onto_zone:
         async with _client(settings(args)) as zone:
             report = await archive.import_to_zone(args.file, zone, durability=args.durability,
-                                                  progress=progress)
+                                                  progress=reporter)
         if args.json:
             print(json.dumps({**report.to_json(), "zones": report.datasets}))
         else:
@@ -582,7 +451,7 @@ async def cmd_import(args: argparse.Namespace, root: str) -> int:
         return 0
     report = await archive.import_snapshot(
         args.file, Zfs(), target=Dataset(args.target) if args.target else None,
-        dataset_root=root, progress=progress)
+        dataset_root=root, progress=reporter)
     for p, ds in zip(report.header.parts, report.datasets, strict=True):
         print(f"imported {ds}@{report.header.snapshot} ({format_bytes(p.bytes)}, "
               f"guid {p.guid})", file=sys.stderr)
@@ -627,127 +496,10 @@ Handler = Callable[[argparse.Namespace, CnSettings], Coroutine[Any, Any, int]]
 OfflineHandler = Callable[[argparse.Namespace, str], Coroutine[Any, Any, int]]
 
 
-def build_parser(more: Callable[[Any], None] | None = None) -> argparse.ArgumentParser:
-    """The CN's commands; ``more(subparsers)`` adds the rest of ``snapper``'s."""
-    p = argparse.ArgumentParser(prog="snapper", description="Push VM snapshots to snapper "
-                                "zones and restore them (run on a compute node).")
-    add_version_argument(p)
-    p.add_argument("--config", help=f"CN config file (TOML); default ${CONFIG_ENV} or "
-                   f"{DEFAULT_CONFIG} if it exists. Its coordinator_url is also where the "
-                   "operator commands go without --coordinator or $SNAPPER_COORDINATOR")
-    p.add_argument("--zone", metavar="HOST:PORT", help="the snapper zone's SSH endpoint")
-    p.add_argument("--key", metavar="PATH", help="this CN's SSH private key")
-    trust = p.add_mutually_exclusive_group()
-    trust.add_argument("--known-hosts", metavar="PATH", help="known_hosts file for the zone")
-    trust.add_argument("--host-key", metavar="PUBFILE", help="pin the zone's host key (.pub)")
-    p.add_argument("--dataset-root", metavar="DATASET",
-                   help="parent of the VMs' datasets on this CN (default: zones)")
-    p.add_argument("--ssh-client", choices=SSH_CLIENTS,
-                   help="what carries a pushed stream: OpenSSH's ssh (the default when "
-                   "installed: faster) or asyncssh (snapper's own connection)")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    push = sub.add_parser("push", help="snapshot a VM and store it on the zone")
-    push.add_argument("vm", metavar="VM_UUID", type=parse_vm)
-    push.add_argument("--name", help="snapshot name (default: UTC time, e.g. 20260101T120000Z); "
-                      "an existing local snapshot of that name is pushed as is")
-    push.add_argument("--from", dest="base", metavar="BASE",
-                      help="incremental from this snapshot or bookmark (default: the newest "
-                      "one both sides hold)")
-    push.add_argument("--metadata", metavar="FILE",
-                      help="VM metadata JSON to store with it (default: vmadm get)")
-    push.add_argument("--durability", choices=("mirrored", "local"),
-                      help="mirrored: return once both of the VM's zones hold it; local: once "
-                      "the zone pushed to does (the mirror follows). Default: the zone's")
-    push.add_argument("--bwlimit", type=parse_rate, metavar="RATE",
-                      help="pace the stream to RATE bytes/s (50MiB, 1.5G, 100k: powers of 1024)")
-    push.add_argument("--json", action="store_true", help="print the result as JSON")
-    push.set_defaults(handler=cmd_push)
-
-    restore = sub.add_parser("restore", help="bring a VM snapshot back from the zone")
-    restore.add_argument("vm", metavar="VM_UUID", type=parse_vm)
-    restore.add_argument("snapshot", metavar="SNAP")
-    restore.add_argument("--target", metavar="DATASET",
-                         help="restore into this new dataset instead of the VM's own")
-    restore.add_argument("--rollback", action="store_true",
-                         help="roll the VM's datasets back, discarding later local snapshots "
-                         "and changes (receive -F)")
-    restore.add_argument("--metadata-out", metavar="FILE",
-                         help="write the metadata JSON here (default: stdout)")
-    restore.add_argument("--to-cn", metavar="CN",
-                         help="this CN (its id) restores a VM it does not own, under an "
-                         "operator's grant (snapper grant restore VM --to-cn CN --for 1h)")
-    restore.set_defaults(handler=cmd_restore)
-
-    export = sub.add_parser("export", help="write a VM snapshot the zone holds (every "
-                            "dataset) to one file, e.g. on an NFS mount")
-    export.add_argument("vm", metavar="VM_UUID")
-    export.add_argument("snapshot", metavar="SNAP")
-    export.add_argument("file", metavar="FILE", help="the export file (must not exist)")
-    export.add_argument("--json", action="store_true", help="print the result as JSON")
-    export.set_defaults(handler=cmd_export)
-
-    imp = sub.add_parser("import", help="receive an export file onto this CN (checked "
-                         "whole first; needs no zone)")
-    imp.add_argument("file", metavar="FILE")
-    imp.add_argument("--target", metavar="DATASET",
-                     help="receive into this new dataset (default: the VM's own, "
-                     "DATASET_ROOT/VM_UUID, which must not exist)")
-    imp.add_argument("--check", action="store_true",
-                     help="only verify the file (header, length, checksums); receive nothing")
-    imp.add_argument("--metadata-out", metavar="FILE",
-                     help="write the VM's metadata JSON here (default: stdout)")
-    imp.add_argument("--onto-zone", action="store_true",
-                     help="push it into the zone (--zone or the config's first) instead, "
-                     "as this CN: for a zone that must hold the VM again")
-    imp.add_argument("--durability", choices=("mirrored", "local"),
-                     help="with --onto-zone: as push's (default: the zone's)")
-    imp.add_argument("--json", action="store_true", help="print the result as JSON")
-    imp.set_defaults(offline=cmd_import)
-
-    agent = sub.add_parser("agent", help="run the policies for this CN's VMs: snapshots "
-                           "on schedule, pushed from their base (SMF: svc:/smartdc/snapper-agent)")
-    which = agent.add_mutually_exclusive_group(required=True)
-    which.add_argument("--policy", metavar="FILE",
-                       help="the policy file (etc/policy.example.toml documents it)")
-    which.add_argument("--policy-from-coordinator", metavar="NAME",
-                       help="the coordinator's copy of policy NAME (snapper policy set), "
-                       "read again before each pass; the last verified copy (in state_dir) "
-                       "while the coordinator does not answer")
-    agent.add_argument("--state", metavar="FILE",
-                       default="/var/opt/smartdc/snapper/agent-state.json",
-                       help="where the agent records what it did (default: %(default)s)")
-    agent.add_argument("--cn-id", metavar="ID", help="this CN's id, for policies by cns")
-    agent.add_argument("--once", action="store_true",
-                       help="one pass (push what is due now), then exit: 1 if a push failed")
-    agent.add_argument("--bwlimit", type=parse_rate, metavar="RATE",
-                       help="pace each stream to RATE bytes/s")
-    agent.add_argument("--backoff", type=parse_backoff, metavar="MIN,MAX", default=(30.0, 3600.0),
-                       help="a failed push is retried after MIN, doubling up to MAX "
-                       "(durations: 30s,1h, the default)")
-    agent.add_argument("--json", action="store_true",
-                       help="print each outcome as one JSON line (started, ended and "
-                       "retry_at in seconds since the epoch, on the agent's clock)")
-    # A compressed clock, for tests and the soak: a policy's hour in a minute.
-    agent.add_argument("--clock-speed", type=float, default=1.0, metavar="K",
-                       help="for tests: the agent's clock runs K times real time from "
-                       "--clock-origin (schedules, backoff and snapshot names follow it)")
-    agent.add_argument("--clock-origin", type=float, default=None, metavar="EPOCH",
-                       help="for tests: where the compressed clock agrees with real time")
-    agent.set_defaults(handler=cmd_agent)
-
-    lst = sub.add_parser("list", help="what the zone holds (default: this CN's VMs)")
-    lst.add_argument("vm", metavar="VM_UUID", nargs="?", type=parse_vm)
-    lst.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    lst.set_defaults(handler=cmd_list)
-
-    if more is not None:
-        more(sub)
-
-    for sp in (push, restore, export, imp):
-        sp.add_argument("--progress", choices=("auto", "bar", "json", "none"), default="auto",
-                        help="progress on stderr: a bar on a terminal, JSON lines otherwise")
-    return p
+# The CN's commands by name (options.build_parser names them).
+HANDLERS: dict[str, Handler] = {"push": cmd_push, "restore": cmd_restore, "export": cmd_export,
+                                "agent": cmd_agent, "list": cmd_list}
+OFFLINE: dict[str, OfflineHandler] = {"import": cmd_import}
 
 
 def main(argv: Sequence[str] | None = None,
@@ -761,26 +513,35 @@ def main(argv: Sequence[str] | None = None,
         status: int = args.standalone(args)
         return status
     try:
-        offline: OfflineHandler | None = getattr(args, "offline", None)
+        offline = OFFLINE.get(args.command)
         if offline is not None:
             return asyncio.run(offline(args, dataset_root(args)))
         s = settings(args)
-        handler: Handler = args.handler
+        handler: Handler = getattr(args, "handler", None) or HANDLERS[args.command]
         return asyncio.run(handler(args, s))
-    except (UsageError, ConfigError) as exc:
-        print(f"snapper: {exc}", file=sys.stderr)
-        return 2
-    except PlanError as exc:
-        # The one multi-line error: both histories are what a person needs to decide.
-        print(f"snapper: {args.command}: {exc.code}: {exc.message}", file=sys.stderr)
-        return 1
-    except (ZoneError, ZoneUnreachable, SnapperError) as exc:
-        code = getattr(exc, "code", type(exc).__name__)
-        print(f"snapper: {args.command}: {code}: {_one_line(str(exc))}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("snapper: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        said = failure(args.command, exc)
+        if said is None:
+            raise
+        print(said[0], file=sys.stderr)
+        return said[1]
+
+
+def failure(command: str, exc: BaseException) -> tuple[str, int] | None:
+    """What a command that failed with ``exc`` prints on stderr, and its exit status
+    (2 for usage or configuration, 1 for the operation); None for a bug."""
+    if isinstance(exc, UsageError | ConfigError):
+        return f"snapper: {exc}", 2
+    if isinstance(exc, PlanError):
+        # The one multi-line error: both histories are what a person needs to decide.
+        return f"snapper: {command}: {exc.code}: {exc.message}", 1
+    if isinstance(exc, ZoneError | ZoneUnreachable | SnapperError):
+        code = getattr(exc, "code", type(exc).__name__)
+        return f"snapper: {command}: {code}: {_one_line(str(exc))}", 1
+    return None
 
 
 def _one_line(text: str) -> str:

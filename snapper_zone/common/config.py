@@ -28,12 +28,16 @@ import types
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, cast
+from typing import TYPE_CHECKING, Literal, cast
 from urllib.parse import urlsplit
 
-import asyncssh
-
 from snapper_zone.common.progress import SizeError, parse_size
+
+if TYPE_CHECKING:
+    import asyncssh
+
+# asyncssh is imported where a key is parsed: ``snapper push`` reads its config
+# (and hands the push to a running agent) without it, a third of its start.
 
 __all__ = [
     "DEFAULT_LISTEN_HOST",
@@ -208,6 +212,8 @@ class TrustedKey:
     zone: str | None = None
 
     def ssh_key(self) -> asyncssh.SSHKey:
+        import asyncssh
+
         return asyncssh.import_public_key(self.public_key)
 
     @property
@@ -848,6 +854,8 @@ class FieldParser:
         lines = [ln for ln in text.strip().splitlines() if ln.strip()]
         if len(lines) != 1:
             raise self.err(fld, "must hold exactly one OpenSSH public key line")
+        import asyncssh
+
         try:
             return asyncssh.import_public_key(lines[0].strip())
         except Exception as e:  # asyncssh raises several types on junk; all mean "bad key"

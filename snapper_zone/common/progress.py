@@ -236,3 +236,18 @@ def for_stream(stream: TextIO | None = None) -> Reporter:
     except (AttributeError, ValueError):
         tty = False
     return TtyProgress(out) if tty else JsonProgress(out)
+
+
+CHOICES = ("auto", "bar", "json", "none")
+
+
+def for_choice(choice: str, stream: TextIO | None = None) -> Reporter:
+    """The reporter a ``--progress`` choice names (``CHOICES``) on ``stream`` (stderr)."""
+    out = stream if stream is not None else sys.stderr
+    if choice == "none":
+        return NoProgress()
+    if choice == "json":
+        return JsonProgress(out)
+    if choice == "bar":
+        return TtyProgress(out)
+    return for_stream(out)
