@@ -207,6 +207,27 @@ async def test_a_request_it_cannot_read_changes_nothing(env: Env) -> None:
     assert env.server.served == 0 and await env.complete() == []
 
 
+@pytest.mark.zfs
+async def test_a_client_that_says_nothing_is_let_go(env: Env) -> None:
+    await env.server.close()
+    quick = ControlServer(env.server.path, env.pusher.push_for_cli,
+                          lambda exc: failure("push", exc), request_seconds=0.5)
+    await quick.start()
+
+    def silent() -> dict[str, Any]:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(quick.path))
+            answer: dict[str, Any] = json.loads(s.makefile("rb").readline())
+            return answer
+
+    try:
+        answer = await asyncio.to_thread(silent)
+    finally:
+        await quick.close()
+    assert answer["error"]["status"] == 2 and "none within 0.5 s" in answer["error"]["text"]
+    assert quick.served == 0
+
+
 SETTINGS = CnSettings("zone.example", 2222, Path("/k"), None, Path("/h.pub"), "zones",
                       (("zone.example", 2222), ("z2.example", 22)))
 

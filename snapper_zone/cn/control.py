@@ -18,12 +18,14 @@ from typing import Any
 
 from snapper_zone.cn.handoff import MAX_LINE, ControlError, PushRequest, wire_line
 from snapper_zone.common.progress import Reporter
+from snapper_zone.common.tasks import cancel_and_wait
 
 __all__ = ["ControlServer"]
 
 log = logging.getLogger("snapper.agent")
 
 _ADVANCE_EVERY = 0.1  # seconds: progress lines at most ten a second
+_REQUEST_SECONDS = 10.0  # a client that connects says what it wants at once
 
 
 class _Forward:
@@ -65,8 +67,9 @@ class ControlServer:
     """The agent's end: one push per connection, run by ``push``."""
 
     def __init__(self, path: Path, push: PushFn, failure: FailureFn, *,
-                 uid: int | None = None) -> None:
+                 uid: int | None = None, request_seconds: float = _REQUEST_SECONDS) -> None:
         self.path = path
+        self._request_seconds = request_seconds
         self._push = push
         self._failure = failure
         self._uid = os.geteuid() if uid is None else uid  # who may ask: the agent's user
@@ -114,23 +117,29 @@ class ControlServer:
                                 "user only", "status": 2}})
                 return
             try:
-                req = PushRequest.from_json(json.loads(await reader.readline()))
-            except (ValueError, ControlError, asyncio.LimitOverrunError) as exc:
+                async with asyncio.timeout(self._request_seconds):
+                    line = await reader.readline()
+                req = PushRequest.from_json(json.loads(line))
+            except (ValueError, ControlError, TimeoutError) as exc:
+                why = exc if str(exc) else f"none within {self._request_seconds:g} s"
                 send({"error": {"text": f"snapper: push: the agent cannot read the request: "
-                                f"{exc}", "status": 2}})
+                                f"{why}", "status": 2}})
                 return
             self.served += 1
             work = asyncio.ensure_future(
                 self._push(req, _Forward(send), lambda text: send({"say": text})))
             gone = asyncio.ensure_future(reader.read(1))  # EOF: the CLI went away
-            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not work.done():
-                log.warning("push of VM %s: its snapper push went away; stopping it", req.vm)
-                work.cancel()
-                with contextlib.suppress(BaseException):
-                    await work
+            try:
+                await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            finally:  # the agent stopping ends the pushes it runs for a CLI
+                if not work.done():
+                    if gone.done():
+                        log.warning("push of VM %s: its snapper push went away; stopping it",
+                                    req.vm)
+                    await cancel_and_wait(work)
+                await cancel_and_wait(gone)
+            if work.cancelled():
                 return
-            gone.cancel()
             try:
                 send({"result": work.result()})
             except Exception as exc:
