@@ -178,23 +178,8 @@ def cpu_here() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def children(pid: int) -> list[int]:
-    """Live (or unreaped) children of ``pid``."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            if ppid == pid:
-                out.append(int(d.name))
-    return out
-
-
-def cpu_tree_seconds(pid: int) -> float:
-    """``cpu_seconds`` of ``pid`` and of every live descendant: what a process
-    tree spent so far, with children that stay (a kept connection's sshd)."""
+def _children_by_parent() -> dict[int, list[int]]:
+    """Every live (or unreaped) process, under its parent's pid (``/proc``)."""
     kids: dict[int, list[int]] = {}
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
@@ -203,6 +188,18 @@ def cpu_tree_seconds(pid: int) -> float:
             except (OSError, ValueError, IndexError):
                 continue
             kids.setdefault(ppid, []).append(int(d.name))
+    return kids
+
+
+def children(pid: int) -> list[int]:
+    """Live (or unreaped) children of ``pid``."""
+    return _children_by_parent().get(pid, [])
+
+
+def cpu_tree_seconds(pid: int) -> float:
+    """``cpu_seconds`` of ``pid`` and of every live descendant: what a process
+    tree spent so far, with children that stay (a kept connection's sshd)."""
+    kids = _children_by_parent()
     total, todo = 0.0, [pid]
     while todo:
         p = todo.pop()
