@@ -243,6 +243,15 @@ def test_a_request_reads_back_as_sent(name: str | None, bw: float | None,
     assert PushRequest.from_json(json.loads(json.dumps(req.to_json()))) == req
 
 
+def test_a_request_naming_no_vm_or_an_unknown_durability_is_refused() -> None:
+    doc = PushRequest(SETTINGS, VM, "s", None, None, None, None).to_json()
+    for field, value in (("vm", "../../etc"), ("vm", VM.upper()), ("durability", "maybe")):
+        bad = json.loads(json.dumps(doc))
+        bad["push"][field] = value
+        with pytest.raises(ControlError):
+            PushRequest.from_json(bad)
+
+
 @pytest.mark.parametrize("bad", [
     {"push": {}},
     {"push": {"settings": {}}},

@@ -42,6 +42,8 @@ from snapper_zone.cn.options import CnSettings, UsageError, build_parser, read_m
 from snapper_zone.cn.output import show_push
 from snapper_zone.common.config import ConfigError
 from snapper_zone.common.progress import Reporter, for_choice
+from snapper_zone.errors import InvalidName
+from snapper_zone.zfs.names import check_uuid
 
 __all__ = ["MAX_LINE", "SOCKET_NAME", "ControlError", "PushRequest", "ask_agent",
            "push_via_agent", "socket_path", "wire_line"]
@@ -105,8 +107,14 @@ class PushRequest:
             if bw is not None and (not isinstance(bw, int | float) or isinstance(bw, bool)
                                    or not bw > 0):
                 raise ControlError("bwlimit: not a positive number")
-            return cls(CnSettings(**given), _text(p["vm"]), _opt(p["name"]), _opt(p["base"]),
-                       meta, _opt(p["durability"]), None if bw is None else float(bw))
+            durability = _opt(p["durability"])
+            if durability not in (None, "mirrored", "local"):
+                raise ControlError(f"durability {durability!r}: not mirrored or local")
+            return cls(CnSettings(**given), check_uuid(_text(p["vm"]), "VM uuid"),
+                       _opt(p["name"]), _opt(p["base"]), meta, durability,
+                       None if bw is None else float(bw))
+        except InvalidName as exc:
+            raise ControlError(exc.message) from None
         except (KeyError, TypeError, ValueError) as exc:
             raise ControlError(f"not a push request: {exc}") from None
 
