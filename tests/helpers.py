@@ -16,6 +16,7 @@ import aiohttp
 import asyncssh
 from prometheus_client.parser import text_string_to_metric_families
 
+from snapper_zone.cn.options import CnSettings
 from snapper_zone.common.config import parse_config
 from snapper_zone.daemon.sshserver import start_ssh_server
 from snapper_zone.daemon.zone import Zone
@@ -176,6 +177,20 @@ class SshZone:
     port: int
     cn_key: Path
     host_pub: Path
+
+
+async def cn_vm(zfs: Zfs, cn_pool: FilePool, vm: str) -> Dataset:
+    """VM ``vm``'s dataset on a CN's pool, with 256 KiB of data in it."""
+    ds = Dataset(cn_pool.name).child(vm)
+    await zfs.create(ds)
+    write_random(cn_pool, ds, "f0", 256 << 10)
+    return ds
+
+
+def cn_settings(z: SshZone, cn_pool: FilePool, **more: Any) -> CnSettings:
+    """A CN's settings that push to zone ``z`` alone, its host key pinned."""
+    return CnSettings("127.0.0.1", z.port, z.cn_key, None, z.host_pub, cn_pool.name,
+                      (("127.0.0.1", z.port),), **more)
 
 
 @contextlib.asynccontextmanager

@@ -23,7 +23,7 @@ from snapper_zone.policy import PolicySet, parse_policies
 from snapper_zone.zfs import proc
 from snapper_zone.zfs.names import Dataset
 from snapper_zone.zfs.zfs import Zfs
-from tests.helpers import ssh_zone, wait_for, write_keypair, write_random
+from tests.helpers import cn_settings, cn_vm, ssh_zone, wait_for, write_keypair, write_random
 
 pytestmark = pytest.mark.zfs
 
@@ -72,11 +72,8 @@ async def env(zfs: Zfs, cn_pool: FilePool, zone_pool: FilePool,
               tmp_path: Path) -> AsyncIterator[Env]:
     async with ssh_zone(zfs, zone_pool, tmp_path, uuid=ZONE_UUID, cn_id=CN_ID,
                         vms={VM: CN_ID}) as z:
-        vm = Dataset(cn_pool.name).child(VM)
-        await zfs.create(vm)
-        write_random(cn_pool, vm, "f0", 256 << 10)
-        settings = CnSettings("127.0.0.1", z.port, z.cn_key, None, z.host_pub,
-                              cn_pool.name, (("127.0.0.1", z.port),))
+        vm = await cn_vm(zfs, cn_pool, VM)
+        settings = cn_settings(z, cn_pool)
         yield Env(zfs, z.zone, settings, cn_pool, vm, tmp_path, parse_policies(POLICY_DOC),
                   Clock(T3 + 5))
 

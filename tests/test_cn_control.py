@@ -29,7 +29,7 @@ from snapper_zone.fleet.pools import FilePool
 from snapper_zone.zfs import proc
 from snapper_zone.zfs.names import Dataset
 from snapper_zone.zfs.zfs import Zfs
-from tests.helpers import ssh_zone, wait_for, write_random
+from tests.helpers import cn_settings, cn_vm, ssh_zone, wait_for, write_random
 
 ZONE_UUID = "7b2e9d41-0c3a-4f5e-8a6b-1d2c3e4f5a60"
 CN_ID = "44454c4c-3800-1051-8036-b4c04f4e3232"
@@ -62,16 +62,13 @@ async def env(zfs: Zfs, cn_pool: FilePool, zone_pool: FilePool,
               tmp_path: Path) -> AsyncIterator[Env]:
     async with ssh_zone(zfs, zone_pool, tmp_path, uuid=ZONE_UUID, cn_id=CN_ID,
                         vms={VM: CN_ID}) as z:
-        vm = Dataset(cn_pool.name).child(VM)
-        await zfs.create(vm)
-        write_random(cn_pool, vm, "f0", 256 << 10)
+        vm = await cn_vm(zfs, cn_pool, VM)
         state = tmp_path / "state"
         config = tmp_path / "snapper-cn.toml"
         config.write_text(f'zones = ["127.0.0.1:{z.port}"]\nkey = "{z.cn_key}"\n'
                           f'host_key = "{z.host_pub}"\ndataset_root = "{cn_pool.name}"\n'
                           f'state_dir = "{state}"\nssh_client = "asyncssh"\n')
-        settings = CnSettings("127.0.0.1", z.port, z.cn_key, None, z.host_pub, cn_pool.name,
-                              (("127.0.0.1", z.port),), state_dir=state)
+        settings = cn_settings(z, cn_pool, state_dir=state)
         links = ZoneLinks()
         pusher = CnPusher(settings, zfs=zfs, vmadm=None, links=links)
         state.mkdir(mode=0o700)

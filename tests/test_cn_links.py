@@ -20,7 +20,7 @@ from snapper_zone.fleet.pools import FilePool
 from snapper_zone.transfer.remote import ZoneClient
 from snapper_zone.zfs.names import Dataset
 from snapper_zone.zfs.zfs import Zfs
-from tests.helpers import ssh_zone, wait_for, write_random
+from tests.helpers import cn_settings, cn_vm, ssh_zone, wait_for, write_random
 
 pytestmark = pytest.mark.zfs
 
@@ -45,11 +45,8 @@ async def _env(zfs: Zfs, cn_pool: FilePool, zone_pool: FilePool, tmp: Path,
                **config: Any) -> AsyncIterator[Env]:
     async with ssh_zone(zfs, zone_pool, tmp, uuid=ZONE_UUID, cn_id=CN_ID,
                         vms={VM: CN_ID}, **config) as z:
-        vm = Dataset(cn_pool.name).child(VM)
-        await zfs.create(vm)
-        write_random(cn_pool, vm, "f0", 256 << 10)
-        settings = CnSettings("127.0.0.1", z.port, z.cn_key, None, z.host_pub,
-                              cn_pool.name, (("127.0.0.1", z.port),))
+        vm = await cn_vm(zfs, cn_pool, VM)
+        settings = cn_settings(z, cn_pool)
         yield Env(zfs, z.zone, settings, cn_pool, vm)
 
 

@@ -91,10 +91,11 @@ class PushRequest:
                     v = None if v is None else Path(_text(v))
                 elif f.name == "zones":
                     v = tuple((_text(h), _int(n)) for h, n in v)
-                elif f.name in ("zone_port",):
+                elif f.name == "zone_port":
                     v = _int(v)
                 elif f.name == "use_gate":
-                    v = bool(v) if isinstance(v, bool) else _fail("use_gate")
+                    if not isinstance(v, bool):
+                        raise ControlError(f"use_gate {v!r}: not true or false")
                 elif v is not None:
                     v = _text(v)
                 given[f.name] = v
@@ -133,10 +134,6 @@ def _int(v: Any) -> int:
     if not isinstance(v, int) or isinstance(v, bool):
         raise ControlError(f"{v!r}: not an integer")
     return v
-
-
-def _fail(what: str) -> Any:
-    raise ControlError(f"{what}: wrong type")
 
 
 def wire_line(doc: dict[str, Any]) -> bytes:
