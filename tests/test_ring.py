@@ -1,7 +1,8 @@
 """``RingPump``: a peer's stream into ``zfs receive``'s pipe, spliced while the
-reader keeps up and through a ring of anonymous memory while it does not.
+reader keeps up and through a ring while it does not: a queue of pipes where
+there is splice (``PipeRing``), anonymous memory elsewhere (``MemoryRing``).
 Real pipes, real threads (no ZFS needed; without splice every byte goes
-through the ring, as on illumos)."""
+through the memory ring, as on illumos)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,16 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
+from snapper_zone.transfer import stream
 from snapper_zone.transfer.stream import (
     Inbound,
     PipeGone,
+    PipeRing,
     RingPump,
     StreamIdle,
     can_splice,
     pipe_inbound,
+    ring_pump,
     wait_ready,
 )
 from snapper_zone.zfs.proc import widen_pipe
@@ -40,7 +44,7 @@ async def _pumped(data: bytes, size: int, stop_after: int | None = None,
     src_r, src_w, dst_r, dst_w = pump_pipes()
     counted: list[int] = []
     got = bytearray()
-    pump = RingPump(src_r, dst_w, counted.append, size)
+    pump = ring_pump(src_r, dst_w, counted.append, size)
     writer = asyncio.ensure_future(write_all(src_w, data))
     reader = asyncio.ensure_future(
         read(dst_r, got) if read is not None else read_all(dst_r, got, stop_after))
@@ -54,14 +58,34 @@ async def _pumped(data: bytes, size: int, stop_after: int | None = None,
     return pump, got, counted, pump.done.exception()
 
 
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture(params=["pipes", "memory"])
+def ring_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each ring: the pipes' with small pipes (so a stream wraps through many),
+    the memory one as illumos has it."""
+    if request.param == "memory":
+        monkeypatch.setenv("SNAPPER_NO_SPLICE", "1")
+    elif not can_splice():
+        pytest.skip("no splice(2) here (Linux only): the memory ring carries every byte")
+    else:
+        monkeypatch.setattr(stream, "_RING_PIPE_BYTES", 64 << 10)
+    return str(request.param)
+
+
 @pytest.mark.parametrize("size", [256 << 10, 64 << 20], ids=["wraps-often", "holds-it-all"])
-async def test_every_byte_moves_in_order_and_is_counted(size: int) -> None:
+async def test_every_byte_moves_in_order_and_is_counted(size: int, ring_kind: str) -> None:
     data = os.urandom(24 << 20)
+    fds = _fds()
     pump, got, counted, err = await _pumped(data, size)
+    assert isinstance(pump, PipeRing) == (ring_kind == "pipes")
     assert err is None
     assert bytes(got) == data  # ring wrap-arounds keep the order
     assert pump.bytes == sum(counted) == len(data)
     await wait_for(lambda: not _ring_threads(), timeout=10)
+    assert _fds() == fds  # the ring's pipes and both ends closed
 
 
 async def _bursty_read(fd: int, out: bytearray) -> None:
@@ -84,15 +108,11 @@ async def _bursty_read(fd: int, out: bytearray) -> None:
         await asyncio.sleep(0.02)  # the reader's own pause, not a synchronisation
 
 
-@pytest.mark.parametrize("splice", [True, False], ids=["splice", "ring-only"])
 async def test_a_bursty_reader_gets_every_byte_in_order_through_splice_and_ring(
-        splice: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+        ring_kind: str) -> None:
     """The stream goes back and forth between splicing (the ring empty) and the
     ring (the reader paused): bytes in the ring always go before newer ones."""
-    if not splice:
-        monkeypatch.setenv("SNAPPER_NO_SPLICE", "1")  # illumos's path
-    elif not can_splice():
-        pytest.skip("no splice(2) here (Linux only): the ring carries every byte")
+    splice = ring_kind == "pipes"
     data = os.urandom(48 << 20)
     pump, got, counted, err = await _pumped(data, 8 << 20, read=_bursty_read)
     assert err is None
@@ -105,7 +125,8 @@ async def test_a_bursty_reader_gets_every_byte_in_order_through_splice_and_ring(
     await wait_for(lambda: not _ring_threads(), timeout=10)
 
 
-async def test_a_reader_that_goes_away_fails_the_pump_and_ends_both_threads() -> None:
+async def test_a_reader_that_goes_away_fails_the_pump_and_ends_both_threads(
+        ring_kind: str) -> None:
     data = os.urandom(32 << 20)
     _, got, _, err = await _pumped(data, 4 << 20, stop_after=1 << 20)
     assert len(got) < len(data)
@@ -113,13 +134,14 @@ async def test_a_reader_that_goes_away_fails_the_pump_and_ends_both_threads() ->
     await wait_for(lambda: not _ring_threads(), timeout=10)
 
 
-async def test_close_while_the_source_is_quiet_ends_at_once_and_cuts_the_stream() -> None:
+async def test_close_while_the_source_is_quiet_ends_at_once_and_cuts_the_stream(
+        ring_kind: str) -> None:
     """The reading thread waits in poll(2): ``close`` wakes it through the stop
     pipe; the destination is closed (its reader sees EOF), the source too (its
     writer gets EPIPE), and ``done`` says the stream was cut."""
     src_r, src_w = os.pipe()
     dst_r, dst_w = os.pipe()
-    pump = RingPump(src_r, dst_w, lambda n: None, 1 << 20)
+    pump = ring_pump(src_r, dst_w, lambda n: None, 1 << 20)
     os.write(src_w, b"x" * 1000)  # then nothing
     got = bytearray()
     reader = asyncio.ensure_future(read_all(dst_r, got))
@@ -138,13 +160,13 @@ async def test_close_while_the_source_is_quiet_ends_at_once_and_cuts_the_stream(
     await wait_for(lambda: not _ring_threads(), timeout=10)
 
 
-async def test_a_full_ring_holds_the_client_and_says_so() -> None:
+async def test_a_full_ring_holds_the_client_and_says_so(ring_kind: str) -> None:
     """A receive that stops reading fills the ring: the client is held by us (not
     idle), and the bytes the ring took were counted."""
     src_r, src_w = os.pipe()
     dst_r, dst_w = os.pipe()
     counted: list[int] = []
-    pump = RingPump(src_r, dst_w, counted.append, 256 << 10)
+    pump = ring_pump(src_r, dst_w, counted.append, 256 << 10)
     writer = asyncio.ensure_future(write_all(src_w, os.urandom(8 << 20)))
     await wait_for(lambda: pump.held_by_sink, timeout=10)
     await wait_for(lambda: sum(counted) >= 256 << 10, timeout=10)

@@ -180,7 +180,8 @@ class Limits:
     cn_quota_bytes: int = 0  # the sum over a CN's VMs
     # Memory between a peer zone's stream and ``zfs receive`` (each mirror-in,
     # move or repair through the gate; 0: none): it lets the sender go on while
-    # the receive stalls on a transaction group (stream.RingPump).
+    # the receive stalls on a transaction group (stream.RingPump: a queue of
+    # pipes on Linux, memory elsewhere).
     copy_buffer_bytes: int = 64 << 20
 
 

@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from snapper_zone.errors import MetadataTooLarge, SnapperError
-from snapper_zone.zfs.proc import widen_pipe
+from snapper_zone.zfs.proc import grow_pipe, widen_pipe
 
 log = logging.getLogger("snapper.stream")
 
@@ -42,8 +42,10 @@ __all__ = [
     "TEE_STALL_SECONDS",
     "ClientGone",
     "Inbound",
+    "MemoryRing",
     "PipeFlow",
     "PipeGone",
+    "PipeRing",
     "PipeWriter",
     "RingPump",
     "SendPump",
@@ -54,6 +56,7 @@ __all__ = [
     "can_tee",
     "copy_out",
     "pipe_inbound",
+    "ring_pump",
     "splice_out",
     "wait_ready",
 ]
@@ -479,7 +482,7 @@ class Inbound:
 
         pump: SplicePump | RingPump
         if ring:
-            pump = RingPump(src, fd, moved, ring)
+            pump = ring_pump(src, fd, moved, ring)
         else:
             pump = SplicePump(src, fd, moved, tee=tee.pipe if tee else None,
                               tee_lost=tee_lost, teed=tee.teed if tee else None)
@@ -1076,38 +1079,47 @@ _RING_CHUNK = 1 << 20  # at most this much per read or write: a pipe's worth
 # after this many, or this long after it last did, whichever comes first.
 _RING_TELL_BYTES = 4 << 20
 _RING_TELL_SECONDS = 0.25
+# After a move smaller than this the reading thread waits _SETTLE (1 ms) before
+# the next: sshd writes ~32 KiB at a time, and a move per write costs the
+# thread's wake-up, the lock and the GIL each time (a third of the ring's CPU
+# per GB, docs/data-plane.md). A source that brought less than this since the
+# last move cannot fill its 1 MiB pipe in 1 ms below ~1 GB/s.
+_RING_SETTLE_BELOW = 256 << 10
 
 
 class RingPump:
-    """A stream from pipe ``src`` into pipe ``dst`` with a ring of anonymous
-    memory for when ``dst``'s reader falls behind, each end on a thread.
+    """A stream from pipe ``src`` into pipe ``dst`` with a deep buffer (the ring)
+    for when ``dst``'s reader falls behind, each end on a thread. Made by
+    ``ring_pump``: ``PipeRing`` where there is splice, else ``MemoryRing``.
 
     ``zfs receive`` takes its stdin in bursts: it stops reading while a
     transaction group syncs. A pipe holds at most 1 MiB (more needs
     CAP_SYS_RESOURCE), so meanwhile the sender stops too, and the link idles.
-    The ring (``size`` bytes, touched only as far as the stream fills it) lets
+    The ring (``size`` bytes, taken only as far as the stream fills it) lets
     the sender go on: a zone's copy through the gate ran 1.07-1.12x as fast with
     it (docs/data-plane.md). For zone copies only, which are few at once: it
     holds up to ``size`` per stream.
 
     While the ring is empty and ``dst`` has room, the reading thread splices
-    ``src`` into ``dst`` in the kernel (Linux): no copy, as ``SplicePump``.
-    When ``dst`` is full it reads into the ring instead, and the writing
-    thread drains the ring into ``dst``; once the ring is empty again, the
-    splicing resumes. Bytes in the ring always go before newer ones. Where
-    there is no splice (illumos) every byte goes through the ring.
+    ``src`` into ``dst`` in the kernel (Linux), as ``SplicePump``. When ``dst``
+    is full it puts bytes into the ring instead, and the writing thread drains
+    the ring into ``dst``; once the ring is empty again, the splicing resumes.
+    Bytes in the ring always go before newer ones.
 
-    The threads copy outside the GIL. The reading one waits in poll(2) on
+    The threads work outside the GIL. The reading one waits in poll(2) on
     ``src`` and a stop pipe, so ``close`` ends it at once. The writing one
-    blocks in write(2) (a whole chunk per call: non-blocking writes into a
+    blocks in its write (a whole chunk per call: non-blocking writes into a
     full pipe come a page at a time) and is ended by ``zfs receive`` taking
     the bytes or exiting (EPIPE); ``local.receive_stream`` ends the child
-    whenever it leaves. The last thread out closes both descriptors, so none
+    whenever it leaves. The last thread out closes every descriptor, so none
     is closed under a thread using it (``dst``'s close is the reader's EOF).
     ``on_bytes(n)`` (in the loop, in batches) counts what came from ``src``;
     ``done`` resolves once both threads are gone: every byte written and
     ``dst`` closed, or with the first error (EPIPE: the reader exited;
     BrokenPipeError: ``close`` came first).
+
+    A subclass keeps the ring: ``_full``, ``_take`` (from ``src`` into the
+    ring), ``_give`` (from the ring into ``dst``) and ``_release``.
     """
 
     def __init__(self, src: int, dst: int, on_bytes: Callable[[int], None],
@@ -1116,15 +1128,13 @@ class RingPump:
         self.done: asyncio.Future[None] = self.loop.create_future()
         self.bytes = 0  # come from src, as the loop has been told
         self.ringed = 0  # of them, went through the ring (the rest was spliced)
-        self.calls = [0, 0, 0]  # reads into the ring, splices past it, writes out of it
+        self.calls = [0, 0, 0]  # moves into the ring, splices past it, moves out of it
         self.on_bytes = on_bytes
         self.src, self.dst = src, dst
         self._splice = can_splice()
         self._size = size
-        self._ring = mmap.mmap(-1, size)
-        self._view = memoryview(self._ring)
         self._cv = threading.Condition()
-        # Guarded by _cv: bytes read into the ring and written out of it
+        # Guarded by _cv: bytes put into the ring and taken out of it
         # (monotonic), src at EOF, the first error, a stop asked, bytes come
         # the loop has not heard of.
         self._head = self._tail = 0
@@ -1137,6 +1147,9 @@ class RingPump:
         self._stop_r, self._stop_w = os.pipe()
         os.set_blocking(src, False)
         os.set_blocking(dst, True)
+
+    def _start(self) -> None:
+        """Start both threads: the subclass's ``__init__`` ends with this."""
         self._threads = [
             threading.Thread(target=self._run, args=(self._fill,), daemon=True,
                              name="ring-in"),
@@ -1149,7 +1162,7 @@ class RingPump:
     @property
     def held_by_sink(self) -> bool:
         """The ring is full: the client waits for ``zfs receive``, it is not idle."""
-        return self._head - self._tail >= self._size
+        return self._full()
 
     def close(self) -> None:
         """Stop both threads (idempotent); ``done`` ends if it had not. The last
@@ -1160,6 +1173,27 @@ class RingPump:
             if self._error is None and not (self._eof and self._head == self._tail):
                 self._error = BrokenPipeError("the pump was closed before the stream ended")
             self._stopping()
+
+    # -- the ring, kept by a subclass (under _cv where said) ------------------------
+
+    def _full(self) -> bool:
+        """Under ``_cv``: the ring has no room; the reader waits for the writer."""
+        raise NotImplementedError
+
+    def _take(self) -> int | None:
+        """Move what ``src`` holds into the ring (the reading thread) and count it
+        in ``_head``: bytes moved (0: EOF), or None when there was no room after
+        all. Raises BlockingIOError when ``src`` is empty."""
+        raise NotImplementedError
+
+    def _give(self) -> int:
+        """Move the ring's oldest bytes into ``dst`` (the writing thread; blocking)
+        and count them in ``_tail``: bytes moved. Called while the ring holds some."""
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        """Free the ring (the last thread out, both gone)."""
+        raise NotImplementedError
 
     # -- on the threads ---------------------------------------------------------
 
@@ -1179,9 +1213,7 @@ class RingPump:
                     for fd in (self.src, self.dst, self._stop_r, self._stop_w):
                         os.close(fd)
             if last:
-                with contextlib.suppress(BufferError):  # a slice not yet collected
-                    self._view.release()
-                    self._ring.close()
+                self._release()
                 with contextlib.suppress(RuntimeError):  # the loop is closed already
                     self.loop.call_soon_threadsafe(self._finish)
 
@@ -1204,6 +1236,11 @@ class RingPump:
         with self._cv:
             return not self._stop
 
+    def _src_ready(self) -> bool:
+        """``src`` has bytes (or EOF) now: a move that would block is held by
+        the other end."""
+        return bool(select.select([self.src], [], [], 0)[0])
+
     def _spliced(self) -> int | None:
         """Splice what ``src`` holds into ``dst``: bytes moved (0: EOF), or None
         when ``dst`` is full (or there is no splice here): the ring takes them.
@@ -1214,7 +1251,7 @@ class RingPump:
             return os.splice(self.src, self.dst, _RING_CHUNK,
                              flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
         except BlockingIOError:
-            if select.select([self.src], [], [], 0)[0]:
+            if self._src_ready():
                 return None  # src has bytes: dst is the full one
             raise
 
@@ -1222,27 +1259,22 @@ class RingPump:
         told, untold = time.monotonic(), 0
         while True:
             with self._cv:
-                full = self._head - self._tail >= self._size
+                full = self._full()
             if full and untold:  # about to wait: the loop hears of what came first
                 told, untold = self._tell()
             with self._cv:
-                while self._head - self._tail >= self._size and not self._stop:
+                while self._full() and not self._stop:
                     self._cv.wait()
                 if self._stop:
                     return
                 empty = self._head == self._tail  # so the writer has nothing to write
-                at = self._head % self._size
-                n = min(self._size - (self._head - self._tail), self._size - at, _RING_CHUNK)
             try:
                 got = self._spliced() if empty else None
                 if got is None:
-                    got = os.readv(self.src, [self._view[at:at + n]])
+                    got = self._take()
+                    if got is None:
+                        continue
                     self.calls[0] += 1
-                    if got:
-                        with self._cv:
-                            self._head += got
-                            self.ringed += got
-                            self._cv.notify_all()
                 else:
                     self.calls[1] += 1
             except BlockingIOError:
@@ -1263,6 +1295,8 @@ class RingPump:
             untold += got
             if untold >= _RING_TELL_BYTES or time.monotonic() - told >= _RING_TELL_SECONDS:
                 told, untold = self._tell()
+            if got < _RING_SETTLE_BELOW and _SETTLE:
+                time.sleep(_SETTLE)  # let src gather a larger move: see _RING_SETTLE_BELOW
 
     def _tell(self) -> tuple[float, int]:
         """Have the loop hear of the bytes come (``_heard``); the reader's new
@@ -1277,13 +1311,8 @@ class RingPump:
                     self._cv.wait()
                 if self._stop or self._head == self._tail:  # stopped, or EOF and all out
                     return
-                at = self._tail % self._size
-                n = min(self._head - self._tail, self._size - at, _RING_CHUNK)
-            put = os.write(self.dst, self._view[at:at + n])  # blocking: see the class
+            self._give()
             self.calls[2] += 1
-            with self._cv:
-                self._tail += put
-                self._cv.notify_all()
 
     # -- in the loop ------------------------------------------------------------
 
@@ -1303,3 +1332,142 @@ class RingPump:
         else:
             self.done.set_exception(self._error)
             self.done.exception()  # whoever closed it knows: no "never retrieved"
+
+
+class MemoryRing(RingPump):
+    """The ring as anonymous memory, ``size`` bytes: read into by readv(2),
+    written out of by write(2). Where there is no splice (illumos)."""
+
+    def __init__(self, src: int, dst: int, on_bytes: Callable[[int], None],
+                 size: int) -> None:
+        super().__init__(src, dst, on_bytes, size)
+        self._ring = mmap.mmap(-1, size)
+        self._view = memoryview(self._ring)
+        self._start()
+
+    def _full(self) -> bool:
+        return self._head - self._tail >= self._size
+
+    def _take(self) -> int | None:
+        with self._cv:
+            at = self._head % self._size
+            n = min(self._size - (self._head - self._tail), self._size - at, _RING_CHUNK)
+        got = os.readv(self.src, [self._view[at:at + n]])
+        with self._cv:
+            self._head += got
+            self.ringed += got
+            self._cv.notify_all()
+        return got
+
+    def _give(self) -> int:
+        with self._cv:
+            at = self._tail % self._size
+            n = min(self._head - self._tail, self._size - at, _RING_CHUNK)
+        put = os.write(self.dst, self._view[at:at + n])  # blocking: see RingPump
+        with self._cv:
+            self._tail += put
+            self._cv.notify_all()
+        return put
+
+    def _release(self) -> None:
+        with contextlib.suppress(BufferError):  # a slice not yet collected
+            self._view.release()
+            self._ring.close()
+
+
+# A PipeRing's pipes: this big each where allowed (CAP_SYS_RESOURCE), else the
+# system's pipe-max-size (1 MiB by default); at most this many of them.
+_RING_PIPE_BYTES = 16 << 20
+_RING_PIPES = 64
+
+
+class PipeRing(RingPump):
+    """The ring as a queue of pipes (Linux): bytes are spliced from ``src`` into
+    the newest and from the oldest into ``dst``, so the kernel moves page
+    references and never copies them through user memory. Against
+    ``MemoryRing``'s two copies: measured in docs/data-plane.md.
+
+    About ``size`` bytes of pipes: fewer, larger ones where the process may
+    grow a pipe past pipe-max-size; at most ``_RING_PIPES`` (two descriptors
+    each). A user over the kernel's pipe quota gets smaller pipes: the ring is
+    shallower, never wrong. Its pipes stay blocking: an O_NONBLOCK end would
+    make every splice through it non-blocking, and the writing thread blocks.
+    """
+
+    def __init__(self, src: int, dst: int, on_bytes: Callable[[int], None],
+                 size: int) -> None:
+        super().__init__(src, dst, on_bytes, size)
+        self._pipes: list[tuple[int, int]] = []
+        depth = 0
+        try:
+            while depth < size and len(self._pipes) < _RING_PIPES:
+                r, w = os.pipe()
+                self._pipes.append((r, w))
+                depth += grow_pipe(w, min(size - depth, _RING_PIPE_BYTES))
+        except OSError:
+            if not self._pipes:  # out of descriptors: no ring at all
+                self._release()
+                for fd in (self._stop_r, self._stop_w):
+                    os.close(fd)
+                raise
+        self.depth = depth
+        # Guarded by _cv: bytes in each pipe; the pipe being filled and the one
+        # being drained (monotonic; index mod len), the newest found full with
+        # no pipe free after it.
+        self._held = [0] * len(self._pipes)
+        self._in = self._out = 0
+        self._stuck = False
+        self._start()
+
+    def _full(self) -> bool:
+        return self._stuck
+
+    def _take(self) -> int | None:
+        with self._cv:
+            at = self._in
+        try:
+            got = os.splice(self.src, self._pipes[at % len(self._pipes)][1], _RING_CHUNK,
+                            flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+        except BlockingIOError:
+            if not self._src_ready():
+                raise  # src is empty
+            with self._cv:  # the newest pipe is full: on to the next, if free
+                if at + 1 - self._out < len(self._pipes):
+                    self._in = at + 1
+                else:
+                    self._stuck = True
+            return None
+        with self._cv:
+            self._held[at % len(self._pipes)] += got
+            self._head += got
+            self.ringed += got
+            self._cv.notify_all()
+        return got
+
+    def _give(self) -> int:
+        with self._cv:
+            while not self._held[self._out % len(self._pipes)]:
+                self._out += 1  # drained; a newer pipe holds the rest
+            at = self._out % len(self._pipes)
+            # Only bytes counted in: the reading thread may be filling this pipe.
+            n = min(self._held[at], _RING_CHUNK)
+        put = os.splice(self._pipes[at][0], self.dst, n, flags=os.SPLICE_F_MOVE)
+        with self._cv:
+            self._held[at] -= put
+            self._tail += put
+            self._stuck = False
+            self._cv.notify_all()
+        return put
+
+    def _release(self) -> None:
+        for r, w in self._pipes:
+            os.close(r)
+            os.close(w)
+        self._pipes.clear()
+
+
+def ring_pump(src: int, dst: int, on_bytes: Callable[[int], None], size: int) -> RingPump:
+    """A ``RingPump`` of about ``size`` bytes: pipes where there is splice."""
+    if can_splice():
+        return PipeRing(src, dst, on_bytes, size)
+    return MemoryRing(src, dst, on_bytes, size)

@@ -207,6 +207,20 @@ def widen_pipe(fd: int) -> None:
             fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_SIZE)
 
 
+def grow_pipe(fd: int, size: int) -> int:
+    """Give a pipe ``size`` bytes of kernel buffer if this process may, else as
+    much as an unprivileged one may (pipe-max-size); its capacity after. Linux
+    only: elsewhere (and on failure) what the pipe had, 0 where unknown."""
+    if _F_SETPIPE_SZ is None:
+        return 0
+    for want in (size, _PIPE_SIZE):
+        with contextlib.suppress(OSError):  # EPERM: past pipe-max-size or the user's quota
+            return int(fcntl.fcntl(fd, _F_SETPIPE_SZ, want))
+    with contextlib.suppress(OSError):
+        return int(fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ))
+    return 0
+
+
 def alive(pid: int) -> bool:
     """Whether a process ``pid`` exists (someone else's counts: it is alive)."""
     try:
