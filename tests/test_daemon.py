@@ -7,6 +7,7 @@ import importlib.util
 import json
 import logging
 import os
+import resource
 import socket
 import stat
 import sys
@@ -19,6 +20,7 @@ import aiohttp
 import asyncssh
 import pytest
 
+from snapper_zone.common.bootstrap import raise_open_files
 from snapper_zone.common.config import parse_config
 from snapper_zone.common.httpsig import Signer, signing_session
 from snapper_zone.common.version import version
@@ -163,6 +165,7 @@ async def test_daemon_serves_and_stops_cleanly(zfs: Zfs, zone_pool: FilePool, tm
     msgs = [r["msg"] for r in records]
     # The first line names the build, before anything else can go wrong.
     assert (msgs[0], records[0]["version"]) == ("snapperd starting", version())
+    assert records[0]["open_files"] >= resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     (start,) = [r for r in records if r["msg"] == "snapperd started"]
     assert (start["http_port"], start["ssh_port"]) == (info["http_port"], info["ssh_port"])
     assert start["level"] == 30 and start["zone"] == ZONE_UUID and start["root"] == root
@@ -293,3 +296,18 @@ async def test_a_killed_daemon_takes_its_children_with_it(tmp_path: Path) -> Non
     assert _running(child)
     d.kill()
     await wait_for(lambda: not _running(child), 10, "the child's end")
+
+
+def test_a_daemon_lifts_its_open_files_limit_to_the_hard_one() -> None:
+    """A copy buffer's pipes (``stream.PipeRing``) and every connection take
+    descriptors: a daemon does not stay at a low soft limit it could lift."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"the hard limit here is {hard}: nothing to lift")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        got = raise_open_files()
+        assert got == resource.getrlimit(resource.RLIMIT_NOFILE)[0] > 256
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[1] == hard  # never lowered
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -7,10 +7,12 @@ through the memory ring, as on illumos)."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -26,7 +28,7 @@ from snapper_zone.transfer.stream import (
     ring_pump,
     wait_ready,
 )
-from snapper_zone.zfs.proc import widen_pipe
+from snapper_zone.zfs.proc import grow_pipe, widen_pipe
 from tests.helpers import wait_for
 from tests.pipes import pump_pipes, read_all, write_all
 
@@ -237,3 +239,19 @@ async def test_a_receiver_that_exits_mid_ring_is_pipe_gone() -> None:
     await asyncio.gather(writer, return_exceptions=True)
     os.close(w)
     await wait_for(lambda: not _ring_threads(), timeout=10)
+
+
+def test_a_grown_pipe_holds_what_grow_pipe_says() -> None:
+    """``grow_pipe`` returns the pipe's capacity: the size asked where the process
+    may (CAP_SYS_RESOURCE), else pipe-max-size; the ring's depth is counted from it."""
+    if not hasattr(fcntl, "F_GETPIPE_SZ"):
+        pytest.skip("no F_SETPIPE_SZ here (Linux only): pipes keep their size")
+    r, w = os.pipe()
+    try:
+        got = grow_pipe(w, 4 << 20)
+        assert got == fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+        limit = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+        assert got in (4 << 20, min(limit, 4 << 20))
+    finally:
+        os.close(r)
+        os.close(w)

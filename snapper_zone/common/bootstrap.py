@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import sys
 import tempfile
 from collections.abc import Callable, Coroutine, Sequence
@@ -101,7 +102,8 @@ def run_daemon(name: str, parser: argparse.ArgumentParser, argv: Sequence[str] |
         return e.status
     log = setup_logging(name, level)
     # The first line of every daemon's log says which build is running.
-    log.info(f"{name} starting", extra={"version": version()})
+    log.info(f"{name} starting", extra={"version": version(),
+                                        "open_files": raise_open_files()})
     try:
         return asyncio.run(serve(config, args, log))
     # From here on stderr carries only bunyan lines, so failures are logged, not printed.
@@ -113,6 +115,21 @@ def run_daemon(name: str, parser: argparse.ArgumentParser, argv: Sequence[str] |
         # as one record rather than a bare traceback.
         log.critical(f"{name} cannot run", exc_info=True)
         return EXIT_FAILED
+
+
+def raise_open_files() -> int:
+    """Lift this process's soft limit on open descriptors to its hard limit, as
+    Go's runtime does for every server; the limit after. Each connection, each
+    child's pipes and a copy buffer's pipes (up to 128 per copy on Linux,
+    ``stream.PipeRing``) take descriptors, and 1024 (a common default) is few."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # Some OSes refuse an infinite soft limit: a large finite one instead.
+    want = max(soft, 1 << 20) if hard == resource.RLIM_INFINITY else hard
+    if soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+    return soft
 
 
 def ensure_private_key(path: Path, field: str, comment: str, log: logging.Logger) -> None:
