@@ -286,7 +286,25 @@ class Mover:
             raise _Rollback(str(e)) from e
         log.info("placement switched", extra={"move": m.id, "vm": m.vm,
                                               "placement": [other, m.to_zone]})
+        await self._tell_switched(m, (other, m.to_zone))
         return m
+
+    async def _tell_switched(self, m: MoveRecord, pair: tuple[str, str]) -> None:
+        """Have both zones of the new pair learn it now, not when their cached
+        answer expires: until then the staying zone mirrors to the old copy, and
+        through a coordinator outage that starts meanwhile it would go on doing
+        so. Best effort: a zone that does not answer learns at its next lookup,
+        and the delete step sends on what reached the old copy."""
+        zones = await self._zones()
+        for z in pair:
+            rec = zones.get(z)
+            if rec is None:
+                continue
+            try:
+                await self.api.relearn_placement(rec.http_url, m.vm)
+            except SnapperError as e:
+                log.info("zone did not re-learn the placement; it will at its next lookup",
+                         extra={"move": m.id, "vm": m.vm, "zone": z, "error": e.message})
 
     async def _copy(self, m: MoveRecord, src: ZoneRecord) -> None:
         poll = asyncio.create_task(self._track_progress(m, src))

@@ -112,6 +112,9 @@ class ZoneApi(Protocol):
         given: no copy is dropped without that check.
         """
         ...
+    async def relearn_placement(self, url: str, vm: str) -> None:
+        """Have the zone ask for ``vm``'s placement now (a move switched it)."""
+        ...
     async def capacity(self, url: str) -> tuple[int, int]:
         """(used, available) bytes under the zone's root."""
         ...
@@ -205,6 +208,9 @@ class HttpZoneApi:
             {s.name: s.guids for s in elsewhere if s.complete})}
         return await self._call("DELETE", url, f"/v1/vms/{vm}", json=body,
                                 allow_404=True) is not None
+
+    async def relearn_placement(self, url: str, vm: str) -> None:
+        await self._call("POST", url, f"/v1/vms/{vm}/placement")
 
     async def tombstones(self, url: str, vm: str) -> set[int]:
         body = await self._call("GET", url, f"/v1/vms/{vm}/tombstones", allow_404=True)

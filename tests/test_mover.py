@@ -53,6 +53,7 @@ class FakeZones:
         self.syncing = 0
         self.peak_syncing = 0
         self.bwlimits: list[float | None] = []
+        self.relearned: list[tuple[str, str]] = []  # (url, vm) told of a switch
 
     def put(self, zone: str, vm: str, snaps: list[SnapshotView]) -> None:
         self.held.setdefault(url(zone), {})[vm] = list(snaps)
@@ -119,6 +120,10 @@ class FakeZones:
     async def sending(self, u: str, vm: str, peer: str) -> int:
         return 0
 
+    async def relearn_placement(self, u: str, vm: str) -> None:
+        self._enter("relearn_placement", u)
+        self.relearned.append((u, vm))
+
 
 def reg(zone: str) -> ZoneRegistration:
     return ZoneRegistration(uuid=zone, name="z" + zone[-1], ssh_host="127.0.0.1", ssh_port=22,
@@ -175,11 +180,33 @@ async def test_rebalance_move_copies_verifies_switches_deletes(tmp_path: Path) -
     assert VM in fake.held[url(C)] and VM not in fake.held[url(B)]
     m = await store.move(mid)
     assert m is not None and (m.progress, m.step, m.error) == (300, MoveStep.DELETE, None)
-    # the order of the steps: copy, verify both sides, check that both placed copies
-    # answer (the new one last), compare the new copy with the old one, delete
+    # the order of the steps: copy, verify both sides, switch and tell the new pair,
+    # check that both placed copies answer (the new one last), compare the new copy
+    # with the old one, delete
     assert fake.calls == [("sync", url(B)), ("snapshots", url(B)), ("snapshots", url(C)),
+                          ("relearn_placement", url(A)), ("relearn_placement", url(C)),
                           ("snapshots", url(A)), ("snapshots", url(C)),
                           ("snapshots", url(B)), ("delete_vm", url(B))]
+    assert fake.relearned == [(url(A), VM), (url(C), VM)]
+
+
+async def test_a_zone_that_cannot_relearn_the_placement_does_not_hold_the_move(
+        tmp_path: Path) -> None:
+    """Telling the new pair is best effort: the staying zone down at that moment
+    learns at its next lookup, and the move goes on to its delete."""
+    store, fake, mid = await setup(tmp_path, Move(VM, B, C, B, 300, "rebalance"))
+    real = fake.relearn_placement
+
+    async def staying_zone_away(u: str, vm: str) -> None:
+        if u == url(A):
+            raise ZoneUnreachable(f"{u} is down")
+        await real(u, vm)
+
+    fake.relearn_placement = staying_zone_away  # type: ignore[method-assign]
+    assert await run_to_end(mover(store, fake), mid) is MoveState.DONE
+    assert await store.placement(VM) == (A, C)
+    assert fake.relearned == [(url(C), VM)]
+    assert VM not in fake.held[url(B)]
 
 
 async def test_a_push_mirrored_to_the_old_copy_after_the_switch_is_kept(

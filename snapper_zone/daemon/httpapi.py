@@ -22,6 +22,9 @@ Routes, and the roles that may call each (``ROUTES``, the one table)::
     DELETE /v1/vms/{uuid}                     coordinator, operator: drop this copy;
                                               body {"elsewhere": ...} required (422
                                               without); 409 CopyNotRedundant / ResourceBusy
+    POST   /v1/vms/{uuid}/placement           coordinator, operator: learn the VM's
+                                              placement from the coordinator now (a
+                                              move switched it) -> {"zones": [...]}
     POST   /v1/vms/{uuid}/prune               operator: apply the retention policy now
                                               (?dry_run=true: what would go, and why;
                                               ?force=true: though another zone prunes it)
@@ -363,6 +366,21 @@ async def drop_vm(request: web.Request) -> web.Response:
 _ELSEWHERE = '{"elsewhere": {"<snapshot>": {"<dataset>": "<guid>"}}}'
 
 
+async def relearn_placement(request: web.Request) -> web.Response:
+    """Learn the VM's placement from the coordinator now, past the cache's TTL.
+
+    The coordinator calls it on both zones of a VM's new pair once a move has
+    switched it: the staying zone would otherwise mirror to the old copy until
+    its cached answer expires, and go on doing so through a coordinator outage
+    that starts meanwhile. ``zones`` is what the zone now holds ([] when no
+    coordinator answered: it keeps what it had).
+    """
+    zone = request.app[ZONE]
+    vm = check_uuid(request.match_info["uuid"], "VM uuid")
+    got = await zone.relearn_placement(vm)
+    return web.json_response({"zones": list(got or ())})
+
+
 async def _json_body(request: web.Request, shape: str) -> Any:
     # guard() refused any body that is not application/json (415).
     try:
@@ -464,6 +482,7 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/vms/{uuid}/prune", prune_vm, frozenset({"operator"})),
     Route("POST", "/v1/prune", prune_all, frozenset({"operator"})),
     Route("DELETE", "/v1/vms/{uuid}", drop_vm, _OPERATORS),
+    Route("POST", "/v1/vms/{uuid}/placement", relearn_placement, _OPERATORS),
     Route("GET", "/v1/replication", replication, _READERS),
     Route("GET", "/v1/capacity", capacity, _READERS),
     Route("GET", "/v1/transfers", transfers, _OPERATORS),

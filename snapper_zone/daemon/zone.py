@@ -235,12 +235,21 @@ class Zone:
                         f"lacks ({', '.join(extra[:5])}); copy them first")
             await self.store.drop_vm(vm)
         self.log.info("dropped VM copy", extra={"vm": vm})
+        # The coordinator drops a copy after switching the placement away: learn
+        # the new pair now, so a CN that pushes here from a stale placement
+        # (the coordinator down by then) is told so (``check_placed``).
+        await self.relearn_placement(vm)
+
+    async def relearn_placement(self, vm: str) -> tuple[str, ...] | None:
+        """Ask the coordinator for ``vm``'s placement now, past the cache's TTL (a
+        move switched it): the pair this zone mirrors to, and checks CNs'
+        pushes against, is the new one from here on, and is the one kept for
+        an outage. None: no coordinator here, or none answers."""
         coordinator = self.replicator.links.coordinator if self.replicator else None
-        if coordinator is not None:
-            # The coordinator drops a copy after switching the placement away: learn
-            # the new pair now, so a CN that pushes here from a stale placement
-            # (the coordinator down by then) is told so (``check_placed``).
-            await coordinator.lookup(vm, fresh=True, create=False)
+        if coordinator is None:
+            return None
+        got = await coordinator.lookup(vm, fresh=True, create=False)
+        return None if got is None else got.zones
 
     def _refuse_in_use(self, vm: str) -> None:
         if self.transfers.in_use(vm):
