@@ -13,7 +13,9 @@ verify     every complete snapshot of the source   copy again, then verify
            is complete on ``to_zone`` with the
            same guid for every dataset
 (switch)   placement ``(a, b) -> (other, to)`` and  atomic with the step change, so it
-           the step ``delete``, one transaction     either happened or did not
+           the step ``delete``, one transaction;    either happened or did not (the
+           then ``POST {other,to}/v1/vms/{vm}/      notice is best effort: not
+           placement``: learn it now                repeated)
 delete     ``DELETE from_zone/v1/vms/{vm}``         delete again (absent = done)
 =========  ======================================  ================================
 
