@@ -172,6 +172,29 @@ def fill(path: Path, size: int) -> int:
     return size
 
 
+async def between_children(source: Sequence[str], sink: Sequence[str]
+                           ) -> tuple[int, int, list[proc.Spawned]]:
+    """``source`` writing into a pipe and ``sink`` reading from another, both
+    widened as snapperd widens its pipes: (the source's read end, the sink's
+    write end, the two children) for a pump to move bytes between."""
+    src_r, src_w = os.pipe()
+    dst_r, dst_w = os.pipe()
+    for fd in (src_r, dst_w):
+        proc.widen_pipe(fd)
+    children = [await proc.spawn(list(source), stdout=src_w),
+                await proc.spawn(list(sink), stdin=dst_r)]
+    os.close(src_w)
+    os.close(dst_r)
+    return src_r, dst_w, children
+
+
+async def reap(children: Sequence[proc.Spawned]) -> None:
+    """Wait for each child; a failed one fails the bench."""
+    for child in children:
+        got = await child.wait()
+        assert got.ok, got.stderr
+
+
 def cpu_here() -> float:
     """This process's own CPU-seconds (user + system), not its children's."""
     ru = resource.getrusage(resource.RUSAGE_SELF)

@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import cpu_here, fill
+from common import between_children, cpu_here, fill, reap
 
 from snapper_zone.transfer.stream import (
     PipeFlow,
@@ -42,21 +42,14 @@ from snapper_zone.transfer.stream import (
     SplicePump,
     can_splice,
 )
-from snapper_zone.zfs import proc
 
 
 async def one(kind: str, path: Path) -> tuple[float, float, int]:
     """(seconds, this process's CPU seconds, bytes counted) for one pass."""
     loop = asyncio.get_running_loop()
-    src_r, src_w = os.pipe()
-    dst_r, dst_w = os.pipe()
-    for fd in (src_r, dst_w):
-        proc.widen_pipe(fd)
     start, cpu = time.monotonic(), cpu_here()
-    source = await proc.spawn(["cat", str(path)], stdout=src_w)
-    sink = await proc.spawn(["sh", "-c", "cat > /dev/null"], stdin=dst_r)
-    os.close(src_w)
-    os.close(dst_r)
+    src_r, dst_w, children = await between_children(["cat", str(path)],
+                                                    ["sh", "-c", "cat > /dev/null"])
     counted = 0
 
     def count(n: int) -> None:
@@ -76,9 +69,7 @@ async def one(kind: str, path: Path) -> tuple[float, float, int]:
         await send.done
         out.close()
         transport.close()
-    for child in (source, sink):
-        got = await child.wait()
-        assert got.ok, got.stderr
+    await reap(children)
     return time.monotonic() - start, cpu_here() - cpu, counted
 
 

@@ -36,10 +36,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import cpu_here, fill
+from common import between_children, cpu_here, fill, reap
 
 from snapper_zone.transfer.stream import MemoryRing, PipeRing, SplicePump, can_splice
-from snapper_zone.zfs import proc
 
 RING = 64 << 20
 
@@ -71,16 +70,9 @@ while block := os.read(0, 256 << 10):
 
 async def one(kind: str, path: Path, rate: float) -> tuple[float, float, int]:
     """(seconds, this process's CPU seconds, bytes counted) for one pass."""
-    src_r, src_w = os.pipe()
-    dst_r, dst_w = os.pipe()
-    for fd in (src_r, dst_w):
-        proc.widen_pipe(fd)
     start, cpu = time.monotonic(), cpu_here()
-    source = await proc.spawn([sys.executable, "-c", SOURCE, str(path), str(rate)],
-                              stdout=src_w)
-    sink = await proc.spawn([sys.executable, "-c", SINK], stdin=dst_r)
-    os.close(src_w)
-    os.close(dst_r)
+    src_r, dst_w, children = await between_children(
+        [sys.executable, "-c", SOURCE, str(path), str(rate)], [sys.executable, "-c", SINK])
     counted = 0
 
     def count(n: int) -> None:
@@ -96,9 +88,7 @@ async def one(kind: str, path: Path, rate: float) -> tuple[float, float, int]:
         pump = SplicePump(src_r, dst_w, count)
     await pump.done
     pump.close()
-    for child in (source, sink):
-        got = await child.wait()
-        assert got.ok, got.stderr
+    await reap(children)
     return time.monotonic() - start, cpu_here() - cpu, counted
 
 
