@@ -132,8 +132,13 @@ async def test_three_compressed_days(fleet: LocalFleet, zfs: Zfs, tmp_path: Path
     assert {d["name"] for d in first["delete"]} | \
         {k["name"] for k in first["keep"] if k["reason"].startswith("pinned")} == \
         {n for n in names if n not in kept}
-    assert sorted((n for p in plans for n in p["deleted"]), key=names.index) == \
-        [n for n in names if n not in kept]
+    # Every pass deleted only what the grid lets go, and tried each of those. A
+    # try can fail with the delete begun (a part busy under a reconcile's send):
+    # its tombstone is written first, so the reconcile takes the rest.
+    gone = {n for n in names if n not in kept}
+    deleted = {n for p in plans for n in p["deleted"]}
+    assert deleted <= gone
+    assert deleted | {n for p in plans for n in p["failed"]} == gone, plans
 
     async def mirror_followed() -> bool:
         try:
