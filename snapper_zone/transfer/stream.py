@@ -1119,7 +1119,8 @@ class RingPump:
     BrokenPipeError: ``close`` came first).
 
     A subclass keeps the ring: ``_full``, ``_take`` (from ``src`` into the
-    ring), ``_give`` (from the ring into ``dst``) and ``_release``.
+    ring, counted by ``_came``), ``_give`` (from the ring into ``dst``,
+    counted by ``_went``) and ``_release``.
     """
 
     def __init__(self, src: int, dst: int, on_bytes: Callable[[int], None],
@@ -1194,6 +1195,17 @@ class RingPump:
     def _release(self) -> None:
         """Free the ring (the last thread out, both gone)."""
         raise NotImplementedError
+
+    def _came(self, n: int) -> None:
+        """Under ``_cv``: ``n`` bytes went into the ring."""
+        self._head += n
+        self.ringed += n
+        self._cv.notify_all()
+
+    def _went(self, n: int) -> None:
+        """Under ``_cv``: ``n`` bytes left the ring for ``dst``."""
+        self._tail += n
+        self._cv.notify_all()
 
     # -- on the threads ---------------------------------------------------------
 
@@ -1354,9 +1366,7 @@ class MemoryRing(RingPump):
             n = min(self._size - (self._head - self._tail), self._size - at, _RING_CHUNK)
         got = os.readv(self.src, [self._view[at:at + n]])
         with self._cv:
-            self._head += got
-            self.ringed += got
-            self._cv.notify_all()
+            self._came(got)
         return got
 
     def _give(self) -> int:
@@ -1365,8 +1375,7 @@ class MemoryRing(RingPump):
             n = min(self._head - self._tail, self._size - at, _RING_CHUNK)
         put = os.write(self.dst, self._view[at:at + n])  # blocking: see RingPump
         with self._cv:
-            self._tail += put
-            self._cv.notify_all()
+            self._went(put)
         return put
 
     def _release(self) -> None:
@@ -1439,9 +1448,7 @@ class PipeRing(RingPump):
             return None
         with self._cv:
             self._held[at % len(self._pipes)] += got
-            self._head += got
-            self.ringed += got
-            self._cv.notify_all()
+            self._came(got)
         return got
 
     def _give(self) -> int:
@@ -1454,9 +1461,8 @@ class PipeRing(RingPump):
         put = os.splice(self._pipes[at][0], self.dst, n, flags=os.SPLICE_F_MOVE)
         with self._cv:
             self._held[at] -= put
-            self._tail += put
             self._stuck = False
-            self._cv.notify_all()
+            self._went(put)
         return put
 
     def _release(self) -> None:
