@@ -22,7 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,6 +186,27 @@ async def between_children(source: Sequence[str], sink: Sequence[str]
     os.close(src_w)
     os.close(dst_r)
     return src_r, dst_w, children
+
+
+async def interleaved(kinds: Sequence[str], repeat: int, size: int,
+                      one: Callable[[str], Awaitable[tuple[float, float, int]]]
+                      ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """``repeat`` rounds of ``one(kind)`` -> (seconds, CPU seconds, bytes counted)
+    for every kind, each round starting one kind later so drift hits all alike;
+    each run printed (stderr). (seconds, CPU seconds) per kind; a run that
+    counted other than ``size`` bytes ends the bench."""
+    secs: dict[str, list[float]] = {k: [] for k in kinds}
+    cpus: dict[str, list[float]] = {k: [] for k in kinds}
+    for i in range(repeat):
+        for k in [*kinds[i % len(kinds):], *kinds[:i % len(kinds)]]:
+            t, c, n = await one(k)
+            if n != size:
+                raise SystemExit(f"{k}: counted {n} bytes of {size}")
+            secs[k].append(t)
+            cpus[k].append(c)
+            print(f"  run {i + 1}: {k:<7} {size / t / 1e6:8.1f} MB/s  "
+                  f"{c / (size / 1e9):5.2f} CPU-s/GB", file=sys.stderr, flush=True)
+    return secs, cpus
 
 
 async def reap(children: Sequence[proc.Spawned]) -> None:

@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import between_children, cpu_here, fill, reap
+from common import between_children, cpu_here, fill, interleaved, reap
 
 from snapper_zone.transfer.stream import (
     PipeFlow,
@@ -79,17 +79,8 @@ async def main(size_mib: int, repeat: int) -> int:
         path = Path(tmp) / "data"
         size = await asyncio.to_thread(fill, path, size_mib << 20)
         await one("python", path)  # warm the page cache
-        secs: dict[str, list[float]] = {k: [] for k in kinds}
-        cpus: dict[str, list[float]] = {k: [] for k in kinds}
-        for i in range(repeat):
-            for k in kinds[i % len(kinds):] + kinds[:i % len(kinds)]:
-                t, c, n = await one(k, path)
-                if n != size:
-                    raise SystemExit(f"{k}: counted {n} bytes of {size}")
-                secs[k].append(t)
-                cpus[k].append(c)
-                print(f"  run {i + 1}: {k:<7} {size / t / 1e6:8.1f} MB/s  "
-                      f"{c / (size / 1e9):5.2f} CPU-s/GB", file=sys.stderr, flush=True)
+        secs, cpus = await interleaved(kinds, repeat, size,
+                                       lambda k: one(k, path))
     gb = size / 1e9
     print(f"pump: {size} bytes, median of {repeat}, {os.cpu_count()} CPUs")
     print(f"  {'pump':<8} {'MB/s':>8} {'pump CPU-s/GB':>14}")
