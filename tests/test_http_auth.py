@@ -175,6 +175,9 @@ async def test_wrong_role_is_403(servers: Servers) -> None:
                 (cn, "GET", servers.zurl("/v1/transfers"), None),
                 (peer, "DELETE", servers.zurl(f"/v1/vms/{VM}/snapshots/s1"), None),
                 (peer, "POST", servers.zurl(f"/v1/vms/{VM}/sync"), {}),
+                # Only the coordinator (or an operator) says a placement changed.
+                (cn, "POST", servers.zurl(f"/v1/vms/{VM}/placement"), None),
+                (peer, "POST", servers.zurl(f"/v1/vms/{VM}/placement"), None),
                 (coord, "DELETE", servers.zurl(f"/v1/vms/{VM}/snapshots/s1"), None),
                 # Retention deletes snapshots: the operator's alone, not even the owner's.
                 (cn, "POST", servers.zurl(f"/v1/vms/{VM}/prune"), {}),
