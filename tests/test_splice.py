@@ -69,8 +69,9 @@ async def test_a_reader_that_goes_away_fails_the_pump() -> None:
 async def test_a_flowing_stream_settles_only_while_its_pipes_cannot_fill() -> None:
     """Between moves the pump lets a flowing stream's pipes settle (fewer, larger
     splices) only where, at the rate it just moved, a 1 MiB pipe would fill or
-    drain by a third at most in that time; never a trickle, a tee, a paced stream
-    or anything that is not a pipe. The smaller of its two pipes rules."""
+    drain by a third at most in that time; never a stream that stopped, a tee, a
+    paced stream or anything that is not a pipe. The smaller of its two pipes
+    rules."""
     src_r, src_w = os.pipe()
     dst_r, dst_w = os.pipe()
     narrow_r, narrow_w = os.pipe()  # 64 KiB, as a pipe starts
@@ -82,7 +83,15 @@ async def test_a_flowing_stream_settles_only_while_its_pipes_cannot_fill() -> No
         assert pump._settles(256 << 10, 0.002)  # 131 MB/s: 131 KB a millisecond
         assert pump._settles(300 << 10, 0.001)  # 307 MB/s
         assert not pump._settles(mib, 0.001)  # 1 GB/s: a millisecond fills it
-        assert not pump._settles(32 << 10, 0.0001)  # a trickle: no settling
+        # Held by its reader's 32 KiB reads, each wake-up moves only that much,
+        # yet the stream flows at 327 MB/s: it settles.
+        assert pump._settles(32 << 10, 0.0001)
+        assert not pump._settles(0, 0.01)  # stopped: wait on the pipes' next change
+        eager = SplicePump(src_r, dst_w, lambda n: None, settle=0.0)
+        try:
+            assert not eager._settles(256 << 10, 0.002)  # settling off
+        finally:
+            eager._unwatch()
         narrow = SplicePump(src_r, narrow_w, lambda n: None)
         try:
             assert not narrow._settles(256 << 10, 0.002)  # 64 KiB fill in half of that

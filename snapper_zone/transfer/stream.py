@@ -821,9 +821,13 @@ _PACED_SLICE = 0.05
 # gate). Only while, at the rate just seen, the pipe would fill (or drain) by a
 # third at most meanwhile: asyncio's timer may take twice as long, and the
 # other end must never wait (1 MiB pipes: up to ~350 MB/s).
+# A turn that moved anything counts as flowing: a stream held by its reader
+# (ssh reads ~32 KiB at a time) moves only that much per wake-up, yet flows at
+# the reader's full rate; waking for each read cost a sending zone twice the
+# CPU per GB (bench/pump.py --sink-rate). A stream that stops moves nothing on
+# its next turn and then waits on its pipes' next change, as before.
 # SNAPPER_SPLICE_SETTLE (seconds; 0: off) sets it, for benches comparing the two.
 _SETTLE = float(os.environ.get("SNAPPER_SPLICE_SETTLE", "0.001"))
-_SETTLE_MIN = 64 << 10  # a move that carried less: the stream is not flowing
 _F_GETPIPE_SZ: int | None = getattr(fcntl, "F_GETPIPE_SZ", None)
 
 
@@ -905,14 +909,19 @@ class SplicePump:
     source. If ``tee`` breaks or
     stays full for ``tee_stall`` seconds the pump stops using it, calls
     ``tee_lost(why)`` and goes on into ``dst`` alone.
+
+    ``settle``: how long a flowing stream's pipes fill (or drain) between moves
+    instead of a wake-up per change the other ends make (``_settles``); 0
+    wakes on every change (a bench's baseline).
     """
 
     def __init__(self, src: int, dst: int, on_bytes: Callable[[int], None],
                  bwlimit: float | None = None, *, tee: int | None = None,
                  tee_lost: Callable[[str], None] | None = None,
                  teed: Callable[[int], None] | None = None,
-                 tee_stall: float = TEE_STALL_SECONDS) -> None:
+                 tee_stall: float = TEE_STALL_SECONDS, settle: float = _SETTLE) -> None:
         self.src, self.dst = src, dst
+        self._settle = settle  # seconds a flowing stream's pipes settle; 0: never
         os.set_blocking(src, False)
         os.set_blocking(dst, False)
         self.on_bytes = on_bytes
@@ -994,20 +1003,20 @@ class SplicePump:
         self._later = self.loop.call_soon(self._move)
 
     def _settles(self, moved: int, span: float) -> bool:
-        """Whether to let the pipes settle (``_SETTLE``) rather than wake on their
-        next change: the stream flows, and at its rate neither pipe fills or
-        drains by more than a third meanwhile."""
-        if self.tee is not None or self._pace is not None or moved < _SETTLE_MIN \
-                or _SETTLE <= 0:
+        """Whether to let the pipes settle (``settle`` seconds) rather than wake on
+        their next change: the stream flows (this turn moved bytes), and at its
+        rate neither pipe fills or drains by more than a third meanwhile."""
+        if self.tee is not None or self._pace is not None or moved <= 0 \
+                or self._settle <= 0:
             return False
         rate = moved / max(span, 1e-4)
-        return rate * _SETTLE <= self._room / 3
+        return rate * self._settle <= self._room / 3
 
     def _wait(self, moved: int = 0, span: float = 0.0) -> None:
         # Nothing moved: the source is empty, or a destination is full. Bytes
         # owed to dst are in the source already, so then dst is the full one.
         if not self._owed and self._settles(moved, span):
-            self._later = self.loop.call_later(_SETTLE, self._move)
+            self._later = self.loop.call_later(self._settle, self._move)
             return
         if self._owed:
             self._watch_writer(self.dst)
