@@ -10,14 +10,18 @@ that takes the stream while ``zfs receive`` stalls on a transaction group:
           Linux). What illumos runs, and what Linux ran before ``PipeRing``
   pipes   ``stream.PipeRing``: a queue of pipes, bytes moved by splice(2)
           (page references, no copy); Linux
+  eager   the pipe ring with its reading thread moving on every write the
+          source makes (``settle=0``), where ``pipes`` lets ``sshd``'s pipe
+          fill a third between moves
   none    ``stream.SplicePump`` straight into ``zfs receive``'s pipe
 
-The source is a child writing a file from the page cache in 32 KiB writes
-(as ``sshd`` does) at ``--rate`` MB/s; the sink a child reading 256 KiB at a
-time and pausing 100 ms after every 32 MiB (a transaction group's sync), both
-the same for every kind. Printed: MB/s and the pump's CPU-seconds per GB (this
-process, ``getrusage``; its threads included), median of ``--repeat``, each
-kind's runs interleaved, and the ratios to ``memory`` from the same run.
+The source is a child writing a file from the page cache in 32 KiB writes,
+each as it falls due (as ``sshd`` writes what it decrypts), at ``--rate``
+MB/s; the sink a child reading 256 KiB at a time and pausing 100 ms after
+every 32 MiB (a transaction group's sync), both the same for every kind.
+Printed: MB/s and the pump's CPU-seconds per GB (this process,
+``getrusage``; its threads included), median of ``--repeat``, each kind's
+runs interleaved, and the ratios to ``memory`` from the same run.
 
     python bench/ring.py [--size-mib 512] [--repeat 5] [--rate 300]
 """
@@ -50,7 +54,7 @@ with open(sys.argv[1], "rb") as f:
     start, sent = time.monotonic(), 0
     while block := f.read(chunk):
         ahead = sent / rate - (time.monotonic() - start)
-        if ahead > 0.002:
+        if ahead > 0:  # a write per 32 KiB as it goes: no bursts
             time.sleep(ahead)
         view = memoryview(block)
         while view:
@@ -82,8 +86,9 @@ async def one(kind: str, path: Path, rate: float) -> tuple[float, float, int]:
     pump: MemoryRing | PipeRing | SplicePump
     if kind == "memory":
         pump = MemoryRing(src_r, dst_w, count, RING)
-    elif kind == "pipes":
-        pump = PipeRing(src_r, dst_w, count, RING)
+    elif kind in ("pipes", "eager"):
+        pump = PipeRing(src_r, dst_w, count, RING, settle=0.0) if kind == "eager" else \
+            PipeRing(src_r, dst_w, count, RING)
     else:
         pump = SplicePump(src_r, dst_w, count)
     await pump.done
@@ -95,7 +100,7 @@ async def one(kind: str, path: Path, rate: float) -> tuple[float, float, int]:
 async def main(size_mib: int, repeat: int, rate: float) -> int:
     if not can_splice():
         raise SystemExit("no splice(2) here: only the memory ring runs (illumos)")
-    kinds = ["memory", "pipes", "none"]
+    kinds = ["memory", "pipes", "eager", "none"]
     with tempfile.TemporaryDirectory(prefix="snapper-bench-") as tmp:
         path = Path(tmp) / "data"
         size = await asyncio.to_thread(fill, path, size_mib << 20)

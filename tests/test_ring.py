@@ -166,6 +166,32 @@ async def test_close_while_the_source_is_quiet_ends_at_once_and_cuts_the_stream(
     await wait_for(lambda: not _ring_threads(), timeout=10)
 
 
+async def test_the_reader_lets_its_pipe_fill_a_third_at_the_rate_it_just_saw(
+        ring_kind: str) -> None:
+    """After a move the reading thread sleeps as long as the source takes to
+    fill a third of its pipe at that move's rate (sshd's 32 KiB writes: a few
+    moves per pipe, not one per write), at most 5 ms; never after nothing moved,
+    nor on a pipe whose size it cannot know."""
+    if not hasattr(fcntl, "F_GETPIPE_SZ"):
+        pytest.skip("F_GETPIPE_SZ is Linux's: elsewhere the reader never settles")
+    src_r, src_w, dst_r, dst_w = pump_pipes()
+    pump = ring_pump(src_r, dst_w, lambda n: None, 1 << 20)
+    try:
+        third = (1 << 20) / 3
+        assert pump._settle(32 << 10, 1e-4) == pytest.approx(third / 327.68e6)  # ~1.07 ms
+        assert pump._settle(1 << 20, 1e-3) == pytest.approx(1e-3 / 3)  # 1 GB/s: shorter
+        assert pump._settle(4 << 10, 0.1) == stream._RING_SETTLE_MAX  # a trickle: capped
+        assert pump._settle(0, 0.01) == 0.0
+        pump._src_room = 0  # as for a socket, or where pipes have no size to ask
+        assert pump._settle(32 << 10, 1e-4) == 0.0
+    finally:
+        pump.close()
+        os.close(src_w)
+        os.close(dst_r)
+        async with asyncio.timeout(10):
+            await asyncio.wait([pump.done])
+
+
 async def test_a_full_ring_holds_the_client_and_says_so(ring_kind: str) -> None:
     """A receive that stops reading fills the ring: the client is held by us (not
     idle), and the bytes the ring took were counted."""

@@ -1088,12 +1088,14 @@ _RING_CHUNK = 1 << 20  # at most this much per read or write: a pipe's worth
 # after this many, or this long after it last did, whichever comes first.
 _RING_TELL_BYTES = 4 << 20
 _RING_TELL_SECONDS = 0.25
-# After a move smaller than this the reading thread waits _SETTLE (1 ms) before
-# the next: sshd writes ~32 KiB at a time, and a move per write costs the
-# thread's wake-up, the lock and the GIL each time (a third of the ring's CPU
-# per GB, docs/data-plane.md). A source that brought less than this since the
-# last move cannot fill its 1 MiB pipe in 1 ms below ~1 GB/s.
-_RING_SETTLE_BELOW = 256 << 10
+# After a move the reading thread lets ``src`` fill for as long as, at the rate
+# of that move, it takes to fill a third of its pipe (at most this long), as
+# ``SplicePump._settles`` does: sshd writes ~32 KiB at a time, and a move per
+# write costs the thread's wake-up, the lock and the GIL each time (a third of
+# the ring's CPU per GB, docs/data-plane.md). A thread sleeps finer than the
+# loop's 1 ms timers, so this holds at any rate; a pipe of unknown size is
+# never waited on.
+_RING_SETTLE_MAX = 0.005
 
 
 class RingPump:
@@ -1133,7 +1135,7 @@ class RingPump:
     """
 
     def __init__(self, src: int, dst: int, on_bytes: Callable[[int], None],
-                 size: int) -> None:
+                 size: int, *, settle: float = _RING_SETTLE_MAX) -> None:
         self.loop = asyncio.get_running_loop()
         self.done: asyncio.Future[None] = self.loop.create_future()
         self.bytes = 0  # come from src, as the loop has been told
@@ -1157,6 +1159,8 @@ class RingPump:
         self._stop_r, self._stop_w = os.pipe()
         os.set_blocking(src, False)
         os.set_blocking(dst, True)
+        self._src_room = _pipe_size(src)  # how far src may fill while the reader waits
+        self._settle_max = settle if _SETTLE > 0 else 0.0
 
     def _start(self) -> None:
         """Start both threads: the subclass's ``__init__`` ends with this."""
@@ -1276,16 +1280,29 @@ class RingPump:
                 return None  # src has bytes: dst is the full one
             raise
 
+    def _settle(self, got: int, span: float) -> float:
+        """Seconds to let ``src`` fill after a move of ``got`` bytes that came
+        ``span`` seconds after the one before began: a third of its pipe at that
+        rate, at most ``settle`` (0: never); 0 where its size is unknown. (Not
+        the writing thread: after a stall ``zfs receive`` drains its pipe at
+        once, and a wait then would idle it.)"""
+        if got <= 0 or not self._src_room:
+            return 0.0
+        return min(self._settle_max, self._src_room / 3 * span / got)
+
     def _fill(self) -> None:
         told, untold = time.monotonic(), 0
+        began = told  # when the last move began: its rate is what settling goes by
         while True:
             with self._cv:
                 full = self._full()
             if full and untold:  # about to wait: the loop hears of what came first
                 told, untold = self._tell()
             with self._cv:
-                while self._full() and not self._stop:
-                    self._cv.wait()
+                if self._full():
+                    while self._full() and not self._stop:
+                        self._cv.wait()
+                    began = time.monotonic()  # held, not flowing: no rate to go by
                 if self._stop:
                     return
                 empty = self._head == self._tail  # so the writer has nothing to write
@@ -1303,6 +1320,7 @@ class RingPump:
                     told, untold = self._tell()
                 if not self._readable():
                     return
+                began = time.monotonic()  # the stream resumes: no rate to go by yet
                 continue
             if got == 0:
                 with self._cv:
@@ -1316,8 +1334,10 @@ class RingPump:
             untold += got
             if untold >= _RING_TELL_BYTES or time.monotonic() - told >= _RING_TELL_SECONDS:
                 told, untold = self._tell()
-            if got < _RING_SETTLE_BELOW and _SETTLE:
-                time.sleep(_SETTLE)  # let src gather a larger move: see _RING_SETTLE_BELOW
+            now = time.monotonic()
+            span, began = now - began, now
+            if pause := self._settle(got, span):
+                time.sleep(pause)  # let src gather a larger move: see _RING_SETTLE_MAX
 
     def _tell(self) -> tuple[float, int]:
         """Have the loop hear of the bytes come (``_heard``); the reader's new
@@ -1360,8 +1380,8 @@ class MemoryRing(RingPump):
     written out of by write(2). Where there is no splice (illumos)."""
 
     def __init__(self, src: int, dst: int, on_bytes: Callable[[int], None],
-                 size: int) -> None:
-        super().__init__(src, dst, on_bytes, size)
+                 size: int, *, settle: float = _RING_SETTLE_MAX) -> None:
+        super().__init__(src, dst, on_bytes, size, settle=settle)
         self._ring = mmap.mmap(-1, size)
         self._view = memoryview(self._ring)
         self._start()
@@ -1413,8 +1433,8 @@ class PipeRing(RingPump):
     """
 
     def __init__(self, src: int, dst: int, on_bytes: Callable[[int], None],
-                 size: int) -> None:
-        super().__init__(src, dst, on_bytes, size)
+                 size: int, *, settle: float = _RING_SETTLE_MAX) -> None:
+        super().__init__(src, dst, on_bytes, size, settle=settle)
         self._pipes: list[tuple[int, int]] = []
         depth = 0
         try:
