@@ -20,8 +20,10 @@ push or a zone's copy is. Printed: MB/s and this process's CPU-seconds per GB
 (``getrusage``: the pump only; the children are the same in every row),
 median of ``--repeat``, runs interleaved, and the ratios to ``splice``.
 
-Measured here (1 GiB, 2 CPUs): unpaced, python 0.30-0.33 and splice
-0.19-0.20 CPU-s/GB (two runs), both over 2 GB/s.
+Measured here (2 CPUs): unpaced (1 GiB), python 0.30-0.41, splice and
+eager 0.19 CPU-s/GB, all over 1.7 GB/s; with ``--sink-rate 300`` (512 MiB,
+two runs) python 1.46, splice 0.19-0.22, eager 1.47-1.50: a pump that wakes
+for every read of its reader costs 7x one that lets the pipe drain a while.
 
     python bench/pump.py [--size-mib 1024] [--repeat 5] [--sink-rate 300]
 """
