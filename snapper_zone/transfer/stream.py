@@ -1129,6 +1129,10 @@ class RingPump:
     ``dst`` closed, or with the first error (EPIPE: the reader exited;
     BrokenPipeError: ``close`` came first).
 
+    ``settle``: at most how long the reading thread lets ``src`` fill between
+    moves (``_settle``); 0 moves each write the source makes (a bench's
+    baseline).
+
     A subclass keeps the ring: ``_full``, ``_take`` (from ``src`` into the
     ring, counted by ``_came``), ``_give`` (from the ring into ``dst``,
     counted by ``_went``) and ``_release``.
