@@ -178,12 +178,12 @@ async def test_the_reader_lets_its_pipe_fill_a_third_at_the_rate_it_just_saw(
     pump = ring_pump(src_r, dst_w, lambda n: None, 1 << 20)
     try:
         third = (1 << 20) / 3
-        assert pump._settle(32 << 10, 1e-4) == pytest.approx(third / 327.68e6)  # ~1.07 ms
-        assert pump._settle(1 << 20, 1e-3) == pytest.approx(1e-3 / 3)  # 1 GB/s: shorter
-        assert pump._settle(4 << 10, 0.1) == stream._RING_SETTLE_MAX  # a trickle: capped
-        assert pump._settle(0, 0.01) == 0.0
+        assert pump._pause_after(32 << 10, 1e-4) == pytest.approx(third / 327.68e6)  # ~1.07 ms
+        assert pump._pause_after(1 << 20, 1e-3) == pytest.approx(1e-3 / 3)  # 1 GB/s: shorter
+        assert pump._pause_after(4 << 10, 0.1) == stream._RING_SETTLE_MAX  # a trickle: capped
+        assert pump._pause_after(0, 0.01) == 0.0
         pump._src_room = 0  # as for a socket, or where pipes have no size to ask
-        assert pump._settle(32 << 10, 1e-4) == 0.0
+        assert pump._pause_after(32 << 10, 1e-4) == 0.0
     finally:
         pump.close()
         os.close(src_w)

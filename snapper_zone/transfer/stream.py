@@ -1130,7 +1130,7 @@ class RingPump:
     BrokenPipeError: ``close`` came first).
 
     ``settle``: at most how long the reading thread lets ``src`` fill between
-    moves (``_settle``); 0 moves each write the source makes (a bench's
+    moves (``_pause_after``); 0 moves each write the source makes (a bench's
     baseline).
 
     A subclass keeps the ring: ``_full``, ``_take`` (from ``src`` into the
@@ -1284,7 +1284,7 @@ class RingPump:
                 return None  # src has bytes: dst is the full one
             raise
 
-    def _settle(self, got: int, span: float) -> float:
+    def _pause_after(self, got: int, span: float) -> float:
         """Seconds to let ``src`` fill after a move of ``got`` bytes that came
         ``span`` seconds after the one before began: a third of its pipe at that
         rate, at most ``settle`` (0: never); 0 where its size is unknown. (Not
@@ -1336,11 +1336,11 @@ class RingPump:
             # The loop hears of bytes in batches, not of each read (sshd writes
             # ~40 KiB at a time): each wake-up takes the GIL from these threads.
             untold += got
-            if untold >= _RING_TELL_BYTES or time.monotonic() - told >= _RING_TELL_SECONDS:
-                told, untold = self._tell()
             now = time.monotonic()
+            if untold >= _RING_TELL_BYTES or now - told >= _RING_TELL_SECONDS:
+                told, untold = self._tell()
             span, began = now - began, now
-            if pause := self._settle(got, span):
+            if pause := self._pause_after(got, span):
                 time.sleep(pause)  # let src gather a larger move: see _RING_SETTLE_MAX
 
     def _tell(self) -> tuple[float, int]:
