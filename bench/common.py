@@ -222,6 +222,12 @@ def cpu_here() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def cpu_with_children() -> float:
+    """This process's CPU-seconds and its reaped children's (zfs, ssh)."""
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return cpu_here() + kids.ru_utime + kids.ru_stime
+
+
 def _children_by_parent() -> dict[int, list[int]]:
     """Every live (or unreaped) process, under its parent's pid (``/proc``)."""
     kids: dict[int, list[int]] = {}

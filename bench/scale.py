@@ -63,8 +63,11 @@ from common import (  # noqa: E402
     CnKey,
     RssPeak,
     add_ssh_client_option,
+    cpu_by_process,
     cpu_seconds,
     cpu_since,
+    cpu_split,
+    cpu_with_children,
     header,
     keygen,
     percentile,
@@ -88,11 +91,14 @@ class Round:
     failures: list[str]
     cpu: float  # the receiving side's CPU-seconds
     rss_growth: int = 0  # snapperd's peak VmRSS minus before (bytes)
+    cn_cpu: float | None = None  # the workers' CPU-seconds from the start (not imports)
 
 
 @dataclass
 class Figures:
     rounds: dict[str, list[Round]] = field(default_factory=lambda: {"a": [], "b": []})
+    # The whole machine's CPU-seconds per path, by process, all runs summed.
+    split: dict[str, dict[str, float]] = field(default_factory=lambda: {"a": {}, "b": {}})
 
 
 LABELS = {"a": "zfs send | ssh -> sshd -> zfs receive",
@@ -173,8 +179,10 @@ class ScaleBench(Bench):
                 res = json.loads(line) if line.strip() else {}
                 if not done.ok or res.get("rc") != 0:
                     raise RuntimeError(done.stderr.strip()[-400:] or f"exit {done.returncode}")
+                cn_cpu.append(float(res["cpu"]))
                 return float(res["seconds"])
 
+            cn_cpu: list[float] = []
             zone = [self.snapperd_pid, *([self.gate_pid] if self.gate else [])]
             before = [cpu_seconds(pid) for pid in zone]
             async with RssPeak(self.snapperd_pid) as rss:
@@ -193,6 +201,7 @@ class ScaleBench(Bench):
                 await self.zfs.destroy(self.zone_root.child(c.vms[0]), recursive=True)
         r = _round(took, got, cpu)
         r.rss_growth = rss.growth
+        r.cn_cpu = sum(cn_cpu)
         return r
 
     async def _bounded(self, pushes: list[Coroutine[Any, Any, float]]) -> list[
@@ -217,8 +226,21 @@ class ScaleBench(Bench):
         for n in self.ns:
             fig = out[n] = Figures()
             for i in range(self.repeat):
+                names = {os.getpid(): "bench", self.snapperd_pid: "snapperd",
+                         self.sshd_pid: "sshd",
+                         **({self.gate_pid: "gate sshd"} if self.gate else {})}
                 for name, method in (("a", self.openssh), ("b", self.snapper)):
+                    before = cpu_by_process(names)
                     r = await method(n, i)
+                    split = cpu_split(before, cpu_by_process(names))
+                    # The bench's children are the CNs: their pipelines, or the
+                    # workers, whose imports before the start are not the push's.
+                    cn = split.pop("bench's children", 0.0)
+                    if r.cn_cpu is not None:
+                        split["CN start-up"], cn = cn - r.cn_cpu, r.cn_cpu
+                    split["CN"] = cn
+                    for proc_name, cpu_s in split.items():
+                        fig.split[name][proc_name] = fig.split[name].get(proc_name, 0.0) + cpu_s
                     fig.rounds[name].append(r)
                     rate = n * self.bytes / r.seconds / 1e6
                     print(f"  N={n:<3} run {i + 1}: {LABELS[name]:<40} {rate:8.1f} MB/s"
@@ -256,6 +278,21 @@ def report(bench: ScaleBench, figures: dict[int, Figures], flavour: str) -> None
         ratio = statistics.median(a.seconds / b.seconds
                                   for a, b in zip(fig.rounds["a"], fig.rounds["b"], strict=True))
         print(f"  {n:>3} snapper / OpenSSH (aggregate MB/s, same run): {ratio:.2f}x")
+    # Where a push's CPU goes on this one machine: the CN's side (the shell
+    # pipeline, or the worker from its start, each with its zfs and ssh), the
+    # zone's (the daemon and what it reaped), and ZFS's own daemon where it has
+    # one (zfs-fuse), which every zfs command of either side costs.
+    print("  CPU-s per push by process, all runs (children that came and went under "
+          "their parent; CN: the CN's side from the start, zfs and ssh included; "
+          "CN start-up: the workers' imports, before it):")
+    for n, fig in figures.items():
+        count = n * bench.repeat
+        for k, split in fig.split.items():
+            shown = sorted(((v / count, name) for name, v in split.items()
+                            if v / count >= 0.0005 and name != "CN start-up"), reverse=True)
+            total = sum(v for name, v in split.items() if name != "CN start-up") / count
+            print(f"  {n:>3} {LABELS[k]:<40} {total:6.3f}: " +
+                  ", ".join(f"{name} {v:.3f}" for v, name in shown[:7]))
 
 
 async def amain(args: argparse.Namespace) -> int:
@@ -279,6 +316,7 @@ async def amain(args: argparse.Namespace) -> int:
     return 0
 
 
+
 def worker(argv: list[str]) -> int:
     """One CN: import snapper, say so, wait for the start, run ``snapper ARGV``."""
     from snapper_zone import cli
@@ -288,13 +326,14 @@ def worker(argv: list[str]) -> int:
     out.flush()
     if sys.stdin.buffer.readline() != GO:
         return 2
-    start = time.monotonic()
+    start, cpu = time.monotonic(), cpu_with_children()
     try:
         with contextlib.redirect_stdout(sys.stderr):  # our stdout is the result line
             rc = cli.main(argv)
     except SystemExit as exc:
         rc = exc.code if isinstance(exc.code, int) else 1
-    out.write(json.dumps({"rc": rc, "seconds": time.monotonic() - start}).encode() + b"\n")
+    out.write(json.dumps({"rc": rc, "seconds": time.monotonic() - start,
+                          "cpu": cpu_with_children() - cpu}).encode() + b"\n")
     out.flush()
     return rc
 

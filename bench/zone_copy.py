@@ -55,7 +55,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import resource
 import shutil
 import statistics
 import sys
@@ -72,6 +71,7 @@ from common import (  # noqa: E402
     Bench,
     cpu_by_process,
     cpu_split,
+    cpu_with_children,
     header,
     keygen,
     machine_cpu,
@@ -88,12 +88,6 @@ from snapper_zone.zfs.zfs import SendSpec  # noqa: E402
 
 PEER_UUID = "0b7e5a3c-2d1f-4e6a-9b8c-7d6e5f4a3b2c"
 
-
-def _cpu() -> float:
-    """User + system seconds of this process and its reaped children."""
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), \
-        resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 class ZoneCopyBench(Bench):
@@ -155,7 +149,7 @@ class ZoneCopyBench(Bench):
             await client.connect()
             if not cold:
                 self.links[openssh] = client
-        cpu = _cpu()
+        cpu = cpu_with_children()
         try:
             start, busy = time.monotonic(), machine_cpu()
             await client.push_stream(Receive(vm, "disk0", SNAP, None, None),
@@ -166,7 +160,7 @@ class ZoneCopyBench(Bench):
         finally:
             if cold:
                 await client.close()
-        self.cpu.setdefault(path, []).append(_cpu() - cpu)
+        self.cpu.setdefault(path, []).append(cpu_with_children() - cpu)
         # Each run into the same free space, not a pool filling up run by run.
         await self.zfs.destroy(self.zone_root.child(vm), recursive=True)
         return took
