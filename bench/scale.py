@@ -16,7 +16,10 @@ same run, one after the other:
      start: the real CLI, timed without Python's start-up; with ``--gate``
      snapperd has a ``[gate]`` and the streams go through a second private
      sshd, its front door (``snapper-gate``, docs/data-plane.md), the
-     receiving side's CPU then being that sshd's and snapperd's together
+     receiving side's CPU then being that sshd's and snapperd's together;
+     with ``--agent`` each CN pushes as ``snapper agent`` does: one process
+     per CN for all of an N's runs, its links to the zone kept from push to
+     push (logged in by an untimed first push)
 
 Printed per N: aggregate MB/s (N streams' bytes over the wall time from the
 start to the last push's end; medians of the runs) and the ratio snapper /
@@ -113,6 +116,8 @@ class ScaleBench(Bench):
         self.dst_copies = max(cns)
         self.snapperd_config = {"max_concurrent_receives": max(cns)}
         self.round_timeout = 300.0
+        self.agent = False  # --agent: each CN pushes as snapper agent does, on kept links
+        self.kept: list[proc.Spawned] = []
 
     async def setup(self) -> None:
         await super().setup()
@@ -160,25 +165,40 @@ class ScaleBench(Bench):
                 await self.zfs.destroy(self.dst.child(f"b{k}"), recursive=True)
         return _round(took, got, cpu)
 
-    async def snapper(self, n: int, i: int) -> Round:
+    async def spawn_workers(self, n: int) -> list[proc.Spawned]:
+        """The first ``n`` CNs' workers, each ready: snapper imported (and with
+        ``--agent`` its command line read, its links not yet logged in)."""
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        workers = [await proc.spawn([sys.executable, ME, "--worker",
+        mode = "--agent-worker" if self.agent else "--worker"
+        workers = [await proc.spawn([sys.executable, ME, mode,
                                      *self.push_argv(c.key, c.vms[0], str(self.src))],
                                     stdin=proc.PIPE, stdout=proc.PIPE, env=env,
                                     new_session=True)
                    for c in self.cns[:n]]
         try:
-            for w in workers:  # every CN ready (snapper imported) before any starts
+            for w in workers:  # every CN ready before any starts
                 async with asyncio.timeout(120):
                     if await w.stdout.readline() != READY:
                         raise RuntimeError(f"a worker did not start: {(await w.wait()).stderr}")
+        except BaseException:
+            await end_workers(workers)
+            raise
+        return workers
 
+    async def snapper(self, n: int, i: int) -> Round:
+        # --agent: the workers of this N, kept from run to run with their links.
+        kept = self.kept
+        workers = kept or await self.spawn_workers(n)
+        try:
             async def one(w: proc.Spawned) -> float:
                 line = await w.stdout.readline()
-                done = await w.wait()
                 res = json.loads(line) if line.strip() else {}
-                if not done.ok or res.get("rc") != 0:
-                    raise RuntimeError(done.stderr.strip()[-400:] or f"exit {done.returncode}")
+                if not kept or not line:
+                    done = await w.wait()
+                    if not done.ok:
+                        raise RuntimeError(done.stderr.strip()[-400:] or f"exit {done.returncode}")
+                if res.get("rc") != 0:
+                    raise RuntimeError(res.get("error") or "no result from the worker")
                 cn_cpu.append(float(res["cpu"]))
                 return float(res["seconds"])
 
@@ -193,9 +213,8 @@ class ScaleBench(Bench):
                 took = time.monotonic() - start
             cpu = sum([await cpu_since(pid, b) for pid, b in zip(zone, before, strict=True)])
         finally:
-            for w in workers:  # a worker's zfs send and ssh too, if it is still running
-                w.kill_group()
-                await w.wait()
+            if not kept:  # a worker's zfs send and ssh too, if it is still running
+                await end_workers(workers)
         for c in self.cns[:n]:
             with contextlib.suppress(Exception):
                 await self.zfs.destroy(self.zone_root.child(c.vms[0]), recursive=True)
@@ -225,30 +244,52 @@ class ScaleBench(Bench):
         out: dict[int, Figures] = {}
         for n in self.ns:
             fig = out[n] = Figures()
-            for i in range(self.repeat):
-                names = {os.getpid(): "bench", self.snapperd_pid: "snapperd",
-                         self.sshd_pid: "sshd",
-                         **({self.gate_pid: "gate sshd"} if self.gate else {})}
-                for name, method in (("a", self.openssh), ("b", self.snapper)):
-                    before = cpu_by_process(names)
-                    r = await method(n, i)
-                    split = cpu_split(before, cpu_by_process(names))
-                    # The bench's children are the CNs: their pipelines, or the
-                    # workers, whose imports before the start are not the push's.
-                    cn = split.pop("bench's children", 0.0)
-                    if r.cn_cpu is not None:
-                        split["CN start-up"], cn = cn - r.cn_cpu, r.cn_cpu
-                    split["CN"] = cn
-                    for proc_name, cpu_s in split.items():
-                        fig.split[name][proc_name] = fig.split[name].get(proc_name, 0.0) + cpu_s
-                    fig.rounds[name].append(r)
-                    rate = n * self.bytes / r.seconds / 1e6
-                    print(f"  N={n:<3} run {i + 1}: {LABELS[name]:<40} {rate:8.1f} MB/s"
-                          f"{f'  {len(r.failures)} FAILED' if r.failures else ''}",
-                          file=sys.stderr, flush=True)
-                    for f in r.failures[:3]:
-                        print(f"      {f}", file=sys.stderr)
+            if self.agent:
+                self.kept = await self.spawn_workers(n)
+                # Untimed: each CN's agent logs in with its first push.
+                if warm := (await self.snapper(n, -1)).failures:
+                    raise RuntimeError(f"the agents' first push failed: {warm[0]}")
+            try:
+                await self.rounds(n, fig)
+            finally:
+                await end_workers(self.kept)
+                self.kept = []
         return out
+
+    async def rounds(self, n: int, fig: Figures) -> None:
+        """``--repeat`` runs of both paths with ``n`` CNs, into ``fig``."""
+        for i in range(self.repeat):
+            names = {os.getpid(): "bench", self.snapperd_pid: "snapperd", self.sshd_pid: "sshd",
+                     **({self.gate_pid: "gate sshd"} if self.gate else {}),
+                     **{w.pid: "CN" for w in self.kept}}
+            for name, method in (("a", self.openssh), ("b", self.snapper)):
+                before = cpu_by_process(names)
+                r = await method(n, i)
+                split = cpu_split(before, cpu_by_process(names))
+                # The CNs: the bench's children (their pipelines, or the workers,
+                # whose imports before the start are not the push's), or the
+                # agents kept running with what they reaped.
+                cn = split.pop("bench's children", 0.0) + split.pop("CN", 0.0) + \
+                    split.pop("CN's children", 0.0)
+                if r.cn_cpu is not None and not self.kept:
+                    split["CN start-up"], cn = cn - r.cn_cpu, r.cn_cpu
+                split["CN"] = cn
+                for proc_name, cpu_s in split.items():
+                    fig.split[name][proc_name] = fig.split[name].get(proc_name, 0.0) + cpu_s
+                fig.rounds[name].append(r)
+                rate = n * self.bytes / r.seconds / 1e6
+                print(f"  N={n:<3} run {i + 1}: {LABELS[name]:<40} {rate:8.1f} MB/s"
+                      f"{f'  {len(r.failures)} FAILED' if r.failures else ''}",
+                      file=sys.stderr, flush=True)
+                for f in r.failures[:3]:
+                    print(f"      {f}", file=sys.stderr)
+
+
+async def end_workers(workers: list[proc.Spawned]) -> None:
+    """End each worker and what it started (its zfs send and ssh, if still running)."""
+    for w in workers:
+        w.kill_group()
+        await w.wait()
 
 
 def _round(took: float, got: list[float | BaseException], cpu: float) -> Round:
@@ -303,6 +344,9 @@ async def amain(args: argparse.Namespace) -> int:
               file=sys.stderr)
         bench.ssh_client = args.ssh_client
         bench.gate = args.gate
+        bench.agent = args.agent
+        if args.agent:
+            LABELS["b"] = LABELS["b"].replace("snapper push", "snapper agent")
         if args.gate:
             LABELS["b"] = "snapper push -> sshd gate -> snapperd"
         bench.round_timeout = args.timeout
@@ -338,10 +382,48 @@ def worker(argv: list[str]) -> int:
     return rc
 
 
+def agent_worker(argv: list[str]) -> int:
+    """One CN as ``snapper agent`` pushes: ``snapper ARGV``'s push on links kept
+    from push to push (``cn/links.py``), one push per start, until stdin ends."""
+    from snapper_zone.cn.cli import build_parser, push_with_failover, settings
+    from snapper_zone.cn.links import ZoneLinks
+    from snapper_zone.common.progress import NoProgress
+
+    args = build_parser().parse_args(argv)
+    s = settings(args)
+    out = sys.stdout.buffer
+
+    async def pushes() -> None:
+        links = ZoneLinks()
+        out.write(READY)
+        out.flush()
+        try:
+            while await asyncio.to_thread(sys.stdin.buffer.readline) == GO:
+                start, cpu = time.monotonic(), cpu_with_children()
+                error = None
+                try:
+                    await push_with_failover(s, args.vm, name=args.name, base=None,
+                                             metadata=None, durability=None, bwlimit=None,
+                                             reporter=NoProgress(), links=links)
+                except Exception as exc:  # reported as this push's failure; the next goes on
+                    error = f"{type(exc).__name__}: {exc}"
+                out.write(json.dumps({"rc": 0 if error is None else 1, "error": error,
+                                      "seconds": time.monotonic() - start,
+                                      "cpu": cpu_with_children() - cpu}).encode() + b"\n")
+                out.flush()
+        finally:
+            await links.close()
+
+    asyncio.run(pushes())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
         return worker(argv[1:])
+    if argv[:1] == ["--agent-worker"]:
+        return agent_worker(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--size-mib", type=int, default=2,
                    help="data per CN (MiB; default 2: on zfs-fuse, 8 or more concurrent "
@@ -352,6 +434,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds a run of N pushes may take; pushes still running then are "
                    "killed and count as failures (default 300)")
+    p.add_argument("--agent", action="store_true",
+                   help="each CN pushes as snapper agent does: one process per CN for "
+                   "all of an N's runs, its links to the zone kept from push to push "
+                   "(logged in by an untimed first push), no interpreter start")
     p.add_argument("--gate", action="store_true",
                    help="snapper's path through snapperd's sshd gate instead of its own "
                    "SSH server")
