@@ -234,6 +234,27 @@ async def test_user_props_and_listing(zfs: Zfs, cn_pool: FilePool) -> None:
         await zfs.set_user_props(src, {"com.sun:foo": "x"})
 
 
+async def test_tree_is_datasets_and_snapshots_in_one(zfs: Zfs, cn_pool: FilePool) -> None:
+    """``tree`` answers what ``datasets`` and a recursive ``snapshots`` would, user
+    properties included on both; a missing root is typed as theirs is."""
+    src = await _vm(zfs, cn_pool, 2, size=4096)
+    part = src.child("disk0")
+    await zfs.create(part)
+    await zfs.snapshot([src.snapshot("s3")], recursive=True)
+    await zfs.set_user_props(src.snapshot("s3"), {"snapper:complete": "yes"})
+    await zfs.set_user_props(part, {"snapper:complete": "no"})
+    props = ["snapper:complete"]
+    datasets, snaps = await zfs.tree(src, user_props=props)
+    assert datasets == await zfs.datasets(src, user_props=props)
+    assert snaps == await zfs.snapshots(src, user_props=props, recursive=True)
+    assert [d.dataset for d in datasets] == [src, part]
+    assert [str(s.snapshot) for s in snaps] == [f"{src}@s1", f"{src}@s2", f"{src}@s3",
+                                                f"{part}@s3"]
+    assert snaps[2].user_props["snapper:complete"] == "yes"
+    with pytest.raises(errors.DatasetNotFound):
+        await zfs.tree(Dataset(cn_pool.name).child("ghost"))
+
+
 async def test_missing_dataset_is_typed(zfs: Zfs, cn_pool: FilePool) -> None:
     ghost = Dataset(cn_pool.name).child("ghost")
     with pytest.raises(errors.DatasetNotFound) as info:

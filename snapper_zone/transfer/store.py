@@ -167,6 +167,12 @@ class ZoneStore:
                                              recursive=True)
         except DatasetNotFound:
             return [], set()
+        return self._vm_snapshots(vm, infos)
+
+    def _vm_snapshots(self, vm: str, infos: Sequence[SnapshotInfo]
+                      ) -> tuple[list[VmSnapshot], set[str]]:
+        """``_read``'s answer from the listing of the VM's container, recursive."""
+        container = self.vm_dataset(vm)
         marks: dict[str, SnapshotInfo] = {}
         parts: dict[str, dict[str, Part]] = {}
         order: dict[str, int] = {}
@@ -207,11 +213,11 @@ class ZoneStore:
         """
         container = self.vm_dataset(vm)
         async with self._views[vm]:
-            snaps = await self._snapshots(vm)
-            try:
-                infos = await self.zfs.datasets(container, depth=1)
+            try:  # datasets and snapshots in one listing: this runs for every push
+                infos, listed = await self.zfs.tree(container, user_props=_CONTAINER_PROPS)
             except DatasetNotFound:
-                infos = []
+                infos, listed = [], []
+            snaps = self._vm_snapshots(vm, listed)[0]
             stones = await self.tombstones(vm) if infos else {}
         datasets = {info.dataset.basename: info.resume_token for info in infos
                     if info.dataset.parent == container}

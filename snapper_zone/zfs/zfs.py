@@ -55,6 +55,7 @@ from snapper_zone.zfs.names import Bookmark, Dataset, Snapshot, check_component,
 _TOKEN = re.compile(r"[0-9A-Za-z-]{8,65536}")
 _USER_VALUE_MAX = 8191  # ZFS's limit on a user property value (ZAP_MAXVALUELEN - 1)
 _SNAP_PROPS = ("guid", "createtxg", "creation", "used", "referenced", "userrefs")
+_DATASET_PROPS = ("type", "guid", "used", "referenced", "available")
 
 # What a stream may never set on a zone (mounting customer filesystems, or
 # running their setuid binaries, inside the snapper zone; sharing them;
@@ -459,29 +460,20 @@ class Zfs:
                                   "dataset does not exist")
         return got[0]
 
+    async def _dataset_props(self, extra: Sequence[str]) -> list[str]:
+        props = [*_DATASET_PROPS, *extra]
+        if (await self.capabilities()).resumable_receive:
+            props.append("receive_resume_token")
+        return props
+
     async def datasets(self, root: Dataset, *, user_props: Sequence[str] = (),
                        depth: int | None = None) -> list[DatasetInfo]:
         """``root`` and the filesystems/volumes below it (to ``depth``)."""
-        caps = await self.capabilities()
         extra = [check_user_property(n) for n in user_props]
-        props = ["type", "guid", "used", "referenced", "available", *extra]
-        if caps.resumable_receive:
-            props.append("receive_resume_token")
         recursive = depth is None
-        rows = await self._get([str(root)], props, depth=depth, recursive=recursive)
-        out = []
-        for name, p in rows.items():
-            if "@" in name or "#" in name or p.get("type", ("", ""))[0] not in (
-                    "filesystem", "volume"):
-                continue
-            token = p.get("receive_resume_token", ("-", "-"))[0]
-            out.append(DatasetInfo(
-                dataset=Dataset(name), type=p["type"][0], guid=int(p["guid"][0]),
-                used=int(p["used"][0]), referenced=int(p["referenced"][0]),
-                available=int(p["available"][0]),
-                resume_token=None if token in ("-", "") else token,
-                user_props=_user_props(p, extra)))
-        return out
+        rows = await self._get([str(root)], await self._dataset_props(extra), depth=depth,
+                               recursive=recursive)
+        return [info for name, p in rows.items() if (info := _dataset_info(name, p, extra))]
 
     async def snapshots(self, ds: Dataset, *, user_props: Sequence[str] = (),
                         recursive: bool = False, depth: int | None = None
@@ -491,20 +483,18 @@ class Zfs:
         extra = [check_user_property(n) for n in user_props]
         rows = await self._get([str(ds)], [*_SNAP_PROPS, *extra],
                                depth=depth if recursive else 1, recursive=recursive)
-        out = []
-        for name, p in rows.items():
-            if "@" not in name:
-                continue
-            snap = Snapshot.parse(name)
-            if not recursive and snap.dataset != ds:
-                continue
-            out.append(SnapshotInfo(
-                snapshot=snap, guid=int(p["guid"][0]), createtxg=int(p["createtxg"][0]),
-                creation=int(p["creation"][0]), used=int(p["used"][0]),
-                referenced=int(p["referenced"][0]), userrefs=_int(p.get("userrefs")),
-                user_props=_user_props(p, extra)))
-        out.sort(key=lambda s: (s.snapshot.dataset.path, s.createtxg))
-        return out
+        return _snapshot_infos(rows, extra, None if recursive else ds)
+
+    async def tree(self, root: Dataset, *, user_props: Sequence[str] = ()
+                   ) -> tuple[list[DatasetInfo], list[SnapshotInfo]]:
+        """``datasets(root)`` and ``snapshots(root, recursive=True)`` from one ``zfs
+        get -r`` instead of two (a VM's inventory is read for every push and
+        every reconcile round); ``user_props`` are read on both."""
+        extra = [check_user_property(n) for n in user_props]
+        props = list(dict.fromkeys([*await self._dataset_props(extra), *_SNAP_PROPS]))
+        rows = await self._get([str(root)], props, recursive=True)
+        return ([info for name, p in rows.items() if (info := _dataset_info(name, p, extra))],
+                _snapshot_infos(rows, extra, None))
 
     async def bookmarks(self, ds: Dataset) -> list[BookmarkInfo]:
         (await self.capabilities()).require("bookmarks")
@@ -741,6 +731,39 @@ def _check_native_prop(name: str) -> str:
     if not _NATIVE_PROP.fullmatch(name):
         raise InvalidName(f"invalid property name {name!r}")
     return name
+
+
+def _dataset_info(name: str, p: Mapping[str, tuple[str, str]],
+                  extra: Sequence[str]) -> DatasetInfo | None:
+    """A ``zfs get`` row as a filesystem's or volume's info; None for anything else."""
+    if "@" in name or "#" in name or p.get("type", ("", ""))[0] not in (
+            "filesystem", "volume"):
+        return None
+    token = p.get("receive_resume_token", ("-", "-"))[0]
+    return DatasetInfo(
+        dataset=Dataset(name), type=p["type"][0], guid=int(p["guid"][0]),
+        used=int(p["used"][0]), referenced=int(p["referenced"][0]),
+        available=int(p["available"][0]), resume_token=None if token in ("-", "") else token,
+        user_props=_user_props(p, extra))
+
+
+def _snapshot_infos(rows: Mapping[str, Mapping[str, tuple[str, str]]], extra: Sequence[str],
+                    only: Dataset | None) -> list[SnapshotInfo]:
+    """The snapshots among ``zfs get`` rows (``only``: of that dataset), oldest first."""
+    out = []
+    for name, p in rows.items():
+        if "@" not in name:
+            continue
+        snap = Snapshot.parse(name)
+        if only is not None and snap.dataset != only:
+            continue
+        out.append(SnapshotInfo(
+            snapshot=snap, guid=int(p["guid"][0]), createtxg=int(p["createtxg"][0]),
+            creation=int(p["creation"][0]), used=int(p["used"][0]),
+            referenced=int(p["referenced"][0]), userrefs=_int(p.get("userrefs")),
+            user_props=_user_props(p, extra)))
+    out.sort(key=lambda s: (s.snapshot.dataset.path, s.createtxg))
+    return out
 
 
 def _int(cell: tuple[str, str] | None) -> int:
