@@ -251,6 +251,10 @@ async def test_tree_is_datasets_and_snapshots_in_one(zfs: Zfs, cn_pool: FilePool
     assert [str(s.snapshot) for s in snaps] == [f"{src}@s1", f"{src}@s2", f"{src}@s3",
                                                 f"{part}@s3"]
     assert snaps[2].user_props["snapper:complete"] == "yes"
+    # One level down (a receive's target): its own snapshots, none of a child's.
+    near, own = await zfs.tree(src, depth=1)
+    assert near == await zfs.datasets(src, depth=1)
+    assert own == await zfs.snapshots(src) and own[-1].name == "s3"
     with pytest.raises(errors.DatasetNotFound):
         await zfs.tree(Dataset(cn_pool.name).child("ghost"))
 

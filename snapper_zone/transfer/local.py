@@ -366,11 +366,12 @@ async def receive_stream(zfs: Zfs, target: Dataset, source: Inbound, expect: Exp
         begin, header = await read_begin(source.read)
     except StreamHeaderError as exc:
         raise _refusal(StreamInvalid, f"not a usable zfs send stream: {exc}") from None
-    try:
-        snaps = await zfs.snapshots(target)
-        token = await zfs.resume_token(target)
+    try:  # its snapshots and its resume token in one listing
+        infos, listed = await zfs.tree(target, depth=1)
     except DatasetNotFound:
-        snaps, token = [], None
+        infos, listed = [], []
+    snaps = [s for s in listed if s.snapshot.dataset == target]
+    token = next((i.resume_token for i in infos if i.dataset == target), None)
     base = vet_stream(begin, expect, str(target), snaps, token,
                       (await zfs.capabilities()).stream_features())
     guarded = protected_props(begin.is_zvol) if protect else ()

@@ -485,14 +485,15 @@ class Zfs:
                                depth=depth if recursive else 1, recursive=recursive)
         return _snapshot_infos(rows, extra, None if recursive else ds)
 
-    async def tree(self, root: Dataset, *, user_props: Sequence[str] = ()
-                   ) -> tuple[list[DatasetInfo], list[SnapshotInfo]]:
-        """``datasets(root)`` and ``snapshots(root, recursive=True)`` from one ``zfs
-        get -r`` instead of two (a VM's inventory is read for every push and
-        every reconcile round); ``user_props`` are read on both."""
+    async def tree(self, root: Dataset, *, user_props: Sequence[str] = (),
+                   depth: int | None = None) -> tuple[list[DatasetInfo], list[SnapshotInfo]]:
+        """``datasets(root, depth=depth)`` and ``snapshots(root, recursive=True,
+        depth=depth)`` from one ``zfs get`` instead of two (a VM's inventory is
+        read for every push and every reconcile round, a dataset's snapshots and
+        resume token before every receive); ``user_props`` are read on both."""
         extra = [check_user_property(n) for n in user_props]
         props = list(dict.fromkeys([*await self._dataset_props(extra), *_SNAP_PROPS]))
-        rows = await self._get([str(root)], props, recursive=True)
+        rows = await self._get([str(root)], props, depth=depth, recursive=depth is None)
         return ([info for name, p in rows.items() if (info := _dataset_info(name, p, extra))],
                 _snapshot_infos(rows, extra, None))
 
