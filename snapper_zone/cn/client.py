@@ -348,12 +348,19 @@ class CnClient:
     async def vm_layout(self, vm: str) -> Layout:
         """The VM's datasets as SmartOS lays them out (``cn.datasets.discover``):
         <root>/<vm>, its children, and KVM's sibling zvols <root>/<vm>-disk<N>."""
+        return (await self._layout_listing(vm))[0]
+
+    async def _layout_listing(self, vm: str) -> tuple[Layout, frozenset[Snapshot]]:
+        """``vm_layout``, and the snapshots of the VM's dataset and its children
+        (not of sibling disks), read with it: a push needs to know whether its
+        snapshot is there, and each ``zfs`` command costs a process."""
         top = self.vm_dataset(vm)
         # Siblings are beside the VM (one level under the root); children and
         # the datasets below them (named, not sent) under it.
-        rows = [*await self.zfs.datasets(self.root, depth=1),
-                *await self.zfs.datasets(top, depth=2)]
-        return discover(top, ((str(i.dataset), i.type) for i in rows))
+        below, snaps = await self.zfs.tree(top, depth=2)
+        rows = [*await self.zfs.datasets(self.root, depth=1), *below]
+        return (discover(top, ((str(i.dataset), i.type) for i in rows)),
+                frozenset(s.snapshot for s in snaps))
 
     async def vm_datasets(self, vm: str) -> dict[str, Dataset]:
         """label -> dataset: ``root`` for <root>/<vm>, each child by its basename,
@@ -389,12 +396,16 @@ class CnClient:
         asked = (asyncio.ensure_future(self.zone.features()),
                  asyncio.ensure_future(self.zone.inventory(vm)))
         try:
-            layout = await self.vm_layout(vm)
+            layout, listed = await self._layout_listing(vm)
+            top = self.vm_dataset(vm)
             datasets = layout.parts
             # Chosen before anything changes: an encrypted dataset a zone cannot
             # take raw is refused here, with no snapshot taken and no byte sent.
             options = await self._send_options(datasets, await asked[0])
-            have = [await self.zfs.exists(ds.snapshot(snap)) for ds in datasets.values()]
+            # The listing has the VM's and its children's snapshots; a sibling
+            # disk's is asked for.
+            have = [ds.snapshot(snap) in listed if top in (ds, ds.parent)
+                    else await self.zfs.exists(ds.snapshot(snap)) for ds in datasets.values()]
             if not any(have):
                 # One command, so one transaction group: the VM and its sibling
                 # disks are snapshotted at the same instant.
