@@ -540,9 +540,8 @@ class ZoneReceiver:
             with self.transfers.running(t, lg):
                 async def vetted(base: str | None) -> Sink | None:
                     t.base = base
-                    vm_ds = self.store.vm_dataset(req.vm)
-                    created.append(not await self.zfs.exists(vm_ds))
-                    await self.store.ensure_vm(req.vm)  # only for a stream that passed
+                    # Only for a stream that passed.
+                    created.append(await self.store.ensure_vm(req.vm))
                     return await open_tee(base) if open_tee is not None else None
 
                 target = self.store.part_dataset(req.vm, req.dataset)

@@ -132,12 +132,14 @@ class ZoneStore:
     def part_dataset(self, vm: str, dataset: str) -> Dataset:
         return self.vm_dataset(vm).child(check_component(dataset, "VM dataset"))
 
-    async def ensure_vm(self, vm: str) -> Dataset:
+    async def ensure_vm(self, vm: str) -> bool:
+        """The VM's container, created unless it is there: whether it was created."""
         ds = self.vm_dataset(vm)
-        if not await self.zfs.exists(ds):
-            # Never mounted, nothing in it runnable, whatever the root says.
-            await self.zfs.create(ds, props=SAFE_CONTAINER_PROPS)
-        return ds
+        if await self.zfs.exists(ds):
+            return False
+        # Never mounted, nothing in it runnable, whatever the root says.
+        await self.zfs.create(ds, props=SAFE_CONTAINER_PROPS)
+        return True
 
     async def vms(self) -> list[str]:
         out = []
