@@ -427,7 +427,10 @@ async def test_received_properties_never_applied(
         os.close(r)
     await asyncio.to_thread(_write_all, w, sent.stdout)
     await zfs.check(child)
-    await zfs.override_received(target)  # as receive_stream does after every receive
+    # As receive_stream does after every receive: undone, and listed in the same read.
+    arrived = await zfs.received(target)
+    sent_guid = (await zfs.snapshots(src))[0].guid
+    assert [(s.snapshot, s.guid) for s in arrived] == [(target.snapshot("s1"), sent_guid)]
     got = await zfs.props(target, ["mountpoint", "setuid", "exec", "mounted"])
     assert got == {"mountpoint": "none", "setuid": "off", "exec": "off", "mounted": "no"}
     assert not evil.exists() or not any(evil.iterdir())

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from snapper_zone.errors import MetadataTooLarge
+from snapper_zone.errors import DatasetNotFound, MetadataTooLarge
 from snapper_zone.fleet.pools import FilePool
 from snapper_zone.transfer.store import (
     SnapshotNotFound,
@@ -19,7 +19,7 @@ from snapper_zone.transfer.store import (
     set_aside,
 )
 from snapper_zone.zfs.names import Bookmark, Dataset, Snapshot
-from snapper_zone.zfs.zfs import SendSpec, Zfs
+from snapper_zone.zfs.zfs import SAFE_CONTAINER_PROPS, SendSpec, Zfs
 from tests.helpers import write_random
 
 VM = str(uuid.UUID(int=7))
@@ -161,6 +161,21 @@ async def test_a_settle_whose_newest_snapshot_goes_meanwhile_rolls_back_to_the_n
     await zfs.pipe(SendSpec(src.snapshot("s3"), base=src.snapshot("s1")),
                    store.part_dataset(VM, "root"))
     assert [s.name for s in await store.snapshots(VM)] == ["s1", "s3"]
+
+
+@pytest.mark.zfs
+async def test_ensure_vm_says_whether_it_created_the_container(zfs: Zfs,
+                                                               zone_pool: FilePool) -> None:
+    """Created once, safe (never mounted, nothing runnable); a second call only says so."""
+    store = await _new_store(zfs, zone_pool)
+    assert await store.ensure_vm(VM) is True
+    assert await store.ensure_vm(VM) is False
+    props = await zfs.props(store.vm_dataset(VM), list(SAFE_CONTAINER_PROPS))
+    assert props == SAFE_CONTAINER_PROPS
+    # A root that is not there is not taken for "already there".
+    gone = ZoneStore(zfs, Dataset(zone_pool.name).child("missing"))
+    with pytest.raises(DatasetNotFound):
+        await gone.ensure_vm(VM)
 
 
 @pytest.mark.zfs

@@ -30,9 +30,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
@@ -214,9 +215,11 @@ def vet_stream(begin: StreamBegin, expect: Expect, target: str,
     return base
 
 
-async def confirm_guid(zfs: Zfs, target: Dataset, name: str, guid: int) -> None:
-    """``target@name`` must be guid ``guid``; a wrong one is destroyed, then refused."""
-    got = next((s for s in await zfs.snapshots(target) if s.name == name), None)
+async def confirm_guid(zfs: Zfs, target: Dataset, name: str, guid: int,
+                       arrived: Sequence[SnapshotInfo]) -> None:
+    """``target@name`` (among ``arrived``, its snapshots as listed after the
+    receive) must be guid ``guid``; a wrong one is destroyed, then refused."""
+    got = next((s for s in arrived if s.name == name), None)
     if got is not None and got.guid == guid:
         return
     if got is not None:
@@ -322,6 +325,22 @@ def _quota_cut(who: str, used: int, quota: int) -> Callable[[int], SnapperError]
     return error
 
 
+# A free-space reading this young is used again rather than asked afresh: a
+# receive that got its lock and slot at once checks space twice within
+# milliseconds, and each read is a ``zfs`` command. ZFS's own figure lags by
+# up to a transaction group (seconds) anyway.
+_SPACE_FRESH_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class _FreeSpace:
+    bytes: int
+    at: float = field(default_factory=time.monotonic)
+
+    def fresh(self) -> bool:
+        return time.monotonic() - self.at < _SPACE_FRESH_SECONDS
+
+
 class _Budget:
     """The bytes a stream may still bring, each bound with the error that cuts it."""
 
@@ -414,8 +433,8 @@ async def receive_stream(zfs: Zfs, target: Dataset, source: Inbound, expect: Exp
                 with contextlib.suppress(SnapperError):
                     await zfs.override_received(target, guarded)
             raise
-        if guarded:
-            await zfs.override_received(target, guarded)
+        # The stream's properties undone (zfs-fuse), its snapshots listed to confirm.
+        arrived = await zfs.received(target, guarded)
         ok = True
     finally:
         for task in (feeding, exited):
@@ -425,7 +444,7 @@ async def receive_stream(zfs: Zfs, target: Dataset, source: Inbound, expect: Exp
             await child.abort()
         if tee is not None and not ok:
             tee.abort()
-    await confirm_guid(zfs, target, expect.snapshot, begin.toguid)
+    await confirm_guid(zfs, target, expect.snapshot, begin.toguid, arrived)
     if tee is not None:
         tee.eof()
     return Received(begin, base_name)
@@ -514,7 +533,7 @@ class ZoneReceiver:
         """Receive one dataset snapshot of ``req.vm`` from ``source``."""
         # Up front, before waiting for a slot, and again once it has one
         # (space and usage may have gone while queued).
-        await self._budget(req, None)
+        space = await self._budget(req, None)
         mirror = req.kind == "mirror-in"
         async with contextlib.AsyncExitStack() as held:
             # VM lock before slot: a push waiting on its own VM holds no slot.
@@ -525,7 +544,7 @@ class ZoneReceiver:
             await _acquire_unless_gone(held, lambda: slots.acquire(mirror, req.peer),
                                        lambda: slots.release(mirror, req.peer), source)
             budget = _Budget(source)
-            await self._budget(req, budget)
+            await self._budget(req, budget, space)
             exp = req.expect
             t = self.transfers.start(req.kind, req.vm, req.dataset, exp.snapshot, exp.base,
                                      req.peer, req.size)
@@ -540,8 +559,9 @@ class ZoneReceiver:
             with self.transfers.running(t, lg):
                 async def vetted(base: str | None) -> Sink | None:
                     t.base = base
-                    # Only for a stream that passed.
-                    created.append(await self.store.ensure_vm(req.vm))
+                    # Only for a stream that passed. An incremental's base is
+                    # a snapshot in the VM's container: it is there.
+                    created.append(base is None and await self.store.ensure_vm(req.vm))
                     return await open_tee(base) if open_tee is not None else None
 
                 target = self.store.part_dataset(req.vm, req.dataset)
@@ -563,11 +583,14 @@ class ZoneReceiver:
                         self.transfers.bind(req.vm, exp.snapshot, req.connection)
         return got, t
 
-    async def _budget(self, req: ReceiveRequest, budget: _Budget | None) -> None:
+    async def _budget(self, req: ReceiveRequest, budget: _Budget | None,
+                      space: _FreeSpace | None = None) -> _FreeSpace:
         """Refuse what cannot fit now; with ``budget``, set the limits the stream is cut at.
 
         Without ``--size`` only an exhausted quota or pool refuses up front;
-        the stream is then bounded while it arrives.
+        the stream is then bounded while it arrives. ``space``: the pool's free
+        space as read earlier, used again if it is still fresh. Returns the
+        reading it went by.
         """
         size = req.size
         if size is not None and budget is not None:
@@ -575,7 +598,9 @@ class ZoneReceiver:
                 f"the stream brought over {n} bytes; it announced --size {size} (at most "
                 f"{size_limit(size)} accepted, margin included); cut, nothing kept"))
         # Space: receives already running will still write what they announced.
-        free = await self.free_bytes()
+        if space is None or not space.fresh():
+            space = _FreeSpace(await self.free_bytes())
+        free = space.bytes
         promised = sum(max((t.expected or 0) - t.bytes, 0) for t in self.transfers.active()
                        if t.kind in ("receive", "mirror-in"))
         want = size or 0
@@ -591,11 +616,11 @@ class ZoneReceiver:
                 f"the stream brought over {n} bytes; only {room} were free beyond the "
                 "reserve; cut, nothing kept"))
         if req.kind != "receive":
-            return  # a peer's mirror of a push its zone already held to the quotas
+            return space  # a peer's mirror of a push its zone already held to the quotas
         q = self.quotas
         cn = q.owner_of(req.vm)
         if not q.vm and not (q.cn and cn is not None):
-            return
+            return space
         usage = await self._usage()
         # The client's other pushes in progress count at what they brought so
         # far (their bytes may not show in ``used`` yet).
@@ -617,6 +642,7 @@ class ZoneReceiver:
                        else "no room is left") + "; nothing was received")
             if budget is not None:
                 budget.limit(left, _quota_cut(who, used, quota))
+        return space
 
     async def _usage(self) -> dict[str, int]:
         """Each VM's ZFS ``used`` under the root (its datasets and snapshots)."""

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from snapper_zone import wire
-from snapper_zone.errors import DatasetNotFound, MetadataTooLarge, SnapperError
+from snapper_zone.errors import DatasetExists, DatasetNotFound, MetadataTooLarge, SnapperError
 from snapper_zone.zfs.names import (
     UUID_PATTERN,
     Dataset,
@@ -135,10 +135,11 @@ class ZoneStore:
     async def ensure_vm(self, vm: str) -> bool:
         """The VM's container, created unless it is there: whether it was created."""
         ds = self.vm_dataset(vm)
-        if await self.zfs.exists(ds):
+        try:  # one command either way: asking first would be a second
+            # Never mounted, nothing in it runnable, whatever the root says.
+            await self.zfs.create(ds, props=SAFE_CONTAINER_PROPS)
+        except DatasetExists:
             return False
-        # Never mounted, nothing in it runnable, whatever the root says.
-        await self.zfs.create(ds, props=SAFE_CONTAINER_PROPS)
         return True
 
     async def vms(self) -> list[str]:

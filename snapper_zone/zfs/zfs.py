@@ -613,8 +613,26 @@ class Zfs:
             rows = await self._get([str(target)], [_check_native_prop(p) for p in props])
         except DatasetNotFound:
             return []
+        return await self._undo_received(target, rows.get(str(target), {}))
+
+    async def received(self, target: Dataset,
+                       props: Sequence[str] = PROTECTED_PROPS) -> list[SnapshotInfo]:
+        """After a good receive: ``override_received(target, props)``, then
+        ``snapshots(target)`` to confirm what arrived; one ``zfs get`` reads both
+        where there is anything to undo (a receive's every command is a process)."""
+        if (await self.capabilities()).receive_exclude or not props:
+            return await self.snapshots(target)
+        rows = await self._get([str(target)], [*_SNAP_PROPS, *map(_check_native_prop, props)],
+                               depth=1)
+        # A snapshot's row reads "-" for a filesystem's property: only the dataset's counts.
+        await self._undo_received(target, {p: cell for p, cell in rows.get(str(target), {}).items()
+                                           if p in props})
+        return _snapshot_infos(rows, (), target)
+
+    async def _undo_received(self, target: Dataset,
+                             row: Mapping[str, tuple[str, str]]) -> list[str]:
         done = []
-        for prop, (_value, source) in rows.get(str(target), {}).items():
+        for prop, (_value, source) in row.items():
             if source != "received":
                 continue
             if prop in _NOT_INHERITABLE:
