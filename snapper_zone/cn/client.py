@@ -67,7 +67,7 @@ from snapper_zone.wire.protocol import (
 )
 from snapper_zone.zfs import proc
 from snapper_zone.zfs.names import Bookmark, Dataset, Snapshot, check_component, check_uuid
-from snapper_zone.zfs.zfs import SendOptions, SendSpec, Zfs, choose_send_options
+from snapper_zone.zfs.zfs import SendOptions, SendSpec, SnapshotInfo, Zfs, choose_send_options
 
 log = logging.getLogger("snapper.cn")
 
@@ -289,6 +289,24 @@ def zone_vm_snapshots(snaps: Sequence[VmSnapshot]) -> list[ZoneVmSnapshot]:
 # -- the CN library ---------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Listed:
+    """The snapshots of a VM's dataset and its children, from one listing."""
+
+    top: Dataset
+    snaps: Sequence[SnapshotInfo]
+
+    def covers(self, ds: Dataset) -> bool:
+        return self.top in (ds, ds.parent)
+
+    def has(self, snap: Snapshot) -> bool:
+        return any(s.snapshot == snap for s in self.snaps)
+
+    def of(self, ds: Dataset) -> list[SnapshotInfo] | None:
+        """``ds``'s snapshots, oldest first; None for a dataset this does not cover."""
+        return [s for s in self.snaps if s.snapshot.dataset == ds] if self.covers(ds) else None
+
+
 @dataclass
 class DatasetReport:
     label: str
@@ -350,7 +368,7 @@ class CnClient:
         <root>/<vm>, its children, and KVM's sibling zvols <root>/<vm>-disk<N>."""
         return (await self._layout_listing(vm))[0]
 
-    async def _layout_listing(self, vm: str) -> tuple[Layout, frozenset[Snapshot]]:
+    async def _layout_listing(self, vm: str) -> tuple[Layout, _Listed]:
         """``vm_layout``, and the snapshots of the VM's dataset and its children
         (not of sibling disks), read with it: a push needs to know whether its
         snapshot is there, and each ``zfs`` command costs a process."""
@@ -359,18 +377,20 @@ class CnClient:
         # the datasets below them (named, not sent) under it.
         below, snaps = await self.zfs.tree(top, depth=2)
         rows = [*await self.zfs.datasets(self.root, depth=1), *below]
-        return (discover(top, ((str(i.dataset), i.type) for i in rows)),
-                frozenset(s.snapshot for s in snaps))
+        return discover(top, ((str(i.dataset), i.type) for i in rows)), _Listed(top, snaps)
 
     async def vm_datasets(self, vm: str) -> dict[str, Dataset]:
         """label -> dataset: ``root`` for <root>/<vm>, each child by its basename,
         ``root-disk<N>`` for a sibling zvol <root>/<vm>-disk<N>."""
         return (await self.vm_layout(vm)).parts
 
-    async def versions(self, ds: Dataset) -> list[Version]:
-        """This CN's snapshots and (where ZFS has them) bookmarks of ``ds``."""
-        out = [Version(s.createtxg, "snapshot", s.name, s.guid)
-               for s in await self.zfs.snapshots(ds)]
+    async def versions(self, ds: Dataset, listed: _Listed | None = None) -> list[Version]:
+        """This CN's snapshots and (where ZFS has them) bookmarks of ``ds``; its
+        snapshots from ``listed`` where that covers it."""
+        snaps = listed.of(ds) if listed is not None else None
+        if snaps is None:
+            snaps = await self.zfs.snapshots(ds)
+        out = [Version(s.createtxg, "snapshot", s.name, s.guid) for s in snaps]
         if (await self.zfs.capabilities()).bookmarks:
             out += [Version(b.createtxg, "bookmark", b.bookmark.name, b.guid)
                     for b in await self.zfs.bookmarks(ds)]
@@ -404,7 +424,7 @@ class CnClient:
             options = await self._send_options(datasets, await asked[0])
             # The listing has the VM's and its children's snapshots; a sibling
             # disk's is asked for.
-            have = [ds.snapshot(snap) in listed if top in (ds, ds.parent)
+            have = [listed.has(ds.snapshot(snap)) if listed.covers(ds)
                     else await self.zfs.exists(ds.snapshot(snap)) for ds in datasets.values()]
             if not any(have):
                 # One command, so one transaction group: the VM and its sibling
@@ -412,6 +432,9 @@ class CnClient:
                 await self.zfs.snapshot([self.vm_dataset(vm).snapshot(snap),
                                          *(ds.snapshot(snap) for ds in layout.siblings)],
                                         recursive=True)
+                # Listed again at once, for every part it covers (each part
+                # would otherwise list its own).
+                listed = _Listed(top, (await self.zfs.tree(top, depth=2))[1])
             elif not all(have):
                 missing = [label for label, h in zip(datasets, have, strict=True) if not h]
                 raise PushError(f"snapshot @{snap} exists on some of the VM's datasets but "
@@ -428,7 +451,7 @@ class CnClient:
         for label, ds in datasets.items():
             report.datasets.append(await self._push_dataset(vm, label, ds, snap, base,
                                                             zone_snaps, deleted,
-                                                            options[label]))
+                                                            options[label], listed))
         meta, report.metadata_source = await self._metadata(vm, list(datasets), metadata)
         if any(not s.complete for s in zone_snaps) or any(d.streams > 1
                                                           for d in report.datasets):
@@ -476,14 +499,17 @@ class CnClient:
     async def _push_dataset(self, vm: str, label: str, ds: Dataset, snap: str,
                             base: str | None, zone_snaps: list[VmSnapshot],
                             deleted: frozenset[int],
-                            options: SendOptions | None = None) -> DatasetReport:
+                            options: SendOptions | None = None,
+                            listed: _Listed | None = None) -> DatasetReport:
         options = options or SendOptions()
         report = DatasetReport(label, str(ds), "", options=sorted(options.features()))
         caps = await self.zfs.capabilities()
         # Bounded: a resume, then the real push. A token that survives an abort
         # is an error, not a reason to loop.
         for _attempt in range(3):
-            versions = await self.versions(ds)
+            # The push's own listing serves the first round; a later one asks again.
+            versions = await self.versions(ds, listed)
+            listed = None
             token = await self.zone.resume_token(vm, label)
             if token is not None:
                 decision = await self._resume_decision(token, versions, ds, label, zone_snaps,
