@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import pytest
@@ -257,6 +258,30 @@ async def test_tree_is_datasets_and_snapshots_in_one(zfs: Zfs, cn_pool: FilePool
     assert own == await zfs.snapshots(src) and own[-1].name == "s3"
     with pytest.raises(errors.DatasetNotFound):
         await zfs.tree(Dataset(cn_pool.name).child("ghost"))
+
+
+async def test_tree_without_inherited_reads_a_user_property_where_it_is_set(
+        zfs: Zfs, cn_pool: FilePool) -> None:
+    """``inherited=False``: a property set on the root is on the root's row only,
+    not on every dataset and snapshot below it (a VM's tombstones); one set on a
+    snapshot stays on it; the rest of the listing is unchanged."""
+    src = await _vm(zfs, cn_pool, 2, size=4096)
+    part = src.child("disk0")
+    await zfs.create(part)
+    await zfs.snapshot([src.snapshot("s3")], recursive=True)
+    await zfs.set_user_props(src, {"snapper:tombstones": "1:2"})
+    await zfs.set_user_props(src.snapshot("s3"), {"snapper:complete": "yes"})
+    props = ["snapper:tombstones", "snapper:complete"]
+    everywhere = await zfs.tree(src, user_props=props)
+    assert all(i.user_props.get("snapper:tombstones") == "1:2"
+               for i in [*everywhere[0], *everywhere[1]])
+    datasets, snaps = await zfs.tree(src, user_props=props, inherited=False)
+    assert {str(d.dataset): d.user_props for d in datasets} == {
+        str(src): {"snapper:tombstones": "1:2"}, str(part): {}}
+    assert {s.snapshot.name: s.user_props for s in snaps if s.snapshot.dataset == src} == {
+        "s1": {}, "s2": {}, "s3": {"snapper:complete": "yes"}}
+    strip = [dataclasses.replace(i, user_props={}) for i in [*everywhere[0], *everywhere[1]]]
+    assert strip == [dataclasses.replace(i, user_props={}) for i in [*datasets, *snaps]]
 
 
 async def test_missing_dataset_is_typed(zfs: Zfs, cn_pool: FilePool) -> None:

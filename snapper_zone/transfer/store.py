@@ -216,12 +216,15 @@ class ZoneStore:
         """
         container = self.vm_dataset(vm)
         async with self._views[vm]:
-            try:  # datasets and snapshots in one listing: this runs for every push
-                infos, listed = await self.zfs.tree(container, user_props=_CONTAINER_PROPS)
+            try:  # datasets, snapshots and tombstones in one listing: this runs
+                # for every push, and for every VM in every reconcile round
+                infos, listed = await self.zfs.tree(
+                    container, user_props=[*_CONTAINER_PROPS, P_TOMBSTONES], inherited=False)
             except DatasetNotFound:
                 infos, listed = [], []
             snaps = self._vm_snapshots(vm, listed)[0]
-            stones = await self.tombstones(vm) if infos else {}
+        stones = next((parse_tombstones(i.user_props.get(P_TOMBSTONES, "")) for i in infos
+                       if i.dataset == container), {})
         datasets = {info.dataset.basename: info.resume_token for info in infos
                     if info.dataset.parent == container}
         return wire.Inventory(vm, tuple(s.to_wire() for s in snaps), datasets, stones)

@@ -395,14 +395,17 @@ class Zfs:
         await self._run(*args, str(snap))
 
     async def _get(self, targets: Sequence[str], props: Sequence[str], *,
-                   depth: int | None = None, recursive: bool = False
-                   ) -> dict[str, dict[str, tuple[str, str]]]:
-        """``zfs get -H -p``: {name: {prop: (value, source)}} in ZFS's order."""
+                   depth: int | None = None, recursive: bool = False,
+                   sources: str | None = None) -> dict[str, dict[str, tuple[str, str]]]:
+        """``zfs get -H -p``: {name: {prop: (value, source)}} in ZFS's order;
+        ``sources``: only rows of those sources (``-s``)."""
         args = ["get", "-H", "-p", "-o", "name,property,value,source"]
         if recursive:
             args.append("-r")
         if depth is not None:
             args += ["-d", str(depth)]
+        if sources is not None:
+            args += ["-s", sources]
         done = await self._run(*args, ",".join(props), *targets)
         rows: dict[str, dict[str, tuple[str, str]]] = {}
         for line in done.stdout.decode("utf-8", "replace").splitlines():
@@ -486,14 +489,19 @@ class Zfs:
         return _snapshot_infos(rows, extra, None if recursive else ds)
 
     async def tree(self, root: Dataset, *, user_props: Sequence[str] = (),
-                   depth: int | None = None) -> tuple[list[DatasetInfo], list[SnapshotInfo]]:
+                   depth: int | None = None, inherited: bool = True
+                   ) -> tuple[list[DatasetInfo], list[SnapshotInfo]]:
         """``datasets(root, depth=depth)`` and ``snapshots(root, recursive=True,
         depth=depth)`` from one ``zfs get`` instead of two (a VM's inventory is
         read for every push and every reconcile round, a dataset's snapshots and
-        resume token before every receive); ``user_props`` are read on both."""
+        resume token before every receive); ``user_props`` are read on both.
+        ``inherited=False``: a user property only where it is set, not on every
+        row below (a long one on ``root`` is read once, not once per snapshot)."""
         extra = [check_user_property(n) for n in user_props]
         props = list(dict.fromkeys([*await self._dataset_props(extra), *_SNAP_PROPS]))
-        rows = await self._get([str(root)], props, depth=depth, recursive=depth is None)
+        # The native properties read here are all read-only: their source is "none".
+        rows = await self._get([str(root)], props, depth=depth, recursive=depth is None,
+                               sources=None if inherited else "local,none")
         return ([info for name, p in rows.items() if (info := _dataset_info(name, p, extra))],
                 _snapshot_infos(rows, extra, None))
 
