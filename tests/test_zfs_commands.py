@@ -21,6 +21,8 @@ from snapper_zone.zfs.zfs import Zfs
 from tests.test_sshserver import VM_A, MakeHarness, cn_vm, make_harness, push, zone_root
 
 __all__ = ["make_harness"]  # a fixture, imported for pytest
+# The same commands on OpenZFS (where receive -x keeps the properties out).
+pytestmark = [pytest.mark.zfs, pytest.mark.openzfs]
 
 _COMMAND = re.compile(r"^(?:ran|stream) \S*zfs (\S+)((?: \S+)*)")
 
@@ -47,7 +49,6 @@ def _commands(caplog: pytest.LogCaptureFixture, root: Dataset) -> list[str]:
     return out
 
 
-@pytest.mark.zfs
 async def test_a_push_costs_the_zone_four_or_five_zfs_commands(
         zfs: Zfs, cn_pool: FilePool, zone_pool: FilePool, make_harness: MakeHarness,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -69,7 +70,6 @@ async def test_a_push_costs_the_zone_four_or_five_zfs_commands(
                                          "get snapshots"]
 
 
-@pytest.mark.zfs
 async def test_space_is_read_again_once_the_first_reading_is_stale(
         zfs: Zfs, cn_pool: FilePool, zone_pool: FilePool, make_harness: MakeHarness,
         caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
