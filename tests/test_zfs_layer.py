@@ -10,7 +10,7 @@ import pytest
 from snapper_zone import errors
 from snapper_zone.fleet.pools import FilePool
 from snapper_zone.zfs.names import Dataset, Snapshot
-from snapper_zone.zfs.zfs import Capabilities, SendSpec, Zfs
+from snapper_zone.zfs.zfs import Capabilities, DatasetInfo, SendSpec, SnapshotInfo, Zfs
 from tests.conftest import PoolFactory, require
 from tests.helpers import (
     read_device,
@@ -180,6 +180,33 @@ async def test_bookmark_as_incremental_source(
     assert (await _guids(zfs, dst))["s1"] == info.guid
 
 
+async def test_tree_reads_bookmarks_where_zfs_has_them(
+        zfs: Zfs, caps: Capabilities, cn_pool: FilePool) -> None:
+    """``tree(bookmarks=True)``: each dataset's bookmarks as ``bookmarks`` lists
+    them, a bookmark at its snapshot's txg (a push relies on it); None where ZFS
+    has no bookmarks, and the rest of the listing as without them."""
+    src = await _vm(zfs, cn_pool, 2, size=4096)
+    part = src.child("disk0")
+    await zfs.create(part)
+    await zfs.snapshot([src.snapshot("s3")], recursive=True)
+    plain = await zfs.tree(src, depth=2)
+    marked = await zfs.tree(src, depth=2, bookmarks=True)
+    assert (marked.datasets, marked.snapshots) == (plain.datasets, plain.snapshots)
+    assert plain.bookmarks is None
+    if not caps.bookmarks:
+        assert marked.bookmarks is None
+        return
+    await zfs.bookmark(src.snapshot("s1"), "a")
+    await zfs.bookmark(src.snapshot("s3"), "b")
+    await zfs.bookmark(part.snapshot("s3"), "c")
+    got = (await zfs.tree(src, depth=2, bookmarks=True)).bookmarks
+    assert got == [*await zfs.bookmarks(src), *await zfs.bookmarks(part)]
+    txg = {str(s.snapshot): s.createtxg for s in marked.snapshots}
+    assert [(str(b.bookmark), b.createtxg) for b in got] == [
+        (f"{src}#a", txg[f"{src}@s1"]), (f"{src}#b", txg[f"{src}@s3"]),
+        (f"{part}#c", txg[f"{part}@s3"])]
+
+
 async def test_hold_prevents_destroy(zfs: Zfs, caps: Capabilities, cn_pool: FilePool) -> None:
     src = await _vm(zfs, cn_pool, 1, size=4096)
     snap = src.snapshot("s1")
@@ -245,7 +272,7 @@ async def test_tree_is_datasets_and_snapshots_in_one(zfs: Zfs, cn_pool: FilePool
     await zfs.set_user_props(src.snapshot("s3"), {"snapper:complete": "yes"})
     await zfs.set_user_props(part, {"snapper:complete": "no"})
     props = ["snapper:complete"]
-    datasets, snaps = await zfs.tree(src, user_props=props)
+    datasets, snaps, _ = await zfs.tree(src, user_props=props)
     assert datasets == await zfs.datasets(src, user_props=props)
     assert snaps == await zfs.snapshots(src, user_props=props, recursive=True)
     assert [d.dataset for d in datasets] == [src, part]
@@ -253,7 +280,7 @@ async def test_tree_is_datasets_and_snapshots_in_one(zfs: Zfs, cn_pool: FilePool
                                                 f"{part}@s3"]
     assert snaps[2].user_props["snapper:complete"] == "yes"
     # One level down (a receive's target): its own snapshots, none of a child's.
-    near, own = await zfs.tree(src, depth=1)
+    near, own, _ = await zfs.tree(src, depth=1)
     assert near == await zfs.datasets(src, depth=1)
     assert own == await zfs.snapshots(src) and own[-1].name == "s3"
     with pytest.raises(errors.DatasetNotFound):
@@ -273,15 +300,16 @@ async def test_tree_without_inherited_reads_a_user_property_where_it_is_set(
     await zfs.set_user_props(src.snapshot("s3"), {"snapper:complete": "yes"})
     props = ["snapper:tombstones", "snapper:complete"]
     everywhere = await zfs.tree(src, user_props=props)
-    assert all(i.user_props.get("snapper:tombstones") == "1:2"
-               for i in [*everywhere[0], *everywhere[1]])
-    datasets, snaps = await zfs.tree(src, user_props=props, inherited=False)
+    rows: list[DatasetInfo | SnapshotInfo] = [*everywhere.datasets, *everywhere.snapshots]
+    assert all(i.user_props.get("snapper:tombstones") == "1:2" for i in rows)
+    datasets, snaps, _ = await zfs.tree(src, user_props=props, inherited=False)
     assert {str(d.dataset): d.user_props for d in datasets} == {
         str(src): {"snapper:tombstones": "1:2"}, str(part): {}}
     assert {s.snapshot.name: s.user_props for s in snaps if s.snapshot.dataset == src} == {
         "s1": {}, "s2": {}, "s3": {"snapper:complete": "yes"}}
-    strip = [dataclasses.replace(i, user_props={}) for i in [*everywhere[0], *everywhere[1]]]
-    assert strip == [dataclasses.replace(i, user_props={}) for i in [*datasets, *snaps]]
+    without: list[DatasetInfo | SnapshotInfo] = [*datasets, *snaps]
+    assert [dataclasses.replace(i, user_props={}) for i in rows] == [
+        dataclasses.replace(i, user_props={}) for i in without]
 
 
 async def test_missing_dataset_is_typed(zfs: Zfs, cn_pool: FilePool) -> None:

@@ -67,7 +67,15 @@ from snapper_zone.wire.protocol import (
 )
 from snapper_zone.zfs import proc
 from snapper_zone.zfs.names import Bookmark, Dataset, Snapshot, check_component, check_uuid
-from snapper_zone.zfs.zfs import SendOptions, SendSpec, SnapshotInfo, Zfs, choose_send_options
+from snapper_zone.zfs.zfs import (
+    BookmarkInfo,
+    SendOptions,
+    SendSpec,
+    SnapshotInfo,
+    Tree,
+    Zfs,
+    choose_send_options,
+)
 
 log = logging.getLogger("snapper.cn")
 
@@ -291,20 +299,30 @@ def zone_vm_snapshots(snaps: Sequence[VmSnapshot]) -> list[ZoneVmSnapshot]:
 
 @dataclass(frozen=True)
 class _Listed:
-    """The snapshots of a VM's dataset and its children, from one listing."""
+    """The snapshots (and bookmarks, where ZFS has them) of a VM's dataset and
+    its children, from one listing."""
 
     top: Dataset
-    snaps: Sequence[SnapshotInfo]
+    tree: Tree
 
     def covers(self, ds: Dataset) -> bool:
         return self.top in (ds, ds.parent)
 
     def has(self, snap: Snapshot) -> bool:
-        return any(s.snapshot == snap for s in self.snaps)
+        return any(s.snapshot == snap for s in self.tree.snapshots)
 
     def of(self, ds: Dataset) -> list[SnapshotInfo] | None:
         """``ds``'s snapshots, oldest first; None for a dataset this does not cover."""
-        return [s for s in self.snaps if s.snapshot.dataset == ds] if self.covers(ds) else None
+        if not self.covers(ds):
+            return None
+        return [s for s in self.tree.snapshots if s.snapshot.dataset == ds]
+
+    def marks(self, ds: Dataset) -> list[BookmarkInfo] | None:
+        """``ds``'s bookmarks, oldest first; None where this does not cover it
+        or was read without them."""
+        if not self.covers(ds) or self.tree.bookmarks is None:
+            return None
+        return [b for b in self.tree.bookmarks if b.bookmark.dataset == ds]
 
 
 @dataclass
@@ -375,9 +393,9 @@ class CnClient:
         top = self.vm_dataset(vm)
         # Siblings are beside the VM (one level under the root); children and
         # the datasets below them (named, not sent) under it.
-        below, snaps = await self.zfs.tree(top, depth=2)
-        rows = [*await self.zfs.datasets(self.root, depth=1), *below]
-        return discover(top, ((str(i.dataset), i.type) for i in rows)), _Listed(top, snaps)
+        below = await self.zfs.tree(top, depth=2, bookmarks=True)
+        rows = [*await self.zfs.datasets(self.root, depth=1), *below.datasets]
+        return discover(top, ((str(i.dataset), i.type) for i in rows)), _Listed(top, below)
 
     async def vm_datasets(self, vm: str) -> dict[str, Dataset]:
         """label -> dataset: ``root`` for <root>/<vm>, each child by its basename,
@@ -392,8 +410,10 @@ class CnClient:
             snaps = await self.zfs.snapshots(ds)
         out = [Version(s.createtxg, "snapshot", s.name, s.guid) for s in snaps]
         if (await self.zfs.capabilities()).bookmarks:
-            out += [Version(b.createtxg, "bookmark", b.bookmark.name, b.guid)
-                    for b in await self.zfs.bookmarks(ds)]
+            marks = listed.marks(ds) if listed is not None else None
+            if marks is None:
+                marks = await self.zfs.bookmarks(ds)
+            out += [Version(b.createtxg, "bookmark", b.bookmark.name, b.guid) for b in marks]
         return planning.history(out)
 
     # -- push -----------------------------------------------------------------------
@@ -434,7 +454,7 @@ class CnClient:
                                         recursive=True)
                 # Listed again at once, for every part it covers (each part
                 # would otherwise list its own).
-                listed = _Listed(top, (await self.zfs.tree(top, depth=2))[1])
+                listed = _Listed(top, await self.zfs.tree(top, depth=2, bookmarks=True))
             elif not all(have):
                 missing = [label for label, h in zip(datasets, have, strict=True) if not h]
                 raise PushError(f"snapshot @{snap} exists on some of the VM's datasets but "
@@ -462,7 +482,7 @@ class CnClient:
         done = await self.zone.commit(vm, snap, list(datasets), meta, durability)
         report.durability = str(done.get("durability") or durability or "")
         report.zones = [str(z) for z in done.get("zones") or []]
-        await self._bookmark(datasets.values(), snap)
+        await self._bookmark(datasets.values(), snap, listed)
         return report
 
     async def _send_options(self, datasets: Mapping[str, Dataset],
@@ -639,21 +659,30 @@ class CnClient:
             log.warning("vmadm get %s failed: %s", vm, done.stderr.strip())
         return {"uuid": vm, "datasets": labels}, "minimal"
 
-    async def _bookmark(self, datasets: Iterable[Dataset], snap: str) -> None:
-        """Keep ``#snapper-<snap>`` so the next push is incremental even if @snap goes."""
+    async def _bookmark(self, datasets: Iterable[Dataset], snap: str,
+                        listed: _Listed | None = None) -> None:
+        """Keep ``#snapper-<snap>`` so the next push is incremental even if @snap goes.
+
+        ``listed``: the push's listing, taken after @snap was; where it covers a
+        dataset, its bookmarks and @snap's txg come from it instead of asking."""
         if not (await self.zfs.capabilities()).bookmarks:
             return
         name = BOOKMARK_PREFIX + snap
         for ds in datasets:
-            marks = await self.zfs.bookmarks(ds)
-            mine = next((b for b in marks if b.bookmark.name == name), None)
+            marks = listed.marks(ds) if listed is not None else None
+            taken = next((s for s in (listed.of(ds) or []) if s.name == snap),
+                         None) if listed is not None else None
+            if marks is None or taken is None:
+                marks, taken = await self.zfs.bookmarks(ds), None
+            mine = next((b.createtxg for b in marks if b.bookmark.name == name), None)
             if mine is None:
                 await self.zfs.bookmark(ds.snapshot(snap), name)
-                mine = next(b for b in await self.zfs.bookmarks(ds)
-                            if b.bookmark.name == name)
+                # A bookmark keeps its snapshot's txg.
+                mine = taken.createtxg if taken is not None else next(
+                    b.createtxg for b in await self.zfs.bookmarks(ds) if b.bookmark.name == name)
             for b in marks:
                 # Older snapper bookmarks only: never someone else's, never a newer one.
-                if b.bookmark.name.startswith(BOOKMARK_PREFIX) and b.createtxg < mine.createtxg:
+                if b.bookmark.name.startswith(BOOKMARK_PREFIX) and b.createtxg < mine:
                     await self.zfs.destroy(b.bookmark)
 
     # -- restore --------------------------------------------------------------------

@@ -386,7 +386,7 @@ async def receive_stream(zfs: Zfs, target: Dataset, source: Inbound, expect: Exp
     except StreamHeaderError as exc:
         raise _refusal(StreamInvalid, f"not a usable zfs send stream: {exc}") from None
     try:  # its snapshots and its resume token in one listing
-        infos, listed = await zfs.tree(target, depth=1)
+        infos, listed, _ = await zfs.tree(target, depth=1)
     except DatasetNotFound:
         infos, listed = [], []
     snaps = [s for s in listed if s.snapshot.dataset == target]

@@ -218,7 +218,7 @@ class ZoneStore:
         async with self._views[vm]:
             try:  # datasets, snapshots and tombstones in one listing: this runs
                 # for every push, and for every VM in every reconcile round
-                infos, listed = await self.zfs.tree(
+                infos, listed, _ = await self.zfs.tree(
                     container, user_props=[*_CONTAINER_PROPS, P_TOMBSTONES], inherited=False)
             except DatasetNotFound:
                 infos, listed = [], []

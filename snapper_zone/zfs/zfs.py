@@ -32,6 +32,7 @@ import platform
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from snapper_zone.errors import (
     DatasetBusy,
@@ -267,6 +268,15 @@ class DatasetInfo:
     user_props: Mapping[str, str] = field(default_factory=dict)
 
 
+class Tree(NamedTuple):
+    """A dataset's filesystems and volumes, their snapshots and (asked for, where
+    ZFS has them) their bookmarks, from one ``zfs get`` (``Zfs.tree``)."""
+
+    datasets: list[DatasetInfo]
+    snapshots: list[SnapshotInfo]
+    bookmarks: list[BookmarkInfo] | None = None  # None: not asked for, or no bookmarks here
+
+
 @dataclass(frozen=True)
 class SendSpec:
     """What to send. Exactly one of ``snapshot`` and ``resume_token``."""
@@ -396,9 +406,10 @@ class Zfs:
 
     async def _get(self, targets: Sequence[str], props: Sequence[str], *,
                    depth: int | None = None, recursive: bool = False,
-                   sources: str | None = None) -> dict[str, dict[str, tuple[str, str]]]:
+                   sources: str | None = None, types: str | None = None
+                   ) -> dict[str, dict[str, tuple[str, str]]]:
         """``zfs get -H -p``: {name: {prop: (value, source)}} in ZFS's order;
-        ``sources``: only rows of those sources (``-s``)."""
+        ``sources``: only rows of those sources (``-s``); ``types``: of those (``-t``)."""
         args = ["get", "-H", "-p", "-o", "name,property,value,source"]
         if recursive:
             args.append("-r")
@@ -406,6 +417,8 @@ class Zfs:
             args += ["-d", str(depth)]
         if sources is not None:
             args += ["-s", sources]
+        if types is not None:
+            args += ["-t", types]
         done = await self._run(*args, ",".join(props), *targets)
         rows: dict[str, dict[str, tuple[str, str]]] = {}
         for line in done.stdout.decode("utf-8", "replace").splitlines():
@@ -489,21 +502,25 @@ class Zfs:
         return _snapshot_infos(rows, extra, None if recursive else ds)
 
     async def tree(self, root: Dataset, *, user_props: Sequence[str] = (),
-                   depth: int | None = None, inherited: bool = True
-                   ) -> tuple[list[DatasetInfo], list[SnapshotInfo]]:
+                   depth: int | None = None, inherited: bool = True,
+                   bookmarks: bool = False) -> Tree:
         """``datasets(root, depth=depth)`` and ``snapshots(root, recursive=True,
         depth=depth)`` from one ``zfs get`` instead of two (a VM's inventory is
         read for every push and every reconcile round, a dataset's snapshots and
         resume token before every receive); ``user_props`` are read on both.
         ``inherited=False``: a user property only where it is set, not on every
-        row below (a long one on ``root`` is read once, not once per snapshot)."""
+        row below (a long one on ``root`` is read once, not once per snapshot).
+        ``bookmarks``: the bookmarks too, where ZFS has them (a CN plans from them)."""
         extra = [check_user_property(n) for n in user_props]
         props = list(dict.fromkeys([*await self._dataset_props(extra), *_SNAP_PROPS]))
+        marks = bookmarks and (await self.capabilities()).bookmarks
         # The native properties read here are all read-only: their source is "none".
         rows = await self._get([str(root)], props, depth=depth, recursive=depth is None,
-                               sources=None if inherited else "local,none")
-        return ([info for name, p in rows.items() if (info := _dataset_info(name, p, extra))],
-                _snapshot_infos(rows, extra, None))
+                               sources=None if inherited else "local,none",
+                               types="filesystem,volume,snapshot,bookmark" if marks else None)
+        return Tree([info for name, p in rows.items() if (info := _dataset_info(name, p, extra))],
+                    _snapshot_infos(rows, extra, None),
+                    _bookmark_infos(rows) if marks else None)
 
     async def bookmarks(self, ds: Dataset) -> list[BookmarkInfo]:
         (await self.capabilities()).require("bookmarks")
@@ -790,6 +807,15 @@ def _snapshot_infos(rows: Mapping[str, Mapping[str, tuple[str, str]]], extra: Se
             referenced=int(p["referenced"][0]), userrefs=_int(p.get("userrefs")),
             user_props=_user_props(p, extra)))
     out.sort(key=lambda s: (s.snapshot.dataset.path, s.createtxg))
+    return out
+
+
+def _bookmark_infos(rows: Mapping[str, Mapping[str, tuple[str, str]]]) -> list[BookmarkInfo]:
+    """The bookmarks among ``zfs get`` rows, oldest first."""
+    out = [BookmarkInfo(Bookmark.parse(name), int(p["guid"][0]), int(p["createtxg"][0]),
+                        int(p["creation"][0]))
+           for name, p in rows.items() if "#" in name]
+    out.sort(key=lambda b: (b.bookmark.dataset.path, b.createtxg))
     return out
 
 
