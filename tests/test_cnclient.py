@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -223,6 +224,42 @@ async def test_a_push_lists_the_zone_again_only_when_something_may_be_carried(
         assert held == [("s1", True), ("s2", True), ("s3", True), ("s4", True)]
 
 
+def _cn_commands(caplog: pytest.LogCaptureFixture, pool: str) -> list[str]:
+    """The zfs commands run on the CN's pool, as their verb (``send -n`` for an estimate)."""
+    out = []
+    for rec in caplog.records:
+        words = rec.getMessage().split() if rec.name == "snapper.proc" else []
+        if len(words) < 3 or words[0] not in ("ran", "stream") or \
+                not words[1].endswith("zfs") or not any(w.startswith(pool) for w in words):
+            continue
+        out.append("send -n" if words[2] == "send" and "-n" in words else words[2])
+    return out
+
+
+@pytest.mark.openzfs
+async def test_the_zfs_commands_a_push_costs_the_cn(
+        env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    """One listing of the VM's datasets (bookmarks too, where ZFS has them) and one
+    of the pool's top level, which also say which parts are encrypted; the
+    snapshot; one listing again for every part; per part an estimate (where ZFS
+    has one) and the send; a bookmark per part and the older ones dropped. No
+    part lists its own snapshots or bookmarks, or is asked about encryption."""
+    caps = env.caps
+    parts = 3 if caps.zvols else 2
+    async with env.client() as zone:
+        cn = env.cn(zone)
+        caplog.set_level(logging.DEBUG, logger="snapper.proc")
+        for name in ("s1", "s2"):
+            caplog.clear()
+            env.write(name, 64 << 10)
+            await cn.push(VM, name)
+            expected = ["get", "get", "snapshot", "get",
+                        *(["send -n", "send"] if caps.send_size_estimate else ["send"]) * parts,
+                        *(["bookmark"] * parts if caps.bookmarks else []),
+                        *(["destroy"] * parts if caps.bookmarks and name == "s2" else [])]
+            assert _cn_commands(caplog, env.cn_pool.name) == expected
+
+
 async def test_a_push_never_sends_back_a_snapshot_deleted_on_the_zone(env: Env) -> None:
     """The zone's newest was deleted there (tombstoned): the next push goes on
     from the one before it and skips the deleted one, and pushing the deleted
@@ -315,6 +352,7 @@ async def test_stale_resume_token_is_aborted(env: Env) -> None:
         assert [s["name"] for s in (await cn.list(VM))[VM]] == ["s1", "s3"]
 
 
+@pytest.mark.openzfs
 @pytest.mark.openzfs
 async def test_bookmark_keeps_the_chain(env: Env) -> None:
     require(env.caps, "bookmarks")

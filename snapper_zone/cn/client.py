@@ -69,6 +69,7 @@ from snapper_zone.zfs import proc
 from snapper_zone.zfs.names import Bookmark, Dataset, Snapshot, check_component, check_uuid
 from snapper_zone.zfs.zfs import (
     BookmarkInfo,
+    DatasetInfo,
     SendOptions,
     SendSpec,
     SnapshotInfo,
@@ -304,6 +305,8 @@ class _Listed:
 
     top: Dataset
     tree: Tree
+    # Every dataset listed with it (the pool's top level, the VM's below it).
+    infos: Mapping[Dataset, DatasetInfo] = field(default_factory=dict)
 
     def covers(self, ds: Dataset) -> bool:
         return self.top in (ds, ds.parent)
@@ -395,7 +398,8 @@ class CnClient:
         # the datasets below them (named, not sent) under it.
         below = await self.zfs.tree(top, depth=2, bookmarks=True)
         rows = [*await self.zfs.datasets(self.root, depth=1), *below.datasets]
-        return discover(top, ((str(i.dataset), i.type) for i in rows)), _Listed(top, below)
+        return (discover(top, ((str(i.dataset), i.type) for i in rows)),
+                _Listed(top, below, {i.dataset: i for i in rows}))
 
     async def vm_datasets(self, vm: str) -> dict[str, Dataset]:
         """label -> dataset: ``root`` for <root>/<vm>, each child by its basename,
@@ -441,7 +445,7 @@ class CnClient:
             datasets = layout.parts
             # Chosen before anything changes: an encrypted dataset a zone cannot
             # take raw is refused here, with no snapshot taken and no byte sent.
-            options = await self._send_options(datasets, await asked[0])
+            options = await self._send_options(datasets, await asked[0], listed)
             # The listing has the VM's and its children's snapshots; a sibling
             # disk's is asked for.
             have = [listed.has(ds.snapshot(snap)) if listed.covers(ds)
@@ -485,12 +489,17 @@ class CnClient:
         await self._bookmark(datasets.values(), snap, listed)
         return report
 
-    async def _send_options(self, datasets: Mapping[str, Dataset],
-                            theirs: frozenset[str]) -> dict[str, SendOptions]:
+    async def _send_options(self, datasets: Mapping[str, Dataset], theirs: frozenset[str],
+                            listed: _Listed) -> dict[str, SendOptions]:
         """Per part: raw for an encrypted dataset, else what both ZFSes have (-c -L -e);
-        ``theirs``: the zone's ``features``."""
+        ``theirs``: the zone's ``features``; whether each is encrypted from ``listed``."""
         mine = (await self.zfs.capabilities()).stream_features()
-        return {label: choose_send_options(mine, theirs, encrypted=await self.zfs.encrypted(ds),
+
+        async def encrypted(ds: Dataset) -> bool:
+            info = listed.infos.get(ds)
+            return info.encrypted if info is not None else await self.zfs.encrypted(ds)
+
+        return {label: choose_send_options(mine, theirs, encrypted=await encrypted(ds),
                                            what=str(ds))
                 for label, ds in datasets.items()}
 

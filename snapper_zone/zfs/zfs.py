@@ -266,6 +266,7 @@ class DatasetInfo:
     available: int
     resume_token: str | None
     user_props: Mapping[str, str] = field(default_factory=dict)
+    encrypted: bool = False  # ZFS native encryption (read where ZFS has it)
 
 
 class Tree(NamedTuple):
@@ -451,11 +452,11 @@ class Zfs:
         return {k: v for k, (v, _src) in rows.get(str(target), {}).items()}
 
     async def encrypted(self, ds: Dataset) -> bool:
-        """Whether ``ds`` is encrypted (ZFS native encryption); never where ZFS lacks it."""
+        """Whether ``ds`` is encrypted (ZFS native encryption); never where ZFS lacks it.
+        ``datasets`` and ``tree`` say it of each dataset they list."""
         if not (await self.capabilities()).encryption:
             return False
-        return (await self.props(ds, ["encryption"])).get("encryption", "off") not in (
-            "off", "-", "")
+        return _is_encrypted((await self.props(ds, ["encryption"])).get("encryption"))
 
     async def load_key(self, ds: Dataset, location: str | None = None) -> None:
         """``zfs load-key [-L LOCATION] ds``: open a dataset received raw with its key."""
@@ -478,8 +479,11 @@ class Zfs:
 
     async def _dataset_props(self, extra: Sequence[str]) -> list[str]:
         props = [*_DATASET_PROPS, *extra]
-        if (await self.capabilities()).resumable_receive:
+        caps = await self.capabilities()
+        if caps.resumable_receive:
             props.append("receive_resume_token")
+        if caps.encryption:  # read with the rest: a push asks it of every part
+            props.append("encryption")
         return props
 
     async def datasets(self, root: Dataset, *, user_props: Sequence[str] = (),
@@ -788,7 +792,11 @@ def _dataset_info(name: str, p: Mapping[str, tuple[str, str]],
         dataset=Dataset(name), type=p["type"][0], guid=int(p["guid"][0]),
         used=int(p["used"][0]), referenced=int(p["referenced"][0]),
         available=int(p["available"][0]), resume_token=None if token in ("-", "") else token,
-        user_props=_user_props(p, extra))
+        user_props=_user_props(p, extra), encrypted=_is_encrypted(p.get("encryption", ("", ""))[0]))
+
+
+def _is_encrypted(value: str | None) -> bool:
+    return value not in (None, "off", "-", "")
 
 
 def _snapshot_infos(rows: Mapping[str, Mapping[str, tuple[str, str]]], extra: Sequence[str],
