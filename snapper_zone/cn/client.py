@@ -475,7 +475,8 @@ class CnClient:
         for label, ds in datasets.items():
             report.datasets.append(await self._push_dataset(vm, label, ds, snap, base,
                                                             zone_snaps, deleted,
-                                                            options[label], listed))
+                                                            options[label], listed,
+                                                            inventory.datasets))
         meta, report.metadata_source = await self._metadata(vm, list(datasets), metadata)
         if any(not s.complete for s in zone_snaps) or any(d.streams > 1
                                                           for d in report.datasets):
@@ -529,17 +530,21 @@ class CnClient:
                             base: str | None, zone_snaps: list[VmSnapshot],
                             deleted: frozenset[int],
                             options: SendOptions | None = None,
-                            listed: _Listed | None = None) -> DatasetReport:
+                            listed: _Listed | None = None,
+                            tokens: Mapping[str, str | None] | None = None) -> DatasetReport:
         options = options or SendOptions()
         report = DatasetReport(label, str(ds), "", options=sorted(options.features()))
         caps = await self.zfs.capabilities()
         # Bounded: a resume, then the real push. A token that survives an abort
         # is an error, not a reason to loop.
         for _attempt in range(3):
-            # The push's own listing serves the first round; a later one asks again.
+            # The push's own listing and the zone's inventory (each part's resume
+            # token) serve the first round; a later one asks again. A token that
+            # appeared since is met as PartialReceiveExists, below.
             versions = await self.versions(ds, listed)
-            listed = None
-            token = await self.zone.resume_token(vm, label)
+            token = (tokens.get(label) if tokens is not None
+                     else await self.zone.resume_token(vm, label))
+            listed, tokens = None, None
             if token is not None:
                 decision = await self._resume_decision(token, versions, ds, label, zone_snaps,
                                                        caps.resumable_receive)
