@@ -21,9 +21,10 @@ from hypothesis import strategies as st
 
 from snapper_zone.cn.cli import CnPusher, failure
 from snapper_zone.cn.control import ControlServer
-from snapper_zone.cn.handoff import ControlError, PushRequest, socket_path
+from snapper_zone.cn.handoff import ControlError, PushRequest, ask_agent, socket_path
 from snapper_zone.cn.links import ZoneLinks
 from snapper_zone.cn.options import CnSettings
+from snapper_zone.common.progress import NoProgress
 from snapper_zone.daemon.zone import Zone
 from snapper_zone.fleet.pools import FilePool
 from snapper_zone.zfs import proc
@@ -168,6 +169,29 @@ async def test_only_the_agents_user_is_served(env: Env) -> None:
         assert other.served == 0 and await env.complete() == []
     finally:
         await other.close()
+
+
+async def test_a_refusal_sent_before_the_request_is_read_still_reaches_the_cli(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The agent refuses another user's CLI at once, without reading its request.
+    A request larger than the socket's buffer is still being written when the agent
+    closes, so the CLI's write fails (EPIPE): it must still read the refusal, not
+    report a lost agent (the race, under load, failed the test above in CI)."""
+    async def never(*_: Any) -> dict[str, Any]:
+        raise AssertionError("a refused request is never pushed")
+
+    path = tmp_path / "control.sock"
+    server = ControlServer(path, never, lambda exc: None, uid=os.geteuid() + 1)
+    await server.start()
+    try:
+        settings = CnSettings("127.0.0.1", 1, tmp_path / "key", None, None, "zones")
+        req = PushRequest(settings, VM, "s1", None, {"pad": "x" * (8 << 20)}, None, None)
+        got = await asyncio.to_thread(ask_agent, path, req, NoProgress())
+        assert got == (2, None)
+        assert "the agent takes pushes from its own user only" in capsys.readouterr().err
+        assert server.served == 0
+    finally:
+        await server.close()
 
 
 @pytest.mark.zfs

@@ -156,7 +156,10 @@ def ask_agent(path: Path, req: PushRequest, reporter: Reporter) -> \
         return None  # no agent, or a socket an agent left when it died
     with sock, sock.makefile("rb") as lines:
         try:
-            sock.sendall(wire_line(req.to_json()))
+            try:
+                sock.sendall(wire_line(req.to_json()))
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # it refused before reading the request: its answer is there to read
             for raw in lines:
                 ev = json.loads(raw)
                 if "say" in ev:
