@@ -532,7 +532,8 @@ class ZoneReceiver:
                       open_tee: OpenTee | None = None) -> tuple[Received, Transfer]:
         """Receive one dataset snapshot of ``req.vm`` from ``source``."""
         # Up front, before waiting for a slot, and again once it has one
-        # (space and usage may have gone while queued).
+        # (usage may have grown while queued; space is read again only if
+        # this first reading is no longer fresh).
         space = await self._budget(req, None)
         mirror = req.kind == "mirror-in"
         async with contextlib.AsyncExitStack() as held:
