@@ -42,6 +42,7 @@ from replication.reconcile import (
     still_awaited,
     tombstones_to_adopt,
 )
+from replication.schedule import ReconcileQueue
 from snapper_zone.common.tasks import cancel_and_wait
 from snapper_zone.errors import DatasetNotFound, SnapperError
 from snapper_zone.wire import Inventory
@@ -52,7 +53,6 @@ if TYPE_CHECKING:
 __all__ = ["MAX_ROUNDS", "MirrorUnavailable", "Replicator", "VmState"]
 
 MAX_ROUNDS = 4
-_CONCURRENCY = 2  # VMs reconciled at once by the loop (a CN push has priority)
 
 
 # Error codes that mean "the VM changed under the plan", not "something is wrong".
@@ -106,7 +106,8 @@ class Replicator:
         self.log = zone.log
         self.states: dict[str, VmState] = {}
         self._vm_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self._dirty: set[str] = set()
+        # VMs reconciled at once by the loop (a CN's push has priority over them).
+        self.queue = ReconcileQueue(zone.config.reconcile_concurrency)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lag: dict[str, tuple[int, int]] = {}
@@ -346,8 +347,9 @@ class Replicator:
                                                                 complete_only=False)
 
     def kick(self, vm: str) -> None:
-        """Reconcile ``vm`` soon (after a push or a delete), without waiting for it."""
-        self._dirty.add(vm)
+        """Reconcile ``vm`` soon (after a push or a delete), ahead of what is left of
+        the loop's round, without waiting for it."""
+        self.queue.kick(vm)
         self._wake.set()
 
     def start(self) -> None:
@@ -364,40 +366,54 @@ class Replicator:
     async def _loop(self) -> None:
         interval = self.zone.config.reconcile_interval_ms / 1000
         next_full = time.monotonic()
-        slots = asyncio.Semaphore(_CONCURRENCY)
+        queue = self.queue
 
         async def one(vm: str) -> None:
-            async with slots:
-                try:
-                    await self.sync_vm(vm)
-                except Exception:  # a bug must not stop replication of every other VM
-                    self.log.exception("reconcile crashed", extra={"vm": vm})
+            try:
+                await self.sync_vm(vm)
+            except Exception:  # a bug must not stop replication of every other VM
+                self.log.exception("reconcile crashed", extra={"vm": vm})
+            finally:
+                queue.done(vm)
+                self._queue_metrics()
+                self._wake.set()
 
-        while True:
-            now = time.monotonic()
-            if now >= next_full:
-                await self.links.refresh()
-                try:
-                    vms = set(await self.zone.store.vms())
-                except SnapperError as exc:
-                    self.log.warning("cannot list VMs: %s", exc)
-                    vms = set()
-                vms |= self._dirty
-                # Jitter keeps the two zones of a pair from starting rounds in lockstep.
-                next_full = now + interval * random.uniform(0.8, 1.2)
-            else:
-                vms = set(self._dirty)
-            self._dirty.clear()
-            self._wake.clear()
-            if vms:
-                await asyncio.gather(*(one(vm) for vm in sorted(vms)))
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(next_full - time.monotonic(), 0.01)):
-                    await self._wake.wait()
+        # Cancelling the loop (stop) cancels the reconciles it runs.
+        async with asyncio.TaskGroup() as running:
+            while True:
+                now = time.monotonic()
+                # A new round once the last one has started every VM: a round longer
+                # than the interval (a repair) runs on rather than piling up.
+                if now >= next_full and not queue.round_left:
+                    await self.links.refresh()
+                    try:
+                        queue.add_round(sorted(await self.zone.store.vms()))
+                    except SnapperError as exc:
+                        self.log.warning("cannot list VMs: %s", exc)
+                    # Jitter keeps the two zones of a pair from starting rounds in lockstep.
+                    next_full = now + interval * random.uniform(0.8, 1.2)
+                self._wake.clear()
+                while (vm := queue.take()) is not None:
+                    running.create_task(one(vm), name=f"reconcile {vm}")
+                self._queue_metrics()
+                # A kick or a reconcile's end wakes the loop; a round's time, too,
+                # once no VM of the last one waits.
+                wait = None if queue.round_left else max(next_full - time.monotonic(), 0.01)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._wake.wait()
+
+    def _queue_metrics(self) -> None:
+        counts = self.queue.counts()
+        m = self.zone.metrics
+        m.reconcile_running.set(counts.running)
+        m.reconcile_waiting.labels("kicked").set(counts.kicked)
+        m.reconcile_waiting.labels("round").set(counts.round)
 
     def report(self) -> dict[str, Any]:
         return {"zone": self.me,
                 "peers": [{"uuid": p.uuid, "ssh": f"{p.ssh_host}:{p.ssh_port}",
                            "http_url": p.http_url} for p in self.links.peers],
+                "queue": self.queue.counts().to_json(),
                 "vms": [s.to_json() for _, s in sorted(self.states.items())]}
 

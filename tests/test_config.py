@@ -75,6 +75,7 @@ def test_example_parses() -> None:
     assert {k.role for k in cfg.keys} == {"cn", "peer", "operator"}
     assert cfg.durability == "mirrored"
     assert cfg.max_concurrent_receives == 4
+    assert cfg.reconcile_concurrency == 2
     for vm in cfg.vms:
         cn = cfg.cn_for_vm(vm)
         assert cn is not None
@@ -235,6 +236,9 @@ BAD: list[tuple[str, Mutation, str, str]] = [
     ("missing role", _del("keys/2/role"), "keys[2].role", "missing"),
     ("missing peer ssh_port", _del("peers/0/ssh_port"), "peers[0].ssh_port", "missing"),
     ("unknown top field", _set("durabilty", "local"), "durabilty", "durability"),
+    ("no reconcile slot", _set("reconcile_concurrency", 0), "reconcile_concurrency", "1"),
+    ("reconcile slots junk", _set("reconcile_concurrency", "many"), "reconcile_concurrency",
+     "integer"),
     ("unknown ssh field", _set("ssh/prot", 22), "ssh.prot", "unknown"),
     ("unknown key field", _set("keys/0/cnid", CN), "keys[0].cnid", "unknown"),
     ("unknown peer field", _set("peers/0/url", "http://x"), "peers[0].url", "unknown"),

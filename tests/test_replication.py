@@ -19,6 +19,7 @@ from replication.peers import pair_of
 from snapper_zone.cn.client import CnClient
 from snapper_zone.fleet.local import LocalCN, LocalFleet, LocalZone
 from snapper_zone.transfer.remote import ZoneClient, ZoneError
+from snapper_zone.wire.protocol import Receive
 from snapper_zone.zfs.names import Dataset
 from snapper_zone.zfs.zfs import Capabilities, Zfs
 from tests.conftest import ZfsTier
@@ -272,3 +273,62 @@ async def test_a_delete_answers_once_the_mirror_followed(pair: Pair) -> None:
     async def adopted() -> bool:
         return await stones(pair.mirror) == deleted
     await wait_until(adopted, 30, "the mirror adopted the primary's tombstones")
+
+
+async def test_a_kicked_vm_is_mirrored_while_another_vm_is_held_up(
+        zfs_tier: ZfsTier, zfs: Zfs, tmp_path: Path) -> None:
+    """The loop's reconciles are independent: one VM whose copy is held up (here
+    by a client's receive that holds the VM's lock on the peer) holds one slot,
+    not the loop. A push of another VM is mirrored meanwhile; before, the loop
+    waited for every VM it had started before it started the next ones."""
+    # No rounds of their own and no tee: only the kicks of local pushes copy.
+    fleet = await LocalFleet.start(tmp_path / "fleet", zones=2, cns=1, vms_per_cn=2,
+                                   pool_size=512 << 20, reconcile_interval_ms=3_600_000,
+                                   pipelined=False)
+    try:
+        here, there = fleet.zones
+        held, other = Pair(fleet, zfs), Pair(fleet, zfs)
+        other.vm = fleet.cns[0].vms[1]
+        for p in (held, other):
+            await p.make_vm()
+            await p.push(here, "s1")  # mirrored: on both zones
+
+        async def queue(zone: LocalZone) -> dict[str, int]:
+            async with fleet.http() as http, \
+                    http.get(f"{zone.http_url}/v1/replication") as r:
+                r.raise_for_status()
+                out: dict[str, int] = (await r.json())["queue"]
+                return out
+
+        async def receiving(vm: str) -> bool:
+            return any(t["vm"] == vm for t in await held.transfers(there))
+
+        stall = ZoneClient("127.0.0.1", there.ssh_port, held.cn.key_path,
+                           host_key=there.host_key_pub)
+        async with stall:
+            # A receive that sends nothing: it holds the VM's lock on `there`.
+            chan, _ = await stall.open_channel(Receive(held.vm, "disk0", "stall", None, None))
+            try:
+                await wait_until(lambda: receiving(held.vm), 30, "the stalled receive began")
+                held.write("more", 256 << 10)
+                await held.push(here, "s2", durability="local")  # kicked; its copy waits
+
+                async def copy_waits() -> bool:
+                    return (await queue(here))["running"] == 1
+                await wait_until(copy_waits, 30, "the held VM's reconcile is running")
+                other.write("more", 256 << 10)
+                await other.push(here, "s2", durability="local")
+
+                async def other_mirrored() -> bool:
+                    return "s2" in await other.holdings(there)
+                await wait_until(other_mirrored, 30, "the other VM was mirrored")
+                assert "s2" not in await held.holdings(there)
+                assert await queue(here) == {"running": 1, "kicked": 0, "round": 0}
+            finally:
+                chan.close()
+
+        async def held_mirrored() -> bool:
+            return "s2" in await held.holdings(there)
+        await wait_until(held_mirrored, 90, "the held VM was mirrored once its lock was free")
+    finally:
+        await fleet.stop()

@@ -73,6 +73,10 @@ DEFAULT_LISTEN_HOST = "127.0.0.1"
 DEFAULT_MAX_CONCURRENT_RECEIVES = 4
 DEFAULT_METADATA_MAX_BYTES = 256 * 1024
 DEFAULT_RECONCILE_INTERVAL_MS = 30_000
+# VMs the replication loop reconciles at once. Each is one copy stream at a
+# time (one ssh, about a core's worth at full speed), so a zone with cores and
+# bandwidth to spare repairs a lost peer's copies faster with more.
+DEFAULT_RECONCILE_CONCURRENCY = 2
 DEFAULT_MIRROR_TIMEOUT_SECONDS = 600
 # A client that sends nothing for this long while its stream is read is cut
 # off: its VM lock and receive slot go to the others.
@@ -262,6 +266,8 @@ class ZoneConfig:
     # How often every VM is reconciled with its peer even with nothing new
     # (a peer that was down is noticed within this time).
     reconcile_interval_ms: int = DEFAULT_RECONCILE_INTERVAL_MS
+    # How many VMs the loop reconciles at once.
+    reconcile_concurrency: int = DEFAULT_RECONCILE_CONCURRENCY
     # How long a ``mirrored`` commit waits for the peer before it fails.
     mirror_timeout_seconds: int = DEFAULT_MIRROR_TIMEOUT_SECONDS
     # A stream (or metadata) that brings no byte for this long is cut off.
@@ -412,6 +418,7 @@ _TOP_FIELDS = (
     "coordinator_key",
     "peers",
     "reconcile_interval_ms",
+    "reconcile_concurrency",
     "mirror_timeout_seconds",
     "stream_idle_seconds",
     "pipelined_mirroring",
@@ -642,6 +649,9 @@ class FieldParser:
         interval = self.integer("reconcile_interval_ms",
                                 top.get("reconcile_interval_ms", DEFAULT_RECONCILE_INTERVAL_MS),
                                 100, 86_400_000)
+        concurrency = self.integer(
+            "reconcile_concurrency",
+            top.get("reconcile_concurrency", DEFAULT_RECONCILE_CONCURRENCY), 1, 64)
         mirror_timeout = self.integer(
             "mirror_timeout_seconds",
             top.get("mirror_timeout_seconds", DEFAULT_MIRROR_TIMEOUT_SECONDS), 1, 86_400)
@@ -683,6 +693,7 @@ class FieldParser:
             coordinator_key=coordinator_key,
             peers=peers,
             reconcile_interval_ms=interval,
+            reconcile_concurrency=concurrency,
             mirror_timeout_seconds=mirror_timeout,
             stream_idle_seconds=idle,
             pipelined_mirroring=pipelined,

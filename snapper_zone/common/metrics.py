@@ -149,6 +149,12 @@ class Metrics:
                                         ["peer", "direction", "result"], registry=r)
         self.reconcile_runs = Counter("snapper_reconcile_runs", "Reconcile rounds by outcome",
                                       ["result"], registry=r)
+        self.reconcile_running = Gauge("snapper_reconcile_running",
+                                       "VMs the replication loop is reconciling now",
+                                       registry=r)
+        self.reconcile_waiting = Gauge(
+            "snapper_reconcile_waiting", "VMs waiting for the replication loop: kicked "
+            "(after a push or a delete) or what is left of its round", ["kind"], registry=r)
 
         self.vms = Gauge("snapper_vms", "VM copies held by this zone", registry=r)
         self.vms_without_complete = Gauge(
@@ -170,6 +176,8 @@ class Metrics:
             self.bytes_received.labels(kind)
         for result in ("ok", "failed", "refused"):
             self.gate_commands.labels(result)
+        for kind in ("kicked", "round"):
+            self.reconcile_waiting.labels(kind)
 
     def set_freshness(self, newest: dict[str, int | None], now: float) -> None:
         """``newest``: each VM held here -> its newest complete snapshot's creation time."""
