@@ -162,6 +162,16 @@ def machine_cpu() -> float:
     return (user + nice + system + irq + softirq) / _TICK
 
 
+async def stream_bytes(zfs: Zfs, spec: SendSpec) -> int:
+    """The size of ``spec``'s stream, counted (no estimate: zfs-fuse has none)."""
+    child = await zfs.send(spec, stdout=proc.PIPE)
+    n = 0
+    while chunk := await child.stdout.read(1 << 20):
+        n += len(chunk)
+    await zfs.check(child)
+    return n
+
+
 def fill(path: Path, size: int) -> int:
     """Write ``size`` random (incompressible) bytes to ``path``; return the size."""
     chunk = 4 << 20
@@ -415,13 +425,7 @@ class Bench:
         self.client_key = keygen(self.workdir / "client_ed25519")
 
     async def send_bytes(self, spec: SendSpec) -> int:
-        """The size of ``spec``'s stream, counted (no estimate)."""
-        child = await self.zfs.send(spec, stdout=proc.PIPE)
-        n = 0
-        while chunk := await child.stdout.read(1 << 20):
-            n += len(chunk)
-        await self.zfs.check(child)
-        return n
+        return await stream_bytes(self.zfs, spec)
 
     async def start_sshd(self, keys: Sequence[Path]) -> None:
         """A private sshd; root's authorized keys are ``keys``' public halves."""
