@@ -48,7 +48,6 @@ from snapper_zone.transfer.plan import (
 )
 from snapper_zone.transfer.registry import Transfer
 from snapper_zone.transfer.remote import ZoneClient
-from snapper_zone.wire import PendingPart
 from snapper_zone.wire.protocol import Receive, Send
 from snapper_zone.zfs.names import Snapshot
 from snapper_zone.zfs.zfs import SendSpec, choose_send_options
@@ -171,7 +170,7 @@ class Executor:
             res = await self.client.push_stream(cmd, spec, self.zone.zfs, _Counted(t),
                                                 bwlimit=self.bwlimit)
             self.moved += res.bytes
-        await self._check_remote(ds, snap, res.pending)
+        await self._check_remote(ds, snap)
 
     async def _resumable(self, ds: str, snap: SnapRef) -> str | None:
         """The peer's resume token if ``planning.plan_resume`` says to resume it for
@@ -224,18 +223,10 @@ class Executor:
         finally:
             self.zone.metrics.mirror_transfers.labels(self.peer, "in", result).inc()
 
-    async def _check_remote(self, ds: str, snap: SnapRef,
-                            answer: PendingPart | None) -> None:
+    async def _check_remote(self, ds: str, snap: SnapRef) -> None:
         # The peer already refused a stream that was not this snapshot (it
-        # reads DRR_BEGIN and checks toguid), and its answer says the guid ZFS
-        # holds after the receive, read under its VM lock. A peer that gave no
-        # readable answer is asked with a listing.
-        if answer is not None and (answer.vm, answer.dataset, answer.snapshot) == \
-                (self.vm, ds, snap.name):
-            if answer.guid == snap.guid:
-                return
-            raise GuidMismatch(f"zone {self.peer}: {self.vm}/{ds}@{snap.name} is guid "
-                               f"{answer.guid}, not {snap.guid}, after the transfer")
+        # reads DRR_BEGIN and checks toguid); asking again costs one listing
+        # and catches a peer that changed under us.
         for s in await self.client.snapshots(self.vm):
             if s.name == snap.name:
                 part = s.parts.get(ds)

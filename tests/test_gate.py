@@ -390,10 +390,6 @@ async def _ssh_child_of(task: asyncio.Task[object]) -> int:
     return found[0]
 
 
-async def guid_of(zfs: Zfs, ds: Dataset, snap: str) -> int:
-    return next(s.guid for s in await zfs.snapshots(ds) if s.name == snap)
-
-
 async def test_a_zone_link_uses_ssh_only_through_a_gate(gate: Gate, zfs: Zfs) -> None:
     """A zone's link to its peer (``openssh_gate_only``) sends a copy through the
     peer's gate when it has one, and over the link itself (asyncssh) when not."""
@@ -404,10 +400,6 @@ async def test_a_zone_link_uses_ssh_only_through_a_gate(gate: Gate, zfs: Zfs) ->
                                      SendSpec(gate.vm.snapshot("z1")), zfs)
         assert res.bytes > (2 << 20)
         assert gate.ports_used() == [str(gate.sshd_port)]
-        # The zone's answer, through ssh's stdout: the guid it holds now (the
-        # copy's check after the transfer).
-        assert res.pending is not None and (res.pending.snapshot, res.pending.guid) == \
-            ("z1", await guid_of(zfs, gate.vm, "z1"))
         await zone.commit(VM, "z1", ["root"], None)
         write_random(gate.cn_pool, gate.vm, "b", 1 << 20)
         await zfs.snapshot([gate.vm.snapshot("z2")])
@@ -417,8 +409,6 @@ async def test_a_zone_link_uses_ssh_only_through_a_gate(gate: Gate, zfs: Zfs) ->
                                      zfs)
         assert res.bytes > (1 << 20)
         assert gate.ports_used() == [str(gate.sshd_port)]  # no ssh this time
-        assert res.pending is not None and (res.pending.base, res.pending.guid) == \
-            ("z1", await guid_of(zfs, gate.vm, "z2"))
 
 
 async def test_a_zone_link_logs_in_once_for_its_copies(gate: Gate, zfs: Zfs) -> None:

@@ -15,7 +15,6 @@ from snapper_zone.wire import (
     InvalidDocument,
     Inventory,
     Part,
-    PendingPart,
     VmSnapshot,
     ZoneEndpoint,
     ZoneRegistration,
@@ -324,33 +323,3 @@ def test_malformed_elsewhere_is_refused() -> None:
     for body in bodies:
         with pytest.raises(InvalidDocument):
             elsewhere_from_json(body)
-
-
-# -- a receive's answer ---------------------------------------------------------------
-
-
-@given(uuids, names, labels, guids, st.none() | names, st.none() | st.integers(0, 86_400))
-def test_a_receive_answer_round_trips(vm: str, snap: str, ds: str, guid: int,
-                                      base: str | None, lease: int | None) -> None:
-    answer = PendingPart(vm, snap, ds, guid, base, lease)
-    assert PendingPart.from_json(json.loads(json.dumps(answer.to_json()))) == answer
-
-
-@pytest.mark.parametrize("body, field", [
-    ({}, "answer: missing"),
-    ({"pending": []}, "answer.pending: expected an object"),
-    ({"pending": {"vm": VM, "snapshot": "s1", "dataset": "root", "guid": "1f"}},
-     "answer.pending.guid"),
-    ({"pending": {"vm": VM, "snapshot": "../s1", "dataset": "root", "guid": "1"}},
-     "answer.pending.snapshot"),
-    ({"pending": {"vm": VM, "snapshot": "s1", "dataset": "a/b", "guid": "1"}},
-     "answer.pending.dataset"),
-    ({"pending": {"vm": "not-a-vm", "snapshot": "s1", "dataset": "root", "guid": "1"}},
-     "answer.pending.vm"),
-    ({"pending": {"vm": VM, "snapshot": "s1", "dataset": "root", "guid": "1",
-                  "lease_seconds": "soon"}}, "answer.pending.lease_seconds"),
-])
-def test_a_malformed_receive_answer_is_refused(body: Any, field: str) -> None:
-    with pytest.raises(InvalidDocument) as err:
-        PendingPart.from_json(body)
-    assert err.value.message.startswith(field), err.value.message

@@ -38,7 +38,7 @@ from snapper_zone.transfer.local import (
 from snapper_zone.transfer.registry import PENDING_TTL, SnapshotInUse
 from snapper_zone.transfer.store import SnapshotNotFound, VmSnapshot
 from snapper_zone.transfer.stream import ClientGone, Inbound, Sink, copy_out, splice_out
-from snapper_zone.wire import PendingPart, jsontext, protocol
+from snapper_zone.wire import jsontext, protocol
 from snapper_zone.wire.protocol import (
     Abort,
     Command,
@@ -236,12 +236,12 @@ class Service:
             await tees.finish(cmd, teed[0])
         # Say what is now awaiting a commit, and for how long: a client that
         # commits from another connection (plain OpenSSH) knows its lease.
-        # The guid is the one ZFS holds now (``confirm_guid``): a peer zone's copy
-        # takes it as the check after its transfer.
-        io.write(_json_line(PendingPart(
-            cmd.vm, cmd.snapshot, cmd.dataset, got.begin.toguid, got.base,
+        io.write(_json_line({"pending": {
+            "vm": cmd.vm, "snapshot": cmd.snapshot, "dataset": cmd.dataset,
+            "guid": str(got.begin.toguid), "base": got.base,
             # With --session (--bind) the parts end with this (that) connection: no lease.
-            None if cmd.session or cmd.bind is not None else int(PENDING_TTL)).to_json()))
+            "lease_seconds": None if cmd.session or cmd.bind is not None
+            else int(PENDING_TTL)}}))
 
     # -- send -------------------------------------------------------------------
 

@@ -43,7 +43,7 @@ from snapper_zone.transfer.stream import (
     narrow_reads,
     pipe_inbound,
 )
-from snapper_zone.wire import InvalidDocument, Inventory, PendingPart, VmSnapshot
+from snapper_zone.wire import Inventory, VmSnapshot
 from snapper_zone.wire.protocol import (
     Abort,
     Command,
@@ -133,9 +133,6 @@ def pinned_host_key(key: str | Path | asyncssh.SSHKey) -> Callable[
 class StreamResult:
     bytes: int
     seconds: float
-    # A push's answer: the part now pending on the zone, with the guid ZFS holds
-    # there. None where the zone said nothing readable (the caller lists instead).
-    pending: PendingPart | None = None
 
 
 class ExecSession(asyncssh.SSHClientSession[bytes]):
@@ -300,16 +297,8 @@ async def _drive_push(sender: proc.Spawned, pump: SendPump | SplicePump, transpo
     return sent, ended, hung_up
 
 
-def _pending(answer: bytes) -> PendingPart | None:
-    """The zone's ``pending`` answer to a receive, if it gave one that reads."""
-    try:
-        return PendingPart.from_json(json.loads(answer.decode("utf-8").strip()))
-    except (ValueError, InvalidDocument):  # UnicodeError and JSON's are ValueErrors
-        return None
-
-
 def _push_result(err: ZoneError | None, sent: proc.Completed, hung_up: bool,
-                 pump: SendPump | SplicePump, started: float, answer: bytes) -> StreamResult:
+                 pump: SendPump | SplicePump, started: float) -> StreamResult:
     """A pushed stream's outcome, raising the most telling error: when the zone saw
     a truncated stream because our send failed, the send's own error says why."""
     if err is not None:
@@ -318,7 +307,7 @@ def _push_result(err: ZoneError | None, sent: proc.Completed, hung_up: bool,
         raise err
     if not sent.ok:
         raise classify(sent.argv, sent.stderr, sent.returncode)
-    return StreamResult(pump.bytes, time.monotonic() - started, _pending(answer))
+    return StreamResult(pump.bytes, time.monotonic() - started)
 
 
 class SshChild:
@@ -350,10 +339,8 @@ class SshChild:
                 child, fd = await proc.child_on_pipe(
                     lambda w: proc.spawn(argv(known_hosts), stdout=w), child_writes=True)
             else:
-                # Its stdout is the zone's answer (a receive's ``pending``).
                 child, fd = await proc.child_on_pipe(
-                    lambda r: proc.spawn(argv(known_hosts), stdin=r, keep_stdout=True),
-                    child_writes=False)
+                    lambda r: proc.spawn(argv(known_hosts), stdin=r), child_writes=False)
         except BaseException:
             tmp.cleanup()
             raise
@@ -621,7 +608,7 @@ class ZoneClient:
         except (OSError, asyncssh.Error) as exc:
             raise ZoneUnreachable(f"{self.endpoint}: receive: {exc}") from exc
         return _push_result(session.error(line) if session.exit_status != 0 else None,
-                            sent, hung_up, pump, started, bytes(session.stdout))
+                            sent, hung_up, pump, started)
 
     def openssh_argv(self, ssh: str, line: str, known_hosts: Path,
                      port: int | None = None, *, mux: Path | None = None,
@@ -798,7 +785,7 @@ class ZoneClient:
                                       gate=port != self.port)) is not None:
             raise failed
         return _push_result(None if done.ok else _zone_error(done, line), sent, hung_up,
-                            pump, started, done.stdout)
+                            pump, started)
 
     async def push_chunks(self, cmd: Receive, chunks: AsyncIterator[bytes],
                           progress: Reporter | None = None) -> StreamResult:

@@ -242,42 +242,6 @@ class VmSnapshot:
                    None if source is None else _text(source, f"{at}.source"))
 
 
-@dataclass(frozen=True)
-class PendingPart:
-    """A zone's answer to a ``receive`` that ended well: what is now awaiting a
-    commit, the guid the zone read back from ZFS after the receive, and for how
-    long it is kept uncommitted (None: until the connection it is bound to ends)."""
-
-    vm: str
-    snapshot: str
-    dataset: str
-    guid: int
-    base: str | None
-    lease_seconds: int | None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"pending": {"vm": self.vm, "snapshot": self.snapshot, "dataset": self.dataset,
-                            "guid": guid_to_json(self.guid), "base": self.base,
-                            "lease_seconds": self.lease_seconds}}
-
-    @classmethod
-    def from_json(cls, value: object, where: str = "answer") -> PendingPart:
-        doc = _obj(_field(_obj(value, where), "pending", where), f"{where}.pending")
-        at = f"{where}.pending"
-
-        def name(key: str, what: str) -> str:
-            return _checked(lambda v: check_component(v, what), _field(doc, key, at),
-                            f"{at}.{key}")
-        base, lease = doc.get("base"), doc.get("lease_seconds")
-        return cls(_checked(lambda v: check_uuid(v, "VM uuid"), _field(doc, "vm", at),
-                            f"{at}.vm"),
-                   name("snapshot", "snapshot name"), name("dataset", "VM dataset"),
-                   guid_from_json(_field(doc, "guid", at), f"{at}.guid"),
-                   None if base is None else _checked(
-                       lambda v: check_component(v, "snapshot name"), base, f"{at}.base"),
-                   None if lease is None else _int(lease, f"{at}.lease_seconds"))
-
-
 def snapshot_list_from_json(value: object, where: str = "snapshots") -> list[VmSnapshot]:
     """A bare list of VM snapshots (``GET /v1/vms/{uuid}/snapshots``), oldest first."""
     return [VmSnapshot.from_json(s, f"{where}[{i}]") for i, s in enumerate(_list(value, where))]

@@ -53,18 +53,13 @@ def _check_argv(argv: Sequence[str]) -> tuple[str, ...]:
     return args
 
 
-async def _collect(stream: asyncio.StreamReader) -> bytes:
-    """All ``stream`` brings, its last ``STDERR_LIMIT`` bytes kept."""
+async def _collect_stderr(stream: asyncio.StreamReader) -> str:
     kept = bytearray()
     while chunk := await stream.read(65536):
         kept += chunk
         if len(kept) > STDERR_LIMIT:
             del kept[: len(kept) - STDERR_LIMIT]
-    return bytes(kept)
-
-
-async def _collect_stderr(stream: asyncio.StreamReader) -> str:
-    return (await _collect(stream)).decode("utf-8", "replace")
+    return kept.decode("utf-8", "replace")
 
 
 async def run(
@@ -104,20 +99,14 @@ async def run(
 
 
 class Spawned:
-    """A running streaming child. ``wait()`` returns its Completed (stdout empty
-    unless spawned with ``keep_stdout``)."""
+    """A running streaming child. ``wait()`` returns its Completed (stdout empty)."""
 
-    def __init__(self, argv: tuple[str, ...], proc: asyncio.subprocess.Process, *,
-                 keep_stdout: bool = False) -> None:
+    def __init__(self, argv: tuple[str, ...], proc: asyncio.subprocess.Process) -> None:
         self.argv = argv
         self.proc = proc
         self.started = time.monotonic()
         assert proc.stderr is not None
         self._stderr = asyncio.ensure_future(_collect_stderr(proc.stderr))
-        self._stdout: asyncio.Future[bytes] | None = None
-        if keep_stdout:
-            assert proc.stdout is not None
-            self._stdout = asyncio.ensure_future(_collect(proc.stdout))
 
     @property
     def pid(self) -> int:
@@ -138,8 +127,7 @@ class Spawned:
     async def wait(self) -> Completed:
         rc = await self.proc.wait()
         err = await self._stderr
-        out = await self._stdout if self._stdout is not None else b""
-        done = Completed(self.argv, rc, out, err, time.monotonic() - self.started)
+        done = Completed(self.argv, rc, b"", err, time.monotonic() - self.started)
         log.debug("stream %s rc=%d in %.3fs", " ".join(self.argv), rc, done.seconds)
         return done
 
@@ -182,12 +170,8 @@ async def spawn(
     stdout: Wire = DEVNULL,
     env: Mapping[str, str] | None = None,
     new_session: bool = False,
-    keep_stdout: bool = False,
 ) -> Spawned:
     """Start a streaming child. ``stdin``/``stdout`` are PIPE, DEVNULL or an fd/file.
-
-    ``keep_stdout``: stdout is collected (its last ``STDERR_LIMIT`` bytes) into
-    ``wait()``'s Completed: a short answer, not a stream.
 
     ``new_session``: the child leads a process group of its own, so
     ``Spawned.kill_group`` ends it with whatever it started (a shell pipeline).
@@ -195,12 +179,12 @@ async def spawn(
     args = _check_argv(argv)
     try:
         proc = await asyncio.create_subprocess_exec(
-            *args, stdin=stdin, stdout=PIPE if keep_stdout else stdout, stderr=PIPE,
+            *args, stdin=stdin, stdout=stdout, stderr=PIPE,
             env=dict(env) if env is not None else None, start_new_session=new_session,
         )
     except FileNotFoundError as exc:
         raise CommandNotFound(f"{args[0]}: command not found") from exc
-    return Spawned(args, proc, keep_stdout=keep_stdout)
+    return Spawned(args, proc)
 
 
 def os_pipe() -> tuple[int, int]:
