@@ -57,7 +57,8 @@ MAX_ROUNDS = 4
 
 # Error codes that mean "the VM changed under the plan", not "something is wrong".
 _RACES = frozenset({"ResourceExists", "IncrementalSourceMismatch", "PartialReceiveExists",
-                    "ResourceBusy", "DestinationModified", "ResourceNotFound"})
+                    "ResourceBusy", "DestinationModified", "ResourceNotFound",
+                    "PartComplete"})
 
 
 def _histories(inv: ZoneInventory) -> dict[str, list[str]]:

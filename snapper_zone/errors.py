@@ -157,3 +157,13 @@ class NotPlacedHere(SnapperError):
 
     code = "NotPlacedHere"
     http_status = 409
+
+
+class PartComplete(SnapperError):
+    """A reconcile's destroy of a part that a complete snapshot on this zone now
+    includes. The plan came from a listing taken while another zone committed the
+    snapshot here (parts listed, marker not yet): it is not debris any more, so
+    nothing is destroyed and the caller plans again from a fresh listing."""
+
+    code = "PartComplete"
+    http_status = 409

@@ -25,12 +25,15 @@ from typing import Any
 import asyncssh
 import pytest
 
+from replication.inventory import from_document
+from replication.reconcile import Delete, Reason, ZoneInventory, reconcile
 from snapper_zone.common.config import ZoneConfig, parse_config
 from snapper_zone.daemon.sshserver import ENCRYPTION_ALGS, start_ssh_server
 from snapper_zone.daemon.zone import Zone
+from snapper_zone.errors import PartComplete
 from snapper_zone.fleet.pools import FilePool
 from snapper_zone.transfer import local as transfer_local
-from snapper_zone.transfer.registry import Transfer
+from snapper_zone.transfer.registry import SnapshotInUse, Transfer
 from snapper_zone.transfer.stream import ClientGone, Inbound
 from snapper_zone.wire import protocol
 from snapper_zone.wire.protocol import Commit, Receive, Send
@@ -741,6 +744,38 @@ async def test_peer_mirror_in_is_its_own_kind(zfs: Zfs, cn_pool: FilePool,
     assert status == 0 and json.loads(out)["source"] == f"zone:{PEER_UUID}"
     assert await guids(zfs, h.root.child(VM_A).child("disk0")) == await guids(zfs, src)
     assert Snapshot(h.root.child(VM_A), "s1")  # container marker named inside the root
+
+
+@pytest.mark.zfs
+async def test_a_debris_destroy_planned_before_the_commit_is_refused_after_it(
+        zfs: Zfs, cn_pool: FilePool, zone_pool: FilePool, make_harness: MakeHarness) -> None:
+    """The soak's race, step by step. A zone is listed while a third zone commits
+    a pipelined push on it: the part is there, its marker not yet, and the lease
+    that names it in use has ended by the time in_use is read. The plan calls
+    the part debris; the commit lands; then the destroy arrives. The zone checks
+    again under the VM lock and refuses, so the acknowledged copy stays."""
+    h = await make_harness(await zone_root(zfs, zone_pool), {"cn-a": [VM_A]})
+    src, _ = await cn_vm(zfs, cn_pool, "vm", 1, size=64 << 10)
+    peer = await h.connect("peer")
+    assert (await push(peer, zfs, src, VM_A, "s1"))[0] == 0
+    listed, _ = from_document(ZONE_UUID, await h.zone.store.document(VM_A))
+    stale = reconcile(listed, ZoneInventory(PEER_UUID, {}))
+    debris = [a for a in stale if isinstance(a, Delete)]
+    assert [(a.dataset, a.reason) for a in debris] == [("disk0", Reason.DEBRIS)]
+    destroy = f"destroy {VM_A} s1 --dataset disk0 --guid {debris[0].guid}"
+    here = h.zone.endpoint()
+    # Before the commit the part is in use, for a peer's destroy and the zone's own.
+    status, _, err = await run(peer, destroy)
+    assert (status, err_code(err)) == (1, "ResourceBusy")
+    with pytest.raises(SnapshotInUse):
+        await here.destroy(VM_A, "s1", "disk0", debris[0].guid)
+    assert (await run(peer, f"commit {VM_A} s1 disk0"))[0] == 0
+    status, _, err = await run(peer, destroy)
+    assert (status, err_code(err)) == (1, "PartComplete")
+    with pytest.raises(PartComplete):
+        await here.destroy(VM_A, "s1", "disk0", debris[0].guid)
+    assert [(s.name, s.complete) for s in await h.zone.store.snapshots(VM_A)] == [("s1", True)]
+    assert await guids(zfs, h.root.child(VM_A).child("disk0")) == await guids(zfs, src)
 
 
 @pytest.mark.zfs

@@ -174,8 +174,6 @@ class Service:
                 self.log.info("deleted snapshot", extra={"vm": vm, "snapshot": snap,
                                                          "principal": p.label})
             case Destroy(vm, snap, ds, guid):
-                if snap in self.zone.transfers.in_use(vm):
-                    raise SnapshotInUse(f"VM {vm} snapshot {snap!r} is in use by a transfer")
                 await self.zone.endpoint(p.label).destroy(vm, snap, ds, guid)
             case Ping():
                 io.write(b"pong\n")

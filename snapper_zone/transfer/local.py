@@ -50,7 +50,7 @@ from snapper_zone.errors import (
     StreamInvalid,
     ZfsError,
 )
-from snapper_zone.transfer.registry import Transfer, TransferRegistry
+from snapper_zone.transfer.registry import SnapshotInUse, Transfer, TransferRegistry
 from snapper_zone.transfer.store import VmSnapshot as StoredSnapshot
 from snapper_zone.transfer.store import ZoneStore
 from snapper_zone.transfer.stream import ClientGone, Inbound, PipeGone, Sink
@@ -494,6 +494,10 @@ class LocalEndpoint:
     async def destroy(self, vm: str, snap: str, dataset: str | None,
                       guid: int | None) -> None:
         async with self.vm_locks[vm]:
+            # Checked under the lock a commit takes: a part stays in use until its
+            # commit has marked it, so no destroy lands between the two.
+            if snap in self.transfers.in_use(vm):
+                raise SnapshotInUse(f"VM {vm} snapshot {snap!r} is in use by a transfer")
             if dataset is None:
                 await self.store.destroy_marker(vm, snap)
             else:

@@ -32,7 +32,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from snapper_zone import wire
-from snapper_zone.errors import DatasetExists, DatasetNotFound, MetadataTooLarge, SnapperError
+from snapper_zone.errors import (
+    DatasetExists,
+    DatasetNotFound,
+    MetadataTooLarge,
+    PartComplete,
+    SnapperError,
+)
 from snapper_zone.zfs.names import (
     UUID_PATTERN,
     Dataset,
@@ -311,7 +317,8 @@ class ZoneStore:
         await self._destroy_if_there(snap)
 
     async def destroy_part(self, vm: str, dataset: str, name: str, guid: int) -> None:
-        """Destroy ``<vm>/<dataset>@name`` if it still is the snapshot ``guid``."""
+        """Destroy ``<vm>/<dataset>@name`` if it still is the snapshot ``guid`` and
+        no complete VM snapshot here includes it (``PartComplete``)."""
         ds = self.part_dataset(vm, dataset)
         try:
             snaps = await self.zfs.snapshots(ds)
@@ -323,6 +330,14 @@ class ZoneStore:
         if have.guid != guid:
             raise SnapshotNotFound(f"{ds}@{name} is guid {have.guid}, not {guid}; "
                                    "not destroyed")
+        # A whole marker goes before its parts (a tombstone's plan destroys it
+        # first); one here now means the caller listed this zone mid-commit.
+        listed, _ = await self.marked(vm)
+        mine = next((s for s in listed if s.name == name), None)
+        part = mine.parts.get(dataset) if mine is not None else None
+        if mine is not None and mine.complete and part is not None and part.guid == guid:
+            raise PartComplete(f"{ds}@{name} (guid {guid}) is part of VM {vm}'s complete "
+                               f"snapshot {name!r} here; not destroyed")
         await self._destroy_if_there(have.snapshot)
         await self._settle(ds)
 

@@ -36,7 +36,10 @@ client, the zone-to-zone mirror and an operator's plain ``ssh`` agree.
     delete VM SNAP                          destroy a VM snapshot (all parts)
     destroy VM SNAP [--dataset DS --guid G] zone to zone (reconcile): destroy one
                                             part if it is still guid G, or (no
-                                            --dataset) only the VM's marker
+                                            --dataset) only the VM's marker;
+                                            refused while SNAP is in use
+                                            (ResourceBusy) or a complete snapshot
+                                            here includes the part (PartComplete)
     ping                                    stdout: "pong"
     whoami                                  stdout: JSON {"connection", "principal"}:
                                             this connection's number (for --bind)
