@@ -485,3 +485,54 @@ async def test_a_placement_made_stale_by_a_move_is_corrected_without_losing_a_pu
     fresh = fleet.answers.placement(vm)
     assert fresh is not None and [e["uuid"] for e in fresh.doc["endpoints"]] == new
     await _settled_two_copies(fleet, acked, "two copies after the move")
+
+
+async def test_a_zone_told_of_a_new_pair_can_mirror_to_it_through_an_outage(
+        zfs_tier: ZfsTier, zfs: Zfs, tmp_path: Path) -> None:
+    """The staying zone of a move learns its new partner's address and host key
+    when it is told of the switch, not only at its next round: the zone added
+    for the move came after the staying zone last asked for the fleet's zones
+    (rounds here are an hour apart), the move's copy ran from the drained zone,
+    and the coordinator goes down straight after. A push mirrored to the new
+    pair is acknowledged; before, the staying zone knew the pair but not the
+    zone, and said it had no mirror."""
+    lf = await LocalFleet.start(tmp_path / "fleet", zones=2, cns=1, vms_per_cn=1,
+                                pool_size=512 << 20, coordinator=True,
+                                reconcile_interval_ms=3_600_000, lost_after=4.0)
+    try:
+        async with lf.http() as http:
+            fleet = Fleet(lf, zfs, http)
+            await wait_until(lambda: _registered(fleet, 2), 60, "2 zones registered")
+            await fleet.make_vms()
+            vm = fleet.cn.vms[0]
+            await _push_rounds(fleet, ["s1"])
+            drained, staying = (await fleet.get(f"{fleet.url}/v1/placement/{vm}"))["zones"]
+            async with http.put(f"{fleet.url}/v1/zones/{drained}/state",
+                                json={"state": "draining"}) as r:
+                assert r.status == 200, await r.text()
+            added = await lf.add_zone(512 << 20)
+            await lf.start_zone(added)
+
+            async def moved() -> bool:
+                pair = (await fleet.get(f"{fleet.url}/v1/placement/{vm}"))["zones"]
+                return sorted(pair) == sorted([staying, added.uuid]) \
+                    and await fleet.moves_settled()
+
+            await wait_until(moved, 240, "the VM moved to the added zone", poll=1.0)
+
+            def kept() -> list[str] | None:
+                seen = AnswerCache.load(_answers_path(fleet.zone(staying)),
+                                        logging.getLogger("test")).placement(vm)
+                return None if seen is None else sorted(seen.doc["zones"])
+
+            await wait_for(lambda: kept() == sorted([staying, added.uuid]), timeout=3)
+            lf.stop_coordinator(kill=True)
+            write_random(fleet.cn.pool, Dataset(fleet.cn.pool.name).child(vm).child("disk0"),
+                         "s2", 128 << 10)
+            zones = await fleet.push(vm, "s2")
+            assert fleet.pushed_to[vm] == staying
+            assert sorted(zones) == sorted([staying, added.uuid])
+            held = await fleet.holders()
+            assert all("s2" in held[vm][z] for z in (staying, added.uuid))
+    finally:
+        await lf.stop()

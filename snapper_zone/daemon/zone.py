@@ -244,12 +244,21 @@ class Zone:
         """Ask the coordinator for ``vm``'s placement now, past the cache's TTL (a
         move switched it): the pair this zone mirrors to, and checks CNs'
         pushes against, is the new one from here on, and is the one kept for
-        an outage. None: no coordinator here, or none answers."""
-        coordinator = self.replicator.links.coordinator if self.replicator else None
-        if coordinator is None:
+        an outage, its zones known as peers. None: no coordinator here, or none
+        answers."""
+        links = self.replicator.links if self.replicator else None
+        if links is None or links.coordinator is None:
             return None
-        got = await coordinator.lookup(vm, fresh=True, create=False)
-        return None if got is None else got.zones
+        got = await links.coordinator.lookup(vm, fresh=True, create=False)
+        if got is None:
+            return None
+        known = {p.uuid for p in links.peers}
+        if any(z != self.config.uuid and z not in known for z in got.zones):
+            # A zone added for the move, since this one last asked for the fleet's
+            # zones: learn its address and key now, while the coordinator answers,
+            # so a push through an outage that starts next can still be mirrored.
+            await links.refresh()
+        return got.zones
 
     def _refuse_in_use(self, vm: str) -> None:
         if self.transfers.in_use(vm):
