@@ -331,9 +331,12 @@ class ZoneStore:
             raise SnapshotNotFound(f"{ds}@{name} is guid {have.guid}, not {guid}; "
                                    "not destroyed")
         # A whole marker goes before its parts (a tombstone's plan destroys it
-        # first); one here now means the caller listed this zone mid-commit.
-        listed, _ = await self.marked(vm)
-        mine = next((s for s in listed if s.name == name), None)
+        # first); one here now means the caller listed this zone mid-commit. The
+        # VM is listed only where a marker is, so a followed delete costs no listing.
+        mine = None
+        if await self.zfs.exists(Snapshot(self.vm_dataset(vm), name)):
+            listed, _ = await self.marked(vm)
+            mine = next((s for s in listed if s.name == name), None)
         part = mine.parts.get(dataset) if mine is not None else None
         if mine is not None and mine.complete and part is not None and part.guid == guid:
             raise PartComplete(f"{ds}@{name} (guid {guid}) is part of VM {vm}'s complete "
