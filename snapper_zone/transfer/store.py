@@ -335,8 +335,7 @@ class ZoneStore:
         # VM is listed only where a marker is, so a followed delete costs no listing.
         mine = None
         if await self.zfs.exists(Snapshot(self.vm_dataset(vm), name)):
-            listed, _ = await self.marked(vm)
-            mine = next((s for s in listed if s.name == name), None)
+            mine = next((s for s in await self.snapshots(vm) if s.name == name), None)
         part = mine.parts.get(dataset) if mine is not None else None
         if mine is not None and mine.complete and part is not None and part.guid == guid:
             raise PartComplete(f"{ds}@{name} (guid {guid}) is part of VM {vm}'s complete "
