@@ -173,14 +173,21 @@ async def fleet(request: pytest.FixtureRequest, zfs_tier: ZfsTier, zfs: Zfs,
                 tmp_path: Path) -> AsyncIterator[Fleet]:
     """3 zones and a coordinator; ``@pytest.mark.vms(n)`` sets the CN's VM count."""
     mark = request.node.get_closest_marker("vms")
-    n = mark.args[0] if mark else N_VMS
-    lf = await LocalFleet.start(tmp_path / "fleet", zones=3, cns=1, vms_per_cn=n,
+    async with _started(zfs, tmp_path, vms=mark.args[0] if mark else N_VMS) as f:
+        yield f
+
+
+@contextlib.asynccontextmanager
+async def _started(zfs: Zfs, tmp_path: Path, *, zones: int = 3, vms: int = N_VMS,
+                   reconcile_interval_ms: int = 5000) -> AsyncIterator[Fleet]:
+    """A fleet of ``zones`` admitted zones, a coordinator and a CN with ``vms`` VMs."""
+    lf = await LocalFleet.start(tmp_path / "fleet", zones=zones, cns=1, vms_per_cn=vms,
                                 pool_size=512 << 20, coordinator=True,
-                                reconcile_interval_ms=5000, lost_after=4.0)
+                                reconcile_interval_ms=reconcile_interval_ms, lost_after=4.0)
     try:
         async with lf.http() as http:  # as the fleet's operator
             f = Fleet(lf, zfs, http)
-            await wait_until(lambda: _registered(f, 3), 60, "3 zones registered")
+            await wait_until(lambda: _registered(f, zones), 60, f"{zones} zones registered")
             await f.make_vms()
             yield f
     finally:
@@ -430,6 +437,12 @@ def _answers_path(zone: LocalZone) -> Path:
     return zone.config_path.parent / f"coordinator-answers-{zone.uuid}.json"
 
 
+def _kept_pair(zone: LocalZone, vm: str) -> list[str] | None:
+    """The pair ``zone`` keeps for ``vm`` from the coordinator's last answer."""
+    seen = AnswerCache.load(_answers_path(zone), logging.getLogger("test")).placement(vm)
+    return None if seen is None else list(seen.doc["zones"])
+
+
 @pytest.mark.vms(2)
 async def test_a_placement_made_stale_by_a_move_is_corrected_without_losing_a_push(
         fleet: Fleet) -> None:
@@ -459,15 +472,8 @@ async def test_a_placement_made_stale_by_a_move_is_corrected_without_losing_a_pu
     # not only after its 10 s TTL, so the mirror the staying zone picks through
     # the outage below is the new one.
 
-    def kept_pairs() -> list[list[str] | None]:
-        out: list[list[str] | None] = []
-        for z in new:
-            seen = AnswerCache.load(_answers_path(fleet.zone(z)),
-                                    logging.getLogger("test")).placement(vm)
-            out.append(None if seen is None else list(seen.doc["zones"]))
-        return out
-
-    await wait_for(lambda: kept_pairs() == [new, new], timeout=3)
+    await wait_for(lambda: [_kept_pair(fleet.zone(z), vm) for z in new] == [new, new],
+                   timeout=3)
     assert fleet.answers.placement(vm) is not None  # still the old pair: never asked since
     fleet.f.stop_coordinator(kill=True)
     write_random(fleet.cn.pool, Dataset(fleet.cn.pool.name).child(vm).child("disk0"),
@@ -496,43 +502,30 @@ async def test_a_zone_told_of_a_new_pair_can_mirror_to_it_through_an_outage(
     and the coordinator goes down straight after. A push mirrored to the new
     pair is acknowledged; before, the staying zone knew the pair but not the
     zone, and said it had no mirror."""
-    lf = await LocalFleet.start(tmp_path / "fleet", zones=2, cns=1, vms_per_cn=1,
-                                pool_size=512 << 20, coordinator=True,
-                                reconcile_interval_ms=3_600_000, lost_after=4.0)
-    try:
-        async with lf.http() as http:
-            fleet = Fleet(lf, zfs, http)
-            await wait_until(lambda: _registered(fleet, 2), 60, "2 zones registered")
-            await fleet.make_vms()
-            vm = fleet.cn.vms[0]
-            await _push_rounds(fleet, ["s1"])
-            drained, staying = (await fleet.get(f"{fleet.url}/v1/placement/{vm}"))["zones"]
-            async with http.put(f"{fleet.url}/v1/zones/{drained}/state",
-                                json={"state": "draining"}) as r:
-                assert r.status == 200, await r.text()
-            added = await lf.add_zone(512 << 20)
-            await lf.start_zone(added)
+    async with _started(zfs, tmp_path, zones=2, vms=1,
+                        reconcile_interval_ms=3_600_000) as fleet:
+        vm = fleet.cn.vms[0]
+        await _push_rounds(fleet, ["s1"])
+        drained, staying = (await fleet.get(f"{fleet.url}/v1/placement/{vm}"))["zones"]
+        async with fleet.http.put(f"{fleet.url}/v1/zones/{drained}/state",
+                                  json={"state": "draining"}) as r:
+            assert r.status == 200, await r.text()
+        added = await fleet.f.add_zone(512 << 20)
+        await fleet.f.start_zone(added)
+        pair = sorted([staying, added.uuid])
 
-            async def moved() -> bool:
-                pair = (await fleet.get(f"{fleet.url}/v1/placement/{vm}"))["zones"]
-                return sorted(pair) == sorted([staying, added.uuid]) \
-                    and await fleet.moves_settled()
+        async def moved() -> bool:
+            placed = (await fleet.get(f"{fleet.url}/v1/placement/{vm}"))["zones"]
+            return sorted(placed) == pair and await fleet.moves_settled()
 
-            await wait_until(moved, 240, "the VM moved to the added zone", poll=1.0)
-
-            def kept() -> list[str] | None:
-                seen = AnswerCache.load(_answers_path(fleet.zone(staying)),
-                                        logging.getLogger("test")).placement(vm)
-                return None if seen is None else sorted(seen.doc["zones"])
-
-            await wait_for(lambda: kept() == sorted([staying, added.uuid]), timeout=3)
-            lf.stop_coordinator(kill=True)
-            write_random(fleet.cn.pool, Dataset(fleet.cn.pool.name).child(vm).child("disk0"),
-                         "s2", 128 << 10)
-            zones = await fleet.push(vm, "s2")
-            assert fleet.pushed_to[vm] == staying
-            assert sorted(zones) == sorted([staying, added.uuid])
-            held = await fleet.holders()
-            assert all("s2" in held[vm][z] for z in (staying, added.uuid))
-    finally:
-        await lf.stop()
+        await wait_until(moved, 240, "the VM moved to the added zone", poll=1.0)
+        await wait_for(lambda: sorted(_kept_pair(fleet.zone(staying), vm) or ()) == pair,
+                       timeout=3)
+        fleet.f.stop_coordinator(kill=True)
+        write_random(fleet.cn.pool, Dataset(fleet.cn.pool.name).child(vm).child("disk0"),
+                     "s2", 128 << 10)
+        zones = await fleet.push(vm, "s2")
+        assert fleet.pushed_to[vm] == staying
+        assert sorted(zones) == pair
+        held = await fleet.holders()
+        assert all("s2" in held[vm][z] for z in pair)
