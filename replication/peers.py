@@ -161,22 +161,31 @@ class PeerLinks:
     async def partner(self, vm: str, fresh: bool = False) -> Peer | None:
         """``partner_of``, asking the coordinator's placement first when there is one
         (``fresh``: not from the cache, for a push that is about to make a copy)."""
-        if self.coordinator is not None:
-            pair = await self.coordinator.placement(vm, fresh=fresh)
-            if pair:
-                me = self.config.uuid
-                # Not in the pair (a move just took the VM away): the pair's first
-                # zone is where our copy's snapshots belong.
-                other = next((z for z in pair if z != me), None) if me in pair else pair[0]
-                if other is not None and other not in self._peers:
-                    await self.refresh()
-                if other is not None and other in self._peers:
-                    return self._peers[other]
-            # The coordinator decides where copies go; with no answer ever seen
-            # for this VM (placement() bridges an outage with the last one) no
-            # copy is made by guesswork: wait for it.
-            return None
-        return self.partner_of(vm)
+        found = await self.partner_or_why(vm, fresh)
+        return found if isinstance(found, Peer) else None
+
+    async def partner_or_why(self, vm: str, fresh: bool = False) -> Peer | str:
+        """``partner``, or why there is none (for the VM's state and the CN's ack)."""
+        if self.coordinator is None:
+            return self.partner_of(vm) or "no peer zone is configured"
+        # The coordinator decides where copies go; with no answer ever seen
+        # for this VM (placement() bridges an outage with the last one) no
+        # copy is made by guesswork: wait for it.
+        pair = await self.coordinator.placement(vm, fresh=fresh)
+        if not pair:
+            return "the coordinator gave no placement for this VM (down or rebuilding)"
+        me = self.config.uuid
+        # Not in the pair (a move just took the VM away): the pair's first
+        # zone is where our copy's snapshots belong.
+        other = next((z for z in pair if z != me), None) if me in pair else pair[0]
+        if other is None:
+            return "the coordinator places this VM on this zone alone (no second zone yet)"
+        if other not in self._peers:
+            await self.refresh()
+        if other not in self._peers:
+            return (f"the coordinator places this VM with zone {other}, which the "
+                    "coordinator's list of zones does not name (yet)")
+        return self._peers[other]
 
     def partner_of(self, vm: str) -> Peer | None:
         """The zone that holds ``vm``'s other copy, or None when there is no peer."""

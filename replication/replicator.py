@@ -129,10 +129,10 @@ class Replicator:
         """
         if peer_uuid is not None and peer_uuid not in {p.uuid for p in self.links.peers}:
             await self.links.refresh()  # a zone the coordinator added since we last asked
-        peer = self.links.get(peer_uuid) if peer_uuid else await self.links.partner(vm)
-        st = self.states.setdefault(vm, VmState(vm, peer.uuid if peer else None))
-        if peer is None:
-            st.state, st.last_error = "no_peer", self._no_peer_reason()
+        peer = self.links.get(peer_uuid) if peer_uuid else await self.links.partner_or_why(vm)
+        st = self.states.setdefault(vm, VmState(vm, None if isinstance(peer, str) else peer.uuid))
+        if isinstance(peer, str):
+            st.state, st.last_error = "no_peer", peer
             return st
         st.peer = peer.uuid
         async with self._vm_locks[vm]:
@@ -177,11 +177,6 @@ class Replicator:
         """When ``vm``'s replication last failed, if it is failing now."""
         st = self.states.get(vm)
         return st.last_failure if st is not None and st.state == "failing" else None
-
-    def _no_peer_reason(self) -> str:
-        if self.links.coordinator is not None:
-            return "the coordinator gave no placement for this VM (down or rebuilding)"
-        return "no peer zone is configured"
 
     def _failed(self, st: VmState, exc: BaseException) -> None:
         st.state = "failing"
@@ -309,9 +304,9 @@ class Replicator:
         Returns (peer uuid, None) when it does (``reconcile.holds_complete`` on the
         peer's listing), (peer uuid or None, why not) otherwise.
         """
-        peer = await self.links.partner(vm, fresh=True)
-        if peer is None:
-            return None, self._no_peer_reason()
+        peer = await self.links.partner_or_why(vm, fresh=True)
+        if isinstance(peer, str):
+            return None, peer
         try:
             async with asyncio.timeout(timeout):
                 st = await self.sync_vm(vm, peer.uuid)

@@ -360,6 +360,50 @@ async def test_a_zone_ignores_zones_not_marked_admitted(tmp_path: Path) -> None:
         await server.close()
 
 
+async def test_a_zone_without_a_partner_says_why(tmp_path: Path) -> None:
+    """``partner_or_why`` tells apart what leaves a VM without a mirror: no
+    placement from the coordinator, and a placement naming a zone the fleet's
+    list does not (before, both read "the coordinator gave no placement")."""
+    row = {"name": "z", "ssh_host": "127.0.0.1", "ssh_port": 22,
+           "http_url": "http://127.0.0.1:1", "capacity": 1, "state": "active",
+           "admitted": True}
+    unplaced, placed, with_unknown = (f"74c59c61-4559-4ca2-b1ef-0ca22f2f000{i}" for i in range(3))
+    pairs = {placed: [ZONES[0], ZONES[1]], with_unknown: [ZONES[0], ZONES[2]]}
+
+    async def zones(_: web.Request) -> web.Response:
+        return web.json_response({"zones": [
+            {**row, "uuid": z, "host_key": _pub(_key())} for z in ZONES[:2]]})
+
+    async def placement(request: web.Request) -> web.Response:
+        pair = pairs.get(request.match_info["vm"])
+        if pair is None:
+            return web.json_response({"code": "ResourceNotFound", "message": "no"}, status=404)
+        return web.json_response({"zones": pair, "scope": pair})
+
+    app = web.Application()
+    app.router.add_get("/v1/zones", zones)
+    app.router.add_get("/v1/placement/{vm}", placement)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    url = str(server.make_url("/"))
+    links = PeerLinks(_zone_config(tmp_path, ZONES[0], url), logging.getLogger("test"),
+                      _client(url, ZONES[0]))
+    alone = PeerLinks(_zone_config(tmp_path, ZONES[0], url), logging.getLogger("test"))
+    try:
+        found = await links.partner_or_why(placed)
+        assert not isinstance(found, str) and found.uuid == ZONES[1]
+        assert await links.partner_or_why(unplaced) == (
+            "the coordinator gave no placement for this VM (down or rebuilding)")
+        why = await links.partner_or_why(with_unknown)
+        assert isinstance(why, str) and f"with zone {ZONES[2]}, which" in why
+        assert await links.partner(with_unknown) is None
+        assert await alone.partner_or_why(placed) == "no peer zone is configured"
+    finally:
+        await links.close()
+        await alone.close()
+        await server.close()
+
+
 # -- scoped peers over real SSH -------------------------------------------------------------
 
 
