@@ -12,9 +12,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -295,6 +296,9 @@ async def test_a_version_1_stores_zones_are_admitted(tmp_path: Path) -> None:
 # -- a zone's trust list ----------------------------------------------------------------
 
 
+Handler = Callable[[web.Request], Awaitable[web.Response]]
+
+
 def _zone_config(tmp_path: Path, uuid: str, url: str, peers: list[str] | None = None,
                  keys: list[dict[str, str]] | None = None) -> ZoneConfig:
     return parse_config({
@@ -327,6 +331,27 @@ async def test_no_zone_trusts_a_pending_zones_key(env: Env, tmp_path: Path) -> N
         await links.close()
 
 
+@contextlib.asynccontextmanager
+async def _links_to_a_fake_coordinator(tmp_path: Path, zones: Handler,
+                                       placement: Handler | None = None
+                                       ) -> AsyncIterator[PeerLinks]:
+    """Zone ZONES[0]'s links to a coordinator that is these handlers alone."""
+    app = web.Application()
+    app.router.add_get("/v1/zones", zones)
+    if placement is not None:
+        app.router.add_get("/v1/placement/{vm}", placement)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    url = str(server.make_url("/"))
+    links = PeerLinks(_zone_config(tmp_path, ZONES[0], url), logging.getLogger("test"),
+                      _client(url, ZONES[0]))
+    try:
+        yield links
+    finally:
+        await links.close()
+        await server.close()
+
+
 async def test_a_zone_ignores_zones_not_marked_admitted(tmp_path: Path) -> None:
     """Whatever the listing holds, a zone it does not say is admitted is no peer."""
     keys = {z: _pub(_key()) for z in ZONES[:4]}
@@ -344,20 +369,10 @@ async def test_a_zone_ignores_zones_not_marked_admitted(tmp_path: Path) -> None:
              "admitted": True},
         ]})
 
-    app = web.Application()
-    app.router.add_get("/v1/zones", zones)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    url = str(server.make_url("/"))
-    links = PeerLinks(_zone_config(tmp_path, ZONES[0], url), logging.getLogger("test"),
-                      _client(url, ZONES[0]))
-    try:
+    async with _links_to_a_fake_coordinator(tmp_path, zones) as links:
         await links.refresh()
         assert [p.uuid for p in links.peers] == [ZONES[1]]
         assert {k.zone for k in links.learned_keys.values()} == {ZONES[1]}
-    finally:
-        await links.close()
-        await server.close()
 
 
 async def test_a_zone_without_a_partner_says_why(tmp_path: Path) -> None:
@@ -380,16 +395,9 @@ async def test_a_zone_without_a_partner_says_why(tmp_path: Path) -> None:
             return web.json_response({"code": "ResourceNotFound", "message": "no"}, status=404)
         return web.json_response({"zones": pair, "scope": pair})
 
-    app = web.Application()
-    app.router.add_get("/v1/zones", zones)
-    app.router.add_get("/v1/placement/{vm}", placement)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    url = str(server.make_url("/"))
-    links = PeerLinks(_zone_config(tmp_path, ZONES[0], url), logging.getLogger("test"),
-                      _client(url, ZONES[0]))
-    alone = PeerLinks(_zone_config(tmp_path, ZONES[0], url), logging.getLogger("test"))
-    try:
+    alone = PeerLinks(_zone_config(tmp_path, ZONES[0], "http://127.0.0.1:1"),
+                      logging.getLogger("test"))
+    async with _links_to_a_fake_coordinator(tmp_path, zones, placement) as links:
         found = await links.partner_or_why(placed)
         assert not isinstance(found, str) and found.uuid == ZONES[1]
         assert await links.partner_or_why(unplaced) == (
@@ -398,10 +406,7 @@ async def test_a_zone_without_a_partner_says_why(tmp_path: Path) -> None:
         assert isinstance(why, str) and f"with zone {ZONES[2]}, which" in why
         assert await links.partner(with_unknown) is None
         assert await alone.partner_or_why(placed) == "no peer zone is configured"
-    finally:
-        await links.close()
-        await alone.close()
-        await server.close()
+    await alone.close()
 
 
 # -- scoped peers over real SSH -------------------------------------------------------------
