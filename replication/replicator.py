@@ -58,7 +58,7 @@ MAX_ROUNDS = 4
 # Error codes that mean "the VM changed under the plan", not "something is wrong".
 _RACES = frozenset({"ResourceExists", "IncrementalSourceMismatch", "PartialReceiveExists",
                     "ResourceBusy", "DestinationModified", "ResourceNotFound",
-                    "PartComplete"})
+                    "PartComplete", "PartDeleted"})
 
 
 def _histories(inv: ZoneInventory) -> dict[str, list[str]]:

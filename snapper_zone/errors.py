@@ -159,6 +159,16 @@ class NotPlacedHere(SnapperError):
     http_status = 409
 
 
+class PartDeleted(SnapperError):
+    """A commit of a VM snapshot one of whose parts was deleted on purpose here
+    (its guid is tombstoned). The commit was planned from a listing taken before
+    or during the delete; a marker written now would outlive the parts the
+    delete destroys next. Nothing is written; a reconcile plans again."""
+
+    code = "PartDeleted"
+    http_status = 409
+
+
 class PartComplete(SnapperError):
     """A reconcile's destroy of a part that a complete snapshot on this zone now
     includes. The plan came from a listing taken while another zone committed the

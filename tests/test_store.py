@@ -9,9 +9,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from snapper_zone.errors import DatasetNotFound, MetadataTooLarge
+from snapper_zone.errors import DatasetNotFound, MetadataTooLarge, PartDeleted
 from snapper_zone.fleet.pools import FilePool
 from snapper_zone.transfer.store import (
+    P_COMPLETE,
+    P_PARTS,
     SnapshotNotFound,
     ZoneStore,
     decode_metadata,
@@ -130,6 +132,58 @@ async def test_a_delete_whose_parts_a_reconcile_destroyed_meanwhile_succeeds(
     assert await store.snapshots(VM) == []
     with pytest.raises(SnapshotNotFound):
         await raced.delete(VM, "s2")  # a snapshot never there is still an error
+
+
+@pytest.mark.zfs
+async def test_a_commit_planned_before_a_delete_is_refused_after_it(
+        zfs: Zfs, cn_pool: FilePool, zone_pool: FilePool) -> None:
+    """A reconcile's MarkComplete from a listing that straddled a delete (it saw
+    the parts but neither the marker nor the tombstones) arrives after the
+    delete tombstoned the parts and destroyed the marker: no marker is written
+    (the soak's seed 3 found one left over, naming parts the delete destroyed)."""
+    store = await _new_store(zfs, zone_pool)
+    await _pushed(zfs, cn_pool, store, 3)
+    await store.mark_complete(VM, "s2", ["root"], None, "cn:x")
+    guid = (await store.snapshot(VM, "s2")).parts["root"].guid
+    await store.add_tombstones(VM, [guid])  # the delete's first two steps
+    await store.destroy_marker(VM, "s2")
+    with pytest.raises(PartDeleted, match="root"):
+        await store.mark_complete(VM, "s2", ["root"], None, "zone:peer")
+    s2 = await store.snapshot(VM, "s2")
+    assert not s2.complete and not await zfs.exists(Snapshot(store.vm_dataset(VM), "s2"))
+    # An untouched snapshot still commits.
+    assert (await store.mark_complete(VM, "s3", ["root"], None, "cn:x")).complete
+
+
+class _CommitLandsMidDelete(Zfs):
+    """Real ZFS, where a commit that read the tombstones just before the delete
+    wrote them puts its marker back while the delete destroys the parts."""
+
+    def __init__(self, marker: Snapshot) -> None:
+        super().__init__()
+        self.marker = marker
+        self.landed = False
+
+    async def destroy(self, target: Dataset | Snapshot | Bookmark, *,
+                      recursive: bool = False) -> None:
+        if isinstance(target, Snapshot) and target.dataset != self.marker.dataset \
+                and not self.landed:
+            self.landed = True
+            await super().snapshot([self.marker], props={P_COMPLETE: "yes", P_PARTS: "root"})
+        await super().destroy(target, recursive=recursive)
+
+
+@pytest.mark.zfs
+async def test_a_marker_a_commit_puts_back_mid_delete_is_destroyed_too(
+        zfs: Zfs, cn_pool: FilePool, zone_pool: FilePool) -> None:
+    store = await _new_store(zfs, zone_pool)
+    await _pushed(zfs, cn_pool, store, 3)
+    await store.mark_complete(VM, "s2", ["root"], None, "cn:x")
+    racing = _CommitLandsMidDelete(Snapshot(store.vm_dataset(VM), "s2"))
+    await ZoneStore(racing, store.root).delete(VM, "s2")
+    assert racing.landed
+    # Nothing of s2 is left: a marker without its parts would be, for good.
+    assert [s.name for s in await store.snapshots(VM)] == ["s1", "s3"]
 
 
 class _NewestGoesFirst(Zfs):

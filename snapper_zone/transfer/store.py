@@ -37,6 +37,7 @@ from snapper_zone.errors import (
     DatasetNotFound,
     MetadataTooLarge,
     PartComplete,
+    PartDeleted,
     SnapperError,
 )
 from snapper_zone.zfs.names import (
@@ -260,6 +261,13 @@ class ZoneStore:
                       P_CREATED: str(int(time.time())), P_SOURCE: source})
         if have is None:  # no dataset was listed to show it missing
             raise SnapshotNotFound(f"VM {vm} has no snapshot {name!r} on this zone")
+        # Read last, just before the marker: a delete tombstones the parts before
+        # it destroys anything (``delete``), so a commit it overtakes stops here.
+        stones = await self.tombstones(vm)
+        dead = sorted(d for d in datasets if have.parts[d].guid in stones)
+        if dead:
+            raise PartDeleted(f"VM {vm} snapshot {name!r} was deleted here (parts "
+                              f"{', '.join(dead)} are tombstoned); not committed")
         snap = Snapshot(self.vm_dataset(vm), name)
         if name in marked:
             # A marker that is there but not whole (a part went and came back)
@@ -302,6 +310,10 @@ class ZoneStore:
         for part in snap.parts:
             await self._destroy_if_there(Snapshot(container.child(part), name))
             await self._settle(container.child(part))
+        # A commit that read the tombstones just before they were written may have
+        # put a marker back meanwhile; with its parts gone it would be left over
+        # for good (reconcile plans by part), so it goes too.
+        await self._destroy_if_there(Snapshot(container, name))
 
     async def _destroy_if_there(self, target: Dataset | Snapshot, *,
                                 recursive: bool = False) -> None:

@@ -31,7 +31,9 @@ client, the zone-to-zone mirror and an operator's plain ``ssh`` agree.
     commit VM SNAP DATASET[,DATASET...] [--durability mirrored|local]
                                             stdin: metadata JSON (may be empty);
                                             marks the VM snapshot complete; stdout:
-                                            the snapshot and the zones holding it
+                                            the snapshot and the zones holding it;
+                                            refused if a part was deleted here
+                                            (PartDeleted)
     metadata VM SNAP                        stdout: the metadata JSON
     delete VM SNAP                          destroy a VM snapshot (all parts)
     destroy VM SNAP [--dataset DS --guid G] zone to zone (reconcile): destroy one
